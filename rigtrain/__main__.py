@@ -1,0 +1,3 @@
+from rigtrain.cli import main
+
+raise SystemExit(main())

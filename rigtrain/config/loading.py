@@ -1,0 +1,182 @@
+"""Build a RunConfig from a preset, an optional TOML/YAML file and `--set KEY=VALUE`
+overrides, in that order. Unknown keys and wrong types are errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rigtrain.config.schema import SECTIONS, ConfigError, RunConfig
+
+PRESET_PACKAGE = "rigtrain.config.presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files(PRESET_PACKAGE).iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def read_preset(name: str) -> dict:
+    if name not in preset_names():
+        raise ConfigError(f"--preset {name}: unknown preset; choose one of {', '.join(preset_names())}")
+    return tomllib.loads(resources.files(PRESET_PACKAGE).joinpath(f"{name}.toml").read_text())
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A TOML (.toml) or YAML (.yaml/.yml) file with the same sections as a preset."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file; give a .toml or .yaml config file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"--config {path}: unknown file type; use .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--config {path}: not valid {path.suffix[1:].upper()}: {err}") from None
+    except Exception as err:  # yaml.YAMLError, imported lazily
+        if type(err).__module__.startswith("yaml"):
+            raise ConfigError(f"--config {path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected sections like [train] at the top level")
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        inner = args[0].__name__
+        return f"list of {inner}s" if args[-1] is Ellipsis else f"{len(args)} {inner}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """A value from TOML/YAML/JSON (already typed) or from --set (a string) as type tp."""
+    wrong = ConfigError(f"config: {key}: expected {_type_name(tp)}, got {value!r}")
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise wrong
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise wrong
+    if tp is int:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if tp is float:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise wrong
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set a.b=1 c.d=x` → nested dict of raw strings; the schema types them later."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set train.steps=100")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {item}: keys look like SECTION.NAME, e.g. train.steps; "
+                              f"sections: {', '.join(SECTIONS)}")
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def build_config(raw: dict, *, source: str = "config") -> RunConfig:
+    """A RunConfig from nested plain values; unknown keys and wrong types name the key."""
+    _check_keys({k: v for k, v in raw.items() if k != "preset"}, source)
+    kwargs: dict[str, Any] = {}
+    if "preset" in raw:
+        kwargs["preset"] = _coerce(raw["preset"], str, "preset")
+    for section, values in raw.items():
+        if section != "preset":
+            types = _field_types(SECTIONS[section])
+            kwargs[section] = SECTIONS[section](
+                **{k: _coerce(v, types[k], f"{section}.{k}") for k, v in values.items()})
+    return RunConfig(**kwargs)
+
+
+def load_config(preset: str = "demo", config_file: str | None = None, overrides: list[str] | None = None,
+                *, base: dict | None = None) -> RunConfig:
+    """preset < config file < --set. With `base` (a saved config.json, for --resume), the
+    preset is not read: the run goes on with the config it started with."""
+    raw = base if base is not None else {"preset": preset, **read_preset(preset)}
+    if config_file:
+        raw = _merge(raw, read_config_file(config_file))
+    if overrides:
+        # --set values go through the same typed path; the "source" names the flag.
+        set_raw = parse_overrides(overrides)
+        _check_keys(set_raw, "--set")
+        raw = _merge(raw, set_raw)
+    return build_config(raw, source="--config " + config_file if config_file else "config")
+
+
+def _check_keys(raw: dict, source: str) -> None:
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{section}'; sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: '{section}' must be a table of keys")
+        types = _field_types(SECTIONS[section])
+        for key in values:
+            if key not in types:
+                raise ConfigError(f"{source}: unknown key '{section}.{key}'; known keys in [{section}]: "
+                                  f"{', '.join(types)}")

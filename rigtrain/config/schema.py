@@ -1,0 +1,278 @@
+"""Typed configs, one per part of rigtrain. Field docstrings (the comment under each field)
+are what `rigtrain train --help-config` prints, so they say what a value means and when to
+change it. Every section validates itself in `__post_init__` with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from rigtrain.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config key or value is wrong; the message names the key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """The multimodal predictive-coding Perceiver (MODEL.md)."""
+
+    tubelet: tuple[int, int, int] = (2, 8, 8)
+    "video token size in frames, pixels high, pixels wide (VATT tubelet t×h×w)"
+    audio_segment: int = 200
+    "audio samples per audio token"
+    d_model: int = 128
+    "width of latents and tokens"
+    num_latents: int = 32
+    "number of latent vectors N (the Perceiver bottleneck)"
+    heads: int = 4
+    "attention heads in every block"
+    mlp_ratio: int = 4
+    "MLP hidden width as a multiple of d_model"
+    enc_layers: int = 2
+    "latent self-attention blocks after each encoder cross-attention"
+    evo_layers: int = 1
+    "self-attention blocks of the latent evolver (present latent -> future latent)"
+    evolver_shared: bool = False
+    "apply one evolver block evo_layers times instead of distinct blocks"
+    dec_layers: int = 1
+    "decoder cross-attention blocks (queries attend to the latent)"
+    exposures: int = 1
+    "encoder rounds over the input, each with its own DropToken draw (re-exposure)"
+    same_droptoken_draw: bool = False
+    "re-use the first DropToken draw in every exposure instead of drawing again"
+    droptoken_keep: float = 0.5
+    "fraction of video and audio tokens kept in training (DropToken)"
+    future_query_prob: float = 0.1
+    "probability that a future token is decoded (and scored) in training"
+    alpha: float = 0.7
+    "loss weight of the present window; the future gets 1 - alpha"
+    fourier_space: tuple[int, int] = (15, 20)
+    "Fourier bands K and max frequency mu for the y and x axes"
+    fourier_time: tuple[int, int] = (64, 200)
+    "Fourier bands K and max frequency mu for time (video and audio)"
+    fourier_text: tuple[int, int] = (32, 256)
+    "Fourier bands K and max frequency mu for the byte index of narration"
+    dropout: float = 0.0
+    "dropout in attention and MLP outputs"
+    activation_checkpointing: bool = False
+    "recompute each block in the backward pass (less memory, about 30% more compute)"
+
+    def __post_init__(self) -> None:
+        _require(len(self.tubelet) == 3 and min(self.tubelet) >= 1, "model.tubelet",
+                 "give three positive sizes t,h,w, e.g. --set model.tubelet=2,8,8")
+        _require(self.audio_segment >= 1, "model.audio_segment", "must be at least 1")
+        for key in ("d_model", "num_latents", "heads", "mlp_ratio", "exposures"):
+            _require(getattr(self, key) >= 1, f"model.{key}", "must be at least 1")
+        for key in ("enc_layers", "evo_layers", "dec_layers"):
+            _require(getattr(self, key) >= 0, f"model.{key}", "must be 0 or more")
+        _require(self.dec_layers >= 1, "model.dec_layers", "the decoder needs at least 1 block")
+        _require(self.d_model % self.heads == 0, "model.heads",
+                 f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        _require(0.0 < self.droptoken_keep <= 1.0, "model.droptoken_keep", "must be in (0, 1]")
+        _require(0.0 <= self.future_query_prob <= 1.0, "model.future_query_prob", "must be in [0, 1]")
+        _require(0.0 <= self.alpha <= 1.0, "model.alpha", "must be in [0, 1]")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        for key in ("fourier_space", "fourier_time", "fourier_text"):
+            bands, mu = getattr(self, key)
+            _require(bands >= 1 and mu >= 2, f"model.{key}", "give K>=1 bands and mu>=2, e.g. 15,20")
+
+
+@dataclass
+class DataConfig:
+    """Clips: how videos become training samples (shared by `data prepare` and training)."""
+
+    dir: str = ""
+    "prepared shards or a folder of videos; empty = the embedded Shapes-world dataset"
+    fps: float = 8.0
+    "frames per second after resampling in time"
+    frame_size: tuple[int, int] = (32, 32)
+    "frame height, width after resizing (centre crop keeps the aspect)"
+    present_frames: int = 4
+    "frames in the present window of a clip"
+    future_frames: int = 4
+    "frames in the future window that follows it"
+    sample_rate: int = 8000
+    "audio samples per second after resampling"
+    clip_stride_s: float = 0.0
+    "seconds between clip starts; 0 = clips do not overlap"
+    max_text_bytes: int = 128
+    "narration bytes kept per clip (UTF-8; longer text is cut)"
+    workers: int = 2
+    "dataloader worker processes per training process"
+    prefetch_factor: int = 4
+    "batches each worker prepares ahead"
+    shard_clips: int = 256
+    "clips per shard written by data prepare"
+    synth_videos: int = 48
+    "videos in the embedded Shapes-world dataset"
+    synth_seed: int = 0
+    "seed of the embedded Shapes-world dataset"
+
+    def __post_init__(self) -> None:
+        _require(self.fps > 0, "data.fps", "must be positive")
+        _require(len(self.frame_size) == 2 and min(self.frame_size) >= 1, "data.frame_size",
+                 "give height,width, e.g. --set data.frame_size=32,32")
+        _require(self.present_frames >= 1, "data.present_frames", "must be at least 1")
+        _require(self.future_frames >= 1, "data.future_frames", "must be at least 1")
+        _require(self.sample_rate >= 1000, "data.sample_rate", "must be at least 1000 Hz")
+        _require(self.clip_stride_s >= 0, "data.clip_stride_s", "must be 0 or positive")
+        _require(self.max_text_bytes >= 1, "data.max_text_bytes", "must be at least 1")
+        _require(self.workers >= 0, "data.workers", "must be 0 or more")
+        _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be at least 1")
+        _require(self.shard_clips >= 1, "data.shard_clips", "must be at least 1")
+        _require(self.synth_videos >= 1, "data.synth_videos", "must be at least 1")
+
+    @property
+    def clip_frames(self) -> int:
+        return self.present_frames + self.future_frames
+
+    @property
+    def clip_seconds(self) -> float:
+        return self.clip_frames / self.fps
+
+    @property
+    def clip_samples(self) -> int:
+        return round(self.clip_seconds * self.sample_rate)
+
+    @property
+    def present_samples(self) -> int:
+        return round(self.present_frames / self.fps * self.sample_rate)
+
+    @property
+    def stride_seconds(self) -> float:
+        return self.clip_stride_s or self.clip_seconds
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit")
+OFFLOADS = ("none", "cpu")
+
+
+@dataclass
+class TrainConfig:
+    """The DeepSpeed training run."""
+
+    steps: int = 60
+    "optimizer steps in total (a resumed run continues up to this number)"
+    micro_batch_size: int = 16
+    "clips per process per forward pass"
+    grad_accum_steps: int = 1
+    "micro-batches per optimizer step"
+    lr: float = 1e-3
+    "peak learning rate"
+    min_lr_ratio: float = 0.1
+    "the cosine schedule ends at lr * min_lr_ratio"
+    warmup_steps: int = 10
+    "linear warm-up steps"
+    weight_decay: float = 0.05
+    "AdamW weight decay (not applied to norms, biases and embeddings)"
+    betas: tuple[float, float] = (0.9, 0.95)
+    "AdamW betas"
+    grad_clip: float = 1.0
+    "clip the global gradient norm to this (0 = off)"
+    precision: str = "auto"
+    "auto | bf16 | fp16 | fp32; auto = bf16 on compute capability >= 8.0, fp16 on 7.x, else fp32"
+    zero_stage: int = 1
+    "DeepSpeed ZeRO stage 0-3"
+    offload_optimizer: str = "none"
+    "none | cpu: keep optimizer states in CPU RAM (ZeRO 1-3)"
+    optimizer: str = "adamw"
+    "adamw | adamw8bit (bitsandbytes)"
+    nproc: int = 1
+    "training processes on a CPU-only machine (gloo); GPUs always get one process each"
+    ckpt_every: int = 50
+    "save a checkpoint every this many steps (and at the end)"
+    keep_ckpts: int = 2
+    "complete checkpoints to keep; older ones are deleted"
+    log_every: int = 1
+    "write metrics every this many steps"
+    seed: int = 0
+    "seed of weights, data order and DropToken draws"
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch_size", "grad_accum_steps", "nproc", "ckpt_every",
+                    "keep_ckpts", "log_every"):
+            _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
+        _require(self.lr > 0, "train.lr", "must be positive")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be 0 or more")
+        _require(self.precision in PRECISIONS, "train.precision", f"choose one of {', '.join(PRECISIONS)}")
+        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "choose 0, 1, 2 or 3")
+        _require(self.offload_optimizer in OFFLOADS, "train.offload_optimizer",
+                 f"choose one of {', '.join(OFFLOADS)}")
+        _require(not (self.offload_optimizer == "cpu" and self.zero_stage == 0), "train.offload_optimizer",
+                 "CPU offload needs ZeRO stage 1 or more: also set train.zero_stage")
+        _require(self.optimizer in OPTIMIZERS, "train.optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
+
+
+@dataclass
+class RigConfig:
+    """Which hardware a run uses."""
+
+    gpus: tuple[int, ...] = ()
+    "GPU indices to train on, e.g. 0,2 (PCI bus order); empty = all"
+
+    def __post_init__(self) -> None:
+        _require(all(g >= 0 for g in self.gpus), "rig.gpus", "GPU indices are 0 or more, e.g. 0,2")
+        _require(len(set(self.gpus)) == len(self.gpus), "rig.gpus", "a GPU is listed twice")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; what config.json records."""
+
+    preset: str = "demo"
+    "the preset this config started from"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rig: RigConfig = field(default_factory=RigConfig)
+
+    def __post_init__(self) -> None:
+        # Checks that involve two sections: the tubelet must tile the clip exactly, or the
+        # decoder would predict positions that do not exist.
+        t, h, w = self.model.tubelet
+        height, width = self.data.frame_size
+        for key, frames in (("data.present_frames", self.data.present_frames),
+                            ("data.future_frames", self.data.future_frames)):
+            _require(frames % t == 0, key, f"{frames} frames are not a multiple of model.tubelet t={t}")
+        _require(height % h == 0 and width % w == 0, "data.frame_size",
+                 f"{height}x{width} is not a multiple of the tubelet {h}x{w} (model.tubelet)")
+        present, future = self.data.present_samples, self.data.clip_samples - self.data.present_samples
+        seg = self.model.audio_segment
+        _require(present % seg == 0 and future % seg == 0, "model.audio_segment",
+                 f"the present ({present}) and future ({future}) audio samples must be multiples of "
+                 f"{seg}; change model.audio_segment or data.sample_rate")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rig": RigConfig}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string under each field, read from the source, so `--help-config` and the code
+    cannot disagree."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+            docs[node.target.id] = following.value.value
+    return docs
