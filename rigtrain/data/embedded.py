@@ -1,0 +1,50 @@
+"""The embedded default dataset: Shapes world, generated once into a cache and prepared
+through the same `data prepare` path as user videos."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from rigtrain.config import DataConfig
+from rigtrain.data.prepare import prepare, preparation_params
+from rigtrain.data.synth import synthesize
+
+SYNTH_VERSION = 2  # bump when the generator changes what it draws
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RIGTRAIN_CACHE") or Path.home() / ".cache" / "rigtrain")
+
+
+def embedded_dataset(data: DataConfig, log=print) -> Path:
+    """Prepared shards of Shapes world for this clip shape; built on first use. Both steps
+    write to a temporary folder and rename it, so a second process (or a crash) never sees
+    half a dataset."""
+    raw = cache_root() / f"shapes-world-v{SYNTH_VERSION}-n{data.synth_videos}-seed{data.synth_seed}"
+    key = hashlib.sha1(json.dumps(preparation_params(data), sort_keys=True).encode()).hexdigest()[:10]
+    prepared = raw.with_name(raw.name + f"-prepared-{key}")
+    if (prepared / "index.json").is_file():
+        return prepared
+    if not (raw / "labels.json").is_file():
+        log(f"generating the Shapes-world dataset ({data.synth_videos} videos) into {raw}")
+        tmp = raw.with_name(raw.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        synthesize(tmp, videos=data.synth_videos, seed=data.synth_seed)
+        _publish(tmp, raw)
+    log(f"preparing it into shards at {prepared}")
+    tmp = prepared.with_name(prepared.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    prepare(raw, tmp, data, workers=1)
+    _publish(tmp, prepared)
+    return prepared
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process published it first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
