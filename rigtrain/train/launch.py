@@ -1,0 +1,144 @@
+"""`rigtrain train`: check everything a user can get wrong, write RUN_DIR/config.json, then
+start the training processes.
+
+- one process: in this process (no launcher start-up cost);
+- several on this machine (GPUs, or train.nproc on a CPU): torch's own launcher (torchrun),
+  which also tears every rank down when one fails;
+- several machines: DeepSpeed's launcher with the user's `--hostfile`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rigtrain.config import RunConfig, load_config
+from rigtrain.errors import UserError
+
+WORKER_MODULE = "rigtrain.train.worker"
+
+
+def default_run_dir(preset: str) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}"
+
+
+def resolve_config(*, out: str | None, preset: str, config_file: str | None, overrides: list[str],
+                   steps: int | None, data: str | None, resume: bool) -> tuple[RunConfig, Path]:
+    if steps is not None:
+        overrides = [*overrides, f"train.steps={steps}"]
+    if data is not None:
+        overrides = [*overrides, f"data.dir={data}"]
+    if resume:
+        if not out:
+            raise UserError("--resume needs --out RUN_DIR: the run to continue")
+        run_dir = Path(out)
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume: {saved} does not exist; give the --out of a run that was started")
+        if config_file:
+            raise UserError("--resume continues with the run's own config.json; drop --config and use --set to change a value")
+        base = json.loads(saved.read_text())["config"]
+        return load_config(base=base, overrides=overrides), run_dir
+    run_dir = Path(out) if out else default_run_dir(preset)
+    if (run_dir / "config.json").exists():
+        raise UserError(f"--out {run_dir} already holds a run; add --resume to continue it or choose another --out")
+    return load_config(preset, config_file, overrides), run_dir
+
+
+def resolve_data(config: RunConfig, log=print) -> Path:
+    """The prepared shards to train on: the user's, or the embedded dataset (built once)."""
+    if not config.data.dir:
+        from rigtrain.data.embedded import embedded_dataset
+
+        return embedded_dataset(config.data, log=log)
+    path = Path(config.data.dir)
+    if not path.is_dir():
+        raise UserError(f"--data {path}: no such folder; give prepared shards (from `rigtrain data prepare`)")
+    if not (path / "index.json").is_file():
+        from rigtrain.data.media import VIDEO_SUFFIXES
+
+        if any(p.suffix.lower() in VIDEO_SUFFIXES for p in path.iterdir()):
+            raise UserError(f"--data {path} holds videos, not shards: run `rigtrain data prepare {path} "
+                            f"PREPARED_DIR` and train with --data PREPARED_DIR")
+        raise UserError(f"--data {path}: no index.json; prepare videos first with `rigtrain data prepare`")
+    return path.resolve()
+
+
+def check_data(data_dir: Path, config: RunConfig, world_size: int) -> int:
+    from rigtrain.data.dataset import ResumableSampler, ShardDataset
+
+    dataset = ShardDataset(data_dir, config.data)
+    ResumableSampler(len(dataset), rank=0, world=world_size, micro_batch=config.train.micro_batch_size,
+                     seed=0)  # raises when there is not one batch per rank
+    return len(dataset)
+
+
+def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, devices: dict, plan: dict) -> None:
+    from rigtrain.train.trainer import deepspeed_config
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"config": config.to_dict(), "data_dir": str(data_dir), "rig": devices,
+              "plan": {**plan, "deepspeed": deepspeed_config(config, plan["precision"], plan["world_size"])},
+              "command": sys.argv}
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(run_dir / "config.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(run_dir: Path, world_size: int, hostfile: str | None) -> list[str] | None:
+    """The launcher command line, or None to run in this process."""
+    if hostfile:
+        return ["deepspeed", "--hostfile", hostfile, "--module", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
+    if world_size == 1:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world_size),
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+            "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
+
+
+def train(*, out: str | None, preset: str, config_file: str | None, overrides: list[str], steps: int | None,
+          data: str | None, resume: bool, hostfile: str | None) -> int:
+    from rigtrain.train.setup import local_devices, plan_launch
+
+    config, run_dir = resolve_config(out=out, preset=preset, config_file=config_file, overrides=overrides,
+                                     steps=steps, data=data, resume=resume)
+    if hostfile and not Path(hostfile).is_file():
+        raise UserError(f"--hostfile {hostfile}: no such file; list one 'HOST slots=N' line per machine")
+    devices = local_devices()
+    plan = plan_launch(config, devices)
+    data_dir = resolve_data(config, log=lambda line: print(f"[rigtrain] {line}", flush=True))
+    clips = check_data(data_dir, config, plan.world_size)
+    write_run_config(run_dir, config, data_dir, devices, plan.to_dict())
+    print(f"[rigtrain] run {run_dir}: {clips} clips from {data_dir}", flush=True)
+    for key, reason in plan.reasons.items():
+        print(f"[rigtrain]   {key}: {reason}", flush=True)
+
+    command = launch_command(run_dir, plan.world_size, hostfile)
+    if command is None:
+        os.environ.update(plan.env)
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())}.items():
+            os.environ[key] = value
+        from rigtrain.train.worker import run
+
+        code = run(run_dir)
+    else:
+        code = subprocess.run(command, env={**os.environ, **plan.env}).returncode
+    if code == 0:
+        print(f"\nrun: {run_dir}\nopen TensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
+        return 0
+    print(f"rigtrain: training failed (exit code {code}); messages above say why. "
+          f"Continue later with: rigtrain train --out {run_dir} --resume", file=sys.stderr)
+    return 2 if code == 2 else 1
+

@@ -1,0 +1,92 @@
+"""What rank 0 writes while training: metrics.jsonl, the TensorBoard runs tb/setup and
+tb/train, and a progress line on the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def telemetry() -> dict[str, float]:
+    """Cheap device readings for every logged step: host CPU and memory, and on a GPU the
+    memory torch holds. (NVML sampling of power, clocks and PCIe is the profiler's.)"""
+    out = {"host_cpu_percent": psutil.cpu_percent(interval=None),
+           "host_rss_gib": psutil.Process().memory_info().rss / 2**30}
+    if torch.cuda.is_available():
+        out["gpu_mem_alloc_gib"] = torch.cuda.memory_allocated() / 2**30
+        out["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def _markdown_json(value) -> str:
+    # TensorBoard renders text as Markdown: indent JSON so it shows as a code block.
+    return "\n".join("    " + line for line in json.dumps(value, indent=2).splitlines())
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        # purge_step hides events a crashed run logged after its last checkpoint.
+        self.train_writer = SummaryWriter(str(run_dir / "tb" / "train"),
+                                          purge_step=None if resume_step is None else resume_step + 1)
+        self.file = self.path.open("a")
+        self.started = time.perf_counter()
+        psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
+    def write_setup(self, saved: dict, parameters: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(self.run_dir / "tb" / "setup")) as writer:
+            writer.add_text("config", _markdown_json(saved["config"]))
+            writer.add_text("rig", _markdown_json(saved["rig"]))
+            writer.add_text("plan", "\n\n".join(f"**{k}**: {v}" for k, v in saved["plan"]["reasons"].items())
+                            + "\n\n" + _markdown_json(saved["plan"]))
+            hparams = {f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                       for section in ("model", "data", "train") for k, v in saved["config"][section].items()}
+            hparams["parameters"] = parameters
+            writer.add_hparams(hparams, {"hparam/parameters_m": parameters / 1e6}, run_name=".")
+
+    def write(self, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, **telemetry()}
+        step = int(metrics["step"])
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            if key != "step":
+                self.train_writer.add_scalar(key if key == "loss" or "/" in key else f"{_group(key)}/{key}", value, step)
+        terms = " ".join(f"{k.removeprefix('pc_')} {metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("pc_"))
+        self.say(f"step {step:>5}  loss {metrics['loss']:.4f}  ({terms})  lr {metrics['lr']:.2e}  "
+                 f"{metrics['samples_per_s']:.1f} clips/s  data wait {metrics['data_wait_s'] * 1000:.0f} ms")
+
+    def say(self, line: str) -> None:
+        print(f"[rigtrain {time.perf_counter() - self.started:7.1f}s] {line}", file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+        self.train_writer.close()
+
+
+def _group(key: str) -> str:
+    if key.startswith(("loss", "pc_")):
+        return "loss"
+    if key.startswith(("host_", "gpu_")):
+        return "telemetry"
+    return "train"

@@ -1,0 +1,270 @@
+"""The training process: one per GPU (or per `train.nproc` on a CPU), started by the launcher
+with RANK/WORLD_SIZE in its environment. It reads everything from RUN_DIR/config.json.
+
+    Trainer(run_dir)  -> distributed init, model, DeepSpeed engine, loader, resume
+    .fit()            -> train_step() until train.steps, logging and checkpointing
+    .close()          -> flush logs, leave the process group (always called)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rigtrain.config import RunConfig, build_config
+from rigtrain.data.dataset import ShardDataset, make_loader
+from rigtrain.model import build_model, count_parameters
+from rigtrain.train import checkpoints
+from rigtrain.train.metrics import MetricsLog
+
+# Stop a run whose loss stays NaN/inf this many steps in a row: it will not recover, and
+# the checkpoints it would write are worthless.
+MAX_NONFINITE_STEPS = 5
+
+
+def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict:
+    t = config.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # loss_scale 0 = dynamic loss scaling, which fp16 needs to avoid underflow.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Our optimizer is built here (AdamW or bitsandbytes AdamW8bit); DeepSpeed would
+        # otherwise insist on its own CPU Adam when offloading.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms, biases, embeddings and the latent array keep
+    their scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed" in name or name == "latents":
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = config.train
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.betas)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+
+
+def lr_lambda(config: RunConfig):
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at train.steps."""
+    t = config.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        saved = json.loads((self.run_dir / "config.json").read_text())
+        self.config: RunConfig = build_config(saved["config"], source=str(self.run_dir / "config.json"))
+        self.plan = saved["plan"]
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_main = self.rank == 0
+        self.log: MetricsLog | None = None
+        self._init_distributed()
+
+        t = self.config.train
+        seed_everything(t.seed)  # identical initial weights on every rank
+        self.model = build_model(self.config.model, self.config.data)
+        optimizer = build_optimizer(self.config, self.model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.config))
+        import deepspeed
+
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.config, self.plan["precision"], self.world))
+        # Each rank draws its own DropToken masks.
+        seed_everything(t.seed + 1000 * (self.rank + 1))
+
+        self.step = 0
+        self.micro_batches = 0  # consumed by this rank: the data position to resume from
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        resume_tag = self._resume_tag()
+        if resume_tag:
+            self.step, self.micro_batches = self._load_meta(resume_tag)
+
+        self.dataset = ShardDataset(saved["data_dir"], self.config.data)
+        self.loader = make_loader(self.dataset, self.config.data, rank=self.rank, world=self.world,
+                                  micro_batch=t.micro_batch_size, seed=t.seed, start_batch=self.micro_batches,
+                                  pin_memory=self.device.type == "cuda")
+        # Creating the loader's iterator draws from the global RNG, so it happens before the
+        # RNG states are restored: a resumed run then draws exactly what the original drew.
+        self.batches = iter(self.loader)
+        if resume_tag:
+            self._load_checkpoint(resume_tag)
+        if self.is_main:
+            self.log = MetricsLog(self.run_dir, resume_step=self.step if resume_tag else None)
+            if not resume_tag:
+                self.log.write_setup(saved, count_parameters(self.model))
+            self.log.say(f"{'resuming at' if resume_tag else 'starting'} step {self.step}/{t.steps}: "
+                         f"{self.world} process(es) on {self.device.type}, {self.plan['precision']}, "
+                         f"ZeRO-{t.zero_stage}, {count_parameters(self.model) / 1e6:.2f}M parameters, "
+                         f"{len(self.dataset)} clips")
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+
+    # -- setup ------------------------------------------------------------------------------
+    def _init_distributed(self) -> None:
+        import deepspeed
+
+        if self.plan["device"] == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+            backend = "nccl"
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any fp32 matmul left
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            self.device = torch.device("cpu")
+            backend = "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+
+    def _resume_tag(self) -> str | None:
+        tags = checkpoints.complete_tags(self.ckpt_dir)
+        return tags[-1][1] if tags else None
+
+    def _load_meta(self, tag: str) -> tuple[int, int]:
+        meta = json.loads((self.ckpt_dir / tag / "trainer.json").read_text())
+        return meta["step"], meta["micro_batches"]
+
+    def _load_checkpoint(self, tag: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
+        checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank)
+
+    # -- the loop -------------------------------------------------------------------------
+    def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
+        started = time.perf_counter()
+        batch = next(self.batches)
+        waited = time.perf_counter() - started
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        self.micro_batches += 1
+        return batch, waited
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: grad_accum_steps micro-batches, forward/backward each, then
+        DeepSpeed steps the optimizer and LR schedule at the accumulation boundary."""
+        started = time.perf_counter()
+        data_wait = 0.0
+        totals: dict[str, torch.Tensor] = {}
+        accum = self.config.train.grad_accum_steps
+        for _ in range(accum):
+            batch, waited = self._next_batch()
+            data_wait += waited
+            terms = self.engine(batch)
+            self.engine.backward(terms["loss"])
+            self.engine.step()
+            for key, value in terms.items():
+                totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
+        self.step += 1
+        logging = self.step % self.config.train.log_every == 0 or self.step == self.config.train.steps
+        metrics: dict[str, float] = {}
+        if logging:
+            # Averaged over ranks; every rank takes part, since all reach the same steps.
+            names = sorted(totals)
+            stacked = torch.stack([totals[k] for k in names]).to(self.device)
+            if self.world > 1:
+                torch.distributed.all_reduce(stacked)
+                stacked /= self.world
+            metrics = dict(zip(names, stacked.tolist()))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - started
+        if logging:
+            global_batch = self.config.train.micro_batch_size * accum * self.world
+            metrics.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time_s=step_time,
+                           samples_per_s=global_batch / step_time, data_wait_s=data_wait)
+        self._check_finite(metrics)
+        return metrics
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        if "loss" not in metrics:
+            return
+        if math.isfinite(metrics["loss"]):
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        metrics["nonfinite_steps"] = self.nonfinite_total
+        if self.log:
+            self.log.say(f"warning: step {self.step} loss is {metrics['loss']} "
+                         f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)")
+        if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+            raise FloatingPointError(
+                f"the loss was not finite for {MAX_NONFINITE_STEPS} steps in a row at step {self.step}; "
+                "lower train.lr or use train.precision=fp32, then --resume from the last checkpoint")
+
+    def save_checkpoint(self) -> None:
+        tag = checkpoints.tag_for(self.step)
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
+        tag_dir = self.ckpt_dir / tag
+        checkpoints.save_rank_state(tag_dir, self.rank)
+        torch.distributed.barrier()  # every rank's part is on disk before the tag counts
+        if self.is_main:
+            (tag_dir / "trainer.json").write_text(json.dumps({"step": self.step, "micro_batches": self.micro_batches}))
+            checkpoints.mark_complete(tag_dir, self.step)
+            removed = checkpoints.prune(self.ckpt_dir, self.config.train.keep_ckpts)
+            self.log.say(f"checkpoint {tag_dir}" + (f" (removed {', '.join(removed)})" if removed else ""))
+        torch.distributed.barrier()
+
+    def fit(self) -> None:
+        t = self.config.train
+        while self.step < t.steps:
+            metrics = self.train_step()
+            if metrics and self.log:
+                self.log.write(metrics)
+            if self.step % t.ckpt_every == 0 or self.step == t.steps:
+                self.save_checkpoint()
+        if self.log:
+            self.log.say(f"done: {self.step} steps; run in {self.run_dir}")
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

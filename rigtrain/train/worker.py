@@ -1,0 +1,41 @@
+"""Entry point of one training process (`python -m rigtrain.train.worker --run-dir DIR`),
+as torchrun or DeepSpeed's launcher start it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rigtrain.errors import UserError
+
+
+def run(run_dir: str | Path) -> int:
+    from rigtrain.train.trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(run_dir)
+        trainer.fit()
+        return 0
+    except UserError as err:
+        print(f"rigtrain: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except FloatingPointError as err:
+        print(f"rigtrain: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; LOCAL_RANK wins")
+    args = parser.parse_args()
+    return run(args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
