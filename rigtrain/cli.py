@@ -1,0 +1,148 @@
+"""The `rigtrain` command. Only argparse and the config schema are imported up front, so
+`rigtrain --help` is instant; each command imports what it uses.
+
+Exit codes: 0 success, 2 bad input (one line naming the file or field), 1 internal error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rigtrain.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from rigtrain.config import preset_names
+
+    p.add_argument("--data", metavar="DIR", help="prepared shards (rigtrain data prepare); default: the embedded "
+                   "Shapes-world dataset, generated once into ~/.cache/rigtrain")
+    p.add_argument("--out", metavar="RUN_DIR", help="where the run is written (default: runs/DATE-TIME-PRESET)")
+    p.add_argument("--preset", default="demo", help=f"one of: {', '.join(preset_names())} (default: demo)")
+    p.add_argument("--config", metavar="FILE", help="a TOML or YAML file with [model], [data], [train], [rig] keys")
+    p.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides",
+                   help="override config keys, e.g. --set train.zero_stage=2 data.workers=4 (see --help-config)")
+    p.add_argument("--steps", type=int, help="optimizer steps in total (train.steps)")
+    p.add_argument("--resume", action="store_true", help="continue --out RUN_DIR from its newest complete checkpoint")
+    p.add_argument("--hostfile", metavar="FILE", help="several machines: passed to DeepSpeed's launcher")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="rigtrain", description="Plan, train and profile a multimodal predictive-coding "
+                    "Perceiver on the GPUs you own (or the CPU).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train with DeepSpeed ZeRO on every local GPU (or the CPU)")
+    _add_run_options(train)
+
+    data = commands.add_parser("data", help="make, prepare and inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser, metavar="COMMAND")
+    synth = data_commands.add_parser("synth", help="write the Shapes-world dataset (mp4 + wav + Whisper json)")
+    synth.add_argument("out_dir", metavar="OUT_DIR")
+    synth.add_argument("--videos", type=int, default=48, help="number of videos (default 48)")
+    synth.add_argument("--seed", type=int, default=0)
+    prepare = data_commands.add_parser("prepare", help="decode a folder of videos into training shards")
+    prepare.add_argument("src_dir", metavar="SRC_DIR")
+    prepare.add_argument("out_dir", metavar="OUT_DIR")
+    prepare.add_argument("--preset", default="demo", help="the clip shape (fps, frame size, audio rate) to cut")
+    prepare.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides",
+                         help="override data.* keys, e.g. --set data.fps=10")
+    prepare.add_argument("--workers", type=int, help="decoding processes (default: CPU cores)")
+    return parser
+
+
+def _print_config_help(preset: str) -> None:
+    import dataclasses
+
+    from rigtrain.config import load_config
+    from rigtrain.config.schema import SECTIONS, field_docs
+
+    config = load_config(preset)
+    print(f"config keys (values of preset '{preset}'):")
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        print(f"\n[{section}]  {cls.__doc__.strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(config, section), f.name)
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else json.dumps(value)
+            print(f"  {section}.{f.name} = {shown}\n      {docs.get(f.name, '')}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.help_config:
+        _print_config_help(args.preset)
+        return 0
+    from rigtrain.train.launch import train
+
+    return train(out=args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
+                 steps=args.steps, data=args.data, resume=args.resume, hostfile=args.hostfile)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from rigtrain.data.synth import synthesize
+
+    out = Path(args.out_dir)
+    if args.videos < 1:
+        raise UserError("--videos must be at least 1")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"data synth: {out} is not empty; choose an empty or new folder (nothing was written)")
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r[rigtrain] wrote {done}/{total} videos", end="" if done < total else "\n", flush=True)
+
+    synthesize(out, videos=args.videos, seed=args.seed, progress=progress)
+    print(f"Shapes world: {args.videos} videos with sound, narration and labels.json in {out}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    import os
+
+    from rigtrain.config import load_config
+    from rigtrain.data.prepare import prepare
+
+    for item in args.overrides:
+        if not item.startswith("data."):
+            raise UserError(f"--set {item}: data prepare only takes data.* keys")
+    config = load_config(args.preset, overrides=args.overrides)
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+
+    def progress(done: int, total: int, name: str) -> None:
+        print(f"[rigtrain] {done}/{total} {name}", flush=True)
+
+    index = prepare(args.src_dir, args.out_dir, config.data, workers=workers, progress=progress)
+    print(f"prepared {index['clips']} clips from {len(index['sources'])} video(s) into "
+          f"{len(index['shards'])} shard(s) in {args.out_dir} ({index['seconds']} s)")
+    if index["skipped"]:
+        print(f"skipped {len(index['skipped'])} file(s):")
+        for item in index["skipped"]:
+            print(f"  {item['file']}: {item['reason']}")
+    return 0
+
+
+COMMANDS = {("train", None): cmd_train, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS[(args.command, getattr(args, "data_command", None))]
+    try:
+        return handler(args)
+    except UserError as err:
+        print(f"rigtrain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rigtrain: interrupted", file=sys.stderr)
+        return 130

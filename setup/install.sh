@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install rigtrain into a virtual environment: torch first, then the project.
+#
+#   bash setup/install.sh           # what training needs
+#   bash setup/install.sh --test    # plus what the tests need
+#
+# torch is pinned to one version so that pip picks the build that fits the machine: on a
+# CPU-only machine with the CPU wheel at hand that wheel, on a GPU machine PyPI's CUDA
+# build. Installing the project afterwards leaves that torch alone. Safe to run again: it
+# skips whatever is already installed.
+# Environment: RIGTRAIN_VENV (default: .venv in the repository), PYTHON (default: python3).
+set -euo pipefail
+
+TORCH_VERSION=2.13.0
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${RIGTRAIN_VENV:-$root/.venv}
+python=${PYTHON:-python3}
+extras=""
+case "${1:-}" in
+  --test) extras="[test]" ;;
+  "") ;;
+  *) echo "setup/install.sh: unknown option '$1'; use --test or nothing" >&2; exit 2 ;;
+esac
+
+if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+  echo "setup/install.sh: rigtrain needs Python 3.10 or newer; set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv"
+  "$python" -m venv "$venv"
+fi
+py="$venv/bin/python"
+
+if "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
+  echo "[setup] torch $TORCH_VERSION already installed"
+else
+  echo "[setup] installing torch==$TORCH_VERSION"
+  "$py" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION"
+fi
+
+# The project, again only when pyproject.toml or the extras changed since the last install.
+stamp="$venv/.rigtrain-install"
+want="$(sha1sum "$root/pyproject.toml" | cut -d' ' -f1) $extras $root"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c 'import rigtrain' 2>/dev/null; then
+  echo "[setup] rigtrain$extras already installed"
+else
+  echo "[setup] installing rigtrain$extras and its dependencies"
+  "$py" -m pip install --disable-pip-version-check -q -e "$root$extras"
+  echo "$want" > "$stamp"
+fi
+echo "[setup] ready: $venv/bin/rigtrain"

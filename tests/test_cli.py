@@ -1,0 +1,71 @@
+"""Bad input is exit code 2 with one line that names the file or field; no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_is_instant_and_imports_no_heavy_library():
+    code = "import sys; from rigtrain.cli import build_parser; build_parser(); " \
+           "print(sorted(m for m in ('torch', 'deepspeed', 'cv2', 'av', 'tensorboard') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    result = run_cli("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "data" in result.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--data", "/nonexistent/shards"], ["/nonexistent/shards", "no such folder"]),
+    (["train", "--preset", "huge"], ["--preset huge", "demo"]),
+    (["train", "--set", "train.stepz=3"], ["train.stepz"]),
+    (["train", "--set", "train.steps=many"], ["train.steps", "integer"]),
+    (["train", "--set", "nonsense"], ["KEY=VALUE"]),
+    (["train", "--resume"], ["--resume", "--out"]),
+    (["train", "--config", "/nonexistent.toml"], ["/nonexistent.toml"]),
+    (["train", "--bogus-flag"], ["--bogus-flag"]),
+    (["data", "prepare", "/nonexistent/videos", "/tmp/x"], ["/nonexistent/videos"]),
+    (["data", "prepare", "/tmp", "/tmp/x", "--set", "train.steps=3"], ["data.*"]),
+])
+def test_bad_input_is_one_line_and_exit_2(args, fragments):
+    assert_user_error(run_cli(*args, timeout=120), *fragments)
+
+
+def test_train_on_a_folder_of_raw_videos_says_to_prepare(tmp_path, shared_data):
+    import shutil
+
+    shutil.copy(shared_data / "videos" / "bikes.mp4", tmp_path)
+    assert_user_error(run_cli("train", "--data", str(tmp_path), timeout=120), "data prepare")
+
+
+def test_resume_of_a_missing_run(tmp_path):
+    assert_user_error(run_cli("train", "--out", str(tmp_path / "nope"), "--resume", timeout=120), "config.json")
+
+
+def test_data_synth_and_prepare_commands(tmp_path):
+    result = run_cli("data", "synth", str(tmp_path / "world"), "--videos", "2", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "world" / "shapes_0001.mp4").is_file()
+    assert_user_error(run_cli("data", "synth", str(tmp_path / "world")), "not empty")
+    result = run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep"), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "prepared 12 clips from 2 video(s)" in result.stdout
+    assert_user_error(run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep")), "already holds")
+
+
+def test_help_config_lists_documented_keys():
+    result = run_cli("train", "--help-config")
+    assert result.returncode == 0
+    for key in ("train.nproc", "train.ckpt_every", "train.keep_ckpts", "train.log_every", "data.workers", "rig.gpus"):
+        assert key in result.stdout

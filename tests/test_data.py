@@ -1,0 +1,176 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from rigtrain.config import load_config
+from rigtrain.data.dataset import ResumableSampler, ShardDataset
+from rigtrain.data.media import MediaError, center_crop_resize, clip_count, read_video
+from rigtrain.data.narration import clip_text, read_whisper_json
+from rigtrain.data.prepare import prepare
+from rigtrain.data.synth import synthesize
+from rigtrain.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    synthesize(out, videos=8, seed=3)
+    return out
+
+
+def test_synth_writes_real_files_deterministically(small_world, tmp_path):
+    names = sorted(p.name for p in small_world.iterdir())
+    assert "labels.json" in names and "shapes_0000.mp4" in names and "shapes_0000.wav" in names
+    assert "shapes_0007.wav" not in names and "shapes_0006.json" not in names  # missing modalities exist
+    again = synthesize(tmp_path / "again", videos=8, seed=3)
+    assert json.loads((again / "labels.json").read_text()) == json.loads((small_world / "labels.json").read_text())
+    config = load_config("demo")
+    a, _ = read_video(small_world / "shapes_0001.mp4", config.data.fps, config.data.frame_size)
+    b, _ = read_video(again / "shapes_0001.mp4", config.data.fps, config.data.frame_size)
+    assert np.array_equal(a, b)
+    narration = read_whisper_json(small_world / "shapes_0000.json")
+    event = json.loads((small_world / "labels.json").read_text())["videos"]["shapes_0000"][0]
+    assert narration[0].text == f"a {event['colour']} {event['shape']} moves {event['direction']}"
+
+
+def test_prepare_synth_round_trip(small_world, tmp_path):
+    config = load_config("demo", overrides=["data.shard_clips=20"])
+    index = prepare(small_world, tmp_path / "prep", config.data, workers=2)
+    assert index["clips"] == 8 * 6  # 6-second videos, 1-second clips
+    assert [s["clips"] for s in index["shards"]] == [20, 20, 8]
+    assert index["skipped"] == []
+    dataset = ShardDataset(tmp_path / "prep", config.data)
+    item = dataset[7]
+    assert item["video"].shape == (8, 32, 32, 3) and str(item["video"].dtype) == "torch.uint8"
+    assert item["audio"].shape == (8000,)
+    clips = np.concatenate([np.load(tmp_path / "prep" / s["dir"] / "clips.npy") for s in index["shards"]])
+    sources = [s["video"] for s in index["sources"]]
+    # video 7 has no .wav: its clips are marked, and their audio is silence, not noise
+    no_audio = clips["source"] == sources.index("shapes_0007.mp4")
+    assert not clips["has_audio"][no_audio].any() and clips["has_audio"][~no_audio].all()
+    no_text = clips["source"] == sources.index("shapes_0006.mp4")
+    assert not clips["has_text"][no_text].any()
+    # narration bytes and their times survive the round trip, to the millisecond
+    labels = json.loads((small_world / "labels.json").read_text())
+    segments = np.load(tmp_path / "prep" / "shard-00000" / "segments.npy")
+    first = segments[segments["clip"] == 0][0]
+    event = labels["videos"]["shapes_0000"][0]
+    assert abs(first["start_s"] - event["start"]) < 1e-3 and abs(first["end_s"] - event["end"]) < 1e-3
+    text = bytes(dataset[0]["text"][: dataset[0]["text_len"]].tolist()).decode()
+    assert text == f"a {event['colour']} {event['shape']} moves {event['direction']}"
+    # Shapes-world labels travel with the clips (for evaluation)
+    assert np.load(tmp_path / "prep" / "shard-00000" / "labels.npy")[0].tolist() == [
+        labels[k + "s"].index(event[k]) for k in ("shape", "colour", "direction")]
+
+
+def test_real_h264_videos(shared_data, tmp_path):
+    import cv2
+
+    config = load_config("demo")
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name in ("bikes.mp4", "carphone_pristine.mp4"):
+        shutil.copy(shared_data / "videos" / name, src)
+    index = prepare(src, tmp_path / "prep", config.data, workers=1)
+    by_name = {s["video"]: s for s in index["sources"]}
+    assert by_name["bikes.mp4"]["clips"] == 10  # 10 s at 25 fps -> ten 1-second clips
+    assert by_name["carphone_pristine.mp4"]["clips"] == 4  # 4.004 s at 29.97 fps
+    assert by_name["bikes.mp4"]["audio"] is None  # no audio track: masked, not invented
+    # a frame read back from the shards is the frame OpenCV decodes, resized the same way
+    dataset = ShardDataset(tmp_path / "prep", config.data)
+    source = [s["video"] for s in index["sources"]].index("bikes.mp4")
+    clips = np.load(tmp_path / "prep" / "shard-00000" / "clips.npy")
+    first = int(np.nonzero(clips["source"] == source)[0][1])  # the clip starting at 1.0 s
+    cap = cv2.VideoCapture(str(src / "bikes.mp4"))
+    for _ in range(25 + 3 * 25 // 8 + 1):  # frame 3 of that clip at 8 fps = source frame 25 + floor(3*25/8)
+        ok, frame = cap.read()
+    expected = center_crop_resize(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), 32, 32)
+    got = dataset[first]["video"][3].numpy()
+    mse = np.mean((got.astype(float) - expected.astype(float)) ** 2)
+    assert mse == 0 or 10 * np.log10(255**2 / mse) >= 40
+
+
+def test_real_whisper_transcripts(shared_data):
+    for name in ("cheapest_dl_hardware.json", "vision_transformer.json"):
+        segments = read_whisper_json(shared_data / "transcripts" / name)
+        assert len(segments) > 5 and all(s.end >= s.start for s in segments)
+    segments = read_whisper_json(shared_data / "transcripts" / "cheapest_dl_hardware.json")
+    text, placed = clip_text(segments, 0.0, 10.0, 64)
+    assert len(text) <= 64 and text.decode("utf-8").startswith("Okay, so you started")
+    assert placed[0][0].start == 0.0
+
+
+def test_narration_cut_keeps_whole_utf8_characters():
+    from rigtrain.data.narration import Segment
+
+    text, _ = clip_text([Segment(0, 1, "héllo wörld ñ")], 0, 1, 8)
+    assert len(text) <= 8 and text.decode("utf-8") == "héllo w"
+
+
+def test_bad_files_are_skipped_with_their_reason(small_world, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(small_world, src)
+    data = (src / "shapes_0002.mp4").read_bytes()
+    (src / "shapes_0002.mp4").write_bytes(data[: len(data) // 20])  # truncated
+    (src / "shapes_0003.json").write_text(json.dumps({"hello": "not narration"}))
+    (src / "notes.txt").write_text("stray file")
+    config = load_config("demo")
+    index = prepare(src, tmp_path / "prep", config.data, workers=1)
+    reasons = {s["file"]: s["reason"] for s in index["skipped"]}
+    assert "shapes_0003.mp4" in reasons and "not narration" in reasons["shapes_0003.mp4"]
+    assert "notes.txt" in reasons
+    sources = {s["video"]: s for s in index["sources"]}
+    # a truncated mp4 either decodes fewer frames (kept, shorter) or is skipped with a reason
+    assert "shapes_0002.mp4" in reasons or sources["shapes_0002.mp4"]["clips"] < 6
+    assert len(index["sources"]) + sum(1 for f in reasons if f.endswith(".mp4")) == 8
+
+
+def test_prepare_refuses_to_overwrite(small_world, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not empty"):
+        prepare(small_world, tmp_path / "out", load_config("demo").data)
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="no video"):
+        prepare(tmp_path / "out", tmp_path / "out2", load_config("demo").data)
+
+
+def test_shards_must_match_the_clip_shape(demo_data):
+    with pytest.raises(UserError, match="data.fps"):
+        ShardDataset(demo_data, load_config("demo", overrides=["data.fps=4"]).data)
+
+
+def test_corrupt_video_raises_media_error(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 1000)
+    with pytest.raises(MediaError):
+        read_video(bad, 8.0, (32, 32))
+
+
+def test_clip_count():
+    assert clip_count(6.0, 1.0, 1.0) == 6
+    assert clip_count(4.004, 1.0, 1.0) == 4
+    assert clip_count(0.9, 1.0, 1.0) == 0
+    assert clip_count(3.0, 1.0, 0.5) == 5
+
+
+def test_sampler_is_deterministic_disjoint_and_resumable():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    a = ResumableSampler(50, rank=0, world=2, micro_batch=4, seed=1)
+    b = ResumableSampler(50, rank=1, world=2, micro_batch=4, seed=1)
+    assert a.batches_per_epoch == 6
+    epoch_a, epoch_b = take(a, 24), take(b, 24)
+    assert not set(epoch_a) & set(epoch_b)  # ranks see different clips in an epoch
+    assert take(ResumableSampler(50, rank=0, world=2, micro_batch=4, seed=1), 24) == epoch_a
+    assert take(ResumableSampler(50, rank=0, world=2, micro_batch=4, seed=2), 24) != epoch_a
+    full = take(a, 80)  # crosses into later epochs, each reshuffled
+    assert full[24:48] != full[:24]
+    resumed = ResumableSampler(50, rank=0, world=2, micro_batch=4, seed=1, start_batch=9)
+    assert take(resumed, 80 - 36) == full[36:]
+    with pytest.raises(UserError, match="fewer than one batch"):
+        ResumableSampler(7, rank=0, world=2, micro_batch=4, seed=0)
