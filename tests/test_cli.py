@@ -62,6 +62,13 @@ def test_data_synth_and_prepare_commands(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "prepared 12 clips from 2 video(s)" in result.stdout
     assert_user_error(run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep")), "already holds")
+    # and training reads the user's prepared shards
+    result = run_cli("train", "--data", str(tmp_path / "prep"), "--out", str(tmp_path / "run"), "--steps", "2",
+                     "--set", "train.micro_batch_size=4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "step00000002" / "complete.json").is_file()
+    # shards cut for another clip shape are refused, naming the key
+    assert_user_error(run_cli("train", "--data", str(tmp_path / "prep"), "--set", "data.fps=4"), "data.fps")
 
 
 def test_help_config_lists_documented_keys():

@@ -37,8 +37,13 @@ def test_demo_run_layout_and_golden_loss(tmp_path, demo_data):
     for key in ("loss", "loss_pc", "pc_video_present", "pc_video_future", "pc_audio_present", "pc_audio_future",
                 "lr", "samples_per_s", "step_time_s", "data_wait_s", "host_cpu_percent"):
         assert all(key in r for r in rows), key
-    for sub in ("setup", "train"):
-        assert list((run / "tb" / sub).rglob("events.out.tfevents.*")), sub
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(run / "tb" / "train")).Reload()
+    assert [e.step for e in scalars.Scalars("loss")] == list(range(1, 13))
+    assert "loss/pc_video_future" in scalars.Tags()["scalars"]
+    setup = EventAccumulator(str(run / "tb" / "setup"), size_guidance={"tensors": 0}).Reload()
+    assert {"config/text_summary", "plan/text_summary", "rig/text_summary"} <= set(setup.Tags()["tensors"])
     # keep_ckpts=1: only the newest complete checkpoint remains
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step00000012"]
 

@@ -96,13 +96,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(run_dir: Path, world_size: int, hostfile: str | None) -> list[str] | None:
-    """The launcher command line, or None to run in this process."""
+def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | None:
+    """The launcher command line, or None to run in this process. Only a single CPU process
+    runs in-process: this process has already initialised CUDA (to read the GPUs), so a
+    GPU run needs fresh processes for CUDA_VISIBLE_DEVICES (rig.gpus) to take effect."""
     if hostfile:
+        # DeepSpeed's launcher chooses each node's GPUs itself (--include/--exclude).
         return ["deepspeed", "--hostfile", hostfile, "--module", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
-    if world_size == 1:
+    if plan.world_size == 1 and plan.device == "cpu":
         return None
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(world_size),
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(plan.world_size),
             "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
             "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
 
@@ -124,7 +127,7 @@ def train(*, out: str | None, preset: str, config_file: str | None, overrides: l
     for key, reason in plan.reasons.items():
         print(f"[rigtrain]   {key}: {reason}", flush=True)
 
-    command = launch_command(run_dir, plan.world_size, hostfile)
+    command = launch_command(run_dir, plan, hostfile)
     if command is None:
         os.environ.update(plan.env)
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -134,7 +137,10 @@ def train(*, out: str | None, preset: str, config_file: str | None, overrides: l
 
         code = run(run_dir)
     else:
-        code = subprocess.run(command, env={**os.environ, **plan.env}).returncode
+        env = {**os.environ, **plan.env}
+        if hostfile:
+            env.pop("CUDA_VISIBLE_DEVICES", None)
+        code = subprocess.run(command, env=env).returncode
     if code == 0:
         print(f"\nrun: {run_dir}\nopen TensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
         return 0

@@ -28,6 +28,8 @@ class LaunchPlan:
 
 def local_devices() -> dict:
     """The machine as torch and psutil see it."""
+    # Before CUDA starts: number GPUs by PCI bus (as nvidia-smi does), not fastest-first.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     import psutil
     import torch
 

@@ -219,20 +219,20 @@ class Trainer:
             global_batch = self.config.train.micro_batch_size * accum * self.world
             metrics.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time_s=step_time,
                            samples_per_s=global_batch / step_time, data_wait_s=data_wait)
-        self._check_finite(metrics)
+        self._check_finite(totals["loss"].item(), metrics)
         return metrics
 
-    def _check_finite(self, metrics: dict[str, float]) -> None:
-        if "loss" not in metrics:
-            return
-        if math.isfinite(metrics["loss"]):
+    def _check_finite(self, loss: float, metrics: dict[str, float]) -> None:
+        """Every step (not only logged ones): a NaN is said, counted and logged."""
+        if math.isfinite(loss):
             self.nonfinite_in_a_row = 0
             return
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
-        metrics["nonfinite_steps"] = self.nonfinite_total
+        if metrics:
+            metrics["nonfinite_steps"] = self.nonfinite_total
         if self.log:
-            self.log.say(f"warning: step {self.step} loss is {metrics['loss']} "
+            self.log.say(f"warning: step {self.step} loss is {loss} on rank 0 "
                          f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)")
         if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
             raise FloatingPointError(

@@ -4,13 +4,27 @@ as torchrun or DeepSpeed's launcher start it."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 from rigtrain.errors import UserError
 
 
+def apply_plan_env(run_dir: Path) -> None:
+    """The plan's environment (NCCL settings, device order, CPU threads), set here as well
+    as by the launcher, because DeepSpeed's multi-node launcher forwards only some variables
+    to other machines. Values already set (by the launcher or the user) win, and the GPU
+    selection is left to the launcher."""
+    plan_env = json.loads((run_dir / "config.json").read_text())["plan"]["env"]
+    for key, value in plan_env.items():
+        if key != "CUDA_VISIBLE_DEVICES":
+            os.environ.setdefault(key, value)
+
+
 def run(run_dir: str | Path) -> int:
+    apply_plan_env(Path(run_dir))
     from rigtrain.train.trainer import Trainer
 
     trainer = None
