@@ -27,7 +27,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="prepared shards (rigtrain data prepare); default: the embedded "
                    "Shapes-world dataset, generated once into ~/.cache/rigtrain")
     p.add_argument("--out", metavar="RUN_DIR", help="where the run is written (default: runs/DATE-TIME-PRESET)")
-    p.add_argument("--preset", default="demo", help=f"one of: {', '.join(preset_names())} (default: demo)")
+    p.add_argument("--preset", help=f"one of: {', '.join(preset_names())} (default: demo)")
     p.add_argument("--config", metavar="FILE", help="a TOML or YAML file with [model], [data], [train], [rig] keys")
     p.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides",
                    help="override config keys, e.g. --set train.zero_stage=2 data.workers=4 (see --help-config)")
@@ -80,7 +80,7 @@ def _print_config_help(preset: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
-        _print_config_help(args.preset)
+        _print_config_help(args.preset or "demo")
         return 0
     from rigtrain.train.launch import train
 

@@ -53,6 +53,14 @@ def test_resume_of_a_missing_run(tmp_path):
     assert_user_error(run_cli("train", "--out", str(tmp_path / "nope"), "--resume", timeout=120), "config.json")
 
 
+def test_resume_keeps_the_runs_own_config(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"config": {}}')
+    assert_user_error(run_cli("train", "--out", str(run), "--resume", "--preset", "small"), "--preset")
+    assert_user_error(run_cli("train", "--out", str(run)), "--resume")  # never overwrites a run
+
+
 def test_data_synth_and_prepare_commands(tmp_path):
     result = run_cli("data", "synth", str(tmp_path / "world"), "--videos", "2", "--seed", "5")
     assert result.returncode == 0, result.stderr

@@ -54,5 +54,6 @@ def test_every_gpu_gets_a_process_and_rig_gpus_picks_cards(tmp_path):
 def test_hostfile_goes_to_deepspeeds_launcher(tmp_path):
     plan = plan_launch(load_config("demo"), gpus((8, 0)))
     command = launch_command(tmp_path, plan, "hosts.txt")
-    assert command[:3] == ["deepspeed", "--hostfile", "hosts.txt"]
-    assert command[3:5] == ["--module", WORKER_MODULE]
+    # the venv's own DeepSpeed, whether or not the venv is on PATH
+    assert command[1:6] == ["-m", "deepspeed.launcher.runner", "--hostfile", "hosts.txt", "--module"]
+    assert command[6] == WORKER_MODULE

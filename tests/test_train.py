@@ -91,8 +91,9 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
     curves = {}
     for stage in (0, 3):
         run = tmp_path / f"zero{stage}"
-        train(run, "--steps", "4", "--set", "train.nproc=2", f"train.zero_stage={stage}",
-              "train.grad_accum_steps=2", "train.micro_batch_size=8", "train.ckpt_every=4")
+        result = train(run, "--steps", "4", "--set", "train.nproc=2", f"train.zero_stage={stage}",
+                       "train.grad_accum_steps=2", "train.micro_batch_size=8", "train.ckpt_every=4")
+        assert "1.27M parameters" in result.stdout  # counted before ZeRO-3 partitions them
         record = json.loads((run / "config.json").read_text())
         assert record["plan"]["world_size"] == 2
         assert record["plan"]["deepspeed"]["train_batch_size"] == 2 * 2 * 8

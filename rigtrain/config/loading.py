@@ -96,28 +96,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise wrong
-    if tp is int:
-        if isinstance(value, bool):
-            raise wrong
-        if isinstance(value, int):
-            return value
+    if tp in (int, float):
         if isinstance(value, str):
             try:
-                return int(value)
+                value = tp(value)
             except ValueError:
                 raise wrong from None
-        raise wrong
-    if tp is float:
-        if isinstance(value, bool):
+        # bool is an int in Python, and 2.5 is no integer: both are mistakes here.
+        allowed = (int,) if tp is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, allowed):
             raise wrong
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise wrong from None
-        raise wrong
+        return tp(value)
     if tp is str:
         if isinstance(value, str):
             return value

@@ -56,13 +56,18 @@ class ClipGeometry:
         return self.present_samples + self.future_samples
 
 
-def drop_tokens(num_tokens: int, keep: float, batch: int, device: torch.device,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """DropToken (VATT): for each sample, the indices (B, k) of k = round(keep * n) tokens
-    drawn uniformly without replacement. A fixed k keeps the batch rectangular."""
-    k = max(1, round(keep * num_tokens))
+def random_subset(num_tokens: int, k: int, batch: int, device: torch.device,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each sample its own k of num_tokens indices, uniformly without replacement: (B, k)."""
     scores = torch.rand(batch, num_tokens, device=device, generator=generator)
     return scores.argsort(dim=1)[:, :k]
+
+
+def drop_tokens(num_tokens: int, keep: float, batch: int, device: torch.device,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """DropToken (VATT): the indices (B, k) of the k = round(keep * n) tokens each sample
+    keeps. A fixed k keeps the batch rectangular."""
+    return random_subset(num_tokens, max(1, round(keep * num_tokens)), batch, device, generator)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -182,7 +187,7 @@ class PredictiveCodingPerceiver(nn.Module):
         ceil(q * n) per sample (at least one) keeps the batch rectangular."""
         n = end - start
         k = n if not self.training else max(1, math.ceil(self.config.future_query_prob * n))
-        return start + drop_tokens(n, k / n, batch, device, generator)
+        return start + random_subset(n, k, batch, device, generator)
 
     # -- training objective ---------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None

@@ -36,8 +36,7 @@ class PatchTokenizer(nn.Module):
     def forward(self, patches: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
         """patches (B, n, P) at positions codes[index] -> tokens (B, n, D). `index` is a
         slice (the same positions for every sample) or (B, n) indices."""
-        pos = self.position(self.codes.to(patches.dtype))  # (N, D)
-        pos = pos[index] if isinstance(index, slice) else pos[index]  # (n, D) or (B, n, D)
+        pos = self.position(self.codes.to(patches.dtype))[index]  # (n, D) or (B, n, D)
         return self.patch(patches) + pos + self.modality
 
 

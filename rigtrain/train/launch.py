@@ -27,12 +27,12 @@ def default_run_dir(preset: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}"
 
 
-def resolve_config(*, out: str | None, preset: str, config_file: str | None, overrides: list[str],
+def resolve_config(*, out: str | None, preset: str | None, config_file: str | None, overrides: list[str],
                    steps: int | None, data: str | None, resume: bool) -> tuple[RunConfig, Path]:
     if steps is not None:
         overrides = [*overrides, f"train.steps={steps}"]
-    if data is not None:
-        overrides = [*overrides, f"data.dir={data}"]
+    if data is not None:  # absolute, so that --resume works from any folder
+        overrides = [*overrides, f"data.dir={Path(data).resolve()}"]
     if resume:
         if not out:
             raise UserError("--resume needs --out RUN_DIR: the run to continue")
@@ -40,10 +40,12 @@ def resolve_config(*, out: str | None, preset: str, config_file: str | None, ove
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise UserError(f"--resume: {saved} does not exist; give the --out of a run that was started")
-        if config_file:
-            raise UserError("--resume continues with the run's own config.json; drop --config and use --set to change a value")
+        if config_file or preset:
+            raise UserError(f"--resume continues with the run's own config.json; drop --{'config' if config_file else 'preset'}"
+                            " and use --set to change a value")
         base = json.loads(saved.read_text())["config"]
         return load_config(base=base, overrides=overrides), run_dir
+    preset = preset or "demo"
     run_dir = Path(out) if out else default_run_dir(preset)
     if (run_dir / "config.json").exists():
         raise UserError(f"--out {run_dir} already holds a run; add --resume to continue it or choose another --out")
@@ -102,7 +104,8 @@ def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | Non
     GPU run needs fresh processes for CUDA_VISIBLE_DEVICES (rig.gpus) to take effect."""
     if hostfile:
         # DeepSpeed's launcher chooses each node's GPUs itself (--include/--exclude).
-        return ["deepspeed", "--hostfile", hostfile, "--module", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--module", WORKER_MODULE,
+                "--run-dir", str(run_dir.resolve())]
     if plan.world_size == 1 and plan.device == "cpu":
         return None
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(plan.world_size),
@@ -110,7 +113,7 @@ def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | Non
             "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
 
 
-def train(*, out: str | None, preset: str, config_file: str | None, overrides: list[str], steps: int | None,
+def train(*, out: str | None, preset: str | None, config_file: str | None, overrides: list[str], steps: int | None,
           data: str | None, resume: bool, hostfile: str | None) -> int:
     from rigtrain.train.setup import local_devices, plan_launch
 

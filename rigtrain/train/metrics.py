@@ -29,16 +29,14 @@ def _markdown_json(value) -> str:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, resume_step: int | None):
+    def __init__(self, run_dir: Path, *, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None:
-            self._truncate_after(resume_step)
+        self._truncate_after(resume_step)
         # purge_step hides events a crashed run logged after its last checkpoint.
-        self.train_writer = SummaryWriter(str(run_dir / "tb" / "train"),
-                                          purge_step=None if resume_step is None else resume_step + 1)
+        self.train_writer = SummaryWriter(str(run_dir / "tb" / "train"), purge_step=resume_step + 1)
         self.file = self.path.open("a")
         self.started = time.perf_counter()
         psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it

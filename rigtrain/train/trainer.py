@@ -111,6 +111,7 @@ class Trainer:
         t = self.config.train
         seed_everything(t.seed)  # identical initial weights on every rank
         self.model = build_model(self.config.model, self.config.data)
+        self.parameters = count_parameters(self.model)  # before ZeRO-3 partitions the tensors
         optimizer = build_optimizer(self.config, self.model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.config))
         import deepspeed
@@ -138,12 +139,14 @@ class Trainer:
         if resume_tag:
             self._load_checkpoint(resume_tag)
         if self.is_main:
-            self.log = MetricsLog(self.run_dir, resume_step=self.step if resume_tag else None)
+            # Metrics past the checkpoint (or all of them, when a run died before its first
+            # checkpoint) are dropped: they will be logged again.
+            self.log = MetricsLog(self.run_dir, resume_step=self.step)
             if not resume_tag:
-                self.log.write_setup(saved, count_parameters(self.model))
+                self.log.write_setup(saved, self.parameters)
             self.log.say(f"{'resuming at' if resume_tag else 'starting'} step {self.step}/{t.steps}: "
                          f"{self.world} process(es) on {self.device.type}, {self.plan['precision']}, "
-                         f"ZeRO-{t.zero_stage}, {count_parameters(self.model) / 1e6:.2f}M parameters, "
+                         f"ZeRO-{t.zero_stage}, {self.parameters / 1e6:.2f}M parameters, "
                          f"{len(self.dataset)} clips")
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
