@@ -34,6 +34,7 @@ def test_demo_run_layout_and_golden_loss(tmp_path, demo_data):
     assert record["plan"]["deepspeed"]["zero_optimization"]["stage"] == 1
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[0]["lr"] == pytest.approx(1e-3 / 10)  # the rate step 1 used: lr / warmup_steps
     for key in ("loss", "loss_pc", "pc_video_present", "pc_video_future", "pc_audio_present", "pc_audio_future",
                 "lr", "samples_per_s", "step_time_s", "data_wait_s", "host_cpu_percent"):
         assert all(key in r for r in rows), key
@@ -101,3 +102,41 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
         assert (run / "checkpoints" / "step00000004" / "rng_rank1.pt").is_file()
     assert curves[0] == pytest.approx(curves[3], rel=1e-4)
     assert curves[3][-1] < curves[3][0]
+
+
+def _tensor_dtypes(obj) -> set:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {obj.dtype}
+    if isinstance(obj, dict):
+        return set().union(*map(_tensor_dtypes, obj.values())) if obj else set()
+    if isinstance(obj, (list, tuple)):
+        return set().union(*map(_tensor_dtypes, obj)) if obj else set()
+    return set()
+
+
+@pytest.mark.parametrize("settings, state_dtype", [
+    (["train.optimizer=adamw8bit"], "torch.uint8"),  # bitsandbytes' 8-bit states really are used
+    (["train.offload_optimizer=cpu", "train.zero_stage=2"], "torch.float32"),
+])
+def test_optimizer_choices_train_and_checkpoint(tmp_path, demo_data, settings, state_dtype):
+    import torch
+
+    run = tmp_path / "run"
+    train(run, "--steps", "3", "--set", "train.ckpt_every=3", *settings)
+    assert all(r["loss"] == r["loss"] for r in metrics(run))  # no NaN
+    optim = next((run / "checkpoints" / "step00000003").glob("*optim_states.pt"))
+    dtypes = {str(d) for d in _tensor_dtypes(torch.load(optim, weights_only=False))}
+    assert state_dtype in dtypes, dtypes
+
+
+def test_logged_lr_follows_warmup_then_cosine():
+    from rigtrain.config import load_config
+    from rigtrain.train.trainer import lr_lambda
+
+    config = load_config("demo", overrides=["train.steps=20", "train.warmup_steps=4", "train.min_lr_ratio=0.1"])
+    factor = lr_lambda(config)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # step 1 already trains at lr/4
+    assert factor(4) == pytest.approx(1.0) and factor(20) == pytest.approx(0.1)
+    assert all(factor(s) >= factor(s + 1) for s in range(4, 20))

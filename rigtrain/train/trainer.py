@@ -193,6 +193,7 @@ class Trainer:
         """One optimizer step: grad_accum_steps micro-batches, forward/backward each, then
         DeepSpeed steps the optimizer and LR schedule at the accumulation boundary."""
         started = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses; the schedule moves on after it
         data_wait = 0.0
         totals: dict[str, torch.Tensor] = {}
         accum = self.config.train.grad_accum_steps
@@ -220,7 +221,7 @@ class Trainer:
         step_time = time.perf_counter() - started
         if logging:
             global_batch = self.config.train.micro_batch_size * accum * self.world
-            metrics.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time_s=step_time,
+            metrics.update(step=self.step, lr=lr, step_time_s=step_time,
                            samples_per_s=global_batch / step_time, data_wait_s=data_wait)
         self._check_finite(totals["loss"].item(), metrics)
         return metrics
