@@ -65,24 +65,40 @@ def test_loss_falls_on_the_demo(tmp_path, demo_data):
 
 
 def test_resume_continues_exactly(tmp_path, demo_data):
-    """A run stopped at step 5 and resumed logs the same losses from step 6 on as a run that
-    never stopped: weights, optimizer, LR schedule, RNG and data order all come back."""
-    common = ["--set", "train.ckpt_every=5", "train.log_every=1", "data.workers=1"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train(straight, "--steps", "10", *common)
-    train(stopped, "--steps", "5", *common)
-    # a checkpoint that was being written when the machine died is never resumed from
-    partial = stopped / "checkpoints" / "step00000009"
-    partial.mkdir()
-    (partial / "junk").write_text("half written")
-    result = train(stopped, "--resume", "--steps", "10")
+    """A run that crashed after its step-5 checkpoint, while writing the step-10 one, resumes
+    from step 5 and logs the same losses from step 6 on as a run that never stopped:
+    weights, optimizer, LR schedule, RNG and data order all come back."""
+    common = ["--steps", "10", "--set", "train.ckpt_every=5", "train.warmup_steps=2", "data.workers=1"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(straight, *common)
+    train(crashed, *common)
+    # the crash: the step-10 checkpoint never got its completion mark, and metrics.jsonl
+    # already holds steps 6-10, which the resumed run must replace, not duplicate
+    (crashed / "checkpoints" / "step00000010" / "complete.json").unlink()
+    for line in (crashed / "metrics.jsonl").read_text().splitlines()[5:]:
+        assert json.loads(line)["step"] > 5
+    result = train(crashed, "--resume")
     assert "resuming at step 5/10" in result.stdout
-    a, b = metrics(straight), metrics(stopped)
+    a, b = metrics(straight), metrics(crashed)
     assert [r["step"] for r in b] == list(range(1, 11))
     for x, y in zip(a[5:], b[5:]):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-7), (x["step"], x["loss"], y["loss"])
         assert x["lr"] == pytest.approx(y["lr"], rel=1e-9)
-    assert not partial.exists(), "an incomplete checkpoint older than a complete one is cleaned up"
+    assert (crashed / "checkpoints" / "step00000010" / "complete.json").is_file()
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    from rigtrain.train import checkpoints
+
+    ckpt = tmp_path / "checkpoints"
+    for step, complete in ((5, True), (10, True), (15, False)):
+        (ckpt / checkpoints.tag_for(step)).mkdir(parents=True)
+        if complete:
+            checkpoints.mark_complete(ckpt / checkpoints.tag_for(step), step)
+    assert checkpoints.complete_tags(ckpt) == [(5, "step00000005"), (10, "step00000010")]
+    (ckpt / "step00000003").mkdir()  # left by a crash long ago
+    assert sorted(checkpoints.prune(ckpt, keep=1)) == ["step00000003", "step00000005"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step00000010", "step00000015"]  # 15 may still be in progress
 
 
 def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):

@@ -258,14 +258,22 @@ class Trainer:
 
     def fit(self) -> None:
         t = self.config.train
+        first_step, losses = self.step, []
+        started = time.perf_counter()
         while self.step < t.steps:
             metrics = self.train_step()
             if metrics and self.log:
                 self.log.write(metrics)
+                losses.append(metrics["loss"])
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.save_checkpoint()
-        if self.log:
-            self.log.say(f"done: {self.step} steps; run in {self.run_dir}")
+        if self.log and self.step == first_step:
+            self.log.say(f"the run is already at step {self.step} of {t.steps}: nothing to do "
+                         f"(give --steps N with N > {self.step} to train on)")
+        elif self.log:
+            change = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+            self.log.say(f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.1f} s"
+                         f"{change}; run in {self.run_dir}")
 
     def close(self) -> None:
         if self.log:
