@@ -18,6 +18,25 @@ def test_every_shipped_preset_parses_and_builds(name):
     assert count_parameters(model) > 0
 
 
+@pytest.mark.parametrize("name", ["demo", "small", "base"])
+def test_every_preset_runs_a_train_step_on_the_meta_device(name):
+    """Forward and backward with the preset's real clip shape, without allocating memory:
+    every tubelet, audio segment and query lines up."""
+    config = load_config(name)
+    d = config.data
+    with torch.device("meta"):
+        model = build_model(config.model, d)
+        batch = {"video": torch.empty(2, d.clip_frames, *d.frame_size, 3, dtype=torch.uint8),
+                 "audio": torch.empty(2, d.clip_samples, dtype=torch.int16),
+                 "has_audio": torch.ones(2, dtype=torch.bool),
+                 "text": torch.empty(2, d.max_text_bytes, dtype=torch.uint8),
+                 "text_len": torch.full((2,), 5)}
+        out = model(batch)
+        out["loss"].backward()
+    assert out["loss"].shape == ()
+    assert model.video_head.weight.grad is not None
+
+
 def test_base_follows_vatt_base_video_tower():
     config = load_config("base")
     assert (config.model.d_model, config.model.enc_layers, config.model.heads) == (768, 12, 12)
