@@ -49,6 +49,16 @@ def test_train_on_a_folder_of_raw_videos_says_to_prepare(tmp_path, shared_data):
     assert_user_error(run_cli("train", "--data", str(tmp_path), timeout=120), "data prepare")
 
 
+def test_a_folder_of_only_corrupt_videos(tmp_path, shared_data):
+    """A truncated real H.264 file: one line from rigtrain, nothing from FFmpeg."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = (shared_data / "videos" / "bikes.mp4").read_bytes()
+    (src / "broken.mp4").write_bytes(data[: len(data) // 2])
+    assert_user_error(run_cli("data", "prepare", str(src), str(tmp_path / "out"), "--workers", "1"),
+                      "broken.mp4", "cannot be opened")
+
+
 def test_resume_of_a_missing_run(tmp_path):
     assert_user_error(run_cli("train", "--out", str(tmp_path / "nope"), "--resume", timeout=120), "config.json")
 

@@ -4,10 +4,16 @@ container's own track), resampled with libswresample through PyAV."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+# OpenCV's FFmpeg backend prints its own errors ("moov atom not found") to stderr; rigtrain
+# reports every unreadable file itself, with its name, so FFmpeg is asked to stay quiet
+# (AV_LOG_QUIET) unless the user chose a level.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
