@@ -72,11 +72,13 @@ def find_sources(src_dir: Path) -> tuple[list[Source], list[dict]]:
     files = sorted(p for p in src_dir.iterdir() if p.is_file())
     videos = [p for p in files if p.suffix.lower() in media.VIDEO_SUFFIXES]
     stems = {p.stem for p in videos}
-    sources = []
-    for video in videos:
-        audio = next((p for p in files if p.stem == video.stem and p.suffix.lower() in media.AUDIO_SUFFIXES), None)
-        narration = next((p for p in files if p.stem == video.stem and p.suffix.lower() in NARRATION_SUFFIXES), None)
-        sources.append(Source(video, audio, narration))
+    by_kind: dict[tuple[str, str], Path] = {}  # (stem, "audio" | "narration") -> the first such file
+    for p in files:
+        kind = "audio" if p.suffix.lower() in media.AUDIO_SUFFIXES else \
+            "narration" if p.suffix.lower() in NARRATION_SUFFIXES else None
+        if kind:
+            by_kind.setdefault((p.stem, kind), p)
+    sources = [Source(v, by_kind.get((v.stem, "audio")), by_kind.get((v.stem, "narration"))) for v in videos]
     unused = [{"file": p.name, "reason": "no video with this name"} for p in files
               if p.suffix.lower() not in media.VIDEO_SUFFIXES and p.stem not in stems and p.name != "labels.json"]
     return sources, unused

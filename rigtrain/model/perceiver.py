@@ -149,7 +149,7 @@ class PredictiveCodingPerceiver(nn.Module):
         latent = self.latents.expand(B, -1, -1)
         keep = self.config.droptoken_keep if self.training else 1.0
         draw = None
-        for exposure in range(self.config.exposures):
+        for _ in range(self.config.exposures):
             if draw is None or not self.config.same_droptoken_draw:
                 draw = (drop_tokens(video_tok.shape[1], keep, B, device, generator),
                         drop_tokens(audio_tok.shape[1], keep, B, device, generator))
