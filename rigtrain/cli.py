@@ -89,13 +89,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
+    from rigtrain.data.prepare import require_empty_dir
     from rigtrain.data.synth import synthesize
 
     out = Path(args.out_dir)
     if args.videos < 1:
         raise UserError("--videos must be at least 1")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"data synth: {out} is not empty; choose an empty or new folder (nothing was written)")
+    require_empty_dir(out, "data synth")
 
     def progress(done: int, total: int) -> None:
         print(f"\r[rigtrain] wrote {done}/{total} videos", end="" if done < total else "\n", flush=True)

@@ -75,7 +75,7 @@ def test_data_synth_and_prepare_commands(tmp_path):
     result = run_cli("data", "synth", str(tmp_path / "world"), "--videos", "2", "--seed", "5")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "world" / "shapes_0001.mp4").is_file()
-    assert_user_error(run_cli("data", "synth", str(tmp_path / "world")), "not empty")
+    assert_user_error(run_cli("data", "synth", str(tmp_path / "world")), "not an empty folder")
     result = run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep"), "--workers", "1")
     assert result.returncode == 0, result.stderr
     assert "prepared 12 clips from 2 video(s)" in result.stdout

@@ -60,6 +60,16 @@ def test_prepare_synth_round_trip(small_world, tmp_path):
     assert abs(first["start_s"] - event["start"]) < 1e-3 and abs(first["end_s"] - event["end"]) < 1e-3
     text = bytes(dataset[0]["text"][: dataset[0]["text_len"]].tolist()).decode()
     assert text == f"a {event['colour']} {event['shape']} moves {event['direction']}"
+    # in every shard (sources span shard borders at 20 clips), each segment points at a clip
+    # it overlaps, and at that clip's bytes
+    for shard in index["shards"]:
+        path = tmp_path / "prep" / shard["dir"]
+        shard_clips, texts = np.load(path / "clips.npy"), np.load(path / "text.npy")
+        for seg in np.load(path / "segments.npy"):
+            start = shard_clips[seg["clip"]]["start_s"]
+            assert seg["start_s"] < start + 1.0 and seg["end_s"] > start
+            words = bytes(texts[seg["clip"]][seg["offset"] : seg["offset"] + seg["length"]]).decode().split()
+            assert words[0] == "a" and words[3] == "moves"
     # Shapes-world labels travel with the clips (for evaluation)
     assert np.load(tmp_path / "prep" / "shard-00000" / "labels.npy")[0].tolist() == [
         labels[k + "s"].index(event[k]) for k in ("shape", "colour", "direction")]
@@ -130,7 +140,7 @@ def test_bad_files_are_skipped_with_their_reason(small_world, tmp_path):
 def test_prepare_refuses_to_overwrite(small_world, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="not an empty folder"):
         prepare(small_world, tmp_path / "out", load_config("demo").data)
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
     with pytest.raises(UserError, match="no video"):

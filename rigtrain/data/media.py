@@ -30,25 +30,21 @@ class VideoInfo:
     width: int
     height: int
 
-    @property
-    def duration_s(self) -> float:
-        return self.frames / self.fps if self.fps > 0 else 0.0
 
-
-def probe_video(path: Path) -> VideoInfo:
+def _open(path: Path):
+    """An open cv2.VideoCapture and its VideoInfo; MediaError when it is no readable video."""
     import cv2
 
     cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise MediaError("cannot be opened as a video (corrupt or unsupported codec)")
-        info = VideoInfo(fps=float(cap.get(cv2.CAP_PROP_FPS) or 0.0), frames=int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
-                         width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-    finally:
+    if not cap.isOpened():
         cap.release()
+        raise MediaError("cannot be opened as a video (corrupt or unsupported codec)")
+    info = VideoInfo(fps=float(cap.get(cv2.CAP_PROP_FPS) or 0.0), frames=int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
+                     width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
     if info.fps <= 0 or info.width <= 0 or info.height <= 0:
+        cap.release()
         raise MediaError("has no readable video stream (fps or frame size missing)")
-    return info
+    return cap, info
 
 
 def center_crop_resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -74,8 +70,7 @@ def read_video(path: Path, fps: float, size: tuple[int, int]) -> tuple[np.ndarra
     and resized to size=(H, W): uint8 RGB (T, H, W, 3)."""
     import cv2
 
-    info = probe_video(path)
-    cap = cv2.VideoCapture(str(path))
+    cap, info = _open(path)
     frames: list[np.ndarray] = []
     src_index = 0
     try:

@@ -37,6 +37,13 @@ SEGMENT_DTYPE = np.dtype([("clip", np.int32), ("start_s", np.float64), ("end_s",
 LABEL_KEYS = ("shape", "colour", "direction")
 
 
+def require_empty_dir(path: Path, command: str) -> None:
+    """Output goes only into a new or empty folder: nothing of the user's is overwritten."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{command}: {path} is not an empty folder; choose an empty or new one (nothing was written)")
+    path.mkdir(parents=True, exist_ok=True)
+
+
 def preparation_params(data: DataConfig) -> dict:
     """What a shard depends on; training refuses shards made with other values."""
     return {"fps": data.fps, "frame_size": list(data.frame_size), "present_frames": data.present_frames,
@@ -64,6 +71,18 @@ class SourceClips:
     segments: list[tuple[int, float, float, int, int]]  # clip is local to this source
     labels: np.ndarray
     info: dict = field(default_factory=dict)
+
+    ARRAYS = ("video", "audio", "text", "text_len", "clips", "labels")
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def split(self, k: int) -> tuple["SourceClips", "SourceClips"]:
+        """The first k clips and the rest, narration segments re-numbered to match."""
+        def part(sl: slice, keep, shift: int) -> SourceClips:
+            return SourceClips(**{key: getattr(self, key)[sl] for key in self.ARRAYS},
+                               segments=[(c - shift, *rest) for c, *rest in self.segments if keep(c)])
+        return part(slice(None, k), lambda c: c < k, 0), part(slice(k, None), lambda c: c >= k, k)
 
 
 def find_sources(src_dir: Path) -> tuple[list[Source], list[dict]]:
@@ -150,47 +169,46 @@ def _ingest_or_reason(args: tuple[Source, DataConfig, dict | None]) -> SourceCli
 
 
 class ShardWriter:
+    """Collects sources' clips and writes them out as shards of shard_clips clips (the last
+    may be smaller); a source may span two shards."""
+
     def __init__(self, out_dir: Path, shard_clips: int):
         self.out_dir, self.shard_clips = out_dir, shard_clips
-        self.pending: list[tuple[int, SourceClips]] = []
+        self.pending: list[SourceClips] = []
         self.shards: list[dict] = []
         self.total = 0
 
     def add(self, source_index: int, clips: SourceClips) -> None:
-        self.pending.append((source_index, clips))
-        while sum(len(c.clips) for _, c in self.pending) >= self.shard_clips:
-            self._flush(self.shard_clips)
+        clips.clips["source"] = source_index
+        self.pending.append(clips)
+        while sum(map(len, self.pending)) >= self.shard_clips:
+            self._write_shard()
 
     def close(self) -> None:
-        while any(len(c.clips) for _, c in self.pending):
-            self._flush(self.shard_clips)
+        while self.pending:
+            self._write_shard()
 
-    def _flush(self, limit: int) -> None:
-        parts: dict[str, list] = {k: [] for k in ("video", "audio", "text", "text_len", "clips", "labels")}
-        segments = []
+    def _write_shard(self) -> None:
+        taken: list[SourceClips] = []
         count = 0
-        rest = []
-        for source_index, c in self.pending:
-            take = min(len(c.clips), limit - count)
-            if take > 0:
-                for key in parts:
-                    parts[key].append(getattr(c, key)[:take])
-                parts["clips"][-1] = parts["clips"][-1].copy()
-                parts["clips"][-1]["source"] = source_index
-                segments += [(count + clip, s, e, o, ln) for clip, s, e, o, ln in c.segments if clip < take]
-                count += take
-            if take < len(c.clips):
-                rest.append((source_index, SourceClips(
-                    video=c.video[take:], audio=c.audio[take:], text=c.text[take:], text_len=c.text_len[take:],
-                    clips=c.clips[take:], labels=c.labels[take:],
-                    segments=[(clip - take, s, e, o, ln) for clip, s, e, o, ln in c.segments if clip >= take])))
-        self.pending = rest
+        while self.pending and count < self.shard_clips:
+            head, rest = self.pending[0].split(self.shard_clips - count)
+            taken.append(head)
+            count += len(head)
+            if len(rest):
+                self.pending[0] = rest
+            else:
+                self.pending.pop(0)
+        segments, offset = [], 0
+        for part in taken:
+            segments += [(offset + clip, *rest) for clip, *rest in part.segments]
+            offset += len(part)
         name = f"shard-{len(self.shards):05d}"
         tmp = self.out_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        for key, arrays in parts.items():
-            np.save(tmp / f"{key}.npy", np.concatenate(arrays))
+        for key in SourceClips.ARRAYS:
+            np.save(tmp / f"{key}.npy", np.concatenate([getattr(part, key) for part in taken]))
         np.save(tmp / "segments.npy", np.array(segments, dtype=SEGMENT_DTYPE))
         os.replace(tmp, self.out_dir / name)
         self.shards.append({"dir": name, "clips": count})
@@ -207,11 +225,9 @@ def prepare(src_dir: str | Path, out_dir: str | Path, data: DataConfig, *, worke
     if not sources:
         raise UserError(f"data prepare: {src} holds no video ({', '.join(media.VIDEO_SUFFIXES)}); "
                         "point it at a folder of videos")
-    if out.exists() and any(out.iterdir()):
-        if (out / "index.json").is_file():
-            raise UserError(f"data prepare: {out} already holds prepared data; choose a new folder or delete it first")
-        raise UserError(f"data prepare: {out} is not empty; choose an empty or new folder (nothing was written)")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "index.json").is_file():
+        raise UserError(f"data prepare: {out} already holds prepared data; choose a new folder or delete it first")
+    require_empty_dir(out, "data prepare")
     labels = read_labels(src)
     started = time.perf_counter()
     writer = ShardWriter(out, data.shard_clips)

@@ -12,11 +12,11 @@ import psutil
 import torch
 
 
-def telemetry() -> dict[str, float]:
+def telemetry(process: psutil.Process) -> dict[str, float]:
     """Cheap device readings for every logged step: host CPU and memory, and on a GPU the
     memory torch holds. (NVML sampling of power, clocks and PCIe is the profiler's.)"""
     out = {"host_cpu_percent": psutil.cpu_percent(interval=None),
-           "host_rss_gib": psutil.Process().memory_info().rss / 2**30}
+           "host_rss_gib": process.memory_info().rss / 2**30}
     if torch.cuda.is_available():
         out["gpu_mem_alloc_gib"] = torch.cuda.memory_allocated() / 2**30
         out["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -39,6 +39,7 @@ class MetricsLog:
         self.train_writer = SummaryWriter(str(run_dir / "tb" / "train"), purge_step=resume_step + 1)
         self.file = self.path.open("a")
         self.started = time.perf_counter()
+        self.process = psutil.Process()
         psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
 
     def _truncate_after(self, step: int) -> None:
@@ -63,7 +64,7 @@ class MetricsLog:
             writer.add_hparams(hparams, {"hparam/parameters_m": parameters / 1e6}, run_name=".")
 
     def write(self, metrics: dict[str, float]) -> None:
-        metrics = {**metrics, **telemetry()}
+        metrics = {**metrics, **telemetry(self.process)}
         step = int(metrics["step"])
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
