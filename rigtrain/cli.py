@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from rigtrain.errors import UserError
@@ -54,11 +55,28 @@ def build_parser() -> Parser:
     prepare = data_commands.add_parser("prepare", help="decode a folder of videos into training shards")
     prepare.add_argument("src_dir", metavar="SRC_DIR")
     prepare.add_argument("out_dir", metavar="OUT_DIR")
-    prepare.add_argument("--preset", default="demo", help="the clip shape (fps, frame size, audio rate) to cut")
-    prepare.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides",
-                         help="override data.* keys, e.g. --set data.fps=10")
+    _add_clip_options(prepare)
     prepare.add_argument("--workers", type=int, help="decoding processes (default: CPU cores)")
+    check = data_commands.add_parser("check", help="what prepare would make of a folder of videos (writes nothing)")
+    check.add_argument("src_dir", metavar="SRC_DIR")
+    _add_clip_options(check)
+    check.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     return parser
+
+
+def _add_clip_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="demo", help="the clip shape (fps, frame size, audio rate) to cut")
+    p.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides",
+                   help="override data.* keys, e.g. --set data.fps=10 data.resize=pad")
+
+
+def _data_config(args: argparse.Namespace):
+    from rigtrain.config import load_config
+
+    for item in args.overrides:
+        if not item.startswith("data."):
+            raise UserError(f"--set {item}: data commands only take data.* keys")
+    return load_config(args.preset, overrides=args.overrides).data
 
 
 def _print_config_help(preset: str) -> None:
@@ -108,23 +126,35 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     import os
 
-    from rigtrain.config import load_config
     from rigtrain.data.prepare import prepare
 
-    for item in args.overrides:
-        if not item.startswith("data."):
-            raise UserError(f"--set {item}: data prepare only takes data.* keys")
-    config = load_config(args.preset, overrides=args.overrides)
-    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    data = _data_config(args)
+    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
     if workers < 1:
         raise UserError("--workers must be at least 1")
 
-    def progress(done: int, total: int, name: str) -> None:
-        print(f"[rigtrain] {done}/{total} {name}", flush=True)
+    started = time.perf_counter()
 
-    index = prepare(args.src_dir, args.out_dir, config.data, workers=workers, progress=progress)
+    def progress(done: int, total: int, name: str, clips: int) -> None:
+        elapsed = time.perf_counter() - started
+        eta = elapsed / done * (total - done)
+        print(f"[rigtrain {elapsed:5.0f}s] {done}/{total} videos, {clips} clips, ETA {eta:.0f} s: {name}", flush=True)
+
+    index = prepare(args.src_dir, args.out_dir, data, workers=workers, progress=progress,
+                    log=lambda line: print(f"[rigtrain] {line}", flush=True))
     print(f"prepared {index['clips']} clips from {len(index['sources'])} video(s) into "
-          f"{len(index['shards'])} shard(s) in {args.out_dir} ({index['seconds']} s)")
+          f"{len(index['shards'])} shard(s) in {args.out_dir} ({index['seconds']} s, {workers} worker(s))")
+    ends = sum(info["end_aligned_clip"] for info in index["sources"])
+    tails = [info["unused_tail_s"] for info in index["sources"] if info["unused_tail_s"] > 0]
+    if ends:
+        print(f"{ends} video(s) end with a clip aligned to their last frame (it overlaps the clip before)")
+    if tails:
+        print(f"{len(tails)} video(s) end with less than half a clip left unused ({sum(tails):.2f} s in all)")
+    notes = [(info["video"], p) for info in index["sources"] for p in info["problems"]]
+    if notes:
+        print(f"{len(notes)} problem(s) in files that were still used:")
+        for video, problem in notes:
+            print(f"  {video}: {problem}")
     if index["skipped"]:
         print(f"skipped {len(index['skipped'])} file(s):")
         for item in index["skipped"]:
@@ -132,7 +162,19 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {("train", None): cmd_train, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare}
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from rigtrain.data.check import check_folder, format_report
+
+    def progress(done: int, total: int, name: str) -> None:
+        print(f"[rigtrain] checked {done}/{total} {name}", file=sys.stderr, flush=True)
+
+    report = check_folder(args.src_dir, _data_config(args), progress=None if args.json else progress)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+COMMANDS = {("train", None): cmd_train, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare,
+            ("data", "check"): cmd_data_check}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,7 +79,13 @@ def test_data_synth_and_prepare_commands(tmp_path):
     result = run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep"), "--workers", "1")
     assert result.returncode == 0, result.stderr
     assert "prepared 12 clips from 2 video(s)" in result.stdout
-    assert_user_error(run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep")), "already holds")
+    shard_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "prep").rglob("*.npy")}
+    again = run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep"))
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+    assert shard_files == {p: p.stat().st_mtime_ns for p in (tmp_path / "prep").rglob("*.npy")}  # untouched
+    # the same folder with another clip shape is refused, naming the key
+    assert_user_error(run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep"),
+                              "--set", "data.fps=4"), "fps=8.0", "new folder")
     # and training reads the user's prepared shards
     result = run_cli("train", "--data", str(tmp_path / "prep"), "--out", str(tmp_path / "run"), "--steps", "2",
                      "--set", "train.micro_batch_size=4")

@@ -6,7 +6,7 @@ import pytest
 
 from rigtrain.config import load_config
 from rigtrain.data.dataset import ResumableSampler, ShardDataset
-from rigtrain.data.media import MediaError, center_crop_resize, clip_count, read_video
+from rigtrain.data.media import MediaError, clip_starts, fit_frame, read_video
 from rigtrain.data.narration import clip_text, read_whisper_json
 from rigtrain.data.prepare import prepare
 from rigtrain.data.synth import synthesize
@@ -96,7 +96,7 @@ def test_real_h264_videos(shared_data, tmp_path):
     cap = cv2.VideoCapture(str(src / "bikes.mp4"))
     for _ in range(25 + 3 * 25 // 8 + 1):  # frame 3 of that clip at 8 fps = source frame 25 + floor(3*25/8)
         ok, frame = cap.read()
-    expected = center_crop_resize(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), 32, 32)
+    expected = fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), 32, 32)
     got = dataset[first]["video"][3].numpy()
     mse = np.mean((got.astype(float) - expected.astype(float)) ** 2)
     assert mse == 0 or 10 * np.log10(255**2 / mse) >= 40
@@ -120,21 +120,32 @@ def test_narration_cut_keeps_whole_utf8_characters():
 
 
 def test_bad_files_are_skipped_with_their_reason(small_world, tmp_path):
+    import soundfile as sf
+
     src = tmp_path / "src"
     shutil.copytree(small_world, src)
     data = (src / "shapes_0002.mp4").read_bytes()
     (src / "shapes_0002.mp4").write_bytes(data[: len(data) // 20])  # truncated
     (src / "shapes_0003.json").write_text(json.dumps({"hello": "not narration"}))
+    sf.write(src / "shapes_0004.wav", np.zeros(16000 * 2, np.float32), 16000)  # 2 s of sound for a 6 s video
     (src / "notes.txt").write_text("stray file")
     config = load_config("demo")
     index = prepare(src, tmp_path / "prep", config.data, workers=1)
     reasons = {s["file"]: s["reason"] for s in index["skipped"]}
-    assert "shapes_0003.mp4" in reasons and "not narration" in reasons["shapes_0003.mp4"]
-    assert "notes.txt" in reasons
     sources = {s["video"]: s for s in index["sources"]}
+    # a bad sidecar is skipped, its video is kept without that modality
+    assert "not narration" in reasons["shapes_0003.json"] and sources["shapes_0003.mp4"]["narration"] is None
+    assert "audio lasts 2.00 s but the video 6.00 s" in reasons["shapes_0004.wav"]
+    assert sources["shapes_0004.mp4"]["audio"] is None and sources["shapes_0001.mp4"]["audio"] == "shapes_0001.wav"
+    assert "notes.txt" in reasons
     # a truncated mp4 either decodes fewer frames (kept, shorter) or is skipped with a reason
     assert "shapes_0002.mp4" in reasons or sources["shapes_0002.mp4"]["clips"] < 6
     assert len(index["sources"]) + sum(1 for f in reasons if f.endswith(".mp4")) == 8
+    shard = tmp_path / "prep" / index["shards"][0]["dir"]
+    clips = np.load(shard / "clips.npy")
+    source_ids = {s["video"]: i for i, s in enumerate(index["sources"])}
+    assert not clips["has_audio"][clips["source"] == source_ids["shapes_0004.mp4"]].any()
+    assert not clips["has_text"][clips["source"] == source_ids["shapes_0003.mp4"]].any()
 
 
 def test_prepare_refuses_to_overwrite(small_world, tmp_path):
@@ -159,11 +170,13 @@ def test_corrupt_video_raises_media_error(tmp_path):
         read_video(bad, 8.0, (32, 32))
 
 
-def test_clip_count():
-    assert clip_count(6.0, 1.0, 1.0) == 6
-    assert clip_count(4.004, 1.0, 1.0) == 4
-    assert clip_count(0.9, 1.0, 1.0) == 0
-    assert clip_count(3.0, 1.0, 0.5) == 5
+def test_clip_starts_use_the_end_of_a_video():
+    assert clip_starts(48, 8, 8) == [0, 8, 16, 24, 32, 40]  # 6 s at 8 fps: six 1-second clips
+    assert clip_starts(33, 8, 8) == [0, 8, 16, 24]  # 1 frame left: reported unused, not a near-copy
+    assert clip_starts(45, 8, 8) == [0, 8, 16, 24, 32, 37]  # 5 frames left: a clip ending on the last frame
+    assert clip_starts(7, 8, 8) == []
+    assert clip_starts(24, 8, 4) == [0, 4, 8, 12, 16]
+    assert clip_starts(20, 8, 2.5) == [0, 2, 5, 8, 10, 12]  # a fractional stride rounds each start
 
 
 def test_sampler_is_deterministic_disjoint_and_resumable():

@@ -94,7 +94,9 @@ class DataConfig:
     fps: float = 8.0
     "frames per second after resampling in time"
     frame_size: tuple[int, int] = (32, 32)
-    "frame height, width after resizing (centre crop keeps the aspect)"
+    "frame height, width after resizing (the aspect is kept: see data.resize)"
+    resize: str = "crop"
+    "crop = cut the centre to the target aspect; pad = letterbox the whole frame in black"
     present_frames: int = 4
     "frames in the present window of a clip"
     future_frames: int = 4
@@ -105,8 +107,8 @@ class DataConfig:
     "seconds between clip starts; 0 = clips do not overlap"
     max_text_bytes: int = 128
     "narration bytes kept per clip (UTF-8; longer text is cut)"
-    workers: int = 2
-    "dataloader worker processes per training process"
+    workers: int = -1
+    "dataloader worker processes per training process; -1 = from the CPU cores"
     prefetch_factor: int = 4
     "batches each worker prepares ahead"
     shard_clips: int = 256
@@ -125,7 +127,8 @@ class DataConfig:
         _require(self.sample_rate >= 1000, "data.sample_rate", "must be at least 1000 Hz")
         _require(self.clip_stride_s >= 0, "data.clip_stride_s", "must be 0 or positive")
         _require(self.max_text_bytes >= 1, "data.max_text_bytes", "must be at least 1")
-        _require(self.workers >= 0, "data.workers", "must be 0 or more")
+        _require(self.resize in ("crop", "pad"), "data.resize", "must be crop or pad")
+        _require(self.workers >= -1, "data.workers", "must be -1 (from the cores), 0 (in the training process) or more")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be at least 1")
         _require(self.shard_clips >= 1, "data.shard_clips", "must be at least 1")
         _require(self.synth_videos >= 1, "data.synth_videos", "must be at least 1")
@@ -149,6 +152,10 @@ class DataConfig:
     @property
     def stride_seconds(self) -> float:
         return self.clip_stride_s or self.clip_seconds
+
+    @property
+    def stride_frames(self) -> float:
+        return self.stride_seconds * self.fps
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

@@ -47,13 +47,24 @@ def _open(path: Path):
     return cap, info
 
 
-def center_crop_resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Crop the centre to the target aspect ratio, then resize (INTER_AREA: the right
-    filter for shrinking). Aspect is kept; nothing is stretched."""
+RESIZE_MODES = ("crop", "pad")
+
+
+def fit_frame(frame: np.ndarray, height: int, width: int, mode: str = "crop") -> np.ndarray:
+    """Resize to (height, width) keeping the aspect ratio: "crop" cuts the centre to the
+    target aspect first; "pad" letterboxes the whole frame in black. INTER_AREA is the
+    right filter for shrinking. Nothing is ever stretched."""
     import cv2
 
     h, w = frame.shape[:2]
     target = width / height
+    if mode == "pad":
+        scale = min(width / w, height / h)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        out = np.zeros((height, width, *frame.shape[2:]), frame.dtype)
+        y0, x0 = (height - new_h) // 2, (width - new_w) // 2
+        out[y0 : y0 + new_h, x0 : x0 + new_w] = cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        return out
     if w / h > target:  # too wide: crop the sides
         new_w = max(1, round(h * target))
         x0 = (w - new_w) // 2
@@ -65,9 +76,9 @@ def center_crop_resize(frame: np.ndarray, height: int, width: int) -> np.ndarray
     return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def read_video(path: Path, fps: float, size: tuple[int, int]) -> tuple[np.ndarray, VideoInfo]:
+def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop") -> tuple[np.ndarray, VideoInfo]:
     """All frames resampled in time to `fps` (the source frame showing at each output time)
-    and resized to size=(H, W): uint8 RGB (T, H, W, 3)."""
+    and fitted to size=(H, W): uint8 RGB (T, H, W, 3)."""
     import cv2
 
     cap, info = _open(path)
@@ -81,13 +92,41 @@ def read_video(path: Path, fps: float, size: tuple[int, int]) -> tuple[np.ndarra
             # Output frame k shows time k/fps: it is source frame floor(k * src_fps / fps),
             # so frames are skipped when lowering fps and repeated when raising it.
             while math.floor(len(frames) * info.fps / fps + 1e-6) == src_index:
-                frames.append(center_crop_resize(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size))
+                frames.append(fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode))
             src_index += 1
     finally:
         cap.release()
     if not frames:
         raise MediaError("no frame could be decoded (truncated or corrupt)")
     return np.stack(frames), info
+
+
+def read_video_clip(path: Path, start_frame: int, count: int, fps: float, size: tuple[int, int],
+                    mode: str = "crop") -> np.ndarray:
+    """Output frames start_frame .. start_frame+count-1 of read_video(path, fps, size),
+    decoded on demand: seek to the first source frame needed and decode only as far as
+    the clip goes. This is what a loader without shards has to do for every clip."""
+    import cv2
+
+    cap, info = _open(path)
+    first_src = math.floor(start_frame * info.fps / fps + 1e-6)
+    frames: list[np.ndarray] = []
+    try:
+        if first_src:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, first_src)
+        src_index = first_src
+        while len(frames) < count:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            while len(frames) < count and math.floor((start_frame + len(frames)) * info.fps / fps + 1e-6) == src_index:
+                frames.append(fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode))
+            src_index += 1
+    finally:
+        cap.release()
+    if len(frames) < count:
+        raise MediaError(f"only {len(frames)} of {count} frames from frame {start_frame} could be decoded")
+    return np.stack(frames)
 
 
 def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
@@ -142,12 +181,76 @@ def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
     return np.concatenate(chunks) if chunks else None
 
 
+def read_audio_window(video: Path, sidecar: Path | None, start_s: float, seconds: float,
+                      target_rate: int) -> np.ndarray | None:
+    """`seconds` of audio from start_s, decoded on demand (for loaders without shards):
+    a sidecar is read from that sample on; a container track is seeked to the packet
+    before start_s and decoded forward. None when there is no audio."""
+    if sidecar is not None:
+        import soundfile as sf
+
+        try:
+            with sf.SoundFile(str(sidecar)) as f:
+                f.seek(min(f.frames, round(start_s * f.samplerate)))
+                samples = f.read(round(seconds * f.samplerate), dtype="float32", always_2d=True)
+                rate = f.samplerate
+        except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError
+            raise MediaError(f"unreadable audio: {err}") from None
+        return resample_audio(samples, rate, target_rate)
+    import av
+
+    try:
+        container = av.open(str(video))
+    except av.error.FFmpegError as err:
+        raise MediaError(f"cannot be opened by FFmpeg: {err}") from None
+    with container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        # Decode at the source rate from a little before start_s (AAC frames overlap their
+        # neighbours, so the first frame after a seek is not exact), cut the window with a
+        # margin, resample it in one piece, then drop the margin: the samples then match a
+        # full read of the track.
+        margin = 0.05
+        container.seek(max(0, int((start_s - 0.2) / stream.time_base)), stream=stream, backward=True)
+        pieces, first, rate = [], None, stream.rate
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = float(frame.pts * stream.time_base)
+                first = t if first is None else first
+                rate = frame.sample_rate
+                array = frame.to_ndarray()
+                pieces.append(array.T if frame.format.is_planar else array.reshape(-1, len(frame.layout.channels)))
+                if t + frame.samples / rate >= start_s + seconds + margin:
+                    break
+        except av.error.FFmpegError as err:
+            raise MediaError(f"audio track cannot be decoded: {err}") from None
+    if not pieces:
+        return np.zeros(0, np.float32)
+    lead = max(0.0, start_s - first - margin)  # seconds decoded before the cut
+    source = np.concatenate(pieces)[round(lead * rate) : round((lead + margin + seconds + margin) * rate)]
+    audio = resample_audio(source, rate, target_rate)
+    skip = round((start_s - first - lead) * target_rate)
+    return audio[skip : skip + round(seconds * target_rate)]
+
+
 def to_pcm16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype(np.int16)
 
 
-def clip_count(duration_s: float, clip_s: float, stride_s: float) -> int:
-    """Whole clips that fit in a video (a clip never reads past the last frame)."""
-    if duration_s + 1e-6 < clip_s:
-        return 0
-    return int(math.floor((duration_s - clip_s) / stride_s + 1e-6)) + 1
+def clip_starts(frames: int, clip_frames: int, stride_frames: float) -> list[int]:
+    """First frame of every clip of a video with `frames` frames: one every stride_frames,
+    plus, when at least half a clip is left over at the end, one clip aligned to the last
+    frame (it overlaps the clip before it), so the end of a video is used, not dropped.
+    A shorter tail would mostly repeat the clip before; prepare reports it as unused."""
+    if frames < clip_frames:
+        return []
+    starts, k = [], 0
+    while (start := round(k * stride_frames)) + clip_frames <= frames:
+        starts.append(start)
+        k += 1
+    if frames - (starts[-1] + clip_frames) >= clip_frames / 2:
+        starts.append(frames - clip_frames)
+    return starts

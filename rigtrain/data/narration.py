@@ -1,15 +1,20 @@
 """Narration sidecars: Whisper JSON (a list of {start, end, text} segments, or an object with
-`segments`)."""
+`segments`), SubRip (.srt) and WebVTT (.vtt).
+
+A subtitle file with a few broken cues is still useful: the cues that parse are kept, and
+every line that does not is reported with its line number (`Narration.problems`). A file
+with no usable cue at all is a MediaError, which skips the file (not the video)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rigtrain.data.media import MediaError
 
-NARRATION_SUFFIXES = (".json",)
+NARRATION_SUFFIXES = (".json", ".srt", ".vtt")
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,24 @@ class Segment:
     start: float
     end: float
     text: str
+
+
+@dataclass
+class Narration:
+    segments: list[Segment]
+    problems: list[str] = field(default_factory=list)  # "line 12: ..." for cues that were left out
+
+
+def read_narration(path: Path) -> Narration:
+    """Any supported sidecar, by its suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        return Narration(read_whisper_json(path))
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: editors often write a BOM
+    except UnicodeDecodeError as err:
+        raise MediaError(f"not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    return parse_subtitles(text, webvtt=suffix == ".vtt")
 
 
 def read_whisper_json(path: Path) -> list[Segment]:
@@ -37,6 +60,66 @@ def read_whisper_json(path: Path) -> list[Segment]:
             raise MediaError(f"segment {i} ends ({end}) before it starts ({start})")
         segments.append(Segment(start, end, text.strip()))
     return segments
+
+
+# SRT writes "00:01:02,500", WebVTT "00:01:02.500" or "01:02.500" (hours optional).
+_TIME = r"(?:(\d+):)?(\d{1,2}):(\d{2})[,.](\d{1,3})"
+_TIMING = re.compile(rf"^\s*{_TIME}\s*-->\s*{_TIME}(?:\s+.*)?$")  # WebVTT may add cue settings
+_TAG = re.compile(r"<[^>]*>")  # <i>, <b>, <c.colour>, <00:00:01.000> inline timestamps
+
+
+def _seconds(h: str | None, m: str, s: str, frac: str) -> float:
+    return int(h or 0) * 3600 + int(m) * 60 + int(s) + int(frac.ljust(3, "0")) / 1000
+
+
+def parse_subtitles(text: str, *, webvtt: bool) -> Narration:
+    """SRT or WebVTT cues -> segments. Blocks are separated by blank lines; in each block
+    the timing line is found (a cue identifier may precede it) and the lines after it are
+    the text. Blocks without a valid timing line are reported by line number and skipped."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    segments: list[Segment] = []
+    problems: list[str] = []
+    block: list[tuple[int, str]] = []
+    blocks: list[list[tuple[int, str]]] = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            block.append((number, line))
+        elif block:
+            blocks.append(block)
+            block = []
+    if block:
+        blocks.append(block)
+
+    if webvtt:
+        if not blocks or not blocks[0][0][1].lstrip().startswith("WEBVTT"):
+            raise MediaError("not WebVTT: the first line must be 'WEBVTT'")
+        blocks = blocks[1:]
+    for block in blocks:
+        first = block[0][1].strip()
+        if webvtt and (first.startswith("NOTE") or first in ("STYLE", "REGION")):
+            continue  # comments and style blocks carry no narration
+        timing_at = next((k for k, (_, line) in enumerate(block[:2]) if "-->" in line), None)
+        if timing_at is None:
+            # The timing belongs on the cue's first line, or its second after an identifier.
+            number, line = block[1] if len(block) > 1 and not _TIMING.match(block[0][1]) else block[0]
+            problems.append(f"line {number}: expected 'start --> end', found {line.strip()!r}; cue left out")
+            continue
+        number, timing = block[timing_at]
+        match = _TIMING.match(timing)
+        if not match:
+            problems.append(f"line {number}: cannot read the timing {timing.strip()!r}; cue left out")
+            continue
+        start, end = _seconds(*match.groups()[:4]), _seconds(*match.groups()[4:])
+        if end < start:
+            problems.append(f"line {number}: the cue ends before it starts; cue left out")
+            continue
+        words = " ".join(_TAG.sub("", line).strip() for _, line in block[timing_at + 1:])
+        if words:
+            segments.append(Segment(start, end, " ".join(words.split())))
+    if not segments:
+        detail = f" ({problems[0]})" if problems else ""
+        raise MediaError(f"no readable cue{detail}")
+    return Narration(segments, problems)
 
 
 def clip_text(segments: list[Segment], start: float, end: float, max_bytes: int) -> tuple[bytes, list[tuple[Segment, int, int]]]:

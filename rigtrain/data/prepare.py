@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 
 from rigtrain.config import DataConfig
 from rigtrain.data import media
-from rigtrain.data.narration import NARRATION_SUFFIXES, clip_text, read_whisper_json
+from rigtrain.data.narration import NARRATION_SUFFIXES, clip_text, read_narration
 from rigtrain.errors import UserError
 
 INDEX_FORMAT = 1
@@ -49,7 +50,7 @@ def preparation_params(data: DataConfig) -> dict:
     return {"fps": data.fps, "frame_size": list(data.frame_size), "present_frames": data.present_frames,
             "future_frames": data.future_frames, "sample_rate": data.sample_rate,
             "clip_stride_s": data.stride_seconds, "max_text_bytes": data.max_text_bytes,
-            "resize": "centre crop to the target aspect, then INTER_AREA"}
+            "resize": data.resize}
 
 
 @dataclass
@@ -88,7 +89,7 @@ class SourceClips:
 def find_sources(src_dir: Path) -> tuple[list[Source], list[dict]]:
     """Videos with their sidecars (same stem). Files that belong to no video are reported,
     not silently ignored."""
-    files = sorted(p for p in src_dir.iterdir() if p.is_file())
+    files = sorted(p for p in src_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     videos = [p for p in files if p.suffix.lower() in media.VIDEO_SUFFIXES]
     stems = {p.stem for p in videos}
     by_kind: dict[tuple[str, str], Path] = {}  # (stem, "audio" | "narration") -> the first such file
@@ -98,8 +99,16 @@ def find_sources(src_dir: Path) -> tuple[list[Source], list[dict]]:
         if kind:
             by_kind.setdefault((p.stem, kind), p)
     sources = [Source(v, by_kind.get((v.stem, "audio")), by_kind.get((v.stem, "narration"))) for v in videos]
-    unused = [{"file": p.name, "reason": "no video with this name"} for p in files
-              if p.suffix.lower() not in media.VIDEO_SUFFIXES and p.stem not in stems and p.name != "labels.json"]
+    used = {p for s in sources for p in (s.audio, s.narration) if p}
+    unused = []
+    for p in files:
+        if p.suffix.lower() in media.VIDEO_SUFFIXES or p in used or p.name == "labels.json":
+            continue
+        reason = ("no video with this name" if p.stem not in stems else
+                  f"{by_kind[(p.stem, 'audio' if p.suffix.lower() in media.AUDIO_SUFFIXES else 'narration')].name} "
+                  "is used for this video (one sidecar of each kind)"
+                  if p.suffix.lower() in media.AUDIO_SUFFIXES + NARRATION_SUFFIXES else "not a video, audio or narration file")
+        unused.append({"file": p.name, "reason": reason})
     return sources, unused
 
 
@@ -112,35 +121,72 @@ def read_labels(src_dir: Path) -> dict | None:
     return data if isinstance(data, dict) and "videos" in data else None
 
 
-def ingest(source: Source, data: DataConfig, labels: dict | None) -> SourceClips:
-    """Decode one video with its audio and narration into whole clips."""
-    frames, info = media.read_video(source.video, data.fps, tuple(data.frame_size))
-    duration = len(frames) / data.fps
-    if source.audio is not None:
-        audio = media.read_audio_file(source.audio, data.sample_rate)
-        audio_from = source.audio.name
-    else:
-        audio = media.read_container_audio(source.video, data.sample_rate)
-        audio_from = "container" if audio is not None else None
-    segments = read_whisper_json(source.narration) if source.narration else []
+def audio_mismatch(audio_s: float, video_s: float) -> str | None:
+    """A sidecar must be the sound of its video. Encoders pad audio by a few frames, so
+    small differences are normal; a sidecar off by more than 0.5 s (or 5%) is another
+    recording, or cut differently, and would put sound at the wrong frames."""
+    if abs(audio_s - video_s) <= max(0.5, 0.05 * video_s):
+        return None
+    return f"audio lasts {audio_s:.2f} s but the video {video_s:.2f} s"
 
-    n = media.clip_count(duration, data.clip_seconds, data.stride_seconds)
+
+def fingerprint(path: Path) -> dict:
+    stat = path.stat()
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: int = 0) -> SourceClips:
+    """Decode one video with its audio and narration into clips. A bad sidecar leaves that
+    modality out (and is reported in info["skipped"]); a bad video raises MediaError."""
+    frames, info = media.read_video(source.video, data.fps, tuple(data.frame_size), data.resize)
+    duration = len(frames) / data.fps
+    skipped: list[dict] = []
+    problems: list[str] = []
+    audio, audio_from = None, None
+    if source.audio is not None:
+        try:
+            audio = media.read_audio_file(source.audio, data.sample_rate)
+            mismatch = audio_mismatch(len(audio) / data.sample_rate, duration)
+            if mismatch:
+                raise media.MediaError(mismatch)
+            audio_from = source.audio.name
+        except media.MediaError as err:
+            audio = None
+            skipped.append({"file": source.audio.name, "reason": f"{err}; {source.video.name} is used without sound"})
+    if source.audio is None or (audio is None and skipped):
+        # No (usable) sidecar: the container's own track, when there is one.
+        try:
+            audio = media.read_container_audio(source.video, data.sample_rate)
+        except media.MediaError as err:
+            problems.append(f"audio track left out: {err}")
+            audio = None
+        audio_from = "container" if audio is not None else None
+    segments: list = []
+    if source.narration is not None:
+        try:
+            narration = read_narration(source.narration)
+            segments = narration.segments
+            problems += [f"{source.narration.name} {p}" for p in narration.problems]
+        except media.MediaError as err:
+            skipped.append({"file": source.narration.name, "reason": f"{err}; {source.video.name} is used without narration"})
+
+    starts = media.clip_starts(len(frames), data.clip_frames, data.stride_frames)
+    n = len(starts)
     T, S, L = data.clip_frames, data.clip_samples, data.max_text_bytes
     out = SourceClips(video=np.zeros((n, T, *data.frame_size, 3), np.uint8), audio=np.zeros((n, S), np.int16),
                       text=np.zeros((n, L), np.uint8), text_len=np.zeros(n, np.int32),
                       clips=np.zeros(n, CLIP_DTYPE), segments=[], labels=np.full((n, 3), -1, np.int16))
     events = (labels or {}).get("videos", {}).get(source.video.stem, [])
-    for i in range(n):
-        start_s = i * data.stride_seconds
-        f0 = round(start_s * data.fps)
+    for i, f0 in enumerate(starts):
+        start_s = f0 / data.fps
         out.video[i] = frames[f0 : f0 + T]
         has_audio = False
         if audio is not None:
             s0 = round(start_s * data.sample_rate)
             piece = audio[s0 : s0 + S]
             # Audio a few ms shorter than the video (encoder padding) is padded with silence;
-            # a clip with no audio at all is marked missing, never filled in.
-            has_audio = len(piece) > 0
+            # a clip with little or no sound is marked missing, never filled in.
+            has_audio = len(piece) >= 0.9 * S
             out.audio[i, : len(piece)] = media.to_pcm16(piece)
         text, placed = clip_text(segments, start_s, start_s + data.clip_seconds, L)
         out.text[i, : len(text)] = np.frombuffer(text, np.uint8)
@@ -152,36 +198,57 @@ def ingest(source: Source, data: DataConfig, labels: dict | None) -> SourceClips
             if event["start"] <= middle < event["end"]:
                 out.labels[i] = [labels[key + "s"].index(event[key]) for key in LABEL_KEYS]
     out.info = {"video": source.video.name, "audio": audio_from,
-                "narration": source.narration.name if source.narration else None,
+                "narration": source.narration.name if source.narration and segments else None,
                 "duration_s": round(duration, 3), "source_fps": round(info.fps, 3),
                 "source_size": [info.height, info.width], "clips": n,
-                "unused_tail_s": round(duration - (n - 1) * data.stride_seconds - data.clip_seconds, 3) if n else round(duration, 3),
-                "narration_segments": len(segments)}
+                "end_aligned_clip": n > 0 and starts[-1] != round((n - 1) * data.stride_frames),
+                "unused_tail_s": round((len(frames) - starts[-1] - T) / data.fps, 3) if n else round(duration, 3), "narration_segments": len(segments),
+                "skipped": skipped, "problems": problems, "fingerprint": fingerprint(source.video)}
+    if skip_clips:  # resuming a source whose first clips are already in a shard
+        info, out = out.info, out.split(skip_clips)[1]
+        out.info = info
     return out
 
 
-def _ingest_or_reason(args: tuple[Source, DataConfig, dict | None]) -> SourceClips | str:
-    source, data, labels = args
+def _ingest_or_reason(job: tuple[Source, DataConfig, dict | None, int]) -> SourceClips | str:
     try:
-        return ingest(source, data, labels)
+        return ingest(*job)
     except media.MediaError as err:
         return str(err)
 
 
+def _in_order(function, jobs: list, workers: int):
+    """function(job) for every job, results in order, at most 2 x workers decoded videos
+    held at once (pool.map would decode everything ahead and hold it all in memory)."""
+    if workers <= 1:
+        yield from map(function, jobs)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(function, job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 class ShardWriter:
     """Collects sources' clips and writes them out as shards of shard_clips clips (the last
-    may be smaller); a source may span two shards."""
+    may be smaller); a source may span two shards. After every shard, `on_shard` gets the
+    sources that are now completely written and the one that is partly written, which is
+    what a resumed prepare needs to know."""
 
-    def __init__(self, out_dir: Path, shard_clips: int):
-        self.out_dir, self.shard_clips = out_dir, shard_clips
-        self.pending: list[SourceClips] = []
-        self.shards: list[dict] = []
-        self.total = 0
+    def __init__(self, out_dir: Path, shard_clips: int, shards: list[dict], on_shard):
+        self.out_dir, self.shard_clips, self.on_shard = out_dir, shard_clips, on_shard
+        self.pending: list[tuple[int, SourceClips]] = []  # (source id, clips not yet written)
+        self.shards = list(shards)
+        self.total = sum(s["clips"] for s in shards)
 
-    def add(self, source_index: int, clips: SourceClips) -> None:
-        clips.clips["source"] = source_index
-        self.pending.append(clips)
-        while sum(map(len, self.pending)) >= self.shard_clips:
+    def add(self, source_id: int, clips: SourceClips) -> None:
+        clips.clips["source"] = source_id
+        self.pending.append((source_id, clips))
+        while sum(len(c) for _, c in self.pending) >= self.shard_clips:
             self._write_shard()
 
     def close(self) -> None:
@@ -192,11 +259,12 @@ class ShardWriter:
         taken: list[SourceClips] = []
         count = 0
         while self.pending and count < self.shard_clips:
-            head, rest = self.pending[0].split(self.shard_clips - count)
+            source_id, clips = self.pending[0]
+            head, rest = clips.split(self.shard_clips - count)
             taken.append(head)
             count += len(head)
             if len(rest):
-                self.pending[0] = rest
+                self.pending[0] = (source_id, rest)
             else:
                 self.pending.pop(0)
         segments, offset = [], 0
@@ -213,11 +281,55 @@ class ShardWriter:
         os.replace(tmp, self.out_dir / name)
         self.shards.append({"dir": name, "clips": count})
         self.total += count
+        first_unwritten = self.pending[0][0] if self.pending else None
+        self.on_shard(first_unwritten, len(self.pending[0][1]) if self.pending else 0)
+
+
+STATE_FILE = ".prepare-state.json"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _load_state(src: Path, out: Path, data: DataConfig) -> dict | None:
+    """What an earlier prepare into `out` finished: the journal of an interrupted one, or the
+    index of a complete one. None for a new (or empty) folder."""
+    for name in (STATE_FILE, "index.json"):
+        path = out / name
+        if path.is_file():
+            try:
+                state = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise UserError(f"data prepare: {path} is corrupt ({err}); prepare into a new folder") from None
+            break
+    else:
+        return None
+    params = preparation_params(data)
+    for key, value in state.get("params", {}).items():
+        if params.get(key) != value:
+            raise UserError(f"data prepare: {out} was prepared with {key}={value}, not {params.get(key)}; "
+                            f"use the same preset and --set values to continue it, or a new folder")
+    for info in state["sources"]:
+        video = src / info["video"]
+        if not video.is_file():
+            raise UserError(f"data prepare: {info['video']} is in {out} but no longer in {src}; "
+                            "put it back, or prepare into a new folder")
+        if info.get("fingerprint") and fingerprint(video) != info["fingerprint"]:
+            raise UserError(f"data prepare: {video} changed since it was prepared into {out}; "
+                            "prepare into a new folder")
+    state.setdefault("partial", None)
+    return state
 
 
 def prepare(src_dir: str | Path, out_dir: str | Path, data: DataConfig, *, workers: int = 1,
-            progress=None) -> dict:
-    """Prepare every video in src_dir into shards in out_dir; returns the index."""
+            progress=None, log=None) -> dict:
+    """Prepare every video in src_dir into shards in out_dir; returns the index.
+
+    Running it again on the same folders continues: an interrupted prepare resumes after
+    its last complete shard, and a complete one only adds the videos that are new."""
     src, out = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise UserError(f"data prepare: {src} is not a folder; give the folder that holds your videos")
@@ -225,40 +337,75 @@ def prepare(src_dir: str | Path, out_dir: str | Path, data: DataConfig, *, worke
     if not sources:
         raise UserError(f"data prepare: {src} holds no video ({', '.join(media.VIDEO_SUFFIXES)}); "
                         "point it at a folder of videos")
-    if (out / "index.json").is_file():
-        raise UserError(f"data prepare: {out} already holds prepared data; choose a new folder or delete it first")
-    require_empty_dir(out, "data prepare")
+    state = _load_state(src, out, data)
+    if state is None:
+        require_empty_dir(out, "data prepare")
+        state = {"format": INDEX_FORMAT, "params": preparation_params(data), "source_dir": str(src.resolve()),
+                 "shards": [], "sources": [], "partial": None}
+        _write_json(out / STATE_FILE, state)
+    else:
+        # Leftovers of the interrupted run: half-written shards, and shards renamed into
+        # place after the journal's last update. Both are written again from the sources.
+        known = {s["dir"] for s in state["shards"]}
+        for path in out.iterdir():
+            if path.is_dir() and (path.name.startswith(".shard-") or
+                                  (path.name.startswith("shard-") and path.name not in known)):
+                shutil.rmtree(path)
+
     labels = read_labels(src)
     started = time.perf_counter()
-    writer = ShardWriter(out, data.shard_clips)
-    kept, skipped = [], list(unused)
-    jobs = [(s, data, labels) for s in sources]
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    try:
-        results = pool.map(_ingest_or_reason, jobs) if pool else map(_ingest_or_reason, jobs)
-        for done, (source, result) in enumerate(zip(sources, results), 1):
-            if isinstance(result, str):
-                skipped.append({"file": source.video.name, "reason": result})
-            elif len(result.clips) == 0:
-                skipped.append({"file": source.video.name,
-                                "reason": f"shorter ({result.info['duration_s']} s) than one clip ({data.clip_seconds} s)"})
-            else:
-                writer.add(len(kept), result)
-                kept.append(result.info)
-            if progress:
-                progress(done, len(sources), source.video.name)
-        writer.close()
-    finally:
-        if pool:
-            pool.shutdown()
+    partial = state["partial"]
+    done_names = {info["video"] for info in state["sources"]}
+    finished = [info for info in state["sources"] if not partial or info["video"] != partial["video"]]
+    todo = [s for s in sources if s.video.name not in done_names]
+    if partial:
+        todo.insert(0, next(s for s in sources if s.video.name == partial["video"]))
+    added: list[dict] = list(finished)  # source id -> info, for everything handed to the writer
+    interrupted = (out / STATE_FILE).is_file() and bool(state["sources"])
+    if not todo and not interrupted and (out / "index.json").is_file():
+        if log:
+            log(f"all {len(sources)} video(s) of {src} are already prepared in {out}; nothing to do")
+        return json.loads((out / "index.json").read_text())
+    if log and state["sources"]:
+        part = f" and {partial['written']} clips of {partial['video']}" if partial else ""
+        log(f"{'continuing an interrupted prepare' if interrupted else 'adding to'} {out}: "
+            f"{len(finished)} video(s){part} already in {len(state['shards'])} shard(s), {len(todo)} to do")
+
+    def journal(first_unwritten: int | None, remaining: int) -> None:
+        complete = added if first_unwritten is None else added[:first_unwritten]
+        state["sources"] = complete + ([added[first_unwritten]] if first_unwritten is not None else [])
+        state["partial"] = None if first_unwritten is None else {
+            "video": added[first_unwritten]["video"], "written": added[first_unwritten]["clips"] - remaining}
+        state["shards"] = writer.shards
+        if first_unwritten is not None and state["partial"]["written"] == 0:
+            state["sources"].pop()
+            state["partial"] = None
+        _write_json(out / STATE_FILE, state)
+
+    writer = ShardWriter(out, data.shard_clips, state["shards"], journal)
+    skipped = list(unused)
+    jobs = [(s, data, labels, partial["written"] if partial and s.video.name == partial["video"] else 0)
+            for s in todo]
+    for done, (source, result) in enumerate(zip(todo, _in_order(_ingest_or_reason, jobs, workers)), 1):
+        if isinstance(result, str):
+            skipped.append({"file": source.video.name, "reason": result})
+        elif result.info["clips"] == 0:
+            skipped.append({"file": source.video.name,
+                            "reason": f"shorter ({result.info['duration_s']} s) than one clip ({data.clip_seconds} s)"})
+        else:
+            added.append(result.info)
+            writer.add(len(added) - 1, result)
+        if progress:
+            progress(done, len(todo), source.video.name, writer.total + sum(len(c) for _, c in writer.pending))
+    writer.close()
     if writer.total == 0:
         raise UserError(f"data prepare: no clip could be made from {src}: "
                         + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]))
+    skipped += [item for info in added for item in info["skipped"]]
     index = {"format": INDEX_FORMAT, "params": preparation_params(data), "source_dir": str(src.resolve()),
-             "sources": kept, "skipped": skipped, "shards": writer.shards, "clips": writer.total,
+             "sources": added, "skipped": skipped, "shards": writer.shards, "clips": writer.total,
              "labels": {k: labels[k + "s"] for k in LABEL_KEYS} if labels else None,
              "seconds": round(time.perf_counter() - started, 2)}
-    tmp = out / ".index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out / "index.json")
+    _write_json(out / "index.json", index)
+    (out / STATE_FILE).unlink(missing_ok=True)
     return index

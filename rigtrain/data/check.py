@@ -1,0 +1,157 @@
+"""`rigtrain data check`: what `data prepare` would make of a folder, without decoding
+everything and without writing anything.
+
+Each video is opened with the same decoders prepare uses (OpenCV for frames, PyAV for the
+container's audio, soundfile for sidecars), its first and last frames are decoded, and the
+sidecars are parsed, so the reasons given here are the reasons prepare would give."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rigtrain.config import DataConfig
+from rigtrain.data import media
+from rigtrain.data.narration import read_narration
+from rigtrain.data.prepare import Source, audio_mismatch, find_sources
+from rigtrain.errors import UserError
+
+
+def _probe_video(path: Path) -> dict:
+    import cv2
+
+    cap, info = media._open(path)
+    try:
+        ok, _ = cap.read()
+        if not ok:
+            raise media.MediaError("no frame could be decoded (truncated or corrupt)")
+        end_decodes = True
+        if info.frames > 1:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, info.frames - 1)
+            end_decodes, _ = cap.read()
+    finally:
+        cap.release()
+    return {"fps": round(info.fps, 3), "frames": info.frames, "width": info.width, "height": info.height,
+            "duration_s": round(info.frames / info.fps, 3), "end_decodes": bool(end_decodes)}
+
+
+def _probe_container_audio(path: Path) -> dict | None:
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            seconds = (float(stream.duration * stream.time_base) if stream.duration
+                       else (container.duration or 0) / 1e6)
+            return {"from": "container", "codec": stream.codec_context.name, "rate": stream.rate,
+                    "channels": stream.channels, "duration_s": round(seconds, 3)}
+    except av.error.FFmpegError as err:
+        raise media.MediaError(f"cannot be opened by FFmpeg: {err}") from None
+
+
+def _probe_sidecar_audio(path: Path) -> dict:
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError
+        raise media.MediaError(f"unreadable audio: {err}") from None
+    return {"from": path.name, "codec": info.subtype, "rate": info.samplerate, "channels": info.channels,
+            "duration_s": round(info.duration, 3)}
+
+
+def check_source(source: Source, data: DataConfig) -> dict:
+    entry: dict = {"file": source.video.name, "ok": False}
+    try:
+        video = _probe_video(source.video)
+    except media.MediaError as err:
+        return {**entry, "reason": str(err)}
+    entry.update(ok=True, **video, notes=[])
+    if not video["end_decodes"]:
+        entry["notes"].append("the last frames do not decode (truncated?); prepare keeps the frames that do")
+    entry["audio"] = None
+    if source.audio is not None:
+        try:
+            audio = _probe_sidecar_audio(source.audio)
+            mismatch = audio_mismatch(audio["duration_s"], video["duration_s"])
+            if mismatch:
+                raise media.MediaError(mismatch)
+            entry["audio"] = audio
+        except media.MediaError as err:
+            entry["notes"].append(f"{source.audio.name} will be skipped: {err}")
+    if entry["audio"] is None:
+        try:
+            entry["audio"] = _probe_container_audio(source.video)
+        except media.MediaError as err:
+            entry["notes"].append(f"audio track left out: {err}")
+    entry["narration"] = None
+    if source.narration is not None:
+        try:
+            narration = read_narration(source.narration)
+            entry["narration"] = {"file": source.narration.name, "segments": len(narration.segments),
+                                  "problems": narration.problems}
+        except media.MediaError as err:
+            entry["notes"].append(f"{source.narration.name} will be skipped: {err}")
+    # read_video keeps output frame k while floor(k * src_fps / fps) is a source frame
+    frames_out = math.ceil(video["frames"] * data.fps / video["fps"] - 1e-6) if video["frames"] else 0
+    entry["clips"] = len(media.clip_starts(frames_out, data.clip_frames, data.stride_frames))
+    if entry["clips"] == 0:
+        entry["notes"].append(f"shorter than one clip ({data.clip_seconds} s): prepare will skip it")
+    return entry
+
+
+def check_folder(src_dir: str | Path, data: DataConfig, progress=None) -> dict:
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise UserError(f"data check: {src} is not a folder; give the folder that holds your videos")
+    sources, unused = find_sources(src)
+    if not sources:
+        raise UserError(f"data check: {src} holds no video ({', '.join(media.VIDEO_SUFFIXES)}); "
+                        "point it at a folder of videos")
+    videos = []
+    for done, source in enumerate(sources, 1):
+        videos.append(check_source(source, data))
+        if progress:
+            progress(done, len(sources), source.video.name)
+    usable = [v for v in videos if v["ok"] and v["clips"] > 0]
+    return {"source_dir": str(src.resolve()),
+            "clip": {"fps": data.fps, "frame_size": list(data.frame_size), "seconds": data.clip_seconds,
+                     "stride_s": data.stride_seconds, "sample_rate": data.sample_rate, "resize": data.resize},
+            "videos": videos, "unused": unused,
+            "summary": {"videos": len(videos), "usable": len(usable), "unreadable": sum(not v["ok"] for v in videos),
+                        "clips": sum(v["clips"] for v in usable),
+                        "hours": round(sum(v["duration_s"] for v in usable) / 3600, 3),
+                        "with_audio": sum(v["audio"] is not None for v in usable),
+                        "with_narration": sum(v["narration"] is not None for v in usable)}}
+
+
+def format_report(report: dict) -> str:
+    rows = [("file", "duration", "fps", "size", "audio", "narration", "clips")]
+    notes = []
+    for v in report["videos"]:
+        if not v["ok"]:
+            rows.append((v["file"], "-", "-", "-", "-", "-", "skip"))
+            notes.append(f"{v['file']}: cannot be used: {v['reason']}")
+            continue
+        audio = v["audio"]
+        narration = v["narration"]
+        rows.append((v["file"], f"{v['duration_s']:.1f} s", f"{v['fps']:g}", f"{v['width']}x{v['height']}",
+                     f"{audio['from']} ({audio['codec']}, {audio['rate']} Hz)" if audio else "none",
+                     f"{narration['file']} ({narration['segments']} segments)" if narration else "none",
+                     str(v["clips"])))
+        notes += [f"{v['file']}: {n}" for n in v["notes"]]
+        notes += [f"{v['file']}: {narration['file']} {p}" for p in (narration or {}).get("problems", [])]
+    notes += [f"{u['file']}: not used: {u['reason']}" for u in report["unused"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    s, c = report["summary"], report["clip"]
+    length = f"{s['hours']:.1f} h" if s["hours"] >= 1 else f"{s['hours'] * 60:.1f} min"
+    lines.append(f"\n{s['usable']} of {s['videos']} video(s) usable ({length}): {s['clips']} clips of "
+                 f"{c['seconds']:g} s at {c['fps']:g} fps, {c['frame_size'][0]}x{c['frame_size'][1]} ({c['resize']}); "
+                 f"{s['with_audio']} with sound, {s['with_narration']} with narration")
+    if notes:
+        lines.append(f"{len(notes)} note(s):")
+        lines += [f"  {n}" for n in notes]
+    return "\n".join(lines)

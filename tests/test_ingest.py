@@ -1,0 +1,264 @@
+"""Ingestion of a user's folder: subtitles, container audio, any frame size, parallel and
+resumable prepare, `data check`."""
+
+import json
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from rigtrain.config import load_config
+from rigtrain.data.media import MediaError, fit_frame, read_audio_window, read_container_audio, read_video, read_video_clip
+from rigtrain.data.narration import parse_subtitles, read_narration
+from rigtrain.data.prepare import STATE_FILE, prepare
+from rigtrain.data.synth import synthesize
+
+SRT_WITH_A_BAD_LINE = """1
+00:00:00,500 --> 00:00:01,800
+the first <i>cue</i>
+
+2
+00:00:02,000 -> 00:00:03,000
+an arrow with one dash
+
+3
+00:00:03,250 --> 00:00:04,900
+the third cue
+on two lines
+"""
+
+VTT_WITH_A_BAD_LINE = """WEBVTT - made by hand
+
+NOTE a comment, not narration
+
+intro
+00:00.500 --> 00:01.800 align:start position:10%
+<v Speaker>the first cue</v>
+
+00:00:02.000 --> 00:00:0x.000
+a broken time
+
+00:00:03.250 --> 00:00:04.900
+the third cue
+"""
+
+
+def write_h264_with_aac(path: Path, seconds: float = 3.0, fps: int = 25, size=(320, 180), tone_hz: float = 440.0,
+                        audio: bool = True) -> None:
+    """An H.264 + AAC mp4 written by PyAV: a moving gradient and a sine tone."""
+    import av
+
+    width, height = size
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        sound = container.add_stream("aac", rate=44100, layout="stereo") if audio else None
+        x = np.arange(width)[None, :, None]
+        for i in range(round(seconds * fps)):
+            image = np.broadcast_to(((x + 4 * i) % 256).astype(np.uint8), (height, width, 3)).copy()
+            image[:, :, 1] = (i * 7) % 256
+            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if sound is not None:
+            t = np.arange(round(seconds * 44100)) / 44100
+            wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
+            for k in range(0, len(wave), 1024):
+                chunk = np.stack([wave[k : k + 1024]] * 2)
+                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
+                frame.sample_rate, frame.pts, frame.time_base = 44100, k, Fraction(1, 44100)
+                for packet in sound.encode(frame):
+                    container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory, shared_data):
+    """A folder as a user brings it: real H.264 (no audio) from ../shared, an H.264 + AAC
+    video written by PyAV with an SRT, one with a VTT, a truncated mp4, a real Whisper
+    transcript."""
+    src = tmp_path_factory.mktemp("videos")
+    shutil.copy(shared_data / "videos" / "bikes.mp4", src / "bikes.mp4")
+    shutil.copy(shared_data / "transcripts" / "cheapest_dl_hardware.json", src / "bikes.json")
+    shutil.copy(shared_data / "videos" / "carphone_pristine.mp4", src / "carphone.mp4")
+    write_h264_with_aac(src / "tone.mp4")
+    (src / "tone.srt").write_text(SRT_WITH_A_BAD_LINE)
+    write_h264_with_aac(src / "wide.mp4", seconds=5.0, size=(640, 160), tone_hz=880.0)
+    (src / "wide.vtt").write_text(VTT_WITH_A_BAD_LINE)
+    data = (shared_data / "videos" / "bikes.mp4").read_bytes()
+    (src / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    return src
+
+
+def test_subtitles_keep_good_cues_and_name_bad_lines():
+    srt = parse_subtitles(SRT_WITH_A_BAD_LINE, webvtt=False)
+    assert [(s.start, s.end, s.text) for s in srt.segments] == [(0.5, 1.8, "the first cue"),
+                                                                (3.25, 4.9, "the third cue on two lines")]
+    assert len(srt.problems) == 1 and srt.problems[0].startswith("line 6: ")
+    vtt = parse_subtitles(VTT_WITH_A_BAD_LINE, webvtt=True)
+    assert [(s.start, s.end, s.text) for s in vtt.segments] == [(0.5, 1.8, "the first cue"), (3.25, 4.9, "the third cue")]
+    assert len(vtt.problems) == 1 and vtt.problems[0].startswith("line 9: ")
+    with pytest.raises(MediaError, match="WEBVTT"):
+        parse_subtitles("1\n00:00:01.000 --> 00:00:02.000\nno header\n", webvtt=True)
+    with pytest.raises(MediaError, match="no readable cue"):
+        parse_subtitles("just some text\n", webvtt=False)
+
+
+def test_whisper_list_form(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"start": 0, "end": 1.5, "text": " hello "}]))
+    assert [(s.start, s.end, s.text) for s in read_narration(path).segments] == [(0.0, 1.5, "hello")]
+
+
+def test_container_aac_track_is_decoded_and_resampled(user_folder):
+    audio = read_container_audio(user_folder / "tone.mp4", 16000)
+    assert abs(len(audio) / 16000 - 3.0) < 0.1
+    spectrum = np.abs(np.fft.rfft(audio[4000:12000]))
+    assert abs(np.argmax(spectrum) * 16000 / 8000 - 440) < 4  # the tone survives AAC and resampling
+    window = read_audio_window(user_folder / "tone.mp4", None, 1.0, 0.5, 16000)
+    assert len(window) == 8000
+    assert np.abs(window - audio[16000:24000]).max() < 0.05  # a seek reads the same samples
+    assert read_container_audio(user_folder / "bikes.mp4", 16000) is None
+
+
+def test_fit_frame_keeps_the_aspect():
+    frame = np.full((100, 400, 3), 200, np.uint8)
+    padded = fit_frame(frame, 64, 64, "pad")
+    assert padded.shape == (64, 64, 3)
+    assert padded[:20].max() == 0 and padded[-20:].max() == 0 and padded[32, 32, 0] == 200  # letterboxed
+    assert fit_frame(frame, 64, 64, "crop").min() == 200  # the centre fills the frame
+
+
+def test_clip_decoded_on_demand_equals_the_full_decode(shared_data):
+    path = shared_data / "videos" / "bikes.mp4"
+    full, _ = read_video(path, 8.0, (64, 64))
+    clip = read_video_clip(path, 37, 8, 8.0, (64, 64))
+    assert np.array_equal(clip, full[37:45])
+
+
+def test_prepare_a_users_folder(user_folder, tmp_path):
+    config = load_config("demo", overrides=["data.shard_clips=7"])
+    index = prepare(user_folder, tmp_path / "prep", config.data, workers=2)
+    sources = {s["video"]: s for s in index["sources"]}
+    skipped = {s["file"]: s["reason"] for s in index["skipped"]}
+    assert set(sources) == {"bikes.mp4", "carphone.mp4", "tone.mp4", "wide.mp4"} | (
+        {"truncated.mp4"} if "truncated.mp4" not in skipped else set())
+    assert sources["tone.mp4"]["audio"] == "container" and sources["bikes.mp4"]["audio"] is None
+    assert sources["tone.mp4"]["narration"] == "tone.srt" and sources["tone.mp4"]["narration_segments"] == 2
+    assert any(p.startswith("tone.srt line 6:") for p in sources["tone.mp4"]["problems"])
+    assert any(p.startswith("wide.vtt line 9:") for p in sources["wide.mp4"]["problems"])
+    assert sources["bikes.mp4"]["narration_segments"] > 10  # the real Whisper transcript
+    # 5 s at 8 fps = 40 frames -> five 1-second clips; 4.004 s -> four, the 1-frame tail reported
+    assert sources["wide.mp4"]["clips"] == 5 and sources["carphone.mp4"]["clips"] == 4
+    assert sources["carphone.mp4"]["unused_tail_s"] == 0.125
+    assert index["params"]["resize"] == "crop"
+    # clips from the container's AAC track are marked as having sound; bikes has none
+    clips = np.concatenate([np.load(tmp_path / "prep" / s["dir"] / "clips.npy") for s in index["shards"]])
+    ids = {s["video"]: i for i, s in enumerate(index["sources"])}
+    assert clips["has_audio"][clips["source"] == ids["tone.mp4"]].all()
+    assert not clips["has_audio"][clips["source"] == ids["bikes.mp4"]].any()
+    # parallel and serial prepares write the same shards
+    serial = prepare(user_folder, tmp_path / "serial", config.data, workers=1)
+    assert serial["shards"] == index["shards"]
+    for shard in index["shards"]:
+        for name in ("video", "audio", "text", "clips", "segments"):
+            assert np.array_equal(np.load(tmp_path / "prep" / shard["dir"] / f"{name}.npy"),
+                                  np.load(tmp_path / "serial" / shard["dir"] / f"{name}.npy"))
+
+
+def _shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("shard-*/*.npy"))}
+
+
+def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path):
+    src = tmp_path / "world"
+    synthesize(src, videos=6, seed=11)
+    data = load_config("demo", overrides=["data.shard_clips=4"]).data  # 6 clips per video: sources span shards
+    straight = prepare(src, tmp_path / "straight", data)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(n):
+        def progress(done, total, name, clips):
+            if done == n:
+                raise Stop
+        return progress
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        prepare(src, out, data, progress=stop_after(3))
+    state = json.loads((out / STATE_FILE).read_text())
+    assert not (out / "index.json").exists()  # an interrupted prepare never looks complete
+    assert state["partial"] is not None  # it stopped inside a source that spans two shards
+    # a crash between renaming a shard and updating the journal, and a half-written shard
+    shutil.copytree(out / state["shards"][0]["dir"], out / f"shard-{len(state['shards']):05d}")
+    (out / ".shard-00099.tmp").mkdir()
+    seen = []
+    index = prepare(src, out, data, progress=lambda done, total, name, clips: seen.append(name))
+    assert len(seen) == 6 - len(state["sources"]) + 1  # finished videos are not decoded again
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "straight")
+    assert {k: v for k, v in index.items() if k != "seconds"} == {k: v for k, v in straight.items() if k != "seconds"}
+    assert not (out / STATE_FILE).exists() and not (out / ".shard-00099.tmp").exists()
+
+
+def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
+    from rigtrain.data.dataset import ShardDataset
+
+    src = tmp_path / "world"
+    synthesize(src, videos=4, seed=2)
+    data = load_config("demo").data
+    moved = tmp_path / "later"
+    moved.mkdir()
+    for p in src.glob("shapes_0003.*"):
+        shutil.move(p, moved / p.name)
+    first = prepare(src, tmp_path / "prep", data)
+    before = _shard_bytes(tmp_path / "prep")
+    for p in moved.iterdir():
+        shutil.move(p, src / p.name)
+    seen = []
+    index = prepare(src, tmp_path / "prep", data, progress=lambda done, total, name, clips: seen.append(name))
+    assert seen == ["shapes_0003.mp4"]
+    assert index["clips"] == first["clips"] + 6 and len(index["shards"]) == 2
+    after = _shard_bytes(tmp_path / "prep")
+    assert all(after[k] == v for k, v in before.items())  # earlier shards are reused as they are
+    assert len(ShardDataset(tmp_path / "prep", data)) == index["clips"]
+
+
+def test_data_check_predicts_what_prepare_makes(user_folder, tmp_path):
+    from rigtrain.data.check import check_folder
+
+    data = load_config("demo").data
+    before = sorted(p.name for p in user_folder.iterdir())
+    report = check_folder(user_folder, data)
+    assert sorted(p.name for p in user_folder.iterdir()) == before  # nothing written
+    index = prepare(user_folder, tmp_path / "prep", data)
+    checked = {v["file"]: v for v in report["videos"]}
+    for source in index["sources"]:
+        entry = checked[source["video"]]
+        assert entry["clips"] == source["clips"], source["video"]
+        assert (entry["audio"] or {}).get("from") == source["audio"]
+        assert (entry["narration"] or {}).get("file") == source["narration"]
+        assert (entry["narration"] or {}).get("segments", 0) == source["narration_segments"]
+    for skipped in index["skipped"]:
+        if skipped["file"].endswith(".mp4"):
+            assert not checked[skipped["file"]]["ok"] and checked[skipped["file"]]["reason"] == skipped["reason"]
+    assert report["summary"]["clips"] == index["clips"]
+    assert checked["bikes.mp4"]["fps"] == 25 and (checked["bikes.mp4"]["width"], checked["bikes.mp4"]["height"]) == (640, 272)
+    assert checked["tone.mp4"]["audio"]["codec"] == "aac"
+
+
+def test_data_check_command(user_folder):
+    result = run_cli("data", "check", str(user_folder), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # stdout is one JSON document and nothing else
+    assert report["summary"]["videos"] == 5
+    text = run_cli("data", "check", str(user_folder))
+    assert "tone.srt line 6:" in text.stdout and "truncated.mp4: cannot be used" in text.stdout
+    bad = run_cli("data", "check", str(user_folder / "nothing-here"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
