@@ -57,3 +57,15 @@ def test_hostfile_goes_to_deepspeeds_launcher(tmp_path):
     # the venv's own DeepSpeed, whether or not the venv is on PATH
     assert command[1:6] == ["-m", "deepspeed.launcher.runner", "--hostfile", "hosts.txt", "--module"]
     assert command[6] == WORKER_MODULE
+
+
+def test_loader_workers_follow_the_cores_unless_set():
+    small = load_config("small")  # data.workers = -1: from the cores
+    assert plan_launch(small, gpus((8, 6), (8, 6))).loader_workers == 8  # 32 threads / 2 GPUs, capped at 8
+    assert plan_launch(small, gpus((8, 6))).loader_workers == 8
+    twelve = {**CPU_BOX, "cpu": {"cores": 6, "threads": 12}}
+    assert plan_launch(small, twelve).loader_workers == 8  # 12 threads, one process: capped at 8
+    assert plan_launch(load_config("small", overrides=["train.nproc=4"]), twelve).loader_workers == 2  # 12 / 4 - 1
+    assert plan_launch(small, CPU_BOX).loader_workers == 1  # never fewer than one
+    plan = plan_launch(load_config("small", overrides=["data.workers=0"]), twelve)
+    assert plan.loader_workers == 0 and "set by the config" in plan.reasons["data.workers"]

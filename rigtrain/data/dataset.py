@@ -4,11 +4,14 @@ resumable sampler, and the DataLoader around them."""
 from __future__ import annotations
 
 import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from rigtrain.config import DataConfig
 from rigtrain.data.prepare import INDEX_FORMAT, preparation_params
@@ -41,7 +44,7 @@ def check_params(index: dict, data: DataConfig, data_dir: Path) -> None:
 class ShardDataset(Dataset):
     """Clip i of all shards, as tensors: video uint8 (T, H, W, 3), audio int16 (S,),
     has_audio bool, text uint8 (L,), text_len int64, index int64. Arrays are opened lazily
-    with mmap in each worker, so forking workers copies no data."""
+    with mmap, so nothing is read until a clip is asked for."""
 
     def __init__(self, data_dir: str | Path, data: DataConfig | None = None):
         self.dir = Path(data_dir)
@@ -66,17 +69,40 @@ class ShardDataset(Dataset):
         return shard, i - int(self.offsets[shard])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        shard, j = self.locate(i)
-        a = self._open()[shard]
-        return {"video": torch.from_numpy(np.array(a["video"][j])),
-                "audio": torch.from_numpy(np.array(a["audio"][j])),
-                "has_audio": torch.tensor(bool(a["clips"][j]["has_audio"])),
-                "text": torch.from_numpy(np.array(a["text"][j])),
-                "text_len": torch.tensor(int(a["text_len"][j]), dtype=torch.int64),
-                "index": torch.tensor(i, dtype=torch.int64)}
+        return {key: value[0] for key, value in self.batch([i]).items()}
+
+    def batch(self, indices: list[int], pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """Clips `indices` as one batch, copied straight from the memory maps into the
+        batch tensors (pinned when asked, so the copy to the GPU can run asynchronously):
+        one copy per clip, no collate."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shards = np.searchsorted(self.offsets, indices, side="right") - 1
+        arrays = self._open()
+        first = arrays[0]
+        n = len(indices)
+        out = {key: torch.empty((n, *first[key].shape[1:]), dtype=dtype, pin_memory=pin_memory)
+               for key, dtype in (("video", torch.uint8), ("audio", torch.int16), ("text", torch.uint8))}
+        has_audio = np.empty(n, np.bool_)
+        text_len = np.empty(n, np.int64)
+        for shard in np.unique(shards):
+            rows = np.nonzero(shards == shard)[0]
+            local = indices[rows] - int(self.offsets[shard])
+            order = np.argsort(local, kind="stable")  # read each shard front to back
+            rows, local = rows[order], local[order]
+            a = arrays[shard]
+            for key in ("video", "audio", "text"):
+                target = out[key].numpy()
+                for row, j in zip(rows, local):
+                    target[row] = a[key][j]
+            has_audio[rows] = a["clips"]["has_audio"][local]
+            text_len[rows] = a["text_len"][local]
+        out["has_audio"] = torch.from_numpy(has_audio)
+        out["text_len"] = torch.from_numpy(text_len)
+        out["index"] = torch.from_numpy(indices)
+        return out
 
     def __getstate__(self) -> dict:
-        # Workers reopen the memory maps themselves.
+        # A pickled copy (a worker process) reopens the memory maps itself.
         return {**self.__dict__, "_arrays": None}
 
 
@@ -109,13 +135,55 @@ class ResumableSampler(Sampler[int]):
             epoch, batch = epoch + 1, 0
 
 
+class ShardLoader:
+    """Micro-batches of shard clips for one rank, read ahead by a pool of threads.
+
+    Threads, not worker processes: reading a shard clip is a memory copy from the page
+    cache, which releases the GIL, so threads run in parallel; and worker processes must
+    hand every batch over through a new shared-memory segment, which costs more than the
+    read itself (measured on the small preset's clips: 9.9 ms to allocate and fill 12 MB
+    of shared memory, 1.1 ms to read it from the shards). Batches come out in sampler
+    order whatever the thread count, so a run is reproducible and resumable."""
+
+    def __init__(self, dataset: ShardDataset, sampler: Iterable[int], *, micro_batch: int, workers: int,
+                 prefetch: int, pin_memory: bool):
+        self.dataset, self.sampler, self.micro_batch = dataset, sampler, micro_batch
+        self.workers, self.pin_memory = workers, pin_memory
+        self.depth = max(1, workers) * prefetch  # batches read ahead
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="rigtrain-loader") if workers > 0 else None
+
+    def __iter__(self):
+        batches = iter(BatchSampler(self.sampler, self.micro_batch, drop_last=True))
+        if self._pool is None:
+            for indices in batches:
+                yield self.dataset.batch(indices, self.pin_memory)
+            return
+        ahead: deque = deque()
+        try:
+            while True:
+                while len(ahead) < self.depth:
+                    indices = next(batches, None)
+                    if indices is None:
+                        break
+                    ahead.append(self._pool.submit(self.dataset.batch, indices, self.pin_memory))
+                if not ahead:
+                    return
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def make_loader(dataset: ShardDataset, data: DataConfig, *, rank: int, world: int, micro_batch: int,
-                seed: int, start_batch: int, pin_memory: bool) -> DataLoader:
-    """Workers decode nothing (shards are already pixels), so a few suffice; persistent so
-    they are not re-forked, prefetching so the step never waits when they keep up."""
+                seed: int, start_batch: int, workers: int, pin_memory: bool) -> ShardLoader:
+    """The training loader: the resumable sampler's clips in micro-batches, `workers`
+    threads reading prefetch_factor batches each ahead, uint8 until on the device (4x
+    less to copy than float32), pinned on a GPU machine."""
     sampler = ResumableSampler(len(dataset), rank=rank, world=world, micro_batch=micro_batch, seed=seed,
                                start_batch=start_batch)
-    workers = data.workers
-    return DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0,
-                      prefetch_factor=data.prefetch_factor if workers > 0 else None)
+    return ShardLoader(dataset, sampler, micro_batch=micro_batch, workers=workers, prefetch=data.prefetch_factor,
+                       pin_memory=pin_memory)

@@ -18,12 +18,13 @@ class LaunchPlan:
     device: str  # "cuda" | "cpu"
     world_size: int
     precision: str
+    loader_workers: int = 0
     env: dict[str, str] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"device": self.device, "world_size": self.world_size, "precision": self.precision,
-                "env": self.env, "reasons": self.reasons}
+                "loader_workers": self.loader_workers, "env": self.env, "reasons": self.reasons}
 
 
 def local_devices() -> dict:
@@ -80,7 +81,20 @@ def plan_launch(config: RunConfig, devices: dict) -> LaunchPlan:
     if config.train.precision != "auto":
         precision, why = config.train.precision, f"set by the user (train.precision={config.train.precision})"
     reasons["precision"] = why
-    return LaunchPlan(device=device, world_size=world, precision=precision, env=env, reasons=reasons)
+    workers, reasons["data.workers"] = loader_workers(config.data.workers, devices["cpu"]["threads"] or 1, world)
+    return LaunchPlan(device=device, world_size=world, precision=precision, loader_workers=workers, env=env,
+                      reasons=reasons)
+
+
+def loader_workers(configured: int, threads: int, processes: int) -> tuple[int, str]:
+    """Dataloader workers per training process. Shards need no decoding, so workers only
+    copy memory-mapped clips and collate them: a few per process are plenty, and every
+    training process keeps one thread for itself."""
+    if configured >= 0:
+        return configured, f"set by the config (data.workers={configured})"
+    workers = max(1, min(8, threads // processes - 1))
+    return workers, (f"{threads} hardware threads / {processes} training process(es), one kept for each "
+                     f"process's own work, at most 8: {workers} worker(s) per process")
 
 
 def _precision_for(capability: tuple[int, int]) -> tuple[str, str]:

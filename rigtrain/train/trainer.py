@@ -132,6 +132,7 @@ class Trainer:
         self.dataset = ShardDataset(saved["data_dir"], self.config.data)
         self.loader = make_loader(self.dataset, self.config.data, rank=self.rank, world=self.world,
                                   micro_batch=t.micro_batch_size, seed=t.seed, start_batch=self.micro_batches,
+                                  workers=self.plan.get("loader_workers", max(0, self.config.data.workers)),
                                   pin_memory=self.device.type == "cuda")
         # Creating the loader's iterator draws from the global RNG, so it happens before the
         # RNG states are restored: a resumed run then draws exactly what the original drew.
@@ -276,6 +277,8 @@ class Trainer:
                          f"{change}; run in {self.run_dir}")
 
     def close(self) -> None:
+        if getattr(self, "loader", None) is not None:
+            self.loader.close()
         if self.log:
             self.log.close()
         if torch.distributed.is_initialized():
