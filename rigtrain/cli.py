@@ -61,6 +61,15 @@ def build_parser() -> Parser:
     check.add_argument("src_dir", metavar="SRC_DIR")
     _add_clip_options(check)
     check.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    bench = data_commands.add_parser("bench", help="loader clips/s from shards vs decoding the source videos")
+    bench.add_argument("data_dir", metavar="DATA_DIR", help="prepared shards (their source videos must still exist)")
+    bench.add_argument("--workers", type=int, help="loader workers (default: what training would use on this machine)")
+    bench.add_argument("--batch", type=int, help="clips per batch (default: the matching preset's micro-batch)")
+    bench.add_argument("--seconds", type=float, default=5.0, help="how long to time the shard loader (default 5)")
+    bench.add_argument("--decode-clips", type=int, default=64, help="clips decoded from the videos (default 64)")
+    bench.add_argument("--preset", help="the model whose train step to compare with (default: the preset whose "
+                       "clip shape the shards have)")
+    bench.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     return parser
 
 
@@ -173,8 +182,78 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _matching_preset(params: dict) -> str | None:
+    from rigtrain.config import load_config, preset_names
+    from rigtrain.data.prepare import preparation_params
+
+    for name in preset_names():
+        mine = preparation_params(load_config(name).data)
+        if all(mine.get(k) == v for k, v in params.items() if k != "resize"):
+            return name
+    return None
+
+
+def cmd_data_bench(args: argparse.Namespace) -> int:
+    import os
+
+    from rigtrain.config import load_config
+    from rigtrain.data.bench import bench_loaders, data_config_of
+    from rigtrain.data.dataset import read_index
+    from rigtrain.rig.peaks import REFERENCE_GPU, peak_tflops
+    from rigtrain.train.flops import step_clips_per_s, train_flops_per_clip
+    from rigtrain.train.setup import loader_workers
+
+    index = read_index(Path(args.data_dir))
+    preset = args.preset or _matching_preset(index["params"])
+    config = load_config(preset) if preset else None
+    threads = len(os.sched_getaffinity(0))
+    workers = args.workers if args.workers is not None else loader_workers(-1, threads, 1)[0]
+    batch = args.batch or (config.train.micro_batch_size if config else 16)
+    if workers < 0 or batch < 1:
+        raise UserError("--workers must be 0 or more and --batch at least 1")
+    if not args.json:
+        print(f"[rigtrain] timing the shard loader ({args.seconds:g} s) and decoding {args.decode_clips} clips "
+              f"from the videos, {workers} worker(s), batches of {batch}", file=sys.stderr, flush=True)
+    result = bench_loaders(args.data_dir, workers=workers, batch=batch, seconds=args.seconds,
+                           decode_clips=args.decode_clips)
+    result["step"] = None
+    if config is not None:
+        import torch
+
+        local = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        gpu = local if local and peak_tflops(local) else REFERENCE_GPU
+        flops = train_flops_per_clip(config.model, data_config_of(index, config.data))
+        rate = step_clips_per_s(flops, peak_tflops(gpu))
+        result["step"] = {"preset": preset, "gpu": gpu, "measured_here": gpu == local,
+                          "gflops_per_clip": round(flops / 1e9, 2), "peak_tflops": peak_tflops(gpu), "mfu": 0.4,
+                          "clips_per_s": round(rate, 1),
+                          "basis": f"forward+backward FLOPs of the {preset} model counted by FlopCounterMode, at "
+                                   f"40% of the {gpu}'s {peak_tflops(gpu):g} dense bf16 TFLOPS"}
+        result["step_clips_per_s"] = round(rate, 1)
+        result["loader_vs_step"] = round(result["shards_clips_per_s"] / rate, 2)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    rows = [("", "clips/s", "MB/s"),
+            ("shards (training loader)", f"{result['shards_clips_per_s']:.1f}", f"{result['shards_mb_per_s']:.1f}"),
+            ("decoded from the videos", f"{result['decode_clips_per_s']:.2f}", f"{result['decode_mb_per_s']:.2f}")]
+    step = result["step"]
+    if step:
+        rows.append((f"train step consumes ({step['gpu']}, est.)", f"{step['clips_per_s']:.1f}", ""))
+    width = max(len(r[0]) for r in rows)
+    for row in rows:
+        print(f"{row[0]:<{width}}  {row[1]:>9}  {row[2]:>8}")
+    print(f"\nshards are {result['ratio']:g}x faster than decoding, with {workers} worker(s) and batches of {batch}")
+    if step:
+        verdict = "keeps up" if result["loader_vs_step"] >= 1 else "is too slow"
+        print(f"the loader delivers {result['loader_vs_step']:g}x what the step consumes: it {verdict}"
+              + ("" if result["loader_vs_step"] >= 3 else "; aim for 3x (more data.workers, faster disk)"))
+        print(f"step estimate: {step['basis']} = {step['gflops_per_clip']:g} GFLOP per clip")
+    return 0
+
+
 COMMANDS = {("train", None): cmd_train, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare,
-            ("data", "check"): cmd_data_check}
+            ("data", "check"): cmd_data_check, ("data", "bench"): cmd_data_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

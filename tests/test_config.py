@@ -7,6 +7,7 @@ from rigtrain.config import ConfigError, load_config, preset_names
 from rigtrain.config.loading import parse_overrides, read_config_file
 from rigtrain.config.schema import SECTIONS, field_docs
 from rigtrain.model import build_model, count_parameters
+from rigtrain.train.flops import meta_batch
 
 
 @pytest.mark.parametrize("name", ["demo", "small", "base"])
@@ -26,12 +27,7 @@ def test_every_preset_runs_a_train_step_on_the_meta_device(name):
     d = config.data
     with torch.device("meta"):
         model = build_model(config.model, d)
-        batch = {"video": torch.empty(2, d.clip_frames, *d.frame_size, 3, dtype=torch.uint8),
-                 "audio": torch.empty(2, d.clip_samples, dtype=torch.int16),
-                 "has_audio": torch.ones(2, dtype=torch.bool),
-                 "text": torch.empty(2, d.max_text_bytes, dtype=torch.uint8),
-                 "text_len": torch.full((2,), 5)}
-        out = model(batch)
+        out = model(meta_batch(d, 2))
         out["loss"].backward()
     assert out["loss"].shape == ()
     assert model.video_head.weight.grad is not None

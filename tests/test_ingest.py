@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli
 
 from rigtrain.config import load_config
@@ -262,3 +263,79 @@ def test_data_check_command(user_folder):
     assert "tone.srt line 6:" in text.stdout and "truncated.mp4: cannot be used" in text.stdout
     bad = run_cli("data", "check", str(user_folder / "nothing-here"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_decoded_clips_match_the_shards(user_folder, tmp_path):
+    """On-the-fly decoding (the baseline of data bench) reads the same clips as prepare."""
+    from rigtrain.data.dataset import ShardDataset
+    from rigtrain.data.ondemand import DecodedClips
+
+    data = load_config("demo").data
+    index = prepare(user_folder, tmp_path / "prep", data)
+    shards = ShardDataset(tmp_path / "prep", data)
+    decoded = DecodedClips.from_index(tmp_path / "prep", index, data)
+    assert len(decoded) == len(shards)
+    for i in range(len(shards)):
+        a, b = shards[i], decoded[i]
+        assert np.array_equal(a["video"].numpy(), b["video"].numpy()), i
+        assert a["has_audio"] == b["has_audio"] and a["text_len"] == b["text_len"], i
+        assert np.array_equal(a["text"].numpy(), b["text"].numpy()), i
+        if a["has_audio"]:  # the window is resampled on its own: equal but for a few edge samples
+            diff = np.abs(a["audio"].numpy().astype(np.int32) - b["audio"].numpy())
+            assert np.median(diff) <= 2 and np.mean(diff[200:-200] > 300) < 0.01, i
+
+
+def test_loader_threads_give_the_same_batches_in_the_same_order(tmp_path):
+    from rigtrain.data.dataset import ShardDataset, make_loader
+
+    src = tmp_path / "world"
+    synthesize(src, videos=4, seed=5)
+    data = load_config("demo").data
+    prepare(src, tmp_path / "prep", data)
+    dataset = ShardDataset(tmp_path / "prep", data)
+
+    def first_batches(workers, start_batch=0, n=5):
+        loader = make_loader(dataset, data, rank=0, world=1, micro_batch=4, seed=9, start_batch=start_batch,
+                             workers=workers, pin_memory=False)
+        batches = iter(loader)
+        out = [next(batches) for _ in range(n)]
+        loader.close()
+        return out
+
+    serial, threaded = first_batches(0), first_batches(3)
+    for a, b in zip(serial, threaded):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(first_batches(3, start_batch=2, n=1)[0]["index"], serial[2]["index"])  # resumable
+    clip = dataset[int(serial[0]["index"][1])]
+    assert torch.equal(clip["video"], serial[0]["video"][1]) and clip["video"].dtype == torch.uint8
+
+
+def test_data_bench_command(tmp_path):
+    src = tmp_path / "world"
+    synthesize(src, videos=4, seed=1)
+    assert run_cli("data", "prepare", str(src), str(tmp_path / "prep")).returncode == 0
+    result = run_cli("data", "bench", str(tmp_path / "prep"), "--json", "--seconds", "0.5", "--decode-clips", "8", "--batch", "4",
+                     "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for key in ("shards_clips_per_s", "decode_clips_per_s", "ratio", "workers"):
+        assert report[key] > 0, key
+    assert report["ratio"] == pytest.approx(report["shards_clips_per_s"] / report["decode_clips_per_s"], rel=0.01)
+    assert report["measured"]["decode"]["clips"] == 8
+    step = report["step"]  # the demo preset matches these shards: its step is estimated from its FLOPs
+    assert step["preset"] == "demo" and step["gpu"] == "NVIDIA GeForce RTX 3090" and step["peak_tflops"] == 71.0
+    assert report["step_clips_per_s"] == pytest.approx(71e12 * 0.4 / (step["gflops_per_clip"] * 1e9), rel=0.01)
+    shutil.rmtree(src)  # without the source videos there is nothing to compare with
+    gone = run_cli("data", "bench", str(tmp_path / "prep"))
+    assert gone.returncode == 2 and "is gone" in gone.stderr
+
+
+def test_flop_count_matches_the_analytic_count_of_a_linear_stack():
+    """FlopCounterMode counts 2 FLOPs per multiply-add, forward and backward (3x forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(8, 64, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * 8 * 64 * 32

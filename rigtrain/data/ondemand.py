@@ -1,0 +1,82 @@
+"""Clips decoded from their source videos at every read: what a loader without shards has
+to do. `data bench` measures it against the shards; it is also how a folder of videos that
+was never prepared can still be read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from rigtrain.config import DataConfig
+from rigtrain.data import media
+from rigtrain.data.narration import Segment, clip_text, read_narration
+
+
+@dataclass(frozen=True)
+class ClipRef:
+    video: Path
+    start_frame: int
+    audio: Path | None = None  # a sidecar file
+    container_audio: bool = False
+    narration: Path | None = None
+
+
+@lru_cache(maxsize=64)
+def _segments(path: Path) -> tuple[Segment, ...]:
+    return tuple(read_narration(path).segments)
+
+
+class DecodedClips(Dataset):
+    """The same samples as ShardDataset (video uint8 (T, H, W, 3), audio int16 (S,),
+    has_audio, text, text_len, index), decoded on demand."""
+
+    def __init__(self, clips: list[ClipRef], data: DataConfig):
+        self.clips, self.data = clips, data
+
+    @classmethod
+    def from_index(cls, data_dir: Path, index: dict, data: DataConfig) -> "DecodedClips":
+        """The clips of prepared shards, pointing back at the videos they were cut from."""
+        source_dir = Path(index["source_dir"])
+        refs = []
+        for shard in index["shards"]:
+            for clip in np.load(Path(data_dir) / shard["dir"] / "clips.npy"):
+                source = index["sources"][int(clip["source"])]
+                audio = source["audio"]
+                refs.append(ClipRef(video=source_dir / source["video"], start_frame=round(float(clip["start_s"]) * data.fps),
+                                    audio=source_dir / audio if audio not in (None, "container") else None,
+                                    container_audio=audio == "container",
+                                    narration=source_dir / source["narration"] if source["narration"] else None))
+        return cls(refs, data)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        d, ref = self.data, self.clips[i]
+        video = media.read_video_clip(ref.video, ref.start_frame, d.clip_frames, d.fps, tuple(d.frame_size), d.resize)
+        start_s = ref.start_frame / d.fps
+        audio = np.zeros(d.clip_samples, np.int16)
+        has_audio = False
+        if ref.audio is not None or ref.container_audio:
+            piece = media.read_audio_window(ref.video, ref.audio, start_s, d.clip_seconds, d.sample_rate)
+            if piece is not None:
+                audio[: len(piece)] = media.to_pcm16(piece[: d.clip_samples])
+                has_audio = len(piece) >= 0.9 * d.clip_samples
+        text = np.zeros(d.max_text_bytes, np.uint8)
+        length = 0
+        if ref.narration is not None:
+            words, _ = clip_text(list(_segments(ref.narration)), start_s, start_s + d.clip_seconds, d.max_text_bytes)
+            text[: len(words)] = np.frombuffer(words, np.uint8)
+            length = len(words)
+        return {"video": torch.from_numpy(video), "audio": torch.from_numpy(audio),
+                "has_audio": torch.tensor(has_audio), "text": torch.from_numpy(text),
+                "text_len": torch.tensor(length, dtype=torch.int64), "index": torch.tensor(i, dtype=torch.int64)}
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        items = [self[i] for i in indices]
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
