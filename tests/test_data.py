@@ -197,3 +197,15 @@ def test_sampler_is_deterministic_disjoint_and_resumable():
     assert take(resumed, 80 - 36) == full[36:]
     with pytest.raises(UserError, match="fewer than one batch"):
         ResumableSampler(7, rank=0, world=2, micro_batch=4, seed=0)
+
+
+def test_shards_from_before_data_resize_still_load(demo_data, tmp_path):
+    """Earlier shards describe their centre crop in words; they are `crop` shards."""
+    old = tmp_path / "old"
+    shutil.copytree(demo_data, old)
+    index = json.loads((old / "index.json").read_text())
+    index["params"]["resize"] = "centre crop to the target aspect, then INTER_AREA"
+    (old / "index.json").write_text(json.dumps(index))
+    assert len(ShardDataset(old, load_config("demo").data)) == index["clips"]
+    with pytest.raises(UserError, match="data.resize"):
+        ShardDataset(old, load_config("demo", overrides=["data.resize=pad"]).data)

@@ -22,9 +22,6 @@ def data_config_of(index: dict, base: DataConfig | None = None) -> DataConfig:
     import dataclasses
 
     p = index["params"]
-    if p.get("resize", "crop") not in ("crop", "pad"):
-        raise UserError(f"data bench: these shards were made by an older rigtrain (resize={p['resize']!r}); "
-                        "prepare the videos again")
     return dataclasses.replace(base or DataConfig(), fps=p["fps"], frame_size=tuple(p["frame_size"]),
                                present_frames=p["present_frames"], future_frames=p["future_frames"],
                                sample_rate=p["sample_rate"], clip_stride_s=p["clip_stride_s"],

@@ -29,6 +29,9 @@ def read_index(data_dir: Path) -> dict:
         raise UserError(f"{path}: corrupt ({err}); prepare the data again") from None
     if index.get("format") != INDEX_FORMAT:
         raise UserError(f"{path}: format {index.get('format')} is not {INDEX_FORMAT}; prepare the data again")
+    if str(index["params"].get("resize", "")).startswith("centre crop"):
+        # Shards from before data.resize existed describe the crop in words; it is "crop".
+        index["params"]["resize"] = "crop"
     return index
 
 
