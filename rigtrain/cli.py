@@ -46,6 +46,15 @@ def build_parser() -> Parser:
     train = commands.add_parser("train", help="train with DeepSpeed ZeRO on every local GPU (or the CPU)")
     _add_run_options(train)
 
+    rig = commands.add_parser("rig", help="read the machine (or a rig file), plan a run and warn about the hardware")
+    rig.add_argument("--rig", metavar="FILE", help="plan for the machine this rig file describes (RIG.md), not this one")
+    rig.add_argument("--psu-watts", type=float, metavar="W", help="the power supply's rating, which no probe can read")
+    rig.add_argument("--preset", help="the model and clip shape to plan for (default: small on a GPU, demo without)")
+    rig.add_argument("--config", metavar="FILE", help="a TOML or YAML config file")
+    rig.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides",
+                     help="fix config keys; the plan keeps what you set")
+    rig.add_argument("--json", action="store_true", help='print {"rig": ..., "plan": ..., "warnings": [...]} on stdout')
+
     data = commands.add_parser("data", help="make, prepare and inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser, metavar="COMMAND")
     synth = data_commands.add_parser("synth", help="write the Shapes-world dataset (mp4 + wav + Whisper json)")
@@ -252,7 +261,32 @@ def cmd_data_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {("train", None): cmd_train, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare,
+def cmd_rig(args: argparse.Namespace) -> int:
+    from rigtrain.config import load_config
+    from rigtrain.config.loading import user_keys
+    from rigtrain.rig.report import format_report
+    from rigtrain.train.planning import machine_rig, plan_run
+
+    if args.psu_watts is not None and args.psu_watts <= 0:
+        raise UserError("--psu-watts must be the PSU's rating in watts, e.g. --psu-watts 1000")
+    rig = machine_rig(["."], args.rig)
+    preset = args.preset or ("small" if rig.gpus else "demo")
+    config = load_config(preset, args.config, args.overrides)
+    plan = plan_run(config, rig, user_keys=user_keys(args.config, args.overrides), psu_w=args.psu_watts)
+    if args.psu_watts:
+        import dataclasses
+
+        rig = dataclasses.replace(rig, psu_w=args.psu_watts)
+    if args.json:
+        print(json.dumps({"rig": rig.to_dict(), "plan": plan.to_dict(),
+                          "warnings": [w.to_dict() for w in plan.warnings]}, indent=1))
+    else:
+        print(f"planning the '{preset}' preset")
+        print(format_report(rig, plan))
+    return 0
+
+
+COMMANDS = {("train", None): cmd_train, ("rig", None): cmd_rig, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare,
             ("data", "check"): cmd_data_check, ("data", "bench"): cmd_data_bench}
 
 

@@ -158,6 +158,17 @@ def load_config(preset: str = "demo", config_file: str | None = None, overrides:
     return build_config(raw, source="--config " + config_file if config_file else "config")
 
 
+def user_keys(config_file: str | None, overrides: list[str] | None) -> set[str]:
+    """The keys the user chose (in --config or --set), as "section.name": the planner
+    leaves those alone, whatever the preset says."""
+    raw: dict = {}
+    if config_file:
+        raw = _merge(raw, read_config_file(config_file))
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    return {f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict) for key in values}
+
+
 def _check_keys(raw: dict, source: str) -> None:
     for section, values in raw.items():
         if section not in SECTIONS:

@@ -173,6 +173,8 @@ class TrainConfig:
     "clips per process per forward pass"
     grad_accum_steps: int = 1
     "micro-batches per optimizer step"
+    global_batch_size: int = 0
+    "clips per optimizer step over all GPUs, which the plan reaches by accumulation; 0 = micro_batch_size x grad_accum_steps"
     lr: float = 1e-3
     "peak learning rate"
     min_lr_ratio: float = 0.1
@@ -205,6 +207,7 @@ class TrainConfig:
     "seed of weights, data order and DropToken draws"
 
     def __post_init__(self) -> None:
+        _require(self.global_batch_size >= 0, "train.global_batch_size", "must be 0 (from the micro-batch) or more")
         for key in ("steps", "micro_batch_size", "grad_accum_steps", "nproc", "ckpt_every",
                     "keep_ckpts", "log_every"):
             _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")

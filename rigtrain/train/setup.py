@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from rigtrain.config import RunConfig
 from rigtrain.errors import UserError
+from rigtrain.rig.plan import loader_workers
 
 
 @dataclass
@@ -84,17 +85,6 @@ def plan_launch(config: RunConfig, devices: dict) -> LaunchPlan:
     workers, reasons["data.workers"] = loader_workers(config.data.workers, devices["cpu"]["threads"] or 1, world)
     return LaunchPlan(device=device, world_size=world, precision=precision, loader_workers=workers, env=env,
                       reasons=reasons)
-
-
-def loader_workers(configured: int, threads: int, processes: int) -> tuple[int, str]:
-    """Dataloader workers per training process. Shards need no decoding, so workers only
-    copy memory-mapped clips and collate them: a few per process are plenty, and every
-    training process keeps one thread for itself."""
-    if configured >= 0:
-        return configured, f"set by the config (data.workers={configured})"
-    workers = max(1, min(8, threads // processes - 1))
-    return workers, (f"{threads} hardware threads / {processes} training process(es), one kept for each "
-                     f"process's own work, at most 8: {workers} worker(s) per process")
 
 
 def _precision_for(capability: tuple[int, int]) -> tuple[str, str]:

@@ -1,0 +1,247 @@
+"""The machine as facts: what a probe reads, or what a rig file (RIG.md) describes.
+
+A rig file is JSON in the shape `rigtrain rig --json` prints under "rig". Fields a probe
+cannot read are optional; an unknown field, a wrong type or an impossible value is a
+RigFileError that names the field (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from rigtrain.errors import UserError
+
+
+class RigFileError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pcie:
+    gen: int
+    width: int
+    max_gen: int | None = None
+    max_width: int | None = None
+    rx_mb_s: float | None = None  # throughput when probed (NVML samples ~20 ms)
+    tx_mb_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Power:
+    limit_w: float | None = None
+    default_limit_w: float | None = None
+    min_limit_w: float | None = None
+    max_limit_w: float | None = None
+    draw_w: float | None = None
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_gib: float
+    compute_capability: tuple[int, int]
+    memory_free_gib: float | None = None
+    pcie: Pcie | None = None
+    power: Power | None = None
+    temperature_c: float | None = None
+    clocks_mhz: dict | None = None
+    utilization_pct: float | None = None
+    throttle_reasons: tuple[str, ...] = ()
+    p2p: tuple[bool, ...] | None = None  # this GPU's row of the P2P matrix
+    nvlink: tuple[bool, ...] | None = None
+
+    @property
+    def free_gib(self) -> float:
+        return self.memory_free_gib if self.memory_free_gib is not None else self.memory_gib
+
+
+@dataclass(frozen=True)
+class Cpu:
+    model: str | None = None
+    cores: int | None = None
+    threads: int | None = None
+    tdp_w: float | None = None
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: str
+    free_gib: float
+
+
+@dataclass(frozen=True)
+class Rig:
+    gpus: tuple[Gpu, ...] = ()
+    cpu: Cpu = field(default_factory=Cpu)
+    ram_gib: float | None = None
+    ram_free_gib: float | None = None
+    swap_gib: float | None = None
+    psu_w: float | None = None
+    disk: tuple[Disk, ...] = ()
+    software: dict | None = None
+    source: str = "probe"  # "probe" or the rig file's path
+
+    @property
+    def threads(self) -> int:
+        return self.cpu.threads or self.cpu.cores or 1
+
+    def to_dict(self) -> dict:
+        """The RIG.md shape (what `rigtrain rig --json` prints as "rig", and a rig file holds)."""
+        def clean(value):
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items() if v is not None and v != ()}
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            return value
+        out = clean(asdict(self))
+        out.pop("source", None)
+        out["gpus"] = out.get("gpus", [])  # an empty list is a fact: a CPU-only machine
+        if len(self.disk) == 1:
+            out["disk"] = out["disk"][0]
+        return out
+
+
+# -- reading and checking ------------------------------------------------------------------
+
+def _fail(where: str, field_name: str, what: str) -> RigFileError:
+    return RigFileError(f"{where}: {field_name} {what}")
+
+
+def _number(where: str, name: str, value, *, minimum: float | None = None, integer: bool = False,
+            above: float | None = None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        raise _fail(where, name, f"must be {'a whole number' if integer else 'a number'}, not {json.dumps(value)}")
+    if minimum is not None and value < minimum:
+        raise _fail(where, name, f"must be at least {minimum:g}, not {value}")
+    if above is not None and value <= above:
+        raise _fail(where, name, f"must be more than {above:g}, not {value}")
+    return int(value) if integer else float(value)
+
+
+def _object(where: str, name: str, value, cls) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(where, name, f"must be an object with {', '.join(f.name for f in fields(cls))}")
+    known = {f.name for f in fields(cls)} - {"source"}
+    for key in value:
+        if key not in known:
+            raise _fail(where, f"{name}.{key}" if name else key,
+                        f"is not a rig field; known fields here: {', '.join(sorted(known))}")
+    return value
+
+
+def _pcie(where: str, name: str, value) -> Pcie:
+    value = _object(where, name, value, Pcie)
+    for key in ("gen", "width"):
+        if key not in value:
+            raise _fail(where, f"{name}.{key}", "is missing (e.g. gen 4, width 16)")
+    out = {}
+    for key in ("gen", "width", "max_gen", "max_width"):
+        if key in value:
+            out[key] = _number(where, f"{name}.{key}", value[key], minimum=1, integer=True)
+    for key in ("rx_mb_s", "tx_mb_s"):
+        if key in value:
+            out[key] = _number(where, f"{name}.{key}", value[key], minimum=0)
+    pcie = Pcie(**out)
+    if pcie.max_width is not None and pcie.width > pcie.max_width:
+        raise _fail(where, f"{name}.width", f"({pcie.width}) is more than max_width ({pcie.max_width})")
+    if pcie.max_gen is not None and pcie.gen > pcie.max_gen:
+        raise _fail(where, f"{name}.gen", f"({pcie.gen}) is more than max_gen ({pcie.max_gen})")
+    return pcie
+
+
+def _gpu(where: str, index: int, value, count: int) -> Gpu:
+    name = f"gpus[{index}]"
+    value = _object(where, name, value, Gpu)
+    for key in ("name", "memory_gib", "compute_capability"):
+        if key not in value:
+            raise _fail(where, f"{name}.{key}", "is missing")
+    if not isinstance(value["name"], str) or not value["name"]:
+        raise _fail(where, f"{name}.name", "must be the GPU's name, e.g. \"NVIDIA GeForce RTX 3090\"")
+    out: dict = {"name": value["name"],
+                 "memory_gib": _number(where, f"{name}.memory_gib", value["memory_gib"], above=0)}
+    cc = value["compute_capability"]
+    if not (isinstance(cc, list) and len(cc) == 2 and all(isinstance(c, int) and c >= 0 for c in cc) and cc[0] >= 1):
+        raise _fail(where, f"{name}.compute_capability", f"must be [major, minor], e.g. [8, 6], not {json.dumps(cc)}")
+    out["compute_capability"] = (cc[0], cc[1])
+    if "memory_free_gib" in value:
+        out["memory_free_gib"] = _number(where, f"{name}.memory_free_gib", value["memory_free_gib"], minimum=0)
+        if out["memory_free_gib"] > out["memory_gib"]:
+            raise _fail(where, f"{name}.memory_free_gib", "is more than memory_gib")
+    if "pcie" in value:
+        out["pcie"] = _pcie(where, f"{name}.pcie", value["pcie"])
+    if "power" in value:
+        power = _object(where, f"{name}.power", value["power"], Power)
+        out["power"] = Power(**{k: _number(where, f"{name}.power.{k}", v, minimum=0) for k, v in power.items()})
+    for key in ("temperature_c", "utilization_pct"):
+        if key in value:
+            out[key] = _number(where, f"{name}.{key}", value[key], minimum=0)
+    if "clocks_mhz" in value:
+        out["clocks_mhz"] = _object(where, f"{name}.clocks_mhz", value["clocks_mhz"], _Clocks)
+    if "throttle_reasons" in value:
+        reasons = value["throttle_reasons"]
+        if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+            raise _fail(where, f"{name}.throttle_reasons", "must be a list of reason names")
+        out["throttle_reasons"] = tuple(reasons)
+    for key in ("p2p", "nvlink"):
+        if key in value:
+            row = value[key]
+            if not isinstance(row, list) or len(row) != count or not all(isinstance(b, bool) for b in row):
+                raise _fail(where, f"{name}.{key}", f"must be a row of {count} true/false values, one per GPU")
+            out[key] = tuple(row)
+    return Gpu(**out)
+
+
+@dataclass(frozen=True)
+class _Clocks:  # the fields clocks_mhz may hold
+    sm: float = 0
+    memory: float = 0
+    sm_max: float = 0
+    memory_max: float = 0
+
+
+def rig_from_dict(data, where: str = "rig") -> Rig:
+    data = _object(where, "", data, Rig)
+    gpus_in = data.get("gpus", [])
+    if not isinstance(gpus_in, list):
+        raise _fail(where, "gpus", "must be a list (empty for a CPU-only machine)")
+    gpus = tuple(_gpu(where, i, g, len(gpus_in)) for i, g in enumerate(gpus_in))
+    out: dict = {"gpus": gpus, "source": where}
+    if "cpu" in data:
+        cpu = _object(where, "cpu", data["cpu"], Cpu)
+        out["cpu"] = Cpu(model=cpu.get("model"),
+                         **{k: _number(where, f"cpu.{k}", cpu[k], minimum=1, integer=True) for k in ("cores", "threads") if k in cpu},
+                         **({"tdp_w": _number(where, "cpu.tdp_w", cpu["tdp_w"], minimum=0)} if "tdp_w" in cpu else {}))
+    for key in ("ram_gib", "ram_free_gib", "swap_gib"):
+        if key in data:
+            out[key] = _number(where, key, data[key], minimum=0)
+    if "psu_w" in data:
+        out["psu_w"] = _number(where, "psu_w", data["psu_w"], above=0)
+    if "disk" in data:
+        disks = data["disk"] if isinstance(data["disk"], list) else [data["disk"]]
+        parsed = []
+        for i, disk in enumerate(disks):
+            disk = _object(where, "disk", disk, Disk)
+            if not isinstance(disk.get("path"), str) or "free_gib" not in disk:
+                raise _fail(where, "disk", "needs a path and free_gib")
+            parsed.append(Disk(disk["path"], _number(where, "disk.free_gib", disk["free_gib"], minimum=0)))
+        out["disk"] = tuple(parsed)
+    if "software" in data:
+        if not isinstance(data["software"], dict):
+            raise _fail(where, "software", "must be an object")
+        out["software"] = data["software"]
+    return Rig(**out)
+
+
+def read_rig_file(path: str | Path) -> Rig:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RigFileError(f"--rig {path}: no such file; save one with `rigtrain rig --json` or write one "
+                           "as in RIG.md") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RigFileError(f"{path}: not valid JSON ({err})") from None
+    if isinstance(data, dict) and "rig" in data and "plan" in data:
+        data = data["rig"]  # a whole `rigtrain rig --json` output: its rig part
+    return rig_from_dict(data, str(path))

@@ -1,0 +1,176 @@
+"""Reading the machine: NVML (nvidia-ml-py's `pynvml`) for every GPU, psutil for the CPU,
+RAM, swap and disks, and the versions of the software that trains.
+
+No NVML (no driver or no GPU) is a normal case: the rig then has no GPUs. Each NVML query
+is asked on its own, and one that a card or driver does not support leaves that field
+out, rather than failing the whole probe."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from rigtrain.rig.facts import Cpu, Disk, Gpu, Pcie, Power, Rig
+
+# NVML clock-event reasons that mean lost throughput (idle and application clocks do not)
+THROTTLE_REASONS = {
+    "nvmlClocksEventReasonSwPowerCap": "sw_power_cap",
+    "nvmlClocksEventReasonHwSlowdown": "hw_slowdown",
+    "nvmlClocksEventReasonSwThermalSlowdown": "sw_thermal",
+    "nvmlClocksEventReasonHwThermalSlowdown": "hw_thermal",
+    "nvmlClocksEventReasonHwPowerBrakeSlowdown": "hw_power_brake",
+}
+
+
+def _ask(call, *args, default=None):
+    """One NVML query; None when the card, driver or permissions do not allow it."""
+    import pynvml
+
+    try:
+        return call(*args)
+    except (pynvml.NVMLError, AttributeError, TypeError):
+        return default
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def probe_gpu(nvml, handle, index: int, handles: list) -> Gpu:
+    memory = _ask(nvml.nvmlDeviceGetMemoryInfo, handle)
+    cc = _ask(nvml.nvmlDeviceGetCudaComputeCapability, handle) or (0, 0)
+    pcie = None
+    gen, width = _ask(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle), _ask(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle)
+    if gen and width:
+        rx = _ask(nvml.nvmlDeviceGetPcieThroughput, handle, nvml.NVML_PCIE_UTIL_RX_BYTES)
+        tx = _ask(nvml.nvmlDeviceGetPcieThroughput, handle, nvml.NVML_PCIE_UTIL_TX_BYTES)
+        pcie = Pcie(gen=gen, width=width,
+                    max_gen=_ask(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
+                    max_width=_ask(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
+                    rx_mb_s=rx / 1000 if rx is not None else None,  # NVML reports KB/s
+                    tx_mb_s=tx / 1000 if tx is not None else None)
+    milliwatts = lambda v: v / 1000 if v is not None else None  # noqa: E731
+    constraints = _ask(nvml.nvmlDeviceGetPowerManagementLimitConstraints, handle) or (None, None)
+    power = Power(limit_w=milliwatts(_ask(nvml.nvmlDeviceGetPowerManagementLimit, handle)),
+                  default_limit_w=milliwatts(_ask(nvml.nvmlDeviceGetPowerManagementDefaultLimit, handle)),
+                  min_limit_w=milliwatts(constraints[0]), max_limit_w=milliwatts(constraints[1]),
+                  draw_w=milliwatts(_ask(nvml.nvmlDeviceGetPowerUsage, handle)))
+    reasons_mask = _ask(nvml.nvmlDeviceGetCurrentClocksEventReasons, handle)
+    if reasons_mask is None:
+        reasons_mask = _ask(nvml.nvmlDeviceGetCurrentClocksThrottleReasons, handle) or 0
+    reasons = tuple(name for attr, name in THROTTLE_REASONS.items() if reasons_mask & getattr(nvml, attr, 0))
+    clocks = {key: _ask(nvml.nvmlDeviceGetClockInfo, handle, kind) for key, kind in
+              (("sm", nvml.NVML_CLOCK_SM), ("memory", nvml.NVML_CLOCK_MEM))}
+    clocks.update({key: _ask(nvml.nvmlDeviceGetMaxClockInfo, handle, kind) for key, kind in
+                   (("sm_max", nvml.NVML_CLOCK_SM), ("memory_max", nvml.NVML_CLOCK_MEM))})
+    utilization = _ask(nvml.nvmlDeviceGetUtilizationRates, handle)
+    p2p = nvlink = None
+    if len(handles) > 1:
+        p2p = tuple(other is handle or _ask(nvml.nvmlDeviceGetP2PStatus, handle, other, nvml.NVML_P2P_CAPS_INDEX_READ)
+                    == nvml.NVML_P2P_STATUS_OK for other in handles)
+        nvlink = tuple(other is not handle and _ask(nvml.nvmlDeviceGetP2PStatus, handle, other,
+                                                    nvml.NVML_P2P_CAPS_INDEX_NVLINK) == nvml.NVML_P2P_STATUS_OK
+                       for other in handles)
+    return Gpu(name=_text(_ask(nvml.nvmlDeviceGetName, handle, default=f"GPU {index}")),
+               memory_gib=round(memory.total / 2**30, 2) if memory else 0.0,
+               memory_free_gib=round(memory.free / 2**30, 2) if memory else None,
+               compute_capability=(int(cc[0]), int(cc[1])), pcie=pcie, power=power,
+               temperature_c=_ask(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
+               clocks_mhz={k: v for k, v in clocks.items() if v is not None} or None,
+               utilization_pct=getattr(utilization, "gpu", None), throttle_reasons=reasons, p2p=p2p, nvlink=nvlink)
+
+
+def probe_gpus() -> tuple[tuple[Gpu, ...], dict]:
+    """Every GPU NVML sees, in PCI bus order (as nvidia-smi and CUDA_DEVICE_ORDER=PCI_BUS_ID
+    number them), and the driver's versions. No NVML: no GPUs."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as err:  # no library, no driver, no device: a CPU machine
+        return (), {"nvml": f"not available ({type(err).__name__})"}
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        gpus = tuple(probe_gpu(pynvml, h, i, handles) for i, h in enumerate(handles))
+        driver = {"driver": _text(_ask(pynvml.nvmlSystemGetDriverVersion, default="unknown"))}
+        cuda = _ask(pynvml.nvmlSystemGetCudaDriverVersion)
+        if cuda:
+            driver["driver_cuda"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
+        return gpus, driver
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def software() -> dict:
+    """What trains: torch and its CUDA build, DeepSpeed and its ops, bitsandbytes, NCCL."""
+    from importlib import metadata
+
+    import torch
+
+    info: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        try:
+            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception:  # a build without NCCL
+            info["nccl"] = None
+    for package in ("deepspeed", "bitsandbytes"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = None
+    info["deepspeed_ops"] = _deepspeed_prebuilt_ops()
+    return info
+
+
+def _deepspeed_prebuilt_ops() -> str | None:
+    """Which DeepSpeed ops were compiled at install time, read from the file its installer
+    writes (importing deepspeed itself takes seconds and logs to stderr). Ops that were not
+    prebuilt are JIT-compiled on first use (the CPU comm op: ~30 s, once)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "git_version_info_installed.py"
+    try:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "installed_ops":
+                ops = ast.literal_eval(node.value)
+                built = sorted(name for name, ok in ops.items() if ok)
+                return ", ".join(built) + " prebuilt" if built else "none prebuilt (JIT-compiled on first use)"
+    except (OSError, SyntaxError, ValueError):
+        pass
+    return None
+
+
+def probe(paths: list[str | Path] = ()) -> Rig:
+    """The machine this runs on. `paths` (data, output) get their free disk space read."""
+    import psutil
+
+    gpus, driver = probe_gpus()
+    memory, swap = psutil.virtual_memory(), psutil.swap_memory()
+    disks = []
+    for path in paths:
+        existing = Path(path).resolve()
+        while not existing.exists():
+            existing = existing.parent
+        disks.append(Disk(str(path), round(shutil.disk_usage(existing).free / 2**30, 1)))
+    return Rig(gpus=gpus,
+               cpu=Cpu(model=_cpu_model(), cores=psutil.cpu_count(logical=False) or os.cpu_count(),
+                       threads=len(os.sched_getaffinity(0))),
+               ram_gib=round(memory.total / 2**30, 2), ram_free_gib=round(memory.available / 2**30, 2),
+               swap_gib=round(swap.total / 2**30, 2), disk=tuple(disks),
+               software={**driver, **software()}, source="probe")

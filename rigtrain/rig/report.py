@@ -1,0 +1,96 @@
+"""`rigtrain rig` as text: the GPUs, their links and power, the plan with its reasons, and
+the warnings, each with what to do."""
+
+from __future__ import annotations
+
+from rigtrain.rig.facts import Rig
+from rigtrain.rig.plan import Plan
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _opt(value, fmt: str = "{}", none: str = "?") -> str:
+    return none if value is None else fmt.format(value)
+
+
+def format_rig(rig: Rig) -> list[str]:
+    lines = [f"machine ({'probed' if rig.source == 'probe' else rig.source}):"]
+    cpu = rig.cpu
+    lines.append(f"  CPU {cpu.model or '?'}: {_opt(cpu.cores)} cores, {_opt(cpu.threads)} threads"
+                 + (f", {cpu.tdp_w:.0f} W" if cpu.tdp_w else "")
+                 + f"; RAM {_opt(rig.ram_gib, '{:.1f}')} GiB" + (f" ({rig.ram_free_gib:.1f} free)" if rig.ram_free_gib else "")
+                 + (f"; PSU {rig.psu_w:.0f} W" if rig.psu_w else ""))
+    for disk in rig.disk:
+        lines.append(f"  disk {disk.path}: {disk.free_gib:.0f} GiB free")
+    software = rig.software or {}
+    if software:
+        lines.append("  software: " + ", ".join(f"{k} {v}" for k, v in software.items() if v))
+    if not rig.gpus:
+        lines.append("  no GPU: training runs on the CPU")
+        return lines
+    rows = [("GPU", "name", "memory GiB", "cc", "PCIe now/max", "power W", "temp", "throttle")]
+    for i, g in enumerate(rig.gpus):
+        pcie = g.pcie
+        link = (f"Gen{pcie.gen} x{pcie.width} / Gen{_opt(pcie.max_gen)} x{_opt(pcie.max_width)}" if pcie else "?")
+        power = g.power
+        watts = (f"{_opt(power.draw_w, '{:.0f}')} of {_opt(power.limit_w, '{:.0f}')}" if power else "?")
+        rows.append((str(i), g.name, f"{g.free_gib:.1f} free of {g.memory_gib:.1f}",
+                     f"{g.compute_capability[0]}.{g.compute_capability[1]}", link, watts,
+                     _opt(g.temperature_c, "{:.0f} C"), ", ".join(g.throttle_reasons) or "-"))
+    lines += ["  " + line for line in _table(rows)]
+    if len(rig.gpus) > 1 and any(g.p2p is not None for g in rig.gpus):
+        lines.append("  P2P (NVLink marked N):")
+        header = ("", *[str(i) for i in range(len(rig.gpus))])
+        matrix = [header]
+        for i, g in enumerate(rig.gpus):
+            cells = []
+            for j in range(len(rig.gpus)):
+                if i == j:
+                    cells.append("-")
+                elif g.nvlink and g.nvlink[j]:
+                    cells.append("N")
+                elif g.p2p is None:
+                    cells.append("?")
+                else:
+                    cells.append("yes" if g.p2p[j] else "no")
+            matrix.append((str(i), *cells))
+        lines += ["    " + line for line in _table(matrix)]
+    return lines
+
+
+def format_plan(plan: Plan) -> list[str]:
+    unit = "GPU" if plan.device == "cuda" else "CPU process"
+    lines = [f"plan ({plan.world_size} {unit}{'es' if unit.endswith('s') and plan.world_size > 1 else 's' if plan.world_size > 1 else ''}):"]
+    choices = [("precision", plan.precision), ("micro_batch_size", plan.micro_batch_size),
+               ("grad_accum_steps", plan.grad_accum_steps),
+               ("activation_checkpointing", "on" if plan.activation_checkpointing else "off"),
+               ("zero_stage", plan.zero_stage), ("offload_optimizer", plan.offload_optimizer),
+               ("optimizer", plan.optimizer), ("dataloader_workers", plan.dataloader_workers)]
+    for key, value in choices:
+        lines.append(f"  {key} = {value}: {plan.reasons.get(key, '')}")
+    if plan.predicted_peak_gib is not None:
+        where = "per GPU" if plan.device == "cuda" else "of RAM per process"
+        m = plan.memory
+        lines.append(f"  predicted peak {plan.predicted_peak_gib:.2f} GiB {where}"
+                     + (f" of {plan.usable_gib:.2f} usable" if plan.usable_gib is not None else "")
+                     + f" (step {m['step_gib']:.2f} measured with FakeTensorMode, optimizer states "
+                     f"{m['optimizer_states_gib']:.2f}, buckets {m['buckets_gib']:.2f}, ZeRO saves {m['zero_saving_gib']:.2f})")
+    for key, value in plan.env.items():
+        reason = plan.reasons.get(f"env.{key}")
+        lines.append(f"  {key}={value}" + (f": {reason}" if reason else ""))
+    if plan.from_user:
+        lines.append(f"  set by you (the plan keeps them): {', '.join(plan.from_user)}")
+    return lines
+
+
+def format_report(rig: Rig, plan: Plan) -> str:
+    lines = format_rig(rig) + [""] + format_plan(plan)
+    if plan.warnings:
+        lines += ["", f"{len(plan.warnings)} warning(s):"]
+        lines += [f"  [{w.code}] {w.message}" for w in plan.warnings]
+    else:
+        lines += ["", "no warnings"]
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""The run's plan: rig facts (a probe or a rig file) and the config go to rig/'s planner,
+with a train step it can measure; the plan's choices go back into the config, except the
+keys the user set."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from rigtrain.config import RunConfig
+from rigtrain.rig.facts import Gpu, Rig, read_rig_file
+from rigtrain.rig.memory import fake_step_peak_bytes
+from rigtrain.rig.plan import Plan, PlanRequest, make_plan
+from rigtrain.train.memory import parameter_count, train_step_builder
+
+# config key -> the plan's field
+PLANNED = {"train.micro_batch_size": "micro_batch_size", "train.grad_accum_steps": "grad_accum_steps",
+           "train.zero_stage": "zero_stage", "train.offload_optimizer": "offload_optimizer",
+           "train.optimizer": "optimizer", "model.activation_checkpointing": "activation_checkpointing"}
+
+
+def config_value(config: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Rig:
+    """A rig file when given; otherwise the probe (NVML), completed from torch when NVML
+    cannot be read but CUDA works (a container without the NVML library)."""
+    if rig_file:
+        return read_rig_file(rig_file)
+    from rigtrain.rig.probe import probe
+
+    rig = probe(paths)
+    if not rig.gpus:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = []
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                free, total = torch.cuda.mem_get_info(i)
+                gpus.append(Gpu(name=p.name, memory_gib=round(total / 2**30, 2), memory_free_gib=round(free / 2**30, 2),
+                                compute_capability=(p.major, p.minor)))
+            rig = dataclasses.replace(rig, gpus=tuple(gpus))
+    return rig
+
+
+def step_peak_function(config: RunConfig):
+    def step_peak(micro_batch: int, checkpointing: bool, precision: str) -> int:
+        return fake_step_peak_bytes(train_step_builder(config.model, config.data, micro_batch=micro_batch,
+                                                       checkpointing=checkpointing, precision=precision))
+    return step_peak
+
+
+def plan_run(config: RunConfig, rig: Rig, *, user_keys: set[str], psu_w: float | None = None) -> Plan:
+    t = config.train
+    fixed = {key: config_value(config, key) for key in PLANNED if key in user_keys}
+    if "train.precision" in user_keys or t.precision != "auto":
+        precision = t.precision
+    else:
+        precision = "auto"
+    d = config.data
+    batch_bytes = d.clip_frames * d.frame_size[0] * d.frame_size[1] * 3 + d.clip_samples * 2 + d.max_text_bytes
+    request = PlanRequest(parameters=parameter_count(config.model, config.data),
+                          global_batch=t.global_batch_size or t.micro_batch_size * t.grad_accum_steps,
+                          precision=precision, fixed=fixed,
+                          config={key: config_value(config, key) for key in PLANNED}, gpus=tuple(config.rig.gpus),
+                          cpu_processes=t.nproc, loader_workers=d.workers, psu_w=psu_w,
+                          batch_bytes=batch_bytes * t.micro_batch_size)
+    return make_plan(rig, request, step_peak_function(config))
+
+
+def apply_plan(config: RunConfig, plan: Plan) -> RunConfig:
+    """The config with the plan's choices (keys the user set are already the plan's)."""
+    model = dataclasses.replace(config.model, activation_checkpointing=plan.activation_checkpointing)
+    train = dataclasses.replace(config.train, micro_batch_size=plan.micro_batch_size,
+                                grad_accum_steps=plan.grad_accum_steps, zero_stage=plan.zero_stage,
+                                offload_optimizer=plan.offload_optimizer, optimizer=plan.optimizer)
+    return dataclasses.replace(config, model=model, train=train)

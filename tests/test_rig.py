@@ -1,0 +1,372 @@
+"""rig/: rig files in, plans and warnings out (no GPU needed), the memory measurement
+against real execution, and the NVML probe against a stand-in NVML."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from rigtrain.config import load_config
+from rigtrain.errors import UserError
+from rigtrain.rig.facts import read_rig_file, rig_from_dict
+from rigtrain.rig.memory import PeakBytes, fake_step_peak_bytes
+from rigtrain.rig.plan import PlanRequest, make_plan
+from rigtrain.train.memory import train_step_builder
+from rigtrain.train.planning import plan_run
+
+RIGS = Path(__file__).parent / "rigs"
+
+
+def plan_for(rig_name: str, preset: str = "base", overrides=(), psu_w=None):
+    from rigtrain.config.loading import user_keys
+
+    return plan_run(load_config(preset, overrides=list(overrides)), read_rig_file(RIGS / rig_name),
+                    user_keys=user_keys(None, list(overrides)), psu_w=psu_w)
+
+
+def codes(plan):
+    return {w.code for w in plan.warnings}
+
+
+def test_rtx4060_fits_base_without_help_and_a_big_model_with_checkpointing_and_8bit():
+    plan = plan_for("rtx4060_8gb.json")
+    assert (plan.precision, plan.zero_stage, plan.activation_checkpointing, plan.optimizer) == ("bf16", 0, False, "adamw")
+    assert plan.predicted_peak_gib <= plan.usable_gib and plan.micro_batch_size >= 8
+    assert plan.micro_batch_size * plan.grad_accum_steps >= 256  # reaches the global batch
+    big = plan_for("rtx4060_8gb.json", overrides=["model.d_model=1536", "model.enc_layers=16", "model.heads=16"])
+    assert big.activation_checkpointing and big.optimizer == "adamw8bit" and big.offload_optimizer == "none"
+    assert "fits" in big.reasons["activation_checkpointing"] and big.predicted_peak_gib <= big.usable_gib
+    assert codes(plan) == set()  # a single card on its native x8 link is not "downtrained"
+
+
+def test_two_3090s_one_on_x4_with_an_850w_psu():
+    plan = plan_for("two_3090_one_on_x4_850w.json")
+    assert plan.world_size == 2 and plan.precision == "bf16"
+    assert {"pcie_narrow", "pcie_downtrained", "no_p2p", "psu_headroom"} <= codes(plan)
+    narrow = next(w for w in plan.warnings if w.code == "pcie_narrow")
+    assert narrow.gpu == 1 and "x4" in narrow.message
+    psu = next(w for w in plan.warnings if w.code == "psu_headroom")
+    assert "850 W PSU" in psu.message and "-pl 195" in psu.message  # (850 - 105 - 75) / (2 x 1.7) rounded to 5 W
+    assert plan.env["NCCL_P2P_DISABLE"] == "1"
+    assert plan.zero_stage == 1 and "same communication" in plan.reasons["zero_stage"]
+
+
+def test_four_4090s_without_p2p():
+    plan = plan_for("four_4090_no_p2p.json")
+    assert plan.world_size == 4 and plan.env["NCCL_P2P_DISABLE"] == "1"
+    assert {"no_p2p", "p2p_unreliable", "throttling", "psu_headroom"} <= codes(plan)
+    assert next(w for w in plan.warnings if w.code == "throttling").gpu == 2
+    assert plan.micro_batch_size * plan.grad_accum_steps * 4 == 256
+
+
+def synthetic_step(act_gib: float, ckpt_act_gib: float, parameters: float):
+    """A step whose peak is weights + gradients (bf16) + activations per clip: the
+    planner's logic, fast, with numbers chosen to land between its options."""
+    def step_peak(b, checkpointing, precision):
+        width = 4 if precision == "fp32" else 2
+        return int(parameters * 2 * width + 0.2 * 2**30 + b * (ckpt_act_gib if checkpointing else act_gib) * 2**30)
+    return step_peak
+
+
+def test_narrow_links_checkpoint_before_zero2_and_wide_links_the_other_way():
+    request = PlanRequest(parameters=int(1.5e9), global_batch=256)
+    step = synthetic_step(act_gib=1.0, ckpt_act_gib=0.2, parameters=1.5e9)
+    narrow = make_plan(read_rig_file(RIGS / "two_3090_one_on_x4_850w.json"), request, step)
+    assert (narrow.zero_stage, narrow.activation_checkpointing) == (1, True)
+    assert narrow.micro_batch_size == 8 and narrow.grad_accum_steps == 16  # checkpointing buys 8, not more
+    wide = make_plan(read_rig_file(RIGS / "four_4090_no_p2p.json"), PlanRequest(parameters=int(1.5e9), global_batch=256,
+                                                                                 gpus=(0, 1)), step)
+    assert (wide.zero_stage, wide.activation_checkpointing) == (2, False)
+    assert "every micro-step" in wide.reasons["zero_stage"]
+
+
+def test_eight_bit_and_offload_come_last():
+    rig = read_rig_file(RIGS / "rtx4060_8gb.json")
+    # 0.6 B parameters: AdamW's 12 bytes each do not fit 8 GB beside the weights; 8-bit's 6 do
+    plan = make_plan(rig, PlanRequest(parameters=int(0.6e9), global_batch=64), synthetic_step(0.1, 0.05, 0.6e9))
+    assert plan.optimizer == "adamw8bit" and plan.offload_optimizer == "none"
+    # 1.2 B: even 8-bit states do not fit: offload them (ZeRO-2 with one GPU), with a RAM check
+    plan = make_plan(rig, PlanRequest(parameters=int(1.2e9), global_batch=64), synthetic_step(0.1, 0.05, 1.2e9))
+    assert plan.offload_optimizer == "cpu" and plan.zero_stage == 2 and plan.activation_checkpointing
+    assert "offload" in plan.reasons["zero_stage"]
+    # 3 B: nothing fits; the plan says so instead of pretending
+    plan = make_plan(rig, PlanRequest(parameters=int(3e9), global_batch=64), synthetic_step(0.1, 0.05, 3e9))
+    assert "does_not_fit" in codes(plan) and plan.predicted_peak_gib > plan.usable_gib
+
+
+def test_rtx2080ti_trains_fp16_and_gtx1080ti_fp32():
+    turing = plan_for("rtx2080ti.json")
+    assert turing.precision == "fp16" and "loss scaling" in turing.reasons["precision"]
+    pascal = plan_for("gtx1080ti.json")
+    assert pascal.precision == "fp32"
+    assert "no_bf16" in codes(turing) and "no_bf16" in codes(pascal)
+    # fp32 weights and activations take more room: a smaller micro-batch on the same 11 GB
+    assert pascal.micro_batch_size < turing.micro_batch_size
+
+
+def test_a100_takes_the_whole_share_in_one_micro_batch():
+    plan = plan_for("a100_80gb.json")
+    assert (plan.precision, plan.micro_batch_size, plan.grad_accum_steps) == ("bf16", 256, 1)
+    assert codes(plan) == set()
+
+
+def test_mixed_cards_plan_for_the_smallest_and_rig_gpus_chooses():
+    plan = plan_for("mixed_3090_3060.json")
+    assert "mixed_gpus" in codes(plan) and "RTX 3060" in plan.reasons["micro_batch_size"]
+    assert plan.usable_gib < 12
+    alone = plan_for("mixed_3090_3060.json", overrides=["rig.gpus=0"])
+    assert alone.world_size == 1 and "mixed_gpus" not in codes(alone) and alone.usable_gib > 20
+    assert alone.env["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_cpu_only_box_keeps_the_config():
+    plan = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=2", "data.workers=-1"])
+    config = load_config("demo")
+    assert (plan.device, plan.world_size, plan.precision) == ("cpu", 2, "fp32")
+    assert (plan.micro_batch_size, plan.zero_stage) == (config.train.micro_batch_size, config.train.zero_stage)
+    assert plan.env["OMP_NUM_THREADS"] == "8" and plan.dataloader_workers == 7
+
+
+def test_what_the_user_sets_wins_and_the_plan_says_so():
+    plan = plan_for("rtx2080ti.json", overrides=["train.micro_batch_size=4", "train.zero_stage=0"])
+    assert plan.micro_batch_size == 4 and plan.from_user == ["train.micro_batch_size", "train.zero_stage"]
+    assert "set by the user" in plan.reasons["micro_batch_size"]
+    assert plan.grad_accum_steps == 64  # 256 / 4
+    assert plan_for("a100_80gb.json", overrides=["train.precision=fp32"]).precision == "fp32"
+
+
+def test_more_memory_never_gives_a_smaller_micro_batch():
+    """On the real `small` model (measured steps), from a card where little fits to one
+    where the whole batch does, through the memory sizes where checkpointing switches on
+    and off."""
+    base = json.loads((RIGS / "rtx4060_8gb.json").read_text())
+    config = load_config("small", overrides=["train.global_batch_size=256"])
+    previous, chosen = 0, []
+    for memory in (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0):
+        rig = dict(base, gpus=[dict(base["gpus"][0], memory_gib=memory)])
+        plan = plan_run(config, rig_from_dict(rig), user_keys=set())
+        size = plan.micro_batch_size if plan.predicted_peak_gib <= plan.usable_gib else 0
+        chosen.append((memory, size, plan.activation_checkpointing))
+        assert size >= previous, f"{memory} GiB gave micro-batch {size} after {previous}: {chosen}"
+        previous = size
+    assert previous == 256 and any(c for _, _, c in chosen) and not chosen[-1][2]
+
+
+def test_search_finds_the_largest_fitting_micro_batch_with_few_measurements():
+    """Against an exhaustive scan of a step whose peak is not affine (a jump where another
+    buffer appears), the search returns the same size and measures a handful of steps."""
+    from rigtrain.rig.plan import _Search
+
+    def bytes_at(b):
+        return 1000 + 37 * b + (400 if b > 50 else 0) + (b * b // 40)
+
+    def peak(b, checkpointing, precision):
+        calls.append(b)
+        return bytes_at(b)
+
+    for budget in (900, 1100, 2500, 3300, 4000, 9000, 20000):
+        calls = []
+        found = _Search(peak, "bf16").largest(False, budget, 256)
+        expected = max([b for b in range(1, 257) if bytes_at(b) <= budget], default=0)
+        assert found == expected, budget
+        assert len(set(calls)) <= 10, (budget, len(set(calls)))
+
+
+def test_hardware_warnings_judge_link_generation_only_under_load():
+    def rig(utilization):
+        return rig_from_dict({"gpus": [{"name": "NVIDIA GeForce RTX 3090", "memory_gib": 24.0,
+                                        "compute_capability": [8, 6], "utilization_pct": utilization,
+                                        "pcie": {"gen": 1, "width": 16, "max_gen": 4, "max_width": 16}}]})
+    config = load_config("small")
+    assert "pcie_downtrained" not in codes(plan_run(config, rig(0), user_keys=set()))  # idle: Gen1 is normal
+    busy = plan_run(config, rig(95), user_keys=set())
+    assert "pcie_downtrained" in codes(busy) and "Gen1 of Gen4 under load" in busy.warnings[0].message
+
+
+def test_psu_watts_from_the_command_line():
+    plan = plan_for("a100_80gb.json", psu_w=400)
+    assert "psu_headroom" in codes(plan)
+    assert "psu_headroom" not in codes(plan_for("a100_80gb.json", psu_w=2000))
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda r: r["gpus"][0].update(memory_gib=-8), "gpus[0].memory_gib"),
+    (lambda r: r["gpus"][0]["pcie"].update(width=0), "gpus[0].pcie.width"),
+    (lambda r: r["gpus"][0].update(colour="green"), "gpus[0].colour"),
+    (lambda r: r.update(ram=64), "ram"),
+    (lambda r: r["gpus"][0].update(compute_capability="8.6"), "gpus[0].compute_capability"),
+    (lambda r: r["gpus"][0].update(p2p=[True]), "gpus[0].p2p"),
+])
+def test_invalid_rig_files_name_the_field(tmp_path, change, field):
+    rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    change(rig)
+    path = tmp_path / "rig.json"
+    path.write_text(json.dumps(rig))
+    with pytest.raises(UserError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        read_rig_file(path)
+    result = run_cli("rig", "--rig", str(path))
+    assert result.returncode == 2 and field in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_rig_command_json_round_trips_as_a_rig_file(tmp_path):
+    result = run_cli("rig", "--rig", str(RIGS / "two_3090_one_on_x4_850w.json"), "--preset", "small", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"rig", "plan", "warnings"}
+    for key in ("precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing", "zero_stage",
+                "offload_optimizer", "optimizer", "dataloader_workers", "env", "predicted_peak_gib", "reasons"):
+        assert key in report["plan"], key
+    assert all(set(w) == {"code", "gpu", "message"} for w in report["warnings"])
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(report["rig"]))
+    again = json.loads(run_cli("rig", "--rig", str(saved), "--preset", "small", "--json").stdout)
+    assert again["plan"]["micro_batch_size"] == report["plan"]["micro_batch_size"]
+    assert [w["code"] for w in again["warnings"]] == [w["code"] for w in report["warnings"]]
+    text = run_cli("rig", "--rig", str(RIGS / "two_3090_one_on_x4_850w.json"), "--psu-watts", "1600")
+    assert "[pcie_narrow]" in text.stdout and "PSU 1600 W" in text.stdout and "P2P" in text.stdout
+
+
+def test_probe_this_machine_is_a_cpu_rig():
+    result = run_cli("rig", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert report["rig"]["gpus"] == [] and report["plan"]["device"] == "cpu"
+    assert report["rig"]["cpu"]["threads"] >= 1 and report["rig"]["ram_gib"] > 0
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+def test_fake_peak_equals_the_same_step_run_for_real_and_memtracker():
+    """FakeTensorMode changes nothing in the accounting: the same tiny step run for real on
+    the CPU (same tracker) peaks at the same bytes, and MemTracker agrees."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    config = load_config("demo")
+    build = train_step_builder(config.model, config.data, micro_batch=4, checkpointing=False, precision="fp32")
+    fake = fake_step_peak_bytes(build)
+
+    from rigtrain.model import build_model
+    from rigtrain.train.flops import meta_batch
+
+    torch.manual_seed(0)
+    model = build_model(config.model, config.data)
+    batch = {k: torch.zeros(v.shape, dtype=v.dtype) if k != "text_len" else torch.full(v.shape, config.data.max_text_bytes)
+             for k, v in meta_batch(config.data, 4).items()}
+    tracker = PeakBytes([*model.parameters(), *model.buffers()])
+    with tracker:
+        model(batch)["loss"].backward()
+    assert fake == tracker.peak
+    model.zero_grad(set_to_none=True)
+    with MemTracker() as mem:
+        model(batch)["loss"].backward()
+    assert abs(list(mem.get_tracker_snapshot("peak").values())[0]["Total"] - fake) <= 0.01 * fake
+
+
+def test_memory_estimate_matches_the_saved_tensor_bytes_of_a_real_cpu_run():
+    """What autograd keeps for backward (saved-tensor hooks on a real CPU forward) is what
+    the fake measurement says is alive at the end of the forward, less the parameters."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 10))
+    x = torch.randn(32, 64)
+    saved: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).sum()
+    real = sum(saved.values())
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake_model = torch.nn.Sequential(*[torch.nn.Linear(l.in_features, l.out_features) if isinstance(l, torch.nn.Linear)
+                                           else torch.nn.GELU() for l in model])
+        fx = torch.empty(32, 64)
+        tracker = PeakBytes([*fake_model.parameters(), fx])
+        with tracker:
+            out = fake_model(fx).sum()
+        resident = sum(p.nbytes for p in fake_model.parameters()) + fx.nbytes
+        alive = tracker.live - resident - out.nbytes
+    assert loss.requires_grad
+    assert abs(alive - (real - x.nbytes)) <= 0.02 * real
+
+
+# -- the probe -------------------------------------------------------------------------------
+
+def fake_nvml(gpus: int = 2):
+    """A stand-in for pynvml with two RTX 3090s, the second on x4 and throttling."""
+    nvml = types.SimpleNamespace()
+
+    class NVMLError(Exception):
+        pass
+
+    nvml.NVMLError = NVMLError
+    for name, value in dict(NVML_PCIE_UTIL_RX_BYTES=1, NVML_PCIE_UTIL_TX_BYTES=0, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2,
+                            NVML_TEMPERATURE_GPU=0, NVML_P2P_CAPS_INDEX_READ=0, NVML_P2P_CAPS_INDEX_NVLINK=2,
+                            NVML_P2P_STATUS_OK=0, nvmlClocksEventReasonSwThermalSlowdown=0x20,
+                            nvmlClocksEventReasonSwPowerCap=0x4, nvmlClocksEventReasonHwSlowdown=0x8,
+                            nvmlClocksEventReasonHwThermalSlowdown=0x40,
+                            nvmlClocksEventReasonHwPowerBrakeSlowdown=0x80).items():
+        setattr(nvml, name, value)
+    memory = types.SimpleNamespace(total=24 * 2**30, free=23 * 2**30, used=2**30)
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetCount = lambda: gpus
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: ("gpu", i)
+    nvml.nvmlDeviceGetName = lambda h: b"NVIDIA GeForce RTX 3090"
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: memory
+    nvml.nvmlDeviceGetCudaComputeCapability = lambda h: (8, 6)
+    nvml.nvmlDeviceGetCurrPcieLinkGeneration = lambda h: 4
+    nvml.nvmlDeviceGetCurrPcieLinkWidth = lambda h: 16 if h[1] == 0 else 4
+    nvml.nvmlDeviceGetMaxPcieLinkGeneration = lambda h: 4
+    nvml.nvmlDeviceGetMaxPcieLinkWidth = lambda h: 16
+    nvml.nvmlDeviceGetPcieThroughput = lambda h, kind: 1500
+    nvml.nvmlDeviceGetPowerManagementLimit = lambda h: 350_000
+    nvml.nvmlDeviceGetPowerManagementDefaultLimit = lambda h: 350_000
+    nvml.nvmlDeviceGetPowerManagementLimitConstraints = lambda h: (100_000, 400_000)
+    nvml.nvmlDeviceGetPowerUsage = lambda h: 31_500
+
+    def unsupported(*args):
+        raise NVMLError("Not Supported")
+
+    nvml.nvmlDeviceGetCurrentClocksEventReasons = lambda h: 0x20 if h[1] == 1 else 0x1  # 0x1: idle, not throttling
+    nvml.nvmlDeviceGetCurrentClocksThrottleReasons = unsupported
+    nvml.nvmlDeviceGetClockInfo = lambda h, kind: 210
+    nvml.nvmlDeviceGetMaxClockInfo = lambda h, kind: 2100
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=3, memory=1)
+    nvml.nvmlDeviceGetTemperature = lambda h, sensor: 41 if h[1] == 0 else 88
+    nvml.nvmlDeviceGetP2PStatus = lambda a, b, cap: 0 if cap == 0 else 1  # P2P over PCIe, no NVLink
+    nvml.nvmlSystemGetDriverVersion = lambda: "560.35.03"
+    nvml.nvmlSystemGetCudaDriverVersion = unsupported
+    return nvml
+
+
+def test_probe_reads_nvml(monkeypatch):
+    from rigtrain.rig.probe import probe
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml())
+    rig = probe(["."])
+    assert len(rig.gpus) == 2
+    first, second = rig.gpus
+    assert (first.name, first.memory_gib, first.memory_free_gib, first.compute_capability) == (
+        "NVIDIA GeForce RTX 3090", 24.0, 23.0, (8, 6))
+    assert (second.pcie.width, second.pcie.max_width, second.pcie.rx_mb_s) == (4, 16, 1.5)
+    assert (first.power.limit_w, first.power.max_limit_w, first.power.draw_w) == (350, 400, 31.5)
+    assert first.throttle_reasons == () and second.throttle_reasons == ("sw_thermal",)
+    assert first.p2p == (True, True) and first.nvlink == (False, False)
+    assert rig.software["driver"] == "560.35.03" and "driver_cuda" not in rig.software  # unsupported: left out
+    plan = plan_run(load_config("small"), rig, user_keys=set())
+    assert {"pcie_narrow", "pcie_downtrained", "throttling"} <= codes(plan)
+    # and the probe's rig is a valid rig file
+    assert rig_from_dict(json.loads(json.dumps(rig.to_dict()))).gpus[1].pcie.width == 4
