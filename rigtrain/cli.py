@@ -35,6 +35,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps in total (train.steps)")
     p.add_argument("--resume", action="store_true", help="continue --out RUN_DIR from its newest complete checkpoint")
     p.add_argument("--hostfile", metavar="FILE", help="several machines: passed to DeepSpeed's launcher")
+    p.add_argument("--rig", metavar="FILE", help="this machine described by a rig file (RIG.md) instead of the probe, "
+                   "e.g. a saved `rigtrain rig --json` with your PSU")
+    p.add_argument("--psu-watts", type=float, metavar="W", help="the power supply's rating, for the power warning")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
 
 
@@ -121,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rigtrain.train.launch import train
 
     return train(out=args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
-                 steps=args.steps, data=args.data, resume=args.resume, hostfile=args.hostfile)
+                 steps=args.steps, data=args.data, resume=args.resume, hostfile=args.hostfile, rig_file=args.rig,
+                 psu_w=args.psu_watts)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -210,7 +214,7 @@ def cmd_data_bench(args: argparse.Namespace) -> int:
     from rigtrain.data.dataset import read_index
     from rigtrain.rig.peaks import REFERENCE_GPU, peak_tflops
     from rigtrain.train.flops import step_clips_per_s, train_flops_per_clip
-    from rigtrain.train.setup import loader_workers
+    from rigtrain.rig.plan import loader_workers
 
     index = read_index(Path(args.data_dir))
     preset = args.preset or _matching_preset(index["params"])

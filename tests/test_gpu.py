@@ -22,3 +22,16 @@ def test_demo_trains_on_the_gpu(tmp_path, demo_data):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["gpu_mem_peak_gib"] > 0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
+    check = record["memory_check"]  # the plan's prediction against the first step's real peak
+    assert check["measured_peak_gib"] > 0 and check["predicted_peak_gib"] > 0
+    assert 0.75 <= check["predicted_peak_gib"] / check["measured_peak_gib"] <= 1.25, check
+
+
+def test_probe_reads_every_gpu_through_nvml():
+    result = run_cli("rig", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["rig"]["gpus"]) == torch.cuda.device_count()
+    first = report["rig"]["gpus"][0]
+    assert first["memory_gib"] > 0 and first["pcie"]["width"] >= 1 and "power" in first
+    assert report["plan"]["device"] == "cuda" and report["plan"]["predicted_peak_gib"] > 0

@@ -82,7 +82,7 @@ def choose_precision(capability: tuple[int, int]) -> tuple[str, str]:
     that need dynamic loss scaling; Pascal's consumer fp16 is crippled, so fp32 there."""
     major, minor = capability
     if capability >= (8, 0):
-        return "bf16", f"compute capability {major}.{minor} >= 8.0 has native bf16 (and TF32 for fp32 matmuls)"
+        return "bf16", f"compute capability {major}.{minor} >= 8.0 has native bf16"
     if capability >= (7, 0):
         return "fp16", f"compute capability {major}.{minor} has fp16 tensor cores but no bf16: fp16 with dynamic loss scaling"
     return "fp32", f"compute capability {major}.{minor} < 7.0: fp16 runs at a fraction of fp32 speed on this card, so fp32"
@@ -206,9 +206,8 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         precision, reasons["precision"] = request.precision, f"set by the user (train.precision={request.precision})"
     else:
         precision, reasons["precision"] = choose_precision(capability)
-    if precision == "bf16":
-        env["NVIDIA_TF32_OVERRIDE"] = "1"
-        reasons["env.NVIDIA_TF32_OVERRIDE"] = "TF32 for the fp32 matmuls that remain (Ampere and newer)"
+    if capability >= (8, 0):
+        reasons["tf32"] = "on for the fp32 matmuls that remain (Ampere and newer; the trainer enables it in torch)"
 
     smallest = min(gpus, key=lambda g: g.free_gib)
     usable, why_usable = usable_gib(smallest)

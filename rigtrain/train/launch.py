@@ -9,8 +9,10 @@ start the training processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,13 +82,13 @@ def check_data(data_dir: Path, config: RunConfig, world_size: int) -> int:
     return len(dataset)
 
 
-def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, devices: dict, plan: dict) -> None:
+def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan, extra: dict | None = None) -> None:
     from rigtrain.train.trainer import deepspeed_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"config": config.to_dict(), "data_dir": str(data_dir), "rig": devices,
-              "plan": {**plan, "deepspeed": deepspeed_config(config, plan["precision"], plan["world_size"])},
-              "command": sys.argv}
+    record = {"config": config.to_dict(), "data_dir": str(data_dir), "rig": rig.to_dict(),
+              "plan": {**plan.to_dict(), "deepspeed": deepspeed_config(config, plan.precision, plan.world_size)},
+              "warnings": [w.to_dict() for w in plan.warnings], "command": sys.argv, **(extra or {})}
     tmp = run_dir / "config.json.tmp"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(run_dir / "config.json")
@@ -113,23 +115,92 @@ def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | Non
             "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
 
 
+OOM_MARKER = "oom.json"  # a worker writes it when the first step runs out of GPU memory
+
+
+def _check_rig_file_matches(rig, rig_file: str | None) -> None:
+    """--rig describes this machine (adding what no probe reads, like the PSU); training
+    still runs here, so the GPU count must be this machine's."""
+    if not rig_file:
+        return
+    import torch
+
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(rig.gpus) != here:
+        raise UserError(f"--rig {rig_file} describes {len(rig.gpus)} GPU(s) but this machine has {here}; "
+                        "to plan for another machine use `rigtrain rig --rig FILE`")
+
+
+def _say(line: str) -> None:
+    print(f"[rigtrain] {line}", flush=True)
+
+
 def train(*, out: str | None, preset: str | None, config_file: str | None, overrides: list[str], steps: int | None,
-          data: str | None, resume: bool, hostfile: str | None) -> int:
-    from rigtrain.train.setup import local_devices, plan_launch
+          data: str | None, resume: bool, hostfile: str | None, rig_file: str | None = None,
+          psu_w: float | None = None) -> int:
+    # Before anything starts CUDA: number GPUs by PCI bus, as nvidia-smi and NVML do.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    from rigtrain.config.loading import user_keys
+    from rigtrain.train.planning import PLANNED, apply_plan, machine_rig, plan_run
 
     config, run_dir = resolve_config(out=out, preset=preset, config_file=config_file, overrides=overrides,
                                      steps=steps, data=data, resume=resume)
     if hostfile and not Path(hostfile).is_file():
         raise UserError(f"--hostfile {hostfile}: no such file; list one 'HOST slots=N' line per machine")
-    devices = local_devices()
-    plan = plan_launch(config, devices)
-    data_dir = resolve_data(config, log=lambda line: print(f"[rigtrain] {line}", flush=True))
-    clips = check_data(data_dir, config, plan.world_size)
-    write_run_config(run_dir, config, data_dir, devices, plan.to_dict())
-    print(f"[rigtrain] run {run_dir}: {clips} clips from {data_dir}", flush=True)
-    for key, reason in plan.reasons.items():
-        print(f"[rigtrain]   {key}: {reason}", flush=True)
+    data_dir = resolve_data(config, log=_say)
+    rig = machine_rig([data_dir, run_dir], rig_file)
+    _check_rig_file_matches(rig, rig_file)
+    # A resumed run keeps the plan it started with; otherwise what the user set is kept
+    # and the rest is planned.
+    fixed = set(PLANNED) if resume else user_keys(config_file, overrides)
+    backed_off: list[int] = []
+    while True:
+        plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w)
+        config = apply_plan(config, plan)
+        clips = check_data(data_dir, config, plan.world_size)
+        write_run_config(run_dir, config, data_dir, rig, plan, {"backed_off_from": backed_off} if backed_off else None)
+        _say(f"run {run_dir}: {clips} clips from {data_dir}")
+        kept = []
+        for key in ("world_size", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
+                    "zero_stage", "optimizer", "offload_optimizer", "dataloader_workers"):
+            value = getattr(plan, key, None)
+            if plan.reasons.get(key, "").startswith("no GPU to plan for"):
+                kept.append(f"{key} = {value}")
+            elif key in plan.reasons:
+                _say(f"  {key}{'' if value is None else f' = {value}'}: {plan.reasons[key]}")
+        if kept:
+            _say(f"  no GPU to plan for, the config's values: {', '.join(kept)}")
+        if plan.device == "cuda" and plan.predicted_peak_gib is not None:
+            _say(f"  predicted peak memory {plan.predicted_peak_gib:.2f} GiB per GPU of {plan.usable_gib:.2f} usable")
+        for warning in plan.warnings:
+            _say(f"  warning [{warning.code}] {warning.message}")
+        (run_dir / OOM_MARKER).unlink(missing_ok=True)
+        code = _launch(run_dir, plan, hostfile)
+        oom = run_dir / OOM_MARKER
+        if code == 0 or not oom.is_file():
+            break
+        # The first step ran out of memory: one size down, planned again, and said so.
+        failed = plan.micro_batch_size
+        if resume or failed <= 1 or "train.micro_batch_size" in user_keys(config_file, overrides):
+            _say(f"out of GPU memory on the first step at micro-batch {failed}, which the plan may not change "
+                 "(set by you, a resumed run, or already 1): lower train.micro_batch_size or use a smaller preset")
+            break
+        smaller = max(1, failed - max(1, failed // 8))
+        backed_off.append(failed)
+        _say(f"out of GPU memory on the first step at micro-batch {failed}: backing off to {smaller}")
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, micro_batch_size=smaller))
+        fixed = fixed | {"train.micro_batch_size"}
+        for path in (run_dir / "metrics.jsonl", run_dir / "tb"):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if code == 0:
+        print(f"\nrun: {run_dir}\nopen TensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
+        return 0
+    print(f"rigtrain: training failed (exit code {code}); messages above say why. "
+          f"Continue later with: rigtrain train --out {run_dir} --resume", file=sys.stderr)
+    return 2 if code == 2 else 1
 
+
+def _launch(run_dir: Path, plan, hostfile: str | None) -> int:
     command = launch_command(run_dir, plan, hostfile)
     if command is None:
         os.environ.update(plan.env)
@@ -138,16 +209,8 @@ def train(*, out: str | None, preset: str | None, config_file: str | None, overr
             os.environ[key] = value
         from rigtrain.train.worker import run
 
-        code = run(run_dir)
-    else:
-        env = {**os.environ, **plan.env}
-        if hostfile:
-            env.pop("CUDA_VISIBLE_DEVICES", None)
-        code = subprocess.run(command, env=env).returncode
-    if code == 0:
-        print(f"\nrun: {run_dir}\nopen TensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
-        return 0
-    print(f"rigtrain: training failed (exit code {code}); messages above say why. "
-          f"Continue later with: rigtrain train --out {run_dir} --resume", file=sys.stderr)
-    return 2 if code == 2 else 1
-
+        return run(run_dir)
+    env = {**os.environ, **plan.env}
+    if hostfile:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run(command, env=env).returncode

@@ -58,10 +58,20 @@ class MetricsLog:
             writer.add_text("rig", _markdown_json(saved["rig"]))
             writer.add_text("plan", "\n\n".join(f"**{k}**: {v}" for k, v in saved["plan"]["reasons"].items())
                             + "\n\n" + _markdown_json(saved["plan"]))
+            if saved.get("warnings"):
+                writer.add_text("warnings", "\n\n".join(f"**{w['code']}** (GPU {w['gpu']}): {w['message']}"
+                                                         for w in saved["warnings"]))
             hparams = {f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
                        for section in ("model", "data", "train") for k, v in saved["config"][section].items()}
             hparams["parameters"] = parameters
             writer.add_hparams(hparams, {"hparam/parameters_m": parameters / 1e6}, run_name=".")
+
+    def write_text(self, run: str, tag: str, text: str) -> None:
+        """A text note in one of the TensorBoard runs (setup, train)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(self.run_dir / "tb" / run)) as writer:
+            writer.add_text(tag, text)
 
     def write(self, metrics: dict[str, float]) -> None:
         metrics = {**metrics, **telemetry(self.process)}

@@ -132,10 +132,8 @@ class Trainer:
         self.dataset = ShardDataset(saved["data_dir"], self.config.data)
         self.loader = make_loader(self.dataset, self.config.data, rank=self.rank, world=self.world,
                                   micro_batch=t.micro_batch_size, seed=t.seed, start_batch=self.micro_batches,
-                                  workers=self.plan.get("loader_workers", max(0, self.config.data.workers)),
+                                  workers=self.plan.get("dataloader_workers", max(0, self.config.data.workers)),
                                   pin_memory=self.device.type == "cuda")
-        # Creating the loader's iterator draws from the global RNG, so it happens before the
-        # RNG states are restored: a resumed run then draws exactly what the original drew.
         self.batches = iter(self.loader)
         if resume_tag:
             self._load_checkpoint(resume_tag)
@@ -263,6 +261,8 @@ class Trainer:
         started = time.perf_counter()
         while self.step < t.steps:
             metrics = self.train_step()
+            if self.step == first_step + 1 and self.device.type == "cuda":
+                self._check_memory()
             if metrics and self.log:
                 self.log.write(metrics)
                 losses.append(metrics["loss"])
@@ -275,6 +275,30 @@ class Trainer:
             change = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
             self.log.say(f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.1f} s"
                          f"{change}; run in {self.run_dir}")
+
+    def _check_memory(self) -> None:
+        """The plan's predicted peak against what the first step really allocated, kept in
+        config.json and shown in TensorBoard's setup run."""
+        measured = torch.cuda.max_memory_allocated(self.device) / 2**30
+        peak = torch.tensor([measured], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        measured = float(peak)
+        predicted = self.plan.get("predicted_peak_gib")
+        if not self.log:
+            return
+        error = f" ({(predicted - measured) / measured:+.1%} predicted vs measured)" if predicted and measured else ""
+        self.log.say(f"memory: first step peaked at {measured:.2f} GiB per GPU; the plan predicted "
+                     f"{predicted if predicted is None else f'{predicted:.2f}'} GiB{error}")
+        path = self.run_dir / "config.json"
+        record = json.loads(path.read_text())
+        record["memory_check"] = {"predicted_peak_gib": predicted, "measured_peak_gib": round(measured, 3),
+                                  "micro_batch_size": self.config.train.micro_batch_size}
+        tmp = path.with_name("config.json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+        self.log.write_text("setup", "memory", f"predicted {predicted} GiB, measured {measured:.3f} GiB "
+                            f"(torch.cuda.max_memory_allocated after the first step){error}")
 
     def close(self) -> None:
         if getattr(self, "loader", None) is not None:

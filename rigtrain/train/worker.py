@@ -25,6 +25,8 @@ def apply_plan_env(run_dir: Path) -> None:
 
 def run(run_dir: str | Path) -> int:
     apply_plan_env(Path(run_dir))
+    import torch
+
     from rigtrain.train.trainer import Trainer
 
     trainer = None
@@ -37,6 +39,15 @@ def run(run_dir: str | Path) -> int:
         return 2
     except FloatingPointError as err:
         print(f"rigtrain: {err}", file=sys.stderr, flush=True)
+        return 1
+    except torch.cuda.OutOfMemoryError as err:
+        # On the first step the plan's micro-batch was too large: tell the launcher, which
+        # backs off one size and starts again. Later, it is a real failure.
+        if trainer is not None and trainer.step == 0:
+            from rigtrain.train.launch import OOM_MARKER
+
+            (Path(run_dir) / OOM_MARKER).write_text(json.dumps({"rank": trainer.rank, "error": str(err)[:500]}))
+        print(f"rigtrain: out of GPU memory: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
         return 1
     finally:
         if trainer is not None:
