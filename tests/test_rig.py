@@ -370,3 +370,12 @@ def test_probe_reads_nvml(monkeypatch):
     assert {"pcie_narrow", "pcie_downtrained", "throttling"} <= codes(plan)
     # and the probe's rig is a valid rig file
     assert rig_from_dict(json.loads(json.dumps(rig.to_dict()))).gpus[1].pcie.width == 4
+
+
+def test_train_with_a_rig_file_of_another_machine_is_refused(tmp_path):
+    if torch.cuda.is_available() and torch.cuda.device_count() == 2:
+        pytest.skip("this machine has the two GPUs the file describes")
+    result = run_cli("train", "--rig", str(RIGS / "two_3090_one_on_x4_850w.json"), "--steps", "1",
+                     "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "describes 2 GPU(s)" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

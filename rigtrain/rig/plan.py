@@ -342,7 +342,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
                                     if offload == "cpu" else "the optimizer states fit on the GPU")
     reasons.setdefault("optimizer", "set by the user" if "train.optimizer" in fixed else
                        "8-bit AdamW: needed to fit the micro-batch" if optimizer == "adamw8bit" else
-                       "AdamW: its states fit")
+                       "its states fit")
     workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, world)
 
     if world > 1:
