@@ -49,6 +49,10 @@ def build_parser() -> Parser:
     train = commands.add_parser("train", help="train with DeepSpeed ZeRO on every local GPU (or the CPU)")
     _add_run_options(train)
 
+    profile = commands.add_parser("profile", help="a short training run under torch.profiler, with a verdict on "
+                                  "what limits it (input, compute, communication or host)")
+    _add_run_options(profile)
+
     rig = commands.add_parser("rig", help="read the machine (or a rig file), plan a run and warn about the hardware")
     rig.add_argument("--rig", metavar="FILE", help="plan for the machine this rig file describes (RIG.md), not this one")
     rig.add_argument("--psu-watts", type=float, metavar="W", help="the power supply's rating, which no probe can read")
@@ -126,6 +130,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(out=args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
                  steps=args.steps, data=args.data, resume=args.resume, hostfile=args.hostfile, rig_file=args.rig,
                  psu_w=args.psu_watts)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    if args.help_config:
+        _print_config_help(args.preset or "demo")
+        return 0
+    from rigtrain.train.launch import train
+
+    return train(out=args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
+                 steps=args.steps, data=args.data, resume=args.resume, hostfile=args.hostfile, rig_file=args.rig,
+                 psu_w=args.psu_watts, profile=True)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -290,7 +305,7 @@ def cmd_rig(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {("train", None): cmd_train, ("rig", None): cmd_rig, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare,
+COMMANDS = {("train", None): cmd_train, ("profile", None): cmd_profile, ("rig", None): cmd_rig, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare,
             ("data", "check"): cmd_data_check, ("data", "bench"): cmd_data_bench}
 
 

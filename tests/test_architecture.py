@@ -1,4 +1,4 @@
-"""STYLE.md: dependencies point one way, cli -> train -> {rig, data, model} -> config, and
+"""STYLE.md: dependencies point one way, cli -> train -> {rig, profile, data, model} -> config, and
 model/ never imports DeepSpeed. Read from the source, so a stray import fails here."""
 
 import ast
@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rigtrain"
 
 # part -> what it must never import
 FORBIDDEN = {
+    "profile": ("rigtrain.model", "rigtrain.data", "rigtrain.train", "rigtrain.rig", "rigtrain.cli", "deepspeed"),
     "rig": ("rigtrain.model", "rigtrain.data", "rigtrain.train", "rigtrain.cli", "deepspeed"),
     "config": ("rigtrain.model", "rigtrain.data", "rigtrain.train", "rigtrain.cli", "torch", "deepspeed"),
     "model": ("rigtrain.data", "rigtrain.train", "rigtrain.cli", "deepspeed"),

@@ -42,11 +42,19 @@ def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_user_error(run_cli(*args, timeout=120), *fragments)
 
 
-def test_train_on_a_folder_of_raw_videos_says_to_prepare(tmp_path, shared_data):
+def test_train_on_a_folder_of_raw_videos_decodes_on_the_fly_and_says_to_prepare(tmp_path, shared_data):
     import shutil
 
-    shutil.copy(shared_data / "videos" / "bikes.mp4", tmp_path)
-    assert_user_error(run_cli("train", "--data", str(tmp_path), timeout=120), "data prepare")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(shared_data / "videos" / "bikes.mp4", videos)
+    result = run_cli("train", "--data", str(videos), "--out", str(tmp_path / "run"), "--steps", "2",
+                     "--set", "train.micro_batch_size=4", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "decoded on the fly" in result.stdout and "rigtrain data prepare" in result.stdout
+    assert "10 clips from" in result.stdout  # 10 s of bikes.mp4 at the demo's 1-second clips
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_cli("train", "--data", str(tmp_path / "empty")), "neither prepared shards")
 
 
 def test_a_folder_of_only_corrupt_videos(tmp_path, shared_data):

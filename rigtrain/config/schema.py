@@ -238,6 +238,44 @@ class RigConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """Profiling: torch.profiler over a few steps of a run, and GPU telemetry in every run."""
+
+    enabled: bool = False
+    "record steps into tb/profile and write profile/summary.json (rigtrain profile turns it on)"
+    start_step: int = 2
+    "optimizer steps skipped before the schedule starts (start-up is not what a run looks like)"
+    wait: int = 0
+    "steps of the schedule that are skipped"
+    warmup: int = 1
+    "steps traced but thrown away (the profiler's own start-up)"
+    active: int = 3
+    "steps recorded and analysed"
+    record_shapes: bool = True
+    "record operator input shapes (cheap; the Operator view groups by them)"
+    with_stack: bool = False
+    "record Python stacks (costly: off unless you need the source lines)"
+    profile_memory: bool = False
+    "record allocations for the Memory view (costly)"
+    telemetry_hz: float = 2.0
+    "how often the background sampler reads GPU (or host) telemetry"
+
+    def __post_init__(self) -> None:
+        _require(self.start_step >= 0, "profile.start_step", "must be 0 or more")
+        _require(self.wait >= 0, "profile.wait", "must be 0 or more")
+        _require(self.warmup >= 1, "profile.warmup", "must be at least 1 (the first traced step carries the "
+                 "profiler's own start-up)")
+        _require(1 <= self.active <= 50, "profile.active", "must be 1 to 50 (long traces make the TensorBoard "
+                 "plugin hang)")
+        _require(0 < self.telemetry_hz <= 20, "profile.telemetry_hz", "must be more than 0 and at most 20")
+
+    @property
+    def last_step(self) -> int:
+        """The last optimizer step the schedule records."""
+        return self.start_step + self.wait + self.warmup + self.active
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; what config.json records."""
 
@@ -247,8 +285,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rig: RigConfig = field(default_factory=RigConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
+        _require(not self.profile.enabled or self.profile.last_step <= self.train.steps, "profile.active",
+                 f"the schedule ends at step {self.profile.last_step} (start_step + wait + warmup + active) "
+                 f"but train.steps is {self.train.steps}; train longer or shorten the schedule")
         # Checks that involve two sections: the tubelet must tile the clip exactly, or the
         # decoder would predict positions that do not exist.
         t, h, w = self.model.tubelet
@@ -268,7 +310,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rig": RigConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rig": RigConfig,
+                             "profile": ProfileConfig}
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -62,6 +62,12 @@ def _probe_sidecar_audio(path: Path) -> dict:
             "duration_s": round(info.duration, 3)}
 
 
+def frames_after_resampling(source_frames: int, source_fps: float, fps: float) -> int:
+    """How many frames read_video gives: it keeps output frame k while floor(k * src_fps /
+    fps) is a source frame."""
+    return math.ceil(source_frames * fps / source_fps - 1e-6) if source_frames else 0
+
+
 def check_source(source: Source, data: DataConfig) -> dict:
     entry: dict = {"file": source.video.name, "ok": False}
     try:
@@ -94,8 +100,7 @@ def check_source(source: Source, data: DataConfig) -> dict:
                                   "problems": narration.problems}
         except media.MediaError as err:
             entry["notes"].append(f"{source.narration.name} will be skipped: {err}")
-    # read_video keeps output frame k while floor(k * src_fps / fps) is a source frame
-    frames_out = math.ceil(video["frames"] * data.fps / video["fps"] - 1e-6) if video["frames"] else 0
+    frames_out = frames_after_resampling(video["frames"], video["fps"], data.fps)
     entry["clips"] = len(media.clip_starts(frames_out, data.clip_frames, data.stride_frames))
     if entry["clips"] == 0:
         entry["notes"].append(f"shorter than one clip ({data.clip_seconds} s): prepare will skip it")

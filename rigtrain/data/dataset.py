@@ -4,10 +4,11 @@ resumable sampler, and the DataLoader around them."""
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -149,8 +150,9 @@ class ShardLoader:
     order whatever the thread count, so a run is reproducible and resumable."""
 
     def __init__(self, dataset: ShardDataset, sampler: Iterable[int], *, micro_batch: int, workers: int,
-                 prefetch: int, pin_memory: bool):
+                 prefetch: int, pin_memory: bool, on_batch: Callable[[int, int, int], None] | None = None):
         self.dataset, self.sampler, self.micro_batch = dataset, sampler, micro_batch
+        self.on_batch = on_batch  # (start_ns, end_ns, clips) of every batch read: the profiler's loader rows
         self.workers, self.pin_memory = workers, pin_memory
         self.depth = max(1, workers) * prefetch  # batches read ahead
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="rigtrain-loader") if workers > 0 else None
@@ -159,7 +161,7 @@ class ShardLoader:
         batches = iter(BatchSampler(self.sampler, self.micro_batch, drop_last=True))
         if self._pool is None:
             for indices in batches:
-                yield self.dataset.batch(indices, self.pin_memory)
+                yield self._read(indices)
             return
         ahead: deque = deque()
         try:
@@ -168,7 +170,7 @@ class ShardLoader:
                     indices = next(batches, None)
                     if indices is None:
                         break
-                    ahead.append(self._pool.submit(self.dataset.batch, indices, self.pin_memory))
+                    ahead.append(self._pool.submit(self._read, indices))
                 if not ahead:
                     return
                 yield ahead.popleft().result()
@@ -176,17 +178,38 @@ class ShardLoader:
             for future in ahead:
                 future.cancel()
 
+    def _read(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        if self.on_batch is None:
+            return self.dataset.batch(indices, self.pin_memory)
+        start = time.time_ns()
+        batch = self.dataset.batch(indices, self.pin_memory)
+        self.on_batch(start, time.time_ns(), len(indices))
+        return batch
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_loader(dataset: ShardDataset, data: DataConfig, *, rank: int, world: int, micro_batch: int,
-                seed: int, start_batch: int, workers: int, pin_memory: bool) -> ShardLoader:
+def open_dataset(data_dir: str | Path, data: DataConfig) -> Dataset:
+    """Prepared shards, or a folder of videos decoded on the fly (slow; what prepare is for)."""
+    if (Path(data_dir) / "index.json").is_file():
+        return ShardDataset(data_dir, data)
+    from rigtrain.data.ondemand import DecodedClips
+
+    clips = DecodedClips.from_folder(Path(data_dir), data)
+    if len(clips) == 0:
+        raise UserError(f"--data {data_dir}: no video there gives a single clip; run `rigtrain data check {data_dir}`")
+    return clips
+
+
+def make_loader(dataset: Dataset, data: DataConfig, *, rank: int, world: int, micro_batch: int,
+                seed: int, start_batch: int, workers: int, pin_memory: bool,
+                on_batch: Callable[[int, int, int], None] | None = None) -> ShardLoader:
     """The training loader: the resumable sampler's clips in micro-batches, `workers`
     threads reading prefetch_factor batches each ahead, uint8 until on the device (4x
     less to copy than float32), pinned on a GPU machine."""
     sampler = ResumableSampler(len(dataset), rank=rank, world=world, micro_batch=micro_batch, seed=seed,
                                start_batch=start_batch)
     return ShardLoader(dataset, sampler, micro_batch=micro_batch, workers=workers, prefetch=data.prefetch_factor,
-                       pin_memory=pin_memory)
+                       pin_memory=pin_memory, on_batch=on_batch)

@@ -53,6 +53,28 @@ class DecodedClips(Dataset):
                                     narration=source_dir / source["narration"] if source["narration"] else None))
         return cls(refs, data)
 
+    @classmethod
+    def from_folder(cls, folder: Path, data: DataConfig) -> "DecodedClips":
+        """Every clip `data prepare` would cut from a folder of videos, without preparing it
+        (for training straight from videos: slow, but it works). Videos that cannot be
+        used are left out, as prepare leaves them out."""
+        from rigtrain.data.check import check_source, frames_after_resampling
+        from rigtrain.data.prepare import find_sources
+
+        refs = []
+        for source in find_sources(Path(folder))[0]:
+            entry = check_source(source, data)
+            if not entry["ok"] or entry["clips"] == 0:
+                continue
+            frames = frames_after_resampling(entry["frames"], entry["fps"], data.fps)
+            audio = entry["audio"]
+            for start in media.clip_starts(frames, data.clip_frames, data.stride_frames):
+                refs.append(ClipRef(video=source.video, start_frame=start,
+                                    audio=source.audio if audio and audio["from"] != "container" else None,
+                                    container_audio=bool(audio) and audio["from"] == "container",
+                                    narration=source.narration if entry["narration"] else None))
+        return cls(refs, data)
+
     def __len__(self) -> int:
         return len(self.clips)
 
@@ -77,6 +99,6 @@ class DecodedClips(Dataset):
                 "has_audio": torch.tensor(has_audio), "text": torch.from_numpy(text),
                 "text_len": torch.tensor(length, dtype=torch.int64), "index": torch.tensor(i, dtype=torch.int64)}
 
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def batch(self, indices: list[int], pin_memory: bool = False) -> dict[str, torch.Tensor]:
         items = [self[i] for i in indices]
         return {key: torch.stack([item[key] for item in items]) for key in items[0]}

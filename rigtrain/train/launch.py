@@ -66,17 +66,18 @@ def resolve_data(config: RunConfig, log=print) -> Path:
     if not (path / "index.json").is_file():
         from rigtrain.data.media import VIDEO_SUFFIXES
 
-        if any(p.suffix.lower() in VIDEO_SUFFIXES for p in path.iterdir()):
-            raise UserError(f"--data {path} holds videos, not shards: run `rigtrain data prepare {path} "
-                            f"PREPARED_DIR` and train with --data PREPARED_DIR")
-        raise UserError(f"--data {path}: no index.json; prepare videos first with `rigtrain data prepare`")
+        if not any(p.suffix.lower() in VIDEO_SUFFIXES for p in path.iterdir()):
+            raise UserError(f"--data {path}: neither prepared shards (no index.json) nor videos; give a folder "
+                            "of videos or the output of `rigtrain data prepare`")
+        log(f"--data {path} holds videos, not shards: every clip will be decoded on the fly, which is slow; "
+            f"`rigtrain data prepare {path} PREPARED_DIR` makes shards once")
     return path.resolve()
 
 
 def check_data(data_dir: Path, config: RunConfig, world_size: int) -> int:
-    from rigtrain.data.dataset import ResumableSampler, ShardDataset
+    from rigtrain.data.dataset import ResumableSampler, open_dataset
 
-    dataset = ShardDataset(data_dir, config.data)
+    dataset = open_dataset(data_dir, config.data)
     ResumableSampler(len(dataset), rank=0, world=world_size, micro_batch=config.train.micro_batch_size,
                      seed=0)  # raises when there is not one batch per rank
     return len(dataset)
@@ -137,14 +138,20 @@ def _say(line: str) -> None:
 
 def train(*, out: str | None, preset: str | None, config_file: str | None, overrides: list[str], steps: int | None,
           data: str | None, resume: bool, hostfile: str | None, rig_file: str | None = None,
-          psu_w: float | None = None) -> int:
+          psu_w: float | None = None, profile: bool = False) -> int:
     # Before anything starts CUDA: number GPUs by PCI bus, as nvidia-smi and NVML do.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     from rigtrain.config.loading import user_keys
     from rigtrain.train.planning import PLANNED, apply_plan, machine_rig, plan_run
 
+    if profile:  # `rigtrain profile`: the same run with the profiler on, by default just long enough
+        overrides = [*overrides, "profile.enabled=true"]
+        if out is None and not resume:
+            out = str(default_run_dir(preset or "demo")) + "-profile"
     config, run_dir = resolve_config(out=out, preset=preset, config_file=config_file, overrides=overrides,
                                      steps=steps, data=data, resume=resume)
+    if profile and steps is None and not resume:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))
     if hostfile and not Path(hostfile).is_file():
         raise UserError(f"--hostfile {hostfile}: no such file; list one 'HOST slots=N' line per machine")
     data_dir = resolve_data(config, log=_say)

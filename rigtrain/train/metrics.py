@@ -13,10 +13,9 @@ import torch
 
 
 def telemetry(process: psutil.Process) -> dict[str, float]:
-    """Cheap device readings for every logged step: host CPU and memory, and on a GPU the
-    memory torch holds. (NVML sampling of power, clocks and PCIe is the profiler's.)"""
-    out = {"host_cpu_percent": psutil.cpu_percent(interval=None),
-           "host_rss_gib": process.memory_info().rss / 2**30}
+    """Readings at each logged step: this process's memory, and on a GPU the memory torch
+    holds. (Utilisation, power, clocks and PCIe come from profile/telemetry's sampler.)"""
+    out = {"host_rss_gib": process.memory_info().rss / 2**30}
     if torch.cuda.is_available():
         out["gpu_mem_alloc_gib"] = torch.cuda.memory_allocated() / 2**30
         out["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -74,7 +73,7 @@ class MetricsLog:
             writer.add_text(tag, text)
 
     def write(self, metrics: dict[str, float]) -> None:
-        metrics = {**metrics, **telemetry(self.process)}
+        metrics = {**telemetry(self.process), **metrics}  # the sampler's means win over one reading
         step = int(metrics["step"])
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from rigtrain.config import RunConfig, build_config
-from rigtrain.data.dataset import ShardDataset, make_loader
+from rigtrain.data.dataset import ShardDataset, make_loader, open_dataset
+from rigtrain.profile.recorder import LoaderTimeline, StepProfiler, span
+from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
 from rigtrain.model import build_model, count_parameters
 from rigtrain.train import checkpoints
 from rigtrain.train.metrics import MetricsLog
@@ -129,11 +131,15 @@ class Trainer:
         if resume_tag:
             self.step, self.micro_batches = self._load_meta(resume_tag)
 
-        self.dataset = ShardDataset(saved["data_dir"], self.config.data)
+        self.dataset = open_dataset(saved["data_dir"], self.config.data)
+        self.raw_videos = not isinstance(self.dataset, ShardDataset)
+        profiling = self.config.profile.enabled and self.step < self.config.profile.last_step
+        self.timeline = LoaderTimeline("decode" if self.raw_videos else "read") if profiling else None
         self.loader = make_loader(self.dataset, self.config.data, rank=self.rank, world=self.world,
                                   micro_batch=t.micro_batch_size, seed=t.seed, start_batch=self.micro_batches,
                                   workers=self.plan.get("dataloader_workers", max(0, self.config.data.workers)),
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=self.device.type == "cuda",
+                                  on_batch=self.timeline.record if self.timeline else None)
         self.batches = iter(self.loader)
         if resume_tag:
             self._load_checkpoint(resume_tag)
@@ -149,6 +155,20 @@ class Trainer:
                          f"{len(self.dataset)} clips")
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.telemetry = TelemetrySampler(self.config.profile.telemetry_hz,
+                                          gpu_index=physical_gpu_index(self.local_rank) if self.device.type == "cuda"
+                                          else None)
+        self.profiler = None
+        if profiling:
+            self.profiler = StepProfiler(self.config.profile, self.run_dir / "tb" / "profile", rank=self.rank,
+                                         cuda=self.device.type == "cuda", timeline=self.timeline)
+            if self.log:
+                p = self.config.profile
+                self.log.say(f"profiling steps {p.start_step + p.wait + p.warmup + 1}-{p.last_step} "
+                             f"(after {p.start_step} + {p.wait} skipped and {p.warmup} warm-up) into {self.run_dir / 'tb' / 'profile'}")
+        if self.raw_videos and self.log:
+            self.log.say(f"training straight from the videos in {saved['data_dir']}: every clip is decoded on "
+                         "the fly, which is slow; `rigtrain data prepare` makes shards once")
 
     # -- setup ------------------------------------------------------------------------------
     def _init_distributed(self) -> None:
@@ -182,7 +202,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
     def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
         started = time.perf_counter()
-        batch = next(self.batches)
+        with span("data_wait"):
+            batch = next(self.batches)
         waited = time.perf_counter() - started
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.micro_batches += 1
@@ -199,9 +220,12 @@ class Trainer:
         for _ in range(accum):
             batch, waited = self._next_batch()
             data_wait += waited
-            terms = self.engine(batch)
-            self.engine.backward(terms["loss"])
-            self.engine.step()
+            with span("forward"):
+                terms = self.engine(batch)
+            with span("backward"):
+                self.engine.backward(terms["loss"])
+            with span("optimizer"):
+                self.engine.step()
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
         self.step += 1
@@ -261,6 +285,14 @@ class Trainer:
         started = time.perf_counter()
         while self.step < t.steps:
             metrics = self.train_step()
+            if self.profiler:
+                self.profiler.step()
+                if self.step >= self.config.profile.last_step:
+                    self._finish_profile()
+            for event in self.telemetry.events():
+                print(f"[rigtrain] warning (rank {self.rank}): {event}", flush=True)
+            if metrics:
+                metrics.update(self.telemetry.snapshot())
             if self.step == first_step + 1 and self.device.type == "cuda":
                 self._check_memory()
             if metrics and self.log:
@@ -300,7 +332,41 @@ class Trainer:
         self.log.write_text("setup", "memory", f"predicted {predicted} GiB, measured {measured:.3f} GiB "
                             f"(torch.cuda.max_memory_allocated after the first step){error}")
 
+    def _finish_profile(self) -> None:
+        """Stop the profiler (its trace is written), then rank 0 analyses its own trace."""
+        from rigtrain.profile.analysis import RunFacts, analyze, format_summary
+        from rigtrain.rig.peaks import peak_tflops
+        from rigtrain.train.flops import train_flops_per_clip
+
+        self.profiler.stop()
+        path, self.profiler = self.profiler.trace_path, None
+        if not self.log:
+            return
+        if path is None:
+            self.log.say("warning: the profiler wrote no trace; no profile summary")
+            return
+        t = self.config.train
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        facts = RunFacts(device=self.device.type, clips_per_step=t.micro_batch_size * t.grad_accum_steps * self.world,
+                         world_size=self.world, loader_threads=self.plan.get("dataloader_workers", 0),
+                         cpu_threads=len(os.sched_getaffinity(0)), data_is_raw_videos=self.raw_videos,
+                         zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size,
+                         flops_per_clip=train_flops_per_clip(self.config.model, self.config.data),
+                         peak_tflops=peak_tflops(gpu) if gpu else None, gpu_name=gpu)
+        summary = analyze(json.loads(path.read_text())["traceEvents"], facts)
+        summary["trace"] = str(path.relative_to(self.run_dir))
+        out = self.run_dir / "profile"
+        out.mkdir(exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        text = format_summary(summary)
+        self.log.say("profile summary (also in profile/summary.json and TensorBoard's profile run):\n" + text)
+        self.log.write_text("profile", "summary", "\n".join("    " + line for line in text.splitlines()))
+
     def close(self) -> None:
+        if getattr(self, "profiler", None) is not None:
+            self.profiler.stop()
+        if getattr(self, "telemetry", None) is not None:
+            self.telemetry.close()
         if getattr(self, "loader", None) is not None:
             self.loader.close()
         if self.log:

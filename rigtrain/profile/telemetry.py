@@ -1,0 +1,144 @@
+"""GPU telemetry during every run: a background thread reads NVML a few times a second
+(utilisation, memory, power, temperature, SM clock, PCIe rx/tx and width, throttle
+reasons); the trainer takes the averages at each logged step. Without a GPU it reads the
+host's CPU utilisation and this process's memory instead.
+
+A throttle reason that appears, or a PCIe link that narrows, is reported the moment the
+sampler sees it (`events()`), not at the end of the run. The sampler times itself, so
+its cost is a number in the metrics (`telemetry_cost`), not a guess."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+THROTTLE_BITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",
+                 0x80: "hw_power_brake"}
+
+
+def physical_gpu_index(local_rank: int) -> int:
+    """NVML numbers every GPU by PCI bus; CUDA numbers the visible ones (CUDA_DEVICE_ORDER
+    is PCI_BUS_ID in every rigtrain run), so local rank i is the i-th visible GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    indices = [int(v) for v in visible.split(",") if v.strip().isdigit()]
+    return indices[local_rank] if local_rank < len(indices) else local_rank
+
+
+class TelemetrySampler:
+    def __init__(self, hz: float, *, gpu_index: int | None):
+        self.interval = 1.0 / hz
+        self._lock = threading.RLock()  # snapshot() may read (and report an event) while holding it
+        self._sums: dict[str, float] = {}
+        self._maxes: dict[str, float] = {}
+        self._count = 0
+        self._events: list[str] = []
+        self._busy = 0.0  # CPU seconds spent sampling
+        self._last: dict[str, float] = {}
+        self._started = time.perf_counter()
+        self._stop = threading.Event()
+        self._nvml = self._handle = None
+        self._seen_reasons: set[str] = set()
+        self._first_width: int | None = None
+        if gpu_index is not None:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
+                self.gpu_index = gpu_index
+            except Exception:  # no NVML (a container without the library): host telemetry only
+                self._nvml = None
+        import psutil
+
+        self._process = psutil.Process()
+        psutil.cpu_percent(None)  # the first reading starts the interval; only this sampler reads it
+        self._thread = threading.Thread(target=self._run, name="rigtrain-telemetry", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict[str, float]:
+        import psutil
+
+        host = {"host_cpu_percent": psutil.cpu_percent(None), "host_rss_gib": self._process.memory_info().rss / 2**30}
+        if self._nvml is None:
+            return host
+        n, h = self._nvml, self._handle
+        util = n.nvmlDeviceGetUtilizationRates(h)
+        memory = n.nvmlDeviceGetMemoryInfo(h)
+        sample = {**host, "gpu_util_percent": float(util.gpu), "gpu_mem_used_gib": memory.used / 2**30,
+                  "gpu_power_w": n.nvmlDeviceGetPowerUsage(h) / 1000,
+                  "gpu_temp_c": float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
+                  "gpu_sm_clock_mhz": float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
+                  "gpu_pcie_rx_mb_s": n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_RX_BYTES) / 1000,
+                  "gpu_pcie_tx_mb_s": n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_TX_BYTES) / 1000}
+        width = n.nvmlDeviceGetCurrPcieLinkWidth(h)
+        sample["gpu_pcie_width"] = float(width)
+        if self._first_width is None:
+            self._first_width = width
+        elif width < self._first_width:
+            self._event(f"GPU {self.gpu_index}: PCIe link dropped from x{self._first_width} to x{width} during "
+                        "training (check the riser and the slot)")
+            self._first_width = width
+        mask = n.nvmlDeviceGetCurrentClocksEventReasons(h)
+        reasons = {name for bit, name in THROTTLE_BITS.items() if mask & bit}
+        sample["gpu_throttled"] = float(bool(reasons))
+        for reason in reasons - self._seen_reasons:
+            self._event(f"GPU {self.gpu_index} is throttling ({reason}) at {sample['gpu_temp_c']:.0f} C, "
+                        f"{sample['gpu_power_w']:.0f} W: its clocks drop and steps slow down; improve cooling or "
+                        "lower the power limit")
+        self._seen_reasons |= reasons
+        return sample
+
+    def _event(self, message: str) -> None:
+        with self._lock:
+            self._events.append(message)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            began = time.thread_time()  # CPU time of this thread: waiting for the GIL is not its cost
+            try:
+                sample = self._read()
+            except Exception:  # a transient NVML error: skip this sample
+                continue
+            with self._lock:
+                self._last = sample
+                for key, value in sample.items():
+                    self._sums[key] = self._sums.get(key, 0.0) + value
+                    self._maxes[key] = max(self._maxes.get(key, value), value)
+                self._count += 1
+                self._busy += time.thread_time() - began
+
+    def snapshot(self) -> dict[str, float]:
+        """Means since the last snapshot (and the peak memory and temperature), plus the
+        sampler's own cost as a fraction of wall time."""
+        with self._lock:
+            if self._count:
+                out = {key: round(total / self._count, 3) for key, total in self._sums.items()}
+            else:  # steps faster than the sampler: its latest reading (or one now, the first time)
+                if not self._last:
+                    try:
+                        self._last = self._read()
+                    except Exception:
+                        pass
+                out = {key: round(value, 3) for key, value in self._last.items()}
+            for key, name in (("gpu_mem_used_gib", "gpu_mem_used_max_gib"), ("gpu_temp_c", "gpu_temp_max_c")):
+                if key in self._maxes:
+                    out[name] = round(self._maxes[key], 3)
+            # Over the whole run: a short interval between two logged steps says little.
+            out["telemetry_cost"] = round(self._busy / max(1e-9, time.perf_counter() - self._started), 5)
+            self._sums, self._maxes, self._count = {}, {}, 0
+            return out
+
+    def events(self) -> list[str]:
+        with self._lock:
+            events, self._events = self._events, []
+            return events
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
