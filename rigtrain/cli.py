@@ -121,7 +121,7 @@ def _print_config_help(preset: str) -> None:
             print(f"  {section}.{f.name} = {shown}\n      {docs.get(f.name, '')}")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, *, profile: bool) -> int:
     if args.help_config:
         _print_config_help(args.preset or "demo")
         return 0
@@ -129,18 +129,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     return train(out=args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
                  steps=args.steps, data=args.data, resume=args.resume, hostfile=args.hostfile, rig_file=args.rig,
-                 psu_w=args.psu_watts)
+                 psu_w=args.psu_watts, profile=profile)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _run(args, profile=False)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    if args.help_config:
-        _print_config_help(args.preset or "demo")
-        return 0
-    from rigtrain.train.launch import train
-
-    return train(out=args.out, preset=args.preset, config_file=args.config, overrides=args.overrides,
-                 steps=args.steps, data=args.data, resume=args.resume, hostfile=args.hostfile, rig_file=args.rig,
-                 psu_w=args.psu_watts, profile=True)
+    """`rigtrain train` with the profiler on, by default just long enough to record it."""
+    return _run(args, profile=True)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
