@@ -150,7 +150,7 @@ def train(*, out: str | None, preset: str | None, config_file: str | None, overr
             out = str(default_run_dir(preset or "demo")) + "-profile"
     config, run_dir = resolve_config(out=out, preset=preset, config_file=config_file, overrides=overrides,
                                      steps=steps, data=data, resume=resume)
-    if profile and steps is None and not resume:
+    if profile and steps is None and not resume and "train.steps" not in user_keys(config_file, overrides):
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))
     if hostfile and not Path(hostfile).is_file():
         raise UserError(f"--hostfile {hostfile}: no such file; list one 'HOST slots=N' line per machine")
