@@ -72,3 +72,12 @@ def test_loader_threads_follow_the_cores_unless_set():
     assert plan(CPU_BOX, overrides=small).dataloader_workers == 1  # never fewer than one
     fixed = plan(twelve, overrides=["data.workers=0"])
     assert fixed.dataloader_workers == 0 and "set by the config" in fixed.reasons["dataloader_workers"]
+
+
+def test_deepspeed_config_carries_the_buckets_the_planner_counts():
+    from rigtrain.rig.plan import BUCKET_ELEMENTS
+    from rigtrain.train.trainer import deepspeed_config
+
+    zero = deepspeed_config(load_config("base", overrides=["train.zero_stage=3"]), "bf16", 2)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == BUCKET_ELEMENTS
+    assert zero["stage3_max_live_parameters"] == 2 * BUCKET_ELEMENTS

@@ -23,6 +23,7 @@ from rigtrain.data.dataset import ShardDataset, make_loader, open_dataset
 from rigtrain.profile.recorder import LoaderTimeline, StepProfiler, span
 from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
 from rigtrain.model import build_model, count_parameters
+from rigtrain.rig.plan import BUCKET_ELEMENTS
 from rigtrain.train import checkpoints
 from rigtrain.train.metrics import MetricsLog
 
@@ -33,7 +34,13 @@ MAX_NONFINITE_STEPS = 5
 
 def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict:
     t = config.train
-    zero: dict = {"stage": t.zero_stage}
+    # Bucket sizes the planner counts (rig.plan.BUCKET_ELEMENTS): DeepSpeed's defaults
+    # (5e8 elements, 1 GB in bf16 per bucket) would not fit a home card beside the model.
+    zero: dict = {"stage": t.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
+                  "allgather_bucket_size": BUCKET_ELEMENTS}
+    if t.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=BUCKET_ELEMENTS, stage3_max_live_parameters=2 * BUCKET_ELEMENTS,
+                    stage3_max_reuse_distance=2 * BUCKET_ELEMENTS)
     if t.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
