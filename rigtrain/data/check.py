@@ -13,14 +13,13 @@ from pathlib import Path
 from rigtrain.config import DataConfig
 from rigtrain.data import media
 from rigtrain.data.narration import read_narration
-from rigtrain.data.prepare import Source, audio_mismatch, find_sources
-from rigtrain.errors import UserError
+from rigtrain.data.prepare import Source, audio_mismatch, sources_in
 
 
 def _probe_video(path: Path) -> dict:
     import cv2
 
-    cap, info = media._open(path)
+    cap, info = media.open_video(path)
     try:
         ok, _ = cap.read()
         if not ok:
@@ -36,19 +35,14 @@ def _probe_video(path: Path) -> dict:
 
 
 def _probe_container_audio(path: Path) -> dict | None:
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            seconds = (float(stream.duration * stream.time_base) if stream.duration
-                       else (container.duration or 0) / 1e6)
-            return {"from": "container", "codec": stream.codec_context.name, "rate": stream.rate,
-                    "channels": stream.channels, "duration_s": round(seconds, 3)}
-    except av.error.FFmpegError as err:
-        raise media.MediaError(f"cannot be opened by FFmpeg: {err}") from None
+    with media.open_container(path) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        seconds = (float(stream.duration * stream.time_base) if stream.duration
+                   else (container.duration or 0) / 1e6)
+        return {"from": "container", "codec": stream.codec_context.name, "rate": stream.rate,
+                "channels": stream.channels, "duration_s": round(seconds, 3)}
 
 
 def _probe_sidecar_audio(path: Path) -> dict:
@@ -109,12 +103,7 @@ def check_source(source: Source, data: DataConfig) -> dict:
 
 def check_folder(src_dir: str | Path, data: DataConfig, progress=None) -> dict:
     src = Path(src_dir)
-    if not src.is_dir():
-        raise UserError(f"data check: {src} is not a folder; give the folder that holds your videos")
-    sources, unused = find_sources(src)
-    if not sources:
-        raise UserError(f"data check: {src} holds no video ({', '.join(media.VIDEO_SUFFIXES)}); "
-                        "point it at a folder of videos")
+    sources, unused = sources_in(src, "data check")
     videos = []
     for done, source in enumerate(sources, 1):
         videos.append(check_source(source, data))

@@ -31,7 +31,7 @@ class VideoInfo:
     height: int
 
 
-def _open(path: Path):
+def open_video(path: Path):
     """An open cv2.VideoCapture and its VideoInfo; MediaError when it is no readable video."""
     import cv2
 
@@ -81,7 +81,7 @@ def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop"
     and fitted to size=(H, W): uint8 RGB (T, H, W, 3)."""
     import cv2
 
-    cap, info = _open(path)
+    cap, info = open_video(path)
     frames: list[np.ndarray] = []
     src_index = 0
     try:
@@ -108,7 +108,7 @@ def read_video_clip(path: Path, start_frame: int, count: int, fps: float, size: 
     the clip goes. This is what a loader without shards has to do for every clip."""
     import cv2
 
-    cap, info = _open(path)
+    cap, info = open_video(path)
     first_src = math.floor(start_frame * info.fps / fps + 1e-6)
     frames: list[np.ndarray] = []
     try:
@@ -157,16 +157,22 @@ def read_audio_file(path: Path, target_rate: int) -> np.ndarray:
     return resample_audio(samples, rate, target_rate)
 
 
+def open_container(path: Path):
+    """A PyAV container (use it as a context manager); MediaError when FFmpeg cannot open it."""
+    import av
+
+    try:
+        return av.open(str(path))
+    except av.error.FFmpegError as err:
+        raise MediaError(f"cannot be opened by FFmpeg: {err}") from None
+
+
 def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
     """The video container's own audio track -> mono float32 at target_rate, or None when
     the container has no audio track."""
     import av
 
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as err:
-        raise MediaError(f"cannot be opened by FFmpeg: {err}") from None
-    with container:
+    with open_container(path) as container:
         if not container.streams.audio:
             return None
         resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
@@ -199,11 +205,7 @@ def read_audio_window(video: Path, sidecar: Path | None, start_s: float, seconds
         return resample_audio(samples, rate, target_rate)
     import av
 
-    try:
-        container = av.open(str(video))
-    except av.error.FFmpegError as err:
-        raise MediaError(f"cannot be opened by FFmpeg: {err}") from None
-    with container:
+    with open_container(video) as container:
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]

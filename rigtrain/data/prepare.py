@@ -21,7 +21,7 @@ import shutil
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,17 @@ def find_sources(src_dir: Path) -> tuple[list[Source], list[dict]]:
                   "is used for this video (one sidecar of each kind)"
                   if p.suffix.lower() in media.AUDIO_SUFFIXES + NARRATION_SUFFIXES else "not a video, audio or narration file")
         unused.append({"file": p.name, "reason": reason})
+    return sources, unused
+
+
+def sources_in(src: Path, command: str) -> tuple[list[Source], list[dict]]:
+    """find_sources for a folder the user named, with the errors a wrong one deserves."""
+    if not src.is_dir():
+        raise UserError(f"{command}: {src} is not a folder; give the folder that holds your videos")
+    sources, unused = find_sources(src)
+    if not sources:
+        raise UserError(f"{command}: {src} holds no video ({', '.join(media.VIDEO_SUFFIXES)}); "
+                        "point it at a folder of videos")
     return sources, unused
 
 
@@ -331,12 +342,7 @@ def prepare(src_dir: str | Path, out_dir: str | Path, data: DataConfig, *, worke
     Running it again on the same folders continues: an interrupted prepare resumes after
     its last complete shard, and a complete one only adds the videos that are new."""
     src, out = Path(src_dir), Path(out_dir)
-    if not src.is_dir():
-        raise UserError(f"data prepare: {src} is not a folder; give the folder that holds your videos")
-    sources, unused = find_sources(src)
-    if not sources:
-        raise UserError(f"data prepare: {src} holds no video ({', '.join(media.VIDEO_SUFFIXES)}); "
-                        "point it at a folder of videos")
+    sources, unused = sources_in(src, "data prepare")
     state = _load_state(src, out, data)
     if state is None:
         require_empty_dir(out, "data prepare")

@@ -319,7 +319,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         reasons["micro_batch_size"] = (f"up to {largest_fitting} fits on the smallest card ({smallest.name}); {accum} "
                                        f"micro-batches of {micro_batch} cover the per-GPU share of {cap} evenly "
                                        f"(predicted {total['total_gib']:.2f} of {usable:.2f} usable GiB)")
-    reasons["grad_accum_steps"] = (f"set by the user" if "train.grad_accum_steps" in fixed else
+    reasons["grad_accum_steps"] = ("set by the user" if "train.grad_accum_steps" in fixed else
                                    f"{accum} x {micro_batch} clips x {world} GPU(s) = {accum * micro_batch * world} per step, "
                                    f"reaching the global batch of {request.global_batch}")
     no_ckpt = dict(tried).get((stage, False, optimizer, offload))
