@@ -209,3 +209,34 @@ def test_shards_from_before_data_resize_still_load(demo_data, tmp_path):
     assert len(ShardDataset(old, load_config("demo").data)) == index["clips"]
     with pytest.raises(UserError, match="data.resize"):
         ShardDataset(old, load_config("demo", overrides=["data.resize=pad"]).data)
+
+
+def test_sampler_draws_only_the_clips_it_is_given():
+    train = np.array([0, 2, 3, 5, 7, 8, 11, 13, 17, 19])
+    sampler = iter(ResumableSampler(train, rank=0, world=1, micro_batch=2, seed=0))
+    drawn = [next(sampler) for _ in range(50)]
+    assert set(drawn) == set(train.tolist())  # every training clip, and never a held-out one
+
+
+def test_batches_carry_narration_segments_and_labels(demo_data, demo_config):
+    """Each segment's byte span in the clip's text, as segments.npy records it, and the
+    Shapes-world labels (for evaluation only)."""
+    dataset = ShardDataset(demo_data, demo_config.data)
+    index = json.loads((demo_data / "index.json").read_text())
+    segments = np.load(demo_data / index["shards"][0]["dir"] / "segments.npy")
+    narrated = sorted({int(s["clip"]) for s in segments})[:6]
+    batch = dataset.batch(narrated)
+    assert batch["segment_offset"].shape == batch["segment_len"].shape == (6, 4)
+    for row, clip in enumerate(narrated):
+        spans = [(int(s["offset"]), int(s["length"])) for s in segments if s["clip"] == clip]
+        text = bytes(batch["text"][row, : batch["text_len"][row]].tolist())
+        for k, (offset, length) in enumerate(spans[:4]):
+            assert (batch["segment_offset"][row, k].item(), batch["segment_len"][row, k].item()) == (offset, length)
+            words = text[offset : offset + length].decode()
+            assert words.startswith("a ") and " moves " in words  # one whole Shapes-world sentence
+        assert (batch["segment_len"][row, len(spans):] == 0).all()
+    labels = batch["labels"].numpy()
+    assert labels.dtype == np.int16 and labels.shape == (6, 3) and (labels >= 0).all()
+    names = index["labels"]
+    first = bytes(batch["text"][0, : batch["text_len"][0]].tolist()).decode()
+    assert names["colour"][labels[0, 1]] in first and names["direction"][labels[0, 2]] in first

@@ -54,6 +54,20 @@ class ModelConfig:
     "probability that a future token is decoded (and scored) in training"
     alpha: float = 0.7
     "loss weight of the present window; the future gets 1 - alpha"
+    blind_windows: int = 0
+    "recurrent windows at the start of a clip whose predictions are not scored (the latent is still warming up)"
+    weight_pc: float = 1.0
+    "weight of the predictive-coding loss in the total"
+    weight_va: float = 1.0
+    "weight of the video-audio NCE loss (0 = off: no audio head)"
+    weight_vt: float = 1.0
+    "weight of the video-narration MIL-NCE loss (0 = off: no text head, no retrieval in eval)"
+    va_dim: int = 512
+    "size of the video-audio space of the contrastive heads (VATT: 512)"
+    vt_dim: int = 256
+    "size of the video-text space, reached from the video-audio space (VATT's FAC: 256)"
+    temperature: float = 0.07
+    "softmax temperature of both contrastive losses"
     fourier_space: tuple[int, int] = (15, 20)
     "Fourier bands K and max frequency mu for the y and x axes"
     fourier_time: tuple[int, int] = (64, 200)
@@ -69,7 +83,7 @@ class ModelConfig:
         _require(len(self.tubelet) == 3 and min(self.tubelet) >= 1, "model.tubelet",
                  "give three positive sizes t,h,w, e.g. --set model.tubelet=2,8,8")
         _require(self.audio_segment >= 1, "model.audio_segment", "must be at least 1")
-        for key in ("d_model", "num_latents", "heads", "mlp_ratio", "exposures"):
+        for key in ("d_model", "num_latents", "heads", "mlp_ratio", "exposures", "va_dim", "vt_dim"):
             _require(getattr(self, key) >= 1, f"model.{key}", "must be at least 1")
         for key in ("enc_layers", "evo_layers", "dec_layers"):
             _require(getattr(self, key) >= 0, f"model.{key}", "must be 0 or more")
@@ -80,6 +94,12 @@ class ModelConfig:
         _require(0.0 <= self.future_query_prob <= 1.0, "model.future_query_prob", "must be in [0, 1]")
         _require(0.0 <= self.alpha <= 1.0, "model.alpha", "must be in [0, 1]")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _require(self.blind_windows >= 0, "model.blind_windows", "must be 0 or more")
+        _require(self.weight_pc > 0, "model.weight_pc", "must be positive: predictive coding is what trains the "
+                 "decoder and evolver (make it small rather than 0)")
+        for key in ("weight_va", "weight_vt"):
+            _require(getattr(self, key) >= 0, f"model.{key}", "must be 0 (off) or positive")
+        _require(0.0 < self.temperature <= 1.0, "model.temperature", "must be in (0, 1]; VATT uses 0.07")
         for key in ("fourier_space", "fourier_time", "fourier_text"):
             bands, mu = getattr(self, key)
             _require(bands >= 1 and mu >= 2, f"model.{key}", "give K>=1 bands and mu>=2, e.g. 15,20")
@@ -101,6 +121,10 @@ class DataConfig:
     "frames in the present window of a clip"
     future_frames: int = 4
     "frames in the future window that follows it"
+    recurrent_windows: int = 1
+    "present+future windows per clip; the latent is carried from one to the next (a longer clip)"
+    window_step_frames: int = 0
+    "frames from one window's start to the next (seed 000's window increment); 0 = present_frames"
     sample_rate: int = 8000
     "audio samples per second after resampling"
     clip_stride_s: float = 0.0
@@ -124,6 +148,8 @@ class DataConfig:
                  "give height,width, e.g. --set data.frame_size=32,32")
         _require(self.present_frames >= 1, "data.present_frames", "must be at least 1")
         _require(self.future_frames >= 1, "data.future_frames", "must be at least 1")
+        _require(self.recurrent_windows >= 1, "data.recurrent_windows", "must be at least 1")
+        _require(self.window_step_frames >= 0, "data.window_step_frames", "must be 0 (= present_frames) or more")
         _require(self.sample_rate >= 1000, "data.sample_rate", "must be at least 1000 Hz")
         _require(self.clip_stride_s >= 0, "data.clip_stride_s", "must be 0 or positive")
         _require(self.max_text_bytes >= 1, "data.max_text_bytes", "must be at least 1")
@@ -134,8 +160,26 @@ class DataConfig:
         _require(self.synth_videos >= 1, "data.synth_videos", "must be at least 1")
 
     @property
-    def clip_frames(self) -> int:
+    def window_frames(self) -> int:
+        """Frames of one present+future window."""
         return self.present_frames + self.future_frames
+
+    @property
+    def window_step(self) -> int:
+        return self.window_step_frames or self.present_frames
+
+    @property
+    def clip_frames(self) -> int:
+        """Frames of a clip: one window, and a step more for every further recurrent window."""
+        return self.window_frames + (self.recurrent_windows - 1) * self.window_step
+
+    @property
+    def window_samples(self) -> int:
+        return round(self.window_frames / self.fps * self.sample_rate)
+
+    @property
+    def window_step_samples(self) -> int:
+        return round(self.window_step / self.fps * self.sample_rate)
 
     @property
     def clip_seconds(self) -> float:
@@ -148,6 +192,9 @@ class DataConfig:
     @property
     def present_samples(self) -> int:
         return round(self.present_frames / self.fps * self.sample_rate)
+
+    def window_start_samples(self, window: int) -> int:
+        return round(window * self.window_step / self.fps * self.sample_rate)
 
     @property
     def stride_seconds(self) -> float:
@@ -276,6 +323,46 @@ class ProfileConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation: held-out clips, kNN and linear probe per label, text-video retrieval."""
+
+    holdout: float = 0.2
+    "fraction of source videos held out (never trained on), picked by a hash of the file name, so adding videos never moves one across"
+    during_training: bool = True
+    "evaluate while training, on a schedule that spaces out, and at the last step"
+    first_step: int = 10
+    "the first evaluation during training; later ones at first_step x growth^k"
+    growth: float = 2.0
+    "how much longer each wait between evaluations is than the last (seed 001's exponential schedule)"
+    knn_k: int = 20
+    "neighbours of the weighted kNN (DINO: 20)"
+    knn_temperature: float = 0.07
+    "temperature of the kNN vote weights exp(similarity / T) (DINO: 0.07)"
+    max_clips: int = 4096
+    "at most this many training clips (the kNN bank and probe set) and held-out clips are encoded"
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.holdout < 1.0, "eval.holdout", "must be in [0, 1); 0 = no held-out clips, no eval")
+        _require(self.first_step >= 1, "eval.first_step", "must be at least 1")
+        _require(self.growth >= 1.0, "eval.growth", "must be 1 (evenly spaced) or more")
+        _require(self.knn_k >= 1, "eval.knn_k", "must be at least 1")
+        _require(0.0 < self.knn_temperature <= 1.0, "eval.knn_temperature", "must be in (0, 1]")
+        _require(self.max_clips >= 2, "eval.max_clips", "must be at least 2")
+
+    def steps(self, total: int) -> list[int]:
+        """Steps after which to evaluate during a run of `total` steps: first_step x growth^k
+        (each wait `growth` times the last; growth 1 = every first_step steps), then the last."""
+        out, k = [], 0
+        while True:
+            step = round(self.first_step * self.growth ** k) if self.growth > 1.0 else self.first_step * (k + 1)
+            if step >= total:
+                return out + [total]
+            if not out or step > out[-1]:
+                out.append(step)
+            k += 1
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; what config.json records."""
 
@@ -286,6 +373,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     rig: RigConfig = field(default_factory=RigConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _require(not self.profile.enabled or self.profile.last_step <= self.train.steps, "profile.active",
@@ -300,18 +388,29 @@ class RunConfig:
             _require(frames % t == 0, key, f"{frames} frames are not a multiple of model.tubelet t={t}")
         _require(height % h == 0 and width % w == 0, "data.frame_size",
                  f"{height}x{width} is not a multiple of the tubelet {h}x{w} (model.tubelet)")
-        present, future = self.data.present_samples, self.data.clip_samples - self.data.present_samples
+        present, future = self.data.present_samples, self.data.window_samples - self.data.present_samples
         seg = self.model.audio_segment
         _require(present % seg == 0 and future % seg == 0, "model.audio_segment",
                  f"the present ({present}) and future ({future}) audio samples must be multiples of "
                  f"{seg}; change model.audio_segment or data.sample_rate")
+        d = self.data
+        if d.recurrent_windows > 1:
+            _require(d.window_step % t == 0, "data.window_step_frames",
+                     f"the window step of {d.window_step} frames is not a multiple of model.tubelet t={t}")
+            exact = d.window_step / d.fps * d.sample_rate
+            _require(abs(exact - round(exact)) < 1e-6 and round(exact) % seg == 0, "data.window_step_frames",
+                     f"a step of {d.window_step} frames is {exact:g} audio samples, which must be a whole multiple "
+                     f"of model.audio_segment={seg}")
+        _require(self.model.blind_windows < d.recurrent_windows, "model.blind_windows",
+                 f"{self.model.blind_windows} blind windows leave none of the {d.recurrent_windows} scored; "
+                 "lower it or raise data.recurrent_windows")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rig": RigConfig,
-                             "profile": ProfileConfig}
+                             "profile": ProfileConfig, "eval": EvalConfig}
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from rigtrain.config import DataConfig
-from rigtrain.data.prepare import INDEX_FORMAT, preparation_params
+from rigtrain.data.prepare import INDEX_FORMAT, LEGACY_PARAMS, preparation_params
 from rigtrain.errors import UserError
 
 
@@ -33,6 +33,8 @@ def read_index(data_dir: Path) -> dict:
     if str(index["params"].get("resize", "")).startswith("centre crop"):
         # Shards from before data.resize existed describe the crop in words; it is "crop".
         index["params"]["resize"] = "crop"
+    for key, value in LEGACY_PARAMS.items():
+        index["params"].setdefault(key, value)
     return index
 
 
@@ -45,10 +47,32 @@ def check_params(index: dict, data: DataConfig, data_dir: Path) -> None:
                             f"data.{key}={want[key]}; set data.{key}={value} or prepare the videos again")
 
 
+# Narration segments per clip that MIL-NCE sees as separate positives (the first ones in
+# time when more overlap a clip); a fixed number keeps batches rectangular.
+SEGMENTS_PER_CLIP = 4
+
+
+def segment_table(segments: np.ndarray, clips: int) -> tuple[np.ndarray, np.ndarray]:
+    """segments.npy rows (clip, start_s, end_s, offset, length) -> each clip's segments as
+    (offset, length) byte spans in its text: two int64 arrays (clips, SEGMENTS_PER_CLIP),
+    length 0 where a clip has fewer segments."""
+    offset = np.zeros((clips, SEGMENTS_PER_CLIP), np.int64)
+    length = np.zeros((clips, SEGMENTS_PER_CLIP), np.int64)
+    used = np.zeros(clips, np.int64)
+    for row in segments:
+        clip = int(row["clip"])
+        if used[clip] < SEGMENTS_PER_CLIP and row["length"] > 0:
+            offset[clip, used[clip]], length[clip, used[clip]] = row["offset"], row["length"]
+            used[clip] += 1
+    return offset, length
+
+
 class ShardDataset(Dataset):
     """Clip i of all shards, as tensors: video uint8 (T, H, W, 3), audio int16 (S,),
-    has_audio bool, text uint8 (L,), text_len int64, index int64. Arrays are opened lazily
-    with mmap, so nothing is read until a clip is asked for."""
+    has_audio bool, text uint8 (L,), text_len int64, segment_offset and segment_len int64
+    (SEGMENTS_PER_CLIP,): the narration segments' byte spans in text, labels int16 (3,)
+    (-1 = none; evaluation only), index int64. Arrays are opened lazily with mmap, so
+    nothing is read until a clip is asked for."""
 
     def __init__(self, data_dir: str | Path, data: DataConfig | None = None):
         self.dir = Path(data_dir)
@@ -65,8 +89,17 @@ class ShardDataset(Dataset):
     def _open(self) -> list[dict[str, np.ndarray]]:
         if self._arrays is None:
             names = ("video", "audio", "text", "text_len", "clips", "labels")
-            self._arrays = [{n: np.load(self.dir / s / f"{n}.npy", mmap_mode="r") for n in names} for s in self.shards]
+            arrays = [{n: np.load(self.dir / s / f"{n}.npy", mmap_mode="r") for n in names} for s in self.shards]
+            for shard, a in zip(self.shards, arrays):
+                a["segment_offset"], a["segment_len"] = segment_table(np.load(self.dir / shard / "segments.npy"),
+                                                                      len(a["text_len"]))
+            self._arrays = arrays
         return self._arrays
+
+    def clip_videos(self) -> list[str]:
+        """Each clip's source video (file name relative to the source folder)."""
+        names = [s["video"] for s in self.index["sources"]]
+        return [names[int(i)] for a in self._open() for i in a["clips"]["source"]]
 
     def locate(self, i: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.offsets, i, side="right")) - 1
@@ -88,6 +121,8 @@ class ShardDataset(Dataset):
                for key, dtype in (("video", torch.uint8), ("audio", torch.int16), ("text", torch.uint8))}
         has_audio = np.empty(n, np.bool_)
         text_len = np.empty(n, np.int64)
+        small = {key: np.empty((n, *first[key].shape[1:]), first[key].dtype)
+                 for key in ("segment_offset", "segment_len", "labels")}
         for shard in np.unique(shards):
             rows = np.nonzero(shards == shard)[0]
             local = indices[rows] - int(self.offsets[shard])
@@ -100,8 +135,12 @@ class ShardDataset(Dataset):
                     target[row] = a[key][j]
             has_audio[rows] = a["clips"]["has_audio"][local]
             text_len[rows] = a["text_len"][local]
+            for key, target in small.items():
+                target[rows] = a[key][local]
         out["has_audio"] = torch.from_numpy(has_audio)
         out["text_len"] = torch.from_numpy(text_len)
+        out.update({key: torch.from_numpy(value.astype(np.int64 if key != "labels" else np.int16))
+                    for key, value in small.items()})
         out["index"] = torch.from_numpy(indices)
         return out
 
@@ -116,12 +155,16 @@ class ResumableSampler(Sampler[int]):
     micro-batches. Starting at micro-batch `start_batch` resumes exactly where a run stopped;
     the trainer only has to count micro-batches."""
 
-    def __init__(self, size: int, *, rank: int, world: int, micro_batch: int, seed: int, start_batch: int = 0):
-        self.size, self.rank, self.world, self.micro_batch = size, rank, world, micro_batch
+    def __init__(self, clips: int | np.ndarray, *, rank: int, world: int, micro_batch: int, seed: int,
+                 start_batch: int = 0):
+        # `clips`: a count (all clips) or the clip indices to draw from (the training side
+        # of the held-out split).
+        self.clips = np.arange(clips) if isinstance(clips, int) else np.asarray(clips, np.int64)
+        self.size, self.rank, self.world, self.micro_batch = len(self.clips), rank, world, micro_batch
         self.seed, self.start_batch = seed, start_batch
-        self.batches_per_epoch = size // world // micro_batch
+        self.batches_per_epoch = self.size // world // micro_batch
         if self.batches_per_epoch == 0:
-            raise UserError(f"data: {size} clips are fewer than one batch on every process "
+            raise UserError(f"data: {self.size} training clips are fewer than one batch on every process "
                             f"({world} process(es) x train.micro_batch_size={micro_batch}); "
                             "lower train.micro_batch_size or add videos")
 
@@ -129,7 +172,7 @@ class ResumableSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.size, generator=generator)
         per_rank = self.batches_per_epoch * self.micro_batch
-        return order[self.rank : per_rank * self.world : self.world].tolist()
+        return self.clips[order[self.rank : per_rank * self.world : self.world].numpy()].tolist()
 
     def __iter__(self):
         epoch, batch = divmod(self.start_batch, self.batches_per_epoch)
@@ -205,11 +248,12 @@ def open_dataset(data_dir: str | Path, data: DataConfig) -> Dataset:
 
 def make_loader(dataset: Dataset, data: DataConfig, *, rank: int, world: int, micro_batch: int,
                 seed: int, start_batch: int, workers: int, pin_memory: bool,
-                on_batch: Callable[[int, int, int], None] | None = None) -> ShardLoader:
-    """The training loader: the resumable sampler's clips in micro-batches, `workers`
-    threads reading prefetch_factor batches each ahead, uint8 until on the device (4x
-    less to copy than float32), pinned on a GPU machine."""
-    sampler = ResumableSampler(len(dataset), rank=rank, world=world, micro_batch=micro_batch, seed=seed,
-                               start_batch=start_batch)
+                on_batch: Callable[[int, int, int], None] | None = None,
+                clips: np.ndarray | None = None) -> ShardLoader:
+    """The training loader: the resumable sampler's clips (all, or the given indices) in
+    micro-batches, `workers` threads reading prefetch_factor batches each ahead, uint8
+    until on the device (4x less to copy than float32), pinned on a GPU machine."""
+    sampler = ResumableSampler(len(dataset) if clips is None else clips, rank=rank, world=world,
+                               micro_batch=micro_batch, seed=seed, start_batch=start_batch)
     return ShardLoader(dataset, sampler, micro_batch=micro_batch, workers=workers, prefetch=data.prefetch_factor,
                        pin_memory=pin_memory, on_batch=on_batch)

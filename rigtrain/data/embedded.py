@@ -13,7 +13,7 @@ from rigtrain.config import DataConfig
 from rigtrain.data.prepare import prepare, preparation_params
 from rigtrain.data.synth import synthesize
 
-SYNTH_VERSION = 2  # bump when the generator changes what it draws
+SYNTH_VERSION = 3  # bump when the generator changes what it draws
 
 
 def cache_root() -> Path:

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from rigtrain.config import DataConfig
 from rigtrain.data import media
+from rigtrain.data.dataset import SEGMENTS_PER_CLIP
 from rigtrain.data.narration import Segment, clip_text, read_narration
 
 
@@ -33,7 +34,8 @@ def _segments(path: Path) -> tuple[Segment, ...]:
 
 class DecodedClips(Dataset):
     """The same samples as ShardDataset (video uint8 (T, H, W, 3), audio int16 (S,),
-    has_audio, text, text_len, index), decoded on demand."""
+    has_audio, text, text_len, segment spans, labels, index), decoded on demand. Labels are
+    -1: they exist only in prepared Shapes-world shards."""
 
     def __init__(self, clips: list[ClipRef], data: DataConfig):
         self.clips, self.data = clips, data
@@ -91,13 +93,25 @@ class DecodedClips(Dataset):
                 has_audio = len(piece) >= 0.9 * d.clip_samples
         text = np.zeros(d.max_text_bytes, np.uint8)
         length = 0
+        segment_offset = np.zeros(SEGMENTS_PER_CLIP, np.int64)
+        segment_len = np.zeros(SEGMENTS_PER_CLIP, np.int64)
         if ref.narration is not None:
-            words, _ = clip_text(list(_segments(ref.narration)), start_s, start_s + d.clip_seconds, d.max_text_bytes)
+            words, placed = clip_text(list(_segments(ref.narration)), start_s, start_s + d.clip_seconds,
+                                      d.max_text_bytes)
             text[: len(words)] = np.frombuffer(words, np.uint8)
             length = len(words)
+            placed = [(off, n) for _, off, n in placed if n > 0][:SEGMENTS_PER_CLIP]
+            for j, (off, n) in enumerate(placed):
+                segment_offset[j], segment_len[j] = off, n
         return {"video": torch.from_numpy(video), "audio": torch.from_numpy(audio),
                 "has_audio": torch.tensor(has_audio), "text": torch.from_numpy(text),
-                "text_len": torch.tensor(length, dtype=torch.int64), "index": torch.tensor(i, dtype=torch.int64)}
+                "text_len": torch.tensor(length, dtype=torch.int64),
+                "segment_offset": torch.from_numpy(segment_offset), "segment_len": torch.from_numpy(segment_len),
+                "labels": torch.full((3,), -1, dtype=torch.int16), "index": torch.tensor(i, dtype=torch.int64)}
+
+    def clip_videos(self) -> list[str]:
+        """Each clip's source video file name."""
+        return [ref.video.name for ref in self.clips]
 
     def batch(self, indices: list[int], pin_memory: bool = False) -> dict[str, torch.Tensor]:
         items = [self[i] for i in indices]

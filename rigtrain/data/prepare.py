@@ -50,7 +50,11 @@ def preparation_params(data: DataConfig) -> dict:
     return {"fps": data.fps, "frame_size": list(data.frame_size), "present_frames": data.present_frames,
             "future_frames": data.future_frames, "sample_rate": data.sample_rate,
             "clip_stride_s": data.stride_seconds, "max_text_bytes": data.max_text_bytes,
-            "resize": data.resize}
+            "resize": data.resize, "recurrent_windows": data.recurrent_windows,
+            "window_step_frames": data.window_step if data.recurrent_windows > 1 else 0}
+
+# What shards prepared before a parameter existed were made with.
+LEGACY_PARAMS = {"recurrent_windows": 1, "window_step_frames": 0}
 
 
 @dataclass
@@ -319,7 +323,7 @@ def _load_state(src: Path, out: Path, data: DataConfig) -> dict | None:
     else:
         return None
     params = preparation_params(data)
-    for key, value in state.get("params", {}).items():
+    for key, value in {**LEGACY_PARAMS, **state.get("params", {})}.items():
         if params.get(key) != value:
             raise UserError(f"data prepare: {out} was prepared with {key}={value}, not {params.get(key)}; "
                             f"use the same preset and --set values to continue it, or a new folder")

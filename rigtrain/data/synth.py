@@ -55,7 +55,9 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 
     coarse = rng.uniform(-1, 1, (8, 8, 3)).astype(np.float32)
     texture = cv2.resize(coarse, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_CUBIC)
-    return rng.integers(70, 130, size=3) + 30.0 * texture
+    # +-15 levels: enough texture that a clip's background is its own, little enough that
+    # the shape (not the background) is what differs most between clips at 32x32.
+    return rng.integers(70, 130, size=3) + 15.0 * texture
 
 
 def _event_audio(rng: np.random.Generator, shape: str, direction: str, seconds: float) -> np.ndarray:
@@ -97,7 +99,7 @@ def synthesize(out_dir: str | Path, *, videos: int = 48, seed: int = 0, progress
             colour = list(COLOURS)[rng.integers(len(COLOURS))]
             direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
             dx, dy = DIRECTIONS[direction]
-            r = rng.uniform(7, 11)
+            r = rng.uniform(11, 15)  # a radius of 5-7 pixels at the demo's 32x32, so the shape is legible
             travel = FRAME_SIZE - 2 * r - 8  # the shape crosses most of the frame in an event
             along = rng.uniform(r + 4, FRAME_SIZE - r - 4)  # position across the motion
             background = _background(rng)
