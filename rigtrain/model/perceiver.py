@@ -1,9 +1,15 @@
-"""The multimodal predictive-coding Perceiver (MODEL.md, seed documents 000 and 004).
+"""The multimodal predictive-coding Perceiver (MODEL.md, seed documents 000, 003 and 004).
 
-    tokens(present video, present audio, narration) --DropToken--> encoder --> latent z
-    evolver(z) --> z' (the predicted latent of the future window)
-    decoder(Fourier queries of present positions, z)  --> present patches
-    decoder(Fourier queries of sampled future positions, z') --> future patches
+Predictive coding, for each window i of a clip (recurrent_windows of them, a step apart):
+    tokens(present video, present audio, narration) --DropToken--> encoder(start_i) --> latent z_i
+    evolver(z_i) --> z_i' (the predicted latent of the future window; start_{i+1} = z_i')
+    decoder(Fourier queries of present positions, z_i)  --> present patches
+    decoder(Fourier queries of sampled future positions, z_i') --> future patches
+start_0 is the learned latent array; windows before model.blind_windows are not scored.
+
+Contrastive (VATT), on the clip's first window: each modality through the same encoder on
+its own, mean-pooled, then the FAC heads: video -> video-audio space -> video-text space,
+audio -> video-audio space, each narration segment -> video-text space.
 
 Shapes: B clips, D = d_model, N = num_latents, P = patch size of a modality.
 """
@@ -18,6 +24,7 @@ from torch import nn
 
 from rigtrain.config import DataConfig, ModelConfig
 from rigtrain.model.blocks import CrossAttentionBlock, SelfAttentionBlock, run_block
+from rigtrain.model.contrastive import gather_across_ranks, l2_normalize, mil_nce_loss, nce_loss
 from rigtrain.model.fourier import feature_size, fourier_features, grid_positions
 from rigtrain.model.losses import masked_mse, normalize_patches, predictive_coding_loss
 from rigtrain.model.tokenizers import PatchTokenizer, TextTokenizer, to_segments, to_tubelets
@@ -29,7 +36,8 @@ PIXEL_MEAN, PIXEL_STD = 0.45, 0.225
 
 @dataclass(frozen=True)
 class ClipGeometry:
-    """What the model needs to know about a clip's shape."""
+    """What the model needs to know about a clip's shape. A window is present + future;
+    a clip holds `windows` of them, each `step_frames` (`step_samples`) after the last."""
 
     present_frames: int
     future_frames: int
@@ -38,21 +46,27 @@ class ClipGeometry:
     present_samples: int
     future_samples: int
     max_text_bytes: int
+    windows: int = 1
+    step_frames: int = 0
+    step_samples: int = 0
 
     @classmethod
     def from_data(cls, data: DataConfig) -> "ClipGeometry":
         return cls(present_frames=data.present_frames, future_frames=data.future_frames,
                    height=data.frame_size[0], width=data.frame_size[1],
                    present_samples=data.present_samples,
-                   future_samples=data.clip_samples - data.present_samples,
-                   max_text_bytes=data.max_text_bytes)
+                   future_samples=data.window_samples - data.present_samples,
+                   max_text_bytes=data.max_text_bytes, windows=data.recurrent_windows,
+                   step_frames=data.window_step, step_samples=data.window_step_samples)
 
     @property
     def frames(self) -> int:
+        """Frames of one window."""
         return self.present_frames + self.future_frames
 
     @property
     def samples(self) -> int:
+        """Audio samples of one window."""
         return self.present_samples + self.future_samples
 
 
@@ -68,6 +82,14 @@ def drop_tokens(num_tokens: int, keep: float, batch: int, device: torch.device,
     """DropToken (VATT): the indices (B, k) of the k = round(keep * n) tokens each sample
     keeps. A fixed k keeps the batch rectangular."""
     return random_subset(num_tokens, max(1, round(keep * num_tokens)), batch, device, generator)
+
+
+def _shapes_only(x: torch.Tensor) -> bool:
+    """True for a meta or fake tensor (the rig planner's memory count, the FLOP counter),
+    whose values cannot decide a shape."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return x.device.type == "meta" or is_fake(x)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -89,7 +111,7 @@ class PredictiveCodingPerceiver(nn.Module):
 
         video_bands = [tuple(c.fourier_time), tuple(c.fourier_space), tuple(c.fourier_space)]
         audio_bands = [tuple(c.fourier_time)]
-        video_pos = grid_positions(*self.grid)  # (Nv, 3): time spans the whole clip
+        video_pos = grid_positions(*self.grid)  # (Nv, 3): time spans one window, whichever it is
         audio_pos = grid_positions(self.audio_tokens)  # (Na, 1)
         self.video_tokenizer = PatchTokenizer(patch_dim=t * h * w * 3, positions=video_pos, bands=video_bands, d_model=d)
         self.audio_tokenizer = PatchTokenizer(patch_dim=c.audio_segment, positions=audio_pos, bands=audio_bands, d_model=d)
@@ -112,6 +134,22 @@ class PredictiveCodingPerceiver(nn.Module):
         self.decoder_norm = nn.LayerNorm(d)
         self.video_head = nn.Linear(d, t * h * w * 3)
         self.audio_head = nn.Linear(d, c.audio_segment)
+
+        # VATT's FAC heads, built only for the losses that are on (a head without a loss
+        # would get no gradient). Video gets two layers, as in VATT, since its space must
+        # serve audio and text; the others are linear.
+        contrastive = c.weight_va > 0 or c.weight_vt > 0
+        self.pool_norm = nn.LayerNorm(d) if contrastive else None
+        self.video_to_va = nn.Sequential(nn.Linear(d, c.va_dim), nn.GELU(), nn.Linear(c.va_dim, c.va_dim)) \
+            if contrastive else None
+        self.audio_to_va = nn.Linear(d, c.va_dim) if c.weight_va > 0 else None
+        self.va_to_vt = nn.Linear(c.va_dim, c.vt_dim) if c.weight_vt > 0 else None
+        self.text_to_vt = nn.Linear(d, c.vt_dim) if c.weight_vt > 0 else None
+        # Each modality's mean embedding, subtracted before L2 normalisation (see
+        # `_centre`): the batch's in training, these running means in evaluation.
+        for name, size in (("video_va", c.va_dim), ("audio_va", c.va_dim), ("video_vt", c.vt_dim), ("text_vt", c.vt_dim)):
+            self.register_buffer(f"mean_{name}", torch.zeros(size))
+        self.register_buffer("mean_updates", torch.zeros((), dtype=torch.long))
         self.apply(self._init_weights)
 
     @staticmethod
@@ -126,41 +164,61 @@ class PredictiveCodingPerceiver(nn.Module):
     def _block(self, block: nn.Module, *args) -> torch.Tensor:
         return run_block(block, *args, checkpointed=self.config.activation_checkpointing)
 
-    def patches(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 video (B, T, H, W, 3) and int16 audio (B, S) -> float patches
-        video (B, Nv, t*h*w*3) in [0, 1] and audio (B, Na, s) in [-1, 1]."""
-        t, h, w = self.config.tubelet
-        video = batch["video"].float() / 255.0
-        audio = batch["audio"].float() / 32768.0
+    def patches(self, batch: dict[str, torch.Tensor], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 video (B, T, H, W, 3) and int16 audio (B, S) -> the float patches of one
+        window: video (B, Nv, t*h*w*3) in [0, 1] and audio (B, Na, s) in [-1, 1]."""
+        g, (t, h, w) = self.geometry, self.config.tubelet
+        f0, s0 = window * g.step_frames, window * g.step_samples
+        video = batch["video"][:, f0 : f0 + g.frames].float() / 255.0
+        audio = batch["audio"][:, s0 : s0 + g.samples].float() / 32768.0
         return to_tubelets(video, t, h, w), to_segments(audio, self.config.audio_segment)
 
-    def encode(self, batch: dict[str, torch.Tensor], video: torch.Tensor, audio: torch.Tensor,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Present-window patches (+ narration) -> latent (B, N, D)."""
-        dtype = self.latents.dtype
-        B, device = video.shape[0], video.device
-        video_tok = self.video_tokenizer(((video - PIXEL_MEAN) / PIXEL_STD).to(dtype), slice(0, video.shape[1]))
-        audio_tok = self.audio_tokenizer(audio.to(dtype), slice(0, audio.shape[1]))
-        text = batch["text"]
-        text_tok = self.text_tokenizer(text)  # (B, L, D)
-        text_mask = torch.arange(text.shape[1], device=device)[None, :] < batch["text_len"][:, None]  # (B, L)
-        has_audio = batch["has_audio"].bool()
+    def _video_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """The first n video patches (B, n, P) of a window -> tokens (B, n, D)."""
+        pixels = ((video - PIXEL_MEAN) / PIXEL_STD).to(self.latents.dtype)
+        return self.video_tokenizer(pixels, slice(0, video.shape[1]))
 
-        latent = self.latents.expand(B, -1, -1)
+    def _audio_tokens(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.audio_tokenizer(audio.to(self.latents.dtype), slice(0, audio.shape[1]))
+
+    def encode(self, start: torch.Tensor, inputs: list[tuple[torch.Tensor, torch.Tensor | None, bool]],
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents start (B, N, D) read the inputs -> latent (B, N, D).
+
+        inputs: (tokens (B, n, D), key mask (B, n) or None, DropToken applies). Re-exposure:
+        `exposures` rounds of cross-attention + self-attention, each on a fresh DropToken draw
+        (or the first draw again with same_droptoken_draw)."""
+        B, device = start.shape[0], start.device
         keep = self.config.droptoken_keep if self.training else 1.0
-        draw = None
+        latent, draws = start, None
         for _ in range(self.config.exposures):
-            if draw is None or not self.config.same_droptoken_draw:
-                draw = (drop_tokens(video_tok.shape[1], keep, B, device, generator),
-                        drop_tokens(audio_tok.shape[1], keep, B, device, generator))
-            v, a = _gather(video_tok, draw[0]), _gather(audio_tok, draw[1])
-            tokens = torch.cat([v, a, text_tok], dim=1)  # (B, kv + ka + L, D)
-            mask = torch.cat([torch.ones(v.shape[:2], dtype=torch.bool, device=device),
-                              has_audio[:, None].expand(-1, a.shape[1]), text_mask], dim=1)
-            latent = self._block(self.encoder_cross, latent, tokens, mask)
+            if draws is None or not self.config.same_droptoken_draw:
+                draws = [drop_tokens(tokens.shape[1], keep, B, device, generator) if drop and keep < 1.0 else None
+                         for tokens, _, drop in inputs]
+            parts, masks = [], []
+            for (tokens, mask, _), draw in zip(inputs, draws):
+                if draw is not None:
+                    tokens = _gather(tokens, draw)
+                    mask = None if mask is None else torch.gather(mask, 1, draw)
+                parts.append(tokens)
+                masks.append(mask)
+            # No mask at all when no input has one: attention without a mask can use the
+            # Flash kernel on a GPU.
+            mask = None if all(m is None for m in masks) else torch.cat(
+                [torch.ones(t.shape[:2], dtype=torch.bool, device=device) if m is None else m
+                 for t, m in zip(parts, masks)], dim=1)
+            latent = self._block(self.encoder_cross, latent, torch.cat(parts, dim=1), mask)
             for block in self.encoder_self:
                 latent = self._block(block, latent)
         return latent
+
+    def _start(self, batch_size: int) -> torch.Tensor:
+        return self.latents.expand(batch_size, -1, -1)
+
+    def _pool(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, D): the mean latent (normalised when the heads exist)."""
+        pooled = latent.mean(dim=1)
+        return pooled if self.pool_norm is None else self.pool_norm(pooled)
 
     def evolve(self, latent: torch.Tensor) -> torch.Tensor:
         """Present latent -> predicted future latent (B, N, D)."""
@@ -190,35 +248,175 @@ class PredictiveCodingPerceiver(nn.Module):
         return start + random_subset(n, k, batch, device, generator)
 
     # -- training objective ---------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
-                ) -> dict[str, torch.Tensor]:
-        """A batch of clips -> {"loss": scalar, and each loss term}."""
-        video, audio = self.patches(batch)
-        B, device = video.shape[0], video.device
-        nvp, nap = self.video_present, self.audio_present
-        latent = self.encode(batch, video[:, :nvp], audio[:, :nap], generator)
-        future_latent = self.evolve(latent)
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                task: str = "train") -> dict[str, torch.Tensor]:
+        """task "train": a batch of clips -> {"loss": scalar, and each loss term}.
+        task "embed": -> the clips' features for evaluation (see `embed`). Both go through
+        forward, so DeepSpeed's hooks (ZeRO-3 parameter gathering) see every call."""
+        if task == "embed":
+            return self.embed(batch)
+        terms = self._predictive_coding(batch, generator)
+        c = self.config
+        total = c.weight_pc * terms["loss_pc"]
+        if c.weight_va > 0 or c.weight_vt > 0:
+            terms.update(self._contrastive(batch, generator))
+            if c.weight_va > 0:
+                total = total + c.weight_va * terms["loss_va_nce"]
+            if c.weight_vt > 0:
+                total = total + c.weight_vt * terms["loss_vt_milnce"]
+        terms["loss"] = total
+        return terms
 
+    def _predictive_coding(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
+                           ) -> dict[str, torch.Tensor]:
+        """The predictive-coding terms, averaged over the scored windows."""
+        B, device = batch["video"].shape[0], batch["video"].device
+        nvp, nap = self.video_present, self.audio_present
+        text = batch["text"]
+        text_tokens = self.text_tokenizer(text)  # (B, L, D): the clip's narration, read in every window
+        text_mask = torch.arange(text.shape[1], device=device)[None, :] < batch["text_len"][:, None]  # (B, L)
+        has_audio = batch["has_audio"].bool()
+        audio_mask = has_audio[:, None].expand(-1, nap)
         present_v = torch.arange(nvp, device=device).expand(B, -1)
         present_a = torch.arange(nap, device=device).expand(B, -1)
-        future_v = self._future_index(nvp, video.shape[1], B, device, generator)
-        future_a = self._future_index(nap, audio.shape[1], B, device, generator)
-        pred_pv, pred_pa = self.decode(latent, present_v, present_a)
-        pred_fv, pred_fa = self.decode(future_latent, future_v, future_a)
 
-        has_audio = batch["has_audio"].bool()
-        video_t, audio_t = normalize_patches(video), normalize_patches(audio)
-        terms = {
-            "pc_video_present": masked_mse(pred_pv, video_t[:, :nvp]),
-            "pc_video_future": masked_mse(pred_fv, _gather(video_t, future_v)),
-            "pc_audio_present": masked_mse(pred_pa, audio_t[:, :nap], has_audio),
-            "pc_audio_future": masked_mse(pred_fa, _gather(audio_t, future_a), has_audio),
-        }
+        sums: dict[str, torch.Tensor] = {}
+        start = self._start(B)
+        scored = range(self.config.blind_windows, self.geometry.windows)
+        for window in range(self.geometry.windows):
+            video, audio = self.patches(batch, window)
+            inputs = [(self._video_tokens(video[:, :nvp]), None, True),
+                      (self._audio_tokens(audio[:, :nap]), audio_mask, True), (text_tokens, text_mask, False)]
+            latent = self.encode(start, inputs, generator)
+            start = future_latent = self.evolve(latent)  # the next window starts from the prediction
+            if window not in scored:
+                continue
+            future_v = self._future_index(nvp, video.shape[1], B, device, generator)
+            future_a = self._future_index(nap, audio.shape[1], B, device, generator)
+            pred_pv, pred_pa = self.decode(latent, present_v, present_a)
+            pred_fv, pred_fa = self.decode(future_latent, future_v, future_a)
+            video_t, audio_t = normalize_patches(video), normalize_patches(audio)
+            window_terms = {
+                "pc_video_present": masked_mse(pred_pv, video_t[:, :nvp]),
+                "pc_video_future": masked_mse(pred_fv, _gather(video_t, future_v)),
+                "pc_audio_present": masked_mse(pred_pa, audio_t[:, :nap], has_audio),
+                "pc_audio_future": masked_mse(pred_fa, _gather(audio_t, future_a), has_audio),
+            }
+            for key, value in window_terms.items():
+                sums[key] = sums.get(key, 0.0) + value
+        terms = {key: value / len(scored) for key, value in sums.items()}
         present = terms["pc_video_present"] + terms["pc_audio_present"]
         future = terms["pc_video_future"] + terms["pc_audio_future"]
         terms["loss_pc"] = predictive_coding_loss(present, future, self.config.alpha)
-        terms["loss"] = terms["loss_pc"]
         return terms
+
+    # -- contrastive (VATT) -----------------------------------------------------------------------
+    def encode_video(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The clip's first window (present and future) alone -> pooled (B, D)."""
+        video, _ = self.patches(batch, 0)
+        latent = self.encode(self._start(video.shape[0]), [(self._video_tokens(video), None, True)], generator)
+        return self._pool(latent)
+
+    def encode_audio(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The first window's sound alone -> pooled (B, D). A clip without sound is encoded
+        from its (silent) samples all the same and masked out of the loss."""
+        _, audio = self.patches(batch, 0)
+        latent = self.encode(self._start(audio.shape[0]), [(self._audio_tokens(audio), None, True)], generator)
+        return self._pool(latent)
+
+    def encode_text(self, text: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """Byte strings (K, L) of `length` (K,) bytes alone -> pooled (K, D)."""
+        mask = torch.arange(text.shape[1], device=text.device)[None, :] < length[:, None]
+        latent = self.encode(self._start(text.shape[0]), [(self.text_tokenizer(text), mask, False)])
+        return self._pool(latent)
+
+    def _segments(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each clip's narration segments as their own byte strings, moved to the start:
+        (B, M, L) bytes, (B, M) lengths and (B, M) valid."""
+        text, offset, length = batch["text"], batch["segment_offset"], batch["segment_len"]
+        L = text.shape[1]
+        index = (offset[:, :, None] + torch.arange(L, device=text.device)).clamp(max=L - 1)  # (B, M, L)
+        segments = torch.gather(text[:, None, :].expand(-1, offset.shape[1], -1), 2, index)
+        inside = torch.arange(L, device=text.device) < length[:, :, None]
+        return segments * inside, length, length > 0
+
+    def text_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every narration segment of the batch in the video-text space, before centring and
+        normalising: (B, M, vt_dim), zero where (B, M) valid is False. Only real segments are
+        encoded; if a batch has none, one empty string is, so the text head still gets a
+        (zero) gradient on every rank."""
+        segments, length, valid = self._segments(batch)
+        B, M, L = segments.shape
+        flat_valid = valid.reshape(-1)
+        if _shapes_only(segments):
+            # Counting memory or FLOPs (meta or fake tensors): which segments exist is not
+            # known, so count the usual case, one segment per clip.
+            rows = torch.arange(B, device=segments.device) * M
+        else:
+            rows = flat_valid.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                rows = rows.new_zeros(1)
+        encoded = self.text_to_vt(self.encode_text(segments.reshape(B * M, L)[rows], length.reshape(-1)[rows]))
+        out = torch.zeros(B * M, encoded.shape[-1], dtype=torch.float32, device=segments.device)
+        out = out.index_copy(0, rows, encoded.float() * flat_valid[rows, None])
+        return out.reshape(B, M, -1), valid
+
+    def _centre(self, x: torch.Tensor, name: str, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., E) minus the modality's mean embedding, then L2-normalised.
+
+        Why: the encoder is shared by all modalities and starts every clip from the same
+        latent array, so its pooled outputs share a large common part. Cosine similarity
+        of uncentred embeddings is dominated by it, and the contrastive gradient then grows
+        it until every clip looks alike (measured: retrieval fell to exact chance within 10
+        steps on the demo). Subtracting the batch mean, as VATT's batch-norm heads do, gives
+        that common part no gradient. Training uses the (gathered) batch's mean and keeps a
+        running mean, which evaluation uses."""
+        buffer = getattr(self, f"mean_{name}")
+        if not self.training:
+            return l2_normalize(x - buffer.float())
+        flat = x.reshape(-1, x.shape[-1])
+        weights = torch.ones(len(flat), 1, device=x.device) if valid is None else valid.reshape(-1, 1).float()
+        mean = (flat * weights).sum(0) / weights.sum().clamp(min=1)
+        with torch.no_grad():
+            # A plain average over the first 10 updates, then an exponential one (0.1).
+            rate = (1.0 / (self.mean_updates + 1).float()).clamp(min=0.1)
+            buffer.lerp_(mean.detach().to(buffer.dtype), rate.to(buffer.dtype))
+        return l2_normalize(x - mean)
+
+    def _contrastive(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
+                     ) -> dict[str, torch.Tensor]:
+        c = self.config
+        video_va = self.video_to_va(self.encode_video(batch, generator)).float()  # (B, va)
+        terms = {}
+        if c.weight_va > 0:
+            audio_va = self.audio_to_va(self.encode_audio(batch, generator)).float()
+            valid = gather_across_ranks(batch["has_audio"].float()) > 0
+            video, audio = gather_across_ranks(video_va), gather_across_ranks(audio_va)
+            terms["loss_va_nce"] = nce_loss(self._centre(video, "video_va", valid),
+                                            self._centre(audio, "audio_va", valid), valid, c.temperature)
+        if c.weight_vt > 0:
+            text_vt, text_valid = self.text_embeddings(batch)
+            video = gather_across_ranks(self.va_to_vt(video_va).float())
+            text, text_valid = gather_across_ranks(text_vt), gather_across_ranks(text_valid.float()) > 0
+            terms["loss_vt_milnce"] = mil_nce_loss(self._centre(video, "video_vt"),
+                                                   self._centre(text, "text_vt", text_valid), text_valid, c.temperature)
+        with torch.no_grad():
+            self.mean_updates += 1
+        return terms
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Features of a batch for evaluation (no DropToken in eval mode): "video" (B, D) the
+        pooled video latent; with the text head, "video_vt" (B, vt) and "text_vt" (B, vt), the
+        clip's whole narration, both centred by the running means and L2-normalised."""
+        pooled = self.encode_video(batch)
+        out = {"video": pooled.float()}
+        if self.va_to_vt is not None:
+            out["video_vt"] = self._centre(self.va_to_vt(self.video_to_va(pooled)).float(), "video_vt")
+            text = self.text_to_vt(self.encode_text(batch["text"], batch["text_len"].clamp(min=1)))
+            out["text_vt"] = self._centre(text.float(), "text_vt")
+        return out
 
 
 def build_model(model: ModelConfig, data: DataConfig) -> PredictiveCodingPerceiver:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from rigtrain.config import DataConfig, ModelConfig
+from rigtrain.data.dataset import SEGMENTS_PER_CLIP
 from rigtrain.model.perceiver import build_model
 
 
@@ -14,7 +15,9 @@ def meta_batch(data: DataConfig, size: int) -> dict[str, torch.Tensor]:
             "audio": torch.empty(size, data.clip_samples, dtype=torch.int16),
             "has_audio": torch.ones(size, dtype=torch.bool),
             "text": torch.empty(size, data.max_text_bytes, dtype=torch.uint8),
-            "text_len": torch.full((size,), data.max_text_bytes)}
+            "text_len": torch.full((size,), data.max_text_bytes),
+            "segment_offset": torch.zeros(size, SEGMENTS_PER_CLIP, dtype=torch.int64),
+            "segment_len": torch.zeros(size, SEGMENTS_PER_CLIP, dtype=torch.int64)}
 
 
 def train_flops_per_clip(model: ModelConfig, data: DataConfig) -> float:
