@@ -53,6 +53,13 @@ def build_parser() -> Parser:
                                   "what limits it (input, compute, communication or host)")
     _add_run_options(profile)
 
+    evaluate = commands.add_parser("eval", help="score a run's newest checkpoint on held-out clips: kNN and linear "
+                                   "probe per label, text-video retrieval (writes RUN_DIR/eval.json)")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="the --out of a training run")
+    evaluate.add_argument("--data", metavar="DIR", help="evaluate on other data (default: the run's own, with the "
+                          "held-out videos it recorded)")
+    evaluate.add_argument("--json", action="store_true", help="print eval.json's content on stdout and nothing else")
+
     rig = commands.add_parser("rig", help="read the machine (or a rig file), plan a run and warn about the hardware")
     rig.add_argument("--rig", metavar="FILE", help="plan for the machine this rig file describes (RIG.md), not this one")
     rig.add_argument("--psu-watts", type=float, metavar="W", help="the power supply's rating, which no probe can read")
@@ -139,6 +146,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     """`rigtrain train` with the profiler on, by default just long enough to record it."""
     return _run(args, profile=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rigtrain.evaluate import format_result
+    from rigtrain.train.evaluation import evaluate_run
+
+    record = evaluate_run(args.run_dir, args.data)
+    if args.json:
+        print(json.dumps(record, indent=1))
+        return 0
+    print(f"eval of {args.run_dir} at step {record['step']} on {record['clips']['heldout']} held-out clips "
+          f"(kNN bank and probe: {record['clips']['bank']} training clips) in {record['seconds']:.1f} s")
+    print(format_result(record))
+    print(f"written to {Path(args.run_dir) / 'eval.json'}")
+    return 0
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -303,7 +325,7 @@ def cmd_rig(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {("train", None): cmd_train, ("profile", None): cmd_profile, ("rig", None): cmd_rig, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare,
+COMMANDS = {("train", None): cmd_train, ("profile", None): cmd_profile, ("eval", None): cmd_eval, ("rig", None): cmd_rig, ("data", "synth"): cmd_data_synth, ("data", "prepare"): cmd_data_prepare,
             ("data", "check"): cmd_data_check, ("data", "bench"): cmd_data_bench}
 
 

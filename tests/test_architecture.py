@@ -1,4 +1,4 @@
-"""STYLE.md: dependencies point one way, cli -> train -> {rig, profile, data, model} -> config, and
+"""STYLE.md: dependencies point one way, cli -> train -> {rig, profile, evaluate, data, model} -> config, and
 model/ never imports DeepSpeed. Read from the source, so a stray import fails here."""
 
 import ast
@@ -15,6 +15,7 @@ FORBIDDEN = {
     "config": ("rigtrain.model", "rigtrain.data", "rigtrain.train", "rigtrain.cli", "torch", "deepspeed"),
     "model": ("rigtrain.data", "rigtrain.train", "rigtrain.cli", "deepspeed"),
     "data": ("rigtrain.model", "rigtrain.train", "rigtrain.cli", "deepspeed"),
+    "evaluate": ("rigtrain.train", "rigtrain.rig", "rigtrain.profile", "rigtrain.cli", "deepspeed"),
     "train": ("rigtrain.cli",),
 }
 

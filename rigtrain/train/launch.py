@@ -74,13 +74,17 @@ def resolve_data(config: RunConfig, log=print) -> Path:
     return path.resolve()
 
 
-def check_data(data_dir: Path, config: RunConfig, world_size: int) -> int:
+def check_data(data_dir: Path, config: RunConfig, world_size: int, heldout: list[str] | None = None):
+    """The dataset's size and its held-out split (`heldout`: the videos a resumed run held
+    out; None = split by eval.holdout). Raises when there is not one batch per rank."""
     from rigtrain.data.dataset import ResumableSampler, open_dataset
+    from rigtrain.data.split import heldout_videos, split_clips
 
     dataset = open_dataset(data_dir, config.data)
-    ResumableSampler(len(dataset), rank=0, world=world_size, micro_batch=config.train.micro_batch_size,
-                     seed=0)  # raises when there is not one batch per rank
-    return len(dataset)
+    videos = dataset.clip_videos()
+    split = split_clips(videos, heldout_videos(videos, config.eval.holdout) if heldout is None else heldout)
+    ResumableSampler(split.train, rank=0, world=world_size, micro_batch=config.train.micro_batch_size, seed=0)
+    return len(dataset), split
 
 
 def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan, extra: dict | None = None) -> None:
@@ -160,13 +164,20 @@ def train(*, out: str | None, preset: str | None, config_file: str | None, overr
     # A resumed run keeps the plan it started with; otherwise what the user set is kept
     # and the rest is planned.
     fixed = set(PLANNED) if resume else user_keys(config_file, overrides)
+    # A resumed run keeps its held-out videos (a run from before the split held none out).
+    heldout = json.loads((run_dir / "config.json").read_text()).get("split", {}).get("heldout_videos", []) \
+        if resume else None
     backed_off: list[int] = []
     while True:
         plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w)
         config = apply_plan(config, plan)
-        clips = check_data(data_dir, config, plan.world_size)
-        write_run_config(run_dir, config, data_dir, rig, plan, {"backed_off_from": backed_off} if backed_off else None)
-        _say(f"run {run_dir}: {clips} clips from {data_dir}")
+        clips, split = check_data(data_dir, config, plan.world_size, heldout)
+        extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}}
+        if backed_off:
+            extra["backed_off_from"] = backed_off
+        write_run_config(run_dir, config, data_dir, rig, plan, extra)
+        _say(f"run {run_dir}: {clips} clips from {data_dir}; {len(split.heldout)} of them, from "
+             f"{len(split.heldout_videos)} videos, held out for evaluation and never trained on")
         kept = []
         for key in ("world_size", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
                     "zero_stage", "optimizer", "offload_optimizer", "dataloader_workers"):

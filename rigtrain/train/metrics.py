@@ -22,6 +22,13 @@ def telemetry(process: psutil.Process) -> dict[str, float]:
     return out
 
 
+def write_json(path: Path, value) -> None:
+    """Written whole or not at all: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
+
+
 def _markdown_json(value) -> str:
     # TensorBoard renders text as Markdown: indent JSON so it shows as a code block.
     return "\n".join("    " + line for line in json.dumps(value, indent=2).splitlines())
@@ -80,7 +87,8 @@ class MetricsLog:
         for key, value in metrics.items():
             if key != "step":
                 self.train_writer.add_scalar(key if key == "loss" or "/" in key else f"{_group(key)}/{key}", value, step)
-        terms = " ".join(f"{k.removeprefix('pc_')} {metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("pc_"))
+        terms = " ".join(f"{k.removeprefix('pc_').removeprefix('loss_')} {metrics[k]:.3f}" for k in sorted(metrics)
+                         if k.startswith("pc_") or k.startswith("loss_") and k != "loss_pc")
         self.say(f"step {step:>5}  loss {metrics['loss']:.4f}  ({terms})  lr {metrics['lr']:.2e}  "
                  f"{metrics['samples_per_s']:.1f} clips/s  data wait {metrics['data_wait_s'] * 1000:.0f} ms")
 

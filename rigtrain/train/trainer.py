@@ -20,12 +20,15 @@ import torch
 
 from rigtrain.config import RunConfig, build_config
 from rigtrain.data.dataset import ShardDataset, make_loader, open_dataset
+from rigtrain.data.split import split_clips
+from rigtrain.evaluate import Features, evaluate, extract_features, flat_metrics, format_result
+from rigtrain.evaluate.evaluation import spread
 from rigtrain.profile.recorder import LoaderTimeline, StepProfiler, span
 from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
 from rigtrain.model import build_model, count_parameters
 from rigtrain.rig.plan import BUCKET_ELEMENTS
 from rigtrain.train import checkpoints
-from rigtrain.train.metrics import MetricsLog
+from rigtrain.train.metrics import MetricsLog, write_json
 
 # Stop a run whose loss stays NaN/inf this many steps in a row: it will not recover, and
 # the checkpoints it would write are worthless.
@@ -140,13 +143,18 @@ class Trainer:
 
         self.dataset = open_dataset(saved["data_dir"], self.config.data)
         self.raw_videos = not isinstance(self.dataset, ShardDataset)
+        # The held-out videos the launcher recorded: their clips are never trained on.
+        self.split = split_clips(self.dataset.clip_videos(), saved.get("split", {}).get("heldout_videos", []))
+        self.eval_steps = set(self.config.eval.steps(t.steps)) \
+            if self.config.eval.during_training and len(self.split.heldout) else set()
         profiling = self.config.profile.enabled and self.step < self.config.profile.last_step
         self.timeline = LoaderTimeline("decode" if self.raw_videos else "read") if profiling else None
         self.loader = make_loader(self.dataset, self.config.data, rank=self.rank, world=self.world,
                                   micro_batch=t.micro_batch_size, seed=t.seed, start_batch=self.micro_batches,
                                   workers=self.plan.get("dataloader_workers", max(0, self.config.data.workers)),
                                   pin_memory=self.device.type == "cuda",
-                                  on_batch=self.timeline.record if self.timeline else None)
+                                  on_batch=self.timeline.record if self.timeline else None,
+                                  clips=self.split.train)
         self.batches = iter(self.loader)
         if resume_tag:
             self._load_checkpoint(resume_tag)
@@ -159,7 +167,9 @@ class Trainer:
             self.log.say(f"{'resuming at' if resume_tag else 'starting'} step {self.step}/{t.steps}: "
                          f"{self.world} process(es) on {self.device.type}, {self.plan['precision']}, "
                          f"ZeRO-{t.zero_stage}, {self.parameters / 1e6:.2f}M parameters, "
-                         f"{len(self.dataset)} clips")
+                         f"{len(self.split.train)} training clips ({len(self.split.heldout)} held out)")
+            if self.eval_steps:
+                self.log.say(f"evaluating after steps {', '.join(map(str, sorted(self.eval_steps)))}")
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.telemetry = TelemetrySampler(self.config.profile.telemetry_hz,
@@ -236,7 +246,8 @@ class Trainer:
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
         self.step += 1
-        logging = self.step % self.config.train.log_every == 0 or self.step == self.config.train.steps
+        logging = (self.step % self.config.train.log_every == 0 or self.step == self.config.train.steps
+                   or self.step in self.eval_steps)
         metrics: dict[str, float] = {}
         if logging:
             # Averaged over ranks; every rank takes part, since all reach the same steps.
@@ -302,6 +313,10 @@ class Trainer:
                 metrics.update(self.telemetry.snapshot())
             if self.step == first_step + 1 and self.device.type == "cuda":
                 self._check_memory()
+            if self.step in self.eval_steps:
+                result = self.evaluate()
+                if result is not None:
+                    metrics.update(flat_metrics(result))
             if metrics and self.log:
                 self.log.write(metrics)
                 losses.append(metrics["loss"])
@@ -314,6 +329,42 @@ class Trainer:
             change = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
             self.log.say(f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.1f} s"
                          f"{change}; run in {self.run_dir}")
+
+    def evaluate(self) -> dict | None:
+        """Every rank embeds its share of the bank (training clips) and the held-out clips;
+        rank 0 gathers them, scores kNN, probe and retrieval, and writes eval.json. Returns
+        the result on rank 0, None elsewhere."""
+        started = time.perf_counter()
+        cfg, module = self.config.eval, self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            parts = [self._embed_share(spread(clips, cfg.max_clips)) for clips in (self.split.train, self.split.heldout)]
+        finally:
+            module.train(was_training)
+        if self.world > 1:
+            gathered = [None] * self.world if self.is_main else None
+            torch.distributed.gather_object(parts, gathered, dst=0)
+            if not self.is_main:
+                return None
+            parts = [Features.concat([g[i] for g in gathered]) for i in range(2)]
+        result = evaluate(parts[0], parts[1], self.dataset.index.get("labels") if not self.raw_videos else None, cfg)
+        record = {"step": self.step, **result, "split": self.split.to_dict(),
+                  "seconds": round(time.perf_counter() - started, 2)}
+        write_json(self.run_dir / "eval.json", record)
+        self.log.say(f"eval after step {self.step} ({record['seconds']:.1f} s; also in eval.json):\n"
+                     + "\n".join("    " + line for line in format_result(result).splitlines()))
+        return result
+
+    def _embed_share(self, clips) -> Features:
+        """This rank's share of the clips, padded so every rank runs the same number of
+        batches (ZeRO-3 gathers parameters in lockstep), the padding dropped after."""
+        share = clips[self.rank :: self.world]
+        per_rank = -(-len(clips) // self.world)
+        padded = np.resize(share if len(share) else clips[:1], per_rank)
+        features = extract_features(lambda batch: self.engine.module(batch, task="embed"), self.dataset, padded,
+                                    batch_size=self.config.train.micro_batch_size, device=self.device)
+        return features.select(np.arange(len(share)))
 
     def _check_memory(self) -> None:
         """The plan's predicted peak against what the first step really allocated, kept in

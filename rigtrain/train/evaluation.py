@@ -1,0 +1,105 @@
+"""`rigtrain eval RUN_DIR [--data DIR]`: the newest complete checkpoint of a run, frozen,
+scored by rigtrain.evaluate on held-out clips; the result goes to RUN_DIR/eval.json.
+
+The weights come straight from DeepSpeed's checkpoint files, without starting DeepSpeed:
+stages 0-2 keep the whole module in mp_rank_00_model_states.pt; ZeRO-3 splits it across
+ranks, and DeepSpeed's own zero_to_fp32 puts it back together.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rigtrain.config import RunConfig, build_config
+from rigtrain.errors import UserError
+from rigtrain.train import checkpoints
+from rigtrain.train.metrics import write_json
+
+
+def read_run(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"eval: {run_dir} is not a run (no config.json); give the --out of `rigtrain train`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"eval: {path} is corrupt ({err})") from None
+
+
+def load_weights(run_dir: Path, config: RunConfig) -> tuple[dict[str, torch.Tensor], str, int]:
+    """The module's state dict from the newest complete checkpoint: (state, tag, step)."""
+    tags = checkpoints.complete_tags(run_dir / "checkpoints")
+    if not tags:
+        raise UserError(f"eval: {run_dir} has no complete checkpoint yet; train it (or let it reach "
+                        f"train.ckpt_every={config.train.ckpt_every}) first")
+    step, tag = tags[-1]
+    tag_dir = run_dir / "checkpoints" / tag
+    if config.train.zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag), tag, step
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return state["module"], tag, step
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
+    from rigtrain.data.dataset import ShardDataset, open_dataset
+    from rigtrain.data.split import heldout_videos, split_clips
+    from rigtrain.evaluate import evaluate, extract_features
+    from rigtrain.evaluate.evaluation import spread
+    from rigtrain.model import build_model
+
+    run_dir = Path(run_dir)
+    saved = read_run(run_dir)
+    config = build_config(saved["config"], source=str(run_dir / "config.json"))
+    state, tag, step = load_weights(run_dir, config)
+    data_dir = Path(data).resolve() if data else Path(saved["data_dir"])
+    if not data_dir.is_dir():
+        raise UserError(f"eval: --data {data_dir}: no such folder; give prepared shards or a folder of videos")
+    dataset = open_dataset(data_dir, config.data)
+    videos = dataset.clip_videos()
+    own_data = data_dir == Path(saved["data_dir"])
+    # The run's own data: its recorded split. Other data: the same rule (a hash of each
+    # video's name), since the run never saw that data anyway.
+    heldout = saved.get("split", {}).get("heldout_videos", []) if own_data else \
+        heldout_videos(videos, config.eval.holdout)
+    split = split_clips(videos, heldout)
+    if len(split.heldout) == 0:
+        raise UserError(f"eval: {data_dir} has no held-out clips (eval.holdout={config.eval.holdout} of "
+                        f"{len(set(videos))} videos); evaluate on other data with --data")
+    if len(split.train) == 0:
+        raise UserError(f"eval: every clip of {data_dir} is held out, so kNN has no bank; give more videos")
+
+    model = build_model(config.model, config.data)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device).eval()
+
+    started = time.perf_counter()
+    bank_clips, heldout_clips = spread(split.train, config.eval.max_clips), spread(split.heldout, config.eval.max_clips)
+    total = len(bank_clips) + len(heldout_clips)
+
+    def progress(offset: int):
+        def show(done: int, _: int) -> None:
+            print(f"\r[rigtrain] eval: embedded {offset + done}/{total} clips", end="", file=sys.stderr, flush=True)
+        return show
+
+    embed = lambda batch: model(batch, task="embed")  # noqa: E731
+    size = max(config.train.micro_batch_size, 16)
+    bank = extract_features(embed, dataset, bank_clips, batch_size=size, device=device, progress=progress(0))
+    held = extract_features(embed, dataset, heldout_clips, batch_size=size, device=device,
+                            progress=progress(len(bank_clips)))
+    print(file=sys.stderr)
+    labels = dataset.index.get("labels") if isinstance(dataset, ShardDataset) else None
+    result = evaluate(bank, held, labels, config.eval)
+    record = {"step": step, "checkpoint": tag, "data_dir": str(data_dir), **result,
+              "split": {**split.to_dict(), "from": "the run" if own_data else "eval.holdout of the run's config"},
+              "seconds": round(time.perf_counter() - started, 2)}
+    write_json(run_dir / "eval.json", record)
+    return record
+
