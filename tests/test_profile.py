@@ -85,7 +85,7 @@ def raw_720p(tmp_path_factory):
 def test_raw_720p_videos_without_workers_are_input_bound(raw_720p, tmp_path):
     run = tmp_path / "run"
     result = run_cli("profile", "--data", str(raw_720p), "--out", str(run),
-                     "--set", "data.workers=0", "train.micro_batch_size=4", timeout=600)
+                     "--set", "data.workers=0", "train.micro_batch_size=4", "eval.holdout=0", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _summary(run)
     assert summary["verdict"] == "input-bound", summary

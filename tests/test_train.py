@@ -26,7 +26,7 @@ def test_demo_run_layout_and_golden_loss(tmp_path, demo_data):
     """The first steps of the demo preset against a stored curve: a change to the model,
     data, optimizer or schedule that moves the loss shows up here."""
     run = tmp_path / "run"
-    result = train(run, "--steps", "12", "--set", "train.ckpt_every=6", "train.keep_ckpts=1")
+    result = train(run, "--steps", "12", "--set", "train.ckpt_every=6", "train.keep_ckpts=1", "train.log_every=1")
     assert f"tensorboard --logdir {run / 'tb'}" in result.stdout
     record = json.loads((run / "config.json").read_text())
     assert {"config", "rig", "plan", "data_dir"} <= set(record)
@@ -36,7 +36,7 @@ def test_demo_run_layout_and_golden_loss(tmp_path, demo_data):
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert rows[0]["lr"] == pytest.approx(1e-3 / 10)  # the rate step 1 used: lr / warmup_steps
     for key in ("loss", "loss_pc", "pc_video_present", "pc_video_future", "pc_audio_present", "pc_audio_future",
-                "lr", "samples_per_s", "step_time_s", "data_wait_s", "host_cpu_percent"):
+                "loss_va_nce", "loss_vt_milnce", "lr", "samples_per_s", "step_time_s", "data_wait_s", "host_cpu_percent"):
         assert all(key in r for r in rows), key
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -50,7 +50,7 @@ def test_demo_run_layout_and_golden_loss(tmp_path, demo_data):
 
     losses = [r["loss"] for r in rows]
     if os.environ.get("RIGTRAIN_UPDATE_GOLDEN"):
-        GOLDEN.write_text(json.dumps({"command": "rigtrain train --steps 12 (demo preset, 1 CPU process)",
+        GOLDEN.write_text(json.dumps({"command": "rigtrain train --steps 12 --set train.log_every=1 (demo preset, 1 CPU process)",
                                       "loss": losses}, indent=1))
     golden = json.loads(GOLDEN.read_text())["loss"]
     assert losses == pytest.approx(golden, rel=2e-3), "demo loss moved off the golden curve"
@@ -58,7 +58,7 @@ def test_demo_run_layout_and_golden_loss(tmp_path, demo_data):
 
 def test_loss_falls_on_the_demo(tmp_path, demo_data):
     run = tmp_path / "run"
-    train(run, "--steps", "60", "--set", "train.ckpt_every=60")
+    train(run, "--steps", "60", "--set", "train.ckpt_every=60", "train.log_every=1", "train.micro_batch_size=16")
     losses = [r["loss"] for r in metrics(run)]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.9 * first, f"loss went from {first:.3f} to {last:.3f}"
@@ -68,7 +68,8 @@ def test_resume_continues_exactly(tmp_path, demo_data):
     """A run that crashed after its step-5 checkpoint, while writing the step-10 one, resumes
     from step 5 and logs the same losses from step 6 on as a run that never stopped:
     weights, optimizer, LR schedule, RNG and data order all come back."""
-    common = ["--steps", "10", "--set", "train.ckpt_every=5", "train.warmup_steps=2", "data.workers=1"]
+    common = ["--steps", "10", "--set", "train.ckpt_every=5", "train.warmup_steps=2", "data.workers=1",
+              "train.log_every=1", "train.micro_batch_size=16"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train(straight, *common)
     train(crashed, *common)
@@ -82,7 +83,10 @@ def test_resume_continues_exactly(tmp_path, demo_data):
     a, b = metrics(straight), metrics(crashed)
     assert [r["step"] for r in b] == list(range(1, 11))
     for x, y in zip(a[5:], b[5:]):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-7), (x["step"], x["loss"], y["loss"])
+        # Float rounding only: the contrastive terms' reductions over the batch may differ in
+        # the last bits between two processes; a lost RNG state, optimizer state or data
+        # position moves the loss by far more (percent, not parts per million).
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7), (x["step"], x["loss"], y["loss"])
         assert x["lr"] == pytest.approx(y["lr"], rel=1e-9)
     assert (crashed / "checkpoints" / "step00000010" / "complete.json").is_file()
 
@@ -110,7 +114,7 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
         run = tmp_path / f"zero{stage}"
         result = train(run, "--steps", "4", "--set", "train.nproc=2", f"train.zero_stage={stage}",
                        "train.grad_accum_steps=2", "train.micro_batch_size=8", "train.ckpt_every=4")
-        assert "1.27M parameters" in result.stdout  # counted before ZeRO-3 partitions them
+        assert "1.93M parameters" in result.stdout  # counted before ZeRO-3 partitions them
         record = json.loads((run / "config.json").read_text())
         assert record["plan"]["world_size"] == 2
         assert record["plan"]["deepspeed"]["train_batch_size"] == 2 * 2 * 8
