@@ -113,7 +113,7 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
     for stage in (0, 3):
         run = tmp_path / f"zero{stage}"
         result = train(run, "--steps", "4", "--set", "train.nproc=2", f"train.zero_stage={stage}",
-                       "train.grad_accum_steps=2", "train.micro_batch_size=8", "train.ckpt_every=4")
+                       "train.grad_accum_steps=2", "train.micro_batch_size=8", "train.ckpt_every=4", "train.log_every=1")
         assert "1.93M parameters" in result.stdout  # counted before ZeRO-3 partitions them
         record = json.loads((run / "config.json").read_text())
         assert record["plan"]["world_size"] == 2
@@ -122,6 +122,16 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
         assert (run / "checkpoints" / "step00000004" / "rng_rank1.pt").is_file()
     assert curves[0] == pytest.approx(curves[3], rel=1e-4)
     assert curves[3][-1] < curves[3][0]
+    # `rigtrain eval` puts ZeRO-3's partitioned weights back together (DeepSpeed's
+    # zero_to_fp32) and scores the same checkpoint as the ZeRO-0 run's whole module.
+    scores = {}
+    for stage in (0, 3):
+        result = run_cli("eval", str(tmp_path / f"zero{stage}"), "--json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        scores[stage] = json.loads(result.stdout)
+    for label in ("shape", "colour", "direction"):
+        assert scores[3]["knn"][label]["top1"] == pytest.approx(scores[0]["knn"][label]["top1"], abs=0.02)
+    assert scores[3]["retrieval"]["t2v"]["r5"] == pytest.approx(scores[0]["retrieval"]["t2v"]["r5"], abs=0.03)
 
 
 def _tensor_dtypes(obj) -> set:

@@ -8,6 +8,7 @@ ranks, and DeepSpeed's own zero_to_fp32 puts it back together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -40,9 +41,12 @@ def load_weights(run_dir: Path, config: RunConfig) -> tuple[dict[str, torch.Tens
     step, tag = tags[-1]
     tag_dir = run_dir / "checkpoints" / tag
     if config.train.zero_stage == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        # DeepSpeed prints (and binds its logger) to stdout; --json promises stdout holds
+        # nothing but the result.
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag), tag, step
+            return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag), tag, step
     state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return state["module"], tag, step
 
