@@ -88,15 +88,14 @@ def check_data(data_dir: Path, config: RunConfig, world_size: int, heldout: list
 
 
 def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan, extra: dict | None = None) -> None:
+    from rigtrain.train.metrics import write_json
     from rigtrain.train.trainer import deepspeed_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": config.to_dict(), "data_dir": str(data_dir), "rig": rig.to_dict(),
               "plan": {**plan.to_dict(), "deepspeed": deepspeed_config(config, plan.precision, plan.world_size)},
               "warnings": [w.to_dict() for w in plan.warnings], "command": sys.argv, **(extra or {})}
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(run_dir / "config.json")
+    write_json(run_dir / "config.json", record)
 
 
 def _free_port() -> int:

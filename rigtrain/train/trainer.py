@@ -384,9 +384,7 @@ class Trainer:
         record = json.loads(path.read_text())
         record["memory_check"] = {"predicted_peak_gib": predicted, "measured_peak_gib": round(measured, 3),
                                   "micro_batch_size": self.config.train.micro_batch_size}
-        tmp = path.with_name("config.json.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
+        write_json(path, record)
         self.log.write_text("setup", "memory", f"predicted {predicted} GiB, measured {measured:.3f} GiB "
                             f"(torch.cuda.max_memory_allocated after the first step){error}")
 
