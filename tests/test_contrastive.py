@@ -160,7 +160,9 @@ def test_two_ranks_with_gathered_negatives_equal_one_rank_with_the_whole_batch(t
     assert two["va"] == pytest.approx(whole["loss_va_nce"].item(), rel=1e-5)
     assert two["vt"] == pytest.approx(whole["loss_vt_milnce"].item(), rel=1e-5)
     assert set(two["grads"]) == set(grads)
+    # Compared as whole tensors, against the gradient's overall scale: some are zero in exact
+    # arithmetic (attention key biases; the heads' last biases, which centring cancels), and
+    # there the two runs differ in rounding only.
+    scale = max(g.norm() for g in grads.values())
     for name, g in grads.items():
-        # Compared as whole tensors: some entries are zero in exact arithmetic (attention key
-        # biases), and there the two runs differ in rounding only.
-        assert (two["grads"][name] - g).norm() <= 1e-4 * g.norm() + 1e-6, name
+        assert (two["grads"][name] - g).norm() <= 1e-4 * g.norm() + 1e-5 * scale, name

@@ -221,12 +221,15 @@ def test_sampler_draws_only_the_clips_it_is_given():
 def test_batches_carry_narration_segments_and_labels(demo_data, demo_config):
     """Each segment's byte span in the clip's text, as segments.npy records it, and the
     Shapes-world labels (for evaluation only)."""
-    dataset = ShardDataset(demo_data, demo_config.data)
+    from dataclasses import replace
+
+    dataset = ShardDataset(demo_data, replace(demo_config.data, segments_per_clip=4))
     index = json.loads((demo_data / "index.json").read_text())
     segments = np.load(demo_data / index["shards"][0]["dir"] / "segments.npy")
     narrated = sorted({int(s["clip"]) for s in segments})[:6]
     batch = dataset.batch(narrated)
-    assert batch["segment_offset"].shape == batch["segment_len"].shape == (6, 4)
+    assert batch["segment_offset"].shape == batch["segment_len"].shape == (6, 4)  # data.segments_per_clip slots
+    assert ShardDataset(demo_data, demo_config.data).batch(narrated)["segment_len"].shape == (6, 1)  # the demo's
     for row, clip in enumerate(narrated):
         spans = [(int(s["offset"]), int(s["length"])) for s in segments if s["clip"] == clip]
         text = bytes(batch["text"][row, : batch["text_len"][row]].tolist())

@@ -131,6 +131,8 @@ class DataConfig:
     "seconds between clip starts; 0 = clips do not overlap"
     max_text_bytes: int = 128
     "narration bytes kept per clip (UTF-8; longer text is cut)"
+    segments_per_clip: int = 2
+    "narration segments of a clip the video-narration loss reads (the first ones in time); each is a row of every step's text batch, used or not, so shapes stay the same from step to step"
     workers: int = -1
     "dataloader worker processes per training process; -1 = from the CPU cores"
     prefetch_factor: int = 4
@@ -153,6 +155,7 @@ class DataConfig:
         _require(self.sample_rate >= 1000, "data.sample_rate", "must be at least 1000 Hz")
         _require(self.clip_stride_s >= 0, "data.clip_stride_s", "must be 0 or positive")
         _require(self.max_text_bytes >= 1, "data.max_text_bytes", "must be at least 1")
+        _require(1 <= self.segments_per_clip <= 8, "data.segments_per_clip", "must be 1 to 8")
         _require(self.resize in ("crop", "pad"), "data.resize", "must be crop or pad")
         _require(self.workers >= -1, "data.workers", "must be -1 (from the cores), 0 (in the training process) or more")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be at least 1")
@@ -252,6 +255,8 @@ class TrainConfig:
     "write metrics every this many steps"
     seed: int = 0
     "seed of weights, data order and DropToken draws"
+    compile: bool = False
+    "torch.compile the model (through DeepSpeed's engine.compile): fewer, fused kernels, after the first steps spent compiling"
 
     def __post_init__(self) -> None:
         _require(self.global_batch_size >= 0, "train.global_batch_size", "must be 0 (from the micro-batch) or more")

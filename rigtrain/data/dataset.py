@@ -47,21 +47,17 @@ def check_params(index: dict, data: DataConfig, data_dir: Path) -> None:
                             f"data.{key}={want[key]}; set data.{key}={value} or prepare the videos again")
 
 
-# Narration segments per clip that MIL-NCE sees as separate positives (the first ones in
-# time when more overlap a clip); a fixed number keeps batches rectangular.
-SEGMENTS_PER_CLIP = 4
-
-
-def segment_table(segments: np.ndarray, clips: int) -> tuple[np.ndarray, np.ndarray]:
-    """segments.npy rows (clip, start_s, end_s, offset, length) -> each clip's segments as
-    (offset, length) byte spans in its text: two int64 arrays (clips, SEGMENTS_PER_CLIP),
-    length 0 where a clip has fewer segments."""
-    offset = np.zeros((clips, SEGMENTS_PER_CLIP), np.int64)
-    length = np.zeros((clips, SEGMENTS_PER_CLIP), np.int64)
+def segment_table(segments: np.ndarray, clips: int, per_clip: int) -> tuple[np.ndarray, np.ndarray]:
+    """segments.npy rows (clip, start_s, end_s, offset, length) -> each clip's first
+    `per_clip` segments (data.segments_per_clip; MIL-NCE's positives) as (offset, length)
+    byte spans in its text: two int64 arrays (clips, per_clip), length 0 where a clip has
+    fewer segments. A fixed count keeps batches rectangular."""
+    offset = np.zeros((clips, per_clip), np.int64)
+    length = np.zeros((clips, per_clip), np.int64)
     used = np.zeros(clips, np.int64)
     for row in segments:
         clip = int(row["clip"])
-        if used[clip] < SEGMENTS_PER_CLIP and row["length"] > 0:
+        if used[clip] < per_clip and row["length"] > 0:
             offset[clip, used[clip]], length[clip, used[clip]] = row["offset"], row["length"]
             used[clip] += 1
     return offset, length
@@ -70,7 +66,7 @@ def segment_table(segments: np.ndarray, clips: int) -> tuple[np.ndarray, np.ndar
 class ShardDataset(Dataset):
     """Clip i of all shards, as tensors: video uint8 (T, H, W, 3), audio int16 (S,),
     has_audio bool, text uint8 (L,), text_len int64, segment_offset and segment_len int64
-    (SEGMENTS_PER_CLIP,): the narration segments' byte spans in text, labels int16 (3,)
+    (data.segments_per_clip,): the narration segments' byte spans in text, labels int16 (3,)
     (-1 = none; evaluation only), index int64. Arrays are opened lazily with mmap, so
     nothing is read until a clip is asked for."""
 
@@ -79,6 +75,7 @@ class ShardDataset(Dataset):
         self.index = read_index(self.dir)
         if data is not None:
             check_params(self.index, data, self.dir)
+        self.segments_per_clip = (data or DataConfig()).segments_per_clip
         self.shards = [s["dir"] for s in self.index["shards"]]
         self.offsets = np.cumsum([0] + [s["clips"] for s in self.index["shards"]])
         self._arrays: list[dict[str, np.ndarray]] | None = None
@@ -92,7 +89,7 @@ class ShardDataset(Dataset):
             arrays = [{n: np.load(self.dir / s / f"{n}.npy", mmap_mode="r") for n in names} for s in self.shards]
             for shard, a in zip(self.shards, arrays):
                 a["segment_offset"], a["segment_len"] = segment_table(np.load(self.dir / shard / "segments.npy"),
-                                                                      len(a["text_len"]))
+                                                                      len(a["text_len"]), self.segments_per_clip)
             self._arrays = arrays
         return self._arrays
 

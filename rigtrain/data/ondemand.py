@@ -14,7 +14,6 @@ from torch.utils.data import Dataset
 
 from rigtrain.config import DataConfig
 from rigtrain.data import media
-from rigtrain.data.dataset import SEGMENTS_PER_CLIP
 from rigtrain.data.narration import Segment, clip_text, read_narration
 
 
@@ -93,14 +92,14 @@ class DecodedClips(Dataset):
                 has_audio = len(piece) >= 0.9 * d.clip_samples
         text = np.zeros(d.max_text_bytes, np.uint8)
         length = 0
-        segment_offset = np.zeros(SEGMENTS_PER_CLIP, np.int64)
-        segment_len = np.zeros(SEGMENTS_PER_CLIP, np.int64)
+        segment_offset = np.zeros(d.segments_per_clip, np.int64)
+        segment_len = np.zeros(d.segments_per_clip, np.int64)
         if ref.narration is not None:
             words, placed = clip_text(list(_segments(ref.narration)), start_s, start_s + d.clip_seconds,
                                       d.max_text_bytes)
             text[: len(words)] = np.frombuffer(words, np.uint8)
             length = len(words)
-            placed = [(off, n) for _, off, n in placed if n > 0][:SEGMENTS_PER_CLIP]
+            placed = [(off, n) for _, off, n in placed if n > 0][: d.segments_per_clip]
             for j, (off, n) in enumerate(placed):
                 segment_offset[j], segment_len[j] = off, n
         return {"video": torch.from_numpy(video), "audio": torch.from_numpy(audio),

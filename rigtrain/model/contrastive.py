@@ -15,10 +15,38 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 # Masked logits: far below any real one (|similarity / tau| <= 1 / 0.07 < 15), but finite, so
 # a row with nothing valid yields a finite loss and zero gradient rather than NaN.
 MASKED = -1e4
+
+
+class Float32Linear(nn.Linear):
+    """A Linear that computes in float32 whatever dtype its weights are stored in.
+
+    Why: the contrastive embeddings of different clips share a large common part (the
+    shared encoder starts every clip from the same latent array), and what tells clips
+    apart is a small difference on top of it. bf16 keeps 8 bits of mantissa, so rounding
+    the pooled latent or a head's output to bf16 adds noise of about 0.4% of the common
+    part, which swamps that difference once the batch mean is subtracted (measured: the
+    demo's NCE and MIL-NCE stalled in bf16 while predictive coding trained). The weights
+    stay in the training dtype (DeepSpeed keeps fp32 master copies); only the activations
+    from the pooled latent to the loss are float32. The upcast happens inside forward, after
+    ZeRO-3 has gathered the parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (see Float32Linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
 
 
 class _GatherWithGradient(torch.autograd.Function):

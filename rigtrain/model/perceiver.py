@@ -24,7 +24,8 @@ from torch import nn
 
 from rigtrain.config import DataConfig, ModelConfig
 from rigtrain.model.blocks import CrossAttentionBlock, SelfAttentionBlock, run_block
-from rigtrain.model.contrastive import gather_across_ranks, l2_normalize, mil_nce_loss, nce_loss
+from rigtrain.model.contrastive import (Float32LayerNorm, Float32Linear, gather_across_ranks, l2_normalize,
+                                        mil_nce_loss, nce_loss)
 from rigtrain.model.fourier import feature_size, fourier_features, grid_positions
 from rigtrain.model.losses import masked_mse, normalize_patches, predictive_coding_loss
 from rigtrain.model.tokenizers import PatchTokenizer, TextTokenizer, to_segments, to_tubelets
@@ -32,6 +33,9 @@ from rigtrain.model.tokenizers import PatchTokenizer, TextTokenizer, to_segments
 # Frames arrive as uint8 and are normalised on the device (mean/std of natural images), so
 # only bytes cross the PCIe bus.
 PIXEL_MEAN, PIXEL_STD = 0.45, 0.225
+
+# The contrastive embeddings' running means (buffers mean_<name>), kept in float32.
+RUNNING_MEANS = ("video_va", "audio_va", "video_vt", "text_vt")
 
 
 @dataclass(frozen=True)
@@ -84,14 +88,6 @@ def drop_tokens(num_tokens: int, keep: float, batch: int, device: torch.device,
     return random_subset(num_tokens, max(1, round(keep * num_tokens)), batch, device, generator)
 
 
-def _shapes_only(x: torch.Tensor) -> bool:
-    """True for a meta or fake tensor (the rig planner's memory count, the FLOP counter),
-    whose values cannot decide a shape."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return x.device.type == "meta" or is_fake(x)
-
-
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, n, P), index (B, k) -> (B, k, P)."""
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
@@ -139,18 +135,30 @@ class PredictiveCodingPerceiver(nn.Module):
         # would get no gradient). Video gets two layers, as in VATT, since its space must
         # serve audio and text; the others are linear.
         contrastive = c.weight_va > 0 or c.weight_vt > 0
-        self.pool_norm = nn.LayerNorm(d) if contrastive else None
-        self.video_to_va = nn.Sequential(nn.Linear(d, c.va_dim), nn.GELU(), nn.Linear(c.va_dim, c.va_dim)) \
+        # From the pooled latent on, they compute in float32 (see Float32Linear for why).
+        self.pool_norm = Float32LayerNorm(d) if contrastive else None
+        self.video_to_va = nn.Sequential(Float32Linear(d, c.va_dim), nn.GELU(), Float32Linear(c.va_dim, c.va_dim)) \
             if contrastive else None
-        self.audio_to_va = nn.Linear(d, c.va_dim) if c.weight_va > 0 else None
-        self.va_to_vt = nn.Linear(c.va_dim, c.vt_dim) if c.weight_vt > 0 else None
-        self.text_to_vt = nn.Linear(d, c.vt_dim) if c.weight_vt > 0 else None
+        self.audio_to_va = Float32Linear(d, c.va_dim) if c.weight_va > 0 else None
+        self.va_to_vt = Float32Linear(c.va_dim, c.vt_dim) if c.weight_vt > 0 else None
+        self.text_to_vt = Float32Linear(d, c.vt_dim) if c.weight_vt > 0 else None
         # Each modality's mean embedding, subtracted before L2 normalisation (see
         # `_centre`): the batch's in training, these running means in evaluation.
-        for name, size in (("video_va", c.va_dim), ("audio_va", c.va_dim), ("video_vt", c.vt_dim), ("text_vt", c.vt_dim)):
-            self.register_buffer(f"mean_{name}", torch.zeros(size))
+        for name in RUNNING_MEANS:
+            self.register_buffer(f"mean_{name}", torch.zeros(c.va_dim if name.endswith("_va") else c.vt_dim))
         self.register_buffer("mean_updates", torch.zeros((), dtype=torch.long))
         self.apply(self._init_weights)
+
+    def _apply(self, fn, recurse: bool = True):
+        """As nn.Module's, but the running means stay float32 when the module is cast to
+        bf16/fp16 (DeepSpeed does so for mixed precision): an exponential average with rate
+        0.1 in bf16 would round every update away once the mean is 256 times the update."""
+        super()._apply(fn, recurse)
+        for name in RUNNING_MEANS:
+            buffer = self._buffers.get(f"mean_{name}")
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                self._buffers[f"mean_{name}"] = buffer.float()
+        return self
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -217,8 +225,9 @@ class PredictiveCodingPerceiver(nn.Module):
 
     def _pool(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, D): the mean latent (normalised when the heads exist)."""
-        pooled = latent.mean(dim=1)
-        return pooled if self.pool_norm is None else self.pool_norm(pooled)
+        if self.pool_norm is None:
+            return latent.mean(dim=1)
+        return self.pool_norm(latent.float().mean(dim=1))  # float32: see Float32Linear
 
     def evolve(self, latent: torch.Tensor) -> torch.Tensor:
         """Present latent -> predicted future latent (B, N, D)."""
@@ -341,25 +350,19 @@ class PredictiveCodingPerceiver(nn.Module):
         return segments * inside, length, length > 0
 
     def text_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every narration segment of the batch in the video-text space, before centring and
-        normalising: (B, M, vt_dim), zero where (B, M) valid is False. Only real segments are
-        encoded; if a batch has none, one empty string is, so the text head still gets a
-        (zero) gradient on every rank."""
+        """Every narration segment slot of the batch in the video-text space, before centring
+        and normalising: (B, M, vt_dim), zero where (B, M) valid is False.
+
+        All B*M slots are encoded, the empty ones too (as one zero byte, so attention has a
+        key), and masked after: the text batch has the same shape in every step. Encoding
+        only the real segments would save that work but give the attention kernels a new
+        shape each step (cuDNN built a new plan for each: 55% of a step's host time on an
+        H200), make the step wait for the GPU to count them (`nonzero`), and leave the
+        memory the step needs to the data."""
         segments, length, valid = self._segments(batch)
         B, M, L = segments.shape
-        flat_valid = valid.reshape(-1)
-        if _shapes_only(segments):
-            # Counting memory or FLOPs (meta or fake tensors): which segments exist is not
-            # known, so count the usual case, one segment per clip.
-            rows = torch.arange(B, device=segments.device) * M
-        else:
-            rows = flat_valid.nonzero().squeeze(1)
-            if rows.numel() == 0:
-                rows = rows.new_zeros(1)
-        encoded = self.text_to_vt(self.encode_text(segments.reshape(B * M, L)[rows], length.reshape(-1)[rows]))
-        out = torch.zeros(B * M, encoded.shape[-1], dtype=torch.float32, device=segments.device)
-        out = out.index_copy(0, rows, encoded.float() * flat_valid[rows, None])
-        return out.reshape(B, M, -1), valid
+        encoded = self.text_to_vt(self.encode_text(segments.reshape(B * M, L), length.reshape(-1).clamp(min=1)))
+        return encoded.float().reshape(B, M, -1) * valid[..., None], valid
 
     def _centre(self, x: torch.Tensor, name: str, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., E) minus the modality's mean embedding, then L2-normalised.
@@ -386,12 +389,14 @@ class PredictiveCodingPerceiver(nn.Module):
     def _contrastive(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
                      ) -> dict[str, torch.Tensor]:
         c = self.config
-        video_va = self.video_to_va(self.encode_video(batch, generator)).float()  # (B, va)
+        # The heads run in the module's dtype (bf16 under DeepSpeed's bf16); the losses,
+        # the centring and the gather work on float32 copies of their outputs.
+        video_va = self.video_to_va(self.encode_video(batch, generator))  # (B, va)
         terms = {}
         if c.weight_va > 0:
             audio_va = self.audio_to_va(self.encode_audio(batch, generator)).float()
             valid = gather_across_ranks(batch["has_audio"].float()) > 0
-            video, audio = gather_across_ranks(video_va), gather_across_ranks(audio_va)
+            video, audio = gather_across_ranks(video_va.float()), gather_across_ranks(audio_va)
             terms["loss_va_nce"] = nce_loss(self._centre(video, "video_va", valid),
                                             self._centre(audio, "audio_va", valid), valid, c.temperature)
         if c.weight_vt > 0:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from rigtrain.config import DataConfig, ModelConfig
-from rigtrain.data.dataset import SEGMENTS_PER_CLIP
 from rigtrain.model.perceiver import build_model
 
 
@@ -16,8 +15,8 @@ def meta_batch(data: DataConfig, size: int) -> dict[str, torch.Tensor]:
             "has_audio": torch.ones(size, dtype=torch.bool),
             "text": torch.empty(size, data.max_text_bytes, dtype=torch.uint8),
             "text_len": torch.full((size,), data.max_text_bytes),
-            "segment_offset": torch.zeros(size, SEGMENTS_PER_CLIP, dtype=torch.int64),
-            "segment_len": torch.zeros(size, SEGMENTS_PER_CLIP, dtype=torch.int64)}
+            "segment_offset": torch.zeros(size, data.segments_per_clip, dtype=torch.int64),
+            "segment_len": torch.zeros(size, data.segments_per_clip, dtype=torch.int64)}
 
 
 def train_flops_per_clip(model: ModelConfig, data: DataConfig) -> float:
