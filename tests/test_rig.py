@@ -32,12 +32,18 @@ def codes(plan):
     return {w.code for w in plan.warnings}
 
 
-def test_rtx4060_fits_base_without_help_and_a_big_model_with_checkpointing_and_8bit():
+def test_rtx4060_fits_small_without_help_base_with_checkpointing_and_a_big_model_with_8bit():
+    small = plan_for("rtx4060_8gb.json", preset="small")
+    assert (small.precision, small.zero_stage, small.activation_checkpointing, small.optimizer) == ("bf16", 1, False,
+                                                                                                    "adamw")
+    assert "fp32" in small.reasons["zero_stage"]  # one GPU, bf16: ZeRO-1 for its fp32 gradients
+    # base: 8 GB less the CUDA context (2.3 GiB) and 10% for fragmentation leave 5.2 GiB, in
+    # which 8 clips of 32 frames at 224x224 (two narration rows each) fit only with recomputation
     plan = plan_for("rtx4060_8gb.json")
-    assert (plan.precision, plan.zero_stage, plan.activation_checkpointing, plan.optimizer) == ("bf16", 0, False, "adamw")
+    assert (plan.precision, plan.zero_stage, plan.activation_checkpointing, plan.optimizer) == ("bf16", 1, True, "adamw")
     assert plan.predicted_peak_gib <= plan.usable_gib and plan.micro_batch_size >= 8
     assert plan.micro_batch_size * plan.grad_accum_steps >= 256  # reaches the global batch
-    big = plan_for("rtx4060_8gb.json", overrides=["model.d_model=1536", "model.enc_layers=16", "model.heads=16"])
+    big = plan_for("rtx4060_8gb.json", overrides=["model.d_model=1024", "model.enc_layers=16", "model.heads=16"])
     assert big.activation_checkpointing and big.optimizer == "adamw8bit" and big.offload_optimizer == "none"
     assert "fits" in big.reasons["activation_checkpointing"] and big.predicted_peak_gib <= big.usable_gib
     assert codes(plan) == set()  # a single card on its native x8 link is not "downtrained"
@@ -73,25 +79,29 @@ def synthetic_step(act_gib: float, ckpt_act_gib: float, parameters: float):
 
 
 def test_narrow_links_checkpoint_before_zero2_and_wide_links_the_other_way():
-    request = PlanRequest(parameters=int(1.5e9), global_batch=256)
-    step = synthetic_step(act_gib=1.0, ckpt_act_gib=0.2, parameters=1.5e9)
+    request = PlanRequest(parameters=int(1.0e9), global_batch=256)
+    step = synthetic_step(act_gib=1.0, ckpt_act_gib=0.2, parameters=1.0e9)
     narrow = make_plan(read_rig_file(RIGS / "two_3090_one_on_x4_850w.json"), request, step)
     assert (narrow.zero_stage, narrow.activation_checkpointing) == (1, True)
     assert narrow.micro_batch_size == 8 and narrow.grad_accum_steps == 16  # checkpointing buys 8, not more
-    wide = make_plan(read_rig_file(RIGS / "four_4090_no_p2p.json"), PlanRequest(parameters=int(1.5e9), global_batch=256,
+    wide = make_plan(read_rig_file(RIGS / "four_4090_no_p2p.json"), PlanRequest(parameters=int(1.0e9), global_batch=256,
                                                                                  gpus=(0, 1)), step)
-    assert (wide.zero_stage, wide.activation_checkpointing) == (2, False)
+    # a sharding stage instead of recomputation (ZeRO-3 here: in bf16, ZeRO-2's fp32 gradient
+    # buffer is as large as ZeRO-1's, so only ZeRO-3 makes room)
+    assert (wide.zero_stage, wide.activation_checkpointing) == (3, False)
     assert "every micro-step" in wide.reasons["zero_stage"]
 
 
 def test_eight_bit_and_offload_come_last():
     rig = read_rig_file(RIGS / "rtx4060_8gb.json")
-    # 0.6 B parameters: AdamW's 12 bytes each do not fit 8 GB beside the weights; 8-bit's 6 do
-    plan = make_plan(rig, PlanRequest(parameters=int(0.6e9), global_batch=64), synthetic_step(0.1, 0.05, 0.6e9))
+    # 0.3 B parameters: AdamW's 12 bytes each (and 4 of fp32 gradients) do not fit the 5.2 GiB
+    # an 8 GB card leaves beside the weights; 8-bit's 6 do
+    plan = make_plan(rig, PlanRequest(parameters=int(0.3e9), global_batch=64), synthetic_step(0.1, 0.05, 0.3e9))
     assert plan.optimizer == "adamw8bit" and plan.offload_optimizer == "none"
     # 1.2 B: even 8-bit states do not fit: offload them (ZeRO-2 with one GPU), with a RAM check
     plan = make_plan(rig, PlanRequest(parameters=int(1.2e9), global_batch=64), synthetic_step(0.1, 0.05, 1.2e9))
     assert plan.offload_optimizer == "cpu" and plan.zero_stage == 2 and plan.activation_checkpointing
+    assert "bf16_gradients" in codes(plan)  # DeepSpeed adds offloaded gradients up in bf16: said
     assert "offload" in plan.reasons["zero_stage"]
     # 3 B: nothing fits; the plan says so instead of pretending
     plan = make_plan(rig, PlanRequest(parameters=int(3e9), global_batch=64), synthetic_step(0.1, 0.05, 3e9))
@@ -121,7 +131,7 @@ def test_mixed_cards_plan_for_the_smallest_and_rig_gpus_chooses():
     assert "mixed_gpus" in codes(plan) and "RTX 3060" in plan.reasons["micro_batch_size"]
     assert plan.usable_gib < 12
     alone = plan_for("mixed_3090_3060.json", overrides=["rig.gpus=0"])
-    assert alone.world_size == 1 and "mixed_gpus" not in codes(alone) and alone.usable_gib > 20
+    assert alone.world_size == 1 and "mixed_gpus" not in codes(alone) and alone.usable_gib > 19
     assert alone.env["CUDA_VISIBLE_DEVICES"] == "0"
 
 
@@ -382,3 +392,90 @@ def test_train_with_a_rig_file_of_another_machine_is_refused(tmp_path):
                      "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "describes 2 GPU(s)" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- the memory model against a real card ------------------------------------------------------
+# tests/rigs/h200.json is the machine of the first GPU run as its probe read it; the figures are
+# what that run measured (torch.cuda.max_memory_allocated after the first step; NVML's use).
+H200 = "h200.json"
+
+
+@pytest.mark.parametrize("preset, overrides, measured_gib, tolerance", [
+    ("demo", ["train.micro_batch_size=48"], 0.20, 0.05 / 0.20),  # within 0.05 GiB
+    ("small", ["train.micro_batch_size=64", "model.activation_checkpointing=false"], 4.24, 0.05),
+    ("base", ["train.micro_batch_size=256", "model.activation_checkpointing=false"], 126.65, 0.05),
+])
+def test_predicted_peak_matches_the_h200(preset, overrides, measured_gib, tolerance):
+    plan = plan_for(H200, preset=preset, overrides=overrides)
+    assert plan.precision == "bf16"
+    assert plan.predicted_peak_gib == pytest.approx(measured_gib, rel=tolerance)
+
+
+def test_what_crashed_on_the_h200_is_no_longer_planned_as_safe():
+    """base at micro-batch 256 filled the card (NVML 140.2 of 140.4 GiB) and NCCL could not get
+    608 bytes at the first checkpoint: the plan must call it too big, and its own choice must
+    leave room for every term outside the step."""
+    crashed = plan_for(H200, overrides=["train.micro_batch_size=256", "model.activation_checkpointing=false"])
+    assert "does_not_fit" in codes(crashed) and crashed.predicted_peak_gib > crashed.usable_gib
+    assert crashed.memory["card_total_gib"] > 139.8  # more than the card had free
+    plan = plan_for(H200)
+    m = plan.memory
+    assert plan.micro_batch_size < 256 and plan.predicted_peak_gib <= plan.usable_gib
+    for term in ("cuda_context_gib", "fragmentation_gib", "cublas_workspaces_gib", "input_batch_gib"):
+        assert m[term] > 0, term
+    assert m["card_total_gib"] <= read_rig_file(RIGS / H200).gpus[0].free_gib
+    assert m["allocator_cap_gib"] + m["cuda_context_gib"] == pytest.approx(139.8, abs=0.01)
+
+
+def test_memory_terms_arithmetic():
+    from rigtrain.rig.plan import (CUDA_CONTEXT_GIB, FRAGMENTATION, NCCL_GIB, PROFILER_GIB, cublas_workspace_bytes,
+                                   fp32_gradient_bytes, outside_allocator_gib, peak_bytes, usable_gib)
+
+    assert cublas_workspace_bytes((9, 0)) == 2 * 32 * 2**20  # Hopper: 32 MiB per handle, two threads
+    assert cublas_workspace_bytes((12, 0)) == 2 * 32 * 2**20  # consumer Blackwell too
+    assert cublas_workspace_bytes((8, 6)) == 2 * (4096 * 1024 * 2 + 16 * 1024 * 8)
+    assert cublas_workspace_bytes(None) == 0
+    n = 1_000_000
+    assert fp32_gradient_bytes(n, "bf16", 2, 1, "none") == 4 * n  # BF16_Optimizer: a full fp32 buffer
+    assert fp32_gradient_bytes(n, "bf16", 2, 1, "cpu") == 0
+    assert fp32_gradient_bytes(n, "bf16", 4, 3, "none") == n  # ZeRO-3: each rank's partition
+    assert fp32_gradient_bytes(n, "fp32", 2, 2, "none") == 2 * n  # fp32 ZeRO-1/2's copy of its partition
+    assert fp32_gradient_bytes(n, "bf16", 1, 0, "none") == 0
+    assert fp32_gradient_bytes(n, "bf16", 2, 2, "none") == 4 * n
+    assert outside_allocator_gib(world=1) == {"cuda_context_gib": CUDA_CONTEXT_GIB, "nccl_gib": 0.0, "profiler_gib": 0.0}
+    assert outside_allocator_gib(world=2, profiling=True)["nccl_gib"] == NCCL_GIB
+    assert outside_allocator_gib(world=2, profiling=True)["profiler_gib"] == PROFILER_GIB
+    assert outside_allocator_gib(world=1, lazy_loading=False)["cuda_context_gib"] > CUDA_CONTEXT_GIB
+    gpu = read_rig_file(RIGS / "rtx4060_8gb.json").gpus[0]
+    usable, cap, why = usable_gib(gpu, outside_allocator_gib(world=1))
+    assert cap == pytest.approx(gpu.free_gib - CUDA_CONTEXT_GIB) and usable == pytest.approx(cap / (1 + FRAGMENTATION))
+    assert "cuda context" in why and "fragmentation" in why
+    terms = peak_bytes(10 * 2**30, parameters=n, precision="bf16", world=1, stage=1, optimizer="adamw", offload="none",
+                       capability=(8, 6))
+    parts = (terms["step_gib"] - terms["zero_saving_gib"] + terms["optimizer_states_gib"] + terms["fp32_gradients_gib"]
+             + terms["buckets_gib"] + terms["cublas_workspaces_gib"])
+    assert terms["total_gib"] == pytest.approx(parts)
+    assert terms["optimizer_states_gib"] == pytest.approx(12 * n / 2**30)  # moments + fp32 master, one rank
+
+
+def test_rig_prints_every_memory_term():
+    result = run_cli("rig", "--rig", str(RIGS / H200), "--preset", "small")
+    assert result.returncode == 0, result.stderr
+    for words in ("the train step, measured with FakeTensorMode", "of which the input batch", "cuBLAS workspaces",
+                  "allocator peak", "fragmentation", "CUDA context and libraries", "on the card"):
+        assert words in result.stdout, words
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H20", 148.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10", 125.0), ("NVIDIA L40S", 362.0),
+    ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0), ("NVIDIA RTX A6000", 154.8), ("NVIDIA RTX 6000 Ada Generation", 364.2),
+    ("NVIDIA GeForce RTX 5090", 209.5), ("NVIDIA GeForce RTX 4090", 165.2), ("NVIDIA GeForce RTX 4080", 97.5),
+    ("NVIDIA GeForce RTX 3090 Ti", 80.0), ("NVIDIA GeForce RTX 3090", 71.0), ("Tesla V100-SXM2-16GB", 125.0),
+    ("NVIDIA GeForce GTX 1080 Ti", None), ("cpu", None),
+])
+def test_peak_table_matches_whole_names(name, tflops):
+    """"h20" must not match "h200", nor "a10" "a100", nor "l40" "l40s"."""
+    from rigtrain.rig.peaks import peak_tflops
+
+    assert peak_tflops(name) == tflops

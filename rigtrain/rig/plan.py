@@ -35,6 +35,9 @@ class PlanRequest:
     loader_workers: int = -1  # data.workers; -1 = from the cores
     psu_w: float | None = None  # --psu-watts: what no probe can read
     batch_bytes: int = 0  # one micro-batch of uint8 clips, for pinned-memory and RAM estimates
+    clip_bytes: int = 0  # one clip's input tensors (video, audio, text), to show the batch's share
+    profiling: bool = False  # profile.enabled: the profiler's buffers need room on the card
+    lazy_loading: bool = True  # CUDA_MODULE_LOADING is not EAGER: kernels load as they are first used
 
 
 @dataclass
@@ -91,19 +94,48 @@ def choose_precision(capability: tuple[int, int]) -> tuple[str, str]:
 # -- memory --------------------------------------------------------------------------------
 
 def optimizer_state_bytes(parameters: int, precision: str, optimizer: str) -> int:
-    """Adam keeps two moments per parameter; mixed precision also keeps an fp32 master copy
-    (DeepSpeed's memory model: 2 + 2 + 12 bytes per parameter). bitsandbytes' 8-bit AdamW
-    stores the moments in one byte each (plus block-wise scales, ~1%)."""
+    """What the optimizer keeps per parameter, before ZeRO shards it: Adam's two moments in
+    fp32 (bitsandbytes' 8-bit AdamW: one byte each, plus block-wise scales, ~1%) and, when
+    the weights train in bf16/fp16, the fp32 master copy of every weight (DeepSpeed's
+    memory model: 2 + 2 + 12 bytes per parameter in all)."""
     moments = 2 if optimizer == "adamw8bit" else 8
     master = 4 if precision in ("bf16", "fp16") else 0
     return parameters * (moments + master)
 
 
+def fp32_gradient_bytes(parameters: int, precision: str, world: int, stage: int, offload: str) -> int:
+    """fp32 gradients kept beside the training-dtype ones when bf16 accumulates in fp32 (the
+    trainer's data_types.grad_accum_dtype): DeepSpeed's BF16_Optimizer (ZeRO-1) and ZeRO-2
+    keep a full fp32 buffer, ZeRO-3 each rank's partition. And fp32 ZeRO-1/2 keep an fp32
+    copy of their partition of the weights (the master copy a mixed-precision run has in its
+    optimizer states)."""
+    if precision == "bf16" and stage in (1, 2) and offload == "none":
+        return parameters * 4
+    if precision == "bf16" and stage == 3 and offload == "none":
+        return parameters * 4 // world
+    if precision == "fp32" and stage in (1, 2):
+        return parameters * 4 // world
+    return 0
+
+
+def cublas_workspace_bytes(capability: tuple[int, int] | None) -> int:
+    """cuBLAS workspaces, taken from torch's allocator: one per thread that runs matmuls
+    (the training thread and autograd's backward thread), each 32 MiB on Hopper and
+    Blackwell (compute capability 9.x, 10.x, 12.x) and 4096 KiB x 2 + 16 KiB x 8 before
+    (torch's CublasHandlePool.cpp, CUBLAS_WORKSPACE_CONFIG unset). Measured: the demo's
+    first step on an H200 allocated 0.07 GiB more than its step, these 64 MiB and the batch."""
+    if capability is None:
+        return 0
+    per_handle = 4096 * 8 * 1024 if capability[0] in (9, 10, 12) else 4096 * 1024 * 2 + 16 * 1024 * 8
+    return 2 * per_handle
+
+
 def peak_bytes(step_peak: int, *, parameters: int, precision: str, world: int, stage: int, optimizer: str,
-               offload: str) -> dict:
-    """Per-GPU peak: the measured step (parameters and gradients in the training dtype,
-    activations, temporaries) with ZeRO's partitioning applied, plus the optimizer states
-    and DeepSpeed's communication buckets."""
+               offload: str, capability: tuple[int, int] | None = None) -> dict:
+    """Per-GPU peak of torch's allocator (what torch.cuda.max_memory_allocated reports):
+    the measured step (the input batch, parameters and gradients in the training dtype,
+    activations, temporaries) with ZeRO's partitioning applied, plus the optimizer states,
+    fp32 gradient buffers, DeepSpeed's communication buckets and cuBLAS's workspaces."""
     width = 4 if precision == "fp32" else 2
     weights = parameters * width
     saved = 0
@@ -112,18 +144,56 @@ def peak_bytes(step_peak: int, *, parameters: int, precision: str, world: int, s
     if stage >= 3:  # parameters partitioned too; layers are gathered as they run
         saved += weights * (world - 1) // world - min(parameters, 2 * BUCKET_ELEMENTS) * width
     states = 0 if offload == "cpu" else optimizer_state_bytes(parameters, precision, optimizer) // (world if stage >= 1 else 1)
+    fp32_grads = fp32_gradient_bytes(parameters, precision, world, stage, offload)
     buckets = 2 * BUCKET_ELEMENTS * width if world > 1 and stage >= 1 else 0
     buckets = min(buckets, 2 * weights)
-    total = step_peak - max(0, saved) + states + buckets
+    workspaces = cublas_workspace_bytes(capability)
+    total = step_peak - max(0, saved) + states + fp32_grads + buckets + workspaces
     return {"step_gib": step_peak / GIB, "zero_saving_gib": max(0, saved) / GIB, "optimizer_states_gib": states / GIB,
-            "buckets_gib": buckets / GIB, "total_gib": total / GIB}
+            "fp32_gradients_gib": fp32_grads / GIB, "buckets_gib": buckets / GIB,
+            "cublas_workspaces_gib": workspaces / GIB, "total_gib": total / GIB}
 
 
-def usable_gib(gpu: Gpu) -> tuple[float, str]:
-    """Free memory less a margin for the CUDA context and the allocator's fragmentation."""
-    margin = max(0.75, 0.08 * gpu.memory_gib)
-    return gpu.free_gib - margin, (f"{gpu.free_gib:.1f} GiB free on the smallest card, less a margin of {margin:.2f} GiB "
-                                   "(max of 0.75 GiB and 8%) for the CUDA context and fragmentation")
+# What lives on the card outside torch's allocator, and the allocator's own slack. Each
+# is a named term of the plan's memory breakdown (`rigtrain rig` prints them).
+#
+# CUDA context and libraries: the context, the kernels of torch, cuBLAS, cuDNN and NCCL
+# that are loaded into it, and their handles. Measured on the first GPU run (H200, driver
+# 580, CUDA 13, torch 2.11, lazy module loading): NVML showed 2.5 GiB in use for the demo,
+# whose allocator peaked at 0.20 GiB, and 6.7 GiB for `small` at 4.24 GiB. Published
+# figures for the bare context are 0.3 GiB with lazy loading and 0.7 GiB without; the
+# libraries' kernels make the rest, so the measured figure is what is planned.
+CUDA_CONTEXT_GIB = 2.3
+CUDA_CONTEXT_EAGER_EXTRA_GIB = 0.4  # CUDA_MODULE_LOADING=EAGER loads every kernel up front
+# NCCL's buffers, allocated with cudaMalloc at a communicator's first use: 0.5-0.7 GB per
+# process group on A100s (published measurements); one group (data parallel) per run.
+NCCL_GIB = 0.6
+# Reserved beyond allocated: the caching allocator keeps freed blocks for reuse, and
+# blocks of one size cannot always serve another. Measured on the H200: 4% of the peak for
+# `small` (static shapes), at least 9% for `base` when the text batch changed shape every
+# step (it ran into the card's limit there). The plan keeps 10%.
+FRAGMENTATION = 0.10
+# torch.profiler's CUPTI activity buffers, outside the allocator, while a profile records.
+PROFILER_GIB = 0.5
+
+
+def outside_allocator_gib(*, world: int, profiling: bool = False, lazy_loading: bool = True) -> dict:
+    """The named room the plan leaves outside torch's allocator, per GPU."""
+    return {"cuda_context_gib": CUDA_CONTEXT_GIB + (0.0 if lazy_loading else CUDA_CONTEXT_EAGER_EXTRA_GIB),
+            "nccl_gib": NCCL_GIB if world > 1 else 0.0,
+            "profiler_gib": PROFILER_GIB if profiling else 0.0}
+
+
+def usable_gib(gpu: Gpu, outside: dict) -> tuple[float, float, str]:
+    """(what the allocator's peak may reach, the allocator's cap, why): the free memory less
+    the room outside the allocator is the allocator's cap; the peak may take all of it but
+    the fragmentation share."""
+    cap = gpu.free_gib - sum(outside.values())
+    usable = cap / (1 + FRAGMENTATION)
+    named = ", ".join(f"{v:.2f} for {k.removesuffix('_gib').replace('_', ' ')}" for k, v in outside.items() if v)
+    return usable, cap, (f"{gpu.free_gib:.1f} GiB free on the smallest card, less {named} leaves {cap:.2f} GiB for "
+                         f"torch's allocator; its peak may use {usable:.2f} of it, "
+                         f"{FRAGMENTATION:.0%} being kept for fragmentation")
 
 
 class _Search:
@@ -210,7 +280,8 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         reasons["tf32"] = "on for the fp32 matmuls that remain (Ampere and newer; the trainer enables it in torch)"
 
     smallest = min(gpus, key=lambda g: g.free_gib)
-    usable, why_usable = usable_gib(smallest)
+    outside = outside_allocator_gib(world=world, profiling=request.profiling, lazy_loading=request.lazy_loading)
+    usable, allocator_cap, why_usable = usable_gib(smallest, outside)
     cap = max(1, math.ceil(request.global_batch / world))
     narrow = min((g.pcie.width for g in gpus if g.pcie), default=16) <= 8 and world > 1
     search = _Search(step_peak, precision)
@@ -218,7 +289,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     def step_budget(stage: int, optimizer: str, offload: str) -> float:
         """Bytes the measured step may take once ZeRO's share of the states is counted."""
         extras = peak_bytes(0, parameters=request.parameters, precision=precision, world=world, stage=stage,
-                            optimizer=optimizer, offload=offload)["total_gib"]
+                            optimizer=optimizer, offload=offload, capability=capability)["total_gib"]
         return (usable - extras) * GIB
 
     # Candidates in order of preference. The first one is free: ZeRO-1 costs nothing over
@@ -229,7 +300,13 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     # offload a lot of time. Those are used only to reach a useful micro-batch
     # (GOOD_MICRO_BATCH), never beyond it: past that point accumulation is cheaper. This
     # is also what makes the plan monotone: more memory never gives a smaller micro-batch.
-    free_stage = 0 if world == 1 else 1
+    #
+    # In bf16 the weights train in bf16 but their gradients must add up in fp32, or small
+    # updates are rounded away. DeepSpeed does that from ZeRO-1 up (the trainer sets
+    # data_types.grad_accum_dtype=fp32), not at ZeRO-0, so bf16 takes ZeRO-1 even on one GPU,
+    # where it shards nothing and costs the same bytes and communication.
+    bf16 = precision == "bf16"
+    free_stage = 1 if world > 1 or bf16 else 0
     stages = [free_stage] + ([] if world == 1 else [2, 3] if not narrow else [])
     late_stages = [2, 3] if narrow and world > 1 else []
     optimizers = ["adamw"] + (["adamw8bit"] if all(_bnb_supported(g) for g in gpus) else [])
@@ -240,8 +317,11 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         candidates += [(s, True, optimizer, "none") for s in late_stages]
     for optimizer in optimizers:  # offload last; DeepSpeed offloads from ZeRO-1 up
         candidates += [(s, True, optimizer, "cpu") for s in ([2] if world == 1 else [2, 3])]
-    if "train.zero_stage" in fixed and fixed["train.zero_stage"] == 0 and world > 1:
-        candidates = [(0, *c[1:]) for c in candidates if c[0] == 1] + candidates
+    wanted_stage = fixed.get("train.zero_stage")
+    if wanted_stage is not None and all(c[0] != wanted_stage for c in candidates):
+        # A stage the preference list skips (ZeRO-0 beside ZeRO-1, ZeRO-2 in bf16): the same
+        # candidates at the user's stage.
+        candidates = [(wanted_stage, *c[1:]) for c in candidates]
 
     def allowed(stage, checkpointing, optimizer, offload) -> bool:
         wanted = {"train.zero_stage": stage, "model.activation_checkpointing": checkpointing,
@@ -299,7 +379,17 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         if not fixed_mb and fits_at_all:  # spread the share evenly: 2 x 64, not 91 + 91 for 128
             micro_batch = math.ceil(cap / accum)
     total = peak_bytes(search.peak(micro_batch, checkpointing), parameters=request.parameters, precision=precision,
-                       world=world, stage=stage, optimizer=optimizer, offload=offload)
+                       world=world, stage=stage, optimizer=optimizer, offload=offload, capability=capability)
+    memory = {**total, "input_batch_gib": request.clip_bytes * micro_batch / GIB,
+              "fragmentation_gib": total["total_gib"] * FRAGMENTATION, **outside,
+              "allocator_cap_gib": allocator_cap}
+    memory["card_total_gib"] = total["total_gib"] + memory["fragmentation_gib"] + sum(outside.values())
+    if precision == "bf16" and (stage == 0 or offload == "cpu"):
+        warnings.append(Warning("bf16_gradients", None, f"bf16 at ZeRO-{stage}"
+                                + (" with CPU offload" if offload == "cpu" else "")
+                                + ": DeepSpeed adds gradients up in bf16 here, which rounds small ones away; "
+                                + ("without offload, ZeRO-1 to 3 add them in fp32" if offload == "cpu" else
+                                   "ZeRO-1 adds them in fp32, for the same memory and communication")))
     reasons["usable_memory"] = why_usable
     if fixed_mb:
         reasons["micro_batch_size"] = f"set by the user (train.micro_batch_size={fixed_mb})" + (
@@ -331,7 +421,10 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         if checkpointing else "the micro-batch fits without recomputing activations (which costs a third more compute)")
     reasons["zero_stage"] = ("set by the user" if "train.zero_stage" in fixed else
                              f"one GPU: ZeRO-{stage} only to offload the optimizer to the CPU" if world == 1 and offload == "cpu"
-                             else "one GPU: ZeRO has nothing to shard" if world == 1 else
+                             else "one GPU, bf16: ZeRO-1 shards nothing here, but with it DeepSpeed adds gradients "
+                             "up in fp32 (its BF16_Optimizer); at ZeRO-0 it adds them in bf16"
+                             if world == 1 and stage == 1 else
+                             "one GPU: ZeRO has nothing to shard" if world == 1 else
                              "ZeRO-1 shards the optimizer states for the same communication as plain data "
                              "parallelism (once per optimizer step)" if stage == 1 else
                              f"ZeRO-{stage}: ZeRO-1 cannot fit a useful micro-batch; it communicates every "
@@ -361,7 +454,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
                 grad_accum_steps=accum, activation_checkpointing=checkpointing, zero_stage=stage,
                 offload_optimizer=offload, optimizer=optimizer, dataloader_workers=workers, env=env,
                 predicted_peak_gib=round(total["total_gib"], 3), usable_gib=round(usable, 2), reasons=reasons,
-                from_user=from_user, warnings=warnings, memory={k: round(v, 3) for k, v in total.items()})
+                from_user=from_user, warnings=warnings, memory={k: round(v, 3) for k, v in memory.items()})
 
 
 def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, reasons, env) -> Plan:
@@ -459,11 +552,19 @@ def hardware_warnings(rig: Rig, request: PlanRequest) -> list[Warning]:
                                f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}) has no bf16: "
                                + ("fp16 with loss scaling is planned; watch for overflow skips in the log"
                                   if gpu.compute_capability >= (7, 0) else "fp32 is planned (fp16 is slow here)")))
-        if gpu.throttle_reasons:
-            out.append(Warning("throttling", i, f"GPU {i} ({gpu.name}) is slowing its clocks now "
-                               f"({', '.join(gpu.throttle_reasons)}"
+        # The probe reads one sample, usually of an idle card: a power cap in it says nothing
+        # (training telemetry judges that under load, profile/throttle.py); heat or a
+        # power brake while idle is already a problem.
+        thermal = [r for r in gpu.throttle_reasons if r in ("sw_thermal", "hw_thermal", "hw_slowdown")]
+        brake = [r for r in gpu.throttle_reasons if r == "hw_power_brake"]
+        if thermal:
+            out.append(Warning("throttling", i, f"GPU {i} ({gpu.name}) is already slowing its clocks for heat "
+                               f"({', '.join(thermal)}"
                                + (f", {gpu.temperature_c:.0f} C" if gpu.temperature_c else "")
-                               + "): improve airflow or spacing, or lower its power limit to stay under it"))
+                               + ") before training: improve airflow or spacing between cards, or lower its power limit"))
+        if brake:
+            out.append(Warning("throttling", i, f"GPU {i} ({gpu.name}) is held by its power-brake signal before "
+                               "training: check the power supply's capacity and that every GPU power cable is seated"))
     if len(gpus) > 1:
         indices = [i for i, _ in gpus]
         missing = [(a, b) for a, ga in gpus for b in indices if b != a and ga.p2p is not None and not ga.p2p[b]]

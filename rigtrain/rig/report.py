@@ -72,17 +72,48 @@ def format_plan(plan: Plan) -> list[str]:
     for key, value in choices:
         lines.append(f"  {key} = {value}: {plan.reasons.get(key, '')}")
     if plan.predicted_peak_gib is not None:
-        where = "per GPU" if plan.device == "cuda" else "of RAM per process"
-        m = plan.memory
-        lines.append(f"  predicted peak {plan.predicted_peak_gib:.2f} GiB {where}"
-                     + (f" of {plan.usable_gib:.2f} usable" if plan.usable_gib is not None else "")
-                     + f" (step {m['step_gib']:.2f} measured with FakeTensorMode, optimizer states "
-                     f"{m['optimizer_states_gib']:.2f}, buckets {m['buckets_gib']:.2f}, ZeRO saves {m['zero_saving_gib']:.2f})")
+        lines += format_memory(plan)
     for key, value in plan.env.items():
         reason = plan.reasons.get(f"env.{key}")
         lines.append(f"  {key}={value}" + (f": {reason}" if reason else ""))
     if plan.from_user:
         lines.append(f"  set by you (the plan keeps them): {', '.join(plan.from_user)}")
+    return lines
+
+
+# (key of plan.memory, what it is): the allocator's peak, then the room outside it
+ALLOCATED_TERMS = (("step_gib", "the train step, measured with FakeTensorMode: weights and gradients in the training "
+                    "dtype, activations, temporaries and the input batch"),
+                   ("input_batch_gib", "  of which the input batch (uint8 video, int16 audio, text)"),
+                   ("zero_saving_gib", "less what ZeRO's partitioning saves"),
+                   ("optimizer_states_gib", "optimizer states (Adam's moments, fp32 master weights)"),
+                   ("fp32_gradients_gib", "fp32 gradient buffers (bf16's gradient accumulation, ZeRO's fp32 copies)"),
+                   ("buckets_gib", "DeepSpeed's communication buckets"),
+                   ("cublas_workspaces_gib", "cuBLAS workspaces (forward and backward threads)"))
+OUTSIDE_TERMS = (("fragmentation_gib", "the caching allocator's fragmentation"),
+                 ("cuda_context_gib", "CUDA context and libraries (outside torch's allocator)"),
+                 ("nccl_gib", "NCCL buffers (outside torch's allocator)"),
+                 ("profiler_gib", "profiler buffers (outside torch's allocator)"))
+
+
+def format_memory(plan: Plan) -> list[str]:
+    m = plan.memory
+    if plan.device != "cuda":
+        return [f"  predicted peak {plan.predicted_peak_gib:.2f} GiB of RAM per process (step {m['step_gib']:.2f} "
+                f"measured with FakeTensorMode, optimizer states {m['optimizer_states_gib']:.2f})"]
+    lines = [f"  memory per GPU: predicted allocator peak {plan.predicted_peak_gib:.2f} GiB of {plan.usable_gib:.2f} usable "
+             f"(torch.cuda.max_memory_allocated)"]
+    for key, what in ALLOCATED_TERMS:
+        if m.get(key):
+            sign = "-" if key == "zero_saving_gib" else " " if key == "input_batch_gib" else "+"
+            lines.append(f"    {sign} {m[key]:8.2f}  {what.strip()}" if sign != " " else f"      {m[key]:8.2f}    {what.strip()}")
+    lines.append(f"    = {plan.predicted_peak_gib:8.2f}  allocator peak")
+    for key, what in OUTSIDE_TERMS:
+        if m.get(key):
+            lines.append(f"    + {m[key]:8.2f}  {what}")
+    if "card_total_gib" in m:
+        lines.append(f"    = {m['card_total_gib']:8.2f}  on the card (what nvidia-smi would show); torch's allocator is "
+                     f"capped at {m['allocator_cap_gib']:.2f}")
     return lines
 
 

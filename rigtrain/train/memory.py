@@ -43,7 +43,8 @@ def train_step_builder(model: ModelConfig, data: DataConfig, *, micro_batch: int
         def step() -> None:
             network(batch)["loss"].backward()
 
-        return [*network.parameters(), *network.buffers()], step
+        # The batch is resident too: it sits on the GPU for the whole step.
+        return [*network.parameters(), *network.buffers(), *batch.values()], step
 
     return build
 

@@ -5,6 +5,7 @@ keys the user set."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from rigtrain.config import RunConfig
@@ -61,13 +62,16 @@ def plan_run(config: RunConfig, rig: Rig, *, user_keys: set[str], psu_w: float |
     else:
         precision = "auto"
     d = config.data
-    batch_bytes = d.clip_frames * d.frame_size[0] * d.frame_size[1] * 3 + d.clip_samples * 2 + d.max_text_bytes
+    batch_bytes = (d.clip_frames * d.frame_size[0] * d.frame_size[1] * 3 + d.clip_samples * 2 + d.max_text_bytes
+                   + 2 * 8 * d.segments_per_clip + 8 + 1)  # uint8 video, int16 audio, text, segment spans, flags
     request = PlanRequest(parameters=parameter_count(config.model, config.data),
                           global_batch=t.global_batch_size or t.micro_batch_size * t.grad_accum_steps,
                           precision=precision, fixed=fixed,
                           config={key: config_value(config, key) for key in PLANNED}, gpus=tuple(config.rig.gpus),
                           cpu_processes=t.nproc, loader_workers=d.workers, psu_w=psu_w,
-                          batch_bytes=batch_bytes * t.micro_batch_size)
+                          batch_bytes=batch_bytes * t.micro_batch_size, clip_bytes=batch_bytes,
+                          profiling=config.profile.enabled,
+                          lazy_loading=os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() != "EAGER")
     return make_plan(rig, request, step_peak_function(config))
 
 
