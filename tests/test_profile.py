@@ -153,3 +153,85 @@ def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# -- throttling: the rule of profile/throttle.py on replayed samples -----------------------------
+
+def _h200_power_cap_samples():
+    """What the first H200 run saw under `base` (../shared/gpu/MEASURED.md): the power-cap reason
+    in the first sample, taken as the load began (143 W, 43 C, clocks still at their maximum),
+    then from step 4 on 560-616 W of the 700 W limit at 1790-1910 of 1980 MHz, reason held."""
+    from rigtrain.profile.throttle import Sample
+
+    cap = frozenset({"sw_power_cap"})
+    samples = [Sample(t=0.0, util_pct=100, power_w=143, sm_clock_mhz=1980, temp_c=43, reasons=cap)]
+    powers = [560, 590, 616, 600, 575, 610, 585, 595, 570, 605, 580, 598]
+    clocks = [1910, 1850, 1790, 1820, 1880, 1800, 1860, 1840, 1900, 1810, 1870, 1845]
+    for k, (p, c) in enumerate(zip(powers, clocks)):
+        samples.append(Sample(t=0.5 * (k + 1), util_pct=100, power_w=p, sm_clock_mhz=c, temp_c=52 + k % 3, reasons=cap))
+    return samples
+
+
+def _replay(samples, **limits):
+    from rigtrain.profile.throttle import CardLimits, ThrottleJudge
+
+    judge = ThrottleJudge(CardLimits(gpu=0, **limits))
+    return [r for s in samples for r in judge.add(s)]
+
+
+H200 = dict(power_limit_w=700, max_power_limit_w=700, sm_clock_max_mhz=1980, slowdown_temp_c=87)
+
+
+def test_power_cap_under_load_is_one_report_with_its_figures_and_no_cooling_advice():
+    reports = _replay(_h200_power_cap_samples(), **H200)
+    assert len(reports) == 1
+    r = reports[0]
+    assert r.reason == "sw_power_cap"
+    assert 560 <= r.power_w <= 616 and 1790 <= r.sm_clock_mhz <= 1910  # the load's figures, not the 143 W start
+    assert r.clock_lost == pytest.approx(1 - r.sm_clock_mhz / 1980)
+    text = r.message
+    assert "of its 700 W limit" in text and "of 1980 MHz" in text and "slows down at 87 C" in text
+    assert f"{r.clock_lost:.0%} below its maximum clock" in text
+    assert "cool" not in text.lower() and "airflow" not in text.lower()
+    assert "normal" in text and "already the card's maximum" in text  # H200: limit 700 of max 700
+
+
+def test_power_cap_with_room_to_raise_says_how():
+    r = _replay(_h200_power_cap_samples(), power_limit_w=350, max_power_limit_w=400, sm_clock_max_mhz=1980)[0]
+    assert "sudo nvidia-smi -i 0 -pl 400" in r.message
+
+
+def test_a_reason_seen_once_at_a_load_change_is_not_reported():
+    from dataclasses import replace
+
+    samples = _h200_power_cap_samples()
+    samples = samples[:1] + [replace(s, reasons=frozenset()) for s in samples[1:]]
+    assert _replay(samples, **H200) == []
+    # nor while the GPU is idle, however long the reason shows
+    idle = [replace(s, util_pct=5) for s in _h200_power_cap_samples()]
+    assert _replay(idle, **H200) == []
+
+
+def test_thermal_throttle_advises_cooling():
+    from dataclasses import replace
+
+    hot = [replace(s, reasons=frozenset({"sw_thermal"}), temp_c=91) for s in _h200_power_cap_samples()]
+    r = _replay(hot, **H200)
+    assert [x.reason for x in r] == ["sw_thermal"]
+    assert "heat" in r[0].message and "airflow" in r[0].message and "91 C" in r[0].message
+
+
+def test_host_bound_advice_stays_within_the_experiment():
+    """The first GPU run was told "a larger micro-batch (now 64)" when 64 was the preset's whole
+    global batch: the advice must say what keeps the experiment and what changes it."""
+    from dataclasses import replace
+
+    trace = cpu_trace(2, 10, 10, 5)
+    whole = analyze(trace, replace(FACTS, micro_batch_size=64, clips_per_step=64, grad_accum_steps=1))
+    assert whole["verdict"] == "host-bound"
+    assert any("changes the experiment" in s and "global batch (64)" in s for s in whole["suggestions"])
+    assert any("train.compile=true" in s for s in whole["suggestions"])
+    split = analyze(trace, replace(FACTS, micro_batch_size=32, clips_per_step=128, grad_accum_steps=4, compiled=True))
+    assert any("train.micro_batch_size=64 train.grad_accum_steps=2 keeps the global batch of 128" in s
+               for s in split["suggestions"])
+    assert not any("train.compile" in s for s in split["suggestions"])

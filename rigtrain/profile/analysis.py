@@ -42,6 +42,8 @@ class RunFacts:
     data_is_raw_videos: bool
     zero_stage: int
     micro_batch_size: int
+    grad_accum_steps: int = 1
+    compiled: bool = False
     flops_per_clip: float | None = None
     peak_tflops: float | None = None
     gpu_name: str | None = None
@@ -173,9 +175,12 @@ def suggestions(kind: str, fractions: dict, numbers: dict, facts: RunFacts) -> l
         out.append("raise train.grad_accum_steps so each exchange of gradients is amortised over more clips")
         out.append("check `rigtrain rig` for pcie_narrow / no_p2p warnings: an x4 slot or no P2P halves the bandwidth")
     elif kind == "host-bound":
-        out.append(f"the GPU waits on Python for {fractions['host']:.0%} of each step: a larger micro-batch "
-                   f"(now {facts.micro_batch_size}) gives each kernel more work per launch")
-        out.append("fewer, larger kernels: torch.compile the model, or check for .item()/.cpu() syncs in the loop")
+        out.append(f"the GPU waits on Python for {fractions['host']:.0%} of each step: "
+                   + _larger_micro_batch(facts, "gives each kernel more work per launch"))
+        if not facts.compiled:
+            out.append("fewer, larger kernels: train.compile=true (torch.compile fuses the model's small operations)")
+        out.append("check your own changes for host syncs in the step (.item(), .cpu(), printing a tensor): "
+                   "tests/test_gpu_path.py counts them")
     else:
         if facts.flops_per_clip and facts.peak_tflops:
             achieved = facts.flops_per_clip * consumes / 1e12
@@ -184,11 +189,25 @@ def suggestions(kind: str, fractions: dict, numbers: dict, facts: RunFacts) -> l
         else:
             out.append("the model's own arithmetic is the limit, as it should be")
         if facts.device == "cuda":
-            out.append("to go faster: bf16 where the card has it, a larger micro-batch if memory allows "
-                       "(`rigtrain rig` shows the headroom), or activation checkpointing off if it is on")
+            out.append("to go faster: bf16 where the card has it, activation checkpointing off if it is on, or "
+                       + _larger_micro_batch(facts, "if memory allows (`rigtrain rig` shows the headroom)"))
         else:
             out.append("on the CPU that is expected; a GPU is where this model trains fast")
     return out
+
+
+def _larger_micro_batch(facts: RunFacts, why: str) -> str:
+    """What the config allows: with accumulation, a larger micro-batch and fewer micro-steps keep
+    the experiment; without, the micro-batch already is the per-GPU share of the global batch,
+    and growing it changes the experiment, not only its speed."""
+    mb, accum = facts.micro_batch_size, facts.grad_accum_steps
+    if accum > 1:
+        bigger = next((mb * k for k in range(2, accum + 1) if accum % k == 0), mb * accum)
+        return (f"a larger micro-batch {why}: train.micro_batch_size={bigger} "
+                f"train.grad_accum_steps={accum * mb // bigger} keeps the global batch of {facts.clips_per_step}")
+    return (f"a larger micro-batch {why}, but {mb} is already each GPU's whole share of the global batch "
+            f"({facts.clips_per_step}): a larger one changes the experiment (train.global_batch_size, and the "
+            "learning rate that suits it), not only its speed")
 
 
 def analyze(events: list[dict], facts: RunFacts) -> dict:

@@ -3,8 +3,9 @@
 reasons); the trainer takes the averages at each logged step. Without a GPU it reads the
 host's CPU utilisation and this process's memory instead.
 
-A throttle reason that appears, or a PCIe link that narrows, is reported the moment the
-sampler sees it (`events()`), not at the end of the run. The sampler times itself, so
+A PCIe link that narrows is reported the moment the sampler sees it (`events()`), and a
+throttle reason once it has held under load for a few seconds (profile/throttle.py has the
+rule), not at the end of the run. The sampler times itself, so
 its cost is a number in the metrics (`telemetry_cost`), not a guess."""
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import os
 import threading
 import time
 
-THROTTLE_BITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",
-                 0x80: "hw_power_brake"}
+from rigtrain.profile.throttle import CardLimits, Sample, ThrottleJudge, reasons_from_mask
 
 
 def physical_gpu_index(local_rank: int) -> int:
@@ -23,6 +23,25 @@ def physical_gpu_index(local_rank: int) -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     indices = [int(v) for v in visible.split(",") if v.strip().isdigit()]
     return indices[local_rank] if local_rank < len(indices) else local_rank
+
+
+def card_limits(nvml, handle, gpu_index: int) -> CardLimits:
+    """What a throttle report compares its readings with; each read on its own, since
+    some boards do not report every one."""
+
+    def read(fn, *args, scale=1.0):
+        try:
+            value = fn(handle, *args)
+            return (value[1] if isinstance(value, tuple) else value) / scale
+        except Exception:
+            return None
+
+    return CardLimits(gpu=gpu_index,
+                      power_limit_w=read(nvml.nvmlDeviceGetEnforcedPowerLimit, scale=1000),
+                      max_power_limit_w=read(nvml.nvmlDeviceGetPowerManagementLimitConstraints, scale=1000),
+                      sm_clock_max_mhz=read(nvml.nvmlDeviceGetMaxClockInfo, nvml.NVML_CLOCK_SM),
+                      slowdown_temp_c=read(nvml.nvmlDeviceGetTemperatureThreshold,
+                                           nvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
 
 
 class TelemetrySampler:
@@ -38,8 +57,9 @@ class TelemetrySampler:
         self._started = time.perf_counter()
         self._stop = threading.Event()
         self._nvml = self._handle = None
-        self._seen_reasons: set[str] = set()
         self._first_width: int | None = None
+        self._judge: ThrottleJudge | None = None
+        self.throttle_reports: list = []
         if gpu_index is not None:
             try:
                 import pynvml
@@ -47,6 +67,7 @@ class TelemetrySampler:
                 pynvml.nvmlInit()
                 self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
                 self.gpu_index = gpu_index
+                self._judge = ThrottleJudge(card_limits(pynvml, self._handle, gpu_index))
             except Exception:  # no NVML (a container without the library): host telemetry only
                 self._nvml = None
         import psutil
@@ -79,14 +100,13 @@ class TelemetrySampler:
             self._event(f"GPU {self.gpu_index}: PCIe link dropped from x{self._first_width} to x{width} during "
                         "training (check the riser and the slot)")
             self._first_width = width
-        mask = n.nvmlDeviceGetCurrentClocksEventReasons(h)
-        reasons = {name for bit, name in THROTTLE_BITS.items() if mask & bit}
+        reasons = reasons_from_mask(n.nvmlDeviceGetCurrentClocksEventReasons(h))
         sample["gpu_throttled"] = float(bool(reasons))
-        for reason in reasons - self._seen_reasons:
-            self._event(f"GPU {self.gpu_index} is throttling ({reason}) at {sample['gpu_temp_c']:.0f} C, "
-                        f"{sample['gpu_power_w']:.0f} W: its clocks drop and steps slow down; improve cooling or "
-                        "lower the power limit")
-        self._seen_reasons |= reasons
+        for report in self._judge.add(Sample(t=time.monotonic(), util_pct=sample["gpu_util_percent"],
+                                             power_w=sample["gpu_power_w"], sm_clock_mhz=sample["gpu_sm_clock_mhz"],
+                                             temp_c=sample["gpu_temp_c"], reasons=reasons)):
+            self.throttle_reports.append(report.to_dict())
+            self._event(report.message)
         return sample
 
     def _event(self, message: str) -> None:
