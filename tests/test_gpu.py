@@ -25,6 +25,12 @@ def test_demo_trains_on_the_gpu(tmp_path, demo_data):
     check = record["memory_check"]  # the plan's prediction against the first step's real peak
     assert check["measured_peak_gib"] > 0 and check["predicted_peak_gib"] > 0
     assert 0.75 <= check["predicted_peak_gib"] / check["measured_peak_gib"] <= 1.25, check
+    # never OOM-unsafe: the plan's figure for the whole card is not below what the card used
+    assert check["predicted_card_total_gib"] >= check["card_used_gib"], check
+    from rigtrain.rig.peaks import peak_tflops
+
+    if peak_tflops(torch.cuda.get_device_name(0)):
+        assert 0 < rows[-1]["mfu"] < 1 and rows[-1]["tflops_per_gpu"] > 0
 
 
 def test_probe_reads_every_gpu_through_nvml():

@@ -22,6 +22,8 @@ from pathlib import Path
 from rigtrain.config import RunConfig, load_config
 from rigtrain.errors import UserError
 
+from rigtrain.train.worker import OOM_MARKER
+
 WORKER_MODULE = "rigtrain.train.worker"
 
 
@@ -117,9 +119,6 @@ def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | Non
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(plan.world_size),
             "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
             "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
-
-
-OOM_MARKER = "oom.json"  # a worker writes it when the first step runs out of GPU memory
 
 
 def _check_rig_file_matches(rig, rig_file: str | None) -> None:

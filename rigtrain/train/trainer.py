@@ -46,7 +46,14 @@ def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict
                     stage3_max_reuse_distance=2 * BUCKET_ELEMENTS)
     if t.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    extra = {}
+    if precision == "bf16" and t.zero_stage >= 1 and t.offload_optimizer == "none":
+        # Gradients add up in fp32: at ZeRO-1 DeepSpeed's BF16_Optimizer, at ZeRO-2 and 3 its
+        # ZeRO optimizers with an fp32 accumulation buffer. ZeRO-0 has no such path (DeepSpeed
+        # refuses the setting there), which is why the plan takes ZeRO-1 for bf16.
+        extra["data_types"] = {"grad_accum_dtype": "fp32"}
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
@@ -85,7 +92,9 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.betas)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
+    # fused: one kernel for the whole update, and its step counts stay on the device, where
+    # the default implementation reads each one back to the host every step.
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=True)
 
 
 def lr_lambda(config: RunConfig):
@@ -131,10 +140,14 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.config, self.plan["precision"], self.world))
+        if t.compile:
+            self.engine.compile()
+        self._warm_up_collectives()
         # Each rank draws its own DropToken masks.
         seed_everything(t.seed + 1000 * (self.rank + 1))
 
         self.step = 0
+        self.settled = False  # past the first steps, where running out of memory makes the launcher back off
         self.micro_batches = 0  # consumed by this rank: the data position to resume from
         self.ckpt_dir = self.run_dir / "checkpoints"
         resume_tag = self._resume_tag()
@@ -170,8 +183,13 @@ class Trainer:
                          f"{len(self.split.train)} training clips ({len(self.split.heldout)} held out)")
             if self.eval_steps:
                 self.log.say(f"evaluating after steps {', '.join(map(str, sorted(self.eval_steps)))}")
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        # Counted on the device, read at logging steps: reading the loss every step would
+        # make the host wait for the GPU every step.
+        self.nonfinite_in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.nonfinite_reported = 0
+        self._restart_step_clock()
+        self.flops_per_clip, self.peak_tflops = self._flops_and_peak()
         self.telemetry = TelemetrySampler(self.config.profile.telemetry_hz,
                                           gpu_index=physical_gpu_index(self.local_rank) if self.device.type == "cuda"
                                           else None)
@@ -197,6 +215,18 @@ class Trainer:
             backend = "nccl"
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any fp32 matmul left
             torch.backends.cudnn.allow_tf32 = True
+            # Attention through Flash or memory-efficient kernels, not cuDNN's: on the first
+            # H200 run cuDNN attention spent 3.6-5.7 ms of CPU per call building execution
+            # plans (55% of the step's host time), and SDPA otherwise prefers it on Hopper.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            cap = (self.plan.get("memory") or {}).get("allocator_cap_gib")
+            if cap:
+                # torch's allocator may take what the plan gave the step, and no more: the
+                # rest of the card is left to the CUDA context, NCCL and cuDNN, which
+                # allocate outside it. Past the cap, torch raises an out-of-memory error the
+                # first-step back-off can catch, instead of NCCL failing at a barrier later.
+                total = torch.cuda.get_device_properties(self.local_rank).total_memory / 2**30
+                torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.local_rank)
         else:
             self.device = torch.device("cpu")
             backend = "gloo"
@@ -228,15 +258,18 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: grad_accum_steps micro-batches, forward/backward each, then
-        DeepSpeed steps the optimizer and LR schedule at the accumulation boundary."""
-        started = time.perf_counter()
+        DeepSpeed steps the optimizer and LR schedule at the accumulation boundary.
+
+        Between logging steps nothing here waits for the GPU: no `.item()`, no
+        synchronize, no branch on a tensor's value, so the host queues the next step's
+        work while the GPU runs this one. Logging steps read the metrics (one wait), and
+        the time per step is measured over the steps since the last one."""
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses; the schedule moves on after it
-        data_wait = 0.0
         totals: dict[str, torch.Tensor] = {}
         accum = self.config.train.grad_accum_steps
         for _ in range(accum):
             batch, waited = self._next_batch()
-            data_wait += waited
+            self.data_wait_since_log += waited
             with span("forward"):
                 terms = self.engine(batch)
             with span("backward"):
@@ -246,42 +279,63 @@ class Trainer:
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
         self.step += 1
+        finite = torch.isfinite(totals["loss"])
+        self.nonfinite_in_a_row = torch.where(finite, 0, self.nonfinite_in_a_row + 1)
+        self.nonfinite_total += (~finite).long()
         logging = (self.step % self.config.train.log_every == 0 or self.step == self.config.train.steps
                    or self.step in self.eval_steps)
-        metrics: dict[str, float] = {}
-        if logging:
-            # Averaged over ranks; every rank takes part, since all reach the same steps.
-            names = sorted(totals)
-            stacked = torch.stack([totals[k] for k in names]).to(self.device)
-            if self.world > 1:
-                torch.distributed.all_reduce(stacked)
-                stacked /= self.world
-            metrics = dict(zip(names, stacked.tolist()))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        step_time = time.perf_counter() - started
-        if logging:
-            global_batch = self.config.train.micro_batch_size * accum * self.world
-            metrics.update(step=self.step, lr=lr, step_time_s=step_time,
-                           samples_per_s=global_batch / step_time, data_wait_s=data_wait)
-        self._check_finite(totals["loss"].item(), metrics)
+        if not logging:
+            return {}
+        # Averaged over ranks; every rank takes part, since all reach the same steps.
+        names = sorted(totals)
+        stacked = torch.stack([totals[k] for k in names] + [self.nonfinite_in_a_row.float(),
+                                                            self.nonfinite_total.float()])
+        if self.world > 1:
+            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
+            stacked[: len(names)] /= self.world
+        values = stacked.tolist()  # the wait for the GPU: everything queued so far has run
+        metrics = dict(zip(names, values))
+        in_a_row, total = round(values[-2] / self.world), round(values[-1] / self.world)
+        steps = self.step - self.clock_step
+        step_time = (time.perf_counter() - self.clock_started) / steps
+        global_batch = self.config.train.micro_batch_size * accum * self.world
+        metrics.update(step=self.step, lr=lr, step_time_s=step_time, samples_per_s=global_batch / step_time,
+                       data_wait_s=self.data_wait_since_log / steps)
+        if self.peak_tflops:
+            achieved = self.flops_per_clip * global_batch / step_time / self.world / 1e12
+            metrics.update(tflops_per_gpu=achieved, mfu=achieved / self.peak_tflops)
+        self._restart_step_clock()
+        self._check_finite(in_a_row, total, metrics)
         return metrics
 
-    def _check_finite(self, loss: float, metrics: dict[str, float]) -> None:
-        """Every step (not only logged ones): a NaN is said, counted and logged."""
-        if math.isfinite(loss):
-            self.nonfinite_in_a_row = 0
+    def _restart_step_clock(self) -> None:
+        """Step times count from here (after a logging step, an evaluation or a save)."""
+        self.clock_started, self.clock_step, self.data_wait_since_log = time.perf_counter(), self.step, 0.0
+
+    def _flops_and_peak(self) -> tuple[float | None, float | None]:
+        """On a GPU in the peak table: FLOPs per clip (counted once) and the card's peak,
+        for the MFU logged with every metrics line."""
+        if self.device.type != "cuda":
+            return None, None
+        from rigtrain.rig.peaks import peak_tflops
+        from rigtrain.train.flops import train_flops_per_clip
+
+        peak = peak_tflops(torch.cuda.get_device_name(self.device))
+        return (train_flops_per_clip(self.config.model, self.config.data), peak) if peak else (None, None)
+
+    def _check_finite(self, in_a_row: int, total: int, metrics: dict[str, float]) -> None:
+        """At each logging step: steps whose loss was NaN/inf (on any rank) since the last
+        one are said, counted and logged; too many in a row stop the run."""
+        if total == self.nonfinite_reported:
             return
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        if metrics:
-            metrics["nonfinite_steps"] = self.nonfinite_total
+        metrics["nonfinite_steps"] = total
         if self.log:
-            self.log.say(f"warning: step {self.step} loss is {loss} on rank 0 "
-                         f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)")
-        if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+            self.log.say(f"warning: {total - self.nonfinite_reported} step(s) up to step {self.step} had a loss "
+                         f"that is not finite ({in_a_row} in a row now, {total} in all)")
+        self.nonfinite_reported = total
+        if in_a_row >= MAX_NONFINITE_STEPS:
             raise FloatingPointError(
-                f"the loss was not finite for {MAX_NONFINITE_STEPS} steps in a row at step {self.step}; "
+                f"the loss was not finite for {in_a_row} steps in a row up to step {self.step}; "
                 "lower train.lr or use train.precision=fp32, then --resume from the last checkpoint")
 
     def save_checkpoint(self) -> None:
@@ -311,17 +365,19 @@ class Trainer:
                 print(f"[rigtrain] warning (rank {self.rank}): {event}", flush=True)
             if metrics:
                 metrics.update(self.telemetry.snapshot())
-            if self.step == first_step + 1 and self.device.type == "cuda":
-                self._check_memory()
+            if self.step == first_step + 1:
+                self._rehearse_later_needs()
             if self.step in self.eval_steps:
                 result = self.evaluate()
                 if result is not None:
                     metrics.update(flat_metrics(result))
+                self._restart_step_clock()
             if metrics and self.log:
                 self.log.write(metrics)
                 losses.append(metrics["loss"])
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.save_checkpoint()
+                self._restart_step_clock()
         if self.log and self.step == first_step:
             self.log.say(f"the run is already at step {self.step} of {t.steps}: nothing to do "
                          f"(give --steps N with N > {self.step} to train on)")
@@ -366,27 +422,63 @@ class Trainer:
                                     batch_size=self.config.train.micro_batch_size, device=self.device)
         return features.select(np.arange(len(share)))
 
+    def _warm_up_collectives(self) -> None:
+        """Every collective the run uses later, once now: NCCL allocates its buffers outside
+        torch's allocator at a communicator's first use, and on the first real GPU run that
+        first use was the barrier before the first checkpoint, when the allocator held the
+        whole card (608 bytes could not be had, and every step was lost)."""
+        probe = torch.ones(1, device=self.device)
+        torch.distributed.all_reduce(probe)
+        torch.distributed.all_gather([torch.empty_like(probe) for _ in range(self.world)], probe)
+        torch.distributed.barrier()
+
+    def _rehearse_later_needs(self) -> None:
+        """After the first step, what later steps need beyond a train step, done once while
+        an out-of-memory still makes the launcher back off: a batch of evaluation and the
+        collectives of a save. Then the plan is checked against the card."""
+        if self.eval_steps:
+            module = self.engine.module
+            module.eval()
+            try:
+                self._embed_share(self.split.heldout[: self.config.train.micro_batch_size * self.world])
+            finally:
+                module.train()
+        torch.distributed.barrier()
+        if self.device.type == "cuda":
+            self._check_memory()
+        self.settled = True
+
     def _check_memory(self) -> None:
-        """The plan's predicted peak against what the first step really allocated, kept in
-        config.json and shown in TensorBoard's setup run."""
-        measured = torch.cuda.max_memory_allocated(self.device) / 2**30
-        peak = torch.tensor([measured], device=self.device)
+        """The plan's predicted peak against what the first step really used, kept in
+        config.json and shown in TensorBoard's setup run: torch's allocated peak (what the
+        plan predicts), what its allocator reserved, and what NVML sees for the card (the
+        CUDA context, NCCL and library workspaces too)."""
+        gib = 2**30
+        numbers = torch.tensor([torch.cuda.max_memory_allocated(self.device) / gib,
+                                torch.cuda.max_memory_reserved(self.device) / gib,
+                                (torch.cuda.mem_get_info(self.device)[1] - torch.cuda.mem_get_info(self.device)[0]) / gib],
+                               device=self.device)
         if self.world > 1:
-            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-        measured = float(peak)
+            torch.distributed.all_reduce(numbers, op=torch.distributed.ReduceOp.MAX)
+        allocated, reserved, used = numbers.tolist()
         predicted = self.plan.get("predicted_peak_gib")
+        predicted_total = (self.plan.get("memory") or {}).get("card_total_gib")
         if not self.log:
             return
-        error = f" ({(predicted - measured) / measured:+.1%} predicted vs measured)" if predicted and measured else ""
-        self.log.say(f"memory: first step peaked at {measured:.2f} GiB per GPU; the plan predicted "
-                     f"{predicted if predicted is None else f'{predicted:.2f}'} GiB{error}")
+        error = f" ({(predicted - allocated) / allocated:+.1%} predicted vs measured)" if predicted and allocated else ""
+        self.log.say(f"memory: the first step peaked at {allocated:.2f} GiB allocated per GPU ({reserved:.2f} reserved by "
+                     f"torch, {used:.2f} in use on the card); the plan predicted "
+                     f"{predicted if predicted is None else f'{predicted:.2f}'} GiB{error}"
+                     + (f" and {predicted_total:.2f} GiB on the card" if predicted_total else ""))
         path = self.run_dir / "config.json"
         record = json.loads(path.read_text())
-        record["memory_check"] = {"predicted_peak_gib": predicted, "measured_peak_gib": round(measured, 3),
+        record["memory_check"] = {"predicted_peak_gib": predicted, "measured_peak_gib": round(allocated, 3),
+                                  "reserved_peak_gib": round(reserved, 3), "card_used_gib": round(used, 3),
+                                  "predicted_card_total_gib": predicted_total,
                                   "micro_batch_size": self.config.train.micro_batch_size}
         write_json(path, record)
-        self.log.write_text("setup", "memory", f"predicted {predicted} GiB, measured {measured:.3f} GiB "
-                            f"(torch.cuda.max_memory_allocated after the first step){error}")
+        self.log.write_text("setup", "memory", f"predicted {predicted} GiB, measured {allocated:.3f} GiB allocated, "
+                            f"{reserved:.3f} reserved, {used:.3f} GiB used on the card after the first step{error}")
 
     def _finish_profile(self) -> None:
         """Stop the profiler (its trace is written), then rank 0 analyses its own trace."""
@@ -407,6 +499,7 @@ class Trainer:
                          world_size=self.world, loader_threads=self.plan.get("dataloader_workers", 0),
                          cpu_threads=len(os.sched_getaffinity(0)), data_is_raw_videos=self.raw_videos,
                          zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size,
+                         grad_accum_steps=t.grad_accum_steps, compiled=t.compile,
                          flops_per_clip=train_flops_per_clip(self.config.model, self.config.data),
                          peak_tflops=peak_tflops(gpu) if gpu else None, gpu_name=gpu)
         summary = analyze(json.loads(path.read_text())["traceEvents"], facts)

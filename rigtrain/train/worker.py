@@ -11,6 +11,10 @@ from pathlib import Path
 
 from rigtrain.errors import UserError
 
+# A worker writes it into RUN_DIR when the first steps run out of GPU memory; the launcher
+# reads it, backs off one micro-batch size and starts again.
+OOM_MARKER = "oom.json"
+
 
 def apply_plan_env(run_dir: Path) -> None:
     """The plan's environment (NCCL settings, device order, CPU threads), set here as well
@@ -24,9 +28,7 @@ def apply_plan_env(run_dir: Path) -> None:
 
 
 def run(run_dir: str | Path) -> int:
-    apply_plan_env(Path(run_dir))
-    import torch
-
+    apply_plan_env(Path(run_dir))  # before torch is imported: OMP_NUM_THREADS, NCCL settings
     from rigtrain.train.trainer import Trainer
 
     trainer = None
@@ -40,18 +42,52 @@ def run(run_dir: str | Path) -> int:
     except FloatingPointError as err:
         print(f"rigtrain: {err}", file=sys.stderr, flush=True)
         return 1
-    except torch.cuda.OutOfMemoryError as err:
-        # On the first step the plan's micro-batch was too large: tell the launcher, which
-        # backs off one size and starts again. Later, it is a real failure.
-        if trainer is not None and trainer.step == 0:
-            from rigtrain.train.launch import OOM_MARKER
-
+    except Exception as err:
+        if not out_of_memory(err):
+            raise
+        # In the first steps (the first step, then one evaluation batch and the collectives a
+        # save uses) the plan's micro-batch was too large: tell the launcher, which backs off
+        # one size and starts again. Later, it is a failure the user has to act on.
+        first = trainer is not None and not trainer.settled
+        if first:
             (Path(run_dir) / OOM_MARKER).write_text(json.dumps({"rank": trainer.rank, "error": str(err)[:500]}))
-        print(f"rigtrain: out of GPU memory: {str(err).splitlines()[0]}", file=sys.stderr, flush=True)
+        print(f"rigtrain: {oom_message(run_dir, trainer, err, first)}", file=sys.stderr, flush=True)
         return 1
     finally:
         if trainer is not None:
             trainer.close()
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """torch's allocator ran out, or a library that allocates on its own (NCCL, cuBLAS)
+    could not: NCCL says "Failed to CUDA calloc" inside a DistBackendError."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        k in text for k in ("out of memory", "failed to cuda calloc", "cudaerrormemoryallocation",
+                            "cublas_status_alloc_failed"))
+
+
+def oom_message(run_dir, trainer, err: BaseException, first: bool) -> str:
+    """One line: where it happened, what is saved, what to change."""
+    from rigtrain.train.checkpoints import complete_tags
+
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    if trainer is None:
+        return f"out of GPU memory while starting ({first_line}); lower train.micro_batch_size"
+    step = trainer.step + 1
+    tags = complete_tags(Path(run_dir) / "checkpoints")
+    saved = f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was written yet"
+    micro = trainer.config.train.micro_batch_size
+    advice = (f"lower train.micro_batch_size (now {micro}) or set model.activation_checkpointing=true"
+              if not trainer.config.model.activation_checkpointing else
+              f"lower train.micro_batch_size (now {micro}) or use train.zero_stage=3")
+    then = ("the launcher backs off" if first else
+            f"then continue with `rigtrain train --out {run_dir} --resume --set train.micro_batch_size=N`")
+    return f"out of GPU memory at step {step} on rank {trainer.rank} ({first_line}); {saved}; {advice}; {then}"
 
 
 def main() -> int:

@@ -1,0 +1,93 @@
+"""Run by tests/test_gpu_path.py in a fresh process: open a run folder's Trainer in this
+process (one rank, gloo), take two steps to warm up, then measure the next step and print one
+JSON line:
+
+- syncs: the ops in that step that make the host wait for the device (`.item()`,
+  `nonzero`, ...), split into those inside DeepSpeed's optimizer step and the rest;
+- the dtypes the optimizer keeps: its master weights and where gradients accumulate.
+
+    python tests/step_probe.py RUN_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops whose result the host must wait for: a value read back (`_local_scalar_dense` is what
+# `.item()`, `float(t)`, `if t:` and `.tolist()` run) or an output shape that depends on values.
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique", "unique_",
+            "repeat_interleave")
+
+
+class SyncCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.where = "step"
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if any(name.startswith(op) for op in SYNC_OPS):
+            key = f"{self.where}:{name}"
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def main(run: Path) -> None:
+    record = json.loads((run / "config.json").read_text())
+    record["config"]["train"].update(steps=10, log_every=100)  # the measured step is not a logging step
+    record["config"]["eval"]["during_training"] = False
+    (run / "config.json").write_text(json.dumps(record))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.update(record["plan"]["env"])
+    from rigtrain.train.trainer import Trainer
+
+    trainer = Trainer(run)
+    try:
+        # Two steps to warm up: ZeRO-3 records the order its parameters are used in during
+        # the first step and checks that record across ranks (a read-back per entry) at the
+        # start of the second; from the third on a step is what every later one is.
+        trainer.train_step()
+        trainer.train_step()
+        counter = SyncCounter()
+        engine_step = trainer.engine.step
+
+        def counted_step(*args, **kwargs):
+            counter.where = "optimizer"
+            try:
+                return engine_step(*args, **kwargs)
+            finally:
+                counter.where = "step"
+
+        trainer.engine.step = counted_step
+        with counter:
+            trainer.train_step()
+        optimizer = trainer.engine.optimizer
+        masters = (getattr(optimizer, "fp32_groups_flat_partition", None)
+                   or getattr(optimizer, "fp32_partitioned_groups_flat", None)
+                   or getattr(optimizer, "single_partition_of_fp32_groups", None)
+                   or [p for g in optimizer.param_groups for p in g["params"]])
+        if hasattr(optimizer, "fp32_groups_gradients_flat"):  # BF16_Optimizer
+            accumulation = optimizer.fp32_groups_gradients_flat[0].dtype
+        elif hasattr(optimizer, "gradient_accumulation_dtype"):  # ZeRO-3
+            accumulation = optimizer.gradient_accumulation_dtype
+        else:  # the gradients live in the parameters' .grad
+            accumulation = next(trainer.engine.module.parameters()).dtype
+        out = {"syncs": counter.counts, "optimizer": type(optimizer).__name__,
+               "module_dtype": str(next(trainer.engine.module.parameters()).dtype),
+               "master_dtypes": sorted({str(m.dtype) for m in masters}), "grad_accumulation_dtype": str(accumulation),
+               "running_mean_dtype": str(trainer.engine.module.mean_video_va.dtype)}
+        print("PROBE " + json.dumps(out), flush=True)
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
+    sys.exit(0)

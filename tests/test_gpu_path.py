@@ -1,0 +1,177 @@
+"""The GPU path's stand-ins on the CPU. The first real GPU run (an H200) crashed in bf16 at
+step 1, ran out of memory at its first checkpoint and spent most of each step on the host;
+none of that showed on the CPU because no test ran bf16, and nothing looked at shapes or host
+syncs. These do, without a GPU:
+
+- every op of a training step has the same shapes from one batch to the next (cuDNN and the
+  caching allocator plan per shape; a shape that follows the data re-plans every step);
+- the step makes no host sync outside DeepSpeed's optimizer step, and DeepSpeed's own are
+  counted;
+- bf16 keeps fp32 master weights, fp32 gradient accumulation and fp32 running means on the
+  stages the plan picks, and fp16 is configured with dynamic loss scaling;
+- fp32 and bf16 at ZeRO-1 and ZeRO-3 each train, resume, evaluate and profile.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rigtrain.config import load_config
+from rigtrain.model import build_model
+
+PROBE = Path(__file__).parent / "step_probe.py"
+# A model small enough for several DeepSpeed runs in a minute, with every part of the real one.
+TINY = ["model.d_model=32", "model.heads=2", "model.num_latents=8", "model.va_dim=32", "model.vt_dim=32",
+        "train.micro_batch_size=4"]
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Every op's name and output shapes, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = out if isinstance(out, (tuple, list)) else (out,)
+        self.ops.append((func._schema.name, tuple(tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor))))
+        return out
+
+
+def two_different_batches(demo_data, config):
+    """Two batches of the same size whose data differ in what used to decide shapes: which
+    clips have sound, and how many narration segments each has."""
+    from rigtrain.data.dataset import ShardDataset
+
+    dataset = ShardDataset(demo_data, config.data)
+    first = dataset.batch(list(range(8)))
+    second = {k: v.clone() for k, v in dataset.batch(list(range(8, 16))).items()}
+    second["has_audio"][::2] = False
+    second["segment_len"][1::3] = 0  # clips without narration
+    assert not torch.equal(first["segment_len"] > 0, second["segment_len"] > 0)
+    return first, second
+
+
+def test_every_op_has_the_same_shapes_from_batch_to_batch(demo_data):
+    config = load_config("demo", overrides=["data.segments_per_clip=2"])
+    torch.manual_seed(0)
+    model = build_model(config.model, config.data)
+    records = []
+    for batch in two_different_batches(demo_data, config):
+        model.zero_grad(set_to_none=True)
+        recorder = ShapeRecorder()
+        with recorder:
+            model(batch)["loss"].backward()
+        records.append(recorder.ops)
+    attention = [op for op in records[0] if "scaled_dot_product" in op[0]]
+    assert len(attention) >= 8  # the encoder, decoder and contrastive passes all attend
+    assert records[0] == records[1]
+
+
+def test_the_model_step_makes_no_host_sync(demo_data):
+    from step_probe import SyncCounter
+
+    config = load_config("demo")
+    torch.manual_seed(0)
+    model = build_model(config.model, config.data)
+    batch = two_different_batches(demo_data, config)[1]
+    counter = SyncCounter()
+    with counter:
+        model(batch)["loss"].backward()
+    assert counter.counts == {}
+
+
+def probe(run: Path) -> dict:
+    result = subprocess.run([sys.executable, str(PROBE), str(run)], capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
+    assert result.returncode == 0 and lines, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(lines[0][len("PROBE "):])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, stage, optimizer, master, accumulation", [
+    ("fp32", 1, "DeepSpeedZeroOptimizer", "torch.float32", "torch.float32"),
+    ("bf16", 1, "BF16_Optimizer", "torch.float32", "torch.float32"),
+    ("bf16", 2, "DeepSpeedZeroOptimizer", "torch.float32", "torch.float32"),
+    ("bf16", 3, "DeepSpeedZeroOptimizer_Stage3", "torch.float32", "torch.float32"),
+])
+def test_training_step_syncs_and_precision(tmp_path, demo_data, precision, stage, optimizer, master, accumulation):
+    """A real Trainer's step: no host sync outside DeepSpeed's optimizer step (which checks the
+    gradient norm for inf/NaN and clips it, a read-back each: counted, at most 4), and in bf16
+    fp32 master weights and fp32 gradient accumulation, with the running means kept fp32."""
+    run = tmp_path / "run"
+    made = run_cli("train", "--out", str(run), "--steps", "1", "--set", f"train.precision={precision}",
+                   f"train.zero_stage={stage}", *TINY)
+    assert made.returncode == 0, made.stderr[-3000:]
+    found = probe(run)
+    outside = {k: v for k, v in found["syncs"].items() if not k.startswith("optimizer:")}
+    assert outside == {}, found["syncs"]
+    assert sum(found["syncs"].values()) <= 4, found["syncs"]
+    assert found["optimizer"] == optimizer
+    assert found["module_dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
+    assert found["master_dtypes"] == [master] and found["grad_accumulation_dtype"] == accumulation
+    assert found["running_mean_dtype"] == "torch.float32"
+
+
+def test_deepspeed_config_per_precision():
+    from rigtrain.train.trainer import deepspeed_config
+
+    config = load_config("demo", overrides=["train.zero_stage=1"])
+    fp16 = deepspeed_config(config, "fp16", 1)
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic scaling
+    assert not fp16["bf16"]["enabled"] and "data_types" not in fp16
+    bf16 = deepspeed_config(config, "bf16", 1)
+    assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"]
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16_Optimizer
+    for stage in (2, 3):  # ZeRO's own optimizers, with an fp32 accumulation buffer
+        config = load_config("demo", overrides=[f"train.zero_stage={stage}"])
+        assert deepspeed_config(config, "bf16", 1)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in deepspeed_config(load_config("demo", overrides=["train.zero_stage=0"]), "bf16", 1)
+    offload = deepspeed_config(load_config("demo", overrides=["train.zero_stage=2", "train.offload_optimizer=cpu"]),
+                               "bf16", 1)
+    assert "data_types" not in offload  # offloaded, DeepSpeed adds gradients up in bf16 (and the plan warns)
+
+
+def test_the_plan_takes_zero1_for_bf16_on_one_gpu_and_warns_at_zero0():
+    from test_rig import codes, plan_for
+
+    plan = plan_for("rtx4060_8gb.json", preset="demo")
+    assert (plan.precision, plan.zero_stage) == ("bf16", 1) and "fp32" in plan.reasons["zero_stage"]
+    assert "bf16_gradients" not in codes(plan)
+    forced = plan_for("rtx4060_8gb.json", preset="demo", overrides=["train.zero_stage=0"])
+    assert forced.zero_stage == 0 and "bf16_gradients" in codes(forced)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, stage", [("fp32", 1), ("bf16", 1), ("fp32", 3), ("bf16", 3)])
+def test_train_resume_eval_profile(tmp_path, demo_data, precision, stage):
+    """Each precision at ZeRO-1 and ZeRO-3 through everything a run does: train with the
+    profiler on and a checkpoint at step 2, resume to step 4, then `rigtrain eval`."""
+    run = tmp_path / "run"
+    common = [f"train.precision={precision}", f"train.zero_stage={stage}", *TINY, "train.log_every=1",
+              "profile.enabled=true", "profile.start_step=0", "profile.warmup=1", "profile.active=1"]
+    first = run_cli("train", "--out", str(run), "--steps", "3", "--set", "train.ckpt_every=2", *common)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    (run / "checkpoints" / "step00000003" / "complete.json").unlink()  # as if it died after step 2's save
+    resumed = run_cli("train", "--out", str(run), "--resume", "--steps", "4")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming at step 2/4" in resumed.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e4 for r in rows)  # finite
+    assert json.loads((run / "config.json").read_text())["plan"]["precision"] == precision
+    summary = json.loads((run / "profile" / "summary.json").read_text())
+    assert summary["verdict"] and summary["breakdown"]
+    scored = run_cli("eval", str(run), "--json")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    result = json.loads(scored.stdout)
+    assert result["step"] == 4 and 0 <= result["knn"]["colour"]["top1"] <= 1
