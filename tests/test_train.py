@@ -170,3 +170,16 @@ def test_logged_lr_follows_warmup_then_cosine():
     assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # step 1 already trains at lr/4
     assert factor(4) == pytest.approx(1.0) and factor(20) == pytest.approx(0.1)
     assert all(factor(s) >= factor(s + 1) for s in range(4, 20))
+
+
+def test_a_loss_that_stays_nan_stops_the_run_at_a_logging_step(tmp_path, demo_data):
+    """NaN is counted on the device every step (no host sync) and read at logging steps: a run
+    whose loss stays non-finite stops there with a sentence, the count in metrics.jsonl."""
+    run = tmp_path / "run"
+    result = run_cli("train", "--out", str(run), "--steps", "30", "--set", "train.lr=1e30", "train.warmup_steps=0",
+                     "train.log_every=5", "train.ckpt_every=100", "model.d_model=32", "model.heads=2",
+                     "model.num_latents=8", "model.va_dim=32", "model.vt_dim=32", "train.micro_batch_size=4")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "steps in a row up to step" in result.stderr and "Traceback" not in result.stderr
+    rows = metrics(run)
+    assert rows[-1]["step"] % 5 == 0 and rows[-1]["nonfinite_steps"] >= 5

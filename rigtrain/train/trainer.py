@@ -188,6 +188,7 @@ class Trainer:
         self.nonfinite_in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_reported = 0
+        self.diverged: str | None = None  # why the run must stop, once its metrics are written
         self._restart_step_clock()
         self.flops_per_clip, self.peak_tflops = self._flops_and_peak()
         self.telemetry = TelemetrySampler(self.config.profile.telemetry_hz,
@@ -288,14 +289,14 @@ class Trainer:
             return {}
         # Averaged over ranks; every rank takes part, since all reach the same steps.
         names = sorted(totals)
-        stacked = torch.stack([totals[k] for k in names] + [self.nonfinite_in_a_row.float(),
-                                                            self.nonfinite_total.float()])
+        stacked = torch.stack([totals[k] for k in names])
+        counts = torch.stack([self.nonfinite_in_a_row, self.nonfinite_total])
         if self.world > 1:
-            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.SUM)
-            stacked[: len(names)] /= self.world
-        values = stacked.tolist()  # the wait for the GPU: everything queued so far has run
-        metrics = dict(zip(names, values))
-        in_a_row, total = round(values[-2] / self.world), round(values[-1] / self.world)
+            torch.distributed.all_reduce(stacked)
+            stacked /= self.world
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)  # the worst rank's
+        metrics = dict(zip(names, stacked.tolist()))  # the wait for the GPU: everything queued so far has run
+        in_a_row, total = counts.tolist()
         steps = self.step - self.clock_step
         step_time = (time.perf_counter() - self.clock_started) / steps
         global_batch = self.config.train.micro_batch_size * accum * self.world
@@ -333,10 +334,9 @@ class Trainer:
             self.log.say(f"warning: {total - self.nonfinite_reported} step(s) up to step {self.step} had a loss "
                          f"that is not finite ({in_a_row} in a row now, {total} in all)")
         self.nonfinite_reported = total
-        if in_a_row >= MAX_NONFINITE_STEPS:
-            raise FloatingPointError(
-                f"the loss was not finite for {in_a_row} steps in a row up to step {self.step}; "
-                "lower train.lr or use train.precision=fp32, then --resume from the last checkpoint")
+        if in_a_row >= MAX_NONFINITE_STEPS:  # every rank sees the same counts: all stop after this step's log
+            self.diverged = (f"the loss was not finite for {in_a_row} steps in a row up to step {self.step}; "
+                             "lower train.lr or use train.precision=fp32, then --resume from the last checkpoint")
 
     def save_checkpoint(self) -> None:
         tag = checkpoints.tag_for(self.step)
@@ -375,6 +375,8 @@ class Trainer:
             if metrics and self.log:
                 self.log.write(metrics)
                 losses.append(metrics["loss"])
+            if self.diverged:
+                raise FloatingPointError(self.diverged)
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
                 self.save_checkpoint()
                 self._restart_step_clock()
@@ -454,9 +456,9 @@ class Trainer:
         plan predicts), what its allocator reserved, and what NVML sees for the card (the
         CUDA context, NCCL and library workspaces too)."""
         gib = 2**30
+        free, total = torch.cuda.mem_get_info(self.device)
         numbers = torch.tensor([torch.cuda.max_memory_allocated(self.device) / gib,
-                                torch.cuda.max_memory_reserved(self.device) / gib,
-                                (torch.cuda.mem_get_info(self.device)[1] - torch.cuda.mem_get_info(self.device)[0]) / gib],
+                                torch.cuda.max_memory_reserved(self.device) / gib, (total - free) / gib],
                                device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(numbers, op=torch.distributed.ReduceOp.MAX)
