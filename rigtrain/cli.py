@@ -7,11 +7,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from rigtrain.errors import UserError
+
+
+def nonempty(text: str) -> str:
+    """An option value that names something: an empty string is a mistake, not a default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def watts(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of watts") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give the PSU's rating in watts, e.g. 1000")
+    return value
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,19 +43,19 @@ class Parser(argparse.ArgumentParser):
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     from rigtrain.config import preset_names
 
-    p.add_argument("--data", metavar="DIR", help="prepared shards (rigtrain data prepare); default: the embedded "
+    p.add_argument("--data", metavar="DIR", type=nonempty, help="prepared shards (rigtrain data prepare); default: the embedded "
                    "Shapes-world dataset, generated once into ~/.cache/rigtrain")
-    p.add_argument("--out", metavar="RUN_DIR", help="where the run is written (default: runs/DATE-TIME-PRESET)")
-    p.add_argument("--preset", help=f"one of: {', '.join(preset_names())} (default: demo)")
-    p.add_argument("--config", metavar="FILE", help="a TOML or YAML file with [model], [data], [train], [rig] keys")
+    p.add_argument("--out", metavar="RUN_DIR", type=nonempty, help="where the run is written (default: runs/DATE-TIME-PRESET)")
+    p.add_argument("--preset", type=nonempty, help=f"one of: {', '.join(preset_names())} (default: demo)")
+    p.add_argument("--config", metavar="FILE", type=nonempty, help="a TOML or YAML file with [model], [data], [train], [rig] keys")
     p.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides",
                    help="override config keys, e.g. --set train.zero_stage=2 data.workers=4 (see --help-config)")
     p.add_argument("--steps", type=int, help="optimizer steps in total (train.steps)")
     p.add_argument("--resume", action="store_true", help="continue --out RUN_DIR from its newest complete checkpoint")
-    p.add_argument("--hostfile", metavar="FILE", help="several machines: passed to DeepSpeed's launcher")
-    p.add_argument("--rig", metavar="FILE", help="this machine described by a rig file (RIG.md) instead of the probe, "
+    p.add_argument("--hostfile", metavar="FILE", type=nonempty, help="several machines: passed to DeepSpeed's launcher")
+    p.add_argument("--rig", metavar="FILE", type=nonempty, help="this machine described by a rig file (RIG.md) instead of the probe, "
                    "e.g. a saved `rigtrain rig --json` with your PSU")
-    p.add_argument("--psu-watts", type=float, metavar="W", help="the power supply's rating, for the power warning")
+    p.add_argument("--psu-watts", type=watts, metavar="W", help="the power supply's rating, for the power warning")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
 
 
@@ -55,16 +73,16 @@ def build_parser() -> Parser:
 
     evaluate = commands.add_parser("eval", help="score a run's newest checkpoint on held-out clips: kNN and linear "
                                    "probe per label, text-video retrieval (writes RUN_DIR/eval.json)")
-    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="the --out of a training run")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", type=nonempty, help="the --out of a training run")
     evaluate.add_argument("--data", metavar="DIR", help="evaluate on other data (default: the run's own, with the "
                           "held-out videos it recorded)")
     evaluate.add_argument("--json", action="store_true", help="print eval.json's content on stdout and nothing else")
 
     rig = commands.add_parser("rig", help="read the machine (or a rig file), plan a run and warn about the hardware")
-    rig.add_argument("--rig", metavar="FILE", help="plan for the machine this rig file describes (RIG.md), not this one")
-    rig.add_argument("--psu-watts", type=float, metavar="W", help="the power supply's rating, which no probe can read")
-    rig.add_argument("--preset", help="the model and clip shape to plan for (default: small on a GPU, demo without)")
-    rig.add_argument("--config", metavar="FILE", help="a TOML or YAML config file")
+    rig.add_argument("--rig", metavar="FILE", type=nonempty, help="plan for the machine this rig file describes (RIG.md), not this one")
+    rig.add_argument("--psu-watts", type=watts, metavar="W", help="the power supply's rating, which no probe can read")
+    rig.add_argument("--preset", type=nonempty, help="the model and clip shape to plan for (default: small on a GPU, demo without)")
+    rig.add_argument("--config", metavar="FILE", type=nonempty, help="a TOML or YAML config file")
     rig.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides",
                      help="fix config keys; the plan keeps what you set")
     rig.add_argument("--json", action="store_true", help='print {"rig": ..., "plan": ..., "warnings": [...]} on stdout')
@@ -72,32 +90,32 @@ def build_parser() -> Parser:
     data = commands.add_parser("data", help="make, prepare and inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser, metavar="COMMAND")
     synth = data_commands.add_parser("synth", help="write the Shapes-world dataset (mp4 + wav + Whisper json)")
-    synth.add_argument("out_dir", metavar="OUT_DIR")
+    synth.add_argument("out_dir", metavar="OUT_DIR", type=nonempty)
     synth.add_argument("--videos", type=int, default=48, help="number of videos (default 48)")
     synth.add_argument("--seed", type=int, default=0)
     prepare = data_commands.add_parser("prepare", help="decode a folder of videos into training shards")
-    prepare.add_argument("src_dir", metavar="SRC_DIR")
-    prepare.add_argument("out_dir", metavar="OUT_DIR")
+    prepare.add_argument("src_dir", metavar="SRC_DIR", type=nonempty)
+    prepare.add_argument("out_dir", metavar="OUT_DIR", type=nonempty)
     _add_clip_options(prepare)
     prepare.add_argument("--workers", type=int, help="decoding processes (default: CPU cores)")
     check = data_commands.add_parser("check", help="what prepare would make of a folder of videos (writes nothing)")
-    check.add_argument("src_dir", metavar="SRC_DIR")
+    check.add_argument("src_dir", metavar="SRC_DIR", type=nonempty)
     _add_clip_options(check)
     check.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     bench = data_commands.add_parser("bench", help="loader clips/s from shards vs decoding the source videos")
-    bench.add_argument("data_dir", metavar="DATA_DIR", help="prepared shards (their source videos must still exist)")
+    bench.add_argument("data_dir", metavar="DATA_DIR", type=nonempty, help="prepared shards (their source videos must still exist)")
     bench.add_argument("--workers", type=int, help="loader workers (default: what training would use on this machine)")
     bench.add_argument("--batch", type=int, help="clips per batch (default: the matching preset's micro-batch)")
     bench.add_argument("--seconds", type=float, default=5.0, help="how long to time the shard loader (default 5)")
     bench.add_argument("--decode-clips", type=int, default=64, help="clips decoded from the videos (default 64)")
-    bench.add_argument("--preset", help="the model whose train step to compare with (default: the preset whose "
+    bench.add_argument("--preset", type=nonempty, help="the model whose train step to compare with (default: the preset whose "
                        "clip shape the shards have)")
     bench.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     return parser
 
 
 def _add_clip_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="demo", help="the clip shape (fps, frame size, audio rate) to cut")
+    p.add_argument("--preset", default="demo", type=nonempty, help="the clip shape (fps, frame size, audio rate) to cut")
     p.add_argument("--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides",
                    help="override data.* keys, e.g. --set data.fps=10 data.resize=pad")
 
@@ -246,12 +264,13 @@ def cmd_data_bench(args: argparse.Namespace) -> int:
 
     from rigtrain.config import load_config
     from rigtrain.data.bench import bench_loaders, data_config_of
-    from rigtrain.data.dataset import read_index
+    from rigtrain.data.dataset import ShardDataset, read_index
     from rigtrain.rig.peaks import REFERENCE_GPU, peak_tflops
     from rigtrain.train.flops import step_clips_per_s, train_flops_per_clip
     from rigtrain.rig.plan import loader_workers
 
     index = read_index(Path(args.data_dir))
+    ShardDataset(args.data_dir)  # every shard file checked against index.json before any timing
     preset = args.preset or _matching_preset(index["params"])
     config = load_config(preset) if preset else None
     threads = len(os.sched_getaffinity(0))
@@ -306,8 +325,6 @@ def cmd_rig(args: argparse.Namespace) -> int:
     from rigtrain.rig.report import format_report
     from rigtrain.train.planning import machine_rig, plan_run
 
-    if args.psu_watts is not None and args.psu_watts <= 0:
-        raise UserError("--psu-watts must be the PSU's rating in watts, e.g. --psu-watts 1000")
     rig = machine_rig(["."], args.rig)
     preset = args.preset or ("small" if rig.gpus else "demo")
     config = load_config(preset, args.config, args.overrides)

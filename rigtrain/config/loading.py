@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from importlib import resources
@@ -32,7 +33,13 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file; give a .toml or .yaml config file")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); "
+                          "save it as UTF-8 TOML or YAML") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err.strerror})") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -52,6 +59,7 @@ def read_config_file(path: str | Path) -> dict:
         raise
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected sections like [train] at the top level")
+    _check_keys({k: v for k, v in data.items() if k != "preset"}, f"--config {path}")
     return data
 
 
@@ -106,6 +114,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         allowed = (int,) if tp is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, allowed):
             raise wrong
+        if not math.isfinite(value):  # inf, nan, and 1e400 (which parses as inf)
+            raise ConfigError(f"config: {key}: {value!r} is not a finite number; give a value like 3e-4")
         return tp(value)
     if tp is str:
         if isinstance(value, str):
