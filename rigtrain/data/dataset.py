@@ -1,9 +1,10 @@
-"""Reading prepared shards for training: a memory-mapped Dataset, a deterministic and
-resumable sampler, and the DataLoader around them."""
+"""Reading prepared shards for training: a Dataset that checks the shard files and reads
+clips from them, a deterministic and resumable sampler, and the loader around them."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -63,12 +64,61 @@ def segment_table(segments: np.ndarray, clips: int, per_clip: int) -> tuple[np.n
     return offset, length
 
 
+# Per-clip arrays read straight into each batch with pread, and small ones loaded whole
+# when the dataset opens. Nothing stays memory-mapped: a shard file that shrinks under a
+# running job (deleted, re-prepared, a full disk) then gives a short read and a sentence
+# naming it, where a memory map gives SIGBUS and a silent death.
+PER_CLIP = ("video", "audio", "text")
+WHOLE = ("text_len", "clips", "labels")
+
+
+def _npy_layout(path: Path, clips: int) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(where the data starts, shape, dtype) of a shard's .npy file, after checking that the
+    file is as long as its header says and holds one row per clip of the index."""
+    redo = "the shards changed after `rigtrain data prepare`; run it again"
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(f))
+            start = f.tell()
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {redo}") from None
+    except (ValueError, OSError, SyntaxError) as err:
+        raise UserError(f"{path}: not a readable array (its header is damaged: {err}); {redo}") from None
+    want = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size != want:
+        raise UserError(f"{path}: {size:,} bytes where its header promises {want:,}; {redo}")
+    if not shape or shape[0] != clips:
+        raise UserError(f"{path}: {shape[0] if shape else 0} clips where index.json says {clips}; {redo}")
+    return start, tuple(shape), dtype
+
+
+class _PerClipFile:
+    """One per-clip array of a shard, read a row at a time into a given buffer."""
+
+    def __init__(self, path: Path, clips: int):
+        self.path = path
+        self.start, self.shape, self.dtype = _npy_layout(path, clips)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read_row(self, j: int, into: np.ndarray) -> None:
+        view = memoryview(into).cast("B")
+        got = os.preadv(self.fd, [view], self.start + j * self.row_bytes)
+        if got != self.row_bytes:
+            raise UserError(f"{self.path}: clip {j} cannot be read ({got} of {self.row_bytes} bytes): the file became "
+                            "shorter while training; prepare the data again, then --resume")
+
+
 class ShardDataset(Dataset):
     """Clip i of all shards, as tensors: video uint8 (T, H, W, 3), audio int16 (S,),
     has_audio bool, text uint8 (L,), text_len int64, segment_offset and segment_len int64
     (data.segments_per_clip,): the narration segments' byte spans in text, labels int16 (3,)
-    (-1 = none; evaluation only), index int64. Arrays are opened lazily with mmap, so
-    nothing is read until a clip is asked for."""
+    (-1 = none; evaluation only), index int64. Opening checks every shard file against
+    index.json (a damaged or truncated one is exit 2, naming it); clips are read when a
+    batch asks for them."""
 
     def __init__(self, data_dir: str | Path, data: DataConfig | None = None):
         self.dir = Path(data_dir)
@@ -78,18 +128,28 @@ class ShardDataset(Dataset):
         self.segments_per_clip = (data or DataConfig()).segments_per_clip
         self.shards = [s["dir"] for s in self.index["shards"]]
         self.offsets = np.cumsum([0] + [s["clips"] for s in self.index["shards"]])
-        self._arrays: list[dict[str, np.ndarray]] | None = None
+        self._arrays: list[dict] | None = None
+        self._open()  # check the files now, not halfway through a run
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _open(self) -> list[dict[str, np.ndarray]]:
+    def _open(self) -> list[dict]:
         if self._arrays is None:
-            names = ("video", "audio", "text", "text_len", "clips", "labels")
-            arrays = [{n: np.load(self.dir / s / f"{n}.npy", mmap_mode="r") for n in names} for s in self.shards]
-            for shard, a in zip(self.shards, arrays):
-                a["segment_offset"], a["segment_len"] = segment_table(np.load(self.dir / shard / "segments.npy"),
-                                                                      len(a["text_len"]), self.segments_per_clip)
+            arrays = []
+            for shard in self.index["shards"]:
+                folder, clips = self.dir / shard["dir"], int(shard["clips"])
+                a: dict = {n: _PerClipFile(folder / f"{n}.npy", clips) for n in PER_CLIP}
+                for n in WHOLE:
+                    _npy_layout(folder / f"{n}.npy", clips)
+                    a[n] = np.load(folder / f"{n}.npy")
+                try:
+                    segments = np.load(folder / "segments.npy")
+                except (OSError, ValueError) as err:
+                    raise UserError(f"{folder / 'segments.npy'}: cannot be read ({err}); the shards changed after "
+                                    "`rigtrain data prepare`; run it again") from None
+                a["segment_offset"], a["segment_len"] = segment_table(segments, clips, self.segments_per_clip)
+                arrays.append(a)
             self._arrays = arrays
         return self._arrays
 
@@ -106,9 +166,9 @@ class ShardDataset(Dataset):
         return {key: value[0] for key, value in self.batch([i]).items()}
 
     def batch(self, indices: list[int], pin_memory: bool = False) -> dict[str, torch.Tensor]:
-        """Clips `indices` as one batch, copied straight from the memory maps into the
-        batch tensors (pinned when asked, so the copy to the GPU can run asynchronously):
-        one copy per clip, no collate."""
+        """Clips `indices` as one batch, read straight from the shard files into the batch
+        tensors (pinned when asked, so the copy to the GPU can run asynchronously): one
+        copy per clip out of the page cache, no collate."""
         indices = np.asarray(indices, dtype=np.int64)
         shards = np.searchsorted(self.offsets, indices, side="right") - 1
         arrays = self._open()
@@ -126,10 +186,10 @@ class ShardDataset(Dataset):
             order = np.argsort(local, kind="stable")  # read each shard front to back
             rows, local = rows[order], local[order]
             a = arrays[shard]
-            for key in ("video", "audio", "text"):
+            for key in PER_CLIP:
                 target = out[key].numpy()
                 for row, j in zip(rows, local):
-                    target[row] = a[key][j]
+                    a[key].read_row(int(j), target[row])
             has_audio[rows] = a["clips"]["has_audio"][local]
             text_len[rows] = a["text_len"][local]
             for key, target in small.items():
@@ -142,7 +202,7 @@ class ShardDataset(Dataset):
         return out
 
     def __getstate__(self) -> dict:
-        # A pickled copy (a worker process) reopens the memory maps itself.
+        # A pickled copy (a worker process) opens the files itself.
         return {**self.__dict__, "_arrays": None}
 
 
