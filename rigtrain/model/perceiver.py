@@ -239,8 +239,12 @@ class PredictiveCodingPerceiver(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict the patches at the given positions (B, kv) and (B, ka) from a latent."""
         dtype = latent.dtype
-        vq = self.video_query(self.video_query_codes.to(dtype))[video_index]  # (B, kv, D)
-        aq = self.audio_query(self.audio_query_codes.to(dtype))[audio_index]  # (B, ka, D)
+        # Pick the positions' codes first, then project: the projection's gradient is then a
+        # matmul. Projecting every position and picking after would make it an index_add
+        # over the picked rows, whose order of additions varies between CPU threads: the
+        # same run twice gave different losses from step 20 on.
+        vq = self.video_query(self.video_query_codes[video_index].to(dtype))  # (B, kv, D)
+        aq = self.audio_query(self.audio_query_codes[audio_index].to(dtype))  # (B, ka, D)
         queries = torch.cat([vq, aq], dim=1)
         for block in self.decoder:
             queries = self._block(block, queries, latent)
