@@ -1,9 +1,16 @@
 """The one error type that means "the user's input is wrong" (exit code 2).
 
-Everything else that escapes is a bug in rigtrain (exit code 1, with a traceback).
+A TrainingFault is a run that cannot go on (exit code 1, one line). Everything else that
+escapes is a bug in rigtrain (exit code 1, with a traceback).
 """
 
 
 class UserError(Exception):
     """Bad input: a usage mistake, config, data or rig file. The message is one line that
     names the file or field and says what to do."""
+
+
+class TrainingFault(Exception):
+    """A fault a run cannot go past that is not a bug: a full disk, weights that are no
+    longer finite. The message is one line with what happened, what is saved and what to
+    do; the process exits 1 without a traceback."""

@@ -255,6 +255,12 @@ class TrainConfig:
     "write metrics every this many steps"
     seed: int = 0
     "seed of weights, data order and DropToken draws"
+    max_nonfinite_steps: int = 5
+    "stop when the loss is NaN/inf this many steps in a row (checked at logging steps)"
+    max_skipped_steps: int = 20
+    "stop when DeepSpeed skips the update (inf/NaN gradients, fp16 overflow) this many steps in a row"
+    divergence_factor: float = 10.0
+    "stop when a logged loss is above this many times the median of the last 10 logged; 0 = off"
     compile: bool = False
     "torch.compile the model (through DeepSpeed's engine.compile): fewer, fused kernels, after the first steps spent compiling"
 
@@ -268,6 +274,10 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be 0 or more")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")
+        _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", "must be at least 1")
+        _require(self.divergence_factor == 0 or self.divergence_factor > 1, "train.divergence_factor",
+                 "must be more than 1, or 0 to switch the rule off")
         _require(self.precision in PRECISIONS, "train.precision", f"choose one of {', '.join(PRECISIONS)}")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "choose 0, 1, 2 or 3")
         _require(self.offload_optimizer in OFFLOADS, "train.offload_optimizer",

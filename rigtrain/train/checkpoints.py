@@ -1,33 +1,112 @@
 """Checkpoints: DeepSpeed's own format, one tag per step, plus what DeepSpeed does not keep
-(each rank's RNG states). A tag counts as complete only once every rank has written its part
-and rank 0 has written `complete.json`; resume only ever picks a complete one."""
+(each rank's RNG states).
+
+A tag counts as complete only once every rank has written its part and rank 0 has written
+`complete.json`, which lists every file of the tag with its size and xxh3-64 checksum
+(xxhash: several GB/s, so it costs a small part of the save). Resuming and `rigtrain eval`
+take the newest complete tag whose files still match that list; one that does not (a
+truncated file, flipped bytes, a damaged complete.json) is skipped with a one-line warning
+naming the file, and the one before it is used. Only complete, matching checkpoints are
+ever resumed, and pruning never removes the newest of them.
+"""
 
 from __future__ import annotations
 
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 COMPLETE = "complete.json"
+HASH_CHUNK = 8 << 20
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def file_digest(path: Path) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(tag_dir: Path) -> dict[str, dict]:
+    """Every file of a tag (but complete.json): {name: {"bytes": size, "xxh3": digest}}."""
+    return {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "xxh3": file_digest(p)}
+            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
+
+
+@dataclass
+class Tag:
+    step: int
+    name: str
+    files: dict | None  # None for a checkpoint from before complete.json listed its files
+
+
+def _read_complete(tag_dir: Path) -> Tag:
+    record = json.loads((tag_dir / COMPLETE).read_text())
+    return Tag(step=int(record["step"]), name=tag_dir.name, files=record.get("files"))
+
+
 def complete_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
-    """(step, tag) of complete checkpoints, oldest first."""
+    """(step, tag) of checkpoints marked complete, oldest first (not yet verified: see
+    `newest_good`). A complete.json that cannot be read counts as not complete."""
     if not ckpt_dir.is_dir():
         return []
     found = []
     for path in ckpt_dir.iterdir():
         if path.is_dir() and path.name.startswith("step") and (path / COMPLETE).is_file():
-            found.append((json.loads((path / COMPLETE).read_text())["step"], path.name))
+            try:
+                found.append((_read_complete(path).step, path.name))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
     return sorted(found)
+
+
+def verify(tag_dir: Path) -> str | None:
+    """None if the tag's files match its complete.json, else what is wrong, in words."""
+    try:
+        tag = _read_complete(tag_dir)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{tag_dir / COMPLETE} cannot be read ({type(err).__name__})"
+    for name, want in (tag.files or {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path} has {size:,} bytes where {want['bytes']:,} were written"
+        if file_digest(path) != want["xxh3"]:
+            return f"{path} does not match its checksum (its bytes changed after the save)"
+    return None
+
+
+def newest_good(ckpt_dir: Path, warn=print) -> tuple[int, str] | None:
+    """The newest checkpoint that is complete and whose files match their checksums;
+    each damaged one on the way is reported through `warn`, one line each. None if there
+    is no checkpoint at all."""
+    candidates = [path for path in ckpt_dir.iterdir() if path.is_dir() and path.name.startswith("step")
+                  and (path / COMPLETE).exists()] if ckpt_dir.is_dir() else []
+    for path in sorted(candidates, key=lambda p: p.name, reverse=True):
+        problem = verify(path)
+        if problem is None:
+            return _read_complete(path).step, path.name
+        warn(f"warning: checkpoint {path.name} is damaged and skipped: {problem}")
+    return None
+
+
+def damaged_only(ckpt_dir: Path) -> bool:
+    """True when checkpoints were marked complete but none of them is usable."""
+    return ckpt_dir.is_dir() and any((p / COMPLETE).exists() for p in ckpt_dir.iterdir() if p.is_dir())
 
 
 def rng_state() -> dict:
@@ -57,17 +136,34 @@ def load_rank_state(tag_dir: Path, rank: int) -> None:
     set_rng_state(torch.load(path, weights_only=False))
 
 
-def mark_complete(tag_dir: Path, step: int) -> None:
+def mark_complete(tag_dir: Path, step: int) -> int:
+    """List the tag's files with their sizes and checksums in complete.json, written whole or
+    not at all; returns the bytes the checkpoint holds."""
+    files = describe_files(tag_dir)
     tmp = tag_dir / (COMPLETE + ".tmp")
-    tmp.write_text(json.dumps({"step": step}))
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
     tmp.replace(tag_dir / COMPLETE)
+    return sum(f["bytes"] for f in files.values())
+
+
+def checkpoint_bytes(ckpt_dir: Path) -> int:
+    """The size of the newest complete checkpoint (0 if there is none): what the next save
+    will need, about."""
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return 0
+    tag = _read_complete(ckpt_dir / tags[-1][1])
+    if tag.files:
+        return sum(f["bytes"] for f in tag.files.values())
+    return sum(p.stat().st_size for p in (ckpt_dir / tag.name).rglob("*") if p.is_file())
 
 
 def prune(ckpt_dir: Path, keep: int) -> list[str]:
     """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than
-    the newest complete one (left by a crash mid-save)."""
+    the newest complete one (left by a crash mid-save). The newest complete one is never
+    deleted, whatever `keep` says."""
     complete = complete_tags(ckpt_dir)
-    keep_tags = {tag for _, tag in complete[-keep:]}
+    keep_tags = {tag for _, tag in complete[-max(1, keep):]}
     newest = complete[-1][0] if complete else -1
     removed = []
     for path in ckpt_dir.iterdir():

@@ -34,11 +34,14 @@ def read_run(run_dir: Path) -> dict:
 
 def load_weights(run_dir: Path, config: RunConfig) -> tuple[dict[str, torch.Tensor], str, int]:
     """The module's state dict from the newest complete checkpoint: (state, tag, step)."""
-    tags = checkpoints.complete_tags(run_dir / "checkpoints")
-    if not tags:
+    ckpt_dir = run_dir / "checkpoints"
+    found = checkpoints.newest_good(ckpt_dir, warn=lambda line: print(f"rigtrain: {line}", file=sys.stderr))
+    if found is None and checkpoints.damaged_only(ckpt_dir):
+        raise UserError(f"eval: every checkpoint in {ckpt_dir} is damaged (see above); nothing to score")
+    if found is None:
         raise UserError(f"eval: {run_dir} has no complete checkpoint yet; train it (or let it reach "
                         f"train.ckpt_every={config.train.ckpt_every}) first")
-    step, tag = tags[-1]
+    step, tag = found
     tag_dir = run_dir / "checkpoints" / tag
     if config.train.zero_stage == 3:
         # DeepSpeed prints (and binds its logger) to stdout; --json promises stdout holds

@@ -2,8 +2,8 @@
 start the training processes.
 
 - one process: in this process (no launcher start-up cost);
-- several on this machine (GPUs, or train.nproc on a CPU): torch's own launcher (torchrun),
-  which also tears every rank down when one fails;
+- several on this machine (GPUs, or train.nproc on a CPU): one process per rank, started
+  and watched here (`run_local_ranks`: signals, a failing rank, no orphans);
 - several machines: DeepSpeed's launcher with the user's `--hostfile`.
 """
 
@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,11 +45,22 @@ def resolve_config(*, out: str | None, preset: str | None, config_file: str | No
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise UserError(f"--resume: {saved} does not exist; give the --out of a run that was started")
-        if config_file or preset:
-            raise UserError(f"--resume continues with the run's own config.json; drop --{'config' if config_file else 'preset'}"
-                            " and use --set to change a value")
-        base = json.loads(saved.read_text())["config"]
-        return load_config(base=base, overrides=overrides), run_dir
+        try:
+            base = json.loads(saved.read_text())["config"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"--resume: {saved} is damaged (not the config JSON a run writes); the run cannot be "
+                            "resumed without it") from None
+        if preset and preset != base.get("preset"):
+            raise UserError(f"--resume: the run in {run_dir} was made with --preset {base.get('preset')}, not "
+                            f"--preset {preset}; drop --preset (or give {base.get('preset')}) to continue it")
+        from rigtrain.config import build_config
+        from rigtrain.train.resuming import resume_changes
+
+        config = load_config(base=base, config_file=config_file, overrides=overrides)
+        changes = resume_changes(build_config(base, source=str(saved)), config)
+        if changes:
+            _say(f"resuming with changes against the checkpoint's config: {'; '.join(changes)}")
+        return config, run_dir
     preset = preset or "demo"
     run_dir = Path(out) if out else default_run_dir(preset)
     if (run_dir / "config.json").exists():
@@ -100,6 +112,63 @@ def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan
     write_json(run_dir / "config.json", record)
 
 
+def prepare_run_dir(run_dir: Path) -> None:
+    """The run folder exists and can be written, or the user hears why in one line."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir}: a file of that name exists; give a folder for the run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--out {run_dir}: cannot write there ({err.strerror or err}); give a folder you can "
+                        "write to") from None
+
+
+class RunLock:
+    """One run per folder: `rigtrain train` holds an exclusive lock on RUN_DIR/.lock (flock,
+    through filelock) for as long as it runs, with who holds it in RUN_DIR/lock.json. A
+    second train or --resume on a live run is refused, naming the process; the kernel
+    drops the lock of a process that died, however it died, and the next run takes it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.info = run_dir / "lock.json"
+
+    def __enter__(self) -> "RunLock":
+        from filelock import FileLock, Timeout
+
+        self.lock = FileLock(str(self.run_dir / ".lock"), timeout=0)
+        try:
+            self.lock.acquire()
+        except Timeout:
+            holder = self._holder()
+            who = (f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+                   if holder else "another process")
+            raise UserError(f"--out {self.run_dir}: a run is already training there ({who}); wait for it to end, or "
+                            f"stop it (`kill {holder.get('pid', 'PID')}` saves a checkpoint first) and add --resume"
+                            ) from None
+        previous = self._holder()
+        if previous and previous.get("pid") != os.getpid():
+            _say(f"the run's lock was left by process {previous.get('pid')}, which is gone; taking it over")
+        from rigtrain.train.metrics import write_json
+
+        write_json(self.info, {"pid": os.getpid(), "host": socket.gethostname(),
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv})
+        return self
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.info.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def __exit__(self, *exc) -> None:
+        self.info.unlink(missing_ok=True)
+        self.lock.release()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,18 +176,71 @@ def _free_port() -> int:
 
 
 def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | None:
-    """The launcher command line, or None to run in this process. Only a single CPU process
-    runs in-process: this process has already initialised CUDA (to read the GPUs), so a
-    GPU run needs fresh processes for CUDA_VISIBLE_DEVICES (rig.gpus) to take effect."""
+    """The command that starts the workers, or None to run in this process. Only a single
+    CPU process runs in-process: this process has already initialised CUDA (to read the
+    GPUs), so a GPU run needs fresh processes for CUDA_VISIBLE_DEVICES (rig.gpus) to take
+    effect. On one machine the command is one worker's, started once per rank by
+    `run_local_ranks`; with a hostfile it is DeepSpeed's launcher, which reaches the others."""
     if hostfile:
         # DeepSpeed's launcher chooses each node's GPUs itself (--include/--exclude).
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--module", WORKER_MODULE,
                 "--run-dir", str(run_dir.resolve())]
     if plan.world_size == 1 and plan.device == "cpu":
         return None
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(plan.world_size),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-            "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
+    return [sys.executable, "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
+
+
+# After one rank fails, the others are usually blocked in a collective that will never
+# complete: they get SIGTERM, and SIGKILL if they are still there this many seconds later.
+FAILED_RANK_GRACE_S = 10.0
+
+
+def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
+    """One worker process per rank on this machine, watched until all have exited.
+
+    Ours rather than torchrun's, for what happens when something goes wrong: the workers
+    run in their own session, so a Ctrl-C in the terminal reaches only this process, which
+    passes that one signal to every rank (they finish the step, agree, save and exit) and
+    SIGKILL on a second; under torchrun each rank got the terminal's signal and torchrun's. Each worker also
+    dies with this process however it ends (stopping.die_with_launcher), and a rank that
+    fails takes the others down. Returns 128 + the signal when stopped by one, else the
+    first failing rank's exit code, else 0."""
+    from rigtrain.train.stopping import LAUNCHER_PID, STOP_SIGNALS
+
+    port = str(_free_port())
+    shared = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world),
+              "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", LAUNCHER_PID: str(os.getpid())}
+    ranks = [subprocess.Popen(command, env={**shared, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
+             for r in range(world)]
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        for process in ranks:
+            if process.poll() is None:
+                process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    failed_at = None
+    try:
+        while any(p.poll() is None for p in ranks):
+            codes = [p.returncode for p in ranks]
+            if failed_at is None and not received and any(c not in (None, 0) for c in codes):
+                failed_at = time.monotonic()
+                for p in ranks:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+            if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+                for p in ranks:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        return 128 + received[0]
+    return next((c for c in (p.returncode for p in ranks) if c != 0), 0)
 
 
 def _check_rig_file_matches(rig, rig_file: str | None) -> None:
@@ -143,15 +265,24 @@ def train(*, out: str | None, preset: str | None, config_file: str | None, overr
           psu_w: float | None = None, profile: bool = False) -> int:
     # Before anything starts CUDA: number GPUs by PCI bus, as nvidia-smi and NVML do.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    from rigtrain.config.loading import user_keys
-    from rigtrain.train.planning import PLANNED, apply_plan, machine_rig, plan_run
-
     if profile:  # `rigtrain profile`: the same run with the profiler on, by default just long enough
         overrides = [*overrides, "profile.enabled=true"]
         if out is None and not resume:
             out = str(default_run_dir(preset or "demo")) + "-profile"
     config, run_dir = resolve_config(out=out, preset=preset, config_file=config_file, overrides=overrides,
                                      steps=steps, data=data, resume=resume)
+    prepare_run_dir(run_dir)
+    with RunLock(run_dir):
+        return _train_locked(config, run_dir, preset=preset, config_file=config_file, overrides=overrides,
+                             steps=steps, resume=resume, hostfile=hostfile, rig_file=rig_file, psu_w=psu_w,
+                             profile=profile)
+
+
+def _train_locked(config: RunConfig, run_dir: Path, *, preset, config_file, overrides, steps, resume, hostfile,
+                  rig_file, psu_w, profile) -> int:
+    from rigtrain.config.loading import user_keys
+    from rigtrain.train.planning import PLANNED, apply_plan, machine_rig, plan_run
+
     if profile and steps is None and not resume and "train.steps" not in user_keys(config_file, overrides):
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))
     if hostfile and not Path(hostfile).is_file():
@@ -211,8 +342,12 @@ def train(*, out: str | None, preset: str | None, config_file: str | None, overr
     if code == 0:
         print(f"\nrun: {run_dir}\nopen TensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
         return 0
-    print(f"rigtrain: training failed (exit code {code}); messages above say why. "
-          f"Continue later with: rigtrain train --out {run_dir} --resume", file=sys.stderr)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return code  # stopped on request: the worker said where, and how to continue
+    if code not in (1, 2):  # 1 and 2: the worker has said why, in one line
+        how = f"killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
+        print(f"rigtrain: a training process {how}; continue with: rigtrain train --out {run_dir} --resume",
+              file=sys.stderr)
     return 2 if code == 2 else 1
 
 
@@ -229,4 +364,5 @@ def _launch(run_dir: Path, plan, hostfile: str | None) -> int:
     env = {**os.environ, **plan.env}
     if hostfile:
         env.pop("CUDA_VISIBLE_DEVICES", None)
-    return subprocess.run(command, env=env).returncode
+        return subprocess.run(command, env=env).returncode
+    return run_local_ranks(command, plan.world_size, env)

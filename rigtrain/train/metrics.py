@@ -3,13 +3,17 @@ tb/train, and a progress line on the terminal."""
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import psutil
 import torch
+
+from rigtrain.errors import TrainingFault
 
 
 def telemetry(process: psutil.Process) -> dict[str, float]:
@@ -40,21 +44,40 @@ class MetricsLog:
 
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
+        self.notes: list[str] = []
         self._truncate_after(resume_step)
         # purge_step hides events a crashed run logged after its last checkpoint.
         self.train_writer = SummaryWriter(str(run_dir / "tb" / "train"), purge_step=resume_step + 1)
         self.file = self.path.open("a")
         self.started = time.perf_counter()
+        for note in self.notes:
+            self.say(note)
         self.process = psutil.Process()
         psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the lines up to `step` (a resumed run logs the rest again). A line that is
+        not whole JSON, what a crash or a full disk leaves at the end, is dropped and said."""
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep, torn = [], []
+        for number, line in enumerate(self.path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row_step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                torn.append(number)
+                continue
+            if row_step <= step:
+                keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         tmp.replace(self.path)
+        if torn:
+            self.notes.append(f"note: dropped {len(torn)} line(s) of {self.path} that were not whole (line "
+                              f"{', '.join(map(str, torn))}; a crash or a full disk cuts the last one short)")
 
     def write_setup(self, saved: dict, parameters: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -82,11 +105,19 @@ class MetricsLog:
     def write(self, metrics: dict[str, float]) -> None:
         metrics = {**telemetry(self.process), **metrics}  # the sampler's means win over one reading
         step = int(metrics["step"])
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        for key, value in metrics.items():
-            if key != "step":
-                self.train_writer.add_scalar(key if key == "loss" or "/" in key else f"{_group(key)}/{key}", value, step)
+        try:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+            for key, value in metrics.items():
+                if key != "step":
+                    self.train_writer.add_scalar(key if key == "loss" or "/" in key else f"{_group(key)}/{key}", value,
+                                                 step)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise TrainingFault(f"the disk is full: writing the metrics of step {step} into {self.run_dir} failed "
+                                f"({shutil.disk_usage(self.run_dir).free:,} bytes free); free some space and resume "
+                                f"with `rigtrain train --out {self.run_dir} --resume`") from None
         terms = " ".join(f"{k.removeprefix('pc_').removeprefix('loss_')} {metrics[k]:.3f}" for k in sorted(metrics)
                          if k.startswith("pc_") or k.startswith("loss_") and k != "loss_pc")
         self.say(f"step {step:>5}  loss {metrics['loss']:.4f}  ({terms})  lr {metrics['lr']:.2e}  "

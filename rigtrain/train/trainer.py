@@ -8,10 +8,12 @@ with RANK/WORLD_SIZE in its environment. It reads everything from RUN_DIR/config
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -27,13 +29,9 @@ from rigtrain.profile.recorder import LoaderTimeline, StepProfiler, span
 from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
 from rigtrain.model import build_model, count_parameters
 from rigtrain.rig.plan import BUCKET_ELEMENTS
+from rigtrain.errors import TrainingFault, UserError
 from rigtrain.train import checkpoints
 from rigtrain.train.metrics import MetricsLog, write_json
-
-# Stop a run whose loss stays NaN/inf this many steps in a row: it will not recover, and
-# the checkpoints it would write are worthless.
-MAX_NONFINITE_STEPS = 5
-
 
 def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict:
     t = config.train
@@ -116,9 +114,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """An error while writing that means the disk (or quota) is full. torch.save does not
+    say so: its zip writer fails with "basic_ios::clear: iostream error", then "unexpected
+    pos", so with nothing errno-shaped in the chain the disk is asked directly."""
+    chain, seen = err, 0
+    while chain is not None and seen < 10:
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        chain, seen = chain.__context__ or chain.__cause__, seen + 1
+    text = str(err)
+    if "unexpected pos" in text or "iostream error" in text or "failed writing" in text:
+        try:
+            return shutil.disk_usage(folder).free < (64 << 20)
+        except OSError:
+            return False
+    return False
+
+
 class Trainer:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, stop=None):
         self.run_dir = Path(run_dir)
+        self.stop = stop  # stopping.GracefulStop: a stop signal this process received
         saved = json.loads((self.run_dir / "config.json").read_text())
         self.config: RunConfig = build_config(saved["config"], source=str(self.run_dir / "config.json"))
         self.plan = saved["plan"]
@@ -143,6 +160,12 @@ class Trainer:
         if t.compile:
             self.engine.compile()
         self._warm_up_collectives()
+        # Ranks agree on stopping through a CPU (gloo) group: a flag read every step must
+        # not make the host wait for the GPU, as an NCCL collective read back would.
+        self.control_group = None
+        if self.world > 1:
+            self.control_group = (torch.distributed.new_group(backend="gloo") if self.device.type == "cuda"
+                                  else torch.distributed.group.WORLD)
         # Each rank draws its own DropToken masks.
         seed_everything(t.seed + 1000 * (self.rank + 1))
 
@@ -153,6 +176,7 @@ class Trainer:
         resume_tag = self._resume_tag()
         if resume_tag:
             self.step, self.micro_batches = self._load_meta(resume_tag)
+        self.saved_step = self.step  # the step the newest complete checkpoint holds
 
         self.dataset = open_dataset(saved["data_dir"], self.config.data)
         self.raw_videos = not isinstance(self.dataset, ShardDataset)
@@ -188,6 +212,9 @@ class Trainer:
         self.nonfinite_in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_reported = 0
+        self.skipped_seen, self.skipped_in_a_row = 0, 0  # optimizer steps DeepSpeed skipped
+        self.first_step = self.step
+        self.recent_losses: list[float] = []  # logged losses, for the explosion rule
         self.diverged: str | None = None  # why the run must stop, once its metrics are written
         self._restart_step_clock()
         self.flops_per_clip, self.peak_tflops = self._flops_and_peak()
@@ -234,8 +261,21 @@ class Trainer:
         deepspeed.init_distributed(dist_backend=backend)
 
     def _resume_tag(self) -> str | None:
-        tags = checkpoints.complete_tags(self.ckpt_dir)
-        return tags[-1][1] if tags else None
+        """The newest complete checkpoint whose files match their checksums, chosen by rank 0
+        (which says which damaged ones it skipped) for every rank."""
+        choice = [None]
+        if self.is_main:
+            found = checkpoints.newest_good(self.ckpt_dir, warn=lambda line: print(f"[rigtrain] {line}", flush=True))
+            if found is None and checkpoints.damaged_only(self.ckpt_dir):
+                choice = ["damaged"]
+            else:
+                choice = [found[1] if found else None]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+        if choice[0] == "damaged":
+            raise UserError(f"--resume: every checkpoint in {self.ckpt_dir} is damaged (see above); restore the files "
+                            "or start a new run with another --out")
+        return choice[0]
 
     def _load_meta(self, tag: str) -> tuple[int, int]:
         meta = json.loads((self.ckpt_dir / tag / "trainer.json").read_text())
@@ -246,6 +286,22 @@ class Trainer:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
         checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank)
+        self._apply_optimizer_config()
+
+    def _apply_optimizer_config(self) -> None:
+        """The checkpoint brought back the optimizer's hyperparameters and the schedule's base
+        rate as they were; a resumed run trains with what its config says now (--set
+        train.lr=... on --resume takes effect), at the schedule's position it had reached."""
+        t = self.config.train
+        schedule = self.scheduler
+        factor = lr_lambda(self.config)(schedule.last_epoch)
+        schedule.base_lrs = [t.lr for _ in schedule.base_lrs]
+        for group in schedule.optimizer.param_groups:
+            group["lr"] = t.lr * factor
+            group["betas"] = tuple(t.betas)
+            if group.get("weight_decay", 0) > 0:  # the group of matrices (param_groups)
+                group["weight_decay"] = t.weight_decay
+        schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
 
     # -- the loop -------------------------------------------------------------------------
     def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
@@ -279,12 +335,19 @@ class Trainer:
                 self.engine.step()
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
+        # DeepSpeed skips an update whose gradient norm is inf/NaN (fp16 overflow, or worse);
+        # it decided that on the host already, so reading its count costs nothing.
+        skipped = self.engine.skipped_steps
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped > self.skipped_seen else 0
+        self.skipped_seen = skipped
         self.step += 1
         finite = torch.isfinite(totals["loss"])
         self.nonfinite_in_a_row = torch.where(finite, 0, self.nonfinite_in_a_row + 1)
         self.nonfinite_total += (~finite).long()
-        logging = (self.step % self.config.train.log_every == 0 or self.step == self.config.train.steps
-                   or self.step in self.eval_steps)
+        t = self.config.train
+        # Checkpoint steps are logging steps, so the divergence rules look at a step before it is saved.
+        logging = (self.step % t.log_every == 0 or self.step == t.steps or self.step in self.eval_steps
+                   or self.step % t.ckpt_every == 0 or self.step == self.first_step + 1)  # the first: a baseline
         if not logging:
             return {}
         # Averaged over ranks; every rank takes part, since all reach the same steps.
@@ -306,7 +369,7 @@ class Trainer:
             achieved = self.flops_per_clip * global_batch / step_time / self.world / 1e12
             metrics.update(tflops_per_gpu=achieved, mfu=achieved / self.peak_tflops)
         self._restart_step_clock()
-        self._check_finite(in_a_row, total, metrics)
+        self._check_divergence(in_a_row, total, metrics)
         return metrics
 
     def _restart_step_clock(self) -> None:
@@ -324,38 +387,122 @@ class Trainer:
         peak = peak_tflops(torch.cuda.get_device_name(self.device))
         return (train_flops_per_clip(self.config.model, self.config.data), peak) if peak else (None, None)
 
-    def _check_finite(self, in_a_row: int, total: int, metrics: dict[str, float]) -> None:
-        """At each logging step: steps whose loss was NaN/inf (on any rank) since the last
-        one are said, counted and logged; too many in a row stop the run."""
-        if total == self.nonfinite_reported:
-            return
-        metrics["nonfinite_steps"] = total
-        if self.log:
-            self.log.say(f"warning: {total - self.nonfinite_reported} step(s) up to step {self.step} had a loss "
-                         f"that is not finite ({in_a_row} in a row now, {total} in all)")
-        self.nonfinite_reported = total
-        if in_a_row >= MAX_NONFINITE_STEPS:  # every rank sees the same counts: all stop after this step's log
-            self.diverged = (f"the loss was not finite for {in_a_row} steps in a row up to step {self.step}; "
-                             "lower train.lr or use train.precision=fp32, then --resume from the last checkpoint")
+    def _check_divergence(self, in_a_row: int, total: int, metrics: dict[str, float]) -> None:
+        """At each logging step (every checkpoint step is one), the rules that stop a run
+        which can no longer learn, before it saves: the loss not finite for
+        train.max_nonfinite_steps steps in a row; DeepSpeed skipping the update (an inf/NaN
+        gradient) for train.max_skipped_steps steps in a row; the loss above
+        train.divergence_factor times the median of the last 10 logged losses. Every rank
+        sees the same figures, so all stop after the same step."""
+        t = self.config.train
+        if total != self.nonfinite_reported:
+            metrics["nonfinite_steps"] = total
+            if self.log:
+                self.log.say(f"warning: {total - self.nonfinite_reported} step(s) up to step {self.step} had a loss "
+                             f"that is not finite ({in_a_row} in a row now, {total} in all)")
+            self.nonfinite_reported = total
+        if self.skipped_seen:
+            metrics["skipped_steps"] = self.skipped_seen
+        loss = metrics.get("loss", 0.0)
+        recent = sorted(self.recent_losses[-10:])
+        median = recent[len(recent) // 2] if recent else None
+        why = None
+        if in_a_row >= t.max_nonfinite_steps:
+            why = f"the loss was not finite for {in_a_row} steps in a row up to step {self.step}"
+        elif self.skipped_in_a_row >= t.max_skipped_steps:
+            why = (f"DeepSpeed skipped the last {self.skipped_in_a_row} updates up to step {self.step} (their gradients "
+                   "were inf or NaN)")
+        elif t.divergence_factor and median and math.isfinite(loss) and loss > t.divergence_factor * median:
+            why = (f"the loss exploded at step {self.step}: {loss:.4g}, more than {t.divergence_factor:g} times the "
+                   f"median of the last {len(recent)} logged ({median:.4g}; train.divergence_factor)")
+        if math.isfinite(loss):
+            self.recent_losses.append(loss)
+        if why:
+            self.diverged = (f"{why}; {self._last_good()}; lower train.lr (now {t.lr:g}) or raise "
+                             f"train.warmup_steps, then `rigtrain train --out {self.run_dir} --resume --set train.lr=...`")
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> bool:
+        """Save this step; False (nothing written) when the weights or optimizer states are
+        no longer finite, since such a checkpoint could only be resumed into the same
+        failure. A full disk is one line, before the save when the last checkpoint's size
+        says it will not fit, and during it otherwise; the previous checkpoint stays whole."""
+        if not self._states_finite():
+            last = self._last_good()
+            self.diverged = (f"the weights or optimizer states are not finite at step {self.step}, so no checkpoint "
+                             f"was written; {last}; lower train.lr (now {self.config.train.lr:g}) and resume with "
+                             f"`rigtrain train --out {self.run_dir} --resume --set train.lr=...`")
+            return False
         tag = checkpoints.tag_for(self.step)
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
         tag_dir = self.ckpt_dir / tag
-        checkpoints.save_rank_state(tag_dir, self.rank)
-        torch.distributed.barrier()  # every rank's part is on disk before the tag counts
-        if self.is_main:
-            (tag_dir / "trainer.json").write_text(json.dumps({"step": self.step, "micro_batches": self.micro_batches}))
-            checkpoints.mark_complete(tag_dir, self.step)
-            removed = checkpoints.prune(self.ckpt_dir, self.config.train.keep_ckpts)
-            self.log.say(f"checkpoint {tag_dir}" + (f" (removed {', '.join(removed)})" if removed else ""))
+        self._check_disk_space(tag_dir)
+        if self.is_main:  # a tag saved again (a resumed run) is incomplete until its new list is written
+            (tag_dir / checkpoints.COMPLETE).unlink(missing_ok=True)
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
+            checkpoints.save_rank_state(tag_dir, self.rank)
+            torch.distributed.barrier()  # every rank's part is on disk before the tag counts
+            if self.is_main:
+                write_json(tag_dir / "trainer.json", {"step": self.step, "micro_batches": self.micro_batches,
+                                                      "config": self.config.to_dict()})
+                checkpoints.mark_complete(tag_dir, self.step)
+                removed = checkpoints.prune(self.ckpt_dir, self.config.train.keep_ckpts)
+                self.log.say(f"checkpoint {tag_dir}" + (f" (removed {', '.join(removed)})" if removed else ""))
+        except (OSError, RuntimeError) as err:
+            if not _disk_full(err, self.ckpt_dir):
+                raise
+            shutil.rmtree(tag_dir, ignore_errors=True)  # incomplete: never resumed, and it holds space
+            free = shutil.disk_usage(self.ckpt_dir).free
+            raise TrainingFault(f"the disk is full: saving step {self.step} into {tag_dir} failed with {free:,} bytes "
+                                f"free; {self._last_good()}; free some space and resume with "
+                                f"`rigtrain train --out {self.run_dir} --resume`") from None
         torch.distributed.barrier()
+        self.saved_step = self.step
+        return True
+
+    def _states_finite(self) -> bool:
+        """Every rank's weights (its partitions under ZeRO-3) and optimizer tensors (fp32
+        master weights and moments) are finite; one read-back per save."""
+        tensors = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        optimizer = self.engine.basic_optimizer
+        tensors += [p for group in optimizer.param_groups for p in group["params"]]
+        tensors += [v for state in optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        bad = torch.zeros((), dtype=torch.int64, device=self.device)
+        for t in tensors:
+            if t.numel():
+                bad += (~torch.isfinite(t)).any().to(self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(bad)
+        return int(bad) == 0
+
+    def _last_good(self) -> str:
+        tags = checkpoints.complete_tags(self.ckpt_dir)
+        return (f"the last good checkpoint is step {tags[-1][0]} ({self.ckpt_dir / tags[-1][1]})" if tags
+                else "there is no checkpoint yet")
+
+    def _check_disk_space(self, tag_dir: Path) -> None:
+        """Before a save: the newest checkpoint's size (plus a tenth and 16 MiB for
+        metrics and logs) must fit in what the disk has free."""
+        need = checkpoints.checkpoint_bytes(self.ckpt_dir)
+        if not need:
+            return  # the first save: its size is not known yet; a full disk is caught while saving
+        need = int(need * 1.1) + (16 << 20)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.ckpt_dir).free
+        if free < need:
+            raise TrainingFault(f"not enough disk space to save step {self.step} into {tag_dir}: about {need:,} bytes "
+                                f"needed, {free:,} free; {self._last_good()}; free some space (or lower "
+                                f"train.keep_ckpts) and resume with `rigtrain train --out {self.run_dir} --resume`")
 
     def fit(self) -> None:
         t = self.config.train
         first_step, losses = self.step, []
+        self.first_step = first_step
         started = time.perf_counter()
         while self.step < t.steps:
+            signum = self._stop_signal()
+            if signum:
+                self._stop(signum)
             metrics = self.train_step()
             if self.profiler:
                 self.profiler.step()
@@ -378,7 +525,12 @@ class Trainer:
             if self.diverged:
                 raise FloatingPointError(self.diverged)
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
-                self.save_checkpoint()
+                if self.skipped_in_a_row:
+                    if self.log:
+                        self.log.say(f"warning: step {self.step} is not saved: DeepSpeed skipped its update (inf or "
+                                     f"NaN gradients); {self._last_good()}")
+                elif not self.save_checkpoint():
+                    raise FloatingPointError(self.diverged)
                 self._restart_step_clock()
         if self.log and self.step == first_step:
             self.log.say(f"the run is already at step {self.step} of {t.steps}: nothing to do "
@@ -387,6 +539,33 @@ class Trainer:
             change = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
             self.log.say(f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.1f} s"
                          f"{change}; run in {self.run_dir}")
+
+    def _stop_signal(self) -> int:
+        """The stop signal any rank has received (0 if none), the same on every rank."""
+        signum = self.stop.signum if self.stop else 0
+        if self.world > 1:
+            flag = torch.tensor([signum], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.control_group)
+            signum = int(flag)
+        return signum
+
+    def _stop(self, signum: int) -> None:
+        """Stopped on request between two steps: save what was trained since the last
+        checkpoint, say where it stopped and how to go on, and end with 128 + the signal."""
+        import signal
+
+        from rigtrain.train.stopping import StopRequested
+
+        if self.step > self.saved_step:
+            self.save_checkpoint()
+        name = signal.Signals(signum).name
+        where = (f"after step {self.step}; checkpoint {self.ckpt_dir / checkpoints.tag_for(self.step)} is complete"
+                 if self.step > 0 else "before its first step; nothing was trained")
+        message = (f"stopped by {name} {where}. Continue with: rigtrain train --out {self.run_dir} --resume"
+                   if self.step > 0 else f"stopped by {name} {where}")
+        if self.log:
+            self.log.say(message)
+        raise StopRequested(128 + signum, message)
 
     def evaluate(self) -> dict | None:
         """Every rank embeds its share of the bank (training clips) and the held-out clips;

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from rigtrain.errors import UserError
+from rigtrain.errors import TrainingFault, UserError
 
 # A worker writes it into RUN_DIR when the first steps run out of GPU memory; the launcher
 # reads it, backs off one micro-batch size and starts again.
@@ -29,17 +29,21 @@ def apply_plan_env(run_dir: Path) -> None:
 
 def run(run_dir: str | Path) -> int:
     apply_plan_env(Path(run_dir))  # before torch is imported: OMP_NUM_THREADS, NCCL settings
+    from rigtrain.train.stopping import GracefulStop, StopRequested
     from rigtrain.train.trainer import Trainer
 
     trainer = None
+    stop = GracefulStop()
     try:
-        trainer = Trainer(run_dir)
+        trainer = Trainer(run_dir, stop=stop)
         trainer.fit()
         return 0
+    except StopRequested as stopped:
+        return stopped.code
     except UserError as err:
         print(f"rigtrain: error: {err}", file=sys.stderr, flush=True)
         return 2
-    except FloatingPointError as err:
+    except (FloatingPointError, TrainingFault) as err:
         print(f"rigtrain: {err}", file=sys.stderr, flush=True)
         return 1
     except Exception as err:
@@ -56,6 +60,7 @@ def run(run_dir: str | Path) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        stop.restore()
 
 
 def out_of_memory(err: BaseException) -> bool:
@@ -95,6 +100,9 @@ def main() -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; LOCAL_RANK wins")
     args = parser.parse_args()
+    from rigtrain.train.stopping import die_with_launcher
+
+    die_with_launcher()
     return run(args.run_dir)
 
 

@@ -1,0 +1,64 @@
+"""Stopping a run on request, and never leaving a worker behind.
+
+- The first SIGINT or SIGTERM only asks: the step in flight finishes, every rank agrees on
+  the step to stop after, a complete checkpoint is written and the process exits with
+  128 + the signal (130 for Ctrl-C, 143 for SIGTERM). A second signal exits at once: the
+  complete checkpoints on disk are untouched, and a save it cuts short never counts
+  (checkpoints.py only ever resumes complete ones).
+- A worker dies with its launcher: it asks the kernel for SIGKILL when its parent exits
+  (prctl PR_SET_PDEATHSIG), so `kill -9` of `rigtrain train` leaves no rank training on,
+  holding GPUs and writing checkpoints.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LAUNCHER_PID = "RIGTRAIN_LAUNCHER_PID"  # set by the launcher for the workers it starts
+PR_SET_PDEATHSIG = 1
+
+
+class StopRequested(Exception):
+    """Raised by the trainer once the run has stopped on a signal and saved; carries the exit code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class GracefulStop:
+    """Signal handlers for one training process: the first stop signal is remembered
+    (`signum`), the second ends the process at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            os.write(2, f"rigtrain: second {signal.Signals(signum).name}: stopping now; the complete checkpoints "
+                        "are as they were\n".encode())
+            os._exit(128 + self.signum)
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def die_with_launcher() -> None:
+    """In a worker the launcher started: be killed when the launcher goes, however it goes.
+    If it is already gone (it died before this line ran), exit now."""
+    expected = os.environ.get(LAUNCHER_PID)
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(expected):
+        os._exit(1)
