@@ -1,0 +1,410 @@
+"""A run you can leave alone: each fault injected for real into real training processes.
+Signals (one and two ranks), the launcher killed, a loss that diverges, --resume with
+changes, a full disk, damaged checkpoints, two runs on one folder, a torn metrics line,
+shards that shrink, the same command twice, and a list of bad invocations."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+# A small model with every part of the real one: steps of a few tens of milliseconds.
+TINY = ["model.d_model=32", "model.heads=2", "model.num_latents=8", "model.va_dim=32", "model.vt_dim=32",
+        "train.micro_batch_size=8"]
+
+
+def rigtrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = run_cli(*args, timeout=timeout)
+    return result
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rigtrain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+
+
+def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        path = run / "metrics.jsonl"
+        if path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} never came")
+
+
+def workers_of(run: Path) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"rigtrain.train.worker" in cmdline and str(run.resolve()).encode() in cmdline:
+                found.append(int(pid))
+    return found
+
+
+def complete_steps(run: Path) -> list[int]:
+    from rigtrain.train import checkpoints
+
+    return [step for step, _ in checkpoints.complete_tags(run / "checkpoints")]
+
+
+# -- signals -----------------------------------------------------------------------------------
+
+def test_sigterm_saves_the_step_in_flight_and_resumes_exactly(tmp_path, demo_data):
+    common = ["--set", *TINY, "train.log_every=1", "train.ckpt_every=1000", "train.warmup_steps=2"]
+    straight = tmp_path / "straight"
+    assert rigtrain("train", "--out", str(straight), "--steps", "40", *common).returncode == 0
+    run = tmp_path / "stopped"
+    process = start("train", "--out", str(run), "--steps", "40", *common)
+    wait_for_step(run, 8, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    line = next(line for line in out.splitlines() if "stopped by SIGTERM" in line)
+    stopped_at = complete_steps(run)[-1]
+    assert f"after step {stopped_at}" in line and "--resume" in line
+    logged = max(losses(run))
+    assert stopped_at - logged <= 1  # at most the step in flight: logged steps all saved, or the one after
+    resumed = rigtrain("train", "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = losses(straight), losses(run)
+    assert [b[s] for s in range(stopped_at + 1, 41)] == [a[s] for s in range(stopped_at + 1, 41)]  # bit for bit
+
+
+def test_two_ranks_stop_together_on_ctrl_c_and_a_second_signal_stops_at_once(tmp_path, demo_data):
+    run = tmp_path / "run"
+    process = start("train", "--out", str(run), "--steps", "400", "--set", *TINY, "train.nproc=2", "train.log_every=1")
+    wait_for_step(run, 3, process)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the launcher
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "stopped by SIGINT" in out
+    step = complete_steps(run)[-1]
+    assert (run / "checkpoints" / f"step{step:08d}" / "rng_rank1.pt").is_file()  # both ranks saved that step
+    assert workers_of(run) == []
+
+    again = tmp_path / "again"
+    process = start("train", "--out", str(again), "--steps", "400", "--set", *TINY, "train.nproc=2",
+                    "train.log_every=1", "train.ckpt_every=2")
+    wait_for_step(again, 4, process)
+    before = complete_steps(again)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert all(s in complete_steps(again) for s in before)  # what was complete stays complete
+    time.sleep(1)
+    assert workers_of(again) == []
+
+
+def test_no_worker_outlives_a_killed_launcher(tmp_path, demo_data):
+    run = tmp_path / "run"
+    process = start("train", "--out", str(run), "--steps", "4000", "--set", *TINY, "train.nproc=2",
+                    "train.log_every=1")
+    wait_for_step(run, 2, process)
+    assert len(workers_of(run)) == 2
+    process.kill()
+    process.communicate()
+    deadline = time.monotonic() + 5
+    while workers_of(run) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers_of(run) == []
+
+
+# -- divergence ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lr, says", [("1e4", "exploded"), ("1e30", "not finite")])
+def test_divergence_stops_before_a_bad_checkpoint(tmp_path, demo_data, lr, says):
+    import torch
+
+    run = tmp_path / "run"
+    result = rigtrain("train", "--out", str(run), "--steps", "60", "--set", *TINY, f"train.lr={lr}",
+                      "train.log_every=5", "train.ckpt_every=5")
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rigtrain:")]
+    assert len(lines) == 1 and says in lines[0] and "train.lr" in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for step in complete_steps(run):  # whatever was saved is finite
+        state = torch.load(run / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+def test_resume_applies_what_the_user_sets_and_refuses_what_it_cannot(tmp_path, demo_data):
+    run = tmp_path / "run"
+    assert rigtrain("train", "--out", str(run), "--preset", "demo", "--steps", "10", "--set", *TINY,
+                    "train.ckpt_every=10", "train.log_every=1").returncode == 0
+    resumed = rigtrain("train", "--out", str(run), "--preset", "demo", "--resume", "--steps", "12",
+                       "--set", "train.lr=1e-5", "train.min_lr_ratio=1.0", "train.warmup_steps=0")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "train.lr 0.001 -> 1e-05" in resumed.stdout
+    rows = {row["step"]: row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert rows[11]["lr"] == pytest.approx(1e-5) and rows[12]["lr"] == pytest.approx(1e-5)
+    assert json.loads((run / "config.json").read_text())["config"]["train"]["lr"] == 1e-5
+    other = rigtrain("train", "--out", str(run), "--preset", "small", "--resume")
+    assert other.returncode == 2 and "--preset demo" in other.stderr and "--preset small" in other.stderr
+    shape = rigtrain("train", "--out", str(run), "--resume", "--set", "model.d_model=64")
+    assert shape.returncode == 2 and "model.d_model" in shape.stderr
+
+
+# -- disk, files, folders -------------------------------------------------------------------
+
+def _small_filesystem(tmp_path: Path, megabytes: int):
+    """A tmpfs of that size where the machine allows mounting one; else None."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}M", "tmpfs", str(mount)],
+                          capture_output=True)
+    return mount if made.returncode == 0 else None
+
+
+def _enospc_hook(tmp_path: Path, saves: int) -> dict:
+    """Else: a sitecustomize that lets the first `saves` calls of torch.save into a
+    checkpoints folder through and makes the later ones fail with ENOSPC, as a full disk
+    does, in every process the run starts. torch.save writes through its own C++ writer, so
+    the hook wraps torch.save itself when torch.serialization is first imported."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f'''
+import errno, importlib.abc, importlib.machinery, sys
+
+class _Wrap(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch.serialization":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            save, calls = module.save, [0]
+            def full_save(obj, f, *args, **kwargs):
+                if "checkpoints" in str(f):
+                    calls[0] += 1
+                    if calls[0] > {saves}:
+                        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+                return save(obj, f, *args, **kwargs)
+            module.save = full_save
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _Wrap())
+''')
+    return {**os.environ, "PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}"}
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_path, demo_data):
+    mount = _small_filesystem(tmp_path, 12)
+    try:
+        run = (mount or tmp_path) / "run"
+        env = os.environ.copy() if mount else _enospc_hook(tmp_path, saves=3)  # one checkpoint's files
+        result = subprocess.run([sys.executable, "-m", "rigtrain", "train", "--out", str(run), "--steps", "40",
+                                 "--set", *TINY, "train.ckpt_every=10", "train.keep_ckpts=5"],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 1, result.stderr[-2000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("rigtrain:")]
+        assert len(lines) == 1 and "disk" in lines[0] and "free" in lines[0], result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        saved = complete_steps(run)
+        assert saved  # at least the first checkpoint fitted
+        from rigtrain.train.checkpoints import newest_good
+
+        assert newest_good(run / "checkpoints") == (saved[-1], f"step{saved[-1]:08d}")
+    finally:
+        if mount:
+            subprocess.run(["umount", str(mount)])
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory, demo_data):
+    run = tmp_path_factory.mktemp("damaged") / "run"
+    made = rigtrain("train", "--out", str(run), "--steps", "15", "--set", *TINY, "train.ckpt_every=5",
+                    "train.keep_ckpts=3")
+    assert made.returncode == 0, made.stderr[-2000:]
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage-complete"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, three_checkpoints, damage):
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    newest = run / "checkpoints" / "step00000015"
+    optim = next(newest.glob("*optim_states.pt"))
+    if damage == "truncate":
+        with optim.open("r+b") as f:
+            f.truncate(optim.stat().st_size // 2)
+    elif damage == "flip":
+        with optim.open("r+b") as f:
+            f.seek(1000)
+            f.write(os.urandom(4096))
+    else:
+        (newest / "complete.json").write_text("{not json")
+    scored = rigtrain("eval", str(run), "--json")
+    assert scored.returncode == 0 and json.loads(scored.stdout)["step"] == 10
+    assert "step00000015 is damaged" in scored.stderr
+    resumed = rigtrain("train", "--out", str(run), "--resume", "--steps", "16")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step00000015 is damaged and skipped" in resumed.stdout and "resuming at step 10/16" in resumed.stdout
+
+
+def test_no_good_checkpoint_left_is_exit_2(tmp_path, three_checkpoints):
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    for tag in (run / "checkpoints").glob("step*"):
+        (tag / "complete.json").write_text("[]")
+    result = rigtrain("train", "--out", str(run), "--resume")
+    assert result.returncode == 2 and "every checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert rigtrain("eval", str(run)).returncode == 2
+
+
+def test_one_run_per_folder(tmp_path, demo_data):
+    run = tmp_path / "run"
+    process = start("train", "--out", str(run), "--steps", "4000", "--set", *TINY, "train.log_every=1")
+    wait_for_step(run, 1, process)
+    second = rigtrain("train", "--out", str(run), "--resume")
+    assert second.returncode == 2 and f"process {process.pid}" in second.stderr
+    process.kill()
+    process.communicate()
+    taken = rigtrain("train", "--out", str(run), "--resume", "--steps", "2")
+    assert taken.returncode == 0 and "taking it over" in taken.stdout
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, demo_data):
+    run = tmp_path / "run"
+    assert rigtrain("train", "--out", str(run), "--steps", "6", "--set", *TINY, "train.ckpt_every=3",
+                    "train.log_every=1").returncode == 0
+    (run / "checkpoints" / "step00000006" / "complete.json").unlink()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 1.2')  # what a crash in the middle of a write leaves
+    resumed = rigtrain("train", "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "dropped 1 line(s)" in resumed.stdout
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_shards_checked_when_opened_and_when_they_shrink_under_a_run(tmp_path, demo_data):
+    data = tmp_path / "shards"
+    shutil.copytree(demo_data, data)
+    video = sorted(data.glob("*/video.npy"))[0]
+    with video.open("r+b") as f:
+        f.truncate(video.stat().st_size - 100)
+    opened = rigtrain("train", "--out", str(tmp_path / "a"), "--data", str(data), "--steps", "2")
+    assert opened.returncode == 2 and str(video) in opened.stderr and "data prepare" in opened.stderr
+    assert rigtrain("data", "bench", str(data)).returncode == 2
+
+    shutil.rmtree(data)
+    shutil.copytree(demo_data, data)
+    run = tmp_path / "b"
+    process = start("train", "--out", str(run), "--data", str(data), "--steps", "4000", "--set", *TINY,
+                    "train.log_every=1")
+    wait_for_step(run, 2, process)
+    for path in data.glob("*/video.npy"):
+        with path.open("r+b") as f:
+            f.truncate(1000)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err[-2000:]
+    assert "became shorter while training" in err and "Traceback" not in err
+
+
+def test_the_same_command_twice_gives_the_same_losses(tmp_path, demo_data):
+    """On the CPU at the default thread count, bit for bit (the decoder's query projection
+    used to add its gradients up in a thread-dependent order)."""
+    curves = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        assert rigtrain("train", "--out", str(run), "--steps", "30", "--set", "train.log_every=1").returncode == 0
+        curves.append(losses(run))
+    assert curves[0] == curves[1]
+
+
+# -- bad invocations ------------------------------------------------------------------------
+
+def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
+    (tmp / "binary.toml").write_bytes(b"\xff\xfe[train]\n")
+    (tmp / "binary.yaml").write_bytes(b"\xff\xfetrain:\n")
+    (tmp / "section.toml").write_text("train = 5\n")
+    (tmp / "section.yaml").write_text("train: 5\n")
+    (tmp / "bad.toml").write_text("[train\nlr = 1\n")
+    (tmp / "bad.yaml").write_text("train: [\n")
+    (tmp / "unknown.toml").write_text("[train]\nlearning_rate = 1\n")
+    (tmp / "a_file").write_text("")
+    (tmp / "notes.txt").write_text("x")
+    truncated = tmp / "truncated"
+    shutil.copytree(demo_data, truncated)
+    video = sorted(truncated.glob("*/video.npy"))[0]
+    with video.open("r+b") as f:
+        f.truncate(video.stat().st_size // 2)
+    zeroed = tmp / "zeroed"
+    shutil.copytree(demo_data, zeroed)
+    with sorted(zeroed.glob("*/audio.npy"))[0].open("r+b") as f:
+        f.write(b"\0" * 64)
+    out = str(tmp / "run")
+    return [
+        ["train", "--out", out, "--config", str(tmp / "binary.toml")],
+        ["train", "--out", out, "--config", str(tmp / "binary.yaml")],
+        ["train", "--out", out, "--config", str(tmp / "section.toml"), "--steps", "1"],
+        ["train", "--out", out, "--config", str(tmp / "section.yaml"), "--steps", "1"],
+        ["train", "--out", out, "--config", str(tmp / "bad.toml")],
+        ["train", "--out", out, "--config", str(tmp / "bad.yaml")],
+        ["train", "--out", out, "--config", str(tmp / "unknown.toml")],
+        ["train", "--out", out, "--config", str(tmp / "notes.txt")],
+        ["train", "--out", out, "--config", str(tmp / "missing.toml")],
+        ["train", "--out", out, "--data", str(truncated), "--steps", "1"],
+        ["train", "--out", out, "--data", str(zeroed), "--steps", "1"],
+        ["train", "--out", out, "--data", str(tmp / "missing"), "--steps", "1"],
+        ["train", "--out", "/proc/rigtrain-run", "--steps", "1"],
+        ["train", "--out", str(tmp / "a_file"), "--steps", "1"],
+        ["train", "--out", "", "--steps", "1"],
+        ["train", "--out", out, "--preset", ""],
+        ["train", "--out", out, "--preset", "huge"],
+        ["train", "--out", out, "--set", "train.lr=inf"],
+        ["train", "--out", out, "--set", "train.lr=1e400"],
+        ["train", "--out", out, "--set", "train.lr=nan"],
+        ["train", "--out", out, "--set", "train.lr=-1"],
+        ["train", "--out", out, "--set", "train.steps=0"],
+        ["train", "--out", out, "--set", "train.steps=2.5"],
+        ["train", "--out", out, "--set", "train.divergence_factor=0.5"],
+        ["train", "--out", out, "--set", "model.d_model"],
+        ["train", "--out", out, "--set", "nosuch.key=1"],
+        ["train", "--out", out, "--psu-watts", "-5"],
+        ["train", "--out", out, "--psu-watts", "nan"],
+        ["train", "--out", out, "--resume"],
+        ["train", "--out", out, "--steps", "-3"],
+        ["rig", "--psu-watts", "nan"],
+        ["rig", "--psu-watts", "0"],
+        ["rig", "--rig", str(tmp / "notes.txt")],
+        ["data", "bench", str(truncated)],
+        ["eval", str(tmp / "missing")],
+        ["eval", ""],
+    ]
+
+
+def test_every_bad_invocation_is_exit_2_with_one_line(tmp_path, demo_data):
+    failures = []
+    for args in _bad_invocations(tmp_path, demo_data):
+        result = run_cli(*args, timeout=120)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        if result.returncode != 2 or len(lines) != 1 or "Traceback" in result.stderr:
+            failures.append((args, result.returncode, result.stderr[-600:]))
+    assert not failures, "\n".join(map(repr, failures))
