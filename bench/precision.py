@@ -5,7 +5,8 @@ loss and the held-out evaluation side by side.
     python bench/precision.py                       # 600 steps (the demo), seeds 0 1: about 25 min on 2 cores
     python bench/precision.py --steps 150 --seeds 0 --json
 
-fp32 at ZeRO-0 runs beside them as a control. The loss compared is the mean of the last 50
+fp32 at ZeRO-0 runs beside them as a control. Each run's folder is kept under --out, and
+running the bench again with the same --out reuses the runs it finished. The loss compared is the mean of the last 50
 steps' logged losses (one logged step is noisy:
 contrastive losses jump between batches), for each bf16 run against the fp32 run of the same
 seed. Several seeds, because two runs of the same model differ in their last bits and the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,14 +33,25 @@ RUNS = (("fp32", 1), ("fp32", 0), ("bf16", 0), ("bf16", 1), ("bf16", 3))
 EVAL_KEYS = ("knn_shape_top1", "knn_colour_top1", "knn_direction_top1", "t2v_r5")
 
 
+def _finished(out: Path, steps: int) -> bool:
+    try:
+        return json.loads((out / "eval.json").read_text())["step"] == steps
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def train(out: Path, precision: str, stage: int, seed: int, steps: int) -> dict:
+    """One run, or the numbers of one that an earlier call of this bench finished in `out`
+    (run it again with the same --out and it continues where it stopped)."""
     started = time.perf_counter()
-    command = [sys.executable, "-m", "rigtrain", "train", "--out", str(out), "--steps", str(steps), "--set",
-               f"train.precision={precision}", f"train.zero_stage={stage}", f"train.seed={seed}",
-               f"train.ckpt_every={steps}"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    if not _finished(out, steps):
+        shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, "-m", "rigtrain", "train", "--out", str(out), "--steps", str(steps), "--set",
+                   f"train.precision={precision}", f"train.zero_stage={stage}", f"train.seed={seed}",
+                   f"train.ckpt_every={steps}"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tail = [r["loss"] for r in rows if r["step"] > steps - 50]
     last_eval = json.loads((out / "eval.json").read_text())
@@ -66,7 +79,7 @@ def main() -> int:
                 r = runs[-1]
                 print(f"  {precision} ZeRO-{stage} seed {seed}: loss {r['loss_last50']:.3f} ({r['seconds']:.0f} s)",
                       file=sys.stderr, flush=True)
-    reference = {r["seed"]: r for r in runs if r["precision"] == "fp32"}
+    reference = {r["seed"]: r for r in runs if (r["precision"], r["zero_stage"]) == RUNS[0]}
     for r in runs:
         ref = reference[r["seed"]]
         r["loss_vs_fp32"] = r["loss_last50"] / ref["loss_last50"] - 1
