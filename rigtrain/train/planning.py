@@ -8,7 +8,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from rigtrain.config import RunConfig
+from rigtrain.config import DataConfig, RunConfig
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.memory import fake_step_peak_bytes
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
@@ -47,10 +47,26 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
     return rig
 
 
+# Measured step peaks by (model, clip shape, micro-batch, checkpointing, precision): one
+# process plans the same shapes many times (the back-off loop, `rigtrain rig` then train,
+# the planner's tests), and each measurement runs a whole step under FakeTensorMode.
+_STEP_PEAKS: dict[tuple, int] = {}
+# DataConfig fields that do not change a step's tensors
+_DATA_FIELDS_OFF_THE_STEP = ("dir", "workers", "prefetch_factor", "shard_clips", "synth_videos", "synth_seed",
+                             "clip_stride_s", "resize")
+
+
 def step_peak_function(config: RunConfig):
+    model = dataclasses.replace(config.model, activation_checkpointing=False)
+    data = dataclasses.replace(config.data, **{k: getattr(DataConfig(), k) for k in _DATA_FIELDS_OFF_THE_STEP})
+    shapes = (repr(model), repr(data))
+
     def step_peak(micro_batch: int, checkpointing: bool, precision: str) -> int:
-        return fake_step_peak_bytes(train_step_builder(config.model, config.data, micro_batch=micro_batch,
-                                                       checkpointing=checkpointing, precision=precision))
+        key = (shapes, micro_batch, checkpointing, precision)
+        if key not in _STEP_PEAKS:
+            _STEP_PEAKS[key] = fake_step_peak_bytes(train_step_builder(
+                config.model, config.data, micro_batch=micro_batch, checkpointing=checkpointing, precision=precision))
+        return _STEP_PEAKS[key]
     return step_peak
 
 
