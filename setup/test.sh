@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them. Extra arguments go to pytest.
+#
+# The tests run on pytest-xdist workers, one per core up to 4 (RIGTRAIN_TEST_WORKERS sets
+# the count; 0 runs them in this process): most tests start `rigtrain` processes that
+# spend their first seconds importing on one core, so two workers finish a 2-core
+# machine's suite sooner than one. Tests that share a costly fixture stay together (see
+# tests/conftest.py).
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/setup/install.sh" --test || exit $?
 cd "$root"
-"${RIGTRAIN_VENV:-$root/.venv}/bin/python" -m pytest "$@"
+workers=${RIGTRAIN_TEST_WORKERS:-auto}
+parallel=()
+if [ "$workers" != "0" ]; then
+  parallel=(--numprocesses="$workers" --maxprocesses=4 --dist=loadgroup)
+fi
+"${RIGTRAIN_VENV:-$root/.venv}/bin/python" -m pytest "${parallel[@]}" "$@"
 code=$?
 if [ "$code" -eq 5 ]; then
   echo "setup/test.sh: pytest collected no tests; that is a failure" >&2

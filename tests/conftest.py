@@ -48,6 +48,31 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_data) -> Path:
+    """`rigtrain train` with the demo preset, exactly as the README runs it (a few minutes):
+    one run per test session, shared by every test that checks what a finished demo has."""
+    run = tmp_path_factory.mktemp("demo") / "run"
+    result = run_cli("train", "--out", str(run), timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`, as setup/test.sh runs it), tests that share
+    a costly fixture stay on one worker, so it is built once: those of the demo run, and
+    those of a module-scoped fixture. The demo's tests come first: they take longest, and
+    the other workers share out everything else meanwhile."""
+    for item in items:
+        if "demo_run" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("demo_run"))
+            continue
+        scopes = {defs[-1].scope for defs in item._fixtureinfo.name2fixturedefs.values() if defs}
+        if "module" in scopes:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: "demo_run" not in item.fixturenames)  # stable: the rest keep their order
+
+
 def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`rigtrain ARGS` in a fresh process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "rigtrain", *args], capture_output=True, text=True,
