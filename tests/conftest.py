@@ -59,17 +59,10 @@ def demo_run(tmp_path_factory, demo_data) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`, as setup/test.sh runs it), tests that share
-    a costly fixture stay on one worker, so it is built once: those of the demo run, and
-    those of a module-scoped fixture. The demo's tests come first: they take longest, and
-    the other workers share out everything else meanwhile."""
-    for item in items:
-        if "demo_run" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("demo_run"))
-            continue
-        scopes = {defs[-1].scope for defs in item._fixtureinfo.name2fixturedefs.values() if defs}
-        if "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """The demo's tests first. Under pytest-xdist, setup/test.sh sends each test file to one
+    worker in this order (`--dist loadfile --no-loadscope-reorder`, so a file's costly
+    fixtures are built once): the demo, which takes longest, starts at once while the
+    other worker works through the rest."""
     items.sort(key=lambda item: "demo_run" not in item.fixturenames)  # stable: the rest keep their order
 
 
