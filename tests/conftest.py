@@ -58,14 +58,6 @@ def demo_run(tmp_path_factory, demo_data) -> Path:
     return run
 
 
-def pytest_collection_modifyitems(config, items):
-    """The demo's tests first. Under pytest-xdist, setup/test.sh sends each test file to one
-    worker in this order (`--dist loadfile --no-loadscope-reorder`, so a file's costly
-    fixtures are built once): the demo, which takes longest, starts at once while the
-    other worker works through the rest."""
-    items.sort(key=lambda item: "demo_run" not in item.fixturenames)  # stable: the rest keep their order
-
-
 def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`rigtrain ARGS` in a fresh process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "rigtrain", *args], capture_output=True, text=True,
