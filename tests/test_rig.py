@@ -479,3 +479,29 @@ def test_peak_table_matches_whole_names(name, tflops):
     from rigtrain.rig.peaks import peak_tflops
 
     assert peak_tflops(name) == tflops
+
+
+def test_step_peaks_are_measured_once_and_kept_on_disk(tmp_path, monkeypatch):
+    """A plan's step measurements go to RIGTRAIN_CACHE/step-peaks: the next process (a
+    resume, `rigtrain rig` then train) reads them instead of measuring again; a damaged
+    entry is measured again, never trusted."""
+    from rigtrain.config import load_config
+    from rigtrain.train import planning
+
+    monkeypatch.setenv("RIGTRAIN_CACHE", str(tmp_path))
+    config = load_config("demo")
+    measured = []
+    real = planning.fake_step_peak_bytes
+    monkeypatch.setattr(planning, "fake_step_peak_bytes", lambda build: measured.append(1) or real(build))
+    monkeypatch.setattr(planning, "_STEP_PEAKS", {})
+    first = planning.step_peak_function(config)(5, False, "fp32")
+    assert len(measured) == 1 and len(list((tmp_path / "step-peaks").glob("*.json"))) == 1
+    monkeypatch.setattr(planning, "_STEP_PEAKS", {})  # a new process: only the disk remembers
+    assert planning.step_peak_function(config)(5, False, "fp32") == first and len(measured) == 1
+    other_data = load_config("demo", overrides=["data.workers=3", "data.synth_seed=4"])  # not the step's shape
+    assert planning.step_peak_function(other_data)(5, False, "fp32") == first and len(measured) == 1
+    for entry in (tmp_path / "step-peaks").glob("*.json"):
+        entry.write_text("{not json")
+    monkeypatch.setattr(planning, "_STEP_PEAKS", {})
+    assert planning.step_peak_function(config)(5, False, "fp32") == first and len(measured) == 2
+    assert planning.step_peak_function(config)(6, False, "fp32") > first and len(measured) == 3

@@ -5,6 +5,8 @@ keys the user set."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from pathlib import Path
 
@@ -47,27 +49,94 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
     return rig
 
 
-# Measured step peaks by (model, clip shape, micro-batch, checkpointing, precision): one
-# process plans the same shapes many times (the back-off loop, `rigtrain rig` then train,
-# the planner's tests), and each measurement runs a whole step under FakeTensorMode.
-_STEP_PEAKS: dict[tuple, int] = {}
+# Measured step peaks by (model, clip shape, micro-batch, checkpointing, precision), and
+# parameter counts, kept in this process and on disk (RIGTRAIN_CACHE/step-peaks): each
+# step measurement runs a whole step under
+# FakeTensorMode (2 s for the demo on a 2-core CPU, more for larger models), and the same
+# shapes are planned again and again: the back-off loop, `rigtrain rig` then train, every
+# resume and every run of the same preset.
+_STEP_PEAKS: dict[str, int] = {}
 # DataConfig fields that do not change a step's tensors
 _DATA_FIELDS_OFF_THE_STEP = ("dir", "workers", "prefetch_factor", "shard_clips", "synth_videos", "synth_seed",
                              "clip_stride_s", "resize")
 
 
-def step_peak_function(config: RunConfig):
+@functools.cache
+def _code_fingerprint() -> str:
+    """What a step's memory depends on besides its config: torch's version and our code that
+    builds and measures the step. A change to either measures again."""
+    import torch
+    import xxhash
+
+    digest = xxhash.xxh3_64(torch.__version__.encode())
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted([*(package / "model").glob("*.py"), package / "rig" / "memory.py", package / "train" / "memory.py"]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _peak_path(key: str) -> Path:
+    import xxhash
+
+    from rigtrain.data.embedded import cache_root  # the cache folder the datasets use
+
+    return cache_root() / "step-peaks" / f"{xxhash.xxh3_64_hexdigest(key.encode())}.json"
+
+
+def _stored_peak(key: str) -> int | None:
+    path = _peak_path(key)
+    try:
+        record = json.loads(path.read_text())
+        return int(record["peak"]) if record.get("key") == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not measured yet, or unreadable: measure again
+
+
+def _store_peak(key: str, peak: int) -> None:
+    path = _peak_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "peak": peak}))
+        os.replace(tmp, path)  # whole or not at all, for a process reading it at the same time
+    except OSError:
+        pass  # a cache that cannot be written costs the next run a measurement, nothing more
+
+
+def _measured(key: str, measure) -> int:
+    """measure()'s value for this key: from this process, from disk, or measured now."""
+    key = f"{_code_fingerprint()} {key}"
+    if key not in _STEP_PEAKS:
+        value = _stored_peak(key)
+        if value is None:
+            value = measure()
+            _store_peak(key, value)
+        _STEP_PEAKS[key] = value
+    return _STEP_PEAKS[key]
+
+
+def _step_shapes(config: RunConfig) -> str:
+    """The model and clip shape as far as a step's tensors depend on them."""
     model = dataclasses.replace(config.model, activation_checkpointing=False)
     data = dataclasses.replace(config.data, **{k: getattr(DataConfig(), k) for k in _DATA_FIELDS_OFF_THE_STEP})
-    shapes = (repr(model), repr(data))
+    return f"{model!r} {data!r}"
+
+
+def step_peak_function(config: RunConfig):
+    shapes = _step_shapes(config)
 
     def step_peak(micro_batch: int, checkpointing: bool, precision: str) -> int:
-        key = (shapes, micro_batch, checkpointing, precision)
-        if key not in _STEP_PEAKS:
-            _STEP_PEAKS[key] = fake_step_peak_bytes(train_step_builder(
-                config.model, config.data, micro_batch=micro_batch, checkpointing=checkpointing, precision=precision))
-        return _STEP_PEAKS[key]
+        return _measured(f"step peak {shapes} micro_batch={micro_batch} checkpointing={checkpointing} {precision}",
+                         lambda: fake_step_peak_bytes(train_step_builder(
+                             config.model, config.data, micro_batch=micro_batch, checkpointing=checkpointing,
+                             precision=precision)))
     return step_peak
+
+
+def cached_parameter_count(config: RunConfig) -> int:
+    """The model's parameter count (counting builds it on the meta device, whose first use
+    costs a second of imports)."""
+    return _measured(f"parameters {_step_shapes(config)}", lambda: parameter_count(config.model, config.data))
 
 
 def plan_run(config: RunConfig, rig: Rig, *, user_keys: set[str], psu_w: float | None = None) -> Plan:
@@ -80,7 +149,7 @@ def plan_run(config: RunConfig, rig: Rig, *, user_keys: set[str], psu_w: float |
     d = config.data
     batch_bytes = (d.clip_frames * d.frame_size[0] * d.frame_size[1] * 3 + d.clip_samples * 2 + d.max_text_bytes
                    + 2 * 8 * d.segments_per_clip + 8 + 1)  # uint8 video, int16 audio, text, segment spans, flags
-    request = PlanRequest(parameters=parameter_count(config.model, config.data),
+    request = PlanRequest(parameters=cached_parameter_count(config),
                           global_batch=t.global_batch_size or t.micro_batch_size * t.grad_accum_steps,
                           precision=precision, fixed=fixed,
                           config={key: config_value(config, key) for key in PLANNED}, gpus=tuple(config.rig.gpus),
