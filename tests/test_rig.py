@@ -493,15 +493,15 @@ def test_step_peaks_are_measured_once_and_kept_on_disk(tmp_path, monkeypatch):
     measured = []
     real = planning.fake_step_peak_bytes
     monkeypatch.setattr(planning, "fake_step_peak_bytes", lambda build: measured.append(1) or real(build))
-    monkeypatch.setattr(planning, "_STEP_PEAKS", {})
+    monkeypatch.setattr(planning, "_MEASURED", {})
     first = planning.step_peak_function(config)(5, False, "fp32")
     assert len(measured) == 1 and len(list((tmp_path / "step-peaks").glob("*.json"))) == 1
-    monkeypatch.setattr(planning, "_STEP_PEAKS", {})  # a new process: only the disk remembers
+    monkeypatch.setattr(planning, "_MEASURED", {})  # a new process: only the disk remembers
     assert planning.step_peak_function(config)(5, False, "fp32") == first and len(measured) == 1
     other_data = load_config("demo", overrides=["data.workers=3", "data.synth_seed=4"])  # not the step's shape
     assert planning.step_peak_function(other_data)(5, False, "fp32") == first and len(measured) == 1
     for entry in (tmp_path / "step-peaks").glob("*.json"):
         entry.write_text("{not json")
-    monkeypatch.setattr(planning, "_STEP_PEAKS", {})
+    monkeypatch.setattr(planning, "_MEASURED", {})
     assert planning.step_peak_function(config)(5, False, "fp32") == first and len(measured) == 2
     assert planning.step_peak_function(config)(6, False, "fp32") > first and len(measured) == 3

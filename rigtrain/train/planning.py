@@ -55,7 +55,7 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
 # FakeTensorMode (2 s for the demo on a 2-core CPU, more for larger models), and the same
 # shapes are planned again and again: the back-off loop, `rigtrain rig` then train, every
 # resume and every run of the same preset.
-_STEP_PEAKS: dict[str, int] = {}
+_MEASURED: dict[str, int] = {}
 # DataConfig fields that do not change a step's tensors
 _DATA_FIELDS_OFF_THE_STEP = ("dir", "workers", "prefetch_factor", "shard_clips", "synth_videos", "synth_seed",
                              "clip_stride_s", "resize")
@@ -75,7 +75,7 @@ def _code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _peak_path(key: str) -> Path:
+def _measurement_path(key: str) -> Path:
     import xxhash
 
     from rigtrain.data.embedded import cache_root  # the cache folder the datasets use
@@ -83,21 +83,21 @@ def _peak_path(key: str) -> Path:
     return cache_root() / "step-peaks" / f"{xxhash.xxh3_64_hexdigest(key.encode())}.json"
 
 
-def _stored_peak(key: str) -> int | None:
-    path = _peak_path(key)
+def _stored(key: str) -> int | None:
+    path = _measurement_path(key)
     try:
         record = json.loads(path.read_text())
-        return int(record["peak"]) if record.get("key") == key else None
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(record["value"]) if record.get("key") == key else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # not measured yet, or unreadable: measure again
 
 
-def _store_peak(key: str, peak: int) -> None:
-    path = _peak_path(key)
+def _store(key: str, value: int) -> None:
+    path = _measurement_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "peak": peak}))
+        tmp.write_text(json.dumps({"key": key, "value": value}))
         os.replace(tmp, path)  # whole or not at all, for a process reading it at the same time
     except OSError:
         pass  # a cache that cannot be written costs the next run a measurement, nothing more
@@ -106,13 +106,13 @@ def _store_peak(key: str, peak: int) -> None:
 def _measured(key: str, measure) -> int:
     """measure()'s value for this key: from this process, from disk, or measured now."""
     key = f"{_code_fingerprint()} {key}"
-    if key not in _STEP_PEAKS:
-        value = _stored_peak(key)
+    if key not in _MEASURED:
+        value = _stored(key)
         if value is None:
             value = measure()
-            _store_peak(key, value)
-        _STEP_PEAKS[key] = value
-    return _STEP_PEAKS[key]
+            _store(key, value)
+        _MEASURED[key] = value
+    return _MEASURED[key]
 
 
 def _step_shapes(config: RunConfig) -> str:
