@@ -50,11 +50,10 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
 
 
 # Measured step peaks by (model, clip shape, micro-batch, checkpointing, precision), and
-# parameter counts, kept in this process and on disk (RIGTRAIN_CACHE/step-peaks): each
-# step measurement runs a whole step under
-# FakeTensorMode (2 s for the demo on a 2-core CPU, more for larger models), and the same
-# shapes are planned again and again: the back-off loop, `rigtrain rig` then train, every
-# resume and every run of the same preset.
+# parameter counts, kept in this process and on disk (RIGTRAIN_CACHE/step-peaks): each step
+# measurement runs a whole step under FakeTensorMode (2 s for the demo on a 2-core CPU, more
+# for larger models), and the same shapes are planned again and again: the back-off loop,
+# `rigtrain rig` then train, every resume and every run of the same preset.
 _MEASURED: dict[str, int] = {}
 # DataConfig fields that do not change a step's tensors
 _DATA_FIELDS_OFF_THE_STEP = ("dir", "workers", "prefetch_factor", "shard_clips", "synth_videos", "synth_seed",
