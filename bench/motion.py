@@ -50,10 +50,11 @@ VARIANTS = {
 }
 
 
-def train(run_dir: Path, overrides: list[str], steps: int | None) -> float:
-    """`rigtrain train` unless run_dir already holds a finished run; -> seconds taken."""
+def train(run_dir: Path, overrides: list[str], steps: int | None) -> float | None:
+    """`rigtrain train` unless run_dir already holds a finished run; -> seconds taken (None:
+    the finished run was reused)."""
     if (run_dir / "eval.json").is_file():
-        return 0.0
+        return None
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "rigtrain", "train", "--out", str(run_dir)]
     if steps:
@@ -194,14 +195,14 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     for run_dir in map(Path, args.runs):
-        entry = {"variant": run_dir.name, "seed": -1, "train_s": 0.0, **probe_run(run_dir)}
+        entry = {"variant": run_dir.name, "seed": -1, "train_s": None, **probe_run(run_dir)}
         results.append(entry)
         print(f"[motion] {run_dir}: {json.dumps(entry)}", file=sys.stderr, flush=True)
     for variant in [] if args.runs else args.variants.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             run_dir = Path(args.out) / f"{variant}-seed{seed}"
             seconds = train(run_dir, [*VARIANTS[variant], f"train.seed={seed}", *args.set], args.steps)
-            entry = {"variant": variant, "seed": seed, "train_s": round(seconds, 1), **probe_run(run_dir)}
+            entry = {"variant": variant, "seed": seed, "train_s": None if seconds is None else round(seconds, 1), **probe_run(run_dir)}
             results.append(entry)
             print(f"[motion] {variant} seed {seed}: {json.dumps(entry)}", file=sys.stderr, flush=True)
 
