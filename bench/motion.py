@@ -202,7 +202,8 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             run_dir = Path(args.out) / f"{variant}-seed{seed}"
             seconds = train(run_dir, [*VARIANTS[variant], f"train.seed={seed}", *args.set], args.steps)
-            entry = {"variant": variant, "seed": seed, "train_s": None if seconds is None else round(seconds, 1), **probe_run(run_dir)}
+            took = None if seconds is None else round(seconds, 1)
+            entry = {"variant": variant, "seed": seed, "train_s": took, **probe_run(run_dir)}
             results.append(entry)
             print(f"[motion] {variant} seed {seed}: {json.dumps(entry)}", file=sys.stderr, flush=True)
 
