@@ -1,5 +1,14 @@
 """Shared fixtures. Every test session gets its own dataset cache, so tests never read or
-write the user's ~/.cache/rigtrain."""
+write the user's ~/.cache/rigtrain.
+
+Under pytest-xdist (`setup/test.sh` runs two workers) the workers share that cache (one
+dataset build, one measurement of each step peak); the demo run and the tests that read it
+go to one worker and start first, since it is the longest thing the suite does; and each
+worker and the training processes it starts get their share of the cores as CPU threads
+(one each on a 2-core machine). A tiny model's step is no faster on two threads than on
+one (measured: 40 steps in 6.0 s either way), while two workers each asking for both cores
+made the demo run, whose threads wait on each other at every op, three times slower.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +22,68 @@ import pytest
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+USERS_THREADS = os.environ.get("OMP_NUM_THREADS")
+DEMO_GROUP = "demo-run"
+
+
+# Test modules whose tests share something expensive: the demo run (test_demo_eval.py) or a
+# module-scoped fixture. Under pytest-xdist each of these goes to one worker whole, so
+# nothing is built twice; every other test is scheduled on its own. (pytest-xdist's own
+# `xdist_group` marks do nothing under pytest 9, which renamed the node id they rewrite.)
+SHARING_MODULES = {"test_demo_eval.py", "test_data.py", "test_faults.py", "test_ingest.py", "test_profile.py"}
+
+
+def uses_demo_run(item) -> bool:
+    return "demo_run" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests that read the demo run first (it is the longest thing the suite does), and
+    SHARING_MODULES kept true."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        shares = uses_demo_run(item) or (fixtures is not None and any(
+            d.scope == "module" for defs in fixtures.name2fixturedefs.values() for d in defs))
+        if shares and item.path.name not in SHARING_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} shares a module-scoped fixture or the demo run: add "
+                                    f"{item.path.name} to SHARING_MODULES in tests/conftest.py")
+    items.sort(key=lambda item: not uses_demo_run(item))  # stable: otherwise in file order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Tests one by one to whichever worker is free, except SHARING_MODULES, a module at a
+    time; in collection order (the demo run's tests first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharingModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return module if Path(module).name in SHARING_MODULES else nodeid
+
+    config.option.loadscopereorder = False
+    return SharingModulesTogether(config, log)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("rigtrain-cache")
-    old = os.environ.get("RIGTRAIN_CACHE")
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if XDIST_WORKER else base) / "rigtrain-cache"  # the parent: shared by the workers
+    cache.mkdir(exist_ok=True)
+    saved = {key: os.environ.get(key) for key in ("RIGTRAIN_CACHE", "OMP_NUM_THREADS")}
     os.environ["RIGTRAIN_CACHE"] = str(cache)
+    if XDIST_WORKER:  # the cores shared out between the workers
+        import torch
+
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     yield cache
-    if old is None:
-        os.environ.pop("RIGTRAIN_CACHE", None)
-    else:
-        os.environ["RIGTRAIN_CACHE"] = old
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -50,15 +111,23 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, demo_data) -> Path:
-    """`rigtrain train` with the demo preset, exactly as the README runs it (a few minutes):
-    one run per test session, shared by every test that checks what a finished demo has."""
+    """`rigtrain train` with the demo preset, as the README runs it (a few minutes; under
+    pytest-xdist on this worker's share of the cores): one run per test session, shared by
+    every test that checks what a finished demo has."""
     run = tmp_path_factory.mktemp("demo") / "run"
     result = run_cli("train", "--out", str(run), timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run
 
 
-def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`rigtrain ARGS` in a fresh process, as a user runs it."""
+def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, plan_threads: bool = False
+            ) -> subprocess.CompletedProcess:
+    """`rigtrain ARGS` in a fresh process, as a user runs it. plan_threads: with the CPU
+    threads the plan gives a user's run (all the cores), not this worker's share of them."""
+    env = os.environ.copy()
+    if plan_threads:
+        env.pop("OMP_NUM_THREADS", None)
+        if USERS_THREADS is not None:
+            env["OMP_NUM_THREADS"] = USERS_THREADS
     return subprocess.run([sys.executable, "-m", "rigtrain", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=os.environ.copy())
+                          timeout=timeout, cwd=cwd, env=env)

@@ -22,12 +22,23 @@ def cache_root() -> Path:
 
 def embedded_dataset(data: DataConfig, log=print) -> Path:
     """Prepared shards of Shapes world for this clip shape; built on first use. Both steps
-    write to a temporary folder and rename it, so a second process (or a crash) never sees
-    half a dataset."""
+    write to a temporary folder and rename it, so a crash never leaves half a dataset, and
+    a lock makes a second process that wants the same dataset (two runs started at once)
+    wait for the first one's build instead of building it again beside it."""
     raw = cache_root() / f"shapes-world-v{SYNTH_VERSION}-n{data.synth_videos}-seed{data.synth_seed}"
     key = hashlib.sha1(json.dumps(preparation_params(data), sort_keys=True).encode()).hexdigest()[:10]
     prepared = raw.with_name(raw.name + f"-prepared-{key}")
     if (prepared / "index.json").is_file():
+        return prepared
+    from filelock import FileLock
+
+    prepared.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(prepared) + ".lock"):
+        return _build(raw, prepared, data, log)
+
+
+def _build(raw: Path, prepared: Path, data: DataConfig, log) -> Path:
+    if (prepared / "index.json").is_file():  # built by the process that held the lock before us
         return prepared
     if not (raw / "labels.json").is_file():
         log(f"generating the Shapes-world dataset ({data.synth_videos} videos) into {raw}")
