@@ -42,6 +42,7 @@ def main(run: Path) -> None:
     record = json.loads((run / "config.json").read_text())
     record["config"]["train"].update(steps=10, log_every=100)  # the measured step is not a logging step
     record["config"]["eval"]["during_training"] = False
+    record["config"]["profile"]["enabled"] = False  # a run that was profiled: the probe measures a plain step
     (run / "config.json").write_text(json.dumps(record))
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))

@@ -1,7 +1,8 @@
 """A run you can leave alone: each fault injected for real into real training processes.
 Signals (one and two ranks), the launcher killed, a loss that diverges, --resume with
 changes, a full disk, damaged checkpoints, two runs on one folder, a torn metrics line,
-shards that shrink, the same command twice, and a list of bad invocations."""
+shards that shrink, and a list of bad invocations (the same command twice giving the same
+losses is in test_train.py, with resuming)."""
 
 from __future__ import annotations
 
@@ -330,17 +331,6 @@ def test_shards_checked_when_opened_and_when_they_shrink_under_a_run(tmp_path, d
     out, err = process.communicate(timeout=120)
     assert process.returncode == 2, err[-2000:]
     assert "became shorter while training" in err and "Traceback" not in err
-
-
-def test_the_same_command_twice_gives_the_same_losses(tmp_path, demo_data):
-    """On the CPU at the default thread count, bit for bit (the decoder's query projection
-    used to add its gradients up in a thread-dependent order)."""
-    curves = []
-    for name in ("a", "b"):
-        run = tmp_path / name
-        assert rigtrain("train", "--out", str(run), "--steps", "30", "--set", "train.log_every=1").returncode == 0
-        curves.append(losses(run))
-    assert curves[0] == curves[1]
 
 
 # -- bad invocations ------------------------------------------------------------------------

@@ -97,29 +97,35 @@ def probe(run: Path) -> dict:
     return json.loads(lines[0][len("PROBE "):])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision, stage, optimizer, master, accumulation", [
-    ("fp32", 1, "DeepSpeedZeroOptimizer", "torch.float32", "torch.float32"),
-    ("bf16", 1, "BF16_Optimizer", "torch.float32", "torch.float32"),
-    ("bf16", 2, "DeepSpeedZeroOptimizer", "torch.float32", "torch.float32"),
-    ("bf16", 3, "DeepSpeedZeroOptimizer_Stage3", "torch.float32", "torch.float32"),
-])
-def test_training_step_syncs_and_precision(tmp_path, demo_data, precision, stage, optimizer, master, accumulation):
-    """A real Trainer's step: no host sync outside DeepSpeed's optimizer step (which checks the
-    gradient norm for inf/NaN and clips it, a read-back each: counted, at most 4), and in bf16
-    fp32 master weights and fp32 gradient accumulation, with the running means kept fp32."""
-    run = tmp_path / "run"
-    made = run_cli("train", "--out", str(run), "--steps", "1", "--set", f"train.precision={precision}",
-                   f"train.zero_stage={stage}", *TINY)
-    assert made.returncode == 0, made.stderr[-3000:]
+# What DeepSpeed's optimizer must keep at each (precision, ZeRO stage) the plan can pick:
+# fp32 master weights and fp32 gradient accumulation whatever the module's dtype.
+OPTIMIZER = {("fp32", 1): "DeepSpeedZeroOptimizer", ("bf16", 1): "BF16_Optimizer", ("bf16", 2): "DeepSpeedZeroOptimizer",
+             ("fp32", 3): "DeepSpeedZeroOptimizer_Stage3", ("bf16", 3): "DeepSpeedZeroOptimizer_Stage3"}
+
+
+def check_step_syncs_and_precision(run: Path, precision: str, stage: int) -> None:
+    """A real Trainer's step on the run's checkpoint (tests/step_probe.py): no host sync
+    outside DeepSpeed's optimizer step (which checks the gradient norm for inf/NaN and clips
+    it, a read-back each: counted, at most 4), and in bf16 fp32 master weights and fp32
+    gradient accumulation, with the running means kept fp32."""
     found = probe(run)
     outside = {k: v for k, v in found["syncs"].items() if not k.startswith("optimizer:")}
     assert outside == {}, found["syncs"]
     assert sum(found["syncs"].values()) <= 4, found["syncs"]
-    assert found["optimizer"] == optimizer
+    assert found["optimizer"] == OPTIMIZER[precision, stage]
     assert found["module_dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
-    assert found["master_dtypes"] == [master] and found["grad_accumulation_dtype"] == accumulation
+    assert found["master_dtypes"] == ["torch.float32"] and found["grad_accumulation_dtype"] == "torch.float32"
     assert found["running_mean_dtype"] == "torch.float32"
+
+
+@pytest.mark.slow
+def test_bf16_at_zero2_steps_without_syncs_and_keeps_fp32(tmp_path, demo_data):
+    """ZeRO-2, which test_train_resume_eval_profile does not run: one step, then the probe."""
+    run = tmp_path / "run"
+    made = run_cli("train", "--out", str(run), "--steps", "1", "--set", "train.precision=bf16", "train.zero_stage=2",
+                   *TINY)
+    assert made.returncode == 0, made.stderr[-3000:]
+    check_step_syncs_and_precision(run, "bf16", 2)
 
 
 def test_deepspeed_config_per_precision():
@@ -155,7 +161,8 @@ def test_the_plan_takes_zero1_for_bf16_on_one_gpu_and_warns_at_zero0():
 @pytest.mark.parametrize("precision, stage", [("fp32", 1), ("bf16", 1), ("fp32", 3), ("bf16", 3)])
 def test_train_resume_eval_profile(tmp_path, demo_data, precision, stage):
     """Each precision at ZeRO-1 and ZeRO-3 through everything a run does: train with the
-    profiler on and a checkpoint at step 2, resume to step 4, then `rigtrain eval`."""
+    profiler on and a checkpoint at step 2, resume to step 4, `rigtrain eval`, then a step
+    on the finished run measured for host syncs and the optimizer's dtypes."""
     run = tmp_path / "run"
     common = [f"train.precision={precision}", f"train.zero_stage={stage}", *TINY, "train.log_every=1",
               "profile.enabled=true", "profile.start_step=0", "profile.warmup=1", "profile.active=1"]
@@ -175,3 +182,4 @@ def test_train_resume_eval_profile(tmp_path, demo_data, precision, stage):
     assert scored.returncode == 0, scored.stderr[-3000:]
     result = json.loads(scored.stdout)
     assert result["step"] == 4 and 0 <= result["knn"]["colour"]["top1"] <= 1
+    check_step_syncs_and_precision(run, precision, stage)

@@ -113,7 +113,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_overfits_a_handful_of_clips(demo_data, demo_config):
-    """Seed 000's first test: a model that cannot memorise four clips has a bug."""
+    """The first test of any model: one that cannot memorise four clips has a bug."""
     from rigtrain.data.dataset import ShardDataset
 
     dataset = ShardDataset(demo_data, demo_config.data)
