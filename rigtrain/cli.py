@@ -53,7 +53,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps in total (train.steps)")
     p.add_argument("--resume", action="store_true", help="continue --out RUN_DIR from its newest complete checkpoint")
     p.add_argument("--hostfile", metavar="FILE", type=nonempty, help="several machines: passed to DeepSpeed's launcher")
-    p.add_argument("--rig", metavar="FILE", type=nonempty, help="this machine described by a rig file (RIG.md) instead of the probe, "
+    p.add_argument("--rig", metavar="FILE", type=nonempty, help="this machine described by a rig file (docs/planner.md) instead of the probe, "
                    "e.g. a saved `rigtrain rig --json` with your PSU")
     p.add_argument("--psu-watts", type=watts, metavar="W", help="the power supply's rating, for the power warning")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
@@ -79,7 +79,7 @@ def build_parser() -> Parser:
     evaluate.add_argument("--json", action="store_true", help="print eval.json's content on stdout and nothing else")
 
     rig = commands.add_parser("rig", help="read the machine (or a rig file), plan a run and warn about the hardware")
-    rig.add_argument("--rig", metavar="FILE", type=nonempty, help="plan for the machine this rig file describes (RIG.md), not this one")
+    rig.add_argument("--rig", metavar="FILE", type=nonempty, help="plan for the machine this rig file describes (docs/planner.md), not this one")
     rig.add_argument("--psu-watts", type=watts, metavar="W", help="the power supply's rating, which no probe can read")
     rig.add_argument("--preset", type=nonempty, help="the model and clip shape to plan for (default: small on a GPU, demo without)")
     rig.add_argument("--config", metavar="FILE", type=nonempty, help="a TOML or YAML config file")

@@ -1,5 +1,6 @@
-"""STYLE.md: dependencies point one way, cli -> train -> {rig, profile, evaluate, data, model} -> config, and
-model/ never imports DeepSpeed. Read from the source, so a stray import fails here."""
+"""docs/architecture.md: dependencies point one way, cli -> train -> {rig, profile, evaluate, data, model}
+-> config; model/ never imports DeepSpeed; and no module imports, however indirectly, a module that
+imports it. Read from the source (imports inside functions too), so a stray import fails here."""
 
 import ast
 from pathlib import Path
@@ -20,6 +21,14 @@ FORBIDDEN = {
 }
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
 def imports_of(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -36,3 +45,68 @@ def test_dependencies_point_down(part):
         for name in imports_of(path):
             bad = [f for f in FORBIDDEN[part] if name == f or name.startswith(f + ".")]
             assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {name}"
+
+
+def rigtrain_modules_imported_by(path: Path) -> set[str]:
+    """The modules of the package that this file imports (`from a.b import c` is a.b.c when
+    c is a module, else a.b)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        for name in names:
+            while name and name not in MODULES:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every set of modules that import each other round a loop (Tarjan's strongly
+    connected components of more than one module)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in graph.get(module, ()):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                other = stack.pop()
+                component.append(other)
+                if other == module:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_loop():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles():
+    # A package's __init__ importing its own modules is not a loop through them.
+    graph = {name: {m for m in rigtrain_modules_imported_by(path) if m != name and not name.startswith(m + ".")}
+             for name, path in MODULES.items()}
+    assert import_cycles(graph) == []

@@ -22,7 +22,7 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """The multimodal predictive-coding Perceiver (MODEL.md)."""
+    """The multimodal predictive-coding Perceiver (docs/model.md)."""
 
     tubelet: tuple[int, int, int] = (2, 8, 8)
     "video token size in frames, pixels high, pixels wide (VATT tubelet t×h×w)"
@@ -124,7 +124,7 @@ class DataConfig:
     recurrent_windows: int = 1
     "present+future windows per clip; the latent is carried from one to the next (a longer clip)"
     window_step_frames: int = 0
-    "frames from one window's start to the next (seed 000's window increment); 0 = present_frames"
+    "frames from one window's start to the next (the window increment of predictive coding over a sliding window); 0 = present_frames"
     sample_rate: int = 8000
     "audio samples per second after resampling"
     clip_stride_s: float = 0.0
@@ -348,7 +348,7 @@ class EvalConfig:
     first_step: int = 10
     "the first evaluation during training; later ones at first_step x growth^k"
     growth: float = 2.0
-    "how much longer each wait between evaluations is than the last (seed 001's exponential schedule)"
+    "how much longer each wait between evaluations is than the last (an exponential schedule: frequent early, when the curve moves fast)"
     knn_k: int = 20
     "neighbours of the weighted kNN (DINO: 20)"
     knn_temperature: float = 0.07

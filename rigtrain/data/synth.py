@@ -1,4 +1,4 @@
-"""Shapes world, the embedded dataset (MODEL.md). Each video holds a few events; an event is
+"""Shapes world, the embedded dataset (docs/model.md). Each video holds a few events; an event is
 a coloured shape moving in one direction over a noisy background, a tone whose pitch names
 the shape and whose glide follows the motion, and a narration segment that says it.
 

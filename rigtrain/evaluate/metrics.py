@@ -1,4 +1,4 @@
-"""Measures of a frozen encoder (MODEL.md, "Evaluation"): weighted kNN and a linear probe
+"""Measures of a frozen encoder (docs/model.md, "Evaluation"): weighted kNN and a linear probe
 per label, and text<->video retrieval, each beside its chance level. Pure functions of
 feature arrays, so they are tested on hand-made features.
 

@@ -1,4 +1,4 @@
-"""VATT's contrastive objectives (MODEL.md, seed 003): NCE between video and audio, MIL-NCE
+"""VATT's contrastive objectives (docs/model.md, "The loss terms"): NCE between video and audio, MIL-NCE
 between video and the narration segments that overlap it, on L2-normalised embeddings
 with temperature tau. A clip missing a modality is masked out of the loss, never filled in.
 

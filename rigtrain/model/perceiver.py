@@ -1,4 +1,4 @@
-"""The multimodal predictive-coding Perceiver (MODEL.md, seed documents 000, 003 and 004).
+"""The multimodal predictive-coding Perceiver (docs/model.md).
 
 Predictive coding, for each window i of a clip (recurrent_windows of them, a step apart):
     tokens(present video, present audio, narration) --DropToken--> encoder(start_i) --> latent z_i

@@ -1,4 +1,4 @@
-"""The machine as facts: what a probe reads, or what a rig file (RIG.md) describes.
+"""The machine as facts: what a probe reads, or what a rig file describes (docs/planner.md, "The rig file").
 
 A rig file is JSON in the shape `rigtrain rig --json` prints under "rig". Fields a probe
 cannot read are optional; an unknown field, a wrong type or an impossible value is a
@@ -87,7 +87,7 @@ class Rig:
         return self.cpu.threads or self.cpu.cores or 1
 
     def to_dict(self) -> dict:
-        """The RIG.md shape (what `rigtrain rig --json` prints as "rig", and a rig file holds)."""
+        """The rig file's shape (what `rigtrain rig --json` prints as "rig", and a rig file holds)."""
         def clean(value):
             if isinstance(value, dict):
                 return {k: clean(v) for k, v in value.items() if v is not None and v != ()}
@@ -239,7 +239,7 @@ def read_rig_file(path: str | Path) -> Rig:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise RigFileError(f"--rig {path}: no such file; save one with `rigtrain rig --json` or write one "
-                           "as in RIG.md") from None
+                           "as in docs/planner.md") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RigFileError(f"{path}: not valid JSON ({err})") from None
     if isinstance(data, dict) and "rig" in data and "plan" in data:
