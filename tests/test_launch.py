@@ -73,7 +73,7 @@ def test_loader_threads_follow_the_cores_unless_set():
 
 
 def test_deepspeed_config_carries_the_buckets_the_planner_counts():
-    from rigtrain.rig.plan import BUCKET_ELEMENTS
+    from rigtrain.rig.budget import BUCKET_ELEMENTS
     from rigtrain.train.trainer import deepspeed_config
 
     zero = deepspeed_config(load_config("base", overrides=["train.zero_stage=3"]), "bf16", 2)["zero_optimization"]

@@ -171,7 +171,7 @@ def test_more_memory_never_gives_a_smaller_micro_batch():
 def test_search_finds_the_largest_fitting_micro_batch_with_few_measurements():
     """Against an exhaustive scan of a step whose peak is not affine (a jump where another
     buffer appears), the search returns the same size and measures a handful of steps."""
-    from rigtrain.rig.plan import _Search
+    from rigtrain.rig.budget import MicroBatchSearch
 
     def bytes_at(b):
         return 1000 + 37 * b + (400 if b > 50 else 0) + (b * b // 40)
@@ -182,7 +182,7 @@ def test_search_finds_the_largest_fitting_micro_batch_with_few_measurements():
 
     for budget in (900, 1100, 2500, 3300, 4000, 9000, 20000):
         calls = []
-        found = _Search(peak, "bf16").largest(False, budget, 256)
+        found = MicroBatchSearch(peak, "bf16").largest(False, budget, 256)
         expected = max([b for b in range(1, 257) if bytes_at(b) <= budget], default=0)
         assert found == expected, budget
         assert len(set(calls)) <= 10, (budget, len(set(calls)))
@@ -428,7 +428,7 @@ def test_what_crashed_on_the_h200_is_no_longer_planned_as_safe():
 
 
 def test_memory_terms_arithmetic():
-    from rigtrain.rig.plan import (CUDA_CONTEXT_GIB, FRAGMENTATION, NCCL_GIB, PROFILER_GIB, cublas_workspace_bytes,
+    from rigtrain.rig.budget import (CUDA_CONTEXT_GIB, FRAGMENTATION, NCCL_GIB, PROFILER_GIB, cublas_workspace_bytes,
                                    fp32_gradient_bytes, outside_allocator_gib, peak_bytes, usable_gib)
 
     assert cublas_workspace_bytes((9, 0)) == 2 * 32 * 2**20  # Hopper: 32 MiB per handle, two threads

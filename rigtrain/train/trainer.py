@@ -28,14 +28,14 @@ from rigtrain.evaluate.evaluation import spread
 from rigtrain.profile.recorder import LoaderTimeline, StepProfiler, span
 from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
 from rigtrain.model import build_model, count_parameters
-from rigtrain.rig.plan import BUCKET_ELEMENTS
+from rigtrain.rig.budget import BUCKET_ELEMENTS
 from rigtrain.errors import TrainingFault, UserError
 from rigtrain.train import checkpoints
 from rigtrain.train.metrics import MetricsLog, write_json
 
 def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict:
     t = config.train
-    # Bucket sizes the planner counts (rig.plan.BUCKET_ELEMENTS): DeepSpeed's defaults
+    # Bucket sizes the planner counts (rig.budget.BUCKET_ELEMENTS): DeepSpeed's defaults
     # (5e8 elements, 1 GB in bf16 per bucket) would not fit a home card beside the model.
     zero: dict = {"stage": t.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
                   "allgather_bucket_size": BUCKET_ELEMENTS}
