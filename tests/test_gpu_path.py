@@ -129,7 +129,7 @@ def test_bf16_at_zero2_steps_without_syncs_and_keeps_fp32(tmp_path, demo_data):
 
 
 def test_deepspeed_config_per_precision():
-    from rigtrain.train.trainer import deepspeed_config
+    from rigtrain.train.engine import deepspeed_config
 
     config = load_config("demo", overrides=["train.zero_stage=1"])
     fp16 = deepspeed_config(config, "fp16", 1)

@@ -74,7 +74,7 @@ def test_loader_threads_follow_the_cores_unless_set():
 
 def test_deepspeed_config_carries_the_buckets_the_planner_counts():
     from rigtrain.rig.budget import BUCKET_ELEMENTS
-    from rigtrain.train.trainer import deepspeed_config
+    from rigtrain.train.engine import deepspeed_config
 
     zero = deepspeed_config(load_config("base", overrides=["train.zero_stage=3"]), "bf16", 2)["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == BUCKET_ELEMENTS

@@ -176,7 +176,7 @@ def test_optimizer_choices_train_and_checkpoint(tmp_path, demo_data, settings, s
 
 def test_logged_lr_follows_warmup_then_cosine():
     from rigtrain.config import load_config
-    from rigtrain.train.trainer import lr_lambda
+    from rigtrain.train.engine import lr_lambda
 
     config = load_config("demo", overrides=["train.steps=20", "train.warmup_steps=4", "train.min_lr_ratio=0.1"])
     factor = lr_lambda(config)

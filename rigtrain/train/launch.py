@@ -103,7 +103,7 @@ def check_data(data_dir: Path, config: RunConfig, world_size: int, heldout: list
 
 def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan, extra: dict | None = None) -> None:
     from rigtrain.train.metrics import write_json
-    from rigtrain.train.trainer import deepspeed_config
+    from rigtrain.train.engine import deepspeed_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": config.to_dict(), "data_dir": str(data_dir), "rig": rig.to_dict(),

@@ -1,138 +1,52 @@
 """The training process: one per GPU (or per `train.nproc` on a CPU), started by the launcher
-with RANK/WORLD_SIZE in its environment. It reads everything from RUN_DIR/config.json.
+with RANK/WORLD_SIZE in its environment. It reads everything from RUN_DIR/config.json
+(docs/training.md).
 
     Trainer(run_dir)  -> distributed init, model, DeepSpeed engine, loader, resume
     .fit()            -> train_step() until train.steps, logging and checkpointing
     .close()          -> flush logs, leave the process group (always called)
+
+This file holds the loop; the Trainer's other ideas live beside it as mixins: saving.py
+(checkpoints), evaluating.py (evaluation during training), rehearsal.py (the first steps'
+rehearsal and memory check), profiling.py (the profiled window, MFU). The engine's set-up
+is engine.py. None of them imports this file.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import random
-import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rigtrain.config import RunConfig, build_config
 from rigtrain.data.dataset import ShardDataset, make_loader, open_dataset
 from rigtrain.data.split import split_clips
-from rigtrain.evaluate import Features, evaluate, extract_features, flat_metrics, format_result
-from rigtrain.evaluate.evaluation import spread
-from rigtrain.profile.recorder import LoaderTimeline, StepProfiler, span
-from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
+from rigtrain.errors import UserError
+from rigtrain.evaluate import flat_metrics
 from rigtrain.model import build_model, count_parameters
-from rigtrain.rig.budget import BUCKET_ELEMENTS
-from rigtrain.errors import TrainingFault, UserError
+from rigtrain.profile.recorder import LoaderTimeline, span
+from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
 from rigtrain.train import checkpoints
-from rigtrain.train.metrics import MetricsLog, write_json
-
-def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict:
-    t = config.train
-    # Bucket sizes the planner counts (rig.budget.BUCKET_ELEMENTS): DeepSpeed's defaults
-    # (5e8 elements, 1 GB in bf16 per bucket) would not fit a home card beside the model.
-    zero: dict = {"stage": t.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
-                  "allgather_bucket_size": BUCKET_ELEMENTS}
-    if t.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=BUCKET_ELEMENTS, stage3_max_live_parameters=2 * BUCKET_ELEMENTS,
-                    stage3_max_reuse_distance=2 * BUCKET_ELEMENTS)
-    if t.offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    extra = {}
-    if precision == "bf16" and t.zero_stage >= 1 and t.offload_optimizer == "none":
-        # Gradients add up in fp32: at ZeRO-1 DeepSpeed's BF16_Optimizer, at ZeRO-2 and 3 its
-        # ZeRO optimizers with an fp32 accumulation buffer. ZeRO-0 has no such path (DeepSpeed
-        # refuses the setting there), which is why the plan takes ZeRO-1 for bf16.
-        extra["data_types"] = {"grad_accum_dtype": "fp32"}
-    return {
-        **extra,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        # loss_scale 0 = dynamic loss scaling, which fp16 needs to avoid underflow.
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        # Our optimizer is built here (AdamW or bitsandbytes AdamW8bit); DeepSpeed would
-        # otherwise insist on its own CPU Adam when offloading.
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
+from rigtrain.train.engine import (
+    apply_optimizer_config,
+    build_optimizer,
+    deepspeed_config,
+    init_distributed,
+    lr_lambda,
+    seed_everything,
+)
+from rigtrain.train.evaluating import HeldOutEvaluation
+from rigtrain.train.metrics import MetricsLog
+from rigtrain.train.profiling import StepProfiling
+from rigtrain.train.rehearsal import FirstStepRehearsal
+from rigtrain.train.saving import CheckpointSaving
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms, biases, embeddings and the latent array keep
-    their scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "embed" in name or name == "latents":
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    t = config.train
-    groups = param_groups(model, t.weight_decay)
-    if t.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.betas)
-    # fused: one kernel for the whole update, and its step counts stay on the device, where
-    # the default implementation reads each one back to the host every step.
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=True)
-
-
-def lr_lambda(config: RunConfig):
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio at train.steps."""
-    t = config.train
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _disk_full(err: BaseException, folder: Path) -> bool:
-    """An error while writing that means the disk (or quota) is full. torch.save does not
-    say so: its zip writer fails with "basic_ios::clear: iostream error", then "unexpected
-    pos", so with nothing errno-shaped in the chain the disk is asked directly."""
-    chain, seen = err, 0
-    while chain is not None and seen < 10:
-        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        chain, seen = chain.__context__ or chain.__cause__, seen + 1
-    text = str(err)
-    if "unexpected pos" in text or "iostream error" in text or "failed writing" in text:
-        try:
-            return shutil.disk_usage(folder).free < (64 << 20)
-        except OSError:
-            return False
-    return False
-
-
-class Trainer:
+class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfiling):
     def __init__(self, run_dir: str | Path, stop=None):
         self.run_dir = Path(run_dir)
         self.stop = stop  # stopping.GracefulStop: a stop signal this process received
@@ -144,31 +58,8 @@ class Trainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.is_main = self.rank == 0
         self.log: MetricsLog | None = None
-        self._init_distributed()
-
-        t = self.config.train
-        seed_everything(t.seed)  # identical initial weights on every rank
-        self.model = build_model(self.config.model, self.config.data)
-        self.parameters = count_parameters(self.model)  # before ZeRO-3 partitions the tensors
-        optimizer = build_optimizer(self.config, self.model)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.config))
-        import deepspeed
-
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(self.config, self.plan["precision"], self.world))
-        if t.compile:
-            self.engine.compile()
-        self._warm_up_collectives()
-        # Ranks agree on stopping through a CPU (gloo) group: a flag read every step must
-        # not make the host wait for the GPU, as an NCCL collective read back would.
-        self.control_group = None
-        if self.world > 1:
-            self.control_group = (torch.distributed.new_group(backend="gloo") if self.device.type == "cuda"
-                                  else torch.distributed.group.WORLD)
-        # Each rank draws its own DropToken masks.
-        seed_everything(t.seed + 1000 * (self.rank + 1))
-
+        self.device = init_distributed(self.plan, self.local_rank)
+        self._set_up_engine()
         self.step = 0
         self.settled = False  # past the first steps, where running out of memory makes the launcher back off
         self.micro_batches = 0  # consumed by this rank: the data position to resume from
@@ -177,36 +68,12 @@ class Trainer:
         if resume_tag:
             self.step, self.micro_batches = self._load_meta(resume_tag)
         self.saved_step = self.step  # the step the newest complete checkpoint holds
-
-        self.dataset = open_dataset(saved["data_dir"], self.config.data)
-        self.raw_videos = not isinstance(self.dataset, ShardDataset)
-        # The held-out videos the launcher recorded: their clips are never trained on.
-        self.split = split_clips(self.dataset.clip_videos(), saved.get("split", {}).get("heldout_videos", []))
-        self.eval_steps = set(self.config.eval.steps(t.steps)) \
-            if self.config.eval.during_training and len(self.split.heldout) else set()
         profiling = self.config.profile.enabled and self.step < self.config.profile.last_step
-        self.timeline = LoaderTimeline("decode" if self.raw_videos else "read") if profiling else None
-        self.loader = make_loader(self.dataset, self.config.data, rank=self.rank, world=self.world,
-                                  micro_batch=t.micro_batch_size, seed=t.seed, start_batch=self.micro_batches,
-                                  workers=self.plan.get("dataloader_workers", max(0, self.config.data.workers)),
-                                  pin_memory=self.device.type == "cuda",
-                                  on_batch=self.timeline.record if self.timeline else None,
-                                  clips=self.split.train)
-        self.batches = iter(self.loader)
+        self._set_up_data(saved, profiling)
         if resume_tag:
             self._load_checkpoint(resume_tag)
         if self.is_main:
-            # Metrics past the checkpoint (or all of them, when a run died before its first
-            # checkpoint) are dropped: they will be logged again.
-            self.log = MetricsLog(self.run_dir, resume_step=self.step)
-            if not resume_tag:
-                self.log.write_setup(saved, self.parameters)
-            self.log.say(f"{'resuming at' if resume_tag else 'starting'} step {self.step}/{t.steps}: "
-                         f"{self.world} process(es) on {self.device.type}, {self.plan['precision']}, "
-                         f"ZeRO-{t.zero_stage}, {self.parameters / 1e6:.2f}M parameters, "
-                         f"{len(self.split.train)} training clips ({len(self.split.heldout)} held out)")
-            if self.eval_steps:
-                self.log.say(f"evaluating after steps {', '.join(map(str, sorted(self.eval_steps)))}")
+            self._set_up_log(saved, resumed=bool(resume_tag))
         # Counted on the device, read at logging steps: reading the loss every step would
         # make the host wait for the GPU every step.
         self.nonfinite_in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -223,43 +90,71 @@ class Trainer:
                                           else None)
         self.profiler = None
         if profiling:
-            self.profiler = StepProfiler(self.config.profile, self.run_dir / "tb" / "profile", rank=self.rank,
-                                         cuda=self.device.type == "cuda", timeline=self.timeline)
-            if self.log:
-                p = self.config.profile
-                self.log.say(f"profiling steps {p.start_step + p.wait + p.warmup + 1}-{p.last_step} "
-                             f"(after {p.start_step} + {p.wait} skipped and {p.warmup} warm-up) into {self.run_dir / 'tb' / 'profile'}")
+            self._start_profiler()
         if self.raw_videos and self.log:
             self.log.say(f"training straight from the videos in {saved['data_dir']}: every clip is decoded on "
                          "the fly, which is slow; `rigtrain data prepare` makes shards once")
 
     # -- setup ------------------------------------------------------------------------------
-    def _init_distributed(self) -> None:
-        import deepspeed
+    def _set_up_engine(self) -> None:
+        """The model, its optimizer and schedule in DeepSpeed's engine, the collectives warmed
+        up, and the group ranks agree on stopping through."""
+        t = self.config.train
+        seed_everything(t.seed)  # identical initial weights on every rank
+        self.model = build_model(self.config.model, self.config.data)
+        self.parameters = count_parameters(self.model)  # before ZeRO-3 partitions the tensors
+        optimizer = build_optimizer(self.config, self.model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.config))
+        import deepspeed  # heavy: only training processes import it
 
-        if self.plan["device"] == "cuda":
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-            backend = "nccl"
-            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any fp32 matmul left
-            torch.backends.cudnn.allow_tf32 = True
-            # Attention through Flash or memory-efficient kernels, not cuDNN's: on the first
-            # H200 run cuDNN attention spent 3.6-5.7 ms of CPU per call building execution
-            # plans (55% of the step's host time), and SDPA otherwise prefers it on Hopper.
-            torch.backends.cuda.enable_cudnn_sdp(False)
-            cap = (self.plan.get("memory") or {}).get("allocator_cap_gib")
-            if cap:
-                # torch's allocator may take what the plan gave the step, and no more: the
-                # rest of the card is left to the CUDA context, NCCL and cuDNN, which
-                # allocate outside it. Past the cap, torch raises an out-of-memory error the
-                # first-step back-off can catch, instead of NCCL failing at a barrier later.
-                total = torch.cuda.get_device_properties(self.local_rank).total_memory / 2**30
-                torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.local_rank)
-        else:
-            self.device = torch.device("cpu")
-            backend = "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.config, self.plan["precision"], self.world))
+        if t.compile:
+            self.engine.compile()
+        self._warm_up_collectives()
+        # Ranks agree on stopping through a CPU (gloo) group: a flag read every step must
+        # not make the host wait for the GPU, as an NCCL collective read back would.
+        self.control_group = None
+        if self.world > 1:
+            self.control_group = (torch.distributed.new_group(backend="gloo") if self.device.type == "cuda"
+                                  else torch.distributed.group.WORLD)
+        # Each rank draws its own DropToken masks.
+        seed_everything(t.seed + 1000 * (self.rank + 1))
 
+    def _set_up_data(self, saved: dict, profiling: bool) -> None:
+        """The dataset, the held-out split the launcher recorded (never trained on), the
+        evaluation steps, and this rank's loader from the data position to resume at."""
+        t = self.config.train
+        self.dataset = open_dataset(saved["data_dir"], self.config.data)
+        self.raw_videos = not isinstance(self.dataset, ShardDataset)
+        self.split = split_clips(self.dataset.clip_videos(), saved.get("split", {}).get("heldout_videos", []))
+        self.eval_steps = set(self.config.eval.steps(t.steps)) \
+            if self.config.eval.during_training and len(self.split.heldout) else set()
+        self.timeline = LoaderTimeline("decode" if self.raw_videos else "read") if profiling else None
+        self.loader = make_loader(self.dataset, self.config.data, rank=self.rank, world=self.world,
+                                  micro_batch=t.micro_batch_size, seed=t.seed, start_batch=self.micro_batches,
+                                  workers=self.plan.get("dataloader_workers", max(0, self.config.data.workers)),
+                                  pin_memory=self.device.type == "cuda",
+                                  on_batch=self.timeline.record if self.timeline else None,
+                                  clips=self.split.train)
+        self.batches = iter(self.loader)
+
+    def _set_up_log(self, saved: dict, resumed: bool) -> None:
+        """Rank 0's metrics.jsonl and TensorBoard. Metrics past the checkpoint (or all of them,
+        when a run died before its first checkpoint) are dropped: they will be logged again."""
+        t = self.config.train
+        self.log = MetricsLog(self.run_dir, resume_step=self.step)
+        if not resumed:
+            self.log.write_setup(saved, self.parameters)
+        self.log.say(f"{'resuming at' if resumed else 'starting'} step {self.step}/{t.steps}: "
+                     f"{self.world} process(es) on {self.device.type}, {self.plan['precision']}, "
+                     f"ZeRO-{t.zero_stage}, {self.parameters / 1e6:.2f}M parameters, "
+                     f"{len(self.split.train)} training clips ({len(self.split.heldout)} held out)")
+        if self.eval_steps:
+            self.log.say(f"evaluating after steps {', '.join(map(str, sorted(self.eval_steps)))}")
+
+    # -- resuming ---------------------------------------------------------------------------
     def _resume_tag(self) -> str | None:
         """The newest complete checkpoint whose files match their checksums, chosen by rank 0
         (which says which damaged ones it skipped) for every rank."""
@@ -286,24 +181,10 @@ class Trainer:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
         checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank)
-        self._apply_optimizer_config()
-
-    def _apply_optimizer_config(self) -> None:
-        """The checkpoint brought back the optimizer's hyperparameters and the schedule's base
-        rate as they were; a resumed run trains with what its config says now (--set
-        train.lr=... on --resume takes effect), at the schedule's position it had reached."""
-        t = self.config.train
-        schedule = self.scheduler
-        factor = lr_lambda(self.config)(schedule.last_epoch)
-        schedule.base_lrs = [t.lr for _ in schedule.base_lrs]
-        for group in schedule.optimizer.param_groups:
-            group["lr"] = t.lr * factor
-            group["betas"] = tuple(t.betas)
-            if group.get("weight_decay", 0) > 0:  # the group of matrices (param_groups)
-                group["weight_decay"] = t.weight_decay
-        schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
+        apply_optimizer_config(self.config, self.scheduler)
 
     # -- the loop -------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------
     def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
         started = time.perf_counter()
         with span("data_wait"):
@@ -376,17 +257,6 @@ class Trainer:
         """Step times count from here (after a logging step, an evaluation or a save)."""
         self.clock_started, self.clock_step, self.data_wait_since_log = time.perf_counter(), self.step, 0.0
 
-    def _flops_and_peak(self) -> tuple[float | None, float | None]:
-        """On a GPU in the peak table: FLOPs per clip (counted once) and the card's peak,
-        for the MFU logged with every metrics line."""
-        if self.device.type != "cuda":
-            return None, None
-        from rigtrain.rig.peaks import peak_tflops
-        from rigtrain.train.flops import train_flops_per_clip
-
-        peak = peak_tflops(torch.cuda.get_device_name(self.device))
-        return (train_flops_per_clip(self.config.model, self.config.data), peak) if peak else (None, None)
-
     def _check_divergence(self, in_a_row: int, total: int, metrics: dict[str, float]) -> None:
         """At each logging step (every checkpoint step is one), the rules that stop a run
         which can no longer learn, before it saves: the loss not finite for
@@ -421,79 +291,6 @@ class Trainer:
             self.diverged = (f"{why}; {self._last_good()}; lower train.lr (now {t.lr:g}) or raise "
                              f"train.warmup_steps, then `rigtrain train --out {self.run_dir} --resume --set train.lr=...`")
 
-    def save_checkpoint(self) -> bool:
-        """Save this step; False (nothing written) when the weights or optimizer states are
-        no longer finite, since such a checkpoint could only be resumed into the same
-        failure. A full disk is one line, before the save when the last checkpoint's size
-        says it will not fit, and during it otherwise; the previous checkpoint stays whole."""
-        if not self._states_finite():
-            last = self._last_good()
-            self.diverged = (f"the weights or optimizer states are not finite at step {self.step}, so no checkpoint "
-                             f"was written; {last}; lower train.lr (now {self.config.train.lr:g}) and resume with "
-                             f"`rigtrain train --out {self.run_dir} --resume --set train.lr=...`")
-            return False
-        tag = checkpoints.tag_for(self.step)
-        tag_dir = self.ckpt_dir / tag
-        self._check_disk_space(tag_dir)
-        if self.is_main:  # a tag saved again (a resumed run) is incomplete until its new list is written
-            (tag_dir / checkpoints.COMPLETE).unlink(missing_ok=True)
-        try:
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
-            checkpoints.save_rank_state(tag_dir, self.rank)
-            torch.distributed.barrier()  # every rank's part is on disk before the tag counts
-            if self.is_main:
-                write_json(tag_dir / "trainer.json", {"step": self.step, "micro_batches": self.micro_batches,
-                                                      "config": self.config.to_dict()})
-                checkpoints.mark_complete(tag_dir, self.step)
-                removed = checkpoints.prune(self.ckpt_dir, self.config.train.keep_ckpts)
-                self.log.say(f"checkpoint {tag_dir}" + (f" (removed {', '.join(removed)})" if removed else ""))
-        except (OSError, RuntimeError) as err:
-            if not _disk_full(err, self.ckpt_dir):
-                raise
-            shutil.rmtree(tag_dir, ignore_errors=True)  # incomplete: never resumed, and it holds space
-            free = shutil.disk_usage(self.ckpt_dir).free
-            raise TrainingFault(f"the disk is full: saving step {self.step} into {tag_dir} failed with {free:,} bytes "
-                                f"free; {self._last_good()}; free some space and resume with "
-                                f"`rigtrain train --out {self.run_dir} --resume`") from None
-        torch.distributed.barrier()
-        self.saved_step = self.step
-        return True
-
-    def _states_finite(self) -> bool:
-        """Every rank's weights (its partitions under ZeRO-3) and optimizer tensors (fp32
-        master weights and moments) are finite; one read-back per save."""
-        tensors = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
-        optimizer = self.engine.basic_optimizer
-        tensors += [p for group in optimizer.param_groups for p in group["params"]]
-        tensors += [v for state in optimizer.state.values() for v in state.values()
-                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        bad = torch.zeros((), dtype=torch.int64, device=self.device)
-        for t in tensors:
-            if t.numel():
-                bad += (~torch.isfinite(t)).any().to(self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(bad)
-        return int(bad) == 0
-
-    def _last_good(self) -> str:
-        tags = checkpoints.complete_tags(self.ckpt_dir)
-        return (f"the last good checkpoint is step {tags[-1][0]} ({self.ckpt_dir / tags[-1][1]})" if tags
-                else "there is no checkpoint yet")
-
-    def _check_disk_space(self, tag_dir: Path) -> None:
-        """Before a save: the newest checkpoint's size (plus a tenth and 16 MiB for
-        metrics and logs) must fit in what the disk has free."""
-        need = checkpoints.checkpoint_bytes(self.ckpt_dir)
-        if not need:
-            return  # the first save: its size is not known yet; a full disk is caught while saving
-        need = int(need * 1.1) + (16 << 20)
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.ckpt_dir).free
-        if free < need:
-            raise TrainingFault(f"not enough disk space to save step {self.step} into {tag_dir}: about {need:,} bytes "
-                                f"needed, {free:,} free; {self._last_good()}; free some space (or lower "
-                                f"train.keep_ckpts) and resume with `rigtrain train --out {self.run_dir} --resume`")
-
     def fit(self) -> None:
         t = self.config.train
         first_step, losses = self.step, []
@@ -515,7 +312,7 @@ class Trainer:
             if self.step == first_step + 1:
                 self._rehearse_later_needs()
             if self.step in self.eval_steps:
-                result = self.evaluate()
+                result = self.evaluate_held_out()
                 if result is not None:
                     metrics.update(flat_metrics(result))
                 self._restart_step_clock()
@@ -566,131 +363,6 @@ class Trainer:
         if self.log:
             self.log.say(message)
         raise StopRequested(128 + signum, message)
-
-    def evaluate(self) -> dict | None:
-        """Every rank embeds its share of the bank (training clips) and the held-out clips;
-        rank 0 gathers them, scores kNN, probe and retrieval, and writes eval.json. Returns
-        the result on rank 0, None elsewhere."""
-        started = time.perf_counter()
-        cfg, module = self.config.eval, self.engine.module
-        was_training = module.training
-        module.eval()
-        try:
-            parts = [self._embed_share(spread(clips, cfg.max_clips)) for clips in (self.split.train, self.split.heldout)]
-        finally:
-            module.train(was_training)
-        if self.world > 1:
-            gathered = [None] * self.world if self.is_main else None
-            torch.distributed.gather_object(parts, gathered, dst=0)
-            if not self.is_main:
-                return None
-            parts = [Features.concat([g[i] for g in gathered]) for i in range(2)]
-        result = evaluate(parts[0], parts[1], self.dataset.index.get("labels") if not self.raw_videos else None, cfg)
-        record = {"step": self.step, **result, "split": self.split.to_dict(),
-                  "seconds": round(time.perf_counter() - started, 2)}
-        write_json(self.run_dir / "eval.json", record)
-        self.log.say(f"eval after step {self.step} ({record['seconds']:.1f} s; also in eval.json):\n"
-                     + "\n".join("    " + line for line in format_result(result).splitlines()))
-        return result
-
-    def _embed_share(self, clips) -> Features:
-        """This rank's share of the clips, padded so every rank runs the same number of
-        batches (ZeRO-3 gathers parameters in lockstep), the padding dropped after."""
-        share = clips[self.rank :: self.world]
-        per_rank = -(-len(clips) // self.world)
-        padded = np.resize(share if len(share) else clips[:1], per_rank)
-        features = extract_features(lambda batch: self.engine.module(batch, task="embed"), self.dataset, padded,
-                                    batch_size=self.config.train.micro_batch_size, device=self.device)
-        return features.select(np.arange(len(share)))
-
-    def _warm_up_collectives(self) -> None:
-        """Every collective the run uses later, once now: NCCL allocates its buffers outside
-        torch's allocator at a communicator's first use, and on the first real GPU run that
-        first use was the barrier before the first checkpoint, when the allocator held the
-        whole card (608 bytes could not be had, and every step was lost)."""
-        probe = torch.ones(1, device=self.device)
-        torch.distributed.all_reduce(probe)
-        torch.distributed.all_gather([torch.empty_like(probe) for _ in range(self.world)], probe)
-        torch.distributed.barrier()
-
-    def _rehearse_later_needs(self) -> None:
-        """After the first step, what later steps need beyond a train step, done once while
-        an out-of-memory still makes the launcher back off: a batch of evaluation and the
-        collectives of a save. Then the plan is checked against the card."""
-        if self.eval_steps:
-            module = self.engine.module
-            module.eval()
-            try:
-                self._embed_share(self.split.heldout[: self.config.train.micro_batch_size * self.world])
-            finally:
-                module.train()
-        torch.distributed.barrier()
-        if self.device.type == "cuda":
-            self._check_memory()
-        self.settled = True
-
-    def _check_memory(self) -> None:
-        """The plan's predicted peak against what the first step really used, kept in
-        config.json and shown in TensorBoard's setup run: torch's allocated peak (what the
-        plan predicts), what its allocator reserved, and what NVML sees for the card (the
-        CUDA context, NCCL and library workspaces too)."""
-        gib = 2**30
-        free, total = torch.cuda.mem_get_info(self.device)
-        numbers = torch.tensor([torch.cuda.max_memory_allocated(self.device) / gib,
-                                torch.cuda.max_memory_reserved(self.device) / gib, (total - free) / gib],
-                               device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(numbers, op=torch.distributed.ReduceOp.MAX)
-        allocated, reserved, used = numbers.tolist()
-        predicted = self.plan.get("predicted_peak_gib")
-        predicted_total = (self.plan.get("memory") or {}).get("card_total_gib")
-        if not self.log:
-            return
-        error = f" ({(predicted - allocated) / allocated:+.1%} predicted vs measured)" if predicted and allocated else ""
-        self.log.say(f"memory: the first step peaked at {allocated:.2f} GiB allocated per GPU ({reserved:.2f} reserved by "
-                     f"torch, {used:.2f} in use on the card); the plan predicted "
-                     f"{predicted if predicted is None else f'{predicted:.2f}'} GiB{error}"
-                     + (f" and {predicted_total:.2f} GiB on the card" if predicted_total else ""))
-        path = self.run_dir / "config.json"
-        record = json.loads(path.read_text())
-        record["memory_check"] = {"predicted_peak_gib": predicted, "measured_peak_gib": round(allocated, 3),
-                                  "reserved_peak_gib": round(reserved, 3), "card_used_gib": round(used, 3),
-                                  "predicted_card_total_gib": predicted_total,
-                                  "micro_batch_size": self.config.train.micro_batch_size}
-        write_json(path, record)
-        self.log.write_text("setup", "memory", f"predicted {predicted} GiB, measured {allocated:.3f} GiB allocated, "
-                            f"{reserved:.3f} reserved, {used:.3f} GiB used on the card after the first step{error}")
-
-    def _finish_profile(self) -> None:
-        """Stop the profiler (its trace is written), then rank 0 analyses its own trace."""
-        from rigtrain.profile.analysis import RunFacts, analyze, format_summary
-        from rigtrain.rig.peaks import peak_tflops
-        from rigtrain.train.flops import train_flops_per_clip
-
-        self.profiler.stop()
-        path, self.profiler = self.profiler.trace_path, None
-        if not self.log:
-            return
-        if path is None:
-            self.log.say("warning: the profiler wrote no trace; no profile summary")
-            return
-        t = self.config.train
-        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
-        facts = RunFacts(device=self.device.type, clips_per_step=t.micro_batch_size * t.grad_accum_steps * self.world,
-                         world_size=self.world, loader_threads=self.plan.get("dataloader_workers", 0),
-                         cpu_threads=len(os.sched_getaffinity(0)), data_is_raw_videos=self.raw_videos,
-                         zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size,
-                         grad_accum_steps=t.grad_accum_steps, compiled=t.compile,
-                         flops_per_clip=train_flops_per_clip(self.config.model, self.config.data),
-                         peak_tflops=peak_tflops(gpu) if gpu else None, gpu_name=gpu)
-        summary = analyze(json.loads(path.read_text())["traceEvents"], facts)
-        summary["trace"] = str(path.relative_to(self.run_dir))
-        out = self.run_dir / "profile"
-        out.mkdir(exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        text = format_summary(summary)
-        self.log.say("profile summary (also in profile/summary.json and TensorBoard's profile run):\n" + text)
-        self.log.write_text("profile", "summary", "\n".join("    " + line for line in text.splitlines()))
 
     def close(self) -> None:
         if getattr(self, "profiler", None) is not None:

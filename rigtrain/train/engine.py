@@ -1,0 +1,143 @@
+"""The DeepSpeed engine's set-up, without the training loop: the DeepSpeed config a run's
+config and plan imply, the optimizer and its parameter groups, the learning-rate schedule,
+seeding, and the process group. The launcher writes the DeepSpeed config into
+RUN_DIR/config.json from here without importing the Trainer (docs/training.md, "The
+DeepSpeed setup")."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+
+from rigtrain.config import RunConfig
+from rigtrain.rig.budget import BUCKET_ELEMENTS
+
+
+def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict:
+    t = config.train
+    # Bucket sizes the planner counts (rig.budget.BUCKET_ELEMENTS): DeepSpeed's defaults
+    # (5e8 elements, 1 GB in bf16 per bucket) would not fit a home card beside the model.
+    zero: dict = {"stage": t.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
+                  "allgather_bucket_size": BUCKET_ELEMENTS}
+    if t.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=BUCKET_ELEMENTS, stage3_max_live_parameters=2 * BUCKET_ELEMENTS,
+                    stage3_max_reuse_distance=2 * BUCKET_ELEMENTS)
+    if t.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    extra = {}
+    if precision == "bf16" and t.zero_stage >= 1 and t.offload_optimizer == "none":
+        # Gradients add up in fp32: at ZeRO-1 DeepSpeed's BF16_Optimizer, at ZeRO-2 and 3 its
+        # ZeRO optimizers with an fp32 accumulation buffer. ZeRO-0 has no such path (DeepSpeed
+        # refuses the setting there), which is why the plan takes ZeRO-1 for bf16.
+        extra["data_types"] = {"grad_accum_dtype": "fp32"}
+    return {
+        **extra,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # loss_scale 0 = dynamic loss scaling, which fp16 needs to avoid underflow.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Our optimizer is built here (AdamW or bitsandbytes AdamW8bit); DeepSpeed would
+        # otherwise insist on its own CPU Adam when offloading.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms, biases, embeddings and the latent array keep
+    their scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed" in name or name == "latents":
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    t = config.train
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.betas)
+    # fused: one kernel for the whole update, and its step counts stay on the device, where
+    # the default implementation reads each one back to the host every step.
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=True)
+
+
+def lr_lambda(config: RunConfig):
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at train.steps."""
+    t = config.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed(plan: dict, local_rank: int) -> torch.device:
+    """The process group (NCCL on GPUs, gloo on the CPU) and this rank's device, set up for
+    the plan: TF32, attention kernels, and torch's allocator capped at the plan's share of
+    the card."""
+    import deepspeed  # heavy: only the processes that train import it
+
+    if plan["device"] == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for any fp32 matmul left
+        torch.backends.cudnn.allow_tf32 = True
+        # Attention through Flash or memory-efficient kernels, not cuDNN's: on the first
+        # H200 run cuDNN attention spent 3.6-5.7 ms of CPU per call building execution
+        # plans (55% of the step's host time), and SDPA otherwise prefers it on Hopper.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        cap = (plan.get("memory") or {}).get("allocator_cap_gib")
+        if cap:
+            # torch's allocator may take what the plan gave the step, and no more: the
+            # rest of the card is left to the CUDA context, NCCL and cuDNN, which
+            # allocate outside it. Past the cap, torch raises an out-of-memory error the
+            # first-step back-off can catch, instead of NCCL failing at a barrier later.
+            total = torch.cuda.get_device_properties(local_rank).total_memory / 2**30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), local_rank)
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return device
+
+
+def apply_optimizer_config(config: RunConfig, schedule) -> None:
+    """The checkpoint brought back the optimizer's hyperparameters and the schedule's base
+    rate as they were; a resumed run trains with what its config says now (--set
+    train.lr=... on --resume takes effect), at the schedule's position it had reached."""
+    t = config.train
+    factor = lr_lambda(config)(schedule.last_epoch)
+    schedule.base_lrs = [t.lr for _ in schedule.base_lrs]
+    for group in schedule.optimizer.param_groups:
+        group["lr"] = t.lr * factor
+        group["betas"] = tuple(t.betas)
+        if group.get("weight_decay", 0) > 0:  # the group of matrices (param_groups)
+            group["weight_decay"] = t.weight_decay
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]

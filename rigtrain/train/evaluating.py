@@ -1,0 +1,52 @@
+"""Evaluation during training: every rank embeds its share of the training bank and the
+held-out clips, rank 0 scores them (kNN, linear probe, retrieval) and writes eval.json
+(docs/model.md, "Evaluation"). A mixin of the Trainer."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from rigtrain.evaluate import Features, evaluate, extract_features, format_result
+from rigtrain.evaluate.evaluation import spread
+from rigtrain.train.metrics import write_json
+
+
+class HeldOutEvaluation:
+    def evaluate_held_out(self) -> dict | None:
+        """Every rank embeds its share of the bank (training clips) and the held-out clips;
+        rank 0 gathers them, scores kNN, probe and retrieval, and writes eval.json. Returns
+        the result on rank 0, None elsewhere."""
+        started = time.perf_counter()
+        cfg, module = self.config.eval, self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            parts = [self._embed_share(spread(clips, cfg.max_clips)) for clips in (self.split.train, self.split.heldout)]
+        finally:
+            module.train(was_training)
+        if self.world > 1:
+            gathered = [None] * self.world if self.is_main else None
+            torch.distributed.gather_object(parts, gathered, dst=0)
+            if not self.is_main:
+                return None
+            parts = [Features.concat([g[i] for g in gathered]) for i in range(2)]
+        result = evaluate(parts[0], parts[1], self.dataset.index.get("labels") if not self.raw_videos else None, cfg)
+        record = {"step": self.step, **result, "split": self.split.to_dict(),
+                  "seconds": round(time.perf_counter() - started, 2)}
+        write_json(self.run_dir / "eval.json", record)
+        self.log.say(f"eval after step {self.step} ({record['seconds']:.1f} s; also in eval.json):\n"
+                     + "\n".join("    " + line for line in format_result(result).splitlines()))
+        return result
+
+    def _embed_share(self, clips) -> Features:
+        """This rank's share of the clips, padded so every rank runs the same number of
+        batches (ZeRO-3 gathers parameters in lockstep), the padding dropped after."""
+        share = clips[self.rank :: self.world]
+        per_rank = -(-len(clips) // self.world)
+        padded = np.resize(share if len(share) else clips[:1], per_rank)
+        features = extract_features(lambda batch: self.engine.module(batch, task="embed"), self.dataset, padded,
+                                    batch_size=self.config.train.micro_batch_size, device=self.device)
+        return features.select(np.arange(len(share)))

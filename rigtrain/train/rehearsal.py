@@ -1,0 +1,72 @@
+"""The first steps' rehearsal of what later steps need, so that a plan that does not fit
+fails where the launcher can back off the micro-batch: every collective before the first
+step, then after it one batch of evaluation and the save's barrier, and on a GPU the plan's
+predicted memory against what the step used (docs/planner.md). A mixin of the Trainer."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from rigtrain.train.metrics import write_json
+
+
+class FirstStepRehearsal:
+    def _warm_up_collectives(self) -> None:
+        """Every collective the run uses later, once now: NCCL allocates its buffers outside
+        torch's allocator at a communicator's first use, and on the first real GPU run that
+        first use was the barrier before the first checkpoint, when the allocator held the
+        whole card (608 bytes could not be had, and every step was lost)."""
+        probe = torch.ones(1, device=self.device)
+        torch.distributed.all_reduce(probe)
+        torch.distributed.all_gather([torch.empty_like(probe) for _ in range(self.world)], probe)
+        torch.distributed.barrier()
+
+    def _rehearse_later_needs(self) -> None:
+        """After the first step, what later steps need beyond a train step, done once while
+        an out-of-memory still makes the launcher back off: a batch of evaluation and the
+        collectives of a save. Then the plan is checked against the card."""
+        if self.eval_steps:
+            module = self.engine.module
+            module.eval()
+            try:
+                self._embed_share(self.split.heldout[: self.config.train.micro_batch_size * self.world])
+            finally:
+                module.train()
+        torch.distributed.barrier()
+        if self.device.type == "cuda":
+            self._check_memory()
+        self.settled = True
+
+    def _check_memory(self) -> None:
+        """The plan's predicted peak against what the first step really used, kept in
+        config.json and shown in TensorBoard's setup run: torch's allocated peak (what the
+        plan predicts), what its allocator reserved, and what NVML sees for the card (the
+        CUDA context, NCCL and library workspaces too)."""
+        gib = 2**30
+        free, total = torch.cuda.mem_get_info(self.device)
+        numbers = torch.tensor([torch.cuda.max_memory_allocated(self.device) / gib,
+                                torch.cuda.max_memory_reserved(self.device) / gib, (total - free) / gib],
+                               device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(numbers, op=torch.distributed.ReduceOp.MAX)
+        allocated, reserved, used = numbers.tolist()
+        predicted = self.plan.get("predicted_peak_gib")
+        predicted_total = (self.plan.get("memory") or {}).get("card_total_gib")
+        if not self.log:
+            return
+        error = f" ({(predicted - allocated) / allocated:+.1%} predicted vs measured)" if predicted and allocated else ""
+        self.log.say(f"memory: the first step peaked at {allocated:.2f} GiB allocated per GPU ({reserved:.2f} reserved by "
+                     f"torch, {used:.2f} in use on the card); the plan predicted "
+                     f"{predicted if predicted is None else f'{predicted:.2f}'} GiB{error}"
+                     + (f" and {predicted_total:.2f} GiB on the card" if predicted_total else ""))
+        path = self.run_dir / "config.json"
+        record = json.loads(path.read_text())
+        record["memory_check"] = {"predicted_peak_gib": predicted, "measured_peak_gib": round(allocated, 3),
+                                  "reserved_peak_gib": round(reserved, 3), "card_used_gib": round(used, 3),
+                                  "predicted_card_total_gib": predicted_total,
+                                  "micro_batch_size": self.config.train.micro_batch_size}
+        write_json(path, record)
+        self.log.write_text("setup", "memory", f"predicted {predicted} GiB, measured {allocated:.3f} GiB allocated, "
+                            f"{reserved:.3f} reserved, {used:.3f} GiB used on the card after the first step{error}")

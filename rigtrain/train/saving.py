@@ -1,0 +1,109 @@
+"""Saving a checkpoint from a running Trainer: only finite weights and optimizer states, only
+when the disk has room, every rank's part on disk before the tag is marked complete, and a
+full disk as one line (docs/training.md, "Checkpoints"). A mixin of the Trainer: it uses the
+Trainer's engine, ranks, run folder and log."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import torch
+
+from rigtrain.errors import TrainingFault
+from rigtrain.train import checkpoints
+from rigtrain.train.metrics import write_json
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """An error while writing that means the disk (or quota) is full. torch.save does not
+    say so: its zip writer fails with "basic_ios::clear: iostream error", then "unexpected
+    pos", so with nothing errno-shaped in the chain the disk is asked directly."""
+    chain, seen = err, 0
+    while chain is not None and seen < 10:
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        chain, seen = chain.__context__ or chain.__cause__, seen + 1
+    text = str(err)
+    if "unexpected pos" in text or "iostream error" in text or "failed writing" in text:
+        try:
+            return shutil.disk_usage(folder).free < (64 << 20)
+        except OSError:
+            return False
+    return False
+
+
+class CheckpointSaving:
+    def save_checkpoint(self) -> bool:
+        """Save this step; False (nothing written) when the weights or optimizer states are
+        no longer finite, since such a checkpoint could only be resumed into the same
+        failure. A full disk is one line, before the save when the last checkpoint's size
+        says it will not fit, and during it otherwise; the previous checkpoint stays whole."""
+        if not self._states_finite():
+            last = self._last_good()
+            self.diverged = (f"the weights or optimizer states are not finite at step {self.step}, so no checkpoint "
+                             f"was written; {last}; lower train.lr (now {self.config.train.lr:g}) and resume with "
+                             f"`rigtrain train --out {self.run_dir} --resume --set train.lr=...`")
+            return False
+        tag = checkpoints.tag_for(self.step)
+        tag_dir = self.ckpt_dir / tag
+        self._check_disk_space(tag_dir)
+        if self.is_main:  # a tag saved again (a resumed run) is incomplete until its new list is written
+            (tag_dir / checkpoints.COMPLETE).unlink(missing_ok=True)
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
+            checkpoints.save_rank_state(tag_dir, self.rank)
+            torch.distributed.barrier()  # every rank's part is on disk before the tag counts
+            if self.is_main:
+                write_json(tag_dir / "trainer.json", {"step": self.step, "micro_batches": self.micro_batches,
+                                                      "config": self.config.to_dict()})
+                checkpoints.mark_complete(tag_dir, self.step)
+                removed = checkpoints.prune(self.ckpt_dir, self.config.train.keep_ckpts)
+                self.log.say(f"checkpoint {tag_dir}" + (f" (removed {', '.join(removed)})" if removed else ""))
+        except (OSError, RuntimeError) as err:
+            if not _disk_full(err, self.ckpt_dir):
+                raise
+            shutil.rmtree(tag_dir, ignore_errors=True)  # incomplete: never resumed, and it holds space
+            free = shutil.disk_usage(self.ckpt_dir).free
+            raise TrainingFault(f"the disk is full: saving step {self.step} into {tag_dir} failed with {free:,} bytes "
+                                f"free; {self._last_good()}; free some space and resume with "
+                                f"`rigtrain train --out {self.run_dir} --resume`") from None
+        torch.distributed.barrier()
+        self.saved_step = self.step
+        return True
+
+    def _states_finite(self) -> bool:
+        """Every rank's weights (its partitions under ZeRO-3) and optimizer tensors (fp32
+        master weights and moments) are finite; one read-back per save."""
+        tensors = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        optimizer = self.engine.basic_optimizer
+        tensors += [p for group in optimizer.param_groups for p in group["params"]]
+        tensors += [v for state in optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        bad = torch.zeros((), dtype=torch.int64, device=self.device)
+        for t in tensors:
+            if t.numel():
+                bad += (~torch.isfinite(t)).any().to(self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(bad)
+        return int(bad) == 0
+
+    def _last_good(self) -> str:
+        tags = checkpoints.complete_tags(self.ckpt_dir)
+        return (f"the last good checkpoint is step {tags[-1][0]} ({self.ckpt_dir / tags[-1][1]})" if tags
+                else "there is no checkpoint yet")
+
+    def _check_disk_space(self, tag_dir: Path) -> None:
+        """Before a save: the newest checkpoint's size (plus a tenth and 16 MiB for
+        metrics and logs) must fit in what the disk has free."""
+        need = checkpoints.checkpoint_bytes(self.ckpt_dir)
+        if not need:
+            return  # the first save: its size is not known yet; a full disk is caught while saving
+        need = int(need * 1.1) + (16 << 20)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.ckpt_dir).free
+        if free < need:
+            raise TrainingFault(f"not enough disk space to save step {self.step} into {tag_dir}: about {need:,} bytes "
+                                f"needed, {free:,} free; {self._last_good()}; free some space (or lower "
+                                f"train.keep_ckpts) and resume with `rigtrain train --out {self.run_dir} --resume`")
