@@ -23,7 +23,7 @@ def measure(preset: str, folder: Path) -> dict:
 
     from rigtrain.config import load_config
     from rigtrain.train.checkpoints import describe_files
-    from rigtrain.train.memory import parameter_count
+    from rigtrain.train.measured_step import parameter_count
 
     config = load_config(preset)
     n = parameter_count(config.model, config.data)
@@ -39,8 +39,15 @@ def measure(preset: str, folder: Path) -> dict:
     files = describe_files(tag)
     hash_s = time.perf_counter() - started
     size = sum(f["bytes"] for f in files.values())
-    return {"preset": preset, "parameters": n, "bytes": size, "save_s": round(save_s, 3), "hash_s": round(hash_s, 3),
-            "hash_vs_save": round(hash_s / save_s, 4), "hash_gb_s": round(size / hash_s / 1e9, 2)}
+    return {
+        "preset": preset,
+        "parameters": n,
+        "bytes": size,
+        "save_s": round(save_s, 3),
+        "hash_s": round(hash_s, 3),
+        "hash_vs_save": round(hash_s / save_s, 4),
+        "hash_gb_s": round(size / hash_s / 1e9, 2),
+    }
 
 
 def main() -> int:
@@ -53,10 +60,15 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'preset':<8}{'parameters':>12}{'checkpoint MB':>15}{'save s':>9}{'hash s':>9}{'hash/save':>11}{'hash GB/s':>11}")
+    print(
+        f"{'preset':<8}{'parameters':>12}{'checkpoint MB':>15}{'save s':>9}{'hash s':>9}"
+        f"{'hash/save':>11}{'hash GB/s':>11}"
+    )
     for r in rows:
-        print(f"{r['preset']:<8}{r['parameters']:>12,}{r['bytes'] / 1e6:>15.1f}{r['save_s']:>9.3f}{r['hash_s']:>9.3f}"
-              f"{r['hash_vs_save']:>11.1%}{r['hash_gb_s']:>11.2f}")
+        print(
+            f"{r['preset']:<8}{r['parameters']:>12,}{r['bytes'] / 1e6:>15.1f}{r['save_s']:>9.3f}{r['hash_s']:>9.3f}"
+            f"{r['hash_vs_save']:>11.1%}{r['hash_gb_s']:>11.2f}"
+        )
     print(json.dumps(rows))
     return 0
 

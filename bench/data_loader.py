@@ -42,13 +42,18 @@ def source_frames(count: int, size=(1280, 720)) -> list[np.ndarray]:
             h, w = frame.shape[:2]
             crop_w = round(h * 16 / 9)
             x0 = (w - crop_w) // 2
-            frames.append(cv2.cvtColor(cv2.resize(frame[:, x0 : x0 + crop_w], size, interpolation=cv2.INTER_CUBIC),
-                                       cv2.COLOR_BGR2RGB))
+            frames.append(
+                cv2.cvtColor(
+                    cv2.resize(frame[:, x0 : x0 + crop_w], size, interpolation=cv2.INTER_CUBIC), cv2.COLOR_BGR2RGB
+                )
+            )
         cap.release()
     else:
         y, x = np.mgrid[: size[1], : size[0]]
-        frames = [np.stack([(x + 3 * i) % 256, (y + 2 * i) % 256, (x + y + i) % 256], -1).astype(np.uint8)
-                  for i in range(count)]
+        frames = [
+            np.stack([(x + 3 * i) % 256, (y + 2 * i) % 256, (x + y + i) % 256], -1).astype(np.uint8)
+            for i in range(count)
+        ]
     return frames
 
 
@@ -68,7 +73,9 @@ def write_720p(path: Path, frames: list[np.ndarray], fps: int = 30, seed: int = 
         samples = round(len(frames) / fps * 48000)
         wave = (0.1 * rng.standard_normal((2, samples))).astype(np.float32)
         for k in range(0, samples, 1024):
-            chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, k : k + 1024]), format="fltp", layout="stereo")
+            chunk = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(wave[:, k : k + 1024]), format="fltp", layout="stereo"
+            )
             chunk.sample_rate, chunk.pts, chunk.time_base = 48000, k, Fraction(1, 48000)
             for packet in audio.encode(chunk):
                 container.mux(packet)
@@ -104,7 +111,9 @@ def main() -> None:
     started = time.perf_counter()
     rigtrain("data", "prepare", str(src), str(shards), "--preset", "small")
     prepare_s = time.perf_counter() - started
-    bench_args = ["data", "bench", str(shards), "--json"] + (["--workers", str(args.workers)] if args.workers is not None else [])
+    bench_args = ["data", "bench", str(shards), "--json"] + (
+        ["--workers", str(args.workers)] if args.workers is not None else []
+    )
     result = json.loads(rigtrain(*bench_args).stdout)
 
     step = result["step"]
@@ -114,16 +123,33 @@ def main() -> None:
         ("shards: clips/s (MB/s)", f"{result['shards_clips_per_s']:.0f} ({result['shards_mb_per_s']:.0f})"),
         ("decode: clips/s (MB/s)", f"{result['decode_clips_per_s']:.2f} ({result['decode_mb_per_s']:.2f})"),
         ("ratio (target >= 20)", f"{result['ratio']:g}x  {'PASS' if result['ratio'] >= 20 else 'FAIL'}"),
-        ("step consumes, clips/s", f"{step['clips_per_s']:.0f}  ({step['gflops_per_clip']:g} GFLOP/clip, "
-                                   f"{step['gpu']}, 40% of {step['peak_tflops']:g} TFLOPS)"),
-        ("loader / step (target >= 3)", f"{result['loader_vs_step']:g}x  {'PASS' if result['loader_vs_step'] >= 3 else 'FAIL'}"),
+        (
+            "step consumes, clips/s",
+            f"{step['clips_per_s']:.0f}  ({step['gflops_per_clip']:g} GFLOP/clip, "
+            f"{step['gpu']}, 40% of {step['peak_tflops']:g} TFLOPS)",
+        ),
+        (
+            "loader / step (target >= 3)",
+            f"{result['loader_vs_step']:g}x  {'PASS' if result['loader_vs_step'] >= 3 else 'FAIL'}",
+        ),
         ("workers, batch", f"{result['workers']}, {result['batch']}"),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    summary = {k: result[k] for k in ("shards_clips_per_s", "decode_clips_per_s", "ratio", "workers", "batch",
-                                      "shards_mb_per_s", "step_clips_per_s", "loader_vs_step")}
+    summary = {
+        k: result[k]
+        for k in (
+            "shards_clips_per_s",
+            "decode_clips_per_s",
+            "ratio",
+            "workers",
+            "batch",
+            "shards_mb_per_s",
+            "step_clips_per_s",
+            "loader_vs_step",
+        )
+    }
     summary.update(prepare_s=round(prepare_s, 1), videos=args.videos, video_seconds=args.seconds)
     print(json.dumps(summary))
 

@@ -56,27 +56,58 @@ def main() -> None:
             train_s = None if reused else round(time.perf_counter() - started, 1)
             record = json.loads(run(["eval", str(run_dir), "--json"]))
             t2v = record["retrieval"]["t2v"]
-            entry = {"multiple": multiple, "seed": seed, "steps": steps, "train_s": train_s,
-                     **{f"knn_{k}": record["knn"][k]["top1"] for k in LABELS},
-                     **{f"knn_{k}_chance": record["knn"][k]["chance"] for k in LABELS},
-                     **{f"probe_{k}": record["probe"][k]["top1"] for k in LABELS},
-                     "t2v_r5": t2v["r5"], "t2v_r5_chance": t2v["chance_r5"],
-                     "v2t_r5": record["retrieval"]["v2t"]["r5"]}
-            entry["target_met"] = all(entry[f"knn_{k}"] >= 2 * entry[f"knn_{k}_chance"] for k in LABELS) \
+            entry = {
+                "multiple": multiple,
+                "seed": seed,
+                "steps": steps,
+                "train_s": train_s,
+                **{f"knn_{k}": record["knn"][k]["top1"] for k in LABELS},
+                **{f"knn_{k}_chance": record["knn"][k]["chance"] for k in LABELS},
+                **{f"probe_{k}": record["probe"][k]["top1"] for k in LABELS},
+                "t2v_r5": t2v["r5"],
+                "t2v_r5_chance": t2v["chance_r5"],
+                "v2t_r5": record["retrieval"]["v2t"]["r5"],
+            }
+            entry["target_met"] = (
+                all(entry[f"knn_{k}"] >= 2 * entry[f"knn_{k}_chance"] for k in LABELS)
                 and entry["t2v_r5"] >= 3 * entry["t2v_r5_chance"]
+            )
             results.append(entry)
             took = "reused" if train_s is None else f"{train_s:.0f} s"
-            print(f"[eval_curve] {multiple}x seed {seed} ({steps} steps, {took}): {json.dumps(entry)}",
-                  file=sys.stderr, flush=True)
-            rows.append((f"{multiple}x", str(seed), str(steps), took,
-                         *[f"{entry[f'knn_{k}']:.2f} ({entry[f'knn_{k}_chance']:.2f})" for k in LABELS],
-                         *[f"{entry[f'probe_{k}']:.2f}" for k in LABELS],
-                         f"{entry['t2v_r5']:.2f} ({entry['t2v_r5_chance']:.3f})", "yes" if entry["target_met"] else "no"))
+            print(
+                f"[eval_curve] {multiple}x seed {seed} ({steps} steps, {took}): {json.dumps(entry)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            rows.append(
+                (
+                    f"{multiple}x",
+                    str(seed),
+                    str(steps),
+                    took,
+                    *[f"{entry[f'knn_{k}']:.2f} ({entry[f'knn_{k}_chance']:.2f})" for k in LABELS],
+                    *[f"{entry[f'probe_{k}']:.2f}" for k in LABELS],
+                    f"{entry['t2v_r5']:.2f} ({entry['t2v_r5_chance']:.3f})",
+                    "yes" if entry["target_met"] else "no",
+                )
+            )
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
-    header = ("run", "seed", "steps", "time", "kNN shape", "kNN colour", "kNN direction", "probe s", "probe c", "probe d",
-              "t2v R@5", "target")
+    header = (
+        "run",
+        "seed",
+        "steps",
+        "time",
+        "kNN shape",
+        "kNN colour",
+        "kNN direction",
+        "probe s",
+        "probe c",
+        "probe d",
+        "t2v R@5",
+        "target",
+    )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))

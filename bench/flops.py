@@ -32,19 +32,27 @@ def measure() -> dict:
     for preset in PRESETS:
         config = load_config(preset)
         flops = train_flops_per_clip(config.model, config.data)
-        out[preset] = {"gflops_per_clip": round(flops / 1e9, 2),
-                       "clips_per_s_at_40pct": {card: round(step_clips_per_s(flops, peak_tflops(card), MFU))
-                                                for card in CARDS}}
+        out[preset] = {
+            "gflops_per_clip": round(flops / 1e9, 2),
+            "clips_per_s_at_40pct": {card: round(step_clips_per_s(flops, peak_tflops(card), MFU)) for card in CARDS},
+        }
     return out
 
 
 def table(figures: dict) -> str:
     short = [c.replace("NVIDIA ", "").replace("GeForce ", "").replace(" 80GB HBM3", "") for c in CARDS]
-    lines = ["| preset | GFLOP per clip (forward + backward) | " + " | ".join(f"clips/s on {s} at 40% MFU" for s in short)
-             + " |", "|---|---:|" + "---:|" * len(CARDS)]
+    lines = [
+        "| preset | GFLOP per clip (forward + backward) | "
+        + " | ".join(f"clips/s on {s} at 40% MFU" for s in short)
+        + " |",
+        "|---|---:|" + "---:|" * len(CARDS),
+    ]
     for preset, f in figures.items():
-        lines.append(f"| {preset} | {f['gflops_per_clip']:.2f} | "
-                     + " | ".join(f"{f['clips_per_s_at_40pct'][c]:,}" for c in CARDS) + " |")
+        lines.append(
+            f"| {preset} | {f['gflops_per_clip']:.2f} | "
+            + " | ".join(f"{f['clips_per_s_at_40pct'][c]:,}" for c in CARDS)
+            + " |"
+        )
     return "\n".join(lines)
 
 

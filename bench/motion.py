@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from rigtrain.config import build_config  # noqa: E402
 from rigtrain.evaluate.evaluation import LABELS, spread  # noqa: E402
-from rigtrain.evaluate.metrics import label_scores  # noqa: E402
+from rigtrain.evaluate.measures import label_scores  # noqa: E402
 from rigtrain.model.losses import normalize_patches  # noqa: E402
 
 VARIANTS = {
@@ -95,9 +95,14 @@ def representations(model, batch: dict) -> tuple[dict[str, torch.Tensor], dict[s
     text = batch["text"]
     text_mask = torch.arange(text.shape[1])[None, :] < batch["text_len"][:, None]
     audio_mask = batch["has_audio"].bool()[:, None].expand(-1, nap)
-    joint = model.encode(start, [(model._video_tokens(video[:, :nvp]), None, True),
-                                 (model._audio_tokens(audio[:, :nap]), audio_mask, True),
-                                 (model.text_tokenizer(text), text_mask, False)])
+    joint = model.encode(
+        start,
+        [
+            (model._video_tokens(video[:, :nvp]), None, True),
+            (model._audio_tokens(audio[:, :nap]), audio_mask, True),
+            (model.text_tokenizer(text), text_mask, False),
+        ],
+    )
     joint_evolved = model.evolve(joint)
     out["joint present (PC path), mean"] = joint.mean(1)
     out["joint evolved (PC path), mean"] = joint_evolved.mean(1)
@@ -123,7 +128,7 @@ def representations(model, batch: dict) -> tuple[dict[str, torch.Tensor], dict[s
         "model (evolved latent)": ((predicted.float() - truth) ** 2).mean((1, 2)),
         "model, present latent (no evolver)": ((from_present.float() - truth) ** 2).mean((1, 2)),
         "copy the present": ((copied - truth) ** 2).mean((1, 2)),
-        "predict the mean": (truth ** 2).mean((1, 2)),
+        "predict the mean": (truth**2).mean((1, 2)),
     }
     return {k: v.float() for k, v in out.items()}, errors
 
@@ -142,7 +147,7 @@ def probe_uncached(run_dir: Path) -> dict:
     from rigtrain.data.dataset import open_dataset
     from rigtrain.data.split import split_clips
     from rigtrain.model import build_model
-    from rigtrain.train.evaluation import load_weights, read_run
+    from rigtrain.train.eval_command import load_weights, read_run
 
     saved = read_run(run_dir)
     config = build_config(saved["config"], source=str(run_dir / "config.json"))
@@ -167,8 +172,11 @@ def probe_uncached(run_dir: Path) -> dict:
                 feats.setdefault(k, []).append(v)
             for k, v in e.items():
                 errs.setdefault(k, []).append(v)
-        return ({k: torch.cat(v) for k, v in feats.items()}, {k: torch.cat(v) for k, v in errs.items()},
-                np.concatenate(labels))
+        return (
+            {k: torch.cat(v) for k, v in feats.items()},
+            {k: torch.cat(v) for k, v in errs.items()},
+            np.concatenate(labels),
+        )
 
     bank, _, bank_labels = gather(spread(split.train, config.eval.max_clips))
     held, errors, held_labels = gather(spread(split.heldout, config.eval.max_clips))
@@ -176,8 +184,15 @@ def probe_uncached(run_dir: Path) -> dict:
     for name in bank:
         scores[name] = {}
         for i, label in enumerate(LABELS):
-            knn, probe = label_scores(bank[name], bank_labels[:, i], held[name], held_labels[:, i], names[label],
-                                      k=config.eval.knn_k, temperature=config.eval.knn_temperature)
+            knn, probe = label_scores(
+                bank[name],
+                bank_labels[:, i],
+                held[name],
+                held_labels[:, i],
+                names[label],
+                k=config.eval.knn_k,
+                temperature=config.eval.knn_temperature,
+            )
             scores[name][label] = {"knn": knn["top1"], "probe": probe["top1"], "chance": knn["chance"]}
     future = {k: round(float(v.mean()), 4) for k, v in errors.items()}
     return {"step": step, "heldout_clips": len(held_labels), "scores": scores, "future_error": future}
@@ -190,8 +205,13 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/rigtrain-motion", help="runs go here (kept: a rerun reuses them)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--steps", type=int, help="train.steps of each run (default: the demo preset's)")
-    parser.add_argument("--runs", nargs="*", default=[], metavar="RUN_DIR",
-                        help="probe these finished runs instead of training (variant = the folder's name)")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=[],
+        metavar="RUN_DIR",
+        help="probe these finished runs instead of training (variant = the folder's name)",
+    )
     args = parser.parse_args()
     results = []
     for run_dir in map(Path, args.runs):

@@ -23,24 +23,46 @@ def main() -> None:
     parser.add_argument("--preset", default="base")
     args = parser.parse_args()
     rows, results = [], {}
-    targets = [("this machine (probe)", [])] + [(p.name, ["--rig", str(p)]) for p in sorted((ROOT / "tests" / "rigs").glob("*.json"))]
+    targets = [("this machine (probe)", [])] + [
+        (p.name, ["--rig", str(p)]) for p in sorted((ROOT / "tests" / "rigs").glob("*.json"))
+    ]
     for name, extra in targets:
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "rigtrain", "rig", "--preset", args.preset, "--json", *extra],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "rigtrain", "rig", "--preset", args.preset, "--json", *extra],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - started
         if result.returncode != 0:
             sys.exit(f"rigtrain rig {' '.join(extra)} failed:\n{result.stderr}")
         plan = json.loads(result.stdout)["plan"]
         results[name] = round(seconds, 1)
-        rows.append((name, f"{seconds:.1f} s", f"micro-batch {plan['micro_batch_size']} x {plan['grad_accum_steps']}",
-                     f"ZeRO-{plan['zero_stage']}", "ckpt" if plan["activation_checkpointing"] else "-", plan["optimizer"],
-                     f"{plan['predicted_peak_gib']:.2f} GiB"))
+        rows.append(
+            (
+                name,
+                f"{seconds:.1f} s",
+                f"micro-batch {plan['micro_batch_size']} x {plan['grad_accum_steps']}",
+                f"ZeRO-{plan['zero_stage']}",
+                "ckpt" if plan["activation_checkpointing"] else "-",
+                plan["optimizer"],
+                f"{plan['predicted_peak_gib']:.2f} GiB",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    print(json.dumps({"preset": args.preset, "seconds": results, "max_s": max(results.values()),
-                      "target_s": 30, "pass": max(results.values()) < 30}))
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "seconds": results,
+                "max_s": max(results.values()),
+                "target_s": 30,
+                "pass": max(results.values()) < 30,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

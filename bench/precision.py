@@ -46,9 +46,21 @@ def train(out: Path, precision: str, stage: int, seed: int, steps: int) -> dict:
     started = time.perf_counter()
     if not _finished(out, steps):
         shutil.rmtree(out, ignore_errors=True)
-        command = [sys.executable, "-m", "rigtrain", "train", "--out", str(out), "--steps", str(steps), "--set",
-                   f"train.precision={precision}", f"train.zero_stage={stage}", f"train.seed={seed}",
-                   f"train.ckpt_every={steps}"]
+        command = [
+            sys.executable,
+            "-m",
+            "rigtrain",
+            "train",
+            "--out",
+            str(out),
+            "--steps",
+            str(steps),
+            "--set",
+            f"train.precision={precision}",
+            f"train.zero_stage={stage}",
+            f"train.seed={seed}",
+            f"train.ckpt_every={steps}",
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -57,8 +69,15 @@ def train(out: Path, precision: str, stage: int, seed: int, steps: int) -> dict:
     last_eval = json.loads((out / "eval.json").read_text())
     evaluation = {f"knn_{label}_top1": last_eval["knn"][label]["top1"] for label in ("shape", "colour", "direction")}
     evaluation["t2v_r5"] = last_eval["retrieval"]["t2v"]["r5"]
-    return {"precision": precision, "zero_stage": stage, "seed": seed, "loss_last50": statistics.fmean(tail),
-            "loss_final": rows[-1]["loss"], "eval": evaluation, "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "precision": precision,
+        "zero_stage": stage,
+        "seed": seed,
+        "loss_last50": statistics.fmean(tail),
+        "loss_final": rows[-1]["loss"],
+        "eval": evaluation,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def main() -> int:
@@ -77,8 +96,11 @@ def main() -> int:
             runs.append(train(out, precision, stage, seed, args.steps))
             if not args.json:
                 r = runs[-1]
-                print(f"  {precision} ZeRO-{stage} seed {seed}: loss {r['loss_last50']:.3f} ({r['seconds']:.0f} s)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {precision} ZeRO-{stage} seed {seed}: loss {r['loss_last50']:.3f} ({r['seconds']:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     reference = {r["seed"]: r for r in runs if (r["precision"], r["zero_stage"]) == RUNS[0]}
     for r in runs:
         ref = reference[r["seed"]]
@@ -89,21 +111,28 @@ def main() -> int:
         summary[f"{precision}-zero{stage}"] = {
             "loss_last50_mean": statistics.fmean(r["loss_last50"] for r in mine),
             "loss_vs_fp32_mean": statistics.fmean(r["loss_vs_fp32"] for r in mine),
-            **{key: statistics.fmean(r["eval"][key] for r in mine) for key in EVAL_KEYS}}
+            **{key: statistics.fmean(r["eval"][key] for r in mine) for key in EVAL_KEYS},
+        }
     report = {"steps": args.steps, "seeds": args.seeds, "runs": runs, "summary": summary, "folder": str(root)}
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
     print(f"demo, {args.steps} steps, seeds {' '.join(map(str, args.seeds))}; loss = mean of the last 50 steps")
-    header = f"{'run':<14}{'seed':>5}{'loss':>8}{'vs fp32':>9}" + "".join(f"{k.replace('_top1', ''):>16}" for k in EVAL_KEYS)
+    header = f"{'run':<14}{'seed':>5}{'loss':>8}{'vs fp32':>9}" + "".join(
+        f"{k.replace('_top1', ''):>16}" for k in EVAL_KEYS
+    )
     print(header)
     for r in runs:
-        print(f"{r['precision'] + '-zero' + str(r['zero_stage']):<14}{r['seed']:>5}{r['loss_last50']:>8.3f}"
-              f"{r['loss_vs_fp32']:>+9.1%}" + "".join(f"{r['eval'][k]:>16.3f}" for k in EVAL_KEYS))
+        print(
+            f"{r['precision'] + '-zero' + str(r['zero_stage']):<14}{r['seed']:>5}{r['loss_last50']:>8.3f}"
+            f"{r['loss_vs_fp32']:>+9.1%}" + "".join(f"{r['eval'][k]:>16.3f}" for k in EVAL_KEYS)
+        )
     print("mean over seeds")
     for name, s in summary.items():
-        print(f"{name:<14}{'':>5}{s['loss_last50_mean']:>8.3f}{s['loss_vs_fp32_mean']:>+9.1%}"
-              + "".join(f"{s[k]:>16.3f}" for k in EVAL_KEYS))
+        print(
+            f"{name:<14}{'':>5}{s['loss_last50_mean']:>8.3f}{s['loss_vs_fp32_mean']:>+9.1%}"
+            + "".join(f"{s[k]:>16.3f}" for k in EVAL_KEYS)
+        )
     print(json.dumps({"summary": summary}))
     return 0
 

@@ -21,8 +21,22 @@ from pathlib import Path
 
 
 def run(out: Path, preset: str, profiled: bool, steps: int, extra: list[str]) -> list[dict]:
-    command = [sys.executable, "-m", "rigtrain", "train", "--preset", preset, "--out", str(out), "--steps", str(steps),
-               "--set", f"profile.enabled={str(profiled).lower()}", f"train.ckpt_every={steps}", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "rigtrain",
+        "train",
+        "--preset",
+        preset,
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--set",
+        f"profile.enabled={str(profiled).lower()}",
+        f"train.ckpt_every={steps}",
+        *extra,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -50,19 +64,37 @@ def main() -> None:
     plain, profiled = statistics.median(plain_times), statistics.median(profiled_times)
     overhead = profiled / plain - 1
     sampler = max(costs)
-    rows = [("recorded steps without profiler", f"{plain * 1000:.1f} ms (median of {args.repeats} runs)"),
-            ("the same steps under torch.profiler", f"{profiled * 1000:.1f} ms"),
-            ("spread between runs without profiler (noise)", f"{min(plain_times) * 1000:.1f}-{max(plain_times) * 1000:.1f} ms"),
-            ("profiler overhead (target < 10%)", f"{overhead:+.1%}  {'PASS' if overhead < 0.10 else 'FAIL'}"),
-            ("telemetry sampler CPU time, worst run (target < 1%)", f"{sampler:.3%}  {'PASS' if sampler < 0.01 else 'FAIL'}")]
+    rows = [
+        ("recorded steps without profiler", f"{plain * 1000:.1f} ms (median of {args.repeats} runs)"),
+        ("the same steps under torch.profiler", f"{profiled * 1000:.1f} ms"),
+        (
+            "spread between runs without profiler (noise)",
+            f"{min(plain_times) * 1000:.1f}-{max(plain_times) * 1000:.1f} ms",
+        ),
+        ("profiler overhead (target < 10%)", f"{overhead:+.1%}  {'PASS' if overhead < 0.10 else 'FAIL'}"),
+        (
+            "telemetry sampler CPU time, worst run (target < 1%)",
+            f"{sampler:.3%}  {'PASS' if sampler < 0.01 else 'FAIL'}",
+        ),
+    ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    print(json.dumps({"preset": args.preset, "overrides": args.overrides, "plain_step_s": round(plain, 4),
-                      "profiled_step_s": round(profiled, 4), "profiler_overhead": round(overhead, 4),
-                      "sampler_cost": sampler, "repeats": args.repeats,
-                      "plain_runs_s": [round(t, 4) for t in plain_times],
-                      "profiled_runs_s": [round(t, 4) for t in profiled_times]}))
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "overrides": args.overrides,
+                "plain_step_s": round(plain, 4),
+                "profiled_step_s": round(profiled, 4),
+                "profiler_overhead": round(overhead, 4),
+                "sampler_cost": sampler,
+                "repeats": args.repeats,
+                "plain_runs_s": [round(t, 4) for t in plain_times],
+                "profiled_runs_s": [round(t, 4) for t in profiled_times],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

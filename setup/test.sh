@@ -10,13 +10,20 @@ set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/setup/install.sh" --test || exit $?
 cd "$root"
+bin="${RIGTRAIN_VENV:-$root/.venv}/bin"
+# The house style first (pyproject.toml's [tool.ruff]): a few seconds, and a failure names
+# the file and line. `ruff format .` and `ruff check --fix .` repair most of it.
+"$bin/ruff" format --check --quiet . && "$bin/ruff" check --quiet . || {
+  echo "setup/test.sh: ruff found style problems (above); run: $bin/ruff format . && $bin/ruff check --fix ." >&2
+  exit 1
+}
 cores=$(nproc 2>/dev/null || echo 1)
 workers=${RIGTRAIN_TEST_WORKERS:-$(( cores >= 2 ? 2 : 0 ))}
 parallel=()
 if [ "$workers" -gt 0 ]; then
   parallel=(-n "$workers")
 fi
-"${RIGTRAIN_VENV:-$root/.venv}/bin/python" -m pytest "${parallel[@]}" "$@"
+"$bin/python" -m pytest "${parallel[@]}" "$@"
 code=$?
 if [ "$code" -eq 5 ]; then
   echo "setup/test.sh: pytest collected no tests; that is a failure" >&2

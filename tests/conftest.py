@@ -43,11 +43,15 @@ def pytest_collection_modifyitems(config, items):
     SHARING_MODULES kept true."""
     for item in items:
         fixtures = getattr(item, "_fixtureinfo", None)
-        shares = uses_demo_run(item) or (fixtures is not None and any(
-            d.scope == "module" for defs in fixtures.name2fixturedefs.values() for d in defs))
+        shares = uses_demo_run(item) or (
+            fixtures is not None
+            and any(d.scope == "module" for defs in fixtures.name2fixturedefs.values() for d in defs)
+        )
         if shares and item.path.name not in SHARING_MODULES:
-            raise pytest.UsageError(f"{item.nodeid} shares a module-scoped fixture or the demo run: add "
-                                    f"{item.path.name} to SHARING_MODULES in tests/conftest.py")
+            raise pytest.UsageError(
+                f"{item.nodeid} shares a module-scoped fixture or the demo run: add "
+                f"{item.path.name} to SHARING_MODULES in tests/conftest.py"
+            )
     items.sort(key=lambda item: not uses_demo_run(item))  # stable: otherwise in file order
 
 
@@ -120,8 +124,9 @@ def demo_run(tmp_path_factory, demo_data) -> Path:
     return run
 
 
-def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, plan_threads: bool = False
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 600, cwd: Path | None = None, plan_threads: bool = False
+) -> subprocess.CompletedProcess:
     """`rigtrain ARGS` in a fresh process, as a user runs it. plan_threads: with the CPU
     threads the plan gives a user's run (all the cores), not this worker's share of them."""
     env = os.environ.copy()
@@ -129,5 +134,6 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, plan_thre
         env.pop("OMP_NUM_THREADS", None)
         if USERS_THREADS is not None:
             env["OMP_NUM_THREADS"] = USERS_THREADS
-    return subprocess.run([sys.executable, "-m", "rigtrain", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "rigtrain", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )

@@ -20,8 +20,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops whose result the host must wait for: a value read back (`_local_scalar_dense` is what
 # `.item()`, `float(t)`, `if t:` and `.tolist()` run) or an output shape that depends on values.
-SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique", "unique_",
-            "repeat_interleave")
+SYNC_OPS = (
+    "_local_scalar_dense",
+    "nonzero",
+    "is_nonzero",
+    "equal",
+    "masked_select",
+    "_unique",
+    "unique_",
+    "repeat_interleave",
+)
 
 
 class SyncCounter(TorchDispatchMode):
@@ -70,20 +78,26 @@ def main(run: Path) -> None:
         with counter:
             trainer.train_step()
         optimizer = trainer.engine.optimizer
-        masters = (getattr(optimizer, "fp32_groups_flat_partition", None)
-                   or getattr(optimizer, "fp32_partitioned_groups_flat", None)
-                   or getattr(optimizer, "single_partition_of_fp32_groups", None)
-                   or [p for g in optimizer.param_groups for p in g["params"]])
+        masters = (
+            getattr(optimizer, "fp32_groups_flat_partition", None)
+            or getattr(optimizer, "fp32_partitioned_groups_flat", None)
+            or getattr(optimizer, "single_partition_of_fp32_groups", None)
+            or [p for g in optimizer.param_groups for p in g["params"]]
+        )
         if hasattr(optimizer, "fp32_groups_gradients_flat"):  # BF16_Optimizer
             accumulation = optimizer.fp32_groups_gradients_flat[0].dtype
         elif hasattr(optimizer, "gradient_accumulation_dtype"):  # ZeRO-3
             accumulation = optimizer.gradient_accumulation_dtype
         else:  # the gradients live in the parameters' .grad
             accumulation = next(trainer.engine.module.parameters()).dtype
-        out = {"syncs": counter.counts, "optimizer": type(optimizer).__name__,
-               "module_dtype": str(next(trainer.engine.module.parameters()).dtype),
-               "master_dtypes": sorted({str(m.dtype) for m in masters}), "grad_accumulation_dtype": str(accumulation),
-               "running_mean_dtype": str(trainer.engine.module.mean_video_va.dtype)}
+        out = {
+            "syncs": counter.counts,
+            "optimizer": type(optimizer).__name__,
+            "module_dtype": str(next(trainer.engine.module.parameters()).dtype),
+            "master_dtypes": sorted({str(m.dtype) for m in masters}),
+            "grad_accumulation_dtype": str(accumulation),
+            "running_mean_dtype": str(trainer.engine.module.mean_video_va.dtype),
+        }
         print("PROBE " + json.dumps(out), flush=True)
     finally:
         trainer.close()

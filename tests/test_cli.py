@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run_cli
 
 
@@ -18,26 +17,31 @@ def assert_user_error(result, *fragments):
 
 
 def test_help_is_instant_and_imports_no_heavy_library():
-    code = "import sys; from rigtrain.cli import build_parser; build_parser(); " \
-           "print(sorted(m for m in ('torch', 'deepspeed', 'cv2', 'av', 'tensorboard') if m in sys.modules))"
+    code = (
+        "import sys; from rigtrain.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'deepspeed', 'cv2', 'av', 'tensorboard') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     result = run_cli("--help")
     assert result.returncode == 0 and "train" in result.stdout and "data" in result.stdout
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["train", "--data", "/nonexistent/shards"], ["/nonexistent/shards", "no such folder"]),
-    (["train", "--preset", "huge"], ["--preset huge", "demo"]),
-    (["train", "--set", "train.stepz=3"], ["train.stepz"]),
-    (["train", "--set", "train.steps=many"], ["train.steps", "integer"]),
-    (["train", "--set", "nonsense"], ["KEY=VALUE"]),
-    (["train", "--resume"], ["--resume", "--out"]),
-    (["train", "--config", "/nonexistent.toml"], ["/nonexistent.toml"]),
-    (["train", "--bogus-flag"], ["--bogus-flag"]),
-    (["data", "prepare", "/nonexistent/videos", "/tmp/x"], ["/nonexistent/videos"]),
-    (["data", "prepare", "/tmp", "/tmp/x", "--set", "train.steps=3"], ["data.*"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["train", "--data", "/nonexistent/shards"], ["/nonexistent/shards", "no such folder"]),
+        (["train", "--preset", "huge"], ["--preset huge", "demo"]),
+        (["train", "--set", "train.stepz=3"], ["train.stepz"]),
+        (["train", "--set", "train.steps=many"], ["train.steps", "integer"]),
+        (["train", "--set", "nonsense"], ["KEY=VALUE"]),
+        (["train", "--resume"], ["--resume", "--out"]),
+        (["train", "--config", "/nonexistent.toml"], ["/nonexistent.toml"]),
+        (["train", "--bogus-flag"], ["--bogus-flag"]),
+        (["data", "prepare", "/nonexistent/videos", "/tmp/x"], ["/nonexistent/videos"]),
+        (["data", "prepare", "/tmp", "/tmp/x", "--set", "train.steps=3"], ["data.*"]),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, fragments):
     assert_user_error(run_cli(*args, timeout=120), *fragments)
 
@@ -48,8 +52,18 @@ def test_train_on_a_folder_of_raw_videos_decodes_on_the_fly_and_says_to_prepare(
     videos = tmp_path / "videos"
     videos.mkdir()
     shutil.copy(shared_data / "videos" / "bikes.mp4", videos)
-    result = run_cli("train", "--data", str(videos), "--out", str(tmp_path / "run"), "--steps", "2",
-                     "--set", "train.micro_batch_size=4", timeout=300)
+    result = run_cli(
+        "train",
+        "--data",
+        str(videos),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--set",
+        "train.micro_batch_size=4",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "decoded on the fly" in result.stdout and "rigtrain data prepare" in result.stdout
     assert "10 clips from" in result.stdout  # 10 s of bikes.mp4 at the demo's 1-second clips
@@ -63,8 +77,9 @@ def test_a_folder_of_only_corrupt_videos(tmp_path, shared_data):
     src.mkdir()
     data = (shared_data / "videos" / "bikes.mp4").read_bytes()
     (src / "broken.mp4").write_bytes(data[: len(data) // 2])
-    assert_user_error(run_cli("data", "prepare", str(src), str(tmp_path / "out"), "--workers", "1"),
-                      "broken.mp4", "cannot be opened")
+    assert_user_error(
+        run_cli("data", "prepare", str(src), str(tmp_path / "out"), "--workers", "1"), "broken.mp4", "cannot be opened"
+    )
 
 
 def test_resume_of_a_missing_run(tmp_path):
@@ -92,11 +107,23 @@ def test_data_synth_and_prepare_commands(tmp_path):
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
     assert shard_files == {p: p.stat().st_mtime_ns for p in (tmp_path / "prep").rglob("*.npy")}  # untouched
     # the same folder with another clip shape is refused, naming the key
-    assert_user_error(run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep"),
-                              "--set", "data.fps=4"), "fps=8.0", "new folder")
+    assert_user_error(
+        run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep"), "--set", "data.fps=4"),
+        "fps=8.0",
+        "new folder",
+    )
     # and training reads the user's prepared shards
-    result = run_cli("train", "--data", str(tmp_path / "prep"), "--out", str(tmp_path / "run"), "--steps", "2",
-                     "--set", "train.micro_batch_size=4")
+    result = run_cli(
+        "train",
+        "--data",
+        str(tmp_path / "prep"),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--set",
+        "train.micro_batch_size=4",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "step00000002" / "complete.json").is_file()
     # shards cut for another clip shape are refused, naming the key

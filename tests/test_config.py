@@ -41,8 +41,17 @@ def test_base_follows_vatt_base_video_tower():
 
 
 def test_set_overrides_are_typed_and_repeatable():
-    config = load_config("demo", overrides=["train.steps=7", "train.lr=3e-4", "model.evolver_shared=true",
-                                            "rig.gpus=0,2", "model.tubelet=2,8,8", "train.precision=fp32"])
+    config = load_config(
+        "demo",
+        overrides=[
+            "train.steps=7",
+            "train.lr=3e-4",
+            "model.evolver_shared=true",
+            "rig.gpus=0,2",
+            "model.tubelet=2,8,8",
+            "train.precision=fp32",
+        ],
+    )
     assert config.train.steps == 7 and isinstance(config.train.steps, int)
     assert config.train.lr == pytest.approx(3e-4)
     assert config.model.evolver_shared is True
@@ -50,19 +59,22 @@ def test_set_overrides_are_typed_and_repeatable():
     assert config.train.precision == "fp32"
 
 
-@pytest.mark.parametrize("items, fragment", [
-    (["train.stepz=3"], "train.stepz"),
-    (["trian.steps=3"], "trian"),
-    (["train.steps=abc"], "train.steps"),
-    (["train.steps"], "KEY=VALUE"),
-    (["steps=3"], "SECTION.NAME"),
-    (["model.droptoken_keep=1.5"], "model.droptoken_keep"),
-    (["train.zero_stage=4"], "train.zero_stage"),
-    (["model.evolver_shared=maybe"], "model.evolver_shared"),
-    (["data.frame_size=30,32"], "data.frame_size"),
-    (["model.tubelet=3,8,8"], "data.present_frames"),
-    (["train.offload_optimizer=cpu", "train.zero_stage=0"], "train.offload_optimizer"),
-])
+@pytest.mark.parametrize(
+    "items, fragment",
+    [
+        (["train.stepz=3"], "train.stepz"),
+        (["trian.steps=3"], "trian"),
+        (["train.steps=abc"], "train.steps"),
+        (["train.steps"], "KEY=VALUE"),
+        (["steps=3"], "SECTION.NAME"),
+        (["model.droptoken_keep=1.5"], "model.droptoken_keep"),
+        (["train.zero_stage=4"], "train.zero_stage"),
+        (["model.evolver_shared=maybe"], "model.evolver_shared"),
+        (["data.frame_size=30,32"], "data.frame_size"),
+        (["model.tubelet=3,8,8"], "data.present_frames"),
+        (["train.offload_optimizer=cpu", "train.zero_stage=0"], "train.offload_optimizer"),
+    ],
+)
 def test_bad_overrides_name_the_key(items, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         load_config("demo", overrides=items)

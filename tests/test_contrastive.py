@@ -8,11 +8,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_model import random_batch
 
 from rigtrain.config import load_config
 from rigtrain.model import build_model
 from rigtrain.model.contrastive import l2_normalize, mil_nce_loss, nce_loss
-from test_model import random_batch
 
 
 def nce_reference(v, a, valid, tau):
@@ -48,7 +48,7 @@ def mil_nce_reference(v, t, valid, tau):
 
 def test_nce_matches_the_formula_in_float64():
     g = torch.Generator().manual_seed(0)
-    for trial in range(5):
+    for _ in range(5):
         v = l2_normalize(torch.randn(9, 16, generator=g, dtype=torch.float64))
         a = l2_normalize(torch.randn(9, 16, generator=g, dtype=torch.float64))
         valid = torch.rand(9, generator=g) > 0.3
@@ -59,7 +59,7 @@ def test_nce_matches_the_formula_in_float64():
 
 def test_mil_nce_matches_the_formula_in_float64():
     g = torch.Generator().manual_seed(1)
-    for trial in range(5):
+    for _ in range(5):
         v = l2_normalize(torch.randn(7, 16, generator=g, dtype=torch.float64))
         t = l2_normalize(torch.randn(7, 3, 16, generator=g, dtype=torch.float64))
         valid = torch.rand(7, 3, generator=g) > 0.4
@@ -140,8 +140,9 @@ def _rank(rank: int, world: int, port: int, result_path: str) -> None:
             torch.distributed.all_reduce(g)
             g /= world
         if rank == 0:
-            torch.save({"va": out["loss_va_nce"].item(), "vt": out["loss_vt_milnce"].item(), "grads": grads},
-                       result_path)
+            torch.save(
+                {"va": out["loss_va_nce"].item(), "vt": out["loss_vt_milnce"].item(), "grads": grads}, result_path
+            )
     finally:
         torch.distributed.destroy_process_group()
 

@@ -72,7 +72,8 @@ def test_prepare_synth_round_trip(small_world, tmp_path):
             assert words[0] == "a" and words[3] == "moves"
     # Shapes-world labels travel with the clips (for evaluation)
     assert np.load(tmp_path / "prep" / "shard-00000" / "labels.npy")[0].tolist() == [
-        labels[k + "s"].index(event[k]) for k in ("shape", "colour", "direction")]
+        labels[k + "s"].index(event[k]) for k in ("shape", "colour", "direction")
+    ]
 
 
 def test_real_h264_videos(shared_data, tmp_path):
@@ -237,7 +238,7 @@ def test_batches_carry_narration_segments_and_labels(demo_data, demo_config):
             assert (batch["segment_offset"][row, k].item(), batch["segment_len"][row, k].item()) == (offset, length)
             words = text[offset : offset + length].decode()
             assert words.startswith("a ") and " moves " in words  # one whole Shapes-world sentence
-        assert (batch["segment_len"][row, len(spans):] == 0).all()
+        assert (batch["segment_len"][row, len(spans) :] == 0).all()
     labels = batch["labels"].numpy()
     assert labels.dtype == np.int16 and labels.shape == (6, 3) and (labels >= 0).all()
     names = index["labels"]

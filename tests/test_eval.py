@@ -4,13 +4,13 @@ schedule of evaluations during training, and recurrent windows in the model."""
 import numpy as np
 import pytest
 import torch
+from test_model import random_batch
 
 from rigtrain.config import EvalConfig, load_config
 from rigtrain.data.split import heldout_videos, name_hash, split_clips
 from rigtrain.evaluate.evaluation import Features, evaluate, flat_metrics, spread
-from rigtrain.evaluate.metrics import knn_predict, linear_probe, majority_rate, retrieval
+from rigtrain.evaluate.measures import knn_predict, linear_probe, majority_rate, retrieval
 from rigtrain.model import build_model
-from test_model import random_batch
 
 
 def clusters(labels, dim=8, noise=0.1, seed=0):
@@ -109,8 +109,9 @@ def test_recurrent_windows_carry_the_latent_and_skip_blind_windows():
     model = build_model(two.model, two.data).eval()
     batch = random_batch(two.data)
     both = model(batch)
-    blind = build_model(load_config("demo", overrides=base + ["data.recurrent_windows=2",
-                                                               "model.blind_windows=1"]).model, two.data).eval()
+    blind = build_model(
+        load_config("demo", overrides=base + ["data.recurrent_windows=2", "model.blind_windows=1"]).model, two.data
+    ).eval()
     blind.load_state_dict(model.state_dict())
     second = blind(batch)
     # Window 0 alone is what a one-window model sees on the clip's first 8 frames.

@@ -20,8 +20,14 @@ from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 # A small model with every part of the real one: steps of a few tens of milliseconds.
-TINY = ["model.d_model=32", "model.heads=2", "model.num_latents=8", "model.va_dim=32", "model.vt_dim=32",
-        "train.micro_batch_size=8"]
+TINY = [
+    "model.d_model=32",
+    "model.heads=2",
+    "model.num_latents=8",
+    "model.va_dim=32",
+    "model.vt_dim=32",
+    "train.micro_batch_size=8",
+]
 
 
 def rigtrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -34,8 +40,13 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rigtrain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, "-m", "rigtrain", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
 
 
 def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -69,6 +80,7 @@ def complete_steps(run: Path) -> list[int]:
 
 
 # -- signals -----------------------------------------------------------------------------------
+
 
 def test_sigterm_saves_the_step_in_flight_and_resumes_exactly(tmp_path, demo_data):
     common = ["--set", *TINY, "train.log_every=1", "train.ckpt_every=1000", "train.warmup_steps=2"]
@@ -106,8 +118,18 @@ def test_two_ranks_stop_together_on_ctrl_c_and_a_second_signal_stops_at_once(tmp
     assert workers_of(run) == []
 
     again = tmp_path / "again"
-    process = start("train", "--out", str(again), "--steps", "400", "--set", *TINY, "train.nproc=2",
-                    "train.log_every=1", "train.ckpt_every=2")
+    process = start(
+        "train",
+        "--out",
+        str(again),
+        "--steps",
+        "400",
+        "--set",
+        *TINY,
+        "train.nproc=2",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+    )
     wait_for_step(again, 4, process)
     before = complete_steps(again)
     process.send_signal(signal.SIGTERM)
@@ -126,8 +148,7 @@ def test_two_ranks_stop_together_on_ctrl_c_and_a_second_signal_stops_at_once(tmp
 
 def test_no_worker_outlives_a_killed_launcher(tmp_path, demo_data):
     run = tmp_path / "run"
-    process = start("train", "--out", str(run), "--steps", "4000", "--set", *TINY, "train.nproc=2",
-                    "train.log_every=1")
+    process = start("train", "--out", str(run), "--steps", "4000", "--set", *TINY, "train.nproc=2", "train.log_every=1")
     wait_for_step(run, 2, process)
     assert len(workers_of(run)) == 2
     process.kill()
@@ -140,13 +161,24 @@ def test_no_worker_outlives_a_killed_launcher(tmp_path, demo_data):
 
 # -- divergence ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("lr, says", [("1e4", "exploded"), ("1e30", "not finite")])
 def test_divergence_stops_before_a_bad_checkpoint(tmp_path, demo_data, lr, says):
     import torch
 
     run = tmp_path / "run"
-    result = rigtrain("train", "--out", str(run), "--steps", "60", "--set", *TINY, f"train.lr={lr}",
-                      "train.log_every=5", "train.ckpt_every=5")
+    result = rigtrain(
+        "train",
+        "--out",
+        str(run),
+        "--steps",
+        "60",
+        "--set",
+        *TINY,
+        f"train.lr={lr}",
+        "train.log_every=5",
+        "train.ckpt_every=5",
+    )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("rigtrain:")]
     assert len(lines) == 1 and says in lines[0] and "train.lr" in lines[0], result.stderr[-2000:]
@@ -158,12 +190,39 @@ def test_divergence_stops_before_a_bad_checkpoint(tmp_path, demo_data, lr, says)
 
 # -- resume ------------------------------------------------------------------------------------
 
+
 def test_resume_applies_what_the_user_sets_and_refuses_what_it_cannot(tmp_path, demo_data):
     run = tmp_path / "run"
-    assert rigtrain("train", "--out", str(run), "--preset", "demo", "--steps", "10", "--set", *TINY,
-                    "train.ckpt_every=10", "train.log_every=1").returncode == 0
-    resumed = rigtrain("train", "--out", str(run), "--preset", "demo", "--resume", "--steps", "12",
-                       "--set", "train.lr=1e-5", "train.min_lr_ratio=1.0", "train.warmup_steps=0")
+    assert (
+        rigtrain(
+            "train",
+            "--out",
+            str(run),
+            "--preset",
+            "demo",
+            "--steps",
+            "10",
+            "--set",
+            *TINY,
+            "train.ckpt_every=10",
+            "train.log_every=1",
+        ).returncode
+        == 0
+    )
+    resumed = rigtrain(
+        "train",
+        "--out",
+        str(run),
+        "--preset",
+        "demo",
+        "--resume",
+        "--steps",
+        "12",
+        "--set",
+        "train.lr=1e-5",
+        "train.min_lr_ratio=1.0",
+        "train.warmup_steps=0",
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "train.lr 0.0003 -> 1e-05" in resumed.stdout  # the demo preset's 3e-4
     rows = {row["step"]: row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
@@ -177,12 +236,14 @@ def test_resume_applies_what_the_user_sets_and_refuses_what_it_cannot(tmp_path, 
 
 # -- disk, files, folders -------------------------------------------------------------------
 
+
 def _small_filesystem(tmp_path: Path, megabytes: int):
     """A tmpfs of that size where the machine allows mounting one; else None."""
     mount = tmp_path / "small"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}M", "tmpfs", str(mount)],
-                          capture_output=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}M", "tmpfs", str(mount)], capture_output=True
+    )
     return mount if made.returncode == 0 else None
 
 
@@ -193,7 +254,7 @@ def _enospc_hook(tmp_path: Path, saves: int) -> dict:
     the hook wraps torch.save itself when torch.serialization is first imported."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(f'''
+    (hook / "sitecustomize.py").write_text(f"""
 import errno, importlib.abc, importlib.machinery, sys
 
 class _Wrap(importlib.abc.MetaPathFinder):
@@ -216,7 +277,7 @@ class _Wrap(importlib.abc.MetaPathFinder):
         return spec
 
 sys.meta_path.insert(0, _Wrap())
-''')
+""")
     return {**os.environ, "PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}"}
 
 
@@ -225,9 +286,26 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_pat
     try:
         run = (mount or tmp_path) / "run"
         env = os.environ.copy() if mount else _enospc_hook(tmp_path, saves=3)  # one checkpoint's files
-        result = subprocess.run([sys.executable, "-m", "rigtrain", "train", "--out", str(run), "--steps", "40",
-                                 "--set", *TINY, "train.ckpt_every=10", "train.keep_ckpts=5"],
-                                capture_output=True, text=True, timeout=300, env=env)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rigtrain",
+                "train",
+                "--out",
+                str(run),
+                "--steps",
+                "40",
+                "--set",
+                *TINY,
+                "train.ckpt_every=10",
+                "train.keep_ckpts=5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert result.returncode == 1, result.stderr[-2000:]
         lines = [line for line in result.stderr.splitlines() if line.startswith("rigtrain:")]
         assert len(lines) == 1 and "disk" in lines[0] and "free" in lines[0], result.stderr[-3000:]
@@ -245,8 +323,9 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_pat
 @pytest.fixture(scope="module")
 def three_checkpoints(tmp_path_factory, demo_data):
     run = tmp_path_factory.mktemp("damaged") / "run"
-    made = rigtrain("train", "--out", str(run), "--steps", "15", "--set", *TINY, "train.ckpt_every=5",
-                    "train.keep_ckpts=3")
+    made = rigtrain(
+        "train", "--out", str(run), "--steps", "15", "--set", *TINY, "train.ckpt_every=5", "train.keep_ckpts=3"
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     return run
 
@@ -298,8 +377,12 @@ def test_one_run_per_folder(tmp_path, demo_data):
 
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, demo_data):
     run = tmp_path / "run"
-    assert rigtrain("train", "--out", str(run), "--steps", "6", "--set", *TINY, "train.ckpt_every=3",
-                    "train.log_every=1").returncode == 0
+    assert (
+        rigtrain(
+            "train", "--out", str(run), "--steps", "6", "--set", *TINY, "train.ckpt_every=3", "train.log_every=1"
+        ).returncode
+        == 0
+    )
     (run / "checkpoints" / "step00000006" / "complete.json").unlink()
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 7, "loss": 1.2')  # what a crash in the middle of a write leaves
@@ -322,8 +405,9 @@ def test_shards_checked_when_opened_and_when_they_shrink_under_a_run(tmp_path, d
     shutil.rmtree(data)
     shutil.copytree(demo_data, data)
     run = tmp_path / "b"
-    process = start("train", "--out", str(run), "--data", str(data), "--steps", "4000", "--set", *TINY,
-                    "train.log_every=1")
+    process = start(
+        "train", "--out", str(run), "--data", str(data), "--steps", "4000", "--set", *TINY, "train.log_every=1"
+    )
     wait_for_step(run, 2, process)
     for path in data.glob("*/video.npy"):
         with path.open("r+b") as f:
@@ -334,6 +418,7 @@ def test_shards_checked_when_opened_and_when_they_shrink_under_a_run(tmp_path, d
 
 
 # -- bad invocations ------------------------------------------------------------------------
+
 
 def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
     (tmp / "binary.toml").write_bytes(b"\xff\xfe[train]\n")

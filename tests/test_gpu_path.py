@@ -29,8 +29,14 @@ from rigtrain.model import build_model
 
 PROBE = Path(__file__).parent / "step_probe.py"
 # A model small enough for several DeepSpeed runs in a minute, with every part of the real one.
-TINY = ["model.d_model=32", "model.heads=2", "model.num_latents=8", "model.va_dim=32", "model.vt_dim=32",
-        "train.micro_batch_size=4"]
+TINY = [
+    "model.d_model=32",
+    "model.heads=2",
+    "model.num_latents=8",
+    "model.va_dim=32",
+    "model.vt_dim=32",
+    "train.micro_batch_size=4",
+]
 
 
 class ShapeRecorder(TorchDispatchMode):
@@ -94,13 +100,18 @@ def probe(run: Path) -> dict:
     result = subprocess.run([sys.executable, str(PROBE), str(run)], capture_output=True, text=True, timeout=600)
     lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
     assert result.returncode == 0 and lines, result.stdout[-2000:] + result.stderr[-3000:]
-    return json.loads(lines[0][len("PROBE "):])
+    return json.loads(lines[0][len("PROBE ") :])
 
 
 # What DeepSpeed's optimizer must keep at each (precision, ZeRO stage) the plan can pick:
 # fp32 master weights and fp32 gradient accumulation whatever the module's dtype.
-OPTIMIZER = {("fp32", 1): "DeepSpeedZeroOptimizer", ("bf16", 1): "BF16_Optimizer", ("bf16", 2): "DeepSpeedZeroOptimizer",
-             ("fp32", 3): "DeepSpeedZeroOptimizer_Stage3", ("bf16", 3): "DeepSpeedZeroOptimizer_Stage3"}
+OPTIMIZER = {
+    ("fp32", 1): "DeepSpeedZeroOptimizer",
+    ("bf16", 1): "BF16_Optimizer",
+    ("bf16", 2): "DeepSpeedZeroOptimizer",
+    ("fp32", 3): "DeepSpeedZeroOptimizer_Stage3",
+    ("bf16", 3): "DeepSpeedZeroOptimizer_Stage3",
+}
 
 
 def check_step_syncs_and_precision(run: Path, precision: str, stage: int) -> None:
@@ -122,8 +133,9 @@ def check_step_syncs_and_precision(run: Path, precision: str, stage: int) -> Non
 def test_bf16_at_zero2_steps_without_syncs_and_keeps_fp32(tmp_path, demo_data):
     """ZeRO-2, which test_train_resume_eval_profile does not run: one step, then the probe."""
     run = tmp_path / "run"
-    made = run_cli("train", "--out", str(run), "--steps", "1", "--set", "train.precision=bf16", "train.zero_stage=2",
-                   *TINY)
+    made = run_cli(
+        "train", "--out", str(run), "--steps", "1", "--set", "train.precision=bf16", "train.zero_stage=2", *TINY
+    )
     assert made.returncode == 0, made.stderr[-3000:]
     check_step_syncs_and_precision(run, "bf16", 2)
 
@@ -142,8 +154,9 @@ def test_deepspeed_config_per_precision():
         config = load_config("demo", overrides=[f"train.zero_stage={stage}"])
         assert deepspeed_config(config, "bf16", 1)["data_types"] == {"grad_accum_dtype": "fp32"}
     assert "data_types" not in deepspeed_config(load_config("demo", overrides=["train.zero_stage=0"]), "bf16", 1)
-    offload = deepspeed_config(load_config("demo", overrides=["train.zero_stage=2", "train.offload_optimizer=cpu"]),
-                               "bf16", 1)
+    offload = deepspeed_config(
+        load_config("demo", overrides=["train.zero_stage=2", "train.offload_optimizer=cpu"]), "bf16", 1
+    )
     assert "data_types" not in offload  # offloaded, DeepSpeed adds gradients up in bf16 (and the plan warns)
 
 
@@ -164,8 +177,16 @@ def test_train_resume_eval_profile(tmp_path, demo_data, precision, stage):
     profiler on and a checkpoint at step 2, resume to step 4, `rigtrain eval`, then a step
     on the finished run measured for host syncs and the optimizer's dtypes."""
     run = tmp_path / "run"
-    common = [f"train.precision={precision}", f"train.zero_stage={stage}", *TINY, "train.log_every=1",
-              "profile.enabled=true", "profile.start_step=0", "profile.warmup=1", "profile.active=1"]
+    common = [
+        f"train.precision={precision}",
+        f"train.zero_stage={stage}",
+        *TINY,
+        "train.log_every=1",
+        "profile.enabled=true",
+        "profile.start_step=0",
+        "profile.warmup=1",
+        "profile.active=1",
+    ]
     first = run_cli("train", "--out", str(run), "--steps", "3", "--set", "train.ckpt_every=2", *common)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     (run / "checkpoints" / "step00000003" / "complete.json").unlink()  # as if it died after step 2's save

@@ -12,7 +12,14 @@ import torch
 from conftest import run_cli
 
 from rigtrain.config import load_config
-from rigtrain.data.media import MediaError, fit_frame, read_audio_window, read_container_audio, read_video, read_video_clip
+from rigtrain.data.media import (
+    MediaError,
+    fit_frame,
+    read_audio_window,
+    read_container_audio,
+    read_video,
+    read_video_clip,
+)
 from rigtrain.data.narration import parse_subtitles, read_narration
 from rigtrain.data.prepare import STATE_FILE, prepare
 from rigtrain.data.synth import synthesize
@@ -47,8 +54,9 @@ the third cue
 """
 
 
-def write_h264_with_aac(path: Path, seconds: float = 3.0, fps: int = 25, size=(320, 180), tone_hz: float = 440.0,
-                        audio: bool = True) -> None:
+def write_h264_with_aac(
+    path: Path, seconds: float = 3.0, fps: int = 25, size=(320, 180), tone_hz: float = 440.0, audio: bool = True
+) -> None:
     """An H.264 + AAC mp4 written by PyAV: a moving gradient and a sine tone."""
     import av
 
@@ -98,11 +106,16 @@ def user_folder(tmp_path_factory, shared_data):
 
 def test_subtitles_keep_good_cues_and_name_bad_lines():
     srt = parse_subtitles(SRT_WITH_A_BAD_LINE, webvtt=False)
-    assert [(s.start, s.end, s.text) for s in srt.segments] == [(0.5, 1.8, "the first cue"),
-                                                                (3.25, 4.9, "the third cue on two lines")]
+    assert [(s.start, s.end, s.text) for s in srt.segments] == [
+        (0.5, 1.8, "the first cue"),
+        (3.25, 4.9, "the third cue on two lines"),
+    ]
     assert len(srt.problems) == 1 and srt.problems[0].startswith("line 6: ")
     vtt = parse_subtitles(VTT_WITH_A_BAD_LINE, webvtt=True)
-    assert [(s.start, s.end, s.text) for s in vtt.segments] == [(0.5, 1.8, "the first cue"), (3.25, 4.9, "the third cue")]
+    assert [(s.start, s.end, s.text) for s in vtt.segments] == [
+        (0.5, 1.8, "the first cue"),
+        (3.25, 4.9, "the third cue"),
+    ]
     assert len(vtt.problems) == 1 and vtt.problems[0].startswith("line 9: ")
     with pytest.raises(MediaError, match="WEBVTT"):
         parse_subtitles("1\n00:00:01.000 --> 00:00:02.000\nno header\n", webvtt=True)
@@ -148,7 +161,8 @@ def test_prepare_a_users_folder(user_folder, tmp_path):
     sources = {s["video"]: s for s in index["sources"]}
     skipped = {s["file"]: s["reason"] for s in index["skipped"]}
     assert set(sources) == {"bikes.mp4", "carphone.mp4", "tone.mp4", "wide.mp4"} | (
-        {"truncated.mp4"} if "truncated.mp4" not in skipped else set())
+        {"truncated.mp4"} if "truncated.mp4" not in skipped else set()
+    )
     assert sources["tone.mp4"]["audio"] == "container" and sources["bikes.mp4"]["audio"] is None
     assert sources["tone.mp4"]["narration"] == "tone.srt" and sources["tone.mp4"]["narration_segments"] == 2
     assert any(p.startswith("tone.srt line 6:") for p in sources["tone.mp4"]["problems"])
@@ -168,8 +182,10 @@ def test_prepare_a_users_folder(user_folder, tmp_path):
     assert serial["shards"] == index["shards"]
     for shard in index["shards"]:
         for name in ("video", "audio", "text", "clips", "segments"):
-            assert np.array_equal(np.load(tmp_path / "prep" / shard["dir"] / f"{name}.npy"),
-                                  np.load(tmp_path / "serial" / shard["dir"] / f"{name}.npy"))
+            assert np.array_equal(
+                np.load(tmp_path / "prep" / shard["dir"] / f"{name}.npy"),
+                np.load(tmp_path / "serial" / shard["dir"] / f"{name}.npy"),
+            )
 
 
 def _shard_bytes(folder: Path) -> dict[str, bytes]:
@@ -189,6 +205,7 @@ def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path):
         def progress(done, total, name, clips):
             if done == n:
                 raise Stop
+
         return progress
 
     out = tmp_path / "resumed"
@@ -250,7 +267,10 @@ def test_data_check_predicts_what_prepare_makes(user_folder, tmp_path):
         if skipped["file"].endswith(".mp4"):
             assert not checked[skipped["file"]]["ok"] and checked[skipped["file"]]["reason"] == skipped["reason"]
     assert report["summary"]["clips"] == index["clips"]
-    assert checked["bikes.mp4"]["fps"] == 25 and (checked["bikes.mp4"]["width"], checked["bikes.mp4"]["height"]) == (640, 272)
+    assert checked["bikes.mp4"]["fps"] == 25 and (checked["bikes.mp4"]["width"], checked["bikes.mp4"]["height"]) == (
+        640,
+        272,
+    )
     assert checked["tone.mp4"]["audio"]["codec"] == "aac"
 
 
@@ -295,8 +315,17 @@ def test_loader_threads_give_the_same_batches_in_the_same_order(tmp_path):
     dataset = ShardDataset(tmp_path / "prep", data)
 
     def first_batches(workers, start_batch=0, n=5):
-        loader = make_loader(dataset, data, rank=0, world=1, micro_batch=4, seed=9, start_batch=start_batch,
-                             workers=workers, pin_memory=False)
+        loader = make_loader(
+            dataset,
+            data,
+            rank=0,
+            world=1,
+            micro_batch=4,
+            seed=9,
+            start_batch=start_batch,
+            workers=workers,
+            pin_memory=False,
+        )
         batches = iter(loader)
         out = [next(batches) for _ in range(n)]
         loader.close()
@@ -314,8 +343,20 @@ def test_data_bench_command(tmp_path):
     src = tmp_path / "world"
     synthesize(src, videos=4, seed=1)
     assert run_cli("data", "prepare", str(src), str(tmp_path / "prep")).returncode == 0
-    result = run_cli("data", "bench", str(tmp_path / "prep"), "--json", "--seconds", "0.5", "--decode-clips", "8", "--batch", "4",
-                     "--workers", "1")
+    result = run_cli(
+        "data",
+        "bench",
+        str(tmp_path / "prep"),
+        "--json",
+        "--seconds",
+        "0.5",
+        "--decode-clips",
+        "8",
+        "--batch",
+        "4",
+        "--workers",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     for key in ("shards_clips_per_s", "decode_clips_per_s", "ratio", "workers"):

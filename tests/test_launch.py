@@ -7,15 +7,18 @@ from rigtrain.config import load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.rig.facts import Cpu, Gpu, Rig
-from rigtrain.train.launch import WORKER_MODULE, launch_command
 from rigtrain.train.planning import plan_run
+from rigtrain.train.processes import WORKER_MODULE, launch_command
 
 CPU_BOX = Rig(cpu=Cpu(cores=2, threads=2), ram_gib=24.0)
 
 
 def gpus(*capabilities, threads=32):
-    return Rig(gpus=tuple(Gpu(name="gpu", memory_gib=24.0, compute_capability=c) for c in capabilities),
-               cpu=Cpu(cores=threads // 2, threads=threads), ram_gib=64.0)
+    return Rig(
+        gpus=tuple(Gpu(name="gpu", memory_gib=24.0, compute_capability=c) for c in capabilities),
+        cpu=Cpu(cores=threads // 2, threads=threads),
+        ram_gib=64.0,
+    )
 
 
 def plan(rig, preset="demo", overrides=()):

@@ -5,21 +5,23 @@ import torch
 
 from rigtrain.config import load_config
 from rigtrain.model import build_model
+from rigtrain.model.clips import drop_tokens
 from rigtrain.model.fourier import axis_positions, feature_size, fourier_features, grid_positions
 from rigtrain.model.losses import masked_mse, normalize_patches, predictive_coding_loss
-from rigtrain.model.perceiver import drop_tokens
 from rigtrain.model.tokenizers import to_segments, to_tubelets
 
 
 def random_batch(data, batch=4, seed=0, has_audio=True):
     g = torch.Generator().manual_seed(seed)
-    return {"video": torch.randint(0, 256, (batch, data.clip_frames, *data.frame_size, 3), generator=g, dtype=torch.uint8),
-            "audio": torch.randint(-8000, 8000, (batch, data.clip_samples), generator=g, dtype=torch.int16),
-            "has_audio": torch.full((batch,), has_audio),
-            "text": torch.randint(0, 256, (batch, data.max_text_bytes), generator=g, dtype=torch.uint8),
-            "text_len": torch.full((batch,), 10),
-            "segment_offset": torch.zeros(batch, 4, dtype=torch.int64),
-            "segment_len": torch.full((batch, 4), 0, dtype=torch.int64).index_fill_(1, torch.tensor([0]), 10)}
+    return {
+        "video": torch.randint(0, 256, (batch, data.clip_frames, *data.frame_size, 3), generator=g, dtype=torch.uint8),
+        "audio": torch.randint(-8000, 8000, (batch, data.clip_samples), generator=g, dtype=torch.int16),
+        "has_audio": torch.full((batch,), has_audio),
+        "text": torch.randint(0, 256, (batch, data.max_text_bytes), generator=g, dtype=torch.uint8),
+        "text_len": torch.full((batch,), 10),
+        "segment_offset": torch.zeros(batch, 4, dtype=torch.int64),
+        "segment_len": torch.full((batch, 4), 0, dtype=torch.int64).index_fill_(1, torch.tensor([0]), 10),
+    }
 
 
 def test_tubelets_are_time_major_and_exact():
@@ -73,16 +75,27 @@ def test_forward_returns_every_term_and_the_total():
     config = load_config("demo")
     model = build_model(config.model, config.data)
     out = model(random_batch(config.data))
-    assert set(out) == {"loss", "loss_pc", "pc_video_present", "pc_video_future", "pc_audio_present", "pc_audio_future",
-                        "loss_va_nce", "loss_vt_milnce"}
+    assert set(out) == {
+        "loss",
+        "loss_pc",
+        "pc_video_present",
+        "pc_video_future",
+        "pc_audio_present",
+        "pc_audio_future",
+        "loss_va_nce",
+        "loss_vt_milnce",
+    }
     a, m = config.model.alpha, config.model
-    pc = a * (out["pc_video_present"] + out["pc_audio_present"]) + (1 - a) * (out["pc_video_future"] + out["pc_audio_future"])
+    pc = a * (out["pc_video_present"] + out["pc_audio_present"]) + (1 - a) * (
+        out["pc_video_future"] + out["pc_audio_future"]
+    )
     assert torch.allclose(out["loss_pc"], pc)
     total = m.weight_pc * pc + m.weight_va * out["loss_va_nce"] + m.weight_vt * out["loss_vt_milnce"]
     assert torch.allclose(out["loss"], total)
     out["loss"].backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("text_tokenizer.embed")), \
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("text_tokenizer.embed")), (
         "every part of the model gets a gradient"
+    )
 
 
 def test_missing_audio_is_masked_not_scored():

@@ -26,7 +26,12 @@ def cpu_trace(data_wait, forward, backward, optimizer, comm=0.0, steps=3):
     for k in range(steps):
         t = k * 100.0
         events.append(X(f"ProfilerStep#{k}", t, 100.0))
-        for name, dur in (("data_wait", data_wait), ("forward", forward), ("backward", backward), ("optimizer", optimizer)):
+        for name, dur in (
+            ("data_wait", data_wait),
+            ("forward", forward),
+            ("backward", backward),
+            ("optimizer", optimizer),
+        ):
             events.append(X(f"rigtrain/{name}", t, dur))
             if name == "backward" and comm:
                 events.append(X("c10d::allreduce_", t + 1, comm, cat="cpu_op"))
@@ -34,16 +39,27 @@ def cpu_trace(data_wait, forward, backward, optimizer, comm=0.0, steps=3):
     return events
 
 
-FACTS = RunFacts(device="cpu", clips_per_step=16, world_size=1, loader_threads=1, cpu_threads=2,
-                 data_is_raw_videos=True, zero_stage=1, micro_batch_size=16)
+FACTS = RunFacts(
+    device="cpu",
+    clips_per_step=16,
+    world_size=1,
+    loader_threads=1,
+    cpu_threads=2,
+    data_is_raw_videos=True,
+    zero_stage=1,
+    micro_batch_size=16,
+)
 
 
-@pytest.mark.parametrize("trace, expected", [
-    (cpu_trace(50, 20, 20, 5), "input-bound"),
-    (cpu_trace(2, 40, 40, 10), "compute-bound"),
-    (cpu_trace(2, 20, 50, 5, comm=40), "communication-bound"),
-    (cpu_trace(2, 10, 10, 5), "host-bound"),  # 73% of each step outside the train step's spans
-])
+@pytest.mark.parametrize(
+    "trace, expected",
+    [
+        (cpu_trace(50, 20, 20, 5), "input-bound"),
+        (cpu_trace(2, 40, 40, 10), "compute-bound"),
+        (cpu_trace(2, 20, 50, 5, comm=40), "communication-bound"),
+        (cpu_trace(2, 10, 10, 5), "host-bound"),  # 73% of each step outside the train step's spans
+    ],
+)
 def test_verdict_on_made_up_cpu_traces(trace, expected):
     summary = analyze(trace, FACTS)
     assert summary["verdict"] == expected, summary
@@ -52,22 +68,40 @@ def test_verdict_on_made_up_cpu_traces(trace, expected):
 
 
 def test_gpu_breakdown_from_kernels():
-    events = [X("ProfilerStep#1", 0, 100), X("rigtrain/data_wait", 0, 10), X("rigtrain/forward", 10, 30),
-              X("rigtrain/backward", 40, 40), X("rigtrain/optimizer", 80, 20),
-              X("ampere_sgemm", 12, 30, cat="kernel", tid=7), X("ampere_sgemm", 45, 30, cat="kernel", tid=7),
-              X("ncclKernel_AllReduce_RING", 70, 15, cat="kernel", tid=8), X("multi_tensor_apply_kernel", 85, 10,
-                                                                                  cat="kernel", tid=7)]
+    events = [
+        X("ProfilerStep#1", 0, 100),
+        X("rigtrain/data_wait", 0, 10),
+        X("rigtrain/forward", 10, 30),
+        X("rigtrain/backward", 40, 40),
+        X("rigtrain/optimizer", 80, 20),
+        X("ampere_sgemm", 12, 30, cat="kernel", tid=7),
+        X("ampere_sgemm", 45, 30, cat="kernel", tid=7),
+        X("ncclKernel_AllReduce_RING", 70, 15, cat="kernel", tid=8),
+        X("multi_tensor_apply_kernel", 85, 10, cat="kernel", tid=7),
+    ]
     fractions, numbers = breakdown(events, "cuda")
     assert sum(fractions.values()) == pytest.approx(1.0)
     assert fractions["data_wait"] == pytest.approx(0.10)
     assert fractions["compute"] == pytest.approx(0.60) and fractions["optimizer"] == pytest.approx(0.10)
     assert fractions["communication"] == pytest.approx(0.10)  # 15 of NCCL, 5 of them hidden under a GEMM
     assert verdict(fractions)[0] == "compute-bound"
-    facts = RunFacts(device="cuda", clips_per_step=32, world_size=1, loader_threads=4, cpu_threads=16,
-                     data_is_raw_videos=False, zero_stage=1, micro_batch_size=32, flops_per_clip=1e9, peak_tflops=71.0)
+    facts = RunFacts(
+        device="cuda",
+        clips_per_step=32,
+        world_size=1,
+        loader_threads=4,
+        cpu_threads=16,
+        data_is_raw_videos=False,
+        zero_stage=1,
+        micro_batch_size=32,
+        flops_per_clip=1e9,
+        peak_tflops=71.0,
+    )
     summary = analyze(events, facts)
     # 32 clips in 100 us -> 320,000 clips/s x 1 GFLOP = 320 TFLOPS: the arithmetic, not a real card
-    assert summary["achieved_tflops_per_device"] == pytest.approx(320.0) and summary["mfu"] == pytest.approx(320 / 71, rel=1e-3)
+    assert summary["achieved_tflops_per_device"] == pytest.approx(320.0) and summary["mfu"] == pytest.approx(
+        320 / 71, rel=1e-3
+    )
 
 
 def _summary(run: Path) -> dict:
@@ -84,8 +118,18 @@ def raw_720p(tmp_path_factory):
 
 def test_raw_720p_videos_without_workers_are_input_bound(raw_720p, tmp_path):
     run = tmp_path / "run"
-    result = run_cli("profile", "--data", str(raw_720p), "--out", str(run),
-                     "--set", "data.workers=0", "train.micro_batch_size=4", "eval.holdout=0", timeout=600)
+    result = run_cli(
+        "profile",
+        "--data",
+        str(raw_720p),
+        "--out",
+        str(run),
+        "--set",
+        "data.workers=0",
+        "train.micro_batch_size=4",
+        "eval.holdout=0",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _summary(run)
     assert summary["verdict"] == "input-bound", summary
@@ -99,8 +143,16 @@ def test_raw_720p_videos_without_workers_are_input_bound(raw_720p, tmp_path):
 @pytest.fixture(scope="module")
 def compute_bound_run(tmp_path_factory, demo_data):
     run = tmp_path_factory.mktemp("profiled") / "run"
-    result = run_cli("profile", "--out", str(run), "--set", "model.d_model=256", "model.num_latents=64",
-                     "data.workers=1", timeout=600)
+    result = run_cli(
+        "profile",
+        "--out",
+        str(run),
+        "--set",
+        "model.d_model=256",
+        "model.num_latents=64",
+        "data.workers=1",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run
 
@@ -132,9 +184,21 @@ def _get(url: str):
 
 def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(compute_bound_run / "tb"),
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(compute_bound_run / "tb"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline, runs, tags = time.time() + 90, [], {}
@@ -156,6 +220,7 @@ def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
 
 
 # -- throttling: the rule of profile/throttle.py on replayed samples -----------------------------
+
 
 def _h200_power_cap_samples():
     """What the first H200 run saw under `base` (../shared/gpu/MEASURED.md): the power-cap reason
@@ -232,6 +297,8 @@ def test_host_bound_advice_stays_within_the_experiment():
     assert any("changes the experiment" in s and "global batch (64)" in s for s in whole["suggestions"])
     assert any("train.compile=true" in s for s in whole["suggestions"])
     split = analyze(trace, replace(FACTS, micro_batch_size=32, clips_per_step=128, grad_accum_steps=4, compiled=True))
-    assert any("train.micro_batch_size=64 train.grad_accum_steps=2 keeps the global batch of 128" in s
-               for s in split["suggestions"])
+    assert any(
+        "train.micro_batch_size=64 train.grad_accum_steps=2 keeps the global batch of 128" in s
+        for s in split["suggestions"]
+    )
     assert not any("train.compile" in s for s in split["suggestions"])

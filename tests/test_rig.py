@@ -13,9 +13,9 @@ from conftest import run_cli
 from rigtrain.config import load_config
 from rigtrain.errors import UserError
 from rigtrain.rig.facts import read_rig_file, rig_from_dict
-from rigtrain.rig.memory import PeakBytes, fake_step_peak_bytes
 from rigtrain.rig.plan import PlanRequest, make_plan
-from rigtrain.train.memory import train_step_builder
+from rigtrain.rig.step_memory import PeakBytes, fake_step_peak_bytes
+from rigtrain.train.measured_step import train_step_builder
 from rigtrain.train.planning import plan_run
 
 RIGS = Path(__file__).parent / "rigs"
@@ -24,8 +24,12 @@ RIGS = Path(__file__).parent / "rigs"
 def plan_for(rig_name: str, preset: str = "base", overrides=(), psu_w=None):
     from rigtrain.config.loading import user_keys
 
-    return plan_run(load_config(preset, overrides=list(overrides)), read_rig_file(RIGS / rig_name),
-                    user_keys=user_keys(None, list(overrides)), psu_w=psu_w)
+    return plan_run(
+        load_config(preset, overrides=list(overrides)),
+        read_rig_file(RIGS / rig_name),
+        user_keys=user_keys(None, list(overrides)),
+        psu_w=psu_w,
+    )
 
 
 def codes(plan):
@@ -34,13 +38,22 @@ def codes(plan):
 
 def test_rtx4060_fits_small_without_help_base_with_checkpointing_and_a_big_model_with_8bit():
     small = plan_for("rtx4060_8gb.json", preset="small")
-    assert (small.precision, small.zero_stage, small.activation_checkpointing, small.optimizer) == ("bf16", 1, False,
-                                                                                                    "adamw")
+    assert (small.precision, small.zero_stage, small.activation_checkpointing, small.optimizer) == (
+        "bf16",
+        1,
+        False,
+        "adamw",
+    )
     assert "fp32" in small.reasons["zero_stage"]  # one GPU, bf16: ZeRO-1 for its fp32 gradients
     # base: 8 GB less the CUDA context (2.3 GiB) and 10% for fragmentation leave 5.2 GiB, in
     # which 8 clips of 32 frames at 224x224 (two narration rows each) fit only with recomputation
     plan = plan_for("rtx4060_8gb.json")
-    assert (plan.precision, plan.zero_stage, plan.activation_checkpointing, plan.optimizer) == ("bf16", 1, True, "adamw")
+    assert (plan.precision, plan.zero_stage, plan.activation_checkpointing, plan.optimizer) == (
+        "bf16",
+        1,
+        True,
+        "adamw",
+    )
     assert plan.predicted_peak_gib <= plan.usable_gib and plan.micro_batch_size >= 8
     assert plan.micro_batch_size * plan.grad_accum_steps >= 256  # reaches the global batch
     big = plan_for("rtx4060_8gb.json", overrides=["model.d_model=1024", "model.enc_layers=16", "model.heads=16"])
@@ -72,9 +85,11 @@ def test_four_4090s_without_p2p():
 def synthetic_step(act_gib: float, ckpt_act_gib: float, parameters: float):
     """A step whose peak is weights + gradients (bf16) + activations per clip: the
     planner's logic, fast, with numbers chosen to land between its options."""
+
     def step_peak(b, checkpointing, precision):
         width = 4 if precision == "fp32" else 2
         return int(parameters * 2 * width + 0.2 * 2**30 + b * (ckpt_act_gib if checkpointing else act_gib) * 2**30)
+
     return step_peak
 
 
@@ -84,8 +99,11 @@ def test_narrow_links_checkpoint_before_zero2_and_wide_links_the_other_way():
     narrow = make_plan(read_rig_file(RIGS / "two_3090_one_on_x4_850w.json"), request, step)
     assert (narrow.zero_stage, narrow.activation_checkpointing) == (1, True)
     assert narrow.micro_batch_size == 8 and narrow.grad_accum_steps == 16  # checkpointing buys 8, not more
-    wide = make_plan(read_rig_file(RIGS / "four_4090_no_p2p.json"), PlanRequest(parameters=int(1.0e9), global_batch=256,
-                                                                                 gpus=(0, 1)), step)
+    wide = make_plan(
+        read_rig_file(RIGS / "four_4090_no_p2p.json"),
+        PlanRequest(parameters=int(1.0e9), global_batch=256, gpus=(0, 1)),
+        step,
+    )
     # a sharding stage instead of recomputation (ZeRO-3 here: in bf16, ZeRO-2's fp32 gradient
     # buffer is as large as ZeRO-1's, so only ZeRO-3 makes room)
     assert (wide.zero_stage, wide.activation_checkpointing) == (3, False)
@@ -190,9 +208,20 @@ def test_search_finds_the_largest_fitting_micro_batch_with_few_measurements():
 
 def test_hardware_warnings_judge_link_generation_only_under_load():
     def rig(utilization):
-        return rig_from_dict({"gpus": [{"name": "NVIDIA GeForce RTX 3090", "memory_gib": 24.0,
-                                        "compute_capability": [8, 6], "utilization_pct": utilization,
-                                        "pcie": {"gen": 1, "width": 16, "max_gen": 4, "max_width": 16}}]})
+        return rig_from_dict(
+            {
+                "gpus": [
+                    {
+                        "name": "NVIDIA GeForce RTX 3090",
+                        "memory_gib": 24.0,
+                        "compute_capability": [8, 6],
+                        "utilization_pct": utilization,
+                        "pcie": {"gen": 1, "width": 16, "max_gen": 4, "max_width": 16},
+                    }
+                ]
+            }
+        )
+
     config = load_config("small")
     assert "pcie_downtrained" not in codes(plan_run(config, rig(0), user_keys=set()))  # idle: Gen1 is normal
     busy = plan_run(config, rig(95), user_keys=set())
@@ -205,14 +234,17 @@ def test_psu_watts_from_the_command_line():
     assert "psu_headroom" not in codes(plan_for("a100_80gb.json", psu_w=2000))
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda r: r["gpus"][0].update(memory_gib=-8), "gpus[0].memory_gib"),
-    (lambda r: r["gpus"][0]["pcie"].update(width=0), "gpus[0].pcie.width"),
-    (lambda r: r["gpus"][0].update(colour="green"), "gpus[0].colour"),
-    (lambda r: r.update(ram=64), "ram"),
-    (lambda r: r["gpus"][0].update(compute_capability="8.6"), "gpus[0].compute_capability"),
-    (lambda r: r["gpus"][0].update(p2p=[True]), "gpus[0].p2p"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda r: r["gpus"][0].update(memory_gib=-8), "gpus[0].memory_gib"),
+        (lambda r: r["gpus"][0]["pcie"].update(width=0), "gpus[0].pcie.width"),
+        (lambda r: r["gpus"][0].update(colour="green"), "gpus[0].colour"),
+        (lambda r: r.update(ram=64), "ram"),
+        (lambda r: r["gpus"][0].update(compute_capability="8.6"), "gpus[0].compute_capability"),
+        (lambda r: r["gpus"][0].update(p2p=[True]), "gpus[0].p2p"),
+    ],
+)
 def test_invalid_rig_files_name_the_field(tmp_path, change, field):
     rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
     change(rig)
@@ -229,8 +261,19 @@ def test_rig_command_json_round_trips_as_a_rig_file(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report) == {"rig", "plan", "warnings"}
-    for key in ("precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing", "zero_stage",
-                "offload_optimizer", "optimizer", "dataloader_workers", "env", "predicted_peak_gib", "reasons"):
+    for key in (
+        "precision",
+        "micro_batch_size",
+        "grad_accum_steps",
+        "activation_checkpointing",
+        "zero_stage",
+        "offload_optimizer",
+        "optimizer",
+        "dataloader_workers",
+        "env",
+        "predicted_peak_gib",
+        "reasons",
+    ):
         assert key in report["plan"], key
     assert all(set(w) == {"code", "gpu", "message"} for w in report["warnings"])
     saved = tmp_path / "saved.json"
@@ -254,6 +297,7 @@ def test_probe_this_machine_is_a_cpu_rig():
 
 # -- memory ------------------------------------------------------------------------------------
 
+
 def test_fake_peak_equals_the_same_step_run_for_real_and_memtracker():
     """FakeTensorMode changes nothing in the accounting: the same tiny step run for real on
     the CPU (same tracker) peaks at the same bytes, and MemTracker agrees."""
@@ -268,8 +312,10 @@ def test_fake_peak_equals_the_same_step_run_for_real_and_memtracker():
 
     torch.manual_seed(0)
     model = build_model(config.model, config.data)
-    batch = {k: torch.zeros(v.shape, dtype=v.dtype) if k != "text_len" else torch.full(v.shape, config.data.max_text_bytes)
-             for k, v in meta_batch(config.data, 4).items()}
+    batch = {
+        k: torch.zeros(v.shape, dtype=v.dtype) if k != "text_len" else torch.full(v.shape, config.data.max_text_bytes)
+        for k, v in meta_batch(config.data, 4).items()
+    }
     batch["segment_len"][:, 0] = 20  # one narration segment per clip, as the fake step counts
     tracker = PeakBytes([*model.parameters(), *model.buffers()])
     with tracker:
@@ -285,8 +331,9 @@ def test_memory_estimate_matches_the_saved_tensor_bytes_of_a_real_cpu_run():
     """What autograd keeps for backward (saved-tensor hooks on a real CPU forward) is what
     the fake measurement says is alive at the end of the forward, less the parameters."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(),
-                                torch.nn.Linear(256, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)
+    )
     x = torch.randn(32, 64)
     saved: dict[int, int] = {}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -304,8 +351,12 @@ def test_memory_estimate_matches_the_saved_tensor_bytes_of_a_real_cpu_run():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        fake_model = torch.nn.Sequential(*[torch.nn.Linear(l.in_features, l.out_features) if isinstance(l, torch.nn.Linear)
-                                           else torch.nn.GELU() for l in model])
+        fake_model = torch.nn.Sequential(
+            *[
+                torch.nn.Linear(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else torch.nn.GELU()
+                for m in model
+            ]
+        )
         fx = torch.empty(32, 64)
         tracker = PeakBytes([*fake_model.parameters(), fx])
         with tracker:
@@ -318,6 +369,7 @@ def test_memory_estimate_matches_the_saved_tensor_bytes_of_a_real_cpu_run():
 
 # -- the probe -------------------------------------------------------------------------------
 
+
 def fake_nvml(gpus: int = 2):
     """A stand-in for pynvml with two RTX 3090s, the second on x4 and throttling."""
     nvml = types.SimpleNamespace()
@@ -326,12 +378,21 @@ def fake_nvml(gpus: int = 2):
         pass
 
     nvml.NVMLError = NVMLError
-    for name, value in dict(NVML_PCIE_UTIL_RX_BYTES=1, NVML_PCIE_UTIL_TX_BYTES=0, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2,
-                            NVML_TEMPERATURE_GPU=0, NVML_P2P_CAPS_INDEX_READ=0, NVML_P2P_CAPS_INDEX_NVLINK=2,
-                            NVML_P2P_STATUS_OK=0, nvmlClocksEventReasonSwThermalSlowdown=0x20,
-                            nvmlClocksEventReasonSwPowerCap=0x4, nvmlClocksEventReasonHwSlowdown=0x8,
-                            nvmlClocksEventReasonHwThermalSlowdown=0x40,
-                            nvmlClocksEventReasonHwPowerBrakeSlowdown=0x80).items():
+    for name, value in dict(
+        NVML_PCIE_UTIL_RX_BYTES=1,
+        NVML_PCIE_UTIL_TX_BYTES=0,
+        NVML_CLOCK_SM=1,
+        NVML_CLOCK_MEM=2,
+        NVML_TEMPERATURE_GPU=0,
+        NVML_P2P_CAPS_INDEX_READ=0,
+        NVML_P2P_CAPS_INDEX_NVLINK=2,
+        NVML_P2P_STATUS_OK=0,
+        nvmlClocksEventReasonSwThermalSlowdown=0x20,
+        nvmlClocksEventReasonSwPowerCap=0x4,
+        nvmlClocksEventReasonHwSlowdown=0x8,
+        nvmlClocksEventReasonHwThermalSlowdown=0x40,
+        nvmlClocksEventReasonHwPowerBrakeSlowdown=0x80,
+    ).items():
         setattr(nvml, name, value)
     memory = types.SimpleNamespace(total=24 * 2**30, free=23 * 2**30, used=2**30)
     nvml.nvmlInit = nvml.nvmlShutdown = lambda: None
@@ -373,7 +434,11 @@ def test_probe_reads_nvml(monkeypatch):
     assert len(rig.gpus) == 2
     first, second = rig.gpus
     assert (first.name, first.memory_gib, first.memory_free_gib, first.compute_capability) == (
-        "NVIDIA GeForce RTX 3090", 24.0, 23.0, (8, 6))
+        "NVIDIA GeForce RTX 3090",
+        24.0,
+        23.0,
+        (8, 6),
+    )
     assert (second.pcie.width, second.pcie.max_width, second.pcie.rx_mb_s) == (4, 16, 1.5)
     assert (first.power.limit_w, first.power.max_limit_w, first.power.draw_w) == (350, 400, 31.5)
     assert first.throttle_reasons == () and second.throttle_reasons == ("sw_thermal",)
@@ -388,8 +453,9 @@ def test_probe_reads_nvml(monkeypatch):
 def test_train_with_a_rig_file_of_another_machine_is_refused(tmp_path):
     if torch.cuda.is_available() and torch.cuda.device_count() == 2:
         pytest.skip("this machine has the two GPUs the file describes")
-    result = run_cli("train", "--rig", str(RIGS / "two_3090_one_on_x4_850w.json"), "--steps", "1",
-                     "--out", str(tmp_path / "run"))
+    result = run_cli(
+        "train", "--rig", str(RIGS / "two_3090_one_on_x4_850w.json"), "--steps", "1", "--out", str(tmp_path / "run")
+    )
     assert result.returncode == 2 and "describes 2 GPU(s)" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -400,11 +466,14 @@ def test_train_with_a_rig_file_of_another_machine_is_refused(tmp_path):
 H200 = "h200.json"
 
 
-@pytest.mark.parametrize("preset, overrides, measured_gib, tolerance", [
-    ("demo", ["train.micro_batch_size=48"], 0.20, 0.05 / 0.20),  # within 0.05 GiB
-    ("small", ["train.micro_batch_size=64", "model.activation_checkpointing=false"], 4.24, 0.05),
-    ("base", ["train.micro_batch_size=256", "model.activation_checkpointing=false"], 126.65, 0.05),
-])
+@pytest.mark.parametrize(
+    "preset, overrides, measured_gib, tolerance",
+    [
+        ("demo", ["train.micro_batch_size=48"], 0.20, 0.05 / 0.20),  # within 0.05 GiB
+        ("small", ["train.micro_batch_size=64", "model.activation_checkpointing=false"], 4.24, 0.05),
+        ("base", ["train.micro_batch_size=256", "model.activation_checkpointing=false"], 126.65, 0.05),
+    ],
+)
 def test_predicted_peak_matches_the_h200(preset, overrides, measured_gib, tolerance):
     plan = plan_for(H200, preset=preset, overrides=overrides)
     assert plan.precision == "bf16"
@@ -428,8 +497,17 @@ def test_what_crashed_on_the_h200_is_no_longer_planned_as_safe():
 
 
 def test_memory_terms_arithmetic():
-    from rigtrain.rig.budget import (CUDA_CONTEXT_GIB, FRAGMENTATION, NCCL_GIB, PROFILER_GIB, cublas_workspace_bytes,
-                                   fp32_gradient_bytes, outside_allocator_gib, peak_bytes, usable_gib)
+    from rigtrain.rig.budget import (
+        CUDA_CONTEXT_GIB,
+        FRAGMENTATION,
+        NCCL_GIB,
+        PROFILER_GIB,
+        cublas_workspace_bytes,
+        fp32_gradient_bytes,
+        outside_allocator_gib,
+        peak_bytes,
+        usable_gib,
+    )
 
     assert cublas_workspace_bytes((9, 0)) == 2 * 32 * 2**20  # Hopper: 32 MiB per handle, two threads
     assert cublas_workspace_bytes((12, 0)) == 2 * 32 * 2**20  # consumer Blackwell too
@@ -442,7 +520,11 @@ def test_memory_terms_arithmetic():
     assert fp32_gradient_bytes(n, "fp32", 2, 2, "none") == 2 * n  # fp32 ZeRO-1/2's copy of its partition
     assert fp32_gradient_bytes(n, "bf16", 1, 0, "none") == 0
     assert fp32_gradient_bytes(n, "bf16", 2, 2, "none") == 4 * n
-    assert outside_allocator_gib(world=1) == {"cuda_context_gib": CUDA_CONTEXT_GIB, "nccl_gib": 0.0, "profiler_gib": 0.0}
+    assert outside_allocator_gib(world=1) == {
+        "cuda_context_gib": CUDA_CONTEXT_GIB,
+        "nccl_gib": 0.0,
+        "profiler_gib": 0.0,
+    }
     assert outside_allocator_gib(world=2, profiling=True)["nccl_gib"] == NCCL_GIB
     assert outside_allocator_gib(world=2, profiling=True)["profiler_gib"] == PROFILER_GIB
     assert outside_allocator_gib(world=1, lazy_loading=False)["cuda_context_gib"] > CUDA_CONTEXT_GIB
@@ -450,10 +532,24 @@ def test_memory_terms_arithmetic():
     usable, cap, why = usable_gib(gpu, outside_allocator_gib(world=1))
     assert cap == pytest.approx(gpu.free_gib - CUDA_CONTEXT_GIB) and usable == pytest.approx(cap / (1 + FRAGMENTATION))
     assert "cuda context" in why and "fragmentation" in why
-    terms = peak_bytes(10 * 2**30, parameters=n, precision="bf16", world=1, stage=1, optimizer="adamw", offload="none",
-                       capability=(8, 6))
-    parts = (terms["step_gib"] - terms["zero_saving_gib"] + terms["optimizer_states_gib"] + terms["fp32_gradients_gib"]
-             + terms["buckets_gib"] + terms["cublas_workspaces_gib"])
+    terms = peak_bytes(
+        10 * 2**30,
+        parameters=n,
+        precision="bf16",
+        world=1,
+        stage=1,
+        optimizer="adamw",
+        offload="none",
+        capability=(8, 6),
+    )
+    parts = (
+        terms["step_gib"]
+        - terms["zero_saving_gib"]
+        + terms["optimizer_states_gib"]
+        + terms["fp32_gradients_gib"]
+        + terms["buckets_gib"]
+        + terms["cublas_workspaces_gib"]
+    )
     assert terms["total_gib"] == pytest.approx(parts)
     assert terms["optimizer_states_gib"] == pytest.approx(12 * n / 2**30)  # moments + fp32 master, one rank
 
@@ -461,21 +557,45 @@ def test_memory_terms_arithmetic():
 def test_rig_prints_every_memory_term():
     result = run_cli("rig", "--rig", str(RIGS / H200), "--preset", "small")
     assert result.returncode == 0, result.stderr
-    for words in ("the train step, measured with FakeTensorMode", "of which the input batch", "cuBLAS workspaces",
-                  "allocator peak", "fragmentation", "CUDA context and libraries", "on the card"):
+    for words in (
+        "the train step, measured with FakeTensorMode",
+        "of which the input batch",
+        "cuBLAS workspaces",
+        "allocator peak",
+        "fragmentation",
+        "CUDA context and libraries",
+        "on the card",
+    ):
         assert words in result.stdout, words
 
 
-@pytest.mark.parametrize("name, tflops", [
-    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
-    ("NVIDIA H20", 148.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10", 125.0), ("NVIDIA L40S", 362.0),
-    ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0), ("NVIDIA RTX A6000", 154.8), ("NVIDIA RTX 6000 Ada Generation", 364.2),
-    ("NVIDIA GeForce RTX 5090", 209.5), ("NVIDIA GeForce RTX 4090", 165.2), ("NVIDIA GeForce RTX 4080", 97.5),
-    ("NVIDIA GeForce RTX 3090 Ti", 80.0), ("NVIDIA GeForce RTX 3090", 71.0), ("Tesla V100-SXM2-16GB", 125.0),
-    ("NVIDIA GeForce GTX 1080 Ti", None), ("cpu", None),
-])
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H200 NVL", 835.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H20", 148.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA RTX A6000", 154.8),
+        ("NVIDIA RTX 6000 Ada Generation", 364.2),
+        ("NVIDIA GeForce RTX 5090", 209.5),
+        ("NVIDIA GeForce RTX 4090", 165.2),
+        ("NVIDIA GeForce RTX 4080", 97.5),
+        ("NVIDIA GeForce RTX 3090 Ti", 80.0),
+        ("NVIDIA GeForce RTX 3090", 71.0),
+        ("Tesla V100-SXM2-16GB", 125.0),
+        ("NVIDIA GeForce GTX 1080 Ti", None),
+        ("cpu", None),
+    ],
+)
 def test_peak_table_matches_whole_names(name, tflops):
-    """"h20" must not match "h200", nor "a10" "a100", nor "l40" "l40s"."""
+    """ "h20" must not match "h200", nor "a10" "a100", nor "l40" "l40s"."""
     from rigtrain.rig.peaks import peak_tflops
 
     assert peak_tflops(name) == tflops

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 GOLDEN = Path(__file__).parent / "golden" / "demo_loss.json"
@@ -46,8 +45,21 @@ def test_demo_run_layout_and_golden_loss(tmp_path, demo_data):
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert rows[0]["lr"] == pytest.approx(3e-4 / 10)  # the rate step 1 used: lr / warmup_steps
-    for key in ("loss", "loss_pc", "pc_video_present", "pc_video_future", "pc_audio_present", "pc_audio_future",
-                "loss_va_nce", "loss_vt_milnce", "lr", "samples_per_s", "step_time_s", "data_wait_s", "host_cpu_percent"):
+    for key in (
+        "loss",
+        "loss_pc",
+        "pc_video_present",
+        "pc_video_future",
+        "pc_audio_present",
+        "pc_audio_future",
+        "loss_va_nce",
+        "loss_vt_milnce",
+        "lr",
+        "samples_per_s",
+        "step_time_s",
+        "data_wait_s",
+        "host_cpu_percent",
+    ):
         assert all(key in r for r in rows), key
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -61,8 +73,15 @@ def test_demo_run_layout_and_golden_loss(tmp_path, demo_data):
 
     losses = [r["loss"] for r in rows]
     if os.environ.get("RIGTRAIN_UPDATE_GOLDEN"):
-        GOLDEN.write_text(json.dumps({"command": "rigtrain train --steps 12 --set train.log_every=1 (demo preset, 1 CPU process)",
-                                      "loss": losses}, indent=1))
+        GOLDEN.write_text(
+            json.dumps(
+                {
+                    "command": "rigtrain train --steps 12 --set train.log_every=1 (demo preset, 1 CPU process)",
+                    "loss": losses,
+                },
+                indent=1,
+            )
+        )
     golden = json.loads(GOLDEN.read_text())["loss"]
     assert losses == pytest.approx(golden, rel=2e-3), "demo loss moved off the golden curve"
 
@@ -76,8 +95,16 @@ def test_resume_continues_exactly(tmp_path, demo_data):
     be asked for. (The decoder's query projection used to add its gradients up in an order
     that depended on the threads; the losses showed it only from step 20 on, the weights
     from the first step.)"""
-    common = ["--steps", "10", "--set", "train.ckpt_every=5", "train.warmup_steps=2", "data.workers=1",
-              "train.log_every=1", "train.micro_batch_size=8"]
+    common = [
+        "--steps",
+        "10",
+        "--set",
+        "train.ckpt_every=5",
+        "train.warmup_steps=2",
+        "data.workers=1",
+        "train.log_every=1",
+        "train.micro_batch_size=8",
+    ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train(straight, *common, plan_threads=True)
     train(crashed, *common, plan_threads=True)
@@ -121,9 +148,19 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
     curves = {}
     for stage in (0, 3):
         run = tmp_path / f"zero{stage}"
-        result = train(run, "--steps", "4", "--set", "train.nproc=2", f"train.zero_stage={stage}",
-                       "train.grad_accum_steps=2", "train.micro_batch_size=8", "train.ckpt_every=4", "train.log_every=1",
-                       "train.lr=1e-3")
+        result = train(
+            run,
+            "--steps",
+            "4",
+            "--set",
+            "train.nproc=2",
+            f"train.zero_stage={stage}",
+            "train.grad_accum_steps=2",
+            "train.micro_batch_size=8",
+            "train.ckpt_every=4",
+            "train.log_every=1",
+            "train.lr=1e-3",
+        )
         assert "1.93M parameters" in result.stdout  # counted before ZeRO-3 partitions them
         record = json.loads((run / "config.json").read_text())
         assert record["plan"]["world_size"] == 2
@@ -159,10 +196,13 @@ def _tensor_dtypes(obj) -> set:
     return set()
 
 
-@pytest.mark.parametrize("settings, state_dtype", [
-    (["train.optimizer=adamw8bit"], "torch.uint8"),  # bitsandbytes' 8-bit states really are used
-    (["train.offload_optimizer=cpu", "train.zero_stage=2"], "torch.float32"),
-])
+@pytest.mark.parametrize(
+    "settings, state_dtype",
+    [
+        (["train.optimizer=adamw8bit"], "torch.uint8"),  # bitsandbytes' 8-bit states really are used
+        (["train.offload_optimizer=cpu", "train.zero_stage=2"], "torch.float32"),
+    ],
+)
 def test_optimizer_choices_train_and_checkpoint(tmp_path, demo_data, settings, state_dtype):
     import torch
 
@@ -189,9 +229,24 @@ def test_a_loss_that_stays_nan_stops_the_run_at_a_logging_step(tmp_path, demo_da
     """NaN is counted on the device every step (no host sync) and read at logging steps: a run
     whose loss stays non-finite stops there with a sentence, the count in metrics.jsonl."""
     run = tmp_path / "run"
-    result = run_cli("train", "--out", str(run), "--steps", "30", "--set", "train.lr=1e30", "train.warmup_steps=0",
-                     "train.log_every=5", "train.ckpt_every=100", "model.d_model=32", "model.heads=2",
-                     "model.num_latents=8", "model.va_dim=32", "model.vt_dim=32", "train.micro_batch_size=4")
+    result = run_cli(
+        "train",
+        "--out",
+        str(run),
+        "--steps",
+        "30",
+        "--set",
+        "train.lr=1e30",
+        "train.warmup_steps=0",
+        "train.log_every=5",
+        "train.ckpt_every=100",
+        "model.d_model=32",
+        "model.heads=2",
+        "model.num_latents=8",
+        "model.va_dim=32",
+        "model.vt_dim=32",
+        "train.micro_batch_size=4",
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "steps in a row up to step" in result.stderr and "Traceback" not in result.stderr
     rows = metrics(run)

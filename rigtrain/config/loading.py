@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from rigtrain.config.schema import SECTIONS, ConfigError, RunConfig
 
@@ -18,8 +19,9 @@ PRESET_PACKAGE = "rigtrain.config.presets"
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files(PRESET_PACKAGE).iterdir()
-                  if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".toml")
+    )
 
 
 def read_preset(name: str) -> dict:
@@ -36,8 +38,10 @@ def read_config_file(path: str | Path) -> dict:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); "
-                          "save it as UTF-8 TOML or YAML") from None
+        raise ConfigError(
+            f"--config {path}: not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); "
+            "save it as UTF-8 TOML or YAML"
+        ) from None
     except OSError as err:
         raise ConfigError(f"--config {path}: cannot be read ({err.strerror})") from None
     try:
@@ -133,8 +137,9 @@ def parse_overrides(items: list[str]) -> dict:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"--set {item}: keys look like SECTION.NAME, e.g. train.steps; "
-                              f"sections: {', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"--set {item}: keys look like SECTION.NAME, e.g. train.steps; sections: {', '.join(SECTIONS)}"
+            )
         out.setdefault(parts[0], {})[parts[1]] = value
     return out
 
@@ -149,12 +154,18 @@ def build_config(raw: dict, *, source: str = "config") -> RunConfig:
         if section != "preset":
             types = _field_types(SECTIONS[section])
             kwargs[section] = SECTIONS[section](
-                **{k: _coerce(v, types[k], f"{section}.{k}") for k, v in values.items()})
+                **{k: _coerce(v, types[k], f"{section}.{k}") for k, v in values.items()}
+            )
     return RunConfig(**kwargs)
 
 
-def load_config(preset: str = "demo", config_file: str | None = None, overrides: list[str] | None = None,
-                *, base: dict | None = None) -> RunConfig:
+def load_config(
+    preset: str = "demo",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: dict | None = None,
+) -> RunConfig:
     """preset < config file < --set. With `base` (a saved config.json, for --resume), the
     preset is not read: the run goes on with the config it started with."""
     raw = base if base is not None else {"preset": preset, **read_preset(preset)}
@@ -188,5 +199,6 @@ def _check_keys(raw: dict, source: str) -> None:
         types = _field_types(SECTIONS[section])
         for key in values:
             if key not in types:
-                raise ConfigError(f"{source}: unknown key '{section}.{key}'; known keys in [{section}]: "
-                                  f"{', '.join(types)}")
+                raise ConfigError(
+                    f"{source}: unknown key '{section}.{key}'; known keys in [{section}]: {', '.join(types)}"
+                )

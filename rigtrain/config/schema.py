@@ -1,6 +1,8 @@
-"""Typed configs, one per part of rigtrain. Field docstrings (the comment under each field)
-are what `rigtrain train --help-config` prints, so they say what a value means and when to
-change it. Every section validates itself in `__post_init__` with a message naming the key.
+"""Typed configs, one per part of rigtrain: the run's sections (train, rig, profile, eval), the
+RunConfig that holds them all, and the model and clip sections from model_and_clips.py.
+Field docstrings (the string under each field) are what `rigtrain train --help-config`
+prints, so they say what a value means and when to change it. Every section validates
+itself in `__post_init__` with a message naming the key.
 """
 
 from __future__ import annotations
@@ -8,204 +10,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from rigtrain.errors import UserError
+from rigtrain.config.checks import ConfigError
+from rigtrain.config.checks import require as _require
+from rigtrain.config.model_and_clips import DataConfig, ModelConfig
 
-
-class ConfigError(UserError):
-    """A config key or value is wrong; the message names the key."""
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config: {key}: {message}")
-
-
-@dataclass
-class ModelConfig:
-    """The multimodal predictive-coding Perceiver (docs/model.md)."""
-
-    tubelet: tuple[int, int, int] = (2, 8, 8)
-    "video token size in frames, pixels high, pixels wide (VATT tubelet t×h×w)"
-    audio_segment: int = 200
-    "audio samples per audio token"
-    d_model: int = 128
-    "width of latents and tokens"
-    num_latents: int = 32
-    "number of latent vectors N (the Perceiver bottleneck)"
-    heads: int = 4
-    "attention heads in every block"
-    mlp_ratio: int = 4
-    "MLP hidden width as a multiple of d_model"
-    enc_layers: int = 2
-    "latent self-attention blocks after each encoder cross-attention"
-    evo_layers: int = 1
-    "self-attention blocks of the latent evolver (present latent -> future latent)"
-    evolver_shared: bool = False
-    "apply one evolver block evo_layers times instead of distinct blocks"
-    dec_layers: int = 1
-    "decoder cross-attention blocks (queries attend to the latent)"
-    exposures: int = 1
-    "encoder rounds over the input, each with its own DropToken draw (re-exposure)"
-    same_droptoken_draw: bool = False
-    "re-use the first DropToken draw in every exposure instead of drawing again"
-    droptoken_keep: float = 0.5
-    "fraction of video and audio tokens kept in training (DropToken)"
-    future_query_prob: float = 0.1
-    "probability that a future token is decoded (and scored) in training"
-    alpha: float = 0.7
-    "loss weight of the present window; the future gets 1 - alpha"
-    blind_windows: int = 0
-    "recurrent windows at the start of a clip whose predictions are not scored (the latent is still warming up)"
-    weight_pc: float = 1.0
-    "weight of the predictive-coding loss in the total"
-    weight_va: float = 1.0
-    "weight of the video-audio NCE loss (0 = off: no audio head)"
-    weight_vt: float = 1.0
-    "weight of the video-narration MIL-NCE loss (0 = off: no text head, no retrieval in eval)"
-    va_dim: int = 512
-    "size of the video-audio space of the contrastive heads (VATT: 512)"
-    vt_dim: int = 256
-    "size of the video-text space, reached from the video-audio space (VATT's FAC: 256)"
-    temperature: float = 0.07
-    "softmax temperature of both contrastive losses"
-    fourier_space: tuple[int, int] = (15, 20)
-    "Fourier bands K and max frequency mu for the y and x axes"
-    fourier_time: tuple[int, int] = (64, 200)
-    "Fourier bands K and max frequency mu for time (video and audio)"
-    fourier_text: tuple[int, int] = (32, 256)
-    "Fourier bands K and max frequency mu for the byte index of narration"
-    dropout: float = 0.0
-    "dropout in attention and MLP outputs"
-    activation_checkpointing: bool = False
-    "recompute each block in the backward pass (less memory, about 30% more compute)"
-
-    def __post_init__(self) -> None:
-        _require(len(self.tubelet) == 3 and min(self.tubelet) >= 1, "model.tubelet",
-                 "give three positive sizes t,h,w, e.g. --set model.tubelet=2,8,8")
-        _require(self.audio_segment >= 1, "model.audio_segment", "must be at least 1")
-        for key in ("d_model", "num_latents", "heads", "mlp_ratio", "exposures", "va_dim", "vt_dim"):
-            _require(getattr(self, key) >= 1, f"model.{key}", "must be at least 1")
-        for key in ("enc_layers", "evo_layers", "dec_layers"):
-            _require(getattr(self, key) >= 0, f"model.{key}", "must be 0 or more")
-        _require(self.dec_layers >= 1, "model.dec_layers", "the decoder needs at least 1 block")
-        _require(self.d_model % self.heads == 0, "model.heads",
-                 f"d_model={self.d_model} must be divisible by heads={self.heads}")
-        _require(0.0 < self.droptoken_keep <= 1.0, "model.droptoken_keep", "must be in (0, 1]")
-        _require(0.0 <= self.future_query_prob <= 1.0, "model.future_query_prob", "must be in [0, 1]")
-        _require(0.0 <= self.alpha <= 1.0, "model.alpha", "must be in [0, 1]")
-        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-        _require(self.blind_windows >= 0, "model.blind_windows", "must be 0 or more")
-        _require(self.weight_pc > 0, "model.weight_pc", "must be positive: predictive coding is what trains the "
-                 "decoder and evolver (make it small rather than 0)")
-        for key in ("weight_va", "weight_vt"):
-            _require(getattr(self, key) >= 0, f"model.{key}", "must be 0 (off) or positive")
-        _require(0.0 < self.temperature <= 1.0, "model.temperature", "must be in (0, 1]; VATT uses 0.07")
-        for key in ("fourier_space", "fourier_time", "fourier_text"):
-            bands, mu = getattr(self, key)
-            _require(bands >= 1 and mu >= 2, f"model.{key}", "give K>=1 bands and mu>=2, e.g. 15,20")
-
-
-@dataclass
-class DataConfig:
-    """Clips: how videos become training samples (shared by `data prepare` and training)."""
-
-    dir: str = ""
-    "prepared shards or a folder of videos; empty = the embedded Shapes-world dataset"
-    fps: float = 8.0
-    "frames per second after resampling in time"
-    frame_size: tuple[int, int] = (32, 32)
-    "frame height, width after resizing (the aspect is kept: see data.resize)"
-    resize: str = "crop"
-    "crop = cut the centre to the target aspect; pad = letterbox the whole frame in black"
-    present_frames: int = 4
-    "frames in the present window of a clip"
-    future_frames: int = 4
-    "frames in the future window that follows it"
-    recurrent_windows: int = 1
-    "present+future windows per clip; the latent is carried from one to the next (a longer clip)"
-    window_step_frames: int = 0
-    "frames from one window's start to the next (the window increment of predictive coding over a sliding window); 0 = present_frames"
-    sample_rate: int = 8000
-    "audio samples per second after resampling"
-    clip_stride_s: float = 0.0
-    "seconds between clip starts; 0 = clips do not overlap"
-    max_text_bytes: int = 128
-    "narration bytes kept per clip (UTF-8; longer text is cut)"
-    segments_per_clip: int = 2
-    "narration segments of a clip the video-narration loss reads (the first ones in time); each is a row of every step's text batch, used or not, so shapes stay the same from step to step"
-    workers: int = -1
-    "dataloader worker processes per training process; -1 = from the CPU cores"
-    prefetch_factor: int = 4
-    "batches each worker prepares ahead"
-    shard_clips: int = 256
-    "clips per shard written by data prepare"
-    synth_videos: int = 48
-    "videos in the embedded Shapes-world dataset"
-    synth_seed: int = 0
-    "seed of the embedded Shapes-world dataset"
-
-    def __post_init__(self) -> None:
-        _require(self.fps > 0, "data.fps", "must be positive")
-        _require(len(self.frame_size) == 2 and min(self.frame_size) >= 1, "data.frame_size",
-                 "give height,width, e.g. --set data.frame_size=32,32")
-        _require(self.present_frames >= 1, "data.present_frames", "must be at least 1")
-        _require(self.future_frames >= 1, "data.future_frames", "must be at least 1")
-        _require(self.recurrent_windows >= 1, "data.recurrent_windows", "must be at least 1")
-        _require(self.window_step_frames >= 0, "data.window_step_frames", "must be 0 (= present_frames) or more")
-        _require(self.sample_rate >= 1000, "data.sample_rate", "must be at least 1000 Hz")
-        _require(self.clip_stride_s >= 0, "data.clip_stride_s", "must be 0 or positive")
-        _require(self.max_text_bytes >= 1, "data.max_text_bytes", "must be at least 1")
-        _require(1 <= self.segments_per_clip <= 8, "data.segments_per_clip", "must be 1 to 8")
-        _require(self.resize in ("crop", "pad"), "data.resize", "must be crop or pad")
-        _require(self.workers >= -1, "data.workers", "must be -1 (from the cores), 0 (in the training process) or more")
-        _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be at least 1")
-        _require(self.shard_clips >= 1, "data.shard_clips", "must be at least 1")
-        _require(self.synth_videos >= 1, "data.synth_videos", "must be at least 1")
-
-    @property
-    def window_frames(self) -> int:
-        """Frames of one present+future window."""
-        return self.present_frames + self.future_frames
-
-    @property
-    def window_step(self) -> int:
-        return self.window_step_frames or self.present_frames
-
-    @property
-    def clip_frames(self) -> int:
-        """Frames of a clip: one window, and a step more for every further recurrent window."""
-        return self.window_frames + (self.recurrent_windows - 1) * self.window_step
-
-    @property
-    def window_samples(self) -> int:
-        return round(self.window_frames / self.fps * self.sample_rate)
-
-    @property
-    def window_step_samples(self) -> int:
-        return round(self.window_step / self.fps * self.sample_rate)
-
-    @property
-    def clip_seconds(self) -> float:
-        return self.clip_frames / self.fps
-
-    @property
-    def clip_samples(self) -> int:
-        return round(self.clip_seconds * self.sample_rate)
-
-    @property
-    def present_samples(self) -> int:
-        return round(self.present_frames / self.fps * self.sample_rate)
-
-    def window_start_samples(self, window: int) -> int:
-        return round(window * self.window_step / self.fps * self.sample_rate)
-
-    @property
-    def stride_seconds(self) -> float:
-        return self.clip_stride_s or self.clip_seconds
-
-    @property
-    def stride_frames(self) -> float:
-        return self.stride_seconds * self.fps
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "ProfileConfig",
+    "RigConfig",
+    "RunConfig",
+    "TrainConfig",
+    "SECTIONS",
+    "field_docs",
+]
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -224,7 +44,10 @@ class TrainConfig:
     grad_accum_steps: int = 1
     "micro-batches per optimizer step"
     global_batch_size: int = 0
-    "clips per optimizer step over all GPUs, which the plan reaches by accumulation; 0 = micro_batch_size x grad_accum_steps"
+    (
+        "clips per optimizer step over all GPUs, which the plan reaches by accumulation; "
+        "0 = micro_batch_size x grad_accum_steps"
+    )
     lr: float = 1e-3
     "peak learning rate"
     min_lr_ratio: float = 0.1
@@ -262,12 +85,14 @@ class TrainConfig:
     divergence_factor: float = 10.0
     "stop when a logged loss is above this many times the median of the last 10 logged; 0 = off"
     compile: bool = False
-    "torch.compile the model (through DeepSpeed's engine.compile): fewer, fused kernels, after the first steps spent compiling"
+    (
+        "torch.compile the model (through DeepSpeed's engine.compile): fewer, fused kernels, after the first "
+        "steps spent compiling"
+    )
 
     def __post_init__(self) -> None:
         _require(self.global_batch_size >= 0, "train.global_batch_size", "must be 0 (from the micro-batch) or more")
-        for key in ("steps", "micro_batch_size", "grad_accum_steps", "nproc", "ckpt_every",
-                    "keep_ckpts", "log_every"):
+        for key in ("steps", "micro_batch_size", "grad_accum_steps", "nproc", "ckpt_every", "keep_ckpts", "log_every"):
             _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
         _require(self.lr > 0, "train.lr", "must be positive")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
@@ -276,14 +101,19 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip", "must be 0 or more")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")
         _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", "must be at least 1")
-        _require(self.divergence_factor == 0 or self.divergence_factor > 1, "train.divergence_factor",
-                 "must be more than 1, or 0 to switch the rule off")
+        _require(
+            self.divergence_factor == 0 or self.divergence_factor > 1,
+            "train.divergence_factor",
+            "must be more than 1, or 0 to switch the rule off",
+        )
         _require(self.precision in PRECISIONS, "train.precision", f"choose one of {', '.join(PRECISIONS)}")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "choose 0, 1, 2 or 3")
-        _require(self.offload_optimizer in OFFLOADS, "train.offload_optimizer",
-                 f"choose one of {', '.join(OFFLOADS)}")
-        _require(not (self.offload_optimizer == "cpu" and self.zero_stage == 0), "train.offload_optimizer",
-                 "CPU offload needs ZeRO stage 1 or more: also set train.zero_stage")
+        _require(self.offload_optimizer in OFFLOADS, "train.offload_optimizer", f"choose one of {', '.join(OFFLOADS)}")
+        _require(
+            not (self.offload_optimizer == "cpu" and self.zero_stage == 0),
+            "train.offload_optimizer",
+            "CPU offload needs ZeRO stage 1 or more: also set train.zero_stage",
+        )
         _require(self.optimizer in OPTIMIZERS, "train.optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -325,10 +155,14 @@ class ProfileConfig:
     def __post_init__(self) -> None:
         _require(self.start_step >= 0, "profile.start_step", "must be 0 or more")
         _require(self.wait >= 0, "profile.wait", "must be 0 or more")
-        _require(self.warmup >= 1, "profile.warmup", "must be at least 1 (the first traced step carries the "
-                 "profiler's own start-up)")
-        _require(1 <= self.active <= 50, "profile.active", "must be 1 to 50 (long traces make the TensorBoard "
-                 "plugin hang)")
+        _require(
+            self.warmup >= 1,
+            "profile.warmup",
+            "must be at least 1 (the first traced step carries the profiler's own start-up)",
+        )
+        _require(
+            1 <= self.active <= 50, "profile.active", "must be 1 to 50 (long traces make the TensorBoard plugin hang)"
+        )
         _require(0 < self.telemetry_hz <= 20, "profile.telemetry_hz", "must be more than 0 and at most 20")
 
     @property
@@ -342,13 +176,19 @@ class EvalConfig:
     """Evaluation: held-out clips, kNN and linear probe per label, text-video retrieval."""
 
     holdout: float = 0.2
-    "fraction of source videos held out (never trained on), picked by a hash of the file name, so adding videos never moves one across"
+    (
+        "fraction of source videos held out (never trained on), picked by a hash of the file name, so adding "
+        "videos never moves one across"
+    )
     during_training: bool = True
     "evaluate while training, on a schedule that spaces out, and at the last step"
     first_step: int = 10
     "the first evaluation during training; later ones at first_step x growth^k"
     growth: float = 2.0
-    "how much longer each wait between evaluations is than the last (an exponential schedule: frequent early, when the curve moves fast)"
+    (
+        "how much longer each wait between evaluations is than the last (an exponential schedule: frequent "
+        "early, when the curve moves fast)"
+    )
     knn_k: int = 20
     "neighbours of the weighted kNN (DINO: 20)"
     knn_temperature: float = 0.07
@@ -369,7 +209,7 @@ class EvalConfig:
         (each wait `growth` times the last; growth 1 = every first_step steps), then the last."""
         out, k = [], 0
         while True:
-            step = round(self.first_step * self.growth ** k) if self.growth > 1.0 else self.first_step * (k + 1)
+            step = round(self.first_step * self.growth**k) if self.growth > 1.0 else self.first_step * (k + 1)
             if step >= total:
                 return out + [total]
             if not out or step > out[-1]:
@@ -391,41 +231,67 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _require(not self.profile.enabled or self.profile.last_step <= self.train.steps, "profile.active",
-                 f"the schedule ends at step {self.profile.last_step} (start_step + wait + warmup + active) "
-                 f"but train.steps is {self.train.steps}; train longer or shorten the schedule")
+        _require(
+            not self.profile.enabled or self.profile.last_step <= self.train.steps,
+            "profile.active",
+            f"the schedule ends at step {self.profile.last_step} (start_step + wait + warmup + active) "
+            f"but train.steps is {self.train.steps}; train longer or shorten the schedule",
+        )
         # Checks that involve two sections: the tubelet must tile the clip exactly, or the
         # decoder would predict positions that do not exist.
         t, h, w = self.model.tubelet
         height, width = self.data.frame_size
-        for key, frames in (("data.present_frames", self.data.present_frames),
-                            ("data.future_frames", self.data.future_frames)):
+        for key, frames in (
+            ("data.present_frames", self.data.present_frames),
+            ("data.future_frames", self.data.future_frames),
+        ):
             _require(frames % t == 0, key, f"{frames} frames are not a multiple of model.tubelet t={t}")
-        _require(height % h == 0 and width % w == 0, "data.frame_size",
-                 f"{height}x{width} is not a multiple of the tubelet {h}x{w} (model.tubelet)")
+        _require(
+            height % h == 0 and width % w == 0,
+            "data.frame_size",
+            f"{height}x{width} is not a multiple of the tubelet {h}x{w} (model.tubelet)",
+        )
         present, future = self.data.present_samples, self.data.window_samples - self.data.present_samples
         seg = self.model.audio_segment
-        _require(present % seg == 0 and future % seg == 0, "model.audio_segment",
-                 f"the present ({present}) and future ({future}) audio samples must be multiples of "
-                 f"{seg}; change model.audio_segment or data.sample_rate")
+        _require(
+            present % seg == 0 and future % seg == 0,
+            "model.audio_segment",
+            f"the present ({present}) and future ({future}) audio samples must be multiples of "
+            f"{seg}; change model.audio_segment or data.sample_rate",
+        )
         d = self.data
         if d.recurrent_windows > 1:
-            _require(d.window_step % t == 0, "data.window_step_frames",
-                     f"the window step of {d.window_step} frames is not a multiple of model.tubelet t={t}")
+            _require(
+                d.window_step % t == 0,
+                "data.window_step_frames",
+                f"the window step of {d.window_step} frames is not a multiple of model.tubelet t={t}",
+            )
             exact = d.window_step / d.fps * d.sample_rate
-            _require(abs(exact - round(exact)) < 1e-6 and round(exact) % seg == 0, "data.window_step_frames",
-                     f"a step of {d.window_step} frames is {exact:g} audio samples, which must be a whole multiple "
-                     f"of model.audio_segment={seg}")
-        _require(self.model.blind_windows < d.recurrent_windows, "model.blind_windows",
-                 f"{self.model.blind_windows} blind windows leave none of the {d.recurrent_windows} scored; "
-                 "lower it or raise data.recurrent_windows")
+            _require(
+                abs(exact - round(exact)) < 1e-6 and round(exact) % seg == 0,
+                "data.window_step_frames",
+                f"a step of {d.window_step} frames is {exact:g} audio samples, which must be a whole multiple "
+                f"of model.audio_segment={seg}",
+            )
+        _require(
+            self.model.blind_windows < d.recurrent_windows,
+            "model.blind_windows",
+            f"{self.model.blind_windows} blind windows leave none of the {d.recurrent_windows} scored; "
+            "lower it or raise data.recurrent_windows",
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "rig": RigConfig,
-                             "profile": ProfileConfig, "eval": EvalConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "rig": RigConfig,
+    "profile": ProfileConfig,
+    "eval": EvalConfig,
+}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -439,7 +305,11 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
             docs[node.target.id] = following.value.value
     return docs

@@ -13,7 +13,7 @@ from pathlib import Path
 from rigtrain.config import DataConfig
 from rigtrain.data import media
 from rigtrain.data.narration import read_narration
-from rigtrain.data.prepare import Source, audio_mismatch, sources_in
+from rigtrain.data.sources import Source, audio_mismatch, sources_in
 
 
 def _probe_video(path: Path) -> dict:
@@ -30,8 +30,14 @@ def _probe_video(path: Path) -> dict:
             end_decodes, _ = cap.read()
     finally:
         cap.release()
-    return {"fps": round(info.fps, 3), "frames": info.frames, "width": info.width, "height": info.height,
-            "duration_s": round(info.frames / info.fps, 3), "end_decodes": bool(end_decodes)}
+    return {
+        "fps": round(info.fps, 3),
+        "frames": info.frames,
+        "width": info.width,
+        "height": info.height,
+        "duration_s": round(info.frames / info.fps, 3),
+        "end_decodes": bool(end_decodes),
+    }
 
 
 def _probe_container_audio(path: Path) -> dict | None:
@@ -39,10 +45,14 @@ def _probe_container_audio(path: Path) -> dict | None:
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]
-        seconds = (float(stream.duration * stream.time_base) if stream.duration
-                   else (container.duration or 0) / 1e6)
-        return {"from": "container", "codec": stream.codec_context.name, "rate": stream.rate,
-                "channels": stream.channels, "duration_s": round(seconds, 3)}
+        seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
+        return {
+            "from": "container",
+            "codec": stream.codec_context.name,
+            "rate": stream.rate,
+            "channels": stream.channels,
+            "duration_s": round(seconds, 3),
+        }
 
 
 def _probe_sidecar_audio(path: Path) -> dict:
@@ -52,8 +62,13 @@ def _probe_sidecar_audio(path: Path) -> dict:
         info = sf.info(str(path))
     except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError
         raise media.MediaError(f"unreadable audio: {err}") from None
-    return {"from": path.name, "codec": info.subtype, "rate": info.samplerate, "channels": info.channels,
-            "duration_s": round(info.duration, 3)}
+    return {
+        "from": path.name,
+        "codec": info.subtype,
+        "rate": info.samplerate,
+        "channels": info.channels,
+        "duration_s": round(info.duration, 3),
+    }
 
 
 def frames_after_resampling(source_frames: int, source_fps: float, fps: float) -> int:
@@ -90,8 +105,11 @@ def check_source(source: Source, data: DataConfig) -> dict:
     if source.narration is not None:
         try:
             narration = read_narration(source.narration)
-            entry["narration"] = {"file": source.narration.name, "segments": len(narration.segments),
-                                  "problems": narration.problems}
+            entry["narration"] = {
+                "file": source.narration.name,
+                "segments": len(narration.segments),
+                "problems": narration.problems,
+            }
         except media.MediaError as err:
             entry["notes"].append(f"{source.narration.name} will be skipped: {err}")
     frames_out = frames_after_resampling(video["frames"], video["fps"], data.fps)
@@ -110,15 +128,28 @@ def check_folder(src_dir: str | Path, data: DataConfig, progress=None) -> dict:
         if progress:
             progress(done, len(sources), source.video.name)
     usable = [v for v in videos if v["ok"] and v["clips"] > 0]
-    return {"source_dir": str(src.resolve()),
-            "clip": {"fps": data.fps, "frame_size": list(data.frame_size), "seconds": data.clip_seconds,
-                     "stride_s": data.stride_seconds, "sample_rate": data.sample_rate, "resize": data.resize},
-            "videos": videos, "unused": unused,
-            "summary": {"videos": len(videos), "usable": len(usable), "unreadable": sum(not v["ok"] for v in videos),
-                        "clips": sum(v["clips"] for v in usable),
-                        "hours": round(sum(v["duration_s"] for v in usable) / 3600, 3),
-                        "with_audio": sum(v["audio"] is not None for v in usable),
-                        "with_narration": sum(v["narration"] is not None for v in usable)}}
+    return {
+        "source_dir": str(src.resolve()),
+        "clip": {
+            "fps": data.fps,
+            "frame_size": list(data.frame_size),
+            "seconds": data.clip_seconds,
+            "stride_s": data.stride_seconds,
+            "sample_rate": data.sample_rate,
+            "resize": data.resize,
+        },
+        "videos": videos,
+        "unused": unused,
+        "summary": {
+            "videos": len(videos),
+            "usable": len(usable),
+            "unreadable": sum(not v["ok"] for v in videos),
+            "clips": sum(v["clips"] for v in usable),
+            "hours": round(sum(v["duration_s"] for v in usable) / 3600, 3),
+            "with_audio": sum(v["audio"] is not None for v in usable),
+            "with_narration": sum(v["narration"] is not None for v in usable),
+        },
+    }
 
 
 def format_report(report: dict) -> str:
@@ -131,10 +162,17 @@ def format_report(report: dict) -> str:
             continue
         audio = v["audio"]
         narration = v["narration"]
-        rows.append((v["file"], f"{v['duration_s']:.1f} s", f"{v['fps']:g}", f"{v['width']}x{v['height']}",
-                     f"{audio['from']} ({audio['codec']}, {audio['rate']} Hz)" if audio else "none",
-                     f"{narration['file']} ({narration['segments']} segments)" if narration else "none",
-                     str(v["clips"])))
+        rows.append(
+            (
+                v["file"],
+                f"{v['duration_s']:.1f} s",
+                f"{v['fps']:g}",
+                f"{v['width']}x{v['height']}",
+                f"{audio['from']} ({audio['codec']}, {audio['rate']} Hz)" if audio else "none",
+                f"{narration['file']} ({narration['segments']} segments)" if narration else "none",
+                str(v["clips"]),
+            )
+        )
         notes += [f"{v['file']}: {n}" for n in v["notes"]]
         notes += [f"{v['file']}: {narration['file']} {p}" for p in (narration or {}).get("problems", [])]
     notes += [f"{u['file']}: not used: {u['reason']}" for u in report["unused"]]
@@ -142,9 +180,11 @@ def format_report(report: dict) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     s, c = report["summary"], report["clip"]
     length = f"{s['hours']:.1f} h" if s["hours"] >= 1 else f"{s['hours'] * 60:.1f} min"
-    lines.append(f"\n{s['usable']} of {s['videos']} video(s) usable ({length}): {s['clips']} clips of "
-                 f"{c['seconds']:g} s at {c['fps']:g} fps, {c['frame_size'][0]}x{c['frame_size'][1]} ({c['resize']}); "
-                 f"{s['with_audio']} with sound, {s['with_narration']} with narration")
+    lines.append(
+        f"\n{s['usable']} of {s['videos']} video(s) usable ({length}): {s['clips']} clips of "
+        f"{c['seconds']:g} s at {c['fps']:g} fps, {c['frame_size'][0]}x{c['frame_size'][1]} ({c['resize']}); "
+        f"{s['with_audio']} with sound, {s['with_narration']} with narration"
+    )
     if notes:
         lines.append(f"{len(notes)} note(s):")
         lines += [f"  {n}" for n in notes]

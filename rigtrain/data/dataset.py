@@ -7,16 +7,16 @@ import json
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from rigtrain.config import DataConfig
-from rigtrain.data.prepare import INDEX_FORMAT, LEGACY_PARAMS, preparation_params
+from rigtrain.data.shards import INDEX_FORMAT, LEGACY_PARAMS, PER_CLIP, WHOLE, preparation_params
 from rigtrain.errors import UserError
 
 
@@ -25,8 +25,9 @@ def read_index(data_dir: Path) -> dict:
     try:
         index = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"--data {data_dir}: no index.json; prepare videos first with "
-                        f"`rigtrain data prepare SRC_DIR {data_dir}`") from None
+        raise UserError(
+            f"--data {data_dir}: no index.json; prepare videos first with `rigtrain data prepare SRC_DIR {data_dir}`"
+        ) from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: corrupt ({err}); prepare the data again") from None
     if index.get("format") != INDEX_FORMAT:
@@ -44,8 +45,10 @@ def check_params(index: dict, data: DataConfig, data_dir: Path) -> None:
     want = preparation_params(data)
     for key, value in index["params"].items():
         if key in want and want[key] != value:
-            raise UserError(f"--data {data_dir}: prepared with {key}={value} but the config has "
-                            f"data.{key}={want[key]}; set data.{key}={value} or prepare the videos again")
+            raise UserError(
+                f"--data {data_dir}: prepared with {key}={value} but the config has "
+                f"data.{key}={want[key]}; set data.{key}={value} or prepare the videos again"
+            )
 
 
 def segment_table(segments: np.ndarray, clips: int, per_clip: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,14 +67,6 @@ def segment_table(segments: np.ndarray, clips: int, per_clip: int) -> tuple[np.n
     return offset, length
 
 
-# Per-clip arrays read straight into each batch with pread, and small ones loaded whole
-# when the dataset opens. Nothing stays memory-mapped: a shard file that shrinks under a
-# running job (deleted, re-prepared, a full disk) then gives a short read and a sentence
-# naming it, where a memory map gives SIGBUS and a silent death.
-PER_CLIP = ("video", "audio", "text")
-WHOLE = ("text_len", "clips", "labels")
-
-
 def _npy_layout(path: Path, clips: int) -> tuple[int, tuple[int, ...], np.dtype]:
     """(where the data starts, shape, dtype) of a shard's .npy file, after checking that the
     file is as long as its header says and holds one row per clip of the index."""
@@ -79,8 +74,9 @@ def _npy_layout(path: Path, clips: int) -> tuple[int, tuple[int, ...], np.dtype]
     try:
         with path.open("rb") as f:
             version = np.lib.format.read_magic(f)
-            shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0(f))
+            shape, _, dtype = (
+                np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+            )
             start = f.tell()
     except FileNotFoundError:
         raise UserError(f"{path}: missing; {redo}") from None
@@ -108,8 +104,10 @@ class _PerClipFile:
         view = memoryview(into).cast("B")
         got = os.preadv(self.fd, [view], self.start + j * self.row_bytes)
         if got != self.row_bytes:
-            raise UserError(f"{self.path}: clip {j} cannot be read ({got} of {self.row_bytes} bytes): the file became "
-                            "shorter while training; prepare the data again, then --resume")
+            raise UserError(
+                f"{self.path}: clip {j} cannot be read ({got} of {self.row_bytes} bytes): the file became "
+                "shorter while training; prepare the data again, then --resume"
+            )
 
 
 class ShardDataset(Dataset):
@@ -146,8 +144,10 @@ class ShardDataset(Dataset):
                 try:
                     segments = np.load(folder / "segments.npy")
                 except (OSError, ValueError) as err:
-                    raise UserError(f"{folder / 'segments.npy'}: cannot be read ({err}); the shards changed after "
-                                    "`rigtrain data prepare`; run it again") from None
+                    raise UserError(
+                        f"{folder / 'segments.npy'}: cannot be read ({err}); the shards changed after "
+                        "`rigtrain data prepare`; run it again"
+                    ) from None
                 a["segment_offset"], a["segment_len"] = segment_table(segments, clips, self.segments_per_clip)
                 arrays.append(a)
             self._arrays = arrays
@@ -174,12 +174,16 @@ class ShardDataset(Dataset):
         arrays = self._open()
         first = arrays[0]
         n = len(indices)
-        out = {key: torch.empty((n, *first[key].shape[1:]), dtype=dtype, pin_memory=pin_memory)
-               for key, dtype in (("video", torch.uint8), ("audio", torch.int16), ("text", torch.uint8))}
+        out = {
+            key: torch.empty((n, *first[key].shape[1:]), dtype=dtype, pin_memory=pin_memory)
+            for key, dtype in (("video", torch.uint8), ("audio", torch.int16), ("text", torch.uint8))
+        }
         has_audio = np.empty(n, np.bool_)
         text_len = np.empty(n, np.int64)
-        small = {key: np.empty((n, *first[key].shape[1:]), first[key].dtype)
-                 for key in ("segment_offset", "segment_len", "labels")}
+        small = {
+            key: np.empty((n, *first[key].shape[1:]), first[key].dtype)
+            for key in ("segment_offset", "segment_len", "labels")
+        }
         for shard in np.unique(shards):
             rows = np.nonzero(shards == shard)[0]
             local = indices[rows] - int(self.offsets[shard])
@@ -196,8 +200,12 @@ class ShardDataset(Dataset):
                 target[rows] = a[key][local]
         out["has_audio"] = torch.from_numpy(has_audio)
         out["text_len"] = torch.from_numpy(text_len)
-        out.update({key: torch.from_numpy(value.astype(np.int64 if key != "labels" else np.int16))
-                    for key, value in small.items()})
+        out.update(
+            {
+                key: torch.from_numpy(value.astype(np.int64 if key != "labels" else np.int16))
+                for key, value in small.items()
+            }
+        )
         out["index"] = torch.from_numpy(indices)
         return out
 
@@ -212,8 +220,9 @@ class ResumableSampler(Sampler[int]):
     micro-batches. Starting at micro-batch `start_batch` resumes exactly where a run stopped;
     the trainer only has to count micro-batches."""
 
-    def __init__(self, clips: int | np.ndarray, *, rank: int, world: int, micro_batch: int, seed: int,
-                 start_batch: int = 0):
+    def __init__(
+        self, clips: int | np.ndarray, *, rank: int, world: int, micro_batch: int, seed: int, start_batch: int = 0
+    ):
         # `clips`: a count (all clips) or the clip indices to draw from (the training side
         # of the held-out split).
         self.clips = np.arange(clips) if isinstance(clips, int) else np.asarray(clips, np.int64)
@@ -221,9 +230,11 @@ class ResumableSampler(Sampler[int]):
         self.seed, self.start_batch = seed, start_batch
         self.batches_per_epoch = self.size // world // micro_batch
         if self.batches_per_epoch == 0:
-            raise UserError(f"data: {self.size} training clips are fewer than one batch on every process "
-                            f"({world} process(es) x train.micro_batch_size={micro_batch}); "
-                            "lower train.micro_batch_size or add videos")
+            raise UserError(
+                f"data: {self.size} training clips are fewer than one batch on every process "
+                f"({world} process(es) x train.micro_batch_size={micro_batch}); "
+                "lower train.micro_batch_size or add videos"
+            )
 
     def epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -249,8 +260,17 @@ class ShardLoader:
     of shared memory, 1.1 ms to read it from the shards). Batches come out in sampler
     order whatever the thread count, so a run is reproducible and resumable."""
 
-    def __init__(self, dataset: ShardDataset, sampler: Iterable[int], *, micro_batch: int, workers: int,
-                 prefetch: int, pin_memory: bool, on_batch: Callable[[int, int, int], None] | None = None):
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        sampler: Iterable[int],
+        *,
+        micro_batch: int,
+        workers: int,
+        prefetch: int,
+        pin_memory: bool,
+        on_batch: Callable[[int, int, int], None] | None = None,
+    ):
         self.dataset, self.sampler, self.micro_batch = dataset, sampler, micro_batch
         self.on_batch = on_batch  # (start_ns, end_ns, clips) of every batch read: the profiler's loader rows
         self.workers, self.pin_memory = workers, pin_memory
@@ -303,14 +323,37 @@ def open_dataset(data_dir: str | Path, data: DataConfig) -> Dataset:
     return clips
 
 
-def make_loader(dataset: Dataset, data: DataConfig, *, rank: int, world: int, micro_batch: int,
-                seed: int, start_batch: int, workers: int, pin_memory: bool,
-                on_batch: Callable[[int, int, int], None] | None = None,
-                clips: np.ndarray | None = None) -> ShardLoader:
+def make_loader(
+    dataset: Dataset,
+    data: DataConfig,
+    *,
+    rank: int,
+    world: int,
+    micro_batch: int,
+    seed: int,
+    start_batch: int,
+    workers: int,
+    pin_memory: bool,
+    on_batch: Callable[[int, int, int], None] | None = None,
+    clips: np.ndarray | None = None,
+) -> ShardLoader:
     """The training loader: the resumable sampler's clips (all, or the given indices) in
     micro-batches, `workers` threads reading prefetch_factor batches each ahead, uint8
     until on the device (4x less to copy than float32), pinned on a GPU machine."""
-    sampler = ResumableSampler(len(dataset) if clips is None else clips, rank=rank, world=world,
-                               micro_batch=micro_batch, seed=seed, start_batch=start_batch)
-    return ShardLoader(dataset, sampler, micro_batch=micro_batch, workers=workers, prefetch=data.prefetch_factor,
-                       pin_memory=pin_memory, on_batch=on_batch)
+    sampler = ResumableSampler(
+        len(dataset) if clips is None else clips,
+        rank=rank,
+        world=world,
+        micro_batch=micro_batch,
+        seed=seed,
+        start_batch=start_batch,
+    )
+    return ShardLoader(
+        dataset,
+        sampler,
+        micro_batch=micro_batch,
+        workers=workers,
+        prefetch=data.prefetch_factor,
+        pin_memory=pin_memory,
+        on_batch=on_batch,
+    )

@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 
 from rigtrain.config import DataConfig
-from rigtrain.data.prepare import prepare, preparation_params
+from rigtrain.data.prepare import prepare
+from rigtrain.data.shards import preparation_params
 from rigtrain.data.synth import synthesize
 
 SYNTH_VERSION = 3  # bump when the generator changes what it draws

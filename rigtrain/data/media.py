@@ -39,8 +39,12 @@ def open_video(path: Path):
     if not cap.isOpened():
         cap.release()
         raise MediaError("cannot be opened as a video (corrupt or unsupported codec)")
-    info = VideoInfo(fps=float(cap.get(cv2.CAP_PROP_FPS) or 0.0), frames=int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
-                     width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    info = VideoInfo(
+        fps=float(cap.get(cv2.CAP_PROP_FPS) or 0.0),
+        frames=int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
+        width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+        height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+    )
     if info.fps <= 0 or info.width <= 0 or info.height <= 0:
         cap.release()
         raise MediaError("has no readable video stream (fps or frame size missing)")
@@ -101,8 +105,9 @@ def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop"
     return np.stack(frames), info
 
 
-def read_video_clip(path: Path, start_frame: int, count: int, fps: float, size: tuple[int, int],
-                    mode: str = "crop") -> np.ndarray:
+def read_video_clip(
+    path: Path, start_frame: int, count: int, fps: float, size: tuple[int, int], mode: str = "crop"
+) -> np.ndarray:
     """Output frames start_frame .. start_frame+count-1 of read_video(path, fps, size),
     decoded on demand: seek to the first source frame needed and decode only as far as
     the clip goes. This is what a loader without shards has to do for every clip."""
@@ -187,8 +192,9 @@ def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
     return np.concatenate(chunks) if chunks else None
 
 
-def read_audio_window(video: Path, sidecar: Path | None, start_s: float, seconds: float,
-                      target_rate: int) -> np.ndarray | None:
+def read_audio_window(
+    video: Path, sidecar: Path | None, start_s: float, seconds: float, target_rate: int
+) -> np.ndarray | None:
     """`seconds` of audio from start_s, decoded on demand (for loaders without shards):
     a sidecar is read from that sample on; a container track is seeked to the packet
     before start_s and decoded forward. None when there is no audio."""

@@ -113,7 +113,7 @@ def parse_subtitles(text: str, *, webvtt: bool) -> Narration:
         if end < start:
             problems.append(f"line {number}: the cue ends before it starts; cue left out")
             continue
-        words = " ".join(_TAG.sub("", line).strip() for _, line in block[timing_at + 1:])
+        words = " ".join(_TAG.sub("", line).strip() for _, line in block[timing_at + 1 :])
         if words:
             segments.append(Segment(start, end, " ".join(words.split())))
     if not segments:
@@ -122,7 +122,9 @@ def parse_subtitles(text: str, *, webvtt: bool) -> Narration:
     return Narration(segments, problems)
 
 
-def clip_text(segments: list[Segment], start: float, end: float, max_bytes: int) -> tuple[bytes, list[tuple[Segment, int, int]]]:
+def clip_text(
+    segments: list[Segment], start: float, end: float, max_bytes: int
+) -> tuple[bytes, list[tuple[Segment, int, int]]]:
     """The narration overlapping [start, end): the segment texts joined by spaces as UTF-8,
     cut to max_bytes at a character boundary, and for each segment its (offset, length)
     in those bytes."""

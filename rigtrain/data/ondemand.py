@@ -40,7 +40,7 @@ class DecodedClips(Dataset):
         self.clips, self.data = clips, data
 
     @classmethod
-    def from_index(cls, data_dir: Path, index: dict, data: DataConfig) -> "DecodedClips":
+    def from_index(cls, data_dir: Path, index: dict, data: DataConfig) -> DecodedClips:
         """The clips of prepared shards, pointing back at the videos they were cut from."""
         source_dir = Path(index["source_dir"])
         refs = []
@@ -48,19 +48,24 @@ class DecodedClips(Dataset):
             for clip in np.load(Path(data_dir) / shard["dir"] / "clips.npy"):
                 source = index["sources"][int(clip["source"])]
                 audio = source["audio"]
-                refs.append(ClipRef(video=source_dir / source["video"], start_frame=round(float(clip["start_s"]) * data.fps),
-                                    audio=source_dir / audio if audio not in (None, "container") else None,
-                                    container_audio=audio == "container",
-                                    narration=source_dir / source["narration"] if source["narration"] else None))
+                refs.append(
+                    ClipRef(
+                        video=source_dir / source["video"],
+                        start_frame=round(float(clip["start_s"]) * data.fps),
+                        audio=source_dir / audio if audio not in (None, "container") else None,
+                        container_audio=audio == "container",
+                        narration=source_dir / source["narration"] if source["narration"] else None,
+                    )
+                )
         return cls(refs, data)
 
     @classmethod
-    def from_folder(cls, folder: Path, data: DataConfig) -> "DecodedClips":
+    def from_folder(cls, folder: Path, data: DataConfig) -> DecodedClips:
         """Every clip `data prepare` would cut from a folder of videos, without preparing it
         (for training straight from videos: slow, but it works). Videos that cannot be
         used are left out, as prepare leaves them out."""
         from rigtrain.data.check import check_source, frames_after_resampling
-        from rigtrain.data.prepare import find_sources
+        from rigtrain.data.sources import find_sources
 
         refs = []
         for source in find_sources(Path(folder))[0]:
@@ -70,10 +75,15 @@ class DecodedClips(Dataset):
             frames = frames_after_resampling(entry["frames"], entry["fps"], data.fps)
             audio = entry["audio"]
             for start in media.clip_starts(frames, data.clip_frames, data.stride_frames):
-                refs.append(ClipRef(video=source.video, start_frame=start,
-                                    audio=source.audio if audio and audio["from"] != "container" else None,
-                                    container_audio=bool(audio) and audio["from"] == "container",
-                                    narration=source.narration if entry["narration"] else None))
+                refs.append(
+                    ClipRef(
+                        video=source.video,
+                        start_frame=start,
+                        audio=source.audio if audio and audio["from"] != "container" else None,
+                        container_audio=bool(audio) and audio["from"] == "container",
+                        narration=source.narration if entry["narration"] else None,
+                    )
+                )
         return cls(refs, data)
 
     def __len__(self) -> int:
@@ -95,18 +105,25 @@ class DecodedClips(Dataset):
         segment_offset = np.zeros(d.segments_per_clip, np.int64)
         segment_len = np.zeros(d.segments_per_clip, np.int64)
         if ref.narration is not None:
-            words, placed = clip_text(list(_segments(ref.narration)), start_s, start_s + d.clip_seconds,
-                                      d.max_text_bytes)
+            words, placed = clip_text(
+                list(_segments(ref.narration)), start_s, start_s + d.clip_seconds, d.max_text_bytes
+            )
             text[: len(words)] = np.frombuffer(words, np.uint8)
             length = len(words)
             placed = [(off, n) for _, off, n in placed if n > 0][: d.segments_per_clip]
             for j, (off, n) in enumerate(placed):
                 segment_offset[j], segment_len[j] = off, n
-        return {"video": torch.from_numpy(video), "audio": torch.from_numpy(audio),
-                "has_audio": torch.tensor(has_audio), "text": torch.from_numpy(text),
-                "text_len": torch.tensor(length, dtype=torch.int64),
-                "segment_offset": torch.from_numpy(segment_offset), "segment_len": torch.from_numpy(segment_len),
-                "labels": torch.full((3,), -1, dtype=torch.int16), "index": torch.tensor(i, dtype=torch.int64)}
+        return {
+            "video": torch.from_numpy(video),
+            "audio": torch.from_numpy(audio),
+            "has_audio": torch.tensor(has_audio),
+            "text": torch.from_numpy(text),
+            "text_len": torch.tensor(length, dtype=torch.int64),
+            "segment_offset": torch.from_numpy(segment_offset),
+            "segment_len": torch.from_numpy(segment_len),
+            "labels": torch.full((3,), -1, dtype=torch.int16),
+            "index": torch.tensor(i, dtype=torch.int64),
+        }
 
     def clip_videos(self) -> list[str]:
         """Each clip's source video file name."""

@@ -1,13 +1,4 @@
-"""`rigtrain data prepare`: a folder of videos -> memory-mapped shards.
-
-    OUT_DIR/index.json            sources, skipped files and why, the preparation parameters
-    OUT_DIR/shard-00000/video.npy     uint8 (N, T, H, W, 3)
-                        audio.npy     int16 (N, S) mono PCM at data.sample_rate
-                        text.npy      uint8 (N, max_text_bytes) narration overlapping the clip
-                        text_len.npy  int32 (N,)
-                        clips.npy     per clip: source, start_s, has_audio, has_text
-                        segments.npy  per narration segment: clip, start_s, end_s, offset, length
-                        labels.npy    int16 (N, 3) shape/colour/direction (Shapes world only)
+"""`rigtrain data prepare`: a folder of videos -> shards in the format of data/shards.py.
 
 Shards are written to a temporary folder and renamed when complete, and index.json is
 written last, so a prepare that is interrupted never leaves data that looks complete.
@@ -28,14 +19,19 @@ import numpy as np
 
 from rigtrain.config import DataConfig
 from rigtrain.data import media
-from rigtrain.data.narration import NARRATION_SUFFIXES, clip_text, read_narration
+from rigtrain.data.narration import clip_text, read_narration
+from rigtrain.data.shards import (
+    ARRAYS,
+    CLIP_DTYPE,
+    INDEX_FORMAT,
+    LABEL_KEYS,
+    LEGACY_PARAMS,
+    SEGMENT_DTYPE,
+    preparation_params,
+)
+from rigtrain.data.sources import Source, audio_mismatch, fingerprint, read_labels, sources_in
 from rigtrain.errors import UserError
-
-INDEX_FORMAT = 1
-CLIP_DTYPE = np.dtype([("source", np.int32), ("start_s", np.float64), ("has_audio", np.bool_), ("has_text", np.bool_)])
-SEGMENT_DTYPE = np.dtype([("clip", np.int32), ("start_s", np.float64), ("end_s", np.float64),
-                          ("offset", np.int32), ("length", np.int32)])
-LABEL_KEYS = ("shape", "colour", "direction")
+from rigtrain.files import write_json
 
 
 def require_empty_dir(path: Path, command: str) -> None:
@@ -43,25 +39,6 @@ def require_empty_dir(path: Path, command: str) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"{command}: {path} is not an empty folder; choose an empty or new one (nothing was written)")
     path.mkdir(parents=True, exist_ok=True)
-
-
-def preparation_params(data: DataConfig) -> dict:
-    """What a shard depends on; training refuses shards made with other values."""
-    return {"fps": data.fps, "frame_size": list(data.frame_size), "present_frames": data.present_frames,
-            "future_frames": data.future_frames, "sample_rate": data.sample_rate,
-            "clip_stride_s": data.stride_seconds, "max_text_bytes": data.max_text_bytes,
-            "resize": data.resize, "recurrent_windows": data.recurrent_windows,
-            "window_step_frames": data.window_step if data.recurrent_windows > 1 else 0}
-
-# What shards prepared before a parameter existed were made with.
-LEGACY_PARAMS = {"recurrent_windows": 1, "window_step_frames": 0}
-
-
-@dataclass
-class Source:
-    video: Path
-    audio: Path | None = None  # a sidecar; None = the container's own track, if any
-    narration: Path | None = None
 
 
 @dataclass
@@ -77,77 +54,21 @@ class SourceClips:
     labels: np.ndarray
     info: dict = field(default_factory=dict)
 
-    ARRAYS = ("video", "audio", "text", "text_len", "clips", "labels")
+    ARRAYS = ARRAYS
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def split(self, k: int) -> tuple["SourceClips", "SourceClips"]:
+    def split(self, k: int) -> tuple[SourceClips, SourceClips]:
         """The first k clips and the rest, narration segments re-numbered to match."""
+
         def part(sl: slice, keep, shift: int) -> SourceClips:
-            return SourceClips(**{key: getattr(self, key)[sl] for key in self.ARRAYS},
-                               segments=[(c - shift, *rest) for c, *rest in self.segments if keep(c)])
+            return SourceClips(
+                **{key: getattr(self, key)[sl] for key in self.ARRAYS},
+                segments=[(c - shift, *rest) for c, *rest in self.segments if keep(c)],
+            )
+
         return part(slice(None, k), lambda c: c < k, 0), part(slice(k, None), lambda c: c >= k, k)
-
-
-def find_sources(src_dir: Path) -> tuple[list[Source], list[dict]]:
-    """Videos with their sidecars (same stem). Files that belong to no video are reported,
-    not silently ignored."""
-    files = sorted(p for p in src_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-    videos = [p for p in files if p.suffix.lower() in media.VIDEO_SUFFIXES]
-    stems = {p.stem for p in videos}
-    by_kind: dict[tuple[str, str], Path] = {}  # (stem, "audio" | "narration") -> the first such file
-    for p in files:
-        kind = "audio" if p.suffix.lower() in media.AUDIO_SUFFIXES else \
-            "narration" if p.suffix.lower() in NARRATION_SUFFIXES else None
-        if kind:
-            by_kind.setdefault((p.stem, kind), p)
-    sources = [Source(v, by_kind.get((v.stem, "audio")), by_kind.get((v.stem, "narration"))) for v in videos]
-    used = {p for s in sources for p in (s.audio, s.narration) if p}
-    unused = []
-    for p in files:
-        if p.suffix.lower() in media.VIDEO_SUFFIXES or p in used or p.name == "labels.json":
-            continue
-        reason = ("no video with this name" if p.stem not in stems else
-                  f"{by_kind[(p.stem, 'audio' if p.suffix.lower() in media.AUDIO_SUFFIXES else 'narration')].name} "
-                  "is used for this video (one sidecar of each kind)"
-                  if p.suffix.lower() in media.AUDIO_SUFFIXES + NARRATION_SUFFIXES else "not a video, audio or narration file")
-        unused.append({"file": p.name, "reason": reason})
-    return sources, unused
-
-
-def sources_in(src: Path, command: str) -> tuple[list[Source], list[dict]]:
-    """find_sources for a folder the user named, with the errors a wrong one deserves."""
-    if not src.is_dir():
-        raise UserError(f"{command}: {src} is not a folder; give the folder that holds your videos")
-    sources, unused = find_sources(src)
-    if not sources:
-        raise UserError(f"{command}: {src} holds no video ({', '.join(media.VIDEO_SUFFIXES)}); "
-                        "point it at a folder of videos")
-    return sources, unused
-
-
-def read_labels(src_dir: Path) -> dict | None:
-    """Shapes-world labels.json, when the folder has one (evaluation only)."""
-    path = src_dir / "labels.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) and "videos" in data else None
-
-
-def audio_mismatch(audio_s: float, video_s: float) -> str | None:
-    """A sidecar must be the sound of its video. Encoders pad audio by a few frames, so
-    small differences are normal; a sidecar off by more than 0.5 s (or 5%) is another
-    recording, or cut differently, and would put sound at the wrong frames."""
-    if abs(audio_s - video_s) <= max(0.5, 0.05 * video_s):
-        return None
-    return f"audio lasts {audio_s:.2f} s but the video {video_s:.2f} s"
-
-
-def fingerprint(path: Path) -> dict:
-    stat = path.stat()
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: int = 0) -> SourceClips:
@@ -157,40 +78,20 @@ def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: in
     duration = len(frames) / data.fps
     skipped: list[dict] = []
     problems: list[str] = []
-    audio, audio_from = None, None
-    if source.audio is not None:
-        try:
-            audio = media.read_audio_file(source.audio, data.sample_rate)
-            mismatch = audio_mismatch(len(audio) / data.sample_rate, duration)
-            if mismatch:
-                raise media.MediaError(mismatch)
-            audio_from = source.audio.name
-        except media.MediaError as err:
-            audio = None
-            skipped.append({"file": source.audio.name, "reason": f"{err}; {source.video.name} is used without sound"})
-    if source.audio is None or (audio is None and skipped):
-        # No (usable) sidecar: the container's own track, when there is one.
-        try:
-            audio = media.read_container_audio(source.video, data.sample_rate)
-        except media.MediaError as err:
-            problems.append(f"audio track left out: {err}")
-            audio = None
-        audio_from = "container" if audio is not None else None
-    segments: list = []
-    if source.narration is not None:
-        try:
-            narration = read_narration(source.narration)
-            segments = narration.segments
-            problems += [f"{source.narration.name} {p}" for p in narration.problems]
-        except media.MediaError as err:
-            skipped.append({"file": source.narration.name, "reason": f"{err}; {source.video.name} is used without narration"})
-
+    audio, audio_from = _sound_of(source, data, duration, skipped, problems)
+    segments = _narration_of(source, skipped, problems)
     starts = media.clip_starts(len(frames), data.clip_frames, data.stride_frames)
     n = len(starts)
     T, S, L = data.clip_frames, data.clip_samples, data.max_text_bytes
-    out = SourceClips(video=np.zeros((n, T, *data.frame_size, 3), np.uint8), audio=np.zeros((n, S), np.int16),
-                      text=np.zeros((n, L), np.uint8), text_len=np.zeros(n, np.int32),
-                      clips=np.zeros(n, CLIP_DTYPE), segments=[], labels=np.full((n, 3), -1, np.int16))
+    out = SourceClips(
+        video=np.zeros((n, T, *data.frame_size, 3), np.uint8),
+        audio=np.zeros((n, S), np.int16),
+        text=np.zeros((n, L), np.uint8),
+        text_len=np.zeros(n, np.int32),
+        clips=np.zeros(n, CLIP_DTYPE),
+        segments=[],
+        labels=np.full((n, 3), -1, np.int16),
+    )
     events = (labels or {}).get("videos", {}).get(source.video.stem, [])
     for i, f0 in enumerate(starts):
         start_s = f0 / data.fps
@@ -212,17 +113,65 @@ def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: in
         for event in events:
             if event["start"] <= middle < event["end"]:
                 out.labels[i] = [labels[key + "s"].index(event[key]) for key in LABEL_KEYS]
-    out.info = {"video": source.video.name, "audio": audio_from,
-                "narration": source.narration.name if source.narration and segments else None,
-                "duration_s": round(duration, 3), "source_fps": round(info.fps, 3),
-                "source_size": [info.height, info.width], "clips": n,
-                "end_aligned_clip": n > 0 and starts[-1] != round((n - 1) * data.stride_frames),
-                "unused_tail_s": round((len(frames) - starts[-1] - T) / data.fps, 3) if n else round(duration, 3), "narration_segments": len(segments),
-                "skipped": skipped, "problems": problems, "fingerprint": fingerprint(source.video)}
+    out.info = {
+        "video": source.video.name,
+        "audio": audio_from,
+        "narration": source.narration.name if source.narration and segments else None,
+        "duration_s": round(duration, 3),
+        "source_fps": round(info.fps, 3),
+        "source_size": [info.height, info.width],
+        "clips": n,
+        "end_aligned_clip": n > 0 and starts[-1] != round((n - 1) * data.stride_frames),
+        "unused_tail_s": round((len(frames) - starts[-1] - T) / data.fps, 3) if n else round(duration, 3),
+        "narration_segments": len(segments),
+        "skipped": skipped,
+        "problems": problems,
+        "fingerprint": fingerprint(source.video),
+    }
     if skip_clips:  # resuming a source whose first clips are already in a shard
         info, out = out.info, out.split(skip_clips)[1]
         out.info = info
     return out
+
+
+def _sound_of(source: Source, data: DataConfig, duration: float, skipped: list, problems: list):
+    """(samples or None, where they came from): the sidecar when it is usable, else the
+    container's own track; what was left out is added to `skipped` or `problems`."""
+    audio, audio_from = None, None
+    if source.audio is not None:
+        try:
+            audio = media.read_audio_file(source.audio, data.sample_rate)
+            mismatch = audio_mismatch(len(audio) / data.sample_rate, duration)
+            if mismatch:
+                raise media.MediaError(mismatch)
+            audio_from = source.audio.name
+        except media.MediaError as err:
+            audio = None
+            skipped.append({"file": source.audio.name, "reason": f"{err}; {source.video.name} is used without sound"})
+    if source.audio is None or (audio is None and skipped):
+        # No (usable) sidecar: the container's own track, when there is one.
+        try:
+            audio = media.read_container_audio(source.video, data.sample_rate)
+        except media.MediaError as err:
+            problems.append(f"audio track left out: {err}")
+            audio = None
+        audio_from = "container" if audio is not None else None
+    return audio, audio_from
+
+
+def _narration_of(source: Source, skipped: list, problems: list) -> list:
+    """The narration sidecar's segments, or none (a bad sidecar is added to `skipped`)."""
+    if source.narration is None:
+        return []
+    try:
+        narration = read_narration(source.narration)
+    except media.MediaError as err:
+        skipped.append(
+            {"file": source.narration.name, "reason": f"{err}; {source.video.name} is used without narration"}
+        )
+        return []
+    problems += [f"{source.narration.name} {p}" for p in narration.problems]
+    return narration.segments
 
 
 def _ingest_or_reason(job: tuple[Source, DataConfig, dict | None, int]) -> SourceClips | str:
@@ -303,12 +252,6 @@ class ShardWriter:
 STATE_FILE = ".prepare-state.json"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _load_state(src: Path, out: Path, data: DataConfig) -> dict | None:
     """What an earlier prepare into `out` finished: the journal of an interrupted one, or the
     index of a complete one. None for a new (or empty) folder."""
@@ -325,43 +268,66 @@ def _load_state(src: Path, out: Path, data: DataConfig) -> dict | None:
     params = preparation_params(data)
     for key, value in {**LEGACY_PARAMS, **state.get("params", {})}.items():
         if params.get(key) != value:
-            raise UserError(f"data prepare: {out} was prepared with {key}={value}, not {params.get(key)}; "
-                            f"use the same preset and --set values to continue it, or a new folder")
+            raise UserError(
+                f"data prepare: {out} was prepared with {key}={value}, not {params.get(key)}; "
+                f"use the same preset and --set values to continue it, or a new folder"
+            )
     for info in state["sources"]:
         video = src / info["video"]
         if not video.is_file():
-            raise UserError(f"data prepare: {info['video']} is in {out} but no longer in {src}; "
-                            "put it back, or prepare into a new folder")
+            raise UserError(
+                f"data prepare: {info['video']} is in {out} but no longer in {src}; "
+                "put it back, or prepare into a new folder"
+            )
         if info.get("fingerprint") and fingerprint(video) != info["fingerprint"]:
-            raise UserError(f"data prepare: {video} changed since it was prepared into {out}; "
-                            "prepare into a new folder")
+            raise UserError(
+                f"data prepare: {video} changed since it was prepared into {out}; prepare into a new folder"
+            )
     state.setdefault("partial", None)
     return state
 
 
-def prepare(src_dir: str | Path, out_dir: str | Path, data: DataConfig, *, workers: int = 1,
-            progress=None, log=None) -> dict:
+def _start_or_continue(src: Path, out: Path, data: DataConfig) -> dict:
+    """The journal of an interrupted or earlier prepare into `out` (its leftovers removed:
+    half-written shards, and shards renamed into place after the journal's last update,
+    which are written again from the sources), or a new one in an empty folder."""
+    state = _load_state(src, out, data)
+    if state is not None:
+        known = {s["dir"] for s in state["shards"]}
+        for path in out.iterdir():
+            if path.is_dir() and (
+                path.name.startswith(".shard-") or (path.name.startswith("shard-") and path.name not in known)
+            ):
+                shutil.rmtree(path)
+        return state
+    require_empty_dir(out, "data prepare")
+    state = {
+        "format": INDEX_FORMAT,
+        "params": preparation_params(data),
+        "source_dir": str(src.resolve()),
+        "shards": [],
+        "sources": [],
+        "partial": None,
+    }
+    write_json(out / STATE_FILE, state)
+    return state
+
+
+def _too_short(source: Source, result: SourceClips, data: DataConfig) -> dict:
+    seconds = result.info["duration_s"]
+    return {"file": source.video.name, "reason": f"shorter ({seconds} s) than one clip ({data.clip_seconds} s)"}
+
+
+def prepare(
+    src_dir: str | Path, out_dir: str | Path, data: DataConfig, *, workers: int = 1, progress=None, log=None
+) -> dict:
     """Prepare every video in src_dir into shards in out_dir; returns the index.
 
     Running it again on the same folders continues: an interrupted prepare resumes after
     its last complete shard, and a complete one only adds the videos that are new."""
     src, out = Path(src_dir), Path(out_dir)
     sources, unused = sources_in(src, "data prepare")
-    state = _load_state(src, out, data)
-    if state is None:
-        require_empty_dir(out, "data prepare")
-        state = {"format": INDEX_FORMAT, "params": preparation_params(data), "source_dir": str(src.resolve()),
-                 "shards": [], "sources": [], "partial": None}
-        _write_json(out / STATE_FILE, state)
-    else:
-        # Leftovers of the interrupted run: half-written shards, and shards renamed into
-        # place after the journal's last update. Both are written again from the sources.
-        known = {s["dir"] for s in state["shards"]}
-        for path in out.iterdir():
-            if path.is_dir() and (path.name.startswith(".shard-") or
-                                  (path.name.startswith("shard-") and path.name not in known)):
-                shutil.rmtree(path)
-
+    state = _start_or_continue(src, out, data)
     labels = read_labels(src)
     started = time.perf_counter()
     partial = state["partial"]
@@ -378,30 +344,33 @@ def prepare(src_dir: str | Path, out_dir: str | Path, data: DataConfig, *, worke
         return json.loads((out / "index.json").read_text())
     if log and state["sources"]:
         part = f" and {partial['written']} clips of {partial['video']}" if partial else ""
-        log(f"{'continuing an interrupted prepare' if interrupted else 'adding to'} {out}: "
-            f"{len(finished)} video(s){part} already in {len(state['shards'])} shard(s), {len(todo)} to do")
+        log(
+            f"{'continuing an interrupted prepare' if interrupted else 'adding to'} {out}: "
+            f"{len(finished)} video(s){part} already in {len(state['shards'])} shard(s), {len(todo)} to do"
+        )
 
     def journal(first_unwritten: int | None, remaining: int) -> None:
         complete = added if first_unwritten is None else added[:first_unwritten]
         state["sources"] = complete + ([added[first_unwritten]] if first_unwritten is not None else [])
-        state["partial"] = None if first_unwritten is None else {
-            "video": added[first_unwritten]["video"], "written": added[first_unwritten]["clips"] - remaining}
+        state["partial"] = (
+            None
+            if first_unwritten is None
+            else {"video": added[first_unwritten]["video"], "written": added[first_unwritten]["clips"] - remaining}
+        )
         state["shards"] = writer.shards
         if first_unwritten is not None and state["partial"]["written"] == 0:
             state["sources"].pop()
             state["partial"] = None
-        _write_json(out / STATE_FILE, state)
+        write_json(out / STATE_FILE, state)
 
     writer = ShardWriter(out, data.shard_clips, state["shards"], journal)
     skipped = list(unused)
-    jobs = [(s, data, labels, partial["written"] if partial and s.video.name == partial["video"] else 0)
-            for s in todo]
+    jobs = [(s, data, labels, partial["written"] if partial and s.video.name == partial["video"] else 0) for s in todo]
     for done, (source, result) in enumerate(zip(todo, _in_order(_ingest_or_reason, jobs, workers)), 1):
         if isinstance(result, str):
             skipped.append({"file": source.video.name, "reason": result})
         elif result.info["clips"] == 0:
-            skipped.append({"file": source.video.name,
-                            "reason": f"shorter ({result.info['duration_s']} s) than one clip ({data.clip_seconds} s)"})
+            skipped.append(_too_short(source, result, data))
         else:
             added.append(result.info)
             writer.add(len(added) - 1, result)
@@ -409,13 +378,22 @@ def prepare(src_dir: str | Path, out_dir: str | Path, data: DataConfig, *, worke
             progress(done, len(todo), source.video.name, writer.total + sum(len(c) for _, c in writer.pending))
     writer.close()
     if writer.total == 0:
-        raise UserError(f"data prepare: no clip could be made from {src}: "
-                        + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]))
+        raise UserError(
+            f"data prepare: no clip could be made from {src}: "
+            + "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+        )
     skipped += [item for info in added for item in info["skipped"]]
-    index = {"format": INDEX_FORMAT, "params": preparation_params(data), "source_dir": str(src.resolve()),
-             "sources": added, "skipped": skipped, "shards": writer.shards, "clips": writer.total,
-             "labels": {k: labels[k + "s"] for k in LABEL_KEYS} if labels else None,
-             "seconds": round(time.perf_counter() - started, 2)}
-    _write_json(out / "index.json", index)
+    index = {
+        "format": INDEX_FORMAT,
+        "params": preparation_params(data),
+        "source_dir": str(src.resolve()),
+        "sources": added,
+        "skipped": skipped,
+        "shards": writer.shards,
+        "clips": writer.total,
+        "labels": {k: labels[k + "s"] for k in LABEL_KEYS} if labels else None,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(out / "index.json", index)
     (out / STATE_FILE).unlink(missing_ok=True)
     return index

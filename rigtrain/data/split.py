@@ -42,8 +42,11 @@ class Split:
     heldout_videos: tuple[str, ...]
 
     def to_dict(self) -> dict:
-        return {"heldout_videos": list(self.heldout_videos), "train_clips": len(self.train),
-                "heldout_clips": len(self.heldout)}
+        return {
+            "heldout_videos": list(self.heldout_videos),
+            "train_clips": len(self.train),
+            "heldout_clips": len(self.heldout),
+        }
 
 
 def split_clips(clip_videos: list[str], heldout: list[str] | tuple[str, ...]) -> Split:

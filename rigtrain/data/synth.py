@@ -43,8 +43,12 @@ def _draw(frame: np.ndarray, shape: str, colour: tuple[int, int, int], cx: float
         cv2.fillPoly(frame, [pts], c, lineType=cv2.LINE_AA)
     else:  # cross
         t = max(2, ir // 2)
-        cv2.rectangle(frame, (center[0] - ir, center[1] - t // 2), (center[0] + ir, center[1] + t // 2), c, thickness=-1)
-        cv2.rectangle(frame, (center[0] - t // 2, center[1] - ir), (center[0] + t // 2, center[1] + ir), c, thickness=-1)
+        cv2.rectangle(
+            frame, (center[0] - ir, center[1] - t // 2), (center[0] + ir, center[1] + t // 2), c, thickness=-1
+        )
+        cv2.rectangle(
+            frame, (center[0] - t // 2, center[1] - ir), (center[0] + t // 2, center[1] + ir), c, thickness=-1
+        )
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
@@ -119,10 +123,15 @@ def synthesize(out_dir: str | Path, *, videos: int = 48, seed: int = 0, progress
             sf.write(str(out / f"{name}.wav"), np.concatenate(audio).astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
         if v % 8 != 6:
             text = "".join(s["text"] for s in segments).strip()
-            (out / f"{name}.json").write_text(json.dumps({"text": text, "segments": segments, "language": "en"}, indent=1))
+            (out / f"{name}.json").write_text(
+                json.dumps({"text": text, "segments": segments, "language": "en"}, indent=1)
+            )
         labels[name] = events
         if progress:
             progress(v + 1, videos)
-    (out / "labels.json").write_text(json.dumps({"shapes": SHAPES, "colours": list(COLOURS),
-                                                  "directions": list(DIRECTIONS), "videos": labels}, indent=1))
+    (out / "labels.json").write_text(
+        json.dumps(
+            {"shapes": SHAPES, "colours": list(COLOURS), "directions": list(DIRECTIONS), "videos": labels}, indent=1
+        )
+    )
     return out

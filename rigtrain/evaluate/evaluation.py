@@ -9,14 +9,14 @@ never did) and are scored on held-out clips; retrieval runs among held-out clips
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
 from rigtrain.config import EvalConfig
-from rigtrain.evaluate.metrics import label_scores, retrieval
+from rigtrain.evaluate.measures import label_scores, retrieval
 
 LABELS = ("shape", "colour", "direction")
 
@@ -32,19 +32,27 @@ class Features:
     def __len__(self) -> int:
         return len(self.video)
 
-    def select(self, rows: np.ndarray) -> "Features":
+    def select(self, rows: np.ndarray) -> Features:
         pick = torch.from_numpy(rows)
-        return Features(self.video[pick], None if self.video_vt is None else self.video_vt[pick],
-                        None if self.text_vt is None else self.text_vt[pick], self.has_text[rows], self.labels[rows])
+        return Features(
+            self.video[pick],
+            None if self.video_vt is None else self.video_vt[pick],
+            None if self.text_vt is None else self.text_vt[pick],
+            self.has_text[rows],
+            self.labels[rows],
+        )
 
     @staticmethod
-    def concat(parts: list["Features"]) -> "Features":
+    def concat(parts: list[Features]) -> Features:
         parts = [p for p in parts if len(p)]
         vt = parts[0].video_vt is not None
-        return Features(torch.cat([p.video for p in parts]),
-                        torch.cat([p.video_vt for p in parts]) if vt else None,
-                        torch.cat([p.text_vt for p in parts]) if vt else None,
-                        np.concatenate([p.has_text for p in parts]), np.concatenate([p.labels for p in parts]))
+        return Features(
+            torch.cat([p.video for p in parts]),
+            torch.cat([p.video_vt for p in parts]) if vt else None,
+            torch.cat([p.text_vt for p in parts]) if vt else None,
+            np.concatenate([p.has_text for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+        )
 
 
 def spread(clips: np.ndarray, most: int) -> np.ndarray:
@@ -54,31 +62,56 @@ def spread(clips: np.ndarray, most: int) -> np.ndarray:
     return clips[np.linspace(0, len(clips) - 1, most).round().astype(np.int64)]
 
 
-def extract_features(embed: Callable[[dict], dict], dataset, clips: np.ndarray, *, batch_size: int,
-                     device: torch.device, progress: Callable[[int, int], None] | None = None) -> Features:
+def extract_features(
+    embed: Callable[[dict], dict],
+    dataset,
+    clips: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> Features:
     """Run `embed` (the model's task="embed" call) over the clips, batch by batch."""
     parts = []
     for start in range(0, len(clips), batch_size):
         batch = dataset.batch(clips[start : start + batch_size].tolist())
         on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "index")}
         out = {k: v.float().cpu() for k, v in embed(on_device).items()}
-        parts.append(Features(out["video"], out.get("video_vt"), out.get("text_vt"),
-                              batch["text_len"].numpy() > 0, batch["labels"].numpy().astype(np.int64)))
+        parts.append(
+            Features(
+                out["video"],
+                out.get("video_vt"),
+                out.get("text_vt"),
+                batch["text_len"].numpy() > 0,
+                batch["labels"].numpy().astype(np.int64),
+            )
+        )
         if progress:
             progress(min(start + batch_size, len(clips)), len(clips))
     return Features.concat(parts)
 
 
-def evaluate(bank: Features, heldout: Features, label_names: dict[str, list[str]] | None,
-             config: EvalConfig) -> dict:
+def evaluate(bank: Features, heldout: Features, label_names: dict[str, list[str]] | None, config: EvalConfig) -> dict:
     """eval.json's measures. `label_names` (index.json's "labels") is None for data without
     labels: then kNN and the probe are empty, and "notes" says why."""
-    result: dict = {"knn": {}, "probe": {}, "retrieval": {}, "notes": [],
-                    "clips": {"bank": len(bank), "heldout": len(heldout)}}
+    result: dict = {
+        "knn": {},
+        "probe": {},
+        "retrieval": {},
+        "notes": [],
+        "clips": {"bank": len(bank), "heldout": len(heldout)},
+    }
     if label_names:
         for i, key in enumerate(LABELS):
-            knn, probe = label_scores(bank.video, bank.labels[:, i], heldout.video, heldout.labels[:, i],
-                                      label_names[key], k=config.knn_k, temperature=config.knn_temperature)
+            knn, probe = label_scores(
+                bank.video,
+                bank.labels[:, i],
+                heldout.video,
+                heldout.labels[:, i],
+                label_names[key],
+                k=config.knn_k,
+                temperature=config.knn_temperature,
+            )
             if knn:
                 result["knn"][key], result["probe"][key] = knn, probe
     else:
@@ -89,8 +122,10 @@ def evaluate(bank: Features, heldout: Features, label_names: dict[str, list[str]
         rows = np.nonzero(heldout.has_text)[0]
         if len(rows) >= 2:
             with_text = heldout.select(rows)
-            result["retrieval"] = {"t2v": retrieval(with_text.text_vt, with_text.video_vt),
-                                   "v2t": retrieval(with_text.video_vt, with_text.text_vt)}
+            result["retrieval"] = {
+                "t2v": retrieval(with_text.text_vt, with_text.video_vt),
+                "v2t": retrieval(with_text.video_vt, with_text.text_vt),
+            }
         else:
             result["notes"].append(f"{len(rows)} held-out clip(s) with narration: no retrieval")
     return result
@@ -116,12 +151,15 @@ def format_result(result: dict) -> str:
         lines.append(f"{'label':<10} {'kNN top-1':>10} {'probe top-1':>12} {'chance':>8} {'clips':>6}")
         for label, knn in result["knn"].items():
             probe = result["probe"][label]
-            lines.append(f"{label:<10} {knn['top1']:>10.3f} {probe['top1']:>12.3f} {knn['chance']:>8.3f} "
-                         f"{knn['clips']:>6}")
+            lines.append(
+                f"{label:<10} {knn['top1']:>10.3f} {probe['top1']:>12.3f} {knn['chance']:>8.3f} {knn['clips']:>6}"
+            )
     if result["retrieval"]:
         lines.append(f"{'retrieval':<10} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'medR':>7}   chance R@1/R@5/medR")
         for direction, r in result["retrieval"].items():
-            lines.append(f"{direction:<10} {r['r1']:>7.3f} {r['r5']:>7.3f} {r['r10']:>7.3f} {r['medr']:>7.1f}   "
-                         f"{r['chance_r1']:.3f}/{r['chance_r5']:.3f}/{r['chance_medr']:.1f} ({r['clips']} clips)")
+            lines.append(
+                f"{direction:<10} {r['r1']:>7.3f} {r['r5']:>7.3f} {r['r10']:>7.3f} {r['medr']:>7.1f}   "
+                f"{r['chance_r1']:.3f}/{r['chance_r5']:.3f}/{r['chance_medr']:.1f} ({r['clips']} clips)"
+            )
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)

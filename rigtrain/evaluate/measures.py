@@ -17,20 +17,35 @@ def majority_rate(labels: np.ndarray) -> float:
     return float(np.bincount(labels).max() / len(labels)) if len(labels) else 0.0
 
 
-def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *, classes: int,
-                k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+def knn_predict(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> torch.Tensor:
     """Weighted kNN (DINO's eval_knn): cosine similarity to the bank, the k nearest vote
     for their class with weight exp(similarity / T). bank (n, D), queries (m, D) -> (m,)."""
     bank = torch.nn.functional.normalize(bank.float(), dim=1)
     queries = torch.nn.functional.normalize(queries.float(), dim=1)
     similarity, nearest = (queries @ bank.T).topk(min(k, len(bank)), dim=1)  # (m, k)
-    votes = torch.zeros(len(queries), classes).scatter_add_(1, bank_labels[nearest].long(),
-                                                           (similarity / temperature).exp())
+    votes = torch.zeros(len(queries), classes).scatter_add_(
+        1, bank_labels[nearest].long(), (similarity / temperature).exp()
+    )
     return votes.argmax(dim=1)
 
 
-def linear_probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, *, classes: int,
-                 weight_decay: float = 1e-3, iterations: int = 100) -> torch.Tensor:
+def linear_probe(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    *,
+    classes: int,
+    weight_decay: float = 1e-3,
+    iterations: int = 100,
+) -> torch.Tensor:
     """A softmax classifier on frozen features (standardised by the training set's mean and
     spread), fitted by full-batch L-BFGS with L2 decay; deterministic. -> test predictions."""
     train, test = train.double(), test.double()
@@ -53,8 +68,16 @@ def linear_probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
         return layer((test - mean) / std).argmax(dim=1)
 
 
-def label_scores(bank: torch.Tensor, bank_labels: np.ndarray, queries: torch.Tensor, query_labels: np.ndarray,
-                 names: list[str], *, k: int, temperature: float) -> tuple[dict, dict]:
+def label_scores(
+    bank: torch.Tensor,
+    bank_labels: np.ndarray,
+    queries: torch.Tensor,
+    query_labels: np.ndarray,
+    names: list[str],
+    *,
+    k: int,
+    temperature: float,
+) -> tuple[dict, dict]:
     """kNN and probe top-1 for one label, over clips that have it (label >= 0)."""
     in_bank, in_queries = bank_labels >= 0, query_labels >= 0
     if in_bank.sum() == 0 or in_queries.sum() == 0:
@@ -64,8 +87,10 @@ def label_scores(bank: torch.Tensor, bank_labels: np.ndarray, queries: torch.Ten
     common = {"chance": round(majority_rate(ql), 4), "classes": len(names), "clips": int(in_queries.sum())}
     knn = knn_predict(b, bl, q, classes=len(names), k=k, temperature=temperature).numpy()
     probe = linear_probe(b, bl, q, classes=len(names)).numpy()
-    return ({"top1": round(float((knn == ql).mean()), 4), **common},
-            {"top1": round(float((probe == ql).mean()), 4), **common})
+    return (
+        {"top1": round(float((knn == ql).mean()), 4), **common},
+        {"top1": round(float((probe == ql).mean()), 4), **common},
+    )
 
 
 def expected_ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -91,7 +116,15 @@ def retrieval(queries: torch.Tensor, items: torch.Tensor) -> dict:
     n = len(queries)
     ranks = expected_ranks(queries.float() @ items.float().T)
     mean_rank = 1 + ranks[:, 0].double() + ranks[:, 1].double() / 2
-    out = {"r1": recall_at(ranks, 1), "r5": recall_at(ranks, 5), "r10": recall_at(ranks, 10),
-           "medr": float(np.median(mean_rank.numpy())), "chance_r1": 1 / n, "chance_r5": min(5, n) / n,
-           "chance_r10": min(10, n) / n, "chance_medr": (n + 1) / 2, "clips": n}
+    out = {
+        "r1": recall_at(ranks, 1),
+        "r5": recall_at(ranks, 5),
+        "r10": recall_at(ranks, 10),
+        "medr": float(np.median(mean_rank.numpy())),
+        "chance_r1": 1 / n,
+        "chance_r5": min(5, n) / n,
+        "chance_r10": min(10, n) / n,
+        "chance_medr": (n + 1) / 2,
+        "clips": n,
+    }
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}

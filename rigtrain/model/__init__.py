@@ -1,6 +1,7 @@
 """The multimodal predictive-coding Perceiver. Plain PyTorch: no DeepSpeed here, so the model
 runs, tests and exports without the trainer."""
 
-from rigtrain.model.perceiver import ClipGeometry, PredictiveCodingPerceiver, build_model, count_parameters
+from rigtrain.model.clips import ClipGeometry
+from rigtrain.model.perceiver import PredictiveCodingPerceiver, build_model, count_parameters
 
 __all__ = ["ClipGeometry", "PredictiveCodingPerceiver", "build_model", "count_parameters"]

@@ -24,15 +24,15 @@ class Attention(nn.Module):
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(rearrange(y, "b h n d -> b n (h d)"))
 
 
 class MLP(nn.Sequential):
     def __init__(self, *, d_model: int, ratio: int, dropout: float):
-        super().__init__(nn.Linear(d_model, ratio * d_model), nn.GELU(), nn.Linear(ratio * d_model, d_model),
-                         nn.Dropout(dropout))
+        super().__init__(
+            nn.Linear(d_model, ratio * d_model), nn.GELU(), nn.Linear(ratio * d_model, d_model), nn.Dropout(dropout)
+        )
 
 
 class CrossAttentionBlock(nn.Module):

@@ -96,8 +96,7 @@ def nce_loss(video: torch.Tensor, audio: torch.Tensor, valid: torch.Tensor, temp
     return per_clip.sum() / valid.sum().clamp(min=1)
 
 
-def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
+def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor, temperature: float) -> torch.Tensor:
     """MIL-NCE (Miech et al. 2020) between clips and their narration segments.
 
     video (B, E) and text (B, M, E), L2-normalised; text_valid (B, M): segment k of clip i
@@ -113,7 +112,9 @@ def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, text_valid: torch.Tens
     own = torch.eye(B, dtype=torch.bool, device=video.device)
     positives = torch.logsumexp(scores.diagonal(dim1=0, dim2=1).T, dim=1)  # (B,): over clip i's segments
     video_side = scores.reshape(B, B * M)  # clip i's video against every segment
-    text_side = scores.transpose(0, 1).masked_fill(own[:, :, None], MASKED).reshape(B, B * M)  # others' videos vs i's segments
+    text_side = (
+        scores.transpose(0, 1).masked_fill(own[:, :, None], MASKED).reshape(B, B * M)
+    )  # others' videos vs i's segments
     denominator = torch.logsumexp(torch.cat([video_side, text_side], dim=1), dim=1)
     has_text = text_valid.any(dim=1)
     per_clip = torch.where(has_text, denominator - positives, torch.zeros_like(positives))
@@ -122,4 +123,3 @@ def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, text_valid: torch.Tens
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
-

@@ -17,15 +17,18 @@ Shapes: B clips, D = d_model, N = num_latents, P = patch size of a modality.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from rigtrain.config import DataConfig, ModelConfig
 from rigtrain.model.blocks import CrossAttentionBlock, SelfAttentionBlock, run_block
-from rigtrain.model.contrastive import (Float32LayerNorm, Float32Linear, gather_across_ranks, l2_normalize,
-                                        mil_nce_loss, nce_loss)
+from rigtrain.model.clips import ClipGeometry, drop_tokens, gather_tokens, random_subset
+from rigtrain.model.contrastive import (
+    Float32LayerNorm,
+    Float32Linear,
+)
+from rigtrain.model.encodings import ContrastiveEncodings
 from rigtrain.model.fourier import feature_size, fourier_features, grid_positions
 from rigtrain.model.losses import masked_mse, normalize_patches, predictive_coding_loss
 from rigtrain.model.tokenizers import PatchTokenizer, TextTokenizer, to_segments, to_tubelets
@@ -38,62 +41,7 @@ PIXEL_MEAN, PIXEL_STD = 0.45, 0.225
 RUNNING_MEANS = ("video_va", "audio_va", "video_vt", "text_vt")
 
 
-@dataclass(frozen=True)
-class ClipGeometry:
-    """What the model needs to know about a clip's shape. A window is present + future;
-    a clip holds `windows` of them, each `step_frames` (`step_samples`) after the last."""
-
-    present_frames: int
-    future_frames: int
-    height: int
-    width: int
-    present_samples: int
-    future_samples: int
-    max_text_bytes: int
-    windows: int = 1
-    step_frames: int = 0
-    step_samples: int = 0
-
-    @classmethod
-    def from_data(cls, data: DataConfig) -> "ClipGeometry":
-        return cls(present_frames=data.present_frames, future_frames=data.future_frames,
-                   height=data.frame_size[0], width=data.frame_size[1],
-                   present_samples=data.present_samples,
-                   future_samples=data.window_samples - data.present_samples,
-                   max_text_bytes=data.max_text_bytes, windows=data.recurrent_windows,
-                   step_frames=data.window_step, step_samples=data.window_step_samples)
-
-    @property
-    def frames(self) -> int:
-        """Frames of one window."""
-        return self.present_frames + self.future_frames
-
-    @property
-    def samples(self) -> int:
-        """Audio samples of one window."""
-        return self.present_samples + self.future_samples
-
-
-def random_subset(num_tokens: int, k: int, batch: int, device: torch.device,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each sample its own k of num_tokens indices, uniformly without replacement: (B, k)."""
-    scores = torch.rand(batch, num_tokens, device=device, generator=generator)
-    return scores.argsort(dim=1)[:, :k]
-
-
-def drop_tokens(num_tokens: int, keep: float, batch: int, device: torch.device,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """DropToken (VATT): the indices (B, k) of the k = round(keep * n) tokens each sample
-    keeps. A fixed k keeps the batch rectangular."""
-    return random_subset(num_tokens, max(1, round(keep * num_tokens)), batch, device, generator)
-
-
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, n, P), index (B, k) -> (B, k, P)."""
-    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-class PredictiveCodingPerceiver(nn.Module):
+class PredictiveCodingPerceiver(ContrastiveEncodings, nn.Module):
     def __init__(self, config: ModelConfig, geometry: ClipGeometry):
         super().__init__()
         self.config, self.geometry = config, geometry
@@ -109,8 +57,12 @@ class PredictiveCodingPerceiver(nn.Module):
         audio_bands = [tuple(c.fourier_time)]
         video_pos = grid_positions(*self.grid)  # (Nv, 3): time spans one window, whichever it is
         audio_pos = grid_positions(self.audio_tokens)  # (Na, 1)
-        self.video_tokenizer = PatchTokenizer(patch_dim=t * h * w * 3, positions=video_pos, bands=video_bands, d_model=d)
-        self.audio_tokenizer = PatchTokenizer(patch_dim=c.audio_segment, positions=audio_pos, bands=audio_bands, d_model=d)
+        self.video_tokenizer = PatchTokenizer(
+            patch_dim=t * h * w * 3, positions=video_pos, bands=video_bands, d_model=d
+        )
+        self.audio_tokenizer = PatchTokenizer(
+            patch_dim=c.audio_segment, positions=audio_pos, bands=audio_bands, d_model=d
+        )
         self.text_tokenizer = TextTokenizer(max_bytes=g.max_text_bytes, bands=tuple(c.fourier_text), d_model=d)
 
         block = dict(d_model=d, heads=c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout)
@@ -137,8 +89,11 @@ class PredictiveCodingPerceiver(nn.Module):
         contrastive = c.weight_va > 0 or c.weight_vt > 0
         # From the pooled latent on, they compute in float32 (see Float32Linear for why).
         self.pool_norm = Float32LayerNorm(d) if contrastive else None
-        self.video_to_va = nn.Sequential(Float32Linear(d, c.va_dim), nn.GELU(), Float32Linear(c.va_dim, c.va_dim)) \
-            if contrastive else None
+        self.video_to_va = (
+            nn.Sequential(Float32Linear(d, c.va_dim), nn.GELU(), Float32Linear(c.va_dim, c.va_dim))
+            if contrastive
+            else None
+        )
         self.audio_to_va = Float32Linear(d, c.va_dim) if c.weight_va > 0 else None
         self.va_to_vt = Float32Linear(c.va_dim, c.vt_dim) if c.weight_vt > 0 else None
         self.text_to_vt = Float32Linear(d, c.vt_dim) if c.weight_vt > 0 else None
@@ -189,8 +144,12 @@ class PredictiveCodingPerceiver(nn.Module):
     def _audio_tokens(self, audio: torch.Tensor) -> torch.Tensor:
         return self.audio_tokenizer(audio.to(self.latents.dtype), slice(0, audio.shape[1]))
 
-    def encode(self, start: torch.Tensor, inputs: list[tuple[torch.Tensor, torch.Tensor | None, bool]],
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        start: torch.Tensor,
+        inputs: list[tuple[torch.Tensor, torch.Tensor | None, bool]],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Latents start (B, N, D) read the inputs -> latent (B, N, D).
 
         inputs: (tokens (B, n, D), key mask (B, n) or None, DropToken applies). Re-exposure:
@@ -201,20 +160,30 @@ class PredictiveCodingPerceiver(nn.Module):
         latent, draws = start, None
         for _ in range(self.config.exposures):
             if draws is None or not self.config.same_droptoken_draw:
-                draws = [drop_tokens(tokens.shape[1], keep, B, device, generator) if drop and keep < 1.0 else None
-                         for tokens, _, drop in inputs]
+                draws = [
+                    drop_tokens(tokens.shape[1], keep, B, device, generator) if drop and keep < 1.0 else None
+                    for tokens, _, drop in inputs
+                ]
             parts, masks = [], []
             for (tokens, mask, _), draw in zip(inputs, draws):
                 if draw is not None:
-                    tokens = _gather(tokens, draw)
+                    tokens = gather_tokens(tokens, draw)
                     mask = None if mask is None else torch.gather(mask, 1, draw)
                 parts.append(tokens)
                 masks.append(mask)
             # No mask at all when no input has one: attention without a mask can use the
             # Flash kernel on a GPU.
-            mask = None if all(m is None for m in masks) else torch.cat(
-                [torch.ones(t.shape[:2], dtype=torch.bool, device=device) if m is None else m
-                 for t, m in zip(parts, masks)], dim=1)
+            mask = (
+                None
+                if all(m is None for m in masks)
+                else torch.cat(
+                    [
+                        torch.ones(t.shape[:2], dtype=torch.bool, device=device) if m is None else m
+                        for t, m in zip(parts, masks)
+                    ],
+                    dim=1,
+                )
+            )
             latent = self._block(self.encoder_cross, latent, torch.cat(parts, dim=1), mask)
             for block in self.encoder_self:
                 latent = self._block(block, latent)
@@ -235,8 +204,9 @@ class PredictiveCodingPerceiver(nn.Module):
             latent = self._block(self.evolver[0 if self.config.evolver_shared else i], latent)
         return latent
 
-    def decode(self, latent: torch.Tensor, video_index: torch.Tensor, audio_index: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, latent: torch.Tensor, video_index: torch.Tensor, audio_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predict the patches at the given positions (B, kv) and (B, ka) from a latent."""
         dtype = latent.dtype
         # Pick the positions' codes first, then project: the projection's gradient is then a
@@ -252,8 +222,9 @@ class PredictiveCodingPerceiver(nn.Module):
         kv = video_index.shape[1]
         return self.video_head(queries[:, :kv]), self.audio_head(queries[:, kv:])
 
-    def _future_index(self, start: int, end: int, batch: int, device: torch.device,
-                      generator: torch.Generator | None) -> torch.Tensor:
+    def _future_index(
+        self, start: int, end: int, batch: int, device: torch.device, generator: torch.Generator | None
+    ) -> torch.Tensor:
         """Future positions to score: each with probability q in expectation; a fixed count
         ceil(q * n) per sample (at least one) keeps the batch rectangular."""
         n = end - start
@@ -261,8 +232,9 @@ class PredictiveCodingPerceiver(nn.Module):
         return start + random_subset(n, k, batch, device, generator)
 
     # -- training objective ---------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-                task: str = "train") -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None, task: str = "train"
+    ) -> dict[str, torch.Tensor]:
         """task "train": a batch of clips -> {"loss": scalar, and each loss term}.
         task "embed": -> the clips' features for evaluation (see `embed`). Both go through
         forward, so DeepSpeed's hooks (ZeRO-3 parameter gathering) see every call."""
@@ -280,8 +252,9 @@ class PredictiveCodingPerceiver(nn.Module):
         terms["loss"] = total
         return terms
 
-    def _predictive_coding(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
-                           ) -> dict[str, torch.Tensor]:
+    def _predictive_coding(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
         """The predictive-coding terms, averaged over the scored windows."""
         B, device = batch["video"].shape[0], batch["video"].device
         nvp, nap = self.video_present, self.audio_present
@@ -298,8 +271,11 @@ class PredictiveCodingPerceiver(nn.Module):
         scored = range(self.config.blind_windows, self.geometry.windows)
         for window in range(self.geometry.windows):
             video, audio = self.patches(batch, window)
-            inputs = [(self._video_tokens(video[:, :nvp]), None, True),
-                      (self._audio_tokens(audio[:, :nap]), audio_mask, True), (text_tokens, text_mask, False)]
+            inputs = [
+                (self._video_tokens(video[:, :nvp]), None, True),
+                (self._audio_tokens(audio[:, :nap]), audio_mask, True),
+                (text_tokens, text_mask, False),
+            ]
             latent = self.encode(start, inputs, generator)
             start = future_latent = self.evolve(latent)  # the next window starts from the prediction
             if window not in scored:
@@ -311,9 +287,9 @@ class PredictiveCodingPerceiver(nn.Module):
             video_t, audio_t = normalize_patches(video), normalize_patches(audio)
             window_terms = {
                 "pc_video_present": masked_mse(pred_pv, video_t[:, :nvp]),
-                "pc_video_future": masked_mse(pred_fv, _gather(video_t, future_v)),
+                "pc_video_future": masked_mse(pred_fv, gather_tokens(video_t, future_v)),
                 "pc_audio_present": masked_mse(pred_pa, audio_t[:, :nap], has_audio),
-                "pc_audio_future": masked_mse(pred_fa, _gather(audio_t, future_a), has_audio),
+                "pc_audio_future": masked_mse(pred_fa, gather_tokens(audio_t, future_a), has_audio),
             }
             for key, value in window_terms.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -324,95 +300,6 @@ class PredictiveCodingPerceiver(nn.Module):
         return terms
 
     # -- contrastive (VATT) -----------------------------------------------------------------------
-    def encode_video(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """The clip's first window (present and future) alone -> pooled (B, D)."""
-        video, _ = self.patches(batch, 0)
-        latent = self.encode(self._start(video.shape[0]), [(self._video_tokens(video), None, True)], generator)
-        return self._pool(latent)
-
-    def encode_audio(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """The first window's sound alone -> pooled (B, D). A clip without sound is encoded
-        from its (silent) samples all the same and masked out of the loss."""
-        _, audio = self.patches(batch, 0)
-        latent = self.encode(self._start(audio.shape[0]), [(self._audio_tokens(audio), None, True)], generator)
-        return self._pool(latent)
-
-    def encode_text(self, text: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """Byte strings (K, L) of `length` (K,) bytes alone -> pooled (K, D)."""
-        mask = torch.arange(text.shape[1], device=text.device)[None, :] < length[:, None]
-        latent = self.encode(self._start(text.shape[0]), [(self.text_tokenizer(text), mask, False)])
-        return self._pool(latent)
-
-    def _segments(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each clip's narration segments as their own byte strings, moved to the start:
-        (B, M, L) bytes, (B, M) lengths and (B, M) valid."""
-        text, offset, length = batch["text"], batch["segment_offset"], batch["segment_len"]
-        L = text.shape[1]
-        index = (offset[:, :, None] + torch.arange(L, device=text.device)).clamp(max=L - 1)  # (B, M, L)
-        segments = torch.gather(text[:, None, :].expand(-1, offset.shape[1], -1), 2, index)
-        inside = torch.arange(L, device=text.device) < length[:, :, None]
-        return segments * inside, length, length > 0
-
-    def text_embeddings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every narration segment slot of the batch in the video-text space, before centring
-        and normalising: (B, M, vt_dim), zero where (B, M) valid is False.
-
-        All B*M slots are encoded, the empty ones too (as one zero byte, so attention has a
-        key), and masked after: the text batch has the same shape in every step. Encoding
-        only the real segments would save that work but give the attention kernels a new
-        shape each step (cuDNN built a new plan for each: 55% of a step's host time on an
-        H200), make the step wait for the GPU to count them (`nonzero`), and leave the
-        memory the step needs to the data."""
-        segments, length, valid = self._segments(batch)
-        B, M, L = segments.shape
-        encoded = self.text_to_vt(self.encode_text(segments.reshape(B * M, L), length.reshape(-1).clamp(min=1)))
-        return encoded.float().reshape(B, M, -1) * valid[..., None], valid
-
-    def _centre(self, x: torch.Tensor, name: str, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., E) minus the modality's mean embedding, then L2-normalised.
-
-        Why: the encoder is shared by all modalities and starts every clip from the same
-        latent array, so its pooled outputs share a large common part. Cosine similarity
-        of uncentred embeddings is dominated by it, and the contrastive gradient then grows
-        it until every clip looks alike (measured: retrieval fell to exact chance within 10
-        steps on the demo). Subtracting the batch mean, as VATT's batch-norm heads do, gives
-        that common part no gradient. Training uses the (gathered) batch's mean and keeps a
-        running mean, which evaluation uses."""
-        buffer = getattr(self, f"mean_{name}")
-        if not self.training:
-            return l2_normalize(x - buffer.float())
-        flat = x.reshape(-1, x.shape[-1])
-        weights = torch.ones(len(flat), 1, device=x.device) if valid is None else valid.reshape(-1, 1).float()
-        mean = (flat * weights).sum(0) / weights.sum().clamp(min=1)
-        with torch.no_grad():
-            # A plain average over the first 10 updates, then an exponential one (0.1).
-            rate = (1.0 / (self.mean_updates + 1).float()).clamp(min=0.1)
-            buffer.lerp_(mean.detach().to(buffer.dtype), rate.to(buffer.dtype))
-        return l2_normalize(x - mean)
-
-    def _contrastive(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
-                     ) -> dict[str, torch.Tensor]:
-        c = self.config
-        # The heads run in the module's dtype (bf16 under DeepSpeed's bf16); the losses,
-        # the centring and the gather work on float32 copies of their outputs.
-        video_va = self.video_to_va(self.encode_video(batch, generator))  # (B, va)
-        terms = {}
-        if c.weight_va > 0:
-            audio_va = self.audio_to_va(self.encode_audio(batch, generator)).float()
-            valid = gather_across_ranks(batch["has_audio"].float()) > 0
-            video, audio = gather_across_ranks(video_va.float()), gather_across_ranks(audio_va)
-            terms["loss_va_nce"] = nce_loss(self._centre(video, "video_va", valid),
-                                            self._centre(audio, "audio_va", valid), valid, c.temperature)
-        if c.weight_vt > 0:
-            text_vt, text_valid = self.text_embeddings(batch)
-            video = gather_across_ranks(self.va_to_vt(video_va).float())
-            text, text_valid = gather_across_ranks(text_vt), gather_across_ranks(text_valid.float()) > 0
-            terms["loss_vt_milnce"] = mil_nce_loss(self._centre(video, "video_vt"),
-                                                   self._centre(text, "text_vt", text_valid), text_valid, c.temperature)
-        with torch.no_grad():
-            self.mean_updates += 1
-        return terms
-
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-COMM = re.compile(r"nccl|gloo|c10d::|all_?reduce|all_?gather|reduce_?scatter|broadcast|record_param_comms",
-                  re.IGNORECASE)
+COMM = re.compile(
+    r"nccl|gloo|c10d::|all_?reduce|all_?gather|reduce_?scatter|broadcast|record_param_comms", re.IGNORECASE
+)
 CATEGORIES = ("data_wait", "host", "compute", "communication", "optimizer", "other")
 
 # The verdict's thresholds (fractions of step time). Input: torch-tb-profiler flags a
@@ -80,7 +81,9 @@ def _intersect(a_list, b_list) -> float:
 def breakdown(events: list[dict], device: str) -> tuple[dict[str, float], dict]:
     """Fractions per category over the ProfilerStep windows, and the raw numbers."""
     complete = [e for e in events if e.get("ph") == "X" and "ts" in e and "dur" in e]
-    steps = sorted((e["ts"], e["ts"] + e["dur"]) for e in complete if str(e.get("name", "")).startswith("ProfilerStep#"))
+    steps = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in complete if str(e.get("name", "")).startswith("ProfilerStep#")
+    )
     if not steps:
         raise ValueError("the trace has no ProfilerStep ranges: was the profiler stepped?")
 
@@ -97,17 +100,31 @@ def breakdown(events: list[dict], device: str) -> tuple[dict[str, float], dict]:
         comm = within(_merge([(e["ts"], e["ts"] + e["dur"]) for e in kernels if COMM.search(e.get("name", ""))]))
         work = within(_merge([(e["ts"], e["ts"] + e["dur"]) for e in kernels if not COMM.search(e.get("name", ""))]))
         opt_work = _intersect(work, optimizer)
-        parts = {"compute": _length(work) - opt_work, "optimizer": opt_work,
-                 "communication": _length(comm) - _intersect(comm, work), "data_wait": _length(data_wait)}
+        parts = {
+            "compute": _length(work) - opt_work,
+            "optimizer": opt_work,
+            "communication": _length(comm) - _intersect(comm, work),
+            "data_wait": _length(data_wait),
+        }
         busy_or_waiting = _merge(work + comm + data_wait)
         parts["host"] = max(0.0, wall - _length(busy_or_waiting))  # the GPU idle, not for data
     else:
-        comm = within(_merge([(e["ts"], e["ts"] + e["dur"]) for e in complete
-                              if e.get("cat") == "cpu_op" and COMM.search(e.get("name", ""))]))
+        comm = within(
+            _merge(
+                [
+                    (e["ts"], e["ts"] + e["dur"])
+                    for e in complete
+                    if e.get("cat") == "cpu_op" and COMM.search(e.get("name", ""))
+                ]
+            )
+        )
         in_opt = _intersect(comm, optimizer)
-        parts = {"data_wait": _length(data_wait), "communication": _length(comm),
-                 "optimizer": max(0.0, _length(optimizer) - in_opt),
-                 "compute": max(0.0, _length(forward) + _length(backward) - (_length(comm) - in_opt))}
+        parts = {
+            "data_wait": _length(data_wait),
+            "communication": _length(comm),
+            "optimizer": max(0.0, _length(optimizer) - in_opt),
+            "compute": max(0.0, _length(forward) + _length(backward) - (_length(comm) - in_opt)),
+        }
         parts["host"] = max(0.0, wall - sum(parts.values()))
     claimed = sum(parts.values())
     if claimed > wall:  # overlaps counted twice (asynchronous GPU work): scale to the wall time
@@ -115,16 +132,22 @@ def breakdown(events: list[dict], device: str) -> tuple[dict[str, float], dict]:
         claimed = wall
     parts["other"] = wall - claimed
     fractions = {k: parts.get(k, 0.0) / wall for k in CATEGORIES}
-    numbers = {"steps": len(steps), "step_ms": wall / len(steps) / 1000,
-               "ms_per_step": {k: round(parts.get(k, 0.0) / len(steps) / 1000, 3) for k in CATEGORIES}}
+    numbers = {
+        "steps": len(steps),
+        "step_ms": wall / len(steps) / 1000,
+        "ms_per_step": {k: round(parts.get(k, 0.0) / len(steps) / 1000, 3) for k in CATEGORIES},
+    }
     loader = [e for e in complete if str(e.get("name", "")).startswith("rigtrain/loader_")]
     if loader:
         busy_s = sum(e["dur"] for e in loader) / 1e6
         clips = sum(e.get("args", {}).get("clips", 0) for e in loader)
         threads = len({e["tid"] for e in loader})
-        numbers["loader"] = {"batches": len(loader), "threads_seen": threads,
-                             "clips_per_s_per_thread": round(clips / busy_s, 2) if busy_s else None,
-                             "ms_per_batch": round(busy_s * 1000 / len(loader), 2)}
+        numbers["loader"] = {
+            "batches": len(loader),
+            "threads_seen": threads,
+            "clips_per_s_per_thread": round(clips / busy_s, 2) if busy_s else None,
+            "ms_per_batch": round(busy_s * 1000 / len(loader), 2),
+        }
     return fractions, numbers
 
 
@@ -133,12 +156,17 @@ def verdict(fractions: dict[str, float]) -> tuple[str, str]:
     if f["data_wait"] >= INPUT_BOUND:
         return "input-bound", f"waiting for data is {f['data_wait']:.0%} of step time (>= {INPUT_BOUND:.0%})"
     if f["communication"] >= COMMUNICATION_BOUND:
-        return "communication-bound", f"communication is {f['communication']:.0%} of step time (>= {COMMUNICATION_BOUND:.0%})"
+        return (
+            "communication-bound",
+            f"communication is {f['communication']:.0%} of step time (>= {COMMUNICATION_BOUND:.0%})",
+        )
     if f["host"] >= HOST_BOUND:
         return "host-bound", f"the host's own work is {f['host']:.0%} of step time (>= {HOST_BOUND:.0%})"
-    return "compute-bound", (f"compute and optimizer are {f['compute'] + f['optimizer']:.0%} of step time; "
-                             f"data wait {f['data_wait']:.0%}, communication {f['communication']:.0%}, "
-                             f"host {f['host']:.0%}")
+    return "compute-bound", (
+        f"compute and optimizer are {f['compute'] + f['optimizer']:.0%} of step time; "
+        f"data wait {f['data_wait']:.0%}, communication {f['communication']:.0%}, "
+        f"host {f['host']:.0%}"
+    )
 
 
 def suggestions(kind: str, fractions: dict, numbers: dict, facts: RunFacts) -> list[str]:
@@ -150,47 +178,67 @@ def suggestions(kind: str, fractions: dict, numbers: dict, facts: RunFacts) -> l
         per_thread = loader.get("clips_per_s_per_thread")
         if per_thread:
             who = "reading in the train loop" if facts.loader_threads == 0 else "one loader thread"
-            out.append(f"{who} delivers {per_thread:.1f} clips/s; this process consumes {consumes:.1f} "
-                       f"clips/s while waiting {numbers['ms_per_step']['data_wait']:.0f} ms per step")
+            out.append(
+                f"{who} delivers {per_thread:.1f} clips/s; this process consumes {consumes:.1f} "
+                f"clips/s while waiting {numbers['ms_per_step']['data_wait']:.0f} ms per step"
+            )
         if facts.data_is_raw_videos:
-            out.append("every clip is decoded from the videos on the fly: prepare them once with "
-                       "`rigtrain data prepare SRC_DIR OUT_DIR` and train with --data OUT_DIR "
-                       "(`rigtrain data bench OUT_DIR` shows the gain, typically hundreds of times)")
+            out.append(
+                "every clip is decoded from the videos on the fly: prepare them once with "
+                "`rigtrain data prepare SRC_DIR OUT_DIR` and train with --data OUT_DIR "
+                "(`rigtrain data bench OUT_DIR` shows the gain, typically hundreds of times)"
+            )
         spare = max(0, facts.cpu_threads // facts.world_size - 1 - facts.loader_threads)
         if facts.loader_threads == 0:
-            out.append(f"data.workers=0 reads in the train loop itself: set data.workers (this machine has "
-                       f"{facts.cpu_threads} hardware threads) so batches are read ahead")
+            out.append(
+                f"data.workers=0 reads in the train loop itself: set data.workers (this machine has "
+                f"{facts.cpu_threads} hardware threads) so batches are read ahead"
+            )
         elif spare > 0:
-            out.append(f"{facts.loader_threads} loader thread(s) per process on {facts.cpu_threads} hardware threads: "
-                       f"try data.workers={facts.loader_threads + spare}")
+            out.append(
+                f"{facts.loader_threads} loader thread(s) per process on {facts.cpu_threads} hardware threads: "
+                f"try data.workers={facts.loader_threads + spare}"
+            )
         if not facts.data_is_raw_videos and facts.loader_threads > 0:
-            out.append("the shards may not be in the page cache: put them on a faster disk (NVMe), or run "
-                       "`rigtrain data bench` to see what the disk delivers")
+            out.append(
+                "the shards may not be in the page cache: put them on a faster disk (NVMe), or run "
+                "`rigtrain data bench` to see what the disk delivers"
+            )
     elif kind == "communication-bound":
         link = f" over {facts.pcie}" if facts.pcie else ""
         out.append(f"collectives take {fractions['communication']:.0%} of each step{link}")
         if facts.zero_stage >= 2:
-            out.append(f"ZeRO-{facts.zero_stage} reduces gradients after every micro-step; ZeRO-1 with more "
-                       "accumulation (train.grad_accum_steps) communicates once per optimizer step")
+            out.append(
+                f"ZeRO-{facts.zero_stage} reduces gradients after every micro-step; ZeRO-1 with more "
+                "accumulation (train.grad_accum_steps) communicates once per optimizer step"
+            )
         out.append("raise train.grad_accum_steps so each exchange of gradients is amortised over more clips")
         out.append("check `rigtrain rig` for pcie_narrow / no_p2p warnings: an x4 slot or no P2P halves the bandwidth")
     elif kind == "host-bound":
-        out.append(f"the GPU waits on Python for {fractions['host']:.0%} of each step: "
-                   + _larger_micro_batch(facts, "gives each kernel more work per launch"))
+        out.append(
+            f"the GPU waits on Python for {fractions['host']:.0%} of each step: "
+            + _larger_micro_batch(facts, "gives each kernel more work per launch")
+        )
         if not facts.compiled:
             out.append("fewer, larger kernels: train.compile=true (torch.compile fuses the model's small operations)")
-        out.append("check your own changes for host syncs in the step (.item(), .cpu(), printing a tensor): "
-                   "tests/test_gpu_path.py counts them")
+        out.append(
+            "check your own changes for host syncs in the step (.item(), .cpu(), printing a tensor): "
+            "tests/test_gpu_path.py counts them"
+        )
     else:
         if facts.flops_per_clip and facts.peak_tflops:
             achieved = facts.flops_per_clip * consumes / 1e12
-            out.append(f"{achieved:.1f} TFLOPS achieved of {facts.peak_tflops:g} peak "
-                       f"({achieved / facts.peak_tflops:.0%} MFU): the GPU is the limit, as it should be")
+            out.append(
+                f"{achieved:.1f} TFLOPS achieved of {facts.peak_tflops:g} peak "
+                f"({achieved / facts.peak_tflops:.0%} MFU): the GPU is the limit, as it should be"
+            )
         else:
             out.append("the model's own arithmetic is the limit, as it should be")
         if facts.device == "cuda":
-            out.append("to go faster: bf16 where the card has it, activation checkpointing off if it is on, or "
-                       + _larger_micro_batch(facts, "if memory allows (`rigtrain rig` shows the headroom)"))
+            out.append(
+                "to go faster: bf16 where the card has it, activation checkpointing off if it is on, or "
+                + _larger_micro_batch(facts, "if memory allows (`rigtrain rig` shows the headroom)")
+            )
         else:
             out.append("on the CPU that is expected; a GPU is where this model trains fast")
     return out
@@ -203,21 +251,29 @@ def _larger_micro_batch(facts: RunFacts, why: str) -> str:
     mb, accum = facts.micro_batch_size, facts.grad_accum_steps
     if accum > 1:
         bigger = next((mb * k for k in range(2, accum + 1) if accum % k == 0), mb * accum)
-        return (f"a larger micro-batch {why}: train.micro_batch_size={bigger} "
-                f"train.grad_accum_steps={accum * mb // bigger} keeps the global batch of {facts.clips_per_step}")
-    return (f"a larger micro-batch {why}, but {mb} is already each GPU's whole share of the global batch "
-            f"({facts.clips_per_step}): a larger one changes the experiment (train.global_batch_size, and the "
-            "learning rate that suits it), not only its speed")
+        return (
+            f"a larger micro-batch {why}: train.micro_batch_size={bigger} "
+            f"train.grad_accum_steps={accum * mb // bigger} keeps the global batch of {facts.clips_per_step}"
+        )
+    return (
+        f"a larger micro-batch {why}, but {mb} is already each GPU's whole share of the global batch "
+        f"({facts.clips_per_step}): a larger one changes the experiment (train.global_batch_size, and the "
+        "learning rate that suits it), not only its speed"
+    )
 
 
 def analyze(events: list[dict], facts: RunFacts) -> dict:
     fractions, numbers = breakdown(events, facts.device)
     kind, reason = verdict(fractions)
     step_s = numbers["step_ms"] / 1000
-    summary = {"verdict": kind, "because": reason,
-               "breakdown": {k: round(v, 4) for k, v in fractions.items()},
-               "numbers": numbers, "suggestions": suggestions(kind, fractions, numbers, facts),
-               "clips_per_s": round(facts.clips_per_step / step_s, 2)}
+    summary = {
+        "verdict": kind,
+        "because": reason,
+        "breakdown": {k: round(v, 4) for k, v in fractions.items()},
+        "numbers": numbers,
+        "suggestions": suggestions(kind, fractions, numbers, facts),
+        "clips_per_s": round(facts.clips_per_step / step_s, 2),
+    }
     if facts.flops_per_clip:
         achieved = facts.flops_per_clip * facts.clips_per_step / step_s / facts.world_size / 1e12
         summary["achieved_tflops_per_device"] = round(achieved, 3)
@@ -229,8 +285,10 @@ def analyze(events: list[dict], facts: RunFacts) -> dict:
 
 def format_summary(summary: dict) -> str:
     n = summary["numbers"]
-    lines = [f"verdict: {summary['verdict']} ({summary['because']})",
-             f"{n['steps']} recorded step(s), {n['step_ms']:.1f} ms each, {summary['clips_per_s']:.1f} clips/s"]
+    lines = [
+        f"verdict: {summary['verdict']} ({summary['because']})",
+        f"{n['steps']} recorded step(s), {n['step_ms']:.1f} ms each, {summary['clips_per_s']:.1f} clips/s",
+    ]
     width = max(len(k) for k in CATEGORIES)
     for key in CATEGORIES:
         share = summary["breakdown"][key]

@@ -46,11 +46,13 @@ class LoaderTimeline:
 
 def timed(function, timeline: LoaderTimeline):
     """function(indices) -> batch, with each call recorded on the timeline."""
+
     def wrapper(indices):
         start = time.time_ns()
         batch = function(indices)
         timeline.record(start, time.time_ns(), len(indices))
         return batch
+
     return wrapper
 
 
@@ -66,11 +68,16 @@ class StepProfiler:
         self.trace_path: Path | None = None
         self.trace_dir.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        self.profiler = profile(activities=activities,
-                                schedule=schedule(skip_first=config.start_step, wait=config.wait,
-                                                  warmup=config.warmup, active=config.active, repeat=1),
-                                on_trace_ready=self._save, record_shapes=config.record_shapes,
-                                with_stack=config.with_stack, profile_memory=config.profile_memory)
+        self.profiler = profile(
+            activities=activities,
+            schedule=schedule(
+                skip_first=config.start_step, wait=config.wait, warmup=config.warmup, active=config.active, repeat=1
+            ),
+            on_trace_ready=self._save,
+            record_shapes=config.record_shapes,
+            with_stack=config.with_stack,
+            profile_memory=config.profile_memory,
+        )
         self.profiler.start()
 
     def step(self) -> None:
@@ -105,12 +112,20 @@ def add_loader_rows(path: Path, timeline: LoaderTimeline) -> None:
     threads: dict[str, int] = {}
     for name, start, end, clips in timeline.between(start_ns, end_ns):
         tid = threads.setdefault(name, 900_000 + len(threads))
-        events.append({"ph": "X", "cat": "user_annotation", "name": f"rigtrain/loader_{timeline.kind}",
-                       "pid": pid, "tid": tid, "ts": (start - base) / 1000, "dur": (end - start) / 1000,
-                       "args": {"clips": clips, "thread": name}})
+        events.append(
+            {
+                "ph": "X",
+                "cat": "user_annotation",
+                "name": f"rigtrain/loader_{timeline.kind}",
+                "pid": pid,
+                "tid": tid,
+                "ts": (start - base) / 1000,
+                "dur": (end - start) / 1000,
+                "args": {"clips": clips, "thread": name},
+            }
+        )
     for name, tid in threads.items():
-        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-                       "args": {"name": f"loader {name}"}})
+        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"loader {name}"}})
     path.write_text(json.dumps(trace))
 
 

@@ -36,12 +36,13 @@ def card_limits(nvml, handle, gpu_index: int) -> CardLimits:
         except Exception:
             return None
 
-    return CardLimits(gpu=gpu_index,
-                      power_limit_w=read(nvml.nvmlDeviceGetEnforcedPowerLimit, scale=1000),
-                      max_power_limit_w=read(nvml.nvmlDeviceGetPowerManagementLimitConstraints, scale=1000),
-                      sm_clock_max_mhz=read(nvml.nvmlDeviceGetMaxClockInfo, nvml.NVML_CLOCK_SM),
-                      slowdown_temp_c=read(nvml.nvmlDeviceGetTemperatureThreshold,
-                                           nvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
+    return CardLimits(
+        gpu=gpu_index,
+        power_limit_w=read(nvml.nvmlDeviceGetEnforcedPowerLimit, scale=1000),
+        max_power_limit_w=read(nvml.nvmlDeviceGetPowerManagementLimitConstraints, scale=1000),
+        sm_clock_max_mhz=read(nvml.nvmlDeviceGetMaxClockInfo, nvml.NVML_CLOCK_SM),
+        slowdown_temp_c=read(nvml.nvmlDeviceGetTemperatureThreshold, nvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN),
+    )
 
 
 class TelemetrySampler:
@@ -86,25 +87,38 @@ class TelemetrySampler:
         n, h = self._nvml, self._handle
         util = n.nvmlDeviceGetUtilizationRates(h)
         memory = n.nvmlDeviceGetMemoryInfo(h)
-        sample = {**host, "gpu_util_percent": float(util.gpu), "gpu_mem_used_gib": memory.used / 2**30,
-                  "gpu_power_w": n.nvmlDeviceGetPowerUsage(h) / 1000,
-                  "gpu_temp_c": float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
-                  "gpu_sm_clock_mhz": float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
-                  "gpu_pcie_rx_mb_s": n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_RX_BYTES) / 1000,
-                  "gpu_pcie_tx_mb_s": n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_TX_BYTES) / 1000}
+        sample = {
+            **host,
+            "gpu_util_percent": float(util.gpu),
+            "gpu_mem_used_gib": memory.used / 2**30,
+            "gpu_power_w": n.nvmlDeviceGetPowerUsage(h) / 1000,
+            "gpu_temp_c": float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
+            "gpu_sm_clock_mhz": float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
+            "gpu_pcie_rx_mb_s": n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_RX_BYTES) / 1000,
+            "gpu_pcie_tx_mb_s": n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_TX_BYTES) / 1000,
+        }
         width = n.nvmlDeviceGetCurrPcieLinkWidth(h)
         sample["gpu_pcie_width"] = float(width)
         if self._first_width is None:
             self._first_width = width
         elif width < self._first_width:
-            self._event(f"GPU {self.gpu_index}: PCIe link dropped from x{self._first_width} to x{width} during "
-                        "training (check the riser and the slot)")
+            self._event(
+                f"GPU {self.gpu_index}: PCIe link dropped from x{self._first_width} to x{width} during "
+                "training (check the riser and the slot)"
+            )
             self._first_width = width
         reasons = reasons_from_mask(n.nvmlDeviceGetCurrentClocksEventReasons(h))
         sample["gpu_throttled"] = float(bool(reasons))
-        for report in self._judge.add(Sample(t=time.monotonic(), util_pct=sample["gpu_util_percent"],
-                                             power_w=sample["gpu_power_w"], sm_clock_mhz=sample["gpu_sm_clock_mhz"],
-                                             temp_c=sample["gpu_temp_c"], reasons=reasons)):
+        for report in self._judge.add(
+            Sample(
+                t=time.monotonic(),
+                util_pct=sample["gpu_util_percent"],
+                power_w=sample["gpu_power_w"],
+                sm_clock_mhz=sample["gpu_sm_clock_mhz"],
+                temp_c=sample["gpu_temp_c"],
+                reasons=reasons,
+            )
+        ):
             self.throttle_reports.append(report.to_dict())
             self._event(report.message)
         return sample

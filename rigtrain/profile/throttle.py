@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 
 # NVML clock-event reason bits (nvmlClocksEventReason*) we judge; idle and application
 # clock settings are not throttling.
-REASON_BITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal",
-               0x80: "hw_power_brake"}
+REASON_BITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake"}
 
 WINDOW_S = 10.0  # seconds of samples a judgement rests on
 BUSY_UTIL_PCT = 50.0  # a sample counts when the GPU was busy at least this much of its period
@@ -112,15 +111,24 @@ class ThrottleJudge:
         lim = self.limits
         power, clock, temp = (_median([getattr(s, k) for s in busy]) for k in ("power_w", "sm_clock_mhz", "temp_c"))
         lost = max(0.0, 1 - clock / lim.sm_clock_max_mhz) if lim.sm_clock_max_mhz else None
-        report = ThrottleReport(reason=reason, gpu=lim.gpu, power_w=power, sm_clock_mhz=clock, temp_c=temp,
-                                clock_lost=lost, busy_samples=len(busy))
+        report = ThrottleReport(
+            reason=reason,
+            gpu=lim.gpu,
+            power_w=power,
+            sm_clock_mhz=clock,
+            temp_c=temp,
+            clock_lost=lost,
+            busy_samples=len(busy),
+        )
         report.message = describe(report, lim)
         return report
 
 
 def _figures(r: ThrottleReport, lim: CardLimits) -> str:
     power = f"{r.power_w:.0f} W" + (f" of its {lim.power_limit_w:.0f} W limit" if lim.power_limit_w else "")
-    clock = f"SM clock {r.sm_clock_mhz:.0f}" + (f" of {lim.sm_clock_max_mhz:.0f} MHz" if lim.sm_clock_max_mhz else " MHz")
+    clock = f"SM clock {r.sm_clock_mhz:.0f}" + (
+        f" of {lim.sm_clock_max_mhz:.0f} MHz" if lim.sm_clock_max_mhz else " MHz"
+    )
     temp = f"{r.temp_c:.0f} C" + (f" (it slows down at {lim.slowdown_temp_c:.0f} C)" if lim.slowdown_temp_c else "")
     return f"{power}, {clock}, {temp}"
 
@@ -131,17 +139,26 @@ def describe(r: ThrottleReport, lim: CardLimits) -> str:
     head = f"GPU {r.gpu} {{what}} under load ({_figures(r, lim)}){cost}"
     if r.reason == "sw_power_cap":
         if lim.power_limit_w and lim.max_power_limit_w and lim.max_power_limit_w > lim.power_limit_w + 1:
-            advice = (f"if the power supply has headroom, the limit can go up to {lim.max_power_limit_w:.0f} W "
-                      f"(`sudo nvidia-smi -i {r.gpu} -pl {lim.max_power_limit_w:.0f}`)")
+            advice = (
+                f"if the power supply has headroom, the limit can go up to {lim.max_power_limit_w:.0f} W "
+                f"(`sudo nvidia-smi -i {r.gpu} -pl {lim.max_power_limit_w:.0f}`)"
+            )
         else:
             advice = "the limit is already the card's maximum; nothing to change"
-        return (head.format(what="is held at its power limit") + ". At full load this is normal for many cards; "
-                + advice)
+        return (
+            head.format(what="is held at its power limit") + ". At full load this is normal for many cards; " + advice
+        )
     if r.reason in ("sw_thermal", "hw_thermal"):
-        return (head.format(what="is slowing down for heat") + ": improve the airflow (case fans, spacing between "
-                "cards, the fan curve) or lower its power limit (`sudo nvidia-smi -i N -pl W`)")
+        return (
+            head.format(what="is slowing down for heat") + ": improve the airflow (case fans, spacing between "
+            "cards, the fan curve) or lower its power limit (`sudo nvidia-smi -i N -pl W`)"
+        )
     if r.reason == "hw_power_brake":
-        return (head.format(what="is slowed by its power-brake signal") + ": the power supply or the board asked it to "
-                "slow down; check the PSU's capacity and that every GPU power cable is seated and separate")
-    return (head.format(what="is slowed by a hardware slowdown (heat or power brake)") + ": check its temperature "
-            "and the power supply's capacity and cables")
+        return (
+            head.format(what="is slowed by its power-brake signal") + ": the power supply or the board asked it to "
+            "slow down; check the PSU's capacity and that every GPU power cable is seated and separate"
+        )
+    return (
+        head.format(what="is slowed by a hardware slowdown (heat or power brake)") + ": check its temperature "
+        "and the power supply's capacity and cables"
+    )

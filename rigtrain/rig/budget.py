@@ -6,8 +6,8 @@ its source. Pure arithmetic on facts; imports nothing from rigtrain but rig/fact
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from rigtrain.rig.facts import Gpu
 
@@ -54,8 +54,17 @@ def cublas_workspace_bytes(capability: tuple[int, int] | None) -> int:
     return 2 * per_handle
 
 
-def peak_bytes(step_peak: int, *, parameters: int, precision: str, world: int, stage: int, optimizer: str,
-               offload: str, capability: tuple[int, int] | None = None) -> dict:
+def peak_bytes(
+    step_peak: int,
+    *,
+    parameters: int,
+    precision: str,
+    world: int,
+    stage: int,
+    optimizer: str,
+    offload: str,
+    capability: tuple[int, int] | None = None,
+) -> dict:
     """Per-GPU peak of torch's allocator (what torch.cuda.max_memory_allocated reports):
     the measured step (the input batch, parameters and gradients in the training dtype,
     activations, temporaries) with ZeRO's partitioning applied, plus the optimizer states,
@@ -67,15 +76,25 @@ def peak_bytes(step_peak: int, *, parameters: int, precision: str, world: int, s
         saved += weights * (world - 1) // world
     if stage >= 3:  # parameters partitioned too; layers are gathered as they run
         saved += weights * (world - 1) // world - min(parameters, 2 * BUCKET_ELEMENTS) * width
-    states = 0 if offload == "cpu" else optimizer_state_bytes(parameters, precision, optimizer) // (world if stage >= 1 else 1)
+    states = (
+        0
+        if offload == "cpu"
+        else optimizer_state_bytes(parameters, precision, optimizer) // (world if stage >= 1 else 1)
+    )
     fp32_grads = fp32_gradient_bytes(parameters, precision, world, stage, offload)
     buckets = 2 * BUCKET_ELEMENTS * width if world > 1 and stage >= 1 else 0
     buckets = min(buckets, 2 * weights)
     workspaces = cublas_workspace_bytes(capability)
     total = step_peak - max(0, saved) + states + fp32_grads + buckets + workspaces
-    return {"step_gib": step_peak / GIB, "zero_saving_gib": max(0, saved) / GIB, "optimizer_states_gib": states / GIB,
-            "fp32_gradients_gib": fp32_grads / GIB, "buckets_gib": buckets / GIB,
-            "cublas_workspaces_gib": workspaces / GIB, "total_gib": total / GIB}
+    return {
+        "step_gib": step_peak / GIB,
+        "zero_saving_gib": max(0, saved) / GIB,
+        "optimizer_states_gib": states / GIB,
+        "fp32_gradients_gib": fp32_grads / GIB,
+        "buckets_gib": buckets / GIB,
+        "cublas_workspaces_gib": workspaces / GIB,
+        "total_gib": total / GIB,
+    }
 
 
 # What lives on the card outside torch's allocator, and the allocator's own slack. Each
@@ -103,9 +122,11 @@ PROFILER_GIB = 0.5
 
 def outside_allocator_gib(*, world: int, profiling: bool = False, lazy_loading: bool = True) -> dict:
     """The named room the plan leaves outside torch's allocator, per GPU."""
-    return {"cuda_context_gib": CUDA_CONTEXT_GIB + (0.0 if lazy_loading else CUDA_CONTEXT_EAGER_EXTRA_GIB),
-            "nccl_gib": NCCL_GIB if world > 1 else 0.0,
-            "profiler_gib": PROFILER_GIB if profiling else 0.0}
+    return {
+        "cuda_context_gib": CUDA_CONTEXT_GIB + (0.0 if lazy_loading else CUDA_CONTEXT_EAGER_EXTRA_GIB),
+        "nccl_gib": NCCL_GIB if world > 1 else 0.0,
+        "profiler_gib": PROFILER_GIB if profiling else 0.0,
+    }
 
 
 def usable_gib(gpu: Gpu, outside: dict) -> tuple[float, float, str]:
@@ -115,9 +136,15 @@ def usable_gib(gpu: Gpu, outside: dict) -> tuple[float, float, str]:
     cap = gpu.free_gib - sum(outside.values())
     usable = cap / (1 + FRAGMENTATION)
     named = ", ".join(f"{v:.2f} for {k.removesuffix('_gib').replace('_', ' ')}" for k, v in outside.items() if v)
-    return usable, cap, (f"{gpu.free_gib:.1f} GiB free on the smallest card, less {named} leaves {cap:.2f} GiB for "
-                         f"torch's allocator; its peak may use {usable:.2f} of it, "
-                         f"{FRAGMENTATION:.0%} being kept for fragmentation")
+    return (
+        usable,
+        cap,
+        (
+            f"{gpu.free_gib:.1f} GiB free on the smallest card, less {named} leaves {cap:.2f} GiB for "
+            f"torch's allocator; its peak may use {usable:.2f} of it, "
+            f"{FRAGMENTATION:.0%} being kept for fragmentation"
+        ),
+    )
 
 
 class MicroBatchSearch:
@@ -192,8 +219,16 @@ class CardBudget:
         """The allocator's peak for this micro-batch and setting, term by term (GiB)."""
         stage, checkpointing, optimizer, offload = setting
         step = self.search.peak(micro_batch, checkpointing) if micro_batch else 0
-        return peak_bytes(step, parameters=self.parameters, precision=self.precision, world=self.world,
-                          stage=stage, optimizer=optimizer, offload=offload, capability=self.capability)
+        return peak_bytes(
+            step,
+            parameters=self.parameters,
+            precision=self.precision,
+            world=self.world,
+            stage=stage,
+            optimizer=optimizer,
+            offload=offload,
+            capability=self.capability,
+        )
 
     def step_budget(self, setting: Setting) -> float:
         """Bytes the measured step may take once the rest of the setting's memory is counted."""

@@ -88,12 +88,14 @@ class Rig:
 
     def to_dict(self) -> dict:
         """The rig file's shape (what `rigtrain rig --json` prints as "rig", and a rig file holds)."""
+
         def clean(value):
             if isinstance(value, dict):
                 return {k: clean(v) for k, v in value.items() if v is not None and v != ()}
             if isinstance(value, (list, tuple)):
                 return [clean(v) for v in value]
             return value
+
         out = clean(asdict(self))
         out.pop("source", None)
         out["gpus"] = out.get("gpus", [])  # an empty list is a fact: a CPU-only machine
@@ -104,12 +106,14 @@ class Rig:
 
 # -- reading and checking ------------------------------------------------------------------
 
+
 def _fail(where: str, field_name: str, what: str) -> RigFileError:
     return RigFileError(f"{where}: {field_name} {what}")
 
 
-def _number(where: str, name: str, value, *, minimum: float | None = None, integer: bool = False,
-            above: float | None = None):
+def _number(
+    where: str, name: str, value, *, minimum: float | None = None, integer: bool = False, above: float | None = None
+):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
         raise _fail(where, name, f"must be {'a whole number' if integer else 'a number'}, not {json.dumps(value)}")
     if minimum is not None and value < minimum:
@@ -125,8 +129,11 @@ def _object(where: str, name: str, value, cls) -> dict:
     known = {f.name for f in fields(cls)} - {"source"}
     for key in value:
         if key not in known:
-            raise _fail(where, f"{name}.{key}" if name else key,
-                        f"is not a rig field; known fields here: {', '.join(sorted(known))}")
+            raise _fail(
+                where,
+                f"{name}.{key}" if name else key,
+                f"is not a rig field; known fields here: {', '.join(sorted(known))}",
+            )
     return value
 
 
@@ -157,9 +164,11 @@ def _gpu(where: str, index: int, value, count: int) -> Gpu:
         if key not in value:
             raise _fail(where, f"{name}.{key}", "is missing")
     if not isinstance(value["name"], str) or not value["name"]:
-        raise _fail(where, f"{name}.name", "must be the GPU's name, e.g. \"NVIDIA GeForce RTX 3090\"")
-    out: dict = {"name": value["name"],
-                 "memory_gib": _number(where, f"{name}.memory_gib", value["memory_gib"], above=0)}
+        raise _fail(where, f"{name}.name", 'must be the GPU\'s name, e.g. "NVIDIA GeForce RTX 3090"')
+    out: dict = {
+        "name": value["name"],
+        "memory_gib": _number(where, f"{name}.memory_gib", value["memory_gib"], above=0),
+    }
     cc = value["compute_capability"]
     if not (isinstance(cc, list) and len(cc) == 2 and all(isinstance(c, int) and c >= 0 for c in cc) and cc[0] >= 1):
         raise _fail(where, f"{name}.compute_capability", f"must be [major, minor], e.g. [8, 6], not {json.dumps(cc)}")
@@ -209,9 +218,13 @@ def rig_from_dict(data, where: str = "rig") -> Rig:
     out: dict = {"gpus": gpus, "source": where}
     if "cpu" in data:
         cpu = _object(where, "cpu", data["cpu"], Cpu)
-        out["cpu"] = Cpu(model=cpu.get("model"),
-                         **{k: _number(where, f"cpu.{k}", cpu[k], minimum=1, integer=True) for k in ("cores", "threads") if k in cpu},
-                         **({"tdp_w": _number(where, "cpu.tdp_w", cpu["tdp_w"], minimum=0)} if "tdp_w" in cpu else {}))
+        out["cpu"] = Cpu(
+            model=cpu.get("model"),
+            **{
+                k: _number(where, f"cpu.{k}", cpu[k], minimum=1, integer=True) for k in ("cores", "threads") if k in cpu
+            },
+            **({"tdp_w": _number(where, "cpu.tdp_w", cpu["tdp_w"], minimum=0)} if "tdp_w" in cpu else {}),
+        )
     for key in ("ram_gib", "ram_free_gib", "swap_gib"):
         if key in data:
             out[key] = _number(where, key, data[key], minimum=0)
@@ -220,7 +233,7 @@ def rig_from_dict(data, where: str = "rig") -> Rig:
     if "disk" in data:
         disks = data["disk"] if isinstance(data["disk"], list) else [data["disk"]]
         parsed = []
-        for i, disk in enumerate(disks):
+        for disk in disks:
             disk = _object(where, "disk", disk, Disk)
             if not isinstance(disk.get("path"), str) or "free_gib" not in disk:
                 raise _fail(where, "disk", "needs a path and free_gib")
@@ -238,8 +251,9 @@ def read_rig_file(path: str | Path) -> Rig:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise RigFileError(f"--rig {path}: no such file; save one with `rigtrain rig --json` or write one "
-                           "as in docs/planner.md") from None
+        raise RigFileError(
+            f"--rig {path}: no such file; save one with `rigtrain rig --json` or write one as in docs/planner.md"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RigFileError(f"{path}: not valid JSON ({err})") from None
     if isinstance(data, dict) and "rig" in data and "plan" in data:

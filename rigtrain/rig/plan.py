@@ -26,6 +26,7 @@ from rigtrain.rig.budget import (
     peak_bytes,
     usable_gib,
 )
+from rigtrain.rig.choices import choose_precision, loader_workers
 from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.reasons import explain
 from rigtrain.rig.warnings import (
@@ -86,32 +87,6 @@ class Plan:
         return out
 
 
-# -- precision -----------------------------------------------------------------------------
-
-def choose_precision(capability: tuple[int, int]) -> tuple[str, str]:
-    """bf16 needs compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() says yes
-    on older cards through emulation that is slower than fp32. 7.x has fp16 tensor cores
-    that need dynamic loss scaling; Pascal's consumer fp16 is crippled, so fp32 there."""
-    major, minor = capability
-    if capability >= (8, 0):
-        return "bf16", f"compute capability {major}.{minor} >= 8.0 has native bf16"
-    if capability >= (7, 0):
-        return "fp16", f"compute capability {major}.{minor} has fp16 tensor cores but no bf16: fp16 with dynamic loss scaling"
-    return "fp32", f"compute capability {major}.{minor} < 7.0: fp16 runs at a fraction of fp32 speed on this card, so fp32"
-
-
-
-def loader_workers(configured: int, threads: int, processes: int) -> tuple[int, str]:
-    """Loader threads per training process: shards need no decoding, so threads only copy
-    clips out of the page cache; a few per process are plenty, and one thread per
-    process is left for the process itself."""
-    if configured >= 0:
-        return configured, f"set by the config (data.workers={configured})"
-    workers = max(1, min(8, threads // processes - 1))
-    return workers, (f"{threads} hardware threads / {processes} training process(es), one kept for each "
-                     f"process's own work, at most 8: {workers} loader thread(s) per process")
-
-
 def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     reasons = {"env.CUDA_DEVICE_ORDER": "GPU indices follow the PCI bus, as nvidia-smi numbers them"}
@@ -120,8 +95,9 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     chosen = _chosen_gpus(rig, request.gpus)
     warnings = hardware_warnings(rig, chosen, request.psu_w)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, chosen))
-    reasons["world_size"] = (f"one process per GPU: {len(chosen)} GPU(s) "
-                             + ("chosen by rig.gpus" if request.gpus else "found"))
+    reasons["world_size"] = f"one process per GPU: {len(chosen)} GPU(s) " + (
+        "chosen by rig.gpus" if request.gpus else "found"
+    )
     cards = _cards(request, [rig.gpus[g] for g in chosen], step_peak, reasons)
     fixed = request.fixed
     candidates = _candidates(cards, fixed)
@@ -130,40 +106,76 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     if not fits:  # plan the setting that needs least, so the report shows how far off it is
         micro_batch = fixed.get("train.micro_batch_size") or 1
         setting = min(candidates, key=lambda s: cards.search.peak(micro_batch, s[1]) - cards.step_budget(s))
-        warnings.append(RigWarning("does_not_fit", None, f"even micro-batch {micro_batch} with ZeRO-{setting[0]}, "
-                                   "checkpointing and offload is predicted to need more than the "
-                                   f"{cards.usable:.1f} GiB usable; choose a smaller preset or model"))
+        warnings.append(
+            RigWarning(
+                "does_not_fit",
+                None,
+                f"even micro-batch {micro_batch} with ZeRO-{setting[0]}, "
+                "checkpointing and offload is predicted to need more than the "
+                f"{cards.usable:.1f} GiB usable; choose a smaller preset or model",
+            )
+        )
     setting = _eight_bit_when_states_dominate(cards, setting, fits, fixed, reasons)
     largest_fitting = micro_batch
     accum, micro_batch = _accumulation(cards, micro_batch, fixed, fits)
     total = cards.memory(micro_batch, setting)
-    memory = {**total, "input_batch_gib": request.clip_bytes * micro_batch / GIB,
-              "fragmentation_gib": total["total_gib"] * FRAGMENTATION, **cards.outside,
-              "allocator_cap_gib": cards.allocator_cap}
-    memory["card_total_gib"] = total["total_gib"] + memory["fragmentation_gib"] + sum(cards.outside.values())
+    memory = _memory_breakdown(cards, total, request.clip_bytes * micro_batch)
     stage, checkpointing, optimizer, offload = setting
     if cards.precision == "bf16" and (stage == 0 or offload == "cpu"):
         warnings.append(bf16_gradients_warning(stage, offload))
     reasons["usable_memory"] = cards.why_usable
-    for key, reason in explain(cards, request, setting, micro_batch, largest_fitting, accum, fits, tried,
-                                total).items():
+    for key, reason in explain(
+        cards, request, setting, micro_batch, largest_fitting, accum, fits, tried, total
+    ).items():
         reasons.setdefault(key, reason)  # the 8-bit optimizer may have its reason already
     workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, cards.world)
     if cards.world > 1 and any(w.code in ("no_p2p", "p2p_unreliable") for w in warnings):
         env["NCCL_P2P_DISABLE"] = "1"
-        reasons["env.NCCL_P2P_DISABLE"] = ("P2P between these GPUs is absent or unreliable: NCCL goes through "
-                                           "host memory instead of risking hangs")
-    ram = [offload_ram_warning(rig, optimizer_state_bytes(request.parameters, cards.precision, optimizer))
-           if offload == "cpu" else None,
-           ram_warning(rig, processes=cards.world, workers=workers, parameters=request.parameters,
-                       batch_bytes=request.batch_bytes)]
+        reasons["env.NCCL_P2P_DISABLE"] = (
+            "P2P between these GPUs is absent or unreliable: NCCL goes through host memory instead of risking hangs"
+        )
+    ram = [
+        offload_ram_warning(rig, optimizer_state_bytes(request.parameters, cards.precision, optimizer))
+        if offload == "cpu"
+        else None,
+        ram_warning(
+            rig, processes=cards.world, workers=workers, parameters=request.parameters, batch_bytes=request.batch_bytes
+        ),
+    ]
     warnings += [w for w in ram if w]
-    return Plan(device="cuda", gpus=tuple(chosen), world_size=cards.world, precision=cards.precision,
-                micro_batch_size=micro_batch, grad_accum_steps=accum, activation_checkpointing=checkpointing,
-                zero_stage=stage, offload_optimizer=offload, optimizer=optimizer, dataloader_workers=workers,
-                env=env, predicted_peak_gib=round(total["total_gib"], 3), usable_gib=round(cards.usable, 2),
-                reasons=reasons, from_user=sorted(fixed), warnings=warnings,
-                memory={k: round(v, 3) for k, v in memory.items()})
+    return Plan(
+        device="cuda",
+        gpus=tuple(chosen),
+        world_size=cards.world,
+        precision=cards.precision,
+        micro_batch_size=micro_batch,
+        grad_accum_steps=accum,
+        activation_checkpointing=checkpointing,
+        zero_stage=stage,
+        offload_optimizer=offload,
+        optimizer=optimizer,
+        dataloader_workers=workers,
+        env=env,
+        predicted_peak_gib=round(total["total_gib"], 3),
+        usable_gib=round(cards.usable, 2),
+        reasons=reasons,
+        from_user=sorted(fixed),
+        warnings=warnings,
+        memory={k: round(v, 3) for k, v in memory.items()},
+    )
+
+
+def _memory_breakdown(cards: CardBudget, total: dict, batch_bytes: int) -> dict:
+    """The allocator's peak term by term, and what the card holds beside it (GiB)."""
+    memory = {
+        **total,
+        "input_batch_gib": batch_bytes / GIB,
+        "fragmentation_gib": total["total_gib"] * FRAGMENTATION,
+        **cards.outside,
+        "allocator_cap_gib": cards.allocator_cap,
+    }
+    memory["card_total_gib"] = total["total_gib"] + memory["fragmentation_gib"] + sum(cards.outside.values())
+    return memory
 
 
 def _chosen_gpus(rig: Rig, wanted: tuple[int, ...]) -> tuple[int, ...]:
@@ -185,10 +197,19 @@ def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: 
     smallest = min(gpus, key=lambda g: g.free_gib)
     outside = outside_allocator_gib(world=len(gpus), profiling=request.profiling, lazy_loading=request.lazy_loading)
     usable, allocator_cap, why_usable = usable_gib(smallest, outside)
-    return CardBudget(gpus=gpus, precision=precision, capability=capability, smallest=smallest, outside=outside,
-                  usable=usable, allocator_cap=allocator_cap, why_usable=why_usable,
-                  share=max(1, math.ceil(request.global_batch / len(gpus))), parameters=request.parameters,
-                  search=MicroBatchSearch(step_peak, precision))
+    return CardBudget(
+        gpus=gpus,
+        precision=precision,
+        capability=capability,
+        smallest=smallest,
+        outside=outside,
+        usable=usable,
+        allocator_cap=allocator_cap,
+        why_usable=why_usable,
+        share=max(1, math.ceil(request.global_batch / len(gpus))),
+        parameters=request.parameters,
+        search=MicroBatchSearch(step_peak, precision),
+    )
 
 
 def _candidates(cards: CardBudget, fixed: dict) -> list[Setting]:
@@ -226,8 +247,14 @@ def _candidates(cards: CardBudget, fixed: dict) -> list[Setting]:
         candidates = [(wanted_stage, *c[1:]) for c in candidates]
     candidates = [c for c in dict.fromkeys(candidates) if all(fixed.get(k, v) == v for k, v in zip(SETTING_KEYS, c))]
     if not candidates:  # the user fixed a combination outside our preference list: use it as is
-        candidates = [(fixed.get("train.zero_stage", 0), fixed.get("model.activation_checkpointing", False),
-                       fixed.get("train.optimizer", "adamw"), fixed.get("train.offload_optimizer", "none"))]
+        candidates = [
+            (
+                fixed.get("train.zero_stage", 0),
+                fixed.get("model.activation_checkpointing", False),
+                fixed.get("train.optimizer", "adamw"),
+                fixed.get("train.offload_optimizer", "none"),
+            )
+        ]
     return candidates
 
 
@@ -253,17 +280,26 @@ def _first_that_fits(cards: CardBudget, candidates: list[Setting], fixed: dict) 
     return best[0], best[1], tried
 
 
-def _eight_bit_when_states_dominate(cards: CardBudget, setting: Setting, fits: bool, fixed: dict,
-                                    reasons: dict) -> Setting:
+def _eight_bit_when_states_dominate(
+    cards: CardBudget, setting: Setting, fits: bool, fixed: dict, reasons: dict
+) -> Setting:
     """The 8-bit optimizer also when AdamW's states take a large part of the card, not only
     to fit."""
     stage, checkpointing, optimizer, offload = setting
     sharded_over = cards.world if stage >= 1 else 1
     states_gib = optimizer_state_bytes(cards.parameters, cards.precision, "adamw") / sharded_over / GIB
-    if (fits and optimizer == "adamw" and offload == "none" and "train.optimizer" not in fixed and cards.eight_bit
-            and states_gib > 0.4 * cards.usable):
-        reasons["optimizer"] = (f"AdamW's states would take {states_gib:.1f} of {cards.usable:.1f} usable GiB; "
-                                "bitsandbytes' 8-bit AdamW keeps them in a quarter of that")
+    if (
+        fits
+        and optimizer == "adamw"
+        and offload == "none"
+        and "train.optimizer" not in fixed
+        and cards.eight_bit
+        and states_gib > 0.4 * cards.usable
+    ):
+        reasons["optimizer"] = (
+            f"AdamW's states would take {states_gib:.1f} of {cards.usable:.1f} usable GiB; "
+            "bitsandbytes' 8-bit AdamW keeps them in a quarter of that"
+        )
         return (stage, checkpointing, "adamw8bit", offload)
     return setting
 
@@ -281,6 +317,7 @@ def _accumulation(cards: CardBudget, micro_batch: int, fixed: dict, fits: bool) 
 
 # -- the plan without a GPU ---------------------------------------------------------------
 
+
 def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, reasons, env) -> Plan:
     """No GPU: the config's choices, on `train.nproc` gloo processes; memory is RAM."""
     if request.gpus:
@@ -288,8 +325,11 @@ def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, rea
     fixed = request.fixed
     world = request.cpu_processes
     precision = "fp32" if request.precision == "auto" else request.precision
-    reasons["precision"] = ("no GPU: fp32 (DeepSpeed's CPU path trains in fp32)" if request.precision == "auto"
-                            else f"set by the user (train.precision={precision})")
+    reasons["precision"] = (
+        "no GPU: fp32 (DeepSpeed's CPU path trains in fp32)"
+        if request.precision == "auto"
+        else f"set by the user (train.precision={precision})"
+    )
     reasons["world_size"] = f"no GPU: {world} CPU process(es) (train.nproc), DeepSpeed on gloo"
     env["DS_ACCELERATOR"] = "cpu"
     threads = max(1, rig.threads // world)
@@ -299,18 +339,45 @@ def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, rea
     micro_batch, stage = config["train.micro_batch_size"], config["train.zero_stage"]
     checkpointing, optimizer = config["model.activation_checkpointing"], config["train.optimizer"]
     offload = config["train.offload_optimizer"]
-    total = peak_bytes(step_peak(micro_batch, checkpointing, "fp32"), parameters=request.parameters, precision="fp32",
-                       world=world, stage=stage, optimizer=optimizer, offload=offload)
+    total = peak_bytes(
+        step_peak(micro_batch, checkpointing, "fp32"),
+        parameters=request.parameters,
+        precision="fp32",
+        world=world,
+        stage=stage,
+        optimizer=optimizer,
+        offload=offload,
+    )
     for key in ("micro_batch_size", "grad_accum_steps", "zero_stage", "optimizer", "offload_optimizer"):
         reasons[key] = "no GPU to plan for: the config's value"
     reasons["activation_checkpointing"] = "no GPU to plan for: the config's value"
     workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, world)
-    low_ram = ram_warning(rig, processes=world, workers=workers, parameters=request.parameters,
-                          batch_bytes=request.batch_bytes, host_model_gib=total["total_gib"])
+    low_ram = ram_warning(
+        rig,
+        processes=world,
+        workers=workers,
+        parameters=request.parameters,
+        batch_bytes=request.batch_bytes,
+        host_model_gib=total["total_gib"],
+    )
     warnings += [low_ram] if low_ram else []
-    return Plan(device="cpu", gpus=(), world_size=world, precision=precision, micro_batch_size=micro_batch,
-                grad_accum_steps=config["train.grad_accum_steps"], activation_checkpointing=checkpointing,
-                zero_stage=stage, offload_optimizer=offload, optimizer=optimizer, dataloader_workers=workers, env=env,
-                predicted_peak_gib=round(total["total_gib"], 3), usable_gib=None, reasons=reasons,
-                from_user=sorted(fixed), warnings=warnings,
-                memory={k: round(v, 3) for k, v in total.items()})
+    return Plan(
+        device="cpu",
+        gpus=(),
+        world_size=world,
+        precision=precision,
+        micro_batch_size=micro_batch,
+        grad_accum_steps=config["train.grad_accum_steps"],
+        activation_checkpointing=checkpointing,
+        zero_stage=stage,
+        offload_optimizer=offload,
+        optimizer=optimizer,
+        dataloader_workers=workers,
+        env=env,
+        predicted_peak_gib=round(total["total_gib"], 3),
+        usable_gib=None,
+        reasons=reasons,
+        from_user=sorted(fixed),
+        warnings=warnings,
+        memory={k: round(v, 3) for k, v in total.items()},
+    )

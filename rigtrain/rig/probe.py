@@ -41,44 +41,73 @@ def probe_gpu(nvml, handle, index: int, handles: list) -> Gpu:
     memory = _ask(nvml.nvmlDeviceGetMemoryInfo, handle)
     cc = _ask(nvml.nvmlDeviceGetCudaComputeCapability, handle) or (0, 0)
     pcie = None
-    gen, width = _ask(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle), _ask(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle)
+    gen, width = (
+        _ask(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
+        _ask(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
+    )
     if gen and width:
         rx = _ask(nvml.nvmlDeviceGetPcieThroughput, handle, nvml.NVML_PCIE_UTIL_RX_BYTES)
         tx = _ask(nvml.nvmlDeviceGetPcieThroughput, handle, nvml.NVML_PCIE_UTIL_TX_BYTES)
-        pcie = Pcie(gen=gen, width=width,
-                    max_gen=_ask(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
-                    max_width=_ask(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
-                    rx_mb_s=rx / 1000 if rx is not None else None,  # NVML reports KB/s
-                    tx_mb_s=tx / 1000 if tx is not None else None)
+        pcie = Pcie(
+            gen=gen,
+            width=width,
+            max_gen=_ask(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
+            max_width=_ask(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
+            rx_mb_s=rx / 1000 if rx is not None else None,  # NVML reports KB/s
+            tx_mb_s=tx / 1000 if tx is not None else None,
+        )
     milliwatts = lambda v: v / 1000 if v is not None else None  # noqa: E731
     constraints = _ask(nvml.nvmlDeviceGetPowerManagementLimitConstraints, handle) or (None, None)
-    power = Power(limit_w=milliwatts(_ask(nvml.nvmlDeviceGetPowerManagementLimit, handle)),
-                  default_limit_w=milliwatts(_ask(nvml.nvmlDeviceGetPowerManagementDefaultLimit, handle)),
-                  min_limit_w=milliwatts(constraints[0]), max_limit_w=milliwatts(constraints[1]),
-                  draw_w=milliwatts(_ask(nvml.nvmlDeviceGetPowerUsage, handle)))
+    power = Power(
+        limit_w=milliwatts(_ask(nvml.nvmlDeviceGetPowerManagementLimit, handle)),
+        default_limit_w=milliwatts(_ask(nvml.nvmlDeviceGetPowerManagementDefaultLimit, handle)),
+        min_limit_w=milliwatts(constraints[0]),
+        max_limit_w=milliwatts(constraints[1]),
+        draw_w=milliwatts(_ask(nvml.nvmlDeviceGetPowerUsage, handle)),
+    )
     reasons_mask = _ask(nvml.nvmlDeviceGetCurrentClocksEventReasons, handle)
     if reasons_mask is None:
         reasons_mask = _ask(nvml.nvmlDeviceGetCurrentClocksThrottleReasons, handle) or 0
     reasons = tuple(name for attr, name in THROTTLE_REASONS.items() if reasons_mask & getattr(nvml, attr, 0))
-    clocks = {key: _ask(nvml.nvmlDeviceGetClockInfo, handle, kind) for key, kind in
-              (("sm", nvml.NVML_CLOCK_SM), ("memory", nvml.NVML_CLOCK_MEM))}
-    clocks.update({key: _ask(nvml.nvmlDeviceGetMaxClockInfo, handle, kind) for key, kind in
-                   (("sm_max", nvml.NVML_CLOCK_SM), ("memory_max", nvml.NVML_CLOCK_MEM))})
+    clocks = {
+        key: _ask(nvml.nvmlDeviceGetClockInfo, handle, kind)
+        for key, kind in (("sm", nvml.NVML_CLOCK_SM), ("memory", nvml.NVML_CLOCK_MEM))
+    }
+    clocks.update(
+        {
+            key: _ask(nvml.nvmlDeviceGetMaxClockInfo, handle, kind)
+            for key, kind in (("sm_max", nvml.NVML_CLOCK_SM), ("memory_max", nvml.NVML_CLOCK_MEM))
+        }
+    )
     utilization = _ask(nvml.nvmlDeviceGetUtilizationRates, handle)
     p2p = nvlink = None
     if len(handles) > 1:
-        p2p = tuple(other is handle or _ask(nvml.nvmlDeviceGetP2PStatus, handle, other, nvml.NVML_P2P_CAPS_INDEX_READ)
-                    == nvml.NVML_P2P_STATUS_OK for other in handles)
-        nvlink = tuple(other is not handle and _ask(nvml.nvmlDeviceGetP2PStatus, handle, other,
-                                                    nvml.NVML_P2P_CAPS_INDEX_NVLINK) == nvml.NVML_P2P_STATUS_OK
-                       for other in handles)
-    return Gpu(name=_text(_ask(nvml.nvmlDeviceGetName, handle, default=f"GPU {index}")),
-               memory_gib=round(memory.total / 2**30, 2) if memory else 0.0,
-               memory_free_gib=round(memory.free / 2**30, 2) if memory else None,
-               compute_capability=(int(cc[0]), int(cc[1])), pcie=pcie, power=power,
-               temperature_c=_ask(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
-               clocks_mhz={k: v for k, v in clocks.items() if v is not None} or None,
-               utilization_pct=getattr(utilization, "gpu", None), throttle_reasons=reasons, p2p=p2p, nvlink=nvlink)
+        p2p = tuple(
+            other is handle
+            or _ask(nvml.nvmlDeviceGetP2PStatus, handle, other, nvml.NVML_P2P_CAPS_INDEX_READ)
+            == nvml.NVML_P2P_STATUS_OK
+            for other in handles
+        )
+        nvlink = tuple(
+            other is not handle
+            and _ask(nvml.nvmlDeviceGetP2PStatus, handle, other, nvml.NVML_P2P_CAPS_INDEX_NVLINK)
+            == nvml.NVML_P2P_STATUS_OK
+            for other in handles
+        )
+    return Gpu(
+        name=_text(_ask(nvml.nvmlDeviceGetName, handle, default=f"GPU {index}")),
+        memory_gib=round(memory.total / 2**30, 2) if memory else 0.0,
+        memory_free_gib=round(memory.free / 2**30, 2) if memory else None,
+        compute_capability=(int(cc[0]), int(cc[1])),
+        pcie=pcie,
+        power=power,
+        temperature_c=_ask(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
+        clocks_mhz={k: v for k, v in clocks.items() if v is not None} or None,
+        utilization_pct=getattr(utilization, "gpu", None),
+        throttle_reasons=reasons,
+        p2p=p2p,
+        nvlink=nvlink,
+    )
 
 
 def probe_gpus() -> tuple[tuple[Gpu, ...], dict]:
@@ -168,9 +197,17 @@ def probe(paths: list[str | Path] = ()) -> Rig:
         while not existing.exists():
             existing = existing.parent
         disks.append(Disk(str(path), round(shutil.disk_usage(existing).free / 2**30, 1)))
-    return Rig(gpus=gpus,
-               cpu=Cpu(model=_cpu_model(), cores=psutil.cpu_count(logical=False) or os.cpu_count(),
-                       threads=len(os.sched_getaffinity(0))),
-               ram_gib=round(memory.total / 2**30, 2), ram_free_gib=round(memory.available / 2**30, 2),
-               swap_gib=round(swap.total / 2**30, 2), disk=tuple(disks),
-               software={**driver, **software()}, source="probe")
+    return Rig(
+        gpus=gpus,
+        cpu=Cpu(
+            model=_cpu_model(),
+            cores=psutil.cpu_count(logical=False) or os.cpu_count(),
+            threads=len(os.sched_getaffinity(0)),
+        ),
+        ram_gib=round(memory.total / 2**30, 2),
+        ram_free_gib=round(memory.available / 2**30, 2),
+        swap_gib=round(swap.total / 2**30, 2),
+        disk=tuple(disks),
+        software={**driver, **software()},
+        source="probe",
+    )

@@ -7,56 +7,91 @@ from __future__ import annotations
 from rigtrain.rig.budget import CardBudget, Setting
 
 
-def explain(cards: CardBudget, request, setting: Setting, micro_batch: int, largest_fitting: int,
-             accum: int, fits: bool, tried: dict, total: dict) -> dict[str, str]:
+def explain(
+    cards: CardBudget,
+    request,
+    setting: Setting,
+    micro_batch: int,
+    largest_fitting: int,
+    accum: int,
+    fits: bool,
+    tried: dict,
+    total: dict,
+) -> dict[str, str]:
     """A sentence per choice of a GPU plan, in the order `rigtrain rig` prints them."""
     fixed = request.fixed
     stage, checkpointing, optimizer, offload = setting
     world = cards.world
-    reasons = {"micro_batch_size": micro_batch_reason(cards, request, micro_batch, largest_fitting, accum, fits,
-                                                       total["total_gib"]),
-               "grad_accum_steps": ("set by the user" if "train.grad_accum_steps" in fixed else
-                                    f"{accum} x {micro_batch} clips x {world} GPU(s) = {accum * micro_batch * world} "
-                                    f"per step, reaching the global batch of {request.global_batch}")}
+    reasons = {
+        "micro_batch_size": micro_batch_reason(
+            cards, request, micro_batch, largest_fitting, accum, fits, total["total_gib"]
+        ),
+        "grad_accum_steps": (
+            "set by the user"
+            if "train.grad_accum_steps" in fixed
+            else f"{accum} x {micro_batch} clips x {world} GPU(s) = {accum * micro_batch * world} "
+            f"per step, reaching the global batch of {request.global_batch}"
+        ),
+    }
     if "model.activation_checkpointing" in fixed:
         reasons["activation_checkpointing"] = "set by the user"
     elif not checkpointing:
-        reasons["activation_checkpointing"] = ("the micro-batch fits without recomputing activations (which costs a "
-                                               "third more compute)")
+        reasons["activation_checkpointing"] = (
+            "the micro-batch fits without recomputing activations (which costs a third more compute)"
+        )
     elif not fits:
         reasons["activation_checkpointing"] = "nothing fits; recomputing activations in backward needs least"
     else:
         without = tried.get((stage, False, optimizer, offload))
         reasons["activation_checkpointing"] = (
-            f"micro-batch {micro_batch} does not fit without it" if fixed.get("train.micro_batch_size") or not without
-            else f"without it only micro-batch {without} fits; recomputing activations in backward buys {micro_batch}")
+            f"micro-batch {micro_batch} does not fit without it"
+            if fixed.get("train.micro_batch_size") or not without
+            else f"without it only micro-batch {without} fits; recomputing activations in backward buys {micro_batch}"
+        )
     reasons["zero_stage"] = "set by the user" if "train.zero_stage" in fixed else zero_reason(cards, stage, offload)
     reasons["offload_optimizer"] = (
-        "set by the user" if "train.offload_optimizer" in fixed else
-        "nothing else fits: the optimizer states live in RAM and steps run on the CPU (slower)" if offload == "cpu"
-        else "the optimizer states fit on the GPU")
-    reasons["optimizer"] = ("set by the user" if "train.optimizer" in fixed else
-                            "8-bit AdamW: needed to fit the micro-batch" if optimizer == "adamw8bit" else "its states fit")
+        "set by the user"
+        if "train.offload_optimizer" in fixed
+        else "nothing else fits: the optimizer states live in RAM and steps run on the CPU (slower)"
+        if offload == "cpu"
+        else "the optimizer states fit on the GPU"
+    )
+    reasons["optimizer"] = (
+        "set by the user"
+        if "train.optimizer" in fixed
+        else "8-bit AdamW: needed to fit the micro-batch"
+        if optimizer == "adamw8bit"
+        else "its states fit"
+    )
     return reasons
 
 
-def micro_batch_reason(cards: CardBudget, request, micro_batch: int, largest_fitting: int, accum: int,
-                        fits: bool, total_gib: float) -> str:
+def micro_batch_reason(
+    cards: CardBudget, request, micro_batch: int, largest_fitting: int, accum: int, fits: bool, total_gib: float
+) -> str:
     usable, fixed_mb = cards.usable, request.fixed.get("train.micro_batch_size")
     if fixed_mb:
         return f"set by the user (train.micro_batch_size={fixed_mb})" + ("" if fits else "; predicted NOT to fit")
     if not fits:
-        return (f"nothing fits: micro-batch 1 is predicted at {total_gib:.2f} of {usable:.2f} usable GiB even with "
-                "the options that need least")
+        return (
+            f"nothing fits: micro-batch 1 is predicted at {total_gib:.2f} of {usable:.2f} usable GiB even with "
+            "the options that need least"
+        )
     if micro_batch == cards.share:
-        return (f"{micro_batch} is the whole per-GPU share of the global batch ({request.global_batch} / "
-                f"{cards.world}) and fits: predicted {total_gib:.2f} of {usable:.2f} usable GiB")
+        return (
+            f"{micro_batch} is the whole per-GPU share of the global batch ({request.global_batch} / "
+            f"{cards.world}) and fits: predicted {total_gib:.2f} of {usable:.2f} usable GiB"
+        )
     if micro_batch == largest_fitting:
-        return (f"the largest that fits: {micro_batch} is predicted at {total_gib:.2f} of {usable:.2f} usable GiB on "
-                f"the smallest card ({cards.smallest.name}); {micro_batch + 1} would not fit")
-    return (f"up to {largest_fitting} fits on the smallest card ({cards.smallest.name}); {accum} micro-batches of "
-            f"{micro_batch} cover the per-GPU share of {cards.share} evenly (predicted {total_gib:.2f} of "
-            f"{usable:.2f} usable GiB)")
+        return (
+            f"the largest that fits: {micro_batch} is predicted at {total_gib:.2f} of {usable:.2f} usable GiB on "
+            f"the smallest card ({cards.smallest.name}); {micro_batch + 1} would not fit"
+        )
+    return (
+        f"up to {largest_fitting} fits on the smallest card ({cards.smallest.name}); {accum} micro-batches of "
+        f"{micro_batch} cover the per-GPU share of {cards.share} evenly (predicted {total_gib:.2f} of "
+        f"{usable:.2f} usable GiB)"
+    )
 
 
 def zero_reason(cards: CardBudget, stage: int, offload: str) -> str:
@@ -64,11 +99,16 @@ def zero_reason(cards: CardBudget, stage: int, offload: str) -> str:
         if offload == "cpu":
             return f"one GPU: ZeRO-{stage} only to offload the optimizer to the CPU"
         if stage == 1:
-            return ("one GPU, bf16: ZeRO-1 shards nothing here, but with it DeepSpeed adds gradients up in fp32 (its "
-                    "BF16_Optimizer); at ZeRO-0 it adds them in bf16")
+            return (
+                "one GPU, bf16: ZeRO-1 shards nothing here, but with it DeepSpeed adds gradients up in fp32 (its "
+                "BF16_Optimizer); at ZeRO-0 it adds them in bf16"
+            )
         return "one GPU: ZeRO has nothing to shard"
     if stage == 1:
-        return ("ZeRO-1 shards the optimizer states for the same communication as plain data parallelism (once per "
-                "optimizer step)")
-    return (f"ZeRO-{stage}: ZeRO-1 cannot fit a useful micro-batch; it communicates every micro-step"
-            + (" (slow on these narrow links, so it came after checkpointing)" if cards.narrow else ""))
+        return (
+            "ZeRO-1 shards the optimizer states for the same communication as plain data parallelism (once per "
+            "optimizer step)"
+        )
+    return f"ZeRO-{stage}: ZeRO-1 cannot fit a useful micro-batch; it communicates every micro-step" + (
+        " (slow on these narrow links, so it came after checkpointing)" if cards.narrow else ""
+    )

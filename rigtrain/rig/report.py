@@ -19,10 +19,13 @@ def _opt(value, fmt: str = "{}", none: str = "?") -> str:
 def format_rig(rig: Rig) -> list[str]:
     lines = [f"machine ({'probed' if rig.source == 'probe' else rig.source}):"]
     cpu = rig.cpu
-    lines.append(f"  CPU {cpu.model or '?'}: {_opt(cpu.cores)} cores, {_opt(cpu.threads)} threads"
-                 + (f", {cpu.tdp_w:.0f} W" if cpu.tdp_w else "")
-                 + f"; RAM {_opt(rig.ram_gib, '{:.1f}')} GiB" + (f" ({rig.ram_free_gib:.1f} free)" if rig.ram_free_gib else "")
-                 + (f"; PSU {rig.psu_w:.0f} W" if rig.psu_w else ""))
+    lines.append(
+        f"  CPU {cpu.model or '?'}: {_opt(cpu.cores)} cores, {_opt(cpu.threads)} threads"
+        + (f", {cpu.tdp_w:.0f} W" if cpu.tdp_w else "")
+        + f"; RAM {_opt(rig.ram_gib, '{:.1f}')} GiB"
+        + (f" ({rig.ram_free_gib:.1f} free)" if rig.ram_free_gib else "")
+        + (f"; PSU {rig.psu_w:.0f} W" if rig.psu_w else "")
+    )
     for disk in rig.disk:
         lines.append(f"  disk {disk.path}: {disk.free_gib:.0f} GiB free")
     software = rig.software or {}
@@ -34,12 +37,21 @@ def format_rig(rig: Rig) -> list[str]:
     rows = [("GPU", "name", "memory GiB", "cc", "PCIe now/max", "power W", "temp", "throttle")]
     for i, g in enumerate(rig.gpus):
         pcie = g.pcie
-        link = (f"Gen{pcie.gen} x{pcie.width} / Gen{_opt(pcie.max_gen)} x{_opt(pcie.max_width)}" if pcie else "?")
+        link = f"Gen{pcie.gen} x{pcie.width} / Gen{_opt(pcie.max_gen)} x{_opt(pcie.max_width)}" if pcie else "?"
         power = g.power
-        watts = (f"{_opt(power.draw_w, '{:.0f}')} of {_opt(power.limit_w, '{:.0f}')}" if power else "?")
-        rows.append((str(i), g.name, f"{g.free_gib:.1f} free of {g.memory_gib:.1f}",
-                     f"{g.compute_capability[0]}.{g.compute_capability[1]}", link, watts,
-                     _opt(g.temperature_c, "{:.0f} C"), ", ".join(g.throttle_reasons) or "-"))
+        watts = f"{_opt(power.draw_w, '{:.0f}')} of {_opt(power.limit_w, '{:.0f}')}" if power else "?"
+        rows.append(
+            (
+                str(i),
+                g.name,
+                f"{g.free_gib:.1f} free of {g.memory_gib:.1f}",
+                f"{g.compute_capability[0]}.{g.compute_capability[1]}",
+                link,
+                watts,
+                _opt(g.temperature_c, "{:.0f} C"),
+                ", ".join(g.throttle_reasons) or "-",
+            )
+        )
     lines += ["  " + line for line in _table(rows)]
     if len(rig.gpus) > 1 and any(g.p2p is not None for g in rig.gpus):
         lines.append("  P2P (NVLink marked N):")
@@ -61,14 +73,26 @@ def format_rig(rig: Rig) -> list[str]:
     return lines
 
 
+def _plural(unit: str, count: int) -> str:
+    """The ending of `unit` for `count` of them: GPU -> GPUs, process -> processes."""
+    if count <= 1:
+        return ""
+    return "es" if unit.endswith("s") else "s"
+
+
 def format_plan(plan: Plan) -> list[str]:
     unit = "GPU" if plan.device == "cuda" else "CPU process"
-    lines = [f"plan ({plan.world_size} {unit}{'es' if unit.endswith('s') and plan.world_size > 1 else 's' if plan.world_size > 1 else ''}):"]
-    choices = [("precision", plan.precision), ("micro_batch_size", plan.micro_batch_size),
-               ("grad_accum_steps", plan.grad_accum_steps),
-               ("activation_checkpointing", "on" if plan.activation_checkpointing else "off"),
-               ("zero_stage", plan.zero_stage), ("offload_optimizer", plan.offload_optimizer),
-               ("optimizer", plan.optimizer), ("dataloader_workers", plan.dataloader_workers)]
+    lines = [f"plan ({plan.world_size} {unit}{_plural(unit, plan.world_size)}):"]
+    choices = [
+        ("precision", plan.precision),
+        ("micro_batch_size", plan.micro_batch_size),
+        ("grad_accum_steps", plan.grad_accum_steps),
+        ("activation_checkpointing", "on" if plan.activation_checkpointing else "off"),
+        ("zero_stage", plan.zero_stage),
+        ("offload_optimizer", plan.offload_optimizer),
+        ("optimizer", plan.optimizer),
+        ("dataloader_workers", plan.dataloader_workers),
+    ]
     for key, value in choices:
         lines.append(f"  {key} = {value}: {plan.reasons.get(key, '')}")
     if plan.predicted_peak_gib is not None:
@@ -82,38 +106,53 @@ def format_plan(plan: Plan) -> list[str]:
 
 
 # (key of plan.memory, what it is): the allocator's peak, then the room outside it
-ALLOCATED_TERMS = (("step_gib", "the train step, measured with FakeTensorMode: weights and gradients in the training "
-                    "dtype, activations, temporaries and the input batch"),
-                   ("input_batch_gib", "  of which the input batch (uint8 video, int16 audio, text)"),
-                   ("zero_saving_gib", "less what ZeRO's partitioning saves"),
-                   ("optimizer_states_gib", "optimizer states (Adam's moments, fp32 master weights)"),
-                   ("fp32_gradients_gib", "fp32 gradient buffers (bf16's gradient accumulation, ZeRO's fp32 copies)"),
-                   ("buckets_gib", "DeepSpeed's communication buckets"),
-                   ("cublas_workspaces_gib", "cuBLAS workspaces (forward and backward threads)"))
-OUTSIDE_TERMS = (("fragmentation_gib", "the caching allocator's fragmentation"),
-                 ("cuda_context_gib", "CUDA context and libraries (outside torch's allocator)"),
-                 ("nccl_gib", "NCCL buffers (outside torch's allocator)"),
-                 ("profiler_gib", "profiler buffers (outside torch's allocator)"))
+ALLOCATED_TERMS = (
+    (
+        "step_gib",
+        "the train step, measured with FakeTensorMode: weights and gradients in the training "
+        "dtype, activations, temporaries and the input batch",
+    ),
+    ("input_batch_gib", "  of which the input batch (uint8 video, int16 audio, text)"),
+    ("zero_saving_gib", "less what ZeRO's partitioning saves"),
+    ("optimizer_states_gib", "optimizer states (Adam's moments, fp32 master weights)"),
+    ("fp32_gradients_gib", "fp32 gradient buffers (bf16's gradient accumulation, ZeRO's fp32 copies)"),
+    ("buckets_gib", "DeepSpeed's communication buckets"),
+    ("cublas_workspaces_gib", "cuBLAS workspaces (forward and backward threads)"),
+)
+OUTSIDE_TERMS = (
+    ("fragmentation_gib", "the caching allocator's fragmentation"),
+    ("cuda_context_gib", "CUDA context and libraries (outside torch's allocator)"),
+    ("nccl_gib", "NCCL buffers (outside torch's allocator)"),
+    ("profiler_gib", "profiler buffers (outside torch's allocator)"),
+)
 
 
 def format_memory(plan: Plan) -> list[str]:
     m = plan.memory
     if plan.device != "cuda":
-        return [f"  predicted peak {plan.predicted_peak_gib:.2f} GiB of RAM per process (step {m['step_gib']:.2f} "
-                f"measured with FakeTensorMode, optimizer states {m['optimizer_states_gib']:.2f})"]
-    lines = [f"  memory per GPU: predicted allocator peak {plan.predicted_peak_gib:.2f} GiB of {plan.usable_gib:.2f} usable "
-             f"(torch.cuda.max_memory_allocated)"]
+        return [
+            f"  predicted peak {plan.predicted_peak_gib:.2f} GiB of RAM per process (step {m['step_gib']:.2f} "
+            f"measured with FakeTensorMode, optimizer states {m['optimizer_states_gib']:.2f})"
+        ]
+    lines = [
+        f"  memory per GPU: predicted allocator peak {plan.predicted_peak_gib:.2f} GiB of {plan.usable_gib:.2f} usable "
+        f"(torch.cuda.max_memory_allocated)"
+    ]
     for key, what in ALLOCATED_TERMS:
         if m.get(key):
             sign = "-" if key == "zero_saving_gib" else " " if key == "input_batch_gib" else "+"
-            lines.append(f"    {sign} {m[key]:8.2f}  {what.strip()}" if sign != " " else f"      {m[key]:8.2f}    {what.strip()}")
+            lines.append(
+                f"    {sign} {m[key]:8.2f}  {what.strip()}" if sign != " " else f"      {m[key]:8.2f}    {what.strip()}"
+            )
     lines.append(f"    = {plan.predicted_peak_gib:8.2f}  allocator peak")
     for key, what in OUTSIDE_TERMS:
         if m.get(key):
             lines.append(f"    + {m[key]:8.2f}  {what}")
     if "card_total_gib" in m:
-        lines.append(f"    = {m['card_total_gib']:8.2f}  on the card (what nvidia-smi would show); torch's allocator is "
-                     f"capped at {m['allocator_cap_gib']:.2f}")
+        lines.append(
+            f"    = {m['card_total_gib']:8.2f}  on the card (what nvidia-smi would show); torch's allocator is "
+            f"capped at {m['allocator_cap_gib']:.2f}"
+        )
     return lines
 
 

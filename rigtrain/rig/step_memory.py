@@ -14,7 +14,7 @@ needs the total. rig/ never builds the model itself: train/ hands it the step.""
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -24,21 +24,29 @@ class RigWarning:
         return {"code": self.code, "gpu": self.gpu, "message": self.message}
 
 
-def ram_warning(rig: Rig, *, processes: int, workers: int, parameters: int, batch_bytes: int,
-                host_model_gib: float = 0.0) -> RigWarning | None:
+def ram_warning(
+    rig: Rig, *, processes: int, workers: int, parameters: int, batch_bytes: int, host_model_gib: float = 0.0
+) -> RigWarning | None:
     """Pinned batches in flight, loader threads and (on the CPU) the model itself, per
     process, against the RAM there is."""
     if rig.ram_gib is None:
         return None
-    per_process = (host_model_gib + parameters * 4 / GIB  # the fp32 model built on the host first
-                   + workers * (RAM_PER_WORKER_GIB + 4 * batch_bytes / GIB))
+    per_process = (
+        host_model_gib
+        + parameters * 4 / GIB  # the fp32 model built on the host first
+        + workers * (RAM_PER_WORKER_GIB + 4 * batch_bytes / GIB)
+    )
     need = per_process * processes + 2.0  # and the OS, Python, CUDA's host side
     have = rig.ram_free_gib if rig.ram_free_gib is not None else rig.ram_gib
     if need <= have:
         return None
-    return RigWarning("low_ram", None, f"{processes} process(es) with {workers} loader thread(s) each need about "
-                      f"{need:.1f} GiB of RAM but {have:.1f} GiB is available; lower data.workers or "
-                      "train.micro_batch_size, or add RAM")
+    return RigWarning(
+        "low_ram",
+        None,
+        f"{processes} process(es) with {workers} loader thread(s) each need about "
+        f"{need:.1f} GiB of RAM but {have:.1f} GiB is available; lower data.workers or "
+        "train.micro_batch_size, or add RAM",
+    )
 
 
 def offload_ram_warning(rig: Rig, states_bytes: int) -> RigWarning | None:
@@ -46,15 +54,27 @@ def offload_ram_warning(rig: Rig, states_bytes: int) -> RigWarning | None:
     need = states_bytes * 2 / GIB
     if rig.ram_gib is None or need <= 0.8 * rig.ram_gib:
         return None
-    return RigWarning("low_ram", None, f"offloaded optimizer states need about {need:.1f} GiB of RAM of "
-                      f"{rig.ram_gib:.0f}; add RAM or use a smaller model")
+    return RigWarning(
+        "low_ram",
+        None,
+        f"offloaded optimizer states need about {need:.1f} GiB of RAM of "
+        f"{rig.ram_gib:.0f}; add RAM or use a smaller model",
+    )
 
 
 def bf16_gradients_warning(stage: int, offload: str) -> RigWarning:
-    return RigWarning("bf16_gradients", None, f"bf16 at ZeRO-{stage}" + (" with CPU offload" if offload == "cpu" else "")
-                      + ": DeepSpeed adds gradients up in bf16 here, which rounds small ones away; "
-                      + ("without offload, ZeRO-1 to 3 add them in fp32" if offload == "cpu" else
-                         "ZeRO-1 adds them in fp32, for the same memory and communication"))
+    return RigWarning(
+        "bf16_gradients",
+        None,
+        f"bf16 at ZeRO-{stage}"
+        + (" with CPU offload" if offload == "cpu" else "")
+        + ": DeepSpeed adds gradients up in bf16 here, which rounds small ones away; "
+        + (
+            "without offload, ZeRO-1 to 3 add them in fp32"
+            if offload == "cpu"
+            else "ZeRO-1 adds them in fp32, for the same memory and communication"
+        ),
+    )
 
 
 # Transient draw over the power limit, for a few milliseconds: what trips a PSU's
@@ -98,38 +118,78 @@ def _card_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
     pcie = gpu.pcie
     if pcie:
         if pcie.width <= 4:
-            out.append(RigWarning("pcie_narrow", i, f"GPU {i} ({gpu.name}) runs on PCIe Gen{pcie.gen} x{pcie.width}: about "
-                               f"{pcie_gb_s(pcie.gen, pcie.width):.0f} GB/s against {pcie_gb_s(pcie.max_gen or pcie.gen, 16):.0f} "
-                               "at x16; move it to a x16/x8 "
-                               "slot (often the chipset slot is x4), or keep ZeRO at 0/1 with accumulation (planned)"))
+            out.append(
+                RigWarning(
+                    "pcie_narrow",
+                    i,
+                    f"GPU {i} ({gpu.name}) runs on PCIe Gen{pcie.gen} x{pcie.width}: about "
+                    f"{pcie_gb_s(pcie.gen, pcie.width):.0f} GB/s against {pcie_gb_s(pcie.max_gen or pcie.gen, 16):.0f} "
+                    "at x16; move it to a x16/x8 "
+                    "slot (often the chipset slot is x4), or keep ZeRO at 0/1 with accumulation (planned)",
+                )
+            )
         if pcie.max_width and pcie.width < pcie.max_width:
-            out.append(RigWarning("pcie_downtrained", i, f"GPU {i} ({gpu.name}) link trained at x{pcie.width} of "
-                               f"x{pcie.max_width}: reseat the card, check the slot's lane sharing (M.2, "
-                               "other cards) and the riser"))
-        loaded = (gpu.utilization_pct or 0) >= 50 or (gpu.power and gpu.power.draw_w and gpu.power.limit_w
-                                                      and gpu.power.draw_w >= 0.5 * gpu.power.limit_w)
+            out.append(
+                RigWarning(
+                    "pcie_downtrained",
+                    i,
+                    f"GPU {i} ({gpu.name}) link trained at x{pcie.width} of "
+                    f"x{pcie.max_width}: reseat the card, check the slot's lane sharing (M.2, "
+                    "other cards) and the riser",
+                )
+            )
+        loaded = (gpu.utilization_pct or 0) >= 50 or (
+            gpu.power and gpu.power.draw_w and gpu.power.limit_w and gpu.power.draw_w >= 0.5 * gpu.power.limit_w
+        )
         if pcie.max_gen and pcie.gen < pcie.max_gen and loaded:
-            out.append(RigWarning("pcie_downtrained", i, f"GPU {i} ({gpu.name}) runs PCIe Gen{pcie.gen} of "
-                               f"Gen{pcie.max_gen} under load: check the BIOS PCIe setting and the riser "
-                               "(idle cards drop the generation by design; this one is busy)"))
+            out.append(
+                RigWarning(
+                    "pcie_downtrained",
+                    i,
+                    f"GPU {i} ({gpu.name}) runs PCIe Gen{pcie.gen} of "
+                    f"Gen{pcie.max_gen} under load: check the BIOS PCIe setting and the riser "
+                    "(idle cards drop the generation by design; this one is busy)",
+                )
+            )
     if gpu.compute_capability < (8, 0):
-        out.append(RigWarning("no_bf16", i, f"GPU {i} ({gpu.name}, compute capability "
-                           f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}) has no bf16: "
-                           + ("fp16 with loss scaling is planned; watch for overflow skips in the log"
-                              if gpu.compute_capability >= (7, 0) else "fp32 is planned (fp16 is slow here)")))
+        out.append(
+            RigWarning(
+                "no_bf16",
+                i,
+                f"GPU {i} ({gpu.name}, compute capability "
+                f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}) has no bf16: "
+                + (
+                    "fp16 with loss scaling is planned; watch for overflow skips in the log"
+                    if gpu.compute_capability >= (7, 0)
+                    else "fp32 is planned (fp16 is slow here)"
+                ),
+            )
+        )
     # The probe reads one sample, usually of an idle card: a power cap in it says nothing
     # (training telemetry judges that under load, profile/throttle.py); heat or a
     # power brake while idle is already a problem.
     thermal = [r for r in gpu.throttle_reasons if r in ("sw_thermal", "hw_thermal", "hw_slowdown")]
     brake = [r for r in gpu.throttle_reasons if r == "hw_power_brake"]
     if thermal:
-        out.append(RigWarning("throttling", i, f"GPU {i} ({gpu.name}) is already slowing its clocks for heat "
-                           f"({', '.join(thermal)}"
-                           + (f", {gpu.temperature_c:.0f} C" if gpu.temperature_c else "")
-                           + ") before training: improve airflow or spacing between cards, or lower its power limit"))
+        out.append(
+            RigWarning(
+                "throttling",
+                i,
+                f"GPU {i} ({gpu.name}) is already slowing its clocks for heat "
+                f"({', '.join(thermal)}"
+                + (f", {gpu.temperature_c:.0f} C" if gpu.temperature_c else "")
+                + ") before training: improve airflow or spacing between cards, or lower its power limit",
+            )
+        )
     if brake:
-        out.append(RigWarning("throttling", i, f"GPU {i} ({gpu.name}) is held by its power-brake signal before "
-                           "training: check the power supply's capacity and that every GPU power cable is seated"))
+        out.append(
+            RigWarning(
+                "throttling",
+                i,
+                f"GPU {i} ({gpu.name}) is held by its power-brake signal before "
+                "training: check the power supply's capacity and that every GPU power cable is seated",
+            )
+        )
     return out
 
 
@@ -140,22 +200,41 @@ def _between_cards_warnings(gpus: list[tuple[int, Gpu]]) -> list[RigWarning]:
     missing = [(a, b) for a, ga in gpus for b in indices if b != a and ga.p2p is not None and not ga.p2p[b]]
     if missing:
         pairs = sorted({tuple(sorted(p)) for p in missing})
-        out.append(RigWarning("no_p2p", None, "no peer-to-peer between GPUs "
-                           + ", ".join(f"{a}-{b}" for a, b in pairs)
-                           + ": NCCL copies through host memory (NCCL_P2P_DISABLE=1 is set); prefer ZeRO-0/1 "
-                           "with accumulation, which communicates least"))
+        out.append(
+            RigWarning(
+                "no_p2p",
+                None,
+                "no peer-to-peer between GPUs "
+                + ", ".join(f"{a}-{b}" for a, b in pairs)
+                + ": NCCL copies through host memory (NCCL_P2P_DISABLE=1 is set); prefer ZeRO-0/1 "
+                "with accumulation, which communicates least",
+            )
+        )
     consumer_ada = [i for i, g in gpus if any(k in g.name.lower() for k in ("rtx 40", "rtx 50"))]
     if consumer_ada:
-        out.append(RigWarning("p2p_unreliable", None, f"GPUs {', '.join(map(str, consumer_ada))} are consumer RTX "
-                           "40/50 cards: P2P is disabled in their drivers or can hang NCCL even when reported; "
-                           "NCCL_P2P_DISABLE=1 is set"))
+        out.append(
+            RigWarning(
+                "p2p_unreliable",
+                None,
+                f"GPUs {', '.join(map(str, consumer_ada))} are consumer RTX "
+                "40/50 cards: P2P is disabled in their drivers or can hang NCCL even when reported; "
+                "NCCL_P2P_DISABLE=1 is set",
+            )
+        )
     kinds = {(g.name, round(g.memory_gib)) for _, g in gpus}
     if len(kinds) > 1:
         smallest = min(gpus, key=lambda ig: ig[1].free_gib)
-        out.append(RigWarning("mixed_gpus", None, "different cards (" + ", ".join(sorted(k[0] for k in kinds))
-                           + f"): ZeRO needs one micro-batch on every rank, so the plan is made for the smallest, "
-                           f"GPU {smallest[0]} ({smallest[1].name}); the faster card waits for the slower "
-                           "(choose cards with --set rig.gpus=...)"))
+        out.append(
+            RigWarning(
+                "mixed_gpus",
+                None,
+                "different cards ("
+                + ", ".join(sorted(k[0] for k in kinds))
+                + f"): ZeRO needs one micro-batch on every rank, so the plan is made for the smallest, "
+                f"GPU {smallest[0]} ({smallest[1].name}); the faster card waits for the slower "
+                "(choose cards with --set rig.gpus=...)",
+            )
+        )
     return out
 
 
@@ -172,12 +251,21 @@ def _psu_warnings(rig: Rig, gpus: list[tuple[int, Gpu]], psu: float) -> list[Rig
             factors = [transient_factor(g.name) for _, g in gpus]
             limit = math.floor(room / sum(factors) / 5) * 5
             floor = max((g.power.min_limit_w or 0) for _, g in gpus if g.power)
-            advice = (f"cap each GPU at {limit:.0f} W (`sudo nvidia-smi -i N -pl {limit:.0f}`; a 3090 kept >95% of "
-                      "its throughput at 280 W)" if limit >= floor and limit > 0 else
-                      "no power limit the cards allow fits: use a bigger PSU or fewer GPUs")
-            out.append(RigWarning("psu_headroom", None, f"transient peaks of {len(gpus)} GPU(s) "
-                               f"(~{spikes:.0f} W at their limits) + CPU {cpu_w:.0f} W + {REST_OF_SYSTEM_W} W "
-                               f"for the rest reach ~{peak:.0f} W on a {psu:.0f} W PSU; {advice}"))
+            advice = (
+                f"cap each GPU at {limit:.0f} W (`sudo nvidia-smi -i N -pl {limit:.0f}`; a 3090 kept >95% of "
+                "its throughput at 280 W)"
+                if limit >= floor and limit > 0
+                else "no power limit the cards allow fits: use a bigger PSU or fewer GPUs"
+            )
+            out.append(
+                RigWarning(
+                    "psu_headroom",
+                    None,
+                    f"transient peaks of {len(gpus)} GPU(s) "
+                    f"(~{spikes:.0f} W at their limits) + CPU {cpu_w:.0f} W + {REST_OF_SYSTEM_W} W "
+                    f"for the rest reach ~{peak:.0f} W on a {psu:.0f} W PSU; {advice}",
+                )
+            )
     return out
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rigtrain.files import write_json
+
 COMPLETE = "complete.json"
 HASH_CHUNK = 8 << 20
 
@@ -41,8 +43,11 @@ def file_digest(path: Path) -> str:
 
 def describe_files(tag_dir: Path) -> dict[str, dict]:
     """Every file of a tag (but complete.json): {name: {"bytes": size, "xxh3": digest}}."""
-    return {p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "xxh3": file_digest(p)}
-            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    return {
+        p.relative_to(tag_dir).as_posix(): {"bytes": p.stat().st_size, "xxh3": file_digest(p)}
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != COMPLETE
+    }
 
 
 @dataclass
@@ -94,8 +99,15 @@ def newest_good(ckpt_dir: Path, warn=print) -> tuple[int, str] | None:
     """The newest checkpoint that is complete and whose files match their checksums;
     each damaged one on the way is reported through `warn`, one line each. None if there
     is no checkpoint at all."""
-    candidates = [path for path in ckpt_dir.iterdir() if path.is_dir() and path.name.startswith("step")
-                  and (path / COMPLETE).exists()] if ckpt_dir.is_dir() else []
+    candidates = (
+        [
+            path
+            for path in ckpt_dir.iterdir()
+            if path.is_dir() and path.name.startswith("step") and (path / COMPLETE).exists()
+        ]
+        if ckpt_dir.is_dir()
+        else []
+    )
     for path in sorted(candidates, key=lambda p: p.name, reverse=True):
         problem = verify(path)
         if problem is None:
@@ -131,8 +143,10 @@ def save_rank_state(tag_dir: Path, rank: int) -> None:
 def load_rank_state(tag_dir: Path, rank: int) -> None:
     path = tag_dir / f"rng_rank{rank}.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: this checkpoint was written by a run with fewer processes; "
-                                "resume with the same number of processes")
+        raise FileNotFoundError(
+            f"{path}: this checkpoint was written by a run with fewer processes; "
+            "resume with the same number of processes"
+        )
     set_rng_state(torch.load(path, weights_only=False))
 
 
@@ -140,9 +154,7 @@ def mark_complete(tag_dir: Path, step: int) -> int:
     """List the tag's files with their sizes and checksums in complete.json, written whole or
     not at all; returns the bytes the checkpoint holds."""
     files = describe_files(tag_dir)
-    tmp = tag_dir / (COMPLETE + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
-    tmp.replace(tag_dir / COMPLETE)
+    write_json(tag_dir / COMPLETE, {"step": step, "files": files})
     return sum(f["bytes"] for f in files.values())
 
 
@@ -163,7 +175,7 @@ def prune(ckpt_dir: Path, keep: int) -> list[str]:
     the newest complete one (left by a crash mid-save). The newest complete one is never
     deleted, whatever `keep` says."""
     complete = complete_tags(ckpt_dir)
-    keep_tags = {tag for _, tag in complete[-max(1, keep):]}
+    keep_tags = {tag for _, tag in complete[-max(1, keep) :]}
     newest = complete[-1][0] if complete else -1
     removed = []
     for path in ckpt_dir.iterdir():

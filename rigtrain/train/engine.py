@@ -20,11 +20,17 @@ def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict
     t = config.train
     # Bucket sizes the planner counts (rig.budget.BUCKET_ELEMENTS): DeepSpeed's defaults
     # (5e8 elements, 1 GB in bf16 per bucket) would not fit a home card beside the model.
-    zero: dict = {"stage": t.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
-                  "allgather_bucket_size": BUCKET_ELEMENTS}
+    zero: dict = {
+        "stage": t.zero_stage,
+        "reduce_bucket_size": BUCKET_ELEMENTS,
+        "allgather_bucket_size": BUCKET_ELEMENTS,
+    }
     if t.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=BUCKET_ELEMENTS, stage3_max_live_parameters=2 * BUCKET_ELEMENTS,
-                    stage3_max_reuse_distance=2 * BUCKET_ELEMENTS)
+        zero.update(
+            stage3_prefetch_bucket_size=BUCKET_ELEMENTS,
+            stage3_max_live_parameters=2 * BUCKET_ELEMENTS,
+            stage3_max_reuse_distance=2 * BUCKET_ELEMENTS,
+        )
     if t.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     extra = {}

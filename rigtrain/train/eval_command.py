@@ -18,8 +18,8 @@ import torch
 
 from rigtrain.config import RunConfig, build_config
 from rigtrain.errors import UserError
+from rigtrain.files import write_json
 from rigtrain.train import checkpoints
-from rigtrain.train.metrics import write_json
 
 
 def read_run(run_dir: Path) -> dict:
@@ -39,8 +39,10 @@ def load_weights(run_dir: Path, config: RunConfig) -> tuple[dict[str, torch.Tens
     if found is None and checkpoints.damaged_only(ckpt_dir):
         raise UserError(f"eval: every checkpoint in {ckpt_dir} is damaged (see above); nothing to score")
     if found is None:
-        raise UserError(f"eval: {run_dir} has no complete checkpoint yet; train it (or let it reach "
-                        f"train.ckpt_every={config.train.ckpt_every}) first")
+        raise UserError(
+            f"eval: {run_dir} has no complete checkpoint yet; train it (or let it reach "
+            f"train.ckpt_every={config.train.ckpt_every}) first"
+        )
     step, tag = found
     tag_dir = run_dir / "checkpoints" / tag
     if config.train.zero_stage == 3:
@@ -73,12 +75,15 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
     own_data = data_dir == Path(saved["data_dir"])
     # The run's own data: its recorded split. Other data: the same rule (a hash of each
     # video's name), since the run never saw that data anyway.
-    heldout = saved.get("split", {}).get("heldout_videos", []) if own_data else \
-        heldout_videos(videos, config.eval.holdout)
+    heldout = (
+        saved.get("split", {}).get("heldout_videos", []) if own_data else heldout_videos(videos, config.eval.holdout)
+    )
     split = split_clips(videos, heldout)
     if len(split.heldout) == 0:
-        raise UserError(f"eval: {data_dir} has no held-out clips (eval.holdout={config.eval.holdout} of "
-                        f"{len(set(videos))} videos); evaluate on other data with --data")
+        raise UserError(
+            f"eval: {data_dir} has no held-out clips (eval.holdout={config.eval.holdout} of "
+            f"{len(set(videos))} videos); evaluate on other data with --data"
+        )
     if len(split.train) == 0:
         raise UserError(f"eval: every clip of {data_dir} is held out, so kNN has no bank; give more videos")
 
@@ -94,19 +99,25 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
     def progress(offset: int):
         def show(done: int, _: int) -> None:
             print(f"\r[rigtrain] eval: embedded {offset + done}/{total} clips", end="", file=sys.stderr, flush=True)
+
         return show
 
     embed = lambda batch: model(batch, task="embed")  # noqa: E731
     size = max(config.train.micro_batch_size, 16)
     bank = extract_features(embed, dataset, bank_clips, batch_size=size, device=device, progress=progress(0))
-    held = extract_features(embed, dataset, heldout_clips, batch_size=size, device=device,
-                            progress=progress(len(bank_clips)))
+    held = extract_features(
+        embed, dataset, heldout_clips, batch_size=size, device=device, progress=progress(len(bank_clips))
+    )
     print(file=sys.stderr)
     labels = dataset.index.get("labels") if isinstance(dataset, ShardDataset) else None
     result = evaluate(bank, held, labels, config.eval)
-    record = {"step": step, "checkpoint": tag, "data_dir": str(data_dir), **result,
-              "split": {**split.to_dict(), "from": "the run" if own_data else "eval.holdout of the run's config"},
-              "seconds": round(time.perf_counter() - started, 2)}
+    record = {
+        "step": step,
+        "checkpoint": tag,
+        "data_dir": str(data_dir),
+        **result,
+        "split": {**split.to_dict(), "from": "the run" if own_data else "eval.holdout of the run's config"},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     write_json(run_dir / "eval.json", record)
     return record
-

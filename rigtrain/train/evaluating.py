@@ -11,7 +11,7 @@ import torch
 
 from rigtrain.evaluate import Features, evaluate, extract_features, format_result
 from rigtrain.evaluate.evaluation import spread
-from rigtrain.train.metrics import write_json
+from rigtrain.files import write_json
 
 
 class HeldOutEvaluation:
@@ -24,7 +24,9 @@ class HeldOutEvaluation:
         was_training = module.training
         module.eval()
         try:
-            parts = [self._embed_share(spread(clips, cfg.max_clips)) for clips in (self.split.train, self.split.heldout)]
+            parts = [
+                self._embed_share(spread(clips, cfg.max_clips)) for clips in (self.split.train, self.split.heldout)
+            ]
         finally:
             module.train(was_training)
         if self.world > 1:
@@ -34,11 +36,17 @@ class HeldOutEvaluation:
                 return None
             parts = [Features.concat([g[i] for g in gathered]) for i in range(2)]
         result = evaluate(parts[0], parts[1], self.dataset.index.get("labels") if not self.raw_videos else None, cfg)
-        record = {"step": self.step, **result, "split": self.split.to_dict(),
-                  "seconds": round(time.perf_counter() - started, 2)}
+        record = {
+            "step": self.step,
+            **result,
+            "split": self.split.to_dict(),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
         write_json(self.run_dir / "eval.json", record)
-        self.log.say(f"eval after step {self.step} ({record['seconds']:.1f} s; also in eval.json):\n"
-                     + "\n".join("    " + line for line in format_result(result).splitlines()))
+        self.log.say(
+            f"eval after step {self.step} ({record['seconds']:.1f} s; also in eval.json):\n"
+            + "\n".join("    " + line for line in format_result(result).splitlines())
+        )
         return result
 
     def _embed_share(self, clips) -> Features:
@@ -47,6 +55,11 @@ class HeldOutEvaluation:
         share = clips[self.rank :: self.world]
         per_rank = -(-len(clips) // self.world)
         padded = np.resize(share if len(share) else clips[:1], per_rank)
-        features = extract_features(lambda batch: self.engine.module(batch, task="embed"), self.dataset, padded,
-                                    batch_size=self.config.train.micro_batch_size, device=self.device)
+        features = extract_features(
+            lambda batch: self.engine.module(batch, task="embed"),
+            self.dataset,
+            padded,
+            batch_size=self.config.train.micro_batch_size,
+            device=self.device,
+        )
         return features.select(np.arange(len(share)))

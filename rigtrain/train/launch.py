@@ -1,10 +1,9 @@
 """`rigtrain train`: check everything a user can get wrong, write RUN_DIR/config.json, then
 start the training processes.
 
-- one process: in this process (no launcher start-up cost);
-- several on this machine (GPUs, or train.nproc on a CPU): one process per rank, started
-  and watched here (`run_local_ranks`: signals, a failing rank, no orphans);
-- several machines: DeepSpeed's launcher with the user's `--hostfile`.
+How the processes start and are watched is train/processes.py: one process in this one,
+several on this machine started and watched here, several machines through DeepSpeed's
+launcher with the user's `--hostfile`.
 """
 
 from __future__ import annotations
@@ -14,26 +13,30 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from rigtrain.config import RunConfig, load_config
 from rigtrain.errors import UserError
-
+from rigtrain.train.processes import RunLock, start_processes
 from rigtrain.train.worker import OOM_MARKER
-
-WORKER_MODULE = "rigtrain.train.worker"
 
 
 def default_run_dir(preset: str) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}"
 
 
-def resolve_config(*, out: str | None, preset: str | None, config_file: str | None, overrides: list[str],
-                   steps: int | None, data: str | None, resume: bool) -> tuple[RunConfig, Path]:
+def resolve_config(
+    *,
+    out: str | None,
+    preset: str | None,
+    config_file: str | None,
+    overrides: list[str],
+    steps: int | None,
+    data: str | None,
+    resume: bool,
+) -> tuple[RunConfig, Path]:
     if steps is not None:
         overrides = [*overrides, f"train.steps={steps}"]
     if data is not None:  # absolute, so that --resume works from any folder
@@ -48,11 +51,14 @@ def resolve_config(*, out: str | None, preset: str | None, config_file: str | No
         try:
             base = json.loads(saved.read_text())["config"]
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"--resume: {saved} is damaged (not the config JSON a run writes); the run cannot be "
-                            "resumed without it") from None
+            raise UserError(
+                f"--resume: {saved} is damaged (not the config JSON a run writes); the run cannot be resumed without it"
+            ) from None
         if preset and preset != base.get("preset"):
-            raise UserError(f"--resume: the run in {run_dir} was made with --preset {base.get('preset')}, not "
-                            f"--preset {preset}; drop --preset (or give {base.get('preset')}) to continue it")
+            raise UserError(
+                f"--resume: the run in {run_dir} was made with --preset {base.get('preset')}, not "
+                f"--preset {preset}; drop --preset (or give {base.get('preset')}) to continue it"
+            )
         from rigtrain.config import build_config
         from rigtrain.train.resuming import resume_changes
 
@@ -81,10 +87,14 @@ def resolve_data(config: RunConfig, log=print) -> Path:
         from rigtrain.data.media import VIDEO_SUFFIXES
 
         if not any(p.suffix.lower() in VIDEO_SUFFIXES for p in path.iterdir()):
-            raise UserError(f"--data {path}: neither prepared shards (no index.json) nor videos; give a folder "
-                            "of videos or the output of `rigtrain data prepare`")
-        log(f"--data {path} holds videos, not shards: every clip will be decoded on the fly, which is slow; "
-            f"`rigtrain data prepare {path} PREPARED_DIR` makes shards once")
+            raise UserError(
+                f"--data {path}: neither prepared shards (no index.json) nor videos; give a folder "
+                "of videos or the output of `rigtrain data prepare`"
+            )
+        log(
+            f"--data {path} holds videos, not shards: every clip will be decoded on the fly, which is slow; "
+            f"`rigtrain data prepare {path} PREPARED_DIR` makes shards once"
+        )
     return path.resolve()
 
 
@@ -102,13 +112,19 @@ def check_data(data_dir: Path, config: RunConfig, world_size: int, heldout: list
 
 
 def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan, extra: dict | None = None) -> None:
-    from rigtrain.train.metrics import write_json
+    from rigtrain.files import write_json
     from rigtrain.train.engine import deepspeed_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"config": config.to_dict(), "data_dir": str(data_dir), "rig": rig.to_dict(),
-              "plan": {**plan.to_dict(), "deepspeed": deepspeed_config(config, plan.precision, plan.world_size)},
-              "warnings": [w.to_dict() for w in plan.warnings], "command": sys.argv, **(extra or {})}
+    record = {
+        "config": config.to_dict(),
+        "data_dir": str(data_dir),
+        "rig": rig.to_dict(),
+        "plan": {**plan.to_dict(), "deepspeed": deepspeed_config(config, plan.precision, plan.world_size)},
+        "warnings": [w.to_dict() for w in plan.warnings],
+        "command": sys.argv,
+        **(extra or {}),
+    }
     write_json(run_dir / "config.json", record)
 
 
@@ -122,125 +138,9 @@ def prepare_run_dir(run_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"--out {run_dir}: cannot write there ({err.strerror or err}); give a folder you can "
-                        "write to") from None
-
-
-class RunLock:
-    """One run per folder: `rigtrain train` holds an exclusive lock on RUN_DIR/.lock (flock,
-    through filelock) for as long as it runs, with who holds it in RUN_DIR/lock.json. A
-    second train or --resume on a live run is refused, naming the process; the kernel
-    drops the lock of a process that died, however it died, and the next run takes it."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.info = run_dir / "lock.json"
-
-    def __enter__(self) -> "RunLock":
-        from filelock import FileLock, Timeout
-
-        self.lock = FileLock(str(self.run_dir / ".lock"), timeout=0)
-        try:
-            self.lock.acquire()
-        except Timeout:
-            holder = self._holder()
-            who = (f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
-                   if holder else "another process")
-            raise UserError(f"--out {self.run_dir}: a run is already training there ({who}); wait for it to end, or "
-                            f"stop it (`kill {holder.get('pid', 'PID')}` saves a checkpoint first) and add --resume"
-                            ) from None
-        previous = self._holder()
-        if previous and previous.get("pid") != os.getpid():
-            _say(f"the run's lock was left by process {previous.get('pid')}, which is gone; taking it over")
-        from rigtrain.train.metrics import write_json
-
-        write_json(self.info, {"pid": os.getpid(), "host": socket.gethostname(),
-                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv})
-        return self
-
-    def _holder(self) -> dict:
-        try:
-            return json.loads(self.info.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def __exit__(self, *exc) -> None:
-        self.info.unlink(missing_ok=True)
-        self.lock.release()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | None:
-    """The command that starts the workers, or None to run in this process. Only a single
-    CPU process runs in-process: this process has already initialised CUDA (to read the
-    GPUs), so a GPU run needs fresh processes for CUDA_VISIBLE_DEVICES (rig.gpus) to take
-    effect. On one machine the command is one worker's, started once per rank by
-    `run_local_ranks`; with a hostfile it is DeepSpeed's launcher, which reaches the others."""
-    if hostfile:
-        # DeepSpeed's launcher chooses each node's GPUs itself (--include/--exclude).
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--module", WORKER_MODULE,
-                "--run-dir", str(run_dir.resolve())]
-    if plan.world_size == 1 and plan.device == "cpu":
-        return None
-    return [sys.executable, "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
-
-
-# After one rank fails, the others are usually blocked in a collective that will never
-# complete: they get SIGTERM, and SIGKILL if they are still there this many seconds later.
-FAILED_RANK_GRACE_S = 10.0
-
-
-def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
-    """One worker process per rank on this machine, watched until all have exited.
-
-    Ours rather than torchrun's, for what happens when something goes wrong: the workers
-    run in their own session, so a Ctrl-C in the terminal reaches only this process, which
-    passes that one signal to every rank (they finish the step, agree, save and exit) and
-    SIGKILL on a second; under torchrun each rank got the terminal's signal and torchrun's. Each worker also
-    dies with this process however it ends (stopping.die_with_launcher), and a rank that
-    fails takes the others down. Returns 128 + the signal when stopped by one, else the
-    first failing rank's exit code, else 0."""
-    from rigtrain.train.stopping import LAUNCHER_PID, STOP_SIGNALS
-
-    port = str(_free_port())
-    shared = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world),
-              "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", LAUNCHER_PID: str(os.getpid())}
-    ranks = [subprocess.Popen(command, env={**shared, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
-             for r in range(world)]
-    received: list[int] = []
-
-    def forward(signum, frame) -> None:
-        received.append(signum)
-        for process in ranks:
-            if process.poll() is None:
-                process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
-
-    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
-    failed_at = None
-    try:
-        while any(p.poll() is None for p in ranks):
-            codes = [p.returncode for p in ranks]
-            if failed_at is None and not received and any(c not in (None, 0) for c in codes):
-                failed_at = time.monotonic()
-                for p in ranks:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
-            if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
-                for p in ranks:
-                    if p.poll() is None:
-                        p.kill()
-            time.sleep(0.1)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if received:
-        return 128 + received[0]
-    return next((c for c in (p.returncode for p in ranks) if c != 0), 0)
+        raise UserError(
+            f"--out {run_dir}: cannot write there ({err.strerror or err}); give a folder you can write to"
+        ) from None
 
 
 def _check_rig_file_matches(rig, rig_file: str | None) -> None:
@@ -252,34 +152,70 @@ def _check_rig_file_matches(rig, rig_file: str | None) -> None:
 
     here = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if len(rig.gpus) != here:
-        raise UserError(f"--rig {rig_file} describes {len(rig.gpus)} GPU(s) but this machine has {here}; "
-                        "to plan for another machine use `rigtrain rig --rig FILE`")
+        raise UserError(
+            f"--rig {rig_file} describes {len(rig.gpus)} GPU(s) but this machine has {here}; "
+            "to plan for another machine use `rigtrain rig --rig FILE`"
+        )
 
 
 def _say(line: str) -> None:
     print(f"[rigtrain] {line}", flush=True)
 
 
-def train(*, out: str | None, preset: str | None, config_file: str | None, overrides: list[str], steps: int | None,
-          data: str | None, resume: bool, hostfile: str | None, rig_file: str | None = None,
-          psu_w: float | None = None, profile: bool = False) -> int:
+def train(
+    *,
+    out: str | None,
+    preset: str | None,
+    config_file: str | None,
+    overrides: list[str],
+    steps: int | None,
+    data: str | None,
+    resume: bool,
+    hostfile: str | None,
+    rig_file: str | None = None,
+    psu_w: float | None = None,
+    profile: bool = False,
+) -> int:
     # Before anything starts CUDA: number GPUs by PCI bus, as nvidia-smi and NVML do.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if profile:  # `rigtrain profile`: the same run with the profiler on, by default just long enough
         overrides = [*overrides, "profile.enabled=true"]
         if out is None and not resume:
             out = str(default_run_dir(preset or "demo")) + "-profile"
-    config, run_dir = resolve_config(out=out, preset=preset, config_file=config_file, overrides=overrides,
-                                     steps=steps, data=data, resume=resume)
+    config, run_dir = resolve_config(
+        out=out, preset=preset, config_file=config_file, overrides=overrides, steps=steps, data=data, resume=resume
+    )
     prepare_run_dir(run_dir)
     with RunLock(run_dir):
-        return _train_locked(config, run_dir, preset=preset, config_file=config_file, overrides=overrides,
-                             steps=steps, resume=resume, hostfile=hostfile, rig_file=rig_file, psu_w=psu_w,
-                             profile=profile)
+        return _train_locked(
+            config,
+            run_dir,
+            preset=preset,
+            config_file=config_file,
+            overrides=overrides,
+            steps=steps,
+            resume=resume,
+            hostfile=hostfile,
+            rig_file=rig_file,
+            psu_w=psu_w,
+            profile=profile,
+        )
 
 
-def _train_locked(config: RunConfig, run_dir: Path, *, preset, config_file, overrides, steps, resume, hostfile,
-                  rig_file, psu_w, profile) -> int:
+def _train_locked(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    preset,
+    config_file,
+    overrides,
+    steps,
+    resume,
+    hostfile,
+    rig_file,
+    psu_w,
+    profile,
+) -> int:
     from rigtrain.config.loading import user_keys
     from rigtrain.train.planning import PLANNED, apply_plan, machine_rig, plan_run
 
@@ -294,8 +230,9 @@ def _train_locked(config: RunConfig, run_dir: Path, *, preset, config_file, over
     # and the rest is planned.
     fixed = set(PLANNED) if resume else user_keys(config_file, overrides)
     # A resumed run keeps its held-out videos (a run from before the split held none out).
-    heldout = json.loads((run_dir / "config.json").read_text()).get("split", {}).get("heldout_videos", []) \
-        if resume else None
+    heldout = (
+        json.loads((run_dir / "config.json").read_text()).get("split", {}).get("heldout_videos", []) if resume else None
+    )
     backed_off: list[int] = []
     while True:
         plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w)
@@ -305,32 +242,23 @@ def _train_locked(config: RunConfig, run_dir: Path, *, preset, config_file, over
         if backed_off:
             extra["backed_off_from"] = backed_off
         write_run_config(run_dir, config, data_dir, rig, plan, extra)
-        _say(f"run {run_dir}: {clips} clips from {data_dir}; {len(split.heldout)} of them, from "
-             f"{len(split.heldout_videos)} videos, held out for evaluation and never trained on")
-        kept = []
-        for key in ("world_size", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
-                    "zero_stage", "optimizer", "offload_optimizer", "dataloader_workers"):
-            value = getattr(plan, key, None)
-            if plan.reasons.get(key, "").startswith("no GPU to plan for"):
-                kept.append(f"{key} = {value}")
-            elif key in plan.reasons:
-                _say(f"  {key}{'' if value is None else f' = {value}'}: {plan.reasons[key]}")
-        if kept:
-            _say(f"  no GPU to plan for, the config's values: {', '.join(kept)}")
-        if plan.device == "cuda" and plan.predicted_peak_gib is not None:
-            _say(f"  predicted peak memory {plan.predicted_peak_gib:.2f} GiB per GPU of {plan.usable_gib:.2f} usable")
-        for warning in plan.warnings:
-            _say(f"  warning [{warning.code}] {warning.message}")
+        _say(
+            f"run {run_dir}: {clips} clips from {data_dir}; {len(split.heldout)} of them, from "
+            f"{len(split.heldout_videos)} videos, held out for evaluation and never trained on"
+        )
+        _say_plan(plan)
         (run_dir / OOM_MARKER).unlink(missing_ok=True)
-        code = _launch(run_dir, plan, hostfile)
+        code = start_processes(run_dir, plan, hostfile)
         oom = run_dir / OOM_MARKER
         if code == 0 or not oom.is_file():
             break
         # The first step ran out of memory: one size down, planned again, and said so.
         failed = plan.micro_batch_size
         if resume or failed <= 1 or "train.micro_batch_size" in user_keys(config_file, overrides):
-            _say(f"out of GPU memory on the first step at micro-batch {failed}, which the plan may not change "
-                 "(set by you, a resumed run, or already 1): lower train.micro_batch_size or use a smaller preset")
+            _say(
+                f"out of GPU memory on the first step at micro-batch {failed}, which the plan may not change "
+                "(set by you, a resumed run, or already 1): lower train.micro_batch_size or use a smaller preset"
+            )
             break
         smaller = max(1, failed - max(1, failed // 8))
         backed_off.append(failed)
@@ -339,6 +267,40 @@ def _train_locked(config: RunConfig, run_dir: Path, *, preset, config_file, over
         fixed = fixed | {"train.micro_batch_size"}
         for path in (run_dir / "metrics.jsonl", run_dir / "tb"):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return _finish(run_dir, code)
+
+
+def _say_plan(plan) -> None:
+    """Each choice with its reason (or, without a GPU, the config's values in one line), the
+    predicted memory and the warnings."""
+    kept = []
+    for key in (
+        "world_size",
+        "precision",
+        "micro_batch_size",
+        "grad_accum_steps",
+        "activation_checkpointing",
+        "zero_stage",
+        "optimizer",
+        "offload_optimizer",
+        "dataloader_workers",
+    ):
+        value = getattr(plan, key, None)
+        if plan.reasons.get(key, "").startswith("no GPU to plan for"):
+            kept.append(f"{key} = {value}")
+        elif key in plan.reasons:
+            _say(f"  {key}{'' if value is None else f' = {value}'}: {plan.reasons[key]}")
+    if kept:
+        _say(f"  no GPU to plan for, the config's values: {', '.join(kept)}")
+    if plan.device == "cuda" and plan.predicted_peak_gib is not None:
+        _say(f"  predicted peak memory {plan.predicted_peak_gib:.2f} GiB per GPU of {plan.usable_gib:.2f} usable")
+    for warning in plan.warnings:
+        _say(f"  warning [{warning.code}] {warning.message}")
+
+
+def _finish(run_dir: Path, code: int) -> int:
+    """The training processes' exit code as the command's: 0 with where to look, a stop on
+    request as it was, 1 or 2 with the worker's own line, anything else said here."""
     if code == 0:
         print(f"\nrun: {run_dir}\nopen TensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
         return 0
@@ -346,23 +308,8 @@ def _train_locked(config: RunConfig, run_dir: Path, *, preset, config_file, over
         return code  # stopped on request: the worker said where, and how to continue
     if code not in (1, 2):  # 1 and 2: the worker has said why, in one line
         how = f"killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
-        print(f"rigtrain: a training process {how}; continue with: rigtrain train --out {run_dir} --resume",
-              file=sys.stderr)
+        print(
+            f"rigtrain: a training process {how}; continue with: rigtrain train --out {run_dir} --resume",
+            file=sys.stderr,
+        )
     return 2 if code == 2 else 1
-
-
-def _launch(run_dir: Path, plan, hostfile: str | None) -> int:
-    command = launch_command(run_dir, plan, hostfile)
-    if command is None:
-        os.environ.update(plan.env)
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(_free_port())}.items():
-            os.environ[key] = value
-        from rigtrain.train.worker import run
-
-        return run(run_dir)
-    env = {**os.environ, **plan.env}
-    if hostfile:
-        env.pop("CUDA_VISIBLE_DEVICES", None)
-        return subprocess.run(command, env=env).returncode
-    return run_local_ranks(command, plan.world_size, env)

@@ -10,7 +10,7 @@ from torch import nn
 
 from rigtrain.config import DataConfig, ModelConfig
 from rigtrain.model.perceiver import build_model
-from rigtrain.rig.memory import StepBuilder
+from rigtrain.rig.step_memory import StepBuilder
 from rigtrain.train.flops import meta_batch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -23,22 +23,29 @@ def _materialize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
         for name, p in list(sub._parameters.items()):
             if p is not None:
                 sub._parameters[name] = nn.Parameter(
-                    torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype), requires_grad=p.requires_grad)
+                    torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype),
+                    requires_grad=p.requires_grad,
+                )
         for name, b in list(sub._buffers.items()):
             if b is not None:
                 sub._buffers[name] = torch.empty(b.shape, dtype=dtype if b.is_floating_point() else b.dtype)
     return module
 
 
-def train_step_builder(model: ModelConfig, data: DataConfig, *, micro_batch: int, checkpointing: bool,
-                       precision: str) -> StepBuilder:
+def train_step_builder(
+    model: ModelConfig, data: DataConfig, *, micro_batch: int, checkpointing: bool, precision: str
+) -> StepBuilder:
     def build():
         config = dataclasses.replace(model, activation_checkpointing=checkpointing)
         with torch.device("meta"):  # shapes only: initialisation would need real data
             network = build_model(config, data)
         network = _materialize(network, DTYPES[precision])
-        batch = {key: torch.empty(value.shape, dtype=value.dtype) if key != "text_len" else
-                 torch.full(value.shape, data.max_text_bytes) for key, value in meta_batch(data, micro_batch).items()}
+        batch = {
+            key: torch.empty(value.shape, dtype=value.dtype)
+            if key != "text_len"
+            else torch.full(value.shape, data.max_text_bytes)
+            for key, value in meta_batch(data, micro_batch).items()
+        }
 
         def step() -> None:
             network(batch)["loss"].backward()

@@ -11,15 +11,21 @@ import os
 from pathlib import Path
 
 from rigtrain.config import DataConfig, RunConfig
+from rigtrain.files import write_json
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
-from rigtrain.rig.memory import fake_step_peak_bytes
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
-from rigtrain.train.memory import parameter_count, train_step_builder
+from rigtrain.rig.step_memory import fake_step_peak_bytes
+from rigtrain.train.measured_step import parameter_count, train_step_builder
 
 # config key -> the plan's field
-PLANNED = {"train.micro_batch_size": "micro_batch_size", "train.grad_accum_steps": "grad_accum_steps",
-           "train.zero_stage": "zero_stage", "train.offload_optimizer": "offload_optimizer",
-           "train.optimizer": "optimizer", "model.activation_checkpointing": "activation_checkpointing"}
+PLANNED = {
+    "train.micro_batch_size": "micro_batch_size",
+    "train.grad_accum_steps": "grad_accum_steps",
+    "train.zero_stage": "zero_stage",
+    "train.offload_optimizer": "offload_optimizer",
+    "train.optimizer": "optimizer",
+    "model.activation_checkpointing": "activation_checkpointing",
+}
 
 
 def config_value(config: RunConfig, key: str):
@@ -43,8 +49,14 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
             for i in range(torch.cuda.device_count()):
                 p = torch.cuda.get_device_properties(i)
                 free, total = torch.cuda.mem_get_info(i)
-                gpus.append(Gpu(name=p.name, memory_gib=round(total / 2**30, 2), memory_free_gib=round(free / 2**30, 2),
-                                compute_capability=(p.major, p.minor)))
+                gpus.append(
+                    Gpu(
+                        name=p.name,
+                        memory_gib=round(total / 2**30, 2),
+                        memory_free_gib=round(free / 2**30, 2),
+                        compute_capability=(p.major, p.minor),
+                    )
+                )
             rig = dataclasses.replace(rig, gpus=tuple(gpus))
     return rig
 
@@ -56,8 +68,16 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
 # `rigtrain rig` then train, every resume and every run of the same preset.
 _MEASURED: dict[str, int] = {}
 # DataConfig fields that do not change a step's tensors
-_DATA_FIELDS_OFF_THE_STEP = ("dir", "workers", "prefetch_factor", "shard_clips", "synth_videos", "synth_seed",
-                             "clip_stride_s", "resize")
+_DATA_FIELDS_OFF_THE_STEP = (
+    "dir",
+    "workers",
+    "prefetch_factor",
+    "shard_clips",
+    "synth_videos",
+    "synth_seed",
+    "clip_stride_s",
+    "resize",
+)
 
 
 @functools.cache
@@ -69,7 +89,9 @@ def _code_fingerprint() -> str:
 
     digest = xxhash.xxh3_64(torch.__version__.encode())
     package = Path(__file__).resolve().parents[1]
-    for path in sorted([*(package / "model").glob("*.py"), package / "rig" / "memory.py", package / "train" / "memory.py"]):
+    for path in sorted(
+        [*(package / "model").glob("*.py"), package / "rig" / "step_memory.py", package / "train" / "measured_step.py"]
+    ):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -95,9 +117,7 @@ def _store(key: str, value: int) -> None:
     path = _measurement_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "value": value}))
-        os.replace(tmp, path)  # whole or not at all, for a process reading it at the same time
+        write_json(path, {"key": key, "value": value}, indent=None)  # whole, for a process reading it at once
     except OSError:
         pass  # a cache that cannot be written costs the next run a measurement, nothing more
 
@@ -125,10 +145,15 @@ def step_peak_function(config: RunConfig):
     shapes = _step_shapes(config)
 
     def step_peak(micro_batch: int, checkpointing: bool, precision: str) -> int:
-        return _measured(f"step peak {shapes} micro_batch={micro_batch} checkpointing={checkpointing} {precision}",
-                         lambda: fake_step_peak_bytes(train_step_builder(
-                             config.model, config.data, micro_batch=micro_batch, checkpointing=checkpointing,
-                             precision=precision)))
+        return _measured(
+            f"step peak {shapes} micro_batch={micro_batch} checkpointing={checkpointing} {precision}",
+            lambda: fake_step_peak_bytes(
+                train_step_builder(
+                    config.model, config.data, micro_batch=micro_batch, checkpointing=checkpointing, precision=precision
+                )
+            ),
+        )
+
     return step_peak
 
 
@@ -146,23 +171,41 @@ def plan_run(config: RunConfig, rig: Rig, *, user_keys: set[str], psu_w: float |
     else:
         precision = "auto"
     d = config.data
-    batch_bytes = (d.clip_frames * d.frame_size[0] * d.frame_size[1] * 3 + d.clip_samples * 2 + d.max_text_bytes
-                   + 2 * 8 * d.segments_per_clip + 8 + 1)  # uint8 video, int16 audio, text, segment spans, flags
-    request = PlanRequest(parameters=cached_parameter_count(config),
-                          global_batch=t.global_batch_size or t.micro_batch_size * t.grad_accum_steps,
-                          precision=precision, fixed=fixed,
-                          config={key: config_value(config, key) for key in PLANNED}, gpus=tuple(config.rig.gpus),
-                          cpu_processes=t.nproc, loader_workers=d.workers, psu_w=psu_w,
-                          batch_bytes=batch_bytes * t.micro_batch_size, clip_bytes=batch_bytes,
-                          profiling=config.profile.enabled,
-                          lazy_loading=os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() != "EAGER")
+    batch_bytes = (
+        d.clip_frames * d.frame_size[0] * d.frame_size[1] * 3
+        + d.clip_samples * 2
+        + d.max_text_bytes
+        + 2 * 8 * d.segments_per_clip
+        + 8
+        + 1
+    )  # uint8 video, int16 audio, text, segment spans, flags
+    request = PlanRequest(
+        parameters=cached_parameter_count(config),
+        global_batch=t.global_batch_size or t.micro_batch_size * t.grad_accum_steps,
+        precision=precision,
+        fixed=fixed,
+        config={key: config_value(config, key) for key in PLANNED},
+        gpus=tuple(config.rig.gpus),
+        cpu_processes=t.nproc,
+        loader_workers=d.workers,
+        psu_w=psu_w,
+        batch_bytes=batch_bytes * t.micro_batch_size,
+        clip_bytes=batch_bytes,
+        profiling=config.profile.enabled,
+        lazy_loading=os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() != "EAGER",
+    )
     return make_plan(rig, request, step_peak_function(config))
 
 
 def apply_plan(config: RunConfig, plan: Plan) -> RunConfig:
     """The config with the plan's choices (keys the user set are already the plan's)."""
     model = dataclasses.replace(config.model, activation_checkpointing=plan.activation_checkpointing)
-    train = dataclasses.replace(config.train, micro_batch_size=plan.micro_batch_size,
-                                grad_accum_steps=plan.grad_accum_steps, zero_stage=plan.zero_stage,
-                                offload_optimizer=plan.offload_optimizer, optimizer=plan.optimizer)
+    train = dataclasses.replace(
+        config.train,
+        micro_batch_size=plan.micro_batch_size,
+        grad_accum_steps=plan.grad_accum_steps,
+        zero_stage=plan.zero_stage,
+        offload_optimizer=plan.offload_optimizer,
+        optimizer=plan.optimizer,
+    )
     return dataclasses.replace(config, model=model, train=train)

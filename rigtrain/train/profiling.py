@@ -14,12 +14,19 @@ class StepProfiling:
     def _start_profiler(self) -> None:
         from rigtrain.profile.recorder import StepProfiler
 
-        self.profiler = StepProfiler(self.config.profile, self.run_dir / "tb" / "profile", rank=self.rank,
-                                     cuda=self.device.type == "cuda", timeline=self.timeline)
+        self.profiler = StepProfiler(
+            self.config.profile,
+            self.run_dir / "tb" / "profile",
+            rank=self.rank,
+            cuda=self.device.type == "cuda",
+            timeline=self.timeline,
+        )
         if self.log:
             p = self.config.profile
-            self.log.say(f"profiling steps {p.start_step + p.wait + p.warmup + 1}-{p.last_step} (after "
-                         f"{p.start_step} + {p.wait} skipped and {p.warmup} warm-up) into {self.run_dir / 'tb' / 'profile'}")
+            self.log.say(
+                f"profiling steps {p.start_step + p.wait + p.warmup + 1}-{p.last_step} (after "
+                f"{p.start_step} + {p.wait} skipped and {p.warmup} warm-up) into {self.run_dir / 'tb' / 'profile'}"
+            )
 
     def _flops_and_peak(self) -> tuple[float | None, float | None]:
         """On a GPU in the peak table: FLOPs per clip (counted once) and the card's peak,
@@ -47,13 +54,21 @@ class StepProfiling:
             return
         t = self.config.train
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
-        facts = RunFacts(device=self.device.type, clips_per_step=t.micro_batch_size * t.grad_accum_steps * self.world,
-                         world_size=self.world, loader_threads=self.plan.get("dataloader_workers", 0),
-                         cpu_threads=len(os.sched_getaffinity(0)), data_is_raw_videos=self.raw_videos,
-                         zero_stage=t.zero_stage, micro_batch_size=t.micro_batch_size,
-                         grad_accum_steps=t.grad_accum_steps, compiled=t.compile,
-                         flops_per_clip=train_flops_per_clip(self.config.model, self.config.data),
-                         peak_tflops=peak_tflops(gpu) if gpu else None, gpu_name=gpu)
+        facts = RunFacts(
+            device=self.device.type,
+            clips_per_step=t.micro_batch_size * t.grad_accum_steps * self.world,
+            world_size=self.world,
+            loader_threads=self.plan.get("dataloader_workers", 0),
+            cpu_threads=len(os.sched_getaffinity(0)),
+            data_is_raw_videos=self.raw_videos,
+            zero_stage=t.zero_stage,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum_steps=t.grad_accum_steps,
+            compiled=t.compile,
+            flops_per_clip=train_flops_per_clip(self.config.model, self.config.data),
+            peak_tflops=peak_tflops(gpu) if gpu else None,
+            gpu_name=gpu,
+        )
         summary = analyze(json.loads(path.read_text())["traceEvents"], facts)
         summary["trace"] = str(path.relative_to(self.run_dir))
         out = self.run_dir / "profile"

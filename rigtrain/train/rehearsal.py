@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from rigtrain.train.metrics import write_json
+from rigtrain.files import write_json
 
 
 class FirstStepRehearsal:
@@ -46,9 +46,14 @@ class FirstStepRehearsal:
         CUDA context, NCCL and library workspaces too)."""
         gib = 2**30
         free, total = torch.cuda.mem_get_info(self.device)
-        numbers = torch.tensor([torch.cuda.max_memory_allocated(self.device) / gib,
-                                torch.cuda.max_memory_reserved(self.device) / gib, (total - free) / gib],
-                               device=self.device)
+        numbers = torch.tensor(
+            [
+                torch.cuda.max_memory_allocated(self.device) / gib,
+                torch.cuda.max_memory_reserved(self.device) / gib,
+                (total - free) / gib,
+            ],
+            device=self.device,
+        )
         if self.world > 1:
             torch.distributed.all_reduce(numbers, op=torch.distributed.ReduceOp.MAX)
         allocated, reserved, used = numbers.tolist()
@@ -56,17 +61,29 @@ class FirstStepRehearsal:
         predicted_total = (self.plan.get("memory") or {}).get("card_total_gib")
         if not self.log:
             return
-        error = f" ({(predicted - allocated) / allocated:+.1%} predicted vs measured)" if predicted and allocated else ""
-        self.log.say(f"memory: the first step peaked at {allocated:.2f} GiB allocated per GPU ({reserved:.2f} reserved by "
-                     f"torch, {used:.2f} in use on the card); the plan predicted "
-                     f"{predicted if predicted is None else f'{predicted:.2f}'} GiB{error}"
-                     + (f" and {predicted_total:.2f} GiB on the card" if predicted_total else ""))
+        error = (
+            f" ({(predicted - allocated) / allocated:+.1%} predicted vs measured)" if predicted and allocated else ""
+        )
+        self.log.say(
+            f"memory: the first step peaked at {allocated:.2f} GiB allocated per GPU ({reserved:.2f} reserved by "
+            f"torch, {used:.2f} in use on the card); the plan predicted "
+            f"{predicted if predicted is None else f'{predicted:.2f}'} GiB{error}"
+            + (f" and {predicted_total:.2f} GiB on the card" if predicted_total else "")
+        )
         path = self.run_dir / "config.json"
         record = json.loads(path.read_text())
-        record["memory_check"] = {"predicted_peak_gib": predicted, "measured_peak_gib": round(allocated, 3),
-                                  "reserved_peak_gib": round(reserved, 3), "card_used_gib": round(used, 3),
-                                  "predicted_card_total_gib": predicted_total,
-                                  "micro_batch_size": self.config.train.micro_batch_size}
+        record["memory_check"] = {
+            "predicted_peak_gib": predicted,
+            "measured_peak_gib": round(allocated, 3),
+            "reserved_peak_gib": round(reserved, 3),
+            "card_used_gib": round(used, 3),
+            "predicted_card_total_gib": predicted_total,
+            "micro_batch_size": self.config.train.micro_batch_size,
+        }
         write_json(path, record)
-        self.log.write_text("setup", "memory", f"predicted {predicted} GiB, measured {allocated:.3f} GiB allocated, "
-                            f"{reserved:.3f} reserved, {used:.3f} GiB used on the card after the first step{error}")
+        self.log.write_text(
+            "setup",
+            "memory",
+            f"predicted {predicted} GiB, measured {allocated:.3f} GiB allocated, "
+            f"{reserved:.3f} reserved, {used:.3f} GiB used on the card after the first step{error}",
+        )

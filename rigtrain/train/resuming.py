@@ -12,12 +12,43 @@ from rigtrain.errors import UserError
 
 # key -> why it cannot change on resume
 FIXED_BY_CHECKPOINT = {
-    **{f"model.{k}": "the model's shape is in the checkpoint" for k in (
-        "tubelet", "audio_segment", "d_model", "num_latents", "heads", "mlp_ratio", "enc_layers", "evo_layers",
-        "evolver_shared", "dec_layers", "va_dim", "vt_dim", "fourier_space", "fourier_time", "fourier_text")},
-    **{f"data.{k}": "the checkpoint's model and data position are for this clip shape" for k in (
-        "dir", "fps", "frame_size", "resize", "present_frames", "future_frames", "recurrent_windows",
-        "window_step_frames", "sample_rate", "max_text_bytes", "synth_videos", "synth_seed")},
+    **{
+        f"model.{k}": "the model's shape is in the checkpoint"
+        for k in (
+            "tubelet",
+            "audio_segment",
+            "d_model",
+            "num_latents",
+            "heads",
+            "mlp_ratio",
+            "enc_layers",
+            "evo_layers",
+            "evolver_shared",
+            "dec_layers",
+            "va_dim",
+            "vt_dim",
+            "fourier_space",
+            "fourier_time",
+            "fourier_text",
+        )
+    },
+    **{
+        f"data.{k}": "the checkpoint's model and data position are for this clip shape"
+        for k in (
+            "dir",
+            "fps",
+            "frame_size",
+            "resize",
+            "present_frames",
+            "future_frames",
+            "recurrent_windows",
+            "window_step_frames",
+            "sample_rate",
+            "max_text_bytes",
+            "synth_videos",
+            "synth_seed",
+        )
+    },
     "train.zero_stage": "DeepSpeed's checkpoint is laid out for this ZeRO stage",
     "train.optimizer": "the optimizer's states in the checkpoint are this optimizer's",
     "train.offload_optimizer": "DeepSpeed's checkpoint is laid out for this offload setting",
@@ -49,10 +80,14 @@ def resume_changes(before: RunConfig, after: RunConfig) -> list[str]:
         if key == "preset" or old[key] == new.get(key):
             continue
         if key in FIXED_BY_CHECKPOINT:
-            raise UserError(f"--resume: {key} cannot change from {old[key]!r} to {new[key]!r}: "
-                            f"{FIXED_BY_CHECKPOINT[key]}; start a new run with another --out to change it")
+            raise UserError(
+                f"--resume: {key} cannot change from {old[key]!r} to {new[key]!r}: "
+                f"{FIXED_BY_CHECKPOINT[key]}; start a new run with another --out to change it"
+            )
         if key in ("model.weight_va", "model.weight_vt") and (old[key] == 0) != (new[key] == 0):
-            raise UserError(f"--resume: {key} cannot go {'from' if old[key] == 0 else 'to'} 0: that adds or removes a "
-                            "contrastive head the checkpoint does not have; start a new run with another --out")
+            raise UserError(
+                f"--resume: {key} cannot go {'from' if old[key] == 0 else 'to'} 0: that adds or removes a "
+                "contrastive head the checkpoint does not have; start a new run with another --out"
+            )
         changes.append(f"{key} {old[key]!r} -> {new[key]!r}")
     return changes

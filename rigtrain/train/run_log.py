@@ -26,13 +26,6 @@ def telemetry(process: psutil.Process) -> dict[str, float]:
     return out
 
 
-def write_json(path: Path, value) -> None:
-    """Written whole or not at all: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
-
-
 def _markdown_json(value) -> str:
     # TensorBoard renders text as Markdown: indent JSON so it shows as a code block.
     return "\n".join("    " + line for line in json.dumps(value, indent=2).splitlines())
@@ -76,8 +69,10 @@ class MetricsLog:
         tmp.write_text("".join(line + "\n" for line in keep))
         tmp.replace(self.path)
         if torn:
-            self.notes.append(f"note: dropped {len(torn)} line(s) of {self.path} that were not whole (line "
-                              f"{', '.join(map(str, torn))}; a crash or a full disk cuts the last one short)")
+            self.notes.append(
+                f"note: dropped {len(torn)} line(s) of {self.path} that were not whole (line "
+                f"{', '.join(map(str, torn))}; a crash or a full disk cuts the last one short)"
+            )
 
     def write_setup(self, saved: dict, parameters: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -85,13 +80,22 @@ class MetricsLog:
         with SummaryWriter(str(self.run_dir / "tb" / "setup")) as writer:
             writer.add_text("config", _markdown_json(saved["config"]))
             writer.add_text("rig", _markdown_json(saved["rig"]))
-            writer.add_text("plan", "\n\n".join(f"**{k}**: {v}" for k, v in saved["plan"]["reasons"].items())
-                            + "\n\n" + _markdown_json(saved["plan"]))
+            writer.add_text(
+                "plan",
+                "\n\n".join(f"**{k}**: {v}" for k, v in saved["plan"]["reasons"].items())
+                + "\n\n"
+                + _markdown_json(saved["plan"]),
+            )
             if saved.get("warnings"):
-                writer.add_text("warnings", "\n\n".join(f"**{w['code']}** (GPU {w['gpu']}): {w['message']}"
-                                                         for w in saved["warnings"]))
-            hparams = {f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-                       for section in ("model", "data", "train") for k, v in saved["config"][section].items()}
+                writer.add_text(
+                    "warnings",
+                    "\n\n".join(f"**{w['code']}** (GPU {w['gpu']}): {w['message']}" for w in saved["warnings"]),
+                )
+            hparams = {
+                f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for section in ("model", "data", "train")
+                for k, v in saved["config"][section].items()
+            }
             hparams["parameters"] = parameters
             writer.add_hparams(hparams, {"hparam/parameters_m": parameters / 1e6}, run_name=".")
 
@@ -110,18 +114,26 @@ class MetricsLog:
             self.file.flush()
             for key, value in metrics.items():
                 if key != "step":
-                    self.train_writer.add_scalar(key if key == "loss" or "/" in key else f"{_group(key)}/{key}", value,
-                                                 step)
+                    self.train_writer.add_scalar(
+                        key if key == "loss" or "/" in key else f"{_group(key)}/{key}", value, step
+                    )
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise TrainingFault(f"the disk is full: writing the metrics of step {step} into {self.run_dir} failed "
-                                f"({shutil.disk_usage(self.run_dir).free:,} bytes free); free some space and resume "
-                                f"with `rigtrain train --out {self.run_dir} --resume`") from None
-        terms = " ".join(f"{k.removeprefix('pc_').removeprefix('loss_')} {metrics[k]:.3f}" for k in sorted(metrics)
-                         if k.startswith("pc_") or k.startswith("loss_") and k != "loss_pc")
-        self.say(f"step {step:>5}  loss {metrics['loss']:.4f}  ({terms})  lr {metrics['lr']:.2e}  "
-                 f"{metrics['samples_per_s']:.1f} clips/s  data wait {metrics['data_wait_s'] * 1000:.0f} ms")
+            raise TrainingFault(
+                f"the disk is full: writing the metrics of step {step} into {self.run_dir} failed "
+                f"({shutil.disk_usage(self.run_dir).free:,} bytes free); free some space and resume "
+                f"with `rigtrain train --out {self.run_dir} --resume`"
+            ) from None
+        terms = " ".join(
+            f"{k.removeprefix('pc_').removeprefix('loss_')} {metrics[k]:.3f}"
+            for k in sorted(metrics)
+            if k.startswith("pc_") or k.startswith("loss_") and k != "loss_pc"
+        )
+        self.say(
+            f"step {step:>5}  loss {metrics['loss']:.4f}  ({terms})  lr {metrics['lr']:.2e}  "
+            f"{metrics['samples_per_s']:.1f} clips/s  data wait {metrics['data_wait_s'] * 1000:.0f} ms"
+        )
 
     def say(self, line: str) -> None:
         print(f"[rigtrain {time.perf_counter() - self.started:7.1f}s] {line}", file=sys.stdout, flush=True)

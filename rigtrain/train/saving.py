@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from rigtrain.errors import TrainingFault
+from rigtrain.files import write_json
 from rigtrain.train import checkpoints
-from rigtrain.train.metrics import write_json
 
 
 def _disk_full(err: BaseException, folder: Path) -> bool:
@@ -42,9 +42,11 @@ class CheckpointSaving:
         says it will not fit, and during it otherwise; the previous checkpoint stays whole."""
         if not self._states_finite():
             last = self._last_good()
-            self.diverged = (f"the weights or optimizer states are not finite at step {self.step}, so no checkpoint "
-                             f"was written; {last}; lower train.lr (now {self.config.train.lr:g}) and resume with "
-                             f"`rigtrain train --out {self.run_dir} --resume --set train.lr=...`")
+            self.diverged = (
+                f"the weights or optimizer states are not finite at step {self.step}, so no checkpoint "
+                f"was written; {last}; lower train.lr (now {self.config.train.lr:g}) and resume with "
+                f"`rigtrain train --out {self.run_dir} --resume --set train.lr=...`"
+            )
             return False
         tag = checkpoints.tag_for(self.step)
         tag_dir = self.ckpt_dir / tag
@@ -56,8 +58,10 @@ class CheckpointSaving:
             checkpoints.save_rank_state(tag_dir, self.rank)
             torch.distributed.barrier()  # every rank's part is on disk before the tag counts
             if self.is_main:
-                write_json(tag_dir / "trainer.json", {"step": self.step, "micro_batches": self.micro_batches,
-                                                      "config": self.config.to_dict()})
+                write_json(
+                    tag_dir / "trainer.json",
+                    {"step": self.step, "micro_batches": self.micro_batches, "config": self.config.to_dict()},
+                )
                 checkpoints.mark_complete(tag_dir, self.step)
                 removed = checkpoints.prune(self.ckpt_dir, self.config.train.keep_ckpts)
                 self.log.say(f"checkpoint {tag_dir}" + (f" (removed {', '.join(removed)})" if removed else ""))
@@ -66,9 +70,11 @@ class CheckpointSaving:
                 raise
             shutil.rmtree(tag_dir, ignore_errors=True)  # incomplete: never resumed, and it holds space
             free = shutil.disk_usage(self.ckpt_dir).free
-            raise TrainingFault(f"the disk is full: saving step {self.step} into {tag_dir} failed with {free:,} bytes "
-                                f"free; {self._last_good()}; free some space and resume with "
-                                f"`rigtrain train --out {self.run_dir} --resume`") from None
+            raise TrainingFault(
+                f"the disk is full: saving step {self.step} into {tag_dir} failed with {free:,} bytes "
+                f"free; {self._last_good()}; free some space and resume with "
+                f"`rigtrain train --out {self.run_dir} --resume`"
+            ) from None
         torch.distributed.barrier()
         self.saved_step = self.step
         return True
@@ -79,8 +85,12 @@ class CheckpointSaving:
         tensors = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
         optimizer = self.engine.basic_optimizer
         tensors += [p for group in optimizer.param_groups for p in group["params"]]
-        tensors += [v for state in optimizer.state.values() for v in state.values()
-                    if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        tensors += [
+            v
+            for state in optimizer.state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+        ]
         bad = torch.zeros((), dtype=torch.int64, device=self.device)
         for t in tensors:
             if t.numel():
@@ -91,8 +101,11 @@ class CheckpointSaving:
 
     def _last_good(self) -> str:
         tags = checkpoints.complete_tags(self.ckpt_dir)
-        return (f"the last good checkpoint is step {tags[-1][0]} ({self.ckpt_dir / tags[-1][1]})" if tags
-                else "there is no checkpoint yet")
+        return (
+            f"the last good checkpoint is step {tags[-1][0]} ({self.ckpt_dir / tags[-1][1]})"
+            if tags
+            else "there is no checkpoint yet"
+        )
 
     def _check_disk_space(self, tag_dir: Path) -> None:
         """Before a save: the newest checkpoint's size (plus a tenth and 16 MiB for
@@ -104,6 +117,8 @@ class CheckpointSaving:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.ckpt_dir).free
         if free < need:
-            raise TrainingFault(f"not enough disk space to save step {self.step} into {tag_dir}: about {need:,} bytes "
-                                f"needed, {free:,} free; {self._last_good()}; free some space (or lower "
-                                f"train.keep_ckpts) and resume with `rigtrain train --out {self.run_dir} --resume`")
+            raise TrainingFault(
+                f"not enough disk space to save step {self.step} into {tag_dir}: about {need:,} bytes "
+                f"needed, {free:,} free; {self._last_good()}; free some space (or lower "
+                f"train.keep_ckpts) and resume with `rigtrain train --out {self.run_dir} --resume`"
+            )

@@ -40,8 +40,11 @@ class GracefulStop:
 
     def _handle(self, signum, frame) -> None:
         if self.signum:
-            os.write(2, f"rigtrain: second {signal.Signals(signum).name}: stopping now; the complete checkpoints "
-                        "are as they were\n".encode())
+            os.write(
+                2,
+                f"rigtrain: second {signal.Signals(signum).name}: stopping now; the complete checkpoints "
+                "are as they were\n".encode(),
+            )
             os._exit(128 + self.signum)
         self.signum = signum
 

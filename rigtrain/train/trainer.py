@@ -7,15 +7,15 @@ with RANK/WORLD_SIZE in its environment. It reads everything from RUN_DIR/config
     .close()          -> flush logs, leave the process group (always called)
 
 This file holds the loop; the Trainer's other ideas live beside it as mixins: saving.py
-(checkpoints), evaluating.py (evaluation during training), rehearsal.py (the first steps'
-rehearsal and memory check), profiling.py (the profiled window, MFU). The engine's set-up
-is engine.py. None of them imports this file.
+(checkpoints), divergence.py (the rules that stop a run that can no longer learn),
+evaluating.py (evaluation during training), rehearsal.py (the first steps' rehearsal and
+memory check), profiling.py (the profiled window, MFU). The engine's set-up is engine.py.
+None of them imports this file.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -31,6 +31,7 @@ from rigtrain.model import build_model, count_parameters
 from rigtrain.profile.recorder import LoaderTimeline, span
 from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
 from rigtrain.train import checkpoints
+from rigtrain.train.divergence import DivergenceRules
 from rigtrain.train.engine import (
     apply_optimizer_config,
     build_optimizer,
@@ -40,13 +41,13 @@ from rigtrain.train.engine import (
     seed_everything,
 )
 from rigtrain.train.evaluating import HeldOutEvaluation
-from rigtrain.train.metrics import MetricsLog
 from rigtrain.train.profiling import StepProfiling
 from rigtrain.train.rehearsal import FirstStepRehearsal
+from rigtrain.train.run_log import MetricsLog
 from rigtrain.train.saving import CheckpointSaving
 
 
-class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfiling):
+class Trainer(CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepRehearsal, StepProfiling):
     def __init__(self, run_dir: str | Path, stop=None):
         self.run_dir = Path(run_dir)
         self.stop = stop  # stopping.GracefulStop: a stop signal this process received
@@ -85,15 +86,18 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
         self.diverged: str | None = None  # why the run must stop, once its metrics are written
         self._restart_step_clock()
         self.flops_per_clip, self.peak_tflops = self._flops_and_peak()
-        self.telemetry = TelemetrySampler(self.config.profile.telemetry_hz,
-                                          gpu_index=physical_gpu_index(self.local_rank) if self.device.type == "cuda"
-                                          else None)
+        self.telemetry = TelemetrySampler(
+            self.config.profile.telemetry_hz,
+            gpu_index=physical_gpu_index(self.local_rank) if self.device.type == "cuda" else None,
+        )
         self.profiler = None
         if profiling:
             self._start_profiler()
         if self.raw_videos and self.log:
-            self.log.say(f"training straight from the videos in {saved['data_dir']}: every clip is decoded on "
-                         "the fly, which is slow; `rigtrain data prepare` makes shards once")
+            self.log.say(
+                f"training straight from the videos in {saved['data_dir']}: every clip is decoded on "
+                "the fly, which is slow; `rigtrain data prepare` makes shards once"
+            )
 
     # -- setup ------------------------------------------------------------------------------
     def _set_up_engine(self) -> None:
@@ -108,8 +112,11 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
         import deepspeed  # heavy: only training processes import it
 
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(self.config, self.plan["precision"], self.world))
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(self.config, self.plan["precision"], self.world),
+        )
         if t.compile:
             self.engine.compile()
         self._warm_up_collectives()
@@ -117,8 +124,11 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
         # not make the host wait for the GPU, as an NCCL collective read back would.
         self.control_group = None
         if self.world > 1:
-            self.control_group = (torch.distributed.new_group(backend="gloo") if self.device.type == "cuda"
-                                  else torch.distributed.group.WORLD)
+            self.control_group = (
+                torch.distributed.new_group(backend="gloo")
+                if self.device.type == "cuda"
+                else torch.distributed.group.WORLD
+            )
         # Each rank draws its own DropToken masks.
         seed_everything(t.seed + 1000 * (self.rank + 1))
 
@@ -129,15 +139,25 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
         self.dataset = open_dataset(saved["data_dir"], self.config.data)
         self.raw_videos = not isinstance(self.dataset, ShardDataset)
         self.split = split_clips(self.dataset.clip_videos(), saved.get("split", {}).get("heldout_videos", []))
-        self.eval_steps = set(self.config.eval.steps(t.steps)) \
-            if self.config.eval.during_training and len(self.split.heldout) else set()
+        self.eval_steps = (
+            set(self.config.eval.steps(t.steps))
+            if self.config.eval.during_training and len(self.split.heldout)
+            else set()
+        )
         self.timeline = LoaderTimeline("decode" if self.raw_videos else "read") if profiling else None
-        self.loader = make_loader(self.dataset, self.config.data, rank=self.rank, world=self.world,
-                                  micro_batch=t.micro_batch_size, seed=t.seed, start_batch=self.micro_batches,
-                                  workers=self.plan.get("dataloader_workers", max(0, self.config.data.workers)),
-                                  pin_memory=self.device.type == "cuda",
-                                  on_batch=self.timeline.record if self.timeline else None,
-                                  clips=self.split.train)
+        self.loader = make_loader(
+            self.dataset,
+            self.config.data,
+            rank=self.rank,
+            world=self.world,
+            micro_batch=t.micro_batch_size,
+            seed=t.seed,
+            start_batch=self.micro_batches,
+            workers=self.plan.get("dataloader_workers", max(0, self.config.data.workers)),
+            pin_memory=self.device.type == "cuda",
+            on_batch=self.timeline.record if self.timeline else None,
+            clips=self.split.train,
+        )
         self.batches = iter(self.loader)
 
     def _set_up_log(self, saved: dict, resumed: bool) -> None:
@@ -147,10 +167,12 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
         self.log = MetricsLog(self.run_dir, resume_step=self.step)
         if not resumed:
             self.log.write_setup(saved, self.parameters)
-        self.log.say(f"{'resuming at' if resumed else 'starting'} step {self.step}/{t.steps}: "
-                     f"{self.world} process(es) on {self.device.type}, {self.plan['precision']}, "
-                     f"ZeRO-{t.zero_stage}, {self.parameters / 1e6:.2f}M parameters, "
-                     f"{len(self.split.train)} training clips ({len(self.split.heldout)} held out)")
+        self.log.say(
+            f"{'resuming at' if resumed else 'starting'} step {self.step}/{t.steps}: "
+            f"{self.world} process(es) on {self.device.type}, {self.plan['precision']}, "
+            f"ZeRO-{t.zero_stage}, {self.parameters / 1e6:.2f}M parameters, "
+            f"{len(self.split.train)} training clips ({len(self.split.heldout)} held out)"
+        )
         if self.eval_steps:
             self.log.say(f"evaluating after steps {', '.join(map(str, sorted(self.eval_steps)))}")
 
@@ -168,8 +190,10 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
         if self.world > 1:
             torch.distributed.broadcast_object_list(choice, src=0)
         if choice[0] == "damaged":
-            raise UserError(f"--resume: every checkpoint in {self.ckpt_dir} is damaged (see above); restore the files "
-                            "or start a new run with another --out")
+            raise UserError(
+                f"--resume: every checkpoint in {self.ckpt_dir} is damaged (see above); restore the files "
+                "or start a new run with another --out"
+            )
         return choice[0]
 
     def _load_meta(self, tag: str) -> tuple[int, int]:
@@ -227,8 +251,13 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
         self.nonfinite_total += (~finite).long()
         t = self.config.train
         # Checkpoint steps are logging steps, so the divergence rules look at a step before it is saved.
-        logging = (self.step % t.log_every == 0 or self.step == t.steps or self.step in self.eval_steps
-                   or self.step % t.ckpt_every == 0 or self.step == self.first_step + 1)  # the first: a baseline
+        logging = (
+            self.step % t.log_every == 0
+            or self.step == t.steps
+            or self.step in self.eval_steps
+            or self.step % t.ckpt_every == 0
+            or self.step == self.first_step + 1
+        )  # the first: a baseline
         if not logging:
             return {}
         # Averaged over ranks; every rank takes part, since all reach the same steps.
@@ -244,8 +273,13 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
         steps = self.step - self.clock_step
         step_time = (time.perf_counter() - self.clock_started) / steps
         global_batch = self.config.train.micro_batch_size * accum * self.world
-        metrics.update(step=self.step, lr=lr, step_time_s=step_time, samples_per_s=global_batch / step_time,
-                       data_wait_s=self.data_wait_since_log / steps)
+        metrics.update(
+            step=self.step,
+            lr=lr,
+            step_time_s=step_time,
+            samples_per_s=global_batch / step_time,
+            data_wait_s=self.data_wait_since_log / steps,
+        )
         if self.peak_tflops:
             achieved = self.flops_per_clip * global_batch / step_time / self.world / 1e12
             metrics.update(tflops_per_gpu=achieved, mfu=achieved / self.peak_tflops)
@@ -256,40 +290,6 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
     def _restart_step_clock(self) -> None:
         """Step times count from here (after a logging step, an evaluation or a save)."""
         self.clock_started, self.clock_step, self.data_wait_since_log = time.perf_counter(), self.step, 0.0
-
-    def _check_divergence(self, in_a_row: int, total: int, metrics: dict[str, float]) -> None:
-        """At each logging step (every checkpoint step is one), the rules that stop a run
-        which can no longer learn, before it saves: the loss not finite for
-        train.max_nonfinite_steps steps in a row; DeepSpeed skipping the update (an inf/NaN
-        gradient) for train.max_skipped_steps steps in a row; the loss above
-        train.divergence_factor times the median of the last 10 logged losses. Every rank
-        sees the same figures, so all stop after the same step."""
-        t = self.config.train
-        if total != self.nonfinite_reported:
-            metrics["nonfinite_steps"] = total
-            if self.log:
-                self.log.say(f"warning: {total - self.nonfinite_reported} step(s) up to step {self.step} had a loss "
-                             f"that is not finite ({in_a_row} in a row now, {total} in all)")
-            self.nonfinite_reported = total
-        if self.skipped_seen:
-            metrics["skipped_steps"] = self.skipped_seen
-        loss = metrics.get("loss", 0.0)
-        recent = sorted(self.recent_losses[-10:])
-        median = recent[len(recent) // 2] if recent else None
-        why = None
-        if in_a_row >= t.max_nonfinite_steps:
-            why = f"the loss was not finite for {in_a_row} steps in a row up to step {self.step}"
-        elif self.skipped_in_a_row >= t.max_skipped_steps:
-            why = (f"DeepSpeed skipped the last {self.skipped_in_a_row} updates up to step {self.step} (their gradients "
-                   "were inf or NaN)")
-        elif t.divergence_factor and median and math.isfinite(loss) and loss > t.divergence_factor * median:
-            why = (f"the loss exploded at step {self.step}: {loss:.4g}, more than {t.divergence_factor:g} times the "
-                   f"median of the last {len(recent)} logged ({median:.4g}; train.divergence_factor)")
-        if math.isfinite(loss):
-            self.recent_losses.append(loss)
-        if why:
-            self.diverged = (f"{why}; {self._last_good()}; lower train.lr (now {t.lr:g}) or raise "
-                             f"train.warmup_steps, then `rigtrain train --out {self.run_dir} --resume --set train.lr=...`")
 
     def fit(self) -> None:
         t = self.config.train
@@ -324,18 +324,24 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
                 if self.skipped_in_a_row:
                     if self.log:
-                        self.log.say(f"warning: step {self.step} is not saved: DeepSpeed skipped its update (inf or "
-                                     f"NaN gradients); {self._last_good()}")
+                        self.log.say(
+                            f"warning: step {self.step} is not saved: DeepSpeed skipped its update (inf or "
+                            f"NaN gradients); {self._last_good()}"
+                        )
                 elif not self.save_checkpoint():
                     raise FloatingPointError(self.diverged)
                 self._restart_step_clock()
         if self.log and self.step == first_step:
-            self.log.say(f"the run is already at step {self.step} of {t.steps}: nothing to do "
-                         f"(give --steps N with N > {self.step} to train on)")
+            self.log.say(
+                f"the run is already at step {self.step} of {t.steps}: nothing to do "
+                f"(give --steps N with N > {self.step} to train on)"
+            )
         elif self.log:
             change = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
-            self.log.say(f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.1f} s"
-                         f"{change}; run in {self.run_dir}")
+            self.log.say(
+                f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.1f} s"
+                f"{change}; run in {self.run_dir}"
+            )
 
     def _stop_signal(self) -> int:
         """The stop signal any rank has received (0 if none), the same on every rank."""
@@ -356,10 +362,16 @@ class Trainer(CheckpointSaving, HeldOutEvaluation, FirstStepRehearsal, StepProfi
         if self.step > self.saved_step:
             self.save_checkpoint()
         name = signal.Signals(signum).name
-        where = (f"after step {self.step}; checkpoint {self.ckpt_dir / checkpoints.tag_for(self.step)} is complete"
-                 if self.step > 0 else "before its first step; nothing was trained")
-        message = (f"stopped by {name} {where}. Continue with: rigtrain train --out {self.run_dir} --resume"
-                   if self.step > 0 else f"stopped by {name} {where}")
+        where = (
+            f"after step {self.step}; checkpoint {self.ckpt_dir / checkpoints.tag_for(self.step)} is complete"
+            if self.step > 0
+            else "before its first step; nothing was trained"
+        )
+        message = (
+            f"stopped by {name} {where}. Continue with: rigtrain train --out {self.run_dir} --resume"
+            if self.step > 0
+            else f"stopped by {name} {where}"
+        )
         if self.log:
             self.log.say(message)
         raise StopRequested(128 + signum, message)

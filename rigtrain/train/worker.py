@@ -72,8 +72,9 @@ def out_of_memory(err: BaseException) -> bool:
         return True
     text = str(err).lower()
     return isinstance(err, RuntimeError) and any(
-        k in text for k in ("out of memory", "failed to cuda calloc", "cudaerrormemoryallocation",
-                            "cublas_status_alloc_failed"))
+        k in text
+        for k in ("out of memory", "failed to cuda calloc", "cudaerrormemoryallocation", "cublas_status_alloc_failed")
+    )
 
 
 def oom_message(run_dir, trainer, err: BaseException, first: bool) -> str:
@@ -87,11 +88,16 @@ def oom_message(run_dir, trainer, err: BaseException, first: bool) -> str:
     tags = complete_tags(Path(run_dir) / "checkpoints")
     saved = f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was written yet"
     micro = trainer.config.train.micro_batch_size
-    advice = (f"lower train.micro_batch_size (now {micro}) or set model.activation_checkpointing=true"
-              if not trainer.config.model.activation_checkpointing else
-              f"lower train.micro_batch_size (now {micro}) or use train.zero_stage=3")
-    then = ("the launcher backs off" if first else
-            f"then continue with `rigtrain train --out {run_dir} --resume --set train.micro_batch_size=N`")
+    advice = (
+        f"lower train.micro_batch_size (now {micro}) or set model.activation_checkpointing=true"
+        if not trainer.config.model.activation_checkpointing
+        else f"lower train.micro_batch_size (now {micro}) or use train.zero_stage=3"
+    )
+    then = (
+        "the launcher backs off"
+        if first
+        else f"then continue with `rigtrain train --out {run_dir} --resume --set train.micro_batch_size=N`"
+    )
     return f"out of GPU memory at step {step} on rank {trainer.rank} ({first_line}); {saved}; {advice}; {then}"
 
 

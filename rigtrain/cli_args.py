@@ -1,0 +1,33 @@
+"""The pieces of the command line's argument parsing that every command shares: a parser
+whose usage errors are one line and exit code 2, and the types of option values."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+def nonempty(text: str) -> str:
+    """An option value that names something: an empty string is a mistake, not a default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def watts(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of watts") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give the PSU's rating in watts, e.g. 1000")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)

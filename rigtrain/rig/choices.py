@@ -1,0 +1,35 @@
+"""The plan's choices that need no measurement: the precision a card's compute capability
+allows, and the loader threads the cores allow (docs/planner.md, "The decisions")."""
+
+from __future__ import annotations
+
+
+def choose_precision(capability: tuple[int, int]) -> tuple[str, str]:
+    """bf16 needs compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() says yes
+    on older cards through emulation that is slower than fp32. 7.x has fp16 tensor cores
+    that need dynamic loss scaling; Pascal's consumer fp16 is crippled, so fp32 there."""
+    major, minor = capability
+    if capability >= (8, 0):
+        return "bf16", f"compute capability {major}.{minor} >= 8.0 has native bf16"
+    if capability >= (7, 0):
+        return (
+            "fp16",
+            f"compute capability {major}.{minor} has fp16 tensor cores but no bf16: fp16 with dynamic loss scaling",
+        )
+    return (
+        "fp32",
+        f"compute capability {major}.{minor} < 7.0: fp16 runs at a fraction of fp32 speed on this card, so fp32",
+    )
+
+
+def loader_workers(configured: int, threads: int, processes: int) -> tuple[int, str]:
+    """Loader threads per training process: shards need no decoding, so threads only copy
+    clips out of the page cache; a few per process are plenty, and one thread per
+    process is left for the process itself."""
+    if configured >= 0:
+        return configured, f"set by the config (data.workers={configured})"
+    workers = max(1, min(8, threads // processes - 1))
+    return workers, (
+        f"{threads} hardware threads / {processes} training process(es), one kept for each "
+        f"process's own work, at most 8: {workers} loader thread(s) per process"
+    )

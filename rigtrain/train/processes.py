@@ -1,0 +1,196 @@
+"""Starting the training processes and watching them, and the lock that keeps one run per
+folder (docs/training.md, "From `rigtrain train` to the first step"):
+
+- one process: in this process (no second start-up);
+- several on this machine (GPUs, or train.nproc on a CPU): one process per rank, started
+  and watched here (`run_local_ranks`: signals forwarded, a failing rank stops the rest,
+  no orphans);
+- several machines: DeepSpeed's launcher with the user's `--hostfile`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rigtrain.errors import UserError
+
+WORKER_MODULE = "rigtrain.train.worker"
+
+
+def _say(line: str) -> None:
+    print(f"[rigtrain] {line}", flush=True)
+
+
+class RunLock:
+    """One run per folder: `rigtrain train` holds an exclusive lock on RUN_DIR/.lock (flock,
+    through filelock) for as long as it runs, with who holds it in RUN_DIR/lock.json. A
+    second train or --resume on a live run is refused, naming the process; the kernel
+    drops the lock of a process that died, however it died, and the next run takes it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.info = run_dir / "lock.json"
+
+    def __enter__(self) -> RunLock:
+        from filelock import FileLock, Timeout
+
+        self.lock = FileLock(str(self.run_dir / ".lock"), timeout=0)
+        try:
+            self.lock.acquire()
+        except Timeout:
+            holder = self._holder()
+            who = (
+                f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+                if holder
+                else "another process"
+            )
+            raise UserError(
+                f"--out {self.run_dir}: a run is already training there ({who}); wait for it to end, or "
+                f"stop it (`kill {holder.get('pid', 'PID')}` saves a checkpoint first) and add --resume"
+            ) from None
+        previous = self._holder()
+        if previous and previous.get("pid") != os.getpid():
+            _say(f"the run's lock was left by process {previous.get('pid')}, which is gone; taking it over")
+        from rigtrain.files import write_json
+
+        write_json(
+            self.info,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": sys.argv,
+            },
+        )
+        return self
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.info.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def __exit__(self, *exc) -> None:
+        self.info.unlink(missing_ok=True)
+        self.lock.release()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | None:
+    """The command that starts the workers, or None to run in this process. Only a single
+    CPU process runs in-process: this process has already initialised CUDA (to read the
+    GPUs), so a GPU run needs fresh processes for CUDA_VISIBLE_DEVICES (rig.gpus) to take
+    effect. On one machine the command is one worker's, started once per rank by
+    `run_local_ranks`; with a hostfile it is DeepSpeed's launcher, which reaches the others."""
+    if hostfile:
+        # DeepSpeed's launcher chooses each node's GPUs itself (--include/--exclude).
+        return [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            hostfile,
+            "--module",
+            WORKER_MODULE,
+            "--run-dir",
+            str(run_dir.resolve()),
+        ]
+    if plan.world_size == 1 and plan.device == "cpu":
+        return None
+    return [sys.executable, "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
+
+
+# After one rank fails, the others are usually blocked in a collective that will never
+# complete: they get SIGTERM, and SIGKILL if they are still there this many seconds later.
+FAILED_RANK_GRACE_S = 10.0
+
+
+def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
+    """One worker process per rank on this machine, watched until all have exited.
+
+    Ours rather than torchrun's, for what happens when something goes wrong: the workers
+    run in their own session, so a Ctrl-C in the terminal reaches only this process, which
+    passes that one signal to every rank (they finish the step, agree, save and exit) and
+    SIGKILL on a second; under torchrun each rank got the terminal's signal and torchrun's. Each worker also
+    dies with this process however it ends (stopping.die_with_launcher), and a rank that
+    fails takes the others down. Returns 128 + the signal when stopped by one, else the
+    first failing rank's exit code, else 0."""
+    from rigtrain.train.stopping import LAUNCHER_PID, STOP_SIGNALS
+
+    port = str(_free_port())
+    shared = {
+        **env,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "GROUP_RANK": "0",
+        LAUNCHER_PID: str(os.getpid()),
+    }
+    ranks = [
+        subprocess.Popen(command, env={**shared, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
+        for r in range(world)
+    ]
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        for process in ranks:
+            if process.poll() is None:
+                process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    failed_at = None
+    try:
+        while any(p.poll() is None for p in ranks):
+            codes = [p.returncode for p in ranks]
+            if failed_at is None and not received and any(c not in (None, 0) for c in codes):
+                failed_at = time.monotonic()
+                for p in ranks:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+            if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+                for p in ranks:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        return 128 + received[0]
+    return next((c for c in (p.returncode for p in ranks) if c != 0), 0)
+
+
+def start_processes(run_dir: Path, plan, hostfile: str | None) -> int:
+    command = launch_command(run_dir, plan, hostfile)
+    if command is None:
+        os.environ.update(plan.env)
+        for key, value in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+        }.items():
+            os.environ[key] = value
+        from rigtrain.train.worker import run
+
+        return run(run_dir)
+    env = {**os.environ, **plan.env}
+    if hostfile:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        return subprocess.run(command, env=env).returncode
+    return run_local_ranks(command, plan.world_size, env)
