@@ -129,3 +129,24 @@ def test_files_and_functions_stay_short():
                     f"{node.end_lineno - node.lineno + 1} lines"
                 )
     assert long == []
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function is for a heavy or optional dependency (or one that must
+    wait, like torch after OMP_NUM_THREADS), and says which on its line or the one above.
+    The command-line modules import each command's work inside it by rule (their docstrings
+    say so: `rigtrain --help` and bad input answer at once)."""
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name.startswith("cli"):
+            continue
+        lines = path.read_text().splitlines()
+        for function in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    said = "#" in lines[node.end_lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+                    if not said:
+                        silent.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert silent == [], "move these imports to the top of the module, or say why they wait: " + ", ".join(silent)

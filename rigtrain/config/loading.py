@@ -48,7 +48,7 @@ def read_config_file(path: str | Path) -> dict:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # only for .yaml config files
 
             data = yaml.safe_load(text) or {}
         elif path.suffix == ".json":

@@ -7,7 +7,10 @@ itself in `__post_init__` with a message naming the key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 from dataclasses import dataclass, field
 
 from rigtrain.config.checks import ConfigError
@@ -297,9 +300,6 @@ SECTIONS: dict[str, type] = {
 def field_docs(cls: type) -> dict[str, str]:
     """The string under each field, read from the source, so `--help-config` and the code
     cannot disagree."""
-    import ast
-    import inspect
-    import textwrap
 
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body

@@ -3,6 +3,7 @@ decoding the same clips from their source videos on the fly, with the same worke
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -19,7 +20,6 @@ from rigtrain.errors import UserError
 
 def data_config_of(index: dict, base: DataConfig | None = None) -> DataConfig:
     """The clip shape the shards were cut with, as a DataConfig."""
-    import dataclasses
 
     p = index["params"]
     return dataclasses.replace(

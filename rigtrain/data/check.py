@@ -17,7 +17,7 @@ from rigtrain.data.sources import Source, audio_mismatch, sources_in
 
 
 def _probe_video(path: Path) -> dict:
-    import cv2
+    import cv2  # OpenCV: only where frames are decoded or written
 
     cap, info = media.open_video(path)
     try:
@@ -56,7 +56,7 @@ def _probe_container_audio(path: Path) -> dict | None:
 
 
 def _probe_sidecar_audio(path: Path) -> dict:
-    import soundfile as sf
+    import soundfile as sf  # only where audio files are read or written
 
     try:
         info = sf.info(str(path))

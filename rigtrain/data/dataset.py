@@ -315,7 +315,7 @@ def open_dataset(data_dir: str | Path, data: DataConfig) -> Dataset:
     """Prepared shards, or a folder of videos decoded on the fly (slow; what prepare is for)."""
     if (Path(data_dir) / "index.json").is_file():
         return ShardDataset(data_dir, data)
-    from rigtrain.data.ondemand import DecodedClips
+    from rigtrain.data.ondemand import DecodedClips  # decoding (OpenCV, PyAV) only for a folder of videos
 
     clips = DecodedClips.from_folder(Path(data_dir), data)
     if len(clips) == 0:

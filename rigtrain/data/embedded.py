@@ -9,6 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+from filelock import FileLock
+
 from rigtrain.config import DataConfig
 from rigtrain.data.prepare import prepare
 from rigtrain.data.shards import preparation_params
@@ -31,7 +33,6 @@ def embedded_dataset(data: DataConfig, log=print) -> Path:
     prepared = raw.with_name(raw.name + f"-prepared-{key}")
     if (prepared / "index.json").is_file():
         return prepared
-    from filelock import FileLock
 
     prepared.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(prepared) + ".lock"):

@@ -33,7 +33,7 @@ class VideoInfo:
 
 def open_video(path: Path):
     """An open cv2.VideoCapture and its VideoInfo; MediaError when it is no readable video."""
-    import cv2
+    import cv2  # OpenCV: only where frames are decoded or written
 
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
@@ -58,7 +58,7 @@ def fit_frame(frame: np.ndarray, height: int, width: int, mode: str = "crop") ->
     """Resize to (height, width) keeping the aspect ratio: "crop" cuts the centre to the
     target aspect first; "pad" letterboxes the whole frame in black. INTER_AREA is the
     right filter for shrinking. Nothing is ever stretched."""
-    import cv2
+    import cv2  # OpenCV: only where frames are decoded or written
 
     h, w = frame.shape[:2]
     target = width / height
@@ -83,7 +83,7 @@ def fit_frame(frame: np.ndarray, height: int, width: int, mode: str = "crop") ->
 def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop") -> tuple[np.ndarray, VideoInfo]:
     """All frames resampled in time to `fps` (the source frame showing at each output time)
     and fitted to size=(H, W): uint8 RGB (T, H, W, 3)."""
-    import cv2
+    import cv2  # OpenCV: only where frames are decoded or written
 
     cap, info = open_video(path)
     frames: list[np.ndarray] = []
@@ -111,7 +111,7 @@ def read_video_clip(
     """Output frames start_frame .. start_frame+count-1 of read_video(path, fps, size),
     decoded on demand: seek to the first source frame needed and decode only as far as
     the clip goes. This is what a loader without shards has to do for every clip."""
-    import cv2
+    import cv2  # OpenCV: only where frames are decoded or written
 
     cap, info = open_video(path)
     first_src = math.floor(start_frame * info.fps / fps + 1e-6)
@@ -136,7 +136,7 @@ def read_video_clip(
 
 def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """(S,) or (S, channels) float -> mono float32 at target_rate, via libswresample."""
-    import av
+    import av  # PyAV: only where a container's audio is read
 
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim == 1:
@@ -153,7 +153,7 @@ def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarr
 
 def read_audio_file(path: Path, target_rate: int) -> np.ndarray:
     """A sidecar .wav/.flac/.ogg -> mono float32 at target_rate."""
-    import soundfile as sf
+    import soundfile as sf  # only where audio files are read or written
 
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
@@ -164,7 +164,7 @@ def read_audio_file(path: Path, target_rate: int) -> np.ndarray:
 
 def open_container(path: Path):
     """A PyAV container (use it as a context manager); MediaError when FFmpeg cannot open it."""
-    import av
+    import av  # PyAV: only where a container's audio is read
 
     try:
         return av.open(str(path))
@@ -175,7 +175,7 @@ def open_container(path: Path):
 def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
     """The video container's own audio track -> mono float32 at target_rate, or None when
     the container has no audio track."""
-    import av
+    import av  # PyAV: only where a container's audio is read
 
     with open_container(path) as container:
         if not container.streams.audio:
@@ -199,7 +199,7 @@ def read_audio_window(
     a sidecar is read from that sample on; a container track is seeked to the packet
     before start_s and decoded forward. None when there is no audio."""
     if sidecar is not None:
-        import soundfile as sf
+        import soundfile as sf  # only where audio files are read or written
 
         try:
             with sf.SoundFile(str(sidecar)) as f:
@@ -209,7 +209,7 @@ def read_audio_window(
         except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError
             raise MediaError(f"unreadable audio: {err}") from None
         return resample_audio(samples, rate, target_rate)
-    import av
+    import av  # PyAV: only where a container's audio is read
 
     with open_container(video) as container:
         if not container.streams.audio:

@@ -14,7 +14,9 @@ from torch.utils.data import Dataset
 
 from rigtrain.config import DataConfig
 from rigtrain.data import media
+from rigtrain.data.check import check_source, frames_after_resampling
 from rigtrain.data.narration import Segment, clip_text, read_narration
+from rigtrain.data.sources import find_sources
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,6 @@ class DecodedClips(Dataset):
         """Every clip `data prepare` would cut from a folder of videos, without preparing it
         (for training straight from videos: slow, but it works). Videos that cannot be
         used are left out, as prepare leaves them out."""
-        from rigtrain.data.check import check_source, frames_after_resampling
-        from rigtrain.data.sources import find_sources
 
         refs = []
         for source in find_sources(Path(folder))[0]:

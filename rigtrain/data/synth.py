@@ -30,7 +30,7 @@ EVENTS_PER_VIDEO = 3
 
 
 def _draw(frame: np.ndarray, shape: str, colour: tuple[int, int, int], cx: float, cy: float, r: float) -> None:
-    import cv2
+    import cv2  # OpenCV: only where frames are decoded or written
 
     c, center = tuple(int(v) for v in colour), (int(round(cx)), int(round(cy)))
     ir = int(round(r))
@@ -55,7 +55,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     """A smooth random texture that stays for the whole event. Per-pixel noise alone would
     be unpredictable by construction, and per-patch normalised targets (norm_pix) would
     magnify it to the whole loss; a persistent texture is something a model can predict."""
-    import cv2
+    import cv2  # OpenCV: only where frames are decoded or written
 
     coarse = rng.uniform(-1, 1, (8, 8, 3)).astype(np.float32)
     texture = cv2.resize(coarse, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_CUBIC)
@@ -74,7 +74,7 @@ def _event_audio(rng: np.random.Generator, shape: str, direction: str, seconds: 
 
 
 def _write_video(path: Path, frames: list[np.ndarray]) -> None:
-    import cv2
+    import cv2  # OpenCV: only where frames are decoded or written
 
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (FRAME_SIZE, FRAME_SIZE))
     if not writer.isOpened():
@@ -88,7 +88,7 @@ def synthesize(out_dir: str | Path, *, videos: int = 48, seed: int = 0, progress
     """Write `videos` Shapes-world videos with their sound, narration and labels.json.
     Every 8th video has no sound and every 8th (another) no narration, so that training
     meets missing modalities the way user data has them. Deterministic for a seed."""
-    import soundfile as sf
+    import soundfile as sf  # only where audio files are read or written
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

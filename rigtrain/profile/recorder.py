@@ -62,7 +62,7 @@ class StepProfiler:
     (what the torch-tb-profiler plugin reads), with the loader rows added."""
 
     def __init__(self, config: ProfileConfig, trace_dir: Path, *, rank: int, cuda: bool, timeline: LoaderTimeline):
-        from torch.profiler import ProfilerActivity, profile, schedule
+        from torch.profiler import ProfilerActivity, profile, schedule  # heavy: only while a profile records
 
         self.trace_dir, self.rank, self.timeline = Path(trace_dir), rank, timeline
         self.trace_path: Path | None = None
@@ -87,7 +87,7 @@ class StepProfiler:
         self.profiler.stop()
 
     def _save(self, prof) -> None:
-        from torch.profiler import tensorboard_trace_handler
+        from torch.profiler import tensorboard_trace_handler  # heavy: only while a profile records
 
         worker = f"rank{self.rank}"
         before = set(self.trace_dir.glob(f"{worker}.*.pt.trace.json"))

@@ -63,7 +63,7 @@ class TelemetrySampler:
         self.throttle_reports: list = []
         if gpu_index is not None:
             try:
-                import pynvml
+                import pynvml  # optional: absent or failing on machines without NVIDIA's driver
 
                 pynvml.nvmlInit()
                 self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
@@ -71,7 +71,7 @@ class TelemetrySampler:
                 self._judge = ThrottleJudge(card_limits(pynvml, self._handle, gpu_index))
             except Exception:  # no NVML (a container without the library): host telemetry only
                 self._nvml = None
-        import psutil
+        import psutil  # only when the host is read
 
         self._process = psutil.Process()
         psutil.cpu_percent(None)  # the first reading starts the interval; only this sampler reads it
@@ -79,7 +79,7 @@ class TelemetrySampler:
         self._thread.start()
 
     def _read(self) -> dict[str, float]:
-        import psutil
+        import psutil  # only when the host is read
 
         host = {"host_cpu_percent": psutil.cpu_percent(None), "host_rss_gib": self._process.memory_info().rss / 2**30}
         if self._nvml is None:

@@ -7,8 +7,11 @@ out, rather than failing the whole probe."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 from rigtrain.rig.facts import Cpu, Disk, Gpu, Pcie, Power, Rig
@@ -25,7 +28,7 @@ THROTTLE_REASONS = {
 
 def _ask(call, *args, default=None):
     """One NVML query; None when the card, driver or permissions do not allow it."""
-    import pynvml
+    import pynvml  # optional: absent or failing on machines without NVIDIA's driver
 
     try:
         return call(*args)
@@ -114,7 +117,7 @@ def probe_gpus() -> tuple[tuple[Gpu, ...], dict]:
     """Every GPU NVML sees, in PCI bus order (as nvidia-smi and CUDA_DEVICE_ORDER=PCI_BUS_ID
     number them), and the driver's versions. No NVML: no GPUs."""
     try:
-        import pynvml
+        import pynvml  # optional: absent or failing on machines without NVIDIA's driver
 
         pynvml.nvmlInit()
     except Exception as err:  # no library, no driver, no device: a CPU machine
@@ -144,9 +147,8 @@ def _cpu_model() -> str | None:
 
 def software() -> dict:
     """What trains: torch and its CUDA build, DeepSpeed and its ops, bitsandbytes, NCCL."""
-    from importlib import metadata
 
-    import torch
+    import torch  # heavy: only on the paths that need it
 
     info: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
     if torch.cuda.is_available():
@@ -167,8 +169,6 @@ def _deepspeed_prebuilt_ops() -> str | None:
     """Which DeepSpeed ops were compiled at install time, read from the file its installer
     writes (importing deepspeed itself takes seconds and logs to stderr). Ops that were not
     prebuilt are JIT-compiled on first use (the CPU comm op: ~30 s, once)."""
-    import ast
-    import importlib.util
 
     spec = importlib.util.find_spec("deepspeed")
     if spec is None or not spec.submodule_search_locations:
@@ -187,7 +187,7 @@ def _deepspeed_prebuilt_ops() -> str | None:
 
 def probe(paths: list[str | Path] = ()) -> Rig:
     """The machine this runs on. `paths` (data, output) get their free disk space read."""
-    import psutil
+    import psutil  # only when the host is read
 
     gpus, driver = probe_gpus()
     memory, swap = psutil.virtual_memory(), psutil.swap_memory()

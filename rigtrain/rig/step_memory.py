@@ -61,7 +61,7 @@ def fake_step_peak_bytes(build: StepBuilder) -> int:
     """build() makes what the step needs (called under FakeTensorMode, so it allocates
     nothing) and returns (resident tensors, step); the step's peak live bytes, resident
     tensors included."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode  # heavy: only when a step is measured
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         resident, step = build()

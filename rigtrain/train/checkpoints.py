@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 
 from rigtrain.files import write_json
 
@@ -32,7 +33,6 @@ def tag_for(step: int) -> str:
 
 
 def file_digest(path: Path) -> str:
-    import xxhash
 
     digest = xxhash.xxh3_64()
     with path.open("rb") as f:

@@ -76,7 +76,7 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
     t = config.train
     groups = param_groups(model, t.weight_decay)
     if t.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional: only for train.optimizer=adamw8bit
 
         return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.betas)
     # fused: one kernel for the whole update, and its step counts stay on the device, where

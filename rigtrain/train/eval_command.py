@@ -17,8 +17,13 @@ from pathlib import Path
 import torch
 
 from rigtrain.config import RunConfig, build_config
+from rigtrain.data.dataset import ShardDataset, open_dataset
+from rigtrain.data.split import heldout_videos, split_clips
 from rigtrain.errors import UserError
+from rigtrain.evaluate import evaluate, extract_features
+from rigtrain.evaluate.evaluation import spread
 from rigtrain.files import write_json
+from rigtrain.model import build_model
 from rigtrain.train import checkpoints
 
 
@@ -49,7 +54,9 @@ def load_weights(run_dir: Path, config: RunConfig) -> tuple[dict[str, torch.Tens
         # DeepSpeed prints (and binds its logger) to stdout; --json promises stdout holds
         # nothing but the result.
         with contextlib.redirect_stdout(sys.stderr):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from deepspeed.utils.zero_to_fp32 import (
+                get_fp32_state_dict_from_zero_checkpoint,
+            )  # heavy: only for a ZeRO-3 checkpoint
 
             return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag), tag, step
     state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
@@ -57,11 +64,6 @@ def load_weights(run_dir: Path, config: RunConfig) -> tuple[dict[str, torch.Tens
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
-    from rigtrain.data.dataset import ShardDataset, open_dataset
-    from rigtrain.data.split import heldout_videos, split_clips
-    from rigtrain.evaluate import evaluate, extract_features
-    from rigtrain.evaluate.evaluation import spread
-    from rigtrain.model import build_model
 
     run_dir = Path(run_dir)
     saved = read_run(run_dir)

@@ -24,7 +24,7 @@ def meta_batch(data: DataConfig, size: int) -> dict[str, torch.Tensor]:
 def train_flops_per_clip(model: ModelConfig, data: DataConfig) -> float:
     """Forward + backward FLOPs per clip (matmuls and attention, as FlopCounterMode counts:
     2 per multiply-add; elementwise work is not counted, as in MFU conventions)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode  # heavy: only when FLOPs are counted
 
     batch = 2
     with torch.device("meta"):

@@ -17,9 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from rigtrain.config import RunConfig, load_config
+from rigtrain.config import RunConfig, build_config, load_config
+from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
+from rigtrain.files import write_json
 from rigtrain.train.processes import RunLock, start_processes
+from rigtrain.train.resuming import resume_changes
 from rigtrain.train.worker import OOM_MARKER
 
 
@@ -59,8 +62,6 @@ def resolve_config(
                 f"--resume: the run in {run_dir} was made with --preset {base.get('preset')}, not "
                 f"--preset {preset}; drop --preset (or give {base.get('preset')}) to continue it"
             )
-        from rigtrain.config import build_config
-        from rigtrain.train.resuming import resume_changes
 
         config = load_config(base=base, config_file=config_file, overrides=overrides)
         changes = resume_changes(build_config(base, source=str(saved)), config)
@@ -77,14 +78,14 @@ def resolve_config(
 def resolve_data(config: RunConfig, log=print) -> Path:
     """The prepared shards to train on: the user's, or the embedded dataset (built once)."""
     if not config.data.dir:
-        from rigtrain.data.embedded import embedded_dataset
+        from rigtrain.data.embedded import embedded_dataset  # the generator (OpenCV): only without --data
 
         return embedded_dataset(config.data, log=log)
     path = Path(config.data.dir)
     if not path.is_dir():
         raise UserError(f"--data {path}: no such folder; give prepared shards (from `rigtrain data prepare`)")
     if not (path / "index.json").is_file():
-        from rigtrain.data.media import VIDEO_SUFFIXES
+        from rigtrain.data.media import VIDEO_SUFFIXES  # OpenCV-backed module: only for a folder of videos
 
         if not any(p.suffix.lower() in VIDEO_SUFFIXES for p in path.iterdir()):
             raise UserError(
@@ -101,8 +102,8 @@ def resolve_data(config: RunConfig, log=print) -> Path:
 def check_data(data_dir: Path, config: RunConfig, world_size: int, heldout: list[str] | None = None):
     """The dataset's size and its held-out split (`heldout`: the videos a resumed run held
     out; None = split by eval.holdout). Raises when there is not one batch per rank."""
-    from rigtrain.data.dataset import ResumableSampler, open_dataset
-    from rigtrain.data.split import heldout_videos, split_clips
+    from rigtrain.data.dataset import ResumableSampler, open_dataset  # torch, numpy: only once there is data to check
+    from rigtrain.data.split import heldout_videos, split_clips  # torch, numpy: only once there is data to check
 
     dataset = open_dataset(data_dir, config.data)
     videos = dataset.clip_videos()
@@ -112,8 +113,7 @@ def check_data(data_dir: Path, config: RunConfig, world_size: int, heldout: list
 
 
 def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan, extra: dict | None = None) -> None:
-    from rigtrain.files import write_json
-    from rigtrain.train.engine import deepspeed_config
+    from rigtrain.train.engine import deepspeed_config  # torch: only once the run is planned
 
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {
@@ -148,7 +148,7 @@ def _check_rig_file_matches(rig, rig_file: str | None) -> None:
     still runs here, so the GPU count must be this machine's."""
     if not rig_file:
         return
-    import torch
+    import torch  # heavy: only on the paths that need it
 
     here = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if len(rig.gpus) != here:
@@ -216,8 +216,12 @@ def _train_locked(
     psu_w,
     profile,
 ) -> int:
-    from rigtrain.config.loading import user_keys
-    from rigtrain.train.planning import PLANNED, apply_plan, machine_rig, plan_run
+    from rigtrain.train.planning import (
+        PLANNED,
+        apply_plan,
+        machine_rig,
+        plan_run,
+    )  # torch: after the checks a user can fail
 
     if profile and steps is None and not resume and "train.steps" not in user_keys(config_file, overrides):
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+import xxhash
+
 from rigtrain.config import DataConfig, RunConfig
 from rigtrain.files import write_json
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
@@ -38,11 +40,11 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
     cannot be read but CUDA works (a container without the NVML library)."""
     if rig_file:
         return read_rig_file(rig_file)
-    from rigtrain.rig.probe import probe
+    from rigtrain.rig.probe import probe  # NVML and psutil: only without a rig file
 
     rig = probe(paths)
     if not rig.gpus:
-        import torch
+        import torch  # heavy: only on the paths that need it
 
         if torch.cuda.is_available():
             gpus = []
@@ -84,8 +86,7 @@ _DATA_FIELDS_OFF_THE_STEP = (
 def _code_fingerprint() -> str:
     """What a step's memory depends on besides its config: torch's version and our code that
     builds and measures the step. A change to either measures again."""
-    import torch
-    import xxhash
+    import torch  # heavy: only on the paths that need it
 
     digest = xxhash.xxh3_64(torch.__version__.encode())
     package = Path(__file__).resolve().parents[1]
@@ -97,7 +98,6 @@ def _code_fingerprint() -> str:
 
 
 def _measurement_path(key: str) -> Path:
-    import xxhash
 
     from rigtrain.data.embedded import cache_root  # the cache folder the datasets use
 

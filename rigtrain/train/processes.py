@@ -19,7 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from rigtrain.errors import UserError
+from rigtrain.files import write_json
+from rigtrain.train.stopping import LAUNCHER_PID, STOP_SIGNALS
 
 WORKER_MODULE = "rigtrain.train.worker"
 
@@ -39,7 +43,6 @@ class RunLock:
         self.info = run_dir / "lock.json"
 
     def __enter__(self) -> RunLock:
-        from filelock import FileLock, Timeout
 
         self.lock = FileLock(str(self.run_dir / ".lock"), timeout=0)
         try:
@@ -58,7 +61,6 @@ class RunLock:
         previous = self._holder()
         if previous and previous.get("pid") != os.getpid():
             _say(f"the run's lock was left by process {previous.get('pid')}, which is gone; taking it over")
-        from rigtrain.files import write_json
 
         write_json(
             self.info,
@@ -127,7 +129,6 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
     dies with this process however it ends (stopping.die_with_launcher), and a rank that
     fails takes the others down. Returns 128 + the signal when stopped by one, else the
     first failing rank's exit code, else 0."""
-    from rigtrain.train.stopping import LAUNCHER_PID, STOP_SIGNALS
 
     port = str(_free_port())
     shared = {
@@ -186,7 +187,7 @@ def start_processes(run_dir: Path, plan, hostfile: str | None) -> int:
             "MASTER_PORT": str(_free_port()),
         }.items():
             os.environ[key] = value
-        from rigtrain.train.worker import run
+        from rigtrain.train.worker import run  # the Trainer (torch, DeepSpeed): only when this process trains
 
         return run(run_dir)
     env = {**os.environ, **plan.env}

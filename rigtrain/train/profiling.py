@@ -9,10 +9,14 @@ import os
 
 import torch
 
+from rigtrain.profile.analysis import RunFacts, analyze, format_summary
+from rigtrain.profile.recorder import StepProfiler
+from rigtrain.rig.peaks import peak_tflops
+from rigtrain.train.flops import train_flops_per_clip
+
 
 class StepProfiling:
     def _start_profiler(self) -> None:
-        from rigtrain.profile.recorder import StepProfiler
 
         self.profiler = StepProfiler(
             self.config.profile,
@@ -33,17 +37,12 @@ class StepProfiling:
         for the MFU logged with every metrics line."""
         if self.device.type != "cuda":
             return None, None
-        from rigtrain.rig.peaks import peak_tflops
-        from rigtrain.train.flops import train_flops_per_clip
 
         peak = peak_tflops(torch.cuda.get_device_name(self.device))
         return (train_flops_per_clip(self.config.model, self.config.data), peak) if peak else (None, None)
 
     def _finish_profile(self) -> None:
         """Stop the profiler (its trace is written), then rank 0 analyses its own trace."""
-        from rigtrain.profile.analysis import RunFacts, analyze, format_summary
-        from rigtrain.rig.peaks import peak_tflops
-        from rigtrain.train.flops import train_flops_per_clip
 
         self.profiler.stop()
         path, self.profiler = self.profiler.trace_path, None

@@ -33,7 +33,7 @@ def _markdown_json(value) -> str:
 
 class MetricsLog:
     def __init__(self, run_dir: Path, *, resume_step: int):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # heavy (TensorBoard): only on rank 0 when it writes
 
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
@@ -75,7 +75,7 @@ class MetricsLog:
             )
 
     def write_setup(self, saved: dict, parameters: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # heavy (TensorBoard): only on rank 0 when it writes
 
         with SummaryWriter(str(self.run_dir / "tb" / "setup")) as writer:
             writer.add_text("config", _markdown_json(saved["config"]))
@@ -101,7 +101,7 @@ class MetricsLog:
 
     def write_text(self, run: str, tag: str, text: str) -> None:
         """A text note in one of the TensorBoard runs (setup, train)."""
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # heavy (TensorBoard): only on rank 0 when it writes
 
         with SummaryWriter(str(self.run_dir / "tb" / run)) as writer:
             writer.add_text(tag, text)

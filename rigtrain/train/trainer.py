@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from rigtrain.train.profiling import StepProfiling
 from rigtrain.train.rehearsal import FirstStepRehearsal
 from rigtrain.train.run_log import MetricsLog
 from rigtrain.train.saving import CheckpointSaving
+from rigtrain.train.stopping import StopRequested
 
 
 class Trainer(CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepRehearsal, StepProfiling):
@@ -355,9 +357,6 @@ class Trainer(CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepReh
     def _stop(self, signum: int) -> None:
         """Stopped on request between two steps: save what was trained since the last
         checkpoint, say where it stopped and how to go on, and end with 128 + the signal."""
-        import signal
-
-        from rigtrain.train.stopping import StopRequested
 
         if self.step > self.saved_step:
             self.save_checkpoint()

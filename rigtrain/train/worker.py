@@ -29,8 +29,8 @@ def apply_plan_env(run_dir: Path) -> None:
 
 def run(run_dir: str | Path) -> int:
     apply_plan_env(Path(run_dir))  # before torch is imported: OMP_NUM_THREADS, NCCL settings
-    from rigtrain.train.stopping import GracefulStop, StopRequested
-    from rigtrain.train.trainer import Trainer
+    from rigtrain.train.stopping import GracefulStop, StopRequested  # with the Trainer, after the plan's environment
+    from rigtrain.train.trainer import Trainer  # after apply_plan_env: OMP_NUM_THREADS must be set before torch loads
 
     trainer = None
     stop = GracefulStop()
@@ -66,7 +66,7 @@ def run(run_dir: str | Path) -> int:
 def out_of_memory(err: BaseException) -> bool:
     """torch's allocator ran out, or a library that allocates on its own (NCCL, cuBLAS)
     could not: NCCL says "Failed to CUDA calloc" inside a DistBackendError."""
-    import torch
+    import torch  # heavy: only on the paths that need it
 
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
@@ -79,7 +79,7 @@ def out_of_memory(err: BaseException) -> bool:
 
 def oom_message(run_dir, trainer, err: BaseException, first: bool) -> str:
     """One line: where it happened, what is saved, what to change."""
-    from rigtrain.train.checkpoints import complete_tags
+    from rigtrain.train.checkpoints import complete_tags  # torch: only to word an out-of-memory message
 
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     if trainer is None:
@@ -106,7 +106,7 @@ def main() -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; LOCAL_RANK wins")
     args = parser.parse_args()
-    from rigtrain.train.stopping import die_with_launcher
+    from rigtrain.train.stopping import die_with_launcher  # before torch, like the rest of this entry point
 
     die_with_launcher()
     return run(args.run_dir)
