@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from rigtrain.cli_args import Parser, nonempty, watts
+from rigtrain.cli_args import Parser, add_set_option, nonempty, watts
 from rigtrain.cli_data import (
     add_data_commands,
     cmd_data_bench,
@@ -38,15 +38,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", metavar="FILE", type=nonempty, help="a TOML or YAML file with [model], [data], [train], [rig] keys"
     )
-    p.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        nargs="+",
-        action="extend",
-        default=[],
-        dest="overrides",
-        help="override config keys, e.g. --set train.zero_stage=2 data.workers=4 (see --help-config)",
-    )
+    add_set_option(p, "override config keys, e.g. --set train.zero_stage=2 data.workers=4 (see --help-config)")
     p.add_argument("--steps", type=int, help="optimizer steps in total (train.steps)")
     p.add_argument("--resume", action="store_true", help="continue --out RUN_DIR from its newest complete checkpoint")
     p.add_argument("--hostfile", metavar="FILE", type=nonempty, help="several machines: passed to DeepSpeed's launcher")
@@ -106,15 +98,7 @@ def build_parser() -> Parser:
         "--preset", type=nonempty, help="the model and clip shape to plan for (default: small on a GPU, demo without)"
     )
     rig.add_argument("--config", metavar="FILE", type=nonempty, help="a TOML or YAML config file")
-    rig.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        nargs="+",
-        action="extend",
-        default=[],
-        dest="overrides",
-        help="fix config keys; the plan keeps what you set",
-    )
+    add_set_option(rig, "fix config keys; the plan keeps what you set")
     rig.add_argument("--json", action="store_true", help='print {"rig": ..., "plan": ..., "warnings": [...]} on stdout')
 
     add_data_commands(commands)

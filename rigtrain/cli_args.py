@@ -31,3 +31,10 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def add_set_option(parser: argparse.ArgumentParser, description: str) -> None:
+    """`--set KEY=VALUE ...`, repeatable, each taking one or more pairs, into args.overrides."""
+    parser.add_argument(
+        "--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides", help=description
+    )

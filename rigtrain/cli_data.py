@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from rigtrain.cli_args import Parser, nonempty
+from rigtrain.cli_args import Parser, add_set_option, nonempty
 from rigtrain.errors import UserError
 
 
@@ -51,15 +51,7 @@ def _add_clip_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset", default="demo", type=nonempty, help="the clip shape (fps, frame size, audio rate) to cut"
     )
-    p.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        nargs="+",
-        action="extend",
-        default=[],
-        dest="overrides",
-        help="override data.* keys, e.g. --set data.fps=10 data.resize=pad",
-    )
+    add_set_option(p, "override data.* keys, e.g. --set data.fps=10 data.resize=pad")
 
 
 def _data_config(args: argparse.Namespace):
