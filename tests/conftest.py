@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+# A model with every part of the real one, small enough for several DeepSpeed runs a minute.
+TINY_MODEL = ["model.d_model=32", "model.heads=2", "model.num_latents=8", "model.va_dim=32", "model.vt_dim=32"]
 
 
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")

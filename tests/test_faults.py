@@ -16,18 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import TINY_MODEL, run_cli
 
 pytestmark = pytest.mark.slow
 # A small model with every part of the real one: steps of a few tens of milliseconds.
-TINY = [
-    "model.d_model=32",
-    "model.heads=2",
-    "model.num_latents=8",
-    "model.va_dim=32",
-    "model.vt_dim=32",
-    "train.micro_batch_size=8",
-]
+TINY = [*TINY_MODEL, "train.micro_batch_size=8"]
 
 
 def rigtrain(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

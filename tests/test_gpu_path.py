@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import TINY_MODEL, run_cli
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rigtrain.config import load_config
@@ -29,14 +29,7 @@ from rigtrain.model import build_model
 
 PROBE = Path(__file__).parent / "step_probe.py"
 # A model small enough for several DeepSpeed runs in a minute, with every part of the real one.
-TINY = [
-    "model.d_model=32",
-    "model.heads=2",
-    "model.num_latents=8",
-    "model.va_dim=32",
-    "model.vt_dim=32",
-    "train.micro_batch_size=4",
-]
+TINY = [*TINY_MODEL, "train.micro_batch_size=4"]
 
 
 class ShapeRecorder(TorchDispatchMode):
