@@ -33,7 +33,14 @@ DEMO_GROUP = "demo-run"
 # module-scoped fixture. Under pytest-xdist each of these goes to one worker whole, so
 # nothing is built twice; every other test is scheduled on its own. (pytest-xdist's own
 # `xdist_group` marks do nothing under pytest 9, which renamed the node id they rewrite.)
-SHARING_MODULES = {"test_demo_eval.py", "test_data.py", "test_faults.py", "test_ingest.py", "test_profile.py"}
+SHARING_MODULES = {
+    "test_demo_eval.py",
+    "test_data.py",
+    "test_faults.py",
+    "test_ingest.py",
+    "test_multinode.py",
+    "test_profile.py",
+}
 
 
 def uses_demo_run(item) -> bool:

@@ -21,7 +21,7 @@ from rigtrain.train.planning import plan_run
 RIGS = Path(__file__).parent / "rigs"
 
 
-def plan_for(rig_name: str, preset: str = "base", overrides=(), psu_w=None):
+def plan_for(rig_name: str, preset: str = "base", overrides=(), psu_w=None, hosts=()):
     from rigtrain.config.loading import user_keys
 
     return plan_run(
@@ -29,6 +29,7 @@ def plan_for(rig_name: str, preset: str = "base", overrides=(), psu_w=None):
         read_rig_file(RIGS / rig_name),
         user_keys=user_keys(None, list(overrides)),
         psu_w=psu_w,
+        hosts=hosts,
     )
 
 
@@ -159,6 +160,18 @@ def test_cpu_only_box_keeps_the_config():
     assert (plan.device, plan.world_size, plan.precision) == ("cpu", 2, "fp32")
     assert (plan.micro_batch_size, plan.zero_stage) == (config.train.micro_batch_size, config.train.zero_stage)
     assert plan.env["OMP_NUM_THREADS"] == "8" and plan.dataloader_workers == 7
+
+
+def test_a_hostfile_shares_the_global_batch_over_every_machine():
+    # base's 256 clips over two A100 machines: 128 per process, one micro-batch each, where
+    # one machine takes two (test_a100_takes_the_global_batch_in_two_even_micro_batches)
+    two = plan_for("a100_80gb.json", hosts=(1, 1))
+    assert (two.world_size, two.micro_batch_size, two.grad_accum_steps) == (2, 128, 1)
+    assert "2 machine(s), 2 process(es)" in two.reasons["world_size"]
+    # on CPUs the slots say how many processes each machine runs (not train.nproc), and a
+    # machine's cores are shared by its own processes only
+    cpus = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=4"], hosts=(2, 2, 2))
+    assert cpus.world_size == 6 and cpus.env["OMP_NUM_THREADS"] == "8"
 
 
 def test_what_the_user_sets_wins_and_the_plan_says_so():

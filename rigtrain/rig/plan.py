@@ -58,6 +58,7 @@ class PlanRequest:
     clip_bytes: int = 0  # one clip's input tensors (video, audio, text), to show the batch's share
     profiling: bool = False  # profile.enabled: the profiler's buffers need room on the card
     lazy_loading: bool = True  # CUDA_MODULE_LOADING is not EAGER: kernels load as they are first used
+    hosts: tuple[int, ...] = ()  # --hostfile: processes (slots) per machine; () = this machine only
 
 
 @dataclass
@@ -98,6 +99,8 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     reasons["world_size"] = f"one process per GPU: {len(chosen)} GPU(s) " + (
         "chosen by rig.gpus" if request.gpus else "found"
     )
+    if request.hosts:
+        reasons["world_size"] = _machines_reason(request.hosts, f"{len(chosen)} GPU(s)")
     cards = _cards(request, [rig.gpus[g] for g in chosen], step_peak, reasons)
     fixed = request.fixed
     candidates = _candidates(cards, fixed)
@@ -146,7 +149,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     return Plan(
         device="cuda",
         gpus=tuple(chosen),
-        world_size=cards.world,
+        world_size=sum(request.hosts) or cards.world,
         precision=cards.precision,
         micro_batch_size=micro_batch,
         grad_accum_steps=accum,
@@ -178,6 +181,13 @@ def _memory_breakdown(cards: CardBudget, total: dict, batch_bytes: int) -> dict:
     return memory
 
 
+def _machines_reason(hosts: tuple[int, ...], each: str) -> str:
+    return (
+        f"--hostfile: {len(hosts)} machine(s), {sum(hosts)} process(es) in all (the slots of each, "
+        f"{'+'.join(map(str, hosts))}); every machine is planned like this one ({each})"
+    )
+
+
 def _chosen_gpus(rig: Rig, wanted: tuple[int, ...]) -> tuple[int, ...]:
     for g in wanted:
         if g >= len(rig.gpus):
@@ -206,7 +216,8 @@ def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: 
         usable=usable,
         allocator_cap=allocator_cap,
         why_usable=why_usable,
-        share=max(1, math.ceil(request.global_batch / len(gpus))),
+        # the global batch is shared by every process on every machine
+        share=max(1, math.ceil(request.global_batch / (sum(request.hosts) or len(gpus)))),
         parameters=request.parameters,
         search=MicroBatchSearch(step_peak, precision),
     )
@@ -323,18 +334,24 @@ def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, rea
     if request.gpus:
         raise UserError("rig.gpus: this machine has no GPU; remove rig.gpus to train on the CPU")
     fixed = request.fixed
-    world = request.cpu_processes
+    # with a hostfile its slots say how many processes each machine runs, not train.nproc
+    world = sum(request.hosts) or request.cpu_processes
+    here = max(request.hosts, default=world)  # processes sharing this machine's cores
     precision = "fp32" if request.precision == "auto" else request.precision
     reasons["precision"] = (
         "no GPU: fp32 (DeepSpeed's CPU path trains in fp32)"
         if request.precision == "auto"
         else f"set by the user (train.precision={precision})"
     )
-    reasons["world_size"] = f"no GPU: {world} CPU process(es) (train.nproc), DeepSpeed on gloo"
+    reasons["world_size"] = (
+        _machines_reason(request.hosts, "no GPU, DeepSpeed on gloo")
+        if request.hosts
+        else f"no GPU: {world} CPU process(es) (train.nproc), DeepSpeed on gloo"
+    )
     env["DS_ACCELERATOR"] = "cpu"
-    threads = max(1, rig.threads // world)
+    threads = max(1, rig.threads // here)
     env["OMP_NUM_THREADS"] = str(threads)
-    reasons["env.OMP_NUM_THREADS"] = f"{rig.threads} hardware threads shared by {world} process(es)"
+    reasons["env.OMP_NUM_THREADS"] = f"{rig.threads} hardware threads shared by {here} process(es)"
     config = request.config
     micro_batch, stage = config["train.micro_batch_size"], config["train.zero_stage"]
     checkpointing, optimizer = config["model.activation_checkpointing"], config["train.optimizer"]
@@ -351,10 +368,10 @@ def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, rea
     for key in ("micro_batch_size", "grad_accum_steps", "zero_stage", "optimizer", "offload_optimizer"):
         reasons[key] = "no GPU to plan for: the config's value"
     reasons["activation_checkpointing"] = "no GPU to plan for: the config's value"
-    workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, world)
+    workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, here)
     low_ram = ram_warning(
         rig,
-        processes=world,
+        processes=here,
         workers=workers,
         parameters=request.parameters,
         batch_bytes=request.batch_bytes,

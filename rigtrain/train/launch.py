@@ -225,8 +225,12 @@ def _train_locked(
 
     if profile and steps is None and not resume and "train.steps" not in user_keys(config_file, overrides):
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))
-    if hostfile and not Path(hostfile).is_file():
-        raise UserError(f"--hostfile {hostfile}: no such file; list one 'HOST slots=N' line per machine")
+    machines: dict[str, int] = {}
+    if hostfile:
+        from rigtrain.train.hosts import check_hosts, read_hostfile  # DeepSpeed's launcher code: only with --hostfile
+
+        machines = read_hostfile(hostfile)
+        check_hosts(hostfile, machines)
     data_dir = resolve_data(config, log=_say)
     rig = machine_rig([data_dir, run_dir], rig_file)
     _check_rig_file_matches(rig, rig_file)
@@ -239,7 +243,7 @@ def _train_locked(
     )
     backed_off: list[int] = []
     while True:
-        plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w)
+        plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
         config = apply_plan(config, plan)
         clips, split = check_data(data_dir, config, plan.world_size, heldout)
         extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}}
@@ -252,7 +256,7 @@ def _train_locked(
         )
         _say_plan(plan)
         (run_dir / OOM_MARKER).unlink(missing_ok=True)
-        code = start_processes(run_dir, plan, hostfile)
+        code = start_processes(run_dir, plan, hostfile, list(machines))
         oom = run_dir / OOM_MARKER
         if code == 0 or not oom.is_file():
             break

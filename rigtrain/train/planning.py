@@ -163,7 +163,10 @@ def cached_parameter_count(config: RunConfig) -> int:
     return _measured(f"parameters {_step_shapes(config)}", lambda: parameter_count(config.model, config.data))
 
 
-def plan_run(config: RunConfig, rig: Rig, *, user_keys: set[str], psu_w: float | None = None) -> Plan:
+def plan_run(
+    config: RunConfig, rig: Rig, *, user_keys: set[str], psu_w: float | None = None, hosts: tuple[int, ...] = ()
+) -> Plan:
+    """hosts: with --hostfile, the processes (slots) of each machine."""
     t = config.train
     fixed = {key: config_value(config, key) for key in PLANNED if key in user_keys}
     if "train.precision" in user_keys or t.precision != "auto":
@@ -193,6 +196,7 @@ def plan_run(config: RunConfig, rig: Rig, *, user_keys: set[str], psu_w: float |
         clip_bytes=batch_bytes,
         profiling=config.profile.enabled,
         lazy_loading=os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() != "EAGER",
+        hosts=hosts,
     )
     return make_plan(rig, request, step_peak_function(config))
 

@@ -10,6 +10,7 @@ folder (docs/training.md, "From `rigtrain train` to the first step"):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from filelock import FileLock, Timeout
 
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.train.stopping import LAUNCHER_PID, STOP_SIGNALS
+from rigtrain.train.stopping import LAUNCHER_PID, PR_SET_PDEATHSIG, STOP_SIGNALS
 
 WORKER_MODULE = "rigtrain.train.worker"
 
@@ -175,7 +176,49 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
     return next((c for c in (p.returncode for p in ranks) if c != 0), 0)
 
 
-def start_processes(run_dir: Path, plan, hostfile: str | None) -> int:
+def _terminate_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: dict[str, str]) -> int:
+    """DeepSpeed's launcher, watched like our own ranks: a first SIGINT or SIGTERM here goes
+    to every worker on every machine (through pdsh, as the launcher reached them), so they
+    finish the step, agree, save and exit, and the launcher ends with them; a second one
+    goes to DeepSpeed's launcher, whose own handler kills the workers at once. DeepSpeed's
+    handler alone would take the workers down before they could save. The launcher runs in
+    its own session, so a Ctrl-C in the terminal reaches only this process, and it gets
+    SIGTERM (its kill path) if this process dies without a word."""
+    runner = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_terminate_with_parent)
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+    forwarded = 0
+    try:
+        while runner.poll() is None:
+            if len(received) > forwarded:
+                signum = received[forwarded]
+                forwarded += 1
+                if forwarded == 1:
+                    # [r] keeps pkill's own shell, whose command line holds the pattern, alive
+                    pattern = f"[r]igtrain.train.worker.*--run-dir {run_dir.resolve()}"
+                    subprocess.run(
+                        ["pdsh", "-S", "-w", ",".join(hosts), f"pkill -{signum} -f '{pattern}'"],
+                        env={**env, "PDSH_RCMD_TYPE": "ssh"},
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                else:
+                    runner.send_signal(signum)
+            time.sleep(0.1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        return 128 + received[0]
+    return runner.returncode
+
+
+def start_processes(run_dir: Path, plan, hostfile: str | None, hosts: list[str] = ()) -> int:
     command = launch_command(run_dir, plan, hostfile)
     if command is None:
         os.environ.update(plan.env)
@@ -193,5 +236,5 @@ def start_processes(run_dir: Path, plan, hostfile: str | None) -> int:
     env = {**os.environ, **plan.env}
     if hostfile:
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        return subprocess.run(command, env=env).returncode
+        return run_on_machines(command, run_dir, list(hosts), env)
     return run_local_ranks(command, plan.world_size, env)
