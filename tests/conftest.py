@@ -64,6 +64,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not uses_demo_run(item))  # stable: otherwise in file order
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist (-p no:xdist) there is none
 def pytest_xdist_make_scheduler(config, log):
     """Tests one by one to whichever worker is free, except SHARING_MODULES, a module at a
     time; in collection order (the demo run's tests first)."""

@@ -152,6 +152,38 @@ def test_no_worker_outlives_a_killed_launcher(tmp_path, demo_data):
     assert workers_of(run) == []
 
 
+def test_a_first_step_out_of_memory_backs_off_and_finishes(tmp_path, demo_data):
+    # The demo's micro-batch (48) "runs out of memory" above 40, as on a card with less free
+    # memory than the plan was told: 48 -> 42 -> 37 (an eighth less each time, rounded down), then it trains.
+    run = tmp_path / "run"
+    env = {**os.environ, "RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH": "40"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rigtrain",
+            "train",
+            "--out",
+            str(run),
+            "--steps",
+            "3",
+            "--set",
+            *TINY_MODEL,
+            "train.log_every=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    record = json.loads((run / "config.json").read_text())
+    assert record["backed_off_from"] == [48, 42] and record["config"]["train"]["micro_batch_size"] == 37
+    assert "backing off to 42" in result.stdout and "backing off to 37" in result.stdout
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # the failed attempts left no rows behind
+
+
 # -- divergence ------------------------------------------------------------------------------
 
 

@@ -256,7 +256,7 @@ def _train_locked(
         )
         _say_plan(plan)
         (run_dir / OOM_MARKER).unlink(missing_ok=True)
-        code = start_processes(run_dir, plan, hostfile, list(machines))
+        code = start_processes(run_dir, plan, hostfile, list(machines), in_process=not backed_off)
         oom = run_dir / OOM_MARKER
         if code == 0 or not oom.is_file():
             break

@@ -91,12 +91,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | None:
+def launch_command(run_dir: Path, plan, hostfile: str | None, in_process: bool = True) -> list[str] | None:
     """The command that starts the workers, or None to run in this process. Only a single
     CPU process runs in-process: this process has already initialised CUDA (to read the
     GPUs), so a GPU run needs fresh processes for CUDA_VISIBLE_DEVICES (rig.gpus) to take
     effect. On one machine the command is one worker's, started once per rank by
-    `run_local_ranks`; with a hostfile it is DeepSpeed's launcher, which reaches the others."""
+    `run_local_ranks`; with a hostfile it is DeepSpeed's launcher, which reaches the others.
+    in_process=False: a fresh process even then (a retry after a failed first step: the
+    process group and DeepSpeed's state of the failed attempt cannot be built again here)."""
     if hostfile:
         # DeepSpeed's launcher chooses each node's GPUs itself (--include/--exclude).
         return [
@@ -110,7 +112,7 @@ def launch_command(run_dir: Path, plan, hostfile: str | None) -> list[str] | Non
             "--run-dir",
             str(run_dir.resolve()),
         ]
-    if plan.world_size == 1 and plan.device == "cpu":
+    if plan.world_size == 1 and plan.device == "cpu" and in_process:
         return None
     return [sys.executable, "-m", WORKER_MODULE, "--run-dir", str(run_dir.resolve())]
 
@@ -218,8 +220,8 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     return runner.returncode
 
 
-def start_processes(run_dir: Path, plan, hostfile: str | None, hosts: list[str] = ()) -> int:
-    command = launch_command(run_dir, plan, hostfile)
+def start_processes(run_dir: Path, plan, hostfile: str | None, hosts: list[str] = (), in_process: bool = True) -> int:
+    command = launch_command(run_dir, plan, hostfile, in_process)
     if command is None:
         os.environ.update(plan.env)
         for key, value in {

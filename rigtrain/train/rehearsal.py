@@ -6,10 +6,16 @@ predicted memory against what the step used (docs/planner.md). A mixin of the Tr
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
 from rigtrain.files import write_json
+
+# Fault injection (the GPU kit's --cpu mode, the tests): the first step "runs out of memory"
+# when the micro-batch is above this, as on a card with less free than the plan was told,
+# so the launcher's back-off runs for real on any machine.
+FAULT_OOM_ABOVE = "RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH"
 
 
 class FirstStepRehearsal:
@@ -27,6 +33,12 @@ class FirstStepRehearsal:
         """After the first step, what later steps need beyond a train step, done once while
         an out-of-memory still makes the launcher back off: a batch of evaluation and the
         collectives of a save. Then the plan is checked against the card."""
+        limit = os.environ.get(FAULT_OOM_ABOVE)
+        if limit and self.config.train.micro_batch_size > int(limit):
+            raise torch.OutOfMemoryError(
+                f"out of memory at micro-batch {self.config.train.micro_batch_size} "
+                f"(injected: {FAULT_OOM_ABOVE}={limit})"
+            )
         if self.eval_steps:
             module = self.engine.module
             module.eval()
