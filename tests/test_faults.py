@@ -184,6 +184,24 @@ def test_a_first_step_out_of_memory_backs_off_and_finishes(tmp_path, demo_data):
     assert steps == [1, 2, 3]  # the failed attempts left no rows behind
 
 
+def test_the_8bit_optimizer_without_bitsandbytes_is_one_line(tmp_path, demo_data):
+    # as on the GPU kit's offline box: a bitsandbytes that cannot be imported
+    shim = tmp_path / "shim" / "bitsandbytes"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named bitsandbytes')\n")
+    env = {**os.environ, "PYTHONPATH": f"{shim.parent}:{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "rigtrain", "train", "--out", str(tmp_path / "run"), "--steps", "1", "--set"]
+        + [*TINY, "train.optimizer=adamw8bit"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "train.optimizer=adamw8bit needs bitsandbytes" in result.stderr and "Traceback" not in result.stderr
+
+
 # -- divergence ------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """rig/: rig files in, plans and warnings out (no GPU needed), the memory measurement
 against real execution, and the NVML probe against a stand-in NVML."""
 
+import dataclasses
 import json
 import sys
 import types
@@ -117,6 +118,11 @@ def test_eight_bit_and_offload_come_last():
     # an 8 GB card leaves beside the weights; 8-bit's 6 do
     plan = make_plan(rig, PlanRequest(parameters=int(0.3e9), global_batch=64), synthetic_step(0.1, 0.05, 0.3e9))
     assert plan.optimizer == "adamw8bit" and plan.offload_optimizer == "none"
+    # the same where the probe found no bitsandbytes (the GPU kit's offline box): never
+    # planned, so the run does not fail at its start; offload does the job instead
+    bare = dataclasses.replace(rig, software={**(rig.software or {}), "bitsandbytes": None})
+    plan = make_plan(bare, PlanRequest(parameters=int(0.3e9), global_batch=64), synthetic_step(0.1, 0.05, 0.3e9))
+    assert plan.optimizer == "adamw" and plan.offload_optimizer == "cpu"
     # 1.2 B: even 8-bit states do not fit: offload them (ZeRO-2 with one GPU), with a RAM check
     plan = make_plan(rig, PlanRequest(parameters=int(1.2e9), global_batch=64), synthetic_step(0.1, 0.05, 1.2e9))
     assert plan.offload_optimizer == "cpu" and plan.zero_stage == 2 and plan.activation_checkpointing

@@ -202,6 +202,7 @@ class CardBudget:
     share: int  # clips per GPU per optimizer step: the largest micro-batch worth having
     parameters: int
     search: MicroBatchSearch
+    bitsandbytes: bool = True  # installed (or, in a rig file that does not say, assumed)
 
     @property
     def world(self) -> int:
@@ -212,8 +213,8 @@ class CardBudget:
         return self.world > 1 and min((g.pcie.width for g in self.gpus if g.pcie), default=16) <= 8
 
     @property
-    def eight_bit(self) -> bool:  # bitsandbytes' 8-bit optimizers: Pascal and newer
-        return all(g.compute_capability >= (6, 0) for g in self.gpus)
+    def eight_bit(self) -> bool:  # bitsandbytes' 8-bit optimizers: Pascal and newer, when installed
+        return self.bitsandbytes and all(g.compute_capability >= (6, 0) for g in self.gpus)
 
     def memory(self, micro_batch: int, setting: Setting) -> dict:
         """The allocator's peak for this micro-batch and setting, term by term (GiB)."""

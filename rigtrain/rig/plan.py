@@ -102,6 +102,8 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     if request.hosts:
         reasons["world_size"] = _machines_reason(request.hosts, f"{len(chosen)} GPU(s)")
     cards = _cards(request, [rig.gpus[g] for g in chosen], step_peak, reasons)
+    # a machine without bitsandbytes (the probe found none) is never planned the 8-bit optimizer
+    cards.bitsandbytes = (rig.software or {}).get("bitsandbytes", "assumed") is not None
     fixed = request.fixed
     candidates = _candidates(cards, fixed)
     setting, micro_batch, tried = _first_that_fits(cards, candidates, fixed)

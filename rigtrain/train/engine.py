@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rigtrain.config import RunConfig
+from rigtrain.errors import UserError
 from rigtrain.rig.budget import BUCKET_ELEMENTS
 
 
@@ -76,7 +77,13 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
     t = config.train
     groups = param_groups(model, t.weight_decay)
     if t.optimizer == "adamw8bit":
-        import bitsandbytes as bnb  # optional: only for train.optimizer=adamw8bit
+        try:
+            import bitsandbytes as bnb  # optional: only for train.optimizer=adamw8bit
+        except ImportError:
+            raise UserError(
+                "train.optimizer=adamw8bit needs bitsandbytes, which is not installed here: "
+                "pip install bitsandbytes, or set train.optimizer=adamw"
+            ) from None
 
         return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.betas)
     # fused: one kernel for the whole update, and its step counts stay on the device, where
