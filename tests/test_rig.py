@@ -550,7 +550,7 @@ def test_memory_terms_arithmetic():
     gpu = read_rig_file(RIGS / "rtx4060_8gb.json").gpus[0]
     usable, cap, why = usable_gib(gpu, outside_allocator_gib(world=1))
     assert cap == pytest.approx(gpu.free_gib - CUDA_CONTEXT_GIB) and usable == pytest.approx(cap / (1 + FRAGMENTATION))
-    assert "cuda context" in why and "fragmentation" in why
+    assert "CUDA context" in why and "fragmentation" in why
     terms = peak_bytes(
         10 * 2**30,
         parameters=n,
@@ -586,6 +586,32 @@ def test_rig_prints_every_memory_term():
         "on the card",
     ):
         assert words in result.stdout, words
+
+
+def test_a_measured_residual_replaces_the_published_figures_for_that_card(tmp_path, monkeypatch):
+    """After a first step on a GPU, what the card held beside the allocator is kept for the
+    next plan of the same kind on the same card model, driver and torch (and only that)."""
+    from rigtrain.train import memory_record
+
+    monkeypatch.setattr(memory_record, "records_dir", lambda: tmp_path)
+    before = plan_for(H200, preset="demo")
+    assert "measured_outside_gib" not in before.memory and before.memory["cuda_context_gib"] == 2.3
+    rig = read_rig_file(RIGS / H200)
+    kind = dict(card=rig.gpus[0].name, software=rig.software, world=1, profiling=False, lazy_loading=True)
+    memory_record.remember(memory_record.run_kind(**kind), 1.1, tmp_path / "run")
+    after = plan_for(H200, preset="demo")
+    assert after.memory["measured_outside_gib"] == 1.1 and "cuda_context_gib" not in after.memory
+    assert after.usable_gib == pytest.approx(before.usable_gib + 1.2 / 1.1, abs=0.02)  # 2.3 - 1.1, less 10%
+    assert "an earlier run measured" in after.reasons["usable_memory"]
+    # another driver, or a profiled run (the profiler's buffers), is another kind: the figures again
+    other = {**kind, "software": {**rig.software, "driver": "999.1"}}
+    memory_record.remember(memory_record.run_kind(**other), 0.5, tmp_path / "run")
+    assert plan_for(H200, preset="demo").memory["measured_outside_gib"] == 1.1
+    profiled = plan_for(H200, preset="demo", overrides=["profile.enabled=true"])
+    assert "measured_outside_gib" not in profiled.memory and profiled.memory["profiler_gib"] == 0.5
+    # a damaged record is not trusted: the published figures again
+    memory_record._path(memory_record.run_kind(**kind)).write_text("{not json")
+    assert plan_for(H200, preset="demo").memory["cuda_context_gib"] == 2.3
 
 
 @pytest.mark.parametrize(

@@ -120,13 +120,27 @@ FRAGMENTATION = 0.10
 PROFILER_GIB = 0.5
 
 
-def outside_allocator_gib(*, world: int, profiling: bool = False, lazy_loading: bool = True) -> dict:
-    """The named room the plan leaves outside torch's allocator, per GPU."""
+def outside_allocator_gib(
+    *, world: int, profiling: bool = False, lazy_loading: bool = True, measured: float | None = None
+) -> dict:
+    """The named room the plan leaves outside torch's allocator, per GPU. measured: what an
+    earlier run's first step found there on this card, for this kind of run (NVML's used
+    less torch's reserved: train/memory_record.py), which replaces the figures above."""
+    if measured is not None:
+        return {"measured_outside_gib": measured}
     return {
         "cuda_context_gib": CUDA_CONTEXT_GIB + (0.0 if lazy_loading else CUDA_CONTEXT_EAGER_EXTRA_GIB),
         "nccl_gib": NCCL_GIB if world > 1 else 0.0,
         "profiler_gib": PROFILER_GIB if profiling else 0.0,
     }
+
+
+OUTSIDE_NAMES = {
+    "cuda_context_gib": "the CUDA context and libraries",
+    "nccl_gib": "NCCL",
+    "profiler_gib": "the profiler",
+    "measured_outside_gib": "what an earlier run measured beside the allocator on this card",
+}
 
 
 def usable_gib(gpu: Gpu, outside: dict) -> tuple[float, float, str]:
@@ -135,7 +149,7 @@ def usable_gib(gpu: Gpu, outside: dict) -> tuple[float, float, str]:
     the fragmentation share."""
     cap = gpu.free_gib - sum(outside.values())
     usable = cap / (1 + FRAGMENTATION)
-    named = ", ".join(f"{v:.2f} for {k.removesuffix('_gib').replace('_', ' ')}" for k, v in outside.items() if v)
+    named = ", ".join(f"{v:.2f} for {OUTSIDE_NAMES.get(k, k)}" for k, v in outside.items() if v)
     return (
         usable,
         cap,

@@ -1,5 +1,6 @@
 """The plan's choices that need no measurement: the precision a card's compute capability
-allows, and the loader threads the cores allow (docs/planner.md, "The decisions")."""
+allows, the loader threads the cores allow, and the processes a hostfile asks for
+(docs/planner.md, "The decisions")."""
 
 from __future__ import annotations
 
@@ -32,4 +33,12 @@ def loader_workers(configured: int, threads: int, processes: int) -> tuple[int, 
     return workers, (
         f"{threads} hardware threads / {processes} training process(es), one kept for each "
         f"process's own work, at most 8: {workers} loader thread(s) per process"
+    )
+
+
+def machines_reason(hosts: tuple[int, ...], each: str) -> str:
+    """Why the world size is what it is with --hostfile (hosts: each machine's slots)."""
+    return (
+        f"--hostfile: {len(hosts)} machine(s), {sum(hosts)} process(es) in all (the slots of each, "
+        f"{'+'.join(map(str, hosts))}); every machine is planned like this one ({each})"
     )

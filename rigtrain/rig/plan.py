@@ -26,7 +26,7 @@ from rigtrain.rig.budget import (
     peak_bytes,
     usable_gib,
 )
-from rigtrain.rig.choices import choose_precision, loader_workers
+from rigtrain.rig.choices import choose_precision, loader_workers, machines_reason
 from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.reasons import explain
 from rigtrain.rig.warnings import (
@@ -59,6 +59,7 @@ class PlanRequest:
     profiling: bool = False  # profile.enabled: the profiler's buffers need room on the card
     lazy_loading: bool = True  # CUDA_MODULE_LOADING is not EAGER: kernels load as they are first used
     hosts: tuple[int, ...] = ()  # --hostfile: processes (slots) per machine; () = this machine only
+    measured_outside_gib: float | None = None  # an earlier first step's residual on this card (memory_record.py)
 
 
 @dataclass
@@ -100,10 +101,9 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         "chosen by rig.gpus" if request.gpus else "found"
     )
     if request.hosts:
-        reasons["world_size"] = _machines_reason(request.hosts, f"{len(chosen)} GPU(s)")
+        reasons["world_size"] = machines_reason(request.hosts, f"{len(chosen)} GPU(s)")
     cards = _cards(request, [rig.gpus[g] for g in chosen], step_peak, reasons)
-    # a machine without bitsandbytes (the probe found none) is never planned the 8-bit optimizer
-    cards.bitsandbytes = (rig.software or {}).get("bitsandbytes", "assumed") is not None
+    cards.bitsandbytes = (rig.software or {}).get("bitsandbytes", "assumed") is not None  # None: probed, absent
     fixed = request.fixed
     candidates = _candidates(cards, fixed)
     setting, micro_batch, tried = _first_that_fits(cards, candidates, fixed)
@@ -183,13 +183,6 @@ def _memory_breakdown(cards: CardBudget, total: dict, batch_bytes: int) -> dict:
     return memory
 
 
-def _machines_reason(hosts: tuple[int, ...], each: str) -> str:
-    return (
-        f"--hostfile: {len(hosts)} machine(s), {sum(hosts)} process(es) in all (the slots of each, "
-        f"{'+'.join(map(str, hosts))}); every machine is planned like this one ({each})"
-    )
-
-
 def _chosen_gpus(rig: Rig, wanted: tuple[int, ...]) -> tuple[int, ...]:
     for g in wanted:
         if g >= len(rig.gpus):
@@ -207,7 +200,12 @@ def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: 
     if capability >= (8, 0):
         reasons["tf32"] = "on for the fp32 matmuls that remain (Ampere and newer; the trainer enables it in torch)"
     smallest = min(gpus, key=lambda g: g.free_gib)
-    outside = outside_allocator_gib(world=len(gpus), profiling=request.profiling, lazy_loading=request.lazy_loading)
+    outside = outside_allocator_gib(
+        world=len(gpus),
+        profiling=request.profiling,
+        lazy_loading=request.lazy_loading,
+        measured=request.measured_outside_gib,
+    )
     usable, allocator_cap, why_usable = usable_gib(smallest, outside)
     return CardBudget(
         gpus=gpus,
@@ -346,7 +344,7 @@ def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, rea
         else f"set by the user (train.precision={precision})"
     )
     reasons["world_size"] = (
-        _machines_reason(request.hosts, "no GPU, DeepSpeed on gloo")
+        machines_reason(request.hosts, "no GPU, DeepSpeed on gloo")
         if request.hosts
         else f"no GPU: {world} CPU process(es) (train.nproc), DeepSpeed on gloo"
     )

@@ -18,6 +18,7 @@ from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
 from rigtrain.rig.step_memory import fake_step_peak_bytes
 from rigtrain.train.measured_step import parameter_count, train_step_builder
+from rigtrain.train.memory_record import recalled, run_kind
 
 # config key -> the plan's field
 PLANNED = {
@@ -182,6 +183,8 @@ def plan_run(
         + 8
         + 1
     )  # uint8 video, int16 audio, text, segment spans, flags
+    profiling = config.profile.enabled
+    lazy = os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() != "EAGER"
     request = PlanRequest(
         parameters=cached_parameter_count(config),
         global_batch=t.global_batch_size or t.micro_batch_size * t.grad_accum_steps,
@@ -194,11 +197,32 @@ def plan_run(
         psu_w=psu_w,
         batch_bytes=batch_bytes * t.micro_batch_size,
         clip_bytes=batch_bytes,
-        profiling=config.profile.enabled,
-        lazy_loading=os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() != "EAGER",
+        profiling=profiling,
+        lazy_loading=lazy,
         hosts=hosts,
+        measured_outside_gib=_measured_outside(rig, tuple(config.rig.gpus), hosts, profiling, lazy),
     )
     return make_plan(rig, request, step_peak_function(config))
+
+
+def _measured_outside(
+    rig: Rig, wanted: tuple[int, ...], hosts: tuple[int, ...], profiling: bool, lazy: bool
+) -> float | None:
+    """What an earlier run's first step measured beside the allocator on the card this plan
+    is for (the one with the least free memory), for the same kind of run; None if none did."""
+    gpus = [g for i, g in enumerate(rig.gpus) if not wanted or i in wanted]
+    if not gpus:
+        return None
+    world = sum(hosts) or len(gpus)
+    kind = run_kind(
+        card=min(gpus, key=lambda g: g.free_gib).name,
+        software=rig.software,
+        world=world,
+        profiling=profiling,
+        lazy_loading=lazy,
+    )
+    record = recalled(kind)
+    return None if record is None else record["outside_allocator_gib"]
 
 
 def apply_plan(config: RunConfig, plan: Plan) -> RunConfig:

@@ -11,6 +11,7 @@ import os
 import torch
 
 from rigtrain.files import write_json
+from rigtrain.train.memory_record import remember, run_kind
 
 # Fault injection (the GPU kit's --cpu mode, the tests): the first step "runs out of memory"
 # when the micro-batch is above this, as on a card with less free than the plan was told,
@@ -55,7 +56,9 @@ class FirstStepRehearsal:
         """The plan's predicted peak against what the first step really used, kept in
         config.json and shown in TensorBoard's setup run: torch's allocated peak (what the
         plan predicts), what its allocator reserved, and what NVML sees for the card (the
-        CUDA context, NCCL and library workspaces too)."""
+        CUDA context, NCCL and library workspaces too). What the card holds beside the
+        allocator (used now less reserved now, the worst rank's) is also kept for the next
+        plan on this card (memory_record.py)."""
         gib = 2**30
         free, total = torch.cuda.mem_get_info(self.device)
         numbers = torch.tensor(
@@ -63,12 +66,13 @@ class FirstStepRehearsal:
                 torch.cuda.max_memory_allocated(self.device) / gib,
                 torch.cuda.max_memory_reserved(self.device) / gib,
                 (total - free) / gib,
+                (total - free - torch.cuda.memory_reserved(self.device)) / gib,
             ],
             device=self.device,
         )
         if self.world > 1:
             torch.distributed.all_reduce(numbers, op=torch.distributed.ReduceOp.MAX)
-        allocated, reserved, used = numbers.tolist()
+        allocated, reserved, used, outside = numbers.tolist()
         predicted = self.plan.get("predicted_peak_gib")
         predicted_total = (self.plan.get("memory") or {}).get("card_total_gib")
         if not self.log:
@@ -90,12 +94,30 @@ class FirstStepRehearsal:
             "reserved_peak_gib": round(reserved, 3),
             "card_used_gib": round(used, 3),
             "predicted_card_total_gib": predicted_total,
+            "outside_allocator_gib": round(outside, 3),
+            "predicted_outside_allocator_gib": _planned_outside(self.plan.get("memory") or {}),
             "micro_batch_size": self.config.train.micro_batch_size,
         }
         write_json(path, record)
+        remember(
+            run_kind(
+                card=torch.cuda.get_device_name(self.device),
+                software=(record.get("rig") or {}).get("software"),
+                world=self.world,
+                profiling=self.config.profile.enabled,
+                lazy_loading=os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() != "EAGER",
+            ),
+            outside,
+            self.run_dir,
+        )
         self.log.write_text(
             "setup",
             "memory",
             f"predicted {predicted} GiB, measured {allocated:.3f} GiB allocated, "
             f"{reserved:.3f} reserved, {used:.3f} GiB used on the card after the first step{error}",
         )
+
+
+def _planned_outside(memory: dict) -> float | None:
+    terms = [memory.get(k) for k in ("cuda_context_gib", "nccl_gib", "profiler_gib", "measured_outside_gib")]
+    return round(sum(t for t in terms if t), 3) if any(terms) else None

@@ -1,0 +1,104 @@
+"""The kit's targets and its printed table."""
+
+from __future__ import annotations
+
+from steps import MFU_GOALS
+
+
+def _ratio_error(predicted, measured):
+    return None if not predicted or not measured else round((predicted - measured) / measured, 4)
+
+
+def targets(report: dict, gpu: bool) -> dict:
+    """Each target with its figure and whether it was met; null where the CPU cannot say."""
+    out: dict = {}
+    for preset, run in report["presets"].items():
+        memory = run.get("memory") or {}
+        step_error = _ratio_error(memory.get("predicted_peak_gib"), memory.get("max_memory_allocated_gib"))
+        out[f"{preset}: predicted step peak within 5% of max_memory_allocated"] = {
+            "value": step_error,
+            "met": None if step_error is None else abs(step_error) <= 0.05,
+        }
+        nvml = memory.get("nvml_process_max_gib") or memory.get("card_used_after_first_step_gib")
+        card_error = _ratio_error(memory.get("predicted_card_total_gib"), nvml)
+        out[f"{preset}: predicted card total never below NVML, within 10%"] = {
+            "value": card_error,
+            "met": None if card_error is None else 0 <= card_error <= 0.10,
+        }
+        if preset in MFU_GOALS:
+            mfu = (run.get("throughput") or {}).get("mfu")
+            out[f"{preset}: MFU >= {MFU_GOALS[preset]:.0%} (goal on an H100)"] = {
+                "value": mfu,
+                "met": None if mfu is None or not gpu else mfu >= MFU_GOALS[preset],
+            }
+        telemetry = run.get("telemetry") or {}
+        cost = telemetry.get("sampler_cost")
+        out[f"{preset}: telemetry sampler < 1% of wall time"] = {
+            "value": cost,
+            "met": None if cost is None else cost < 0.01,
+        }
+        missing = telemetry.get("nvml_fields_missing")
+        out[f"{preset}: every NVML field in metrics.jsonl"] = {
+            "value": missing,
+            "met": None if missing is None else not missing,
+        }
+    backoff = report.get("oom_backoff") or {}
+    out["first-step out-of-memory: backs off and finishes"] = {
+        "value": backoff.get("tried_micro_batches"),
+        "met": bool(backoff.get("ok")),
+    }
+    return out
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def print_table(report: dict) -> None:
+    env = report["environment"]
+    print()
+    print(
+        f"rigtrain GPU kit, {report['mode']} mode, {report['date']}, commit {report['commit']}: "
+        f"{', '.join(env['gpus']) or 'no GPU'}, driver {env['driver']}, torch {env['torch']} (CUDA {env['cuda']})"
+    )
+    tests = report["gpu_tests"]
+    print(f"tests marked gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
+    header = (
+        "| preset | plan | predicted GiB | allocated | reserved | NVML process | predicted card | clips/s | "
+        "TFLOPS | MFU | verdict | data wait | loader threads |"
+    )
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    for preset, run in report["presets"].items():
+        plan, memory = run.get("plan") or {}, run.get("memory") or {}
+        throughput, profile = run.get("throughput") or {}, run.get("profile") or {}
+        shape = (
+            f"{plan.get('precision')} mb {plan.get('micro_batch_size')}x{plan.get('grad_accum_steps')} "
+            f"ZeRO-{plan.get('zero_stage')}{' ckpt' if plan.get('activation_checkpointing') else ''}"
+            if plan.get("precision")
+            else f"failed: {run.get('error', '?')}"
+        )
+        print(
+            f"| {preset} | {shape} | {_fmt(memory.get('predicted_peak_gib'))} | "
+            f"{_fmt(memory.get('max_memory_allocated_gib'))} | {_fmt(memory.get('max_memory_reserved_gib'))} | "
+            f"{_fmt(memory.get('nvml_process_max_gib'))} | {_fmt(memory.get('predicted_card_total_gib'))} | "
+            f"{_fmt(throughput.get('clips_per_s'), '.1f')} | {_fmt(throughput.get('tflops_per_gpu'), '.1f')} | "
+            f"{_fmt(throughput.get('mfu'), '.1%')} | {profile.get('verdict') or '-'} | "
+            f"{_fmt(profile.get('data_wait_share'), '.1%')} | {_fmt(plan.get('dataloader_workers'))} |"
+        )
+    backoff = report["oom_backoff"]
+    print(
+        f"out-of-memory back-off: tried {backoff.get('tried_micro_batches')}, finished at micro-batch "
+        f"{backoff.get('finished_at_micro_batch')}, exit {backoff.get('exit_code')}"
+        + (f" ({backoff['error']})" if backoff.get("error") else "")
+    )
+    print("targets:")
+    for name, target in report["targets"].items():
+        met = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
+        print(f"  {met:8s} {name}: {target['value']}")
+    if report["failures"]:
+        print("FAILED: " + "; ".join(report["failures"]))

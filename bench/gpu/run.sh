@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU run kit: every hardware path, run for real and measured (bench/gpu/kit.py says
+# which), into OUT_DIR/report.json and a printed table.
+#
+#   bash bench/gpu/run.sh OUT_DIR          # a CUDA machine: under 9 minutes on one H100
+#   bash bench/gpu/run.sh --cpu OUT_DIR    # every step on the CPU at toy sizes (a few minutes)
+#
+# Python, the first that applies:
+# - $PYTHON, when set;
+# - the repository's environment (setup/install.sh; $RIGTRAIN_VENV), when it has DeepSpeed;
+# - an offline GPU box: the wheels in bench/gpu/wheels/ (made by build_wheels.sh on a
+#   connected machine) go into OUT_DIR/venv, which also sees the system's own torch,
+#   tensorboard, nvidia-ml-py, numpy, ... (--system-site-packages); nothing is downloaded;
+# - else python3 as it is.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+mode=()
+if [ "${1:-}" = "--cpu" ]; then mode=(--cpu); shift; fi
+if [ $# -lt 1 ]; then
+  echo "usage: bash bench/gpu/run.sh [--cpu] OUT_DIR [--presets demo small base]" >&2
+  exit 2
+fi
+out=$1; shift
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+venv=${RIGTRAIN_VENV:-$root/.venv}
+wheels=$root/bench/gpu/wheels
+if [ -n "${PYTHON:-}" ]; then
+  py=$PYTHON
+elif [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("deepspeed") is None)' 2>/dev/null; then
+  py=$venv/bin/python
+elif [ -d "$wheels" ]; then
+  if [ ! -x "$out/venv/bin/python" ]; then
+    echo "[kit] installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $out/venv (offline)"
+    python3 -m venv --system-site-packages "$out/venv"
+    "$out/venv/bin/python" -m pip install -q --no-index --no-deps --disable-pip-version-check "$wheels"/*.whl
+  fi
+  py=$out/venv/bin/python
+else
+  py=python3
+fi
+missing=$("$py" - <<'PY'
+import importlib.util
+need = ["torch", "deepspeed", "numpy", "einops", "psutil", "yaml", "filelock", "xxhash", "pytest"]
+print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
+PY
+)
+if [ -n "$missing" ]; then
+  echo "bench/gpu/run.sh: $py lacks $missing; run bash setup/install.sh --test, or bring bench/gpu/wheels (bench/gpu/build_wheels.sh)" >&2
+  exit 2
+fi
+# the checkout itself, not an installed copy: the kit measures what is here
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec "$py" "$root/bench/gpu/kit.py" "${mode[@]}" "$out" "$@"
