@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from preloaded_cli import PreloadedCli
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 # A model with every part of the real one, small enough for several DeepSpeed runs a minute.
@@ -134,16 +135,29 @@ def demo_run(tmp_path_factory, demo_data) -> Path:
     return run
 
 
+PRELOADED = PreloadedCli()
+# RIGTRAIN_TEST_FRESH=1: every command in a fresh interpreter, as a user's shell starts it
+FRESH = os.environ.get("RIGTRAIN_TEST_FRESH") == "1"
+
+
 def run_cli(
-    *args: str, timeout: float = 600, cwd: Path | None = None, plan_threads: bool = False
+    *args: str, timeout: float = 600, cwd: Path | None = None, plan_threads: bool = False, fresh: bool = False
 ) -> subprocess.CompletedProcess:
-    """`rigtrain ARGS` in a fresh process, as a user runs it. plan_threads: with the CPU
-    threads the plan gives a user's run (all the cores), not this worker's share of them."""
+    """`rigtrain ARGS` as a user runs it, in its own process: forked from one that has
+    already imported torch and DeepSpeed (tests/preloaded_cli.py says what that saves and
+    what it does not prove), or with fresh=True a new interpreter. plan_threads: with the
+    CPU threads the plan gives a user's run (all the cores), not this worker's share."""
     env = os.environ.copy()
     if plan_threads:
         env.pop("OMP_NUM_THREADS", None)
         if USERS_THREADS is not None:
             env["OMP_NUM_THREADS"] = USERS_THREADS
-    return subprocess.run(
-        [sys.executable, "-m", "rigtrain", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
-    )
+    if fresh or FRESH:
+        return subprocess.run(
+            [sys.executable, "-m", "rigtrain", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+        )
+    return PRELOADED.run(list(args), env=env, cwd=cwd, timeout=timeout)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    PRELOADED.close()

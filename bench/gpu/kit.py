@@ -6,10 +6,10 @@ report. Started by run.sh (which finds or builds the Python environment):
 
 Steps, each recorded in OUT_DIR/report.json whether it worked or not:
 1. the tests marked `gpu` (skipped on the CPU, and counted as such);
-2. for demo, small and base: `rigtrain rig --json` (the plan), then `rigtrain profile` for a
-   few more steps than its window (bf16 where the card has it; the same training run gives
-   the plan's memory check, the profile verdict and the throughput), while this script
-   samples what NVML says the run's processes use;
+2. for demo, small and base: `rigtrain profile` for a few more steps than its window (it
+   plans first, bf16 where the card has it; the same run gives the plan and its memory
+   terms, the memory check after the first step, the profile verdict and the throughput),
+   while this script samples what NVML says the run's processes use;
 3. the first-step out-of-memory back-off for real: on a GPU another process takes all but
    90% of what `small` used and the run is told (by a rig file) the card is free as before;
    on the CPU the out-of-memory is injected (RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH);
@@ -59,7 +59,7 @@ def main() -> int:
     report["gpu_tests"] = gpu_tests(out)
     report["presets"] = {}
     for preset in args.presets:
-        print(f"[kit] {preset}: plan, then a profiled bf16 run", flush=True)
+        print(f"[kit] {preset}: a planned, profiled bf16 run", flush=True)
         report["presets"][preset] = preset_run(out, preset, gpu)
     print("[kit] the first-step out-of-memory back-off", flush=True)
     report["oom_backoff"] = oom_backoff(out, gpu, report["presets"].get("small"))

@@ -175,12 +175,9 @@ def median_of(rows: list[dict], key: str) -> float | None:
 
 
 def preset_run(out: Path, preset: str, gpu: bool) -> dict:
-    """The plan, then one profiled training run: memory, throughput, verdict, telemetry."""
+    """One profiled training run, as `rigtrain profile` plans and runs it: the plan with its
+    memory terms (config.json), memory, throughput, verdict, telemetry."""
     settings = [] if gpu else CPU_SETTINGS
-    over = ["--set", *settings] if settings else []
-    planned = rigtrain(out, f"{preset}-plan", "rig", "--json", "--preset", preset, *over)
-    text = planned.output
-    plan = json.loads(text[text.index("{") :])["plan"] if planned.code == 0 and "{" in text else None
     steps = GPU_STEPS[preset] if gpu else CPU_STEPS
     run = out / "runs" / preset
     started = time.perf_counter()
@@ -216,7 +213,6 @@ def preset_run(out: Path, preset: str, gpu: bool) -> dict:
             for k in ("precision", "micro_batch_size", "grad_accum_steps", "zero_stage", "activation_checkpointing")
         }
         | {"dataloader_workers": used_plan.get("dataloader_workers"), "memory_terms": used_plan.get("memory")},
-        plan_alone=None if plan is None else {"micro_batch_size": plan.get("micro_batch_size")},
         memory={
             "predicted_peak_gib": used_plan.get("predicted_peak_gib"),
             "max_memory_allocated_gib": check.get("measured_peak_gib"),
