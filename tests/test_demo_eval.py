@@ -76,3 +76,31 @@ def test_eval_refuses_what_is_not_a_finished_run(tmp_path):
     (run / "config.json").write_text(json.dumps({"config": {}, "data_dir": str(tmp_path)}))
     result = run_cli("eval", str(run))
     assert result.returncode == 2 and "no complete checkpoint" in result.stderr
+
+
+def test_tensorboard_charts_each_evaluation_beside_its_chance(demo_run):
+    """TensorBoard's Custom Scalars layout in the demo's train run, read back through
+    TensorBoard's own event reader: each label's kNN and probe with its chance on one chart,
+    each retrieval direction's R@5 with its chance, the loss with its terms; every tag a
+    chart names was logged."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    events = EventAccumulator(str(demo_run / "tb" / "train"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors(metadata.CONFIG_SUMMARY_TAG)[-1].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    for label in ("shape", "colour", "direction"):
+        assert charts[f"{label}: kNN and linear-probe top-1 against chance"] == [
+            f"^eval/knn_{label}_top1$",
+            f"^eval/probe_{label}_top1$",
+            f"^eval/knn_{label}_chance$",
+        ]
+    assert charts["t2v retrieval R@5 against chance"] == ["^eval/t2v_r5$", "^eval/t2v_chance_r5$"]
+    logged = events.Tags()["scalars"]
+    for title, patterns in charts.items():
+        for pattern in patterns:
+            assert any(re.search(pattern, tag) for tag in logged), (title, pattern)

@@ -201,12 +201,13 @@ def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline, runs, tags = time.time() + 90, [], {}
+        deadline, runs, tags, layout = time.time() + 90, [], {}, {}
         while time.time() < deadline:
             try:
                 runs = _get(f"{base}/data/plugin/pytorch_profiler/runs")
                 tags = _get(f"{base}/data/plugin/scalars/tags")
-                if runs and (runs.get("runs") if isinstance(runs, dict) else runs) and "train" in tags:
+                layout = _get(f"{base}/data/plugin/custom_scalars/layout")
+                if runs and (runs.get("runs") if isinstance(runs, dict) else runs) and "train" in tags and layout:
                     break
             except OSError:
                 pass
@@ -214,6 +215,10 @@ def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
         listed = runs.get("runs") if isinstance(runs, dict) else runs
         assert listed and "profile" in listed, runs
         assert "loss" in tags["train"], tags
+        # the Custom Scalars tab: the loss and its terms on one chart (no evaluation in a profile)
+        charts = {chart["title"]: chart["multiline"]["tag"] for c in layout["category"] for chart in c["chart"]}
+        assert charts == {"the loss and each of its terms": ["^loss$", "^loss/"]}, layout
+        assert sum(tag == "loss" or tag.startswith("loss/") for tag in tags["train"]) >= 5  # what the chart shows
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -180,6 +180,8 @@ def train(
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if profile:  # `rigtrain profile`: the same run with the profiler on, by default just long enough
         overrides = [*overrides, "profile.enabled=true"]
+        if not resume and "eval.during_training" not in user_keys(config_file, overrides):
+            overrides.append("eval.during_training=false")  # a profile measures speed: no evaluation unless asked
         if out is None and not resume:
             out = str(default_run_dir(preset or "demo")) + "-profile"
     config, run_dir = resolve_config(

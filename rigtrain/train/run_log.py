@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import sys
 import time
@@ -43,6 +44,7 @@ class MetricsLog:
         self.train_writer = SummaryWriter(str(run_dir / "tb" / "train"), purge_step=resume_step + 1)
         self.file = self.path.open("a")
         self.started = time.perf_counter()
+        self._layout_written = self.layout_has_eval = False
         for note in self.notes:
             self.say(note)
         self.process = psutil.Process()
@@ -110,6 +112,7 @@ class MetricsLog:
         metrics = {**telemetry(self.process), **metrics}  # the sampler's means win over one reading
         step = int(metrics["step"])
         try:
+            self._write_layout(metrics)
             self.file.write(json.dumps(metrics) + "\n")
             self.file.flush()
             for key, value in metrics.items():
@@ -135,12 +138,55 @@ class MetricsLog:
             f"{metrics['samples_per_s']:.1f} clips/s  data wait {metrics['data_wait_s'] * 1000:.0f} ms"
         )
 
+    def _write_layout(self, metrics: dict) -> None:
+        """TensorBoard's Custom Scalars charts: at the first logged step the loss with its
+        terms, at the first evaluation also each evaluation beside its chance."""
+        has_eval = any(k.startswith("eval/") for k in metrics)
+        if self.layout_has_eval or (self._layout_written and not has_eval):
+            return
+        self.train_writer.add_custom_scalars(chart_layout(metrics))
+        self._layout_written, self.layout_has_eval = True, has_eval
+
     def say(self, line: str) -> None:
         print(f"[rigtrain {time.perf_counter() - self.started:7.1f}s] {line}", file=sys.stdout, flush=True)
 
     def close(self) -> None:
         self.file.close()
         self.train_writer.close()
+
+
+def chart_layout(keys) -> dict:
+    """Custom Scalars: one chart per question. Each label's kNN and linear-probe top-1 with
+    its chance level ("is it above chance?" on one chart, not three), each retrieval
+    direction's R@5 with its chance, and the loss with all its terms. Tags are regular
+    expressions there, so each is anchored."""
+    keys = list(keys)
+
+    def exact(tag: str) -> str:
+        return f"^{re.escape(tag)}$"
+
+    labels = sorted(
+        k[len("eval/knn_") : -len("_top1")] for k in keys if k.startswith("eval/knn_") and k.endswith("_top1")
+    )
+    directions = sorted(
+        k[len("eval/") : -len("_r5")] for k in keys if k.startswith("eval/") and k.endswith("_r5") and "chance" not in k
+    )
+    evaluation = {
+        f"{label}: kNN and linear-probe top-1 against chance": [
+            "Multiline",
+            [exact(f"eval/knn_{label}_top1"), exact(f"eval/probe_{label}_top1"), exact(f"eval/knn_{label}_chance")],
+        ]
+        for label in labels
+    }
+    for direction in directions:
+        evaluation[f"{direction} retrieval R@5 against chance"] = [
+            "Multiline",
+            [exact(f"eval/{direction}_r5"), exact(f"eval/{direction}_chance_r5")],
+        ]
+    layout = {"Loss": {"the loss and each of its terms": ["Multiline", ["^loss$", "^loss/"]]}}
+    if evaluation:
+        layout["Held-out evaluation"] = evaluation
+    return layout
 
 
 def _group(key: str) -> str:
