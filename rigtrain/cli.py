@@ -72,6 +72,14 @@ def build_parser() -> Parser:
         "what limits it (input, compute, communication or host)",
     )
     _add_run_options(profile)
+    analyses = profile.add_subparsers(dest="profile_command", parser_class=Parser, metavar="[analyze PATH]")
+    analyze = analyses.add_parser(
+        "analyze",
+        help="the breakdown, verdict and suggestions for any torch.profiler trace (*.pt.trace.json[.gz]) "
+        "or a folder of them, your own training script's too",
+    )
+    analyze.add_argument("path", type=nonempty, help="a trace file, or a folder searched for them")
+    analyze.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     evaluate = commands.add_parser(
         "eval",
@@ -152,6 +160,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return _run(args, profile=True)
 
 
+def cmd_profile_analyze(args: argparse.Namespace) -> int:
+    from rigtrain.profile.trace_file import analyze_path
+
+    return analyze_path(args.path, args.json)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from rigtrain.evaluate import format_result
     from rigtrain.train.eval_command import evaluate_run
@@ -199,6 +213,7 @@ def cmd_rig(args: argparse.Namespace) -> int:
 COMMANDS = {
     ("train", None): cmd_train,
     ("profile", None): cmd_profile,
+    ("profile", "analyze"): cmd_profile_analyze,
     ("eval", None): cmd_eval,
     ("rig", None): cmd_rig,
     ("data", "synth"): cmd_data_synth,
@@ -210,7 +225,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = COMMANDS[(args.command, getattr(args, "data_command", None))]
+    handler = COMMANDS[(args.command, getattr(args, "data_command", None) or getattr(args, "profile_command", None))]
     try:
         return handler(args)
     except UserError as err:

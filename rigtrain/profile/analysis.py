@@ -17,8 +17,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+# Collectives by name; "broadcast" alone would also take aten::broadcast_tensors (every
+# elementwise op with a loss on mismatched shapes), which moves no data between ranks.
 COMM = re.compile(
-    r"nccl|gloo|c10d::|all_?reduce|all_?gather|reduce_?scatter|broadcast|record_param_comms", re.IGNORECASE
+    r"nccl|gloo|c10d::|all_?reduce|all_?gather|reduce_?scatter|broadcast(?!_tensors|_to|_shapes)|record_param_comms",
+    re.IGNORECASE,
 )
 CATEGORIES = ("data_wait", "host", "compute", "communication", "optimizer", "other")
 
