@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import run_cli
@@ -171,6 +172,29 @@ def test_shards_with_a_loader_thread_and_a_larger_model_are_compute_bound(comput
     assert all("host_cpu_percent" in r and r["telemetry_cost"] < 0.01 for r in rows)  # the sampler costs < 1%
 
 
+def test_the_profile_is_drawn_offline(compute_bound_run, monkeypatch, tmp_path):
+    from rigtrain.profile.charts import per_step
+
+    summary = _summary(compute_bound_run)
+    for name in ("breakdown.png", "timeline.png"):
+        image = (compute_bound_run / "profile" / name).read_bytes()
+        assert image[:8] == b"\x89PNG\r\n\x1a\n" and len(image) > 5000
+    trace = json.loads((compute_bound_run / summary["trace"]).read_text())["traceEvents"]
+    steps = per_step(trace, "cpu")  # each bar is one step's own breakdown; together, the summary's
+    assert len(steps) == 3
+    mean = {k: sum(ms[k] for _, ms in steps) / 3 for k in CATEGORIES}
+    assert mean == pytest.approx(summary["numbers"]["ms_per_step"], rel=0.02, abs=0.05)
+    # without matplotlib (the GPU kit's offline box) the images are skipped in one line
+    from rigtrain.train.profiling import StepProfiling
+
+    said = []
+    stub = SimpleNamespace(run_dir=tmp_path, device=SimpleNamespace(type="cpu"), log=SimpleNamespace(say=said.append))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    StepProfiling._draw_profile(stub, trace, tmp_path / "profile")
+    assert said == ["profile images skipped: matplotlib is not installed (pip install matplotlib)"]
+    assert not list(tmp_path.glob("profile/*.png"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,7 +231,9 @@ def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
                 runs = _get(f"{base}/data/plugin/pytorch_profiler/runs")
                 tags = _get(f"{base}/data/plugin/scalars/tags")
                 layout = _get(f"{base}/data/plugin/custom_scalars/layout")
-                if runs and (runs.get("runs") if isinstance(runs, dict) else runs) and "train" in tags and layout:
+                images = _get(f"{base}/data/plugin/images/tags")
+                ready = runs and (runs.get("runs") if isinstance(runs, dict) else runs) and "train" in tags
+                if ready and layout and images:
                     break
             except OSError:
                 pass
@@ -219,6 +245,8 @@ def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
         charts = {chart["title"]: chart["multiline"]["tag"] for c in layout["category"] for chart in c["chart"]}
         assert charts == {"the loss and each of its terms": ["^loss$", "^loss/"]}, layout
         assert sum(tag == "loss" or tag.startswith("loss/") for tag in tags["train"]) >= 5  # what the chart shows
+        # the profile as images, for a machine where the PyTorch Profiler tab cannot load its charts
+        assert {"profile/breakdown", "profile/timeline"} <= set(images.get("profile", {})), images
     finally:
         server.terminate()
         server.wait(timeout=30)

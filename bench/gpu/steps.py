@@ -128,7 +128,7 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
     }
-    for package in ("deepspeed", "bitsandbytes", "av", "soundfile", "torch_tb_profiler", "pynvml"):
+    for package in ("deepspeed", "bitsandbytes", "av", "soundfile", "torch_tb_profiler", "pynvml", "matplotlib"):
         facts[package] = importlib.util.find_spec(package) is not None
     try:
         import pynvml

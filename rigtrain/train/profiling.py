@@ -10,6 +10,7 @@ import os
 import torch
 
 from rigtrain.profile.analysis import RunFacts, analyze, format_summary
+from rigtrain.profile.charts import write_charts
 from rigtrain.profile.recorder import StepProfiler
 from rigtrain.rig.peaks import peak_tflops
 from rigtrain.train.flops import train_flops_per_clip
@@ -68,7 +69,8 @@ class StepProfiling:
             peak_tflops=peak_tflops(gpu) if gpu else None,
             gpu_name=gpu,
         )
-        summary = analyze(json.loads(path.read_text())["traceEvents"], facts)
+        events = json.loads(path.read_text())["traceEvents"]
+        summary = analyze(events, facts)
         summary["trace"] = str(path.relative_to(self.run_dir))
         out = self.run_dir / "profile"
         out.mkdir(exist_ok=True)
@@ -76,3 +78,18 @@ class StepProfiling:
         text = format_summary(summary)
         self.log.say("profile summary (also in profile/summary.json and TensorBoard's profile run):\n" + text)
         self.log.write_text("profile", "summary", "\n".join("    " + line for line in text.splitlines()))
+        self._draw_profile(events, out)
+
+    def _draw_profile(self, events: list[dict], out) -> None:
+        """The step breakdown and the timeline as images (profile/charts.py), if matplotlib is here."""
+        from torch.utils.tensorboard import SummaryWriter  # heavy (TensorBoard): only on rank 0 when it writes
+
+        try:  # write_charts imports matplotlib, which an offline GPU box may not have
+            with SummaryWriter(str(self.run_dir / "tb" / "profile")) as writer:
+                written = write_charts(events, self.device.type, out, writer)
+        except ImportError:
+            self.log.say("profile images skipped: matplotlib is not installed (pip install matplotlib)")
+            return
+        self.log.say(
+            f"profile images: {', '.join(str(p.relative_to(self.run_dir)) for p in written)} (and TensorBoard)"
+        )
