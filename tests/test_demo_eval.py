@@ -104,3 +104,51 @@ def test_tensorboard_charts_each_evaluation_beside_its_chance(demo_run):
     for title, patterns in charts.items():
         for pattern in patterns:
             assert any(re.search(pattern, tag) for tag in logged), (title, pattern)
+
+
+def test_each_evaluation_puts_the_held_out_clips_into_the_projector(demo_run):
+    """TensorBoard's projector: the held-out clips' pooled video features at every
+    evaluation, with their video, labels by name and narration as metadata."""
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    train = demo_run / "tb" / "train"
+    config = text_format.Parse((train / "projector_config.pbtxt").read_text(), ProjectorConfig())
+    record = json.loads((demo_run / "eval.json").read_text())
+    evaluations = sorted(
+        {row["step"] for row in map(json.loads, (demo_run / "metrics.jsonl").open()) if "eval/knn_shape_top1" in row}
+    )
+    assert [int(e.tensor_name.split(":")[1]) for e in config.embeddings] == evaluations  # one per evaluation
+    last = config.embeddings[-1]
+    assert last.tensor_name.startswith("heldout_video:") and int(last.tensor_name.split(":")[1]) == record["step"]
+    header, *rows = [line.split("\t") for line in (train / last.metadata_path).read_text().splitlines()]
+    vectors = (train / last.tensor_path).read_text().splitlines()
+    assert header == ["video", "shape", "colour", "direction", "narration"]
+    assert len(rows) == len(vectors) == record["knn"]["shape"]["clips"]
+    assert {r[1] for r in rows} <= {"circle", "square", "triangle", "cross"} and len({r[1] for r in rows}) > 1
+    assert all(r[0] in record["split"]["heldout_videos"] for r in rows)  # held-out clips only
+    assert all(r[2] in r[4] and r[1] in r[4] for r in rows if r[4] != "(no narration)")  # "a green circle moves down"
+
+
+def test_narration_text_alone_matches_the_batch(tmp_path, demo_data, shared_data):
+    import shutil
+
+    from rigtrain.config import load_config
+    from rigtrain.data.dataset import open_dataset
+
+    config = load_config("demo")
+    shards = open_dataset(demo_data, config.data)
+    clips = [0, 5, 17, len(shards) - 1]
+    batch = shards.batch(clips)
+    expected = [bytes(batch["text"][k, : int(batch["text_len"][k])].tolist()).decode() for k in range(len(clips))]
+    assert shards.narrations(clips) == expected and all(expected)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(shared_data / "videos" / "bikes.mp4", raw)
+    (raw / "bikes.srt").write_text(
+        "1\n00:00:00,000 --> 00:00:03,000\nbikes ride past\n\n2\n00:00:03,000 --> 00:00:09,000\na rider turns left\n"
+    )
+    decoded = open_dataset(raw, config.data)
+    first = list(range(min(3, len(decoded))))
+    texts = [bytes(decoded[i]["text"][: int(decoded[i]["text_len"])].tolist()).decode() for i in first]
+    assert decoded.narrations(first) == texts and any(texts)

@@ -209,6 +209,17 @@ class ShardDataset(Dataset):
         out["index"] = torch.from_numpy(indices)
         return out
 
+    def narrations(self, indices) -> list[str]:
+        """The clips' narration text alone (no video read), for labelling plots."""
+        arrays, out = self._open(), []
+        for i in np.asarray(indices, dtype=np.int64).tolist():
+            shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
+            j, a = i - int(self.offsets[shard]), arrays[shard]
+            row = np.empty(a["text"].shape[1:], np.uint8)
+            a["text"].read_row(j, row)
+            out.append(bytes(row[: int(a["text_len"][j])]).decode("utf-8", "replace"))
+        return out
+
     def __getstate__(self) -> dict:
         # A pickled copy (a worker process) opens the files itself.
         return {**self.__dict__, "_arrays": None}

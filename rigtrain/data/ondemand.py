@@ -125,6 +125,20 @@ class DecodedClips(Dataset):
             "index": torch.tensor(i, dtype=torch.int64),
         }
 
+    def narrations(self, indices) -> list[str]:
+        """The clips' narration text alone (no video decoded), for labelling plots."""
+        d, out = self.data, []
+        for i in indices:
+            ref = self.clips[int(i)]
+            start_s = ref.start_frame / d.fps
+            words = b""
+            if ref.narration is not None:
+                words, _ = clip_text(
+                    list(_segments(ref.narration)), start_s, start_s + d.clip_seconds, d.max_text_bytes
+                )
+            out.append(words.decode("utf-8", "replace"))
+        return out
+
     def clip_videos(self) -> list[str]:
         """Each clip's source video file name."""
         return [ref.video.name for ref in self.clips]

@@ -47,7 +47,25 @@ class HeldOutEvaluation:
             f"eval after step {self.step} ({record['seconds']:.1f} s; also in eval.json):\n"
             + "\n".join("    " + line for line in format_result(result).splitlines())
         )
+        heldout = spread(self.split.heldout, cfg.max_clips)
+        order = np.concatenate([heldout[r :: self.world] for r in range(self.world)])  # as gathered
+        self.log.write_embedding(parts[1].video, self._clip_metadata(order, parts[1].labels), self.step)
         return result
+
+    def _clip_metadata(self, clips: np.ndarray, labels: np.ndarray) -> tuple[list[str], list[list[str]]]:
+        """(header, a row per clip) for TensorBoard's projector: the clip's video, its labels
+        by name where the dataset has them, and its narration."""
+        names = self.dataset.index.get("labels") if not self.raw_videos else None
+        videos = self.dataset.clip_videos()
+        header = ["video", *(names or {}), "narration"]
+        rows = []
+        for position, (clip, text) in enumerate(zip(clips.tolist(), self.dataset.narrations(clips))):
+            named = [
+                values[int(labels[position, k])] if 0 <= int(labels[position, k]) < len(values) else "none"
+                for k, values in enumerate((names or {}).values())
+            ]
+            rows.append([videos[clip], *named, text or "(no narration)"])
+        return header, rows
 
     def _embed_share(self, clips) -> Features:
         """This rank's share of the clips, padded so every rank runs the same number of

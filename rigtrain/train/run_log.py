@@ -147,6 +147,15 @@ class MetricsLog:
         self.train_writer.add_custom_scalars(chart_layout(metrics))
         self._layout_written, self.layout_has_eval = True, has_eval
 
+    def write_embedding(self, features, metadata: tuple[list[str], list[list[str]]], step: int) -> None:
+        """The held-out clips' pooled video features into TensorBoard's projector, with
+        their labels and narration as metadata, so the map can be coloured by label."""
+        header, rows = metadata
+        clean = [[" ".join(str(cell).split()) or "-" for cell in row] for row in rows]  # TSV: no tabs, no newlines
+        self.train_writer.add_embedding(
+            features, metadata=clean, metadata_header=header, global_step=step, tag="heldout_video"
+        )
+
     def say(self, line: str) -> None:
         print(f"[rigtrain {time.perf_counter() - self.started:7.1f}s] {line}", file=sys.stdout, flush=True)
 
