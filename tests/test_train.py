@@ -141,26 +141,45 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["step00000010", "step00000015"]  # 15 may still be in progress
 
 
+def _histogram_tags(run: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb" / "train"), size_guidance={"histograms": 0})
+    events.Reload()
+    return set(events.Tags()["histograms"])
+
+
 def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
     """Two gloo processes: ZeRO 0 (plain data parallel) and ZeRO 3 (parameters, gradients
     and optimizer states sharded) must compute the same fp32 training curve, with gradient
-    accumulation."""
-    curves = {}
-    for stage in (0, 3):
+    accumulation, and log the same gradient norm per part: the gradient the optimizer
+    applies, which one process with the same global batch also logs."""
+    curves, norms = {}, {}
+    for stage, processes in ((0, 2), (3, 2), (1, 1)):
         run = tmp_path / f"zero{stage}"
         result = train(
             run,
             "--steps",
             "4",
             "--set",
-            "train.nproc=2",
+            f"train.nproc={processes}",
             f"train.zero_stage={stage}",
             "train.grad_accum_steps=2",
-            "train.micro_batch_size=8",
+            f"train.micro_batch_size={16 // processes}",
             "train.ckpt_every=4",
             "train.log_every=1",
             "train.lr=1e-3",
+            "log.histograms_every=2",
         )
+        norms[stage] = [{k: v for k, v in r.items() if k.startswith("grad_norm/")} for r in metrics(run)]
+        assert set(norms[stage][0]) == {
+            f"grad_norm/{p}" for p in ("tokenizers", "encoder", "evolver", "decoder", "heads")
+        }
+        histograms = _histogram_tags(run)
+        assert {"gradients/encoder", "latent/encoder"} <= histograms
+        assert ("weights/encoder" in histograms) == (stage < 3)  # ZeRO-3 holds a shard of each weight per rank
+        if processes == 1:
+            continue
         assert "1.93M parameters" in result.stdout  # counted before ZeRO-3 partitions them
         record = json.loads((run / "config.json").read_text())
         assert record["plan"]["world_size"] == 2
@@ -169,6 +188,13 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
         reconstruction = [r["loss_pc"] for r in metrics(run)]
         assert (run / "checkpoints" / "step00000004" / "rng_rank1.pt").is_file()
     assert curves[0] == pytest.approx(curves[3], rel=1e-4)
+    for got, want in zip(norms[3], norms[0]):
+        assert got == pytest.approx(want, rel=1e-3, abs=1e-6)
+    # One process with the same 16 clips per micro-step: the same gradient but for its own
+    # DropToken draws (each rank draws its own). A rank's own gradient would be far off: the
+    # contrastive terms' per-rank parts are ~30x their average on this model.
+    for got, want in zip(norms[1], norms[0]):
+        assert got == pytest.approx(want, rel=0.25)
     # It trains: predictive coding falls from the first step on (the contrastive terms of
     # 4 small batches rise and fall with the batch; they are no sign either way).
     assert reconstruction[-1] < reconstruction[0], reconstruction

@@ -23,6 +23,7 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "ProfileConfig",
+    "LogConfig",
     "RigConfig",
     "RunConfig",
     "TrainConfig",
@@ -175,6 +176,29 @@ class ProfileConfig:
 
 
 @dataclass
+class LogConfig:
+    """What is logged beside the metrics, for looking inside the model while it trains."""
+
+    grad_norms: bool = True
+    (
+        "at every logged step, the L2 norm of each part's gradient (tokenizers, encoder, evolver, decoder, "
+        "heads; from the last micro-batch, averaged over ranks)"
+    )
+    histograms_every: int = 500
+    (
+        "every this many steps: histograms of each part's weights and gradients and of the encoder's latent "
+        "in TensorBoard; 0 = never"
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.histograms_every, int) and self.histograms_every >= 0,
+            "log.histograms_every",
+            "must be a whole number, 0 or more (0 = no histograms)",
+        )
+
+
+@dataclass
 class EvalConfig:
     """Evaluation: held-out clips, kNN and linear probe per label, text-video retrieval."""
 
@@ -232,6 +256,7 @@ class RunConfig:
     rig: RigConfig = field(default_factory=RigConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -294,6 +319,7 @@ SECTIONS: dict[str, type] = {
     "rig": RigConfig,
     "profile": ProfileConfig,
     "eval": EvalConfig,
+    "log": LogConfig,
 }
 
 

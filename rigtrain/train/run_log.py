@@ -147,6 +147,12 @@ class MetricsLog:
         self.train_writer.add_custom_scalars(chart_layout(metrics))
         self._layout_written, self.layout_has_eval = True, has_eval
 
+    def write_histograms(self, values: dict, step: int) -> None:
+        """TensorBoard histograms (weights/..., gradients/..., latent/...) at this step."""
+        for tag, tensor in values.items():
+            self.train_writer.add_histogram(tag, tensor, step)
+        self.train_writer.flush()
+
     def write_embedding(self, features, metadata: tuple[list[str], list[list[str]]], step: int) -> None:
         """The held-out clips' pooled video features into TensorBoard's projector, with
         their labels and narration as metadata, so the map can be coloured by label."""

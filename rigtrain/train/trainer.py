@@ -47,9 +47,12 @@ from rigtrain.train.rehearsal import FirstStepRehearsal
 from rigtrain.train.run_log import MetricsLog
 from rigtrain.train.saving import CheckpointSaving
 from rigtrain.train.stopping import StopRequested
+from rigtrain.train.tensor_stats import TensorStatisticsLogging
 
 
-class Trainer(CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepRehearsal, StepProfiling):
+class Trainer(
+    CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepRehearsal, StepProfiling, TensorStatisticsLogging
+):
     def __init__(self, run_dir: str | Path, stop=None):
         self.run_dir = Path(run_dir)
         self.stop = stop  # stopping.GracefulStop: a stop signal this process received
@@ -121,6 +124,7 @@ class Trainer(CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepReh
         )
         if t.compile:
             self.engine.compile()
+        self._setup_statistics()
         self._warm_up_collectives()
         # Ranks agree on stopping through a CPU (gloo) group: a flag read every step must
         # not make the host wait for the GPU, as an NCCL collective read back would.
@@ -231,13 +235,19 @@ class Trainer(CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepReh
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses; the schedule moves on after it
         totals: dict[str, torch.Tensor] = {}
         accum = self.config.train.grad_accum_steps
-        for _ in range(accum):
+        histograms, logged = self._histogram_step(self.step + 1), self._logs(self.step + 1)
+        for micro in range(accum):
             batch, waited = self._next_batch()
             self.data_wait_since_log += waited
+            last = micro == accum - 1
+            if last and histograms:
+                self._arm_statistics(histograms)
             with span("forward"):
                 terms = self.engine(batch)
             with span("backward"):
                 self.engine.backward(terms["loss"])
+            if last and logged:
+                self._take_gradients(histograms)
             with span("optimizer"):
                 self.engine.step()
             for key, value in terms.items():
@@ -251,15 +261,10 @@ class Trainer(CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepReh
         finite = torch.isfinite(totals["loss"])
         self.nonfinite_in_a_row = torch.where(finite, 0, self.nonfinite_in_a_row + 1)
         self.nonfinite_total += (~finite).long()
-        t = self.config.train
-        # Checkpoint steps are logging steps, so the divergence rules look at a step before it is saved.
-        logging = (
-            self.step % t.log_every == 0
-            or self.step == t.steps
-            or self.step in self.eval_steps
-            or self.step % t.ckpt_every == 0
-            or self.step == self.first_step + 1
-        )  # the first: a baseline
+        totals.update(self._gradient_norms())
+        if histograms:
+            self._write_histograms()
+        logging = self._logs(self.step)
         if not logging:
             return {}
         # Averaged over ranks; every rank takes part, since all reach the same steps.
