@@ -180,6 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(format_result(record))
     print(f"written to {Path(args.run_dir) / 'eval.json'}")
+    if record.get("pictures"):
+        print(f"the decoder's predictions beside the truth: {', '.join(record['pictures'])} (in {args.run_dir})")
     return 0
 
 

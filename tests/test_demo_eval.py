@@ -66,6 +66,10 @@ def test_eval_command_rescores_the_checkpoint(demo_run):
     assert json.loads((demo_run / "eval.json").read_text())["checkpoint"] == "step00000900"
     table = run_cli("eval", str(demo_run))
     assert table.returncode == 0 and "kNN top-1" in table.stdout and "t2v" in table.stdout
+    # the decoder's predictions beside the truth, as pictures
+    assert after["pictures"] == ["eval/predictions.png", "eval/predictions_audio.png"]
+    for name in after["pictures"]:
+        assert (demo_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_refuses_what_is_not_a_finished_run(tmp_path):
@@ -152,3 +156,44 @@ def test_narration_text_alone_matches_the_batch(tmp_path, demo_data, shared_data
     first = list(range(min(3, len(decoded))))
     texts = [bytes(decoded[i]["text"][: int(decoded[i]["text_len"])].tolist()).decode() for i in first]
     assert decoded.narrations(first) == texts and any(texts)
+
+
+def test_every_evaluation_draws_the_predictions(demo_run):
+    """TensorBoard's Images: at every evaluation the frame grid (each clip's true frames over
+    the decoder's, present | future) and the audio plot, read back through TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rigtrain.config import load_config
+    from rigtrain.evaluate.pictures import CLIPS, GAP
+
+    events = EventAccumulator(str(demo_run / "tb" / "train"), size_guidance={"images": 0})
+    events.Reload()
+    evaluations = sorted(
+        {row["step"] for row in map(json.loads, (demo_run / "metrics.jsonl").open()) if "eval/knn_shape_top1" in row}
+    )
+    for tag in ("predictions/video", "predictions/audio"):
+        assert [image.step for image in events.Images(tag)] == evaluations, tag
+    grid = events.Images("predictions/video")[-1]
+    d = load_config("demo").data
+    frames = d.present_frames + d.future_frames
+    assert (grid.height, grid.width) == (
+        CLIPS * 2 * (d.frame_size[0] + GAP) + GAP,
+        frames * (d.frame_size[1] + GAP) + 2 * GAP,
+    )
+
+
+def test_pictures_undo_the_patches_exactly():
+    """Patches back to frames, and a perfect normalised prediction back to the true pixels."""
+    import numpy as np
+    import torch
+
+    from rigtrain.evaluate.pictures import frame_grid, frames, to_pixels
+    from rigtrain.model.losses import normalize_patches
+    from rigtrain.model.tokenizers import to_tubelets
+
+    video = torch.rand(2, 8, 16, 24, 3)
+    patches = to_tubelets(video, 2, 8, 8)
+    assert np.array_equal(frames(patches, (4, 2, 3), (2, 8, 8)), (video * 255).round().to(torch.uint8).numpy())
+    assert torch.allclose(to_pixels(normalize_patches(patches), patches), patches, atol=1e-5)
+    picture = frame_grid(frames(patches, (4, 2, 3), (2, 8, 8)), frames(patches, (4, 2, 3), (2, 8, 8)), 4)
+    assert picture.shape == (2 * 2 * 18 + 2, 8 * 26 + 4, 3) and (picture[:, 4 * 26 + 1] == (255, 60, 60)).all()

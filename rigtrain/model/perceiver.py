@@ -236,10 +236,13 @@ class PredictiveCodingPerceiver(ContrastiveEncodings, nn.Module):
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None, task: str = "train"
     ) -> dict[str, torch.Tensor]:
         """task "train": a batch of clips -> {"loss": scalar, and each loss term}.
-        task "embed": -> the clips' features for evaluation (see `embed`). Both go through
+        task "embed": -> the clips' features for evaluation (see `embed`); task "predict": the
+        decoder's picture of the last window (see `predict`). All go through
         forward, so DeepSpeed's hooks (ZeRO-3 parameter gathering) see every call."""
         if task == "embed":
             return self.embed(batch)
+        if task == "predict":
+            return self.predict(batch)
         terms = self._predictive_coding(batch, generator)
         c = self.config
         total = c.weight_pc * terms["loss_pc"]
@@ -252,23 +255,16 @@ class PredictiveCodingPerceiver(ContrastiveEncodings, nn.Module):
         terms["loss"] = total
         return terms
 
-    def _predictive_coding(
-        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
-    ) -> dict[str, torch.Tensor]:
-        """The predictive-coding terms, averaged over the scored windows."""
+    def _windows(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None):
+        """Each window in turn: (index, video patches, audio patches, its latent, the evolved
+        latent that predicts its future and starts the next window)."""
         B, device = batch["video"].shape[0], batch["video"].device
         nvp, nap = self.video_present, self.audio_present
         text = batch["text"]
         text_tokens = self.text_tokenizer(text)  # (B, L, D): the clip's narration, read in every window
         text_mask = torch.arange(text.shape[1], device=device)[None, :] < batch["text_len"][:, None]  # (B, L)
-        has_audio = batch["has_audio"].bool()
-        audio_mask = has_audio[:, None].expand(-1, nap)
-        present_v = torch.arange(nvp, device=device).expand(B, -1)
-        present_a = torch.arange(nap, device=device).expand(B, -1)
-
-        sums: dict[str, torch.Tensor] = {}
+        audio_mask = batch["has_audio"].bool()[:, None].expand(-1, nap)
         start = self._start(B)
-        scored = range(self.config.blind_windows, self.geometry.windows)
         for window in range(self.geometry.windows):
             video, audio = self.patches(batch, window)
             inputs = [
@@ -278,6 +274,21 @@ class PredictiveCodingPerceiver(ContrastiveEncodings, nn.Module):
             ]
             latent = self.encode(start, inputs, generator)
             start = future_latent = self.evolve(latent)  # the next window starts from the prediction
+            yield window, video, audio, latent, future_latent
+
+    def _predictive_coding(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
+        """The predictive-coding terms, averaged over the scored windows."""
+        B, device = batch["video"].shape[0], batch["video"].device
+        nvp, nap = self.video_present, self.audio_present
+        has_audio = batch["has_audio"].bool()
+        present_v = torch.arange(nvp, device=device).expand(B, -1)
+        present_a = torch.arange(nap, device=device).expand(B, -1)
+
+        sums: dict[str, torch.Tensor] = {}
+        scored = range(self.config.blind_windows, self.geometry.windows)
+        for window, video, audio, latent, future_latent in self._windows(batch, generator):
             if window not in scored:
                 continue
             future_v = self._future_index(nvp, video.shape[1], B, device, generator)
@@ -301,6 +312,26 @@ class PredictiveCodingPerceiver(ContrastiveEncodings, nn.Module):
 
     # -- contrastive (VATT) -----------------------------------------------------------------------
     # -- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the model expects, for pictures: in the last window, the decoder's prediction
+        at every video and audio position (present ones from the window's latent, future
+        ones from the evolved latent), beside that window's patches. Predictions are in the
+        per-patch normalised space the loss scores; "video" (B, Nv, t*h*w*3) in [0, 1] and
+        "audio" (B, Na, s) in [-1, 1] are the ground truth."""
+        B, device = batch["video"].shape[0], batch["video"].device
+        nvp, nap = self.video_present, self.audio_present
+        *_, (_, video, audio, latent, future_latent) = self._windows(batch, None)  # the last window's
+        positions = lambda a, b: torch.arange(a, b, device=device).expand(B, -1)  # noqa: E731
+        pred_pv, pred_pa = self.decode(latent, positions(0, nvp), positions(0, nap))
+        pred_fv, pred_fa = self.decode(future_latent, positions(nvp, video.shape[1]), positions(nap, audio.shape[1]))
+        return {
+            "video": video.float(),
+            "audio": audio.float(),
+            "video_pred": torch.cat([pred_pv, pred_fv], dim=1).float(),
+            "audio_pred": torch.cat([pred_pa, pred_fa], dim=1).float(),
+        }
+
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Features of a batch for evaluation (no DropToken in eval mode): "video" (B, D) the

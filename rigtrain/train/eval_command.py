@@ -22,6 +22,7 @@ from rigtrain.data.split import heldout_videos, split_clips
 from rigtrain.errors import UserError
 from rigtrain.evaluate import evaluate, extract_features
 from rigtrain.evaluate.evaluation import spread
+from rigtrain.evaluate.pictures import geometry_of, picture_clips, prediction_pictures, save_pictures
 from rigtrain.files import write_json
 from rigtrain.model import build_model
 from rigtrain.train import checkpoints
@@ -121,5 +122,10 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
         "split": {**split.to_dict(), "from": "the run" if own_data else "eval.holdout of the run's config"},
         "seconds": round(time.perf_counter() - started, 2),
     }
+    clips = picture_clips(split.heldout)
+    batch = {k: v.to(device) for k, v in dataset.batch(clips.tolist()).items() if k not in ("labels", "index")}
+    with torch.no_grad():
+        pictures = prediction_pictures(model(batch, task="predict"), geometry_of(model))
+    record["pictures"] = [str(p.relative_to(run_dir)) for p in save_pictures(pictures, run_dir / "eval")]
     write_json(run_dir / "eval.json", record)
     return record

@@ -11,6 +11,7 @@ import torch
 
 from rigtrain.evaluate import Features, evaluate, extract_features, format_result
 from rigtrain.evaluate.evaluation import spread
+from rigtrain.evaluate.pictures import geometry_of, picture_clips, prediction_pictures
 from rigtrain.files import write_json
 
 
@@ -27,6 +28,7 @@ class HeldOutEvaluation:
             parts = [
                 self._embed_share(spread(clips, cfg.max_clips)) for clips in (self.split.train, self.split.heldout)
             ]
+            pictures = self._predictions(module)
         finally:
             module.train(was_training)
         if self.world > 1:
@@ -50,7 +52,19 @@ class HeldOutEvaluation:
         heldout = spread(self.split.heldout, cfg.max_clips)
         order = np.concatenate([heldout[r :: self.world] for r in range(self.world)])  # as gathered
         self.log.write_embedding(parts[1].video, self._clip_metadata(order, parts[1].labels), self.step)
+        self.log.write_pictures(pictures, self.step)
         return result
+
+    def _predictions(self, module) -> dict | None:
+        """Every rank runs the decoder on the same few held-out clips (ZeRO-3 gathers the
+        weights in lockstep); rank 0 draws them (evaluate/pictures.py)."""
+        clips = picture_clips(self.split.heldout)
+        if not len(clips):
+            return None
+        batch = self.dataset.batch(clips.tolist())
+        on_device = {k: v.to(self.device) for k, v in batch.items() if k not in ("labels", "index")}
+        predicted = module(on_device, task="predict")
+        return prediction_pictures(predicted, geometry_of(module)) if self.is_main else None
 
     def _clip_metadata(self, clips: np.ndarray, labels: np.ndarray) -> tuple[list[str], list[list[str]]]:
         """(header, a row per clip) for TensorBoard's projector: the clip's video, its labels

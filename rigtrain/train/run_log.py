@@ -153,6 +153,20 @@ class MetricsLog:
             self.train_writer.add_histogram(tag, tensor, step)
         self.train_writer.flush()
 
+    def write_pictures(self, pictures: dict | None, step: int) -> None:
+        """The decoder's predictions beside the truth (evaluate/pictures.py): the frame grid
+        always, the audio plot where matplotlib is installed."""
+        if pictures is None:
+            return
+        self.train_writer.add_image("predictions/video", pictures["video"], step, dataformats="HWC")
+        try:
+            from rigtrain.evaluate.pictures import audio_figure  # matplotlib inside: optional
+
+            figure = audio_figure(*pictures["audio"], pictures["present_samples"])
+        except ImportError:
+            return
+        self.train_writer.add_figure("predictions/audio", figure, step)
+
     def write_embedding(self, features, metadata: tuple[list[str], list[list[str]]], step: int) -> None:
         """The held-out clips' pooled video features into TensorBoard's projector, with
         their labels and narration as metadata, so the map can be coloured by label."""
