@@ -11,6 +11,8 @@ The frame grid needs only numpy; the audio plot needs matplotlib and is skipped 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from einops import rearrange
@@ -91,7 +93,7 @@ def audio_figure(truth: np.ndarray, predicted: np.ndarray, present_samples: int)
     import matplotlib  # optional: only for this plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: after choosing the Agg backend above
 
     figure, axes = plt.subplots(len(truth), 1, figsize=(9, 1.4 * len(truth) + 0.6), sharex=True, squeeze=False)
     for row, ax in enumerate(axes[:, 0]):
@@ -108,8 +110,6 @@ def audio_figure(truth: np.ndarray, predicted: np.ndarray, present_samples: int)
 def save_pictures(pictures: dict, out_dir) -> list:
     """predictions.png (the frame grid, through OpenCV) and predictions_audio.png (where
     matplotlib is installed) in out_dir; the paths written."""
-    from pathlib import Path
-
     import cv2  # opencv-python-headless: already how rigtrain reads videos
 
     out_dir = Path(out_dir)
@@ -120,7 +120,7 @@ def save_pictures(pictures: dict, out_dir) -> list:
         figure = audio_figure(*pictures["audio"], pictures["present_samples"])
     except ImportError:
         return written
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: present, since audio_figure just used it
 
     written.append(out_dir / "predictions_audio.png")
     figure.savefig(written[-1], dpi=100)

@@ -70,7 +70,7 @@ def write_charts(events: list[dict], device: str, out_dir: Path, writer=None) ->
     import matplotlib  # optional: only where the profile's images are drawn
 
     matplotlib.use("Agg")  # no display on a server
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: after choosing the backend
 
     written = []
     steps = per_step(events, device)
@@ -101,7 +101,7 @@ def write_charts(events: list[dict], device: str, out_dir: Path, writer=None) ->
 
 
 def _save(figure, path: Path, writer, tag: str) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: present, since the figure was drawn with it
 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
