@@ -152,6 +152,8 @@ def compute_bound_run(tmp_path_factory, demo_data):
         "model.d_model=256",
         "model.num_latents=64",
         "data.workers=1",
+        "eval.during_training=true",  # a profile run asked to evaluate: TensorBoard gets every tab's data
+        "log.histograms_every=3",
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -232,8 +234,10 @@ def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
                 tags = _get(f"{base}/data/plugin/scalars/tags")
                 layout = _get(f"{base}/data/plugin/custom_scalars/layout")
                 images = _get(f"{base}/data/plugin/images/tags")
+                histograms = _get(f"{base}/data/plugin/histograms/tags")
+                projector = _get(f"{base}/data/plugin/projector/runs")
                 ready = runs and (runs.get("runs") if isinstance(runs, dict) else runs) and "train" in tags
-                if ready and layout and images:
+                if ready and layout and images and histograms and projector:
                     break
             except OSError:
                 pass
@@ -241,12 +245,17 @@ def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
         listed = runs.get("runs") if isinstance(runs, dict) else runs
         assert listed and "profile" in listed, runs
         assert "loss" in tags["train"], tags
-        # the Custom Scalars tab: the loss and its terms on one chart (no evaluation in a profile)
+        # Custom Scalars: the loss and its terms on one chart, each evaluation beside its chance
         charts = {chart["title"]: chart["multiline"]["tag"] for c in layout["category"] for chart in c["chart"]}
-        assert charts == {"the loss and each of its terms": ["^loss$", "^loss/"]}, layout
+        assert charts["the loss and each of its terms"] == ["^loss$", "^loss/"], layout
+        assert charts["direction: kNN and linear-probe top-1 against chance"][-1] == "^eval/knn_direction_chance$"
         assert sum(tag == "loss" or tag.startswith("loss/") for tag in tags["train"]) >= 5  # what the chart shows
+        assert {f"grad_norm/{part}" for part in ("encoder", "decoder", "heads")} <= set(tags["train"])
         # the profile as images, for a machine where the PyTorch Profiler tab cannot load its charts
         assert {"profile/breakdown", "profile/timeline"} <= set(images.get("profile", {})), images
+        assert {"predictions/video", "predictions/audio"} <= set(images.get("train", {})), images
+        assert {"weights/encoder", "gradients/decoder", "latent/encoder"} <= set(histograms.get("train", {}))
+        assert projector == ["train"]  # the held-out clips' features with their labels and narration
     finally:
         server.terminate()
         server.wait(timeout=30)
