@@ -266,18 +266,22 @@ def _train_locked(
         failed = plan.micro_batch_size
         if resume or failed <= 1 or "train.micro_batch_size" in user_keys(config_file, overrides):
             _say(
-                f"out of GPU memory on the first step at micro-batch {failed}, which the plan may not change "
+                f"out of {_memory(plan)} on the first step at micro-batch {failed}, which the plan may not change "
                 "(set by you, a resumed run, or already 1): lower train.micro_batch_size or use a smaller preset"
             )
             break
         smaller = max(1, failed - max(1, failed // 8))
         backed_off.append(failed)
-        _say(f"out of GPU memory on the first step at micro-batch {failed}: backing off to {smaller}")
+        _say(f"out of {_memory(plan)} on the first step at micro-batch {failed}: backing off to {smaller}")
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, micro_batch_size=smaller))
         fixed = fixed | {"train.micro_batch_size"}
         for path in (run_dir / "metrics.jsonl", run_dir / "tb"):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return _finish(run_dir, code)
+
+
+def _memory(plan) -> str:
+    return "GPU memory" if plan.device == "cuda" else "memory"
 
 
 def _say_plan(plan) -> None:

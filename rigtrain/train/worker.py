@@ -98,7 +98,8 @@ def oom_message(run_dir, trainer, err: BaseException, first: bool) -> str:
         if first
         else f"then continue with `rigtrain train --out {run_dir} --resume --set train.micro_batch_size=N`"
     )
-    return f"out of GPU memory at step {step} on rank {trainer.rank} ({first_line}); {saved}; {advice}; {then}"
+    memory = "GPU memory" if trainer.device.type == "cuda" else "memory"
+    return f"out of {memory} at step {step} on rank {trainer.rank} ({first_line}); {saved}; {advice}; {then}"
 
 
 def main() -> int:
