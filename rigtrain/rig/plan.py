@@ -102,8 +102,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     )
     if request.hosts:
         reasons["world_size"] = machines_reason(request.hosts, f"{len(chosen)} GPU(s)")
-    cards = _cards(request, [rig.gpus[g] for g in chosen], step_peak, reasons)
-    cards.bitsandbytes = (rig.software or {}).get("bitsandbytes", "assumed") is not None  # None: probed, absent
+    cards = _cards(request, [rig.gpus[g] for g in chosen], step_peak, reasons, rig.software or {})
     fixed = request.fixed
     candidates = _candidates(cards, fixed)
     setting, micro_batch, tried = _first_that_fits(cards, candidates, fixed)
@@ -190,7 +189,7 @@ def _chosen_gpus(rig: Rig, wanted: tuple[int, ...]) -> tuple[int, ...]:
     return wanted or tuple(range(len(rig.gpus)))
 
 
-def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: dict) -> CardBudget:
+def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: dict, software: dict) -> CardBudget:
     """The precision (the oldest card decides) and the memory (the fullest card decides)."""
     capability = min(g.compute_capability for g in gpus)
     if request.precision != "auto":
@@ -220,6 +219,7 @@ def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: 
         share=max(1, math.ceil(request.global_batch / (sum(request.hosts) or len(gpus)))),
         parameters=request.parameters,
         search=MicroBatchSearch(step_peak, precision),
+        bitsandbytes=software.get("bitsandbytes", "assumed") is not None,  # None: the probe found none
     )
 
 

@@ -51,7 +51,9 @@ class HeldOutEvaluation:
         )
         heldout = spread(self.split.heldout, cfg.max_clips)
         order = np.concatenate([heldout[r :: self.world] for r in range(self.world)])  # as gathered
-        self.log.write_embedding(parts[1].video, self._clip_metadata(order, parts[1].labels), self.step)
+        if getattr(self, "projector_metadata", None) is None:  # the held-out clips are the run's: read once
+            self.projector_metadata = self._clip_metadata(order, parts[1].labels)
+        self.log.write_embedding(parts[1].video, self.projector_metadata, self.step)
         self.log.write_pictures(pictures, self.step)
         return result
 

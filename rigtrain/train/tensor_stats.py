@@ -56,10 +56,10 @@ class TensorStatisticsLogging:
         every = self.config.log.histograms_every
         return bool(every) and step % every == 0 and self._logs(step)
 
-    def _arm_statistics(self, histograms: bool) -> None:
+    def _arm_statistics(self) -> None:
         """Before the last micro-batch's forward on a histogram step: keep a sample of the
         encoder's latent."""
-        if histograms and self.latent_block is not None:
+        if self.latent_block is not None:
             self.stat_hooks.append(self.latent_block.register_forward_hook(self._on_latent))
 
     def _on_latent(self, module, inputs, output) -> None:

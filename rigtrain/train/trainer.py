@@ -241,7 +241,7 @@ class Trainer(
             self.data_wait_since_log += waited
             last = micro == accum - 1
             if last and histograms:
-                self._arm_statistics(histograms)
+                self._arm_statistics()
             with span("forward"):
                 terms = self.engine(batch)
             with span("backward"):
