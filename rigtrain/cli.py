@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from rigtrain.cli_args import Parser, add_set_option, nonempty, watts
+from rigtrain.cli_args import Parser, add_set_option, nonempty, seconds, watts
 from rigtrain.cli_data import (
     add_data_commands,
     cmd_data_bench,
@@ -55,6 +55,43 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tune_command(commands) -> None:
+    tune = commands.add_parser(
+        "tune",
+        help="measure the configurations predicted to fit this machine (micro-batch, accumulation, "
+        "checkpointing, ZeRO stage, offload, loader threads, compile; processes on a CPU) and keep the fastest",
+    )
+    tune.add_argument("--preset", type=nonempty, help="the preset to tune (default: demo)")
+    tune.add_argument("--config", metavar="FILE", type=nonempty, help="a TOML or YAML config file")
+    add_set_option(tune, "fix config keys: keys you set are not tuned, e.g. --set data.workers=2")
+    tune.add_argument("--data", metavar="DIR", type=nonempty, help="prepared shards (default: the embedded dataset)")
+    tune.add_argument(
+        "--out",
+        metavar="TUNE_DIR",
+        type=nonempty,
+        help="where the tune is written (default: runs/DATE-TIME-PRESET-tune)",
+    )
+    tune.add_argument("--rig", metavar="FILE", type=nonempty, help="this machine described by a rig file")
+    tune.add_argument("--psu-watts", type=watts, metavar="W", help="the power supply's rating")
+    tune.add_argument(
+        "--budget-s", type=seconds, default=300.0, metavar="S", help="the whole tune's time limit (default 300)"
+    )
+    tune.add_argument(
+        "--trial-timeout-s",
+        type=seconds,
+        metavar="S",
+        help="a trial with no result after this long is cut off as hung (default 120 on a CPU, 300 on GPUs)",
+    )
+    tune.add_argument(
+        "--trial-seconds",
+        type=seconds,
+        default=3.0,
+        metavar="S",
+        help="each trial's timed window, in whole steps after its warm-up (default 3; longer is less noisy)",
+    )
+    tune.add_argument("--json", action="store_true", help="print tune.json's content on stdout and nothing else")
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="rigtrain",
@@ -65,6 +102,16 @@ def build_parser() -> Parser:
 
     train = commands.add_parser("train", help="train with DeepSpeed ZeRO on every local GPU (or the CPU)")
     _add_run_options(train)
+    train.add_argument(
+        "--tuned",
+        metavar="TUNE_DIR",
+        nargs="?",
+        const="",
+        help="use what `rigtrain tune` found fastest: that tune's, or without TUNE_DIR the newest tune of "
+        "this preset on this machine; keys you set in --config or --set still win",
+    )
+
+    _add_tune_command(commands)
 
     profile = commands.add_parser(
         "profile",
@@ -136,11 +183,21 @@ def _run(args: argparse.Namespace, *, profile: bool) -> int:
         return 0
     from rigtrain.train.launch import train
 
+    preset, overrides = args.preset, args.overrides
+    tuned = getattr(args, "tuned", None)  # train's option, not profile's
+    if tuned is not None:
+        if args.resume:
+            raise UserError("--tuned starts a new run; a resumed run keeps the configuration it has (drop --tuned)")
+        from rigtrain.tune.applying import tuned_overrides
+
+        preset, overrides = tuned_overrides(
+            tuned, preset, args.config, overrides, args.rig, lambda line: print(f"[rigtrain] {line}", flush=True)
+        )
     return train(
         out=args.out,
-        preset=args.preset,
+        preset=preset,
         config_file=args.config,
-        overrides=args.overrides,
+        overrides=overrides,
         steps=args.steps,
         data=args.data,
         resume=args.resume,
@@ -153,6 +210,24 @@ def _run(args: argparse.Namespace, *, profile: bool) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     return _run(args, profile=False)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rigtrain.tune.search import tune
+
+    return tune(
+        preset=args.preset,
+        config_file=args.config,
+        overrides=args.overrides,
+        data=args.data,
+        out=args.out,
+        rig_file=args.rig,
+        psu_w=args.psu_watts,
+        budget_s=args.budget_s,
+        trial_timeout_s=args.trial_timeout_s,
+        trial_s=args.trial_seconds,
+        as_json=args.json,
+    )
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -214,6 +289,7 @@ def cmd_rig(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     ("train", None): cmd_train,
+    ("tune", None): cmd_tune,
     ("profile", None): cmd_profile,
     ("profile", "analyze"): cmd_profile_analyze,
     ("eval", None): cmd_eval,

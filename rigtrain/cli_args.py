@@ -38,3 +38,13 @@ def add_set_option(parser: argparse.ArgumentParser, description: str) -> None:
     parser.add_argument(
         "--set", metavar="KEY=VALUE", nargs="+", action="extend", default=[], dest="overrides", help=description
     )
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0, e.g. 300")
+    return value

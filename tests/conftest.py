@@ -141,13 +141,19 @@ FRESH = os.environ.get("RIGTRAIN_TEST_FRESH") == "1"
 
 
 def run_cli(
-    *args: str, timeout: float = 600, cwd: Path | None = None, plan_threads: bool = False, fresh: bool = False
+    *args: str,
+    timeout: float = 600,
+    cwd: Path | None = None,
+    plan_threads: bool = False,
+    fresh: bool = False,
+    env_extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`rigtrain ARGS` as a user runs it, in its own process: forked from one that has
     already imported torch and DeepSpeed (tests/preloaded_cli.py says what that saves and
     what it does not prove), or with fresh=True a new interpreter. plan_threads: with the
-    CPU threads the plan gives a user's run (all the cores), not this worker's share."""
-    env = os.environ.copy()
+    CPU threads the plan gives a user's run (all the cores), not this worker's share.
+    env_extra: variables added to the command's environment (fault injection)."""
+    env = {**os.environ, **(env_extra or {})}
     if plan_threads:
         env.pop("OMP_NUM_THREADS", None)
         if USERS_THREADS is not None:

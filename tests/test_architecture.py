@@ -1,4 +1,4 @@
-"""docs/architecture.md: dependencies point one way, cli -> train -> {rig, profile, evaluate, data, model}
+"""docs/architecture.md: dependencies point one way, cli -> tune -> train -> {rig, profile, evaluate, data, model}
 -> config; model/ never imports DeepSpeed; and no module imports, however indirectly, a module that
 imports it. Read from the source (imports inside functions too), so a stray import fails here."""
 
@@ -17,7 +17,8 @@ FORBIDDEN = {
     "model": ("rigtrain.data", "rigtrain.train", "rigtrain.cli", "deepspeed"),
     "data": ("rigtrain.model", "rigtrain.train", "rigtrain.cli", "deepspeed"),
     "evaluate": ("rigtrain.train", "rigtrain.rig", "rigtrain.profile", "rigtrain.cli", "deepspeed"),
-    "train": ("rigtrain.cli",),
+    "train": ("rigtrain.cli", "rigtrain.tune"),
+    "tune": ("rigtrain.cli",),
 }
 
 

@@ -42,7 +42,7 @@ else
 fi
 missing=$("$py" - <<'PY'
 import importlib.util
-need = ["torch", "deepspeed", "numpy", "einops", "psutil", "yaml", "filelock", "xxhash", "pytest"]
+need = ["torch", "deepspeed", "numpy", "einops", "psutil", "yaml", "filelock", "xxhash", "tomli_w", "pytest"]
 print(" ".join(n for n in need if importlib.util.find_spec(n) is None))
 PY
 )

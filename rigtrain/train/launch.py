@@ -143,7 +143,7 @@ def prepare_run_dir(run_dir: Path) -> None:
         ) from None
 
 
-def _check_rig_file_matches(rig, rig_file: str | None) -> None:
+def check_rig_file_matches(rig, rig_file: str | None) -> None:
     """--rig describes this machine (adding what no probe reads, like the PSU); training
     still runs here, so the GPU count must be this machine's."""
     if not rig_file:
@@ -235,7 +235,7 @@ def _train_locked(
         check_hosts(hostfile, machines)
     data_dir = resolve_data(config, log=_say)
     rig = machine_rig([data_dir, run_dir], rig_file)
-    _check_rig_file_matches(rig, rig_file)
+    check_rig_file_matches(rig, rig_file)
     # A resumed run keeps the plan it started with; otherwise what the user set is kept
     # and the rest is planned.
     fixed = set(PLANNED) if resume else user_keys(config_file, overrides)

@@ -85,7 +85,7 @@ class RunLock:
         self.lock.release()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -133,7 +133,7 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
     fails takes the others down. Returns 128 + the signal when stopped by one, else the
     first failing rank's exit code, else 0."""
 
-    port = str(_free_port())
+    port = str(free_port())
     shared = {
         **env,
         "MASTER_ADDR": "127.0.0.1",
@@ -229,7 +229,7 @@ def start_processes(run_dir: Path, plan, hostfile: str | None, hosts: list[str] 
             "LOCAL_RANK": "0",
             "WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
+            "MASTER_PORT": str(free_port()),
         }.items():
             os.environ[key] = value
         from rigtrain.train.worker import run  # the Trainer (torch, DeepSpeed): only when this process trains

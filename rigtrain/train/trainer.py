@@ -53,6 +53,9 @@ from rigtrain.train.tensor_stats import TensorStatisticsLogging
 class Trainer(
     CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepRehearsal, StepProfiling, TensorStatisticsLogging
 ):
+    # A tune's trials build one Trainer after another in the same processes and group.
+    owns_process_group = True
+
     def __init__(self, run_dir: str | Path, stop=None):
         self.run_dir = Path(run_dir)
         self.stop = stop  # stopping.GracefulStop: a stop signal this process received
@@ -126,17 +129,19 @@ class Trainer(
             self.engine.compile()
         self._setup_statistics()
         self._warm_up_collectives()
-        # Ranks agree on stopping through a CPU (gloo) group: a flag read every step must
-        # not make the host wait for the GPU, as an NCCL collective read back would.
-        self.control_group = None
-        if self.world > 1:
-            self.control_group = (
-                torch.distributed.new_group(backend="gloo")
-                if self.device.type == "cuda"
-                else torch.distributed.group.WORLD
-            )
+        self.control_group = self._make_control_group()
         # Each rank draws its own DropToken masks.
         seed_everything(t.seed + 1000 * (self.rank + 1))
+
+    def _make_control_group(self):
+        """The group ranks agree on stopping through: a CPU (gloo) one, since a flag read
+        every step must not make the host wait for the GPU, as an NCCL collective read back
+        would. None with one process."""
+        if self.world == 1:
+            return None
+        return (
+            torch.distributed.new_group(backend="gloo") if self.device.type == "cuda" else torch.distributed.group.WORLD
+        )
 
     def _set_up_data(self, saved: dict, profiling: bool) -> None:
         """The dataset, the held-out split the launcher recorded (never trained on), the
@@ -389,5 +394,5 @@ class Trainer(
             self.loader.close()
         if self.log:
             self.log.close()
-        if torch.distributed.is_initialized():
+        if self.owns_process_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

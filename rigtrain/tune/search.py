@@ -1,0 +1,387 @@
+"""`rigtrain tune`: measure the configurations the planner predicts to fit, fastest-predicted
+first, within a time budget, and keep the fastest (docs/tune.md).
+
+The driver (this process) plans the candidates and writes each one's run config, then
+starts one worker group per process count (a GPU rig has one: every GPU), which runs its
+queue of trials without restarting (tune/worker.py). The driver only watches: it reads
+each trial's record as it lands, cuts off a trial that hangs (a timeout) or whose rank
+failed while the others wait in a collective, starts a fresh group for the trials left,
+and stops everything when the budget is spent."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rigtrain.config import load_config
+from rigtrain.config.loading import user_keys
+from rigtrain.errors import UserError
+from rigtrain.files import write_json
+from rigtrain.train.processes import free_port
+from rigtrain.train.stopping import LAUNCHER_PID
+from rigtrain.tune.records import LEAKED_EXIT, trial_dir
+
+# After a rank records a failure, the others have this long to agree on it before the
+# driver decides they are stuck in a collective the failed rank will never join.
+FAILURE_GRACE_S = 5.0
+WORKER_MODULE = "rigtrain.tune.worker"
+# A trial's own settings, beside the configuration it measures: no evaluation, checkpoint,
+# profile or logging step inside the timed window (a logging step waits for the GPU).
+TRIAL_SETTINGS = {
+    "train.steps": 10**6,
+    "train.ckpt_every": 10**6,
+    "train.log_every": 10**6,
+    "eval.during_training": False,
+    "profile.enabled": False,
+}
+
+
+def _say(line: str) -> None:
+    print(f"[tune] {line}", flush=True)
+
+
+@dataclasses.dataclass
+class Timing:
+    budget_s: float
+    trial_timeout_s: float
+    warmup_steps: int = 2
+    timed_s: float = 3.0  # the timed window per trial, in whole steps
+    min_steps: int = 3
+    max_steps: int = 200
+
+
+class Search:
+    def __init__(self, tune_dir: Path, candidates: list, timing: Timing, deadline: float, device: str, say=None):
+        self.tune_dir, self.candidates, self.timing = tune_dir, candidates, timing
+        self.say = say or _say
+        self.deadline, self.device = deadline, device  # deadline: time.time() by which all trials end
+        self.printed: set[int] = set()
+        self.groups_started = 0
+        self.processes: list[subprocess.Popen] = []
+
+    # -- the groups -------------------------------------------------------------------------
+    def run(self) -> None:
+        runnable = [c for c in self.candidates if c.pruned is None]
+        worlds = list(dict.fromkeys(c.world for c in runnable))  # the baseline's first
+        for n, world in enumerate(worlds):
+            queue = [c.index for c in runnable if c.world == world]
+            left = [c for c in runnable if c.world in worlds[n:]]
+            # the time left, shared by the groups left in proportion to their trials
+            share = len(queue) / len(left)
+            group_deadline = time.time() + (self.deadline - time.time()) * share
+            self._run_group(world, queue, group_deadline)
+        for c in runnable:
+            if self.result(c.index) is None:
+                self._record(c.index, {"status": "not run", "error": "the budget ran out before it"})
+
+    def _run_group(self, world: int, queue: list[int], deadline: float) -> None:
+        while True:
+            remaining = [i for i in queue if self.result(i) is None]
+            if not remaining or time.time() >= deadline:
+                return
+            finished = self._start_and_watch(world, remaining, deadline)
+            if finished:
+                return
+
+    def _start_and_watch(self, world: int, remaining: list[int], deadline: float) -> bool:
+        """One worker group over the trials left; True when it ended by itself (every trial
+        done, or the rest would not fit in the time left)."""
+        self.groups_started += 1
+        name = f"group-{self.groups_started}"
+        queue_file = self.tune_dir / f"{name}.json"
+        write_json(
+            queue_file,
+            {
+                "trials": remaining,
+                "deadline": deadline,
+                "warmup_steps": self.timing.warmup_steps,
+                "timed_s": self.timing.timed_s,
+                "min_steps": self.timing.min_steps,
+                "max_steps": self.timing.max_steps,
+            },
+        )
+        first = self.candidates[remaining[0]]
+        self.processes = _start_group(self.tune_dir, queue_file, world, first.plan.env, name)
+        logs = [self.tune_dir / "logs" / f"{name}-rank-{r}.log" for r in range(world)]
+        try:
+            return self._watch(remaining, deadline, logs)
+        finally:
+            _kill(self.processes)
+            self.processes = []
+
+    def _watch(self, remaining: list[int], deadline: float, logs: list[Path]) -> bool:
+        while True:
+            self._print_new()
+            codes = [p.poll() for p in self.processes]
+            current = next((i for i in remaining if self.started(i) and self.result(i) is None), None)
+            now = time.time()
+            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+                if not bad:
+                    return True
+                if all(c == LEAKED_EXIT for _, c in bad):
+                    self.say("the workers kept memory after a trial; starting a fresh group for the rest")
+                    return False
+                rank, code = bad[0]
+                victim = current if current is not None else next(i for i in remaining if self.result(i) is None)
+                self._record(
+                    victim,
+                    {
+                        "status": "failed",
+                        "error": f"worker rank {rank} {_exit_words(code)}: {_last_line(logs[rank])}",
+                        "ranks": [r for r, _ in bad],
+                    },
+                )
+                return False
+            if current is not None:
+                failures = self._rank_failures(current)
+                if failures and now - min(f["at"] for f in failures) > FAILURE_GRACE_S:
+                    # the failed rank waits to agree; the others wait inside a collective for it
+                    record = {
+                        "status": "oom" if any(f["status"] == "oom" for f in failures) else "failed",
+                        "ranks": sorted(f["rank"] for f in failures),
+                        "error": failures[0]["error"],
+                        "note": "the other ranks were left waiting in a collective; the workers were restarted",
+                    }
+                    self._record(current, record)
+                    return False
+                if now - self.started(current) > self.timing.trial_timeout_s:
+                    self._record(
+                        current,
+                        {
+                            "status": "timeout",
+                            "error": f"no result after {self.timing.trial_timeout_s:.0f} s "
+                            "(--trial-timeout-s); the workers were restarted",
+                        },
+                    )
+                    return False
+            if now >= deadline:
+                if current is not None:
+                    self._record(current, {"status": "cut off", "error": "the budget ran out during it"})
+                return True
+            time.sleep(0.2)
+
+    # -- records ------------------------------------------------------------------------------
+    def started(self, index: int) -> float | None:
+        path = trial_dir(self.tune_dir, index) / "started.json"
+        try:
+            return json.loads(path.read_text())["time"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def result(self, index: int) -> dict | None:
+        try:
+            return json.loads((trial_dir(self.tune_dir, index) / "result.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _rank_failures(self, index: int) -> list[dict]:
+        out = []
+        for path in trial_dir(self.tune_dir, index).glob("rank-*.json"):
+            try:
+                out.append({**json.loads(path.read_text()), "at": path.stat().st_mtime})
+            except (OSError, ValueError):
+                pass  # being written: read it next time
+        return out
+
+    def _record(self, index: int, record: dict) -> None:
+        write_json(trial_dir(self.tune_dir, index) / "result.json", record)
+        self._print_new()
+
+    def _print_new(self) -> None:
+        for c in self.candidates:
+            if c.pruned is None and c.index not in self.printed:
+                result = self.result(c.index)
+                if result is not None:
+                    self.printed.add(c.index)
+                    self.say(f"trial {c.index}: {c.describe()}: {outcome_words(c, result)}")
+
+
+def outcome_words(candidate, result: dict) -> str:
+    if result["status"] == "ok":
+        clips = clips_per_step(candidate) * result["steps"] / result["seconds"]
+        wait = result["data_wait_s"] / result["seconds"]
+        return f"{clips:.1f} clips/s, {wait:.0%} waiting for data, peak {result['peak_gib']:.2f} GiB"
+    ranks = result.get("ranks")
+    on = f" on rank {', '.join(map(str, ranks))}" if ranks else ""
+    return f"{result['status']}{on}: {result.get('error', '')}"
+
+
+def clips_per_step(candidate) -> int:
+    v = candidate.values
+    return v["train.micro_batch_size"] * v["train.grad_accum_steps"] * candidate.world
+
+
+def _exit_words(code: int) -> str:
+    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return (lines[-1][:300] if lines else "no output") + f" (log: {log})"
+
+
+def _start_group(tune_dir: Path, queue_file: Path, world: int, plan_env: dict, name: str) -> list[subprocess.Popen]:
+    """One worker per rank, each in its own session (so a kill reaches its loader workers
+    too) and dying with this process, as the training launcher starts them."""
+    (tune_dir / "logs").mkdir(exist_ok=True)
+    shared = {
+        **os.environ,
+        **plan_env,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        LAUNCHER_PID: str(os.getpid()),
+    }
+    command = [sys.executable, "-m", WORKER_MODULE, "--tune-dir", str(tune_dir.resolve()), "--queue", str(queue_file)]
+    processes = []
+    for rank in range(world):
+        with open(tune_dir / "logs" / f"{name}-rank-{rank}.log", "w") as log:
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    env={**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    return processes
+
+
+def _kill(processes: list[subprocess.Popen]) -> None:
+    for p in processes:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in processes:
+        p.wait()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def tune(
+    *,
+    preset: str | None,
+    config_file: str | None,
+    overrides: list[str],
+    data: str | None,
+    out: str | None,
+    rig_file: str | None,
+    psu_w: float | None,
+    budget_s: float,
+    trial_timeout_s: float | None,
+    as_json: bool,
+    trial_s: float = 3.0,
+) -> int:
+    from rigtrain.tune.report import write_results  # TensorBoard's writer: only once the trials are done
+
+    began = time.time()
+    if budget_s < 20:
+        raise UserError(
+            f"--budget-s {budget_s:g}: a tune needs at least 20 s (a trial starts the engine and its loader)"
+        )
+    say = (lambda line: None) if as_json else _say
+    preset = preset or "demo"
+    config, fixed, tune_dir, rig, candidates = _plan_trials(
+        preset, config_file, overrides, data, out, rig_file, psu_w, quiet=as_json
+    )
+    device = candidates[0].plan.device if candidates[0].plan else "cpu"
+    runnable = sum(c.pruned is None for c in candidates)
+    say(
+        f"{len(candidates)} configurations of preset {preset} planned in {time.time() - began:.0f} s: "
+        f"{runnable} to measure, {len(candidates) - runnable} pruned; budget {budget_s:.0f} s, "
+        f"trials of {trial_s:g} s after {Timing.warmup_steps} warm-up steps (in {tune_dir})"
+    )
+    timing = Timing(budget_s, trial_timeout_s or (300.0 if device == "cuda" else 120.0), timed_s=trial_s)
+    finishing_s = 5.0  # the results, the TOML and TensorBoard's hparams, after the last trial
+    search = Search(tune_dir, candidates, timing, began + budget_s - finishing_s, device, say)
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopped = None
+    try:
+        search.run()
+    except Interrupted as why:
+        stopped = str(why)
+        _kill(search.processes)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    code = write_results(
+        tune_dir,
+        candidates,
+        {c.index: search.result(c.index) for c in candidates if c.pruned is None},
+        preset=preset,
+        fixed={k: _value(config, k) for k in sorted(fixed)},
+        rig=rig,
+        budget_s=budget_s,
+        elapsed_s=time.time() - began,
+        stopped=stopped,
+        as_json=as_json,
+    )
+    return 128 + getattr(signal, stopped).value if stopped else code
+
+
+def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, quiet: bool):
+    """The config, the keys the user set, the tune folder, the rig, and the candidates, each
+    one to run with its trial folder written (a run's config.json, as `train` writes it)."""
+    # torch, through the planner and the data checks: after the arguments are checked
+    from rigtrain.train.launch import (
+        check_data,
+        check_rig_file_matches,
+        prepare_run_dir,
+        resolve_data,
+        write_run_config,
+    )
+    from rigtrain.train.planning import machine_rig  # torch: after the arguments are checked
+    from rigtrain.tune.candidates import make_candidates, with_values  # the planner (torch)
+
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # before anything starts CUDA, as train does
+    if data is not None:
+        overrides = [*overrides, f"data.dir={Path(data).resolve()}"]
+    config = load_config(preset, config_file, overrides)
+    fixed = user_keys(config_file, overrides)
+    tune_dir = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-tune"
+    if (tune_dir / "tune.json").exists() or (tune_dir / "config.json").exists():
+        raise UserError(f"--out {tune_dir} already holds a tune or a run; choose another --out")
+    prepare_run_dir(tune_dir)
+    log = (lambda line: None) if quiet else (lambda line: print(f"[rigtrain] {line}", flush=True))
+    data_dir = resolve_data(config, log=log)
+    rig = machine_rig([data_dir, tune_dir], rig_file)
+    check_rig_file_matches(rig, rig_file)
+    candidates = make_candidates(config, rig, fixed, psu_w=psu_w)
+    if candidates[0].pruned:
+        raise UserError(
+            f"the plan's own configuration cannot run here ({candidates[0].pruned}); "
+            "`rigtrain rig` says why; choose a smaller preset or fix the keys it names"
+        )
+    for c in candidates:
+        if c.pruned is None:
+            trial_config = with_values(c.config, TRIAL_SETTINGS)
+            _, split = check_data(data_dir, trial_config, c.world)
+            write_run_config(
+                trial_dir(tune_dir, c.index), trial_config, data_dir, rig, c.plan, {"split": split.to_dict()}
+            )
+    return config, fixed, tune_dir, rig, candidates
+
+
+def _value(config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)

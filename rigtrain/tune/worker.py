@@ -1,0 +1,219 @@
+"""One process of a tune's worker group (`python -m rigtrain.tune.worker --tune-dir D --queue Q`):
+it joins the process group once, then runs the queue's trials one after another, each a
+real Trainer (engine, data loader, step) built from the trial's config.json, timed over
+whole steps after its warm-up, and torn down before the next (docs/tune.md).
+
+A trial that fails on a rank (out of memory, an error) is written down by that rank at once
+(TRIALS/NNN/rank-R.json), then every rank exchanges its outcome through a gloo group before
+the next trial: all agree on the same record. If a rank failed where the others were still
+inside a collective, they cannot reach that exchange; the driver sees the rank's record,
+stops the group after a few seconds and starts a new one for the trials left."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from rigtrain.files import write_json
+from rigtrain.train.engine import init_distributed
+from rigtrain.train.rehearsal import FAULT_OOM_ABOVE
+from rigtrain.train.stopping import die_with_launcher
+from rigtrain.train.trainer import Trainer
+from rigtrain.train.worker import out_of_memory
+from rigtrain.tune.records import LEAKED_EXIT, combine, trial_dir
+
+# Fault injection for the tests (like rehearsal.FAULT_OOM_ABOVE, which trials honour too):
+# a trial with this micro-batch never returns from its first step, as a hung collective.
+FAULT_HANG = "RIGTRAIN_FAULT_HANG_MICRO_BATCH"
+FAULT_RANKS = "RIGTRAIN_FAULT_RANKS"  # "1" or "0,2": only these ranks fail (default: all)
+LEAK_TOLERANCE_BYTES = 256 * 2**20
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tune-dir", required=True)
+    parser.add_argument("--queue", required=True)
+    args = parser.parse_args()
+    die_with_launcher()
+    tune_dir, queue = Path(args.tune_dir), json.loads(Path(args.queue).read_text())
+    # The plan's environment (OMP_NUM_THREADS, NCCL settings) came from the driver, which
+    # set it before this process imported torch.
+    first = json.loads((trial_dir(tune_dir, queue["trials"][0]) / "config.json").read_text())
+    return TrialRunner(tune_dir, queue, first["plan"]).run()
+
+
+class TrialRunner:
+    def __init__(self, tune_dir: Path, queue: dict, plan: dict):
+        self.tune_dir, self.queue = tune_dir, queue
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = init_distributed(plan, int(os.environ.get("LOCAL_RANK", "0")))
+        self.control = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
+        self.longest_s = 0.0  # the longest trial so far: one that cannot finish in time is not begun
+
+    def run(self) -> int:
+        baseline = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        code = 0
+        for index in self.queue["trials"]:
+            folder = trial_dir(self.tune_dir, index)
+            if (folder / "result.json").exists():
+                continue  # done before this group started (a group restarted after a failure)
+            time_left = self.queue["deadline"] - time.time()
+            if not self._all(time_left > self.longest_s * 1.2):
+                break  # the budget would cut it short: the driver reports the rest as not run
+            started = time.time()
+            if self.rank == 0:
+                write_json(folder / "started.json", {"time": started})
+            outcome = self._trial(folder)
+            outcomes = self._gather(outcome)
+            self.longest_s = max(self.longest_s, time.time() - started)
+            if self.rank == 0:
+                write_json(folder / "result.json", combine(outcomes))
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+                kept = torch.cuda.memory_allocated(self.device) - baseline
+                if not self._all(kept <= LEAK_TOLERANCE_BYTES):
+                    code = LEAKED_EXIT
+                    break
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return code
+
+    # -- agreement through the gloo group ------------------------------------------------------
+    def _gather(self, outcome: dict) -> list[dict]:
+        if self.world == 1:
+            return [outcome]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, outcome, group=self.control)
+        return out
+
+    def _all(self, flag: bool) -> bool:
+        return all(o for o in self._gather(bool(flag)))
+
+    def _max(self, value: float) -> float:
+        return max(self._gather(float(value)))
+
+    # -- one trial ----------------------------------------------------------------------------
+    def _trial(self, folder: Path) -> dict:
+        """This rank's outcome: the timed steps' seconds, data wait and peak memory, or the
+        failure. Whatever happens, the trial's engine and loader are gone afterwards."""
+        trainer = None
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            trainer = TrialTrainer(folder, self.control)
+            self._inject_faults(trainer.config.train.micro_batch_size)
+            return self._timed(trainer)
+        except Exception as err:  # noqa: BLE001 - every failure is a trial's result, not the tune's end
+            status = "oom" if out_of_memory(err) else "failed"
+            line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            record = {"status": status, "rank": self.rank, "error": f"{type(err).__name__}: {line}"}
+            write_json(folder / f"rank-{self.rank}.json", record)
+            del err  # its traceback holds the trial's tensors
+            return record
+        finally:
+            if trainer is not None:
+                trainer.close()
+                engine = getattr(trainer, "engine", None)
+                if engine is not None and hasattr(engine, "destroy"):
+                    engine.destroy()  # DeepSpeed's hooks and partitioned tensors
+                del trainer
+
+    def _inject_faults(self, micro_batch: int) -> None:
+        ranks = os.environ.get(FAULT_RANKS)
+        if ranks and str(self.rank) not in ranks.split(","):
+            return
+        if os.environ.get(FAULT_HANG) == str(micro_batch):
+            while True:
+                time.sleep(3600)
+        limit = os.environ.get(FAULT_OOM_ABOVE)
+        if limit and micro_batch > int(limit):
+            raise torch.OutOfMemoryError(
+                f"out of memory at micro-batch {micro_batch} (injected: {FAULT_OOM_ABOVE}={limit})"
+            )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, trainer: TrialTrainer) -> dict:
+        """Warm-up steps (allocations, the loader's start, compilation), one step to size the
+        window, then the timed window: whole steps, data included, every rank starting
+        together; the slowest rank's time counts."""
+        process = psutil.Process()
+        started = time.perf_counter()
+        for _ in range(self.queue["warmup_steps"]):
+            trainer.train_step()
+        self._sync()
+        warmup_s = time.perf_counter() - started
+        one = time.perf_counter()
+        trainer.train_step()
+        self._sync()
+        one = time.perf_counter() - one
+        steps = int(
+            self._max(
+                min(
+                    self.queue["max_steps"],
+                    max(self.queue["min_steps"], math.ceil(self.queue["timed_s"] / max(one, 1e-6))),
+                )
+            )
+        )
+        if self.control is not None:
+            torch.distributed.barrier(group=self.control)
+        rss = process.memory_info().rss
+        trainer._restart_step_clock()  # data wait counts from here
+        began = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+            if self.device.type != "cuda":
+                rss = max(rss, process.memory_info().rss)
+        self._sync()
+        seconds = time.perf_counter() - began
+        gib = 2**30
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / gib
+            reserved = torch.cuda.max_memory_reserved(self.device) / gib
+        else:
+            peak = reserved = rss / gib
+        return {
+            "status": "ok",
+            "rank": self.rank,
+            "seconds": seconds,
+            "steps": steps,
+            "data_wait_s": trainer.data_wait_since_log,
+            "warmup_s": warmup_s,
+            "peak_gib": peak,
+            "reserved_gib": reserved,
+        }
+
+
+class TrialTrainer(Trainer):
+    """The Trainer of a run, in a group it does not own: it takes the group's control group
+    instead of making one, leaves the process group up when it closes, and logs nothing
+    (the tune records the trial)."""
+
+    owns_process_group = False
+
+    def __init__(self, run_dir, control_group):
+        self._shared_control = control_group
+        super().__init__(run_dir)
+
+    def _make_control_group(self):
+        return self._shared_control
+
+    def _set_up_log(self, saved: dict, resumed: bool) -> None:
+        self.log = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

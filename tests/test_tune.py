@@ -1,0 +1,205 @@
+"""`rigtrain tune`: candidates planned and pruned before anything runs (rig files, the step
+peak stubbed), the step-time model's ordering, and real tunes of a tiny model on the CPU
+with faults injected: an out-of-memory on every rank and on one rank only, a hang, the
+budget running out, and the result file going back into `rigtrain train`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_MODEL, run_cli
+
+from rigtrain.config import load_config
+from rigtrain.rig.facts import read_rig_file
+from rigtrain.rig.speed import SpeedFacts, Way, accumulation_ladder, step_seconds
+from rigtrain.tune.candidates import TUNED_KEYS, make_candidates
+
+RIGS = Path(__file__).parent / "rigs"
+
+
+def test_accumulation_ladder_keeps_each_ranks_clips_per_step():
+    assert accumulation_ladder(48) == [(48, 1), (24, 2), (12, 4), (6, 8)]
+    for share in (7, 37, 100):
+        for micro, accum in accumulation_ladder(share):
+            assert micro * accum >= share and (micro - 1) * accum < share  # spread evenly, never short
+
+
+def test_step_time_model_orders_the_costly_ways_after_the_free_one():
+    gpu = SpeedFacts("cuda", 300_000_000, 5e11, "bf16", 16, peak_tflops=71.0, link_bytes_s=3e9, host_link_bytes_s=24e9)
+    free = Way(world=2, micro_batch=16, accum=2)
+    total = step_seconds(gpu, free)["total"]
+    assert step_seconds(gpu, Way(world=2, micro_batch=16, accum=2, checkpointing=True))["total"] > total
+    assert step_seconds(gpu, Way(world=2, micro_batch=16, accum=2, zero_stage=3))["total"] > total
+    offload = Way(world=2, micro_batch=16, accum=2, zero_stage=2, offload="cpu", checkpointing=True)
+    assert step_seconds(gpu, offload)["total"] > 2 * total
+    # a small micro-batch leaves the GPU idle between kernels: more steps for the same clips
+    assert step_seconds(gpu, Way(world=2, micro_batch=2, accum=16))["total"] > total
+    # on a link 10x faster ZeRO-3's gathers cost less
+    fast = SpeedFacts("cuda", 300_000_000, 5e11, "bf16", 16, peak_tflops=71.0, link_bytes_s=3e10)
+    three = Way(world=2, micro_batch=16, accum=2, zero_stage=3)
+    assert step_seconds(fast, three)["communication"] < step_seconds(gpu, three)["communication"]
+
+
+def _stub_step_peak(monkeypatch, bytes_per_clip: float):
+    """A step whose activations grow with the micro-batch (a third with checkpointing), in
+    place of the FakeTensor measurement: the pruning logic under test, not the model."""
+    from rigtrain.train import planning
+
+    def step_peak_function(config):
+        return lambda micro, checkpointing, precision: int(micro * bytes_per_clip / (3 if checkpointing else 1))
+
+    monkeypatch.setattr(planning, "step_peak_function", step_peak_function)
+
+
+@pytest.mark.parametrize("rig_file", ["rtx4060_8gb.json", "two_3090_one_on_x4_850w.json"])
+def test_candidates_predicted_not_to_fit_are_pruned_before_they_run(monkeypatch, rig_file):
+    _stub_step_peak(monkeypatch, 2**30)  # 1 GiB per clip: 24 clips cannot fit a 24 GiB card
+    rig = read_rig_file(RIGS / rig_file)
+    candidates = make_candidates(load_config("demo"), rig, set())
+    baseline, rest = candidates[0], candidates[1:]
+    assert baseline.baseline and baseline.pruned is None and baseline.index == 0
+    too_big = [c for c in candidates if c.predicted_peak_gib > c.usable_gib]
+    assert too_big, "the stub should make the largest micro-batches too big for this card"
+    for c in too_big:
+        assert c.pruned and c.pruned.startswith("predicted not to fit"), c
+    for c in candidates:
+        if c.pruned is None:
+            assert c.predicted_peak_gib <= c.usable_gib
+        clips = c.values["train.micro_batch_size"] * c.values["train.grad_accum_steps"] * c.world
+        base = baseline.values["train.micro_batch_size"] * baseline.values["train.grad_accum_steps"] * baseline.world
+        assert base <= clips < base + c.world * c.values["train.grad_accum_steps"]  # the global batch is kept
+    runnable = [c for c in rest if c.pruned is None]
+    speeds = [c.predicted_clips_per_s for c in runnable]
+    assert speeds == sorted(speeds, reverse=True)  # measured fastest-predicted first
+    assert all(c.pruned for c in rest[len(runnable) :])  # pruned ones last, never queued
+    # GPU candidates vary what a GPU run can change: checkpointing, offload, compile
+    varied = {k for c in candidates for k in TUNED_KEYS if c.values[k] != baseline.values[k]}
+    assert {"model.activation_checkpointing", "train.compile", "train.micro_batch_size"} <= varied
+    if len(rig.gpus) > 1:
+        assert {c.values["train.zero_stage"] for c in candidates} >= {1, 2, 3}
+    offloaded = [c for c in candidates if c.values["train.offload_optimizer"] == "cpu"]
+    assert offloaded
+    for c in offloaded:  # predicted slower than the same way without offload
+        same = [
+            o.predicted_clips_per_s
+            for o in candidates
+            if o.values["train.offload_optimizer"] == "none"
+            and all(
+                o.values[k] == c.values[k]
+                for k in TUNED_KEYS
+                if k not in ("train.offload_optimizer", "train.zero_stage")
+            )
+        ]
+        assert same and max(same) > c.predicted_clips_per_s
+
+
+def test_keys_the_user_sets_are_not_tuned(monkeypatch):
+    _stub_step_peak(monkeypatch, 2**20)
+    rig = read_rig_file(RIGS / "rtx4060_8gb.json")
+    config = load_config("demo", overrides=["data.workers=3", "train.compile=true"])
+    candidates = make_candidates(config, rig, {"data.workers", "train.compile"})
+    assert {c.values["data.workers"] for c in candidates} == {3}
+    assert {c.values["train.compile"] for c in candidates} == {True}
+
+
+def _ram_that_prunes(tmp_path) -> Path:
+    """A CPU rig file (2 threads) with RAM enough for the plan's own choice but not for
+    every loader-thread count: found by planning, so the test follows the RAM model."""
+    for tenths in range(15, 60):
+        path = tmp_path / f"ram-{tenths}.json"
+        path.write_text(json.dumps({"gpus": [], "cpu": {"cores": 2, "threads": 2}, "ram_gib": tenths / 10}))
+        config = load_config("demo", overrides=[*TINY_MODEL, "train.nproc=1"])
+        candidates = make_candidates(
+            config, read_rig_file(path), {*(k.split("=")[0] for k in TINY_MODEL), "train.nproc"}
+        )
+        if candidates[0].pruned is None and any(c.pruned for c in candidates):
+            return path
+    pytest.fail("no RAM size prunes some candidates and not the plan's own")
+
+
+def _trials(tune_dir: Path) -> list[dict]:
+    return json.loads((tune_dir / "tune.json").read_text())["trials"]
+
+
+@pytest.mark.slow
+def test_tune_keeps_its_budget_and_never_runs_a_pruned_candidate(tmp_path):
+    """One process: the plan's own choice and the next measure, the third hangs until the
+    budget ends it, the rest are not reached; candidates predicted not to fit in the rig
+    file's RAM never get a trial folder."""
+    rig = _ram_that_prunes(tmp_path)
+    out = tmp_path / "tune"
+    budget = 30
+    started = time.monotonic()
+    result = run_cli(
+        "tune", "--out", str(out), "--rig", str(rig), "--budget-s", str(budget), "--trial-seconds", "1",
+        "--set", *TINY_MODEL, "train.nproc=1",
+        env_extra={"RIGTRAIN_FAULT_HANG_MICRO_BATCH": "24"},
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert elapsed < budget + 10, f"a {budget} s budget took {elapsed:.0f} s"
+    trials = _trials(out)
+    status = {t["index"]: t["status"] for t in trials}
+    assert status[0] == "ok"
+    hung = [t for t in trials if t["values"]["train.micro_batch_size"] == 24 and t["status"] != "pruned"]
+    assert hung[0]["status"] == "cut off", status
+    assert "not run" in status.values()
+    assert any("fit in RAM" in (t["pruned"] or "") for t in trials)
+    for t in trials:
+        folder = out / "trials" / f"{t['index']:03d}"
+        if t["status"] == "pruned":
+            assert not folder.exists()
+        if t["status"] == "not run":
+            assert not (folder / "started.json").exists()
+
+
+@pytest.mark.slow
+def test_tune_survives_out_of_memory_on_one_rank_and_a_hang_and_its_result_trains(tmp_path):
+    """Two processes of the demo model. Rank 1 alone runs out of memory above micro-batch 24 (rank 0 is then
+    stuck in a collective: the trial is recorded as out of memory on rank 1 and the group
+    restarted); the 6-clip trial hangs past --trial-timeout-s. The tune goes on, picks the
+    fastest trial that ran, and its tuned.toml and `train --tuned` give that configuration."""
+    out = tmp_path / "tune"
+    result = run_cli(
+        "tune", "--out", str(out), "--budget-s", "150", "--trial-seconds", "1", "--trial-timeout-s", "20",
+        "--set", "train.nproc=2", "data.workers=0",
+        env_extra={
+            "RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH": "24",
+            "RIGTRAIN_FAULT_RANKS": "1",
+            "RIGTRAIN_FAULT_HANG_MICRO_BATCH": "6",
+        },
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out / "tune.json").read_text())
+    by_micro = {t["values"]["train.micro_batch_size"]: t for t in record["trials"]}
+    assert by_micro[48]["status"] == "oom" and by_micro[48]["ranks"] == [1]  # the plan's own: 48 a process
+    assert by_micro[6]["status"] == "timeout"
+    ran = [t for t in record["trials"] if t["status"] == "ok"]
+    assert {t["values"]["train.micro_batch_size"] for t in ran} == {24, 12}
+    best = max(ran, key=lambda t: t["clips_per_s"])
+    assert record["best"] == best["index"] and record["speedup_vs_plan"] is None  # the plan's own failed
+    assert "trial" in result.stdout and "fastest" in result.stdout
+    # TensorBoard's hparams view: one run per trial that ran or failed
+    runs = sorted(p.name for p in (out / "tb").iterdir() if p.is_dir())
+    assert runs == [f"trial-{t['index']:03d}" for t in record["trials"] if t["status"] not in ("pruned", "not run")]
+
+    # the TOML file round-trips into a config, and --tuned trains with it (user keys win)
+    tuned = load_config("demo", str(out / "tuned.toml"))
+    for key, value in best["values"].items():
+        section, name = key.split(".")
+        assert getattr(getattr(tuned, section), name) == value, key
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train", "--tuned", str(out), "--out", str(run), "--steps", "1",
+        "--set", "train.nproc=1", "eval.during_training=false",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["train"]["nproc"] == 1  # the user's --set wins over the tune
+    assert config["train"]["micro_batch_size"] == best["values"]["train.micro_batch_size"]
+    assert config["data"]["workers"] == 0  # the keys the tune was run with come along
+    wrong = run_cli("train", "--tuned", str(out), "--preset", "small", "--steps", "1")
+    assert wrong.returncode == 2 and "tuned for --preset demo" in wrong.stderr
