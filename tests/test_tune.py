@@ -203,3 +203,30 @@ def test_tune_survives_out_of_memory_on_one_rank_and_a_hang_and_its_result_train
     assert config["data"]["workers"] == 0  # the keys the tune was run with come along
     wrong = run_cli("train", "--tuned", str(out), "--preset", "small", "--steps", "1")
     assert wrong.returncode == 2 and "tuned for --preset demo" in wrong.stderr
+
+
+def _row(index: int, first: float | None, again: float | None = None) -> dict:
+    row = {"index": index, "baseline": index == 0, "status": "ok" if first else "oom"}
+    if first:
+        row["clips_per_s"] = first
+    if again:
+        row["confirmation"] = {"status": "ok", "clips_per_s": again}
+    return row
+
+
+def test_the_choice_is_made_on_the_confirmation_round_and_keeps_the_plan_within_the_noise():
+    from rigtrain.tune.report import NOISE_MARGIN, choose
+
+    # the first round's winner lost when measured again: the confirmation decides
+    best, speedup, basis, kept = choose([_row(0, 200, 210), _row(1, 215, 205), _row(2, 190, 230)])
+    assert (best["index"], basis, kept) == (2, "confirmation", False) and speedup == pytest.approx(230 / 210, abs=1e-3)
+    # a gain inside the noise margin is no reason to change the run
+    best, speedup, _, kept = choose([_row(0, 200, 200), _row(1, 230, 200 * (1 + NOISE_MARGIN / 2))])
+    assert (best["index"], kept, speedup) == (0, True, 1.0)
+    # without a confirmation round (the budget ran out), the first round decides
+    best, _, basis, _ = choose([_row(0, 200), _row(1, 240)])
+    assert (best["index"], basis) == (1, "first round")
+    # the plan's own choice failed: the fastest that ran, and no speed-up to claim
+    best, speedup, _, _ = choose([_row(0, None), _row(1, 150), _row(2, 170)])
+    assert (best["index"], speedup) == (2, None)
+    assert choose([_row(0, None)])[0] is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,13 @@ from rigtrain.train.processes import free_port
 from rigtrain.train.stopping import LAUNCHER_PID
 from rigtrain.tune.records import LEAKED_EXIT, trial_dir
 
+# The first round's share of the budget (every candidate, short windows); the rest confirms
+# the plan's own choice and the CONFIRM_TOP fastest with windows CONFIRM_WINDOW times longer,
+# which the choice is made on: a short window favours loader threads, whose prefetched
+# batches were made during the warm-up, and one trial's noise can pass for a gain.
+SCREEN_SHARE = 0.7
+CONFIRM_TOP = 3
+CONFIRM_WINDOW = 3
 # After a rank records a failure, the others have this long to agree on it before the
 # driver decides they are stuck in a collective the failed rank will never join.
 FAILURE_GRACE_S = 5.0
@@ -64,32 +72,68 @@ class Search:
         self.printed: set[int] = set()
         self.groups_started = 0
         self.processes: list[subprocess.Popen] = []
+        # trial index -> the candidate it measures: candidates' own indices, then confirmations
+        self.measures = {c.index: c for c in candidates if c.pruned is None}
+        self.confirmations: dict[int, int] = {}  # candidate index -> its confirmation trial's index
 
-    # -- the groups -------------------------------------------------------------------------
+    # -- the two rounds -----------------------------------------------------------------------
     def run(self) -> None:
-        runnable = [c for c in self.candidates if c.pruned is None]
-        worlds = list(dict.fromkeys(c.world for c in runnable))  # the baseline's first
+        """Every candidate once with short windows, then the plan's own choice and the
+        fastest few again with longer ones, for the choice (docs/tune.md, "The choice")."""
+        screen = list(self.measures)
+        now = time.time()
+        self._round(screen, now + (self.deadline - now) * SCREEN_SHARE, self.timing.timed_s, self.timing.min_steps)
+        for index in screen:
+            if self.result(index) is None:
+                self._record(index, {"status": "not run", "error": "the budget ran out before it"})
+        finalists = self._finalists()
+        if len(finalists) < 2:
+            return
+        first = len(self.candidates)
+        for n, candidate in enumerate(finalists):
+            index = first + n
+            self.measures[index], self.confirmations[candidate.index] = candidate, index
+            folder = trial_dir(self.tune_dir, index)
+            folder.mkdir(parents=True)
+            shutil.copy(trial_dir(self.tune_dir, candidate.index) / "config.json", folder / "config.json")
+        self.say(
+            f"confirming the plan's own choice and the {len(finalists) - 1} fastest "
+            f"({', '.join(str(c.index) for c in finalists)}) with {CONFIRM_WINDOW}x longer windows"
+        )
+        self._round(
+            list(self.confirmations.values()),
+            self.deadline,
+            self.timing.timed_s * CONFIRM_WINDOW,
+            self.timing.min_steps * CONFIRM_WINDOW,
+        )
+
+    def _finalists(self) -> list:
+        """The plan's own choice (if it ran) and the fastest others of the first round."""
+        ok = [c for c in self.candidates if c.pruned is None and (self.result(c.index) or {}).get("status") == "ok"]
+        speed = {
+            c.index: clips_per_step(c) * self.result(c.index)["steps"] / self.result(c.index)["seconds"] for c in ok
+        }
+        others = sorted((c for c in ok if not c.baseline), key=lambda c: -speed[c.index])[:CONFIRM_TOP]
+        baseline = [c for c in ok if c.baseline]
+        return baseline + others if baseline else []
+
+    def _round(self, indices: list[int], deadline: float, timed_s: float, min_steps: int) -> None:
+        worlds = list(dict.fromkeys(self.measures[i].world for i in indices))  # the baseline's first
         for n, world in enumerate(worlds):
-            queue = [c.index for c in runnable if c.world == world]
-            left = [c for c in runnable if c.world in worlds[n:]]
+            queue = [i for i in indices if self.measures[i].world == world]
+            left = [i for i in indices if self.measures[i].world in worlds[n:]]
             # the time left, shared by the groups left in proportion to their trials
-            share = len(queue) / len(left)
-            group_deadline = time.time() + (self.deadline - time.time()) * share
-            self._run_group(world, queue, group_deadline)
-        for c in runnable:
-            if self.result(c.index) is None:
-                self._record(c.index, {"status": "not run", "error": "the budget ran out before it"})
+            group_deadline = time.time() + (deadline - time.time()) * len(queue) / len(left)
+            while True:
+                remaining = [i for i in queue if self.result(i) is None]
+                if not remaining or time.time() >= group_deadline:
+                    break
+                if self._start_and_watch(world, remaining, group_deadline, timed_s, min_steps):
+                    break
 
-    def _run_group(self, world: int, queue: list[int], deadline: float) -> None:
-        while True:
-            remaining = [i for i in queue if self.result(i) is None]
-            if not remaining or time.time() >= deadline:
-                return
-            finished = self._start_and_watch(world, remaining, deadline)
-            if finished:
-                return
-
-    def _start_and_watch(self, world: int, remaining: list[int], deadline: float) -> bool:
+    def _start_and_watch(
+        self, world: int, remaining: list[int], deadline: float, timed_s: float, min_steps: int
+    ) -> bool:
         """One worker group over the trials left; True when it ended by itself (every trial
         done, or the rest would not fit in the time left)."""
         self.groups_started += 1
@@ -101,12 +145,12 @@ class Search:
                 "trials": remaining,
                 "deadline": deadline,
                 "warmup_steps": self.timing.warmup_steps,
-                "timed_s": self.timing.timed_s,
-                "min_steps": self.timing.min_steps,
+                "timed_s": timed_s,
+                "min_steps": min_steps,
                 "max_steps": self.timing.max_steps,
             },
         )
-        first = self.candidates[remaining[0]]
+        first = self.measures[remaining[0]]
         self.processes = _start_group(self.tune_dir, queue_file, world, first.plan.env, name)
         logs = [self.tune_dir / "logs" / f"{name}-rank-{r}.log" for r in range(world)]
         try:
@@ -195,12 +239,13 @@ class Search:
         self._print_new()
 
     def _print_new(self) -> None:
-        for c in self.candidates:
-            if c.pruned is None and c.index not in self.printed:
-                result = self.result(c.index)
+        for index, c in self.measures.items():
+            if index not in self.printed:
+                result = self.result(index)
                 if result is not None:
-                    self.printed.add(c.index)
-                    self.say(f"trial {c.index}: {c.describe()}: {outcome_words(c, result)}")
+                    self.printed.add(index)
+                    again = f" again (trial {c.index})" if index != c.index else ""
+                    self.say(f"trial {index}{again}: {c.describe()}: {outcome_words(c, result)}")
 
 
 def outcome_words(candidate, result: dict) -> str:
@@ -328,6 +373,7 @@ def tune(
         tune_dir,
         candidates,
         {c.index: search.result(c.index) for c in candidates if c.pruned is None},
+        {c: search.result(i) for c, i in search.confirmations.items()},
         preset=preset,
         fixed={k: _value(config, k) for k in sorted(fixed)},
         rig=rig,

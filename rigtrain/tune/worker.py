@@ -111,6 +111,9 @@ class TrialRunner:
         try:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
+            # torch.compile keeps up to 8 compiled versions per function, then runs the rest
+            # eagerly without a word: each compiled trial starts from an empty cache.
+            torch._dynamo.reset()
             trainer = TrialTrainer(folder, self.control)
             self._inject_faults(trainer.config.train.micro_batch_size)
             return self._timed(trainer)
