@@ -4,7 +4,8 @@
 # pyyaml and opencv-python-headless). Everything else rigtrain and the kit use is here:
 # DeepSpeed as a pure-Python wheel built from its source (its ops JIT-compile on the GPU box,
 # which has nvcc), pydantic, hjson, soundfile and cffi, PyAV, torch-tb-profiler and pandas,
-# filelock, xxhash, tomli-w, pytest. bitsandbytes (43 MB) does not fit beside PyAV in ~60 MB:
+# filelock, xxhash, tomli-w, tabulate (DeepSpeed's autotuner, for bench/tune.py), pytest.
+# bitsandbytes (43 MB) does not fit beside PyAV in ~60 MB:
 # --with-bitsandbytes adds it; without it the planner never picks the 8-bit optimizer.
 #
 #   bash bench/gpu/build_wheels.sh [--with-bitsandbytes] [DIR]   # default DIR: bench/gpu/wheels
@@ -25,7 +26,7 @@ target=(--only-binary=:all: --python-version "$version" --implementation cp --ab
 # packaging, numpy, ...); --no-deps keeps pip from fetching a second torch.
 packages=(pydantic pydantic-core annotated-types typing-inspection hjson py-cpuinfo msgpack ninja tqdm
           typing-extensions soundfile cffi pycparser av torch-tb-profiler pandas python-dateutil six
-          filelock xxhash tomli-w pytest pluggy iniconfig pygments $bnb)
+          filelock xxhash tomli-w tabulate pytest pluggy iniconfig pygments $bnb)
 "$py" -m pip download -q --disable-pip-version-check --no-deps -d "$dir" "${target[@]}" "${packages[@]}"
 # DeepSpeed the version installed here, as a pure-Python wheel: DS_BUILD_OPS=0 compiles nothing
 ds=$("$py" -c 'import importlib.metadata as m; print(m.version("deepspeed"))')
