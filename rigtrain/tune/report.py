@@ -172,6 +172,8 @@ def _say_outcome(tune_dir: Path, record: dict, best: dict | None) -> None:
         f"({fit} predicted not to fit, {len(pruned) - fit} predicted far slower); "
         f"{record['elapsed_s']:.0f} s of a {record['budget_s']:.0f} s budget"
     )
+    if record["stopped_by"]:
+        print(f"stopped by {record['stopped_by']}: the choice is made on what was measured before it")
     if best is None:
         return
     confirmed = record["chosen_on"] == "confirmation"

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from rigtrain.config import load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.train.processes import free_port
-from rigtrain.train.stopping import LAUNCHER_PID
+from rigtrain.tune.groups import exit_words, kill, last_line, start_group
 from rigtrain.tune.records import LEAKED_EXIT, trial_dir
 
 # The first round's share of the budget (every candidate, short windows); the rest confirms
@@ -38,7 +36,6 @@ CONFIRM_WINDOW = 3
 # After a rank records a failure, the others have this long to agree on it before the
 # driver decides they are stuck in a collective the failed rank will never join.
 FAILURE_GRACE_S = 5.0
-WORKER_MODULE = "rigtrain.tune.worker"
 # A trial's own settings, beside the configuration it measures: no evaluation, checkpoint,
 # profile or logging step inside the timed window (a logging step waits for the GPU).
 TRIAL_SETTINGS = {
@@ -151,12 +148,12 @@ class Search:
             },
         )
         first = self.measures[remaining[0]]
-        self.processes = _start_group(self.tune_dir, queue_file, world, first.plan.env, name)
+        self.processes = start_group(self.tune_dir, queue_file, world, first.plan.env, name)
         logs = [self.tune_dir / "logs" / f"{name}-rank-{r}.log" for r in range(world)]
         try:
             return self._watch(remaining, deadline, logs)
         finally:
-            _kill(self.processes)
+            kill(self.processes)
             self.processes = []
 
     def _watch(self, remaining: list[int], deadline: float, logs: list[Path]) -> bool:
@@ -178,7 +175,7 @@ class Search:
                     victim,
                     {
                         "status": "failed",
-                        "error": f"worker rank {rank} {_exit_words(code)}: {_last_line(logs[rank])}",
+                        "error": f"worker rank {rank} {exit_words(code)}: {last_line(logs[rank])}",
                         "ranks": [r for r, _ in bad],
                     },
                 )
@@ -263,58 +260,6 @@ def clips_per_step(candidate) -> int:
     return v["train.micro_batch_size"] * v["train.grad_accum_steps"] * candidate.world
 
 
-def _exit_words(code: int) -> str:
-    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-
-
-def _last_line(log: Path) -> str:
-    try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "no log"
-    return (lines[-1][:300] if lines else "no output") + f" (log: {log})"
-
-
-def _start_group(tune_dir: Path, queue_file: Path, world: int, plan_env: dict, name: str) -> list[subprocess.Popen]:
-    """One worker per rank, each in its own session (so a kill reaches its loader workers
-    too) and dying with this process, as the training launcher starts them."""
-    (tune_dir / "logs").mkdir(exist_ok=True)
-    shared = {
-        **os.environ,
-        **plan_env,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(world),
-        LAUNCHER_PID: str(os.getpid()),
-    }
-    command = [sys.executable, "-m", WORKER_MODULE, "--tune-dir", str(tune_dir.resolve()), "--queue", str(queue_file)]
-    processes = []
-    for rank in range(world):
-        with open(tune_dir / "logs" / f"{name}-rank-{rank}.log", "w") as log:
-            processes.append(
-                subprocess.Popen(
-                    command,
-                    env={**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-    return processes
-
-
-def _kill(processes: list[subprocess.Popen]) -> None:
-    for p in processes:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in processes:
-        p.wait()
-
-
 class Interrupted(Exception):
     pass
 
@@ -365,7 +310,7 @@ def tune(
         search.run()
     except Interrupted as why:
         stopped = str(why)
-        _kill(search.processes)
+        kill(search.processes)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
