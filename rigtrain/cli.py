@@ -55,6 +55,47 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_train_only_options(train: argparse.ArgumentParser) -> None:
+    """train's options that profile has not: growing a model, a curriculum, a tune's result."""
+    train.add_argument(
+        "--init-from",
+        metavar="RUN_DIR",
+        type=nonempty,
+        help="start a new run from another run's newest complete checkpoint: parameters whose name and shape "
+        "match are loaded, the rest start fresh (a different model shape is allowed); the optimizer starts fresh",
+    )
+    train.add_argument(
+        "--curriculum",
+        metavar="FILE",
+        type=nonempty,
+        help="stages in sequence (a TOML file of [[stage]] name, steps, set), each initialised from the one "
+        "before, into OUT/stage-N-NAME; --resume continues at the first unfinished stage",
+    )
+    train.add_argument(
+        "--tuned",
+        metavar="TUNE_DIR",
+        nargs="?",
+        const="",
+        help="use what `rigtrain tune` found fastest: that tune's, or without TUNE_DIR the newest tune of "
+        "this preset on this machine; keys you set in --config or --set still win",
+    )
+
+
+def _add_sweep_command(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="many runs over config keys (Optuna: grid, random or TPE), pruned early on their logged metric, "
+        "resumable with the same command",
+    )
+    sweep.add_argument("spec", metavar="SPEC", type=nonempty, help="the sweep spec (TOML; docs/sweep.md)")
+    sweep.add_argument(
+        "--out", metavar="SWEEP_DIR", type=nonempty, help="where the trials go (default: runs/DATE-TIME-sweep-SPEC)"
+    )
+    sweep.add_argument("--trials", type=int, metavar="N", help="trials in all (default: the spec's)")
+    sweep.add_argument("--budget-s", type=seconds, metavar="S", help="start no trial after this many seconds")
+    sweep.add_argument("--json", action="store_true", help="print sweep.json's content on stdout and nothing else")
+
+
 def _add_tune_command(commands) -> None:
     tune = commands.add_parser(
         "tune",
@@ -102,16 +143,10 @@ def build_parser() -> Parser:
 
     train = commands.add_parser("train", help="train with DeepSpeed ZeRO on every local GPU (or the CPU)")
     _add_run_options(train)
-    train.add_argument(
-        "--tuned",
-        metavar="TUNE_DIR",
-        nargs="?",
-        const="",
-        help="use what `rigtrain tune` found fastest: that tune's, or without TUNE_DIR the newest tune of "
-        "this preset on this machine; keys you set in --config or --set still win",
-    )
+    _add_train_only_options(train)
 
     _add_tune_command(commands)
+    _add_sweep_command(commands)
 
     profile = commands.add_parser(
         "profile",
@@ -193,19 +228,25 @@ def _run(args: argparse.Namespace, *, profile: bool) -> int:
         preset, overrides = tuned_overrides(
             tuned, preset, args.config, overrides, args.rig, lambda line: print(f"[rigtrain] {line}", flush=True)
         )
-    return train(
-        out=args.out,
-        preset=preset,
+    options = dict(
         config_file=args.config,
-        overrides=overrides,
-        steps=args.steps,
         data=args.data,
-        resume=args.resume,
         hostfile=args.hostfile,
         rig_file=args.rig,
         psu_w=args.psu_watts,
         profile=profile,
+        init_from=getattr(args, "init_from", None),
     )
+    curriculum = getattr(args, "curriculum", None)
+    if curriculum:
+        if args.steps is not None:
+            raise UserError("--steps with --curriculum: each stage's steps are in the curriculum file")
+        from rigtrain.train.curriculum import run_curriculum
+
+        return run_curriculum(
+            curriculum, out=args.out, preset=preset, resume=args.resume, train=train, overrides=overrides, **options
+        )
+    return train(out=args.out, preset=preset, overrides=overrides, steps=args.steps, resume=args.resume, **options)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -228,6 +269,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         trial_s=args.trial_seconds,
         as_json=args.json,
     )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from rigtrain.sweep.search import sweep
+
+    if args.trials is not None and args.trials < 1:
+        raise UserError(f"--trials {args.trials}: give 1 or more")
+    return sweep(args.spec, out=args.out, trials=args.trials, budget_s=args.budget_s, as_json=args.json)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -290,6 +339,7 @@ def cmd_rig(args: argparse.Namespace) -> int:
 COMMANDS = {
     ("train", None): cmd_train,
     ("tune", None): cmd_tune,
+    ("sweep", None): cmd_sweep,
     ("profile", None): cmd_profile,
     ("profile", "analyze"): cmd_profile_analyze,
     ("eval", None): cmd_eval,

@@ -38,10 +38,14 @@ def read_run(run_dir: Path) -> dict:
         raise UserError(f"eval: {path} is corrupt ({err})") from None
 
 
-def load_weights(run_dir: Path, config: RunConfig) -> tuple[dict[str, torch.Tensor], str, int]:
-    """The module's state dict from the newest complete checkpoint: (state, tag, step)."""
+def load_weights(run_dir: Path, config: RunConfig, tag: str | None = None) -> tuple[dict[str, torch.Tensor], str, int]:
+    """The module's state dict from the newest complete checkpoint, or the one tagged `tag`
+    (already checked): (state, tag, step)."""
     ckpt_dir = run_dir / "checkpoints"
-    found = checkpoints.newest_good(ckpt_dir, warn=lambda line: print(f"rigtrain: {line}", file=sys.stderr))
+    if tag is not None:
+        found = (int(json.loads((ckpt_dir / tag / "trainer.json").read_text())["step"]), tag)
+    else:
+        found = checkpoints.newest_good(ckpt_dir, warn=lambda line: print(f"rigtrain: {line}", file=sys.stderr))
     if found is None and checkpoints.damaged_only(ckpt_dir):
         raise UserError(f"eval: every checkpoint in {ckpt_dir} is damaged (see above); nothing to score")
     if found is None:

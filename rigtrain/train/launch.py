@@ -21,6 +21,7 @@ from rigtrain.config import RunConfig, build_config, load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
+from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, start_processes
 from rigtrain.train.resuming import resume_changes
 from rigtrain.train.worker import OOM_MARKER
@@ -175,6 +176,8 @@ def train(
     rig_file: str | None = None,
     psu_w: float | None = None,
     profile: bool = False,
+    init_from: str | None = None,
+    fresh_process: bool = False,
 ) -> int:
     # Before anything starts CUDA: number GPUs by PCI bus, as nvidia-smi and NVML do.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -201,6 +204,8 @@ def train(
             rig_file=rig_file,
             psu_w=psu_w,
             profile=profile,
+            init_from=init_from,
+            fresh_process=fresh_process,
         )
 
 
@@ -217,6 +222,8 @@ def _train_locked(
     rig_file,
     psu_w,
     profile,
+    init_from,
+    fresh_process,
 ) -> int:
     from rigtrain.train.planning import (
         PLANNED,
@@ -225,6 +232,7 @@ def _train_locked(
         plan_run,
     )  # torch: after the checks a user can fail
 
+    initial, heldout = _carried_over(run_dir, resume, init_from)  # --init-from checked before the data is made
     if profile and steps is None and not resume and "train.steps" not in user_keys(config_file, overrides):
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))
     machines: dict[str, int] = {}
@@ -239,16 +247,14 @@ def _train_locked(
     # A resumed run keeps the plan it started with; otherwise what the user set is kept
     # and the rest is planned.
     fixed = set(PLANNED) if resume else user_keys(config_file, overrides)
-    # A resumed run keeps its held-out videos (a run from before the split held none out).
-    heldout = (
-        json.loads((run_dir / "config.json").read_text()).get("split", {}).get("heldout_videos", []) if resume else None
-    )
     backed_off: list[int] = []
     while True:
         plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
         config = apply_plan(config, plan)
         clips, split = check_data(data_dir, config, plan.world_size, heldout)
         extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}}
+        if initial:
+            extra["init_from"] = initial
         if backed_off:
             extra["backed_off_from"] = backed_off
         write_run_config(run_dir, config, data_dir, rig, plan, extra)
@@ -258,7 +264,10 @@ def _train_locked(
         )
         _say_plan(plan)
         (run_dir / OOM_MARKER).unlink(missing_ok=True)
-        code = start_processes(run_dir, plan, hostfile, list(machines), in_process=not backed_off)
+        # a second run in this process (a retry, a curriculum's next stage) gets a fresh one:
+        # the process group and DeepSpeed's state of the first cannot be built again here
+        in_process = not backed_off and not fresh_process
+        code = start_processes(run_dir, plan, hostfile, list(machines), in_process=in_process)
         oom = run_dir / OOM_MARKER
         if code == 0 or not oom.is_file():
             break
@@ -278,6 +287,18 @@ def _train_locked(
         for path in (run_dir / "metrics.jsonl", run_dir / "tb"):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return _finish(run_dir, code)
+
+
+def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[dict | None, list | None]:
+    """(the --init-from record, the held-out videos): a resumed run keeps both as it started
+    (a run from before the split held none out); a new run's --init-from is checked now,
+    before anything starts, and the trainer uses it until the run has a checkpoint."""
+    if init_from and resume:
+        raise UserError("--init-from starts a new run from another's weights; drop it to --resume this one")
+    if not resume:
+        return (check_source(init_from) if init_from else None), None
+    saved = json.loads((run_dir / "config.json").read_text())
+    return saved.get("init_from"), saved.get("split", {}).get("heldout_videos", [])
 
 
 def _memory(plan) -> str:

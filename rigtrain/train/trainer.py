@@ -42,6 +42,7 @@ from rigtrain.train.engine import (
     seed_everything,
 )
 from rigtrain.train.evaluating import HeldOutEvaluation
+from rigtrain.train.initializing import initialize_from
 from rigtrain.train.profiling import StepProfiling
 from rigtrain.train.rehearsal import FirstStepRehearsal
 from rigtrain.train.run_log import MetricsLog
@@ -68,12 +69,12 @@ class Trainer(
         self.is_main = self.rank == 0
         self.log: MetricsLog | None = None
         self.device = init_distributed(self.plan, self.local_rank)
-        self._set_up_engine()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        resume_tag = self._resume_tag()
+        self._set_up_engine(None if resume_tag else saved.get("init_from"))  # until it has a checkpoint of its own
         self.step = 0
         self.settled = False  # past the first steps, where running out of memory makes the launcher back off
         self.micro_batches = 0  # consumed by this rank: the data position to resume from
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        resume_tag = self._resume_tag()
         if resume_tag:
             self.step, self.micro_batches = self._load_meta(resume_tag)
         self.saved_step = self.step  # the step the newest complete checkpoint holds
@@ -108,12 +109,15 @@ class Trainer(
             )
 
     # -- setup ------------------------------------------------------------------------------
-    def _set_up_engine(self) -> None:
-        """The model, its optimizer and schedule in DeepSpeed's engine, the collectives warmed
-        up, and the group ranks agree on stopping through."""
+    def _set_up_engine(self, init_from: dict | None = None) -> None:
+        """The model (with another run's weights where they fit, for --init-from), its
+        optimizer and schedule in DeepSpeed's engine, the collectives warmed up, and the
+        group ranks agree on stopping through."""
         t = self.config.train
         seed_everything(t.seed)  # identical initial weights on every rank
         self.model = build_model(self.config.model, self.config.data)
+        if init_from:
+            initialize_from(self.model, init_from, self.run_dir, report=self.is_main)
         self.parameters = count_parameters(self.model)  # before ZeRO-3 partitions the tensors
         optimizer = build_optimizer(self.config, self.model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.config))
@@ -134,9 +138,8 @@ class Trainer(
         seed_everything(t.seed + 1000 * (self.rank + 1))
 
     def _make_control_group(self):
-        """The group ranks agree on stopping through: a CPU (gloo) one, since a flag read
-        every step must not make the host wait for the GPU, as an NCCL collective read back
-        would. None with one process."""
+        """The group ranks agree on stopping through: gloo, since a flag read every step must
+        not make the host wait for the GPU as an NCCL collective would. None with one process."""
         if self.world == 1:
             return None
         return (
@@ -218,7 +221,6 @@ class Trainer(
         checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank)
         apply_optimizer_config(self.config, self.scheduler)
 
-    # -- the loop -------------------------------------------------------------------------
     # -- the loop ---------------------------------------------------------------------------
     def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
         started = time.perf_counter()
