@@ -1,6 +1,7 @@
-"""docs/architecture.md: dependencies point one way, cli -> tune -> train -> {rig, profile, evaluate, data, model}
--> config; model/ never imports DeepSpeed; and no module imports, however indirectly, a module that
-imports it. Read from the source (imports inside functions too), so a stray import fails here."""
+"""docs/architecture.md: dependencies point one way, cli -> {tune, sweep} -> train -> {rig, profile,
+evaluate, data, model} -> config; model/ never imports DeepSpeed; and no module imports, however
+indirectly, a module that imports it. Read from the source (imports inside functions too), so a
+stray import fails here."""
 
 import ast
 from pathlib import Path
@@ -17,8 +18,9 @@ FORBIDDEN = {
     "model": ("rigtrain.data", "rigtrain.train", "rigtrain.cli", "deepspeed"),
     "data": ("rigtrain.model", "rigtrain.train", "rigtrain.cli", "deepspeed"),
     "evaluate": ("rigtrain.train", "rigtrain.rig", "rigtrain.profile", "rigtrain.cli", "deepspeed"),
-    "train": ("rigtrain.cli", "rigtrain.tune"),
-    "tune": ("rigtrain.cli",),
+    "train": ("rigtrain.cli", "rigtrain.tune", "rigtrain.sweep"),
+    "tune": ("rigtrain.cli", "rigtrain.sweep"),
+    "sweep": ("rigtrain.cli", "rigtrain.tune"),
 }
 
 

@@ -118,7 +118,8 @@ class Sweep:
     # -- one trial ------------------------------------------------------------------------------
     def _start(self, trial, slot: int, resume: bool, reported: int = 0) -> None:
         run_dir = self.sweep_dir / f"trial-{trial.number:04d}"
-        params = [f"{p.key}={_as_set(p.suggest(trial))}" for p in self.spec.space]
+        values = {p.key: p.suggest(trial) for p in self.spec.space}
+        params = [f"{key}={_as_set(value)}" for key, value in values.items()]
         gpus = self.slots[slot]
         placement = [f"rig.gpus={','.join(map(str, gpus))}"] if gpus else []
         command = [sys.executable, "-m", "rigtrain", "train", "--out", str(run_dir), "--preset", self.spec.preset]
@@ -140,7 +141,8 @@ class Sweep:
         trial.set_user_attr("run_dir", str(run_dir))
         if not resume:
             where = f" on GPU {','.join(map(str, gpus))}" if gpus else ""
-            self.say(f"trial {trial.number}{where}: {' '.join(params)}")
+            shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={_as_set(v)}" for k, v in values.items())
+            self.say(f"trial {trial.number}{where}: {shown}")
         # a resumed trial's metrics.jsonl repeats the steps it reported before: not again
         self.running[slot] = RunningTrial(trial, run_dir, process, slot, last_step=reported, log=log)
 
@@ -257,9 +259,11 @@ def _trial_count(spec: SweepSpec, asked: int | None) -> int:
 def _pruner(optuna, spec: SweepSpec):
     if spec.pruner == "none":
         return optuna.pruners.NopPruner()
+    # The step is the resource: the first rung at prune_after_steps, where the losses have
+    # left their common start (at step 1 every trial has the same loss, give or take noise).
     if spec.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    return optuna.pruners.HyperbandPruner()
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.prune_after_steps, reduction_factor=3)
+    return optuna.pruners.HyperbandPruner(min_resource=spec.prune_after_steps, reduction_factor=3)
 
 
 def sweep(spec_path: str, *, out: str | None, trials: int | None, budget_s: float | None, as_json: bool) -> int:

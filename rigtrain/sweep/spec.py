@@ -8,6 +8,7 @@ the trial count. Every mistake is a UserError naming the file and the key.
     direction = "minimize"
     sampler = "tpe"                 # tpe | random | grid
     pruner = "hyperband"            # hyperband | successive_halving | none
+    prune_after_steps = 15          # no trial stopped before this step (default: train.steps / 10)
     trials = 6
     [space]
     "train.lr" = { log = [1e-4, 3e-3] }
@@ -39,6 +40,7 @@ TOP_KEYS = {
     "gpus_per_trial",
     "storage",
     "seed",
+    "prune_after_steps",
     "space",
 }
 SAMPLERS = ("tpe", "random", "grid")
@@ -78,6 +80,7 @@ class SweepSpec:
     gpus_per_trial: int = 1
     storage: str | None = None
     seed: int = 0
+    prune_after_steps: int = 1  # no trial is pruned before this step (default: a tenth of train.steps)
     space: tuple[Param, ...] = field(default_factory=tuple)
 
 
@@ -121,7 +124,7 @@ def read_spec(path: str | Path) -> SweepSpec:
         _fail(where, '[space] is missing or empty; add keys to search, e.g. "train.lr" = { log = [1e-4, 3e-3] }')
     space = tuple(_param(key, value, f"{where}: space.{key}") for key, value in space_raw.items())
     try:  # the base, and each key with a value of its range, build a config
-        load_config(preset, config_file, list(overrides))
+        base = load_config(preset, config_file, list(overrides))
         for p in space:
             sample = p.choices[0] if p.kind == "choices" else (int(p.low) if p.kind == "int" else p.low)
             value = ",".join(map(str, sample)) if isinstance(sample, list) else str(sample).lower()
@@ -130,8 +133,12 @@ def read_spec(path: str | Path) -> SweepSpec:
         _fail(where, str(err))
     if sampler == "grid" and any(p.kind in ("float", "log") for p in space):
         _fail(where, "sampler = 'grid' needs choices or integer ranges in [space]; use tpe or random for float ranges")
+    prune_after = _typed(raw, "prune_after_steps", int, max(1, base.train.steps // 10), where)
+    if prune_after < 1:
+        _fail(where, "prune_after_steps must be 1 or more")
     return SweepSpec(
         path=path.resolve(),
+        prune_after_steps=prune_after,
         preset=preset,
         config_file=config_file,
         overrides=tuple(overrides),
