@@ -62,14 +62,24 @@ class Sweep:
         self.say = say
         self.deadline = time.time() + budget_s if budget_s else None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.study = optuna.create_study(
-            study_name=STUDY,
-            storage=spec.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}",
-            load_if_exists=True,
-            direction=spec.direction,
-            sampler=_sampler(optuna, spec, trials),
-            pruner=_pruner(optuna, spec),
-        )
+        storage = spec.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+        try:
+            self.study = optuna.create_study(
+                study_name=STUDY,
+                storage=storage,
+                load_if_exists=True,
+                direction=spec.direction,
+                sampler=_sampler(optuna, spec, trials),
+                pruner=_pruner(optuna, spec),
+            )
+        except (ImportError, ValueError, OSError) as err:  # a bad URL, a missing driver, an unwritable file
+            raise UserError(
+                f"sweep spec {spec.path}: storage {storage!r} cannot be opened ({err}); fix storage"
+            ) from None
+        except Exception as err:
+            if type(err).__module__.startswith("sqlalchemy"):  # the database refused
+                raise UserError(f"sweep spec {spec.path}: storage {storage!r}: {str(err).splitlines()[0]}") from None
+            raise
         from rigtrain.train.planning import machine_rig  # NVML and torch: once the spec is read
 
         self.slots = trial_slots(machine_rig([sweep_dir]), spec.gpus_per_trial)
