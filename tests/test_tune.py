@@ -230,3 +230,39 @@ def test_the_choice_is_made_on_the_confirmation_round_and_keeps_the_plan_within_
     best, speedup, _, _ = choose([_row(0, None), _row(1, 150), _row(2, 170)])
     assert (best["index"], speedup) == (2, None)
     assert choose([_row(0, None)])[0] is None
+
+
+@pytest.mark.slow
+def test_one_worker_group_runs_every_zero_stage_one_after_another(tmp_path, demo_data):
+    """The CPU stand-in for a GPU tune's trials: ZeRO-3, then ZeRO-1, then ZeRO-2, built and
+    torn down in the same two processes (DeepSpeed's state from one stage must not leak
+    into the next), without a restart between them."""
+    from rigtrain.rig.facts import Cpu, Rig
+    from rigtrain.rig.speed import facts_for
+    from rigtrain.train.launch import check_data, write_run_config
+    from rigtrain.train.planning import PLANNED, apply_plan, plan_run
+    from rigtrain.tune.candidates import planned_candidate, values_of, with_values
+    from rigtrain.tune.records import trial_dir
+    from rigtrain.tune.search import TRIAL_SETTINGS, Search, Timing
+
+    rig = Rig(cpu=Cpu(cores=2, threads=2), ram_gib=16.0)
+    config = load_config("demo", overrides=[*TINY_MODEL, "train.nproc=2", "data.workers=0", "train.micro_batch_size=8"])
+    plan = plan_run(config, rig, user_keys={"train.nproc", "data.workers", "train.micro_batch_size"})
+    base = apply_plan(config, plan)
+    facts = facts_for(rig, (), 10**6, 1e9, "fp32")
+    keys = set(PLANNED) | {"train.nproc", "data.workers", "train.compile"}
+    candidates = []
+    for index, stage in enumerate((3, 1, 2)):
+        c = planned_candidate(base, rig, {**values_of(base, plan), "train.zero_stage": stage}, keys, None, facts)
+        c.index, c.baseline = index, index == 0
+        trial_config = with_values(c.config, TRIAL_SETTINGS)
+        _, split = check_data(demo_data, trial_config, c.world)
+        write_run_config(trial_dir(tmp_path, index), trial_config, demo_data, rig, c.plan, {"split": split.to_dict()})
+        candidates.append(c)
+    search = Search(tmp_path, candidates, Timing(120, 90, timed_s=0.5), time.time() + 110, "cpu", lambda line: None)
+    search._round([0, 1, 2], time.time() + 110, 0.5, 3)
+    results = [search.result(i) for i in range(3)]
+    assert [r["status"] for r in results] == ["ok", "ok", "ok"], results
+    assert search.groups_started == 1  # no restart between the stages
+    stages = [json.loads((trial_dir(tmp_path, i) / "config.json").read_text())["plan"]["deepspeed"] for i in range(3)]
+    assert [s["zero_optimization"]["stage"] for s in stages] == [3, 1, 2]

@@ -109,7 +109,7 @@ def make_candidates(config: RunConfig, rig: Rig, fixed: set[str], *, psu_w: floa
             continue
         seen.add(key)
         # planned from the plan's own choice, so what is not tuned (the optimizer) stays as it chose
-        candidate = _planned(base_config, rig, values, fixed | set(TUNED_KEYS) | set(PLANNED), psu_w, facts)
+        candidate = planned_candidate(base_config, rig, values, fixed | set(TUNED_KEYS) | set(PLANNED), psu_w, facts)
         candidate.baseline = not out
         out.append(candidate)
     baseline = out[0]
@@ -186,7 +186,7 @@ def _options(base: dict, plan, rig: Rig, fixed: set[str], clips_per_step: int) -
     return out
 
 
-def _planned(config: RunConfig, rig: Rig, values: dict, keys: set[str], psu_w, facts: SpeedFacts) -> Candidate:
+def planned_candidate(config: RunConfig, rig: Rig, values: dict, keys: set[str], psu_w, facts: SpeedFacts) -> Candidate:
     """A candidate planned like a run with these keys set: its memory against the card (or
     the RAM), and its predicted step time."""
     from rigtrain.train.planning import apply_plan, plan_run  # torch: imported once candidates are planned
