@@ -61,6 +61,17 @@ class Timing:
     max_steps: int = 200
 
 
+@dataclasses.dataclass
+class LiveGroup:
+    """A worker group that is up: its processes and its queue (which the driver may extend)."""
+
+    world: int
+    processes: list
+    queue_file: Path
+    queue: dict
+    logs: list
+
+
 class Search:
     def __init__(self, tune_dir: Path, candidates: list, timing: Timing, deadline: float, device: str, say=None):
         self.tune_dir, self.candidates, self.timing = tune_dir, candidates, timing
@@ -69,6 +80,7 @@ class Search:
         self.printed: set[int] = set()
         self.groups_started = 0
         self.processes: list[subprocess.Popen] = []
+        self.live: LiveGroup | None = None  # the group that is up, between trials or rounds
         # trial index -> the candidate it measures: candidates' own indices, then confirmations
         self.measures = {c.index: c for c in candidates if c.pruned is None}
         self.confirmations: dict[int, int] = {}  # candidate index -> its confirmation trial's index
@@ -79,12 +91,15 @@ class Search:
         fastest few again with longer ones, for the choice (docs/tune.md, "The choice")."""
         screen = list(self.measures)
         now = time.time()
-        self._round(screen, now + (self.deadline - now) * SCREEN_SHARE, self.timing.timed_s, self.timing.min_steps)
+        self._round(
+            screen, now + (self.deadline - now) * SCREEN_SHARE, self.timing.timed_s, self.timing.min_steps, True
+        )
         for index in screen:
             if self.result(index) is None:
                 self._record(index, {"status": "not run", "error": "the budget ran out before it"})
         finalists = self._finalists()
         if len(finalists) < 2:
+            self.close_group()
             return
         first = len(self.candidates)
         for n, candidate in enumerate(finalists):
@@ -102,6 +117,7 @@ class Search:
             self.deadline,
             self.timing.timed_s * CONFIRM_WINDOW,
             self.timing.min_steps * CONFIRM_WINDOW,
+            False,
         )
 
     def _finalists(self) -> list:
@@ -114,61 +130,90 @@ class Search:
         baseline = [c for c in ok if c.baseline]
         return baseline + others if baseline else []
 
-    def _round(self, indices: list[int], deadline: float, timed_s: float, min_steps: int) -> None:
+    def _round(self, indices: list[int], deadline: float, timed_s: float, min_steps: int, keep_open: bool) -> None:
+        """Every trial of `indices`, one group per process count. The group that is still up
+        from the round before goes first and takes its trials; with keep_open, the round's
+        last group stays up afterwards for the next round."""
         worlds = list(dict.fromkeys(self.measures[i].world for i in indices))  # the baseline's first
+        if self.live and self.live.world in worlds:
+            worlds.remove(self.live.world)
+            worlds.insert(0, self.live.world)
         for n, world in enumerate(worlds):
             queue = [i for i in indices if self.measures[i].world == world]
             left = [i for i in indices if self.measures[i].world in worlds[n:]]
             # the time left, shared by the groups left in proportion to their trials
             group_deadline = time.time() + (deadline - time.time()) * len(queue) / len(left)
+            stay = keep_open and n == len(worlds) - 1
             while True:
                 remaining = [i for i in queue if self.result(i) is None]
                 if not remaining or time.time() >= group_deadline:
                     break
-                if self._start_and_watch(world, remaining, group_deadline, timed_s, min_steps):
+                outcome = self._run_on_group(world, remaining, group_deadline, timed_s, min_steps, stay)
+                if outcome != "restart":
                     break
+            if not stay:
+                self.close_group()
 
-    def _start_and_watch(
-        self, world: int, remaining: list[int], deadline: float, timed_s: float, min_steps: int
-    ) -> bool:
-        """One worker group over the trials left; True when it ended by itself (every trial
-        done, or the rest would not fit in the time left)."""
-        self.groups_started += 1
-        name = f"group-{self.groups_started}"
-        queue_file = self.tune_dir / f"{name}.json"
-        write_json(
-            queue_file,
-            {
+    def _run_on_group(
+        self, world: int, remaining: list[int], deadline: float, timed_s: float, min_steps: int, stay: bool
+    ) -> str:
+        """The trials left on the group that is up for this process count (they are added to
+        its queue), or on a new one. Returns how the watch ended: "done" (every trial has its
+        record and the group stays up), "exited", "deadline", or "restart" (a fresh group for
+        the rest)."""
+        timing = {str(i): [timed_s, min_steps] for i in remaining}
+        live = self.live
+        if live and live.world == world and all(p.poll() is None for p in live.processes):
+            live.queue.update(trials=live.queue["trials"] + remaining, open=stay, deadline=deadline)
+            live.queue["timing"].update(timing)
+            write_json(live.queue_file, live.queue)
+        else:
+            self.close_group()
+            self.groups_started += 1
+            name = f"group-{self.groups_started}"
+            queue = {
                 "trials": remaining,
+                "timing": timing,
+                "open": stay,
                 "deadline": deadline,
                 "warmup_steps": self.timing.warmup_steps,
                 "timed_s": timed_s,
                 "min_steps": min_steps,
                 "max_steps": self.timing.max_steps,
-            },
-        )
-        first = self.measures[remaining[0]]
-        self.processes = start_group(self.tune_dir, queue_file, world, first.plan.env, name)
-        logs = [self.tune_dir / "logs" / f"{name}-rank-{r}.log" for r in range(world)]
-        try:
-            return self._watch(remaining, deadline, logs)
-        finally:
-            kill(self.processes)
-            self.processes = []
+            }
+            queue_file = self.tune_dir / f"{name}.json"
+            write_json(queue_file, queue)
+            env = self.measures[remaining[0]].plan.env
+            processes = start_group(self.tune_dir, queue_file, world, env, name)
+            logs = [self.tune_dir / "logs" / f"{name}-rank-{r}.log" for r in range(world)]
+            self.live = LiveGroup(world, processes, queue_file, queue, logs)
+        self.processes = self.live.processes
+        outcome = self._watch(remaining, deadline, self.live.logs, stay)
+        if outcome != "done":
+            self.close_group()
+        return outcome
 
-    def _watch(self, remaining: list[int], deadline: float, logs: list[Path]) -> bool:
+    def close_group(self) -> None:
+        """Stop the group that is up, if any (between trials it is only waiting for work)."""
+        if self.live:
+            kill(self.live.processes)
+            self.live, self.processes = None, []
+
+    def _watch(self, remaining: list[int], deadline: float, logs: list[Path], open_ended: bool) -> str:
         while True:
             self._print_new()
+            if open_ended and all(self.result(i) is not None for i in remaining):
+                return "done"
             codes = [p.poll() for p in self.processes]
             current = next((i for i in remaining if self.started(i) and self.result(i) is None), None)
             now = time.time()
             if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
                 bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
                 if not bad:
-                    return True
+                    return "exited"
                 if all(c == LEAKED_EXIT for _, c in bad):
                     self.say("the workers kept memory after a trial; starting a fresh group for the rest")
-                    return False
+                    return "restart"
                 rank, code = bad[0]
                 victim = current if current is not None else next(i for i in remaining if self.result(i) is None)
                 self._record(
@@ -179,7 +224,7 @@ class Search:
                         "ranks": [r for r, _ in bad],
                     },
                 )
-                return False
+                return "restart"
             if current is not None:
                 failures = self._rank_failures(current)
                 if failures and now - min(f["at"] for f in failures) > FAILURE_GRACE_S:
@@ -191,7 +236,7 @@ class Search:
                         "note": "the other ranks were left waiting in a collective; the workers were restarted",
                     }
                     self._record(current, record)
-                    return False
+                    return "restart"
                 if now - self.started(current) > self.timing.trial_timeout_s:
                     self._record(
                         current,
@@ -201,11 +246,11 @@ class Search:
                             "(--trial-timeout-s); the workers were restarted",
                         },
                     )
-                    return False
+                    return "restart"
             if now >= deadline:
                 if current is not None:
                     self._record(current, {"status": "cut off", "error": "the budget ran out during it"})
-                return True
+                return "deadline"
             time.sleep(0.2)
 
     # -- records ------------------------------------------------------------------------------

@@ -48,12 +48,12 @@ def main() -> int:
     # The plan's environment (OMP_NUM_THREADS, NCCL settings) came from the driver, which
     # set it before this process imported torch.
     first = json.loads((trial_dir(tune_dir, queue["trials"][0]) / "config.json").read_text())
-    return TrialRunner(tune_dir, queue, first["plan"]).run()
+    return TrialRunner(tune_dir, Path(args.queue), queue, first["plan"]).run()
 
 
 class TrialRunner:
-    def __init__(self, tune_dir: Path, queue: dict, plan: dict):
-        self.tune_dir, self.queue = tune_dir, queue
+    def __init__(self, tune_dir: Path, queue_file: Path, queue: dict, plan: dict):
+        self.tune_dir, self.queue_file, self.queue = tune_dir, queue_file, queue
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.device = init_distributed(plan, int(os.environ.get("LOCAL_RANK", "0")))
@@ -62,8 +62,19 @@ class TrialRunner:
 
     def run(self) -> int:
         baseline = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        code = 0
-        for index in self.queue["trials"]:
+        code, position = 0, 0
+        while True:
+            trials = self.queue["trials"]
+            if position == len(trials):
+                if self.queue.get("open"):
+                    # the driver may add trials (the next round); it stops this group when it
+                    # has none, and the group dies with the driver however the driver ends
+                    time.sleep(0.2)
+                    self.queue = self._shared_queue()
+                    continue
+                break
+            index = trials[position]
+            position += 1
             folder = trial_dir(self.tune_dir, index)
             if (folder / "result.json").exists():
                 continue  # done before this group started (a group restarted after a failure)
@@ -73,7 +84,10 @@ class TrialRunner:
             started = time.time()
             if self.rank == 0:
                 write_json(folder / "started.json", {"time": started})
-            outcome = self._trial(folder)
+            timed_s, min_steps = self.queue.get("timing", {}).get(
+                str(index), (self.queue["timed_s"], self.queue["min_steps"])
+            )
+            outcome = self._trial(folder, timed_s, min_steps)
             outcomes = self._gather(outcome)
             self.longest_s = max(self.longest_s, time.time() - started)
             if self.rank == 0:
@@ -88,6 +102,12 @@ class TrialRunner:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return code
+
+    def _shared_queue(self) -> dict:
+        """The queue file as rank 0 reads it now, the same on every rank (each reading the
+        file itself could see two versions of it)."""
+        mine = json.loads(self.queue_file.read_text()) if self.rank == 0 else None
+        return mine if self.world == 1 else self._gather(mine)[0]
 
     # -- agreement through the gloo group ------------------------------------------------------
     def _gather(self, outcome: dict) -> list[dict]:
@@ -104,7 +124,7 @@ class TrialRunner:
         return max(self._gather(float(value)))
 
     # -- one trial ----------------------------------------------------------------------------
-    def _trial(self, folder: Path) -> dict:
+    def _trial(self, folder: Path, timed_s: float, min_steps: int) -> dict:
         """This rank's outcome: the timed steps' seconds, data wait and peak memory, or the
         failure. Whatever happens, the trial's engine and loader are gone afterwards."""
         trainer = None
@@ -116,7 +136,7 @@ class TrialRunner:
             torch._dynamo.reset()
             trainer = TrialTrainer(folder, self.control)
             self._inject_faults(trainer.config.train.micro_batch_size)
-            return self._timed(trainer)
+            return self._timed(trainer, timed_s, min_steps)
         except Exception as err:  # noqa: BLE001 - every failure is a trial's result, not the tune's end
             status = "oom" if out_of_memory(err) else "failed"
             line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
@@ -149,7 +169,7 @@ class TrialRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _timed(self, trainer: TrialTrainer) -> dict:
+    def _timed(self, trainer: TrialTrainer, timed_s: float, min_steps: int) -> dict:
         """Warm-up steps (allocations, the loader's start, compilation), one step to size the
         window, then the timed window: whole steps, data included, every rank starting
         together; the slowest rank's time counts."""
@@ -167,7 +187,7 @@ class TrialRunner:
             self._max(
                 min(
                     self.queue["max_steps"],
-                    max(self.queue["min_steps"], math.ceil(self.queue["timed_s"] / max(one, 1e-6))),
+                    max(min_steps, math.ceil(timed_s / max(one, 1e-6))),
                 )
             )
         )
