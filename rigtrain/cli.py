@@ -254,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from rigtrain.tune.search import tune
+    from rigtrain.tune.command import tune
 
     return tune(
         preset=args.preset,

@@ -232,6 +232,30 @@ def test_the_choice_is_made_on_the_confirmation_round_and_keeps_the_plan_within_
     assert choose([_row(0, None)])[0] is None
 
 
+def test_the_outcome_is_said_when_only_some_trials_were_measured_again(tmp_path, capsys):
+    """The plan kept within the noise, on a confirmation round that did not reach every
+    trial (the budget): the message names the fastest other that was measured again."""
+    from rigtrain.tune.report import _say_outcome, choose
+
+    rows = [_row(0, 200, 210), _row(1, 230, 212), _row(2, 240), _row(3, None)]
+    for r in rows:
+        r.update(pruned=None, status=r["status"])
+    best, speedup, basis, kept = choose(rows)
+    record = {
+        "trials": rows,
+        "elapsed_s": 50.0,
+        "budget_s": 60.0,
+        "stopped_by": None,
+        "chosen_on": basis,
+        "kept_plan_within_noise": kept,
+        "speedup_vs_plan": speedup,
+        "preset": "demo",
+    }
+    _say_outcome(tmp_path, record, best)
+    said = capsys.readouterr().out
+    assert "kept the plan's own choice" in said and "trial 1 at 212.0" in said
+
+
 @pytest.mark.slow
 def test_one_worker_group_runs_every_zero_stage_one_after_another(tmp_path, demo_data):
     """The CPU stand-in for a GPU tune's trials: ZeRO-3, then ZeRO-1, then ZeRO-2, built and

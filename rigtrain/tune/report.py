@@ -184,8 +184,8 @@ def _say_outcome(tune_dir: Path, record: dict, best: dict | None) -> None:
     on = " (measured again, with longer windows)" if confirmed else ""
     base = rows[0]
     if record["kept_plan_within_noise"]:
-        contenders = [r for r in rows if (r.get("confirmation") if confirmed else r).get("status", r["status"]) == "ok"]
-        fastest = max((r for r in contenders if not r["baseline"]), key=speed)
+        measured = [r for r in rows if ((r.get("confirmation") or {}) if confirmed else r).get("status") == "ok"]
+        fastest = max((r for r in measured if not r["baseline"]), key=speed)
         print(
             f"kept the plan's own choice (trial 0, {speed(base):.1f} clips/s{on}): the fastest other, trial "
             f"{fastest['index']} at {speed(fastest):.1f}, is within {NOISE_MARGIN:.0%} of it, a trial's noise"

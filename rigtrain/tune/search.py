@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-from rigtrain.config import load_config
-from rigtrain.config.loading import user_keys
-from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.tune.groups import exit_words, kill, last_line, start_group
 from rigtrain.tune.records import LEAKED_EXIT, trial_dir
@@ -47,7 +42,7 @@ TRIAL_SETTINGS = {
 }
 
 
-def _say(line: str) -> None:
+def say_progress(line: str) -> None:
     print(f"[tune] {line}", flush=True)
 
 
@@ -75,7 +70,7 @@ class LiveGroup:
 class Search:
     def __init__(self, tune_dir: Path, candidates: list, timing: Timing, deadline: float, device: str, say=None):
         self.tune_dir, self.candidates, self.timing = tune_dir, candidates, timing
-        self.say = say or _say
+        self.say = say or say_progress
         self.deadline, self.device = deadline, device  # deadline: time.time() by which all trials end
         self.printed: set[int] = set()
         self.groups_started = 0
@@ -303,121 +298,3 @@ def outcome_words(candidate, result: dict) -> str:
 def clips_per_step(candidate) -> int:
     v = candidate.values
     return v["train.micro_batch_size"] * v["train.grad_accum_steps"] * candidate.world
-
-
-class Interrupted(Exception):
-    pass
-
-
-def _interrupt(signum, frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
-def tune(
-    *,
-    preset: str | None,
-    config_file: str | None,
-    overrides: list[str],
-    data: str | None,
-    out: str | None,
-    rig_file: str | None,
-    psu_w: float | None,
-    budget_s: float,
-    trial_timeout_s: float | None,
-    as_json: bool,
-    trial_s: float = 3.0,
-) -> int:
-    from rigtrain.tune.report import write_results  # TensorBoard's writer: only once the trials are done
-
-    began = time.time()
-    if budget_s < 20:
-        raise UserError(
-            f"--budget-s {budget_s:g}: a tune needs at least 20 s (a trial starts the engine and its loader)"
-        )
-    say = (lambda line: None) if as_json else _say
-    preset = preset or "demo"
-    config, fixed, tune_dir, rig, candidates = _plan_trials(
-        preset, config_file, overrides, data, out, rig_file, psu_w, quiet=as_json
-    )
-    device = candidates[0].plan.device if candidates[0].plan else "cpu"
-    runnable = sum(c.pruned is None for c in candidates)
-    say(
-        f"{len(candidates)} configurations of preset {preset} planned in {time.time() - began:.0f} s: "
-        f"{runnable} to measure, {len(candidates) - runnable} pruned; budget {budget_s:.0f} s, "
-        f"trials of {trial_s:g} s after {Timing.warmup_steps} warm-up steps (in {tune_dir})"
-    )
-    timing = Timing(budget_s, trial_timeout_s or (300.0 if device == "cuda" else 120.0), timed_s=trial_s)
-    finishing_s = 5.0  # the results, the TOML and TensorBoard's hparams, after the last trial
-    search = Search(tune_dir, candidates, timing, began + budget_s - finishing_s, device, say)
-    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    stopped = None
-    try:
-        search.run()
-    except Interrupted as why:
-        stopped = str(why)
-        kill(search.processes)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    code = write_results(
-        tune_dir,
-        candidates,
-        {c.index: search.result(c.index) for c in candidates if c.pruned is None},
-        {c: search.result(i) for c, i in search.confirmations.items()},
-        preset=preset,
-        fixed={k: _value(config, k) for k in sorted(fixed)},
-        rig=rig,
-        budget_s=budget_s,
-        elapsed_s=time.time() - began,
-        stopped=stopped,
-        as_json=as_json,
-    )
-    return 128 + getattr(signal, stopped).value if stopped else code
-
-
-def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, quiet: bool):
-    """The config, the keys the user set, the tune folder, the rig, and the candidates, each
-    one to run with its trial folder written (a run's config.json, as `train` writes it)."""
-    # torch, through the planner and the data checks: after the arguments are checked
-    from rigtrain.train.launch import (
-        check_data,
-        check_rig_file_matches,
-        prepare_run_dir,
-        resolve_data,
-        write_run_config,
-    )
-    from rigtrain.train.planning import machine_rig  # torch: after the arguments are checked
-    from rigtrain.tune.candidates import make_candidates, with_values  # the planner (torch)
-
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # before anything starts CUDA, as train does
-    if data is not None:
-        overrides = [*overrides, f"data.dir={Path(data).resolve()}"]
-    config = load_config(preset, config_file, overrides)
-    fixed = user_keys(config_file, overrides)
-    tune_dir = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-tune"
-    if (tune_dir / "tune.json").exists() or (tune_dir / "config.json").exists():
-        raise UserError(f"--out {tune_dir} already holds a tune or a run; choose another --out")
-    prepare_run_dir(tune_dir)
-    log = (lambda line: None) if quiet else (lambda line: print(f"[rigtrain] {line}", flush=True))
-    data_dir = resolve_data(config, log=log)
-    rig = machine_rig([data_dir, tune_dir], rig_file)
-    check_rig_file_matches(rig, rig_file)
-    candidates = make_candidates(config, rig, fixed, psu_w=psu_w)
-    if candidates[0].pruned:
-        raise UserError(
-            f"the plan's own configuration cannot run here ({candidates[0].pruned}); "
-            "`rigtrain rig` says why; choose a smaller preset or fix the keys it names"
-        )
-    for c in candidates:
-        if c.pruned is None:
-            trial_config = with_values(c.config, TRIAL_SETTINGS)
-            _, split = check_data(data_dir, trial_config, c.world)
-            write_run_config(
-                trial_dir(tune_dir, c.index), trial_config, data_dir, rig, c.plan, {"split": split.to_dict()}
-            )
-    return config, fixed, tune_dir, rig, candidates
-
-
-def _value(config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
