@@ -15,14 +15,18 @@ def nonempty(text: str) -> str:
     return text
 
 
-def watts(text: str) -> float:
+def _positive(text: str, unit: str, example: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of watts") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: give the PSU's rating in watts, e.g. 1000")
+        raise argparse.ArgumentTypeError(f"{text!r}: give {example}")
     return value
+
+
+def watts(text: str) -> float:
+    return _positive(text, "watts", "the PSU's rating in watts, e.g. 1000")
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,10 +45,4 @@ def add_set_option(parser: argparse.ArgumentParser, description: str) -> None:
 
 
 def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0, e.g. 300")
-    return value
+    return _positive(text, "seconds", "a number of seconds above 0, e.g. 300")

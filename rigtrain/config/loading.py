@@ -128,6 +128,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
+def as_set_value(value) -> str:
+    """A typed config value as `--set KEY=VALUE` takes it back (floats exactly)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def parse_overrides(items: list[str]) -> dict:
     """`--set a.b=1 c.d=x` → nested dict of raw strings; the schema types them later."""
     out: dict = {}

@@ -11,7 +11,6 @@ the count goes on where it stopped."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import signal
 import subprocess
@@ -22,10 +21,11 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from rigtrain.config.loading import as_set_value
 from rigtrain.errors import UserError
 from rigtrain.sweep.placement import trial_slots
 from rigtrain.sweep.spec import SweepSpec, read_spec
-from rigtrain.train.stopping import PR_SET_PDEATHSIG
+from rigtrain.train.processes import last_line, terminate_with_parent
 
 STUDY = "rigtrain-sweep"
 POLL_S = 0.5
@@ -33,12 +33,6 @@ POLL_S = 0.5
 
 def _say(line: str) -> None:
     print(f"[sweep] {line}", flush=True)
-
-
-def _terminate_with_parent() -> None:
-    """A trial's run gets SIGTERM (it saves, then exits) when the sweep dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -129,7 +123,7 @@ class Sweep:
     def _start(self, trial, slot: int, resume: bool, reported: int = 0) -> None:
         run_dir = self.sweep_dir / f"trial-{trial.number:04d}"
         values = {p.key: p.suggest(trial) for p in self.spec.space}
-        params = [f"{key}={_as_set(value)}" for key, value in values.items()]
+        params = [f"{key}={as_set_value(value)}" for key, value in values.items()]
         gpus = self.slots[slot]
         placement = [f"rig.gpus={','.join(map(str, gpus))}"] if gpus else []
         command = [sys.executable, "-m", "rigtrain", "train", "--out", str(run_dir), "--preset", self.spec.preset]
@@ -146,12 +140,14 @@ class Sweep:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = open(run_dir / "sweep-trial.log", "a")
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_terminate_with_parent
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=terminate_with_parent
         )
         trial.set_user_attr("run_dir", str(run_dir))
         if not resume:
             where = f" on GPU {','.join(map(str, gpus))}" if gpus else ""
-            shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={_as_set(v)}" for k, v in values.items())
+            shown = " ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={as_set_value(v)}" for k, v in values.items()
+            )
             self.say(f"trial {trial.number}{where}: {shown}")
         # a resumed trial's metrics.jsonl repeats the steps it reported before: not again
         self.running[slot] = RunningTrial(trial, run_dir, process, slot, last_step=reported, log=log)
@@ -199,7 +195,7 @@ class Sweep:
             why = (
                 f"the run logged no {self.spec.metric}"
                 if code == 0
-                else f"the run ended with exit code {code}: {_last_line(running.run_dir / 'sweep-trial.log')}"
+                else f"the run ended with exit code {code}: {last_line(running.run_dir / 'sweep-trial.log')}"
             )
             trial.set_user_attr("error", why)
             self.study.tell(trial, state=states.FAIL)
@@ -223,22 +219,6 @@ def _wait_for_the_old_run(run_dir: Path, timeout_s: float = 120.0) -> None:
             f"{run_dir} is still held by the run an interrupted sweep started (its lock.json says which "
             "process); stop it, then run the sweep again"
         ) from None
-
-
-def _as_set(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _last_line(log: Path) -> str:
-    try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "no output"
-    return lines[-1][:300] if lines else "no output"
 
 
 def _sampler(optuna, spec: SweepSpec, trials: int):

@@ -178,9 +178,19 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
     return next((c for c in (p.returncode for p in ranks) if c != 0), 0)
 
 
-def _terminate_with_parent() -> None:
+def terminate_with_parent() -> None:
+    """preexec_fn of a child that must get SIGTERM (and save, if it trains) when this process dies."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def last_line(log: Path) -> str:
+    """What a process that died last said in its log, for the one line that reports it."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return (lines[-1][:300] if lines else "no output") + f" (log: {log})"
 
 
 def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: dict[str, str]) -> int:
@@ -191,7 +201,7 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     handler alone would take the workers down before they could save. The launcher runs in
     its own session, so a Ctrl-C in the terminal reaches only this process, and it gets
     SIGTERM (its kill path) if this process dies without a word."""
-    runner = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_terminate_with_parent)
+    runner = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=terminate_with_parent)
     received: list[int] = []
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
     forwarded = 0

@@ -6,17 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rigtrain.config.loading import user_keys
+from rigtrain.config.loading import as_set_value, user_keys
 from rigtrain.errors import UserError
 from rigtrain.tune.report import machine_key, newest_tune
-
-
-def _as_set_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return str(value)
 
 
 def tuned_overrides(
@@ -62,10 +54,10 @@ def tuned_overrides(
         here = machine_key(preset, machine_rig([], rig_file))
         if here != record["machine"]:
             say(f"warning: --tuned {tune_dir} was measured on {record['machine']}, not this machine ({here})")
-    shown = ", ".join(f"{k}={_as_set_value(v)}" for k, v in kept.items())
+    shown = ", ".join(f"{k}={as_set_value(v)}" for k, v in kept.items())
     say(
         f"--tuned: trial {best} of {tune_dir} ({trials[best].get('clips_per_s')} clips/s"
         + (f", {record['speedup_vs_plan']:.2f}x the plan's own choice" if record.get("speedup_vs_plan") else "")
         + f"): {shown}"
     )
-    return preset, [f"{k}={_as_set_value(v)}" for k, v in kept.items()] + list(overrides)
+    return preset, [f"{k}={as_set_value(v)}" for k, v in kept.items()] + list(overrides)

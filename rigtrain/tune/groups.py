@@ -58,11 +58,3 @@ def kill(processes: list[subprocess.Popen]) -> None:
 
 def exit_words(code: int) -> str:
     return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-
-
-def last_line(log: Path) -> str:
-    try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "no log"
-    return (lines[-1][:300] if lines else "no output") + f" (log: {log})"

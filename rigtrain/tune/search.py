@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from rigtrain.files import write_json
-from rigtrain.tune.groups import exit_words, kill, last_line, start_group
+from rigtrain.train.processes import last_line
+from rigtrain.tune.groups import exit_words, kill, start_group
 from rigtrain.tune.records import LEAKED_EXIT, trial_dir
 
 # The first round's share of the budget (every candidate, short windows); the rest confirms
