@@ -83,19 +83,19 @@ class Sweep:
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
         states = self.optuna.trial.TrialState
-        for frozen in self.study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-            free = self._free_slot()
-            if free is None:
-                break
-            trial = self.optuna.trial.Trial(self.study, frozen._trial_id)
-            self.say(f"trial {frozen.number}: resuming the run an interrupted sweep left")
-            self._start(trial, free, resume=True, reported=max(frozen.intermediate_values, default=0))
+        # trials an interrupted sweep left running: resumed first, as slots come free
+        left = list(self.study.get_trials(deepcopy=False, states=(states.RUNNING,)))
         while True:
+            while left and self._free_slot() is not None:
+                frozen = left.pop(0)
+                trial = self.optuna.trial.Trial(self.study, frozen._trial_id)
+                self.say(f"trial {frozen.number}: resuming the run an interrupted sweep left")
+                self._start(trial, self._free_slot(), resume=True, reported=max(frozen.intermediate_values, default=0))
             done = len(self.study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL)))
             time_left = self.deadline is None or time.time() < self.deadline
-            while done + len(self.running) < self.total and time_left and self._free_slot() is not None:
+            while done + len(self.running) + len(left) < self.total and time_left and self._free_slot() is not None:
                 self._start(self.study.ask(), self._free_slot(), resume=False)
-            if not self.running:
+            if not self.running and not left:
                 return
             for slot, running in list(self.running.items()):
                 self._follow(running)
