@@ -284,7 +284,7 @@ def test_one_worker_group_runs_every_zero_stage_one_after_another(tmp_path, demo
         _, split = check_data(demo_data, trial_config, c.world)
         write_run_config(trial_dir(tmp_path, index), trial_config, demo_data, rig, c.plan, {"split": split.to_dict()})
         candidates.append(c)
-    search = Search(tmp_path, candidates, Timing(120, 90, timed_s=0.5), time.time() + 110, "cpu", lambda line: None)
+    search = Search(tmp_path, candidates, Timing(90, timed_s=0.5), time.time() + 110, lambda line: None)
     search._round([0, 1, 2], time.time() + 110, 0.5, 3, False)
     results = [search.result(i) for i in range(3)]
     assert [r["status"] for r in results] == ["ok", "ok", "ok"], results

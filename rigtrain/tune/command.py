@@ -58,9 +58,9 @@ def tune(
         f"{runnable} to measure, {len(candidates) - runnable} pruned; budget {budget_s:.0f} s, "
         f"trials of {trial_s:g} s after {Timing.warmup_steps} warm-up steps (in {tune_dir})"
     )
-    timing = Timing(budget_s, trial_timeout_s or (300.0 if device == "cuda" else 120.0), timed_s=trial_s)
+    timing = Timing(trial_timeout_s or (300.0 if device == "cuda" else 120.0), timed_s=trial_s)
     finishing_s = 5.0  # the results, the TOML and TensorBoard's hparams, after the last trial
-    search = Search(tune_dir, candidates, timing, began + budget_s - finishing_s, device, say)
+    search = Search(tune_dir, candidates, timing, began + budget_s - finishing_s, say)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     stopped = None
     try:

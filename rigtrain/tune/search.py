@@ -49,7 +49,6 @@ def say_progress(line: str) -> None:
 
 @dataclasses.dataclass
 class Timing:
-    budget_s: float
     trial_timeout_s: float
     warmup_steps: int = 2
     timed_s: float = 3.0  # the timed window per trial, in whole steps
@@ -69,10 +68,10 @@ class LiveGroup:
 
 
 class Search:
-    def __init__(self, tune_dir: Path, candidates: list, timing: Timing, deadline: float, device: str, say=None):
+    def __init__(self, tune_dir: Path, candidates: list, timing: Timing, deadline: float, say=None):
         self.tune_dir, self.candidates, self.timing = tune_dir, candidates, timing
         self.say = say or say_progress
-        self.deadline, self.device = deadline, device  # deadline: time.time() by which all trials end
+        self.deadline = deadline  # time.time() by which all trials end
         self.printed: set[int] = set()
         self.groups_started = 0
         self.processes: list[subprocess.Popen] = []
