@@ -13,8 +13,8 @@ def test_the_demo_learns_what_it_was_never_told(demo_run):
     twice chance for every label, shape and direction included (direction can only be read
     from several frames), and text->video retrieval at least 3x chance (issue 12's targets).
     Measured for seeds 0, 1 and 2 on a 2-core CPU (bench/eval_curve.py, README): kNN shape
-    0.645/0.671/0.577 against chance 0.282 (2.05x at worst), colour 0.987-0.996 against
-    0.299, direction 0.829/0.970/0.932 against 0.308; t2v R@5 0.60-0.62 against 0.025.
+    0.692/0.628/0.667 against chance 0.282 (2.23x at worst), colour 0.992-1.000 against
+    0.299, direction 0.957/0.872/0.940 against 0.308; t2v R@5 0.57-0.62 against 0.025.
     This test trains seed 0, the preset's."""
     record = json.loads((demo_run / "eval.json").read_text())
     assert record["step"] == 900
