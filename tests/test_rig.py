@@ -488,7 +488,8 @@ H200 = "h200.json"
 @pytest.mark.parametrize(
     "preset, overrides, measured_gib, tolerance",
     [
-        ("demo", ["train.micro_batch_size=48"], 0.20, 0.05 / 0.20),  # within 0.05 GiB
+        # the demo as it was on that run (it now has 16 latents and 2x MLPs)
+        ("demo", ["train.micro_batch_size=48", "model.num_latents=32", "model.mlp_ratio=4"], 0.20, 0.05 / 0.20),
         ("small", ["train.micro_batch_size=64", "model.activation_checkpointing=false"], 4.24, 0.05),
         ("base", ["train.micro_batch_size=256", "model.activation_checkpointing=false"], 126.65, 0.05),
     ],
@@ -651,22 +652,47 @@ def test_step_peaks_are_measured_once_and_kept_on_disk(tmp_path, monkeypatch):
     resume, `rigtrain rig` then train) reads them instead of measuring again; a damaged
     entry is measured again, never trusted."""
     from rigtrain.config import load_config
-    from rigtrain.train import planning
+    from rigtrain.train import planning, step_peaks
 
     monkeypatch.setenv("RIGTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(step_peaks, "shipped_table", dict)  # as a change to the model leaves it: no table
     config = load_config("demo")
     measured = []
     real = planning.fake_step_peak_bytes
     monkeypatch.setattr(planning, "fake_step_peak_bytes", lambda build: measured.append(1) or real(build))
-    monkeypatch.setattr(planning, "_MEASURED", {})
+    monkeypatch.setattr(step_peaks, "_MEASURED", {})
     first = planning.step_peak_function(config)(5, False, "fp32")
     assert len(measured) == 1 and len(list((tmp_path / "step-peaks").glob("*.json"))) == 1
-    monkeypatch.setattr(planning, "_MEASURED", {})  # a new process: only the disk remembers
+    monkeypatch.setattr(step_peaks, "_MEASURED", {})  # a new process: only the disk remembers
     assert planning.step_peak_function(config)(5, False, "fp32") == first and len(measured) == 1
     other_data = load_config("demo", overrides=["data.workers=3", "data.synth_seed=4"])  # not the step's shape
     assert planning.step_peak_function(other_data)(5, False, "fp32") == first and len(measured) == 1
     for entry in (tmp_path / "step-peaks").glob("*.json"):
         entry.write_text("{not json")
-    monkeypatch.setattr(planning, "_MEASURED", {})
+    monkeypatch.setattr(step_peaks, "_MEASURED", {})
     assert planning.step_peak_function(config)(5, False, "fp32") == first and len(measured) == 2
     assert planning.step_peak_function(config)(6, False, "fp32") > first and len(measured) == 3
+
+
+def test_the_shipped_step_peaks_are_current_and_are_what_a_measurement_gives(monkeypatch):
+    """rigtrain/train/measured_step_peaks.json, written by bench/step_peaks.py: measured with
+    this code (else every plan measures again, and the suite takes minutes longer), used
+    without measuring, and equal to a fresh measurement (the demo's CPU plan, checked here)."""
+    from rigtrain.train import planning, step_peaks
+
+    record = json.loads(step_peaks.SHIPPED.read_text())
+    if record["torch"] != torch.__version__:
+        pytest.skip(f"the shipped step peaks were measured with torch {record['torch']}, this is {torch.__version__}")
+    assert record["fingerprint"] == step_peaks.code_fingerprint(), (
+        "rigtrain/train/measured_step_peaks.json was measured with other model or measuring code: "
+        "run python bench/step_peaks.py"
+    )
+    config = load_config("demo")
+    monkeypatch.setattr(step_peaks, "_MEASURED", {})
+    monkeypatch.setattr(planning, "fake_step_peak_bytes", lambda build: pytest.fail("measured a shipped shape"))
+    shipped = planning.step_peak_function(config)(48, False, "fp32")  # what the demo's CPU plan asks
+    monkeypatch.undo()
+    fresh = planning.fake_step_peak_bytes(
+        planning.train_step_builder(config.model, config.data, micro_batch=48, checkpointing=False, precision="fp32")
+    )
+    assert shipped == fresh

@@ -5,20 +5,16 @@ keys the user set."""
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 from pathlib import Path
 
-import xxhash
-
 from rigtrain.config import DataConfig, RunConfig
-from rigtrain.files import write_json
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
 from rigtrain.rig.step_memory import fake_step_peak_bytes
 from rigtrain.train.measured_step import parameter_count, train_step_builder
 from rigtrain.train.memory_record import recalled, run_kind
+from rigtrain.train.step_peaks import measured
 
 # config key -> the plan's field
 PLANNED = {
@@ -64,12 +60,6 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
     return rig
 
 
-# Measured step peaks by (model, clip shape, micro-batch, checkpointing, precision), and
-# parameter counts, kept in this process and on disk (RIGTRAIN_CACHE/step-peaks): each step
-# measurement runs a whole step under FakeTensorMode (2 s for the demo on a 2-core CPU, more
-# for larger models), and the same shapes are planned again and again: the back-off loop,
-# `rigtrain rig` then train, every resume and every run of the same preset.
-_MEASURED: dict[str, int] = {}
 # DataConfig fields that do not change a step's tensors
 _DATA_FIELDS_OFF_THE_STEP = (
     "dir",
@@ -83,58 +73,6 @@ _DATA_FIELDS_OFF_THE_STEP = (
 )
 
 
-@functools.cache
-def _code_fingerprint() -> str:
-    """What a step's memory depends on besides its config: torch's version and our code that
-    builds and measures the step. A change to either measures again."""
-    import torch  # heavy: only on the paths that need it
-
-    digest = xxhash.xxh3_64(torch.__version__.encode())
-    package = Path(__file__).resolve().parents[1]
-    for path in sorted(
-        [*(package / "model").glob("*.py"), package / "rig" / "step_memory.py", package / "train" / "measured_step.py"]
-    ):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _measurement_path(key: str) -> Path:
-
-    from rigtrain.data.embedded import cache_root  # the cache folder the datasets use
-
-    return cache_root() / "step-peaks" / f"{xxhash.xxh3_64_hexdigest(key.encode())}.json"
-
-
-def _stored(key: str) -> int | None:
-    path = _measurement_path(key)
-    try:
-        record = json.loads(path.read_text())
-        return int(record["value"]) if record.get("key") == key else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # not measured yet, or unreadable: measure again
-
-
-def _store(key: str, value: int) -> None:
-    path = _measurement_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"key": key, "value": value}, indent=None)  # whole, for a process reading it at once
-    except OSError:
-        pass  # a cache that cannot be written costs the next run a measurement, nothing more
-
-
-def _measured(key: str, measure) -> int:
-    """measure()'s value for this key: from this process, from disk, or measured now."""
-    key = f"{_code_fingerprint()} {key}"
-    if key not in _MEASURED:
-        value = _stored(key)
-        if value is None:
-            value = measure()
-            _store(key, value)
-        _MEASURED[key] = value
-    return _MEASURED[key]
-
-
 def _step_shapes(config: RunConfig) -> str:
     """The model and clip shape as far as a step's tensors depend on them."""
     model = dataclasses.replace(config.model, activation_checkpointing=False)
@@ -146,7 +84,7 @@ def step_peak_function(config: RunConfig):
     shapes = _step_shapes(config)
 
     def step_peak(micro_batch: int, checkpointing: bool, precision: str) -> int:
-        return _measured(
+        return measured(
             f"step peak {shapes} micro_batch={micro_batch} checkpointing={checkpointing} {precision}",
             lambda: fake_step_peak_bytes(
                 train_step_builder(
@@ -161,7 +99,7 @@ def step_peak_function(config: RunConfig):
 def cached_parameter_count(config: RunConfig) -> int:
     """The model's parameter count (counting builds it on the meta device, whose first use
     costs a second of imports)."""
-    return _measured(f"parameters {_step_shapes(config)}", lambda: parameter_count(config.model, config.data))
+    return measured(f"parameters {_step_shapes(config)}", lambda: parameter_count(config.model, config.data))
 
 
 def plan_run(
