@@ -4,10 +4,13 @@ write the user's ~/.cache/rigtrain.
 Under pytest-xdist (`setup/test.sh` runs two workers) the workers share that cache (one
 dataset build, one measurement of each step peak); the demo run and the tests that read it
 go to one worker and start first, since it is the longest thing the suite does; and each
-worker and the training processes it starts get their share of the cores as CPU threads
+worker and the commands it runs in-process get their share of the cores as CPU threads
 (one each on a 2-core machine). A tiny model's step is no faster on two threads than on
 one (measured: 40 steps in 6.0 s either way), while two workers each asking for both cores
 made the demo run, whose threads wait on each other at every op, three times slower.
+Processes started fresh (worker ranks, tune groups, sweep trials) take the threads their
+plan gives them, as a user's do, and wait for each other's threads sleeping, not spinning
+(OMP_WAIT_POLICY, below).
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ def uses_demo_run(item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests that read the demo run first (it is the longest thing the suite does), and
-    SHARING_MODULES kept true."""
+    """The tests that read the demo run first (it is the longest thing the suite does), then
+    the slow ones, and SHARING_MODULES kept true."""
     for item in items:
         fixtures = getattr(item, "_fixtureinfo", None)
         shares = uses_demo_run(item) or (
@@ -62,13 +65,16 @@ def pytest_collection_modifyitems(config, items):
                 f"{item.nodeid} shares a module-scoped fixture or the demo run: add "
                 f"{item.path.name} to SHARING_MODULES in tests/conftest.py"
             )
-    items.sort(key=lambda item: not uses_demo_run(item))  # stable: otherwise in file order
+    # Longest first, so that the short tests fill the end: the demo run's tests, then those
+    # marked slow (seconds to a minute each), then the rest; stable, otherwise in file order.
+    # In file order, test_tune's minute-long tests came last and ran alone on one worker.
+    items.sort(key=lambda item: (not uses_demo_run(item), item.get_closest_marker("slow") is None))
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist (-p no:xdist) there is none
 def pytest_xdist_make_scheduler(config, log):
     """Tests one by one to whichever worker is free, except SHARING_MODULES, a module at a
-    time; in collection order (the demo run's tests first)."""
+    time; in collection order (the demo run's tests first, then the slow ones)."""
     from xdist.scheduler import LoadScopeScheduling
 
     class SharingModulesTogether(LoadScopeScheduling):
@@ -85,7 +91,7 @@ def isolated_cache(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     cache = (base.parent if XDIST_WORKER else base) / "rigtrain-cache"  # the parent: shared by the workers
     cache.mkdir(exist_ok=True)
-    saved = {key: os.environ.get(key) for key in ("RIGTRAIN_CACHE", "OMP_NUM_THREADS")}
+    saved = {key: os.environ.get(key) for key in ("RIGTRAIN_CACHE", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     os.environ["RIGTRAIN_CACHE"] = str(cache)
     if XDIST_WORKER:  # the cores shared out between the workers
         import torch
@@ -93,6 +99,13 @@ def isolated_cache(tmp_path_factory):
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        # A process the plan gives every core (a fresh worker rank, a tune group, a sweep
+        # trial) shares them with the other worker's tests: CPU threads that spin while
+        # they wait at each op's end then burn the core their sibling needs. Measured with
+        # the other core busy: 30 tiny-model steps on 2 threads in 11.1 s spinning, 4.4 s
+        # sleeping (PASSIVE), 3.6 s on 1 thread. Without a GPU or other load a user's run
+        # keeps libgomp's default.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     yield cache
     for key, value in saved.items():
         if value is None:
