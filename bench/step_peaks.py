@@ -3,7 +3,10 @@ tests/rigs and the test suite's configurations, and write them to the table ship
 rigtrain (rigtrain/train/measured_step_peaks.json; see rigtrain/train/step_peaks.py).
 
     python bench/step_peaks.py                  # measure (a few CPU-minutes) and write the table
-    python bench/step_peaks.py --from-cache DIR # write what a RIGTRAIN_CACHE folder measured
+    python bench/step_peaks.py --from-cache DIR # add what a RIGTRAIN_CACHE folder measured
+
+After a run of the whole suite, its cache holds what the table lacked (the training tests
+plan too); `--from-cache /tmp/pytest-of-$USER/pytest-current/rigtrain-cache` adds it.
 
 What is measured: everything the planner measures while the tests that plan run
 (tests/test_rig.py, test_launch.py, test_config.py, test_tune.py's planning tests and
@@ -28,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rigtrain.train.step_peaks import SHIPPED, cached_entries, code_fingerprint  # noqa: E402
+from rigtrain.train.step_peaks import SHIPPED, cached_entries, code_fingerprint, shipped_table  # noqa: E402
 
 # The tests whose plans the table covers; -m "not slow" leaves out those that train for real.
 PLANNING_TESTS = ["tests/test_rig.py", "tests/test_launch.py", "tests/test_config.py", "tests/test_tune.py"]
@@ -53,9 +56,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="rigtrain-step-peaks-") as tmp:
         if args.from_cache:
             cache = args.from_cache
+            peaks = {**shipped_table(), **cached_entries(cache)}  # the table stays when it is current
         else:
             cache = measure_through_the_tests(Path(tmp) / "pytest")
-        peaks = cached_entries(cache)
+            peaks = cached_entries(cache)
     if not peaks:
         print(f"bench/step_peaks.py: no measurements made with this code in {cache / 'step-peaks'}", file=sys.stderr)
         return 2
