@@ -2,15 +2,16 @@
 tests/rigs and the test suite's configurations, and write them to the table shipped with
 rigtrain (rigtrain/train/measured_step_peaks.json; see rigtrain/train/step_peaks.py).
 
-    python bench/step_peaks.py                  # measure (a few CPU-minutes) and write the table
+    python bench/step_peaks.py                  # measure (a few CPU-minutes) and add to the table
     python bench/step_peaks.py --from-cache DIR # add what a RIGTRAIN_CACHE folder measured
 
 After a run of the whole suite, its cache holds what the table lacked (the training tests
 plan too); `--from-cache /tmp/pytest-of-$USER/pytest-current/rigtrain-cache` adds it.
 
 What is measured: everything the planner measures while the tests that plan run
-(tests/test_rig.py, test_launch.py, test_config.py, test_tune.py's planning tests and
-test_cli.py's), in a fresh cache, so the table holds exactly the shapes the project plans.
+(tests/test_rig.py, test_launch.py, test_config.py and test_tune.py's planning tests), in
+a fresh cache and with the table set aside; then the table's current entries and the new
+measurements are written together.
 A measurement is a pure function of the key (model, clip shape, micro-batch,
 checkpointing, precision) and the code fingerprint, so the table is correct for as long as
 the fingerprint matches; after an edit to rigtrain/model/, rig/step_memory.py or
@@ -31,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rigtrain.files import write_json  # noqa: E402
 from rigtrain.train.step_peaks import SHIPPED, cached_entries, code_fingerprint, shipped_table  # noqa: E402
 
 # The tests whose plans the table covers; -m "not slow" leaves out those that train for real.
@@ -38,11 +40,19 @@ PLANNING_TESTS = ["tests/test_rig.py", "tests/test_launch.py", "tests/test_confi
 
 
 def measure_through_the_tests(base: Path) -> Path:
-    """Run the planning tests in one process with a fresh cache; returns the cache folder."""
-    SHIPPED.unlink(missing_ok=True)  # measure everything again, not only what the table lacks
+    """Run the planning tests in one process with a fresh cache; returns the cache folder.
+    The table is set aside meanwhile, so that everything is measured again, and put back
+    if the tests fail."""
+    aside = SHIPPED.with_suffix(".json.aside")
+    if SHIPPED.exists():
+        SHIPPED.replace(aside)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider"]
     command += ["--basetemp", str(base), "-m", "not slow", "-k", "not shipped_step_peaks", *PLANNING_TESTS]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    finally:
+        if aside.exists():
+            aside.replace(SHIPPED)  # the old table stays until a new one is written whole
     if result.returncode != 0:
         sys.exit(f"bench/step_peaks.py: the planning tests failed; fix them first:\n{result.stdout[-3000:]}")
     return base / "rigtrain-cache"  # tests/conftest.py's session cache without xdist
@@ -54,19 +64,16 @@ def main() -> int:
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rigtrain-step-peaks-") as tmp:
-        if args.from_cache:
-            cache = args.from_cache
-            peaks = {**shipped_table(), **cached_entries(cache)}  # the table stays when it is current
-        else:
-            cache = measure_through_the_tests(Path(tmp) / "pytest")
-            peaks = cached_entries(cache)
+        cache = args.from_cache or measure_through_the_tests(Path(tmp) / "pytest")
+        # what the table holds stays while it is current: a value is a function of its key
+        peaks = {**shipped_table(), **cached_entries(cache)}
     if not peaks:
         print(f"bench/step_peaks.py: no measurements made with this code in {cache / 'step-peaks'}", file=sys.stderr)
         return 2
     import torch  # the version the table was measured with, for tests/test_rig.py to compare
 
     record = {"fingerprint": code_fingerprint(), "torch": torch.__version__, "peaks": dict(sorted(peaks.items()))}
-    SHIPPED.write_text(json.dumps(record, indent=1) + "\n")
+    write_json(SHIPPED, record, indent=1)  # whole or not at all
     took = time.monotonic() - started
     print("| fingerprint | measurements | seconds |\n|---|---:|---:|")
     print(f"| {record['fingerprint']} | {len(peaks)} | {took:.0f} |")
