@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import TINY_MODEL, run_cli
 
 GOLDEN = Path(__file__).parent / "golden" / "demo_loss.json"
 pytestmark = pytest.mark.slow
@@ -277,3 +277,18 @@ def test_a_loss_that_stays_nan_stops_the_run_at_a_logging_step(tmp_path, demo_da
     assert "steps in a row up to step" in result.stderr and "Traceback" not in result.stderr
     rows = metrics(run)
     assert rows[-1]["step"] % 5 == 0 and rows[-1]["nonfinite_steps"] >= 5
+
+
+def test_a_cpu_run_needs_no_cpp_compiler_and_builds_nothing(tmp_path, demo_data):
+    """DeepSpeed's CPU process group would compile a C++ shared-memory all-reduce (used only
+    by its inference) as it starts: 25 s on a first run, and a build error where no compiler
+    is installed. A run whose PATH has no compiler (nor ninja) trains, and nothing is built."""
+    extensions = tmp_path / "torch_extensions"
+    no_compiler = tmp_path / "bin"
+    no_compiler.mkdir()
+    result = run_cli(
+        "train", "--out", str(tmp_path / "run"), "--steps", "2", "--set", *TINY_MODEL, "eval.during_training=false",
+        env_extra={"PATH": str(no_compiler), "TORCH_EXTENSIONS_DIR": str(extensions)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert not extensions.exists()

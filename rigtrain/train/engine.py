@@ -137,8 +137,25 @@ def init_distributed(plan: dict, local_rank: int) -> torch.device:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        without_deepspeed_shm_kernel()
     deepspeed.init_distributed(dist_backend=backend)
     return device
+
+
+# DeepSpeed's name for its C++ shared-memory all-reduce on the CPU (op_builder/cpu/comm.py).
+DEEPSPEED_SHM_OP = "deepspeed_shm_comm"
+
+
+def without_deepspeed_shm_kernel() -> None:
+    """DeepSpeed's CPU backend compiles a C++ shared-memory all-reduce as its process group
+    starts, unless told the kernel is unavailable. Only DeepSpeed's inference all-reduce
+    calls it; training reduces through gloo. Compiling it cost a first CPU run 25 s on 2
+    cores (and again whenever the compiler's command changed), and where no C++ compiler is
+    installed it stopped every CPU run with a build error."""
+    import deepspeed.ops  # heavy: only the processes that train import it
+
+    # the probed table DeepSpeed keeps, and reads before it builds an op (ops/__init__.py)
+    deepspeed.ops.__compatible_ops__[DEEPSPEED_SHM_OP] = False
 
 
 def apply_optimizer_config(config: RunConfig, schedule) -> None:
