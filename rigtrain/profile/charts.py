@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rigtrain.profile.analysis import CATEGORIES, COMM, breakdown
+from rigtrain.profile.analysis import CATEGORIES, COMM, breakdown, timeline_events
 
 COLOURS = {
     "data_wait": "#d62728",
@@ -73,6 +73,7 @@ def write_charts(events: list[dict], device: str, out_dir: Path, writer=None) ->
     import matplotlib.pyplot as plt  # optional: after choosing the backend
 
     written = []
+    events = timeline_events(events)  # once, not in each step's breakdown and each row
     steps = per_step(events, device)
     figure, axes = plt.subplots(figsize=(max(4.0, 1.2 * len(steps) + 2), 4))
     bottoms = [0.0] * len(steps)

@@ -66,6 +66,7 @@ class StepProfiler:
 
         self.trace_dir, self.rank, self.timeline = Path(trace_dir), rank, timeline
         self.trace_path: Path | None = None
+        self.trace_events: list[dict] | None = None  # the saved trace's, kept for its analysis
         self.trace_dir.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         self.profiler = profile(
@@ -95,18 +96,19 @@ class StepProfiler:
         written = sorted(set(self.trace_dir.glob(f"{worker}.*.pt.trace.json")) - before)
         if written:
             self.trace_path = written[-1]
-            add_loader_rows(self.trace_path, self.timeline)
+            self.trace_events = add_loader_rows(self.trace_path, self.timeline)
 
 
-def add_loader_rows(path: Path, timeline: LoaderTimeline) -> None:
+def add_loader_rows(path: Path, timeline: LoaderTimeline) -> list[dict]:
     """The loader threads' batches as rows of the trace (one row per thread), within the
-    traced window."""
+    traced window. Returns the trace's events, so that the analysis need not read back
+    what was just written (a few seconds for a large model's trace)."""
     trace = json.loads(path.read_text())
     events = trace["traceEvents"]
     base = int(trace.get("baseTimeNanoseconds", 0))
     stamps = [e["ts"] for e in events if e.get("ph") == "X" and "ts" in e]
     if not stamps:
-        return
+        return events
     start_ns, end_ns = base + int(min(stamps) * 1000), base + int(max(stamps) * 1000)
     pid = next((e["pid"] for e in events if e.get("ph") == "X" and isinstance(e.get("pid"), int)), os.getpid())
     threads: dict[str, int] = {}
@@ -127,6 +129,7 @@ def add_loader_rows(path: Path, timeline: LoaderTimeline) -> None:
     for name, tid in threads.items():
         events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": f"loader {name}"}})
     path.write_text(json.dumps(trace))
+    return events
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from rigtrain.profile.analysis import RunFacts, analyze, format_summary
+from rigtrain.profile.analysis import RunFacts, analyze, format_summary, timeline_events
 from rigtrain.profile.charts import write_charts
 from rigtrain.profile.recorder import StepProfiler
 from rigtrain.rig.peaks import peak_tflops
@@ -46,7 +46,7 @@ class StepProfiling:
         """Stop the profiler (its trace is written), then rank 0 analyses its own trace."""
 
         self.profiler.stop()
-        path, self.profiler = self.profiler.trace_path, None
+        path, events, self.profiler = self.profiler.trace_path, self.profiler.trace_events, None
         if not self.log:
             return
         if path is None:
@@ -69,7 +69,7 @@ class StepProfiling:
             peak_tflops=peak_tflops(gpu) if gpu else None,
             gpu_name=gpu,
         )
-        events = json.loads(path.read_text())["traceEvents"]
+        events = timeline_events(events)  # once, for the breakdown and the charts
         summary = analyze(events, facts)
         summary["trace"] = str(path.relative_to(self.run_dir))
         out = self.run_dir / "profile"
