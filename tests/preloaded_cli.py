@@ -53,11 +53,16 @@ class PreloadedCli:
                 raise RuntimeError(f"tests/preloaded_cli.py did not start: {ready!r}")
         return self._server
 
-    def run(self, args: list[str], *, env: dict, cwd: Path | None, timeout: float) -> subprocess.CompletedProcess:
+    def run(
+        self, args: list[str], *, env: dict, cwd: Path | None, timeout: float, script: Path | None = None
+    ) -> subprocess.CompletedProcess:
+        """`rigtrain ARGS`, or with script= `python SCRIPT ARGS`, in a forked child."""
         with self._lock, tempfile.TemporaryDirectory(prefix="rigtrain-cli-") as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             server = self._start()
             request = {"args": args, "env": env, "cwd": str(cwd or os.getcwd()), "out": str(out), "err": str(err)}
+            if script is not None:
+                request["script"] = str(script)
             server.stdin.write(json.dumps(request) + "\n")
             server.stdin.flush()
             pid = json.loads(server.stdout.readline())["pid"]
@@ -90,6 +95,7 @@ def _preload() -> None:
 def _child(request: dict) -> None:
     """In the forked child: become the command."""
     import atexit
+    import runpy
     import signal
     import traceback
 
@@ -107,11 +113,16 @@ def _child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.argv = ["rigtrain", *request["args"]]
+        script = request.get("script")
+        sys.argv = [script or "rigtrain", *request["args"]]
         from rigtrain.cli import main
 
         try:
-            code = main(request["args"])
+            if script:  # a test's own script, as `python SCRIPT ARGS` runs it
+                runpy.run_path(script, run_name="__main__")
+                code = 0
+            else:
+                code = main(request["args"])
         except SystemExit as stop:  # argparse's errors and --help, as `python -m rigtrain` exits
             if isinstance(stop.code, str):
                 print(stop.code, file=sys.stderr)

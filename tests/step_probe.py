@@ -1,6 +1,7 @@
-"""Run by tests/test_gpu_path.py in a fresh process: open a run folder's Trainer in this
-process (one rank, gloo), take two steps to warm up, then measure the next step and print one
-JSON line:
+"""Run by tests/test_gpu_path.py in a process of its own (forked from the tests' preloaded
+one, tests/preloaded_cli.py; a new interpreter with RIGTRAIN_TEST_FRESH=1): open a run
+folder's Trainer in this process (one rank, gloo), take two steps to warm up, then measure
+the next step and print one JSON line:
 
 - syncs: the ops in that step that make the host wait for the device (`.item()`,
   `nonzero`, ...), split into those inside DeepSpeed's optimizer step and the rest;

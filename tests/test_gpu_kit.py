@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.long
 def test_the_kit_runs_every_step_on_the_cpu(tmp_path, demo_data):
     out = tmp_path / "kit"
     result = subprocess.run(

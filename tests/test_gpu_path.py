@@ -15,13 +15,11 @@ syncs. These do, without a GPU:
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_cli
+from conftest import TINY_MODEL, run_cli, run_script
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rigtrain.config import load_config
@@ -90,7 +88,7 @@ def test_the_model_step_makes_no_host_sync(demo_data):
 
 
 def probe(run: Path) -> dict:
-    result = subprocess.run([sys.executable, str(PROBE), str(run)], capture_output=True, text=True, timeout=600)
+    result = run_script(PROBE, str(run))
     lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
     assert result.returncode == 0 and lines, result.stdout[-2000:] + result.stderr[-3000:]
     return json.loads(lines[0][len("PROBE ") :])
@@ -164,6 +162,7 @@ def test_the_plan_takes_zero1_for_bf16_on_one_gpu_and_warns_at_zero0():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("precision, stage", [("fp32", 1), ("bf16", 1), ("fp32", 3), ("bf16", 3)])
 def test_train_resume_eval_profile(tmp_path, demo_data, precision, stage):
     """Each precision at ZeRO-1 and ZeRO-3 through everything a run does: train with the

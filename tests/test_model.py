@@ -125,6 +125,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_overfits_a_handful_of_clips(demo_data, demo_config):
     """The first test of any model: one that cannot memorise four clips has a bug."""
     from rigtrain.data.dataset import ShardDataset

@@ -39,6 +39,7 @@ def two_nodes(tmp_path_factory):
     subprocess.run(["bash", str(NODES_SCRIPT), "--stop", str(where)], timeout=30)
 
 
+@pytest.mark.long
 def test_two_nodes_train_stop_resume_and_match_one_machine(tmp_path, demo_data, two_nodes):
     hostfile, env = two_nodes
     run = tmp_path / "two-nodes"

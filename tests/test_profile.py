@@ -117,6 +117,7 @@ def raw_720p(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_raw_720p_videos_without_workers_are_input_bound(raw_720p, tmp_path):
     run = tmp_path / "run"
     result = run_cli(
@@ -160,6 +161,7 @@ def compute_bound_run(tmp_path_factory, demo_data):
     return run
 
 
+@pytest.mark.slow
 def test_shards_with_a_loader_thread_and_a_larger_model_are_compute_bound(compute_bound_run):
     summary = _summary(compute_bound_run)
     assert summary["verdict"] == "compute-bound", summary
@@ -174,6 +176,7 @@ def test_shards_with_a_loader_thread_and_a_larger_model_are_compute_bound(comput
     assert all("host_cpu_percent" in r and r["telemetry_cost"] < 0.01 for r in rows)  # the sampler costs < 1%
 
 
+@pytest.mark.slow
 def test_the_profile_is_drawn_offline(compute_bound_run, monkeypatch, tmp_path):
     from rigtrain.profile.charts import per_step
 
@@ -208,6 +211,7 @@ def _get(url: str):
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_trace_and_the_scalars(compute_bound_run):
     port = _free_port()
     server = subprocess.Popen(

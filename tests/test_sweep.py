@@ -140,6 +140,7 @@ def _sweep_command(spec: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_sweep_prunes_is_killed_resumes_and_picks_a_best_trial(tmp_path):
     base = [*TINY_MODEL, "data.workers=0", "eval.during_training=false", "train.steps=24", "train.log_every=2"]
     base += ["train.ckpt_every=6", "train.warmup_steps=1", "log.histograms_every=0"]

@@ -149,6 +149,7 @@ def _histogram_tags(run: Path) -> set[str]:
     return set(events.Tags()["histograms"])
 
 
+@pytest.mark.long
 def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
     """Two gloo processes: ZeRO 0 (plain data parallel) and ZeRO 3 (parameters, gradients
     and optimizer states sharded) must compute the same fp32 training curve, with gradient

@@ -125,6 +125,7 @@ def _trials(tune_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_tune_keeps_its_budget_and_never_runs_a_pruned_candidate(tmp_path):
     """One process: the plan's own choice and the next measure, the third hangs until the
     budget ends it, the rest are not reached; candidates predicted not to fit in the rig
@@ -157,6 +158,7 @@ def test_tune_keeps_its_budget_and_never_runs_a_pruned_candidate(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_tune_survives_out_of_memory_on_one_rank_and_a_hang_and_its_result_trains(tmp_path):
     """Two processes of the demo model. Rank 1 alone runs out of memory above micro-batch 24 (rank 0 is then
     stuck in a collective: the trial is recorded as out of memory on rank 1 and the group
