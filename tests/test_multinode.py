@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, run_cli
 from test_faults import complete_steps, losses, wait_for_step, workers_of
 
 pytestmark = pytest.mark.slow
@@ -95,22 +95,11 @@ def test_a_host_without_passwordless_ssh_is_one_line(tmp_path, demo_data, two_no
     _, env = two_nodes
     hostfile = tmp_path / "hosts"
     hostfile.write_text("127.0.0.1 slots=1\n127.0.0.3 slots=1\n")  # no sshd listens on 127.0.0.3
-    result = subprocess.run(
-        [sys.executable, "-m", "rigtrain", "train", "--out", str(tmp_path / "run"), "--hostfile", str(hostfile)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    path = {"PATH": env["PATH"]}  # the nodes' ssh
+    result = run_cli("train", "--out", str(tmp_path / "run"), "--hostfile", str(hostfile), env_extra=path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cannot ssh to 127.0.0.3" in result.stderr and "Traceback" not in result.stderr
     hostfile.write_text("127.0.0.1 slots=one\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "rigtrain", "train", "--out", str(tmp_path / "run"), "--hostfile", str(hostfile)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    result = run_cli("train", "--out", str(tmp_path / "run"), "--hostfile", str(hostfile), env_extra=path, timeout=120)
     assert result.returncode == 2 and f"--hostfile {hostfile}" in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -22,6 +22,9 @@ CPU_STEPS = 8
 CPU_SETTINGS = ["model.d_model=32", "model.heads=2", "model.num_latents=8", "model.va_dim=32", "model.vt_dim=32"]
 CPU_SETTINGS += ["train.micro_batch_size=4", "train.grad_accum_steps=1", "train.global_batch_size=0"]
 CPU_SETTINGS += ["train.precision=bf16"]  # DeepSpeed trains bf16 on the CPU: the GPU's precision path
+# One recorded step, not three: base's trace is 40 thousand CPU ops a step, seconds to save
+# and read back on the CPU, and one step shows the verdict and its breakdown as well.
+CPU_SETTINGS += ["profile.active=1"]
 # What the telemetry sampler writes into metrics.jsonl on a GPU (rigtrain/profile/telemetry.py).
 NVML_FIELDS = (
     "gpu_util_percent",
