@@ -3,7 +3,7 @@
 # which), into OUT_DIR/report.json and a printed table.
 #
 #   bash bench/gpu/run.sh OUT_DIR          # a CUDA machine: under 9 minutes on one H100
-#   bash bench/gpu/run.sh --cpu OUT_DIR    # every step on the CPU at toy sizes (a few minutes)
+#   bash bench/gpu/run.sh --cpu OUT_DIR    # every step on the CPU at toy sizes (under a minute)
 #
 # Python, the first that applies:
 # - $PYTHON, when set;
