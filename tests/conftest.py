@@ -175,7 +175,7 @@ def yield_to_the_demo_run(*, others: bool) -> None:
     without privileges, so each worker lowers, never raises.)"""
     if not XDIST_WORKER:
         return
-    import psutil
+    import psutil  # only under pytest-xdist, where there are other workers to step back
 
     me = psutil.Process()
     if not others:
