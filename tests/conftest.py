@@ -41,7 +41,7 @@ DEMO_GROUP = "demo-run"
 SHARING_MODULES = {
     "test_demo_eval.py",
     "test_data.py",
-    "test_faults.py",
+    "test_damaged_checkpoints.py",
     "test_ingest.py",
     "test_multinode.py",
     "test_profile.py",

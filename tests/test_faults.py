@@ -1,8 +1,9 @@
 """A run you can leave alone: each fault injected for real into real training processes.
 Signals (one and two ranks), the launcher killed, a loss that diverges, --resume with
-changes, a full disk, damaged checkpoints, two runs on one folder, a torn metrics line,
-shards that shrink, and a list of bad invocations (the same command twice giving the same
-losses is in test_train.py, with resuming)."""
+changes, a full disk, two runs on one folder, a torn metrics line, shards that shrink, and
+a list of bad invocations (damaged checkpoints are in test_damaged_checkpoints.py, which
+shares one trained run between its tests; the same command twice giving the same losses is
+in test_train.py, with resuming)."""
 
 from __future__ import annotations
 
@@ -362,49 +363,6 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_pat
     finally:
         if mount:
             subprocess.run(["umount", str(mount)])
-
-
-@pytest.fixture(scope="module")
-def three_checkpoints(tmp_path_factory, demo_data):
-    run = tmp_path_factory.mktemp("damaged") / "run"
-    made = rigtrain(
-        "train", "--out", str(run), "--steps", "15", "--set", *TINY, "train.ckpt_every=5", "train.keep_ckpts=3"
-    )
-    assert made.returncode == 0, made.stderr[-2000:]
-    return run
-
-
-@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage-complete"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, three_checkpoints, damage):
-    run = tmp_path / "run"
-    shutil.copytree(three_checkpoints, run)
-    newest = run / "checkpoints" / "step00000015"
-    optim = next(newest.glob("*optim_states.pt"))
-    if damage == "truncate":
-        with optim.open("r+b") as f:
-            f.truncate(optim.stat().st_size // 2)
-    elif damage == "flip":
-        with optim.open("r+b") as f:
-            f.seek(1000)
-            f.write(os.urandom(4096))
-    else:
-        (newest / "complete.json").write_text("{not json")
-    scored = rigtrain("eval", str(run), "--json")
-    assert scored.returncode == 0 and json.loads(scored.stdout)["step"] == 10
-    assert "step00000015 is damaged" in scored.stderr
-    resumed = rigtrain("train", "--out", str(run), "--resume", "--steps", "16")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "step00000015 is damaged and skipped" in resumed.stdout and "resuming at step 10/16" in resumed.stdout
-
-
-def test_no_good_checkpoint_left_is_exit_2(tmp_path, three_checkpoints):
-    run = tmp_path / "run"
-    shutil.copytree(three_checkpoints, run)
-    for tag in (run / "checkpoints").glob("step*"):
-        (tag / "complete.json").write_text("[]")
-    result = rigtrain("train", "--out", str(run), "--resume")
-    assert result.returncode == 2 and "every checkpoint" in result.stderr and "Traceback" not in result.stderr
-    assert rigtrain("eval", str(run)).returncode == 2
 
 
 def test_one_run_per_folder(tmp_path, demo_data):
