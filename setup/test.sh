@@ -6,7 +6,7 @@
 # setting up on one core, and many wait (on a timeout, a budget, ssh, a signal), so a third
 # worker fills the waits of the other two; the demo run (the longest test) keeps a core to
 # itself, the other workers stepping back in priority while it trains (tests/conftest.py).
-# On 2 cores, at one commit: 449 s of pytest with three workers, 570 s with two.
+# On 2 cores: 570 s of pytest with two workers, 449 s with three (and a smaller sweep test).
 # RIGTRAIN_TEST_WORKERS=N sets the count; 0 runs them in this process, one after another.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
