@@ -184,6 +184,9 @@ def test_tune_survives_out_of_memory_on_one_rank_and_a_hang_and_its_result_train
     assert {t["values"]["train.micro_batch_size"] for t in ran} == {24, 12}
     best = max(ran, key=lambda t: t["clips_per_s"])
     assert record["best"] == best["index"] and record["speedup_vs_plan"] is None  # the plan's own failed
+    # four candidates, all finalists: one round with the long windows, no confirmation trials
+    assert record["chosen_on"] == "one long round" and not any("confirmation" in t for t in record["trials"])
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"{t['index']:03d}" for t in record["trials"]]
     assert "trial" in result.stdout and "fastest" in result.stdout
     # TensorBoard's hparams view: one run per trial that ran or failed
     runs = sorted(p.name for p in (out / "tb").iterdir() if p.is_dir())

@@ -113,6 +113,7 @@ def write_results(
     results: dict,
     confirmations: dict,
     *,
+    one_round: bool = False,
     preset: str,
     fixed: dict,
     rig,
@@ -123,6 +124,8 @@ def write_results(
 ) -> int:
     rows = [trial_row(c, results.get(c.index), confirmations.get(c.index)) for c in candidates]
     best, speedup, basis, kept_plan = choose(rows)
+    if one_round:
+        basis = "one long round"  # every candidate was a finalist: measured once, with long windows
     record = {
         "preset": preset,
         "device": candidates[0].plan.device if candidates[0].plan else "cpu",
@@ -181,7 +184,10 @@ def _say_outcome(tune_dir: Path, record: dict, best: dict | None) -> None:
     def speed(row: dict) -> float:
         return row["confirmation"]["clips_per_s"] if confirmed else row["clips_per_s"]
 
-    on = " (measured again, with longer windows)" if confirmed else ""
+    on = {
+        "confirmation": " (measured again, with longer windows)",
+        "one long round": " (each measured once, with the confirmation's longer windows)",
+    }.get(record["chosen_on"], "")
     base = rows[0]
     if record["kept_plan_within_noise"]:
         measured = [r for r in rows if ((r.get("confirmation") or {}) if confirmed else r).get("status") == "ok"]

@@ -79,19 +79,27 @@ class Search:
         # trial index -> the candidate it measures: candidates' own indices, then confirmations
         self.measures = {c.index: c for c in candidates if c.pruned is None}
         self.confirmations: dict[int, int] = {}  # candidate index -> its confirmation trial's index
+        self.one_round = False  # every candidate was a finalist: each ran once, with long windows
 
     # -- the two rounds -----------------------------------------------------------------------
     def run(self) -> None:
         """Every candidate once with short windows, then the plan's own choice and the
-        fastest few again with longer ones, for the choice (docs/tune.md, "The choice")."""
+        fastest few again with longer ones, for the choice (docs/tune.md, "The choice").
+        When there are no more candidates than finalists, each runs once with the long windows."""
         screen = list(self.measures)
+        long_s, long_steps = self.timing.timed_s * CONFIRM_WINDOW, self.timing.min_steps * CONFIRM_WINDOW
+        if len(screen) <= 1 + CONFIRM_TOP:
+            # every candidate would be a finalist: a short first round would only order them
+            self.one_round = True
+            self.say(f"all {len(screen)} are finalists: one round, with the confirmation's longer windows")
+            self._round(screen, self.deadline, long_s, long_steps, False)
+            self._mark_not_run(screen)
+            return
         now = time.time()
         self._round(
             screen, now + (self.deadline - now) * SCREEN_SHARE, self.timing.timed_s, self.timing.min_steps, True
         )
-        for index in screen:
-            if self.result(index) is None:
-                self._record(index, {"status": "not run", "error": "the budget ran out before it"})
+        self._mark_not_run(screen)
         finalists = self._finalists()
         if len(finalists) < 2:
             self.close_group()
@@ -107,13 +115,12 @@ class Search:
             f"confirming the plan's own choice and the {len(finalists) - 1} fastest "
             f"({', '.join(str(c.index) for c in finalists)}) with {CONFIRM_WINDOW}x longer windows"
         )
-        self._round(
-            list(self.confirmations.values()),
-            self.deadline,
-            self.timing.timed_s * CONFIRM_WINDOW,
-            self.timing.min_steps * CONFIRM_WINDOW,
-            False,
-        )
+        self._round(list(self.confirmations.values()), self.deadline, long_s, long_steps, False)
+
+    def _mark_not_run(self, indices: list[int]) -> None:
+        for index in indices:
+            if self.result(index) is None:
+                self._record(index, {"status": "not run", "error": "the budget ran out before it"})
 
     def _finalists(self) -> list:
         """The plan's own choice (if it ran) and the fastest others of the first round."""
