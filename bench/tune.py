@@ -99,12 +99,15 @@ for _ in range(args.steps * engine.gradient_accumulation_steps()):
 
 
 def deepspeed_autotuner(out: Path, preset: str, micro_batches: list[int]) -> dict:
-    """DeepSpeed's autotuner in fast mode (micro-batch only) over the same micro-batch sizes."""
+    """DeepSpeed's autotuner in fast mode (micro-batch only) over the same micro-batch sizes,
+    the global batch kept: given a list, it runs each (accumulation = the largest // it) after
+    a profiling run of the model. Given only a range, it derives its own list, which for the
+    demo is the largest alone (one experiment), not the space rigtrain's tune measures."""
     folder = out / "deepspeed-autotuner"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train_ds.py").write_text(USER_SCRIPT)
     config = {
-        "train_micro_batch_size_per_gpu": max(micro_batches),
+        "train_micro_batch_size_per_gpu": sorted(micro_batches),
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 3e-4}},
         "zero_optimization": {"stage": 1},
@@ -114,9 +117,6 @@ def deepspeed_autotuner(out: Path, preset: str, micro_batches: list[int]) -> dic
             "results_dir": str(folder / "results"),
             "exps_dir": str(folder / "exps"),
             "overwrite": True,
-            "min_train_micro_batch_size_per_gpu": min(micro_batches),
-            "max_train_micro_batch_size_per_gpu": max(micro_batches),
-            "num_tuning_micro_batch_sizes": len(micro_batches),
         },
     }
     (folder / "ds_config.json").write_text(json.dumps(config))
