@@ -418,6 +418,7 @@ def fake_nvml(gpus: int = 2):
     nvml.nvmlDeviceGetCount = lambda: gpus
     nvml.nvmlDeviceGetHandleByIndex = lambda i: ("gpu", i)
     nvml.nvmlDeviceGetName = lambda h: b"NVIDIA GeForce RTX 3090"
+    nvml.nvmlDeviceGetUUID = lambda h: f"GPU-{h[1]}c9a4e2f-71b3-4d2a-9e0f-5b6c7d8e9f0{h[1]}"
     nvml.nvmlDeviceGetMemoryInfo = lambda h: memory
     nvml.nvmlDeviceGetCudaComputeCapability = lambda h: (8, 6)
     nvml.nvmlDeviceGetCurrPcieLinkGeneration = lambda h: 4
@@ -462,11 +463,16 @@ def test_probe_reads_nvml(monkeypatch):
     assert (first.power.limit_w, first.power.max_limit_w, first.power.draw_w) == (350, 400, 31.5)
     assert first.throttle_reasons == () and second.throttle_reasons == ("sw_thermal",)
     assert first.p2p == (True, True) and first.nvlink == (False, False)
+    assert (first.uuid, second.uuid) == (
+        "GPU-0c9a4e2f-71b3-4d2a-9e0f-5b6c7d8e9f00",
+        "GPU-1c9a4e2f-71b3-4d2a-9e0f-5b6c7d8e9f01",
+    )
     assert rig.software["driver"] == "560.35.03" and "driver_cuda" not in rig.software  # unsupported: left out
     plan = plan_run(load_config("small"), rig, user_keys=set())
     assert {"pcie_narrow", "pcie_downtrained", "throttling"} <= codes(plan)
     # and the probe's rig is a valid rig file
-    assert rig_from_dict(json.loads(json.dumps(rig.to_dict()))).gpus[1].pcie.width == 4
+    again = rig_from_dict(json.loads(json.dumps(rig.to_dict())))
+    assert again.gpus[1].pcie.width == 4 and again.gpus[1].uuid == second.uuid
 
 
 def test_train_with_a_rig_file_of_another_machine_is_refused(tmp_path):

@@ -50,6 +50,7 @@ class Gpu:
     throttle_reasons: tuple[str, ...] = ()
     p2p: tuple[bool, ...] | None = None  # this GPU's row of the P2P matrix
     nvlink: tuple[bool, ...] | None = None
+    uuid: str | None = None  # "GPU-...", as nvidia-smi -L prints it and CUDA_VISIBLE_DEVICES accepts
 
     @property
     def free_gib(self) -> float:
@@ -70,6 +71,10 @@ class Disk:
     free_gib: float
 
 
+# Rig fields that describe where it was read, not the machine: never in a rig file
+ENVIRONMENT_FIELDS = ("source", "visible", "numbered_by_cuda")
+
+
 @dataclass(frozen=True)
 class Rig:
     gpus: tuple[Gpu, ...] = ()
@@ -81,6 +86,11 @@ class Rig:
     disk: tuple[Disk, ...] = ()
     software: dict | None = None
     source: str = "probe"  # "probe" or the rig file's path
+    # Facts about the environment, not the machine (never in a rig file): the GPUs the
+    # user's CUDA_VISIBLE_DEVICES leaves visible (rig/visible.py), and whether the GPUs'
+    # numbers are CUDA's own (the probe asked CUDA because NVML could not be read).
+    visible: tuple[int, ...] | None = None
+    numbered_by_cuda: bool = False
 
     @property
     def threads(self) -> int:
@@ -97,7 +107,8 @@ class Rig:
             return value
 
         out = clean(asdict(self))
-        out.pop("source", None)
+        for key in ENVIRONMENT_FIELDS:
+            out.pop(key, None)
         out["gpus"] = out.get("gpus", [])  # an empty list is a fact: a CPU-only machine
         if len(self.disk) == 1:
             out["disk"] = out["disk"][0]
@@ -126,7 +137,7 @@ def _number(
 def _object(where: str, name: str, value, cls) -> dict:
     if not isinstance(value, dict):
         raise _fail(where, name, f"must be an object with {', '.join(f.name for f in fields(cls))}")
-    known = {f.name for f in fields(cls)} - {"source"}
+    known = {f.name for f in fields(cls)} - set(ENVIRONMENT_FIELDS)
     for key in value:
         if key not in known:
             raise _fail(
@@ -192,6 +203,10 @@ def _gpu(where: str, index: int, value, count: int) -> Gpu:
         if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
             raise _fail(where, f"{name}.throttle_reasons", "must be a list of reason names")
         out["throttle_reasons"] = tuple(reasons)
+    if "uuid" in value:
+        if not isinstance(value["uuid"], str) or not value["uuid"].startswith("GPU-"):
+            raise _fail(where, f"{name}.uuid", 'must be the GPU\'s UUID as nvidia-smi -L prints it, "GPU-..."')
+        out["uuid"] = value["uuid"]
     for key in ("p2p", "nvlink"):
         if key in value:
             row = value[key]

@@ -29,6 +29,7 @@ from rigtrain.rig.budget import (
 from rigtrain.rig.choices import choose_precision, loader_workers, machines_reason
 from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.reasons import explain
+from rigtrain.rig.visible import chosen_gpus, cuda_device_list
 from rigtrain.rig.warnings import (
     RigWarning,
     bf16_gradients_warning,
@@ -94,12 +95,10 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     reasons = {"env.CUDA_DEVICE_ORDER": "GPU indices follow the PCI bus, as nvidia-smi numbers them"}
     if not rig.gpus:
         return _cpu_plan(rig, request, step_peak, hardware_warnings(rig, (), request.psu_w), reasons, env)
-    chosen = _chosen_gpus(rig, request.gpus)
+    chosen, chosen_how = chosen_gpus(rig, request.gpus)
     warnings = hardware_warnings(rig, chosen, request.psu_w)
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, chosen))
-    reasons["world_size"] = f"one process per GPU: {len(chosen)} GPU(s) " + (
-        "chosen by rig.gpus" if request.gpus else "found"
-    )
+    env["CUDA_VISIBLE_DEVICES"] = cuda_device_list(rig, chosen)
+    reasons["world_size"] = f"one process per GPU: {len(chosen)} GPU(s) {chosen_how}"
     if request.hosts:
         reasons["world_size"] = machines_reason(request.hosts, f"{len(chosen)} GPU(s)")
     cards = _cards(request, [rig.gpus[g] for g in chosen], step_peak, reasons, rig.software or {})
@@ -180,13 +179,6 @@ def _memory_breakdown(cards: CardBudget, total: dict, batch_bytes: int) -> dict:
     }
     memory["card_total_gib"] = total["total_gib"] + memory["fragmentation_gib"] + sum(cards.outside.values())
     return memory
-
-
-def _chosen_gpus(rig: Rig, wanted: tuple[int, ...]) -> tuple[int, ...]:
-    for g in wanted:
-        if g >= len(rig.gpus):
-            raise UserError(f"rig.gpus: GPU {g} does not exist; the rig has GPUs 0-{len(rig.gpus) - 1}")
-    return wanted or tuple(range(len(rig.gpus)))
 
 
 def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: dict, software: dict) -> CardBudget:

@@ -110,6 +110,7 @@ def probe_gpu(nvml, handle, index: int, handles: list) -> Gpu:
         throttle_reasons=reasons,
         p2p=p2p,
         nvlink=nvlink,
+        uuid=_text(uuid) if (uuid := _ask(getattr(nvml, "nvmlDeviceGetUUID", None), handle)) else None,
     )
 
 

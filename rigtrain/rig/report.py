@@ -53,6 +53,8 @@ def format_rig(rig: Rig) -> list[str]:
             )
         )
     lines += ["  " + line for line in _table(rows)]
+    if rig.visible is not None:
+        lines.append(f"  CUDA_VISIBLE_DEVICES leaves GPU(s) {', '.join(map(str, rig.visible))} visible to the run")
     if len(rig.gpus) > 1 and any(g.p2p is not None for g in rig.gpus):
         lines.append("  P2P (NVLink marked N):")
         header = ("", *[str(i) for i in range(len(rig.gpus))])

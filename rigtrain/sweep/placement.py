@@ -23,12 +23,13 @@ def trial_slots(rig: Rig, gpus_per_trial: int = 1) -> list[tuple[int, ...]]:
     time, all cores). Groups prefer cards linked to each other; cards left over are unused."""
     if not rig.gpus:
         return [()]
-    if gpus_per_trial > len(rig.gpus):
+    free = list(rig.visible if rig.visible is not None else range(len(rig.gpus)))
+    if gpus_per_trial > len(free):
+        left = " (CUDA_VISIBLE_DEVICES leaves that many visible)" if rig.visible is not None else ""
         raise UserError(
-            f"gpus_per_trial = {gpus_per_trial}, but this machine has {len(rig.gpus)} GPU(s); "
+            f"gpus_per_trial = {gpus_per_trial}, but this machine has {len(free)} GPU(s){left}; "
             f"lower gpus_per_trial in the sweep spec"
         )
-    free = list(range(len(rig.gpus)))
     slots = []
     while len(free) >= gpus_per_trial:
         group = [free.pop(0)]

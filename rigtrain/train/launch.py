@@ -151,10 +151,11 @@ def check_rig_file_matches(rig, rig_file: str | None) -> None:
         return
     import torch  # heavy: only on the paths that need it
 
-    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if len(rig.gpus) != here:
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0  # as CUDA_VISIBLE_DEVICES leaves them
+    described = len(rig.visible) if rig.visible is not None else len(rig.gpus)
+    if described != here:
         raise UserError(
-            f"--rig {rig_file} describes {len(rig.gpus)} GPU(s) but this machine has {here}; "
+            f"--rig {rig_file} describes {described} GPU(s) but this machine has {here}; "
             "to plan for another machine use `rigtrain rig --rig FILE`"
         )
 

@@ -12,6 +12,7 @@ from rigtrain.config import DataConfig, RunConfig
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
 from rigtrain.rig.step_memory import fake_step_peak_bytes
+from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted
 from rigtrain.train.measured_step import parameter_count, train_step_builder
 from rigtrain.train.memory_record import recalled, run_kind
 from rigtrain.train.step_peaks import measured
@@ -34,30 +35,40 @@ def config_value(config: RunConfig, key: str):
 
 def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Rig:
     """A rig file when given; otherwise the probe (NVML), completed from torch when NVML
-    cannot be read but CUDA works (a container without the NVML library)."""
+    cannot be read but CUDA works (a container without the NVML library). Either way with
+    the GPUs the user's CUDA_VISIBLE_DEVICES leaves visible (rig/visible.py)."""
     if rig_file:
-        return read_rig_file(rig_file)
-    from rigtrain.rig.probe import probe  # NVML and psutil: only without a rig file
+        rig = read_rig_file(rig_file)
+    else:
+        from rigtrain.rig.probe import probe  # NVML and psutil: only without a rig file
 
-    rig = probe(paths)
-    if not rig.gpus:
-        import torch  # heavy: only on the paths that need it
+        rig = probe(paths)
+        if not rig.gpus:
+            cuda = _gpus_from_cuda()
+            if cuda:  # CUDA applied CUDA_VISIBLE_DEVICES itself, and numbered what it left
+                return dataclasses.replace(rig, gpus=cuda, numbered_by_cuda=True)
+    return restricted(rig, os.environ.get(VARIABLE), os.environ.get("CUDA_DEVICE_ORDER"))
 
-        if torch.cuda.is_available():
-            gpus = []
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                free, total = torch.cuda.mem_get_info(i)
-                gpus.append(
-                    Gpu(
-                        name=p.name,
-                        memory_gib=round(total / 2**30, 2),
-                        memory_free_gib=round(free / 2**30, 2),
-                        compute_capability=(p.major, p.minor),
-                    )
-                )
-            rig = dataclasses.replace(rig, gpus=tuple(gpus))
-    return rig
+
+def _gpus_from_cuda() -> tuple[Gpu, ...]:
+    import torch  # heavy: only on the paths that need it
+
+    if not torch.cuda.is_available():
+        return ()
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        gpus.append(
+            Gpu(
+                name=p.name,
+                memory_gib=round(total / 2**30, 2),
+                memory_free_gib=round(free / 2**30, 2),
+                compute_capability=(p.major, p.minor),
+                uuid=f"GPU-{p.uuid}" if getattr(p, "uuid", None) else None,
+            )
+        )
+    return tuple(gpus)
 
 
 # DataConfig fields that do not change a step's tensors
@@ -148,9 +159,9 @@ def _measured_outside(
 ) -> float | None:
     """What an earlier run's first step measured beside the allocator on the card this plan
     is for (the one with the least free memory), for the same kind of run; None if none did."""
-    gpus = [g for i, g in enumerate(rig.gpus) if not wanted or i in wanted]
-    if not gpus:
+    if not rig.gpus:
         return None
+    gpus = [rig.gpus[i] for i in chosen_gpus(rig, wanted)[0]]
     world = sum(hosts) or len(gpus)
     kind = run_kind(
         card=min(gpus, key=lambda g: g.free_gib).name,

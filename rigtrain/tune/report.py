@@ -25,7 +25,8 @@ NOISE_MARGIN = 0.03
 
 def machine_key(preset: str, rig) -> str:
     """The same preset on the same cards and CPU: what a tune result is good for."""
-    cards = ",".join(g.name for g in rig.gpus) or "no GPU"
+    gpus = [rig.gpus[i] for i in rig.visible] if rig.visible is not None else rig.gpus
+    cards = ",".join(g.name for g in gpus) or "no GPU"
     return f"{preset} | {cards} | {rig.threads} threads"
 
 
