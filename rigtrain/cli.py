@@ -313,12 +313,14 @@ def cmd_rig(args: argparse.Namespace) -> int:
     from rigtrain.config import load_config
     from rigtrain.config.loading import user_keys
     from rigtrain.rig.report import format_report
-    from rigtrain.train.planning import machine_rig, plan_run
+    from rigtrain.train.planning import machine_rig, plan_run, with_user_environment
 
     rig = machine_rig(["."], args.rig)
     preset = args.preset or ("small" if rig.gpus else "demo")
     config = load_config(preset, args.config, args.overrides)
     plan = plan_run(config, rig, user_keys=user_keys(args.config, args.overrides), psu_w=args.psu_watts)
+    if not args.rig:  # this machine, as a run started here would get it
+        plan = with_user_environment(plan)
     if args.psu_watts:
         import dataclasses
 

@@ -108,10 +108,12 @@ def isolated_cache(tmp_path_factory):
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        # A process the plan gives every core (a fresh worker rank, a tune group, a sweep
-        # trial) shares them with the other worker's tests: CPU threads that spin while
-        # they wait at each op's end then burn the core their sibling needs. Measured with
-        # the other core busy: 30 tiny-model steps on 2 threads in 11.1 s spinning, 4.4 s
+        # The processes a test starts (a rank, a tune group, a sweep trial) inherit this
+        # share, since a thread count set in the environment wins over the plan's, as a
+        # user's does; with plan_threads=True a command gets the plan's (every core), and
+        # then shares the cores with the other workers' tests: CPU threads that spin while
+        # they wait at each op's end burn the core their sibling needs. Measured with the
+        # other core busy: 30 tiny-model steps on 2 threads in 11.1 s spinning, 4.4 s
         # sleeping (PASSIVE), 3.6 s on 1 thread. Without a GPU or other load a user's run
         # keeps libgomp's default.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -1,6 +1,8 @@
 """Launch decisions from rig facts (no process is started here): devices, world size,
 precision, environment and loader threads, as the planner makes them for train."""
 
+from pathlib import Path
+
 import pytest
 
 from rigtrain.config import load_config
@@ -82,3 +84,22 @@ def test_deepspeed_config_carries_the_buckets_the_planner_counts():
     zero = deepspeed_config(load_config("base", overrides=["train.zero_stage=3"]), "bf16", 2)["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == BUCKET_ELEMENTS
     assert zero["stage3_max_live_parameters"] == 2 * BUCKET_ELEMENTS
+
+
+def test_the_users_thread_count_and_p2p_setting_win_over_the_plans():
+    """As with torchrun: OMP_NUM_THREADS or NCCL_P2P_DISABLE set in the user's environment is
+    what the run gets, and the plan says so beside what it would have set (tests/test_train.py
+    starts a run with it)."""
+    from rigtrain.rig.facts import read_rig_file
+    from rigtrain.train.planning import with_user_environment
+
+    two = plan(CPU_BOX, overrides=["train.nproc=2"])  # the plan: one thread per process
+    mine = with_user_environment(two, {"OMP_NUM_THREADS": "2", "NCCL_P2P_DISABLE": "0"})
+    assert mine.env["OMP_NUM_THREADS"] == "2" and "NCCL_P2P_DISABLE" not in mine.env  # the plan set no P2P here
+    assert mine.reasons["env.OMP_NUM_THREADS"].startswith("set in your environment (the plan would set 1: 2 hardware")
+    no_p2p = plan(read_rig_file(Path(__file__).parent / "rigs" / "four_4090_no_p2p.json"), preset="small")
+    assert no_p2p.env["NCCL_P2P_DISABLE"] == "1"
+    kept = with_user_environment(no_p2p, {"NCCL_P2P_DISABLE": "0", "CUDA_VISIBLE_DEVICES": "1"})
+    assert kept.env["NCCL_P2P_DISABLE"] == "0" and "set in your environment" in kept.reasons["env.NCCL_P2P_DISABLE"]
+    assert kept.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # the selection is machine_rig's (rig/visible.py)
+    assert with_user_environment(plan(CPU_BOX), {}).env["OMP_NUM_THREADS"] == "2"  # nothing set: the plan's

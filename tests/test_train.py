@@ -280,16 +280,23 @@ def test_a_loss_that_stays_nan_stops_the_run_at_a_logging_step(tmp_path, demo_da
     assert rows[-1]["step"] % 5 == 0 and rows[-1]["nonfinite_steps"] >= 5
 
 
-def test_a_cpu_run_needs_no_cpp_compiler_and_builds_nothing(tmp_path, demo_data):
+def test_a_cpu_run_needs_no_cpp_compiler_and_keeps_the_users_thread_count(tmp_path, demo_data):
     """DeepSpeed's CPU process group would compile a C++ shared-memory all-reduce (used only
     by its inference) as it starts: 25 s on a first run, and a build error where no compiler
-    is installed. A run whose PATH has no compiler (nor ninja) trains, and nothing is built."""
+    is installed. A run whose PATH has no compiler (nor ninja) trains, and nothing is built.
+    The same run was started with OMP_NUM_THREADS=1 (the plan gives one process every core):
+    the user's value wins, as with torchrun, and the plan records it (tests/test_launch.py)."""
     extensions = tmp_path / "torch_extensions"
     no_compiler = tmp_path / "bin"
     no_compiler.mkdir()
+    run = tmp_path / "run"
     result = run_cli(
-        "train", "--out", str(tmp_path / "run"), "--steps", "2", "--set", *TINY_MODEL, "eval.during_training=false",
-        env_extra={"PATH": str(no_compiler), "TORCH_EXTENSIONS_DIR": str(extensions)},
+        "train", "--out", str(run), "--steps", "2", "--set", *TINY_MODEL, "eval.during_training=false",
+        env_extra={"PATH": str(no_compiler), "TORCH_EXTENSIONS_DIR": str(extensions), "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert not extensions.exists()
+    planned = json.loads((run / "config.json").read_text())["plan"]
+    assert planned["env"]["OMP_NUM_THREADS"] == "1"
+    if (os.cpu_count() or 1) > 1:  # the plan would have given this one process every core
+        assert planned["reasons"]["env.OMP_NUM_THREADS"].startswith("set in your environment (the plan would set")

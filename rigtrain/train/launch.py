@@ -231,6 +231,7 @@ def _train_locked(
         apply_plan,
         machine_rig,
         plan_run,
+        with_user_environment,
     )  # torch: after the checks a user can fail
 
     initial, heldout = _carried_over(run_dir, resume, init_from)  # --init-from checked before the data is made
@@ -251,6 +252,7 @@ def _train_locked(
     backed_off: list[int] = []
     while True:
         plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
+        plan = with_user_environment(plan)
         config = apply_plan(config, plan)
         clips, split = check_data(data_dir, config, plan.world_size, heldout)
         extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}}

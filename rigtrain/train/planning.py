@@ -174,6 +174,27 @@ def _measured_outside(
     return None if record is None else record["outside_allocator_gib"]
 
 
+# Variables the plan sets that a user may have set on purpose (a thread count for a shared
+# machine, P2P back on for a board they know): as with torchrun and DeepSpeed's launcher,
+# the user's value wins, and the plan says so beside its own. The GPU selection is not one
+# of them: the plan already follows the user's CUDA_VISIBLE_DEVICES (rig/visible.py) and
+# hands it on in the bus order it sets.
+USER_ENVIRONMENT_WINS = ("OMP_NUM_THREADS", "NCCL_P2P_DISABLE")
+
+
+def with_user_environment(plan: Plan, environ=None) -> Plan:
+    """The plan as a run started from this environment gets it (train, tune and `rigtrain
+    rig` of this machine; a plan for a rig file of another machine is left as planned)."""
+    environ = os.environ if environ is None else environ
+    for key in USER_ENVIRONMENT_WINS:
+        planned, yours = plan.env.get(key), environ.get(key)
+        if planned is not None and yours is not None and yours != planned:
+            why = plan.reasons.get(f"env.{key}", "")
+            plan.env[key] = yours
+            plan.reasons[f"env.{key}"] = f"set in your environment (the plan would set {planned}: {why})"
+    return plan
+
+
 def apply_plan(config: RunConfig, plan: Plan) -> RunConfig:
     """The config with the plan's choices (keys the user set are already the plan's)."""
     model = dataclasses.replace(config.model, activation_checkpointing=plan.activation_checkpointing)

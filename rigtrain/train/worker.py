@@ -19,8 +19,9 @@ OOM_MARKER = "oom.json"
 def apply_plan_env(run_dir: Path) -> None:
     """The plan's environment (NCCL settings, device order, CPU threads), set here as well
     as by the launcher, because DeepSpeed's multi-node launcher forwards only some variables
-    to other machines. Values already set (by the launcher or the user) win, and the GPU
-    selection is left to the launcher."""
+    to other machines. Values already set (by the launcher, or by the user on that machine)
+    win, and the GPU selection is left to the launcher. The plan already holds the user's
+    own values where theirs win (train/planning.py, with_user_environment)."""
     plan_env = json.loads((run_dir / "config.json").read_text())["plan"]["env"]
     for key, value in plan_env.items():
         if key != "CUDA_VISIBLE_DEVICES":

@@ -189,11 +189,12 @@ def _options(base: dict, plan, rig: Rig, fixed: set[str], clips_per_step: int) -
 def planned_candidate(config: RunConfig, rig: Rig, values: dict, keys: set[str], psu_w, facts: SpeedFacts) -> Candidate:
     """A candidate planned like a run with these keys set: its memory against the card (or
     the RAM), and its predicted step time."""
-    from rigtrain.train.planning import apply_plan, plan_run  # torch: imported once candidates are planned
+    # torch: imported once candidates are planned
+    from rigtrain.train.planning import apply_plan, plan_run, with_user_environment
 
     wanted = with_values(config, values)
     try:
-        plan = plan_run(wanted, rig, user_keys=keys, psu_w=psu_w)
+        plan = with_user_environment(plan_run(wanted, rig, user_keys=keys, psu_w=psu_w))
     except UserError as err:  # a combination DeepSpeed or the planner refuses
         return Candidate(0, values, values["train.nproc"], pruned=f"not plannable: {err}")
     world = plan.world_size
