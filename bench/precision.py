@@ -30,6 +30,28 @@ from pathlib import Path
 # optimizer wrapper, so its distance from fp32 ZeRO-1 is what last-bit differences alone do
 # to the demo over these steps.
 RUNS = (("fp32", 1), ("fp32", 0), ("bf16", 0), ("bf16", 1), ("bf16", 3))
+# With --rounded-init, a second control: fp32 at ZeRO-1 from the initial weights rounded to
+# bf16 and back. A bf16 run starts there (DeepSpeed casts the module to bf16 and makes the
+# fp32 master weights from that), so this run's distance from fp32 is what that one rounding
+# alone does to the demo, with every later step computed in fp32.
+ROUNDED_INIT = ("fp32-bf16init", 1)
+# `rigtrain train` in this process (one process on the CPU trains in-process) with the model
+# builder wrapped to round the initial weights; it says so, and the bench checks it did.
+ROUNDED_TRAIN = """
+import sys, torch
+import rigtrain.train.trainer as trainer
+from rigtrain.cli import main
+build = trainer.build_model
+def rounded(*args):
+    model = build(*args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    print("bench: initial weights rounded to bf16", file=sys.stderr, flush=True)
+    return model
+trainer.build_model = rounded
+sys.exit(main(sys.argv[1:]))
+"""
 EVAL_KEYS = ("knn_shape_top1", "knn_colour_top1", "knn_direction_top1", "t2v_r5")
 
 
@@ -46,17 +68,17 @@ def train(out: Path, precision: str, stage: int, seed: int, steps: int) -> dict:
     started = time.perf_counter()
     if not _finished(out, steps):
         shutil.rmtree(out, ignore_errors=True)
+        launcher = ["-c", ROUNDED_TRAIN] if precision == ROUNDED_INIT[0] else ["-m", "rigtrain"]
         command = [
             sys.executable,
-            "-m",
-            "rigtrain",
+            *launcher,
             "train",
             "--out",
             str(out),
             "--steps",
             str(steps),
             "--set",
-            f"train.precision={precision}",
+            f"train.precision={'fp32' if precision == ROUNDED_INIT[0] else precision}",
             f"train.zero_stage={stage}",
             f"train.seed={seed}",
             f"train.ckpt_every={steps}",
@@ -64,6 +86,8 @@ def train(out: Path, precision: str, stage: int, seed: int, steps: int) -> dict:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        if precision == ROUNDED_INIT[0] and "initial weights rounded" not in result.stderr:
+            raise SystemExit(f"{out}: the run did not build its model in this process; nothing was rounded")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tail = [r["loss"] for r in rows if r["step"] > steps - 50]
     last_eval = json.loads((out / "eval.json").read_text())
@@ -86,12 +110,16 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--rounded-init", action="store_true", help="add fp32 ZeRO-1 from the initial weights rounded to bf16"
+    )
     args = parser.parse_args()
+    kinds = RUNS + ((ROUNDED_INIT,) if args.rounded_init else ())
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rigtrain-precision-"))
     runs = []
     for seed in args.seeds:
-        for precision, stage in RUNS:
+        for precision, stage in kinds:
             out = root / f"{precision}-zero{stage}-seed{seed}"
             runs.append(train(out, precision, stage, seed, args.steps))
             if not args.json:
@@ -106,7 +134,7 @@ def main() -> int:
         ref = reference[r["seed"]]
         r["loss_vs_fp32"] = r["loss_last50"] / ref["loss_last50"] - 1
     summary = {}
-    for precision, stage in RUNS:
+    for precision, stage in kinds:
         mine = [r for r in runs if (r["precision"], r["zero_stage"]) == (precision, stage)]
         summary[f"{precision}-zero{stage}"] = {
             "loss_last50_mean": statistics.fmean(r["loss_last50"] for r in mine),
@@ -118,19 +146,19 @@ def main() -> int:
         print(json.dumps(report, indent=1))
         return 0
     print(f"demo, {args.steps} steps, seeds {' '.join(map(str, args.seeds))}; loss = mean of the last 50 steps")
-    header = f"{'run':<14}{'seed':>5}{'loss':>8}{'vs fp32':>9}" + "".join(
+    header = f"{'run':<20}{'seed':>5}{'loss':>8}{'vs fp32':>9}" + "".join(
         f"{k.replace('_top1', ''):>16}" for k in EVAL_KEYS
     )
     print(header)
     for r in runs:
         print(
-            f"{r['precision'] + '-zero' + str(r['zero_stage']):<14}{r['seed']:>5}{r['loss_last50']:>8.3f}"
+            f"{r['precision'] + '-zero' + str(r['zero_stage']):<20}{r['seed']:>5}{r['loss_last50']:>8.3f}"
             f"{r['loss_vs_fp32']:>+9.1%}" + "".join(f"{r['eval'][k]:>16.3f}" for k in EVAL_KEYS)
         )
     print("mean over seeds")
     for name, s in summary.items():
         print(
-            f"{name:<14}{'':>5}{s['loss_last50_mean']:>8.3f}{s['loss_vs_fp32_mean']:>+9.1%}"
+            f"{name:<20}{'':>5}{s['loss_last50_mean']:>8.3f}{s['loss_vs_fp32_mean']:>+9.1%}"
             + "".join(f"{s[k]:>16.3f}" for k in EVAL_KEYS)
         )
     print(json.dumps({"summary": summary}))
