@@ -4,8 +4,10 @@ loss and the held-out evaluation side by side.
 
     python bench/precision.py                       # 600 steps, seeds 0 1: about 30 min on 2 idle cores
     python bench/precision.py --steps 150 --seeds 0 --json
+    python bench/precision.py --rounded-init        # and fp32 from the weights a bf16 run starts from
 
-fp32 at ZeRO-0 runs beside them as a control. Each run's folder is kept under --out, and
+fp32 at ZeRO-0 runs beside them as a control; with --rounded-init, so does fp32 ZeRO-1 from
+the initial weights rounded to bf16 (see ROUNDED_INIT). Each run's folder is kept under --out, and
 running the bench again with the same --out reuses the runs it finished. The loss compared is the mean of the last 50
 steps' logged losses (one logged step is noisy:
 contrastive losses jump between batches), for each bf16 run against the fp32 run of the same
