@@ -108,14 +108,14 @@ def isolated_cache(tmp_path_factory):
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        # The processes a test starts (a rank, a tune group, a sweep trial) inherit this
-        # share, since a thread count set in the environment wins over the plan's, as a
-        # user's does; with plan_threads=True a command gets the plan's (every core), and
-        # then shares the cores with the other workers' tests: CPU threads that spin while
-        # they wait at each op's end burn the core their sibling needs. Measured with the
+        # A command a test runs (run_cli) gets the plan's threads, every core, as a user's
+        # run would (a thread count left in its environment would win over the plan's), and
+        # shares the cores with the other workers' tests: CPU threads that spin while they
+        # wait at each op's end then burn the core their sibling needs. Measured with the
         # other core busy: 30 tiny-model steps on 2 threads in 11.1 s spinning, 4.4 s
-        # sleeping (PASSIVE), 3.6 s on 1 thread. Without a GPU or other load a user's run
-        # keeps libgomp's default.
+        # sleeping (PASSIVE), 3.6 s on 1 thread. Giving commands this worker's share
+        # instead made the suite slower (585 s against 501 s of pytest, fresh clones an
+        # hour apart). Without a GPU or other load a user's run keeps libgomp's default.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     yield cache
     for key, value in saved.items():
@@ -209,20 +209,21 @@ def run_cli(
     *args: str,
     timeout: float = 600,
     cwd: Path | None = None,
-    plan_threads: bool = False,
     fresh: bool = False,
     env_extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`rigtrain ARGS` as a user runs it, in its own process: forked from one that has
     already imported torch and DeepSpeed (tests/preloaded_cli.py says what that saves and
-    what it does not prove), or with fresh=True a new interpreter. plan_threads: with the
-    CPU threads the plan gives a user's run (all the cores), not this worker's share.
-    env_extra: variables added to the command's environment (fault injection)."""
-    env = {**os.environ, **(env_extra or {})}
-    if plan_threads:
-        env.pop("OMP_NUM_THREADS", None)
-        if USERS_THREADS is not None:
-            env["OMP_NUM_THREADS"] = USERS_THREADS
+    what it does not prove), or with fresh=True a new interpreter. The command gets the CPU
+    threads the plan gives a user's run (all the cores), not this worker's share, unless
+    env_extra sets OMP_NUM_THREADS: a thread count in the environment wins over the plan's,
+    as a user's does. env_extra: variables added to the command's environment (fault
+    injection, a user's settings)."""
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if USERS_THREADS is not None:
+        env["OMP_NUM_THREADS"] = USERS_THREADS
+    env.update(env_extra or {})
     if fresh or FRESH:
         return subprocess.run(
             [sys.executable, "-m", "rigtrain", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env

@@ -11,8 +11,8 @@ GOLDEN = Path(__file__).parent / "golden" / "demo_loss.json"
 pytestmark = pytest.mark.slow
 
 
-def train(out: Path, *args: str, timeout: float = 600, plan_threads: bool = False):
-    result = run_cli("train", "--out", str(out), *args, timeout=timeout, plan_threads=plan_threads)
+def train(out: Path, *args: str, timeout: float = 600):
+    result = run_cli("train", "--out", str(out), *args, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -106,8 +106,8 @@ def test_resume_continues_exactly(tmp_path, demo_data):
         "train.micro_batch_size=8",
     ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train(straight, *common, plan_threads=True)
-    train(crashed, *common, plan_threads=True)
+    train(straight, *common)
+    train(crashed, *common)
     assert same_weights(straight / "checkpoints" / "step00000005", crashed / "checkpoints" / "step00000005")
     assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(crashed)]
     # the crash: the step-10 checkpoint never got its completion mark, and metrics.jsonl
@@ -115,7 +115,7 @@ def test_resume_continues_exactly(tmp_path, demo_data):
     (crashed / "checkpoints" / "step00000010" / "complete.json").unlink()
     for line in (crashed / "metrics.jsonl").read_text().splitlines()[5:]:
         assert json.loads(line)["step"] > 5
-    result = train(crashed, "--resume", plan_threads=True)
+    result = train(crashed, "--resume")
     assert "resuming at step 5/10" in result.stdout
     a, b = metrics(straight), metrics(crashed)
     assert [r["step"] for r in b] == list(range(1, 11))
