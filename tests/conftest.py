@@ -113,9 +113,11 @@ def isolated_cache(tmp_path_factory):
         # shares the cores with the other workers' tests: CPU threads that spin while they
         # wait at each op's end then burn the core their sibling needs. Measured with the
         # other core busy: 30 tiny-model steps on 2 threads in 11.1 s spinning, 4.4 s
-        # sleeping (PASSIVE), 3.6 s on 1 thread. Giving commands this worker's share
-        # instead made the suite slower (585 s against 501 s of pytest, fresh clones an
-        # hour apart). Without a GPU or other load a user's run keeps libgomp's default.
+        # sleeping (PASSIVE), 3.6 s on 1 thread. (Whether commands run faster here on this
+        # worker's share is not settled: fresh-clone suites an hour apart measured 501 s
+        # with the plan's threads and 547-607 s with the share or again with the plan's,
+        # while the machine itself slowed by half.) Without a GPU or other load a user's
+        # run keeps libgomp's default.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     yield cache
     for key, value in saved.items():
