@@ -80,6 +80,11 @@ def restricted(rig: Rig, value: str | None, device_order: str | None) -> Rig:
     return dataclasses.replace(rig, visible=visible)
 
 
+def visible_indices(rig: Rig) -> tuple[int, ...]:
+    """The rig's GPUs a run here may use: those CUDA_VISIBLE_DEVICES left, else every one."""
+    return rig.visible if rig.visible is not None else tuple(range(len(rig.gpus)))
+
+
 def chosen_gpus(rig: Rig, wanted: tuple[int, ...]) -> tuple[tuple[int, ...], str]:
     """The GPUs a run uses and what chose them: `rig.gpus`, CUDA_VISIBLE_DEVICES, or all."""
     for g in wanted:
@@ -87,9 +92,7 @@ def chosen_gpus(rig: Rig, wanted: tuple[int, ...]) -> tuple[tuple[int, ...], str
             raise UserError(f"rig.gpus: GPU {g} does not exist; the rig has GPUs 0-{len(rig.gpus) - 1}")
     if wanted:
         return wanted, "chosen by rig.gpus"
-    if rig.visible is not None:
-        return rig.visible, f"left visible by {VARIABLE}"
-    return tuple(range(len(rig.gpus))), "found"
+    return visible_indices(rig), f"left visible by {VARIABLE}" if rig.visible is not None else "found"
 
 
 def cuda_device_list(rig: Rig, chosen: tuple[int, ...]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from rigtrain.errors import UserError
 from rigtrain.rig.facts import Rig
+from rigtrain.rig.visible import visible_indices
 
 
 def _linked(rig: Rig, a: int, b: int) -> bool:
@@ -23,7 +24,7 @@ def trial_slots(rig: Rig, gpus_per_trial: int = 1) -> list[tuple[int, ...]]:
     time, all cores). Groups prefer cards linked to each other; cards left over are unused."""
     if not rig.gpus:
         return [()]
-    free = list(rig.visible if rig.visible is not None else range(len(rig.gpus)))
+    free = list(visible_indices(rig))
     if gpus_per_trial > len(free):
         left = " (CUDA_VISIBLE_DEVICES leaves that many visible)" if rig.visible is not None else ""
         raise UserError(

@@ -21,6 +21,7 @@ from rigtrain.config import RunConfig, build_config, load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
+from rigtrain.rig.visible import visible_indices
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, start_processes
 from rigtrain.train.resuming import resume_changes
@@ -152,7 +153,7 @@ def check_rig_file_matches(rig, rig_file: str | None) -> None:
     import torch  # heavy: only on the paths that need it
 
     here = torch.cuda.device_count() if torch.cuda.is_available() else 0  # as CUDA_VISIBLE_DEVICES leaves them
-    described = len(rig.visible) if rig.visible is not None else len(rig.gpus)
+    described = len(visible_indices(rig))
     if described != here:
         raise UserError(
             f"--rig {rig_file} describes {described} GPU(s) but this machine has {here}; "

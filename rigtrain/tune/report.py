@@ -14,6 +14,7 @@ from pathlib import Path
 import xxhash
 
 from rigtrain.files import write_json
+from rigtrain.rig.visible import visible_indices
 from rigtrain.tune.candidates import TUNED_KEYS
 
 TUNED_FILE = "tuned.toml"
@@ -25,8 +26,7 @@ NOISE_MARGIN = 0.03
 
 def machine_key(preset: str, rig) -> str:
     """The same preset on the same cards and CPU: what a tune result is good for."""
-    gpus = [rig.gpus[i] for i in rig.visible] if rig.visible is not None else rig.gpus
-    cards = ",".join(g.name for g in gpus) or "no GPU"
+    cards = ",".join(rig.gpus[i].name for i in visible_indices(rig)) or "no GPU"
     return f"{preset} | {cards} | {rig.threads} threads"
 
 
