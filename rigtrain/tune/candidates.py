@@ -167,10 +167,12 @@ def _options(base: dict, plan, rig: Rig, fixed: set[str], clips_per_step: int) -
         for (micro, accum), stage, ckpt, offload, loader, compile_ in itertools.product(
             ladder, stages, checkpointing, offloads, workers, compiled
         ):
-            if offload == "cpu" and not (gpu and ckpt and (stage >= 1)):
-                continue  # the planner offloads only once checkpointing is on, from ZeRO-1 up
+            if offload == "cpu" and not (gpu and ckpt):
+                continue  # the planner offloads only once checkpointing is on
             if offload == "cpu" and stage < 2 and world == 1:
                 stage = 2  # DeepSpeed's offload path on one GPU, as the planner takes it
+            if offload == "cpu" and stage == 0:
+                continue  # DeepSpeed offloads from ZeRO-1 up
             out.append(
                 {
                     "train.nproc": world if not gpu else base["train.nproc"],
