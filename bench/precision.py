@@ -4,10 +4,11 @@ loss and the held-out evaluation side by side.
 
     python bench/precision.py                       # 600 steps, seeds 0 1: about 30 min on 2 idle cores
     python bench/precision.py --steps 150 --seeds 0 --json
-    python bench/precision.py --rounded-init        # and fp32 from the weights a bf16 run starts from
+    python bench/precision.py --rounded-init        # and fp32 from the weights rounded to bf16 once
 
-fp32 at ZeRO-0 runs beside them as a control; with --rounded-init, so does fp32 ZeRO-1 from
-the initial weights rounded to bf16 (see ROUNDED_INIT). Each run's folder is kept under --out, and
+bf16 is the plan's bf16: fp32 weights under autocast (docs/training.md, "Precision"). fp32
+at ZeRO-0 runs beside them as a control; with --rounded-init, so does fp32 ZeRO-1 from the
+initial weights rounded to bf16 (see ROUNDED_INIT). Each run's folder is kept under --out, and
 running the bench again with the same --out reuses the runs it finished. The loss compared is the mean of the last 50
 steps' logged losses (one logged step is noisy:
 contrastive losses jump between batches), for each bf16 run against the fp32 run of the same
@@ -33,9 +34,9 @@ from pathlib import Path
 # to the demo over these steps.
 RUNS = (("fp32", 1), ("fp32", 0), ("bf16", 0), ("bf16", 1), ("bf16", 3))
 # With --rounded-init, a second control: fp32 at ZeRO-1 from the initial weights rounded to
-# bf16 and back. A bf16 run starts there (DeepSpeed casts the module to bf16 and makes the
-# fp32 master weights from that), so this run's distance from fp32 is what that one rounding
-# alone does to the demo, with every later step computed in fp32.
+# bf16 and back, every later step in fp32. Its distance from fp32 is what one perturbation
+# of bf16's size does to the demo: how finely the demo's final loss can tell two runs apart.
+# (DeepSpeed's bf16 section, which rigtrain used before autocast, started every run there.)
 ROUNDED_INIT = ("fp32-bf16init", 1)
 # `rigtrain train` in this process (one process on the CPU trains in-process) with the model
 # builder wrapped to round the initial weights; it says so, and the bench checks it did.

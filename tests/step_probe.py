@@ -5,7 +5,8 @@ the next step and print one JSON line:
 
 - syncs: the ops in that step that make the host wait for the device (`.item()`,
   `nonzero`, ...), split into those inside DeepSpeed's optimizer step and the rest;
-- the dtypes the optimizer keeps: its master weights and where gradients accumulate.
+- the dtypes the optimizer keeps: its master weights and where gradients accumulate;
+- the output dtypes of the step's matmuls (bf16 under autocast) and of a contrastive head.
 
     python tests/step_probe.py RUN_DIR
 """
@@ -47,6 +48,30 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# The matmul-like ops whose output dtype says whether autocast ran them in bf16.
+MATMUL_OPS = (
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_efficient_attention_forward",
+)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name.split("::")[-1] in MATMUL_OPS:
+            first = out[0] if isinstance(out, tuple) else out
+            self.counts[str(first.dtype)] = self.counts.get(str(first.dtype), 0) + 1
+        return out
+
+
 def main(run: Path) -> None:
     record = json.loads((run / "config.json").read_text())
     record["config"]["train"].update(steps=10, log_every=100)  # the measured step is not a logging step
@@ -76,8 +101,12 @@ def main(run: Path) -> None:
                 counter.where = "step"
 
         trainer.engine.step = counted_step
-        with counter:
+        matmuls = MatmulDtypes()
+        head_dtypes = []
+        hook = trainer.engine.module.video_to_va.register_forward_hook(lambda m, i, o: head_dtypes.append(str(o.dtype)))
+        with counter, matmuls:
             trainer.train_step()
+        hook.remove()
         optimizer = trainer.engine.optimizer
         masters = (
             getattr(optimizer, "fp32_groups_flat_partition", None)
@@ -98,6 +127,8 @@ def main(run: Path) -> None:
             "master_dtypes": sorted({str(m.dtype) for m in masters}),
             "grad_accumulation_dtype": str(accumulation),
             "running_mean_dtype": str(trainer.engine.module.mean_video_va.dtype),
+            "matmul_output_dtypes": matmuls.counts,
+            "head_output_dtype": head_dtypes[0],
         }
         print("PROBE " + json.dumps(out), flush=True)
     finally:

@@ -7,8 +7,9 @@ syncs. These do, without a GPU:
   caching allocator plan per shape; a shape that follows the data re-plans every step);
 - the step makes no host sync outside DeepSpeed's optimizer step, and DeepSpeed's own are
   counted;
-- bf16 keeps fp32 master weights, fp32 gradient accumulation and fp32 running means on the
-  stages the plan picks, and fp16 is configured with dynamic loss scaling;
+- bf16 trains fp32 weights under autocast at every ZeRO stage, with fp32 gradients, fp32
+  running means and float32 contrastive heads and losses, and fp16 is configured with
+  dynamic loss scaling;
 - fp32 and bf16 at ZeRO-1 and ZeRO-3 each train, resume, evaluate and profile.
 """
 
@@ -94,11 +95,12 @@ def probe(run: Path) -> dict:
     return json.loads(lines[0][len("PROBE ") :])
 
 
-# What DeepSpeed's optimizer must keep at each (precision, ZeRO stage) the plan can pick:
-# fp32 master weights and fp32 gradient accumulation whatever the module's dtype.
+# DeepSpeed's optimizer at each (precision, ZeRO stage): bf16 takes the same ones as fp32,
+# since its weights are fp32 (autocast computes in bf16); ZeRO-0 steps ours (AdamW) as is.
 OPTIMIZER = {
     ("fp32", 1): "DeepSpeedZeroOptimizer",
-    ("bf16", 1): "BF16_Optimizer",
+    ("bf16", 0): "AdamW",
+    ("bf16", 1): "DeepSpeedZeroOptimizer",
     ("bf16", 2): "DeepSpeedZeroOptimizer",
     ("fp32", 3): "DeepSpeedZeroOptimizer_Stage3",
     ("bf16", 3): "DeepSpeedZeroOptimizer_Stage3",
@@ -108,27 +110,36 @@ OPTIMIZER = {
 def check_step_syncs_and_precision(run: Path, precision: str, stage: int) -> None:
     """A real Trainer's step on the run's checkpoint (tests/step_probe.py): no host sync
     outside DeepSpeed's optimizer step (which checks the gradient norm for inf/NaN and clips
-    it, a read-back each: counted, at most 4), and in bf16 fp32 master weights and fp32
-    gradient accumulation, with the running means kept fp32."""
+    it, a read-back each: counted, at most 4); fp32 weights, optimizer copies, gradients
+    and running means whatever the precision, and in bf16 the step's matmuls in bf16
+    (autocast) but its contrastive heads in float32."""
     found = probe(run)
     outside = {k: v for k, v in found["syncs"].items() if not k.startswith("optimizer:")}
     assert outside == {}, found["syncs"]
     assert sum(found["syncs"].values()) <= 4, found["syncs"]
     assert found["optimizer"] == OPTIMIZER[precision, stage]
-    assert found["module_dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
+    assert found["module_dtype"] == "torch.float32"
     assert found["master_dtypes"] == ["torch.float32"] and found["grad_accumulation_dtype"] == "torch.float32"
     assert found["running_mean_dtype"] == "torch.float32"
+    matmuls = found["matmul_output_dtypes"]
+    if precision == "bf16":
+        assert matmuls["torch.bfloat16"] > 10 * matmuls.get("torch.float32", 0), matmuls  # the encoder's
+        assert found["head_output_dtype"] == "torch.float32"
+    else:
+        assert set(matmuls) == {"torch.float32"}, matmuls
 
 
 @pytest.mark.slow
-def test_bf16_at_zero2_steps_without_syncs_and_keeps_fp32(tmp_path, demo_data):
-    """ZeRO-2, which test_train_resume_eval_profile does not run: one step, then the probe."""
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_at_zero0_and_zero2_steps_without_syncs_and_keeps_fp32(tmp_path, demo_data, stage):
+    """ZeRO-0 (what the plan takes on one GPU) and ZeRO-2, which test_train_resume_eval_profile
+    does not run: one step, then the probe."""
     run = tmp_path / "run"
     made = run_cli(
-        "train", "--out", str(run), "--steps", "1", "--set", "train.precision=bf16", "train.zero_stage=2", *TINY
+        "train", "--out", str(run), "--steps", "1", "--set", "train.precision=bf16", f"train.zero_stage={stage}", *TINY
     )
     assert made.returncode == 0, made.stderr[-3000:]
-    check_step_syncs_and_precision(run, "bf16", 2)
+    check_step_syncs_and_precision(run, "bf16", stage)
 
 
 def test_deepspeed_config_per_precision():
@@ -137,28 +148,44 @@ def test_deepspeed_config_per_precision():
     config = load_config("demo", overrides=["train.zero_stage=1"])
     fp16 = deepspeed_config(config, "fp16", 1)
     assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic scaling
-    assert not fp16["bf16"]["enabled"] and "data_types" not in fp16
-    bf16 = deepspeed_config(config, "bf16", 1)
-    assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"]
-    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}  # DeepSpeed's BF16_Optimizer
-    for stage in (2, 3):  # ZeRO's own optimizers, with an fp32 accumulation buffer
+    assert not fp16["bf16"]["enabled"] and "torch_autocast" not in fp16
+    for stage in (0, 1, 2, 3):  # bf16: autocast over fp32 weights, never DeepSpeed's bf16 module
         config = load_config("demo", overrides=[f"train.zero_stage={stage}"])
-        assert deepspeed_config(config, "bf16", 1)["data_types"] == {"grad_accum_dtype": "fp32"}
-    assert "data_types" not in deepspeed_config(load_config("demo", overrides=["train.zero_stage=0"]), "bf16", 1)
-    offload = deepspeed_config(
-        load_config("demo", overrides=["train.zero_stage=2", "train.offload_optimizer=cpu"]), "bf16", 1
-    )
-    assert "data_types" not in offload  # offloaded, DeepSpeed adds gradients up in bf16 (and the plan warns)
+        bf16 = deepspeed_config(config, "bf16", 1)
+        assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+        assert not bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"] and "data_types" not in bf16
+    assert "torch_autocast" not in deepspeed_config(config, "fp32", 1)
 
 
-def test_the_plan_takes_zero1_for_bf16_on_one_gpu_and_warns_at_zero0():
+def test_float32_islands_hold_under_autocast():
+    """Under bf16 autocast the contrastive losses and the Float32 heads compute exactly what
+    they compute without it: a bf16 similarity there would swamp what tells clips apart."""
+    from rigtrain.model.contrastive import Float32LayerNorm, Float32Linear, l2_normalize, mil_nce_loss, nce_loss
+
+    torch.manual_seed(0)
+    video, audio = l2_normalize(torch.randn(6, 16)), l2_normalize(torch.randn(6, 16))
+    text, text_valid = l2_normalize(torch.randn(6, 3, 16)), torch.rand(6, 3) > 0.3
+    valid = torch.tensor([True, True, False, True, True, True])
+    head, norm = Float32Linear(16, 8), Float32LayerNorm(16)
+    plain = (nce_loss(video, audio, valid, 0.07), mil_nce_loss(video, text, text_valid, 0.07), head(video), norm(video))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.Linear(16, 8)(video).dtype == torch.bfloat16  # autocast is on
+        cast = (
+            nce_loss(video, audio, valid, 0.07),
+            mil_nce_loss(video, text, text_valid, 0.07),
+            head(video),
+            norm(video),
+        )
+    for a, b in zip(plain, cast):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_the_plan_takes_zero0_for_bf16_on_one_gpu():
     from test_rig import codes, plan_for
 
     plan = plan_for("rtx4060_8gb.json", preset="demo")
-    assert (plan.precision, plan.zero_stage) == ("bf16", 1) and "fp32" in plan.reasons["zero_stage"]
+    assert (plan.precision, plan.zero_stage) == ("bf16", 0) and "nothing to shard" in plan.reasons["zero_stage"]
     assert "bf16_gradients" not in codes(plan)
-    forced = plan_for("rtx4060_8gb.json", preset="demo", overrides=["train.zero_stage=0"])
-    assert forced.zero_stage == 0 and "bf16_gradients" in codes(forced)
 
 
 @pytest.mark.slow

@@ -103,3 +103,20 @@ def test_the_users_thread_count_and_p2p_setting_win_over_the_plans():
     assert kept.env["NCCL_P2P_DISABLE"] == "0" and "set in your environment" in kept.reasons["env.NCCL_P2P_DISABLE"]
     assert kept.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # the selection is machine_rig's (rig/visible.py)
     assert with_user_environment(plan(CPU_BOX), {}).env["OMP_NUM_THREADS"] == "2"  # nothing set: the plan's
+
+
+def test_a_run_trained_with_deepspeeds_bf16_weights_is_not_resumed_but_can_seed_a_new_one(tmp_path):
+    """Runs from before bf16 moved to autocast hold bf16 weights and BF16_Optimizer's states:
+    --resume says so in one line (exit 2) and names --init-from, which loads their weights."""
+    import json
+
+    from conftest import run_cli
+
+    run = tmp_path / "old"
+    run.mkdir()
+    plan = {"precision": "bf16", "deepspeed": {"bf16": {"enabled": True}}}
+    (run / "config.json").write_text(json.dumps({"config": load_config("demo").to_dict(), "plan": plan}))
+    result = run_cli("train", "--out", str(run), "--resume", "--steps", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "DeepSpeed's bf16 weights" in result.stderr and f"--init-from {run}" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # nothing written

@@ -12,6 +12,8 @@ gradient of L over the whole batch (tested against one rank with the whole batch
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,11 +35,13 @@ class Float32Linear(nn.Linear):
     demo's NCE and MIL-NCE stalled in bf16 while predictive coding trained). The weights
     stay in the training dtype (DeepSpeed keeps fp32 master copies); only the activations
     from the pooled latent to the loss are float32. The upcast happens inside forward, after
-    ZeRO-3 has gathered the parameters."""
+    ZeRO-3 has gathered the parameters, and autocast is off there: under bf16 training it
+    would otherwise run this matmul in bf16 whatever its inputs are."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), bias)
+        with without_autocast(x):
+            return F.linear(x.float(), self.weight.float(), bias)
 
 
 class Float32LayerNorm(nn.LayerNorm):
@@ -46,7 +50,18 @@ class Float32LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        with without_autocast(x):
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def without_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """torch.autocast switched off for x's device: what runs inside computes in the dtypes
+    it is given (the float32 islands of bf16 training, docs/training.md "Precision").
+    Nothing to switch off on devices autocast does not know (meta, where the planner and
+    the FLOP count build the model)."""
+    if not torch.amp.is_autocast_available(x.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class _GatherWithGradient(torch.autograd.Function):
@@ -86,7 +101,8 @@ def nce_loss(video: torch.Tensor, audio: torch.Tensor, valid: torch.Tensor, temp
         L = 1/2 mean_i [ -log softmax_j(s_ij)[i]  -log softmax_j(s_ji)[i] ]
     Clips that are not valid are neither anchors nor negatives. Zero when no clip is valid."""
     video, audio, valid = video.float(), audio.float(), valid.bool()
-    logits = video @ audio.T / temperature  # (B, B)
+    with without_autocast(video):  # float32 similarities, also under bf16 training
+        logits = video @ audio.T / temperature  # (B, B)
     pair = valid[:, None] & valid[None, :]
     logits = logits.masked_fill(~pair, MASKED)
     diagonal = logits.diagonal()
@@ -107,7 +123,8 @@ def mil_nce_loss(video: torch.Tensor, text: torch.Tensor, text_valid: torch.Tens
     clip's video is a negative for its segments. L = mean_i L_i; zero when no clip has text."""
     video, text, text_valid = video.float(), text.float(), text_valid.bool()
     B, M, _ = text.shape
-    scores = torch.einsum("ie,jke->ijk", video, text) / temperature  # (B, B, M): video i vs segment k of clip j
+    with without_autocast(video):  # float32 similarities, also under bf16 training
+        scores = torch.einsum("ie,jke->ijk", video, text) / temperature  # (B, B, M): video i vs segment k of clip j
     scores = scores.masked_fill(~text_valid[None, :, :], MASKED)
     own = torch.eye(B, dtype=torch.bool, device=video.device)
     positives = torch.logsumexp(scores.diagonal(dim1=0, dim2=1).T, dim=1)  # (B,): over clip i's segments

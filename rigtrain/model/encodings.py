@@ -81,8 +81,8 @@ class ContrastiveEncodings:
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | None
     ) -> dict[str, torch.Tensor]:
         c = self.config
-        # The heads run in the module's dtype (bf16 under DeepSpeed's bf16); the losses,
-        # the centring and the gather work on float32 copies of their outputs.
+        # The encoders run under bf16 autocast when training in bf16; the heads, the
+        # centring, the gather and the losses work in float32 (see Float32Linear).
         video_va = self.video_to_va(self.encode_video(batch, generator))  # (B, va)
         terms = {}
         if c.weight_va > 0:

@@ -17,27 +17,29 @@ BUCKET_ELEMENTS = 50_000_000  # DeepSpeed reduce/allgather bucket, set in the ru
 StepPeak = Callable[[int, bool, str], int]  # (micro_batch, checkpointing, precision) -> bytes
 
 
+def weight_bytes(precision: str) -> int:
+    """Bytes per weight (and per gradient) on the card. bf16 trains fp32 weights under
+    torch.autocast, which casts them to bf16 as each matmul runs (those copies live inside
+    the measured step); fp16 trains the weights themselves in fp16 (DeepSpeed's fp16)."""
+    return 2 if precision == "fp16" else 4
+
+
 def optimizer_state_bytes(parameters: int, precision: str, optimizer: str) -> int:
     """What the optimizer keeps per parameter, before ZeRO shards it: Adam's two moments in
     fp32 (bitsandbytes' 8-bit AdamW: one byte each, plus block-wise scales, ~1%) and, when
-    the weights train in bf16/fp16, the fp32 master copy of every weight (DeepSpeed's
-    memory model: 2 + 2 + 12 bytes per parameter in all)."""
+    the weights train in fp16, the fp32 master copy of every weight (DeepSpeed's memory
+    model: 2 + 2 + 12 bytes per parameter in all). bf16's weights are fp32 already."""
     moments = 2 if optimizer == "adamw8bit" else 8
-    master = 4 if precision in ("bf16", "fp16") else 0
+    master = 4 if precision == "fp16" else 0
     return parameters * (moments + master)
 
 
-def fp32_gradient_bytes(parameters: int, precision: str, world: int, stage: int, offload: str) -> int:
-    """fp32 gradients kept beside the training-dtype ones when bf16 accumulates in fp32 (the
-    trainer's data_types.grad_accum_dtype): DeepSpeed's BF16_Optimizer (ZeRO-1) and ZeRO-2
-    keep a full fp32 buffer, ZeRO-3 each rank's partition. And fp32 ZeRO-1/2 keep an fp32
-    copy of their partition of the weights (the master copy a mixed-precision run has in its
-    optimizer states)."""
-    if precision == "bf16" and stage in (1, 2) and offload == "none":
-        return parameters * 4
-    if precision == "bf16" and stage == 3 and offload == "none":
-        return parameters * 4 // world
-    if precision == "fp32" and stage in (1, 2):
+def fp32_copy_bytes(parameters: int, precision: str, world: int, stage: int, offload: str) -> int:
+    """fp32 buffers DeepSpeed keeps beside fp32 weights: ZeRO-1/2 copy their partition of
+    the weights into the flat fp32 groups the optimizer steps (the master copy an fp16 run
+    has in its optimizer states); offloaded, that copy lives in RAM. bf16's weights are fp32
+    (autocast), so it keeps the same."""
+    if precision in ("fp32", "bf16") and stage in (1, 2) and offload == "none":
         return parameters * 4 // world
     return 0
 
@@ -69,7 +71,7 @@ def peak_bytes(
     the measured step (the input batch, parameters and gradients in the training dtype,
     activations, temporaries) with ZeRO's partitioning applied, plus the optimizer states,
     fp32 gradient buffers, DeepSpeed's communication buckets and cuBLAS's workspaces."""
-    width = 4 if precision == "fp32" else 2
+    width = weight_bytes(precision)
     weights = parameters * width
     saved = 0
     if stage >= 2:  # gradients partitioned: each rank keeps 1/world of them
@@ -81,7 +83,7 @@ def peak_bytes(
         if offload == "cpu"
         else optimizer_state_bytes(parameters, precision, optimizer) // (world if stage >= 1 else 1)
     )
-    fp32_grads = fp32_gradient_bytes(parameters, precision, world, stage, offload)
+    fp32_grads = fp32_copy_bytes(parameters, precision, world, stage, offload)
     buckets = 2 * BUCKET_ELEMENTS * width if world > 1 and stage >= 1 else 0
     buckets = min(buckets, 2 * weights)
     workspaces = cublas_workspace_bytes(capability)

@@ -32,7 +32,6 @@ from rigtrain.rig.reasons import explain
 from rigtrain.rig.visible import chosen_gpus, cuda_device_list
 from rigtrain.rig.warnings import (
     RigWarning,
-    bf16_gradients_warning,
     hardware_warnings,
     offload_ram_warning,
     ram_warning,
@@ -124,8 +123,6 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     total = cards.memory(micro_batch, setting)
     memory = _memory_breakdown(cards, total, request.clip_bytes * micro_batch)
     stage, checkpointing, optimizer, offload = setting
-    if cards.precision == "bf16" and (stage == 0 or offload == "cpu"):
-        warnings.append(bf16_gradients_warning(stage, offload))
     reasons["usable_memory"] = cards.why_usable
     for key, reason in explain(
         cards, request, setting, micro_batch, largest_fitting, accum, fits, tried, total
@@ -225,14 +222,9 @@ def _candidates(cards: CardBudget, fixed: dict) -> list[Setting]:
     optimizer a little accuracy, offload a lot of time. Those are used only to reach a
     useful micro-batch (GOOD_MICRO_BATCH), never beyond it: past that point accumulation is
     cheaper. This is also what makes the plan monotone: more memory never gives a smaller
-    micro-batch.
-
-    In bf16 the weights train in bf16 but their gradients must add up in fp32, or small
-    updates are rounded away. DeepSpeed does that from ZeRO-1 up (the trainer sets
-    data_types.grad_accum_dtype=fp32), not at ZeRO-0, so bf16 takes ZeRO-1 even on one GPU,
-    where it shards nothing and costs the same bytes and communication."""
+    micro-batch."""
     world = cards.world
-    free_stage = 1 if world > 1 or cards.precision == "bf16" else 0
+    free_stage = 1 if world > 1 else 0
     stages = [free_stage] + ([] if world == 1 else [2, 3] if not cards.narrow else [])
     late_stages = [2, 3] if cards.narrow else []
     optimizers = ["adamw"] + (["adamw8bit"] if cards.eight_bit else [])
@@ -245,7 +237,7 @@ def _candidates(cards: CardBudget, fixed: dict) -> list[Setting]:
         candidates += [(s, True, optimizer, "cpu") for s in ([2] if world == 1 else [2, 3])]
     wanted_stage = fixed.get("train.zero_stage")
     if wanted_stage is not None and all(c[0] != wanted_stage for c in candidates):
-        # A stage the preference list skips (ZeRO-0 beside ZeRO-1, ZeRO-2 in bf16): the same
+        # A stage the preference list skips (ZeRO-0 beside ZeRO-1, ZeRO-2 on one GPU): the same
         # candidates at the user's stage.
         candidates = [(wanted_stage, *c[1:]) for c in candidates]
     candidates = [c for c in dict.fromkeys(candidates) if all(fixed.get(k, v) == v for k, v in zip(SETTING_KEYS, c))]
@@ -309,7 +301,9 @@ def _eight_bit_when_states_dominate(
 
 def _accumulation(cards: CardBudget, micro_batch: int, fixed: dict, fits: bool) -> tuple[int, int]:
     """(accumulation steps, micro-batch): enough micro-batches to reach each GPU's share of
-    the global batch, spread evenly (2 x 64, not 91 + 91 for 128)."""
+    the global batch, spread evenly (2 x 64, not 91 + 91 for 128). Where the share does not
+    divide, the step takes up to accum - 1 clips more per GPU (3 x 22 = 66 for 64) rather
+    than a micro-batch a third smaller (4 x 16): the grad_accum_steps reason says the total."""
     if "train.grad_accum_steps" in fixed:
         return fixed["train.grad_accum_steps"], micro_batch
     accum = max(1, math.ceil(cards.share / micro_batch))

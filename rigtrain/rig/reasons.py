@@ -98,11 +98,6 @@ def zero_reason(cards: CardBudget, stage: int, offload: str) -> str:
     if cards.world == 1:
         if offload == "cpu":
             return f"one GPU: ZeRO-{stage} only to offload the optimizer to the CPU"
-        if stage == 1:
-            return (
-                "one GPU, bf16: ZeRO-1 shards nothing here, but with it DeepSpeed adds gradients up in fp32 (its "
-                "BF16_Optimizer); at ZeRO-0 it adds them in bf16"
-            )
         return "one GPU: ZeRO has nothing to shard"
     if stage == 1:
         return (

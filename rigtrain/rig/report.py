@@ -111,13 +111,13 @@ def format_plan(plan: Plan) -> list[str]:
 ALLOCATED_TERMS = (
     (
         "step_gib",
-        "the train step, measured with FakeTensorMode: weights and gradients in the training "
-        "dtype, activations, temporaries and the input batch",
+        "the train step, measured with FakeTensorMode: weights and gradients (fp32; fp16 in fp16), "
+        "activations, temporaries and the input batch",
     ),
     ("input_batch_gib", "  of which the input batch (uint8 video, int16 audio, text)"),
     ("zero_saving_gib", "less what ZeRO's partitioning saves"),
-    ("optimizer_states_gib", "optimizer states (Adam's moments, fp32 master weights)"),
-    ("fp32_gradients_gib", "fp32 gradient buffers (bf16's gradient accumulation, ZeRO's fp32 copies)"),
+    ("optimizer_states_gib", "optimizer states (Adam's moments; in fp16 the fp32 master weights too)"),
+    ("fp32_gradients_gib", "fp32 copies of the weights (ZeRO-1/2 step their partition in fp32)"),
     ("buckets_gib", "DeepSpeed's communication buckets"),
     ("cublas_workspaces_gib", "cuBLAS workspaces (forward and backward threads)"),
 )

@@ -62,21 +62,6 @@ def offload_ram_warning(rig: Rig, states_bytes: int) -> RigWarning | None:
     )
 
 
-def bf16_gradients_warning(stage: int, offload: str) -> RigWarning:
-    return RigWarning(
-        "bf16_gradients",
-        None,
-        f"bf16 at ZeRO-{stage}"
-        + (" with CPU offload" if offload == "cpu" else "")
-        + ": DeepSpeed adds gradients up in bf16 here, which rounds small ones away; "
-        + (
-            "without offload, ZeRO-1 to 3 add them in fp32"
-            if offload == "cpu"
-            else "ZeRO-1 adds them in fp32, for the same memory and communication"
-        ),
-    )
-
-
 # Transient draw over the power limit, for a few milliseconds: what trips a PSU's
 # over-current protection. RTX 3090: ~600 W spikes at a 350 W limit (a builder's
 # measurement, "How to Build a Deep Learning Machine"); Ada and later consumer cards spike

@@ -35,11 +35,13 @@ def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict
     if t.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     extra = {}
-    if precision == "bf16" and t.zero_stage >= 1 and t.offload_optimizer == "none":
-        # Gradients add up in fp32: at ZeRO-1 DeepSpeed's BF16_Optimizer, at ZeRO-2 and 3 its
-        # ZeRO optimizers with an fp32 accumulation buffer. ZeRO-0 has no such path (DeepSpeed
-        # refuses the setting there), which is why the plan takes ZeRO-1 for bf16.
-        extra["data_types"] = {"grad_accum_dtype": "fp32"}
+    if precision == "bf16":
+        # bf16 the way torch's AMP does it (docs/training.md, "Precision"): the weights,
+        # gradients and optimizer stay fp32, and torch.autocast runs the matmuls and
+        # attention in bf16; norms, the residual stream, embeddings and the latent array stay
+        # fp32. DeepSpeed's "bf16" section casts the whole module to bf16 instead, and on the
+        # demo that drifted from fp32's losses by up to a third (bench/precision.py).
+        extra["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return {
         **extra,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -47,7 +49,7 @@ def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": False},
         # loss_scale 0 = dynamic loss scaling, which fp16 needs to avoid underflow.
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # Our optimizer is built here (AdamW or bitsandbytes AdamW8bit); DeepSpeed would

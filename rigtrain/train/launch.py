@@ -24,7 +24,7 @@ from rigtrain.files import write_json
 from rigtrain.rig.visible import visible_indices
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, start_processes
-from rigtrain.train.resuming import resume_changes
+from rigtrain.train.resuming import check_checkpoint_layout, resume_changes
 from rigtrain.train.worker import OOM_MARKER
 
 
@@ -54,7 +54,8 @@ def resolve_config(
         if not saved.is_file():
             raise UserError(f"--resume: {saved} does not exist; give the --out of a run that was started")
         try:
-            base = json.loads(saved.read_text())["config"]
+            record = json.loads(saved.read_text())
+            base = record["config"]
         except (ValueError, KeyError, TypeError):
             raise UserError(
                 f"--resume: {saved} is damaged (not the config JSON a run writes); the run cannot be resumed without it"
@@ -66,6 +67,7 @@ def resolve_config(
             )
 
         config = load_config(base=base, config_file=config_file, overrides=overrides)
+        check_checkpoint_layout(record.get("plan") or {}, run_dir)
         changes = resume_changes(build_config(base, source=str(saved)), config)
         if changes:
             _say(f"resuming with changes against the checkpoint's config: {'; '.join(changes)}")

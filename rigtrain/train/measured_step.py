@@ -1,5 +1,6 @@
 """The train step that rig/ measures: the real model of a config, forward and backward on
-a micro-batch of the real clip shape, parameters in the training dtype."""
+a micro-batch of the real clip shape, in the training precision: fp32 weights under bf16
+autocast for bf16, the module cast to fp16 for fp16 (as the trainer's DeepSpeed config)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from rigtrain.model.perceiver import build_model
 from rigtrain.rig.step_memory import StepBuilder
 from rigtrain.train.flops import meta_batch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The dtype the weights are stored in; bf16 keeps them fp32 and computes under autocast.
+WEIGHT_DTYPES = {"bf16": torch.float32, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _materialize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Give a meta-device module real-shaped tensors (fake ones, under FakeTensorMode) in
-    the training dtype, as DeepSpeed casts the module for bf16/fp16."""
+    the dtype they train in (DeepSpeed casts the module for fp16)."""
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None:
@@ -39,7 +41,7 @@ def train_step_builder(
         config = dataclasses.replace(model, activation_checkpointing=checkpointing)
         with torch.device("meta"):  # shapes only: initialisation would need real data
             network = build_model(config, data)
-        network = _materialize(network, DTYPES[precision])
+        network = _materialize(network, WEIGHT_DTYPES[precision])
         batch = {
             key: torch.empty(value.shape, dtype=value.dtype)
             if key != "text_len"
@@ -48,7 +50,11 @@ def train_step_builder(
         }
 
         def step() -> None:
-            network(batch)["loss"].backward()
+            # The CPU's autocast stands in for the GPU's: both run matmuls and attention in
+            # bf16 and leave fp32 inputs to norms fp32, which is all this model gives them.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = network(batch)["loss"]
+            loss.backward()
 
         # The batch is resident too: it sits on the GPU for the whole step.
         return [*network.parameters(), *network.buffers(), *batch.values()], step

@@ -91,3 +91,15 @@ def resume_changes(before: RunConfig, after: RunConfig) -> list[str]:
             )
         changes.append(f"{key} {old[key]!r} -> {new[key]!r}")
     return changes
+
+
+def check_checkpoint_layout(saved_plan: dict, run_dir) -> None:
+    """A run trained with DeepSpeed's bf16 section (rigtrain before bf16 moved to autocast,
+    docs/training.md "Precision") holds bf16 weights and BF16_Optimizer's states, which
+    today's fp32-weight engine cannot load: say so, and how to keep its weights."""
+    if (saved_plan.get("deepspeed") or {}).get("bf16", {}).get("enabled"):
+        raise UserError(
+            f"--resume: {run_dir} was trained with DeepSpeed's bf16 weights, an optimizer layout this version "
+            "no longer uses (bf16 now trains fp32 weights under autocast); start a new run from its weights "
+            f"with: rigtrain train --init-from {run_dir} --out NEW_DIR"
+        )
