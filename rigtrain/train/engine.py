@@ -38,9 +38,10 @@ def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict
     if precision == "bf16":
         # bf16 the way torch's AMP does it (docs/training.md, "Precision"): the weights,
         # gradients and optimizer stay fp32, and torch.autocast runs the matmuls and
-        # attention in bf16; norms, the residual stream, embeddings and the latent array stay
-        # fp32. DeepSpeed's "bf16" section casts the whole module to bf16 instead, and on the
-        # demo that drifted from fp32's losses by up to a third (bench/precision.py).
+        # attention in bf16; the encoder's residual stream and norms, the embeddings and the
+        # latent array stay fp32. DeepSpeed's "bf16" section casts the whole module to bf16
+        # instead, and on the demo that drifted from fp32's losses by up to a third
+        # (bench/precision.py).
         extra["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return {
         **extra,

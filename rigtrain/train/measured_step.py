@@ -51,7 +51,9 @@ def train_step_builder(
 
         def step() -> None:
             # The CPU's autocast stands in for the GPU's: both run matmuls and attention in
-            # bf16 and leave fp32 inputs to norms fp32, which is all this model gives them.
+            # bf16 and norms of fp32 inputs in fp32. They differ on the decoder's three norms,
+            # whose inputs are bf16: CUDA's returns fp32, the CPU's bf16. Each output feeds a
+            # matmul at once, which keeps a bf16 copy, so only a transient differs.
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = network(batch)["loss"]
             loss.backward()
