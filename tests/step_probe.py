@@ -109,14 +109,11 @@ def main(run: Path) -> None:
         hook.remove()
         optimizer = trainer.engine.optimizer
         masters = (
-            getattr(optimizer, "fp32_groups_flat_partition", None)
-            or getattr(optimizer, "fp32_partitioned_groups_flat", None)
+            getattr(optimizer, "fp32_partitioned_groups_flat", None)
             or getattr(optimizer, "single_partition_of_fp32_groups", None)
             or [p for g in optimizer.param_groups for p in g["params"]]
         )
-        if hasattr(optimizer, "fp32_groups_gradients_flat"):  # BF16_Optimizer
-            accumulation = optimizer.fp32_groups_gradients_flat[0].dtype
-        elif hasattr(optimizer, "gradient_accumulation_dtype"):  # ZeRO-3
+        if hasattr(optimizer, "gradient_accumulation_dtype"):  # ZeRO-3
             accumulation = optimizer.gradient_accumulation_dtype
         else:  # the gradients live in the parameters' .grad
             accumulation = next(trainer.engine.module.parameters()).dtype

@@ -586,7 +586,7 @@ def test_memory_terms_arithmetic():
         terms["step_gib"]
         - terms["zero_saving_gib"]
         + terms["optimizer_states_gib"]
-        + terms["fp32_gradients_gib"]
+        + terms["fp32_copies_gib"]
         + terms["buckets_gib"]
         + terms["cublas_workspaces_gib"]
     )

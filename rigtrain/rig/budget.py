@@ -1,5 +1,5 @@
 """The plan's memory budget: the bytes a training step needs on each GPU beside the step
-itself (optimizer states, fp32 gradient buffers, buckets, workspaces), what lives outside
+itself (optimizer states, ZeRO's fp32 weight copies, buckets, workspaces), what lives outside
 torch's allocator, how much of a card the allocator may use, and the search for the
 largest micro-batch that fits. docs/planner.md, "The memory model", lists every term with
 its source. Pure arithmetic on facts; imports nothing from rigtrain but rig/facts.py."""
@@ -68,9 +68,9 @@ def peak_bytes(
     capability: tuple[int, int] | None = None,
 ) -> dict:
     """Per-GPU peak of torch's allocator (what torch.cuda.max_memory_allocated reports):
-    the measured step (the input batch, parameters and gradients in the training dtype,
+    the measured step (the input batch, weights and gradients (weight_bytes wide),
     activations, temporaries) with ZeRO's partitioning applied, plus the optimizer states,
-    fp32 gradient buffers, DeepSpeed's communication buckets and cuBLAS's workspaces."""
+    ZeRO's fp32 weight copies, DeepSpeed's communication buckets and cuBLAS's workspaces."""
     width = weight_bytes(precision)
     weights = parameters * width
     saved = 0
@@ -83,16 +83,16 @@ def peak_bytes(
         if offload == "cpu"
         else optimizer_state_bytes(parameters, precision, optimizer) // (world if stage >= 1 else 1)
     )
-    fp32_grads = fp32_copy_bytes(parameters, precision, world, stage, offload)
+    fp32_copies = fp32_copy_bytes(parameters, precision, world, stage, offload)
     buckets = 2 * BUCKET_ELEMENTS * width if world > 1 and stage >= 1 else 0
     buckets = min(buckets, 2 * weights)
     workspaces = cublas_workspace_bytes(capability)
-    total = step_peak - max(0, saved) + states + fp32_grads + buckets + workspaces
+    total = step_peak - max(0, saved) + states + fp32_copies + buckets + workspaces
     return {
         "step_gib": step_peak / GIB,
         "zero_saving_gib": max(0, saved) / GIB,
         "optimizer_states_gib": states / GIB,
-        "fp32_gradients_gib": fp32_grads / GIB,
+        "fp32_copies_gib": fp32_copies / GIB,
         "buckets_gib": buckets / GIB,
         "cublas_workspaces_gib": workspaces / GIB,
         "total_gib": total / GIB,

@@ -117,7 +117,7 @@ ALLOCATED_TERMS = (
     ("input_batch_gib", "  of which the input batch (uint8 video, int16 audio, text)"),
     ("zero_saving_gib", "less what ZeRO's partitioning saves"),
     ("optimizer_states_gib", "optimizer states (Adam's moments; in fp16 the fp32 master weights too)"),
-    ("fp32_gradients_gib", "fp32 copies of the weights (ZeRO-1/2 step their partition in fp32)"),
+    ("fp32_copies_gib", "fp32 copies of the weights (ZeRO-1/2 step their partition in fp32)"),
     ("buckets_gib", "DeepSpeed's communication buckets"),
     ("cublas_workspaces_gib", "cuBLAS workspaces (forward and backward threads)"),
 )
