@@ -180,6 +180,31 @@ def test_float32_islands_hold_under_autocast():
         assert b.dtype == torch.float32 and torch.equal(a, b)
 
 
+def test_every_norm_sees_an_fp32_residual_stream_under_autocast(demo_data):
+    """Under bf16 autocast a projection returns bf16; a residual stream that starts from one
+    (the decoder's queries did) then adds every block's update in bf16, and the CPU's
+    autocast normalises bf16 in bf16 where CUDA's upcasts. Every norm's input is fp32, so
+    the streams keep fp32 and the CPU computes what the GPU does."""
+    config = load_config("demo", overrides=TINY_MODEL)
+    torch.manual_seed(0)
+    model = build_model(config.model, config.data)
+    seen: dict[str, torch.dtype] = {}
+
+    def note_input(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0].dtype)
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.register_forward_pre_hook(note_input(name))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(two_different_batches(demo_data, config)[0])["loss"].backward()
+    assert any(name.startswith("decoder") for name in seen) and len(seen) >= 8, seen
+    assert {name: dtype for name, dtype in seen.items() if dtype != torch.float32} == {}
+
+
 def test_the_plan_takes_zero0_for_bf16_on_one_gpu():
     from test_rig import codes, plan_for
 

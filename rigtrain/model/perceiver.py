@@ -215,7 +215,10 @@ class PredictiveCodingPerceiver(ContrastiveEncodings, nn.Module):
         # same run twice gave different losses from step 20 on.
         vq = self.video_query(self.video_query_codes[video_index].to(dtype))  # (B, kv, D)
         aq = self.audio_query(self.audio_query_codes[audio_index].to(dtype))  # (B, ka, D)
-        queries = torch.cat([vq, aq], dim=1)
+        # The residual stream in the weights' dtype, as the encoder's: under bf16 autocast a
+        # projection returns bf16, and the decoder's blocks would then add their updates in
+        # bf16 and normalise bf16 (on the CPU; CUDA's autocast upcasts the norms only).
+        queries = torch.cat([vq, aq], dim=1).to(dtype)
         for block in self.decoder:
             queries = self._block(block, queries, latent)
         queries = self.decoder_norm(queries)

@@ -51,9 +51,8 @@ def train_step_builder(
 
         def step() -> None:
             # The CPU's autocast stands in for the GPU's: both run matmuls and attention in
-            # bf16 and norms of fp32 inputs in fp32. They differ on the decoder's three norms,
-            # whose inputs are bf16: CUDA's returns fp32, the CPU's bf16. Each output feeds a
-            # matmul at once, which keeps a bf16 copy, so only a transient differs.
+            # bf16 and norms of fp32 inputs in fp32. (They differ on norms of bf16 inputs,
+            # CUDA's upcasting them; the model feeds every norm fp32, which a test guards.)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = network(batch)["loss"]
             loss.backward()
