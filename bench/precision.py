@@ -2,7 +2,7 @@
 at ZeRO 0, 1 and 3 (one CPU process each; DeepSpeed trains bf16 on the CPU), then the final
 loss and the held-out evaluation side by side.
 
-    python bench/precision.py                       # 600 steps, seeds 0 1: about 30 min on 2 idle cores
+    python bench/precision.py                       # 600 steps, seeds 0 1: 10 runs of 1.5-3 min on 2 cores
     python bench/precision.py --steps 150 --seeds 0 --json
     python bench/precision.py --rounded-init        # and fp32 from the weights rounded to bf16 once
 

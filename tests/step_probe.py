@@ -123,6 +123,8 @@ def main(run: Path) -> None:
             "module_dtype": str(next(trainer.engine.module.parameters()).dtype),
             "master_dtypes": sorted({str(m.dtype) for m in masters}),
             "grad_accumulation_dtype": str(accumulation),
+            # the dtypes DeepSpeed's gradient buckets copy gradients into (none at ZeRO-0)
+            "gradient_bucket_dtypes": sorted(str(d) for d in getattr(optimizer, "ipg_buckets", {})),
             "running_mean_dtype": str(trainer.engine.module.mean_video_va.dtype),
             "matmul_output_dtypes": matmuls.counts,
             "head_output_dtype": head_dtypes[0],

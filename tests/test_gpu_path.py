@@ -121,6 +121,9 @@ def check_step_syncs_and_precision(run: Path, precision: str, stage: int) -> Non
     assert found["module_dtype"] == "torch.float32"
     assert found["master_dtypes"] == ["torch.float32"] and found["grad_accumulation_dtype"] == "torch.float32"
     assert found["running_mean_dtype"] == "torch.float32"
+    # one process: no gradient is rounded to bf16 on its way to the optimizer (ZeRO-3's
+    # buckets did, for a communication that one process does not have)
+    assert set(found["gradient_bucket_dtypes"]) <= {"torch.float32"}, found["gradient_bucket_dtypes"]
     matmuls = found["matmul_output_dtypes"]
     if precision == "bf16":
         assert matmuls["torch.bfloat16"] > 10 * matmuls.get("torch.float32", 0), matmuls  # the encoder's
@@ -152,8 +155,10 @@ def test_deepspeed_config_per_precision():
     for stage in (0, 1, 2, 3):  # bf16: autocast over fp32 weights, never DeepSpeed's bf16 module
         config = load_config("demo", overrides=[f"train.zero_stage={stage}"])
         bf16 = deepspeed_config(config, "bf16", 1)
-        assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+        # one process: no module's gradients communicated (or bucketed) in bf16
+        assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
         assert not bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"] and "data_types" not in bf16
+        assert deepspeed_config(config, "bf16", 2)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "torch_autocast" not in deepspeed_config(config, "fp32", 1)
 
 

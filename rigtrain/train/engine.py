@@ -38,11 +38,16 @@ def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict
     if precision == "bf16":
         # bf16 the way torch's AMP does it (docs/training.md, "Precision"): the weights,
         # gradients and optimizer stay fp32, and torch.autocast runs the matmuls and
-        # attention in bf16; the encoder's residual stream and norms, the embeddings and the
-        # latent array stay fp32. DeepSpeed's "bf16" section casts the whole module to bf16
+        # attention in bf16; the residual streams and norms, the embeddings and the latent
+        # array stay fp32. DeepSpeed's "bf16" section casts the whole module to bf16
         # instead, and on the demo that drifted from fp32's losses by up to a third
         # (bench/precision.py).
         extra["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        if world_size == 1:
+            # DeepSpeed averages Linear layers' gradients across GPUs in bf16 (half the
+            # traffic; rig/speed.py counts 2 bytes). One process has nothing to average, but
+            # ZeRO-3 still copies those gradients through bf16 buckets: keep them fp32.
+            extra["torch_autocast"]["lower_precision_safe_modules"] = []
     return {
         **extra,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
