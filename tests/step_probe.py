@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops whose result the host must wait for: a value read back (`_local_scalar_dense` is what
@@ -128,6 +129,8 @@ def main(run: Path) -> None:
             "running_mean_dtype": str(trainer.engine.module.mean_video_va.dtype),
             "matmul_output_dtypes": matmuls.counts,
             "head_output_dtype": head_dtypes[0],
+            # ZeRO-3 may have replaced torch's linear for the whole process
+            "functional_linear": torch.nn.functional.linear.__name__,
         }
         print("PROBE " + json.dumps(out), flush=True)
     finally:

@@ -126,6 +126,8 @@ def check_step_syncs_and_precision(run: Path, precision: str, stage: int) -> Non
     assert set(found["gradient_bucket_dtypes"]) <= {"torch.float32"}, found["gradient_bucket_dtypes"]
     matmuls = found["matmul_output_dtypes"]
     if precision == "bf16":
+        # not DeepSpeed's memory-efficient linear: under autocast it rounds before the bias
+        assert found["functional_linear"] == "linear", found["functional_linear"]
         assert matmuls["torch.bfloat16"] > 10 * matmuls.get("torch.float32", 0), matmuls  # the encoder's
         assert found["head_output_dtype"] == "torch.float32"
     else:
@@ -159,6 +161,7 @@ def test_deepspeed_config_per_precision():
         assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
         assert not bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"] and "data_types" not in bf16
         assert deepspeed_config(config, "bf16", 2)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+        assert bf16["zero_optimization"].get("memory_efficient_linear", True) is (stage != 3)
     assert "torch_autocast" not in deepspeed_config(config, "fp32", 1)
 
 
