@@ -196,6 +196,37 @@ def test_what_the_user_sets_wins_and_the_plan_says_so():
     assert plan_for("a100_80gb.json", overrides=["train.precision=fp32"]).precision == "fp32"
 
 
+
+def test_a_stage_the_user_sets_still_tries_the_cheaper_settings_first():
+    """On narrow links ZeRO-2 comes only after checkpointing in the preference list; a user
+    who sets it still gets checkpointing off when the micro-batch fits without it."""
+    plan = plan_for("two_3090_one_on_x4_850w.json", overrides=["train.zero_stage=2"])
+    assert plan.zero_stage == 2 and not plan.activation_checkpointing
+    assert plan.micro_batch_size > 8 and plan.predicted_peak_gib <= plan.usable_gib
+    assert "set by the user" in plan.reasons["zero_stage"]
+    # a model that does not fit: at ZeRO-1 the plan ends at offload; at ZeRO-0 (not in the
+    # two-GPU list at all) never, since DeepSpeed offloads from ZeRO-1 up
+    huge = ["model.d_model=1536", "model.heads=16", "model.enc_layers=96"]
+    at_one = plan_for("two_3090_one_on_x4_850w.json", overrides=["train.zero_stage=1", *huge])
+    at_zero = plan_for("two_3090_one_on_x4_850w.json", overrides=["train.zero_stage=0", *huge])
+    assert at_one.offload_optimizer == "cpu" and "does_not_fit" in codes(at_one)
+    assert at_zero.zero_stage == 0 and at_zero.offload_optimizer == "none" and "does_not_fit" in codes(at_zero)
+
+
+def test_a_micro_batch_stopped_at_a_useful_size_does_not_claim_the_next_would_not_fit():
+    """base on an 8 GB card: checkpointing is needed for 8 clips, and the search stops at 8
+    though more would fit; the reason says so rather than '9 would not fit'."""
+    plan = plan_for("rtx4060_8gb.json")
+    assert plan.activation_checkpointing and plan.micro_batch_size == 8
+    reason = plan.reasons["micro_batch_size"]
+    assert "would not fit" not in reason and "useful size" in reason and "activation checkpointing" in reason
+    # on a 4 GiB card nothing reaches 8 even with offload: there it is the largest that fits
+    rig = json.loads((RIGS / "rtx4060_8gb.json").read_text())
+    rig["gpus"][0]["memory_gib"] = 4.0
+    small_card = plan_run(load_config("base"), rig_from_dict(rig), user_keys=set())
+    assert small_card.offload_optimizer == "cpu" and 1 < small_card.micro_batch_size < 8
+    assert f"{small_card.micro_batch_size + 1} would not fit" in small_card.reasons["micro_batch_size"]
+
 def test_more_memory_never_gives_a_smaller_micro_batch():
     """On the real `small` model (measured steps), from a card where little fits to one
     where the whole batch does, through the memory sizes where checkpointing switches on

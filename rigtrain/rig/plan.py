@@ -236,10 +236,12 @@ def _candidates(cards: CardBudget, fixed: dict) -> list[Setting]:
     for optimizer in optimizers:  # offload last; DeepSpeed offloads from ZeRO-1 up
         candidates += [(s, True, optimizer, "cpu") for s in ([2] if world == 1 else [2, 3])]
     wanted_stage = fixed.get("train.zero_stage")
-    if wanted_stage is not None and all(c[0] != wanted_stage for c in candidates):
-        # A stage the preference list skips (ZeRO-0 beside ZeRO-1, ZeRO-2 on one GPU): the same
-        # candidates at the user's stage.
-        candidates = [(wanted_stage, *c[1:]) for c in candidates]
+    if wanted_stage is not None:
+        # The user's stage in the same order of preference: every setting at that stage, so
+        # that the cheaper ones (no checkpointing) come first even where the list reaches
+        # that stage only late (ZeRO-2 after checkpointing on narrow links) or not at all
+        # (ZeRO-0 beside ZeRO-1, ZeRO-2 on one GPU). DeepSpeed offloads from ZeRO-1 up.
+        candidates = [(wanted_stage, *c[1:]) for c in candidates if wanted_stage >= 1 or c[3] == "none"]
     candidates = [c for c in dict.fromkeys(candidates) if all(fixed.get(k, v) == v for k, v in zip(SETTING_KEYS, c))]
     if not candidates:  # the user fixed a combination outside our preference list: use it as is
         candidates = [

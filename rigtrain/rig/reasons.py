@@ -24,7 +24,7 @@ def explain(
     world = cards.world
     reasons = {
         "micro_batch_size": micro_batch_reason(
-            cards, request, micro_batch, largest_fitting, accum, fits, total["total_gib"]
+            cards, request, setting, micro_batch, largest_fitting, accum, fits, total["total_gib"]
         ),
         "grad_accum_steps": (
             "set by the user"
@@ -67,7 +67,14 @@ def explain(
 
 
 def micro_batch_reason(
-    cards: CardBudget, request, micro_batch: int, largest_fitting: int, accum: int, fits: bool, total_gib: float
+    cards: CardBudget,
+    request,
+    setting: Setting,
+    micro_batch: int,
+    largest_fitting: int,
+    accum: int,
+    fits: bool,
+    total_gib: float,
 ) -> str:
     usable, fixed_mb = cards.usable, request.fixed.get("train.micro_batch_size")
     if fixed_mb:
@@ -82,6 +89,15 @@ def micro_batch_reason(
             f"{micro_batch} is the whole per-GPU share of the global batch ({request.global_batch} / "
             f"{cards.world}) and fits: predicted {total_gib:.2f} of {usable:.2f} usable GiB"
         )
+    larger_fits = cards.search.peak(largest_fitting + 1, setting[1]) <= cards.step_budget(setting)
+    if micro_batch == largest_fitting and larger_fits:
+        # the planner stops a costly setting's search at a useful micro-batch (plan.py,
+        # GOOD_MICRO_BATCH), which keeps the plan monotone in memory
+        return (
+            f"{micro_batch} reaches a useful size (predicted {total_gib:.2f} of {usable:.2f} usable GiB), which is "
+            f"all {_costly(setting)} is used for; accumulation makes up the per-GPU share of {cards.share} "
+            "(set train.micro_batch_size to go larger)"
+        )
     if micro_batch == largest_fitting:
         return (
             f"the largest that fits: {micro_batch} is predicted at {total_gib:.2f} of {usable:.2f} usable GiB on "
@@ -92,6 +108,16 @@ def micro_batch_reason(
         f"{micro_batch} cover the per-GPU share of {cards.share} evenly (predicted {total_gib:.2f} of "
         f"{usable:.2f} usable GiB)"
     )
+
+
+def _costly(setting: Setting) -> str:
+    """What makes a setting slower than plain data parallelism, in words."""
+    stage, checkpointing, optimizer, offload = setting
+    parts = ["activation checkpointing"] if checkpointing else []
+    parts += [f"ZeRO-{stage}"] if stage >= 2 else []
+    parts += ["the 8-bit optimizer"] if optimizer == "adamw8bit" else []
+    parts += ["the optimizer's offload"] if offload != "none" else []
+    return " and ".join(parts) or "this setting"
 
 
 def zero_reason(cards: CardBudget, stage: int, offload: str) -> str:
