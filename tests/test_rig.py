@@ -156,6 +156,7 @@ def test_a100_takes_the_global_batch_in_even_micro_batches():
     assert (plan.precision, plan.micro_batch_size, plan.grad_accum_steps) == ("bf16", 86, 3)
     largest = int(re.search(r"up to (\d+) fits", plan.reasons["micro_batch_size"]).group(1))
     assert 86 <= largest < 128
+    assert "share of 256 with 2 over" in plan.reasons["micro_batch_size"]  # 258 clips, said as such
     assert codes(plan) == set()
 
 
@@ -196,7 +197,6 @@ def test_what_the_user_sets_wins_and_the_plan_says_so():
     assert plan_for("a100_80gb.json", overrides=["train.precision=fp32"]).precision == "fp32"
 
 
-
 def test_a_stage_the_user_sets_still_tries_the_cheaper_settings_first():
     """On narrow links ZeRO-2 comes only after checkpointing in the preference list; a user
     who sets it still gets checkpointing off when the micro-batch fits without it."""
@@ -226,6 +226,7 @@ def test_a_micro_batch_stopped_at_a_useful_size_does_not_claim_the_next_would_no
     small_card = plan_run(load_config("base"), rig_from_dict(rig), user_keys=set())
     assert small_card.offload_optimizer == "cpu" and 1 < small_card.micro_batch_size < 8
     assert f"{small_card.micro_batch_size + 1} would not fit" in small_card.reasons["micro_batch_size"]
+
 
 def test_more_memory_never_gives_a_smaller_micro_batch():
     """On the real `small` model (measured steps), from a card where little fits to one
