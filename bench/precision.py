@@ -5,6 +5,7 @@ loss and the held-out evaluation side by side.
     python bench/precision.py                       # 600 steps, seeds 0 1: 10 runs of 1.5-3 min on 2 cores
     python bench/precision.py --steps 150 --seeds 0 --json
     python bench/precision.py --rounded-init        # and fp32 from the weights rounded to bf16 once
+    python bench/precision.py --nproc 2 --kinds bf16-zero1   # two processes: gradients averaged as between GPUs
 
 bf16 is the plan's bf16: fp32 weights under autocast (docs/training.md, "Precision"). fp32
 at ZeRO-0 runs beside them as a control; with --rounded-init, so does fp32 ZeRO-1 from the
@@ -68,7 +69,7 @@ def _finished(out: Path, steps: int) -> bool:
         return False
 
 
-def train(out: Path, precision: str, stage: int, seed: int, steps: int) -> dict:
+def train(out: Path, precision: str, stage: int, seed: int, steps: int, nproc: int = 1) -> dict:
     """One run, or the numbers of one that an earlier call of this bench finished in `out`
     (run it again with the same --out and it continues where it stopped)."""
     started = time.perf_counter()
@@ -88,6 +89,7 @@ def train(out: Path, precision: str, stage: int, seed: int, steps: int) -> dict:
             f"train.zero_stage={stage}",
             f"train.seed={seed}",
             f"train.ckpt_every={steps}",
+            f"train.nproc={nproc}",
         ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -103,6 +105,7 @@ def train(out: Path, precision: str, stage: int, seed: int, steps: int) -> dict:
         "precision": precision,
         "zero_stage": stage,
         "seed": seed,
+        "nproc": nproc,
         "loss_last50": statistics.fmean(tail),
         "loss_final": rows[-1]["loss"],
         "eval": evaluation,
@@ -126,7 +129,16 @@ def main() -> int:
         help="only these runs, by the table's names (e.g. fp32-zero1 bf16-zero1 fp32-bf16init-zero1); "
         "fp32-zero1 is always run, the others are compared with it",
     )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes per run (train.nproc; gloo on the CPU, as GPUs would be): with 2 or more, "
+        "DeepSpeed averages Linear layers' gradients in bf16 as it does between GPUs",
+    )
     args = parser.parse_args()
+    if args.nproc > 1 and (args.rounded_init or "fp32-bf16init-zero1" in (args.kinds or ())):
+        parser.error("--rounded-init rounds the model built in this process: it needs --nproc 1")
     kinds = RUNS + ((ROUNDED_INIT,) if args.rounded_init else ())
     if args.kinds:
         every = {f"{p}-zero{z}": (p, z) for p, z in (*RUNS, ROUNDED_INIT, *ON_REQUEST)}
@@ -140,7 +152,7 @@ def main() -> int:
     for seed in args.seeds:
         for precision, stage in kinds:
             out = root / f"{precision}-zero{stage}-seed{seed}"
-            runs.append(train(out, precision, stage, seed, args.steps))
+            runs.append(train(out, precision, stage, seed, args.steps, args.nproc))
             if not args.json:
                 r = runs[-1]
                 print(
@@ -164,11 +176,21 @@ def main() -> int:
             "loss_vs_fp32_worst": max((r["loss_vs_fp32"] for r in mine), key=abs),
             **{key: statistics.fmean(r["eval"][key] for r in mine) for key in EVAL_KEYS},
         }
-    report = {"steps": args.steps, "seeds": args.seeds, "runs": runs, "summary": summary, "folder": str(root)}
+    report = {
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "nproc": args.nproc,
+        "runs": runs,
+        "summary": summary,
+        "folder": str(root),
+    }
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    print(f"demo, {args.steps} steps, seeds {' '.join(map(str, args.seeds))}; loss = mean of the last 50 steps")
+    print(
+        f"demo, {args.steps} steps, {args.nproc} process(es) per run, seeds {' '.join(map(str, args.seeds))}; "
+        "loss = mean of the last 50 steps"
+    )
     header = f"{'run':<20}{'seed':>5}{'loss':>8}{'vs fp32':>9}" + "".join(
         f"{k.replace('_top1', ''):>16}" for k in EVAL_KEYS
     )
