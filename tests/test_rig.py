@@ -169,12 +169,23 @@ def test_mixed_cards_plan_for_the_smallest_and_rig_gpus_chooses():
     assert alone.env["CUDA_VISIBLE_DEVICES"] == "0"
 
 
-def test_cpu_only_box_keeps_the_config():
-    plan = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=2", "data.workers=-1"])
+def test_cpu_only_box_keeps_the_config_and_shares_its_global_batch():
     config = load_config("demo")
+    one = plan_for("cpu_only.json", preset="demo")
+    assert (one.micro_batch_size, one.zero_stage) == (config.train.micro_batch_size, config.train.zero_stage)
+    plan = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=2", "data.workers=-1"])
     assert (plan.device, plan.world_size, plan.precision) == ("cpu", 2, "fp32")
-    assert (plan.micro_batch_size, plan.zero_stage) == (config.train.micro_batch_size, config.train.zero_stage)
+    # two processes train the same global batch in halves, as two GPUs would (not twice the batch)
+    assert plan.micro_batch_size * plan.grad_accum_steps * 2 == config.train.micro_batch_size
+    assert "shared by 2 processes" in plan.reasons["micro_batch_size"]
+    assert plan.zero_stage == config.train.zero_stage
     assert plan.env["OMP_NUM_THREADS"] == "8" and plan.dataloader_workers == 7
+    # base's global batch of 256 over 4 processes at accumulation 2: 32 x 2 each
+    four = plan_for("cpu_only.json", preset="base", overrides=["train.nproc=4", "train.grad_accum_steps=2"])
+    assert (four.micro_batch_size, four.grad_accum_steps) == (32, 2)
+    # a micro-batch the user sets is kept, and then the global batch grows with the processes
+    mine = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=2", "train.micro_batch_size=48"])
+    assert (mine.micro_batch_size, mine.grad_accum_steps, mine.world_size) == (48, 1, 2)
 
 
 def test_a_hostfile_shares_the_global_batch_over_every_machine():

@@ -318,7 +318,8 @@ def _accumulation(cards: CardBudget, micro_batch: int, fixed: dict, fits: bool) 
 
 
 def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, reasons, env) -> Plan:
-    """No GPU: the config's choices, on `train.nproc` gloo processes; memory is RAM."""
+    """No GPU: the config's choices, on `train.nproc` gloo processes sharing the global batch;
+    memory is RAM."""
     if request.gpus:
         raise UserError("rig.gpus: this machine has no GPU; remove rig.gpus to train on the CPU")
     fixed = request.fixed
@@ -342,8 +343,17 @@ def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, rea
     reasons["env.OMP_NUM_THREADS"] = f"{rig.threads} hardware threads shared by {here} process(es)"
     config = request.config
     micro_batch, stage = config["train.micro_batch_size"], config["train.zero_stage"]
+    accum, shared = config["train.grad_accum_steps"], None
     checkpointing, optimizer = config["model.activation_checkpointing"], config["train.optimizer"]
     offload = config["train.offload_optimizer"]
+    if world > 1 and "train.micro_batch_size" not in fixed:
+        # The global batch is the experiment: shared by the processes as it is by GPUs, so
+        # that --set train.nproc=2 trains the same run in two halves, not twice the batch.
+        micro_batch = max(1, math.ceil(math.ceil(request.global_batch / world) / accum))
+        shared = (
+            f"the global batch of {request.global_batch} shared by {world} processes: {accum} x {micro_batch} "
+            "clips each (no GPU to plan memory for)"
+        )
     total = peak_bytes(
         step_peak(micro_batch, checkpointing, "fp32"),
         parameters=request.parameters,
@@ -355,6 +365,8 @@ def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, rea
     )
     for key in ("micro_batch_size", "grad_accum_steps", "zero_stage", "optimizer", "offload_optimizer"):
         reasons[key] = "no GPU to plan for: the config's value"
+    if shared:
+        reasons["micro_batch_size"] = shared
     reasons["activation_checkpointing"] = "no GPU to plan for: the config's value"
     workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, here)
     low_ram = ram_warning(
@@ -372,7 +384,7 @@ def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, rea
         world_size=world,
         precision=precision,
         micro_batch_size=micro_batch,
-        grad_accum_steps=config["train.grad_accum_steps"],
+        grad_accum_steps=accum,
         activation_checkpointing=checkpointing,
         zero_stage=stage,
         offload_optimizer=offload,
