@@ -11,9 +11,7 @@ tested with rig files on a CPU. Imports no part of rigtrain above rig/."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
-from rigtrain.errors import UserError
 from rigtrain.rig.budget import (
     FRAGMENTATION,
     GIB,
@@ -23,11 +21,12 @@ from rigtrain.rig.budget import (
     StepPeak,
     optimizer_state_bytes,
     outside_allocator_gib,
-    peak_bytes,
     usable_gib,
 )
 from rigtrain.rig.choices import choose_precision, loader_workers, machines_reason
+from rigtrain.rig.cpu_plan import cpu_plan
 from rigtrain.rig.facts import Gpu, Rig
+from rigtrain.rig.plan_types import Plan, PlanRequest
 from rigtrain.rig.reasons import explain
 from rigtrain.rig.visible import chosen_gpus, cuda_device_list
 from rigtrain.rig.warnings import (
@@ -41,59 +40,11 @@ GOOD_MICRO_BATCH = 8  # below this a GPU idles between small kernels; worth chec
 SETTING_KEYS = ("train.zero_stage", "model.activation_checkpointing", "train.optimizer", "train.offload_optimizer")
 
 
-@dataclass(frozen=True)
-class PlanRequest:
-    """What the planner needs from the config: the choices left to it and those the user fixed."""
-
-    parameters: int
-    global_batch: int  # clips per optimizer step, all GPUs together
-    precision: str = "auto"  # "auto" or fixed
-    fixed: dict = field(default_factory=dict)  # key -> value the user set (train.micro_batch_size, ...)
-    config: dict = field(default_factory=dict)  # the same keys' values in the config (used without a GPU)
-    gpus: tuple[int, ...] = ()  # rig.gpus; () = all
-    cpu_processes: int = 1  # train.nproc, on a machine without GPUs
-    loader_workers: int = -1  # data.workers; -1 = from the cores
-    psu_w: float | None = None  # --psu-watts: what no probe can read
-    batch_bytes: int = 0  # one micro-batch of uint8 clips, for pinned-memory and RAM estimates
-    clip_bytes: int = 0  # one clip's input tensors (video, audio, text), to show the batch's share
-    profiling: bool = False  # profile.enabled: the profiler's buffers need room on the card
-    lazy_loading: bool = True  # CUDA_MODULE_LOADING is not EAGER: kernels load as they are first used
-    hosts: tuple[int, ...] = ()  # --hostfile: processes (slots) per machine; () = this machine only
-    measured_outside_gib: float | None = None  # an earlier first step's residual on this card (memory_record.py)
-
-
-@dataclass
-class Plan:
-    device: str
-    gpus: tuple[int, ...]
-    world_size: int
-    precision: str
-    micro_batch_size: int
-    grad_accum_steps: int
-    activation_checkpointing: bool
-    zero_stage: int
-    offload_optimizer: str
-    optimizer: str
-    dataloader_workers: int
-    env: dict[str, str]
-    predicted_peak_gib: float | None
-    usable_gib: float | None
-    reasons: dict[str, str]
-    from_user: list[str]
-    warnings: list[RigWarning]
-    memory: dict = field(default_factory=dict)  # the breakdown behind predicted_peak_gib
-
-    def to_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "warnings"}
-        out["gpus"] = list(self.gpus)
-        return out
-
-
 def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     reasons = {"env.CUDA_DEVICE_ORDER": "GPU indices follow the PCI bus, as nvidia-smi numbers them"}
     if not rig.gpus:
-        return _cpu_plan(rig, request, step_peak, hardware_warnings(rig, (), request.psu_w), reasons, env)
+        return cpu_plan(rig, request, step_peak, hardware_warnings(rig, (), request.psu_w), reasons, env)
     chosen, chosen_how = chosen_gpus(rig, request.gpus)
     warnings = hardware_warnings(rig, chosen, request.psu_w)
     env["CUDA_VISIBLE_DEVICES"] = cuda_device_list(rig, chosen)
@@ -312,89 +263,3 @@ def _accumulation(cards: CardBudget, micro_batch: int, fixed: dict, fits: bool) 
     if not fixed.get("train.micro_batch_size") and fits:
         micro_batch = math.ceil(cards.share / accum)
     return accum, micro_batch
-
-
-# -- the plan without a GPU ---------------------------------------------------------------
-
-
-def _cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, reasons, env) -> Plan:
-    """No GPU: the config's choices, on `train.nproc` gloo processes sharing the global batch;
-    memory is RAM."""
-    if request.gpus:
-        raise UserError("rig.gpus: this machine has no GPU; remove rig.gpus to train on the CPU")
-    fixed = request.fixed
-    # with a hostfile its slots say how many processes each machine runs, not train.nproc
-    world = sum(request.hosts) or request.cpu_processes
-    here = max(request.hosts, default=world)  # processes sharing this machine's cores
-    precision = "fp32" if request.precision == "auto" else request.precision
-    reasons["precision"] = (
-        "no GPU: fp32 (DeepSpeed's CPU path trains in fp32)"
-        if request.precision == "auto"
-        else f"set by the user (train.precision={precision})"
-    )
-    reasons["world_size"] = (
-        machines_reason(request.hosts, "no GPU, DeepSpeed on gloo")
-        if request.hosts
-        else f"no GPU: {world} CPU process(es) (train.nproc), DeepSpeed on gloo"
-    )
-    env["DS_ACCELERATOR"] = "cpu"
-    threads = max(1, rig.threads // here)
-    env["OMP_NUM_THREADS"] = str(threads)
-    reasons["env.OMP_NUM_THREADS"] = f"{rig.threads} hardware threads shared by {here} process(es)"
-    config = request.config
-    micro_batch, stage = config["train.micro_batch_size"], config["train.zero_stage"]
-    accum, shared = config["train.grad_accum_steps"], None
-    checkpointing, optimizer = config["model.activation_checkpointing"], config["train.optimizer"]
-    offload = config["train.offload_optimizer"]
-    if world > 1 and "train.micro_batch_size" not in fixed:
-        # The global batch is the experiment: shared by the processes as it is by GPUs, so
-        # that --set train.nproc=2 trains the same run in two halves, not twice the batch.
-        micro_batch = max(1, math.ceil(math.ceil(request.global_batch / world) / accum))
-        shared = (
-            f"the global batch of {request.global_batch} shared by {world} processes: {accum} x {micro_batch} "
-            "clips each (no GPU to plan memory for)"
-        )
-    total = peak_bytes(
-        step_peak(micro_batch, checkpointing, "fp32"),
-        parameters=request.parameters,
-        precision="fp32",
-        world=world,
-        stage=stage,
-        optimizer=optimizer,
-        offload=offload,
-    )
-    for key in ("micro_batch_size", "grad_accum_steps", "zero_stage", "optimizer", "offload_optimizer"):
-        reasons[key] = "no GPU to plan for: the config's value"
-    if shared:
-        reasons["micro_batch_size"] = shared
-    reasons["activation_checkpointing"] = "no GPU to plan for: the config's value"
-    workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, here)
-    low_ram = ram_warning(
-        rig,
-        processes=here,
-        workers=workers,
-        parameters=request.parameters,
-        batch_bytes=request.batch_bytes,
-        host_model_gib=total["total_gib"],
-    )
-    warnings += [low_ram] if low_ram else []
-    return Plan(
-        device="cpu",
-        gpus=(),
-        world_size=world,
-        precision=precision,
-        micro_batch_size=micro_batch,
-        grad_accum_steps=accum,
-        activation_checkpointing=checkpointing,
-        zero_stage=stage,
-        offload_optimizer=offload,
-        optimizer=optimizer,
-        dataloader_workers=workers,
-        env=env,
-        predicted_peak_gib=round(total["total_gib"], 3),
-        usable_gib=None,
-        reasons=reasons,
-        from_user=sorted(fixed),
-        warnings=warnings,
-        memory={k: round(v, 3) for k, v in total.items()},
-    )

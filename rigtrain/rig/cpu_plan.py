@@ -1,0 +1,103 @@
+"""The plan on a machine without a GPU: the config's choices on `train.nproc` gloo processes
+(or a hostfile's slots), which share the global batch as GPUs do; memory is RAM."""
+
+from __future__ import annotations
+
+import math
+
+from rigtrain.errors import UserError
+from rigtrain.rig.budget import StepPeak, peak_bytes
+from rigtrain.rig.choices import loader_workers, machines_reason
+from rigtrain.rig.facts import Rig
+from rigtrain.rig.plan_types import Plan, PlanRequest
+from rigtrain.rig.warnings import ram_warning
+
+
+def _shared_micro_batch(request: PlanRequest, world: int, micro_batch: int, accum: int) -> tuple[int, str | None]:
+    """The config's micro-batch for CPU processes, or, with several and none set by the user,
+    their share of the global batch, with the reason. The global batch is the experiment:
+    shared by the processes as it is by GPUs, so that --set train.nproc=2 trains the same run
+    in two halves, not twice the batch."""
+    if world == 1 or "train.micro_batch_size" in request.fixed:
+        return micro_batch, None
+    shared = max(1, math.ceil(math.ceil(request.global_batch / world) / accum))
+    return shared, (
+        f"the global batch of {request.global_batch} shared by {world} processes: {accum} x {shared} "
+        "clips each (no GPU to plan memory for)"
+    )
+
+
+def cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, reasons, env) -> Plan:
+    """No GPU: the config's choices, on `train.nproc` gloo processes sharing the global batch;
+    memory is RAM."""
+    if request.gpus:
+        raise UserError("rig.gpus: this machine has no GPU; remove rig.gpus to train on the CPU")
+    fixed = request.fixed
+    # with a hostfile its slots say how many processes each machine runs, not train.nproc
+    world = sum(request.hosts) or request.cpu_processes
+    here = max(request.hosts, default=world)  # processes sharing this machine's cores
+    precision = "fp32" if request.precision == "auto" else request.precision
+    reasons["precision"] = (
+        "no GPU: fp32 (DeepSpeed's CPU path trains in fp32)"
+        if request.precision == "auto"
+        else f"set by the user (train.precision={precision})"
+    )
+    reasons["world_size"] = (
+        machines_reason(request.hosts, "no GPU, DeepSpeed on gloo")
+        if request.hosts
+        else f"no GPU: {world} CPU process(es) (train.nproc), DeepSpeed on gloo"
+    )
+    env["DS_ACCELERATOR"] = "cpu"
+    threads = max(1, rig.threads // here)
+    env["OMP_NUM_THREADS"] = str(threads)
+    reasons["env.OMP_NUM_THREADS"] = f"{rig.threads} hardware threads shared by {here} process(es)"
+    config = request.config
+    micro_batch, stage = config["train.micro_batch_size"], config["train.zero_stage"]
+    accum = config["train.grad_accum_steps"]
+    checkpointing, optimizer = config["model.activation_checkpointing"], config["train.optimizer"]
+    offload = config["train.offload_optimizer"]
+    micro_batch, shared = _shared_micro_batch(request, world, micro_batch, accum)
+    total = peak_bytes(
+        step_peak(micro_batch, checkpointing, "fp32"),
+        parameters=request.parameters,
+        precision="fp32",
+        world=world,
+        stage=stage,
+        optimizer=optimizer,
+        offload=offload,
+    )
+    for key in ("micro_batch_size", "grad_accum_steps", "zero_stage", "optimizer", "offload_optimizer"):
+        reasons[key] = "no GPU to plan for: the config's value"
+    if shared:
+        reasons["micro_batch_size"] = shared
+    reasons["activation_checkpointing"] = "no GPU to plan for: the config's value"
+    workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, here)
+    low_ram = ram_warning(
+        rig,
+        processes=here,
+        workers=workers,
+        parameters=request.parameters,
+        batch_bytes=request.batch_bytes,
+        host_model_gib=total["total_gib"],
+    )
+    warnings += [low_ram] if low_ram else []
+    return Plan(
+        device="cpu",
+        gpus=(),
+        world_size=world,
+        precision=precision,
+        micro_batch_size=micro_batch,
+        grad_accum_steps=accum,
+        activation_checkpointing=checkpointing,
+        zero_stage=stage,
+        offload_optimizer=offload,
+        optimizer=optimizer,
+        dataloader_workers=workers,
+        env=env,
+        predicted_peak_gib=round(total["total_gib"], 3),
+        usable_gib=None,
+        reasons=reasons,
+        from_user=sorted(fixed),
+        warnings=warnings,
+        memory={k: round(v, 3) for k, v in total.items()},
+    )
