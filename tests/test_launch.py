@@ -120,3 +120,31 @@ def test_a_run_trained_with_deepspeeds_bf16_weights_is_not_resumed_but_can_seed_
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "DeepSpeed's bf16 weights" in result.stderr and f"--init-from {run}" in result.stderr
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # nothing written
+
+
+WORKER_ENDING = """
+import atexit, sys
+from pathlib import Path
+atexit.register(lambda: Path(sys.argv[1]).write_text("teardown ran"))
+print("said before the end", end="")  # no newline: still in the buffer when the worker ends
+from rigtrain.train.stopping import exit_without_teardown
+exit_without_teardown(3)
+"""
+
+
+@pytest.mark.parametrize("module", ["rigtrain/train/worker.py", "rigtrain/tune/worker.py"])
+def test_workers_end_with_their_code_and_output_but_without_the_interpreters_teardown(tmp_path, module):
+    """The teardown destroys what gloo's and DeepSpeed's threads still hold and now and then
+    aborts a worker whose run had finished and saved (SIGABRT): a worker ends with
+    os._exit once everything is written, its exit code and buffered output kept."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "atexit"
+    ended = subprocess.run(
+        [sys.executable, "-c", WORKER_ENDING, str(marker)], capture_output=True, text=True, timeout=60
+    )
+    assert ended.returncode == 3 and ended.stdout == "said before the end"
+    assert not marker.exists()  # atexit and the rest of the teardown were skipped
+    source = (Path(__file__).parents[1] / module).read_text()
+    assert "exit_without_teardown(main())" in source.split('if __name__ == "__main__":')[1]

@@ -115,4 +115,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rigtrain.train.stopping import exit_without_teardown  # the run is closed and saved by now
+
+    exit_without_teardown(main())

@@ -16,7 +16,6 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from rigtrain.files import write_json
 from rigtrain.train.engine import init_distributed
 from rigtrain.train.rehearsal import FAULT_OOM_ABOVE
-from rigtrain.train.stopping import die_with_launcher
+from rigtrain.train.stopping import die_with_launcher, exit_without_teardown
 from rigtrain.train.trainer import Trainer
 from rigtrain.train.worker import out_of_memory
 from rigtrain.tune.records import LEAKED_EXIT, combine, trial_dir
@@ -239,4 +238,4 @@ class TrialTrainer(Trainer):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())  # every trial's record is written by now
