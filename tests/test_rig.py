@@ -183,6 +183,8 @@ def test_cpu_only_box_keeps_the_config_and_shares_its_global_batch():
     # base's global batch of 256 over 4 processes at accumulation 2: 32 x 2 each
     four = plan_for("cpu_only.json", preset="base", overrides=["train.nproc=4", "train.grad_accum_steps=2"])
     assert (four.micro_batch_size, four.grad_accum_steps) == (32, 2)
+    five = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=5"])  # 48 does not split in 5
+    assert five.micro_batch_size == 10 and "50 in all" in five.reasons["micro_batch_size"]
     # a micro-batch the user sets is kept, and then the global batch grows with the processes
     mine = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=2", "train.micro_batch_size=48"])
     assert (mine.micro_batch_size, mine.grad_accum_steps, mine.world_size) == (48, 1, 2)

@@ -21,9 +21,11 @@ def _shared_micro_batch(request: PlanRequest, world: int, micro_batch: int, accu
     if world == 1 or "train.micro_batch_size" in request.fixed:
         return micro_batch, None
     shared = max(1, math.ceil(math.ceil(request.global_batch / world) / accum))
+    total = shared * accum * world
+    over = "" if total == request.global_batch else f", {total} in all"
     return shared, (
         f"the global batch of {request.global_batch} shared by {world} processes: {accum} x {shared} "
-        "clips each (no GPU to plan memory for)"
+        f"clips each{over} (no GPU to plan memory for)"
     )
 
 
