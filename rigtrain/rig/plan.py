@@ -4,9 +4,10 @@
 `make_plan` is a sequence of small named decisions: which GPUs, which precision, which ways
 of running the step to try and in what order, the first that fits a useful micro-batch,
 accumulation, then the reasons. The memory arithmetic is in rig/budget.py, the hardware
-warnings in rig/warnings.py. Pure: the only outside input is `step_peak`, a function train/
-provides that measures a training step's peak bytes under FakeTensorMode, so plans are
-tested with rig files on a CPU. Imports no part of rigtrain above rig/."""
+warnings in rig/warnings.py, the plan without a GPU in rig/cpu_plan.py. Pure: the only
+outside input is `step_peak`, a function train/ provides that measures a training step's
+peak bytes under FakeTensorMode, so plans are tested with rig files on a CPU. Imports no
+part of rigtrain above rig/."""
 
 from __future__ import annotations
 
