@@ -1,6 +1,7 @@
 """Launch decisions from rig facts (no process is started here): devices, world size,
 precision, environment and loader threads, as the planner makes them for train."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,7 @@ def test_a_run_trained_with_deepspeeds_bf16_weights_is_not_resumed_but_can_seed_
 
 WORKER_ENDING = """
 import atexit, sys
+import json
 from pathlib import Path
 atexit.register(lambda: Path(sys.argv[1]).write_text("teardown ran"))
 print("said before the end", end="")  # no newline: still in the buffer when the worker ends
@@ -148,3 +150,27 @@ def test_workers_end_with_their_code_and_output_but_without_the_interpreters_tea
     assert not marker.exists()  # atexit and the rest of the teardown were skipped
     source = (Path(__file__).parents[1] / module).read_text()
     assert "exit_without_teardown(main())" in source.split('if __name__ == "__main__":')[1]
+
+
+def test_a_process_that_dies_after_the_last_checkpoint_leaves_a_complete_run(tmp_path, capsys):
+    """A rank that aborts while shutting down, after the run's last checkpoint is complete,
+    is reported as such and the command succeeds; before that, it asks for --resume."""
+    from rigtrain.train.launch import _finish
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {"train": {"steps": 4}}}))
+
+    def saved(step: int) -> None:
+        tag = run / "checkpoints" / f"step{step:08d}"
+        tag.mkdir()
+        (tag / "complete.json").write_text(json.dumps({"step": step, "files": {}}))
+
+    saved(2)
+    assert _finish(run, -6) == 1
+    assert f"killed by signal 6; continue with: rigtrain train --out {run} --resume" in capsys.readouterr().err
+    saved(4)
+    assert _finish(run, -6) == 0
+    said = capsys.readouterr()
+    assert "killed by signal 6 after the run had finished and saved its last checkpoint (step 4)" in said.err
+    assert "--resume" not in said.err and f"run: {run}" in said.out

@@ -339,6 +339,18 @@ def _say_plan(plan) -> None:
         _say(f"  warning [{warning.code}] {warning.message}")
 
 
+def _saved_at_the_end(run_dir: Path) -> int | None:
+    """The run's last step, if a checkpoint of it is marked complete; else None."""
+    from rigtrain.train.checkpoints import complete_tags  # torch: only when a process failed
+
+    try:
+        steps = json.loads((run_dir / "config.json").read_text())["config"]["train"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    tags = complete_tags(run_dir / "checkpoints")
+    return steps if tags and tags[-1][0] == steps else None
+
+
 def _finish(run_dir: Path, code: int) -> int:
     """The training processes' exit code as the command's: 0 with where to look, a stop on
     request as it was, 1 or 2 with the worker's own line, anything else said here."""
@@ -349,6 +361,16 @@ def _finish(run_dir: Path, code: int) -> int:
         return code  # stopped on request: the worker said where, and how to continue
     if code not in (1, 2):  # 1 and 2: the worker has said why, in one line
         how = f"killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
+        last = _saved_at_the_end(run_dir)
+        if last is not None:
+            # A process that dies after the run's last checkpoint is complete (shutting down
+            # the process group, say) cost nothing: there is nothing to resume.
+            print(
+                f"rigtrain: warning: a training process {how} after the run had finished and saved its last "
+                f"checkpoint (step {last}); the run is complete",
+                file=sys.stderr,
+            )
+            return _finish(run_dir, 0)
         print(
             f"rigtrain: a training process {how}; continue with: rigtrain train --out {run_dir} --resume",
             file=sys.stderr,
