@@ -120,6 +120,28 @@ def _ram_that_prunes(tmp_path) -> Path:
     pytest.fail("no RAM size prunes some candidates and not the plan's own")
 
 
+def test_a_plan_that_cannot_run_stops_the_tune_with_one_line_and_leaves_no_worker(tmp_path):
+    """The first worker group starts as soon as the plan's own choice is planned, before
+    the tune knows it cannot run (here too little RAM in the rig file): the tune ends with
+    exit 2 and one line, and the group it started is gone with it."""
+    import psutil
+
+    rig = tmp_path / "small-ram.json"
+    rig.write_text(json.dumps({"gpus": [], "cpu": {"cores": 2, "threads": 2}, "ram_gib": 0.3}))
+    out = tmp_path / "tune"
+    result = run_cli("tune", "--out", str(out), "--rig", str(rig), "--budget-s", "60")
+    assert result.returncode == 2 and "cannot run here" in result.stderr and "RAM" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "logs" / "group-1-rank-0.log").exists()  # the early group was started
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, [p.info["cmdline"] for p in left]
+
+
 def _trials(tune_dir: Path) -> list[dict]:
     return json.loads((tune_dir / "tune.json").read_text())["trials"]
 
@@ -300,3 +322,77 @@ def test_one_worker_group_runs_every_zero_stage_one_after_another(tmp_path, demo
     assert search.groups_started == 1  # no restart between the stages
     stages = [json.loads((trial_dir(tmp_path, i) / "config.json").read_text())["plan"]["deepspeed"] for i in range(3)]
     assert [s["zero_optimization"]["stage"] for s in stages] == [3, 1, 2]
+
+
+def test_a_trial_stops_early_only_when_every_chunk_trails_its_rounds_fastest():
+    from rigtrain.tune.records import NOISE_MARGIN, RACE_MIN_CHUNKS, next_chunk_steps, round_leader, window_verdict
+
+    bar = 100.0  # clips/s of the round's fastest finished trial
+    slow = [(2, 2 * 10 / 80.0)] * RACE_MIN_CHUNKS  # 10 clips a step at 80 clips/s
+    assert window_verdict(slow, 10, 3.0, 3, 200, bar) == "raced out"
+    assert window_verdict(slow[:-1], 10, 3.0, 3, 200, bar) is None  # too few chunks to say
+    assert window_verdict(slow, 10, 3.0, 3, 200, None) is None  # nothing to race against
+    # one chunk within the noise margin of the bar keeps it going: it could yet be the fastest
+    close = [*slow[:-1], (2, 2 * 10 / (bar * (1 - NOISE_MARGIN / 2)))]
+    assert window_verdict(close, 10, 3.0, 3, 200, bar) is None
+    # a full window is done, raced or not; so is max_steps
+    assert window_verdict([(10, 3.1)], 10, 3.0, 3, 200, bar) == "done"
+    assert window_verdict([(2, 0.1)] * 3, 10, 3.0, 3, 6, None) == "done"
+    # chunks: one step first, then about a quarter second's worth, never past max_steps
+    assert next_chunk_steps([], 200) == 1
+    assert next_chunk_steps([(1, 0.05)], 200) == 5 and next_chunk_steps([(1, 0.05)], 3) == 2
+    assert next_chunk_steps([(1, 2.0)], 200) == 1
+    # the bar: the fastest finished trial, never one stopped early or failed
+    records = {
+        0: {"status": "ok", "clips_per_step": 48, "steps": 20, "seconds": 4.0},  # 240 clips/s
+        1: {"status": "ok", "clips_per_step": 48, "steps": 25, "seconds": 4.0},  # 300
+        2: {"status": "ok", "clips_per_step": 48, "steps": 30, "seconds": 4.0, "raced_out": True},
+        3: {"status": "oom"},
+    }
+    assert round_leader(records) == (1, 300.0)
+    assert round_leader({3: {"status": "oom"}}) is None
+
+
+@pytest.mark.slow
+def test_a_clearly_slower_trial_is_stopped_early_and_the_fastest_runs_its_whole_window(tmp_path, demo_data):
+    """Three micro-batch splits of one global batch in one process of the tiny model: the
+    plan's own (12 x 4) and 48 x 1 (fewer, larger steps: faster) run their whole windows;
+    3 x 16 (sixteen micro-steps of host overhead a step) trails 48 x 1 in every chunk and
+    stops after the fewest chunks that can say so. The plan's own never stops early."""
+    from rigtrain.rig.facts import Cpu, Rig
+    from rigtrain.rig.speed import facts_for
+    from rigtrain.train.launch import check_data, write_run_config
+    from rigtrain.train.planning import PLANNED, apply_plan, plan_run
+    from rigtrain.tune.candidates import planned_candidate, values_of, with_values
+    from rigtrain.tune.records import trial_dir
+    from rigtrain.tune.search import TRIAL_SETTINGS, Search, Timing
+
+    rig = Rig(cpu=Cpu(cores=2, threads=2), ram_gib=16.0)
+    user = {"train.nproc": 1, "data.workers": 0, "train.micro_batch_size": 12, "train.grad_accum_steps": 4}
+    config = load_config("demo", overrides=[*TINY_MODEL, *(f"{k}={v}" for k, v in user.items())])
+    plan = plan_run(config, rig, user_keys=set(user))
+    base = apply_plan(config, plan)
+    facts = facts_for(rig, (), 10**6, 1e9, "fp32")
+    keys = set(PLANNED) | {"train.nproc", "data.workers", "train.compile"}
+    candidates = []
+    for index, (micro, accum) in enumerate(((12, 4), (48, 1), (3, 16))):
+        values = {**values_of(base, plan), "train.micro_batch_size": micro, "train.grad_accum_steps": accum}
+        c = planned_candidate(base, rig, values, keys, None, facts)
+        c.index, c.baseline = index, index == 0
+        trial_config = with_values(c.config, TRIAL_SETTINGS)
+        _, split = check_data(demo_data, trial_config, c.world)
+        write_run_config(trial_dir(tmp_path, index), trial_config, demo_data, rig, c.plan, {"split": split.to_dict()})
+        candidates.append(c)
+    window_s = 2.0
+    search = Search(tmp_path, candidates, Timing(90, timed_s=window_s), time.time() + 110, lambda line: None)
+    search._round([0, 1, 2], time.time() + 110, window_s, 3, False)
+    plans_own, larger, smaller = (search.result(i) for i in range(3))
+    assert [r["status"] for r in (plans_own, larger, smaller)] == ["ok", "ok", "ok"]
+    assert not plans_own.get("raced_out") and plans_own["seconds"] >= window_s
+    assert not larger.get("raced_out") and larger["seconds"] >= window_s
+    speed = {i: r["clips_per_step"] * r["steps"] / r["seconds"] for i, r in enumerate((plans_own, larger, smaller))}
+    assert speed[1] > speed[2] * 1.1, speed  # the premise: sixteen micro-steps cost
+    assert smaller["raced_out"] and smaller["against"] == max((0, 1), key=speed.get), smaller
+    # stopped after RACE_MIN_CHUNKS chunks (a step, then about a quarter second each), well
+    # before its window would have ended (here 3 steps in 0.6 s of a 2 s window)
+    assert smaller["seconds"] < window_s * 0.75 and smaller["steps"] < larger["steps"] / 4, smaller

@@ -82,12 +82,18 @@ def values_of(config: RunConfig, plan) -> dict:
     return values
 
 
-def make_candidates(config: RunConfig, rig: Rig, fixed: set[str], *, psu_w: float | None = None) -> list[Candidate]:
-    """Every candidate, the baseline first, then the rest in predicted order (pruned ones last)."""
+def make_candidates(
+    config: RunConfig, rig: Rig, fixed: set[str], *, psu_w: float | None = None, on_baseline=None
+) -> list[Candidate]:
+    """Every candidate, the baseline first, then the rest in predicted order (pruned ones
+    last). `on_baseline(plan)` is called as soon as the plan's own choice is planned (the
+    tune starts its first worker group then, to import while the rest is planned)."""
     from rigtrain.train.flops import train_flops_per_clip  # torch (meta device): once per tune
     from rigtrain.train.planning import PLANNED, apply_plan, cached_parameter_count, plan_run  # torch
 
     base_plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w)
+    if on_baseline is not None:
+        on_baseline(base_plan)
     base_config = apply_plan(config, base_plan)
     base_values = values_of(base_config, base_plan)
     facts = facts_for(

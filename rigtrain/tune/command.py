@@ -4,6 +4,7 @@ trial folders written, the search run under the budget (search.py), the results 
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 from rigtrain.config import load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
-from rigtrain.tune.groups import kill
+from rigtrain.tune.groups import kill, start_group
 from rigtrain.tune.records import trial_dir
 from rigtrain.tune.search import TRIAL_SETTINGS, Search, Timing, say_progress
 
@@ -48,9 +49,14 @@ def tune(
         )
     say = (lambda line: None) if as_json else say_progress
     preset = preset or "demo"
-    config, fixed, tune_dir, rig, candidates = _plan_trials(
-        preset, config_file, overrides, data, out, rig_file, psu_w, quiet=as_json
-    )
+    first_group = FirstGroup()
+    try:
+        config, fixed, tune_dir, rig, candidates = _plan_trials(
+            preset, config_file, overrides, data, out, rig_file, psu_w, quiet=as_json, first_group=first_group
+        )
+    except BaseException:
+        kill(first_group.processes)
+        raise
     device = candidates[0].plan.device if candidates[0].plan else "cpu"
     runnable = sum(c.pruned is None for c in candidates)
     say(
@@ -60,7 +66,7 @@ def tune(
     )
     timing = Timing(trial_timeout_s or (300.0 if device == "cuda" else 120.0), timed_s=trial_s)
     finishing_s = 5.0  # the results, the TOML and TensorBoard's hparams, after the last trial
-    search = Search(tune_dir, candidates, timing, began + budget_s - finishing_s, say)
+    search = Search(tune_dir, candidates, timing, began + budget_s - finishing_s, say, first_group.adoptable())
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     stopped = None
     try:
@@ -88,7 +94,26 @@ def tune(
     return 128 + getattr(signal, stopped).value if stopped else code
 
 
-def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, quiet: bool):
+class FirstGroup:
+    """The first worker group, started as soon as the plan's own choice is planned: its
+    processes import torch and DeepSpeed while the driver counts FLOPs and plans the other
+    candidates (about 2 s of a short CPU tune), then wait for their queue (search.py)."""
+
+    def __init__(self):
+        self.world, self.processes = 0, []
+
+    def start(self, tune_dir: Path, plan) -> None:
+        from rigtrain.train.planning import with_user_environment  # torch: the planner has it by now
+
+        env = with_user_environment(copy.deepcopy(plan)).env
+        self.world = plan.world_size
+        self.processes = start_group(tune_dir, tune_dir / "group-1.json", self.world, env, "group-1")
+
+    def adoptable(self) -> tuple[int, list] | None:
+        return (self.world, self.processes) if self.processes else None
+
+
+def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, quiet: bool, first_group=None):
     """The config, the keys the user set, the tune folder, the rig, and the candidates, each
     one to run with its trial folder written (a run's config.json, as `train` writes it)."""
     # torch, through the planner and the data checks: after the arguments are checked
@@ -115,7 +140,8 @@ def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, 
     data_dir = resolve_data(config, log=log)
     rig = machine_rig([data_dir, tune_dir], rig_file)
     check_rig_file_matches(rig, rig_file)
-    candidates = make_candidates(config, rig, fixed, psu_w=psu_w)
+    start = (lambda plan: first_group.start(tune_dir, plan)) if first_group is not None else None
+    candidates = make_candidates(config, rig, fixed, psu_w=psu_w, on_baseline=start)
     if candidates[0].pruned:
         raise UserError(
             f"the plan's own configuration cannot run here ({candidates[0].pruned}); "

@@ -6,6 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 LEAKED_EXIT = 3  # a worker kept memory a torn-down trial should have freed: start a fresh group
+# Two measurements of the same configuration in one tune differ by a few percent (3 s
+# windows on a shared machine): a configuration must beat the plan's own choice by more
+# than this to replace it, and a trial is stopped early only when it trails by more.
+NOISE_MARGIN = 0.03
+# A trial's window is timed in chunks of about this long, each ending on a synchronisation
+# the ranks agree on (its slowest rank's time counts), so a trial can stop between chunks.
+CHUNK_S = 0.25
+# Racing (docs/tune.md, "Stopping early"): a trial whose every chunk so far, at least this
+# many, ran slower than the fastest finished trial of its round by more than the noise
+# margin stops there. It cannot be chosen, and the rest of its window would only measure
+# by how much it loses. Its fastest chunk is what is compared, so noise and the batches the
+# loader prefetched during the warm-up both count in its favour.
+RACE_MIN_CHUNKS = 3
 
 
 def trial_dir(tune_dir: Path, index: int) -> Path:
@@ -24,12 +37,58 @@ def combine(outcomes: list[dict]) -> dict:
             "error": failed[0]["error"],
         }
     slowest = max(outcomes, key=lambda o: o["seconds"])
+    raced = {k: slowest[k] for k in ("raced_out", "against", "bar_clips_per_s") if k in slowest}
     return {
         "status": "ok",
         "seconds": slowest["seconds"],
         "steps": slowest["steps"],
+        "clips_per_step": slowest["clips_per_step"],
+        **raced,
         "data_wait_s": max(o["data_wait_s"] for o in outcomes),
         "warmup_s": max(o["warmup_s"] for o in outcomes),
         "peak_gib": max(o["peak_gib"] for o in outcomes),
         "reserved_gib": max(o["reserved_gib"] for o in outcomes),
     }
+
+
+def window_verdict(
+    chunks: list[tuple[int, float]],
+    clips_per_step: int,
+    timed_s: float,
+    min_steps: int,
+    max_steps: int,
+    bar: float | None,
+) -> str | None:
+    """After a chunk of a trial's window ((steps, seconds) each): "done" when the window is
+    full, "raced out" when the trial trails `bar` (clips/s) in every chunk, else None (go on)."""
+    steps, seconds = sum(n for n, _ in chunks), sum(s for _, s in chunks)
+    if steps >= max_steps or (seconds >= timed_s and steps >= min_steps):
+        return "done"
+    if bar and len(chunks) >= RACE_MIN_CHUNKS:
+        fastest = max(n * clips_per_step / max(s, 1e-9) for n, s in chunks)
+        if fastest < bar * (1 - NOISE_MARGIN):
+            return "raced out"
+    return None
+
+
+def next_chunk_steps(chunks: list[tuple[int, float]], max_steps: int) -> int:
+    """The steps of the next chunk: one to start with (it sizes the rest), then about CHUNK_S."""
+    steps = sum(n for n, _ in chunks)
+    if not chunks:
+        return 1
+    per_step = sum(s for _, s in chunks) / steps
+    return max(1, min(max_steps - steps, round(CHUNK_S / max(per_step, 1e-9))))
+
+
+def round_leader(records: dict[int, dict]) -> tuple[int, float] | None:
+    """(trial, clips/s) of the fastest finished trial among `records` (trial -> result),
+    the bar a later trial of the same round races against; a trial stopped early never is."""
+    speeds = {
+        index: r["clips_per_step"] * r["steps"] / r["seconds"]
+        for index, r in records.items()
+        if r and r.get("status") == "ok" and not r.get("raced_out") and "clips_per_step" in r
+    }
+    if not speeds:
+        return None
+    best = max(speeds, key=speeds.get)
+    return best, speeds[best]

@@ -16,12 +16,9 @@ import xxhash
 from rigtrain.files import write_json
 from rigtrain.rig.visible import visible_indices
 from rigtrain.tune.candidates import TUNED_KEYS
+from rigtrain.tune.records import NOISE_MARGIN
 
 TUNED_FILE = "tuned.toml"
-# Two measurements of the same configuration in one tune differ by a few percent (3 s
-# windows on a shared machine): a configuration must beat the plan's own choice by more
-# than this to replace it.
-NOISE_MARGIN = 0.03
 
 
 def machine_key(preset: str, rig) -> str:
@@ -231,6 +228,8 @@ def format_table(record: dict) -> str:
         v = r["values"]
         measured = r.get("clips_per_s")
         outcome = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"[:90]
+        if r.get("raced_out") or (r.get("confirmation") or {}).get("raced_out"):
+            outcome += f", stopped early (slower than #{r.get('against', r.get('confirmation', {}).get('against'))})"
         if r["index"] == record["best"]:
             outcome += "  <- fastest"
         if r["baseline"]:

@@ -68,7 +68,7 @@ class LiveGroup:
 
 
 class Search:
-    def __init__(self, tune_dir: Path, candidates: list, timing: Timing, deadline: float, say=None):
+    def __init__(self, tune_dir: Path, candidates: list, timing: Timing, deadline: float, say=None, first_group=None):
         self.tune_dir, self.candidates, self.timing = tune_dir, candidates, timing
         self.say = say or say_progress
         self.deadline = deadline  # time.time() by which all trials end
@@ -80,6 +80,8 @@ class Search:
         self.measures = {c.index: c for c in candidates if c.pruned is None}
         self.confirmations: dict[int, int] = {}  # candidate index -> its confirmation trial's index
         self.one_round = False  # every candidate was a finalist: each ran once, with long windows
+        if first_group is not None:
+            self._adopt(*first_group)
 
     # -- the two rounds -----------------------------------------------------------------------
     def run(self) -> None:
@@ -150,20 +152,25 @@ class Search:
                 remaining = [i for i in queue if self.result(i) is None]
                 if not remaining or time.time() >= group_deadline:
                     break
-                outcome = self._run_on_group(world, remaining, group_deadline, timed_s, min_steps, stay)
+                timing = {str(i): self._window(i, indices, timed_s, min_steps) for i in remaining}
+                outcome = self._run_on_group(world, remaining, group_deadline, timing, stay)
                 if outcome != "restart":
                     break
             if not stay:
                 self.close_group()
 
-    def _run_on_group(
-        self, world: int, remaining: list[int], deadline: float, timed_s: float, min_steps: int, stay: bool
-    ) -> str:
+    def _window(self, index: int, round_indices: list[int], timed_s: float, min_steps: int) -> dict:
+        """A trial's window: its length, and the trials of its round it races against (any
+        that finished before it; worker.py). The plan's own choice never stops early: the
+        speed-up is measured against it."""
+        rivals = [] if self.measures[index].baseline else [i for i in round_indices if i != index]
+        return {"timed_s": timed_s, "min_steps": min_steps, "race_against": rivals}
+
+    def _run_on_group(self, world: int, remaining: list[int], deadline: float, timing: dict, stay: bool) -> str:
         """The trials left on the group that is up for this process count (they are added to
         its queue), or on a new one. Returns how the watch ended: "done" (every trial has its
         record and the group stays up), "exited", "deadline", or "restart" (a fresh group for
         the rest)."""
-        timing = {str(i): [timed_s, min_steps] for i in remaining}
         live = self.live
         if live and live.world == world and all(p.poll() is None for p in live.processes):
             live.queue.update(trials=live.queue["trials"] + remaining, open=stay, deadline=deadline)
@@ -173,16 +180,7 @@ class Search:
             self.close_group()
             self.groups_started += 1
             name = f"group-{self.groups_started}"
-            queue = {
-                "trials": remaining,
-                "timing": timing,
-                "open": stay,
-                "deadline": deadline,
-                "warmup_steps": self.timing.warmup_steps,
-                "timed_s": timed_s,
-                "min_steps": min_steps,
-                "max_steps": self.timing.max_steps,
-            }
+            queue = self._new_queue(remaining, timing, stay, deadline)
             queue_file = self.tune_dir / f"{name}.json"
             write_json(queue_file, queue)
             env = self.measures[remaining[0]].plan.env
@@ -194,6 +192,29 @@ class Search:
         if outcome != "done":
             self.close_group()
         return outcome
+
+    def _adopt(self, world: int, processes: list) -> None:
+        """The group the driver started while it planned (command.py), for the plan's own
+        process count: it is importing meanwhile, and waits for its queue file, which the
+        first round writes. If the first round wants another process count, it is stopped."""
+        self.groups_started += 1
+        name = f"group-{self.groups_started}"
+        queue = self._new_queue([], {}, True, self.deadline)
+        logs = [self.tune_dir / "logs" / f"{name}-rank-{r}.log" for r in range(world)]
+        self.live = LiveGroup(world, processes, self.tune_dir / f"{name}.json", queue, logs)
+        self.processes = processes
+
+    def _new_queue(self, trials: list[int], timing: dict, stay: bool, deadline: float) -> dict:
+        return {
+            "trials": trials,
+            "timing": timing,
+            "open": stay,
+            "deadline": deadline,
+            "warmup_steps": self.timing.warmup_steps,
+            "timed_s": self.timing.timed_s,
+            "min_steps": self.timing.min_steps,
+            "max_steps": self.timing.max_steps,
+        }
 
     def close_group(self) -> None:
         """Stop the group that is up, if any (between trials it is only waiting for work)."""
@@ -296,7 +317,10 @@ def outcome_words(candidate, result: dict) -> str:
     if result["status"] == "ok":
         clips = clips_per_step(candidate) * result["steps"] / result["seconds"]
         wait = result["data_wait_s"] / result["seconds"]
-        return f"{clips:.1f} clips/s, {wait:.0%} waiting for data, peak {result['peak_gib']:.2f} GiB"
+        words = f"{clips:.1f} clips/s, {wait:.0%} waiting for data, peak {result['peak_gib']:.2f} GiB"
+        if result.get("raced_out"):
+            words += f"; {raced_out_words(result)}"
+        return words
     ranks = result.get("ranks")
     on = f" on rank {', '.join(map(str, ranks))}" if ranks else ""
     return f"{result['status']}{on}: {result.get('error', '')}"
@@ -305,3 +329,10 @@ def outcome_words(candidate, result: dict) -> str:
 def clips_per_step(candidate) -> int:
     v = candidate.values
     return v["train.micro_batch_size"] * v["train.grad_accum_steps"] * candidate.world
+
+
+def raced_out_words(result: dict) -> str:
+    return (
+        f"stopped after {result['steps']} steps, slower in each than trial {result['against']} "
+        f"({result['bar_clips_per_s']:.1f})"
+    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -28,7 +27,14 @@ from rigtrain.train.rehearsal import FAULT_OOM_ABOVE
 from rigtrain.train.stopping import die_with_launcher, exit_without_teardown
 from rigtrain.train.trainer import Trainer
 from rigtrain.train.worker import out_of_memory
-from rigtrain.tune.records import LEAKED_EXIT, combine, trial_dir
+from rigtrain.tune.records import (
+    LEAKED_EXIT,
+    combine,
+    next_chunk_steps,
+    round_leader,
+    trial_dir,
+    window_verdict,
+)
 
 # Fault injection for the tests (like rehearsal.FAULT_OOM_ABOVE, which trials honour too):
 # a trial with this micro-batch never returns from its first step, as a hung collective.
@@ -43,11 +49,24 @@ def main() -> int:
     parser.add_argument("--queue", required=True)
     args = parser.parse_args()
     die_with_launcher()
-    tune_dir, queue = Path(args.tune_dir), json.loads(Path(args.queue).read_text())
+    tune_dir, queue = Path(args.tune_dir), wait_for_queue(Path(args.queue))
     # The plan's environment (OMP_NUM_THREADS, NCCL settings) came from the driver, which
     # set it before this process imported torch.
     first = json.loads((trial_dir(tune_dir, queue["trials"][0]) / "config.json").read_text())
     return TrialRunner(tune_dir, Path(args.queue), queue, first["plan"]).run()
+
+
+def wait_for_queue(queue_file: Path) -> dict:
+    """The group's queue. The first group is started while the driver still plans (it
+    writes the queue once the trials are known): meanwhile this process has imported torch
+    and DeepSpeed, and imports torch._dynamo, which DeepSpeed's first initialize imports
+    (its optimizer check loads a torch.compile'd optimizer): 1.2 s of a CPU trial's 1.7 s
+    build, off the tune's critical path."""
+    import torch._dynamo  # noqa: F401 - the import is the point: see above
+
+    while not queue_file.exists():
+        time.sleep(0.05)  # the driver writes it atomically (files.write_json)
+    return json.loads(queue_file.read_text())
 
 
 class TrialRunner:
@@ -83,10 +102,13 @@ class TrialRunner:
             started = time.time()
             if self.rank == 0:
                 write_json(folder / "started.json", {"time": started})
-            timed_s, min_steps = self.queue.get("timing", {}).get(
-                str(index), (self.queue["timed_s"], self.queue["min_steps"])
-            )
-            outcome = self._trial(folder, timed_s, min_steps)
+            window = {
+                "timed_s": self.queue["timed_s"],
+                "min_steps": self.queue["min_steps"],
+                **self.queue.get("timing", {}).get(str(index), {}),
+            }
+            window["bar"] = self._bar(window.get("race_against", []))
+            outcome = self._trial(folder, window)
             outcomes = self._gather(outcome)
             self.longest_s = max(self.longest_s, time.time() - started)
             if self.rank == 0:
@@ -101,6 +123,22 @@ class TrialRunner:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         return code
+
+    def _bar(self, rivals: list[int]) -> tuple[int, float] | None:
+        """The fastest finished trial of this trial's round, as rank 0 reads the records: the
+        bar this trial races against (records.window_verdict)."""
+        if not rivals:
+            return None
+        mine = None
+        if self.rank == 0:
+            records = {}
+            for index in rivals:
+                try:
+                    records[index] = json.loads((trial_dir(self.tune_dir, index) / "result.json").read_text())
+                except (OSError, ValueError):
+                    pass  # not run yet, or never: it sets no bar
+            mine = round_leader(records)
+        return mine if self.world == 1 else self._gather(mine)[0]
 
     def _shared_queue(self) -> dict:
         """The queue file as rank 0 reads it now, the same on every rank (each reading the
@@ -123,7 +161,7 @@ class TrialRunner:
         return max(self._gather(float(value)))
 
     # -- one trial ----------------------------------------------------------------------------
-    def _trial(self, folder: Path, timed_s: float, min_steps: int) -> dict:
+    def _trial(self, folder: Path, window: dict) -> dict:
         """This rank's outcome: the timed steps' seconds, data wait and peak memory, or the
         failure. Whatever happens, the trial's engine and loader are gone afterwards."""
         trainer = None
@@ -135,7 +173,7 @@ class TrialRunner:
             torch._dynamo.reset()
             trainer = TrialTrainer(folder, self.control)
             self._inject_faults(trainer.config.train.micro_batch_size)
-            return self._timed(trainer, timed_s, min_steps)
+            return self._timed(trainer, window)
         except Exception as err:  # noqa: BLE001 - every failure is a trial's result, not the tune's end
             status = "oom" if out_of_memory(err) else "failed"
             line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
@@ -168,55 +206,60 @@ class TrialRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _timed(self, trainer: TrialTrainer, timed_s: float, min_steps: int) -> dict:
-        """Warm-up steps (allocations, the loader's start, compilation), one step to size the
-        window, then the timed window: whole steps, data included, every rank starting
-        together; the slowest rank's time counts."""
+    def _timed(self, trainer: TrialTrainer, window: dict) -> dict:
+        """Warm-up steps (allocations, the loader's start, compilation), then the timed
+        window: whole steps, data included, every rank starting together, timed in chunks
+        (the slowest rank's time of each counts) until the window is full or the trial
+        trails its round's fastest in every chunk (records.window_verdict)."""
         process = psutil.Process()
         started = time.perf_counter()
         for _ in range(self.queue["warmup_steps"]):
             trainer.train_step()
         self._sync()
         warmup_s = time.perf_counter() - started
-        one = time.perf_counter()
-        trainer.train_step()
-        self._sync()
-        one = time.perf_counter() - one
-        steps = int(
-            self._max(
-                min(
-                    self.queue["max_steps"],
-                    max(min_steps, math.ceil(timed_s / max(one, 1e-6))),
-                )
-            )
-        )
+        t = trainer.config.train
+        clips_per_step = t.micro_batch_size * t.grad_accum_steps * self.world
+        bar = window.get("bar")
         if self.control is not None:
             torch.distributed.barrier(group=self.control)
         rss = process.memory_info().rss
         trainer._restart_step_clock()  # data wait counts from here
-        began = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()
-            if self.device.type != "cuda":
-                rss = max(rss, process.memory_info().rss)
-        self._sync()
-        seconds = time.perf_counter() - began
+        chunks: list[tuple[int, float]] = []
+        while True:
+            steps = next_chunk_steps(chunks, self.queue["max_steps"])
+            began = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+                if self.device.type != "cuda":
+                    rss = max(rss, process.memory_info().rss)
+            self._sync()
+            chunks.append((steps, self._max(time.perf_counter() - began)))
+            verdict = window_verdict(
+                chunks, clips_per_step, window["timed_s"], window["min_steps"], self.queue["max_steps"],
+                bar[1] if bar else None,
+            )  # fmt: skip
+            if verdict:
+                break
         gib = 2**30
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / gib
             reserved = torch.cuda.max_memory_reserved(self.device) / gib
         else:
             peak = reserved = rss / gib
-        return {
+        outcome = {
             "status": "ok",
             "rank": self.rank,
-            "seconds": seconds,
-            "steps": steps,
+            "seconds": sum(s for _, s in chunks),
+            "steps": sum(n for n, _ in chunks),
+            "clips_per_step": clips_per_step,
             "data_wait_s": trainer.data_wait_since_log,
             "warmup_s": warmup_s,
             "peak_gib": peak,
             "reserved_gib": reserved,
         }
+        if verdict == "raced out":
+            outcome.update(raced_out=True, against=bar[0], bar_clips_per_s=round(bar[1], 2))
+        return outcome
 
 
 class TrialTrainer(Trainer):
