@@ -288,6 +288,22 @@ def test_the_outcome_is_said_when_only_some_trials_were_measured_again(tmp_path,
     assert "kept the plan's own choice" in said and "trial 1 at 212.0" in said
 
 
+def test_the_table_says_which_trials_stopped_early_and_against_which():
+    from rigtrain.tune.report import format_table
+
+    values = {k: 0 for k in TUNED_KEYS} | {"train.offload_optimizer": "none"}
+    rows = []
+    for index in range(3):
+        row = _row(index, 300 - 50 * index) | {"world": 1, "values": values, "predicted_clips_per_s": 100.0}
+        rows.append(row)
+    rows[2].update(raced_out=True, against=0)
+    rows[1]["confirmation"] = {"status": "ok", "clips_per_s": 240.0, "raced_out": True, "against": 0}
+    lines = format_table({"trials": rows, "best": 0}).splitlines()[1:]
+    assert "stopped" not in lines[0]
+    assert lines[1].endswith("ok, again stopped early (slower than #0 again)")
+    assert lines[2].endswith("ok, stopped early (slower than #0)")
+
+
 @pytest.mark.slow
 def test_one_worker_group_runs_every_zero_stage_one_after_another(tmp_path, demo_data):
     """The CPU stand-in for a GPU tune's trials: ZeRO-3, then ZeRO-1, then ZeRO-2, built and

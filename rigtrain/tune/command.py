@@ -81,7 +81,7 @@ def tune(
         tune_dir,
         candidates,
         {c.index: search.result(c.index) for c in candidates if c.pruned is None},
-        {c: search.result(i) for c, i in search.confirmations.items()},
+        search.confirmation_results(),
         one_round=search.one_round,
         preset=preset,
         fixed={k: _value(config, k) for k in sorted(fixed)},

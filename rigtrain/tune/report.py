@@ -228,8 +228,10 @@ def format_table(record: dict) -> str:
         v = r["values"]
         measured = r.get("clips_per_s")
         outcome = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"[:90]
-        if r.get("raced_out") or (r.get("confirmation") or {}).get("raced_out"):
-            outcome += f", stopped early (slower than #{r.get('against', r.get('confirmation', {}).get('against'))})"
+        if r.get("raced_out"):
+            outcome += f", stopped early (slower than #{r['against']})"
+        if (r.get("confirmation") or {}).get("raced_out"):
+            outcome += f", again stopped early (slower than #{r['confirmation']['against']} again)"
         if r["index"] == record["best"]:
             outcome += "  <- fastest"
         if r["baseline"]:

@@ -290,6 +290,17 @@ class Search:
         except (OSError, ValueError):
             return None
 
+    def confirmation_results(self) -> dict[int, dict | None]:
+        """Candidate -> its confirmation trial's record, a trial it trailed named by its
+        candidate (the table shows candidates; trial 24 may be trial 0 measured again)."""
+        out = {}
+        for candidate, index in self.confirmations.items():
+            result = self.result(index)
+            if result and result.get("raced_out"):
+                result = {**result, "against": self.measures[result["against"]].index}
+            out[candidate] = result
+        return out
+
     def _rank_failures(self, index: int) -> list[dict]:
         out = []
         for path in trial_dir(self.tune_dir, index).glob("rank-*.json"):
@@ -310,6 +321,11 @@ class Search:
                 if result is not None:
                     self.printed.add(index)
                     again = f" again (trial {c.index})" if index != c.index else ""
+                    if result.get("raced_out") and result["against"] != self.measures[result["against"]].index:
+                        result = {
+                            **result,
+                            "against": f"{result['against']} (trial {self.measures[result['against']].index} again)",
+                        }
                     self.say(f"trial {index}{again}: {c.describe()}: {outcome_words(c, result)}")
 
 
