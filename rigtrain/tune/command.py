@@ -83,6 +83,7 @@ def tune(
         {c.index: search.result(c.index) for c in candidates if c.pruned is None},
         search.confirmation_results(),
         one_round=search.one_round,
+        plan_again=search.result(search.plan_again) if search.plan_again is not None else None,
         preset=preset,
         fixed={k: _value(config, k) for k in sorted(fixed)},
         rig=rig,
