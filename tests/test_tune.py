@@ -431,3 +431,31 @@ def test_a_clearly_slower_trial_is_stopped_early_and_the_fastest_runs_its_whole_
     assert json.loads((tmp_path / "trials" / "003" / "config.json").read_text()) == json.loads(
         (tmp_path / "trials" / "000" / "config.json").read_text()
     )
+
+
+def test_the_hparams_view_has_one_row_per_trial_with_its_outcome(tmp_path):
+    """Read back as TensorBoard reads it: each trial's run carries its settings and outcome
+    (a trial stopped early says so), and its clips/s."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from rigtrain.tune.report import _write_hparams
+
+    values = {k: 1 for k in TUNED_KEYS} | {"train.offload_optimizer": "none"}
+    rows = [_row(i, 300.0 - 50 * i) | {"world": 1, "values": values, "predicted_clips_per_s": 250.0} for i in range(3)]
+    rows[1].update(raced_out=True, against=0)
+    rows[2].update(status="oom", error="out of memory")
+    _write_hparams(tmp_path, rows)
+    outcomes, speeds = {}, {}
+    for events_file in sorted(tmp_path.glob("trial-*/events.out.tfevents.*")):
+        run = events_file.parent.name
+        for event in EventFileLoader(str(events_file)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    content = value.metadata.plugin_data.content
+                    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+                    outcomes[run] = info.hparams["outcome"].string_value
+                elif value.tag == "tune/clips_per_s":
+                    speeds[run] = value.tensor.float_val[0] if value.HasField("tensor") else value.simple_value
+    assert outcomes == {"trial-000": "ok", "trial-001": "ok, stopped early", "trial-002": "oom"}
+    assert speeds["trial-000"] == pytest.approx(300.0) and speeds["trial-001"] == pytest.approx(250.0)

@@ -300,7 +300,7 @@ def _write_hparams(logdir: Path, rows: list[dict]) -> None:
                 continue
             hparams = {k: v for k, v in r["values"].items()}
             hparams["processes"] = r["world"]
-            hparams["outcome"] = r["status"]
+            hparams["outcome"] = f"{r['status']}, stopped early" if r.get("raced_out") else r["status"]
             metrics = {
                 "tune/clips_per_s": r.get("clips_per_s", 0.0),
                 "tune/predicted_clips_per_s": r["predicted_clips_per_s"],
