@@ -96,6 +96,46 @@ def test_candidates_predicted_not_to_fit_are_pruned_before_they_run(monkeypatch,
         assert same and max(same) > c.predicted_clips_per_s
 
 
+def test_the_first_round_moves_one_setting_at_a_time_from_the_fastest(monkeypatch):
+    """Two 3090s: far more combinations fit than a few minutes hold. The phases try each
+    setting around the fastest so far, move to a phase's winner only past the noise, and
+    reach a combination of winners that the plan's own choice is several settings from."""
+    from rigtrain.tune.phases import PHASES, neighbours, phase_winner
+
+    _stub_step_peak(monkeypatch, 2**24)
+    rig = read_rig_file(RIGS / "two_3090_one_on_x4_850w.json")
+    candidates = make_candidates(load_config("small"), rig, set())
+    runnable = [c for c in candidates if c.pruned is None]
+    by_index = {c.index: c for c in candidates}
+    # a made-up machine: compiled is 20% faster, ZeRO-2 5%, two loader threads 10%, and
+    # micro-batches below the plan's lose 10% a halving
+    base = candidates[0]
+
+    def speed(c) -> float:
+        v = c.values
+        s = 100.0 * (1.2 if v["train.compile"] else 1.0) * (1.05 if v["train.zero_stage"] == 2 else 1.0)
+        s *= 1.1 if v["data.workers"] == 2 else 1.0
+        s *= 0.9 ** max(0, base.values["train.micro_batch_size"] // v["train.micro_batch_size"] - 1)
+        return s
+
+    center, tried = base, {base.index}
+    for _, keys in PHASES:
+        indices = neighbours(candidates, center, keys, tried)
+        for i in indices:
+            assert set(by_index[i].changed(center)) <= keys | {"train.zero_stage"}
+        tried.update(indices)
+        speeds = {i: speed(by_index[i]) for i in [center.index, *indices]}
+        center = by_index[phase_winner(center.index, indices, speeds)]
+    assert len(runnable) > 100 and len(tried) < 30, (len(runnable), len(tried))
+    v = center.values
+    assert (v["train.compile"], v["train.zero_stage"], v["data.workers"]) == (True, 2, 2)
+    assert v["train.micro_batch_size"] == base.values["train.micro_batch_size"]
+    # within the noise the fastest so far stays; a failed one gives way to what ran
+    assert phase_winner(0, [5], {0: 100.0, 5: 102.0}) == 0
+    assert phase_winner(0, [5, 6], {5: 90.0, 6: 95.0}) == 6
+    assert phase_winner(0, [5], {0: 100.0}) == 0
+
+
 def test_keys_the_user_sets_are_not_tuned(monkeypatch):
     _stub_step_peak(monkeypatch, 2**20)
     rig = read_rig_file(RIGS / "rtx4060_8gb.json")
@@ -216,7 +256,9 @@ def test_tune_survives_out_of_memory_on_one_rank_and_a_hang_and_its_result_train
     assert "trial" in result.stdout and "fastest" in result.stdout
     # TensorBoard's hparams view: one run per trial that ran or failed
     runs = sorted(p.name for p in (out / "tb").iterdir() if p.is_dir())
-    assert runs == [f"trial-{t['index']:03d}" for t in record["trials"] if t["status"] not in ("pruned", "not run")]
+    assert runs == [
+        f"trial-{t['index']:03d}" for t in record["trials"] if t["status"] not in ("pruned", "not run", "skipped")
+    ]
 
     # the TOML file round-trips into a config, and --tuned trains with it (user keys win)
     tuned = load_config("demo", str(out / "tuned.toml"))

@@ -92,3 +92,28 @@ def round_leader(records: dict[int, dict]) -> tuple[int, float] | None:
         return None
     best = max(speeds, key=speeds.get)
     return best, speeds[best]
+
+
+def outcome_words(candidate, result: dict) -> str:
+    if result["status"] == "ok":
+        clips = clips_per_step(candidate) * result["steps"] / result["seconds"]
+        wait = result["data_wait_s"] / result["seconds"]
+        words = f"{clips:.1f} clips/s, {wait:.0%} waiting for data, peak {result['peak_gib']:.2f} GiB"
+        if result.get("raced_out"):
+            words += f"; {raced_out_words(result)}"
+        return words
+    ranks = result.get("ranks")
+    on = f" on rank {', '.join(map(str, ranks))}" if ranks else ""
+    return f"{result['status']}{on}: {result.get('error', '')}"
+
+
+def clips_per_step(candidate) -> int:
+    v = candidate.values
+    return v["train.micro_batch_size"] * v["train.grad_accum_steps"] * candidate.world
+
+
+def raced_out_words(result: dict) -> str:
+    return (
+        f"stopped after {result['steps']} steps, slower in each than trial {result['against']} "
+        f"({result['bar_clips_per_s']:.1f})"
+    )

@@ -179,8 +179,9 @@ def _say_outcome(tune_dir: Path, record: dict, best: dict | None) -> None:
     print(
         f"{len(rows)} configurations: {sum(r['status'] == 'ok' for r in rows)} measured, "
         f"{sum(r['status'] in ('oom', 'failed', 'timeout', 'cut off') for r in rows)} failed or cut off, "
-        f"{sum(r['status'] == 'not run' for r in rows)} not reached in the budget, {len(pruned)} pruned "
-        f"({fit} predicted not to fit, {len(pruned) - fit} predicted far slower); "
+        f"{sum(r['status'] == 'not run' for r in rows)} not reached in the budget, "
+        f"{sum(r['status'] == 'skipped' for r in rows)} skipped (never one setting from the fastest), "
+        f"{len(pruned)} pruned ({fit} predicted not to fit, {len(pruned) - fit} predicted far slower); "
         f"{record['elapsed_s']:.0f} s of a {record['budget_s']:.0f} s budget"
     )
     if record["stopped_by"]:
@@ -235,8 +236,8 @@ def format_table(record: dict) -> str:
     )
     lines = [header]
     for r in record["trials"]:
-        if r["status"] == "pruned":
-            continue
+        if r["status"] in ("pruned", "skipped"):
+            continue  # counted below the table; tune.json has them
         v = r["values"]
         measured = r.get("clips_per_s")
         outcome = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"[:90]
@@ -296,7 +297,7 @@ def _write_hparams(logdir: Path, rows: list[dict]) -> None:
 
     with SummaryWriter(str(logdir)) as writer:
         for r in rows:
-            if r["status"] in ("pruned", "not run"):
+            if r["status"] in ("pruned", "not run", "skipped"):
                 continue
             hparams = {k: v for k, v in r["values"].items()}
             hparams["processes"] = r["world"]

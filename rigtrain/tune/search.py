@@ -20,7 +20,8 @@ from pathlib import Path
 from rigtrain.files import write_json
 from rigtrain.train.processes import last_line
 from rigtrain.tune.groups import exit_words, kill, start_group
-from rigtrain.tune.records import LEAKED_EXIT, trial_dir
+from rigtrain.tune.phases import PHASES, SKIPPED, neighbours, phase_winner
+from rigtrain.tune.records import LEAKED_EXIT, clips_per_step, outcome_words, trial_dir
 from rigtrain.tune.report import choose, trial_row
 
 # The first round's share of the budget (every candidate, short windows); the rest confirms
@@ -33,6 +34,7 @@ CONFIRM_WINDOW = 3
 # After a rank records a failure, the others have this long to agree on it before the
 # driver decides they are stuck in a collective the failed rank will never join.
 FAILURE_GRACE_S = 5.0
+NOT_RUN = {"status": "not run", "error": "the budget ran out before it"}
 # A trial's own settings, beside the configuration it measures: no evaluation, checkpoint,
 # profile or logging step inside the timed window (a logging step waits for the GPU).
 TRIAL_SETTINGS = {
@@ -101,10 +103,7 @@ class Search:
             self._measure_plan_again(long_s, long_steps)
             return
         now = time.time()
-        self._round(
-            screen, now + (self.deadline - now) * SCREEN_SHARE, self.timing.timed_s, self.timing.min_steps, True
-        )
-        self._mark_not_run(screen)
+        self._first_round(screen, now + (self.deadline - now) * SCREEN_SHARE)
         finalists = self._finalists()
         if len(finalists) < 2:
             self.close_group()
@@ -147,10 +146,42 @@ class Search:
         finally:
             self.close_group()
 
+    def _first_round(self, screen: list[int], deadline: float) -> None:
+        """The plan's own choice, then each phase's neighbours of the fastest so far
+        (phases.py), short windows, every trial racing against the round's fastest. What no
+        phase reached is `skipped` when the phases ended, `not run` when the budget did."""
+        short = (self.timing.timed_s, self.timing.min_steps)
+        baseline = self.candidates[0]
+        self._round([baseline.index], deadline, *short, True, rivals=screen)
+        center, tried = baseline, {baseline.index}
+        for name, keys in PHASES:
+            if time.time() >= deadline:
+                break
+            indices = neighbours(self.candidates, center, keys, tried)
+            if not indices:
+                continue
+            self.say(f"{name}: {len(indices)} around trial {center.index}")
+            tried.update(indices)
+            self._round(indices, deadline, *short, True, rivals=screen)
+            speeds = {i: self.speed(i) for i in [center.index, *indices] if self.speed(i) is not None}
+            center = self.measures[phase_winner(center.index, indices, speeds)]
+        self._mark_not_run(sorted(tried))
+        finished = time.time() < deadline
+        for index in screen:
+            if index not in tried:
+                self._record(index, {"status": "skipped", "error": SKIPPED} if finished else NOT_RUN)
+
+    def speed(self, index: int) -> float | None:
+        """Clips/s of a trial that ran its whole window, else None."""
+        r = self.result(index)
+        if not r or r.get("status") != "ok" or r.get("raced_out"):
+            return None
+        return clips_per_step(self.measures[index]) * r["steps"] / r["seconds"]
+
     def _mark_not_run(self, indices: list[int]) -> None:
         for index in indices:
             if self.result(index) is None:
-                self._record(index, {"status": "not run", "error": "the budget ran out before it"})
+                self._record(index, NOT_RUN)
 
     def _finalists(self) -> list:
         """The plan's own choice (if it ran) and the fastest others of the first round."""
@@ -162,10 +193,19 @@ class Search:
         baseline = [c for c in ok if c.baseline]
         return baseline + others if baseline else []
 
-    def _round(self, indices: list[int], deadline: float, timed_s: float, min_steps: int, keep_open: bool) -> None:
+    def _round(
+        self,
+        indices: list[int],
+        deadline: float,
+        timed_s: float,
+        min_steps: int,
+        keep_open: bool,
+        rivals: list[int] | None = None,
+    ) -> None:
         """Every trial of `indices`, one group per process count. The group that is still up
         from the round before goes first and takes its trials; with keep_open, the round's
-        last group stays up afterwards for the next round."""
+        last group stays up afterwards for the next round. Each trial races against the
+        fastest finished trial of `rivals` (default: `indices`)."""
         worlds = list(dict.fromkeys(self.measures[i].world for i in indices))  # the baseline's first
         if self.live and self.live.world in worlds:
             worlds.remove(self.live.world)
@@ -180,7 +220,7 @@ class Search:
                 remaining = [i for i in queue if self.result(i) is None]
                 if not remaining or time.time() >= group_deadline:
                     break
-                timing = {str(i): self._window(i, indices, timed_s, min_steps) for i in remaining}
+                timing = {str(i): self._window(i, rivals or indices, timed_s, min_steps) for i in remaining}
                 outcome = self._run_on_group(world, remaining, group_deadline, timing, stay)
                 if outcome != "restart":
                     break
@@ -348,6 +388,8 @@ class Search:
                 result = self.result(index)
                 if result is not None:
                     self.printed.add(index)
+                    if result["status"] == "skipped":
+                        continue  # counted under the table, not announced one by one
                     again = f" again (trial {c.index})" if index != c.index else ""
                     if result.get("raced_out") and result["against"] != self.measures[result["against"]].index:
                         result = {
@@ -355,28 +397,3 @@ class Search:
                             "against": f"{result['against']} (trial {self.measures[result['against']].index} again)",
                         }
                     self.say(f"trial {index}{again}: {c.describe()}: {outcome_words(c, result)}")
-
-
-def outcome_words(candidate, result: dict) -> str:
-    if result["status"] == "ok":
-        clips = clips_per_step(candidate) * result["steps"] / result["seconds"]
-        wait = result["data_wait_s"] / result["seconds"]
-        words = f"{clips:.1f} clips/s, {wait:.0%} waiting for data, peak {result['peak_gib']:.2f} GiB"
-        if result.get("raced_out"):
-            words += f"; {raced_out_words(result)}"
-        return words
-    ranks = result.get("ranks")
-    on = f" on rank {', '.join(map(str, ranks))}" if ranks else ""
-    return f"{result['status']}{on}: {result.get('error', '')}"
-
-
-def clips_per_step(candidate) -> int:
-    v = candidate.values
-    return v["train.micro_batch_size"] * v["train.grad_accum_steps"] * candidate.world
-
-
-def raced_out_words(result: dict) -> str:
-    return (
-        f"stopped after {result['steps']} steps, slower in each than trial {result['against']} "
-        f"({result['bar_clips_per_s']:.1f})"
-    )
