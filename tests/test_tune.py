@@ -428,30 +428,9 @@ def test_a_clearly_slower_trial_is_stopped_early_and_the_fastest_runs_its_whole_
     run their whole windows; 3 x 16 (sixteen micro-steps of host overhead a step) trails
     48 x 1 in every chunk and stops after the fewest chunks that can say so. The plan's own
     never stops early, and since 48 x 1 beat it, it is measured once more at the end."""
-    from rigtrain.rig.facts import Cpu, Rig
-    from rigtrain.rig.speed import facts_for
-    from rigtrain.train.launch import check_data, write_run_config
-    from rigtrain.train.planning import PLANNED, apply_plan, plan_run
-    from rigtrain.tune.candidates import planned_candidate, values_of, with_values
-    from rigtrain.tune.records import trial_dir
-    from rigtrain.tune.search import TRIAL_SETTINGS, Search, Timing
+    from rigtrain.tune.search import Search, Timing
 
-    rig = Rig(cpu=Cpu(cores=2, threads=2), ram_gib=16.0)
-    user = {"train.nproc": 1, "data.workers": 0, "train.micro_batch_size": 12, "train.grad_accum_steps": 4}
-    config = load_config("demo", overrides=[*TINY_MODEL, *(f"{k}={v}" for k, v in user.items())])
-    plan = plan_run(config, rig, user_keys=set(user))
-    base = apply_plan(config, plan)
-    facts = facts_for(rig, (), 10**6, 1e9, "fp32")
-    keys = set(PLANNED) | {"train.nproc", "data.workers", "train.compile"}
-    candidates = []
-    for index, (micro, accum) in enumerate(((12, 4), (48, 1), (3, 16))):
-        values = {**values_of(base, plan), "train.micro_batch_size": micro, "train.grad_accum_steps": accum}
-        c = planned_candidate(base, rig, values, keys, None, facts)
-        c.index, c.baseline = index, index == 0
-        trial_config = with_values(c.config, TRIAL_SETTINGS)
-        _, split = check_data(demo_data, trial_config, c.world)
-        write_run_config(trial_dir(tmp_path, index), trial_config, demo_data, rig, c.plan, {"split": split.to_dict()})
-        candidates.append(c)
+    candidates = _tiny_candidates(tmp_path, demo_data, [(12, 4, 0), (48, 1, 0), (3, 16, 0)])
     window_s = 2.0  # the long windows of one round: 3 x Timing.timed_s
     search = Search(tmp_path, candidates, Timing(90, timed_s=window_s / 3), time.time() + 110, lambda line: None)
     search.run()
@@ -501,3 +480,64 @@ def test_the_hparams_view_has_one_row_per_trial_with_its_outcome(tmp_path):
                     speeds[run] = value.tensor.float_val[0] if value.HasField("tensor") else value.simple_value
     assert outcomes == {"trial-000": "ok", "trial-001": "ok, stopped early", "trial-002": "oom"}
     assert speeds["trial-000"] == pytest.approx(300.0) and speeds["trial-001"] == pytest.approx(250.0)
+
+
+def _tiny_candidates(tmp_path: Path, data: Path, variants: list[tuple[int, int, int]]) -> list:
+    """Candidates of the tiny model in one process, (micro-batch, accumulation, loader
+    threads) each, the first the plan's own, their trial folders written as a tune does."""
+    from rigtrain.rig.facts import Cpu, Rig
+    from rigtrain.rig.speed import facts_for
+    from rigtrain.train.launch import check_data, write_run_config
+    from rigtrain.train.planning import PLANNED, apply_plan, plan_run
+    from rigtrain.tune.candidates import planned_candidate, values_of, with_values
+    from rigtrain.tune.records import trial_dir
+    from rigtrain.tune.search import TRIAL_SETTINGS
+
+    rig = Rig(cpu=Cpu(cores=2, threads=2), ram_gib=16.0)
+    micro, accum, workers = variants[0]
+    user = {"train.nproc": 1, "data.workers": workers, "train.micro_batch_size": micro, "train.grad_accum_steps": accum}
+    config = load_config("demo", overrides=[*TINY_MODEL, *(f"{k}={v}" for k, v in user.items())])
+    plan = plan_run(config, rig, user_keys=set(user))
+    base = apply_plan(config, plan)
+    facts = facts_for(rig, (), 10**6, 1e9, "fp32")
+    keys = set(PLANNED) | {"train.nproc", "data.workers", "train.compile"}
+    candidates = []
+    for index, (micro, accum, workers) in enumerate(variants):
+        values = {
+            **values_of(base, plan),
+            "train.micro_batch_size": micro,
+            "train.grad_accum_steps": accum,
+            "data.workers": workers,
+        }
+        c = planned_candidate(base, rig, values, keys, None, facts)
+        c.index, c.baseline = index, index == 0
+        trial_config = with_values(c.config, TRIAL_SETTINGS)
+        _, split = check_data(data, trial_config, c.world)
+        write_run_config(trial_dir(tmp_path, index), trial_config, data, rig, c.plan, {"split": split.to_dict()})
+        candidates.append(c)
+    return candidates
+
+
+@pytest.mark.slow
+def test_the_first_round_moves_to_a_phases_winner_and_skips_what_is_never_one_setting_away(tmp_path, demo_data):
+    """A real tune's search over six candidates of the tiny model: the micro-batch phase
+    finds 48 x 1 (one step, not four: faster), the loader-thread phase then varies 48 x 1,
+    not the plan's own 12 x 4, and the combinations of a losing micro-batch with the other
+    loader-thread count are skipped, never started."""
+    from rigtrain.tune.search import Search, Timing
+
+    variants = [(12, 4, 0), (48, 1, 0), (3, 16, 0), (12, 4, 1), (48, 1, 1), (3, 16, 1)]
+    candidates = _tiny_candidates(tmp_path, demo_data, variants)
+    said: list[str] = []
+    search = Search(tmp_path, candidates, Timing(90, timed_s=0.3), time.time() + 100, said.append)
+    try:
+        search._first_round(list(search.measures), time.time() + 70)
+    finally:
+        search.close_group()
+    status = {i: search.result(i)["status"] for i in range(6)}
+    assert status == {0: "ok", 1: "ok", 2: "ok", 3: "skipped", 4: "ok", 5: "skipped"}, (status, said)
+    for index in (3, 5):
+        assert not (tmp_path / "trials" / f"{index:03d}" / "started.json").exists()
+        assert "one setting" in search.result(index)["error"]
+    assert any(line.startswith("loader threads: 1 around trial 1") for line in said), said
+    assert sorted(c.index for c in search._finalists()) == [0, 1, 2, 4]  # the confirmation round's trials
