@@ -136,6 +136,36 @@ def test_the_first_round_moves_one_setting_at_a_time_from_the_fastest(monkeypatc
     assert phase_winner(0, [5], {0: 100.0}) == 0
 
 
+def test_the_plan_measured_again_gets_a_trial_of_its_own(monkeypatch, tmp_path):
+    """When another trial leads, the plan's own choice is measured once more as a new trial,
+    numbered after every candidate (pruned ones included, which must never get a folder)
+    and every confirmation; with the budget spent, not at all."""
+    from rigtrain.files import write_json
+    from rigtrain.tune.records import trial_dir
+    from rigtrain.tune.search import Search, Timing
+
+    _stub_step_peak(monkeypatch, 2**30)  # 1 GiB per clip: the largest micro-batches are pruned
+    candidates = make_candidates(load_config("demo"), read_rig_file(RIGS / "rtx4060_8gb.json"), set())
+    assert candidates[-1].pruned and candidates[1].pruned is None
+    for index, steps in ((0, 10), (1, 20)):  # trial 1 twice as fast as the plan's own
+        trial_dir(tmp_path, index).mkdir(parents=True)
+        write_json(trial_dir(tmp_path, index) / "config.json", {})
+        c = candidates[index]
+        clips = c.values["train.micro_batch_size"] * c.values["train.grad_accum_steps"] * c.world
+        record = {"status": "ok", "steps": steps, "seconds": 1.0, "clips_per_step": clips, "data_wait_s": 0.0}
+        write_json(trial_dir(tmp_path, index) / "result.json", {**record, "peak_gib": 1.0})
+    search = Search(tmp_path, candidates, Timing(90), time.time() + 100, lambda line: None)
+    rounds = []
+    monkeypatch.setattr(search, "_round", lambda indices, *args, **kw: rounds.append(indices))
+    search._measure_plan_again(9.0, 9)
+    assert rounds == [[len(candidates)]] and search.plan_again == len(candidates)
+    assert (trial_dir(tmp_path, len(candidates)) / "config.json").exists()
+    assert not any(trial_dir(tmp_path, c.index).exists() for c in candidates if c.pruned)
+    late = Search(tmp_path, candidates, Timing(90), time.time() - 1, lambda line: None)
+    late._measure_plan_again(9.0, 9)
+    assert late.plan_again is None
+
+
 def test_keys_the_user_sets_are_not_tuned(monkeypatch):
     _stub_step_peak(monkeypatch, 2**20)
     rig = read_rig_file(RIGS / "rtx4060_8gb.json")

@@ -134,9 +134,10 @@ class Search:
                 for c in self.candidates
             ]  # fmt: skip
             best, _, _, kept = choose(rows)
-            if best is None or best["baseline"] or kept or rows[0]["status"] != "ok":
+            if best is None or best["baseline"] or kept or rows[0]["status"] != "ok" or time.time() >= self.deadline:
                 return
-            index = max(self.measures) + 1
+            # after every candidate's index (pruned ones have theirs, with no folder) and confirmation
+            index = max(len(self.candidates) - 1, *self.measures) + 1
             self.measures[index], self.plan_again = self.candidates[0], index
             trial_dir(self.tune_dir, index).mkdir(parents=True)
             shutil.copy(trial_dir(self.tune_dir, 0) / "config.json", trial_dir(self.tune_dir, index) / "config.json")
