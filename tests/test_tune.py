@@ -571,3 +571,50 @@ def test_the_first_round_moves_to_a_phases_winner_and_skips_what_is_never_one_se
         assert "one setting" in search.result(index)["error"]
     assert any(line.startswith("loader threads: 1 around trial 1") for line in said), said
     assert sorted(c.index for c in search._finalists()) == [0, 1, 2, 4]  # the confirmation round's trials
+
+
+@pytest.mark.slow
+def test_a_tune_stopped_by_sigterm_keeps_what_it_measured_and_leaves_no_worker(tmp_path):
+    """SIGTERM (a scheduler, `kill`) in the middle of the trials: the workers are stopped,
+    what was measured is written and chosen from, the exit code says which signal, and no
+    traceback stands in for the sentence."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "tune"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    command = [sys.executable, "-m", "rigtrain", "tune", "--out", str(out), "--budget-s", "120", "--trial-seconds", "1"]
+    tune = subprocess.Popen(
+        [*command, "--set", *TINY_MODEL, "train.nproc=1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "trials" / "001" / "started.json").exists():
+            assert tune.poll() is None and time.monotonic() < deadline, "the tune never reached its second trial"
+            time.sleep(0.1)
+        tune.send_signal(signal.SIGTERM)
+        stdout, stderr = tune.communicate(timeout=60)
+    finally:
+        tune.kill()
+    assert tune.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr
+    record = json.loads((out / "tune.json").read_text())
+    assert record["stopped_by"] == "SIGTERM" and "stopped by SIGTERM" in stdout
+    status = {t["index"]: t["status"] for t in record["trials"]}
+    assert status[0] == "ok" and record["best"] is not None and (out / "tuned.toml").exists()
+    in_flight = next(t for t in record["trials"] if t["index"] == 1)
+    assert in_flight["status"] == "cut off" and in_flight["error"] == "stopped by SIGTERM during it"
+    for t in record["trials"]:
+        if t["status"] == "not run":
+            assert t["error"] == "the tune was stopped by SIGTERM before it", t
+    assert "not reached before SIGTERM" in stdout
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"] for p in left]

@@ -74,6 +74,7 @@ def tune(
     except Interrupted as why:
         stopped = str(why)
         kill(search.processes)
+        search.mark_stopped(stopped)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -3,6 +3,7 @@ record: light (no torch), for the driver and the workers alike."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 LEAKED_EXIT = 3  # a worker kept memory a torn-down trial should have freed: start a fresh group
@@ -23,6 +24,33 @@ RACE_MIN_CHUNKS = 3
 
 def trial_dir(tune_dir: Path, index: int) -> Path:
     return tune_dir / "trials" / f"{index:03d}"
+
+
+def read_result(tune_dir: Path, index: int) -> dict | None:
+    """A trial's record (result.json), or None while it has none."""
+    try:
+        return json.loads((trial_dir(tune_dir, index) / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_started(tune_dir: Path, index: int) -> float | None:
+    """When a trial began (started.json), or None before it did."""
+    try:
+        return json.loads((trial_dir(tune_dir, index) / "started.json").read_text())["time"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def rank_failures(tune_dir: Path, index: int) -> list[dict]:
+    """The failures single ranks wrote for a trial (rank-R.json), each with when it was written."""
+    out = []
+    for path in trial_dir(tune_dir, index).glob("rank-*.json"):
+        try:
+            out.append({**json.loads(path.read_text()), "at": path.stat().st_mtime})
+        except (OSError, ValueError):
+            pass  # being written: read it next time
+    return out
 
 
 def combine(outcomes: list[dict]) -> dict:

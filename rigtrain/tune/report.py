@@ -179,7 +179,8 @@ def _say_outcome(tune_dir: Path, record: dict, best: dict | None) -> None:
     print(
         f"{len(rows)} configurations: {sum(r['status'] == 'ok' for r in rows)} measured, "
         f"{sum(r['status'] in ('oom', 'failed', 'timeout', 'cut off') for r in rows)} failed or cut off, "
-        f"{sum(r['status'] == 'not run' for r in rows)} not reached in the budget, "
+        f"{sum(r['status'] == 'not run' for r in rows)} not reached "
+        f"{'before ' + record['stopped_by'] if record['stopped_by'] else 'in the budget'}, "
         f"{sum(r['status'] == 'skipped' for r in rows)} skipped (never one setting from the fastest), "
         f"{len(pruned)} pruned ({fit} predicted not to fit, {len(pruned) - fit} predicted far slower); "
         f"{record['elapsed_s']:.0f} s of a {record['budget_s']:.0f} s budget"

@@ -11,7 +11,6 @@ and stops everything when the budget is spent."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import subprocess
 import time
@@ -21,7 +20,15 @@ from rigtrain.files import write_json
 from rigtrain.train.processes import last_line
 from rigtrain.tune.groups import exit_words, kill, start_group
 from rigtrain.tune.phases import PHASES, SKIPPED, neighbours, phase_winner
-from rigtrain.tune.records import LEAKED_EXIT, clips_per_step, outcome_words, trial_dir
+from rigtrain.tune.records import (
+    LEAKED_EXIT,
+    clips_per_step,
+    outcome_words,
+    rank_failures,
+    read_result,
+    read_started,
+    trial_dir,
+)
 from rigtrain.tune.report import choose, trial_row
 
 # The first round's share of the budget (every candidate, short windows); the rest confirms
@@ -179,6 +186,14 @@ class Search:
             return None
         return clips_per_step(self.measures[index]) * r["steps"] / r["seconds"]
 
+    def mark_stopped(self, signal_name: str) -> None:
+        """After a Ctrl-C or SIGTERM: the trial in flight was cut off by it, the rest never ran."""
+        cut = {"status": "cut off", "error": f"stopped by {signal_name} during it"}
+        never = {"status": "not run", "error": f"the tune was stopped by {signal_name} before it"}
+        for index in self.measures:
+            if self.result(index) is None:
+                self._record(index, cut if self.started(index) else never)
+
     def _mark_not_run(self, indices: list[int]) -> None:
         for index in indices:
             if self.result(index) is None:
@@ -318,7 +333,7 @@ class Search:
                 )
                 return "restart"
             if current is not None:
-                failures = self._rank_failures(current)
+                failures = rank_failures(self.tune_dir, current)
                 if failures and now - min(f["at"] for f in failures) > FAILURE_GRACE_S:
                     # the failed rank waits to agree; the others wait inside a collective for it
                     record = {
@@ -347,17 +362,10 @@ class Search:
 
     # -- records ------------------------------------------------------------------------------
     def started(self, index: int) -> float | None:
-        path = trial_dir(self.tune_dir, index) / "started.json"
-        try:
-            return json.loads(path.read_text())["time"]
-        except (OSError, ValueError, KeyError):
-            return None
+        return read_started(self.tune_dir, index)
 
     def result(self, index: int) -> dict | None:
-        try:
-            return json.loads((trial_dir(self.tune_dir, index) / "result.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return read_result(self.tune_dir, index)
 
     def confirmation_results(self) -> dict[int, dict | None]:
         """Candidate -> its confirmation trial's record, a trial it trailed named by its
@@ -368,15 +376,6 @@ class Search:
             if result and result.get("raced_out"):
                 result = {**result, "against": self.measures[result["against"]].index}
             out[candidate] = result
-        return out
-
-    def _rank_failures(self, index: int) -> list[dict]:
-        out = []
-        for path in trial_dir(self.tune_dir, index).glob("rank-*.json"):
-            try:
-                out.append({**json.loads(path.read_text()), "at": path.stat().st_mtime})
-            except (OSError, ValueError):
-                pass  # being written: read it next time
         return out
 
     def _record(self, index: int, record: dict) -> None:

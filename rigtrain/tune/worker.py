@@ -31,6 +31,7 @@ from rigtrain.tune.records import (
     LEAKED_EXIT,
     combine,
     next_chunk_steps,
+    read_result,
     round_leader,
     trial_dir,
     window_verdict,
@@ -131,13 +132,7 @@ class TrialRunner:
             return None
         mine = None
         if self.rank == 0:
-            records = {}
-            for index in rivals:
-                try:
-                    records[index] = json.loads((trial_dir(self.tune_dir, index) / "result.json").read_text())
-                except (OSError, ValueError):
-                    pass  # not run yet, or never: it sets no bar
-            mine = round_leader(records)
+            mine = round_leader({index: read_result(self.tune_dir, index) for index in rivals})
         return mine if self.world == 1 else self._gather(mine)[0]
 
     def _shared_queue(self) -> dict:
