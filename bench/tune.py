@@ -169,6 +169,8 @@ def main() -> None:
         "seconds": round(seconds, 1),
         "within_budget": seconds <= args.budget_s,
         "measured": sum(t["status"] == "ok" for t in record["trials"]),
+        "stopped_early": sum(bool(t.get("raced_out")) for t in record["trials"]),
+        "skipped": sum(t["status"] == "skipped" for t in record["trials"]),
         "configurations": len(record["trials"]),
         "best": best["index"],
         "best_values": best["values"],
@@ -198,6 +200,8 @@ def main() -> None:
     print(f"{'what':<46} {'value':>12}")
     print(f"{'tune wall time (s), budget ' + format(args.budget_s, 'g'):<46} {report['tune']['seconds']:>12}")
     print(f"{'configurations measured / planned':<46} {report['tune']['measured']:>5} / {len(record['trials']):<5}")
+    early, skipped = report["tune"]["stopped_early"], report["tune"]["skipped"]
+    print(f"{'  of them stopped early; skipped':<46} {early:>5} ; {skipped:<5}")
     print(f"{'plan own choice, clips/s (median of rounds)':<46} {statistics.median(sbs['plan_clips_per_s']):>12.1f}")
     print(f"{'tuned choice, clips/s (median of rounds)':<46} {statistics.median(sbs['tuned_clips_per_s']):>12.1f}")
     print(f"{'tuned / plan':<46} {sbs['ratio']:>12.3f}")
