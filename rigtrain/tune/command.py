@@ -98,8 +98,9 @@ def tune(
 
 class FirstGroup:
     """The first worker group, started as soon as the plan's own choice is planned: its
-    processes import torch and DeepSpeed while the driver counts FLOPs and plans the other
-    candidates (about 2 s of a short CPU tune), then wait for their queue (search.py)."""
+    processes import torch and torch._dynamo (which DeepSpeed's first initialize needs) while
+    the driver counts FLOPs and plans the other candidates (about 2 s of a short CPU tune),
+    then wait for their queue (search.py)."""
 
     def __init__(self):
         self.world, self.processes = 0, []

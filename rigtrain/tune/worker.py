@@ -59,8 +59,8 @@ def main() -> int:
 
 def wait_for_queue(queue_file: Path) -> dict:
     """The group's queue. The first group is started while the driver still plans (it
-    writes the queue once the trials are known): meanwhile this process has imported torch
-    and DeepSpeed, and imports torch._dynamo, which DeepSpeed's first initialize imports
+    writes the queue once the trials are known): meanwhile this process has imported torch,
+    and imports torch._dynamo, which DeepSpeed's first initialize imports
     (its optimizer check loads a torch.compile'd optimizer): 1.2 s of a CPU trial's 1.7 s
     build, off the tune's critical path."""
     import torch._dynamo  # noqa: F401 - the import is the point: see above
