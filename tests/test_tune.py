@@ -472,9 +472,9 @@ def test_a_clearly_slower_trial_is_stopped_early_and_the_fastest_runs_its_whole_
     speed = {i: r["clips_per_step"] * r["steps"] / r["seconds"] for i, r in enumerate((plans_own, larger, smaller))}
     assert speed[1] > speed[2] * 1.1, speed  # the premise: sixteen micro-steps cost
     assert smaller["raced_out"] and smaller["against"] == max((0, 1), key=speed.get), smaller
-    # stopped after RACE_MIN_CHUNKS chunks (a step, then about a quarter second each), well
-    # before its window would have ended (here 3 steps in 0.6 s of a 2 s window)
-    assert smaller["seconds"] < window_s * 0.75 and smaller["steps"] < larger["steps"] / 4, smaller
+    # stopped after RACE_MIN_CHUNKS chunks (a step, then about a quarter second each), before
+    # its window would have ended (here 3 steps in 0.6 s of a 2 s window; 1.6 s in a loaded CI)
+    assert smaller["seconds"] < window_s and smaller["steps"] < larger["steps"] / 4, smaller
     # 48 x 1 leads, so the plan's own choice is measured once more, after it, whole window
     assert search.plan_again == 3
     again = search.result(3)
@@ -597,9 +597,9 @@ def test_a_tune_stopped_by_sigterm_keeps_what_it_measured_and_leaves_no_worker(t
     )
     try:
         deadline = time.monotonic() + 90
-        while not (out / "trials" / "001" / "started.json").exists():
+        while len(list(out.glob("trials/*/started.json"))) < 2:  # the plan's own, then one more
             assert tune.poll() is None and time.monotonic() < deadline, "the tune never reached its second trial"
-            time.sleep(0.1)
+            time.sleep(0.05)
         tune.send_signal(signal.SIGTERM)
         stdout, stderr = tune.communicate(timeout=60)
     finally:
@@ -610,8 +610,8 @@ def test_a_tune_stopped_by_sigterm_keeps_what_it_measured_and_leaves_no_worker(t
     assert record["stopped_by"] == "SIGTERM" and "stopped by SIGTERM" in stdout
     status = {t["index"]: t["status"] for t in record["trials"]}
     assert status[0] == "ok" and record["best"] is not None and (out / "tuned.toml").exists()
-    in_flight = next(t for t in record["trials"] if t["index"] == 1)
-    assert in_flight["status"] == "cut off" and in_flight["error"] == "stopped by SIGTERM during it"
+    cut = [t for t in record["trials"] if t["status"] == "cut off"]  # the second trial, a second long
+    assert [t["error"] for t in cut] == ["stopped by SIGTERM during it"], status
     for t in record["trials"]:
         if t["status"] == "not run":
             assert t["error"] == "the tune was stopped by SIGTERM before it", t
