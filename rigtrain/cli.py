@@ -101,6 +101,11 @@ def _add_tune_command(commands) -> None:
         "tune",
         help="measure the configurations predicted to fit this machine (micro-batch, accumulation, "
         "checkpointing, ZeRO stage, offload, loader threads, compile; processes on a CPU) and keep the fastest",
+        description="Measures the plan's own configuration, then one setting at a time around the fastest so "
+        "far (micro-batch and memory, ZeRO stage, compile, loader threads), each trial a few seconds of real "
+        "steps with the real loader, a trial that clearly loses stopping early; then the fastest few again with "
+        "longer windows. Writes TUNE_DIR/tune.json and tuned.toml; `rigtrain train --tuned` uses it. "
+        "docs/tune.md has the details.",
     )
     tune.add_argument("--preset", type=nonempty, help="the preset to tune (default: demo)")
     tune.add_argument("--config", metavar="FILE", type=nonempty, help="a TOML or YAML config file")
