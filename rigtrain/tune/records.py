@@ -108,14 +108,17 @@ def next_chunk_steps(chunks: list[tuple[int, float]], max_steps: int) -> int:
     return max(1, min(max_steps - steps, round(CHUNK_S / max(per_step, 1e-9))))
 
 
+def finished_speed(record: dict | None) -> float | None:
+    """Clips/s of a trial that ran its whole window, else None (failed, not run, stopped early)."""
+    if not record or record.get("status") != "ok" or record.get("raced_out") or "clips_per_step" not in record:
+        return None
+    return record["clips_per_step"] * record["steps"] / record["seconds"]
+
+
 def round_leader(records: dict[int, dict]) -> tuple[int, float] | None:
     """(trial, clips/s) of the fastest finished trial among `records` (trial -> result),
     the bar a later trial of the same round races against; a trial stopped early never is."""
-    speeds = {
-        index: r["clips_per_step"] * r["steps"] / r["seconds"]
-        for index, r in records.items()
-        if r and r.get("status") == "ok" and not r.get("raced_out") and "clips_per_step" in r
-    }
+    speeds = {index: speed for index, r in records.items() if (speed := finished_speed(r)) is not None}
     if not speeds:
         return None
     best = max(speeds, key=speeds.get)

@@ -23,6 +23,7 @@ from rigtrain.tune.phases import PHASES, SKIPPED, neighbours, phase_winner
 from rigtrain.tune.records import (
     LEAKED_EXIT,
     clips_per_step,
+    finished_speed,
     outcome_words,
     rank_failures,
     read_result,
@@ -171,20 +172,13 @@ class Search:
             self.say(f"{name}: {len(indices)} around trial {center.index}")
             tried.update(indices)
             self._round(indices, deadline, *short, True, rivals=screen)
-            speeds = {i: self.speed(i) for i in [center.index, *indices] if self.speed(i) is not None}
+            speeds = {i: v for i in [center.index, *indices] if (v := finished_speed(self.result(i))) is not None}
             center = self.measures[phase_winner(center.index, indices, speeds)]
         self._mark_not_run(sorted(tried))
         finished = time.time() < deadline
         for index in screen:
             if index not in tried:
                 self._record(index, {"status": "skipped", "error": SKIPPED} if finished else NOT_RUN)
-
-    def speed(self, index: int) -> float | None:
-        """Clips/s of a trial that ran its whole window, else None."""
-        r = self.result(index)
-        if not r or r.get("status") != "ok" or r.get("raced_out"):
-            return None
-        return clips_per_step(self.measures[index]) * r["steps"] / r["seconds"]
 
     def mark_stopped(self, signal_name: str) -> None:
         """After a Ctrl-C or SIGTERM: the trial in flight was cut off by it, the rest never ran."""
