@@ -1,3 +1,3 @@
-from rigtrain.cli import main
+from rigtrain.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one line naming the file or field), 1 intern
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -356,6 +357,17 @@ COMMANDS = {
     ("data", "check"): cmd_data_check,
     ("data", "bench"): cmd_data_bench,
 }
+
+
+def run() -> int:
+    """The program (`rigtrain`, `python -m rigtrain`): main, then an exit that leaves the
+    objects torch and the command made to the OS. The interpreter's teardown would collect
+    them one by one, 1.1 s after `import torch` alone and 1.9 s after a tune, on a 2-core
+    CPU, with the work done and its files closed. Frozen (gc.freeze), they are skipped;
+    atexit handlers still run and the streams are still flushed."""
+    code = main()
+    gc.freeze()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
