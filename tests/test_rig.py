@@ -4,6 +4,7 @@ against real execution, and the NVML probe against a stand-in NVML."""
 import dataclasses
 import json
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -19,7 +20,7 @@ from rigtrain.rig.facts import read_rig_file, rig_from_dict
 from rigtrain.rig.plan import PlanRequest, make_plan
 from rigtrain.rig.step_memory import PeakBytes, fake_step_peak_bytes
 from rigtrain.train.measured_step import train_step_builder
-from rigtrain.train.planning import plan_run
+from rigtrain.train.planning import machine_rig, plan_run
 
 RIGS = Path(__file__).parent / "rigs"
 
@@ -369,6 +370,31 @@ def test_probe_this_machine_is_a_cpu_rig():
         pytest.skip("this machine has a GPU")
     assert report["rig"]["gpus"] == [] and report["plan"]["device"] == "cpu"
     assert report["rig"]["cpu"]["threads"] >= 1 and report["rig"]["ram_gib"] > 0
+
+
+PLAN_WITHOUT_TORCH = """
+import json, sys
+from rigtrain.config import load_config
+from rigtrain.train.planning import machine_rig, plan_run
+rig = machine_rig()
+plan = plan_run(load_config("demo"), rig, user_keys=set())
+print(json.dumps({"torch_imported": "torch" in sys.modules, "software": rig.software, "micro": plan.micro_batch_size}))
+"""
+
+
+def test_this_machine_is_probed_and_planned_without_importing_torch():
+    """`rigtrain train` and `tune` start the processes that import torch once the plan is
+    made; the planning process itself need not import it (2-3 s) when the plan's steps are
+    in the shipped table: the probe reads torch's version and CUDA build from its files
+    (torch/version.py), as torch reports them, and a CPU build of torch is not asked for GPUs."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU plan's steps are not all in the shipped table")
+    result = subprocess.run([sys.executable, "-c", PLAN_WITHOUT_TORCH], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not found["torch_imported"]
+    assert found["software"]["torch"] == torch.__version__ and found["software"]["torch_cuda"] == torch.version.cuda
+    assert found["micro"] == plan_run(load_config("demo"), machine_rig(), user_keys=set()).micro_batch_size
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -745,6 +771,30 @@ def test_step_peaks_are_measured_once_and_kept_on_disk(tmp_path, monkeypatch):
     assert planning.step_peak_function(config)(6, False, "fp32") > first and len(measured) == 3
 
 
+def test_flops_per_clip_are_counted_once_per_shape_and_kept_on_disk(tmp_path, monkeypatch):
+    """Counting FLOPs builds the model on the meta device (2.5 s of a tune's planning on a
+    2-core CPU): counted once per model and clip shape, then read back, in this process and
+    the next; another model is counted again."""
+    from rigtrain.config import load_config
+    from rigtrain.train import flops, step_peaks
+
+    monkeypatch.setenv("RIGTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(step_peaks, "shipped_table", dict)
+    monkeypatch.setattr(step_peaks, "_MEASURED", {})
+    counted = []
+    real = flops._count
+    monkeypatch.setattr(flops, "_count", lambda *args: counted.append(args) or real(*args))
+    config = load_config("demo")
+    first = flops.train_flops_per_clip(config.model, config.data)
+    assert len(counted) == 1 and first == real(config.model, config.data, 2) / 2 > 0
+    monkeypatch.setattr(step_peaks, "_MEASURED", {})  # a new process: only the disk remembers
+    assert flops.train_flops_per_clip(config.model, config.data) == first and len(counted) == 1
+    other_data = load_config("demo", overrides=["data.workers=3", "data.synth_seed=4"])  # not the step's shape
+    assert flops.train_flops_per_clip(other_data.model, other_data.data) == first and len(counted) == 1
+    wider = load_config("demo", overrides=[f"model.d_model={2 * config.model.d_model}"])
+    assert flops.train_flops_per_clip(wider.model, wider.data) > first and len(counted) == 2
+
+
 def test_the_shipped_step_peaks_are_current_and_are_what_a_measurement_gives(monkeypatch):
     """rigtrain/train/measured_step_peaks.json, written by bench/step_peaks.py: measured with
     this code (else every plan measures again, and the suite takes minutes longer), used
@@ -762,6 +812,10 @@ def test_the_shipped_step_peaks_are_current_and_are_what_a_measurement_gives(mon
     monkeypatch.setattr(step_peaks, "_MEASURED", {})
     monkeypatch.setattr(planning, "fake_step_peak_bytes", lambda build: pytest.fail("measured a shipped shape"))
     shipped = planning.step_peak_function(config)(48, False, "fp32")  # what the demo's CPU plan asks
+    from rigtrain.train import flops  # the demo's FLOPs too: `rigtrain tune` counts them
+
+    monkeypatch.setattr(flops, "_count", lambda *args: pytest.fail("counted the demo's FLOPs"))
+    assert flops.train_flops_per_clip(config.model, config.data) > 0
     monkeypatch.undo()
     fresh = planning.fake_step_peak_bytes(
         planning.train_step_builder(config.model, config.data, micro_batch=48, checkpointing=False, precision="fp32")

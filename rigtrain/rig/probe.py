@@ -146,17 +146,16 @@ def _cpu_model() -> str | None:
     return None
 
 
-def software() -> dict:
-    """What trains: torch and its CUDA build, DeepSpeed and its ops, bitsandbytes, NCCL."""
-
-    import torch  # heavy: only on the paths that need it
-
-    info: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda}
-    if torch.cuda.is_available():
-        try:
-            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception:  # a build without NCCL
-            info["nccl"] = None
+def software(gpus_found: bool = True) -> dict:
+    """What trains: torch and its CUDA build, DeepSpeed and its ops, bitsandbytes, NCCL,
+    read from the installed packages' files: importing torch takes 2-3 s, which `rigtrain
+    train` and `tune` would spend before starting the processes that import it themselves."""
+    build = torch_build()
+    info: dict = {"torch": build["version"], "torch_cuda": build["cuda"]}
+    if build["hip"]:
+        info["torch_hip"] = build["hip"]
+    if gpus_found and (build["cuda"] or build["hip"]):
+        info["nccl"] = _nccl_version(build["cuda"])
     for package in ("deepspeed", "bitsandbytes"):
         try:
             info[package] = metadata.version(package)
@@ -164,6 +163,45 @@ def software() -> dict:
             info[package] = None
     info["deepspeed_ops"] = _deepspeed_prebuilt_ops()
     return info
+
+
+def torch_build() -> dict:
+    """torch's version and the CUDA (or ROCm) it was built for, from torch/version.py, which
+    its build writes; imported only when that file cannot be read (heavy)."""
+    fields: dict = {}
+    spec = importlib.util.find_spec("torch")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "version.py"
+        try:
+            for node in ast.parse(path.read_text()).body:
+                target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+                name = getattr(target, "id", "")
+                if name in ("__version__", "cuda", "hip") and getattr(node, "value", None) is not None:
+                    fields[name] = ast.literal_eval(node.value)
+        except (OSError, SyntaxError, ValueError):
+            fields = {}
+    if not isinstance(fields.get("__version__"), str):
+        import torch  # version.py missing or unreadable: ask torch itself
+
+        fields = {"__version__": torch.__version__, "cuda": torch.version.cuda, "hip": torch.version.hip}
+    return {"version": fields["__version__"], "cuda": fields.get("cuda"), "hip": fields.get("hip")}
+
+
+def _nccl_version(cuda: str | None) -> str | None:
+    """The NCCL torch loads: the nvidia-nccl package its wheel depends on, else (a build
+    with NCCL inside) torch's own answer."""
+    majors = [cuda.split(".")[0]] if cuda else []
+    for major in dict.fromkeys([*majors, "13", "12", "11"]):
+        try:
+            return metadata.version(f"nvidia-nccl-cu{major}")
+        except metadata.PackageNotFoundError:
+            continue
+    import torch  # heavy: a torch built with its own NCCL, on a machine with GPUs
+
+    try:
+        return ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
+    except Exception:  # a build without NCCL
+        return None
 
 
 def _deepspeed_prebuilt_ops() -> str | None:
@@ -209,6 +247,6 @@ def probe(paths: list[str | Path] = ()) -> Rig:
         ram_free_gib=round(memory.available / 2**30, 2),
         swap_gib=round(swap.total / 2**30, 2),
         disk=tuple(disks),
-        software={**driver, **software()},
+        software={**driver, **software(gpus_found=bool(gpus))},
         source="probe",
     )

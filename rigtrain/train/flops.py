@@ -7,6 +7,7 @@ import torch
 
 from rigtrain.config import DataConfig, ModelConfig
 from rigtrain.model.perceiver import build_model
+from rigtrain.train.step_peaks import measured, step_shapes
 
 
 def meta_batch(data: DataConfig, size: int) -> dict[str, torch.Tensor]:
@@ -23,16 +24,23 @@ def meta_batch(data: DataConfig, size: int) -> dict[str, torch.Tensor]:
 
 def train_flops_per_clip(model: ModelConfig, data: DataConfig) -> float:
     """Forward + backward FLOPs per clip (matmuls and attention, as FlopCounterMode counts:
-    2 per multiply-add; elementwise work is not counted, as in MFU conventions)."""
+    2 per multiply-add; elementwise work is not counted, as in MFU conventions). Counted
+    once per model and clip shape: counting builds the model on the meta device, whose
+    first use imports torch._dynamo (2.5 s of a tune's 6 s of planning on a 2-core CPU),
+    so the count is remembered as a step peak is (step_peaks.measured)."""
+    batch = 2
+    return measured(f"train flops batch={batch} {step_shapes(model, data)}", lambda: _count(model, data, batch)) / batch
+
+
+def _count(model: ModelConfig, data: DataConfig, batch: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode  # heavy: only when FLOPs are counted
 
-    batch = 2
     with torch.device("meta"):
         network = build_model(model, data)
         counter = FlopCounterMode(display=False)
         with counter:
             network(meta_batch(data, batch))["loss"].backward()
-    return counter.get_total_flops() / batch
+    return int(counter.get_total_flops())
 
 
 # The share of a card's peak a well-fed train step reaches, for estimates where nothing was

@@ -8,14 +8,12 @@ import dataclasses
 import os
 from pathlib import Path
 
-from rigtrain.config import DataConfig, RunConfig
+from rigtrain.config import RunConfig
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
-from rigtrain.rig.step_memory import fake_step_peak_bytes
 from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted
-from rigtrain.train.measured_step import parameter_count, train_step_builder
 from rigtrain.train.memory_record import recalled, run_kind
-from rigtrain.train.step_peaks import measured
+from rigtrain.train.step_peaks import measured, step_shapes
 
 # config key -> the plan's field
 PLANNED = {
@@ -43,7 +41,9 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
         from rigtrain.rig.probe import probe  # NVML and psutil: only without a rig file
 
         rig = probe(paths)
-        if not rig.gpus:
+        software = rig.software or {}
+        # a CPU build of torch sees no GPU either: nothing to ask it (importing it takes 2-3 s)
+        if not rig.gpus and (software.get("torch_cuda") or software.get("torch_hip")):
             cuda = _gpus_from_cuda()
             if cuda:  # CUDA applied CUDA_VISIBLE_DEVICES itself, and numbered what it left
                 return dataclasses.replace(rig, gpus=cuda, numbered_by_cuda=True)
@@ -71,24 +71,31 @@ def _gpus_from_cuda() -> tuple[Gpu, ...]:
     return tuple(gpus)
 
 
-# DataConfig fields that do not change a step's tensors
-_DATA_FIELDS_OFF_THE_STEP = (
-    "dir",
-    "workers",
-    "prefetch_factor",
-    "shard_clips",
-    "synth_videos",
-    "synth_seed",
-    "clip_stride_s",
-    "resize",
-)
-
-
 def _step_shapes(config: RunConfig) -> str:
-    """The model and clip shape as far as a step's tensors depend on them."""
-    model = dataclasses.replace(config.model, activation_checkpointing=False)
-    data = dataclasses.replace(config.data, **{k: getattr(DataConfig(), k) for k in _DATA_FIELDS_OFF_THE_STEP})
-    return f"{model!r} {data!r}"
+    """The model and clip shape as far as a step's tensors depend on them, checkpointing
+    apart (a step peak's key names it)."""
+    return step_shapes(dataclasses.replace(config.model, activation_checkpointing=False), config.data)
+
+
+# torch, imported only when a step is measured: a plan whose steps were measured before
+# (the shipped table, the user's cache) is made without it, so `rigtrain tune` starts its
+# first workers, which import torch themselves, 2-3 s sooner.
+def fake_step_peak_bytes(build) -> int:
+    from rigtrain.rig.step_memory import fake_step_peak_bytes as measure  # torch: see above
+
+    return measure(build)
+
+
+def train_step_builder(model, data, **step):
+    from rigtrain.train.measured_step import train_step_builder as builder  # torch: see above
+
+    return builder(model, data, **step)
+
+
+def parameter_count(model, data) -> int:
+    from rigtrain.train.measured_step import parameter_count as count  # torch: see above
+
+    return count(model, data)
 
 
 def step_peak_function(config: RunConfig):

@@ -1,5 +1,5 @@
 """Measured step peaks by (model, clip shape, micro-batch, checkpointing, precision), and
-parameter counts, remembered so that the same shape is measured once.
+parameter counts and FLOPs per clip, remembered so that the same shape is measured once.
 
 Each step measurement runs a whole training step under FakeTensorMode: 2 s for the demo on
 a 2-core CPU, 5-10 s for `base` at a large micro-batch, and planning one run takes several
@@ -20,6 +20,7 @@ or a different torch measures again: the shipped table then simply no longer app
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
@@ -27,22 +28,41 @@ from pathlib import Path
 
 import xxhash
 
+from rigtrain.config import DataConfig, ModelConfig
 from rigtrain.files import write_json
 
 SHIPPED = Path(__file__).with_name("measured_step_peaks.json")
 _MEASURED: dict[str, int] = {}
 
 
+# DataConfig fields that do not change a step's tensors
+DATA_FIELDS_OFF_THE_STEP = (
+    "dir",
+    "workers",
+    "prefetch_factor",
+    "shard_clips",
+    "synth_videos",
+    "synth_seed",
+    "clip_stride_s",
+    "resize",
+)
+
+
+def step_shapes(model: ModelConfig, data: DataConfig) -> str:
+    """The model and clip shape as far as a step's tensors depend on them: a key's config part."""
+    data = dataclasses.replace(data, **{k: getattr(DataConfig(), k) for k in DATA_FIELDS_OFF_THE_STEP})
+    return f"{model!r} {data!r}"
+
+
 @functools.cache
 def code_fingerprint() -> str:
     """torch's version and the source of the code that builds and measures a step."""
-    import torch  # heavy: only on the paths that need it
+    from rigtrain.rig.probe import torch_build  # torch's version without importing it (2-3 s)
 
-    digest = xxhash.xxh3_64(torch.__version__.encode())
+    digest = xxhash.xxh3_64(torch_build()["version"].encode())
     package = Path(__file__).resolve().parents[1]
-    for path in sorted(
-        [*(package / "model").glob("*.py"), package / "rig" / "step_memory.py", package / "train" / "measured_step.py"]
-    ):
+    measuring = ["rig/step_memory.py", "train/measured_step.py", "train/flops.py"]
+    for path in sorted([*(package / "model").glob("*.py"), *(package / name for name in measuring)]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 

@@ -88,12 +88,13 @@ def make_candidates(
     """Every candidate, the baseline first, then the rest in predicted order (pruned ones
     last). `on_baseline(plan)` is called as soon as the plan's own choice is planned (the
     tune starts its first worker group then, to import while the rest is planned)."""
-    from rigtrain.train.flops import train_flops_per_clip  # torch (meta device): once per tune
-    from rigtrain.train.planning import PLANNED, apply_plan, cached_parameter_count, plan_run  # torch
+    from rigtrain.train.planning import PLANNED, apply_plan, cached_parameter_count, plan_run  # the planner
 
-    base_plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w)
+    base_plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w)  # torch only if a step is measured
     if on_baseline is not None:
         on_baseline(base_plan)
+    from rigtrain.train.flops import train_flops_per_clip  # torch: after the first workers started importing it
+
     base_config = apply_plan(config, base_plan)
     base_values = values_of(base_config, base_plan)
     facts = facts_for(
