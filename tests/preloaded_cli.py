@@ -1,11 +1,11 @@
 """`rigtrain` commands for the tests, each forked from a process that has already imported
-what every command imports (torch, DeepSpeed, TensorBoard, torch's compiler stack that
-DeepSpeed's optimizers pull in), instead of a fresh interpreter importing them again.
+what every command imports (torch, DeepSpeed, TensorBoard, torch._dynamo that torch's
+optimizers pull in), instead of a fresh interpreter importing them again.
 
 Why: the suite runs about a hundred commands, and a fresh `python -m rigtrain train` spends
 about 3 of its first 4.5 seconds importing (torch 0.9 s; torch._dynamo and torch._inductor
-1.6 s, through torch.optim and DeepSpeed's Muon module; DeepSpeed 0.2 s; on this 2-core
-machine). A forked child starts with all of that loaded and runs the command as a fresh
+1.6 s, through torch.optim and DeepSpeed's Muon module, which train/engine.py now keeps out;
+DeepSpeed 0.2 s; on this 2-core machine). A forked child starts with all of that loaded and runs the command as a fresh
 process would: its own arguments, environment, working directory, stdin from /dev/null,
 stdout and stderr into files, exit code back. Nothing has run a parallel op or started a
 thread in the preloaded process, so the child's CPU threads come from its own environment
@@ -81,8 +81,10 @@ class PreloadedCli:
 
 
 def _preload() -> None:
+    from rigtrain.train.engine import without_deepspeed_muon
+
+    without_deepspeed_muon()  # as every process that trains: DeepSpeed's Muon modules and torch._inductor stay out
     import deepspeed  # noqa: F401
-    import deepspeed.runtime.zero.muon.original_muon  # noqa: F401  (its compiler decorator imports torch._inductor)
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401  (torch.optim imports it at an optimizer's first step)
     import torch.utils.tensorboard  # noqa: F401

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MODEL, run_cli
+from conftest import TINY_MODEL, run_cli, run_script
 
 GOLDEN = Path(__file__).parent / "golden" / "demo_loss.json"
 pytestmark = pytest.mark.slow
@@ -300,3 +300,57 @@ def test_a_cpu_run_needs_no_cpp_compiler_and_keeps_the_users_thread_count(tmp_pa
     assert planned["env"]["OMP_NUM_THREADS"] == "1"
     if (os.cpu_count() or 1) > 1:  # the plan would have given this one process every core
         assert planned["reasons"]["env.OMP_NUM_THREADS"].startswith("set in your environment (the plan would set")
+
+
+DEEPSPEED_WITHOUT_MUON = """
+import json, os, sys
+from rigtrain.train.processes import free_port
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+os.environ["DS_ACCELERATOR"] = "cpu"
+from rigtrain.train.engine import init_distributed  # as a training process starts (the stand-ins: first)
+init_distributed({"device": "cpu"}, 0)
+import deepspeed, torch
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+x = torch.randn(4, 8)
+losses = {}
+plain = model()
+optimizer = torch.optim.AdamW(plain.parameters(), lr=0.01)
+for _ in range(3):
+    loss = plain(x).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.setdefault("plain", []).append(loss.item())
+for stage in (1, 2, 3):
+    net = model()
+    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=0.01), config=config)
+    for _ in range(3):
+        loss = engine(x).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.setdefault(stage, []).append(loss.item())
+print(json.dumps({"losses": losses, "compiler": "torch._inductor.compile_fx" in sys.modules,
+                  "stand_in": sys.modules["deepspeed.runtime.zero.muon.original_muon"].__doc__}))
+"""
+
+
+def test_deepspeed_trains_at_every_zero_stage_without_its_muon_modules_or_torchs_compiler(tmp_path):
+    """engine.without_deepspeed_muon: DeepSpeed's ZeRO-1, 2 and 3 initialize and step with
+    the stand-ins for its Muon modules (each step as plain AdamW's, to float precision),
+    and torch's compiler (torch._inductor.compile_fx), which the real modules import as they
+    torch.compile (3.4 s of a training process's start on a 2-core CPU), is never imported."""
+    script = tmp_path / "zero_without_muon.py"
+    script.write_text(DEEPSPEED_WITHOUT_MUON)
+    result = run_script(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not found["compiler"] and "rigtrain's stand-in" in found["stand_in"]
+    plain = found["losses"].pop("plain")
+    assert plain[-1] != plain[0]  # the steps move the loss
+    for stage, losses in found["losses"].items():
+        assert losses == pytest.approx(plain, rel=1e-5), (stage, losses, plain)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+import types
 
 import numpy as np
 import torch
@@ -130,6 +132,7 @@ def init_distributed(plan: dict, local_rank: int) -> torch.device:
     """The process group (NCCL on GPUs, gloo on the CPU) and this rank's device, set up for
     the plan: TF32, attention kernels, and torch's allocator capped at the plan's share of
     the card."""
+    without_deepspeed_muon()
     import deepspeed  # heavy: only the processes that train import it
 
     if plan["device"] == "cuda":
@@ -160,6 +163,39 @@ def init_distributed(plan: dict, local_rank: int) -> torch.device:
 
 # DeepSpeed's name for its C++ shared-memory all-reduce on the CPU (op_builder/cpu/comm.py).
 DEEPSPEED_SHM_OP = "deepspeed_shm_comm"
+
+
+DEEPSPEED_MUON = "deepspeed.runtime.zero.muon"
+
+
+def without_deepspeed_muon() -> None:
+    """Every deepspeed.initialize with ZeRO asks whether the optimizer is DeepSpeed's Muon
+    (`from ...muon.muon_optimizer import MuonWithAuxAdam`, then isinstance: zero/utils.py,
+    stage_1_and_2.py, stage3.py, bf16_optimizer.py), and ZeRO-1/2 import Muon's update
+    function on every gradient reduction, to call it only for Muon's parameters. Both
+    modules torch.compile their functions as they are imported, which imports torch's
+    compiler (torch._inductor): 3.4 s of each training process's start on a 2-core CPU,
+    for an optimizer rigtrain never builds (build_optimizer). Stand-ins give DeepSpeed the
+    same answers: a class no optimizer here is an instance of, an update never called. A
+    DeepSpeed that imported anything else from them would fail at initialize or the first
+    step with an ImportError naming it (the tests that train would say so at once); where
+    the real modules are imported already (a script of the user's), they stay."""
+    if f"{DEEPSPEED_MUON}.muon_optimizer" in sys.modules or f"{DEEPSPEED_MUON}.original_muon" in sys.modules:
+        return
+
+    class MuonWithAuxAdam:  # DeepSpeed's name; no optimizer rigtrain builds is one
+        pass
+
+    def muon_update(*args, **kwargs):
+        raise RuntimeError(
+            "DeepSpeed called its Muon update, which rigtrain leaves out (train/engine.py, "
+            "without_deepspeed_muon): rigtrain's optimizers are AdamW and AdamW8bit"
+        )
+
+    for name, attribute in (("muon_optimizer", MuonWithAuxAdam), ("original_muon", muon_update)):
+        stand_in = types.ModuleType(f"{DEEPSPEED_MUON}.{name}", "rigtrain's stand-in: train/engine.py")
+        setattr(stand_in, attribute.__name__, attribute)
+        sys.modules[stand_in.__name__] = stand_in
 
 
 def without_deepspeed_shm_kernel() -> None:
