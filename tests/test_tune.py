@@ -423,16 +423,39 @@ def test_one_worker_group_runs_every_zero_stage_one_after_another(tmp_path, demo
 
 
 def test_a_trial_stops_early_only_when_every_chunk_trails_its_rounds_fastest():
-    from rigtrain.tune.records import NOISE_MARGIN, RACE_MIN_CHUNKS, next_chunk_steps, round_leader, window_verdict
+    from rigtrain.tune.records import (
+        NOISE_MARGIN,
+        RACE_CLEAR_CHUNKS,
+        RACE_CLEAR_MARGIN,
+        RACE_MIN_CHUNKS,
+        next_chunk_steps,
+        round_leader,
+        window_verdict,
+    )
 
+    assert RACE_CLEAR_CHUNKS < RACE_MIN_CHUNKS and RACE_CLEAR_MARGIN > NOISE_MARGIN
     bar = 100.0  # clips/s of the round's fastest finished trial
-    slow = [(2, 2 * 10 / 80.0)] * RACE_MIN_CHUNKS  # 10 clips a step at 80 clips/s
-    assert window_verdict(slow, 10, 3.0, 3, 200, bar) == "raced out"
-    assert window_verdict(slow[:-1], 10, 3.0, 3, 200, bar) is None  # too few chunks to say
+
+    def chunks(clips_per_s: float, n: int) -> list[tuple[int, float]]:
+        return [(2, 2 * 10 / clips_per_s)] * n  # 10 clips a step
+
+    # trailing past the noise margin but not by far: RACE_MIN_CHUNKS chunks to say so
+    behind = bar * (1 - (NOISE_MARGIN + RACE_CLEAR_MARGIN) / 2)
+    assert window_verdict(chunks(behind, RACE_MIN_CHUNKS), 10, 3.0, 3, 200, bar) == "raced out"
+    assert window_verdict(chunks(behind, RACE_MIN_CHUNKS - 1), 10, 3.0, 3, 200, bar) is None
+    # trailing by far (here 20%): fewer chunks say so, but never one alone
+    far = bar * (1 - 2 * RACE_CLEAR_MARGIN)
+    assert window_verdict(chunks(far, RACE_CLEAR_CHUNKS), 10, 3.0, 3, 200, bar) == "raced out"
+    assert window_verdict(chunks(far, RACE_CLEAR_CHUNKS - 1), 10, 3.0, 3, 200, bar) is None
+    slow = chunks(far, RACE_MIN_CHUNKS)
     assert window_verdict(slow, 10, 3.0, 3, 200, None) is None  # nothing to race against
     # one chunk within the noise margin of the bar keeps it going: it could yet be the fastest
     close = [*slow[:-1], (2, 2 * 10 / (bar * (1 - NOISE_MARGIN / 2)))]
     assert window_verdict(close, 10, 3.0, 3, 200, bar) is None
+    # one chunk only a little behind makes the far-behind rule not apply: RACE_MIN_CHUNKS then
+    mixed = [*chunks(far, RACE_CLEAR_CHUNKS - 1), *chunks(behind, 1)]
+    assert window_verdict(mixed, 10, 3.0, 3, 200, bar) is None
+    assert window_verdict([*mixed, *chunks(far, RACE_MIN_CHUNKS - len(mixed))], 10, 3.0, 3, 200, bar) == "raced out"
     # a full window is done, raced or not; so is max_steps
     assert window_verdict([(10, 3.1)], 10, 3.0, 3, 200, bar) == "done"
     assert window_verdict([(2, 0.1)] * 3, 10, 3.0, 3, 6, None) == "done"
@@ -454,10 +477,11 @@ def test_a_trial_stops_early_only_when_every_chunk_trails_its_rounds_fastest():
 @pytest.mark.slow
 def test_a_clearly_slower_trial_is_stopped_early_and_the_fastest_runs_its_whole_window(tmp_path, demo_data):
     """Three micro-batch splits of one global batch in one process of the tiny model, one
-    round of long windows: the plan's own (12 x 4) and 48 x 1 (fewer, larger steps: faster)
-    run their whole windows; 3 x 16 (sixteen micro-steps of host overhead a step) trails
-    48 x 1 in every chunk and stops after the fewest chunks that can say so. The plan's own
-    never stops early, and since 48 x 1 beat it, it is measured once more at the end."""
+    round: the plan's own (12 x 4) sets the bar with a short window, 48 x 1 (fewer, larger
+    steps: faster) runs its whole long window; 3 x 16 (sixteen micro-steps of host overhead
+    a step) trails in every chunk and stops after the fewest chunks that can say so. The
+    plan's own never stops early, and since 48 x 1 beat it, it is measured once more at the
+    end, with the long window."""
     from rigtrain.tune.search import Search, Timing
 
     candidates = _tiny_candidates(tmp_path, demo_data, [(12, 4, 0), (48, 1, 0), (3, 16, 0)])
@@ -467,7 +491,7 @@ def test_a_clearly_slower_trial_is_stopped_early_and_the_fastest_runs_its_whole_
     assert search.one_round
     plans_own, larger, smaller = (search.result(i) for i in range(3))
     assert [r["status"] for r in (plans_own, larger, smaller)] == ["ok", "ok", "ok"]
-    assert not plans_own.get("raced_out") and plans_own["seconds"] >= window_s
+    assert not plans_own.get("raced_out") and window_s / 3 <= plans_own["seconds"] < window_s
     assert not larger.get("raced_out") and larger["seconds"] >= window_s
     speed = {i: r["clips_per_step"] * r["steps"] / r["seconds"] for i, r in enumerate((plans_own, larger, smaller))}
     assert speed[1] > speed[2] * 1.1, speed  # the premise: sixteen micro-steps cost

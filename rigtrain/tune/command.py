@@ -14,8 +14,8 @@ from rigtrain.config import load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.tune.groups import kill, start_group
-from rigtrain.tune.records import trial_dir
-from rigtrain.tune.search import TRIAL_SETTINGS, Search, Timing, say_progress
+from rigtrain.tune.records import Timing, trial_dir
+from rigtrain.tune.search import TRIAL_SETTINGS, Search, say_progress
 
 
 class Interrupted(Exception):
@@ -62,7 +62,8 @@ def tune(
     say(
         f"{len(candidates)} configurations of preset {preset} planned in {time.time() - began:.0f} s: "
         f"{runnable} to measure, {len(candidates) - runnable} pruned; budget {budget_s:.0f} s, "
-        f"trials of {trial_s:g} s after {Timing.warmup_steps} warm-up steps (in {tune_dir})"
+        f"trials of {trial_s:g} s after {Timing.warmup_steps} warm-up step "
+        f"({Timing.compiled_warmup_steps} compiled) (in {tune_dir})"
     )
     timing = Timing(trial_timeout_s or (300.0 if device == "cuda" else 120.0), timed_s=trial_s)
     finishing_s = 5.0  # the results, the TOML and TensorBoard's hparams, after the last trial

@@ -133,7 +133,7 @@ def write_results(
     ]
     best, speedup, basis, kept_plan = choose(rows)
     if one_round:
-        basis = "one long round"  # every candidate was a finalist: measured once, with long windows
+        basis = "one long round"  # every candidate was a finalist: one round, the others' windows long
     record = {
         "preset": preset,
         "device": candidates[0].plan.device if candidates[0].plan else "cpu",
@@ -196,21 +196,21 @@ def _say_outcome(tune_dir: Path, record: dict, best: dict | None) -> None:
 
     on = {
         "confirmation": " (measured again, with longer windows)",
-        "one long round": " (each measured once, with the confirmation's longer windows)",
+        "one long round": " (one round: the others with the confirmation's longer windows)",
     }.get(record["chosen_on"], "")
     base = rows[0]
+    again = (base.get("plan_again") or {}).get("clips_per_s")
+    after = f", {again:.1f} measured after the others" if again else ""
     if record["kept_plan_within_noise"]:
         measured = [r for r in rows if ((r.get("confirmation") or {}) if confirmed else r).get("status") == "ok"]
         fastest = max((r for r in measured if not r["baseline"]), key=speed)
         print(
-            f"kept the plan's own choice (trial 0, {speed(base):.1f} clips/s{on}): the fastest other, trial "
+            f"kept the plan's own choice (trial 0, {speed(base):.1f} clips/s{on}{after}): the fastest other, trial "
             f"{fastest['index']} at {speed(fastest):.1f}, is within {NOISE_MARGIN:.0%} of it, a trial's noise"
         )
     elif best["baseline"]:
-        print(f"fastest: the plan's own choice (trial 0) at {speed(best):.1f} clips/s{on}")
+        print(f"fastest: the plan's own choice (trial 0) at {speed(best):.1f} clips/s{on}{after}")
     elif record["speedup_vs_plan"]:
-        again = (base.get("plan_again") or {}).get("clips_per_s")
-        after = f", {again:.1f} measured after the others" if again else ""
         print(
             f"fastest: trial {best['index']} at {speed(best):.1f} clips/s{on}, "
             f"{record['speedup_vs_plan']:.2f}x the plan's own choice (trial 0: {speed(base):.1f}{after})"

@@ -22,6 +22,7 @@ from rigtrain.tune.groups import exit_words, kill, start_group
 from rigtrain.tune.phases import PHASES, SKIPPED, neighbours, phase_winner
 from rigtrain.tune.records import (
     LEAKED_EXIT,
+    Timing,
     clips_per_step,
     finished_speed,
     outcome_words,
@@ -56,15 +57,6 @@ TRIAL_SETTINGS = {
 
 def say_progress(line: str) -> None:
     print(f"[tune] {line}", flush=True)
-
-
-@dataclasses.dataclass
-class Timing:
-    trial_timeout_s: float
-    warmup_steps: int = 2
-    timed_s: float = 3.0  # the timed window per trial, in whole steps
-    min_steps: int = 3
-    max_steps: int = 200
 
 
 @dataclasses.dataclass
@@ -103,10 +95,17 @@ class Search:
         screen = list(self.measures)
         long_s, long_steps = self.timing.timed_s * CONFIRM_WINDOW, self.timing.min_steps * CONFIRM_WINDOW
         if len(screen) <= 1 + CONFIRM_TOP:
-            # every candidate would be a finalist: a short first round would only order them
+            # every candidate would be a finalist: a short first round would only order them.
+            # The plan's own choice sets the bar with a short window; the others run the long
+            # one, a loser stopping early, and one that leads has the plan's own measured again
+            # with the long window, after it (the choice never rests on a short window alone).
             self.one_round = True
-            self.say(f"all {len(screen)} are finalists: one round, with the confirmation's longer windows")
-            self._round(screen, self.deadline, long_s, long_steps, True)
+            self.say(
+                f"all {len(screen)} are finalists: one round, the plan's own choice setting the bar, "
+                "the others with the confirmation's longer windows"
+            )
+            self._round(screen[:1], self.deadline, self.timing.timed_s, self.timing.min_steps, True, rivals=screen)
+            self._round(screen[1:], self.deadline, long_s, long_steps, True, rivals=screen)
             self._mark_not_run(screen)
             self._measure_plan_again(long_s, long_steps)
             return
@@ -289,6 +288,7 @@ class Search:
             "open": stay,
             "deadline": deadline,
             "warmup_steps": self.timing.warmup_steps,
+            "compiled_warmup_steps": self.timing.compiled_warmup_steps,
             "timed_s": self.timing.timed_s,
             "min_steps": self.timing.min_steps,
             "max_steps": self.timing.max_steps,

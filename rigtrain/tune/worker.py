@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from rigtrain.files import write_json
-from rigtrain.train.engine import init_distributed
+from rigtrain.train.engine import init_distributed, without_deepspeed_muon
 from rigtrain.train.rehearsal import FAULT_OOM_ABOVE
 from rigtrain.train.stopping import die_with_launcher, exit_without_teardown
 from rigtrain.train.trainer import Trainer
@@ -60,10 +60,19 @@ def main() -> int:
 def wait_for_queue(queue_file: Path) -> dict:
     """The group's queue. The first group is started while the driver still plans (it
     writes the queue once the trials are known): meanwhile this process has imported torch,
-    and imports torch._dynamo, which DeepSpeed's first initialize imports
-    (its optimizer check loads a torch.compile'd optimizer): 1.2 s of a CPU trial's 1.7 s
-    build, off the tune's critical path."""
-    import torch._dynamo  # noqa: F401 - the import is the point: see above
+    and imports DeepSpeed (with the stand-ins for its Muon modules every training process
+    uses: engine.without_deepspeed_muon) and torch._dynamo, which torch's optimizers import
+    as the first one is made (2.2 s of the first trial's build on this 2-core CPU). The
+    process was started with the plan's environment (DS_ACCELERATOR, OMP_NUM_THREADS),
+    which DeepSpeed reads."""
+    without_deepspeed_muon()
+    import deepspeed  # noqa: F401 - the imports are the point: see above
+    import torch._dynamo  # noqa: F401
+
+    # What the imports made lives as long as the process: frozen, the collection after
+    # each trial (TrialRunner.run) and those during its steps leave it alone. It took
+    # 0.33-0.43 s a trial on this CPU, as long as a losing trial's timed steps.
+    gc.freeze()
 
     while not queue_file.exists():
         time.sleep(0.05)  # the driver writes it atomically (files.write_json)
@@ -208,7 +217,8 @@ class TrialRunner:
         trails its round's fastest in every chunk (records.window_verdict)."""
         process = psutil.Process()
         started = time.perf_counter()
-        for _ in range(self.queue["warmup_steps"]):
+        compiled = trainer.config.train.compile
+        for _ in range(self.queue["compiled_warmup_steps" if compiled else "warmup_steps"]):
             trainer.train_step()
         self._sync()
         warmup_s = time.perf_counter() - started
