@@ -314,10 +314,11 @@ def model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
 
+torch.manual_seed(1)
 x = torch.randn(4, 8)
 losses = {}
 plain = model()
-optimizer = torch.optim.AdamW(plain.parameters(), lr=0.01)
+optimizer = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
 for _ in range(3):
     loss = plain(x).pow(2).mean()
     loss.backward()
@@ -327,8 +328,10 @@ for _ in range(3):
 for stage in (1, 2, 3):
     net = model()
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=net, optimizer=torch.optim.AdamW(net.parameters(), lr=0.01), config=config)
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "gradient_clipping": 0.0}  # DeepSpeed's default clips at 1.0; plain torch does not
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
     for _ in range(3):
         loss = engine(x).pow(2).mean()
         engine.backward(loss)
@@ -341,9 +344,11 @@ print(json.dumps({"losses": losses, "compiler": "torch._inductor.compile_fx" in 
 
 def test_deepspeed_trains_at_every_zero_stage_without_its_muon_modules_or_torchs_compiler(tmp_path):
     """engine.without_deepspeed_muon: DeepSpeed's ZeRO-1, 2 and 3 initialize and step with
-    the stand-ins for its Muon modules (each step as plain AdamW's, to float precision),
-    and torch's compiler (torch._inductor.compile_fx), which the real modules import as they
-    torch.compile (3.4 s of a training process's start on a 2-core CPU), is never imported."""
+    the stand-ins for its Muon modules (each step as plain torch's, to float precision: SGD
+    with momentum, whose update shows a gradient's scale, with DeepSpeed's default clipping
+    at norm 1.0 turned off, as plain torch has none), and torch's compiler
+    (torch._inductor.compile_fx), which the real modules import as they torch.compile (3.4 s
+    of a training process's start on a 2-core CPU), is never imported."""
     script = tmp_path / "zero_without_muon.py"
     script.write_text(DEEPSPEED_WITHOUT_MUON)
     result = run_script(script)
