@@ -168,23 +168,31 @@ def software(gpus_found: bool = True) -> dict:
 def torch_build() -> dict:
     """torch's version and the CUDA (or ROCm) it was built for, from torch/version.py, which
     its build writes; imported only when that file cannot be read (heavy)."""
-    fields: dict = {}
-    spec = importlib.util.find_spec("torch")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / "version.py"
-        try:
-            for node in ast.parse(path.read_text()).body:
-                target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
-                name = getattr(target, "id", "")
-                if name in ("__version__", "cuda", "hip") and getattr(node, "value", None) is not None:
-                    fields[name] = ast.literal_eval(node.value)
-        except (OSError, SyntaxError, ValueError):
-            fields = {}
+    fields = _constants_in("torch", "version.py", ("__version__", "cuda", "hip"))
     if not isinstance(fields.get("__version__"), str):
         import torch  # version.py missing or unreadable: ask torch itself
 
         fields = {"__version__": torch.__version__, "cuda": torch.version.cuda, "hip": torch.version.hip}
     return {"version": fields["__version__"], "cuda": fields.get("cuda"), "hip": fields.get("hip")}
+
+
+def _constants_in(package: str, file: str, names: tuple[str, ...]) -> dict:
+    """The literal values a file of an installed package assigns to `names` (`x = 1` or
+    `x: T = 1`), read without importing the package; {} when it cannot be read."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(list(spec.submodule_search_locations)[0]) / file
+    found = {}
+    try:
+        for node in ast.parse(path.read_text()).body:
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            name = getattr(target, "id", "")
+            if name in names and getattr(node, "value", None) is not None:
+                found[name] = ast.literal_eval(node.value)
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    return found
 
 
 def _nccl_version(cuda: str | None) -> str | None:
@@ -208,20 +216,11 @@ def _deepspeed_prebuilt_ops() -> str | None:
     """Which DeepSpeed ops were compiled at install time, read from the file its installer
     writes (importing deepspeed itself takes seconds and logs to stderr). Ops that were not
     prebuilt are JIT-compiled on first use (the CPU comm op: ~30 s, once)."""
-
-    spec = importlib.util.find_spec("deepspeed")
-    if spec is None or not spec.submodule_search_locations:
+    ops = _constants_in("deepspeed", "git_version_info_installed.py", ("installed_ops",)).get("installed_ops")
+    if not isinstance(ops, dict):
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "git_version_info_installed.py"
-    try:
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "installed_ops":
-                ops = ast.literal_eval(node.value)
-                built = sorted(name for name, ok in ops.items() if ok)
-                return ", ".join(built) + " prebuilt" if built else "none prebuilt (JIT-compiled on first use)"
-    except (OSError, SyntaxError, ValueError):
-        pass
-    return None
+    built = sorted(name for name, ok in ops.items() if ok)
+    return ", ".join(built) + " prebuilt" if built else "none prebuilt (JIT-compiled on first use)"
 
 
 def probe(paths: list[str | Path] = ()) -> Rig:

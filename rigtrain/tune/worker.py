@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from rigtrain.files import write_json
-from rigtrain.train.engine import init_distributed, without_deepspeed_muon
+from rigtrain.train.engine import init_distributed
 from rigtrain.train.rehearsal import FAULT_OOM_ABOVE
 from rigtrain.train.stopping import die_with_launcher, exit_without_teardown
 from rigtrain.train.trainer import Trainer
@@ -60,12 +60,11 @@ def main() -> int:
 def wait_for_queue(queue_file: Path) -> dict:
     """The group's queue. The first group is started while the driver still plans (it
     writes the queue once the trials are known): meanwhile this process has imported torch,
-    and imports DeepSpeed (with the stand-ins for its Muon modules every training process
-    uses: engine.without_deepspeed_muon) and torch._dynamo, which torch's optimizers import
-    as the first one is made (2.2 s of the first trial's build on this 2-core CPU). The
-    process was started with the plan's environment (DS_ACCELERATOR, OMP_NUM_THREADS),
-    which DeepSpeed reads."""
-    without_deepspeed_muon()
+    and imports DeepSpeed and torch._dynamo, which torch's optimizers import as the first
+    one is made (2.2 s of the first trial's build on this 2-core CPU). DeepSpeed's Muon
+    modules are not imported: init_distributed puts stand-ins in their place before any
+    engine is made (engine.without_deepspeed_muon). The process was started with the
+    plan's environment (DS_ACCELERATOR, OMP_NUM_THREADS), which DeepSpeed reads."""
     import deepspeed  # noqa: F401 - the imports are the point: see above
     import torch._dynamo  # noqa: F401
 
