@@ -9,19 +9,24 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))  # the kit's modules import each other by name
+import steps  # noqa: E402  (the kit's steps module, found through the path above)
 
 
+@pytest.mark.slow
 @pytest.mark.long
 def test_the_kit_runs_every_step_on_the_cpu(tmp_path, demo_data):
     out = tmp_path / "kit"
     result = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu" / "run.sh"), "--cpu", str(out)],
+        ["bash", str(ROOT / "bench" / "gpu" / "run.sh"), "--cpu", str(out), "--deadline-s", "3000"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHON": sys.executable},
@@ -29,7 +34,7 @@ def test_the_kit_runs_every_step_on_the_cpu(tmp_path, demo_data):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["mode"] == "cpu" and report["failures"] == []
+    assert report["mode"] == "cpu" and report["failures"] == [] and report["complete"] and report["skipped"] == []
     tests = report["gpu_tests"]
     assert tests["ok"] and tests["failed"] == 0 and tests["skipped"] >= 2  # collected, and skipped without a GPU
     assert set(report["presets"]) == {"demo", "small", "base"}
@@ -56,8 +61,79 @@ def test_the_kit_runs_every_step_on_the_cpu(tmp_path, demo_data):
     assert targets["first-step out-of-memory: backs off and finishes"]["met"] is True
     assert targets["small: MFU >= 35% (goal on an H100)"]["met"] is None
     assert "| base | bf16 mb 4x1 ZeRO-1 |" in result.stdout and "targets:" in result.stdout
+    # what to send from someone else's card: all but the checkpoints, profiler traces included
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "kit-results/report.json" in names and "kit-results/logs/base-train.log" in names
+    assert "kit-results/runs/small/metrics.jsonl" in names and "kit-results/runs/small/config.json" in names
+    assert any(n.startswith("kit-results/runs/base/tb/profile/") and ".pt.trace.json" in n for n in names)
+    assert not any("checkpoints" in n or n.endswith(".lock") for n in names)
 
 
+def test_a_kit_past_its_deadline_reports_what_it_skipped(tmp_path):
+    out = tmp_path / "kit"
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu" / "run.sh"), "--cpu", str(out), "--deadline-s", "0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["skipped"] == ["gpu_tests", "demo", "small", "base", "oom_backoff"] and report["failures"] == []
+    assert all(target["met"] is None for target in report["targets"].values())  # nothing judged that never ran
+    assert "INCOMPLETE: gpu_tests, demo, small, base, oom_backoff skipped at the deadline" in result.stdout
+    assert (out / "results.tar.gz").is_file()
+
+
+SAVES_ON_SIGTERM = """
+import signal, sys, time
+def stop(*_):
+    print("saving the step in flight", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+print("training", flush=True)
+time.sleep(60)
+"""
+
+IGNORES_SIGTERM_WITH_A_RANK = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited: the rank ignores it too
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print(rank.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_step_at_its_time_limit_is_stopped_as_a_user_would(tmp_path, monkeypatch):
+    # SIGTERM first: rigtrain finishes the step in flight, saves and exits 143
+    finished = steps.command(tmp_path, "saves", [sys.executable, "-c", SAVES_ON_SIGTERM], None, timeout=2)
+    assert finished.code == 143 and "saving the step in flight" in finished.output
+    assert "[kit] stopped after 2 s, its time limit" in (tmp_path / "logs" / "saves.log").read_text()
+    # what does not stop after the grace is killed, with every process it started
+    monkeypatch.setattr(steps, "STOP_GRACE_S", 1)
+    began = time.monotonic()
+    finished = steps.command(tmp_path, "stuck", [sys.executable, "-c", IGNORES_SIGTERM_WITH_A_RANK], None, timeout=2)
+    assert finished.code == -9 and time.monotonic() - began < 30
+    rank = int(finished.output.split()[0])
+    for _ in range(100):  # SIGKILL is delivered when the rank is next scheduled
+        if not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the rank {rank} outlived the kit's stop")
+
+
+def test_the_deadline_leaves_each_command_time_to_stop():
+    assert steps.NO_DEADLINE.limit(900) == 900 and steps.NO_DEADLINE.allows_a_step()
+    deadline = steps.Deadline(200)
+    assert 200 - steps.STOP_GRACE_S - 2 < deadline.limit(900) <= 200 - steps.STOP_GRACE_S
+    assert deadline.limit(30) == 30 and deadline.allows_a_step()
+    assert not steps.Deadline(steps.MIN_STEP_S - 1).allows_a_step() and steps.Deadline(0).limit(900) == 1.0
+
+
+@pytest.mark.slow
 def test_the_kit_says_what_is_missing_in_one_line(tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu" / "run.sh"), str(tmp_path / "kit")],

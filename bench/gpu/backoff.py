@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from steps import CPU_SETTINGS, GIB, last_line, rigtrain, rows_of
+from steps import CPU_SETTINGS, GIB, NO_DEADLINE, Deadline, last_line, rigtrain, rows_of
 
 HOLD = """
 import sys, torch
@@ -29,7 +29,7 @@ sys.stdin.read()  # until the kit closes it
 CPU_LIMIT = 44  # the demo's micro-batch of 48 "does not fit" above this: 48 -> 42, then it trains
 
 
-def oom_backoff(out: Path, gpu: bool, small: dict | None) -> dict:
+def oom_backoff(out: Path, gpu: bool, small: dict | None, deadline: Deadline = NO_DEADLINE) -> dict:
     started = time.perf_counter()
     run = out / "runs" / "oom-backoff"
     common = ["--out", str(run), "--steps", "3", "--set", "train.log_every=1", "train.ckpt_every=3"]
@@ -37,13 +37,13 @@ def oom_backoff(out: Path, gpu: bool, small: dict | None) -> dict:
     if not gpu:
         toy = [s for s in CPU_SETTINGS if not s.startswith(("train.micro_batch_size", "train.grad_accum"))]
         env = {**os.environ, "RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH": str(CPU_LIMIT)}
-        finished = rigtrain(out, "oom-backoff", "train", "--preset", "demo", *common, *toy, env=env)
+        finished = rigtrain(out, "oom-backoff", "train", "--preset", "demo", *common, *toy, env=env, deadline=deadline)
         return _result(run, finished, started, held_gib=None)
     memory = (small or {}).get("memory") or {}
     used = memory.get("nvml_process_max_gib") or memory.get("card_used_after_first_step_gib")
     if not used:
         return {"ok": False, "error": "the small run left no memory figure to size the shortage from"}
-    probed = rigtrain(out, "oom-rig", "rig", "--json", "--preset", "small")
+    probed = rigtrain(out, "oom-rig", "rig", "--json", "--preset", "small", deadline=deadline)
     if probed.code != 0:
         return {"ok": False, "error": last_line(probed.output)}
     rig_file = out / "oom-rig.json"  # the card as free as it is now, before the holder takes its share
@@ -55,7 +55,16 @@ def oom_backoff(out: Path, gpu: bool, small: dict | None) -> dict:
     try:
         held = holder.stdout.readline().strip()
         finished = rigtrain(
-            out, "oom-backoff", "train", "--preset", "small", "--rig", str(rig_file), *common, "rig.gpus=0"
+            out,
+            "oom-backoff",
+            "train",
+            "--preset",
+            "small",
+            "--rig",
+            str(rig_file),
+            *common,
+            "rig.gpus=0",
+            deadline=deadline,
         )
     finally:
         holder.stdin.close()

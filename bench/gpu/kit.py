@@ -14,7 +14,13 @@ Steps, each recorded in OUT_DIR/report.json whether it worked or not:
    90% of what `small` used and the run is told (by a rig file) the card is free as before;
    on the CPU the out-of-memory is injected (RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH);
 4. the targets, each with its figure and whether it was met (null on the CPU).
-GPU-only figures are null on the CPU; the report's shape is the same."""
+GPU-only figures are null on the CPU; the report's shape is the same.
+
+report.json is written again after every step, and with --deadline-s SECONDS (a machine lent
+for a fixed time) no step starts within a minute of the deadline and a step still running
+at it is stopped (SIGTERM, then SIGKILL): the report has what finished and names what was
+skipped. OUT_DIR/results.tar.gz holds the report, the logs and the run folders without
+their checkpoints (profiler traces included), to send to whoever asked for the figures."""
 
 from __future__ import annotations
 
@@ -27,8 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from backoff import oom_backoff  # the kit's modules, beside this file
-from report import print_table, targets
-from steps import PRESETS, ROOT, environment, gpu_tests, preset_run
+from report import pack_results, print_table, targets
+from steps import PRESETS, ROOT, Deadline, environment, gpu_tests, preset_run
 
 
 def main() -> int:
@@ -36,6 +42,9 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--cpu", action="store_true", help="every step on the CPU, at toy sizes")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument(
+        "--deadline-s", type=float, default=None, help="finish within this many seconds, skipping what does not fit"
+    )
     args = parser.parse_args()
     import torch
 
@@ -52,27 +61,58 @@ def main() -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": commit.stdout.strip() or None,
         "environment": environment(),
+        "deadline_s": args.deadline_s,
+        "complete": False,
+        "skipped": [],
     }
-    began = time.perf_counter()
+    began, deadline = time.perf_counter(), Deadline(args.deadline_s)
     print(f"[kit] {report['mode']} mode, {report['environment']['gpus'] or 'no GPU'}; logs in {out / 'logs'}")
-    print("[kit] the tests marked gpu", flush=True)
-    report["gpu_tests"] = gpu_tests(out)
     report["presets"] = {}
+    steps = [("the tests marked gpu", "gpu_tests", lambda: gpu_tests(out, deadline))]
     for preset in args.presets:
-        print(f"[kit] {preset}: a planned, profiled bf16 run", flush=True)
-        report["presets"][preset] = preset_run(out, preset, gpu)
-    print("[kit] the first-step out-of-memory back-off", flush=True)
-    report["oom_backoff"] = oom_backoff(out, gpu, report["presets"].get("small"))
+        steps.append((f"{preset}: a planned, profiled bf16 run", preset, _preset_step(out, preset, gpu, deadline)))
+    steps.append(
+        (
+            "the first-step out-of-memory back-off",
+            "oom_backoff",
+            lambda: oom_backoff(out, gpu, report["presets"].get("small"), deadline),
+        )
+    )
+    for title, key, step in steps:
+        if deadline.allows_a_step():
+            print(f"[kit] {title}", flush=True)
+            result = step()
+        else:
+            print(f"[kit] {title}: skipped, {deadline.left():.0f} s left before the deadline", flush=True)
+            result = {"skipped": f"the kit's deadline ({args.deadline_s:.0f} s) came first"}
+            report["skipped"].append(key)
+        (report["presets"] if key in args.presets else report)[key] = result
+        _save(out, report, began, gpu)
+    report["complete"] = True
+    _save(out, report, began, gpu)
+    print_table(report)
+    archive = pack_results(out)
+    print(f"[kit] report: {out / 'report.json'} ({report['seconds']:.0f} s)")
+    print(f"[kit] to share: {archive} ({archive.stat().st_size / 2**20:.1f} MiB: everything but checkpoints)")
+    return 1 if report["failures"] or report["skipped"] else 0
+
+
+def _preset_step(out: Path, preset: str, gpu: bool, deadline: Deadline):
+    return lambda: preset_run(out, preset, gpu, deadline)
+
+
+def _save(out: Path, report: dict, began: float, gpu: bool) -> None:
+    """report.json as it stands: written after every step, so a kit stopped from outside
+    still leaves what it measured."""
     report["targets"] = targets(report, gpu)
     report["seconds"] = round(time.perf_counter() - began, 1)
-    failures = [f"{p}: exit {r['exit_code']}" for p, r in report["presets"].items() if r["exit_code"] != 0]
-    failures += [] if report["gpu_tests"]["ok"] else ["the gpu tests failed"]
-    failures += [] if report["oom_backoff"]["ok"] else ["the out-of-memory back-off did not finish"]
+    runs = [(p, r) for p, r in report["presets"].items() if "skipped" not in r]
+    failures = [f"{p}: exit {r['exit_code']}" for p, r in runs if r["exit_code"] != 0]
+    tests, backoff = report.get("gpu_tests") or {}, report.get("oom_backoff") or {}
+    failures += [] if tests.get("ok", True) or "skipped" in tests else ["the gpu tests failed"]
+    failures += [] if backoff.get("ok", True) or "skipped" in backoff else ["the out-of-memory back-off did not finish"]
     report["failures"] = failures
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    print_table(report)
-    print(f"[kit] report: {out / 'report.json'} ({report['seconds']:.0f} s)")
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 from steps import MFU_GOALS
 
 
@@ -42,10 +45,10 @@ def targets(report: dict, gpu: bool) -> dict:
             "value": missing,
             "met": None if missing is None else not missing,
         }
-    backoff = report.get("oom_backoff") or {}
+    backoff = report.get("oom_backoff") or {"skipped": "not run yet"}
     out["first-step out-of-memory: backs off and finishes"] = {
         "value": backoff.get("tried_micro_batches"),
-        "met": bool(backoff.get("ok")),
+        "met": None if "skipped" in backoff else bool(backoff.get("ok")),
     }
     return out
 
@@ -66,7 +69,10 @@ def print_table(report: dict) -> None:
         f"{', '.join(env['gpus']) or 'no GPU'}, driver {env['driver']}, torch {env['torch']} (CUDA {env['cuda']})"
     )
     tests = report["gpu_tests"]
-    print(f"tests marked gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
+    if "passed" in tests:
+        print(f"tests marked gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
+    else:
+        print(f"tests marked gpu: not run ({tests['skipped']})")
     header = (
         "| preset | plan | predicted GiB | allocated | reserved | NVML process | predicted card | clips/s | "
         "TFLOPS | MFU | verdict | data wait | loader threads |"
@@ -80,6 +86,8 @@ def print_table(report: dict) -> None:
             f"{plan.get('precision')} mb {plan.get('micro_batch_size')}x{plan.get('grad_accum_steps')} "
             f"ZeRO-{plan.get('zero_stage')}{' ckpt' if plan.get('activation_checkpointing') else ''}"
             if plan.get("precision")
+            else f"skipped: {run['skipped']}"
+            if "skipped" in run
             else f"failed: {run.get('error', '?')}"
         )
         print(
@@ -91,14 +99,37 @@ def print_table(report: dict) -> None:
             f"{_fmt(profile.get('data_wait_share'), '.1%')} | {_fmt(plan.get('dataloader_workers'))} |"
         )
     backoff = report["oom_backoff"]
-    print(
-        f"out-of-memory back-off: tried {backoff.get('tried_micro_batches')}, finished at micro-batch "
-        f"{backoff.get('finished_at_micro_batch')}, exit {backoff.get('exit_code')}"
-        + (f" ({backoff['error']})" if backoff.get("error") else "")
-    )
+    if "skipped" in backoff:
+        print(f"out-of-memory back-off: not run ({backoff['skipped']})")
+    else:
+        print(
+            f"out-of-memory back-off: tried {backoff.get('tried_micro_batches')}, finished at micro-batch "
+            f"{backoff.get('finished_at_micro_batch')}, exit {backoff.get('exit_code')}"
+            + (f" ({backoff['error']})" if backoff.get("error") else "")
+        )
     print("targets:")
     for name, target in report["targets"].items():
         met = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
         print(f"  {met:8s} {name}: {target['value']}")
     if report["failures"]:
         print("FAILED: " + "; ".join(report["failures"]))
+    if report["skipped"]:
+        skipped = ", ".join(report["skipped"])
+        print(f"INCOMPLETE: {skipped} skipped at the deadline (--deadline-s {report['deadline_s']:.0f})")
+
+
+def pack_results(out: Path) -> Path:
+    """OUT/results.tar.gz: the report, logs, rig file and run folders (metrics, configs,
+    TensorBoard events, profiler traces, charts), not the checkpoints, the kit's own Python
+    environment or the runs' lock files: what a maintainer needs from someone else's card."""
+    archive = out / "results.tar.gz"
+
+    def wanted(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = Path(member.name).parts[1:]  # below kit-results/
+        if parts[:1] == ("venv",) or "checkpoints" in parts or parts[-1:] in ((".lock",), (archive.name,)):
+            return None
+        return member
+
+    with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
+        tar.add(out, arcname="kit-results", filter=wanted)
+    return archive

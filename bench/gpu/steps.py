@@ -4,7 +4,9 @@ reads what the run left behind."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,25 +53,67 @@ class Finished:
     nvml_peak_gib: float | None  # the most NVML saw its processes use, summed over GPUs
 
 
-def rigtrain(out: Path, name: str, *args: str, env: dict | None = None, timeout: float = 900) -> Finished:
-    """`python -m rigtrain ARGS`, its output kept in OUT/logs/NAME.log."""
+class Deadline:
+    """The kit's time limit (--deadline-s), for a machine lent for a fixed time: a step starts
+    only with a minute left, and what it runs is stopped in time for the report to be written,
+    so the steps that finished are reported rather than lost with the ones that did not."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self._ends = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return math.inf if self._ends is None else max(0.0, self._ends - time.monotonic())
+
+    def allows_a_step(self) -> bool:
+        return self.left() >= MIN_STEP_S
+
+    def limit(self, seconds: float) -> float:
+        """A command's time limit: its own, or what is left less the time it gets to stop."""
+        return max(1.0, min(seconds, self.left() - STOP_GRACE_S))
+
+
+NO_DEADLINE = Deadline(None)
+MIN_STEP_S = 60  # less than this left: the step would be stopped before it measured anything
+STOP_GRACE_S = 20  # after SIGTERM a training run finishes its step, saves and exits; then SIGKILL
+
+
+def command(out: Path, name: str, argv: list[str], env: dict | None, timeout: float) -> Finished:
+    """ARGV run from the repository's root, its output kept in OUT/logs/NAME.log; stopped at
+    TIMEOUT seconds as a user would stop it (SIGTERM, then SIGKILL for its whole group)."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     started = subprocess.Popen(
-        [sys.executable, "-m", "rigtrain", *args],
+        argv,
         cwd=ROOT,
         env=env or os.environ.copy(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: the ranks it starts are stopped with it
     )
     with NvmlProcessMemory(started.pid) as memory:
         try:
             text, _ = started.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            started.kill()
-            text = started.communicate()[0] + f"\n[kit] killed after {timeout} s"
+            text = _stop(started) + f"\n[kit] stopped after {timeout:.0f} s, its time limit"
     (out / "logs" / f"{name}.log").write_text(text)
     return Finished(started.returncode, text, memory.peak_gib)
+
+
+def _stop(process: subprocess.Popen) -> str:
+    # SIGTERM to the top process alone: rigtrain forwards it to its ranks once, and they save
+    # and exit; a second signal to each rank would make them exit without saving.
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.communicate(timeout=STOP_GRACE_S)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.communicate()[0]
+
+
+def rigtrain(out: Path, name: str, *args: str, env: dict | None = None, deadline: Deadline = NO_DEADLINE) -> Finished:
+    """`python -m rigtrain ARGS`, as a user runs it (at most 15 minutes, or to the deadline)."""
+    return command(out, name, [sys.executable, "-m", "rigtrain", *args], env, deadline.limit(900))
 
 
 class NvmlProcessMemory:
@@ -143,19 +187,12 @@ def environment() -> dict:
     return facts
 
 
-def gpu_tests(out: Path) -> dict:
+def gpu_tests(out: Path, deadline: Deadline = NO_DEADLINE) -> dict:
     """The tests marked gpu, with their own pass/fail/skip counts."""
     started = time.perf_counter()
     junit = out / "gpu-tests.xml"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
-        + ["--junitxml", str(junit), "tests"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    (out / "logs").mkdir(exist_ok=True)
-    (out / "logs" / "gpu-tests.log").write_text(result.stdout + result.stderr)
+    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
+    finished = command(out, "gpu-tests", argv + ["--junitxml", str(junit), "tests"], None, deadline.limit(600))
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     if junit.is_file():
         suite = ET.parse(junit).getroot()
@@ -163,8 +200,8 @@ def gpu_tests(out: Path) -> dict:
         tests, failed = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
         counts = {"passed": tests - failed - int(suite.get("skipped", 0)), "failed": failed}
         counts["skipped"] = int(suite.get("skipped", 0))
-    ok = result.returncode in (0, 5) and counts["failed"] == 0  # 5: nothing collected is not a failure here
-    return {**counts, "ok": ok, "exit_code": result.returncode, "seconds": round(time.perf_counter() - started, 1)}
+    ok = finished.code in (0, 5) and counts["failed"] == 0  # 5: nothing collected is not a failure here
+    return {**counts, "ok": ok, "exit_code": finished.code, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def rows_of(run: Path) -> list[dict]:
@@ -177,7 +214,7 @@ def median_of(rows: list[dict], key: str) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
-def preset_run(out: Path, preset: str, gpu: bool) -> dict:
+def preset_run(out: Path, preset: str, gpu: bool, deadline: Deadline = NO_DEADLINE) -> dict:
     """One profiled training run, as `rigtrain profile` plans and runs it: the plan with its
     memory terms (config.json), memory, throughput, verdict, telemetry."""
     settings = [] if gpu else CPU_SETTINGS
@@ -199,6 +236,7 @@ def preset_run(out: Path, preset: str, gpu: bool) -> dict:
         "train.log_every=1",
         f"train.ckpt_every={steps}",
         "eval.during_training=false",
+        deadline=deadline,
     )
     record = {"exit_code": trained.code, "seconds": round(time.perf_counter() - started, 1)}
     if trained.code != 0:
