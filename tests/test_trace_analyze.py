@@ -121,6 +121,57 @@ def test_hand_made_gpu_traces(tmp_path, kernel_ms, data_ms, nccl_ms, kind, share
     assert summary["device"] == "cuda" and summary["verdict"] == kind, summary
     assert summary["breakdown"][share[0]] == pytest.approx(share[1], abs=1e-3)
     assert summary["numbers"]["step_ms"] == pytest.approx(100.0)
+    # idle from the first kernel (10 ms into step 0) to the last (its end in step 2)
+    busy = kernel_ms + nccl_ms
+    span = 200 + busy
+    assert summary["numbers"]["gpu_idle_share"] == pytest.approx((span - 3 * busy) / span, abs=1e-4)
+
+
+def _launched_gpu_trace(path: Path, *, kernel_ms: float, data_ms: float, lag_ms: float) -> Path:
+    """Four 100 ms steps, each a data wait then three kernels launched by the host (with the
+    correlation ids and streams HTA ties them by), the GPU lag_ms behind: the last step's
+    kernels run on past its window."""
+    events, ms, correlation = [], 1000.0, 0
+    for step in range(4):
+        start = step * 100 * ms
+        events.append(
+            {"ph": "X", "name": f"ProfilerStep#{step}", "cat": "user_annotation", "pid": 1, "tid": 1}
+            | {"ts": start, "dur": 100 * ms, "args": {"External id": 1000 + step}}
+        )
+        events.append(
+            {"ph": "X", "name": "enumerate(DataLoader)#_SingleProcessDataLoaderIter.__next__", "pid": 1, "tid": 1}
+            | {"cat": "user_annotation", "ts": start, "dur": data_ms * ms, "args": {"External id": 2000 + step}}
+        )
+        launch, run = start + data_ms * ms, start + (data_ms + lag_ms) * ms
+        for _ in range(3):
+            correlation += 1
+            ids = {"correlation": correlation, "External id": correlation}
+            events.append(
+                {"ph": "X", "name": "cudaLaunchKernel", "cat": "cuda_runtime", "pid": 1, "tid": 1}
+                | {"ts": launch, "dur": 5, "args": ids}
+            )
+            events.append(
+                {"ph": "X", "name": "sm90_xmma_gemm_bf16bf16_bf16f32", "cat": "kernel", "pid": 0, "tid": 7}
+                | {"ts": run, "dur": kernel_ms / 3 * ms, "args": ids | {"stream": 7, "device": 0}}
+            )
+            launch, run = launch + 10, run + kernel_ms / 3 * ms
+    path.write_text(json.dumps({"schemaVersion": 1, "distributedInfo": {"rank": 0}, "traceEvents": events}))
+    return path
+
+
+@pytest.mark.parametrize("kernel_ms, data_ms, lag_ms", [(30, 10, 0), (85, 10, 8), (20, 2, 30)])
+def test_the_gpu_idle_share_agrees_with_holistic_trace_analysis(tmp_path, kernel_ms, data_ms, lag_ms):
+    """HTA's temporal breakdown (every step: by default it leaves the last out) on the same
+    trace. Real GPU traces: bench/trace_vs_hta.py."""
+    hta = pytest.importorskip("hta.trace_analysis", reason="pip install --no-deps HolisticTraceAnalysis")
+    folder = tmp_path / "trace"
+    folder.mkdir()
+    trace = _launched_gpu_trace(folder / "rank0.pt.trace.json", kernel_ms=kernel_ms, data_ms=data_ms, lag_ms=lag_ms)
+    theirs = hta.TraceAnalysis(trace_dir=str(folder), include_last_profiler_step=True).get_temporal_breakdown(
+        visualize=False
+    )
+    ours = analyze_trace(trace)["numbers"]["gpu_idle_share"]
+    assert ours == pytest.approx(theirs.iloc[0]["idle_time_pctg"] / 100, abs=0.02)
 
 
 def test_a_large_trace_is_streamed_in_bounded_memory(tmp_path, capsys):

@@ -133,6 +133,11 @@ def breakdown(events: list[dict], device: str) -> tuple[dict[str, float], dict]:
         }
         busy_or_waiting = _merge(work + comm + data_wait)
         parts["host"] = max(0.0, wall - _length(busy_or_waiting))  # the GPU idle, not for data
+        # Holistic Trace Analysis's "idle" (its temporal breakdown): no kernel, copy or
+        # collective on any stream, from the first GPU work of the recorded steps to the last
+        gpu_busy = _merge(work + comm)
+        span = gpu_busy[-1][1] - gpu_busy[0][0] if gpu_busy else 0.0
+        gpu_idle = (span - _length(gpu_busy)) / span if span else 1.0
     else:
         comm = within(
             _merge(
@@ -144,6 +149,7 @@ def breakdown(events: list[dict], device: str) -> tuple[dict[str, float], dict]:
             )
         )
         in_opt = _intersect(comm, optimizer)
+        gpu_idle = None
         parts = {
             "data_wait": _length(data_wait),
             "communication": _length(comm),
@@ -158,6 +164,7 @@ def breakdown(events: list[dict], device: str) -> tuple[dict[str, float], dict]:
     parts["other"] = wall - claimed
     fractions = {k: parts.get(k, 0.0) / wall for k in CATEGORIES}
     numbers = {
+        "gpu_idle_share": None if gpu_idle is None else round(gpu_idle, 4),
         "steps": len(steps),
         "step_ms": wall / len(steps) / 1000,
         "ms_per_step": {k: round(parts.get(k, 0.0) / len(steps) / 1000, 3) for k in CATEGORIES},
@@ -308,6 +315,10 @@ def analyze(events: list[dict], facts: RunFacts) -> dict:
     return summary
 
 
+def gpu_idle_line(share: float) -> str:
+    return f"  GPU idle {share:.1%} of the time from its first kernel to its last (Holistic Trace Analysis's idle)"
+
+
 def format_summary(summary: dict) -> str:
     n = summary["numbers"]
     lines = [
@@ -318,6 +329,8 @@ def format_summary(summary: dict) -> str:
     for key in CATEGORIES:
         share = summary["breakdown"][key]
         lines.append(f"  {key:<{width}}  {share:6.1%}  {n['ms_per_step'][key]:9.1f} ms  {'#' * round(share * 40)}")
+    if n.get("gpu_idle_share") is not None:
+        lines.append(gpu_idle_line(n["gpu_idle_share"]))
     if "achieved_tflops_per_device" in summary:
         mfu = f", MFU {summary['mfu']:.1%} of {summary['peak_tflops']:g} TFLOPS" if "mfu" in summary else ""
         lines.append(f"  achieved {summary['achieved_tflops_per_device']:.3f} TFLOPS per device{mfu}")

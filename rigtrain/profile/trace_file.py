@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from rigtrain.errors import UserError
-from rigtrain.profile.analysis import COMM, _merge, breakdown, verdict
+from rigtrain.profile.analysis import COMM, _merge, breakdown, gpu_idle_line, verdict
 
 CHUNK = 1 << 20
 DATALOADER = re.compile(r"enumerate\(DataLoader\)#.*__next__")
@@ -222,6 +222,8 @@ def format_trace_summary(summary: dict) -> str:
     ]
     for key, share in summary["breakdown"].items():
         lines.append(f"  {key:<13}  {share:6.1%}  {n['ms_per_step'][key]:9.1f} ms  {'#' * round(share * 40)}")
+    if n.get("gpu_idle_share") is not None:
+        lines.append(gpu_idle_line(n["gpu_idle_share"]))
     lines += [f"could not see: {note}" for note in summary["unseen"]]
     lines += ["what to change:"] + [f"  - {s}" for s in summary["suggestions"]]
     return "\n".join(lines)
