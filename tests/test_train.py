@@ -171,6 +171,10 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
             "train.log_every=1",
             "train.lr=1e-3",
             "log.histograms_every=2",
+            # no random draws in the step (DropToken, the scored future tokens): each rank
+            # draws its own, so with them one process could not match two
+            "model.droptoken_keep=1.0",
+            "model.future_query_prob=1.0",
         )
         norms[stage] = [{k: v for k, v in r.items() if k.startswith("grad_norm/")} for r in metrics(run)]
         assert set(norms[stage][0]) == {
@@ -191,11 +195,12 @@ def test_two_ranks_all_zero_stages_agree(tmp_path, demo_data):
     assert curves[0] == pytest.approx(curves[3], rel=1e-4)
     for got, want in zip(norms[3], norms[0]):
         assert got == pytest.approx(want, rel=1e-3, abs=1e-6)
-    # One process with the same 16 clips per micro-step: the same gradient but for its own
-    # DropToken draws (each rank draws its own). A rank's own gradient would be far off: the
-    # contrastive terms' per-rank parts are ~30x their average on this model.
+    # One process with the same 16 clips per micro-step: the same gradient, but for the order
+    # of float sums (0.3% apart at most, on the smallest part's norm, after three of Adam's
+    # steps). A rank's own gradient would be far off: the contrastive terms' per-rank parts
+    # are ~30x their average on this model.
     for got, want in zip(norms[1], norms[0]):
-        assert got == pytest.approx(want, rel=0.25)
+        assert got == pytest.approx(want, rel=1e-2, abs=1e-6)
     # It trains: predictive coding falls from the first step on (the contrastive terms of
     # 4 small batches rise and fall with the batch; they are no sign either way).
     assert reconstruction[-1] < reconstruction[0], reconstruction
