@@ -55,9 +55,16 @@ the third cue
 
 
 def write_h264_with_aac(
-    path: Path, seconds: float = 3.0, fps: int = 25, size=(320, 180), tone_hz: float = 440.0, audio: bool = True
+    path: Path,
+    seconds: float = 3.0,
+    fps: int = 25,
+    size=(320, 180),
+    tone_hz: float = 440.0,
+    audio: bool = True,
+    audio_pts_s: float = 0.0,
 ) -> None:
-    """An H.264 + AAC mp4 written by PyAV: a moving gradient and a sine tone."""
+    """An H.264 + AAC mp4 written by PyAV: a moving gradient and a sine tone (its first
+    sample stamped audio_pts_s)."""
     import av
 
     width, height = size
@@ -79,7 +86,8 @@ def write_h264_with_aac(
             for k in range(0, len(wave), 1024):
                 chunk = np.stack([wave[k : k + 1024]] * 2)
                 frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
-                frame.sample_rate, frame.pts, frame.time_base = 44100, k, Fraction(1, 44100)
+                frame.sample_rate, frame.pts = 44100, k + round(audio_pts_s * 44100)
+                frame.time_base = Fraction(1, 44100)
                 for packet in sound.encode(frame):
                     container.mux(packet)
             for packet in sound.encode():
@@ -138,6 +146,22 @@ def test_container_aac_track_is_decoded_and_resampled(user_folder):
     assert len(window) == 8000
     assert np.abs(window - audio[16000:24000]).max() < 0.05  # a seek reads the same samples
     assert read_container_audio(user_folder / "bikes.mp4", 16000) is None
+
+
+@pytest.mark.parametrize("audio_pts_s", [0.0, 0.5])
+def test_a_window_at_the_start_of_a_track_is_whole(tmp_path, audio_pts_s):
+    """The first clip's audio, decoded on demand, is the same second prepare reads: also
+    when the track's timestamps start late (a muxer's offset), and whatever FFmpeg does
+    with the first frame after a seek (PyAV 19 drops it). It came back a few hundred
+    samples long, and the clip without sound."""
+    video = tmp_path / "late.mp4"
+    write_h264_with_aac(video, size=(64, 64), audio_pts_s=audio_pts_s)
+    whole = read_container_audio(video, 16000)
+    for start_s in (0.0, 0.1):
+        window = read_audio_window(video, None, start_s, 1.0, 16000)
+        assert len(window) == 16000, (start_s, len(window))
+        s0 = round(start_s * 16000)
+        assert np.median(np.abs(window - whole[s0 : s0 + 16000])) < 0.01, start_s
 
 
 def test_fit_frame_keeps_the_aspect():

@@ -197,7 +197,8 @@ def read_audio_window(
 ) -> np.ndarray | None:
     """`seconds` of audio from start_s, decoded on demand (for loaders without shards):
     a sidecar is read from that sample on; a container track is seeked to the packet
-    before start_s and decoded forward. None when there is no audio."""
+    before start_s (or read from its start, for a window near it) and decoded forward,
+    with silence where the track has not begun. None when there is no audio."""
     if sidecar is not None:
         import soundfile as sf  # only where audio files are read or written
 
@@ -220,13 +221,16 @@ def read_audio_window(
         # margin, resample it in one piece, then drop the margin: the samples then match a
         # full read of the track.
         margin = 0.05
-        container.seek(max(0, int((start_s - 0.2) / stream.time_base)), stream=stream, backward=True)
+        origin = stream.start_time or 0  # the track's own zero: prepare counts samples from there
+        if start_s > 0.2:
+            # not at the start: after a seek FFmpeg may drop the first frame it decodes
+            container.seek(origin + max(0, int((start_s - 0.2) / stream.time_base)), stream=stream, backward=True)
         pieces, first, rate = [], None, stream.rate
         try:
             for frame in container.decode(stream):
                 if frame.pts is None:
                     continue
-                t = float(frame.pts * stream.time_base)
+                t = float((frame.pts - origin) * stream.time_base)
                 first = t if first is None else first
                 rate = frame.sample_rate
                 array = frame.to_ndarray()
@@ -237,10 +241,14 @@ def read_audio_window(
             raise MediaError(f"audio track cannot be decoded: {err}") from None
     if not pieces:
         return np.zeros(0, np.float32)
-    lead = max(0.0, start_s - first - margin)  # seconds decoded before the cut
-    source = np.concatenate(pieces)[round(lead * rate) : round((lead + margin + seconds + margin) * rate)]
+    decoded = np.concatenate(pieces)
+    if first > start_s - margin:  # the decoded audio begins inside the cut: silence before it
+        silence = np.zeros((round((first - start_s + margin) * rate), decoded.shape[1]), decoded.dtype)
+        decoded, first = np.concatenate([silence, decoded]), start_s - margin
+    lead = round((start_s - margin - first) * rate)  # samples decoded before the cut
+    source = decoded[lead : lead + round((margin + seconds + margin) * rate)]
     audio = resample_audio(source, rate, target_rate)
-    skip = round((start_s - first - lead) * target_rate)
+    skip = round(margin * target_rate)
     return audio[skip : skip + round(seconds * target_rate)]
 
 
