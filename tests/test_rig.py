@@ -16,7 +16,7 @@ from conftest import run_cli
 from rigtrain.config import load_config
 from rigtrain.errors import UserError
 from rigtrain.rig.budget import weight_bytes
-from rigtrain.rig.facts import read_rig_file, rig_from_dict
+from rigtrain.rig.facts import Gpu, Rig, read_rig_file, rig_from_dict
 from rigtrain.rig.plan import PlanRequest, make_plan
 from rigtrain.rig.step_memory import PeakBytes, fake_step_peak_bytes
 from rigtrain.train.measured_step import train_step_builder
@@ -377,8 +377,10 @@ import json, sys
 from rigtrain.config import load_config
 from rigtrain.train.planning import machine_rig, plan_run
 rig = machine_rig()
+probed = "torch" in sys.modules
 plan = plan_run(load_config("demo"), rig, user_keys=set())
-print(json.dumps({"torch_imported": "torch" in sys.modules, "software": rig.software, "micro": plan.micro_batch_size}))
+print(json.dumps({"after_probe": probed, "after_plan": "torch" in sys.modules, "software": rig.software,
+                  "micro": plan.micro_batch_size}))
 """
 
 
@@ -392,9 +394,30 @@ def test_this_machine_is_probed_and_planned_without_importing_torch():
     result = subprocess.run([sys.executable, "-c", PLAN_WITHOUT_TORCH], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert not found["torch_imported"]
+    assert not found["after_probe"]  # a CUDA build of torch too: without the driver there is nothing to ask it
     assert found["software"]["torch"] == torch.__version__ and found["software"]["torch_cuda"] == torch.version.cuda
     assert found["micro"] == plan_run(load_config("demo"), machine_rig(), user_keys=set()).micro_batch_size
+    from rigtrain.train import step_peaks
+
+    if json.loads(step_peaks.SHIPPED.read_text())["torch"] == torch.__version__:
+        assert not found["after_plan"]  # the demo's steps are in the shipped table, measured with this torch
+
+
+def test_torch_is_asked_for_gpus_only_where_the_cuda_driver_loads(monkeypatch):
+    """A container without NVML's library but with CUDA: torch finds the GPUs. Without the
+    driver's library (PyPI's default torch on a CPU machine) it is not imported to say so."""
+    from rigtrain.rig import probe as probe_module
+    from rigtrain.train import planning
+
+    no_nvml = Rig(gpus=(), software={"torch": "2.11.0+cu130", "torch_cuda": "13.0"})
+    monkeypatch.setattr(probe_module, "probe", lambda paths: no_nvml)
+    found = (Gpu(name="NVIDIA H200", memory_gib=139.8, memory_free_gib=139.2, compute_capability=(9, 0)),)
+    asked = []
+    monkeypatch.setattr(planning, "_gpus_from_cuda", lambda: asked.append(1) or found)
+    monkeypatch.setattr(planning, "_cuda_driver_loads", lambda: False)
+    assert planning.machine_rig().gpus == () and asked == []
+    monkeypatch.setattr(planning, "_cuda_driver_loads", lambda: True)
+    assert planning.machine_rig().gpus == found and asked == [1]
 
 
 # -- memory ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ keys the user set."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 from pathlib import Path
@@ -42,12 +43,25 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
 
         rig = probe(paths)
         software = rig.software or {}
-        # a CPU build of torch sees no GPU either: nothing to ask it (importing it takes 2-3 s)
-        if not rig.gpus and (software.get("torch_cuda") or software.get("torch_hip")):
+        # a CPU build of torch sees no GPU either, nor a CUDA build without the driver's
+        # library: nothing to ask it then (importing it takes 2-3 s)
+        if not rig.gpus and (software.get("torch_hip") or software.get("torch_cuda") and _cuda_driver_loads()):
             cuda = _gpus_from_cuda()
             if cuda:  # CUDA applied CUDA_VISIBLE_DEVICES itself, and numbered what it left
                 return dataclasses.replace(rig, gpus=cuda, numbered_by_cuda=True)
     return restricted(rig, os.environ.get(VARIABLE), os.environ.get("CUDA_DEVICE_ORDER"))
+
+
+def _cuda_driver_loads() -> bool:
+    """Whether the CUDA driver's library loads here, as torch would load it: PyPI's default
+    torch is a CUDA build, on CPU-only machines too."""
+    for name in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def _gpus_from_cuda() -> tuple[Gpu, ...]:
