@@ -7,6 +7,7 @@ written last, so a prepare that is interrupted never leaves data that looks comp
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -187,7 +188,12 @@ def _in_order(function, jobs: list, workers: int):
     if workers <= 1:
         yield from map(function, jobs)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    # Not fork (Linux's default before Python 3.14): this process may hold threads by now
+    # (torch's, a loader's, the caller's) and a forked child inherits their locks held;
+    # a worker crashed that way under Python 3.12 ("terminated abruptly").
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
         pending: deque = deque()
         for job in jobs:
             pending.append(pool.submit(function, job))
