@@ -7,12 +7,9 @@ written last, so a prepare that is interrupted never leaves data that looks comp
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import numpy as np
 from rigtrain.config import DataConfig
 from rigtrain.data import media
 from rigtrain.data.narration import clip_text, read_narration
+from rigtrain.data.processes import in_order
 from rigtrain.data.shards import (
     ARRAYS,
     CLIP_DTYPE,
@@ -180,27 +178,6 @@ def _ingest_or_reason(job: tuple[Source, DataConfig, dict | None, int]) -> Sourc
         return ingest(*job)
     except media.MediaError as err:
         return str(err)
-
-
-def _in_order(function, jobs: list, workers: int):
-    """function(job) for every job, results in order, at most 2 x workers decoded videos
-    held at once (pool.map would decode everything ahead and hold it all in memory)."""
-    if workers <= 1:
-        yield from map(function, jobs)
-        return
-    # Not fork (Linux's default before Python 3.14): this process may hold threads by now
-    # (torch's, a loader's, the caller's) and a forked child inherits their locks held;
-    # a worker crashed that way under Python 3.12 ("terminated abruptly").
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: deque = deque()
-        for job in jobs:
-            pending.append(pool.submit(function, job))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 class ShardWriter:
@@ -372,7 +349,7 @@ def prepare(
     writer = ShardWriter(out, data.shard_clips, state["shards"], journal)
     skipped = list(unused)
     jobs = [(s, data, labels, partial["written"] if partial and s.video.name == partial["video"] else 0) for s in todo]
-    for done, (source, result) in enumerate(zip(todo, _in_order(_ingest_or_reason, jobs, workers)), 1):
+    for done, (source, result) in enumerate(zip(todo, in_order(_ingest_or_reason, jobs, workers)), 1):
         if isinstance(result, str):
             skipped.append({"file": source.video.name, "reason": result})
         elif result.info["clips"] == 0:
