@@ -500,7 +500,17 @@ def test_a_clearly_slower_trial_is_stopped_early_and_the_fastest_runs_its_whole_
     # was full: 2 s and 9 steps (here 3 steps in 0.6 s; 2 steps in 2.0 s in a loaded CI)
     assert smaller["seconds"] < window_s or smaller["steps"] < 3 * Timing(90).min_steps, smaller
     assert smaller["steps"] < larger["steps"], (smaller, larger)
-    # 48 x 1 leads, so the plan's own choice is measured once more, after it, whole window
+    # 48 x 1 leads (by more than the noise margin, as the search read its results; a loaded
+    # machine can close the gap), so the plan's own choice is measured once more, after it,
+    # whole window
+    from rigtrain.tune.report import choose, trial_row
+
+    confirmations = search.confirmation_results()
+    rows = [trial_row(c, search.result(c.index), confirmations.get(c.index)) for c in search.candidates]
+    best, _, _, kept = choose(rows)
+    if best["baseline"] or kept:
+        assert search.plan_again is None
+        return
     assert search.plan_again == 3
     again = search.result(3)
     assert again["status"] == "ok" and not again.get("raced_out") and again["seconds"] >= window_s
