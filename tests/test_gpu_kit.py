@@ -21,17 +21,22 @@ sys.path.insert(0, str(ROOT / "bench" / "gpu"))  # the kit's modules import each
 import steps  # noqa: E402  (the kit's steps module, found through the path above)
 
 
+def run_kit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`bash bench/gpu/run.sh ARGS` with this interpreter, as a user runs it."""
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu" / "run.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=timeout,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.long
 def test_the_kit_runs_every_step_on_the_cpu(tmp_path, demo_data):
     out = tmp_path / "kit"
-    result = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu" / "run.sh"), "--cpu", str(out), "--deadline-s", "3000"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHON": sys.executable},
-        timeout=900,
-    )
+    result = run_kit("--cpu", str(out), "--deadline-s", "3000", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "cpu" and report["failures"] == [] and report["complete"] and report["skipped"] == []
@@ -72,13 +77,7 @@ def test_the_kit_runs_every_step_on_the_cpu(tmp_path, demo_data):
 
 def test_a_kit_past_its_deadline_reports_what_it_skipped(tmp_path):
     out = tmp_path / "kit"
-    result = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu" / "run.sh"), "--cpu", str(out), "--deadline-s", "0"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHON": sys.executable},
-        timeout=300,
-    )
+    result = run_kit("--cpu", str(out), "--deadline-s", "0")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["skipped"] == ["gpu_tests", "demo", "small", "base", "oom_backoff"] and report["failures"] == []
@@ -135,13 +134,7 @@ def test_the_deadline_leaves_each_command_time_to_stop():
 
 @pytest.mark.slow
 def test_the_kit_says_what_is_missing_in_one_line(tmp_path):
-    result = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu" / "run.sh"), str(tmp_path / "kit")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHON": sys.executable},
-        timeout=300,
-    )
+    result = run_kit(str(tmp_path / "kit"))
     import torch
 
     if torch.cuda.is_available():

@@ -70,7 +70,8 @@ def main() -> int:
     report["presets"] = {}
     steps = [("the tests marked gpu", "gpu_tests", lambda: gpu_tests(out, deadline))]
     for preset in args.presets:
-        steps.append((f"{preset}: a planned, profiled bf16 run", preset, _preset_step(out, preset, gpu, deadline)))
+        run = lambda preset=preset: preset_run(out, preset, gpu, deadline)  # noqa: E731  (bound per preset)
+        steps.append((f"{preset}: a planned, profiled bf16 run", preset, run))
     steps.append(
         (
             "the first-step out-of-memory back-off",
@@ -95,10 +96,6 @@ def main() -> int:
     print(f"[kit] report: {out / 'report.json'} ({report['seconds']:.0f} s)")
     print(f"[kit] to share: {archive} ({archive.stat().st_size / 2**20:.1f} MiB: everything but checkpoints)")
     return 1 if report["failures"] or report["skipped"] else 0
-
-
-def _preset_step(out: Path, preset: str, gpu: bool, deadline: Deadline):
-    return lambda: preset_run(out, preset, gpu, deadline)
 
 
 def _save(out: Path, report: dict, began: float, gpu: bool) -> None:
