@@ -16,7 +16,7 @@ def in_order(function, jobs: list, workers: int):
         return
     # Not fork (Linux's default before Python 3.14): this process may hold threads by now
     # (torch's, a loader's, the caller's) and a forked child inherits their locks held;
-    # a worker crashed that way under Python 3.12 ("terminated abruptly").
+    # most likely what killed a worker in the suite under Python 3.12 ("terminated abruptly").
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
