@@ -124,6 +124,31 @@ def test_a_step_at_its_time_limit_is_stopped_as_a_user_would(tmp_path, monkeypat
         raise AssertionError(f"the rank {rank} outlived the kit's stop")
 
 
+def test_a_fault_in_a_kit_step_is_that_steps_failure(tmp_path, capsys):
+    import kit  # the kit's main module, beside steps (the path above)
+    import report
+
+    def broken():
+        return {}["predicted_peak_gib"]
+
+    record = kit._guarded(tmp_path, "demo", broken)
+    assert record["ok"] is False and "KeyError" in record["error"]
+    assert "Traceback" in (tmp_path / "logs" / "kit-demo.traceback").read_text()
+    result = {"kit": 1, "mode": "gpu", "date": "-", "commit": None, "deadline_s": None, "skipped": []}
+    result |= {"environment": {"gpus": ["NVIDIA H200"], "driver": "580", "torch": "2.11.0", "cuda": "13.0"}}
+    result |= {"presets": {"demo": record}, "gpu_tests": kit._guarded(tmp_path, "gpu_tests", broken)}
+    result["oom_backoff"] = {"ok": False, "error": "the small run left no memory figure to size the shortage from"}
+    kit._save(tmp_path, result, 0.0, gpu=True)
+    assert result["failures"] == [
+        "demo: exit None",
+        "the gpu tests failed",
+        "the out-of-memory back-off did not finish",
+    ]
+    report.print_table(result)  # a table still, with the errors in it
+    printed = capsys.readouterr().out
+    assert "| demo | failed: the kit's step failed: KeyError" in printed and "FAILED: demo: exit None" in printed
+
+
 def test_the_deadline_leaves_each_command_time_to_stop():
     assert steps.NO_DEADLINE.limit(900) == 900 and steps.NO_DEADLINE.allows_a_step()
     deadline = steps.Deadline(200)

@@ -47,7 +47,12 @@ def oom_backoff(out: Path, gpu: bool, small: dict | None, deadline: Deadline = N
     if probed.code != 0:
         return {"ok": False, "error": last_line(probed.output)}
     rig_file = out / "oom-rig.json"  # the card as free as it is now, before the holder takes its share
-    rig_file.write_text(json.dumps(json.loads(probed.output[probed.output.index("{") :])["rig"]))
+    # the JSON document on stdout; warnings on stderr (merged into the output) may come before or after it
+    start = probed.output.find("{")
+    if start < 0:
+        return {"ok": False, "error": f"`rigtrain rig --json` printed no JSON: {last_line(probed.output)}"}
+    report, _ = json.JSONDecoder().raw_decode(probed.output[start:])
+    rig_file.write_text(json.dumps(report["rig"]))
     keep = int(0.9 * used * GIB)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(keep)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True

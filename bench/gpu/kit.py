@@ -29,6 +29,7 @@ import json
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def main() -> int:
     for title, key, step in steps:
         if deadline.allows_a_step():
             print(f"[kit] {title}", flush=True)
-            result = step()
+            result = _guarded(out, key, step)
         else:
             print(f"[kit] {title}: skipped, {deadline.left():.0f} s left before the deadline", flush=True)
             result = {"skipped": f"the kit's deadline ({args.deadline_s:.0f} s) came first"}
@@ -96,6 +97,18 @@ def main() -> int:
     print(f"[kit] report: {out / 'report.json'} ({report['seconds']:.0f} s)")
     print(f"[kit] to share: {archive} ({archive.stat().st_size / 2**20:.1f} MiB: everything but checkpoints)")
     return 1 if report["failures"] or report["skipped"] else 0
+
+
+def _guarded(out: Path, key: str, step) -> dict:
+    """The step's record; a fault in the kit's own code (a figure it did not expect, say) is
+    that step's failure, with its traceback in OUT/logs, and the steps after it still run."""
+    try:
+        return step()
+    except Exception as err:
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        (out / "logs" / f"kit-{key}.traceback").write_text(traceback.format_exc())
+        print(f"[kit] {key}: the kit's step failed ({type(err).__name__}: {err}); traceback in logs/", flush=True)
+        return {"ok": False, "exit_code": None, "error": f"the kit's step failed: {type(err).__name__}: {err}"}
 
 
 def _save(out: Path, report: dict, began: float, gpu: bool) -> None:

@@ -72,7 +72,7 @@ def print_table(report: dict) -> None:
     if "passed" in tests:
         print(f"tests marked gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
     else:
-        print(f"tests marked gpu: not run ({tests['skipped']})")
+        print(f"tests marked gpu: not run ({tests.get('skipped') or tests.get('error')})")
     header = (
         "| preset | plan | predicted GiB | allocated | reserved | NVML process | predicted card | clips/s | "
         "TFLOPS | MFU | verdict | data wait | loader threads |"
