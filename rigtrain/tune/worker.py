@@ -41,6 +41,9 @@ from rigtrain.tune.records import (
 # a trial with this micro-batch never returns from its first step, as a hung collective.
 FAULT_HANG = "RIGTRAIN_FAULT_HANG_MICRO_BATCH"
 FAULT_RANKS = "RIGTRAIN_FAULT_RANKS"  # "1" or "0,2": only these ranks fail (default: all)
+# "12:0.3,3:1.0": each step of a trial with micro-batch 12 takes 0.3 s more, of 3 1.0 s more,
+# so that the tests' races have a known outcome on a machine whose speed varies by half
+FAULT_SLOW = "RIGTRAIN_FAULT_SLOW_MICRO_BATCH"
 LEAK_TOLERANCE_BYTES = 256 * 2**20
 
 
@@ -175,7 +178,7 @@ class TrialRunner:
             # eagerly without a word: each compiled trial starts from an empty cache.
             torch._dynamo.reset()
             trainer = TrialTrainer(folder, self.control)
-            self._inject_faults(trainer.config.train.micro_batch_size)
+            self._inject_faults(trainer)
             return self._timed(trainer, window)
         except Exception as err:  # noqa: BLE001 - every failure is a trial's result, not the tune's end
             status = "oom" if out_of_memory(err) else "failed"
@@ -192,10 +195,15 @@ class TrialRunner:
                     engine.destroy()  # DeepSpeed's hooks and partitioned tensors
                 del trainer
 
-    def _inject_faults(self, micro_batch: int) -> None:
+    def _inject_faults(self, trainer: TrialTrainer) -> None:
         ranks = os.environ.get(FAULT_RANKS)
         if ranks and str(self.rank) not in ranks.split(","):
             return
+        micro_batch = trainer.config.train.micro_batch_size
+        slower = dict(pair.split(":") for pair in os.environ.get(FAULT_SLOW, "").split(",") if pair)
+        if str(micro_batch) in slower:
+            step, extra_s = trainer.train_step, float(slower[str(micro_batch)])
+            trainer.train_step = lambda: (step(), time.sleep(extra_s))[0]
         if os.environ.get(FAULT_HANG) == str(micro_batch):
             while True:
                 time.sleep(3600)
