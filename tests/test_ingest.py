@@ -3,6 +3,8 @@ resumable prepare, `data check`."""
 
 import json
 import shutil
+import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -214,6 +216,34 @@ def test_prepare_a_users_folder(user_folder, tmp_path):
 
 def _shard_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("shard-*/*.npy"))}
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from pathlib import Path
+from rigtrain.config import load_config
+from rigtrain.data.prepare import prepare
+from rigtrain.errors import UserError
+try:  # no `if __name__ == "__main__":` around it: each worker, importing this script, runs it too
+    prepare(Path(sys.argv[1]), Path(sys.argv[2]), load_config("demo").data, workers=2)
+except UserError as err:
+    print(f"UserError: {err}")
+"""
+
+
+def test_a_worker_that_dies_is_one_sentence_that_says_what_to_do(tmp_path):
+    """Workers start clean (a fork server, not a fork of a process holding threads), so they
+    import the calling script: unguarded, each dies. That, or the kernel killing one for
+    memory, is a sentence, not a BrokenProcessPool traceback."""
+    src = tmp_path / "world"
+    synthesize(src, videos=4, seed=3)
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(src), str(tmp_path / "prep")], capture_output=True, text=True, timeout=300
+    )
+    assert "UserError: a data preparation worker process died before it finished" in result.stdout, result.stderr
+    assert 'if __name__ == "__main__":' in result.stdout and "Traceback" not in result.stdout
 
 
 def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path):

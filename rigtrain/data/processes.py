@@ -6,6 +6,16 @@ from __future__ import annotations
 import multiprocessing
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from rigtrain.errors import UserError
+
+DIED = (
+    "a data preparation worker process died before it finished: run it again, and it goes on from "
+    "the last shard written (if the kernel killed it for memory, fewer --workers need less); "
+    'calling prepare() from your own script, put the call under `if __name__ == "__main__":`, '
+    "since each worker starts by importing that script"
+)
 
 
 def in_order(function, jobs: list, workers: int):
@@ -19,11 +29,14 @@ def in_order(function, jobs: list, workers: int):
     # most likely what killed a worker in the suite under Python 3.12 ("terminated abruptly").
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: deque = deque()
-        for job in jobs:
-            pending.append(pool.submit(function, job))
-            if len(pending) >= 2 * workers:
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            pending: deque = deque()
+            for job in jobs:
+                pending.append(pool.submit(function, job))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise UserError(DIED) from None
