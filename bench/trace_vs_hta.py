@@ -38,7 +38,8 @@ def hta_temporal_breakdown(trace: Path) -> dict:
         from hta.trace_analysis import TraceAnalysis  # optional: only this comparison uses HTA
     except ImportError:
         sys.exit(
-            "bench/trace_vs_hta.py needs HTA: pip install --no-deps HolisticTraceAnalysis pandas plotly networkx pydot"
+            "bench/trace_vs_hta.py needs HTA: "
+            "pip install --no-deps HolisticTraceAnalysis && pip install pandas plotly networkx pydot"
         )
     with tempfile.TemporaryDirectory() as folder:
         shutil.copy(trace, Path(folder) / trace.name)

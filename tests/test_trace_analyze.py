@@ -163,7 +163,7 @@ def _launched_gpu_trace(path: Path, *, kernel_ms: float, data_ms: float, lag_ms:
 def test_the_gpu_idle_share_agrees_with_holistic_trace_analysis(tmp_path, kernel_ms, data_ms, lag_ms):
     """HTA's temporal breakdown (every step: by default it leaves the last out) on the same
     trace. Real GPU traces: bench/trace_vs_hta.py."""
-    hta = pytest.importorskip("hta.trace_analysis", reason="pip install --no-deps HolisticTraceAnalysis")
+    hta = pytest.importorskip("hta.trace_analysis", reason="HTA: see bench/trace_vs_hta.py")
     folder = tmp_path / "trace"
     folder.mkdir()
     trace = _launched_gpu_trace(folder / "rank0.pt.trace.json", kernel_ms=kernel_ms, data_ms=data_ms, lag_ms=lag_ms)

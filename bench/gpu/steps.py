@@ -59,7 +59,6 @@ class Deadline:
     so the steps that finished are reported rather than lost with the ones that did not."""
 
     def __init__(self, seconds: float | None):
-        self.seconds = seconds
         self._ends = None if seconds is None else time.monotonic() + seconds
 
     def left(self) -> float:
