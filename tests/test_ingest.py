@@ -64,9 +64,12 @@ def write_h264_with_aac(
     tone_hz: float = 440.0,
     audio: bool = True,
     audio_pts_s: float = 0.0,
+    video_pts_s: float = 0.0,
+    silent_s: float = 0.0,
 ) -> None:
-    """An H.264 + AAC mp4 written by PyAV: a moving gradient and a sine tone (its first
-    sample stamped audio_pts_s)."""
+    """An H.264 + AAC mp4 written by PyAV: a moving gradient (its first frame stamped
+    video_pts_s) and a sine tone after silent_s of silence (its first sample stamped
+    audio_pts_s)."""
     import av
 
     width, height = size
@@ -78,13 +81,15 @@ def write_h264_with_aac(
         for i in range(round(seconds * fps)):
             image = np.broadcast_to(((x + 4 * i) % 256).astype(np.uint8), (height, width, 3)).copy()
             image[:, :, 1] = (i * 7) % 256
-            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            picture = av.VideoFrame.from_ndarray(image, format="rgb24")
+            picture.pts, picture.time_base = i + round(video_pts_s * fps), Fraction(1, fps)
+            for packet in video.encode(picture):
                 container.mux(packet)
         for packet in video.encode():
             container.mux(packet)
         if sound is not None:
             t = np.arange(round(seconds * 44100)) / 44100
-            wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
+            wave = (0.5 * np.sin(2 * np.pi * tone_hz * t) * (t >= silent_s)).astype(np.float32)
             for k in range(0, len(wave), 1024):
                 chunk = np.stack([wave[k : k + 1024]] * 2)
                 frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
@@ -164,6 +169,39 @@ def test_a_window_at_the_start_of_a_track_is_whole(tmp_path, audio_pts_s):
         assert len(window) == 16000, (start_s, len(window))
         s0 = round(start_s * 16000)
         assert np.median(np.abs(window - whole[s0 : s0 + 16000])) < 0.01, start_s
+
+
+@pytest.mark.parametrize(
+    ("audio_pts_s", "video_pts_s", "silent_s", "check_says"),
+    [
+        (0.5, 0.0, 0.0, "the sound starts 0.48 s after the first frame"),  # 0.48: AAC's 1024 priming samples
+        (0.0, 0.4, 0.9, "the sound starts 0.40 s before the first frame"),
+        (0.0, 0.0, 0.5, None),
+    ],
+    ids=["audio-starts-late", "video-starts-late", "in-step"],
+)
+def test_sound_and_picture_stay_in_sync(tmp_path, audio_pts_s, video_pts_s, silent_s, check_says):
+    """The tone begins 0.5 s after the first frame in all three files; prepare and the
+    on-demand loader both hear it there, and `data check` says when a track is offset. A
+    track that starts late (a muxer's offset) was read from its own first sample, so its
+    sound came 0.5 s early in every clip."""
+    from rigtrain.data.check import check_folder  # the report's note on the offset
+
+    video = tmp_path / "sync.mp4"
+    write_h264_with_aac(video, size=(64, 64), audio_pts_s=audio_pts_s, video_pts_s=video_pts_s, silent_s=silent_s)
+
+    def onset_s(audio: np.ndarray) -> float:
+        return np.flatnonzero(np.abs(audio) > 0.1)[0] / 16000
+
+    assert abs(onset_s(read_container_audio(video, 16000)) - 0.5) < 0.015
+    assert abs(onset_s(read_audio_window(video, None, 0.0, 1.0, 16000)) - 0.5) < 0.015
+    assert abs(0.3 + onset_s(read_audio_window(video, None, 0.3, 1.0, 16000)) - 0.5) < 0.015
+    notes = check_folder(tmp_path, load_config("demo").data)["videos"][0]["notes"]
+    offset_notes = [n for n in notes if n.startswith("the sound starts")]
+    if check_says is None:
+        assert offset_notes == []
+    else:
+        assert len(offset_notes) == 1 and offset_notes[0].startswith(check_says), notes
 
 
 def test_fit_frame_keeps_the_aspect():

@@ -46,13 +46,28 @@ def _probe_container_audio(path: Path) -> dict | None:
             return None
         stream = container.streams.audio[0]
         seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
+        starts_s = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         return {
             "from": "container",
             "codec": stream.codec_context.name,
             "rate": stream.rate,
             "channels": stream.channels,
             "duration_s": round(seconds, 3),
+            # when the track starts, from the first video frame: prepare keeps them in sync
+            "offset_s": round(starts_s - media.video_start_s(container), 3),
         }
+
+
+def _offset_note(offset_s: float) -> str | None:
+    """A track more than a frame or two out of step with the picture is worth a line: the
+    user may not know their muxer delayed it, and prepare's silence or cut is deliberate."""
+    if abs(offset_s) < 0.05:
+        return None
+    if offset_s > 0:
+        return (
+            f"the sound starts {offset_s:.2f} s after the first frame; prepare puts silence before it to stay in sync"
+        )
+    return f"the sound starts {-offset_s:.2f} s before the first frame; prepare cuts that part to stay in sync"
 
 
 def _probe_sidecar_audio(path: Path) -> dict:
@@ -99,6 +114,8 @@ def check_source(source: Source, data: DataConfig) -> dict:
     if entry["audio"] is None:
         try:
             entry["audio"] = _probe_container_audio(source.video)
+            note = _offset_note(entry["audio"]["offset_s"]) if entry["audio"] else None
+            entry["notes"] += [note] if note else []
         except media.MediaError as err:
             entry["notes"].append(f"audio track left out: {err}")
     entry["narration"] = None

@@ -172,24 +172,53 @@ def open_container(path: Path):
         raise MediaError(f"cannot be opened by FFmpeg: {err}") from None
 
 
+def video_start_s(container) -> float:
+    """When the first video frame shows, in seconds of the container's clock: the zero of
+    the clip times (OpenCV counts frames from that frame), and so of the audio too."""
+    if not container.streams.video:
+        return 0.0
+    stream = container.streams.video[0]
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
+def _longest_lead_s(container) -> float:
+    """The most silence a track that starts late may be given: the container's length (a
+    damaged file's start time can be anything; silence past the video is never used)."""
+    return container.duration / 1e6 if container.duration else 3600.0
+
+
 def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
     """The video container's own audio track -> mono float32 at target_rate, or None when
-    the container has no audio track."""
+    the container has no audio track. Sample 0 is the time of the first video frame: a
+    track that starts later (a muxer's offset) begins with silence, one that starts
+    earlier is cut, so sound and picture stay in sync."""
     import av  # PyAV: only where a container's audio is read
 
     with open_container(path) as container:
         if not container.streams.audio:
             return None
+        zero_s = video_start_s(container)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
-        chunks = []
+        chunks, offset_s = [], None
         try:
             for frame in container.decode(audio=0):
-                frame.pts = None  # resample by sample count: timestamps of damaged files can jump
+                if offset_s is None and frame.pts is not None:
+                    offset_s = float(frame.pts * frame.time_base) - zero_s
+                    offset_s = min(offset_s, _longest_lead_s(container))
+                # after the first frame, resample by sample count: timestamps of damaged
+                # files can jump
+                frame.pts = None
                 chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
         except av.error.FFmpegError as err:
             raise MediaError(f"audio track cannot be decoded: {err}") from None
         chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(chunks) if chunks else None
+    if not chunks:
+        return None
+    audio = np.concatenate(chunks)
+    shift = round((offset_s or 0.0) * target_rate)
+    if shift > 0:
+        return np.concatenate([np.zeros(shift, audio.dtype), audio])
+    return audio[-shift:]
 
 
 def read_audio_window(
@@ -221,16 +250,17 @@ def read_audio_window(
         # margin, resample it in one piece, then drop the margin: the samples then match a
         # full read of the track.
         margin = 0.05
-        origin = stream.start_time or 0  # the track's own zero: prepare counts samples from there
-        if start_s > 0.2:
-            # not at the start: after a seek FFmpeg may drop the first frame it decodes
-            container.seek(origin + max(0, int((start_s - 0.2) / stream.time_base)), stream=stream, backward=True)
+        zero_s = video_start_s(container)  # time 0 of the clips, as in read_container_audio
+        track_start_s = float(stream.start_time * stream.time_base) if stream.start_time is not None else zero_s
+        if zero_s + start_s - 0.2 > track_start_s:
+            # not at the track's start: after a seek FFmpeg may drop the first frame it decodes
+            container.seek(int((zero_s + start_s - 0.2) / stream.time_base), stream=stream, backward=True)
         pieces, first, rate = [], None, stream.rate
         try:
             for frame in container.decode(stream):
                 if frame.pts is None:
                     continue
-                t = float((frame.pts - origin) * stream.time_base)
+                t = float(frame.pts * stream.time_base) - zero_s
                 first = t if first is None else first
                 rate = frame.sample_rate
                 array = frame.to_ndarray()
@@ -241,6 +271,8 @@ def read_audio_window(
             raise MediaError(f"audio track cannot be decoded: {err}") from None
     if not pieces:
         return np.zeros(0, np.float32)
+    if first >= start_s + seconds:  # the track begins after the window: all of it is silence
+        return np.zeros(round(seconds * target_rate), np.float32)
     decoded = np.concatenate(pieces)
     if first > start_s - margin:  # the decoded audio begins inside the cut: silence before it
         silence = np.zeros((round((first - start_s + margin) * rate), decoded.shape[1]), decoded.dtype)
