@@ -544,6 +544,33 @@ def test_the_hparams_view_has_one_row_per_trial_with_its_outcome(tmp_path):
     assert speeds["trial-000"] == pytest.approx(300.0) and speeds["trial-001"] == pytest.approx(250.0)
 
 
+def test_the_confirmation_round_takes_no_trial_that_was_stopped_early(tmp_path, demo_data):
+    """A trial stopped early trails a finished one by more than the noise: it is not measured
+    again, even when its short window's speed would rank it among the fastest."""
+    from rigtrain.tune.search import Search, Timing
+
+    variants = [(12, 4, 0), (48, 1, 0), (3, 16, 0), (12, 4, 1), (48, 1, 1), (3, 16, 1)]  # shapes in the shipped table
+    search = Search(tmp_path, _tiny_candidates(tmp_path, demo_data, variants), Timing(90), time.time() + 100, [].append)
+    steps = {0: 20, 1: 40, 2: 35, 3: 30, 4: 25}  # clips/s = 48 * steps / 4 s
+    for index, n in steps.items():
+        search._record(
+            index,
+            {
+                "status": "ok",
+                "clips_per_step": 48,
+                "steps": n,
+                "seconds": 4.0,
+                "warmup_s": 0.1,
+                "data_wait_s": 0.0,
+                "peak_gib": 0.1,
+                "reserved_gib": 0.1,
+            },
+        )
+    search._record(2, {**search.result(2), "raced_out": True, "against": 1})
+    search._record(5, {"status": "oom", "error": "out of memory"})
+    assert [c.index for c in search._finalists()] == [0, 1, 3, 4]
+
+
 def _tiny_candidates(tmp_path: Path, data: Path, variants: list[tuple[int, int, int]]) -> list:
     """Candidates of the tiny model in one process, (micro-batch, accumulation, loader
     threads) each, the first the plan's own, their trial folders written as a tune does."""
@@ -602,7 +629,9 @@ def test_the_first_round_moves_to_a_phases_winner_and_skips_what_is_never_one_se
         assert not (tmp_path / "trials" / f"{index:03d}" / "started.json").exists()
         assert "one setting" in search.result(index)["error"]
     assert any(line.startswith("loader threads: 1 around trial 1") for line in said), said
-    assert sorted(c.index for c in search._finalists()) == [0, 1, 2, 4]  # the confirmation round's trials
+    # the confirmation round's trials: the plan's own and the others that ran their whole window
+    finished = [i for i in (1, 2, 4) if not search.result(i).get("raced_out")]
+    assert sorted(c.index for c in search._finalists()) == [0, *finished], said
 
 
 @pytest.mark.slow

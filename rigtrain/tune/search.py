@@ -193,12 +193,15 @@ class Search:
                 self._record(index, NOT_RUN)
 
     def _finalists(self) -> list:
-        """The plan's own choice (if it ran) and the fastest others of the first round."""
+        """The plan's own choice (if it ran) and the fastest others of the first round that
+        ran their whole window: one stopped early already trails a finished trial by more
+        than the noise, so measuring it again would spend the budget on a known loser."""
         ok = [c for c in self.candidates if c.pruned is None and (self.result(c.index) or {}).get("status") == "ok"]
         speed = {
             c.index: clips_per_step(c) * self.result(c.index)["steps"] / self.result(c.index)["seconds"] for c in ok
         }
-        others = sorted((c for c in ok if not c.baseline), key=lambda c: -speed[c.index])[:CONFIRM_TOP]
+        contenders = (c for c in ok if not c.baseline and not self.result(c.index).get("raced_out"))
+        others = sorted(contenders, key=lambda c: -speed[c.index])[:CONFIRM_TOP]
         baseline = [c for c in ok if c.baseline]
         return baseline + others if baseline else []
 
