@@ -47,7 +47,9 @@ def measure_through_the_tests(base: Path) -> Path:
     if SHIPPED.exists():
         SHIPPED.replace(aside)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider"]
-    command += ["--basetemp", str(base), "-m", "not slow", "-k", "not shipped_step_peaks", *PLANNING_TESTS]
+    # the tests that read the table itself cannot run while it is set aside
+    reading_the_table = "not shipped_step_peaks and not without_importing_torch"
+    command += ["--basetemp", str(base), "-m", "not slow", "-k", reading_the_table, *PLANNING_TESTS]
     try:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     finally:
