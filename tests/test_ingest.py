@@ -204,6 +204,48 @@ def test_sound_and_picture_stay_in_sync(tmp_path, audio_pts_s, video_pts_s, sile
         assert len(offset_notes) == 1 and offset_notes[0].startswith(check_says), notes
 
 
+def write_variable_rate_h264(path: Path, times_ms: list[int], size=(64, 64)) -> None:
+    """An H.264 mp4 whose frame i is stamped times_ms[i] and is grey level 3 * i, as a phone
+    records: the frame rate follows the light and the load."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times_ms):
+            picture = av.VideoFrame.from_ndarray(np.full((*size, 3), 3 * i, np.uint8), format="rgb24")
+            picture.pts, picture.time_base = t, Fraction(1, 1000)
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_a_variable_frame_rate_video_is_resampled_by_its_timestamps(tmp_path, monkeypatch):
+    """25 fps, then 10 fps for two seconds, then 25 fps again (the average is 17.5 fps). Each
+    output frame is the source frame showing at its time, read whole or on demand; by index
+    over the average rate the picture was up to 0.43 s off its time (and its sound)."""
+    times = [40 * i for i in range(25)] + [1000 + 100 * i for i in range(20)] + [3000 + 40 * i for i in range(25)]
+    video = tmp_path / "phone.mp4"
+    write_variable_rate_h264(video, times)
+    fps = 8.0
+    frames, info = read_video(video, fps, (32, 32))
+    assert len(frames) == 32  # 4 s at 8 fps: the last frame shows for 40 ms, as the one before it
+    shown = [max(i for i, t in enumerate(times) if t <= 1000 * k / fps + 0.1) for k in range(len(frames))]
+    assert np.abs(frames[:, 16, 16, 0].astype(int) - 3 * np.array(shown)).max() <= 3, frames[:, 16, 16, 0]
+    for start in (0, 7, 13, 24):  # in the fast part, the slow part, across, and the end
+        clip = read_video_clip(video, start, 8, fps, (32, 32))
+        assert np.array_equal(clip, frames[start : start + 8]), start
+    # a seek that lands past the clip's first frame reads again from further back
+    from rigtrain.data import media
+
+    monkeypatch.setattr(media, "SEEK_BACK_PERIODS", 0.0)
+    monkeypatch.setattr(media, "SEEK_BACK_FAR_S", 0.0)
+    for start in (7, 13, 24):
+        assert np.array_equal(read_video_clip(video, start, 8, fps, (32, 32)), frames[start : start + 8]), start
+
+
 def test_fit_frame_keeps_the_aspect():
     frame = np.full((100, 400, 3), 200, np.uint8)
     padded = fit_frame(frame, 64, 64, "pad")

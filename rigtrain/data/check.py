@@ -87,8 +87,9 @@ def _probe_sidecar_audio(path: Path) -> dict:
 
 
 def frames_after_resampling(source_frames: int, source_fps: float, fps: float) -> int:
-    """How many frames read_video gives: it keeps output frame k while floor(k * src_fps /
-    fps) is a source frame."""
+    """How many frames read_video gives: one every 1/fps seconds while a source frame shows,
+    and the video shows for source_frames / source_fps seconds (OpenCV's fps is the average
+    rate, so this holds for a variable frame rate too)."""
     return math.ceil(source_frames * fps / source_fps - 1e-6) if source_frames else 0
 
 

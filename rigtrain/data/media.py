@@ -3,7 +3,6 @@ container's own track), resampled with libswresample through PyAV."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,24 +79,80 @@ def fit_frame(frame: np.ndarray, height: int, width: int, mode: str = "crop") ->
     return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop") -> tuple[np.ndarray, VideoInfo]:
-    """All frames resampled in time to `fps` (the source frame showing at each output time)
-    and fitted to size=(H, W): uint8 RGB (T, H, W, 3)."""
+# Two timestamps closer than this are one instant (OpenCV reports milliseconds as floats).
+SAME_INSTANT_S = 1e-4
+# How far before a clip an on-demand read seeks, in periods of the average frame rate: the
+# frame showing at the clip's first instant must be decoded too, and OpenCV lands within
+# half a period of where it is asked. Where the rate is locally lower than the average (a
+# variable frame rate), that can be too little, and the read seeks SEEK_BACK_FAR_S instead,
+# then from the start.
+SEEK_BACK_PERIODS = 2.0
+SEEK_BACK_FAR_S = 2.0
+
+
+def _timed_frames(cap, info: VideoInfo):
+    """(seconds, BGR frame) from the capture's position on. The time is the frame's own
+    timestamp from the first frame (OpenCV's POS_MSEC): phones record at a variable frame
+    rate, and a frame's index over the average rate drifts from its time by up to seconds
+    (the sound, read by time, would drift from the picture). Where a container gives no
+    timestamp or one that does not advance, the frame comes one average period later."""
     import cv2  # OpenCV: only where frames are decoded or written
 
+    last = None
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            return
+        t = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        if last is not None and not t > last + SAME_INSTANT_S:
+            t = last + 1.0 / info.fps
+        last = t
+        yield t, frame
+
+
+class _SeekedTooFar(Exception):
+    """The first frame after a seek comes after the instant asked for."""
+
+
+def _frames_at_output_times(timed, info: VideoInfo, fps: float, first: int, count: int | None, fit, seeked: bool):
+    """Output frames first, first+1, ... (count of them, or to the end): output frame k shows
+    at k / fps the last source frame whose time has come, and the last source frame shows
+    for as long as the one before it did."""
+    out: list[np.ndarray] = []
+    k, shown, shown_t, period = first, None, None, 1.0 / info.fps
+
+    def wanted() -> bool:
+        return count is None or len(out) < count
+
+    for t, frame in timed:
+        if shown is None and seeked and t > first / fps + SAME_INSTANT_S:
+            raise _SeekedTooFar
+        while shown is not None and wanted() and k / fps + SAME_INSTANT_S < t:
+            out.append(fit(shown))
+            k += 1
+        if not wanted():
+            return out
+        if shown_t is not None:
+            period = t - shown_t
+        shown, shown_t = frame, t
+    while shown is not None and wanted() and k / fps + SAME_INSTANT_S < shown_t + period:
+        out.append(fit(shown))
+        k += 1
+    return out
+
+
+def _fitter(size: tuple[int, int], mode: str):
+    import cv2  # OpenCV: only where frames are decoded or written
+
+    return lambda frame: fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode)
+
+
+def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop") -> tuple[np.ndarray, VideoInfo]:
+    """All frames resampled in time to `fps` (the source frame showing at each output time,
+    by the frames' own timestamps) and fitted to size=(H, W): uint8 RGB (T, H, W, 3)."""
     cap, info = open_video(path)
-    frames: list[np.ndarray] = []
-    src_index = 0
     try:
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            # Output frame k shows time k/fps: it is source frame floor(k * src_fps / fps),
-            # so frames are skipped when lowering fps and repeated when raising it.
-            while math.floor(len(frames) * info.fps / fps + 1e-6) == src_index:
-                frames.append(fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode))
-            src_index += 1
+        frames = _frames_at_output_times(_timed_frames(cap, info), info, fps, 0, None, _fitter(size, mode), False)
     finally:
         cap.release()
     if not frames:
@@ -109,26 +164,27 @@ def read_video_clip(
     path: Path, start_frame: int, count: int, fps: float, size: tuple[int, int], mode: str = "crop"
 ) -> np.ndarray:
     """Output frames start_frame .. start_frame+count-1 of read_video(path, fps, size),
-    decoded on demand: seek to the first source frame needed and decode only as far as
-    the clip goes. This is what a loader without shards has to do for every clip."""
+    decoded on demand: seek a little before the clip's first instant and decode only as
+    far as the clip goes (further back, then from the start, when the seek lands past it).
+    This is what a loader without shards has to do for every clip."""
     import cv2  # OpenCV: only where frames are decoded or written
 
-    cap, info = open_video(path)
-    first_src = math.floor(start_frame * info.fps / fps + 1e-6)
-    frames: list[np.ndarray] = []
-    try:
-        if first_src:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, first_src)
-        src_index = first_src
-        while len(frames) < count:
-            ok, frame = cap.read()
-            if not ok:
+    fit = _fitter(size, mode)
+    for back_s in (None, SEEK_BACK_FAR_S, float("inf")):
+        cap, info = open_video(path)
+        try:
+            seek_s = start_frame / fps - (SEEK_BACK_PERIODS / info.fps if back_s is None else back_s)
+            if seek_s > 0:
+                cap.set(cv2.CAP_PROP_POS_MSEC, seek_s * 1000.0)
+            try:
+                frames = _frames_at_output_times(
+                    _timed_frames(cap, info), info, fps, start_frame, count, fit, seek_s > 0
+                )
                 break
-            while len(frames) < count and math.floor((start_frame + len(frames)) * info.fps / fps + 1e-6) == src_index:
-                frames.append(fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode))
-            src_index += 1
-    finally:
-        cap.release()
+            except _SeekedTooFar:
+                continue
+        finally:
+            cap.release()
     if len(frames) < count:
         raise MediaError(f"only {len(frames)} of {count} frames from frame {start_frame} could be decoded")
     return np.stack(frames)
