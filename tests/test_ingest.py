@@ -204,13 +204,17 @@ def test_sound_and_picture_stay_in_sync(tmp_path, audio_pts_s, video_pts_s, sile
         assert len(offset_notes) == 1 and offset_notes[0].startswith(check_says), notes
 
 
-def write_variable_rate_h264(path: Path, times_ms: list[int], size=(64, 64)) -> None:
-    """An H.264 mp4 whose frame i is stamped times_ms[i] and is grey level 3 * i, as a phone
-    records: the frame rate follows the light and the load."""
+def write_variable_rate_h264(
+    path: Path, times_ms: list[int], size=(64, 64), codec: str = "libx264", options: dict | None = None
+) -> None:
+    """A video whose frame i is stamped times_ms[i] and is grey level 3 * i, as a phone
+    records: the frame rate follows the light and the load. H.264 in mp4 by default;
+    codec="libvpx" and a .webm path for what a browser or a screen recorder writes
+    (options={"live": "1"}: streamed, with no duration or frame count in the header)."""
     import av
 
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
+    with av.open(str(path), "w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=30)
         stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
         stream.codec_context.time_base = Fraction(1, 1000)
         for i, t in enumerate(times_ms):
@@ -244,6 +248,46 @@ def test_a_variable_frame_rate_video_is_resampled_by_its_timestamps(tmp_path, mo
     monkeypatch.setattr(media, "SEEK_BACK_FAR_S", 0.0)
     for start in (7, 13, 24):
         assert np.array_equal(read_video_clip(video, start, 8, fps, (32, 32)), frames[start : start + 8]), start
+
+
+def test_data_check_and_the_on_demand_reader_agree_with_prepare_without_a_frame_count(tmp_path):
+    """A recorder's .webm has no frame count in its header (OpenCV reported -2.8e17 frames,
+    and check called a 2.6 s video negative and "shorter than one clip") or an estimate of
+    it (80 for 75 frames: "the last frames do not decode (truncated?)"), and OpenCV cannot
+    seek in either. Check counts the packets instead, and the on-demand reader falls back
+    to reading from the start when a seek lands nowhere. An mp4 cut after its index was
+    checked as whole (4 clips where prepare made 3), with no note."""
+    from rigtrain.data.check import check_folder
+    from rigtrain.data.dataset import ShardDataset
+    from rigtrain.data.ondemand import DecodedClips
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    times = [sum(33 if i % 3 else 40 for i in range(k)) for k in range(75)]  # 25-30 fps, 2.6 s
+    write_variable_rate_h264(src / "streamed.webm", times, codec="libvpx", options={"live": "1"})
+    write_variable_rate_h264(src / "recorded.webm", times, codec="libvpx")
+    write_variable_rate_h264(src / "phone.mp4", [40 * i for i in range(25)] + [1000 + 100 * i for i in range(20)])
+    # its index first (faststart), then cut: the index promises 4 s, the data holds less
+    write_variable_rate_h264(tmp_path / "whole.mp4", [50 * i for i in range(80)], options={"movflags": "faststart"})
+    whole = (tmp_path / "whole.mp4").read_bytes()
+    (src / "cut.mp4").write_bytes(whole[: len(whole) * 7 // 10])
+    data = load_config("demo").data
+    report = check_folder(src, data)
+    index = prepare(src, tmp_path / "prep", data)
+    checked = {v["file"]: v for v in report["videos"]}
+    assert {s["video"]: s["clips"] for s in index["sources"]} == {name: v["clips"] for name, v in checked.items()}
+    assert checked["streamed.webm"]["clips"] == 3 and checked["streamed.webm"]["duration_s"] == pytest.approx(2.65)
+    assert checked["phone.mp4"]["fps_range"] == [10.0, 25.0]
+    for name, entry in checked.items():
+        truncated, variable = name == "cut.mp4", name != "cut.mp4"
+        assert any("do not decode" in n for n in entry["notes"]) == truncated, (name, entry["notes"])
+        assert any(n.startswith("variable frame rate") for n in entry["notes"]) == variable, (name, entry["notes"])
+    assert checked["cut.mp4"]["clips"] < 4  # what the data holds, not what the index promised
+    shards = ShardDataset(tmp_path / "prep", data)
+    for decoded in (DecodedClips.from_index(tmp_path / "prep", index, data), DecodedClips.from_folder(src, data)):
+        assert len(decoded) == len(shards)
+        for i in range(len(shards)):
+            assert np.array_equal(shards[i]["video"].numpy(), decoded[i]["video"].numpy()), i
 
 
 def test_fit_frame_keeps_the_aspect():

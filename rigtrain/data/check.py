@@ -17,27 +17,42 @@ from rigtrain.data.sources import Source, audio_mismatch, sources_in
 
 
 def _probe_video(path: Path) -> dict:
-    import cv2  # OpenCV: only where frames are decoded or written
-
+    """The video's frames and how long it shows, from its packets' timestamps (the header's
+    frame count can be missing, an estimate, or nonsense); its first frame and the frames
+    at its end decoded, as prepare will decode them."""
     cap, info = media.open_video(path)
     try:
         ok, _ = cap.read()
         if not ok:
             raise media.MediaError("no frame could be decoded (truncated or corrupt)")
-        end_decodes = True
-        if info.frames > 1:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, info.frames - 1)
-            end_decodes, _ = cap.read()
+        times = media.frame_times(path)
+        if len(times) < 2:  # no timestamps in the packets: the header's word for it
+            times = [i / info.fps for i in range(max(1, info.frames))]
+        end_decodes = len(times) < 2 or media.end_decodes(path, times[-1])
     finally:
         cap.release()
+    duration = media.shown_until(times, info.fps)
     return {
-        "fps": round(info.fps, 3),
-        "frames": info.frames,
+        "fps": round(len(times) / duration, 3),
+        "fps_range": _fps_range(times),
+        "frames": len(times),
         "width": info.width,
         "height": info.height,
-        "duration_s": round(info.frames / info.fps, 3),
-        "end_decodes": bool(end_decodes),
+        "duration_s": round(duration, 6),  # to the microsecond: the clip count depends on it
+        "end_decodes": end_decodes,
     }
+
+
+def _fps_range(times: list[float]) -> list[float] | None:
+    """The frame rate's 5th and 95th percentiles: a phone's variable rate shows here, a
+    single dropped frame does not."""
+    intervals = sorted(b - a for a, b in zip(times, times[1:]))
+    if not intervals:
+        return None
+    return [
+        round(1 / intervals[int(0.95 * (len(intervals) - 1))], 2),
+        round(1 / intervals[int(0.05 * (len(intervals) - 1))], 2),
+    ]
 
 
 def _probe_container_audio(path: Path) -> dict | None:
@@ -86,11 +101,10 @@ def _probe_sidecar_audio(path: Path) -> dict:
     }
 
 
-def frames_after_resampling(source_frames: int, source_fps: float, fps: float) -> int:
-    """How many frames read_video gives: one every 1/fps seconds while a source frame shows,
-    and the video shows for source_frames / source_fps seconds (OpenCV's fps is the average
-    rate, so this holds for a variable frame rate too)."""
-    return math.ceil(source_frames * fps / source_fps - 1e-6) if source_frames else 0
+def frames_after_resampling(duration_s: float, fps: float) -> int:
+    """How many frames read_video gives for a video that shows for duration_s: one every
+    1/fps seconds while a source frame shows."""
+    return max(0, math.ceil((duration_s - media.SAME_INSTANT_S) * fps))
 
 
 def check_source(source: Source, data: DataConfig) -> dict:
@@ -130,7 +144,10 @@ def check_source(source: Source, data: DataConfig) -> dict:
             }
         except media.MediaError as err:
             entry["notes"].append(f"{source.narration.name} will be skipped: {err}")
-    frames_out = frames_after_resampling(video["frames"], video["fps"], data.fps)
+    low, high = video["fps_range"] or (0, 0)
+    if low and high > 1.1 * low:
+        entry["notes"].append(f"variable frame rate ({low:g}-{high:g} fps): frames are placed by their timestamps")
+    frames_out = frames_after_resampling(video["duration_s"], data.fps)
     entry["clips"] = len(media.clip_starts(frames_out, data.clip_frames, data.stride_frames))
     if entry["clips"] == 0:
         entry["notes"].append(f"shorter than one clip ({data.clip_seconds} s): prepare will skip it")

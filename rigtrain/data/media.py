@@ -90,7 +90,7 @@ SEEK_BACK_PERIODS = 2.0
 SEEK_BACK_FAR_S = 2.0
 
 
-def _timed_frames(cap, info: VideoInfo):
+def timed_frames(cap, info: VideoInfo):
     """(seconds, BGR frame) from the capture's position on. The time is the frame's own
     timestamp from the first frame (OpenCV's POS_MSEC): phones record at a variable frame
     rate, and a frame's index over the average rate drifts from its time by up to seconds
@@ -152,7 +152,7 @@ def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop"
     by the frames' own timestamps) and fitted to size=(H, W): uint8 RGB (T, H, W, 3)."""
     cap, info = open_video(path)
     try:
-        frames = _frames_at_output_times(_timed_frames(cap, info), info, fps, 0, None, _fitter(size, mode), False)
+        frames = _frames_at_output_times(timed_frames(cap, info), info, fps, 0, None, _fitter(size, mode), False)
     finally:
         cap.release()
     if not frames:
@@ -178,16 +178,71 @@ def read_video_clip(
                 cap.set(cv2.CAP_PROP_POS_MSEC, seek_s * 1000.0)
             try:
                 frames = _frames_at_output_times(
-                    _timed_frames(cap, info), info, fps, start_frame, count, fit, seek_s > 0
+                    timed_frames(cap, info), info, fps, start_frame, count, fit, seek_s > 0
                 )
-                break
             except _SeekedTooFar:
                 continue
+            if len(frames) == count or seek_s <= 0:
+                break
+            # short after a seek: OpenCV's seek trusts the header's frame count, which a
+            # .webm lacks or estimates, and can land at the end or nowhere; read from further back
         finally:
             cap.release()
     if len(frames) < count:
         raise MediaError(f"only {len(frames)} of {count} frames from frame {start_frame} could be decoded")
     return np.stack(frames)
+
+
+def frame_times(path: Path) -> list[float]:
+    """Every video frame's presentation time in seconds from the first frame, read from the
+    container's packets without decoding them: the truth where the header has no frame
+    count (a browser's or a recorder's .webm) or an estimate of it (Matroska), and where the
+    rate varies. A damaged file gives the packets before the damage. Empty when the
+    packets carry no timestamps."""
+    import av  # PyAV: only where a container is read
+
+    with open_container(path) as container:
+        if not container.streams.video:
+            return []
+        stream = container.streams.video[0]
+        stamps = set()
+        try:
+            for packet in container.demux(stream):
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if stamp is not None and packet.size and not packet.is_discard:
+                    stamps.add(stamp)
+        except av.error.FFmpegError:
+            pass  # truncated or damaged: what came before is what a decoder gets too
+        origin = stream.start_time if stream.start_time is not None else min(stamps, default=0)
+        base = stream.time_base
+    return sorted(t for t in (float((s - origin) * base) for s in stamps) if t >= -SAME_INSTANT_S)
+
+
+def end_decodes(path: Path, last_s: float) -> bool:
+    """Whether the frame at last_s (frame_times' last) decodes: a truncated file's index can
+    promise frames its data no longer holds. Decoded with PyAV from the keyframe before it:
+    OpenCV's seek relies on the header's frame count, which a .webm lacks or estimates."""
+    import av  # PyAV: only where a container is read
+
+    with open_container(path) as container:
+        stream = container.streams.video[0]
+        origin = stream.start_time or 0
+        try:
+            container.seek(origin + int(max(0.0, last_s - 0.5) / stream.time_base), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.pts is not None and float((frame.pts - origin) * stream.time_base) >= last_s - SAME_INSTANT_S:
+                    return True
+        except av.error.FFmpegError:
+            return False
+    return False
+
+
+def shown_until(times: list[float], average_fps: float) -> float:
+    """When the last frame stops showing, as read_video counts it: it shows for as long as
+    the frame before it did (one average period when there is only one)."""
+    if not times:
+        return 0.0
+    return times[-1] + (times[-1] - times[-2] if len(times) > 1 else 1.0 / average_fps)
 
 
 def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:

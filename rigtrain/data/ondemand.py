@@ -72,7 +72,7 @@ class DecodedClips(Dataset):
             entry = check_source(source, data)
             if not entry["ok"] or entry["clips"] == 0:
                 continue
-            frames = frames_after_resampling(entry["frames"], entry["fps"], data.fps)
+            frames = frames_after_resampling(entry["duration_s"], data.fps)
             audio = entry["audio"]
             for start in media.clip_starts(frames, data.clip_frames, data.stride_frames):
                 refs.append(
