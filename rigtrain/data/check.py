@@ -14,6 +14,7 @@ from rigtrain.config import DataConfig
 from rigtrain.data import media
 from rigtrain.data.narration import read_narration
 from rigtrain.data.sources import Source, audio_mismatch, sources_in
+from rigtrain.data.timestamps import SAME_INSTANT_S, shown_until
 
 
 def _probe_video(path: Path) -> dict:
@@ -31,7 +32,7 @@ def _probe_video(path: Path) -> dict:
         end_decodes = len(times) < 2 or media.end_decodes(path, times[-1])
     finally:
         cap.release()
-    duration = media.shown_until(times, info.fps)
+    duration = shown_until(times, info.fps)
     return {
         "fps": round(len(times) / duration, 3),
         "fps_range": _fps_range(times),
@@ -104,7 +105,7 @@ def _probe_sidecar_audio(path: Path) -> dict:
 def frames_after_resampling(duration_s: float, fps: float) -> int:
     """How many frames read_video gives for a video that shows for duration_s: one every
     1/fps seconds while a source frame shows."""
-    return max(0, math.ceil((duration_s - media.SAME_INSTANT_S) * fps))
+    return max(0, math.ceil((duration_s - SAME_INSTANT_S) * fps))
 
 
 def check_source(source: Source, data: DataConfig) -> dict:

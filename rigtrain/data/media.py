@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rigtrain.data.timestamps import SAME_INSTANT_S, SeekedTooFar, frames_at_output_times, timed_frames
+
 # OpenCV's FFmpeg backend prints its own errors ("moov atom not found") to stderr; rigtrain
 # reports every unreadable file itself, with its name, so FFmpeg is asked to stay quiet
 # (AV_LOG_QUIET) unless the user chose a level.
@@ -79,8 +81,6 @@ def fit_frame(frame: np.ndarray, height: int, width: int, mode: str = "crop") ->
     return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
 
 
-# Two timestamps closer than this are one instant (OpenCV reports milliseconds as floats).
-SAME_INSTANT_S = 1e-4
 # How far before a clip an on-demand read seeks, in periods of the average frame rate: the
 # frame showing at the clip's first instant must be decoded too, and OpenCV lands within
 # half a period of where it is asked. Where the rate is locally lower than the average (a
@@ -88,57 +88,6 @@ SAME_INSTANT_S = 1e-4
 # then from the start.
 SEEK_BACK_PERIODS = 2.0
 SEEK_BACK_FAR_S = 2.0
-
-
-def timed_frames(cap, info: VideoInfo):
-    """(seconds, BGR frame) from the capture's position on. The time is the frame's own
-    timestamp from the first frame (OpenCV's POS_MSEC): phones record at a variable frame
-    rate, and a frame's index over the average rate drifts from its time by up to seconds
-    (the sound, read by time, would drift from the picture). Where a container gives no
-    timestamp or one that does not advance, the frame comes one average period later."""
-    import cv2  # OpenCV: only where frames are decoded or written
-
-    last = None
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            return
-        t = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-        if last is not None and not t > last + SAME_INSTANT_S:
-            t = last + 1.0 / info.fps
-        last = t
-        yield t, frame
-
-
-class _SeekedTooFar(Exception):
-    """The first frame after a seek comes after the instant asked for."""
-
-
-def _frames_at_output_times(timed, info: VideoInfo, fps: float, first: int, count: int | None, fit, seeked: bool):
-    """Output frames first, first+1, ... (count of them, or to the end): output frame k shows
-    at k / fps the last source frame whose time has come, and the last source frame shows
-    for as long as the one before it did."""
-    out: list[np.ndarray] = []
-    k, shown, shown_t, period = first, None, None, 1.0 / info.fps
-
-    def wanted() -> bool:
-        return count is None or len(out) < count
-
-    for t, frame in timed:
-        if shown is None and seeked and t > first / fps + SAME_INSTANT_S:
-            raise _SeekedTooFar
-        while shown is not None and wanted() and k / fps + SAME_INSTANT_S < t:
-            out.append(fit(shown))
-            k += 1
-        if not wanted():
-            return out
-        if shown_t is not None:
-            period = t - shown_t
-        shown, shown_t = frame, t
-    while shown is not None and wanted() and k / fps + SAME_INSTANT_S < shown_t + period:
-        out.append(fit(shown))
-        k += 1
-    return out
 
 
 def _fitter(size: tuple[int, int], mode: str):
@@ -152,7 +101,7 @@ def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop"
     by the frames' own timestamps) and fitted to size=(H, W): uint8 RGB (T, H, W, 3)."""
     cap, info = open_video(path)
     try:
-        frames = _frames_at_output_times(timed_frames(cap, info), info, fps, 0, None, _fitter(size, mode), False)
+        frames = frames_at_output_times(timed_frames(cap, info.fps), info.fps, fps, 0, None, _fitter(size, mode), False)
     finally:
         cap.release()
     if not frames:
@@ -177,10 +126,10 @@ def read_video_clip(
             if seek_s > 0:
                 cap.set(cv2.CAP_PROP_POS_MSEC, seek_s * 1000.0)
             try:
-                frames = _frames_at_output_times(
-                    timed_frames(cap, info), info, fps, start_frame, count, fit, seek_s > 0
+                frames = frames_at_output_times(
+                    timed_frames(cap, info.fps), info.fps, fps, start_frame, count, fit, seek_s > 0
                 )
-            except _SeekedTooFar:
+            except SeekedTooFar:
                 continue
             if len(frames) == count or seek_s <= 0:
                 break
@@ -235,14 +184,6 @@ def end_decodes(path: Path, last_s: float) -> bool:
         except av.error.FFmpegError:
             return False
     return False
-
-
-def shown_until(times: list[float], average_fps: float) -> float:
-    """When the last frame stops showing, as read_video counts it: it shows for as long as
-    the frame before it did (one average period when there is only one)."""
-    if not times:
-        return 0.0
-    return times[-1] + (times[-1] - times[-2] if len(times) > 1 else 1.0 / average_fps)
 
 
 def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
