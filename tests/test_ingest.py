@@ -257,7 +257,7 @@ def test_data_check_and_the_on_demand_reader_agree_with_prepare_without_a_frame_
     seek in either. Check counts the packets instead, and the on-demand reader falls back
     to reading from the start when a seek lands nowhere. An mp4 cut after its index was
     checked as whole (4 clips where prepare made 3), with no note."""
-    from rigtrain.data.check import check_folder
+    from rigtrain.data.check import check_folder, frames_after_resampling
     from rigtrain.data.dataset import ShardDataset
     from rigtrain.data.ondemand import DecodedClips
 
@@ -283,6 +283,9 @@ def test_data_check_and_the_on_demand_reader_agree_with_prepare_without_a_frame_
         assert any("do not decode" in n for n in entry["notes"]) == truncated, (name, entry["notes"])
         assert any(n.startswith("variable frame rate") for n in entry["notes"]) == variable, (name, entry["notes"])
     assert checked["cut.mp4"]["clips"] < 4  # what the data holds, not what the index promised
+    for name, entry in checked.items():  # to the frame, the truncated file too
+        frames, _ = read_video(src / name, data.fps, (32, 32))
+        assert frames_after_resampling(entry["duration_s"], data.fps) == len(frames), name
     shards = ShardDataset(tmp_path / "prep", data)
     for decoded in (DecodedClips.from_index(tmp_path / "prep", index, data), DecodedClips.from_folder(src, data)):
         assert len(decoded) == len(shards)

@@ -29,7 +29,12 @@ def _probe_video(path: Path) -> dict:
         times = media.frame_times(path)
         if len(times) < 2:  # no timestamps in the packets: the header's word for it
             times = [i / info.fps for i in range(max(1, info.frames))]
-        end_decodes = len(times) < 2 or media.end_decodes(path, times[-1])
+        end_decodes = True
+        if len(times) > 1:
+            last_ok = media.last_decodable_s(path, times[-1])
+            end_decodes = last_ok is not None and last_ok >= times[-1] - SAME_INSTANT_S
+            if last_ok is not None and not end_decodes:  # truncated: prepare gets what decodes
+                times = [t for t in times if t <= last_ok + SAME_INSTANT_S]
     finally:
         cap.release()
     duration = shown_until(times, info.fps)

@@ -167,23 +167,27 @@ def frame_times(path: Path) -> list[float]:
     return sorted(t for t in (float((s - origin) * base) for s in stamps) if t >= -SAME_INSTANT_S)
 
 
-def end_decodes(path: Path, last_s: float) -> bool:
-    """Whether the frame at last_s (frame_times' last) decodes: a truncated file's index can
-    promise frames its data no longer holds. Decoded with PyAV from the keyframe before it:
-    OpenCV's seek relies on the header's frame count, which a .webm lacks or estimates."""
+def last_decodable_s(path: Path, last_s: float) -> float | None:
+    """The time of the last frame that decodes, from the keyframe before last_s - 0.5 s
+    (last_s: frame_times' last) to the end or the first error: a truncated file's index can
+    promise frames its data no longer holds, and a cut packet is counted but not decoded.
+    None when no frame decodes from there. PyAV, not OpenCV: OpenCV's seek relies on the
+    header's frame count, which a .webm lacks or estimates; both decode with FFmpeg and
+    stop at the same frame."""
     import av  # PyAV: only where a container is read
 
+    last = None
     with open_container(path) as container:
         stream = container.streams.video[0]
         origin = stream.start_time or 0
         try:
             container.seek(origin + int(max(0.0, last_s - 0.5) / stream.time_base), stream=stream, backward=True)
             for frame in container.decode(stream):
-                if frame.pts is not None and float((frame.pts - origin) * stream.time_base) >= last_s - SAME_INSTANT_S:
-                    return True
+                if frame.pts is not None:
+                    last = max(last or 0.0, float((frame.pts - origin) * stream.time_base))
         except av.error.FFmpegError:
-            return False
-    return False
+            pass  # the damage: what decoded before it is what prepare gets
+    return last
 
 
 def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
