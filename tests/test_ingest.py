@@ -293,6 +293,27 @@ def test_data_check_and_the_on_demand_reader_agree_with_prepare_without_a_frame_
             assert np.array_equal(shards[i]["video"].numpy(), decoded[i]["video"].numpy()), i
 
 
+def test_a_header_count_that_is_garbage_is_not_believed(tmp_path, monkeypatch):
+    """Packets without timestamps leave check the header's frame count; one like a streamed
+    .webm's (2.8e17) would have built a list of that many frame times."""
+    import dataclasses
+
+    from rigtrain.data import check, media
+
+    video = tmp_path / "odd.mp4"
+    write_h264_with_aac(video, size=(64, 64), audio=False)
+    opened = media.open_video
+
+    def garbage_count(path):
+        cap, info = opened(path)
+        return cap, dataclasses.replace(info, frames=277_000_000_000_000_000)
+
+    monkeypatch.setattr(media, "open_video", garbage_count)
+    monkeypatch.setattr(media, "frame_times", lambda path: [])
+    probed = check._probe_video(video)
+    assert probed["frames"] == 1 and probed["end_decodes"]
+
+
 def test_fit_frame_keeps_the_aspect():
     frame = np.full((100, 400, 3), 200, np.uint8)
     padded = fit_frame(frame, 64, 64, "pad")

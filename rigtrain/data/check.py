@@ -16,6 +16,10 @@ from rigtrain.data.narration import read_narration
 from rigtrain.data.sources import Source, audio_mismatch, sources_in
 from rigtrain.data.timestamps import SAME_INSTANT_S, shown_until
 
+# A header's frame count past this (46 hours at 60 fps) is garbage, not a video (a streamed
+# .webm's reads as 2.8e17): never build a list that long from it.
+MOST_FRAMES_A_HEADER_IS_BELIEVED = 10**7
+
 
 def _probe_video(path: Path) -> dict:
     """The video's frames and how long it shows, from its packets' timestamps (the header's
@@ -27,8 +31,9 @@ def _probe_video(path: Path) -> dict:
         if not ok:
             raise media.MediaError("no frame could be decoded (truncated or corrupt)")
         times = media.frame_times(path)
-        if len(times) < 2:  # no timestamps in the packets: the header's word for it
-            times = [i / info.fps for i in range(max(1, info.frames))]
+        if len(times) < 2:  # no timestamps in the packets: the header's word for it, if sane
+            header_frames = info.frames if 0 < info.frames <= MOST_FRAMES_A_HEADER_IS_BELIEVED else 1
+            times = [i / info.fps for i in range(header_frames)]
         end_decodes = True
         if len(times) > 1:
             last_ok = media.last_decodable_s(path, times[-1])
