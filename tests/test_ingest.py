@@ -322,6 +322,36 @@ def test_fit_frame_keeps_the_aspect():
     assert fit_frame(frame, 64, 64, "crop").min() == 200  # the centre fills the frame
 
 
+def test_a_phone_video_recorded_upright_is_read_upright(tmp_path):
+    """A phone stores a portrait video as landscape pictures plus a display rotation: every
+    reader (prepare, the on-demand clip, data check's size) turns the picture as a player
+    would, rather than training on clips lying on their side."""
+    import av
+
+    coded = np.zeros((48, 96, 3), np.uint8)
+    coded[:, :48] = (200, 0, 0)  # the stored picture's left half is red
+    src = tmp_path / "videos"
+    src.mkdir()
+    with av.open(str(src / "portrait.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 48, "yuv420p"
+        stream.set_display_rotation(90)  # counter-clockwise, as ffmpeg and the players read it
+        for _ in range(20):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(coded, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    upright = fit_frame(np.ascontiguousarray(np.rot90(coded)), 32, 32, "pad")  # red at the bottom
+    frames, _ = read_video(src / "portrait.mp4", 10.0, (32, 32), "pad")
+    assert len(frames) == 20
+    assert np.abs(frames.astype(int) - upright).mean() < 4, frames[0, :, 16, 0]
+    assert np.array_equal(read_video_clip(src / "portrait.mp4", 5, 4, 10.0, (32, 32), "pad"), frames[5:9])
+    from rigtrain.data.check import check_folder
+
+    entry = check_folder(src, load_config("demo").data)["videos"][0]
+    assert (entry["width"], entry["height"]) == (48, 96)
+
+
 def test_clip_decoded_on_demand_equals_the_full_decode(shared_data):
     path = shared_data / "videos" / "bikes.mp4"
     full, _ = read_video(path, 8.0, (64, 64))
