@@ -9,7 +9,7 @@ syncs. These do, without a GPU:
   counted;
 - bf16 trains fp32 weights under autocast at every ZeRO stage, with fp32 gradients, fp32
   running means and float32 contrastive heads and losses, and fp16 is configured with
-  dynamic loss scaling;
+  dynamic loss scaling and its half-precision module steps with fp32 running means;
 - fp32 and bf16 at ZeRO-1 and ZeRO-3 each train, resume, evaluate and profile.
 """
 
@@ -211,6 +211,29 @@ def test_every_norm_sees_an_fp32_residual_stream_under_autocast(demo_data):
         model(two_different_batches(demo_data, config)[0])["loss"].backward()
     assert any(name.startswith("decoder") for name in seen) and len(seen) >= 8, seen
     assert {name: dtype for name, dtype in seen.items() if dtype != torch.float32} == {}
+
+
+def test_a_half_precision_module_trains_as_deepspeeds_fp16_casts_it(demo_data):
+    """fp16 (what the plan picks for a Turing card such as the RTX 2080 Ti) is DeepSpeed's
+    module.half(): every weight fp16, the batch as the loader gives it. The step runs with no
+    dtype mismatch (what crashed bf16 at step 1 on the H200), the running means stay fp32,
+    the losses are fp32 and every gradient is finite. The CPU computes fp16 as a GPU would,
+    only slowly; DeepSpeed's fp16 optimizer needs CUDA, so tests/test_gpu.py runs the rest."""
+    config = load_config("demo", overrides=TINY_MODEL)
+    torch.manual_seed(0)
+    model = build_model(config.model, config.data).half()
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    means = {name: b for name, b in model.named_buffers() if name.startswith("mean_") and b.is_floating_point()}
+    assert means and {b.dtype for b in means.values()} == {torch.float32}
+    before = {name: b.clone() for name, b in means.items()}
+    out = model(two_different_batches(demo_data, config)[0])
+    losses = {k: v for k, v in out.items() if k.startswith("loss")}
+    assert len(losses) >= 3 and {v.dtype for v in losses.values()} == {torch.float32}, losses
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert sum(p.grad is not None for p in model.parameters()) > 0.9 * len(list(model.parameters()))
+    assert any(not torch.equal(before[n], b) for n, b in means.items())  # updated, in fp32
+    assert {b.dtype for b in means.values()} == {torch.float32}
 
 
 def test_the_plan_takes_zero0_for_bf16_on_one_gpu():
