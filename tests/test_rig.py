@@ -333,6 +333,29 @@ def test_invalid_rig_files_name_the_field(tmp_path, change, field):
     assert result.returncode == 2 and field in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_null_in_a_rig_file_is_unknown_as_a_field_left_out(tmp_path):
+    """What NVML cannot say (PCIe, power and P2P under WSL2) a hand-written rig file may give
+    as null: planned as if left out, not refused; a required field's null is still missing."""
+    rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    for gpu in rig["gpus"]:
+        gpu.update(pcie=None, power=None, p2p=None, nvlink=None, temperature_c=None, memory_free_gib=None)
+    rig["psu_w"] = None
+    left_out = json.loads(json.dumps(rig))
+    for gpu in left_out["gpus"]:
+        for key in [k for k, v in gpu.items() if v is None]:
+            del gpu[key]
+    del left_out["psu_w"]
+    (tmp_path / "nulls.json").write_text(json.dumps(rig))
+    assert read_rig_file(tmp_path / "nulls.json") == rig_from_dict(left_out, str(tmp_path / "nulls.json"))
+    result = run_cli("rig", "--rig", str(tmp_path / "nulls.json"), "--preset", "small", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["plan"]["precision"] == "bf16"
+    rig["gpus"][0]["memory_gib"] = None
+    (tmp_path / "nulls.json").write_text(json.dumps(rig))
+    with pytest.raises(UserError, match=r"gpus\[0\]\.memory_gib is missing"):
+        read_rig_file(tmp_path / "nulls.json")
+
+
 def test_rig_command_json_round_trips_as_a_rig_file(tmp_path):
     result = run_cli("rig", "--rig", str(RIGS / "two_3090_one_on_x4_850w.json"), "--preset", "small", "--json")
     assert result.returncode == 0, result.stderr

@@ -145,7 +145,9 @@ def _object(where: str, name: str, value, cls) -> dict:
                 f"{name}.{key}" if name else key,
                 f"is not a rig field; known fields here: {', '.join(sorted(known))}",
             )
-    return value
+    # null is "not known", as the probe leaves what NVML cannot say (PCIe, power and P2P
+    # under WSL2, for one): the same as leaving the field out
+    return {key: item for key, item in value.items() if item is not None}
 
 
 def _pcie(where: str, name: str, value) -> Pcie:
