@@ -164,11 +164,25 @@ def test_shards_must_match_the_clip_shape(demo_data):
         ShardDataset(demo_data, load_config("demo", overrides=["data.fps=4"]).data)
 
 
-def test_corrupt_video_raises_media_error(tmp_path):
-    bad = tmp_path / "bad.mp4"
-    bad.write_bytes(b"\x00" * 1000)
-    with pytest.raises(MediaError):
-        read_video(bad, 8.0, (32, 32))
+def test_a_file_that_is_no_video_says_why(tmp_path):
+    """Empty, not a video at all, or a container with sound but no picture: each says which."""
+    import av
+
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "zeros.mp4").write_bytes(b"\x00" * 1000)
+    with av.open(str(tmp_path / "sound.mp4"), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for i in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, 1024 * i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    says = {"empty.mp4": "the file is empty", "zeros.mp4": "Invalid data", "sound.mp4": "has no video stream"}
+    for name, reason in says.items():
+        with pytest.raises(MediaError, match=reason):
+            read_video(tmp_path / name, 8.0, (32, 32))
 
 
 def test_clip_starts_use_the_end_of_a_video():

@@ -39,7 +39,7 @@ def open_video(path: Path):
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         cap.release()
-        raise MediaError("cannot be opened as a video (corrupt or unsupported codec)")
+        raise MediaError(_why_not_a_video(path))
     info = VideoInfo(
         fps=float(cap.get(cv2.CAP_PROP_FPS) or 0.0),
         frames=int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
@@ -50,6 +50,19 @@ def open_video(path: Path):
         cap.release()
         raise MediaError("has no readable video stream (fps or frame size missing)")
     return cap, info
+
+
+def _why_not_a_video(path: Path) -> str:
+    """Why OpenCV could not open `path`, as far as FFmpeg (through PyAV) can tell."""
+    if path.stat().st_size == 0:
+        return "cannot be opened as a video: the file is empty"
+    try:
+        with open_container(path) as container:
+            if not container.streams.video:
+                return "has no video stream (sound only?)"
+    except MediaError as err:
+        return f"cannot be opened as a video, corrupt or not a video ({err})"
+    return "cannot be opened as a video (an unsupported codec, or corrupt)"
 
 
 RESIZE_MODES = ("crop", "pad")
@@ -225,7 +238,8 @@ def open_container(path: Path):
     try:
         return av.open(str(path))
     except av.error.FFmpegError as err:
-        raise MediaError(f"cannot be opened by FFmpeg: {err}") from None
+        # strerror: FFmpeg's own words, without the errno and the path the line already names
+        raise MediaError(f"cannot be opened by FFmpeg: {getattr(err, 'strerror', None) or err}") from None
 
 
 def video_start_s(container) -> float:

@@ -47,7 +47,7 @@ def find_sources(src_dir: Path) -> tuple[list[Source], list[dict]]:
             "no video with this name"
             if p.stem not in stems
             else f"{by_kind[(p.stem, 'audio' if p.suffix.lower() in media.AUDIO_SUFFIXES else 'narration')].name} "
-            "is used for this video (one sidecar of each kind)"
+            "comes first for this video (one sidecar of each kind, the first by name)"
             if p.suffix.lower() in media.AUDIO_SUFFIXES + NARRATION_SUFFIXES
             else "not a video, audio or narration file"
         )
