@@ -144,6 +144,38 @@ def test_whisper_list_form(tmp_path):
     assert [(s.start, s.end, s.text) for s in read_narration(path).segments] == [(0.0, 1.5, "hello")]
 
 
+def test_whisper_cpp_json(tmp_path):
+    """whisper.cpp's `-oj` output: `transcription` entries timed in milliseconds (`offsets`)
+    beside the same times as text (`timestamps`), under its system info and parameters."""
+    path = tmp_path / "talk.json"
+    entries = [
+        ("00:00:00,000", "00:00:02,320", 0, 2320, " Okay, I'm super excited."),
+        ("00:00:02,320", "00:00:05,520", 2320, 5520, " It's called ViT."),
+    ]
+    path.write_text(
+        json.dumps(
+            {
+                "systeminfo": "AVX = 1 | NEON = 0",
+                "model": {"type": "base"},
+                "params": {"model": "models/ggml-base.en.bin", "language": "en", "translate": False},
+                "result": {"language": "en"},
+                "transcription": [
+                    {"timestamps": {"from": a, "to": b}, "offsets": {"from": f, "to": t}, "text": text}
+                    for a, b, f, t, text in entries
+                ],
+            }
+        )
+    )
+    segments = read_narration(path).segments
+    assert [(s.start, s.end, s.text) for s in segments] == [
+        (0.0, 2.32, "Okay, I'm super excited."),
+        (2.32, 5.52, "It's called ViT."),
+    ]
+    path.write_text(json.dumps({"transcription": [{"timestamps": {"from": "00:00:00,000"}, "text": "no offsets"}]}))
+    with pytest.raises(MediaError, match=r"transcription\[0\] lacks offsets"):
+        read_narration(path)
+
+
 def test_container_aac_track_is_decoded_and_resampled(user_folder):
     audio = read_container_audio(user_folder / "tone.mp4", 16000)
     assert abs(len(audio) / 16000 - 3.0) < 0.1

@@ -1,5 +1,5 @@
 """Narration sidecars: Whisper JSON (a list of {start, end, text} segments, or an object with
-`segments`), SubRip (.srt) and WebVTT (.vtt).
+`segments`; or whisper.cpp's `transcription`), SubRip (.srt) and WebVTT (.vtt).
 
 A subtitle file with a few broken cues is still useful: the cues that parse are kept, and
 every line that does not is reported with its line number (`Narration.problems`). A file
@@ -43,13 +43,21 @@ def read_narration(path: Path) -> Narration:
 
 
 def read_whisper_json(path: Path) -> list[Segment]:
+    """Whisper's JSON (openai-whisper, faster-whisper, WhisperX: `segments` of {start, end,
+    text} in seconds, or a bare list of them) or whisper.cpp's (`-oj`: `transcription` of
+    {offsets: {from, to} in milliseconds, text})."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MediaError(f"not valid JSON: {err}") from None
+    if isinstance(data, dict) and "segments" not in data and isinstance(data.get("transcription"), list):
+        return _whisper_cpp_segments(data["transcription"])
     items = data.get("segments") if isinstance(data, dict) else data
     if not isinstance(items, list):
-        raise MediaError("not narration: expected a list of {start, end, text} segments or an object with 'segments'")
+        raise MediaError(
+            "not narration: expected Whisper's segments (a list of {start, end, text}, or an object with "
+            "'segments') or whisper.cpp's 'transcription'"
+        )
     segments = []
     for i, item in enumerate(items):
         try:
@@ -58,6 +66,20 @@ def read_whisper_json(path: Path) -> list[Segment]:
             raise MediaError(f"not narration: segment {i} lacks a numeric start/end or a text") from None
         if end < start:
             raise MediaError(f"segment {i} ends ({end}) before it starts ({start})")
+        segments.append(Segment(start, end, text.strip()))
+    return segments
+
+
+def _whisper_cpp_segments(items: list) -> list[Segment]:
+    segments = []
+    for i, item in enumerate(items):
+        try:
+            offsets, text = item["offsets"], str(item["text"])
+            start, end = float(offsets["from"]) / 1000, float(offsets["to"]) / 1000
+        except (KeyError, TypeError, ValueError):
+            raise MediaError(f"not narration: transcription[{i}] lacks offsets {{from, to}} or a text") from None
+        if end < start:
+            raise MediaError(f"transcription[{i}] ends ({end} s) before it starts ({start} s)")
         segments.append(Segment(start, end, text.strip()))
     return segments
 
