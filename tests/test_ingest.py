@@ -138,6 +138,51 @@ def test_subtitles_keep_good_cues_and_name_bad_lines():
         parse_subtitles("just some text\n", webvtt=False)
 
 
+# YouTube's automatic captions as yt-dlp saves them: a line of one space inside the cues,
+# words timed inline, and rolling cues that show the line before again (a 10 ms cue alone).
+YOUTUBE_AUTO_VTT = """WEBVTT
+Kind: captions
+Language: en
+
+00:00:00.030 --> 00:00:02.070 align:start position:0%
+ 
+hey<00:00:00.359><c> guys</c><00:00:00.659><c> welcome</c>
+
+00:00:02.070 --> 00:00:02.080 align:start position:0%
+hey guys welcome
+ 
+
+00:00:02.080 --> 00:00:04.789 align:start position:0%
+hey guys welcome
+to<00:00:02.399><c> another</c><00:00:02.639><c> video</c>
+
+00:00:04.789 --> 00:00:04.799 align:start position:0%
+to another video
+ 
+00:00:04.799 --> 00:00:07.000 align:start position:0%
+to another video
+today<00:00:05.100><c> we</c><c> build</c>
+"""
+
+
+def test_youtube_automatic_captions_are_read_once_each():
+    """Every phrase once, at the cue that brings it, and no line reported: a line of one
+    space is cue text in WebVTT, not the end of the cue (read as one, each cue's words were
+    lost as a block without a timing), and a '-->' line starts the next cue."""
+    vtt = parse_subtitles(YOUTUBE_AUTO_VTT, webvtt=True)
+    assert vtt.problems == []
+    assert [(s.start, s.end, s.text) for s in vtt.segments] == [
+        (0.03, 2.07, "hey guys welcome"),
+        (2.08, 4.789, "to another video"),
+        (4.799, 7.0, "today we build"),
+    ]
+    # a subtitle that repeats nothing keeps every line, and SRT's blank line may hold spaces
+    srt = parse_subtitles(
+        "1\n00:00:01,000 --> 00:00:02,000\nNo.\n   \n2\n00:00:02,000 --> 00:00:03,000\nNo!\n", webvtt=False
+    )
+    assert [s.text for s in srt.segments] == ["No.", "No!"]
+
+
 def test_whisper_list_form(tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps([{"start": 0, "end": 1.5, "text": " hello "}]))

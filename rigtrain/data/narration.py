@@ -94,28 +94,51 @@ def _seconds(h: str | None, m: str, s: str, frac: str) -> float:
     return int(h or 0) * 3600 + int(m) * 60 + int(s) + int(frac.ljust(3, "0")) / 1000
 
 
+def _blocks(lines: list[str], webvtt: bool) -> list[list[tuple[int, str]]]:
+    """The file's blocks as (line number, line) lists. SRT's end at a blank line. WebVTT's end
+    at an empty line only, as its spec and the browsers read it: YouTube's captions put a line
+    of one space inside a cue; and, also as the spec says, a line with '-->' after a cue's
+    timing starts the next cue."""
+    blocks: list[list[tuple[int, str]]] = []
+    block: list[tuple[int, str]] = []
+    for number, line in enumerate(lines, 1):
+        if (line == "") if webvtt else (not line.strip()):
+            if block:
+                blocks.append(block)
+            block = []
+        elif webvtt and "-->" in line and any("-->" in earlier for _, earlier in block):
+            blocks.append(block)
+            block = [(number, line)]
+        else:
+            block.append((number, line))
+    if block:
+        blocks.append(block)
+    return blocks
+
+
+def _new_lines(words: list[str], before: list[str]) -> list[str]:
+    """A cue's lines less those that repeat the end of the cue before: auto-generated
+    captions (YouTube's) roll, each cue showing the last line again above the new one, and a
+    10 ms cue repeating it alone; kept, every phrase would be narrated two or three times."""
+    for k in range(min(len(words), len(before)), 0, -1):
+        if words[:k] == before[-k:]:
+            return words[k:]
+    return words
+
+
 def parse_subtitles(text: str, *, webvtt: bool) -> Narration:
-    """SRT or WebVTT cues -> segments. Blocks are separated by blank lines; in each block
-    the timing line is found (a cue identifier may precede it) and the lines after it are
-    the text. Blocks without a valid timing line are reported by line number and skipped."""
+    """SRT or WebVTT cues -> segments. In each block the timing line is found (a cue
+    identifier may precede it) and the lines after it are the text. Blocks without a valid
+    timing line are reported by line number and skipped."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     segments: list[Segment] = []
     problems: list[str] = []
-    block: list[tuple[int, str]] = []
-    blocks: list[list[tuple[int, str]]] = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            block.append((number, line))
-        elif block:
-            blocks.append(block)
-            block = []
-    if block:
-        blocks.append(block)
-
+    blocks = _blocks(lines, webvtt)
     if webvtt:
         if not blocks or not blocks[0][0][1].lstrip().startswith("WEBVTT"):
             raise MediaError("not WebVTT: the first line must be 'WEBVTT'")
         blocks = blocks[1:]
+    shown: list[str] = []  # the lines of the cue before
     for block in blocks:
         first = block[0][1].strip()
         if webvtt and (first.startswith("NOTE") or first in ("STYLE", "REGION")):
@@ -135,9 +158,12 @@ def parse_subtitles(text: str, *, webvtt: bool) -> Narration:
         if end < start:
             problems.append(f"line {number}: the cue ends before it starts; cue left out")
             continue
-        words = " ".join(_TAG.sub("", line).strip() for _, line in block[timing_at + 1 :])
-        if words:
-            segments.append(Segment(start, end, " ".join(words.split())))
+        words = [" ".join(_TAG.sub("", line).split()) for _, line in block[timing_at + 1 :]]
+        words = [line for line in words if line]
+        new = _new_lines(words, shown)
+        shown = words or shown
+        if new:
+            segments.append(Segment(start, end, " ".join(new)))
     if not segments:
         detail = f" ({problems[0]})" if problems else ""
         raise MediaError(f"no readable cue{detail}")
