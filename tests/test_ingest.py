@@ -138,19 +138,19 @@ def test_subtitles_keep_good_cues_and_name_bad_lines():
         parse_subtitles("just some text\n", webvtt=False)
 
 
-# YouTube's automatic captions as yt-dlp saves them: a line of one space inside the cues,
+# YouTube's automatic captions as yt-dlp saves them: a line of one space (·) inside the cues,
 # words timed inline, and rolling cues that show the line before again (a 10 ms cue alone).
 YOUTUBE_AUTO_VTT = """WEBVTT
 Kind: captions
 Language: en
 
 00:00:00.030 --> 00:00:02.070 align:start position:0%
- 
+·
 hey<00:00:00.359><c> guys</c><00:00:00.659><c> welcome</c>
 
 00:00:02.070 --> 00:00:02.080 align:start position:0%
 hey guys welcome
- 
+·
 
 00:00:02.080 --> 00:00:04.789 align:start position:0%
 hey guys welcome
@@ -158,11 +158,11 @@ to<00:00:02.399><c> another</c><00:00:02.639><c> video</c>
 
 00:00:04.789 --> 00:00:04.799 align:start position:0%
 to another video
- 
+·
 00:00:04.799 --> 00:00:07.000 align:start position:0%
 to another video
 today<00:00:05.100><c> we</c><c> build</c>
-"""
+""".replace("·", " ")
 
 
 def test_youtube_automatic_captions_are_read_once_each():
