@@ -557,6 +557,45 @@ def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
     assert len(ShardDataset(tmp_path / "prep", data)) == index["clips"]
 
 
+def test_videos_in_folders_under_the_one_named_are_found_by_their_path(tmp_path):
+    """A camera's folders of a day each (two GX010001.MP4), sidecars beside their video, a
+    hidden folder and a link back up left alone, and shards prepared inside the folder
+    itself: every video is named by its path in the folder, the same by prepare, check,
+    the on-demand reader and the held-out split, and the shards are not read as videos."""
+    from rigtrain.data.check import check_folder
+    from rigtrain.data.dataset import ShardDataset
+    from rigtrain.data.ondemand import DecodedClips
+
+    src = tmp_path / "camera"
+    for folder in ("day1", "day2", ".thumbnails"):
+        (src / folder).mkdir(parents=True)
+        write_variable_rate_h264(src / folder / "GX010001.MP4", [100 * i for i in range(21)])
+    write_variable_rate_h264(src / "top.mp4", [125 * i for i in range(17)])
+    (src / "day1" / "GX010001.srt").write_text("1\n00:00:00,000 --> 00:00:01,500\nthe first day\n")
+    (src / "day2" / "notes.txt").write_text("which lens")
+    (src / "day2" / "back-up").symlink_to(src)  # followed, it would never end
+    data = load_config("demo").data
+    index = prepare(src, src / "prepared", data)
+    names = ["day1/GX010001.MP4", "day2/GX010001.MP4", "top.mp4"]
+    assert [s["video"] for s in index["sources"]] == names
+    assert index["sources"][0]["narration"] == "day1/GX010001.srt" and index["sources"][1]["narration"] is None
+    assert {s["file"]: s["reason"] for s in index["skipped"]} == {"day2/notes.txt": "no video with this name"}
+    report = check_folder(src, data)
+    assert [v["file"] for v in report["videos"]] == names
+    assert {u["file"]: u["reason"] for u in report["unused"]} == {
+        "prepared/": "rigtrain's own output",
+        "day2/notes.txt": "no video with this name",
+    }
+    assert prepare(src, src / "prepared", data) == index  # nothing new: every name is known
+    shards, decoded = ShardDataset(src / "prepared", data), DecodedClips.from_folder(src, data)
+    assert (
+        shards.clip_videos()
+        == decoded.clip_videos()
+        == DecodedClips.from_index(src / "prepared", index, data).clip_videos()
+    )
+    assert sorted(set(shards.clip_videos())) == names
+
+
 def test_data_check_predicts_what_prepare_makes(user_folder, tmp_path):
     from rigtrain.data.check import check_folder
 

@@ -119,7 +119,7 @@ def frames_after_resampling(duration_s: float, fps: float) -> int:
 
 
 def check_source(source: Source, data: DataConfig) -> dict:
-    entry: dict = {"file": source.video.name, "ok": False}
+    entry: dict = {"file": source.name, "ok": False}
     try:
         video = _probe_video(source.video)
     except media.MediaError as err:
@@ -130,13 +130,13 @@ def check_source(source: Source, data: DataConfig) -> dict:
     entry["audio"] = None
     if source.audio is not None:
         try:
-            audio = _probe_sidecar_audio(source.audio)
+            audio = {**_probe_sidecar_audio(source.audio), "from": source.named(source.audio)}
             mismatch = audio_mismatch(audio["duration_s"], video["duration_s"])
             if mismatch:
                 raise media.MediaError(mismatch)
             entry["audio"] = audio
         except media.MediaError as err:
-            entry["notes"].append(f"{source.audio.name} will be skipped: {err}")
+            entry["notes"].append(f"{source.named(source.audio)} will be skipped: {err}")
     if entry["audio"] is None:
         try:
             entry["audio"] = _probe_container_audio(source.video)
@@ -149,12 +149,12 @@ def check_source(source: Source, data: DataConfig) -> dict:
         try:
             narration = read_narration(source.narration)
             entry["narration"] = {
-                "file": source.narration.name,
+                "file": source.named(source.narration),
                 "segments": len(narration.segments),
                 "problems": narration.problems,
             }
         except media.MediaError as err:
-            entry["notes"].append(f"{source.narration.name} will be skipped: {err}")
+            entry["notes"].append(f"{source.named(source.narration)} will be skipped: {err}")
     low, high = video["fps_range"] or (0, 0)
     if low and high > 1.1 * low:
         entry["notes"].append(f"variable frame rate ({low:g}-{high:g} fps): frames are placed by their timestamps")
@@ -172,7 +172,7 @@ def check_folder(src_dir: str | Path, data: DataConfig, progress=None) -> dict:
     for done, source in enumerate(sources, 1):
         videos.append(check_source(source, data))
         if progress:
-            progress(done, len(sources), source.video.name)
+            progress(done, len(sources), source.name)
     usable = [v for v in videos if v["ok"] and v["clips"] > 0]
     return {
         "source_dir": str(src.resolve()),

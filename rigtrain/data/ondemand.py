@@ -26,6 +26,7 @@ class ClipRef:
     audio: Path | None = None  # a sidecar file
     container_audio: bool = False
     narration: Path | None = None
+    name: str = ""  # the video's path in its folder, as the index names it (the held-out split's key)
 
 
 @lru_cache(maxsize=64)
@@ -57,6 +58,7 @@ class DecodedClips(Dataset):
                         audio=source_dir / audio if audio not in (None, "container") else None,
                         container_audio=audio == "container",
                         narration=source_dir / source["narration"] if source["narration"] else None,
+                        name=source["video"],
                     )
                 )
         return cls(refs, data)
@@ -82,6 +84,7 @@ class DecodedClips(Dataset):
                         audio=source.audio if audio and audio["from"] != "container" else None,
                         container_audio=bool(audio) and audio["from"] == "container",
                         narration=source.narration if entry["narration"] else None,
+                        name=source.name,
                     )
                 )
         return cls(refs, data)
@@ -141,7 +144,7 @@ class DecodedClips(Dataset):
 
     def clip_videos(self) -> list[str]:
         """Each clip's source video file name."""
-        return [ref.video.name for ref in self.clips]
+        return [ref.name or ref.video.name for ref in self.clips]
 
     def batch(self, indices: list[int], pin_memory: bool = False) -> dict[str, torch.Tensor]:
         items = [self[i] for i in indices]

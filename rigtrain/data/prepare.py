@@ -113,9 +113,9 @@ def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: in
             if event["start"] <= middle < event["end"]:
                 out.labels[i] = [labels[key + "s"].index(event[key]) for key in LABEL_KEYS]
     out.info = {
-        "video": source.video.name,
+        "video": source.name,
         "audio": audio_from,
-        "narration": source.narration.name if source.narration and segments else None,
+        "narration": source.named(source.narration) if source.narration and segments else None,
         "duration_s": round(duration, 3),
         "source_fps": round(info.fps, 3),
         "source_size": [info.height, info.width],
@@ -143,10 +143,12 @@ def _sound_of(source: Source, data: DataConfig, duration: float, skipped: list, 
             mismatch = audio_mismatch(len(audio) / data.sample_rate, duration)
             if mismatch:
                 raise media.MediaError(mismatch)
-            audio_from = source.audio.name
+            audio_from = source.named(source.audio)
         except media.MediaError as err:
             audio = None
-            skipped.append({"file": source.audio.name, "reason": f"{err}; {source.video.name} is used without sound"})
+            skipped.append(
+                {"file": source.named(source.audio), "reason": f"{err}; {source.name} is used without sound"}
+            )
     if source.audio is None or (audio is None and skipped):
         # No (usable) sidecar: the container's own track, when there is one.
         try:
@@ -166,10 +168,10 @@ def _narration_of(source: Source, skipped: list, problems: list) -> list:
         narration = read_narration(source.narration)
     except media.MediaError as err:
         skipped.append(
-            {"file": source.narration.name, "reason": f"{err}; {source.video.name} is used without narration"}
+            {"file": source.named(source.narration), "reason": f"{err}; {source.name} is used without narration"}
         )
         return []
-    problems += [f"{source.narration.name} {p}" for p in narration.problems]
+    problems += [f"{source.named(source.narration)} {p}" for p in narration.problems]
     return narration.segments
 
 
@@ -298,7 +300,7 @@ def _start_or_continue(src: Path, out: Path, data: DataConfig) -> dict:
 
 def _too_short(source: Source, result: SourceClips, data: DataConfig) -> dict:
     seconds = result.info["duration_s"]
-    return {"file": source.video.name, "reason": f"shorter ({seconds} s) than one clip ({data.clip_seconds} s)"}
+    return {"file": source.name, "reason": f"shorter ({seconds} s) than one clip ({data.clip_seconds} s)"}
 
 
 def prepare(
@@ -309,16 +311,16 @@ def prepare(
     Running it again on the same folders continues: an interrupted prepare resumes after
     its last complete shard, and a complete one only adds the videos that are new."""
     src, out = Path(src_dir), Path(out_dir)
-    sources, unused = sources_in(src, "data prepare")
+    sources, unused = sources_in(src, "data prepare", skip=out)
     state = _start_or_continue(src, out, data)
     labels = read_labels(src)
     started = time.perf_counter()
     partial = state["partial"]
     done_names = {info["video"] for info in state["sources"]}
     finished = [info for info in state["sources"] if not partial or info["video"] != partial["video"]]
-    todo = [s for s in sources if s.video.name not in done_names]
+    todo = [s for s in sources if s.name not in done_names]
     if partial:
-        todo.insert(0, next(s for s in sources if s.video.name == partial["video"]))
+        todo.insert(0, next(s for s in sources if s.name == partial["video"]))
     added: list[dict] = list(finished)  # source id -> info, for everything handed to the writer
     interrupted = (out / STATE_FILE).is_file() and bool(state["sources"])
     if not todo and not interrupted and (out / "index.json").is_file():
@@ -348,17 +350,17 @@ def prepare(
 
     writer = ShardWriter(out, data.shard_clips, state["shards"], journal)
     skipped = list(unused)
-    jobs = [(s, data, labels, partial["written"] if partial and s.video.name == partial["video"] else 0) for s in todo]
+    jobs = [(s, data, labels, partial["written"] if partial and s.name == partial["video"] else 0) for s in todo]
     for done, (source, result) in enumerate(zip(todo, in_order(_ingest_or_reason, jobs, workers)), 1):
         if isinstance(result, str):
-            skipped.append({"file": source.video.name, "reason": result})
+            skipped.append({"file": source.name, "reason": result})
         elif result.info["clips"] == 0:
             skipped.append(_too_short(source, result, data))
         else:
             added.append(result.info)
             writer.add(len(added) - 1, result)
         if progress:
-            progress(done, len(todo), source.video.name, writer.total + sum(len(c) for _, c in writer.pending))
+            progress(done, len(todo), source.name, writer.total + sum(len(c) for _, c in writer.pending))
     writer.close()
     if writer.total == 0:
         raise UserError(

@@ -5,6 +5,7 @@ used and why, Shapes world's labels, and a file's fingerprint for resuming a pre
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +19,64 @@ class Source:
     video: Path
     audio: Path | None = None  # a sidecar; None = the container's own track, if any
     narration: Path | None = None
+    root: Path | None = None  # the folder the user named; files are named by their path in it
+
+    def named(self, path: Path) -> str:
+        """A file of this source as the user knows it: its path within the folder
+        ("2024/trip/GX010001.MP4"), which tells apart cameras that reuse file names."""
+        return path.relative_to(self.root).as_posix() if self.root else path.name
+
+    @property
+    def name(self) -> str:
+        return self.named(self.video)
 
 
-def find_sources(src_dir: Path) -> tuple[list[Source], list[dict]]:
-    """Videos with their sidecars (same stem). Files that belong to no video are reported,
-    not silently ignored."""
-    files = sorted(p for p in src_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+def _is_rigtrain_output(folder: Path) -> bool:
+    """Shards (a prepare into a folder inside the videos' folder) or a run: never read as
+    videos, and their hundreds of files not listed one by one."""
+    if (folder / ".prepare-state.json").is_file():
+        return True
+    if (folder / "config.json").is_file() and (
+        (folder / "metrics.jsonl").is_file() or (folder / "checkpoints").is_dir()
+    ):
+        return True
+    try:
+        index = json.loads((folder / "index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and "shards" in index and "params" in index
+
+
+def _files_under(src_dir: Path, skip: Path | None) -> tuple[list[Path], list[dict]]:
+    """Every file in src_dir and the folders under it, hidden ones (".git") left out, and the
+    folders of rigtrain's own output reported, not read. Links to folders are not followed
+    (a loop would never end)."""
+    files, outputs = [], []
+    for folder, subfolders, names in os.walk(src_dir):
+        here = Path(folder)
+        kept = []
+        for sub in sorted(subfolders):
+            path = here / sub
+            if sub.startswith("."):
+                continue
+            if (skip is not None and path.resolve() == skip) or _is_rigtrain_output(path):
+                outputs.append({"file": f"{path.relative_to(src_dir).as_posix()}/", "reason": "rigtrain's own output"})
+                continue
+            kept.append(sub)
+        subfolders[:] = kept
+        files += [here / n for n in names if not n.startswith(".") and (here / n).is_file()]
+    return sorted(files, key=lambda p: p.relative_to(src_dir).as_posix()), outputs
+
+
+def find_sources(src_dir: Path, skip: Path | None = None) -> tuple[list[Source], list[dict]]:
+    """Videos with their sidecars (same folder, same stem), in src_dir and every folder under
+    it. Files that belong to no video are reported, not silently ignored. skip: a folder
+    left out (the output of the command that asks)."""
+    files, unused = _files_under(src_dir, skip.resolve() if skip is not None else None)
+    rel = lambda p: p.relative_to(src_dir).as_posix()  # noqa: E731
     videos = [p for p in files if p.suffix.lower() in media.VIDEO_SUFFIXES]
-    stems = {p.stem for p in videos}
-    by_kind: dict[tuple[str, str], Path] = {}  # (stem, "audio" | "narration") -> the first such file
+    stems = {p.with_suffix("") for p in videos}
+    by_kind: dict[tuple[Path, str], Path] = {}  # (folder/stem, "audio" | "narration") -> the first such file
     for p in files:
         kind = (
             "audio"
@@ -36,30 +86,33 @@ def find_sources(src_dir: Path) -> tuple[list[Source], list[dict]]:
             else None
         )
         if kind:
-            by_kind.setdefault((p.stem, kind), p)
-    sources = [Source(v, by_kind.get((v.stem, "audio")), by_kind.get((v.stem, "narration"))) for v in videos]
+            by_kind.setdefault((p.with_suffix(""), kind), p)
+    sources = [
+        Source(v, by_kind.get((v.with_suffix(""), "audio")), by_kind.get((v.with_suffix(""), "narration")), src_dir)
+        for v in videos
+    ]
     used = {p for s in sources for p in (s.audio, s.narration) if p}
-    unused = []
     for p in files:
-        if p.suffix.lower() in media.VIDEO_SUFFIXES or p in used or p.name == "labels.json":
+        if p.suffix.lower() in media.VIDEO_SUFFIXES or p in used or rel(p) == "labels.json":
             continue
+        kind = "audio" if p.suffix.lower() in media.AUDIO_SUFFIXES else "narration"
         reason = (
             "no video with this name"
-            if p.stem not in stems
-            else f"{by_kind[(p.stem, 'audio' if p.suffix.lower() in media.AUDIO_SUFFIXES else 'narration')].name} "
+            if p.with_suffix("") not in stems
+            else f"{rel(by_kind[(p.with_suffix(''), kind)])} "
             "comes first for this video (one sidecar of each kind, the first by name)"
             if p.suffix.lower() in media.AUDIO_SUFFIXES + NARRATION_SUFFIXES
             else "not a video, audio or narration file"
         )
-        unused.append({"file": p.name, "reason": reason})
+        unused.append({"file": rel(p), "reason": reason})
     return sources, unused
 
 
-def sources_in(src: Path, command: str) -> tuple[list[Source], list[dict]]:
+def sources_in(src: Path, command: str, skip: Path | None = None) -> tuple[list[Source], list[dict]]:
     """find_sources for a folder the user named, with the errors a wrong one deserves."""
     if not src.is_dir():
         raise UserError(f"{command}: {src} is not a folder; give the folder that holds your videos")
-    sources, unused = find_sources(src)
+    sources, unused = find_sources(src, skip)
     if not sources:
         raise UserError(
             f"{command}: {src} holds no video ({', '.join(media.VIDEO_SUFFIXES)}); point it at a folder of videos"
