@@ -594,6 +594,11 @@ def test_videos_in_folders_under_the_one_named_are_found_by_their_path(tmp_path)
         == DecodedClips.from_index(src / "prepared", index, data).clip_videos()
     )
     assert sorted(set(shards.clip_videos())) == names
+    from rigtrain.train.launch import resolve_data
+
+    shutil.rmtree(src / "prepared")
+    (src / "top.mp4").unlink()  # only videos in folders under it: still a folder of videos to train on
+    assert resolve_data(load_config("demo", overrides=[f"data.dir={src}"]), log=lambda line: None) == src.resolve()
 
 
 def test_data_check_predicts_what_prepare_makes(user_folder, tmp_path):

@@ -89,9 +89,9 @@ def resolve_data(config: RunConfig, log=print) -> Path:
     if not path.is_dir():
         raise UserError(f"--data {path}: no such folder; give prepared shards (from `rigtrain data prepare`)")
     if not (path / "index.json").is_file():
-        from rigtrain.data.media import VIDEO_SUFFIXES  # OpenCV-backed module: only for a folder of videos
+        from rigtrain.data.sources import find_sources  # the media readers: only for a folder of videos
 
-        if not any(p.suffix.lower() in VIDEO_SUFFIXES for p in path.iterdir()):
+        if not find_sources(path)[0]:  # videos in it or in folders under it
             raise UserError(
                 f"--data {path}: neither prepared shards (no index.json) nor videos; give a folder "
                 "of videos or the output of `rigtrain data prepare`"
