@@ -601,6 +601,34 @@ def test_videos_in_folders_under_the_one_named_are_found_by_their_path(tmp_path)
     assert resolve_data(load_config("demo", overrides=[f"data.dir={src}"]), log=lambda line: None) == src.resolve()
 
 
+def test_a_narration_file_that_does_not_read_gives_way_to_one_that_does(tmp_path):
+    """A Whisper .json cut short beside a downloaded .srt: the .srt narrates the video (the
+    .json came first by name, and the video went without narration), and the .json is
+    listed with its reason. When none reads, the first is reported where it is used."""
+    from rigtrain.data.check import check_folder
+
+    src = tmp_path / "talks"
+    src.mkdir()
+    for name in ("talk", "lecture"):
+        write_variable_rate_h264(src / f"{name}.mp4", [100 * i for i in range(21)])
+        (src / f"{name}.json").write_text('[{"start": 0, "end": 1.5, "te')  # cut short
+    (src / "talk.srt").write_text("1\n00:00:00,500 --> 00:00:01,800\nthe talk\n")
+    (src / "talk.vtt").write_text("WEBVTT\n\n00:00.500 --> 00:01.800\nthe same talk\n")
+    (src / "lecture.srt").write_bytes(b"\xff\xfe not UTF-8")
+    data = load_config("demo").data
+    index = prepare(src, tmp_path / "prep", data)
+    assert {s["video"]: s["narration"] for s in index["sources"]} == {"lecture.mp4": None, "talk.mp4": "talk.srt"}
+    reasons = {s["file"]: s["reason"] for s in index["skipped"]}
+    assert reasons["talk.json"].startswith("not valid JSON") and reasons["talk.json"].endswith(
+        "talk.srt is used instead"
+    )
+    assert reasons["talk.vtt"].startswith("talk.srt comes first")
+    assert reasons["lecture.json"].endswith("lecture.mp4 is used without narration")
+    assert reasons["lecture.srt"].startswith("not UTF-8") and "instead" not in reasons["lecture.srt"]
+    checked = {v["file"]: v for v in check_folder(src, data)["videos"]}
+    assert checked["talk.mp4"]["narration"]["file"] == "talk.srt" and checked["lecture.mp4"]["narration"] is None
+
+
 def test_data_check_predicts_what_prepare_makes(user_folder, tmp_path):
     from rigtrain.data.check import check_folder
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rigtrain.data import media
-from rigtrain.data.narration import NARRATION_SUFFIXES
+from rigtrain.data.narration import NARRATION_SUFFIXES, read_narration
 from rigtrain.errors import UserError
 
 
@@ -68,6 +68,30 @@ def _files_under(src_dir: Path, skip: Path | None) -> tuple[list[Path], list[dic
     return sorted(files, key=lambda p: p.relative_to(src_dir).as_posix()), outputs
 
 
+def _choose_sidecars(
+    candidates: dict[tuple[Path, str], list[Path]], stems: set[Path]
+) -> tuple[dict[tuple[Path, str], Path], dict[Path, str]]:
+    """One sidecar of each kind per video: the first by name, except that of several
+    narration files (a Whisper .json and a downloaded .srt) the first that reads is taken,
+    rather than a broken one leaving the video without narration. Returns the choice, and
+    why each narration file that does not read does not (checked only where there is a
+    choice; the chosen one's error, when none reads, is reported where it is used)."""
+    chosen, unreadable = {}, {}
+    for (stem, kind), paths in candidates.items():
+        chosen[stem, kind] = paths[0]
+        if kind != "narration" or len(paths) == 1 or stem not in stems:
+            continue
+        for path in paths:
+            try:
+                read_narration(path)
+            except media.MediaError as err:
+                unreadable[path] = str(err)
+                continue
+            chosen[stem, kind] = path
+            break
+    return chosen, unreadable
+
+
 def find_sources(src_dir: Path, skip: Path | None = None) -> tuple[list[Source], list[dict]]:
     """Videos with their sidecars (same folder, same stem), in src_dir and every folder under
     it. Files that belong to no video are reported, not silently ignored. skip: a folder
@@ -76,7 +100,7 @@ def find_sources(src_dir: Path, skip: Path | None = None) -> tuple[list[Source],
     rel = lambda p: p.relative_to(src_dir).as_posix()  # noqa: E731
     videos = [p for p in files if p.suffix.lower() in media.VIDEO_SUFFIXES]
     stems = {p.with_suffix("") for p in videos}
-    by_kind: dict[tuple[Path, str], Path] = {}  # (folder/stem, "audio" | "narration") -> the first such file
+    candidates: dict[tuple[Path, str], list[Path]] = {}  # (folder/stem, "audio" | "narration") -> files, by name
     for p in files:
         kind = (
             "audio"
@@ -86,7 +110,8 @@ def find_sources(src_dir: Path, skip: Path | None = None) -> tuple[list[Source],
             else None
         )
         if kind:
-            by_kind.setdefault((p.with_suffix(""), kind), p)
+            candidates.setdefault((p.with_suffix(""), kind), []).append(p)
+    by_kind, unreadable = _choose_sidecars(candidates, stems)
     sources = [
         Source(v, by_kind.get((v.with_suffix(""), "audio")), by_kind.get((v.with_suffix(""), "narration")), src_dir)
         for v in videos
@@ -96,11 +121,15 @@ def find_sources(src_dir: Path, skip: Path | None = None) -> tuple[list[Source],
         if p.suffix.lower() in media.VIDEO_SUFFIXES or p in used or rel(p) == "labels.json":
             continue
         kind = "audio" if p.suffix.lower() in media.AUDIO_SUFFIXES else "narration"
+        first = by_kind.get((p.with_suffix(""), kind))
         reason = (
             "no video with this name"
             if p.with_suffix("") not in stems
-            else f"{rel(by_kind[(p.with_suffix(''), kind)])} "
-            "comes first for this video (one sidecar of each kind, the first by name)"
+            else f"{unreadable[p]}; {rel(first)} is used instead"
+            if p in unreadable and first not in unreadable
+            else unreadable[p]
+            if p in unreadable
+            else f"{rel(first)} comes first for this video (one sidecar of each kind, the first by name)"
             if p.suffix.lower() in media.AUDIO_SUFFIXES + NARRATION_SUFFIXES
             else "not a video, audio or narration file"
         )
