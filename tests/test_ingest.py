@@ -501,11 +501,20 @@ def test_a_worker_that_dies_is_one_sentence_that_says_what_to_do(tmp_path):
     assert 'if __name__ == "__main__":' in result.stdout and "Traceback" not in result.stdout
 
 
-def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path):
+@pytest.mark.parametrize("one_clip_parts", [False, True])
+def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch, one_clip_parts):
+    """Stopped between videos, or (a video's clips handed over a part at a time, as a long
+    video's are) after a shard in the middle of one: the journal names what is written, and
+    going on makes the same shards as a prepare never stopped."""
+    from rigtrain.data import ingest
+    from rigtrain.data.prepare import ShardWriter
+
     src = tmp_path / "world"
     synthesize(src, videos=6, seed=11)
     data = load_config("demo", overrides=["data.shard_clips=4"]).data  # 6 clips per video: sources span shards
     straight = prepare(src, tmp_path / "straight", data)
+    if one_clip_parts:
+        monkeypatch.setattr(ingest, "PART_BYTES", data.clip_frames * 32 * 32 * 3)
 
     class Stop(Exception):
         pass
@@ -519,10 +528,25 @@ def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path):
 
     out = tmp_path / "resumed"
     with pytest.raises(Stop):
-        prepare(src, out, data, progress=stop_after(3))
+        if one_clip_parts:  # after the 5th shard: 20 clips, the third video's second
+            write_shard = ShardWriter._write_shard
+
+            def write_then_stop(writer):
+                write_shard(writer)
+                if len(writer.shards) == 5:
+                    raise Stop
+
+            monkeypatch.setattr(ShardWriter, "_write_shard", write_then_stop)
+            prepare(src, out, data)
+        else:
+            prepare(src, out, data, progress=stop_after(3))
+    monkeypatch.undo()
     state = json.loads((out / STATE_FILE).read_text())
     assert not (out / "index.json").exists()  # an interrupted prepare never looks complete
     assert state["partial"] is not None  # it stopped inside a source that spans two shards
+    if one_clip_parts:
+        assert state["partial"] == {"video": "shapes_0003.mp4", "written": 2} and len(state["shards"]) == 5
+        assert (out / ".parts").is_dir()  # parts on their way, removed when it goes on
     # a crash between renaming a shard and updating the journal, and a half-written shard
     shutil.copytree(out / state["shards"][0]["dir"], out / f"shard-{len(state['shards']):05d}")
     (out / ".shard-00099.tmp").mkdir()
@@ -532,6 +556,46 @@ def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path):
     assert _shard_bytes(out) == _shard_bytes(tmp_path / "straight")
     assert {k: v for k, v in index.items() if k != "seconds"} == {k: v for k, v in straight.items() if k != "seconds"}
     assert not (out / STATE_FILE).exists() and not (out / ".shard-00099.tmp").exists()
+    assert not (out / ".parts").exists()
+
+
+def test_a_long_video_is_cut_in_bounded_memory(tmp_path, monkeypatch):
+    """A worker holds one part of a video's clips at a time (an hour-long lecture at base's
+    224x224 is 5 GiB of clips, and a prepare holds several videos at once), and the parts
+    make the clips the whole decode makes, the last one aligned to the video's end."""
+    import tracemalloc
+
+    import av
+
+    from rigtrain.data import ingest
+    from rigtrain.data.sources import Source
+
+    video = tmp_path / "lecture.mp4"
+    with av.open(str(video), "w") as container:  # 121 s at 25 fps, every frame its own grey
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 96, "yuv420p"
+        for i in range(25 * 121):
+            picture = av.VideoFrame.from_ndarray(np.full((96, 96, 3), (7 * i) % 256, np.uint8), format="rgb24")
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = load_config("demo", overrides=["data.frame_size=64,64", "data.fps=16", "data.clip_stride_s=0.75"]).data
+    clip_bytes = data.clip_frames * 64 * 64 * 3
+    monkeypatch.setattr(ingest, "PART_BYTES", 4 * clip_bytes)
+    tracemalloc.start()
+    result = ingest.ingest(Source(video), data, None, 0, tmp_path / "part")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    n = result.info["clips"]
+    assert n == 162 and result.info["end_aligned_clip"] and len(result.parts) == 41  # 40 of 4 clips, and 2
+    # a part, the frames the next clips need, a decoded frame or two: all clips at once were 3 times them
+    assert peak < 4 * ingest.PART_BYTES + 2**21 < 0.25 * n * clip_bytes, (peak, n * clip_bytes)
+    frames, _ = read_video(video, data.fps, (64, 64))
+    starts = [12 * k for k in range(161)] + [len(frames) - data.clip_frames]  # every 0.75 s, and the end
+    clips = np.concatenate([piece.video for piece in result.pieces()])
+    assert np.array_equal(clips, np.stack([frames[s : s + data.clip_frames] for s in starts]))
+    assert not list(tmp_path.glob("part-*"))  # each part removed once read
 
 
 def test_new_videos_are_added_to_a_prepared_folder(tmp_path):

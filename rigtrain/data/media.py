@@ -103,7 +103,7 @@ SEEK_BACK_PERIODS = 2.0
 SEEK_BACK_FAR_S = 2.0
 
 
-def _fitter(size: tuple[int, int], mode: str):
+def frame_fitter(size: tuple[int, int], mode: str):
     import cv2  # OpenCV: only where frames are decoded or written
 
     return lambda frame: fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode)
@@ -114,7 +114,9 @@ def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop"
     by the frames' own timestamps) and fitted to size=(H, W): uint8 RGB (T, H, W, 3)."""
     cap, info = open_video(path)
     try:
-        frames = frames_at_output_times(timed_frames(cap, info.fps), info.fps, fps, 0, None, _fitter(size, mode), False)
+        frames = frames_at_output_times(
+            timed_frames(cap, info.fps), info.fps, fps, 0, None, frame_fitter(size, mode), False
+        )
     finally:
         cap.release()
     if not frames:
@@ -131,7 +133,7 @@ def read_video_clip(
     This is what a loader without shards has to do for every clip."""
     import cv2  # OpenCV: only where frames are decoded or written
 
-    fit = _fitter(size, mode)
+    fit = frame_fitter(size, mode)
     for back_s in (None, SEEK_BACK_FAR_S, float("inf")):
         cap, info = open_video(path)
         try:

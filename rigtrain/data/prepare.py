@@ -10,25 +10,15 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rigtrain.config import DataConfig
-from rigtrain.data import media
-from rigtrain.data.narration import clip_text, read_narration
+from rigtrain.data.ingest import SourceClips, ingest_or_reason
 from rigtrain.data.processes import in_order
-from rigtrain.data.shards import (
-    ARRAYS,
-    CLIP_DTYPE,
-    INDEX_FORMAT,
-    LABEL_KEYS,
-    LEGACY_PARAMS,
-    SEGMENT_DTYPE,
-    preparation_params,
-)
-from rigtrain.data.sources import Source, audio_mismatch, fingerprint, read_labels, sources_in
+from rigtrain.data.shards import INDEX_FORMAT, LABEL_KEYS, LEGACY_PARAMS, SEGMENT_DTYPE, preparation_params
+from rigtrain.data.sources import Source, fingerprint, read_labels, sources_in
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
 
@@ -40,165 +30,35 @@ def require_empty_dir(path: Path, command: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-@dataclass
-class SourceClips:
-    """One video's clips, ready to append to a shard."""
-
-    video: np.ndarray
-    audio: np.ndarray
-    text: np.ndarray
-    text_len: np.ndarray
-    clips: np.ndarray
-    segments: list[tuple[int, float, float, int, int]]  # clip is local to this source
-    labels: np.ndarray
-    info: dict = field(default_factory=dict)
-
-    ARRAYS = ARRAYS
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def split(self, k: int) -> tuple[SourceClips, SourceClips]:
-        """The first k clips and the rest, narration segments re-numbered to match."""
-
-        def part(sl: slice, keep, shift: int) -> SourceClips:
-            return SourceClips(
-                **{key: getattr(self, key)[sl] for key in self.ARRAYS},
-                segments=[(c - shift, *rest) for c, *rest in self.segments if keep(c)],
-            )
-
-        return part(slice(None, k), lambda c: c < k, 0), part(slice(k, None), lambda c: c >= k, k)
-
-
-def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: int = 0) -> SourceClips:
-    """Decode one video with its audio and narration into clips. A bad sidecar leaves that
-    modality out (and is reported in info["skipped"]); a bad video raises MediaError."""
-    frames, info = media.read_video(source.video, data.fps, tuple(data.frame_size), data.resize)
-    duration = len(frames) / data.fps
-    skipped: list[dict] = []
-    problems: list[str] = []
-    audio, audio_from = _sound_of(source, data, duration, skipped, problems)
-    segments = _narration_of(source, skipped, problems)
-    starts = media.clip_starts(len(frames), data.clip_frames, data.stride_frames)
-    n = len(starts)
-    T, S, L = data.clip_frames, data.clip_samples, data.max_text_bytes
-    out = SourceClips(
-        video=np.zeros((n, T, *data.frame_size, 3), np.uint8),
-        audio=np.zeros((n, S), np.int16),
-        text=np.zeros((n, L), np.uint8),
-        text_len=np.zeros(n, np.int32),
-        clips=np.zeros(n, CLIP_DTYPE),
-        segments=[],
-        labels=np.full((n, 3), -1, np.int16),
-    )
-    events = (labels or {}).get("videos", {}).get(source.video.stem, [])
-    for i, f0 in enumerate(starts):
-        start_s = f0 / data.fps
-        out.video[i] = frames[f0 : f0 + T]
-        has_audio = False
-        if audio is not None:
-            s0 = round(start_s * data.sample_rate)
-            piece = audio[s0 : s0 + S]
-            # Audio a few ms shorter than the video (encoder padding) is padded with silence;
-            # a clip with little or no sound is marked missing, never filled in.
-            has_audio = len(piece) >= 0.9 * S
-            out.audio[i, : len(piece)] = media.to_pcm16(piece)
-        text, placed = clip_text(segments, start_s, start_s + data.clip_seconds, L)
-        out.text[i, : len(text)] = np.frombuffer(text, np.uint8)
-        out.text_len[i] = len(text)
-        out.clips[i] = (0, start_s, has_audio, len(text) > 0)
-        out.segments += [(i, seg.start, seg.end, off, length) for seg, off, length in placed]
-        middle = start_s + data.clip_seconds / 2
-        for event in events:
-            if event["start"] <= middle < event["end"]:
-                out.labels[i] = [labels[key + "s"].index(event[key]) for key in LABEL_KEYS]
-    out.info = {
-        "video": source.name,
-        "audio": audio_from,
-        "narration": source.named(source.narration) if source.narration and segments else None,
-        "duration_s": round(duration, 3),
-        "source_fps": round(info.fps, 3),
-        "source_size": [info.height, info.width],
-        "clips": n,
-        "end_aligned_clip": n > 0 and starts[-1] != round((n - 1) * data.stride_frames),
-        "unused_tail_s": round((len(frames) - starts[-1] - T) / data.fps, 3) if n else round(duration, 3),
-        "narration_segments": len(segments),
-        "skipped": skipped,
-        "problems": problems,
-        "fingerprint": fingerprint(source.video),
-    }
-    if skip_clips:  # resuming a source whose first clips are already in a shard
-        info, out = out.info, out.split(skip_clips)[1]
-        out.info = info
-    return out
-
-
-def _sound_of(source: Source, data: DataConfig, duration: float, skipped: list, problems: list):
-    """(samples or None, where they came from): the sidecar when it is usable, else the
-    container's own track; what was left out is added to `skipped` or `problems`."""
-    audio, audio_from = None, None
-    if source.audio is not None:
-        try:
-            audio = media.read_audio_file(source.audio, data.sample_rate)
-            mismatch = audio_mismatch(len(audio) / data.sample_rate, duration)
-            if mismatch:
-                raise media.MediaError(mismatch)
-            audio_from = source.named(source.audio)
-        except media.MediaError as err:
-            audio = None
-            skipped.append(
-                {"file": source.named(source.audio), "reason": f"{err}; {source.name} is used without sound"}
-            )
-    if source.audio is None or (audio is None and skipped):
-        # No (usable) sidecar: the container's own track, when there is one.
-        try:
-            audio = media.read_container_audio(source.video, data.sample_rate)
-        except media.MediaError as err:
-            problems.append(f"audio track left out: {err}")
-            audio = None
-        audio_from = "container" if audio is not None else None
-    return audio, audio_from
-
-
-def _narration_of(source: Source, skipped: list, problems: list) -> list:
-    """The narration sidecar's segments, or none (a bad sidecar is added to `skipped`)."""
-    if source.narration is None:
-        return []
-    try:
-        narration = read_narration(source.narration)
-    except media.MediaError as err:
-        skipped.append(
-            {"file": source.named(source.narration), "reason": f"{err}; {source.name} is used without narration"}
-        )
-        return []
-    problems += [f"{source.named(source.narration)} {p}" for p in narration.problems]
-    return narration.segments
-
-
-def _ingest_or_reason(job: tuple[Source, DataConfig, dict | None, int]) -> SourceClips | str:
-    try:
-        return ingest(*job)
-    except media.MediaError as err:
-        return str(err)
-
-
 class ShardWriter:
     """Collects sources' clips and writes them out as shards of shard_clips clips (the last
-    may be smaller); a source may span two shards. After every shard, `on_shard` gets the
-    sources that are now completely written and the one that is partly written, which is
-    what a resumed prepare needs to know."""
+    may be smaller); a source may span several shards, and arrive in pieces. After every
+    shard, `on_shard` gets the first source not completely written and how many of its
+    clips are not (the pending ones and those still to come), which is what a resumed
+    prepare needs to know."""
 
     def __init__(self, out_dir: Path, shard_clips: int, shards: list[dict], on_shard):
         self.out_dir, self.shard_clips, self.on_shard = out_dir, shard_clips, on_shard
         self.pending: list[tuple[int, SourceClips]] = []  # (source id, clips not yet written)
+        self.to_come: tuple[int, int] = (-1, 0)  # (source id, its clips not yet added)
         self.shards = list(shards)
         self.total = sum(s["clips"] for s in shards)
 
-    def add(self, source_id: int, clips: SourceClips) -> None:
+    def add(self, source_id: int, clips: SourceClips, to_come: int = 0) -> None:
+        """A source's clips (or the next piece of them, with `to_come` clips after it)."""
         clips.clips["source"] = source_id
         self.pending.append((source_id, clips))
+        self.to_come = (source_id, to_come)
         while sum(len(c) for _, c in self.pending) >= self.shard_clips:
             self._write_shard()
+
+    def unwritten(self) -> tuple[int | None, int]:
+        """The first source not completely in a shard, and how many of its clips are not."""
+        first = self.pending[0][0] if self.pending else self.to_come[0] if self.to_come[1] else None
+        if first is None:
+            return None, 0
+        later = self.to_come[1] if self.to_come[0] == first else 0
+        return first, sum(len(c) for source, c in self.pending if source == first) + later
 
     def close(self) -> None:
         while self.pending:
@@ -230,11 +90,11 @@ class ShardWriter:
         os.replace(tmp, self.out_dir / name)
         self.shards.append({"dir": name, "clips": count})
         self.total += count
-        first_unwritten = self.pending[0][0] if self.pending else None
-        self.on_shard(first_unwritten, len(self.pending[0][1]) if self.pending else 0)
+        self.on_shard(*self.unwritten())
 
 
 STATE_FILE = ".prepare-state.json"
+PARTS_DIR = ".parts"
 
 
 def _load_state(src: Path, out: Path, data: DataConfig) -> dict | None:
@@ -281,7 +141,9 @@ def _start_or_continue(src: Path, out: Path, data: DataConfig) -> dict:
         known = {s["dir"] for s in state["shards"]}
         for path in out.iterdir():
             if path.is_dir() and (
-                path.name.startswith(".shard-") or (path.name.startswith("shard-") and path.name not in known)
+                path.name.startswith(".shard-")
+                or path.name == PARTS_DIR
+                or (path.name.startswith("shard-") and path.name not in known)
             ):
                 shutil.rmtree(path)
         return state
@@ -298,8 +160,22 @@ def _start_or_continue(src: Path, out: Path, data: DataConfig) -> dict:
     return state
 
 
-def _too_short(source: Source, result: SourceClips, data: DataConfig) -> dict:
-    seconds = result.info["duration_s"]
+def _hand_over(source: Source, result, writer: ShardWriter, added: list, skipped: list, data: DataConfig) -> None:
+    """One video's result to the writer, a piece at a time, or to `skipped` with its reason."""
+    if isinstance(result, str):
+        skipped.append({"file": source.name, "reason": result})
+    elif result.info["clips"] == 0:
+        skipped.append(_too_short(source, result.info, data))
+    else:
+        added.append(result.info)
+        to_come = len(result.clips)
+        for piece in result.pieces():
+            to_come -= len(piece)
+            writer.add(len(added) - 1, piece, to_come)
+
+
+def _too_short(source: Source, info: dict, data: DataConfig) -> dict:
+    seconds = info["duration_s"]
     return {"file": source.name, "reason": f"shorter ({seconds} s) than one clip ({data.clip_seconds} s)"}
 
 
@@ -350,18 +226,18 @@ def prepare(
 
     writer = ShardWriter(out, data.shard_clips, state["shards"], journal)
     skipped = list(unused)
-    jobs = [(s, data, labels, partial["written"] if partial and s.name == partial["video"] else 0) for s in todo]
-    for done, (source, result) in enumerate(zip(todo, in_order(_ingest_or_reason, jobs, workers)), 1):
-        if isinstance(result, str):
-            skipped.append({"file": source.name, "reason": result})
-        elif result.info["clips"] == 0:
-            skipped.append(_too_short(source, result, data))
-        else:
-            added.append(result.info)
-            writer.add(len(added) - 1, result)
+    parts = out / PARTS_DIR  # the workers' clips on their way to a shard
+    parts.mkdir(exist_ok=True)
+    jobs = [
+        (s, data, labels, partial["written"] if partial and s.name == partial["video"] else 0, parts / f"{i:06d}")
+        for i, s in enumerate(todo)
+    ]
+    for done, (source, result) in enumerate(zip(todo, in_order(ingest_or_reason, jobs, workers)), 1):
+        _hand_over(source, result, writer, added, skipped, data)
         if progress:
             progress(done, len(todo), source.name, writer.total + sum(len(c) for _, c in writer.pending))
     writer.close()
+    shutil.rmtree(parts, ignore_errors=True)
     if writer.total == 0:
         raise UserError(
             f"data prepare: no clip could be made from {src}: "

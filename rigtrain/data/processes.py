@@ -1,5 +1,5 @@
-"""Worker processes for data preparation: each decodes whole videos, results come back in
-order."""
+"""Worker processes for data preparation: each decodes whole videos (their pictures go to
+part files, data/ingest.py), results come back in order."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ DIED = (
 
 
 def in_order(function, jobs: list, workers: int):
-    """function(job) for every job, results in order, at most 2 x workers decoded videos
-    held at once (pool.map would decode everything ahead and hold it all in memory)."""
+    """function(job) for every job, results in order, at most 2 x workers of them waiting
+    (pool.map would decode every video ahead, and fill the disk with their parts)."""
     if workers <= 1:
         yield from map(function, jobs)
         return

@@ -5,8 +5,6 @@ clock")."""
 
 from __future__ import annotations
 
-import numpy as np
-
 # Two timestamps closer than this are one instant (OpenCV reports milliseconds as floats).
 SAME_INSTANT_S = 1e-4
 
@@ -35,31 +33,34 @@ class SeekedTooFar(Exception):
     """The first frame after a seek comes after the instant asked for."""
 
 
-def frames_at_output_times(timed, average_fps: float, fps: float, first: int, count: int | None, fit, seeked: bool):
-    """Output frames first, first+1, ... (count of them, or to the end): output frame k shows
-    at k / fps the last source frame whose time has come, and the last source frame shows
-    for as long as the one before it did."""
-    out: list[np.ndarray] = []
-    k, shown, shown_t, period = first, None, None, 1.0 / average_fps
+def output_frames(timed, average_fps: float, fps: float, first: int, count: int | None, fit, seeked: bool):
+    """Output frames first, first+1, ... (count of them, or to the end), one at a time: output
+    frame k shows at k / fps the last source frame whose time has come, and the last source
+    frame shows for as long as the one before it did."""
+    k, made, shown, shown_t, period = first, 0, None, None, 1.0 / average_fps
 
     def wanted() -> bool:
-        return count is None or len(out) < count
+        return count is None or made < count
 
     for t, frame in timed:
         if shown is None and seeked and t > first / fps + SAME_INSTANT_S:
             raise SeekedTooFar
         while shown is not None and wanted() and k / fps + SAME_INSTANT_S < t:
-            out.append(fit(shown))
-            k += 1
+            yield fit(shown)
+            k, made = k + 1, made + 1
         if not wanted():
-            return out
+            return
         if shown_t is not None:
             period = t - shown_t
         shown, shown_t = frame, t
     while shown is not None and wanted() and k / fps + SAME_INSTANT_S < shown_t + period:
-        out.append(fit(shown))
-        k += 1
-    return out
+        yield fit(shown)
+        k, made = k + 1, made + 1
+
+
+def frames_at_output_times(timed, average_fps: float, fps: float, first: int, count: int | None, fit, seeked: bool):
+    """output_frames as a list."""
+    return list(output_frames(timed, average_fps, fps, first, count, fit, seeked))
 
 
 def shown_until(times: list[float], average_fps: float) -> float:
