@@ -221,6 +221,29 @@ def test_whisper_cpp_json(tmp_path):
         read_narration(path)
 
 
+def test_a_long_sidecar_is_resampled_a_block_at_a_time(tmp_path, monkeypatch):
+    """A sidecar is read and resampled a block at a time (10 s; 1 s here): the same samples as
+    the whole file resampled at once, without holding it (an hour of 48 kHz stereo is 1.4 GB)."""
+    import tracemalloc
+
+    import soundfile as sf
+
+    from rigtrain.data import media
+    from rigtrain.data.media import read_audio_file, resample_audio
+
+    monkeypatch.setattr(media, "SIDECAR_BLOCK_S", 1)
+
+    rng = np.random.default_rng(0)
+    samples = (0.1 * rng.standard_normal((48000 * 65, 2))).astype(np.float32)
+    sf.write(tmp_path / "talk.wav", samples, 48000, subtype="FLOAT")
+    tracemalloc.start()
+    blocks = read_audio_file(tmp_path / "talk.wav", 16000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(blocks, resample_audio(samples, 48000, 16000)) and len(blocks) == 16000 * 65
+    assert peak < 0.5 * samples.nbytes, (peak, samples.nbytes)  # the output (twice, joined) and a block
+
+
 def test_container_aac_track_is_decoded_and_resampled(user_folder):
     audio = read_container_audio(user_folder / "tone.mp4", 16000)
     assert abs(len(audio) / 16000 - 3.0) < 0.1
