@@ -72,10 +72,6 @@ class Ingested:
             path.unlink()
             yield head
 
-    def discard(self) -> None:
-        for path, _ in self.parts:
-            path.unlink(missing_ok=True)
-
 
 class _Parts:
     """Clips cut from the frames as they are decoded, written out every `per_part` clips."""
@@ -144,7 +140,6 @@ def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: in
     try:
         frames, starts, info = _cut_clips(source, data, parts)
     except BaseException:
-        parts.flush()
         for path, _ in parts.written:
             path.unlink(missing_ok=True)
         raise
