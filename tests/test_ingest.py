@@ -666,12 +666,14 @@ def test_videos_in_folders_under_the_one_named_are_found_by_their_path(tmp_path)
     names = ["day1/GX010001.MP4", "day2/GX010001.MP4", "top.mp4"]
     assert [s["video"] for s in index["sources"]] == names
     assert index["sources"][0]["narration"] == "day1/GX010001.srt" and index["sources"][1]["narration"] is None
-    assert {s["file"]: s["reason"] for s in index["skipped"]} == {"day2/notes.txt": "no video with this name"}
+    assert {s["file"]: s["reason"] for s in index["skipped"]} == {
+        "day2/notes.txt": "not a video, audio or narration file"
+    }
     report = check_folder(src, data)
     assert [v["file"] for v in report["videos"]] == names
     assert {u["file"]: u["reason"] for u in report["unused"]} == {
         "prepared/": "rigtrain's own output",
-        "day2/notes.txt": "no video with this name",
+        "day2/notes.txt": "not a video, audio or narration file",
     }
     assert prepare(src, src / "prepared", data) == index  # nothing new: every name is known
     shards, decoded = ShardDataset(src / "prepared", data), DecodedClips.from_folder(src, data)
@@ -714,6 +716,29 @@ def test_a_narration_file_that_does_not_read_gives_way_to_one_that_does(tmp_path
     assert reasons["lecture.srt"].startswith("not UTF-8") and "instead" not in reasons["lecture.srt"]
     checked = {v["file"]: v for v in check_folder(src, data)["videos"]}
     assert checked["talk.mp4"]["narration"]["file"] == "talk.srt" and checked["lecture.mp4"]["narration"] is None
+
+
+def test_subtitles_named_with_a_language_as_yt_dlp_writes_them(tmp_path):
+    """yt-dlp names subtitles NAME.LANG.vtt (`--write-subs`, `--write-auto-subs`): they narrate
+    NAME.mp4; a sidecar named exactly like the video comes before them, and of several
+    languages the first by name; its metadata (NAME.info.json) is no narration."""
+    from rigtrain.data.sources import find_sources
+
+    talk = "A talk [dQw4w9WgXcQ]"
+    for name in (f"{talk}.mp4", f"{talk}.info.json", "lecture.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    for name in (f"{talk}.en.vtt", f"{talk}.pt-BR.vtt", "lecture.en-orig.vtt"):
+        (tmp_path / name).write_text("WEBVTT\n\n00:00.000 --> 00:01.000\nwords\n")
+    (tmp_path / "lecture.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nmine\n")
+    sources, unused = find_sources(tmp_path)
+    assert {s.name: s.named(s.narration) for s in sources} == {
+        f"{talk}.mp4": f"{talk}.en.vtt",
+        "lecture.mp4": "lecture.srt",
+    }
+    reasons = {u["file"]: u["reason"] for u in unused}
+    assert reasons[f"{talk}.pt-BR.vtt"].startswith(f"{talk}.en.vtt comes first")
+    assert reasons["lecture.en-orig.vtt"].startswith("lecture.srt comes first")
+    assert reasons[f"{talk}.info.json"] == "no video with this name"
 
 
 def test_data_check_predicts_what_prepare_makes(user_folder, tmp_path):

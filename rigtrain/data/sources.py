@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,24 @@ def _files_under(src_dir: Path, skip: Path | None) -> tuple[list[Path], list[dic
     return sorted(files, key=lambda p: p.relative_to(src_dir).as_posix()), outputs
 
 
+# A language tag before a subtitle's suffix, as yt-dlp names them: NAME.en.vtt, NAME.pt-BR.srt,
+# NAME.en-orig.vtt.
+LANGUAGE_TAG = re.compile(r"[a-z]{2,3}(-[a-z0-9]{1,8})*", re.IGNORECASE)
+
+
+def _sidecar_key(path: Path, stems: set[Path]) -> tuple[Path, str] | None:
+    """(the video's folder/stem, "audio" | "narration") that `path` would belong to, or None
+    when it is no sidecar kind. Narration may carry a language tag (NAME.en.vtt)."""
+    suffix = path.suffix.lower()
+    kind = "audio" if suffix in media.AUDIO_SUFFIXES else "narration" if suffix in NARRATION_SUFFIXES else None
+    if kind is None:
+        return None
+    stem = path.with_suffix("")
+    if kind == "narration" and stem not in stems and LANGUAGE_TAG.fullmatch(stem.suffix[1:]):
+        stem = stem.with_suffix("")
+    return stem, kind
+
+
 def _choose_sidecars(
     candidates: dict[tuple[Path, str], list[Path]], stems: set[Path]
 ) -> tuple[dict[tuple[Path, str], Path], dict[Path, str]]:
@@ -100,17 +119,13 @@ def find_sources(src_dir: Path, skip: Path | None = None) -> tuple[list[Source],
     rel = lambda p: p.relative_to(src_dir).as_posix()  # noqa: E731
     videos = [p for p in files if p.suffix.lower() in media.VIDEO_SUFFIXES]
     stems = {p.with_suffix("") for p in videos}
-    candidates: dict[tuple[Path, str], list[Path]] = {}  # (folder/stem, "audio" | "narration") -> files, by name
+    candidates: dict[tuple[Path, str], list[Path]] = {}  # (folder/stem, "audio" | "narration") -> files
     for p in files:
-        kind = (
-            "audio"
-            if p.suffix.lower() in media.AUDIO_SUFFIXES
-            else "narration"
-            if p.suffix.lower() in NARRATION_SUFFIXES
-            else None
-        )
-        if kind:
-            candidates.setdefault((p.with_suffix(""), kind), []).append(p)
+        key = _sidecar_key(p, stems)
+        if key:
+            candidates.setdefault(key, []).append(p)
+    for (stem, _), paths in candidates.items():
+        paths.sort(key=lambda p: p.with_suffix("") != stem)  # NAME.srt before NAME.en.vtt; else by name
     by_kind, unreadable = _choose_sidecars(candidates, stems)
     sources = [
         Source(v, by_kind.get((v.with_suffix(""), "audio")), by_kind.get((v.with_suffix(""), "narration")), src_dir)
@@ -120,18 +135,18 @@ def find_sources(src_dir: Path, skip: Path | None = None) -> tuple[list[Source],
     for p in files:
         if p.suffix.lower() in media.VIDEO_SUFFIXES or p in used or rel(p) == "labels.json":
             continue
-        kind = "audio" if p.suffix.lower() in media.AUDIO_SUFFIXES else "narration"
-        first = by_kind.get((p.with_suffix(""), kind))
+        key = _sidecar_key(p, stems)
+        first = by_kind.get(key) if key else None
         reason = (
-            "no video with this name"
-            if p.with_suffix("") not in stems
+            "not a video, audio or narration file"
+            if key is None
+            else "no video with this name"
+            if key[0] not in stems
             else f"{unreadable[p]}; {rel(first)} is used instead"
             if p in unreadable and first not in unreadable
             else unreadable[p]
             if p in unreadable
             else f"{rel(first)} comes first for this video (one sidecar of each kind, the first by name)"
-            if p.suffix.lower() in media.AUDIO_SUFFIXES + NARRATION_SUFFIXES
-            else "not a video, audio or narration file"
         )
         unused.append({"file": rel(p), "reason": reason})
     return sources, unused
