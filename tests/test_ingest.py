@@ -14,16 +14,10 @@ import torch
 from conftest import run_cli
 
 from rigtrain.config import load_config
-from rigtrain.data.media import (
-    MediaError,
-    fit_frame,
-    read_audio_window,
-    read_container_audio,
-    read_video,
-    read_video_clip,
-)
+from rigtrain.data.media import MediaError, fit_frame, read_video, read_video_clip
 from rigtrain.data.narration import parse_subtitles, read_narration
 from rigtrain.data.prepare import STATE_FILE, prepare
+from rigtrain.data.sound import read_audio_window, read_container_audio
 from rigtrain.data.synth import synthesize
 
 SRT_WITH_A_BAD_LINE = """1
@@ -228,10 +222,10 @@ def test_a_long_sidecar_is_resampled_a_block_at_a_time(tmp_path, monkeypatch):
 
     import soundfile as sf
 
-    from rigtrain.data import media
-    from rigtrain.data.media import read_audio_file, resample_audio
+    from rigtrain.data import sound
+    from rigtrain.data.sound import read_audio_file, resample_audio
 
-    monkeypatch.setattr(media, "SIDECAR_BLOCK_S", 1)
+    monkeypatch.setattr(sound, "SIDECAR_BLOCK_S", 1)
 
     rng = np.random.default_rng(0)
     samples = (0.1 * rng.standard_normal((48000 * 65, 2))).astype(np.float32)
@@ -391,6 +385,52 @@ def test_data_check_and_the_on_demand_reader_agree_with_prepare_without_a_frame_
         assert len(decoded) == len(shards)
         for i in range(len(shards)):
             assert np.array_equal(shards[i]["video"].numpy(), decoded[i]["video"].numpy()), i
+
+
+@pytest.mark.parametrize(
+    "name, muxer, codec",
+    [
+        ("camcorder.MTS", "mpegts", "libx264"),  # AVCHD: MPEG-TS, a 0.08 s start, where a seek lands nowhere
+        ("recording.ts", "mpegts", "libx264"),
+        ("iphone.m4v", "mp4", "libx264"),
+        ("phone.3gp", "3gp", "libx264"),
+        ("stream.flv", "flv", "libx264"),
+        ("windows.wmv", "asf", "wmv2"),
+    ],
+)
+def test_camcorder_recorder_and_phone_containers(tmp_path, name, muxer, codec):
+    """Containers beyond mp4/mkv/webm/avi/mov, each with sound: found as videos, checked
+    whole (a seek that lands nowhere in MPEG-TS read as "the last frames do not decode"),
+    and check counts the frames the reader gives."""
+    import av
+
+    from rigtrain.data.check import check_folder, frames_after_resampling
+
+    with av.open(str(tmp_path / name), "w", format=muxer) as container:
+        video = container.add_stream(codec, rate=25)
+        video.width, video.height, video.pix_fmt = 128, 96, "yuv420p"
+        sound = container.add_stream("aac" if muxer != "asf" else "mp2", rate=48000)
+        sound.layout, planar, sample = "stereo", sound.codec_context.format.is_planar, 0
+        for i in range(100):  # 4 s
+            picture = av.VideoFrame.from_ndarray(np.full((96, 128, 3), (5 * i) % 256, np.uint8), format="rgb24")
+            for packet in video.encode(picture):
+                container.mux(packet)
+            while sample < (i + 1) * 48000 // 25:
+                n = sound.codec_context.frame_size or 1152
+                silence = np.zeros((2, n), np.float32) if planar else np.zeros((1, 2 * n), np.int16)
+                frame = av.AudioFrame.from_ndarray(silence, format=sound.codec_context.format.name, layout="stereo")
+                frame.sample_rate, frame.pts, sample = 48000, sample, sample + n
+                for packet in sound.encode(frame):
+                    container.mux(packet)
+        for stream in (video, sound):
+            for packet in stream.encode():
+                container.mux(packet)
+    data = load_config("demo").data
+    entry = check_folder(tmp_path, data)["videos"][0]
+    assert entry["ok"] and entry["end_decodes"] and entry["notes"] == [] and entry["audio"], entry
+    frames, _ = read_video(tmp_path / name, data.fps, (32, 32))
+    assert frames_after_resampling(entry["duration_s"], data.fps) == len(frames) == 32
+    assert entry["clips"] == 4
 
 
 def test_a_header_count_that_is_garbage_is_not_believed(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from rigtrain.config import DataConfig
-from rigtrain.data import media
+from rigtrain.data import media, sound
 from rigtrain.data.narration import read_narration
 from rigtrain.data.sources import Source, audio_mismatch, sources_in
 from rigtrain.data.timestamps import SAME_INSTANT_S, shown_until
@@ -80,7 +80,7 @@ def _probe_container_audio(path: Path) -> dict | None:
             "channels": stream.channels,
             "duration_s": round(seconds, 3),
             # when the track starts, from the first video frame: prepare keeps them in sync
-            "offset_s": round(starts_s - media.video_start_s(container), 3),
+            "offset_s": round(starts_s - sound.video_start_s(container), 3),
         }
 
 

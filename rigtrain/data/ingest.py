@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rigtrain.config import DataConfig
-from rigtrain.data import media
+from rigtrain.data import media, sound
 from rigtrain.data.narration import clip_text, read_narration
 from rigtrain.data.shards import ARRAYS, CLIP_DTYPE, LABEL_KEYS
 from rigtrain.data.sources import Source, audio_mismatch, fingerprint
@@ -192,7 +192,7 @@ def _sound_text_and_labels(
             # Audio a few ms shorter than the video (encoder padding) is padded with silence;
             # a clip with little or no sound is marked missing, never filled in.
             has_audio = len(piece) >= 0.9 * S
-            out.audio[i, : len(piece)] = media.to_pcm16(piece)
+            out.audio[i, : len(piece)] = sound.to_pcm16(piece)
         text, placed = clip_text(segments, start_s, start_s + data.clip_seconds, L)
         out.text[i, : len(text)] = np.frombuffer(text, np.uint8)
         out.text_len[i] = len(text)
@@ -211,7 +211,7 @@ def _sound_of(source: Source, data: DataConfig, duration: float, skipped: list, 
     audio, audio_from = None, None
     if source.audio is not None:
         try:
-            audio = media.read_audio_file(source.audio, data.sample_rate)
+            audio = sound.read_audio_file(source.audio, data.sample_rate)
             mismatch = audio_mismatch(len(audio) / data.sample_rate, duration)
             if mismatch:
                 raise media.MediaError(mismatch)
@@ -224,7 +224,7 @@ def _sound_of(source: Source, data: DataConfig, duration: float, skipped: list, 
     if source.audio is None or (audio is None and skipped):
         # No (usable) sidecar: the container's own track, when there is one.
         try:
-            audio = media.read_container_audio(source.video, data.sample_rate)
+            audio = sound.read_container_audio(source.video, data.sample_rate)
         except media.MediaError as err:
             problems.append(f"audio track left out: {err}")
             audio = None

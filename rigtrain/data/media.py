@@ -1,5 +1,5 @@
-"""Decoding: video frames with OpenCV, audio with soundfile (sidecar files) or PyAV (the
-container's own track), resampled with libswresample through PyAV."""
+"""Decoding video: frames with OpenCV, a container's packets and last frames with PyAV. The
+sound is in data/sound.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from rigtrain.data.timestamps import SAME_INSTANT_S, SeekedTooFar, frames_at_out
 # (AV_LOG_QUIET) unless the user chose a level.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+# .mts/.m2ts: camcorders (AVCHD); .ts: TV and screen recordings; .m4v, .3gp: Apple and phones.
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".3gp", ".ts", ".mts", ".m2ts", ".flv", ".wmv")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
@@ -192,69 +193,22 @@ def last_decodable_s(path: Path, last_s: float) -> float | None:
     import av  # PyAV: only where a container is read
 
     last = None
-    with open_container(path) as container:
-        stream = container.streams.video[0]
-        origin = stream.start_time or 0
-        try:
-            container.seek(origin + int(max(0.0, last_s - 0.5) / stream.time_base), stream=stream, backward=True)
-            for frame in container.decode(stream):
-                if frame.pts is not None:
-                    last = max(last or 0.0, float((frame.pts - origin) * stream.time_base))
-        except av.error.FFmpegError:
-            pass  # the damage: what decoded before it is what prepare gets
-    return last
-
-
-def _mono_resampler(rate: int, channels: int, target_rate: int):
-    """A function from (S, channels) float32 blocks at `rate` to mono float32 at target_rate
-    (libswresample, which keeps its state between blocks: the blocks' output joined is the
-    whole's), and None for the end."""
-    import av  # PyAV: only where a container's audio is read
-
-    layout = {1: "mono", 2: "stereo"}.get(channels, "mono")  # more channels: averaged ourselves
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
-
-    def resample(block: np.ndarray | None) -> list[np.ndarray]:
-        if block is None:
-            return [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-        block = np.asarray(block, dtype=np.float32)
-        if block.ndim == 1:
-            block = block[:, None]
-        if block.shape[1] > 2:
-            block = block.mean(axis=1, keepdims=True)
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block.T), format="fltp", layout=layout)
-        frame.sample_rate = rate
-        return [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-
-    return resample
-
-
-def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-    """(S,) or (S, channels) float -> mono float32 at target_rate, via libswresample."""
-    samples = np.asarray(samples, dtype=np.float32)
-    resample = _mono_resampler(rate, samples.shape[1] if samples.ndim == 2 else 1, target_rate)
-    out = resample(samples) + resample(None)
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-SIDECAR_BLOCK_S = 10  # a sidecar is read this many seconds at a time
-
-
-def read_audio_file(path: Path, target_rate: int) -> np.ndarray:
-    """A sidecar .wav/.flac/.ogg -> mono float32 at target_rate, read SIDECAR_BLOCK_S at a
-    time (an hour of 48 kHz stereo is 1.4 GB as float32; its mono 16 kHz, 230 MB)."""
-    import soundfile as sf  # only where audio files are read or written
-
-    try:
-        with sf.SoundFile(str(path)) as file:
-            resample = _mono_resampler(file.samplerate, file.channels, target_rate)
-            out = []
-            for block in file.blocks(blocksize=SIDECAR_BLOCK_S * file.samplerate, dtype="float32", always_2d=True):
-                out += resample(block)
-            out += resample(None)
-    except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError
-        raise MediaError(f"unreadable audio: {err}") from None
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    for seek in (True, False):  # from the start where a seek lands nowhere (MPEG-TS, one keyframe)
+        with open_container(path) as container:
+            stream = container.streams.video[0]
+            origin = stream.start_time or 0
+            try:
+                if seek:
+                    at = origin + int(max(0.0, last_s - 0.5) / stream.time_base)
+                    container.seek(at, stream=stream, backward=True)
+                for frame in container.decode(stream):
+                    if frame.pts is not None:
+                        last = max(last or 0.0, float((frame.pts - origin) * stream.time_base))
+            except av.error.FFmpegError:
+                pass  # the damage: what decoded before it is what prepare gets
+        if last is not None:
+            return last
+    return None
 
 
 def open_container(path: Path):
@@ -266,122 +220,6 @@ def open_container(path: Path):
     except av.error.FFmpegError as err:
         # strerror: FFmpeg's own words, without the errno and the path the line already names
         raise MediaError(f"cannot be opened by FFmpeg: {getattr(err, 'strerror', None) or err}") from None
-
-
-def video_start_s(container) -> float:
-    """When the first video frame shows, in seconds of the container's clock: the zero of
-    the clip times (OpenCV counts frames from that frame), and so of the audio too."""
-    if not container.streams.video:
-        return 0.0
-    stream = container.streams.video[0]
-    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-
-
-def _longest_lead_s(container) -> float:
-    """The most silence a track that starts late may be given: the container's length (a
-    damaged file's start time can be anything; silence past the video is never used)."""
-    return container.duration / 1e6 if container.duration else 3600.0
-
-
-def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
-    """The video container's own audio track -> mono float32 at target_rate, or None when
-    the container has no audio track. Sample 0 is the time of the first video frame: a
-    track that starts later (a muxer's offset) begins with silence, one that starts
-    earlier is cut, so sound and picture stay in sync."""
-    import av  # PyAV: only where a container's audio is read
-
-    with open_container(path) as container:
-        if not container.streams.audio:
-            return None
-        zero_s = video_start_s(container)
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
-        chunks, offset_s = [], None
-        try:
-            for frame in container.decode(audio=0):
-                if offset_s is None and frame.pts is not None:
-                    offset_s = float(frame.pts * frame.time_base) - zero_s
-                    offset_s = min(offset_s, _longest_lead_s(container))
-                # after the first frame, resample by sample count: timestamps of damaged
-                # files can jump
-                frame.pts = None
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        except av.error.FFmpegError as err:
-            raise MediaError(f"audio track cannot be decoded: {err}") from None
-        chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    if not chunks:
-        return None
-    audio = np.concatenate(chunks)
-    shift = round((offset_s or 0.0) * target_rate)
-    if shift > 0:
-        return np.concatenate([np.zeros(shift, audio.dtype), audio])
-    return audio[-shift:]
-
-
-def read_audio_window(
-    video: Path, sidecar: Path | None, start_s: float, seconds: float, target_rate: int
-) -> np.ndarray | None:
-    """`seconds` of audio from start_s, decoded on demand (for loaders without shards):
-    a sidecar is read from that sample on; a container track is seeked to the packet
-    before start_s (or read from its start, for a window near it) and decoded forward,
-    with silence where the track has not begun. None when there is no audio."""
-    if sidecar is not None:
-        import soundfile as sf  # only where audio files are read or written
-
-        try:
-            with sf.SoundFile(str(sidecar)) as f:
-                f.seek(min(f.frames, round(start_s * f.samplerate)))
-                samples = f.read(round(seconds * f.samplerate), dtype="float32", always_2d=True)
-                rate = f.samplerate
-        except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError
-            raise MediaError(f"unreadable audio: {err}") from None
-        return resample_audio(samples, rate, target_rate)
-    import av  # PyAV: only where a container's audio is read
-
-    with open_container(video) as container:
-        if not container.streams.audio:
-            return None
-        stream = container.streams.audio[0]
-        # Decode at the source rate from a little before start_s (AAC frames overlap their
-        # neighbours, so the first frame after a seek is not exact), cut the window with a
-        # margin, resample it in one piece, then drop the margin: the samples then match a
-        # full read of the track.
-        margin = 0.05
-        zero_s = video_start_s(container)  # time 0 of the clips, as in read_container_audio
-        track_start_s = float(stream.start_time * stream.time_base) if stream.start_time is not None else zero_s
-        if zero_s + start_s - 0.2 > track_start_s:
-            # not at the track's start: after a seek FFmpeg may drop the first frame it decodes
-            container.seek(int((zero_s + start_s - 0.2) / stream.time_base), stream=stream, backward=True)
-        pieces, first, rate = [], None, stream.rate
-        try:
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                t = float(frame.pts * stream.time_base) - zero_s
-                first = t if first is None else first
-                rate = frame.sample_rate
-                array = frame.to_ndarray()
-                pieces.append(array.T if frame.format.is_planar else array.reshape(-1, len(frame.layout.channels)))
-                if t + frame.samples / rate >= start_s + seconds + margin:
-                    break
-        except av.error.FFmpegError as err:
-            raise MediaError(f"audio track cannot be decoded: {err}") from None
-    if not pieces:
-        return np.zeros(0, np.float32)
-    if first >= start_s + seconds:  # the track begins after the window: all of it is silence
-        return np.zeros(round(seconds * target_rate), np.float32)
-    decoded = np.concatenate(pieces)
-    if first > start_s - margin:  # the decoded audio begins inside the cut: silence before it
-        silence = np.zeros((round((first - start_s + margin) * rate), decoded.shape[1]), decoded.dtype)
-        decoded, first = np.concatenate([silence, decoded]), start_s - margin
-    lead = round((start_s - margin - first) * rate)  # samples decoded before the cut
-    source = decoded[lead : lead + round((margin + seconds + margin) * rate)]
-    audio = resample_audio(source, rate, target_rate)
-    skip = round(margin * target_rate)
-    return audio[skip : skip + round(seconds * target_rate)]
-
-
-def to_pcm16(samples: np.ndarray) -> np.ndarray:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype(np.int16)
 
 
 def clip_starts(frames: int, clip_frames: int, stride_frames: float) -> list[int]:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rigtrain.config import DataConfig
-from rigtrain.data import media
+from rigtrain.data import media, sound
 from rigtrain.data.check import check_source, frames_after_resampling
 from rigtrain.data.narration import Segment, clip_text, read_narration
 from rigtrain.data.sources import find_sources
@@ -99,9 +99,9 @@ class DecodedClips(Dataset):
         audio = np.zeros(d.clip_samples, np.int16)
         has_audio = False
         if ref.audio is not None or ref.container_audio:
-            piece = media.read_audio_window(ref.video, ref.audio, start_s, d.clip_seconds, d.sample_rate)
+            piece = sound.read_audio_window(ref.video, ref.audio, start_s, d.clip_seconds, d.sample_rate)
             if piece is not None:
-                audio[: len(piece)] = media.to_pcm16(piece[: d.clip_samples])
+                audio[: len(piece)] = sound.to_pcm16(piece[: d.clip_samples])
                 has_audio = len(piece) >= 0.9 * d.clip_samples
         text = np.zeros(d.max_text_bytes, np.uint8)
         length = 0
