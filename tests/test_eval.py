@@ -7,7 +7,7 @@ import torch
 from test_model import random_batch
 
 from rigtrain.config import EvalConfig, load_config
-from rigtrain.data.split import heldout_videos, name_hash, split_clips
+from rigtrain.data.split import heldout_videos, lopsided_split_note, name_hash, split_clips
 from rigtrain.evaluate.evaluation import Features, evaluate, flat_metrics, spread
 from rigtrain.evaluate.measures import knn_predict, linear_probe, majority_rate, retrieval
 from rigtrain.model import build_model
@@ -92,6 +92,12 @@ def test_the_split_holds_out_whole_videos_and_is_stable_when_videos_are_added():
     assert len(heldout_videos(["a.mp4", "b.mp4"], 0.01)) == 1
     assert len(heldout_videos(["a.mp4", "b.mp4"], 0.99)) == 1
     assert heldout_videos(["a.mp4"], 0.5) == [] and heldout_videos(names, 0.0) == []
+    # whole videos of unequal lengths: the run says so when most clips end up held out
+    assert lopsided_split_note(split, 0.25) is None
+    lecture = ["lecture.mp4"] * 90 + ["intro.mp4"] * 10
+    for held_out, says in ((["lecture.mp4"], True), (["intro.mp4"], False)):
+        note = lopsided_split_note(split_clips(lecture, held_out), 0.2)
+        assert (note is not None) == says and (not says or "90% of the clips" in note and "eval.holdout=0" in note)
 
 
 def test_evaluations_space_out_exponentially():

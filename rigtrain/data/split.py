@@ -53,3 +53,17 @@ def split_clips(clip_videos: list[str], heldout: list[str] | tuple[str, ...]) ->
     """Clip indices on each side of the split, given each clip's source video name."""
     out = np.isin(np.asarray(clip_videos, dtype=object), list(heldout)) if heldout else np.zeros(len(clip_videos), bool)
     return Split(train=np.nonzero(~out)[0], heldout=np.nonzero(out)[0], heldout_videos=tuple(sorted(heldout)))
+
+
+def lopsided_split_note(split: Split, fraction: float) -> str | None:
+    """A sentence when whole videos of very different lengths put far more than `fraction`
+    of the clips out of training (two videos, the hour-long one held out, trains on a few
+    minutes), else None."""
+    total = len(split.train) + len(split.heldout)
+    share = len(split.heldout) / total if total else 0.0
+    if share <= max(0.5, 2 * fraction):
+        return None
+    return (
+        f"the held-out video(s) hold {share:.0%} of the clips: eval.holdout={fraction:g} holds out whole "
+        f"videos, and there are few; add videos, or --set eval.holdout=0 to train on every clip (no evaluation)"
+    )

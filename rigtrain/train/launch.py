@@ -213,6 +213,17 @@ def train(
         )
 
 
+def _say_split(run_dir: Path, clips: int, data_dir: Path, split, holdout: float) -> None:
+    from rigtrain.data.split import lopsided_split_note  # numpy: only once there is data
+
+    _say(
+        f"run {run_dir}: {clips} clips from {data_dir}; {len(split.heldout)} of them, from "
+        f"{len(split.heldout_videos)} videos, held out for evaluation and never trained on"
+    )
+    if note := lopsided_split_note(split, holdout):
+        _say(f"note: {note}")
+
+
 def _train_locked(
     config: RunConfig,
     run_dir: Path,
@@ -264,10 +275,7 @@ def _train_locked(
         if backed_off:
             extra["backed_off_from"] = backed_off
         write_run_config(run_dir, config, data_dir, rig, plan, extra)
-        _say(
-            f"run {run_dir}: {clips} clips from {data_dir}; {len(split.heldout)} of them, from "
-            f"{len(split.heldout_videos)} videos, held out for evaluation and never trained on"
-        )
+        _say_split(run_dir, clips, data_dir, split, config.eval.holdout)
         _say_plan(plan)
         (run_dir / OOM_MARKER).unlink(missing_ok=True)
         # a second run in this process (a retry, a curriculum's next stage) gets a fresh one:
