@@ -121,9 +121,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         for video, problem in notes:
             print(f"  {video}: {problem}")
     if index["skipped"]:
+        from rigtrain.data.check import MOST_NOTES_PRINTED  # with the rest of data check's report
+
         print(f"skipped {len(index['skipped'])} file(s):")
-        for item in index["skipped"]:
+        for item in index["skipped"][:MOST_NOTES_PRINTED]:
             print(f"  {item['file']}: {item['reason']}")
+        if len(index["skipped"]) > MOST_NOTES_PRINTED:
+            more = len(index["skipped"]) - MOST_NOTES_PRINTED
+            print(f"  ... and {more} more: every one is in {args.out_dir}/index.json")
     return 0
 
 

@@ -716,6 +716,11 @@ def test_videos_in_folders_under_the_one_named_are_found_by_their_path(tmp_path)
         "day2/notes.txt": "not a video, audio or narration file",
     }
     assert prepare(src, src / "prepared", data) == index  # nothing new: every name is known
+    for i in range(50):  # the rest of a camera's card: a flood of other files is counted, not printed
+        (src / "day2" / f"IMG_{i:04d}.JPG").write_bytes(b"")
+    shown = run_cli("data", "check", str(src))
+    assert shown.returncode == 0 and "52 note(s):" in shown.stdout, shown.stdout[-2000:]
+    assert "  ... and 12 more: every one is in `data check --json`" in shown.stdout
     shards, decoded = ShardDataset(src / "prepared", data), DecodedClips.from_folder(src, data)
     assert (
         shards.clip_videos()

@@ -112,6 +112,9 @@ def _probe_sidecar_audio(path: Path) -> dict:
     }
 
 
+MOST_NOTES_PRINTED = 40
+
+
 def frames_after_resampling(duration_s: float, fps: float) -> int:
     """How many frames read_video gives for a video that shows for duration_s: one every
     1/fps seconds while a source frame shows."""
@@ -233,5 +236,7 @@ def format_report(report: dict) -> str:
     )
     if notes:
         lines.append(f"{len(notes)} note(s):")
-        lines += [f"  {n}" for n in notes]
+        lines += [f"  {n}" for n in notes[:MOST_NOTES_PRINTED]]
+        if len(notes) > MOST_NOTES_PRINTED:  # a folder tree with thousands of other files
+            lines.append(f"  ... and {len(notes) - MOST_NOTES_PRINTED} more: every one is in `data check --json`")
     return "\n".join(lines)
