@@ -1,6 +1,7 @@
 """Ingestion of a user's folder: subtitles, container audio, any frame size, parallel and
 resumable prepare, `data check`."""
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -659,6 +660,41 @@ def test_a_long_video_is_cut_in_bounded_memory(tmp_path, monkeypatch):
     clips = np.concatenate([piece.video for piece in result.pieces()])
     assert np.array_equal(clips, np.stack([frames[s : s + data.clip_frames] for s in starts]))
     assert not list(tmp_path.glob("part-*"))  # each part removed once read
+
+
+def test_clips_cut_as_frames_come_in_are_the_clips_of_the_whole(tmp_path, monkeypatch):
+    """The streaming cut (clips handed over as their last frame arrives, a few frames kept
+    for the next and for the clip aligned to the end) equals slicing the whole video at
+    clip_starts, for overlapping, fractional and gapped strides, resumed from any clip, in
+    parts of one clip or all of them. Frames stand in for a decoder: frame i is grey i."""
+    from types import SimpleNamespace
+
+    from rigtrain.data import ingest, media
+    from rigtrain.data.sources import Source
+
+    def cut(frames: int, T: int, stride: float, skip: int) -> np.ndarray:
+        video = [np.full((1, 1, 3), i % 251, np.uint8) for i in range(frames)]
+        monkeypatch.setattr(ingest, "output_frames", lambda *args: iter(video))
+        parts = ingest._Parts(tmp_path / "part", (T, 1, 1, 3), skip)
+        data = SimpleNamespace(clip_frames=T, stride_frames=stride, frame_size=(1, 1), resize="crop", fps=8.0)
+        made, starts, _ = ingest._cut_clips(Source(tmp_path / "v.mp4"), data, parts)
+        assert made == frames and starts == media.clip_starts(frames, T, stride)
+        out = [np.load(path) for path, _ in parts.written]
+        for path, _ in parts.written:
+            path.unlink()
+        return np.concatenate(out) if out else np.zeros((0, T, 1, 1, 3), np.uint8)
+
+    opened = (SimpleNamespace(release=lambda: None), media.VideoInfo(fps=25.0, frames=0, width=1, height=1))
+    monkeypatch.setattr(media, "open_video", lambda path: opened)
+    monkeypatch.setattr(media, "frame_fitter", lambda size, mode: None)
+    monkeypatch.setattr(ingest, "timed_frames", lambda cap, fps: None)
+    for frames, T, stride in itertools.product([1, 7, 8, 17, 41], [1, 8], [0.5, 2.5, 8, 8.5, 20]):
+        starts = media.clip_starts(frames, T, stride)
+        for skip, part_bytes in itertools.product({0, 1, len(starts) // 2}, (3 * T, 10**9)):
+            monkeypatch.setattr(ingest, "PART_BYTES", part_bytes)
+            whole = [np.stack([np.full((1, 1, 3), i % 251, np.uint8) for i in range(s, s + T)]) for s in starts]
+            want = np.stack(whole[skip:]) if whole[skip:] else np.zeros((0, T, 1, 1, 3), np.uint8)
+            assert np.array_equal(cut(frames, T, stride, skip), want), (frames, T, stride, skip, part_bytes)
 
 
 def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
