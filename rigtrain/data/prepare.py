@@ -160,6 +160,14 @@ def _start_or_continue(src: Path, out: Path, data: DataConfig) -> dict:
     return state
 
 
+def _say_continuing(log, out: Path, interrupted: bool, finished: list, partial, state: dict, todo: list) -> None:
+    part = f" and {partial['written']} clips of {partial['video']}" if partial else ""
+    log(
+        f"{'continuing an interrupted prepare' if interrupted else 'adding to'} {out}: "
+        f"{len(finished)} video(s){part} already in {len(state['shards'])} shard(s), {len(todo)} to do"
+    )
+
+
 def _hand_over(source: Source, result, writer: ShardWriter, added: list, skipped: list, data: DataConfig) -> None:
     """One video's result to the writer, a piece at a time, or to `skipped` with its reason."""
     if isinstance(result, str):
@@ -204,11 +212,7 @@ def prepare(
             log(f"all {len(sources)} video(s) of {src} are already prepared in {out}; nothing to do")
         return json.loads((out / "index.json").read_text())
     if log and state["sources"]:
-        part = f" and {partial['written']} clips of {partial['video']}" if partial else ""
-        log(
-            f"{'continuing an interrupted prepare' if interrupted else 'adding to'} {out}: "
-            f"{len(finished)} video(s){part} already in {len(state['shards'])} shard(s), {len(todo)} to do"
-        )
+        _say_continuing(log, out, interrupted, finished, partial, state, todo)
 
     def journal(first_unwritten: int | None, remaining: int) -> None:
         complete = added if first_unwritten is None else added[:first_unwritten]
@@ -232,6 +236,8 @@ def prepare(
         (s, data, labels, partial["written"] if partial and s.name == partial["video"] else 0, parts / f"{i:06d}")
         for i, s in enumerate(todo)
     ]
+    if log and todo:  # an hour of video decodes for minutes before its line
+        log(f"decoding {len(todo)} video(s) with {workers} worker(s); each is listed when done")
     for done, (source, result) in enumerate(zip(todo, in_order(ingest_or_reason, jobs, workers)), 1):
         _hand_over(source, result, writer, added, skipped, data)
         if progress:
