@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one line naming the file or field), 1 intern
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import json
 import sys
@@ -381,3 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rigtrain: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk is the machine's state, not a bug: one line (training has its own,
+        # which also names the checkpoint it keeps)
+        where = f" writing {err.filename}" if err.filename else ""
+        again = (
+            " (it goes on after its last complete shard)" if getattr(args, "data_command", None) == "prepare" else ""
+        )
+        print(
+            f"rigtrain: error: the disk is full{where}: free some space and run the same command again{again}",
+            file=sys.stderr,
+        )
+        return 1

@@ -697,6 +697,35 @@ def test_clips_cut_as_frames_come_in_are_the_clips_of_the_whole(tmp_path, monkey
             assert np.array_equal(cut(frames, T, stride, skip), want), (frames, T, stride, skip, part_bytes)
 
 
+def test_a_full_disk_during_prepare_is_one_line_and_it_goes_on_when_there_is_room(tmp_path, monkeypatch, capsys):
+    """The disk fills while the third shard is written: one line naming it (no traceback),
+    exit 1; with room again the same command finishes the same shards as a prepare that
+    never stopped."""
+    import errno
+
+    from rigtrain.cli import main
+
+    src = tmp_path / "world"
+    synthesize(src, videos=4, seed=3)
+    straight = tmp_path / "straight"
+    prepare(src, straight, load_config("demo", overrides=["data.shard_clips=4"]).data)
+    save = np.save
+
+    def full_disk(path, array, *args, **kwargs):
+        if ".shard-00002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", full_disk)
+    command = ["data", "prepare", str(src), str(tmp_path / "out"), "--workers", "1", "--set", "data.shard_clips=4"]
+    assert main(command) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rigtrain:")]
+    assert len(said) == 1 and "disk is full writing" in said[0] and "goes on after its last complete shard" in said[0]
+    monkeypatch.undo()
+    assert main(command) == 0
+    assert _shard_bytes(tmp_path / "out") == _shard_bytes(straight)
+
+
 def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
     from rigtrain.data.dataset import ShardDataset
 
