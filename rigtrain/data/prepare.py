@@ -85,12 +85,25 @@ class ShardWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for key in SourceClips.ARRAYS:
-            np.save(tmp / f"{key}.npy", np.concatenate([getattr(part, key) for part in taken]))
+            _save_joined(tmp / f"{key}.npy", [getattr(part, key) for part in taken])
         np.save(tmp / "segments.npy", np.array(segments, dtype=SEGMENT_DTYPE))
         os.replace(tmp, self.out_dir / name)
         self.shards.append({"dir": name, "clips": count})
         self.total += count
         self.on_shard(*self.unwritten())
+
+
+def _save_joined(path: Path, pieces: list[np.ndarray]) -> None:
+    """np.save(path, np.concatenate(pieces)), the same bytes, without joining them in memory
+    first: a shard of `base` clips is 1.2 GB, and joined it was held twice."""
+    first = pieces[0]
+    shape = (sum(len(p) for p in pieces), *first.shape[1:])
+    with open(path, "wb") as file:
+        np.lib.format.write_array_header_1_0(
+            file, {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False, "shape": shape}
+        )
+        for piece in pieces:
+            file.write(np.ascontiguousarray(piece, dtype=first.dtype).data)
 
 
 STATE_FILE = ".prepare-state.json"
