@@ -726,6 +726,44 @@ def test_a_full_disk_during_prepare_is_one_line_and_it_goes_on_when_there_is_roo
     assert _shard_bytes(tmp_path / "out") == _shard_bytes(straight)
 
 
+def test_a_shard_is_written_piece_by_piece(tmp_path):
+    """The writer puts a shard's pieces (a video's parts, several videos) into its files one
+    after the other, the bytes np.save gives the joined arrays, without joining them in
+    memory first (a shard of base clips is 1.2 GB, and it was held twice)."""
+    import tracemalloc
+
+    from rigtrain.data.ingest import SourceClips
+    from rigtrain.data.prepare import ShardWriter
+    from rigtrain.data.shards import CLIP_DTYPE
+
+    rng = np.random.default_rng(0)
+
+    def piece(n: int) -> SourceClips:
+        return SourceClips(
+            video=rng.integers(0, 255, (n, 8, 64, 64, 3), dtype=np.uint8),
+            audio=rng.integers(-99, 99, (n, 800), dtype=np.int16),
+            text=rng.integers(0, 255, (n, 16), dtype=np.uint8),
+            text_len=np.full(n, 16, np.int32),
+            clips=np.zeros(n, CLIP_DTYPE),
+            segments=[(0, 0.0, 1.0, 0, 16)],
+            labels=np.full((n, 3), -1, np.int16),
+        )
+
+    pieces = [piece(n) for n in (10, 7, 13, 2)]  # 32 clips, 3 MB of pictures
+    writer = ShardWriter(tmp_path, 32, [], lambda *unwritten: None)
+    for source, p in enumerate(pieces[:-1]):
+        writer.add(source, p, 0)
+    tracemalloc.start()
+    writer.add(3, pieces[-1], 0)  # completes the shard
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.2 * sum(p.video.nbytes for p in pieces), peak
+    joined = {key: np.concatenate([getattr(p, key) for p in pieces]) for key in SourceClips.ARRAYS}
+    for key, array in joined.items():  # (the writer has set each piece's source id)
+        np.save(tmp_path / "joined.npy", array)
+        assert (tmp_path / "shard-00000" / f"{key}.npy").read_bytes() == (tmp_path / "joined.npy").read_bytes(), key
+
+
 def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
     from rigtrain.data.dataset import ShardDataset
 
