@@ -908,6 +908,8 @@ def test_data_check_predicts_what_prepare_makes(user_folder, tmp_path):
         if skipped["file"].endswith(".mp4"):
             assert not checked[skipped["file"]]["ok"] and checked[skipped["file"]]["reason"] == skipped["reason"]
     assert report["summary"]["clips"] == index["clips"]
+    written = sum(f.stat().st_size for f in (tmp_path / "prep").glob("shard-*/*.npy"))
+    assert abs(report["summary"]["shard_bytes"] - written) < 0.02 * written + 4096 * len(index["shards"])
     assert checked["bikes.mp4"]["fps"] == 25 and (checked["bikes.mp4"]["width"], checked["bikes.mp4"]["height"]) == (
         640,
         272,

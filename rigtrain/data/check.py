@@ -197,8 +197,20 @@ def check_folder(src_dir: str | Path, data: DataConfig, progress=None) -> dict:
             "hours": round(sum(v["duration_s"] for v in usable) / 3600, 3),
             "with_audio": sum(v["audio"] is not None for v in usable),
             "with_narration": sum(v["narration"] is not None for v in usable),
+            "shard_bytes": sum(v["clips"] for v in usable) * clip_bytes(data),
         },
     }
+
+
+def clip_bytes(data) -> int:
+    """What one clip takes in shards: its frames, its sound, its text and its row of the
+    small arrays (within a few bytes)."""
+    h, w = data.frame_size
+    return data.clip_frames * h * w * 3 + data.clip_samples * 2 + data.max_text_bytes + 40
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def format_report(report: dict) -> str:
@@ -232,7 +244,8 @@ def format_report(report: dict) -> str:
     lines.append(
         f"\n{s['usable']} of {s['videos']} video(s) usable ({length}): {s['clips']} clips of "
         f"{c['seconds']:g} s at {c['fps']:g} fps, {c['frame_size'][0]}x{c['frame_size'][1]} ({c['resize']}); "
-        f"{s['with_audio']} with sound, {s['with_narration']} with narration"
+        f"{s['with_audio']} with sound, {s['with_narration']} with narration; "
+        f"about {_size(s['shard_bytes'])} of shards once prepared"
     )
     if notes:
         lines.append(f"{len(notes)} note(s):")
