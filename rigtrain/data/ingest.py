@@ -9,7 +9,7 @@ process that writes shards reads one part at a time. Sound, narration and labels
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,6 @@ class SourceClips:
     clips: np.ndarray
     segments: list[tuple[int, float, float, int, int]]  # clip is local to these clips
     labels: np.ndarray
-    info: dict = field(default_factory=dict)
 
     ARRAYS = ARRAYS
 
