@@ -212,7 +212,7 @@ def test_whisper_cpp_json(tmp_path):
         (2.32, 5.52, "It's called ViT."),
     ]
     path.write_text(json.dumps({"transcription": [{"timestamps": {"from": "00:00:00,000"}, "text": "no offsets"}]}))
-    with pytest.raises(MediaError, match=r"transcription\[0\] lacks offsets"):
+    with pytest.raises(MediaError, match=r"transcription 0 lacks offsets"):
         read_narration(path)
 
 

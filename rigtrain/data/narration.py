@@ -58,28 +58,28 @@ def read_whisper_json(path: Path) -> list[Segment]:
             "not narration: expected Whisper's segments (a list of {start, end, text}, or an object with "
             "'segments') or whisper.cpp's 'transcription'"
         )
-    segments = []
-    for i, item in enumerate(items):
-        try:
-            start, end, text = float(item["start"]), float(item["end"]), str(item["text"])
-        except (KeyError, TypeError, ValueError):
-            raise MediaError(f"not narration: segment {i} lacks a numeric start/end or a text") from None
-        if end < start:
-            raise MediaError(f"segment {i} ends ({end}) before it starts ({start})")
-        segments.append(Segment(start, end, text.strip()))
-    return segments
+    return _segments(
+        items, "segment", "a numeric start and end", lambda item: (float(item["start"]), float(item["end"]))
+    )
 
 
 def _whisper_cpp_segments(items: list) -> list[Segment]:
+    def times(item) -> tuple[float, float]:
+        return float(item["offsets"]["from"]) / 1000, float(item["offsets"]["to"]) / 1000  # milliseconds
+
+    return _segments(items, "transcription", "offsets {from, to}", times)
+
+
+def _segments(items: list, kind: str, timed_by: str, times) -> list[Segment]:
+    """Whisper's entries of either form -> segments; `times` reads an entry's (start, end)."""
     segments = []
     for i, item in enumerate(items):
         try:
-            offsets, text = item["offsets"], str(item["text"])
-            start, end = float(offsets["from"]) / 1000, float(offsets["to"]) / 1000
+            (start, end), text = times(item), str(item["text"])
         except (KeyError, TypeError, ValueError):
-            raise MediaError(f"not narration: transcription[{i}] lacks offsets {{from, to}} or a text") from None
+            raise MediaError(f"not narration: {kind} {i} lacks {timed_by} or a text") from None
         if end < start:
-            raise MediaError(f"transcription[{i}] ends ({end} s) before it starts ({start} s)")
+            raise MediaError(f"{kind} {i} ends ({end} s) before it starts ({start} s)")
         segments.append(Segment(start, end, text.strip()))
     return segments
 
