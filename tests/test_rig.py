@@ -246,6 +246,28 @@ def test_a_micro_batch_stopped_at_a_useful_size_does_not_claim_the_next_would_no
     assert f"{small_card.micro_batch_size + 1} would not fit" in small_card.reasons["micro_batch_size"]
 
 
+def test_a_card_with_less_free_than_the_room_beside_the_allocator_says_so_and_is_not_capped_below_zero():
+    """Another process holds most of GPU 1 (1.5 GiB free of 24; 2.3 GiB are kept for the
+    CUDA context and NCCL's 0.6): nothing is left to train in. The plan says which card and
+    what to do, and keeps no negative cap (torch's allocator refuses a negative fraction)."""
+    from rigtrain.rig.report import format_report
+
+    rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    rig["gpus"][1]["memory_free_gib"] = 1.5
+    plan = plan_run(load_config("demo"), rig_from_dict(rig), user_keys=set())
+    assert plan.usable_gib == 0 and plan.memory["allocator_cap_gib"] == 0
+    [warning] = [w for w in plan.warnings if w.code == "does_not_fit"]
+    assert warning.gpu == 1 and warning.message.startswith("GPU 1 (NVIDIA GeForce RTX 3090) has 1.5 GiB free")
+    assert "2.3 for the CUDA context" in warning.message and "0.6 for NCCL" in warning.message
+    assert "free the card" in warning.message and "CUDA_VISIBLE_DEVICES= rigtrain train" in warning.message
+    assert "allocator is left uncapped" in format_report(rig_from_dict(rig), plan)
+    # with room on the card, the other advice: a smaller model
+    rig["gpus"][1]["memory_free_gib"] = 3.3  # 0.4 GiB for the allocator: base needs more
+    plan = plan_run(load_config("base"), rig_from_dict(rig), user_keys=set())
+    [warning] = [w for w in plan.warnings if w.code == "does_not_fit"]
+    assert plan.memory["allocator_cap_gib"] > 0 and "choose a smaller preset or model" in warning.message
+
+
 def test_more_memory_never_gives_a_smaller_micro_batch():
     """On the real `small` model (measured steps), from a card where little fits to one
     where the whole batch does, through the memory sizes where checkpointing switches on

@@ -148,8 +148,9 @@ OUTSIDE_NAMES = {
 def usable_gib(gpu: Gpu, outside: dict) -> tuple[float, float, str]:
     """(what the allocator's peak may reach, the allocator's cap, why): the free memory less
     the room outside the allocator is the allocator's cap; the peak may take all of it but
-    the fragmentation share."""
-    cap = gpu.free_gib - sum(outside.values())
+    the fragmentation share. A card with less free than that room leaves nothing (0, not a
+    negative cap that torch's allocator would refuse: the plan then says nothing fits)."""
+    cap = max(0.0, gpu.free_gib - sum(outside.values()))
     usable = cap / (1 + FRAGMENTATION)
     named = ", ".join(f"{v:.2f} for {OUTSIDE_NAMES.get(k, k)}" for k, v in outside.items() if v)
     return (

@@ -16,6 +16,7 @@ import math
 from rigtrain.rig.budget import (
     FRAGMENTATION,
     GIB,
+    OUTSIDE_NAMES,
     CardBudget,
     MicroBatchSearch,
     Setting,
@@ -61,13 +62,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         micro_batch = fixed.get("train.micro_batch_size") or 1
         setting = min(candidates, key=lambda s: cards.search.peak(micro_batch, s[1]) - cards.step_budget(s))
         warnings.append(
-            RigWarning(
-                "does_not_fit",
-                None,
-                f"even micro-batch {micro_batch} with ZeRO-{setting[0]}, "
-                "checkpointing and offload is predicted to need more than the "
-                f"{cards.usable:.1f} GiB usable; choose a smaller preset or model",
-            )
+            _does_not_fit(cards, chosen[[rig.gpus[g] for g in chosen].index(cards.smallest)], micro_batch, setting)
         )
     setting = _eight_bit_when_states_dominate(cards, setting, fits, fixed, reasons)
     largest_fitting = micro_batch
@@ -114,6 +109,28 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         from_user=sorted(fixed),
         warnings=warnings,
         memory={k: round(v, 3) for k, v in memory.items()},
+    )
+
+
+def _does_not_fit(cards: CardBudget, fullest: int, micro_batch: int, setting: Setting) -> RigWarning:
+    """What the user can do when no setting fits: a smaller model, or where the room kept
+    beside torch's allocator already takes the card's free memory (another process holds
+    the card, or it is a 2-4 GB card), another card or the CPU."""
+    if cards.allocator_cap > 0:
+        return RigWarning(
+            "does_not_fit",
+            None,
+            f"even micro-batch {micro_batch} with ZeRO-{setting[0]}, checkpointing and offload is predicted "
+            f"to need more than the {cards.usable:.1f} GiB usable; choose a smaller preset or model",
+        )
+    named = ", ".join(f"{v:.1f} for {OUTSIDE_NAMES.get(k, k)}" for k, v in cards.outside.items() if v)
+    return RigWarning(
+        "does_not_fit",
+        fullest,
+        f"GPU {fullest} ({cards.smallest.name}) has {cards.smallest.free_gib:.1f} GiB free, no more than the "
+        f"room kept beside torch's allocator ({named}): nothing is left to train in; free the card "
+        "(nvidia-smi lists what holds it), pick other GPUs with --set rig.gpus=N, or train on the CPU "
+        "(`CUDA_VISIBLE_DEVICES= rigtrain train ...`)",
     )
 
 

@@ -152,9 +152,11 @@ def format_memory(plan: Plan) -> list[str]:
         if m.get(key):
             lines.append(f"    + {m[key]:8.2f}  {what}")
     if "card_total_gib" in m:
+        cap = m["allocator_cap_gib"]
+        # no room left: the trainer leaves torch's allocator as it is (train/engine.py)
+        capped = f"capped at {cap:.2f}" if cap > 0 else "left uncapped (the card has no room for it)"
         lines.append(
-            f"    = {m['card_total_gib']:8.2f}  on the card (what nvidia-smi would show); torch's allocator is "
-            f"capped at {m['allocator_cap_gib']:.2f}"
+            f"    = {m['card_total_gib']:8.2f}  on the card (what nvidia-smi would show); torch's allocator is {capped}"
         )
     return lines
 

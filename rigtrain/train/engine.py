@@ -146,7 +146,7 @@ def init_distributed(plan: dict, local_rank: int) -> torch.device:
         # plans (55% of the step's host time), and SDPA otherwise prefers it on Hopper.
         torch.backends.cuda.enable_cudnn_sdp(False)
         cap = (plan.get("memory") or {}).get("allocator_cap_gib")
-        if cap:
+        if cap and cap > 0:  # 0: the plan found no room on the card (and said so); torch's default then
             # torch's allocator may take what the plan gave the step, and no more: the
             # rest of the card is left to the CUDA context, NCCL and cuDNN, which
             # allocate outside it. Past the cap, torch raises an out-of-memory error the
