@@ -2,7 +2,7 @@
 temporal breakdown of the same torch.profiler traces (HTA, Meta's trace analyser, which
 PyTorch's tutorials point to). The target: within a few points on real GPU traces.
 
-    pip install --no-deps HolisticTraceAnalysis && pip install pandas plotly networkx pydot
+    pip install --no-deps HolisticTraceAnalysis && pip install pandas plotly networkx pydot tabulate
     python bench/trace_vs_hta.py TRACE_OR_FOLDER... [--json OUT.json]
 
 (HTA's own requirements add jupyterlab, which the comparison does not need.) A GPU kit's
@@ -25,7 +25,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tabulate import tabulate
+try:
+    from tabulate import tabulate  # the table; like HTA, not a dependency of rigtrain
+except ImportError:
+    sys.exit(
+        "bench/trace_vs_hta.py needs tabulate and HTA: "
+        "pip install --no-deps HolisticTraceAnalysis && pip install pandas plotly networkx pydot tabulate"
+    )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rigtrain.errors import UserError  # noqa: E402
@@ -39,7 +45,7 @@ def hta_temporal_breakdown(trace: Path) -> dict:
     except ImportError:
         sys.exit(
             "bench/trace_vs_hta.py needs HTA: "
-            "pip install --no-deps HolisticTraceAnalysis && pip install pandas plotly networkx pydot"
+            "pip install --no-deps HolisticTraceAnalysis && pip install pandas plotly networkx pydot tabulate"
         )
     with tempfile.TemporaryDirectory() as folder:
         shutil.copy(trace, Path(folder) / trace.name)
