@@ -31,7 +31,6 @@ TINY_MODEL = ["model.d_model=32", "model.heads=2", "model.num_latents=8", "model
 
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 USERS_THREADS = os.environ.get("OMP_NUM_THREADS")
-DEMO_GROUP = "demo-run"
 
 
 # Test modules whose tests share something expensive: the demo run (test_demo_eval.py) or a

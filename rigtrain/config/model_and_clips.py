@@ -204,9 +204,6 @@ class DataConfig:
     def present_samples(self) -> int:
         return round(self.present_frames / self.fps * self.sample_rate)
 
-    def window_start_samples(self, window: int) -> int:
-        return round(window * self.window_step / self.fps * self.sample_rate)
-
     @property
     def stride_seconds(self) -> float:
         return self.clip_stride_s or self.clip_seconds

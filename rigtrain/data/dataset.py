@@ -158,10 +158,6 @@ class ShardDataset(Dataset):
         names = [s["video"] for s in self.index["sources"]]
         return [names[int(i)] for a in self._open() for i in a["clips"]["source"]]
 
-    def locate(self, i: int) -> tuple[int, int]:
-        shard = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return shard, i - int(self.offsets[shard])
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {key: value[0] for key, value in self.batch([i]).items()}
 

@@ -66,9 +66,6 @@ def _why_not_a_video(path: Path) -> str:
     return "cannot be opened as a video (an unsupported codec, or corrupt)"
 
 
-RESIZE_MODES = ("crop", "pad")
-
-
 def fit_frame(frame: np.ndarray, height: int, width: int, mode: str = "crop") -> np.ndarray:
     """Resize to (height, width) keeping the aspect ratio: "crop" cuts the centre to the
     target aspect first; "pad" letterboxes the whole frame in black. INTER_AREA is the

@@ -147,10 +147,6 @@ def _communication(way: Way, grad_bytes: int, link_bytes_s: float) -> float:
     return seconds
 
 
-def clips_per_second(facts: SpeedFacts, way: Way) -> float:
-    return way.micro_batch * way.accum * way.world / step_seconds(facts, way)["total"]
-
-
 def accumulation_ladder(share: int, rungs: int = 4) -> list[tuple[int, int]]:
     """(micro-batch, accumulation) pairs that keep a rank's clips per step at `share`,
     halving the micro-batch each rung (spread evenly: 2 x 24, not 32 + 16)."""
