@@ -348,3 +348,28 @@ def test_host_bound_advice_stays_within_the_experiment():
         for s in split["suggestions"]
     )
     assert not any("train.compile" in s for s in split["suggestions"])
+
+
+def test_the_loader_timeline_goes_into_the_trace_then_stops_recording(tmp_path):
+    """The loader thread's batches inside the recorded steps become rows of the saved
+    trace; once it is saved the timeline keeps nothing more (a long run profiled at its
+    start would otherwise hold a record of every batch it ever read)."""
+    import torch
+
+    from rigtrain.config.schema import ProfileConfig
+    from rigtrain.profile.recorder import LoaderTimeline, StepProfiler
+
+    timeline = LoaderTimeline("read")
+    config = ProfileConfig(enabled=True, start_step=1, wait=0, warmup=1, active=2)
+    profiler = StepProfiler(config, tmp_path / "profile", rank=0, cuda=False, timeline=timeline)
+    for _ in range(6):
+        start = time.time_ns()
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        timeline.record(start, time.time_ns(), 4)
+        profiler.step()
+    profiler.stop()
+    rows = [e for e in profiler.trace_events if e.get("name") == "rigtrain/loader_read"]
+    assert 1 <= len(rows) <= 3 and profiler.trace_path.is_file()  # the recorded steps' batches, not all six
+    assert timeline.between(0, time.time_ns() + 10**9) == []
+    timeline.record(time.time_ns(), time.time_ns() + 1, 4)
+    assert timeline.between(0, time.time_ns() + 10**9) == []

@@ -19,29 +19,31 @@ import torch
 
 from rigtrain.config.schema import ProfileConfig
 
-SPANS = ("data_wait", "forward", "backward", "optimizer")
-
 
 class LoaderTimeline:
     """Each batch a loader thread read or decoded: (thread, start_ns, end_ns, clips), in
-    wall-clock nanoseconds (the clock Kineto's trace timestamps are based on)."""
+    wall-clock nanoseconds (the clock Kineto's trace timestamps are based on). Closed once
+    the profile's trace is saved: a long run with a profile at its start keeps no record of
+    every batch after it."""
 
     def __init__(self, kind: str):
         self.kind = kind  # "read" (shards) or "decode" (raw videos)
         self._events: list[tuple[str, int, int, int]] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def record(self, start_ns: int, end_ns: int, clips: int) -> None:
         with self._lock:
-            self._events.append((threading.current_thread().name, start_ns, end_ns, clips))
+            if not self._closed:
+                self._events.append((threading.current_thread().name, start_ns, end_ns, clips))
 
     def between(self, start_ns: int, end_ns: int) -> list[tuple[str, int, int, int]]:
         with self._lock:
             return [e for e in self._events if e[2] >= start_ns and e[1] <= end_ns]
 
-    def clear_before(self, ns: int) -> None:
+    def close(self) -> None:
         with self._lock:
-            self._events = [e for e in self._events if e[2] >= ns]
+            self._closed, self._events = True, []
 
 
 def timed(function, timeline: LoaderTimeline):
@@ -97,6 +99,7 @@ class StepProfiler:
         if written:
             self.trace_path = written[-1]
             self.trace_events = add_loader_rows(self.trace_path, self.timeline)
+        self.timeline.close()  # the schedule records once (repeat=1): nothing will read it again
 
 
 def add_loader_rows(path: Path, timeline: LoaderTimeline) -> list[dict]:
