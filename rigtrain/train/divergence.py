@@ -5,6 +5,13 @@ cost"). A mixin of the Trainer."""
 from __future__ import annotations
 
 import math
+from collections import deque
+
+
+def recent_losses() -> deque[float]:
+    """The last 10 logged losses, whose median the explosion rule compares with (a long
+    run keeps ten, not every one)."""
+    return deque(maxlen=10)
 
 
 class DivergenceRules:
@@ -27,7 +34,7 @@ class DivergenceRules:
         if self.skipped_seen:
             metrics["skipped_steps"] = self.skipped_seen
         loss = metrics.get("loss", 0.0)
-        recent = sorted(self.recent_losses[-10:])
+        recent = sorted(self.recent_losses)
         median = recent[len(recent) // 2] if recent else None
         why = None
         if in_a_row >= t.max_nonfinite_steps:

@@ -32,7 +32,7 @@ from rigtrain.model import build_model, count_parameters
 from rigtrain.profile.recorder import LoaderTimeline, span
 from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
 from rigtrain.train import checkpoints
-from rigtrain.train.divergence import DivergenceRules
+from rigtrain.train.divergence import DivergenceRules, recent_losses
 from rigtrain.train.engine import (
     apply_optimizer_config,
     build_optimizer,
@@ -91,7 +91,7 @@ class Trainer(
         self.nonfinite_reported = 0
         self.skipped_seen, self.skipped_in_a_row = 0, 0  # optimizer steps DeepSpeed skipped
         self.first_step = self.step
-        self.recent_losses: list[float] = []  # logged losses, for the explosion rule
+        self.recent_losses = recent_losses()  # the explosion rule's
         self.diverged: str | None = None  # why the run must stop, once its metrics are written
         self._restart_step_clock()
         self.flops_per_clip, self.peak_tflops = self._flops_and_peak()
