@@ -25,13 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+INSTALL = "pip install --no-deps HolisticTraceAnalysis && pip install pandas plotly networkx pydot tabulate"
 try:
     from tabulate import tabulate  # the table; like HTA, not a dependency of rigtrain
 except ImportError:
-    sys.exit(
-        "bench/trace_vs_hta.py needs tabulate and HTA: "
-        "pip install --no-deps HolisticTraceAnalysis && pip install pandas plotly networkx pydot tabulate"
-    )
+    sys.exit(f"bench/trace_vs_hta.py needs tabulate and HTA: {INSTALL}")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rigtrain.errors import UserError  # noqa: E402
@@ -43,10 +41,7 @@ def hta_temporal_breakdown(trace: Path) -> dict:
     try:
         from hta.trace_analysis import TraceAnalysis  # optional: only this comparison uses HTA
     except ImportError:
-        sys.exit(
-            "bench/trace_vs_hta.py needs HTA: "
-            "pip install --no-deps HolisticTraceAnalysis && pip install pandas plotly networkx pydot tabulate"
-        )
+        sys.exit(f"bench/trace_vs_hta.py needs HTA: {INSTALL}")
     with tempfile.TemporaryDirectory() as folder:
         shutil.copy(trace, Path(folder) / trace.name)
         # every recorded step, as rigtrain reads them (HTA leaves the last one out by default)

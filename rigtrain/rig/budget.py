@@ -145,6 +145,11 @@ OUTSIDE_NAMES = {
 }
 
 
+def named_outside(outside: dict, digits: int = 2) -> str:
+    """The room outside the allocator, term by term: "2.30 for the CUDA context and libraries, ..."."""
+    return ", ".join(f"{v:.{digits}f} for {OUTSIDE_NAMES.get(k, k)}" for k, v in outside.items() if v)
+
+
 def usable_gib(gpu: Gpu, outside: dict) -> tuple[float, float, str]:
     """(what the allocator's peak may reach, the allocator's cap, why): the free memory less
     the room outside the allocator is the allocator's cap; the peak may take all of it but
@@ -152,7 +157,7 @@ def usable_gib(gpu: Gpu, outside: dict) -> tuple[float, float, str]:
     negative cap that torch's allocator would refuse: the plan then says nothing fits)."""
     cap = max(0.0, gpu.free_gib - sum(outside.values()))
     usable = cap / (1 + FRAGMENTATION)
-    named = ", ".join(f"{v:.2f} for {OUTSIDE_NAMES.get(k, k)}" for k, v in outside.items() if v)
+    named = named_outside(outside)
     return (
         usable,
         cap,

@@ -16,11 +16,11 @@ import math
 from rigtrain.rig.budget import (
     FRAGMENTATION,
     GIB,
-    OUTSIDE_NAMES,
     CardBudget,
     MicroBatchSearch,
     Setting,
     StepPeak,
+    named_outside,
     optimizer_state_bytes,
     outside_allocator_gib,
     usable_gib,
@@ -62,7 +62,8 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         micro_batch = fixed.get("train.micro_batch_size") or 1
         setting = min(candidates, key=lambda s: cards.search.peak(micro_batch, s[1]) - cards.step_budget(s))
         warnings.append(
-            _does_not_fit(cards, chosen[[rig.gpus[g] for g in chosen].index(cards.smallest)], micro_batch, setting)
+            # the card the plan is made for: the one with least free memory (as _cards picks it)
+            _does_not_fit(cards, min(chosen, key=lambda g: rig.gpus[g].free_gib), micro_batch, setting)
         )
     setting = _eight_bit_when_states_dominate(cards, setting, fits, fixed, reasons)
     largest_fitting = micro_batch
@@ -123,13 +124,12 @@ def _does_not_fit(cards: CardBudget, fullest: int, micro_batch: int, setting: Se
             f"even micro-batch {micro_batch} with ZeRO-{setting[0]}, checkpointing and offload is predicted "
             f"to need more than the {cards.usable:.1f} GiB usable; choose a smaller preset or model",
         )
-    named = ", ".join(f"{v:.1f} for {OUTSIDE_NAMES.get(k, k)}" for k, v in cards.outside.items() if v)
     return RigWarning(
         "does_not_fit",
         fullest,
         f"GPU {fullest} ({cards.smallest.name}) has {cards.smallest.free_gib:.1f} GiB free, no more than the "
-        f"room kept beside torch's allocator ({named}): nothing is left to train in; free the card "
-        "(nvidia-smi lists what holds it), pick other GPUs with --set rig.gpus=N, or train on the CPU "
+        f"room kept beside torch's allocator ({named_outside(cards.outside, 1)}): nothing is left to train in; "
+        "free the card (nvidia-smi lists what holds it), pick other GPUs with --set rig.gpus=N, or train on the CPU "
         "(`CUDA_VISIBLE_DEVICES= rigtrain train ...`)",
     )
 
