@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rigtrain.cli_args import Parser, add_set_option, nonempty
 from rigtrain.errors import UserError
+from rigtrain.terminal import counter
 
 
 def add_data_commands(commands) -> None:
@@ -72,9 +73,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         raise UserError("--videos must be at least 1")
     require_empty_dir(out, "data synth")
 
-    def progress(done: int, total: int) -> None:
-        print(f"\r[rigtrain] wrote {done}/{total} videos", end="" if done < total else "\n", flush=True)
-
+    progress = counter(lambda done, total: f"[rigtrain] wrote {done}/{total} videos")
     synthesize(out, videos=args.videos, seed=args.seed, progress=progress)
     print(f"Shapes world: {args.videos} videos with sound, narration and labels.json in {out}")
     return 0

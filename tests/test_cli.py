@@ -98,6 +98,7 @@ def test_data_synth_and_prepare_commands(tmp_path):
     result = run_cli("data", "synth", str(tmp_path / "world"), "--videos", "2", "--seed", "5")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "world" / "shapes_0001.mp4").is_file()
+    assert "\r" not in result.stdout and "wrote 2/2 videos\n" in result.stdout  # a log gets whole lines
     assert_user_error(run_cli("data", "synth", str(tmp_path / "world")), "not an empty folder")
     result = run_cli("data", "prepare", str(tmp_path / "world"), str(tmp_path / "prep"), "--workers", "1")
     assert result.returncode == 0, result.stderr
@@ -135,3 +136,26 @@ def test_help_config_lists_documented_keys():
     assert result.returncode == 0
     for key in ("train.nproc", "train.ckpt_every", "train.keep_ckpts", "train.log_every", "data.workers", "rig.gpus"):
         assert key in result.stdout
+
+
+def test_counter_rewrites_in_place_on_a_terminal_and_prints_tenths_into_a_log():
+    import io
+
+    from rigtrain.terminal import counter
+
+    logged = io.StringIO()
+    show = counter(lambda done, total: f"{done}/{total}", logged)
+    for done in range(1, 1001):
+        show(done, 1000)
+    lines = logged.getvalue().splitlines()
+    assert lines == ["1/1000"] + [f"{k * 100}/1000" for k in range(1, 11)]  # the start, each tenth
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    show = counter(lambda done, total: f"{done}/{total}", screen)
+    for done in range(1, 4):
+        show(done, 3)
+    assert screen.getvalue() == "\r1/3\r2/3\r3/3\n"

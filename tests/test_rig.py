@@ -75,6 +75,7 @@ def test_two_3090s_one_on_x4_with_an_850w_psu():
     assert narrow.gpu == 1 and "x4" in narrow.message
     psu = next(w for w in plan.warnings if w.code == "psu_headroom")
     assert "850 W PSU" in psu.message and "-pl 195" in psu.message  # (850 - 105 - 75) / (2 x 1.7) rounded to 5 W
+    assert "56% of the default 350 W" in psu.message and "a 3090 kept" in psu.message
     assert plan.env["NCCL_P2P_DISABLE"] == "1"
     assert plan.zero_stage == 1 and "same communication" in plan.reasons["zero_stage"]
 
@@ -330,6 +331,8 @@ def test_hardware_warnings_judge_link_generation_only_under_load():
 def test_psu_watts_from_the_command_line():
     plan = plan_for("a100_80gb.json", psu_w=400)
     assert "psu_headroom" in codes(plan)
+    psu = next(w for w in plan.warnings if w.code == "psu_headroom")
+    assert "3090" not in psu.message and "before and after" in psu.message  # one card's figure is not another's
     assert "psu_headroom" not in codes(plan_for("a100_80gb.json", psu_w=2000))
 
 

@@ -25,6 +25,7 @@ from rigtrain.evaluate.evaluation import spread
 from rigtrain.evaluate.pictures import geometry_of, picture_clips, prediction_pictures, save_pictures
 from rigtrain.files import write_json
 from rigtrain.model import build_model
+from rigtrain.terminal import counter
 from rigtrain.train import checkpoints
 
 
@@ -103,11 +104,10 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
     bank_clips, heldout_clips = spread(split.train, config.eval.max_clips), spread(split.heldout, config.eval.max_clips)
     total = len(bank_clips) + len(heldout_clips)
 
-    def progress(offset: int):
-        def show(done: int, _: int) -> None:
-            print(f"\r[rigtrain] eval: embedded {offset + done}/{total} clips", end="", file=sys.stderr, flush=True)
+    embedded = counter(lambda done, _: f"[rigtrain] eval: embedded {done}/{total} clips", sys.stderr)
 
-        return show
+    def progress(offset: int):
+        return lambda done, _: embedded(offset + done, total)
 
     embed = lambda batch: model(batch, task="embed")  # noqa: E731
     size = max(config.train.micro_batch_size, 16)
@@ -115,7 +115,6 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
     held = extract_features(
         embed, dataset, heldout_clips, batch_size=size, device=device, progress=progress(len(bank_clips))
     )
-    print(file=sys.stderr)
     labels = dataset.index.get("labels") if isinstance(dataset, ShardDataset) else None
     result = evaluate(bank, held, labels, config.eval)
     record = {
