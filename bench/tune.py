@@ -16,6 +16,7 @@ Prints a table and writes OUT/bench-tune.json. DeepSpeed's autotuner needs `tabu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -153,6 +154,10 @@ def main() -> None:
     parser.add_argument("--deepspeed-autotuner", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.deepspeed_autotuner and importlib.util.find_spec("tabulate") is None:
+        # DeepSpeed's autotuner imports it for its summary; found missing only after the
+        # rest of the bench had run, it would fail at the end with a traceback in its log
+        sys.exit("bench/tune.py --deepspeed-autotuner needs tabulate for DeepSpeed's autotuner: pip install tabulate")
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-tune-"))
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "budget_s": args.budget_s}
