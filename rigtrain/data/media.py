@@ -16,8 +16,11 @@ from rigtrain.data.timestamps import SAME_INSTANT_S, SeekedTooFar, frames_at_out
 # (AV_LOG_QUIET) unless the user chose a level.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
-# .mts/.m2ts: camcorders (AVCHD); .ts: TV and screen recordings; .m4v, .3gp: Apple and phones.
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".3gp", ".ts", ".mts", ".m2ts", ".flv", ".wmv")
+# .mts/.m2ts: camcorders (AVCHD); .ts: TV and screen recordings; .m4v, .3gp: Apple and
+# phones; .mpg/.mpeg: MPEG program streams (DVD rips, digitised tapes, older camcorders).
+VIDEO_SUFFIXES = (
+    ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".3gp", ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".mpg", ".mpeg",
+)  # fmt: skip
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 

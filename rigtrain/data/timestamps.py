@@ -14,18 +14,27 @@ def timed_frames(cap, average_fps: float):
     timestamp from the first frame (OpenCV's POS_MSEC): phones record at a variable frame
     rate, and a frame's index over the average rate drifts from its time by up to seconds
     (the sound, read by time, would drift from the picture). Where a container gives no
-    timestamp or one that does not advance, the frame comes one average period later."""
+    timestamp or repeats the one before, the frame comes one average period after the last;
+    the next stamp that advances is believed again (never earlier than the last frame), so
+    one repeated stamp does not push every frame after it a period late. That keeps a
+    frame's time a function of its own stamp and the one before, the same in a whole read
+    and after a seek: FFmpeg's MPEG program streams with B-frames stamp some frames one
+    period ahead and then repeat one."""
     import cv2  # OpenCV: only where frames are decoded or written
 
-    last = None
+    last = last_stamp = None
     while True:
         ok, frame = cap.read()
         if not ok:
             return
-        t = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-        if last is not None and not t > last + SAME_INSTANT_S:
+        stamp = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        if last is None:
+            t = stamp
+        elif stamp > last_stamp + SAME_INSTANT_S:
+            t = max(stamp, last)
+        else:
             t = last + 1.0 / average_fps
-        last = t
+        last, last_stamp = t, stamp
         yield t, frame
 
 
