@@ -4,6 +4,7 @@ overrides, in that order. Unknown keys and wrong types are errors that name the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import typing
@@ -202,12 +203,22 @@ def user_keys(config_file: str | None, overrides: list[str] | None) -> set[str]:
 def _check_keys(raw: dict, source: str) -> None:
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section '{section}'; sections: {', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"{source}: unknown section '{section}'{_did_you_mean(section, SECTIONS)}; "
+                f"sections: {', '.join(SECTIONS)}"
+            )
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: '{section}' must be a table of keys")
         types = _field_types(SECTIONS[section])
         for key in values:
             if key not in types:
                 raise ConfigError(
-                    f"{source}: unknown key '{section}.{key}'; known keys in [{section}]: {', '.join(types)}"
+                    f"{source}: unknown key '{section}.{key}'{_did_you_mean(key, types, f'{section}.')}; "
+                    f"known keys in [{section}]: {', '.join(types)}"
                 )
+
+
+def _did_you_mean(name: str, known, prefix: str = "") -> str:
+    """A typo's likely meaning, as difflib finds it among the known names; empty when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
