@@ -341,6 +341,8 @@ def test_psu_watts_from_the_command_line():
     [
         (lambda r: r["gpus"][0].update(memory_gib=-8), "gpus[0].memory_gib"),
         (lambda r: r["gpus"][0]["pcie"].update(width=0), "gpus[0].pcie.width"),
+        (lambda r: r["gpus"][1]["pcie"].update(width=3), "gpus[1].pcie.width must be a lane count"),
+        (lambda r: r["gpus"][0]["pcie"].update(gen=9, max_gen=9), "gpus[0].pcie.gen must be a PCIe generation"),
         (lambda r: r["gpus"][0].update(colour="green"), "gpus[0].colour"),
         (lambda r: r.update(ram=64), "ram"),
         (lambda r: r["gpus"][0].update(compute_capability="8.6"), "gpus[0].compute_capability"),
@@ -356,6 +358,13 @@ def test_invalid_rig_files_name_the_field(tmp_path, change, field):
         read_rig_file(path)
     result = run_cli("rig", "--rig", str(path))
     assert result.returncode == 2 and field in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_rig_file_that_is_not_an_object_says_so(tmp_path):
+    path = tmp_path / "rig.json"
+    path.write_text("[1, 2]")
+    result = run_cli("rig", "--rig", str(path))
+    assert result.returncode == 2 and "rig.json: the top level must be an object with gpus" in result.stderr
 
 
 def test_null_in_a_rig_file_is_unknown_as_a_field_left_out(tmp_path):
@@ -627,6 +636,16 @@ def test_probe_reads_nvml(monkeypatch):
     # and the probe's rig is a valid rig file
     again = rig_from_dict(json.loads(json.dumps(rig.to_dict())))
     assert again.gpus[1].pcie.width == 4 and again.gpus[1].uuid == second.uuid
+
+    # a virtual GPU's link that no slot has (a sentinel width, generation 0) is left unknown,
+    # so the probe's rig file still reads back
+    nvml = fake_nvml()
+    nvml.nvmlDeviceGetCurrPcieLinkWidth = lambda h: 0xFFFFFFFF if h[1] == 1 else 16
+    nvml.nvmlDeviceGetMaxPcieLinkGeneration = lambda h: 0
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    odd = probe(["."])
+    assert odd.gpus[1].pcie is None and odd.gpus[0].pcie.width == 16 and odd.gpus[0].pcie.max_gen is None
+    assert rig_from_dict(json.loads(json.dumps(odd.to_dict()))).gpus[1].pcie is None
 
 
 def test_train_with_a_rig_file_of_another_machine_is_refused(tmp_path):

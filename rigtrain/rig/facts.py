@@ -17,6 +17,11 @@ class RigFileError(UserError):
     pass
 
 
+# What a PCIe link can train to (the spec's link widths; generations to 7.0, 2025)
+PCIE_GENERATIONS = (1, 2, 3, 4, 5, 6, 7)
+PCIE_WIDTHS = (1, 2, 4, 8, 12, 16, 32)
+
+
 @dataclass(frozen=True)
 class Pcie:
     gen: int
@@ -119,7 +124,7 @@ class Rig:
 
 
 def _fail(where: str, field_name: str, what: str) -> RigFileError:
-    return RigFileError(f"{where}: {field_name} {what}")
+    return RigFileError(f"{where}: {field_name or 'the top level'} {what}")
 
 
 def _number(
@@ -162,6 +167,16 @@ def _pcie(where: str, name: str, value) -> Pcie:
     for key in ("rx_mb_s", "tx_mb_s"):
         if key in value:
             out[key] = _number(where, f"{name}.{key}", value[key], minimum=0)
+    for key in ("gen", "max_gen"):
+        if key in out and out[key] not in PCIE_GENERATIONS:
+            raise _fail(
+                where, f"{name}.{key}", f"must be a PCIe generation, 1 to {PCIE_GENERATIONS[-1]}, not {out[key]}"
+            )
+    for key in ("width", "max_width"):
+        if key in out and out[key] not in PCIE_WIDTHS:
+            raise _fail(
+                where, f"{name}.{key}", f"must be a lane count ({', '.join(map(str, PCIE_WIDTHS))}), not {out[key]}"
+            )
     pcie = Pcie(**out)
     if pcie.max_width is not None and pcie.width > pcie.max_width:
         raise _fail(where, f"{name}.width", f"({pcie.width}) is more than max_width ({pcie.max_width})")

@@ -14,7 +14,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from rigtrain.rig.facts import Cpu, Disk, Gpu, Pcie, Power, Rig
+from rigtrain.rig.facts import PCIE_GENERATIONS, PCIE_WIDTHS, Cpu, Disk, Gpu, Pcie, Power, Rig
 
 # NVML clock-event reasons that mean lost throughput (idle and application clocks do not)
 THROTTLE_REASONS = {
@@ -48,14 +48,20 @@ def probe_gpu(nvml, handle, index: int, handles: list) -> Gpu:
         _ask(nvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
         _ask(nvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
     )
+    # a virtual or passed-through GPU can report a link no slot has (0, or a sentinel):
+    # left unknown, so the probe never writes a rig file it cannot read back
+    known = lambda value, allowed: value if value in allowed else None  # noqa: E731
+    gen, width = known(gen, PCIE_GENERATIONS), known(width, PCIE_WIDTHS)
     if gen and width:
         rx = _ask(nvml.nvmlDeviceGetPcieThroughput, handle, nvml.NVML_PCIE_UTIL_RX_BYTES)
         tx = _ask(nvml.nvmlDeviceGetPcieThroughput, handle, nvml.NVML_PCIE_UTIL_TX_BYTES)
+        max_gen = known(_ask(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle), PCIE_GENERATIONS)
+        max_width = known(_ask(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle), PCIE_WIDTHS)
         pcie = Pcie(
             gen=gen,
             width=width,
-            max_gen=_ask(nvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
-            max_width=_ask(nvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
+            max_gen=max_gen if max_gen is None or max_gen >= gen else None,
+            max_width=max_width if max_width is None or max_width >= width else None,
             rx_mb_s=rx / 1000 if rx is not None else None,  # NVML reports KB/s
             tx_mb_s=tx / 1000 if tx is not None else None,
         )

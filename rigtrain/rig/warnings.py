@@ -266,5 +266,5 @@ def _cap_context(limit: float, gpus: list[tuple[int, Gpu]]) -> str:
 
 def pcie_gb_s(gen: int, width: int) -> float:
     """Usable bandwidth per direction, as NCCL models it: Gen4 x16 about 24 GB/s."""
-    per_lane = {1: 0.2, 2: 0.4, 3: 0.75, 4: 1.5, 5: 3.0, 6: 6.0}.get(gen, 1.5)
+    per_lane = {1: 0.2, 2: 0.4, 3: 0.75, 4: 1.5, 5: 3.0, 6: 6.0, 7: 12.0}.get(gen, 1.5)
     return per_lane * width
