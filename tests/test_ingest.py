@@ -1031,3 +1031,15 @@ def test_flop_count_matches_the_analytic_count_of_a_linear_stack():
     with FlopCounterMode(display=False) as counter:
         layer(x).sum().backward()
     assert counter.get_total_flops() == 3 * 2 * 8 * 64 * 32
+
+
+def test_an_unreadable_sidecar_is_named_once_and_the_video_kept(tmp_path, shared_data):
+    from rigtrain.data.check import check_folder
+
+    shutil.copy(shared_data / "videos" / "carphone_pristine.mp4", tmp_path / "carphone.mp4")
+    (tmp_path / "carphone.wav").write_bytes((shared_data / "videos" / "bikes.mp4").read_bytes()[:3000])
+    entry = check_folder(tmp_path, load_config("demo").data)["videos"][0]
+    assert entry["ok"] and not entry["audio"]
+    (note,) = [n for n in entry["notes"] if "carphone.wav" in n]
+    # libsndfile's "Error opening 'PATH': Format not recognised." without the path again
+    assert note.endswith("carphone.wav will be skipped: unreadable audio: Format not recognised"), note

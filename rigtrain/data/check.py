@@ -102,7 +102,7 @@ def _probe_sidecar_audio(path: Path) -> dict:
     try:
         info = sf.info(str(path))
     except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError
-        raise media.MediaError(f"unreadable audio: {err}") from None
+        raise sound.unreadable_audio(err) from None
     return {
         "from": path.name,
         "codec": info.subtype,

@@ -11,6 +11,15 @@ import numpy as np
 from rigtrain.data.media import MediaError, open_container
 
 
+def unreadable_audio(err: Exception) -> MediaError:
+    """libsndfile's reason in the words the rest of the line uses: soundfile writes "Error
+    opening 'PATH': Format not recognised.", and the line already names the file."""
+    reason = str(err)
+    if reason.startswith("Error opening") and "': " in reason:
+        reason = reason.split("': ", 1)[1]
+    return MediaError(f"unreadable audio: {reason.strip().rstrip('.')}")
+
+
 def _mono_resampler(rate: int, channels: int, target_rate: int):
     """A function from (S, channels) float32 blocks at `rate` to mono float32 at target_rate
     (libswresample, which keeps its state between blocks: the blocks' output joined is the
@@ -59,7 +68,7 @@ def read_audio_file(path: Path, target_rate: int) -> np.ndarray:
                 out += resample(block)
             out += resample(None)
     except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError
-        raise MediaError(f"unreadable audio: {err}") from None
+        raise unreadable_audio(err) from None
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -128,7 +137,7 @@ def read_audio_window(
                 samples = f.read(round(seconds * f.samplerate), dtype="float32", always_2d=True)
                 rate = f.samplerate
         except Exception as err:  # soundfile raises its own LibsndfileError and RuntimeError
-            raise MediaError(f"unreadable audio: {err}") from None
+            raise unreadable_audio(err) from None
         return resample_audio(samples, rate, target_rate)
     import av  # PyAV: only where a container's audio is read
 
