@@ -1,19 +1,22 @@
-"""Saving a checkpoint from a running Trainer: only finite weights and optimizer states, only
+"""A running Trainer's checkpoints. Saving: only finite weights and optimizer states, only
 when the disk has room, every rank's part on disk before the tag is marked complete, and a
-full disk as one line (docs/training.md, "Checkpoints"). A mixin of the Trainer: it uses the
-Trainer's engine, ranks, run folder and log."""
+full disk as one line (docs/training.md, "Checkpoints"). Resuming: the newest complete and
+undamaged one, chosen by rank 0 for all. A mixin of the Trainer: it uses the Trainer's
+engine, ranks, run folder and log."""
 
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from rigtrain.errors import TrainingFault
+from rigtrain.errors import TrainingFault, UserError
 from rigtrain.files import write_json
 from rigtrain.train import checkpoints
+from rigtrain.train.engine import apply_optimizer_config
 
 
 def _disk_full(err: BaseException, folder: Path) -> bool:
@@ -34,7 +37,7 @@ def _disk_full(err: BaseException, folder: Path) -> bool:
     return False
 
 
-class CheckpointSaving:
+class Checkpointing:
     def save_checkpoint(self) -> bool:
         """Save this step; False (nothing written) when the weights or optimizer states are
         no longer finite, since such a checkpoint could only be resumed into the same
@@ -122,3 +125,34 @@ class CheckpointSaving:
                 f"needed, {free:,} free; {self._last_good()}; free some space (or lower "
                 f"train.keep_ckpts) and resume with `rigtrain train --out {self.run_dir} --resume`"
             )
+
+    # -- resuming ---------------------------------------------------------------------------
+    def _resume_tag(self) -> str | None:
+        """The newest complete checkpoint whose files match their checksums, chosen by rank 0
+        (which says which damaged ones it skipped) for every rank."""
+        choice = [None]
+        if self.is_main:
+            found = checkpoints.newest_good(self.ckpt_dir, warn=lambda line: print(f"[rigtrain] {line}", flush=True))
+            if found is None and checkpoints.damaged_only(self.ckpt_dir):
+                choice = ["damaged"]
+            else:
+                choice = [found[1] if found else None]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+        if choice[0] == "damaged":
+            raise UserError(
+                f"--resume: every checkpoint in {self.ckpt_dir} is damaged (see above); restore the files "
+                "or start a new run with another --out"
+            )
+        return choice[0]
+
+    def _load_meta(self, tag: str) -> tuple[int, int]:
+        meta = json.loads((self.ckpt_dir / tag / "trainer.json").read_text())
+        return meta["step"], meta["micro_batches"]
+
+    def _load_checkpoint(self, tag: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
+        checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank)
+        apply_optimizer_config(self.config, self.scheduler)

@@ -7,7 +7,7 @@ with RANK/WORLD_SIZE in its environment. It reads everything from RUN_DIR/config
     .close()          -> flush logs, leave the process group (always called)
 
 This file holds the loop; the Trainer's other ideas live beside it as mixins: saving.py
-(checkpoints), divergence.py (the rules that stop a run that can no longer learn),
+(checkpoints: saving, and the one to resume from), divergence.py (the rules that stop a run that can no longer learn),
 evaluating.py (evaluation during training), rehearsal.py (the first steps' rehearsal and
 memory check), profiling.py (the profiled window, MFU). The engine's set-up is engine.py.
 None of them imports this file.
@@ -26,7 +26,6 @@ import torch
 from rigtrain.config import RunConfig, build_config
 from rigtrain.data.dataset import ShardDataset, make_loader, open_dataset
 from rigtrain.data.split import split_clips
-from rigtrain.errors import UserError
 from rigtrain.evaluate import flat_metrics
 from rigtrain.model import build_model, count_parameters
 from rigtrain.profile.recorder import LoaderTimeline, span
@@ -34,7 +33,6 @@ from rigtrain.profile.telemetry import TelemetrySampler, physical_gpu_index
 from rigtrain.train import checkpoints
 from rigtrain.train.divergence import DivergenceRules, recent_losses
 from rigtrain.train.engine import (
-    apply_optimizer_config,
     build_optimizer,
     deepspeed_config,
     init_distributed,
@@ -46,13 +44,13 @@ from rigtrain.train.initializing import initialize_from
 from rigtrain.train.profiling import StepProfiling
 from rigtrain.train.rehearsal import FirstStepRehearsal
 from rigtrain.train.run_log import MetricsLog
-from rigtrain.train.saving import CheckpointSaving
+from rigtrain.train.saving import Checkpointing
 from rigtrain.train.stopping import StopRequested
 from rigtrain.train.tensor_stats import TensorStatisticsLogging
 
 
 class Trainer(
-    CheckpointSaving, DivergenceRules, HeldOutEvaluation, FirstStepRehearsal, StepProfiling, TensorStatisticsLogging
+    Checkpointing, DivergenceRules, HeldOutEvaluation, FirstStepRehearsal, StepProfiling, TensorStatisticsLogging
 ):
     # A tune's trials build one Trainer after another in the same processes and group.
     owns_process_group = True
@@ -189,37 +187,6 @@ class Trainer(
         )
         if self.eval_steps:
             self.log.say(f"evaluating after steps {', '.join(map(str, sorted(self.eval_steps)))}")
-
-    # -- resuming ---------------------------------------------------------------------------
-    def _resume_tag(self) -> str | None:
-        """The newest complete checkpoint whose files match their checksums, chosen by rank 0
-        (which says which damaged ones it skipped) for every rank."""
-        choice = [None]
-        if self.is_main:
-            found = checkpoints.newest_good(self.ckpt_dir, warn=lambda line: print(f"[rigtrain] {line}", flush=True))
-            if found is None and checkpoints.damaged_only(self.ckpt_dir):
-                choice = ["damaged"]
-            else:
-                choice = [found[1] if found else None]
-        if self.world > 1:
-            torch.distributed.broadcast_object_list(choice, src=0)
-        if choice[0] == "damaged":
-            raise UserError(
-                f"--resume: every checkpoint in {self.ckpt_dir} is damaged (see above); restore the files "
-                "or start a new run with another --out"
-            )
-        return choice[0]
-
-    def _load_meta(self, tag: str) -> tuple[int, int]:
-        meta = json.loads((self.ckpt_dir / tag / "trainer.json").read_text())
-        return meta["step"], meta["micro_batches"]
-
-    def _load_checkpoint(self, tag: str) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
-        checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank)
-        apply_optimizer_config(self.config, self.scheduler)
 
     # -- the loop ---------------------------------------------------------------------------
     def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
