@@ -1076,3 +1076,55 @@ def test_modern_codecs_decode_to_the_right_frames(tmp_path, name, muxer, codec, 
     np.testing.assert_allclose(frames.reshape(32, -1).mean(axis=1), shown, atol=2.0)
     for start in (0, 9, 24):
         np.testing.assert_array_equal(read_video_clip(path, start, 8, 8.0, (32, 32)), frames[start : start + 8])
+
+
+@pytest.mark.parametrize(
+    "name, muxer, codec, layout",
+    [
+        ("camera.mov", "mov", "pcm_s16le", "stereo"),  # integer PCM: came back on demand as 23,000, not 0.7
+        ("film.mkv", "matroska", "ac3", "5.1"),  # FFmpeg's downmix added six channels to 1.7: clipped
+        ("master.mkv", "matroska", "flac", "stereo"),
+        ("phone.mp4", "mp4", "aac", "stereo"),
+    ],
+)
+def test_a_track_is_as_loud_prepared_on_demand_and_as_a_sidecar(tmp_path, name, muxer, codec, layout):
+    """Every channel carries a tone at 0.5: the mono sound is their mean, 0.5, whether the
+    track is read whole (prepare), a window on demand, or the same samples come from a WAV
+    sidecar; whatever the codec's sample format."""
+    import av
+    import soundfile as sf
+
+    from rigtrain.data.sound import read_audio_file
+
+    rate, seconds = 48000, 2.0
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+    with av.open(str(tmp_path / name), "w", format=muxer) as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+        sound = container.add_stream(codec, rate=rate, layout=layout)
+        for i in range(int(25 * seconds)):
+            picture = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+            picture.pts, picture.time_base = i, Fraction(1, 25)
+            for packet in video.encode(picture):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        fmt, n = sound.codec_context.format, sound.codec_context.frame_size or 1024
+        channels = sound.codec_context.layout.nb_channels
+        scale = {"s16": 32767, "s32": 2**31 - 1}.get(fmt.name.removesuffix("p"))
+        for k in range(0, len(tone) - n + 1, n):
+            block = np.repeat(tone[k : k + n, None], channels, axis=1)
+            block = (block * scale).astype(np.int16 if scale == 32767 else np.int32) if scale else block
+            array = block.T.copy() if fmt.is_planar else block.reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(array, format=fmt.name, layout=layout)
+            frame.sample_rate, frame.pts, frame.time_base = rate, k, Fraction(1, rate)
+            for packet in sound.encode(frame):
+                container.mux(packet)
+        for packet in sound.encode():
+            container.mux(packet)
+    whole = read_container_audio(tmp_path / name, 16000)
+    window = read_audio_window(tmp_path / name, None, 1.0, 0.5, 16000)
+    sf.write(tmp_path / "sidecar.wav", np.repeat(tone[:, None], 2, axis=1), rate, subtype="FLOAT")
+    sidecar = read_audio_file(tmp_path / "sidecar.wav", 16000)
+    for sound_read in (whole[8000:24000], window, sidecar[8000:24000]):
+        assert np.abs(sound_read).max() == pytest.approx(0.5, abs=0.03)

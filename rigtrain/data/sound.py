@@ -21,27 +21,43 @@ def unreadable_audio(err: Exception) -> MediaError:
 
 
 def _mono_resampler(rate: int, channels: int, target_rate: int):
-    """A function from (S, channels) float32 blocks at `rate` to mono float32 at target_rate
-    (libswresample, which keeps its state between blocks: the blocks' output joined is the
-    whole's), and None for the end."""
+    """A function from (S, channels) float32 blocks at `rate` to mono float32 at target_rate,
+    and None for the end. The channels are averaged here, for every source alike: FFmpeg's
+    own downmix adds them (stereo at 0.71 each, 5.1 to 1.7 times a channel's level, which
+    clips in 16-bit shards), and a video's track and a sidecar of the same sound must come
+    out equally loud. The rate is changed by libswresample, which keeps its state between
+    blocks: the blocks' output joined is the whole's."""
     import av  # PyAV: only where a container's audio is read
 
-    layout = {1: "mono", 2: "stereo"}.get(channels, "mono")  # more channels: averaged ourselves
     resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
 
     def resample(block: np.ndarray | None) -> list[np.ndarray]:
         if block is None:
             return [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
         block = np.asarray(block, dtype=np.float32)
-        if block.ndim == 1:
-            block = block[:, None]
-        if block.shape[1] > 2:
-            block = block.mean(axis=1, keepdims=True)
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block.T), format="fltp", layout=layout)
+        mono = block.mean(axis=1) if block.ndim == 2 else block
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono[None, :]), format="fltp", layout="mono")
         frame.sample_rate = rate
         return [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
 
     return resample
+
+
+# full scale of each integer sample format FFmpeg decodes to (planar or packed)
+_FULL_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2.0**31, "s64": 2.0**63}
+
+
+def frame_samples(frame) -> np.ndarray:
+    """A decoded PyAV AudioFrame as (samples, channels) float32 in [-1, 1], whatever its
+    sample format: PCM in a .mov or FLAC in a .mkv decode to integers, AAC and Opus to floats."""
+    array = frame.to_ndarray()
+    samples = array.T if frame.format.is_planar else array.reshape(-1, len(frame.layout.channels))
+    kind = frame.format.name.removesuffix("p")
+    if kind == "u8":
+        return (samples.astype(np.float32) - 128.0) / _FULL_SCALE["u8"]
+    if kind in _FULL_SCALE:
+        return (samples / _FULL_SCALE[kind]).astype(np.float32)
+    return samples.astype(np.float32)
 
 
 def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
@@ -98,20 +114,26 @@ def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
         if not container.streams.audio:
             return None
         zero_s = video_start_s(container)
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
-        chunks, offset_s = [], None
+        chunks, offset_s, resample, pending = [], None, None, []
         try:
+            # after the first frame, samples are counted, not timed: the timestamps of
+            # damaged files can jump
             for frame in container.decode(audio=0):
                 if offset_s is None and frame.pts is not None:
                     offset_s = float(frame.pts * frame.time_base) - zero_s
                     offset_s = min(offset_s, _longest_lead_s(container))
-                # after the first frame, resample by sample count: timestamps of damaged
-                # files can jump
-                frame.pts = None
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+                if resample is None:
+                    resample = _mono_resampler(frame.sample_rate, len(frame.layout.channels), target_rate)
+                    block = SIDECAR_BLOCK_S * frame.sample_rate
+                pending.append(frame_samples(frame).mean(axis=1))
+                if sum(map(len, pending)) >= block:  # resampled in blocks, not a call per frame
+                    chunks += resample(np.concatenate(pending))
+                    pending = []
         except av.error.FFmpegError as err:
             raise MediaError(f"audio track cannot be decoded: {err}") from None
-        chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+        if resample is not None:
+            chunks += resample(np.concatenate(pending)) if pending else []
+            chunks += resample(None)
     if not chunks:
         return None
     audio = np.concatenate(chunks)
@@ -163,8 +185,7 @@ def read_audio_window(
                 t = float(frame.pts * stream.time_base) - zero_s
                 first = t if first is None else first
                 rate = frame.sample_rate
-                array = frame.to_ndarray()
-                pieces.append(array.T if frame.format.is_planar else array.reshape(-1, len(frame.layout.channels)))
+                pieces.append(frame_samples(frame))
                 if t + frame.samples / rate >= start_s + seconds + margin:
                     break
         except av.error.FFmpegError as err:
