@@ -20,7 +20,7 @@ def unreadable_audio(err: Exception) -> MediaError:
     return MediaError(f"unreadable audio: {reason.strip().rstrip('.')}")
 
 
-def _mono_resampler(rate: int, channels: int, target_rate: int):
+def _mono_resampler(rate: int, target_rate: int):
     """A function from (S, channels) float32 blocks at `rate` to mono float32 at target_rate,
     and None for the end. The channels are averaged here, for every source alike: FFmpeg's
     own downmix adds them (stereo at 0.71 each, 5.1 to 1.7 times a channel's level, which
@@ -63,7 +63,7 @@ def frame_samples(frame) -> np.ndarray:
 def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """(S,) or (S, channels) float -> mono float32 at target_rate, via libswresample."""
     samples = np.asarray(samples, dtype=np.float32)
-    resample = _mono_resampler(rate, samples.shape[1] if samples.ndim == 2 else 1, target_rate)
+    resample = _mono_resampler(rate, target_rate)
     out = resample(samples) + resample(None)
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -78,7 +78,7 @@ def read_audio_file(path: Path, target_rate: int) -> np.ndarray:
 
     try:
         with sf.SoundFile(str(path)) as file:
-            resample = _mono_resampler(file.samplerate, file.channels, target_rate)
+            resample = _mono_resampler(file.samplerate, target_rate)
             out = []
             for block in file.blocks(blocksize=SIDECAR_BLOCK_S * file.samplerate, dtype="float32", always_2d=True):
                 out += resample(block)
@@ -114,21 +114,22 @@ def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
         if not container.streams.audio:
             return None
         zero_s = video_start_s(container)
-        chunks, offset_s, resample, pending = [], None, None, []
+        chunks, offset_s, resample, pending, pending_samples = [], None, None, [], 0
         try:
-            # after the first frame, samples are counted, not timed: the timestamps of
-            # damaged files can jump
+            # After the first frame, samples are counted, not timed: the timestamps of
+            # damaged files can jump.
             for frame in container.decode(audio=0):
                 if offset_s is None and frame.pts is not None:
                     offset_s = float(frame.pts * frame.time_base) - zero_s
                     offset_s = min(offset_s, _longest_lead_s(container))
                 if resample is None:
-                    resample = _mono_resampler(frame.sample_rate, len(frame.layout.channels), target_rate)
+                    resample = _mono_resampler(frame.sample_rate, target_rate)
                     block = SIDECAR_BLOCK_S * frame.sample_rate
                 pending.append(frame_samples(frame).mean(axis=1))
-                if sum(map(len, pending)) >= block:  # resampled in blocks, not a call per frame
+                pending_samples += frame.samples
+                if pending_samples >= block:  # resampled in blocks, not a call per frame
                     chunks += resample(np.concatenate(pending))
-                    pending = []
+                    pending, pending_samples = [], 0
         except av.error.FFmpegError as err:
             raise MediaError(f"audio track cannot be decoded: {err}") from None
         if resample is not None:
