@@ -10,23 +10,19 @@ and stops everything when the budget is spent."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from rigtrain.files import write_json
-from rigtrain.train.processes import last_line
-from rigtrain.tune.groups import exit_words, kill, start_group
+from rigtrain.tune.groups import LiveGroup, WorkerGroups
 from rigtrain.tune.phases import PHASES, SKIPPED, neighbours, phase_winner
 from rigtrain.tune.records import (
-    LEAKED_EXIT,
     Timing,
     clips_per_step,
     finished_speed,
     outcome_words,
-    rank_failures,
     read_result,
     read_started,
     trial_dir,
@@ -40,9 +36,6 @@ from rigtrain.tune.report import choose, trial_row
 SCREEN_SHARE = 0.7
 CONFIRM_TOP = 3
 CONFIRM_WINDOW = 3
-# After a rank records a failure, the others have this long to agree on it before the
-# driver decides they are stuck in a collective the failed rank will never join.
-FAILURE_GRACE_S = 5.0
 NOT_RUN = {"status": "not run", "error": "the budget ran out before it"}
 # A trial's own settings, beside the configuration it measures: no evaluation, checkpoint,
 # profile or logging step inside the timed window (a logging step waits for the GPU).
@@ -59,18 +52,7 @@ def say_progress(line: str) -> None:
     print(f"[tune] {line}", flush=True)
 
 
-@dataclasses.dataclass
-class LiveGroup:
-    """A worker group that is up: its processes and its queue (which the driver may extend)."""
-
-    world: int
-    processes: list
-    queue_file: Path
-    queue: dict
-    logs: list
-
-
-class Search:
+class Search(WorkerGroups):
     def __init__(self, tune_dir: Path, candidates: list, timing: Timing, deadline: float, say=None, first_group=None):
         self.tune_dir, self.candidates, self.timing = tune_dir, candidates, timing
         self.say = say or say_progress
@@ -245,117 +227,6 @@ class Search:
         speed-up is measured against it."""
         rivals = [] if self.measures[index].baseline else [i for i in round_indices if i != index]
         return {"timed_s": timed_s, "min_steps": min_steps, "race_against": rivals}
-
-    def _run_on_group(self, world: int, remaining: list[int], deadline: float, timing: dict, stay: bool) -> str:
-        """The trials left on the group that is up for this process count (they are added to
-        its queue), or on a new one. Returns how the watch ended: "done" (every trial has its
-        record and the group stays up), "exited", "deadline", or "restart" (a fresh group for
-        the rest)."""
-        live = self.live
-        if live and live.world == world and all(p.poll() is None for p in live.processes):
-            live.queue.update(trials=live.queue["trials"] + remaining, open=stay, deadline=deadline)
-            live.queue["timing"].update(timing)
-            write_json(live.queue_file, live.queue)
-        else:
-            self.close_group()
-            self.groups_started += 1
-            name = f"group-{self.groups_started}"
-            queue = self._new_queue(remaining, timing, stay, deadline)
-            queue_file = self.tune_dir / f"{name}.json"
-            write_json(queue_file, queue)
-            env = self.measures[remaining[0]].plan.env
-            processes = start_group(self.tune_dir, queue_file, world, env, name)
-            logs = [self.tune_dir / "logs" / f"{name}-rank-{r}.log" for r in range(world)]
-            self.live = LiveGroup(world, processes, queue_file, queue, logs)
-        self.processes = self.live.processes
-        outcome = self._watch(remaining, deadline, self.live.logs, stay)
-        if outcome != "done":
-            self.close_group()
-        return outcome
-
-    def _adopt(self, world: int, processes: list) -> None:
-        """The group the driver started while it planned (command.py), for the plan's own
-        process count: it is importing meanwhile, and waits for its queue file, which the
-        first round writes. If the first round wants another process count, it is stopped."""
-        self.groups_started += 1
-        name = f"group-{self.groups_started}"
-        queue = self._new_queue([], {}, True, self.deadline)
-        logs = [self.tune_dir / "logs" / f"{name}-rank-{r}.log" for r in range(world)]
-        self.live = LiveGroup(world, processes, self.tune_dir / f"{name}.json", queue, logs)
-        self.processes = processes
-
-    def _new_queue(self, trials: list[int], timing: dict, stay: bool, deadline: float) -> dict:
-        return {
-            "trials": trials,
-            "timing": timing,
-            "open": stay,
-            "deadline": deadline,
-            "warmup_steps": self.timing.warmup_steps,
-            "compiled_warmup_steps": self.timing.compiled_warmup_steps,
-            "timed_s": self.timing.timed_s,
-            "min_steps": self.timing.min_steps,
-            "max_steps": self.timing.max_steps,
-        }
-
-    def close_group(self) -> None:
-        """Stop the group that is up, if any (between trials it is only waiting for work)."""
-        if self.live:
-            kill(self.live.processes)
-            self.live, self.processes = None, []
-
-    def _watch(self, remaining: list[int], deadline: float, logs: list[Path], open_ended: bool) -> str:
-        while True:
-            self._print_new()
-            if open_ended and all(self.result(i) is not None for i in remaining):
-                return "done"
-            codes = [p.poll() for p in self.processes]
-            current = next((i for i in remaining if self.started(i) and self.result(i) is None), None)
-            now = time.time()
-            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
-                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-                if not bad:
-                    return "exited"
-                if all(c == LEAKED_EXIT for _, c in bad):
-                    self.say("the workers kept memory after a trial; starting a fresh group for the rest")
-                    return "restart"
-                rank, code = bad[0]
-                victim = current if current is not None else next(i for i in remaining if self.result(i) is None)
-                self._record(
-                    victim,
-                    {
-                        "status": "failed",
-                        "error": f"worker rank {rank} {exit_words(code)}: {last_line(logs[rank])}",
-                        "ranks": [r for r, _ in bad],
-                    },
-                )
-                return "restart"
-            if current is not None:
-                failures = rank_failures(self.tune_dir, current)
-                if failures and now - min(f["at"] for f in failures) > FAILURE_GRACE_S:
-                    # the failed rank waits to agree; the others wait inside a collective for it
-                    record = {
-                        "status": "oom" if any(f["status"] == "oom" for f in failures) else "failed",
-                        "ranks": sorted(f["rank"] for f in failures),
-                        "error": failures[0]["error"],
-                        "note": "the other ranks were left waiting in a collective; the workers were restarted",
-                    }
-                    self._record(current, record)
-                    return "restart"
-                if now - self.started(current) > self.timing.trial_timeout_s:
-                    self._record(
-                        current,
-                        {
-                            "status": "timeout",
-                            "error": f"no result after {self.timing.trial_timeout_s:.0f} s "
-                            "(--trial-timeout-s); the workers were restarted",
-                        },
-                    )
-                    return "restart"
-            if now >= deadline:
-                if current is not None:
-                    self._record(current, {"status": "cut off", "error": "the budget ran out during it"})
-                return "deadline"
-            time.sleep(0.2)
 
     # -- records ------------------------------------------------------------------------------
     def started(self, index: int) -> float | None:
