@@ -1,6 +1,7 @@
 """Ingestion of a user's folder: subtitles, container audio, any frame size, parallel and
 resumable prepare, `data check`."""
 
+import codecs
 import itertools
 import json
 import shutil
@@ -1128,3 +1129,22 @@ def test_a_track_is_as_loud_prepared_on_demand_and_as_a_sidecar(tmp_path, name, 
     sidecar = read_audio_file(tmp_path / "sidecar.wav", 16000)
     for sound_read in (whole[8000:24000], window, sidecar[8000:24000]):
         assert np.abs(sound_read).max() == pytest.approx(0.5, abs=0.03)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-8-sig", "utf-8", "cp1252"])
+def test_a_subtitle_in_unicode_from_a_windows_tool_is_read(tmp_path, encoding):
+    """Windows tools save "Unicode" SRT as UTF-16 with a BOM: read. A BOM-less legacy code
+    page is not guessed (the same bytes are other letters in another one): it is named."""
+    srt = (
+        "1\r\n00:00:00,000 --> 00:00:02,000\r\nCafé crème, déjà vu\r\n\r\n"
+        "2\r\n00:00:02,000 --> 00:00:04,000\r\nNaïve façade\r\n"
+    )
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE}.get(encoding, b"")
+    (tmp_path / "talk.srt").write_bytes(bom + srt.encode(encoding))
+    if encoding == "cp1252":
+        with pytest.raises(MediaError, match="not UTF-8 text .*; save it as UTF-8"):
+            read_narration(tmp_path / "talk.srt")
+        return
+    narration = read_narration(tmp_path / "talk.srt")
+    assert [s.text for s in narration.segments] == ["Café crème, déjà vu", "Naïve façade"]
+    assert narration.problems == []

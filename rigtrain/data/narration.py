@@ -7,6 +7,7 @@ with no usable cue at all is a MediaError, which skips the file (not the video).
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from dataclasses import dataclass, field
@@ -35,11 +36,19 @@ def read_narration(path: Path) -> Narration:
     suffix = Path(path).suffix.lower()
     if suffix == ".json":
         return Narration(read_whisper_json(path))
+    return parse_subtitles(read_subtitle_text(Path(path)), webvtt=suffix == ".vtt")
+
+
+def read_subtitle_text(path: Path) -> str:
+    """A subtitle file's text: UTF-8, with or without the BOM editors often write, or UTF-16
+    when its BOM says so (Windows tools' "Unicode" SRT). Other encodings are not guessed: a
+    Windows-1252 and a Windows-1251 file are the same bytes read differently."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: editors often write a BOM
+        return data.decode(encoding)
     except UnicodeDecodeError as err:
         raise MediaError(f"not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    return parse_subtitles(text, webvtt=suffix == ".vtt")
 
 
 def read_whisper_json(path: Path) -> list[Segment]:
