@@ -350,7 +350,7 @@ def test_host_bound_advice_stays_within_the_experiment():
     assert not any("train.compile" in s for s in split["suggestions"])
 
 
-def test_the_loader_timeline_goes_into_the_trace_then_stops_recording(tmp_path):
+def test_the_loader_timeline_goes_into_the_trace_then_stops_recording(tmp_path, capfd):
     """The loader thread's batches inside the recorded steps become rows of the saved
     trace; once it is saved the timeline keeps nothing more (a long run profiled at its
     start would otherwise hold a record of every batch it ever read)."""
@@ -373,3 +373,16 @@ def test_the_loader_timeline_goes_into_the_trace_then_stops_recording(tmp_path):
     assert timeline.between(0, time.time_ns() + 10**9) == []
     timeline.record(time.time_ns(), time.time_ns() + 1, 4)
     assert timeline.between(0, time.time_ns() + 10**9) == []
+    assert "USDT:" not in capfd.readouterr().err  # Kineto's probe markers (torch 2.13) are not shown
+
+
+def test_while_the_profiler_changes_state_only_kinetos_probe_lines_are_dropped(capfd):
+    import os
+
+    from rigtrain.profile.recorder import _without_kineto_probe_lines
+
+    with _without_kineto_probe_lines():
+        os.write(2, b"USDT:2026-12-03 08:52:24 16888:16888 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"[W kineto] a warning that matters\n")
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "[W kineto] a warning that matters" in err

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -58,6 +60,35 @@ def timed(function, timeline: LoaderTimeline):
     return wrapper
 
 
+@contextmanager
+def _without_kineto_probe_lines():
+    """Kineto (torch 2.13) writes "USDT:... profiler_start" and "... profiler_stop" to the
+    process's stderr as a trace starts and stops: probe markers, not messages. Its log level
+    cannot hide them without hiding its errors too, so stderr is caught while the profiler
+    changes state, and everything else written meanwhile is passed on."""
+    try:
+        caught = tempfile.TemporaryFile()
+    except OSError:  # no room for it: the lines are shown rather than the profile lost
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not line.startswith("USDT:"))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
 class StepProfiler:
     """A torch.profiler schedule over optimizer steps: skip profile.start_step, then
     wait / warmup / active once. Traces go to tb/profile/ through tensorboard_trace_handler
@@ -81,13 +112,16 @@ class StepProfiler:
             with_stack=config.with_stack,
             profile_memory=config.profile_memory,
         )
-        self.profiler.start()
+        with _without_kineto_probe_lines():
+            self.profiler.start()
 
     def step(self) -> None:
-        self.profiler.step()
+        with _without_kineto_probe_lines():
+            self.profiler.step()
 
     def stop(self) -> None:
-        self.profiler.stop()
+        with _without_kineto_probe_lines():
+            self.profiler.stop()
 
     def _save(self, prof) -> None:
         from torch.profiler import tensorboard_trace_handler  # heavy: only while a profile records
