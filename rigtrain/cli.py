@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from rigtrain.cli_args import Parser, add_set_option, nonempty, watts
+from rigtrain.cli_args import Parser, VersionAction, add_set_option, nonempty, watts
 from rigtrain.cli_data import (
     add_data_commands,
     cmd_data_bench,
@@ -90,6 +90,7 @@ def build_parser() -> Parser:
         description="Plan, train and profile a multimodal predictive-coding "
         "Perceiver on the GPUs you own (or the CPU).",
     )
+    parser.add_argument("--version", action=VersionAction, help="rigtrain's version, its main libraries' and Python's")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train with DeepSpeed ZeRO on every local GPU (or the CPU)")

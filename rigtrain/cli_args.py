@@ -46,3 +46,30 @@ def add_set_option(parser: argparse.ArgumentParser, description: str) -> None:
 
 def seconds(text: str) -> float:
     return _positive(text, "seconds", "a number of seconds above 0, e.g. 300")
+
+
+def version_line() -> str:
+    """`rigtrain --version`: rigtrain's version and the libraries a bug report needs, read
+    from the installed packages' metadata without importing them (instant, like --help)."""
+    import platform  # only for --version
+    from importlib import metadata  # only for --version
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {installed(name)}" for name in ("torch", "deepspeed", "nvidia-ml-py"))
+    return f"rigtrain {installed('rigtrain')} ({libraries}; Python {platform.python_version()})"
+
+
+class VersionAction(argparse.Action):
+    """--version: the line is made only when asked for, so other commands pay nothing for it."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()

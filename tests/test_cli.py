@@ -27,6 +27,21 @@ def test_help_is_instant_and_imports_no_heavy_library():
     assert result.returncode == 0 and "train" in result.stdout and "data" in result.stdout
 
 
+def test_version_names_what_a_bug_report_needs_without_importing_it():
+    import importlib.metadata
+    import platform
+
+    code = (
+        "import sys; from rigtrain.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit as stop:\n    assert stop.code in (0, None)\n"
+        "print(sorted(m for m in ('torch', 'deepspeed', 'pynvml') if m in sys.modules))"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    torch_version = importlib.metadata.version("torch")
+    assert lines[0].startswith(f"rigtrain {importlib.metadata.version('rigtrain')} (torch {torch_version}, deepspeed ")
+    assert lines[0].endswith(f"; Python {platform.python_version()})") and lines[1] == "[]"
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [
