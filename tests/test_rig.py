@@ -658,6 +658,25 @@ def test_train_with_a_rig_file_of_another_machine_is_refused(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_gpus_that_this_torch_cannot_use_are_one_line_that_says_what_to_install():
+    """NVML sees the cards but pip chose torch's CPU wheel: every rank would fail inside
+    torch.cuda.set_device with an AssertionError. Hidden with CUDA_VISIBLE_DEVICES= the
+    machine trains on its CPU, as the message says it may."""
+    if torch.cuda.is_available():
+        pytest.skip("this torch can use a GPU")
+    from rigtrain.rig.visible import restricted
+    from rigtrain.train.planning import check_torch_trains_here
+
+    rig = read_rig_file(RIGS / "two_3090_one_on_x4_850w.json")
+    with pytest.raises(UserError) as err:
+        check_torch_trains_here(rig, None)
+    message = str(err.value)
+    assert message.startswith("this machine has 2 GPU(s) (NVIDIA GeForce RTX 3090) but torch cannot use them")
+    expected_reason = "is a CPU-only build" if torch.version.cuda is None else "which the driver here cannot start"
+    assert expected_reason in message and "CUDA_VISIBLE_DEVICES= rigtrain train" in message
+    check_torch_trains_here(restricted(rig, "", None), None)  # every GPU hidden: the CPU, no error
+
+
 # -- the memory model against a real card ------------------------------------------------------
 # tests/rigs/h200.json is the machine of the first GPU run as its probe read it; the figures are
 # what that run measured (torch.cuda.max_memory_allocated after the first step; NVML's use).

@@ -21,7 +21,6 @@ from rigtrain.config import RunConfig, build_config, load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.rig.visible import visible_indices
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, start_processes
 from rigtrain.train.resuming import check_checkpoint_layout, resume_changes
@@ -147,22 +146,6 @@ def prepare_run_dir(run_dir: Path) -> None:
         ) from None
 
 
-def check_rig_file_matches(rig, rig_file: str | None) -> None:
-    """--rig describes this machine (adding what no probe reads, like the PSU); training
-    still runs here, so the GPU count must be this machine's."""
-    if not rig_file:
-        return
-    import torch  # heavy: only on the paths that need it
-
-    here = torch.cuda.device_count() if torch.cuda.is_available() else 0  # as CUDA_VISIBLE_DEVICES leaves them
-    described = len(visible_indices(rig))
-    if described != here:
-        raise UserError(
-            f"--rig {rig_file} describes {described} GPU(s) but this machine has {here}; "
-            "to plan for another machine use `rigtrain rig --rig FILE`"
-        )
-
-
 def _say(line: str) -> None:
     print(f"[rigtrain] {line}", flush=True)
 
@@ -243,6 +226,7 @@ def _train_locked(
     from rigtrain.train.planning import (
         PLANNED,
         apply_plan,
+        check_torch_trains_here,
         machine_rig,
         plan_run,
         with_user_environment,
@@ -259,7 +243,7 @@ def _train_locked(
         check_hosts(hostfile, machines)
     data_dir = resolve_data(config, log=_say)
     rig = machine_rig([data_dir, run_dir], rig_file)
-    check_rig_file_matches(rig, rig_file)
+    check_torch_trains_here(rig, rig_file)
     # A resumed run keeps the plan it started with; otherwise what the user set is kept
     # and the rest is planned.
     fixed = set(PLANNED) if resume else user_keys(config_file, overrides)

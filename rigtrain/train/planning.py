@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 
 from rigtrain.config import RunConfig
+from rigtrain.errors import UserError
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
-from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted
+from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted, visible_indices
 from rigtrain.train.memory_record import recalled, run_kind
 from rigtrain.train.step_peaks import measured, step_shapes
 
@@ -50,6 +51,43 @@ def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Ri
             if cuda:  # CUDA applied CUDA_VISIBLE_DEVICES itself, and numbered what it left
                 return dataclasses.replace(rig, gpus=cuda, numbered_by_cuda=True)
     return restricted(rig, os.environ.get(VARIABLE), os.environ.get("CUDA_DEVICE_ORDER"))
+
+
+def check_torch_trains_here(rig: Rig, rig_file: str | None) -> None:
+    """A run trains on this machine, on the GPUs the rig holds: a rig file (which may add
+    what no probe reads, like the PSU) must have this machine's GPU count, and GPUs that
+    NVML sees must be usable by the torch installed here. A CPU-only torch on a GPU machine
+    is the usual slip (pip chose a CPU wheel, or the venv was made on another machine);
+    it would otherwise fail inside every rank."""
+    import torch  # heavy: only on the paths that need it
+
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0  # as CUDA_VISIBLE_DEVICES leaves them
+    described = len(visible_indices(rig))
+    if rig_file and described != here:
+        raise UserError(
+            f"--rig {rig_file} describes {described} GPU(s) but this machine has {here}"
+            f"{_why_torch_sees_none(torch) if here == 0 else ''}; to plan for another machine use "
+            "`rigtrain rig --rig FILE`"
+        )
+    if described and here == 0:
+        names = ", ".join(sorted({rig.gpus[i].name for i in visible_indices(rig)}))
+        raise UserError(
+            f"this machine has {described} GPU(s) ({names}) but torch cannot use them"
+            f"{_why_torch_sees_none(torch)}; install torch's CUDA build (`.venv/bin/pip uninstall -y torch` "
+            "then `bash setup/install.sh`: PyPI's torch for Linux is one), or train on the CPU with "
+            "`CUDA_VISIBLE_DEVICES= rigtrain train ...`"
+        )
+
+
+def _why_torch_sees_none(torch) -> str:
+    if torch.version.cuda is None and torch.version.hip is None:
+        return f": torch {torch.__version__} is a CPU-only build"
+    if torch.version.cuda:
+        return (
+            f": torch {torch.__version__} is built for CUDA {torch.version.cuda}, which the driver here cannot "
+            "start (a driver older than that CUDA needs, or a container started without the GPUs)"
+        )
+    return f": torch {torch.__version__} (ROCm {torch.version.hip}) cannot start HIP here"
 
 
 def _cuda_driver_loads() -> bool:

@@ -123,12 +123,11 @@ def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, 
     # torch, through the planner and the data checks: after the arguments are checked
     from rigtrain.train.launch import (
         check_data,
-        check_rig_file_matches,
         prepare_run_dir,
         resolve_data,
         write_run_config,
     )
-    from rigtrain.train.planning import machine_rig  # torch: after the arguments are checked
+    from rigtrain.train.planning import check_torch_trains_here, machine_rig  # torch: after the arguments are checked
     from rigtrain.tune.candidates import make_candidates, with_values  # the planner (torch)
 
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # before anything starts CUDA, as train does
@@ -143,7 +142,7 @@ def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, 
     log = (lambda line: None) if quiet else (lambda line: print(f"[rigtrain] {line}", flush=True))
     data_dir = resolve_data(config, log=log)
     rig = machine_rig([data_dir, tune_dir], rig_file)
-    check_rig_file_matches(rig, rig_file)
+    check_torch_trains_here(rig, rig_file)
     start = (lambda plan: first_group.start(tune_dir, plan)) if first_group is not None else None
     candidates = make_candidates(config, rig, fixed, psu_w=psu_w, on_baseline=start)
     if candidates[0].pruned:
