@@ -658,6 +658,17 @@ def test_train_with_a_rig_file_of_another_machine_is_refused(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_the_plan_warns_of_a_cpu_only_torch_on_a_machine_with_gpus():
+    rig = json.loads((RIGS / "h200.json").read_text())
+    assert "torch_cpu_build" not in codes(plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()))
+    rig["software"].update(torch="2.13.0+cpu", torch_cuda=None)
+    plan = plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())
+    (warning,) = [w for w in plan.warnings if w.code == "torch_cpu_build"]
+    assert "torch 2.13.0+cpu is a CPU-only build" in warning.message and "setup/install.sh" in warning.message
+    rig["gpus"] = []  # a CPU machine: the CPU wheel is the right one
+    assert "torch_cpu_build" not in codes(plan_run(load_config("demo"), rig_from_dict(rig), user_keys=set()))
+
+
 def test_gpus_that_this_torch_cannot_use_are_one_line_that_says_what_to_install():
     """NVML sees the cards but pip chose torch's CPU wheel: every rank would fail inside
     torch.cuda.set_device with an AssertionError. Hidden with CUDA_VISIBLE_DEVICES= the

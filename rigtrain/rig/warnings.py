@@ -86,7 +86,7 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     (`psu_w` overrides the rig's figure)."""
     chosen = chosen or tuple(range(len(rig.gpus)))
     gpus = [(i, rig.gpus[i]) for i in chosen if i < len(rig.gpus)]
-    out: list[RigWarning] = []
+    out: list[RigWarning] = _torch_build_warnings(rig) if gpus else []
     for i, gpu in gpus:
         out += _card_warnings(i, gpu)
     if len(gpus) > 1:
@@ -95,6 +95,23 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     if psu and gpus:
         out += _psu_warnings(rig, gpus, psu)
     return out
+
+
+def _torch_build_warnings(rig: Rig) -> list[RigWarning]:
+    """torch's CPU-only wheel on a machine with GPUs (the probe reads the build from torch's
+    files): the usual slip when pip picks the wheel, and `rigtrain train` refuses to start."""
+    software = rig.software or {}
+    if "torch" not in software or software.get("torch_cuda") or software.get("torch_hip"):
+        return []
+    return [
+        RigWarning(
+            "torch_cpu_build",
+            None,
+            f"torch {software['torch']} is a CPU-only build: it cannot use these GPUs, and `rigtrain train` "
+            "will not start on them; `.venv/bin/pip uninstall -y torch`, then `bash setup/install.sh` "
+            "(PyPI's torch for Linux is a CUDA build)",
+        )
+    ]
 
 
 def _card_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
