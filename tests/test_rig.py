@@ -669,6 +669,19 @@ def test_the_plan_warns_of_a_cpu_only_torch_on_a_machine_with_gpus():
     assert "torch_cpu_build" not in codes(plan_run(load_config("demo"), rig_from_dict(rig), user_keys=set()))
 
 
+def test_a_docker_sized_dev_shm_is_a_warning_when_gpus_talk_through_it():
+    rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    rig["shm_gib"] = 0.0625  # Docker's default 64 MiB
+    plan = plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())
+    (warning,) = [w for w in plan.warnings if w.code == "small_shm"]
+    assert "/dev/shm holds 64 MiB" in warning.message and "--ipc=host" in warning.message
+    rig["shm_gib"] = 16.0
+    assert "small_shm" not in codes(plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()))
+    rig["shm_gib"] = 0.0625
+    one_gpu = plan_run(load_config("small", overrides=["rig.gpus=0"]), rig_from_dict(rig), user_keys={"rig.gpus"})
+    assert one_gpu.world_size == 1 and "small_shm" not in codes(one_gpu)  # one GPU: NCCL has no peer
+
+
 def test_gpus_that_this_torch_cannot_use_are_one_line_that_says_what_to_install():
     """NVML sees the cards but pip chose torch's CPU wheel: every rank would fail inside
     torch.cuda.set_device with an AssertionError. Hidden with CUDA_VISIBLE_DEVICES= the

@@ -87,6 +87,7 @@ class Rig:
     ram_gib: float | None = None
     ram_free_gib: float | None = None
     swap_gib: float | None = None
+    shm_gib: float | None = None  # /dev/shm's size: NCCL's transport between GPUs on one machine
     psu_w: float | None = None
     disk: tuple[Disk, ...] = ()
     software: dict | None = None
@@ -257,7 +258,7 @@ def rig_from_dict(data, where: str = "rig") -> Rig:
             },
             **({"tdp_w": _number(where, "cpu.tdp_w", cpu["tdp_w"], minimum=0)} if "tdp_w" in cpu else {}),
         )
-    for key in ("ram_gib", "ram_free_gib", "swap_gib"):
+    for key in ("ram_gib", "ram_free_gib", "swap_gib", "shm_gib"):
         if key in data:
             out[key] = _number(where, key, data[key], minimum=0)
     if "psu_w" in data:

@@ -251,6 +251,7 @@ def probe(paths: list[str | Path] = ()) -> Rig:
         ram_gib=round(memory.total / 2**30, 2),
         ram_free_gib=round(memory.available / 2**30, 2),
         swap_gib=round(swap.total / 2**30, 2),
+        shm_gib=round(shutil.disk_usage("/dev/shm").total / 2**30, 3) if Path("/dev/shm").is_dir() else None,
         disk=tuple(disks),
         software={**driver, **software(gpus_found=bool(gpus))},
         source="probe",

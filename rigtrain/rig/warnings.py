@@ -91,6 +91,7 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
         out += _card_warnings(i, gpu)
     if len(gpus) > 1:
         out += _between_cards_warnings(gpus)
+        out += _shared_memory_warnings(rig)
     psu = psu_w or rig.psu_w
     if psu and gpus:
         out += _psu_warnings(rig, gpus, psu)
@@ -110,6 +111,26 @@ def _torch_build_warnings(rig: Rig) -> list[RigWarning]:
             f"torch {software['torch']} is a CPU-only build: it cannot use these GPUs, and `rigtrain train` "
             "will not start on them; `.venv/bin/pip uninstall -y torch`, then `bash setup/install.sh` "
             "(PyPI's torch for Linux is a CUDA build)",
+        )
+    ]
+
+
+# NCCL moves data between GPUs of one machine through /dev/shm whenever P2P is off (most
+# consumer cards), and sets up segments there in any case; a Docker container's default
+# /dev/shm is 64 MiB, and NVIDIA's own containers advise --ipc=host or more than that.
+SHM_ENOUGH_GIB = 1.0
+
+
+def _shared_memory_warnings(rig: Rig) -> list[RigWarning]:
+    if rig.shm_gib is None or rig.shm_gib >= SHM_ENOUGH_GIB:
+        return []
+    return [
+        RigWarning(
+            "small_shm",
+            None,
+            f"/dev/shm holds {rig.shm_gib * 1024:.0f} MiB (a Docker container's default is 64): NCCL passes "
+            "data between the GPUs through it and fails when it cannot grow a segment; start the container "
+            "with --ipc=host (or --shm-size=1g)",
         )
     ]
 
