@@ -860,7 +860,7 @@ def test_a_narration_file_that_does_not_read_gives_way_to_one_that_does(tmp_path
         (src / f"{name}.json").write_text('[{"start": 0, "end": 1.5, "te')  # cut short
     (src / "talk.srt").write_text("1\n00:00:00,500 --> 00:00:01,800\nthe talk\n")
     (src / "talk.vtt").write_text("WEBVTT\n\n00:00.500 --> 00:01.800\nthe same talk\n")
-    (src / "lecture.srt").write_bytes(b"\xff\xfe not UTF-8")
+    (src / "lecture.srt").write_bytes(b"\xe9t\xe9 not UTF-8")  # Latin-1
     data = load_config("demo").data
     index = prepare(src, tmp_path / "prep", data)
     assert {s["video"]: s["narration"] for s in index["sources"]} == {"lecture.mp4": None, "talk.mp4": "talk.srt"}
@@ -1148,3 +1148,7 @@ def test_a_subtitle_in_unicode_from_a_windows_tool_is_read(tmp_path, encoding):
     narration = read_narration(tmp_path / "talk.srt")
     assert [s.text for s in narration.segments] == ["Café crème, déjà vu", "Naïve façade"]
     assert narration.problems == []
+    if encoding.startswith("utf-16"):  # cut short by a byte: named as what its BOM claims
+        (tmp_path / "talk.srt").write_bytes((bom + srt.encode(encoding))[:-1])
+        with pytest.raises(MediaError, match="not UTF-16 text, as its byte-order mark says"):
+            read_narration(tmp_path / "talk.srt")

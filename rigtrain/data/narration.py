@@ -48,7 +48,8 @@ def read_subtitle_text(path: Path) -> str:
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as err:
-        raise MediaError(f"not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        said = "UTF-16 text, as its byte-order mark says" if encoding == "utf-16" else "UTF-8 text"
+        raise MediaError(f"not {said} ({err.reason} at byte {err.start}); save it as UTF-8") from None
 
 
 def read_whisper_json(path: Path) -> list[Segment]:
