@@ -472,6 +472,44 @@ def test_fit_frame_keeps_the_aspect():
     assert fit_frame(frame, 64, 64, "crop").min() == 200  # the centre fills the frame
 
 
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_a_widescreen_dvd_stored_at_720x480_keeps_its_shape(tmp_path, mode):
+    """A 16:9 DVD, DV tape or HDV file stores narrower pixels than it shows (a sample aspect
+    ratio of 32:27 here): a disc that is round on screen must come out round, not 16%
+    narrow as the stored pixels would draw it. Prepare and the on-demand clip read the
+    ratio from the stream, as players do."""
+    import av
+
+    sar = Fraction(32, 27)
+    rows, cols = np.mgrid[0:480, 0:720]
+    # a disc of radius 150 rows as shown: stored, it is an ellipse 150 / sar columns wide
+    disc = (((cols - 360) * sar / 150) ** 2 + ((rows - 240) / 150) ** 2 <= 1).astype(np.uint8) * 255
+    path = tmp_path / "wedding.mpg"
+    with av.open(str(path), "w", format="mpeg") as container:
+        video = container.add_stream("mpeg2video", rate=25)
+        video.width, video.height, video.pix_fmt = 720, 480, "yuv420p"
+        video.codec_context.sample_aspect_ratio = sar
+        for i in range(25):
+            picture = av.VideoFrame.from_ndarray(np.repeat(disc[:, :, None], 3, axis=2), format="rgb24")
+            picture.pts, picture.time_base = i, Fraction(1, 25)
+            for packet in video.encode(picture):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+    for frames in (read_video(path, 8.0, (64, 64), mode)[0][:8], read_video_clip(path, 0, 8, 8.0, (64, 64), mode)):
+        lit = frames[4, :, :, 0] > 128
+        ys, xs = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
+        wide, high = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        assert abs(wide / high - 1) < 0.08, (mode, wide, high)  # stored pixels would give 0.84
+    if mode == "pad":  # 16:9 shown in a square: black bands of (64 - 36) / 2 rows
+        assert frames[4, :12].max() < 20 and frames[4, -12:].max() < 20 and frames[4, 16:48].max() > 200
+        from rigtrain.data.check import check_folder, format_report
+
+        report = check_folder(tmp_path, load_config("demo").data)
+        assert report["videos"][0]["pixel_aspect"] == pytest.approx(32 / 27, abs=1e-3)
+        assert "720x480 shown 853x480" in format_report(report)
+
+
 def test_a_phone_video_recorded_upright_is_read_upright(tmp_path):
     """A phone stores a portrait video as landscape pictures plus a display rotation: every
     reader (prepare, the on-demand clip, data check's size) turns the picture as a player
@@ -695,7 +733,7 @@ def test_clips_cut_as_frames_come_in_are_the_clips_of_the_whole(tmp_path, monkey
 
     opened = (SimpleNamespace(release=lambda: None), media.VideoInfo(fps=25.0, frames=0, width=1, height=1))
     monkeypatch.setattr(media, "open_video", lambda path: opened)
-    monkeypatch.setattr(media, "frame_fitter", lambda size, mode: None)
+    monkeypatch.setattr(media, "frame_fitter", lambda size, mode, pixel_aspect: None)
     monkeypatch.setattr(ingest, "timed_frames", lambda cap, fps: None)
     for frames, T, stride in itertools.product([1, 7, 8, 17, 41], [1, 8], [0.5, 2.5, 8, 8.5, 20]):
         starts = media.clip_starts(frames, T, stride)

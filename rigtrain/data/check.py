@@ -49,9 +49,18 @@ def _probe_video(path: Path) -> dict:
         "frames": len(times),
         "width": info.width,
         "height": info.height,
+        "pixel_aspect": round(info.pixel_aspect, 4),
         "duration_s": round(duration, 6),  # to the microsecond: the clip count depends on it
         "end_decodes": end_decodes,
     }
+
+
+def _shown_size(video: dict) -> str:
+    """The stored size, and the size it is shown at when its pixels are not square (a DVD's
+    720x480 is shown 853x480): prepare fits the picture as it is shown."""
+    stored = f"{video['width']}x{video['height']}"
+    aspect = video.get("pixel_aspect", 1.0)
+    return stored if abs(aspect - 1) < 0.01 else f"{stored} shown {round(video['width'] * aspect)}x{video['height']}"
 
 
 def _fps_range(times: list[float]) -> list[float] | None:
@@ -228,7 +237,7 @@ def format_report(report: dict) -> str:
                 v["file"],
                 f"{v['duration_s']:.1f} s",
                 f"{v['fps']:g}",
-                f"{v['width']}x{v['height']}",
+                _shown_size(v),
                 f"{audio['from']} ({audio['codec']}, {audio['rate']} Hz)" if audio else "none",
                 f"{narration['file']} ({narration['segments']} segments)" if narration else "none",
                 str(v["clips"]),

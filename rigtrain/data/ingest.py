@@ -105,7 +105,7 @@ def _cut_clips(source: Source, data: DataConfig, parts: _Parts) -> tuple[int, li
     and the video's info."""
     T, stride = data.clip_frames, data.stride_frames
     cap, info = media.open_video(source.video)
-    fit = media.frame_fitter(tuple(data.frame_size), data.resize)
+    fit = media.frame_fitter(tuple(data.frame_size), data.resize, info.pixel_aspect)
     kept: list[np.ndarray] = []  # frames kept_from, kept_from + 1, ...
     kept_from, frames, regular = 0, 0, 0
     try:

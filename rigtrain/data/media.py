@@ -34,6 +34,9 @@ class VideoInfo:
     frames: int
     width: int
     height: int
+    # a pixel's width over its height (the stream's sample aspect ratio): 32/27 on a
+    # widescreen DVD or DV tape stored at 720x480, 4/3 on HDV stored at 1440x1080
+    pixel_aspect: float = 1.0
 
 
 def open_video(path: Path):
@@ -49,11 +52,20 @@ def open_video(path: Path):
         frames=int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
         width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
         height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+        pixel_aspect=_pixel_aspect(cap.get(cv2.CAP_PROP_SAR_NUM), cap.get(cv2.CAP_PROP_SAR_DEN)),
     )
     if info.fps <= 0 or info.width <= 0 or info.height <= 0:
         cap.release()
         raise MediaError("has no readable video stream (fps or frame size missing)")
     return cap, info
+
+
+def _pixel_aspect(num: float, den: float) -> float:
+    """The sample aspect ratio as one number; 1 (square pixels) when the stream leaves it
+    unset (0:1) or gives one no camera writes."""
+    if num > 0 and den > 0 and 0.25 <= num / den <= 4:
+        return num / den
+    return 1.0
 
 
 def _why_not_a_video(path: Path) -> str:
@@ -69,27 +81,29 @@ def _why_not_a_video(path: Path) -> str:
     return "cannot be opened as a video (an unsupported codec, or corrupt)"
 
 
-def fit_frame(frame: np.ndarray, height: int, width: int, mode: str = "crop") -> np.ndarray:
-    """Resize to (height, width) keeping the aspect ratio: "crop" cuts the centre to the
+def fit_frame(frame: np.ndarray, height: int, width: int, mode: str = "crop", pixel_aspect: float = 1.0) -> np.ndarray:
+    """Resize to (height, width) keeping the aspect ratio the video is shown at (its stored
+    size with pixels `pixel_aspect` times as wide as high): "crop" cuts the centre to the
     target aspect first; "pad" letterboxes the whole frame in black. INTER_AREA is the
     right filter for shrinking. Nothing is ever stretched."""
     import cv2  # OpenCV: only where frames are decoded or written
 
     h, w = frame.shape[:2]
+    shown_w = w * pixel_aspect  # the width the picture is shown at, in units of its rows
     target = width / height
     if mode == "pad":
-        scale = min(width / w, height / h)
-        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        scale = min(width / shown_w, height / h)
+        new_w, new_h = max(1, round(shown_w * scale)), max(1, round(h * scale))
         out = np.zeros((height, width, *frame.shape[2:]), frame.dtype)
         y0, x0 = (height - new_h) // 2, (width - new_w) // 2
         out[y0 : y0 + new_h, x0 : x0 + new_w] = cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_AREA)
         return out
-    if w / h > target:  # too wide: crop the sides
-        new_w = max(1, round(h * target))
+    if shown_w / h > target:  # too wide: crop the sides
+        new_w = max(1, round(h * target / pixel_aspect))
         x0 = (w - new_w) // 2
         frame = frame[:, x0 : x0 + new_w]
-    elif w / h < target:  # too tall: crop top and bottom
-        new_h = max(1, round(w / target))
+    elif shown_w / h < target:  # too tall: crop top and bottom
+        new_h = max(1, round(shown_w / target))
         y0 = (h - new_h) // 2
         frame = frame[y0 : y0 + new_h]
     return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
@@ -104,10 +118,10 @@ SEEK_BACK_PERIODS = 2.0
 SEEK_BACK_FAR_S = 2.0
 
 
-def frame_fitter(size: tuple[int, int], mode: str):
+def frame_fitter(size: tuple[int, int], mode: str, pixel_aspect: float = 1.0):
     import cv2  # OpenCV: only where frames are decoded or written
 
-    return lambda frame: fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode)
+    return lambda frame: fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode, pixel_aspect)
 
 
 def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop") -> tuple[np.ndarray, VideoInfo]:
@@ -116,7 +130,7 @@ def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop"
     cap, info = open_video(path)
     try:
         frames = frames_at_output_times(
-            timed_frames(cap, info.fps), info.fps, fps, 0, None, frame_fitter(size, mode), False
+            timed_frames(cap, info.fps), info.fps, fps, 0, None, frame_fitter(size, mode, info.pixel_aspect), False
         )
     finally:
         cap.release()
@@ -134,9 +148,9 @@ def read_video_clip(
     This is what a loader without shards has to do for every clip."""
     import cv2  # OpenCV: only where frames are decoded or written
 
-    fit = frame_fitter(size, mode)
     for back_s in (None, SEEK_BACK_FAR_S, float("inf")):
         cap, info = open_video(path)
+        fit = frame_fitter(size, mode, info.pixel_aspect)
         try:
             seek_s = start_frame / fps - (SEEK_BACK_PERIODS / info.fps if back_s is None else back_s)
             if seek_s > 0:
