@@ -832,6 +832,29 @@ def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
     after = _shard_bytes(tmp_path / "prep")
     assert all(after[k] == v for k, v in before.items())  # earlier shards are reused as they are
     assert len(ShardDataset(tmp_path / "prep", data)) == index["clips"]
+    assert first["decoding"] == index["decoding"] == 2
+
+
+def test_adding_to_a_folder_an_earlier_rigtrain_prepared_says_they_differ(tmp_path):
+    """Before 2026-12-03 a stereo track came out 3 dB louder and a DVD's picture narrower:
+    videos added to such a folder are decoded as today, and the prepare says so."""
+    src = tmp_path / "world"
+    synthesize(src, videos=3, seed=4)
+    data = load_config("demo").data
+    later = tmp_path / "later"
+    later.mkdir()
+    for p in src.glob("shapes_0002.*"):
+        shutil.move(p, later / p.name)
+    prepare(src, tmp_path / "prep", data)
+    old = json.loads((tmp_path / "prep" / "index.json").read_text())
+    del old["decoding"]  # as an earlier rigtrain wrote it
+    (tmp_path / "prep" / "index.json").write_text(json.dumps(old))
+    for p in later.iterdir():
+        shutil.move(p, src / p.name)
+    said = []
+    index = prepare(src, tmp_path / "prep", data, log=said.append)
+    assert any("prepared by an earlier rigtrain" in line and "a new folder" in line for line in said), said
+    assert index["decoding"] == 1 and len(index["sources"]) == 3  # the folder still holds earlier decodes
 
 
 def test_videos_in_folders_under_the_one_named_are_found_by_their_path(tmp_path):

@@ -107,6 +107,11 @@ def _save_joined(path: Path, pieces: list[np.ndarray]) -> None:
 
 
 STATE_FILE = ".prepare-state.json"
+# How sound and pictures are decoded; a folder prepared before a change keeps the number it
+# was made with (1 where it has none). 2 (2026-12-03): a track's channels averaged to mono
+# (FFmpeg's downmix had made stereo 3 dB louder and clipped 5.1), and non-square pixels
+# fitted as shown.
+DECODING = 2
 PARTS_DIR = ".parts"
 
 
@@ -164,6 +169,7 @@ def _start_or_continue(src: Path, out: Path, data: DataConfig) -> dict:
     state = {
         "format": INDEX_FORMAT,
         "params": preparation_params(data),
+        "decoding": DECODING,
         "source_dir": str(src.resolve()),
         "shards": [],
         "sources": [],
@@ -179,6 +185,12 @@ def _say_continuing(log, out: Path, interrupted: bool, finished: list, partial, 
         f"{'continuing an interrupted prepare' if interrupted else 'adding to'} {out}: "
         f"{len(finished)} video(s){part} already in {len(state['shards'])} shard(s), {len(todo)} to do"
     )
+    if state.get("decoding", 1) != DECODING:
+        log(
+            f"note: {out} was prepared by an earlier rigtrain, which decoded sound and pictures differently "
+            '(docs/data.md, "Decoders"); the videos added now are decoded as today, those in it stay as they '
+            "are: prepare into a new folder to have every video alike"
+        )
 
 
 def _hand_over(source: Source, result, writer: ShardWriter, added: list, skipped: list, data: DataConfig) -> None:
@@ -266,6 +278,7 @@ def prepare(
     index = {
         "format": INDEX_FORMAT,
         "params": preparation_params(data),
+        "decoding": state.get("decoding", 1),
         "source_dir": str(src.resolve()),
         "sources": added,
         "skipped": skipped,
