@@ -539,6 +539,22 @@ def test_a_phone_video_recorded_upright_is_read_upright(tmp_path):
     entry = check_folder(src, load_config("demo").data)["videos"][0]
     assert (entry["width"], entry["height"]) == (48, 96)
 
+    # pixels 4/3 as wide as high, stored 96x48 and turned: shown 48 wide and 128 high, so a
+    # 32x32 letterbox holds a picture 12 wide
+    with av.open(str(tmp_path / "anamorphic_portrait.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 48, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        stream.set_display_rotation(90)
+        for _ in range(10):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.full_like(coded, 200), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    frames, _ = read_video(tmp_path / "anamorphic_portrait.mp4", 10.0, (32, 32), "pad")
+    lit = np.flatnonzero(frames[0, 16, :, 0] > 100)
+    assert lit.max() - lit.min() + 1 == 12 and (frames[0, :, 16, 0] > 100).all()
+
 
 def test_clip_decoded_on_demand_equals_the_full_decode(shared_data):
     path = shared_data / "videos" / "bikes.mp4"

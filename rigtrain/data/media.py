@@ -52,7 +52,9 @@ def open_video(path: Path):
         frames=int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
         width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
         height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-        pixel_aspect=_pixel_aspect(cap.get(cv2.CAP_PROP_SAR_NUM), cap.get(cv2.CAP_PROP_SAR_DEN)),
+        pixel_aspect=_pixel_aspect(
+            cap.get(cv2.CAP_PROP_SAR_NUM), cap.get(cv2.CAP_PROP_SAR_DEN), cap.get(cv2.CAP_PROP_ORIENTATION_META)
+        ),
     )
     if info.fps <= 0 or info.width <= 0 or info.height <= 0:
         cap.release()
@@ -60,12 +62,13 @@ def open_video(path: Path):
     return cap, info
 
 
-def _pixel_aspect(num: float, den: float) -> float:
+def _pixel_aspect(num: float, den: float, rotation: float = 0) -> float:
     """The sample aspect ratio as one number; 1 (square pixels) when the stream leaves it
-    unset (0:1) or gives one no camera writes."""
-    if num > 0 and den > 0 and 0.25 <= num / den <= 4:
-        return num / den
-    return 1.0
+    unset (0:1) or gives one no camera writes. OpenCV turns a picture stored with a display
+    rotation of 90 or 270 degrees upright, and its pixels' shape turns with it."""
+    if not (num > 0 and den > 0 and 0.25 <= num / den <= 4):
+        return 1.0
+    return den / num if round(rotation) % 180 == 90 else num / den
 
 
 def _why_not_a_video(path: Path) -> str:
