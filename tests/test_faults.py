@@ -277,6 +277,18 @@ def test_resume_applies_what_the_user_sets_and_refuses_what_it_cannot(tmp_path, 
     assert other.returncode == 2 and "--preset demo" in other.stderr and "--preset small" in other.stderr
     shape = rigtrain("train", "--out", str(run), "--resume", "--set", "model.d_model=64")
     assert shape.returncode == 2 and "model.d_model" in shape.stderr
+    assert f"--init-from {run} --out NEW_DIR --set model.d_model=64" in shape.stderr  # the way to change it
+
+    # Trained on two GPUs, one since taken out: the checkpoint holds two optimizer parts.
+    record = json.loads((run / "config.json").read_text())
+    record["plan"].update(world_size=2, device="cuda")
+    (run / "config.json").write_text(json.dumps(record))
+    checkpoints_before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    fewer = rigtrain("train", "--out", str(run), "--resume")
+    assert fewer.returncode == 2 and len(fewer.stderr.strip().splitlines()) == 1, fewer.stderr
+    assert "was trained on 2 GPU(s), and this machine now gives it 1" in fewer.stderr
+    assert f"rigtrain train --init-from {run} --out NEW_DIR" in fewer.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints_before
 
 
 # -- disk, files, folders -------------------------------------------------------------------

@@ -23,7 +23,7 @@ from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, start_processes
-from rigtrain.train.resuming import check_checkpoint_layout, resume_changes
+from rigtrain.train.resuming import check_checkpoint_layout, check_same_processes, resume_changes
 from rigtrain.train.worker import OOM_MARKER
 
 
@@ -67,7 +67,7 @@ def resolve_config(
 
         config = load_config(base=base, config_file=config_file, overrides=overrides)
         check_checkpoint_layout(record.get("plan") or {}, run_dir)
-        changes = resume_changes(build_config(base, source=str(saved)), config)
+        changes = resume_changes(build_config(base, source=str(saved)), config, run_dir)
         if changes:
             _say(f"resuming with changes against the checkpoint's config: {'; '.join(changes)}")
         return config, run_dir
@@ -232,7 +232,7 @@ def _train_locked(
         with_user_environment,
     )  # torch: after the checks a user can fail
 
-    initial, heldout = _carried_over(run_dir, resume, init_from)  # --init-from checked before the data is made
+    initial, heldout, trained_with = _carried_over(run_dir, resume, init_from)  # --init-from: before the data
     if profile and steps is None and not resume and "train.steps" not in user_keys(config_file, overrides):
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))
     machines: dict[str, int] = {}
@@ -251,6 +251,7 @@ def _train_locked(
     while True:
         plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
         plan = with_user_environment(plan)
+        check_same_processes(trained_with, plan.world_size, run_dir)  # a resumed run's checkpoint fits
         config = apply_plan(config, plan)
         clips, split = check_data(data_dir, config, plan.world_size, heldout)
         extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}}
@@ -287,16 +288,17 @@ def _train_locked(
     return _finish(run_dir, code)
 
 
-def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[dict | None, list | None]:
-    """(the --init-from record, the held-out videos): a resumed run keeps both as it started
-    (a run from before the split held none out); a new run's --init-from is checked now,
-    before anything starts, and the trainer uses it until the run has a checkpoint."""
+def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[dict | None, list | None, dict]:
+    """(the --init-from record, the held-out videos, the plan it was trained with): a resumed
+    run keeps the first two as it started (a run from before the split held none out), and
+    its plan says how many processes its checkpoint is for; a new run's --init-from is
+    checked now, before anything starts, and the trainer uses it until it has a checkpoint."""
     if init_from and resume:
         raise UserError("--init-from starts a new run from another's weights; drop it to --resume this one")
     if not resume:
-        return (check_source(init_from) if init_from else None), None
+        return (check_source(init_from) if init_from else None), None, {}
     saved = json.loads((run_dir / "config.json").read_text())
-    return saved.get("init_from"), saved.get("split", {}).get("heldout_videos", [])
+    return saved.get("init_from"), saved.get("split", {}).get("heldout_videos", []), saved.get("plan") or {}
 
 
 def _memory(plan) -> str:

@@ -53,9 +53,9 @@ FIXED_BY_CHECKPOINT = {
     "train.optimizer": "the optimizer's states in the checkpoint are this optimizer's",
     "train.offload_optimizer": "DeepSpeed's checkpoint is laid out for this offload setting",
     "train.precision": "the checkpoint holds this precision's optimizer states",
-    "train.nproc": "the checkpoint holds one RNG state per process",
+    "train.nproc": "the checkpoint holds one part of the optimizer and one RNG state per process",
     "train.seed": "the data order of the run so far follows this seed",
-    "rig.gpus": "the checkpoint holds one RNG state per GPU",
+    "rig.gpus": "the checkpoint holds one part of the optimizer and one RNG state per GPU",
     "eval.holdout": "the run keeps the held-out videos it started with",
 }
 
@@ -70,7 +70,7 @@ def _flat(config: RunConfig) -> dict:
     return out
 
 
-def resume_changes(before: RunConfig, after: RunConfig) -> list[str]:
+def resume_changes(before: RunConfig, after: RunConfig, run_dir="RUN_DIR") -> list[str]:
     """The keys whose values differ, as "key old -> new"; a key the checkpoint fixes is a
     UserError. A contrastive head may not appear or disappear (its weights would be missing
     or left over): model.weight_va/weight_vt may change, but not to or from 0."""
@@ -82,7 +82,8 @@ def resume_changes(before: RunConfig, after: RunConfig) -> list[str]:
         if key in FIXED_BY_CHECKPOINT:
             raise UserError(
                 f"--resume: {key} cannot change from {old[key]!r} to {new[key]!r}: "
-                f"{FIXED_BY_CHECKPOINT[key]}; start a new run with another --out to change it"
+                f"{FIXED_BY_CHECKPOINT[key]}; to change it, start a new run from these weights: "
+                f"rigtrain train --init-from {run_dir} --out NEW_DIR --set {key}={new[key]}"
             )
         if key in ("model.weight_va", "model.weight_vt") and (old[key] == 0) != (new[key] == 0):
             raise UserError(
@@ -103,3 +104,20 @@ def check_checkpoint_layout(saved_plan: dict, run_dir) -> None:
             "no longer uses (bf16 now trains fp32 weights under autocast); start a new run from its weights "
             f"with: rigtrain train --init-from {run_dir} --out NEW_DIR"
         )
+
+
+def check_same_processes(saved_plan: dict, world_size: int, run_dir) -> None:
+    """The plan for this machine now has as many processes as the run was trained with:
+    ZeRO splits the optimizer's states between them, one file each, and each keeps its own
+    RNG state. A GPU taken out (or hidden by CUDA_VISIBLE_DEVICES) since would otherwise
+    fail inside DeepSpeed's load."""
+    before = saved_plan.get("world_size")  # none for a new run ({})
+    if before is None or before == world_size:
+        return
+    where = "GPU(s)" if saved_plan.get("device") == "cuda" else "process(es)"
+    raise UserError(
+        f"--resume: {run_dir} was trained on {before} {where}, and this machine now gives it {world_size}: "
+        f"its checkpoint holds one part of the optimizer per process; make the same {before} {where} available "
+        f"(CUDA_VISIBLE_DEVICES, --set rig.gpus=...) to resume, or continue from its weights in a new run: "
+        f"rigtrain train --init-from {run_dir} --out NEW_DIR"
+    )
