@@ -66,13 +66,16 @@ def _without_kineto_probe_lines():
     process's stderr as a trace starts and stops: probe markers, not messages. Its log level
     cannot hide them without hiding its errors too, so stderr is caught while the profiler
     changes state, and everything else written meanwhile is passed on."""
+    caught = None
     try:
         caught = tempfile.TemporaryFile()
-    except OSError:  # no room for it: the lines are shown rather than the profile lost
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no room for a temp file, or no stderr: shown rather than lost
+        if caught is not None:
+            caught.close()
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
     with caught:
         os.dup2(caught.fileno(), 2)
         try:
@@ -82,11 +85,10 @@ def _without_kineto_probe_lines():
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
-            lines = caught.read().decode(errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if not line.startswith("USDT:"))
-            if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
+            lines = caught.read().splitlines(keepends=True)
+            kept = b"".join(line for line in lines if not line.startswith(b"USDT:"))
+            while kept:  # where they were going
+                kept = kept[os.write(2, kept) :]
 
 
 class StepProfiler:
