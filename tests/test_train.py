@@ -38,6 +38,9 @@ def test_demo_run_layout_and_golden_loss(tmp_path, demo_data):
     run = tmp_path / "run"
     result = train(run, "--steps", "12", "--set", "train.ckpt_every=6", "train.keep_ckpts=1", "train.log_every=1")
     assert f"tensorboard --logdir {run / 'tb'}" in result.stdout
+    steps = [line for line in result.stdout.splitlines() if "] step " in line]
+    # the time left, at the pace since the first step: not on the first or the last line
+    assert "ETA" not in steps[0] and "ETA" not in steps[-1] and all(" ETA " in line for line in steps[1:-1])
     record = json.loads((run / "config.json").read_text())
     assert {"config", "rig", "plan", "data_dir"} <= set(record)
     assert record["plan"]["precision"] == "fp32" and record["plan"]["reasons"]["precision"]
@@ -378,3 +381,15 @@ def test_deepspeed_trains_at_every_zero_stage_without_its_muon_modules_or_torchs
     assert plain[-1] != plain[0]  # the steps move the loss
     for stage, losses in found["losses"].items():
         assert losses == pytest.approx(plain, rel=1e-5), (stage, losses, plain)
+
+
+def test_a_wait_reads_as_a_person_says_it():
+    from rigtrain.train.run_log import duration_words
+
+    assert [duration_words(s) for s in (0, 41.4, 725, 3 * 3600 + 7 * 60 + 12, 52 * 3600)] == [
+        "0 s",
+        "41 s",
+        "12 min 5 s",
+        "3 h 07 min",
+        "2 d 4 h",
+    ]

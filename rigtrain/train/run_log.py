@@ -33,7 +33,7 @@ def _markdown_json(value) -> str:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, resume_step: int):
+    def __init__(self, run_dir: Path, *, resume_step: int, total_steps: int | None = None):
         from torch.utils.tensorboard import SummaryWriter  # heavy (TensorBoard): only on rank 0 when it writes
 
         self.run_dir = run_dir
@@ -44,6 +44,8 @@ class MetricsLog:
         self.train_writer = SummaryWriter(str(run_dir / "tb" / "train"), purge_step=resume_step + 1)
         self.file = self.path.open("a")
         self.started = time.perf_counter()
+        self.total_steps = total_steps
+        self._first_logged: tuple[int, float] | None = None  # (step, time): where the ETA's rate starts
         self._layout_written = self.layout_has_eval = False
         for note in self.notes:
             self.say(note)
@@ -136,7 +138,19 @@ class MetricsLog:
         self.say(
             f"step {step:>5}  loss {metrics['loss']:.4f}  ({terms})  lr {metrics['lr']:.2e}  "
             f"{metrics['samples_per_s']:.1f} clips/s  data wait {metrics['data_wait_s'] * 1000:.0f} ms"
+            f"{self._eta(step)}"
         )
+
+    def _eta(self, step: int) -> str:
+        """How long the rest of the run takes at the pace since the first step this process
+        logged, evaluations and checkpoints included (they are part of the time to wait)."""
+        now = time.perf_counter()
+        if self._first_logged is None:
+            self._first_logged = (step, now)
+        first_step, first_time = self._first_logged
+        if not self.total_steps or step <= first_step or step >= self.total_steps:
+            return ""
+        return f"  ETA {duration_words((now - first_time) / (step - first_step) * (self.total_steps - step))}"
 
     def _write_layout(self, metrics: dict) -> None:
         """TensorBoard's Custom Scalars charts: at the first logged step the loss with its
@@ -182,6 +196,21 @@ class MetricsLog:
     def close(self) -> None:
         self.file.close()
         self.train_writer.close()
+
+
+def duration_words(seconds: float) -> str:
+    """A wait as a person reads it: "40 s", "12 min 5 s", "3 h 07 min", "2 d 4 h"."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {s} s"
+    hours, m = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {m:02d} min"
+    days, h = divmod(hours, 24)
+    return f"{days} d {h} h"
 
 
 def chart_layout(keys) -> dict:

@@ -176,7 +176,7 @@ class Trainer(
         """Rank 0's metrics.jsonl and TensorBoard. Metrics past the checkpoint (or all of them,
         when a run died before its first checkpoint) are dropped: they will be logged again."""
         t = self.config.train
-        self.log = MetricsLog(self.run_dir, resume_step=self.step)
+        self.log = MetricsLog(self.run_dir, resume_step=self.step, total_steps=t.steps)
         if not resumed:
             self.log.write_setup(saved, self.parameters)
         self.log.say(
