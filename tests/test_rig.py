@@ -675,6 +675,9 @@ def test_a_docker_sized_dev_shm_is_a_warning_when_gpus_talk_through_it():
     plan = plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())
     (warning,) = [w for w in plan.warnings if w.code == "small_shm"]
     assert "/dev/shm holds 64 MiB" in warning.message and "--ipc=host" in warning.message
+    from rigtrain.rig.report import format_report
+
+    assert "RAM 64.0 GiB; /dev/shm 64 MiB" in format_report(rig_from_dict(rig), plan)
     rig["shm_gib"] = 16.0
     assert "small_shm" not in codes(plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()))
     rig["shm_gib"] = 0.0625

@@ -24,6 +24,7 @@ def format_rig(rig: Rig) -> list[str]:
         + (f", {cpu.tdp_w:.0f} W" if cpu.tdp_w else "")
         + f"; RAM {_opt(rig.ram_gib, '{:.1f}')} GiB"
         + (f" ({rig.ram_free_gib:.1f} free)" if rig.ram_free_gib else "")
+        + (f"; /dev/shm {_shm_words(rig.shm_gib)}" if rig.shm_gib is not None else "")
         + (f"; PSU {rig.psu_w:.0f} W" if rig.psu_w else "")
     )
     for disk in rig.disk:
@@ -169,3 +170,7 @@ def format_report(rig: Rig, plan: Plan) -> str:
     else:
         lines += ["", "no warnings"]
     return "\n".join(lines)
+
+
+def _shm_words(gib: float) -> str:
+    return f"{gib * 1024:.0f} MiB" if gib < 1 else f"{gib:.1f} GiB"
