@@ -58,11 +58,14 @@ def check_torch_trains_here(rig: Rig, rig_file: str | None) -> None:
     what no probe reads, like the PSU) must have this machine's GPU count, and GPUs that
     NVML sees must be usable by the torch installed here. A CPU-only torch on a GPU machine
     is the usual slip (pip chose a CPU wheel, or the venv was made on another machine);
-    it would otherwise fail inside every rank."""
-    import torch  # heavy: only on the paths that need it
+    it would otherwise fail inside every rank. Without a rig file or a GPU, torch is not
+    imported: there is nothing to ask it."""
+    described = len(visible_indices(rig))
+    if not rig_file and not described:
+        return
+    import torch  # heavy: only where there are GPUs to ask it about (a rank imports it anyway)
 
     here = torch.cuda.device_count() if torch.cuda.is_available() else 0  # as CUDA_VISIBLE_DEVICES leaves them
-    described = len(visible_indices(rig))
     if rig_file and described != here:
         raise UserError(
             f"--rig {rig_file} describes {described} GPU(s) but this machine has {here}"
