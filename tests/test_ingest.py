@@ -827,20 +827,30 @@ def test_a_shard_is_written_piece_by_piece(tmp_path):
         assert (tmp_path / "shard-00000" / f"{key}.npy").read_bytes() == (tmp_path / "joined.npy").read_bytes(), key
 
 
+def _world_with_one_video_held_back(tmp_path: Path, videos: int, seed: int) -> tuple[Path, Path]:
+    """A Shapes world whose last video (and its sidecars) waits in another folder, to be
+    added after a first prepare: (the world, the folder it waits in)."""
+    src, later = tmp_path / "world", tmp_path / "later"
+    synthesize(src, videos=videos, seed=seed)
+    later.mkdir()
+    for p in src.glob(f"shapes_{videos - 1:04d}.*"):
+        shutil.move(p, later / p.name)
+    return src, later
+
+
+def _bring_back(later: Path, src: Path) -> None:
+    for p in later.iterdir():
+        shutil.move(p, src / p.name)
+
+
 def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
     from rigtrain.data.dataset import ShardDataset
 
-    src = tmp_path / "world"
-    synthesize(src, videos=4, seed=2)
+    src, later = _world_with_one_video_held_back(tmp_path, videos=4, seed=2)
     data = load_config("demo").data
-    moved = tmp_path / "later"
-    moved.mkdir()
-    for p in src.glob("shapes_0003.*"):
-        shutil.move(p, moved / p.name)
     first = prepare(src, tmp_path / "prep", data)
     before = _shard_bytes(tmp_path / "prep")
-    for p in moved.iterdir():
-        shutil.move(p, src / p.name)
+    _bring_back(later, src)
     seen = []
     index = prepare(src, tmp_path / "prep", data, progress=lambda done, total, name, clips: seen.append(name))
     assert seen == ["shapes_0003.mp4"]
@@ -854,19 +864,13 @@ def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
 def test_adding_to_a_folder_an_earlier_rigtrain_prepared_says_they_differ(tmp_path):
     """Before 2026-12-03 a stereo track came out 3 dB louder and a DVD's picture narrower:
     videos added to such a folder are decoded as today, and the prepare says so."""
-    src = tmp_path / "world"
-    synthesize(src, videos=3, seed=4)
+    src, later = _world_with_one_video_held_back(tmp_path, videos=3, seed=4)
     data = load_config("demo").data
-    later = tmp_path / "later"
-    later.mkdir()
-    for p in src.glob("shapes_0002.*"):
-        shutil.move(p, later / p.name)
     prepare(src, tmp_path / "prep", data)
     old = json.loads((tmp_path / "prep" / "index.json").read_text())
     del old["decoding"]  # as an earlier rigtrain wrote it
     (tmp_path / "prep" / "index.json").write_text(json.dumps(old))
-    for p in later.iterdir():
-        shutil.move(p, src / p.name)
+    _bring_back(later, src)
     said = []
     index = prepare(src, tmp_path / "prep", data, log=said.append)
     assert any("prepared by an earlier rigtrain" in line and "a new folder" in line for line in said), said
