@@ -1233,3 +1233,40 @@ def test_a_subtitle_in_unicode_from_a_windows_tool_is_read(tmp_path, encoding):
         (tmp_path / "talk.srt").write_bytes((bom + srt.encode(encoding))[:-1])
         with pytest.raises(MediaError, match="not UTF-16 text, as its byte-order mark says"):
             read_narration(tmp_path / "talk.srt")
+
+
+_DJI_SETTINGS = (
+    "[iso: 100] [shutter: 1/1000.0] [fnum: 1.7] [ev: 0] [ct: 5600] [focal_len: 24.00] "
+    "[latitude: 46.81234] [longitude: 8.22711] [rel_alt: 1.300 abs_alt: 1204.512] </font>"
+)
+DJI_MINI_SRT = "".join(  # as a DJI Mini or Air writes it, one cue a frame
+    f"{k}\n00:00:00,{33 * (k - 1):03d} --> 00:00:00,{33 * k:03d}\n"
+    f'<font size="28">FrameCnt: {k}, DiffTime: 33ms\n2024-05-04 11:02:13.{512 + 33 * k}\n{_DJI_SETTINGS}\n\n'
+    for k in range(1, 4)
+)
+
+DJI_PHANTOM_SRT = """1
+00:00:01,000 --> 00:00:02,000
+HOME(149.0251,-20.2532) 2017.08.05 14:11:51
+GPS(149.0251,-20.2533,16) BAROMETER:1.9
+ISO:100 Shutter:60 EV:0 Fnum:F2.2
+"""
+
+
+@pytest.mark.parametrize("telemetry", [DJI_MINI_SRT, DJI_PHANTOM_SRT], ids=["mini", "phantom"])
+def test_a_drones_flight_log_beside_its_video_is_not_narration(tmp_path, telemetry):
+    """DJI drones write DJI_0001.SRT beside DJI_0001.MP4 with GPS, ISO and shutter for every
+    frame: named for what it is and left out, the video used without narration; a real
+    subtitle that mentions GPS once is still narration."""
+    from rigtrain.data.check import check_folder
+
+    write_variable_rate_h264(tmp_path / "DJI_0001.MP4", [100 * i for i in range(21)])
+    (tmp_path / "DJI_0001.SRT").write_text(telemetry)
+    entry = check_folder(tmp_path, load_config("demo").data)["videos"][0]
+    assert entry["ok"] and entry["narration"] is None
+    assert any("DJI_0001.SRT will be skipped: a drone's flight log" in note for note in entry["notes"]), entry["notes"]
+    (tmp_path / "talk.srt").write_text(
+        "1\n00:00:00,500 --> 00:00:01,800\nturn the GPS (on the left) on\n\n"
+        "2\n00:00:02,000 --> 00:00:03,000\nthen take off\n"
+    )
+    assert len(read_narration(tmp_path / "talk.srt").segments) == 2

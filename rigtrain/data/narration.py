@@ -36,7 +36,25 @@ def read_narration(path: Path) -> Narration:
     suffix = Path(path).suffix.lower()
     if suffix == ".json":
         return Narration(read_whisper_json(path))
-    return parse_subtitles(read_subtitle_text(Path(path)), webvtt=suffix == ".vtt")
+    narration = parse_subtitles(read_subtitle_text(Path(path)), webvtt=suffix == ".vtt")
+    if _is_flight_log(narration.segments):
+        raise MediaError(
+            "a drone's flight log (DJI writes one beside each video: GPS, ISO, shutter per frame), "
+            "not narration; left out"
+        )
+    return narration
+
+
+# What a drone's subtitle track holds in every cue instead of speech: DJI's per-frame
+# "FrameCnt: 1, DiffTime: 33ms ... [iso: 100] [latitude: ...]" (Mini, Air, Mavic 3) or the
+# older "HOME(lon,lat) ... GPS(lon,lat,alt) BAROMETER:1.9 ISO:100" (Phantom, Mavic Pro).
+FLIGHT_LOG = re.compile(r"FrameCnt|DiffTime|\[iso\s*:|\[latitude\s*:|\bGPS\s*\(|\bHOME\s*\(|BAROMETER", re.IGNORECASE)
+
+
+def _is_flight_log(segments: list[Segment]) -> bool:
+    """Most cues (of the first 200) read as flight telemetry, not words."""
+    sample = segments[:200]
+    return bool(sample) and sum(bool(FLIGHT_LOG.search(s.text)) for s in sample) >= 0.8 * len(sample)
 
 
 def read_subtitle_text(path: Path) -> str:
