@@ -77,6 +77,27 @@ def test_evaluate_writes_the_contract_keys():
     assert bare["knn"] == {} and bare["retrieval"] == {} and len(bare["notes"]) == 2
 
 
+def test_a_gopros_chapters_of_one_recording_stay_on_one_side_of_the_split():
+    """A long GoPro recording is several chapter files; one scene runs on across them, so a
+    chapter held out while its neighbour trains would score the model on what it saw."""
+    from rigtrain.data.split import recording_of
+
+    names = [f"day{d}/GX{c:02d}{n:04d}.MP4" for d in (1, 2) for n in range(40, 52) for c in range(1, 4)]
+    names += [f"old/GOPR{n:04d}.MP4" for n in range(7, 19)] + [
+        f"old/GP{c:02d}{n:04d}.MP4" for n in range(7, 19) for c in (1, 2)
+    ]
+    names += [f"phone_{i}.mp4" for i in range(20)]
+    held = set(heldout_videos(names, 0.3))
+    recordings = {}
+    for name in names:
+        recordings.setdefault(recording_of(name), set()).add(name)
+    assert len(recordings) == 2 * 12 + 12 + 20  # a recording of 3 chapters, of 1 + 2, and 20 phone videos
+    for chapters in recordings.values():
+        assert chapters <= held or not chapters & held, chapters  # all held out, or none
+    assert 0 < len(held) < len(names)
+    assert heldout_videos(["GX010001.MP4", "GX020001.MP4"], 0.5) == []  # one recording: nothing to hold out
+
+
 def test_the_split_holds_out_whole_videos_and_is_stable_when_videos_are_added():
     names = [f"video_{i:03d}.mp4" for i in range(40)]
     held = heldout_videos(names, 0.25)

@@ -10,6 +10,7 @@ split, and any machine makes the same split.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,18 +22,37 @@ def name_hash(name: str) -> float:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
+# A GoPro cuts a long recording into chapter files of about 4 GB: GX010042.MP4,
+# GX020042.MP4, ... (HERO6 and later; GH for H.264), or GOPR0042.MP4 then GP010042.MP4
+# (HERO5 and earlier). The chapters are one recording, and one scene runs on across them.
+GOPRO_CHAPTER = re.compile(r"^(?P<folder>.*/)?(?:(?P<kind>G[HX])\d{2}|GOPR|GP\d{2})(?P<number>\d{4})\.MP4$", re.I)
+
+
+def recording_of(name: str) -> str:
+    """The recording a video file belongs to: its own name, or for a GoPro chapter the
+    recording's number, so that every chapter lands on the same side of the split."""
+    chapter = GOPRO_CHAPTER.match(name)
+    if chapter is None:
+        return name
+    kind = (chapter["kind"] or "GOPR").upper()
+    return f"{chapter['folder'] or ''}{kind}{chapter['number']} (GoPro chapters)"
+
+
 def heldout_videos(names: list[str], fraction: float) -> list[str]:
-    """The held-out video names. With a fraction above 0 and at least two videos, at least
-    one is held out (the one with the smallest hash) and at least one is trained on."""
-    unique = sorted(set(names))
-    if fraction <= 0 or len(unique) < 2:
+    """The held-out video names, whole recordings at a time (a GoPro's chapters together).
+    With a fraction above 0 and at least two recordings, at least one is held out (the one
+    with the smallest hash) and at least one is trained on."""
+    recordings: dict[str, list[str]] = {}
+    for name in sorted(set(names)):
+        recordings.setdefault(recording_of(name), []).append(name)
+    if fraction <= 0 or len(recordings) < 2:
         return []
-    chosen = [n for n in unique if name_hash(n) < fraction]
+    chosen = [r for r in recordings if name_hash(r) < fraction]
     if not chosen:
-        chosen = [min(unique, key=name_hash)]
-    if len(chosen) == len(unique):
+        chosen = [min(recordings, key=name_hash)]
+    if len(chosen) == len(recordings):
         chosen.remove(max(chosen, key=name_hash))
-    return chosen
+    return sorted(name for r in chosen for name in recordings[r])
 
 
 @dataclass(frozen=True)
