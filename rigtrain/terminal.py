@@ -20,16 +20,17 @@ def counter(describe: Callable[[int, int], str], stream: TextIO | None = None) -
     last call (done == total) ends the line."""
     out = stream or sys.stdout
     in_place = out.isatty()
-    shown = {"tenth": -1}
+    shown_tenth = -1
 
     def show(done: int, total: int) -> None:
+        nonlocal shown_tenth
         finished = done >= total
         if in_place:
             print(f"\r{describe(done, total)}", end="\n" if finished else "", file=out, flush=True)
             return
         tenth = done * STEPS_WHEN_LOGGED // max(total, 1)
-        if tenth > shown["tenth"] or finished:
-            shown["tenth"] = STEPS_WHEN_LOGGED if finished else tenth
+        if tenth > shown_tenth or finished:
+            shown_tenth = STEPS_WHEN_LOGGED if finished else tenth
             print(describe(done, total), file=out, flush=True)
 
     return show
