@@ -1160,6 +1160,61 @@ def test_modern_codecs_decode_to_the_right_frames(tmp_path, name, muxer, codec, 
         np.testing.assert_array_equal(read_video_clip(path, start, 8, 8.0, (32, 32)), frames[start : start + 8])
 
 
+def _sdr_level_of_hdr_signal(signal: np.ndarray, transfer: str) -> np.ndarray:
+    """BT.2100's display light for an HDR signal in [0, 1] (HLG on a 1000 cd/m2 screen, system
+    gamma 1.2; PQ absolute), with reference white (203 cd/m2, BT.2408) at SDR's full scale,
+    encoded for an SDR screen (BT.1886, gamma 2.4): 8-bit levels. Greys only, so no gamut
+    mapping enters."""
+    if transfer == "HLG":
+        a, b, c = 0.17883277, 0.28466892, 0.55991073
+        scene = np.where(signal <= 0.5, signal**2 / 3, (np.exp((signal - c) / a) + b) / 12)
+        nits = 1000 * scene**1.2
+    else:
+        m1, m2, c1, c2, c3 = 0.1593017578125, 78.84375, 0.8359375, 18.8515625, 18.6875
+        p = signal ** (1 / m2)
+        nits = 10000 * (np.maximum(p - c1, 0) / (c2 - c3 * p)) ** (1 / m1)
+    return 255 * np.clip(nits / 203, 0, 1) ** (1 / 2.4)
+
+
+@pytest.mark.parametrize("transfer, trc", [("HLG", 18), ("PQ", 16)])
+def test_an_hdr_phone_video_is_read_as_an_sdr_screen_shows_it(tmp_path, transfer, trc):
+    """A phone records HDR by default (10-bit HEVC, BT.2020, HLG); its code values read as
+    if they were SDR look flat and washed out, and PQ's look dark. Every reader gives the
+    frames as a screen without HDR shows them (the OpenCV wheel's FFmpeg converts by the
+    stream's colour tags), and data check says the video is HDR."""
+    import av
+
+    from rigtrain.data.check import check_folder, format_report
+
+    signal = np.arange(16) / 16  # a grey ramp of HDR signal levels, one 8-column bar each
+    ramp = np.repeat(np.round(signal * 65535).astype(np.uint16), 8)
+    picture = np.repeat(np.repeat(ramp[None, :, None], 32, axis=0), 3, axis=2)
+    path = tmp_path / f"phone_{transfer}.mov"
+    with av.open(str(path), "w", format="mov") as container:
+        video = container.add_stream("libx265", rate=10, options={"x265-params": "log-level=error:lossless=1"})
+        video.width, video.height, video.pix_fmt = 128, 32, "yuv444p10le"
+        tags = video.codec_context
+        tags.colorspace, tags.color_primaries, tags.color_trc, tags.color_range = 9, 9, trc, 1
+        for _ in range(20):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb48le").reformat(
+                format="yuv444p10le", dst_colorspace="BT2020"
+            )
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+    frames, _ = read_video(path, 10.0, (32, 128), "pad")
+    bars = frames[10, 16, 4::8].astype(float)  # the middle of each bar, every channel alike
+    expected = _sdr_level_of_hdr_signal(signal, transfer)
+    np.testing.assert_allclose(bars, np.repeat(expected[:, None], 3, axis=1), atol=3.0)
+    # read as SDR the mid-grey bar would be 128: HLG's is 144 on an SDR screen, PQ's 185
+    assert abs(bars[8, 1] - 128) > 12
+    np.testing.assert_array_equal(read_video_clip(path, 5, 4, 10.0, (32, 128), "pad"), frames[5:9])
+    report = check_folder(tmp_path, load_config("demo").data)
+    assert report["videos"][0]["hdr"] == transfer
+    assert f"HDR ({transfer}): read as a screen without HDR shows it" in format_report(report)
+
+
 @pytest.mark.parametrize(
     "name, muxer, codec, layout",
     [

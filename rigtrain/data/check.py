@@ -52,6 +52,7 @@ def _probe_video(path: Path) -> dict:
         "pixel_aspect": round(info.pixel_aspect, 4),
         "duration_s": round(duration, 6),  # to the microsecond: the clip count depends on it
         "end_decodes": end_decodes,
+        "hdr": media.hdr_transfer(path),
     }
 
 
@@ -137,6 +138,10 @@ def check_source(source: Source, data: DataConfig) -> dict:
     except media.MediaError as err:
         return {**entry, "reason": str(err)}
     entry.update(ok=True, **video, notes=[])
+    if video["hdr"]:
+        entry["notes"].append(
+            f"HDR ({video['hdr']}): read as a screen without HDR shows it; highlights above reference white clip"
+        )
     if not video["end_decodes"]:
         entry["notes"].append("the last frames do not decode (truncated?); prepare keeps the frames that do")
     entry["audio"] = None

@@ -200,6 +200,23 @@ def frame_times(path: Path) -> list[float]:
     return sorted(t for t in (float((s - origin) * base) for s in stamps) if t >= -SAME_INSTANT_S)
 
 
+# FFmpeg's transfer characteristics that mean high dynamic range (AVCOL_TRC_*): a phone's
+# HDR video is HLG (an iPhone's Dolby Vision 8.4 carries an HLG base layer), a grading or a
+# streaming export PQ.
+HDR_TRANSFERS = {16: "PQ", 18: "HLG"}
+
+
+def hdr_transfer(path: Path) -> str | None:
+    """ "HLG" or "PQ" for a video recorded in high dynamic range, None for SDR. OpenCV's
+    FFmpeg (swscale 9.5 and later: opencv-python-headless 4.14) converts such frames to SDR
+    as a screen without HDR shows them, reference white (203 cd/m2) at full scale; see
+    docs/data.md."""
+    with open_container(path) as container:
+        if not container.streams.video:
+            return None
+        return HDR_TRANSFERS.get(int(container.streams.video[0].codec_context.color_trc or 0))
+
+
 def last_decodable_s(path: Path, last_s: float) -> float | None:
     """The time of the last frame that decodes, from the keyframe before last_s - 0.5 s
     (last_s: frame_times' last) to the end or the first error: a truncated file's index can
