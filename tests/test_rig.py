@@ -704,6 +704,28 @@ def test_gpus_that_this_torch_cannot_use_are_one_line_that_says_what_to_install(
     check_torch_trains_here(restricted(rig, "", None), None)  # every GPU hidden: the CPU, no error
 
 
+@pytest.mark.parametrize(
+    "cuda, hip, reason",
+    [
+        ("13.0", None, "is built for CUDA 13.0, which the driver here cannot start (a driver older than"),
+        (None, "6.4", "(ROCm 6.4) cannot start HIP here"),
+    ],
+)
+def test_a_gpu_build_of_torch_that_cannot_start_its_driver_says_so(monkeypatch, cuda, hip, reason):
+    """The other reason torch sees no GPU NVML sees: a CUDA build newer than the driver (a
+    home rig's driver lags a fresh wheel), or a container started without the GPUs. The
+    line names the build and the cause, not "CPU-only"."""
+    from rigtrain.train.planning import check_torch_trains_here
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    with pytest.raises(UserError) as err:
+        check_torch_trains_here(read_rig_file(RIGS / "two_3090_one_on_x4_850w.json"), None)
+    message = str(err.value)
+    assert reason in message and "CPU-only" not in message and "\n" not in message, message
+
+
 # -- the memory model against a real card ------------------------------------------------------
 # tests/rigs/h200.json is the machine of the first GPU run as its probe read it; the figures are
 # what that run measured (torch.cuda.max_memory_allocated after the first step; NVML's use).
