@@ -208,9 +208,8 @@ HDR_TRANSFERS = {16: "PQ", 18: "HLG"}
 
 def hdr_transfer(path: Path) -> str | None:
     """ "HLG" or "PQ" for a video recorded in high dynamic range, None for SDR. OpenCV's
-    FFmpeg (swscale 9.5 and later: opencv-python-headless 4.14) converts such frames to SDR
-    as a screen without HDR shows them, reference white (203 cd/m2) at full scale; see
-    docs/data.md."""
+    FFmpeg converts such frames to SDR as a screen without HDR shows them, reference white
+    (203 cd/m2) at full scale (checked from opencv-python-headless 4.14 on; docs/data.md)."""
     with open_container(path) as container:
         if not container.streams.video:
             return None
