@@ -224,9 +224,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record, indent=1))
         return 0
+    bank = record["clips"]["bank"]
     print(
-        f"eval of {args.run_dir} at step {record['step']} on {record['clips']['heldout']} held-out clips "
-        f"(kNN bank and probe: {record['clips']['bank']} training clips) in {record['seconds']:.1f} s"
+        f"eval of {args.run_dir} at step {record['step']} on {record['clips']['heldout']} held-out clips"
+        f"{f' (kNN bank and probe: {bank} training clips)' if bank else ''} in {record['seconds']:.1f} s"
     )
     print(format_result(record))
     print(f"written to {Path(args.run_dir) / 'eval.json'}")

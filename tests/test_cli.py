@@ -62,11 +62,16 @@ def test_bad_input_is_one_line_and_exit_2(args, fragments):
 
 
 def test_train_on_a_folder_of_raw_videos_decodes_on_the_fly_and_says_to_prepare(tmp_path, shared_data):
+    """A user's own videos, never prepared: decoded on the fly, and evaluated without
+    embedding any training clip (they only serve kNN and the probe, which need labels a
+    user's videos do not have; decoding them on demand would double the evaluation)."""
+    import json
     import shutil
 
     videos = tmp_path / "videos"
     videos.mkdir()
     shutil.copy(shared_data / "videos" / "bikes.mp4", videos)
+    shutil.copy(shared_data / "videos" / "carphone_pristine.mp4", videos)
     result = run_cli(
         "train",
         "--data",
@@ -81,7 +86,13 @@ def test_train_on_a_folder_of_raw_videos_decodes_on_the_fly_and_says_to_prepare(
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "decoded on the fly" in result.stdout and "rigtrain data prepare" in result.stdout
-    assert "10 clips from" in result.stdout  # 10 s of bikes.mp4 at the demo's 1-second clips
+    assert "14 clips from" in result.stdout  # 10 s of bikes.mp4 and 4 of carphone at 1-second clips
+    record = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert record["clips"]["bank"] == 0 and record["clips"]["heldout"] in (4, 10), record["clips"]
+    assert any("no labels" in note for note in record["notes"])
+    again = run_cli("eval", str(tmp_path / "run"), "--json", timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["clips"] == record["clips"]
     (tmp_path / "empty").mkdir()
     assert_user_error(run_cli("train", "--data", str(tmp_path / "empty")), "neither prepared shards")
 

@@ -4,7 +4,9 @@
     evaluate(bank, heldout, label_names, cfg) -> {"knn", "probe", "retrieval", ...}
 
 kNN and the probe learn from the bank (training clips: the model saw them, their labels it
-never did) and are scored on held-out clips; retrieval runs among held-out clips only.
+never did) and are scored on held-out clips; retrieval runs among held-out clips only. Data
+without labels (a user's own videos) has no use for a bank, so none is embedded
+(`needs_bank`): on videos decoded on demand that halves an evaluation.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class Features:
         )
 
 
+def needs_bank(label_names: dict | None) -> bool:
+    """Whether training clips are embedded at all: only kNN and the probe use them, and
+    they need labels (index.json's "labels"; only Shapes-world shards carry them)."""
+    return bool(label_names)
+
+
 def spread(clips: np.ndarray, most: int) -> np.ndarray:
     """At most `most` of the clips, evenly spaced (deterministic, and every video keeps a share)."""
     if len(clips) <= most:
@@ -91,17 +99,19 @@ def extract_features(
     return Features.concat(parts)
 
 
-def evaluate(bank: Features, heldout: Features, label_names: dict[str, list[str]] | None, config: EvalConfig) -> dict:
+def evaluate(
+    bank: Features | None, heldout: Features, label_names: dict[str, list[str]] | None, config: EvalConfig
+) -> dict:
     """eval.json's measures. `label_names` (index.json's "labels") is None for data without
-    labels: then kNN and the probe are empty, and "notes" says why."""
+    labels: then kNN and the probe are empty, "notes" says why, and `bank` may be None."""
     result: dict = {
         "knn": {},
         "probe": {},
         "retrieval": {},
         "notes": [],
-        "clips": {"bank": len(bank), "heldout": len(heldout)},
+        "clips": {"bank": len(bank) if bank is not None else 0, "heldout": len(heldout)},
     }
-    if label_names:
+    if label_names and bank is not None:
         for i, key in enumerate(LABELS):
             knn, probe = label_scores(
                 bank.video,

@@ -21,7 +21,7 @@ from rigtrain.data.dataset import ShardDataset, open_dataset
 from rigtrain.data.split import heldout_videos, split_clips
 from rigtrain.errors import UserError
 from rigtrain.evaluate import evaluate, extract_features
-from rigtrain.evaluate.evaluation import spread
+from rigtrain.evaluate.evaluation import needs_bank, spread
 from rigtrain.evaluate.pictures import geometry_of, picture_clips, prediction_pictures, save_pictures
 from rigtrain.files import write_json
 from rigtrain.model import build_model
@@ -92,7 +92,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
             f"eval: {data_dir} has no held-out clips (eval.holdout={config.eval.holdout} of "
             f"{len(set(videos))} videos); evaluate on other data with --data"
         )
-    if len(split.train) == 0:
+    labels = dataset.index.get("labels") if isinstance(dataset, ShardDataset) else None
+    if len(split.train) == 0 and needs_bank(labels):
         raise UserError(f"eval: every clip of {data_dir} is held out, so kNN has no bank; give more videos")
 
     model = build_model(config.model, config.data)
@@ -101,7 +102,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
     model.to(device).eval()
 
     started = time.perf_counter()
-    bank_clips, heldout_clips = spread(split.train, config.eval.max_clips), spread(split.heldout, config.eval.max_clips)
+    # without labels no kNN or probe: the training clips are not embedded at all
+    bank_clips = spread(split.train, config.eval.max_clips) if needs_bank(labels) else split.train[:0]
+    heldout_clips = spread(split.heldout, config.eval.max_clips)
     total = len(bank_clips) + len(heldout_clips)
 
     embedded = counter(lambda done, _: f"[rigtrain] eval: embedded {done}/{total} clips", sys.stderr)
@@ -111,11 +114,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
 
     embed = lambda batch: model(batch, task="embed")  # noqa: E731
     size = max(config.train.micro_batch_size, 16)
-    bank = extract_features(embed, dataset, bank_clips, batch_size=size, device=device, progress=progress(0))
+    bank = None
+    if len(bank_clips):
+        bank = extract_features(embed, dataset, bank_clips, batch_size=size, device=device, progress=progress(0))
     held = extract_features(
         embed, dataset, heldout_clips, batch_size=size, device=device, progress=progress(len(bank_clips))
     )
-    labels = dataset.index.get("labels") if isinstance(dataset, ShardDataset) else None
     result = evaluate(bank, held, labels, config.eval)
     record = {
         "step": step,

@@ -10,24 +10,24 @@ import numpy as np
 import torch
 
 from rigtrain.evaluate import Features, evaluate, extract_features, format_result
-from rigtrain.evaluate.evaluation import spread
+from rigtrain.evaluate.evaluation import needs_bank, spread
 from rigtrain.evaluate.pictures import geometry_of, picture_clips, prediction_pictures
 from rigtrain.files import write_json
 
 
 class HeldOutEvaluation:
     def evaluate_held_out(self) -> dict | None:
-        """Every rank embeds its share of the bank (training clips) and the held-out clips;
-        rank 0 gathers them, scores kNN, probe and retrieval, and writes eval.json. Returns
-        the result on rank 0, None elsewhere."""
+        """Every rank embeds its share of the bank (training clips, where there are labels
+        for kNN and the probe) and the held-out clips; rank 0 gathers them, scores kNN, probe
+        and retrieval, and writes eval.json. Returns the result on rank 0, None elsewhere."""
         started = time.perf_counter()
         cfg, module = self.config.eval, self.engine.module
+        labels = self.dataset.index.get("labels") if not self.raw_videos else None
+        sets = (self.split.train, self.split.heldout) if needs_bank(labels) else (self.split.heldout,)
         was_training = module.training
         module.eval()
         try:
-            parts = [
-                self._embed_share(spread(clips, cfg.max_clips)) for clips in (self.split.train, self.split.heldout)
-            ]
+            parts = [self._embed_share(spread(clips, cfg.max_clips)) for clips in sets]
             pictures = self._predictions(module)
         finally:
             module.train(was_training)
@@ -36,8 +36,9 @@ class HeldOutEvaluation:
             torch.distributed.gather_object(parts, gathered, dst=0)
             if not self.is_main:
                 return None
-            parts = [Features.concat([g[i] for g in gathered]) for i in range(2)]
-        result = evaluate(parts[0], parts[1], self.dataset.index.get("labels") if not self.raw_videos else None, cfg)
+            parts = [Features.concat([g[i] for g in gathered]) for i in range(len(sets))]
+        bank, held = (None, *parts) if len(parts) == 1 else parts
+        result = evaluate(bank, held, labels, cfg)
         record = {
             "step": self.step,
             **result,
@@ -52,8 +53,8 @@ class HeldOutEvaluation:
         heldout = spread(self.split.heldout, cfg.max_clips)
         order = np.concatenate([heldout[r :: self.world] for r in range(self.world)])  # as gathered
         if getattr(self, "projector_metadata", None) is None:  # the held-out clips are the run's: read once
-            self.projector_metadata = self._clip_metadata(order, parts[1].labels)
-        self.log.write_embedding(parts[1].video, self.projector_metadata, self.step)
+            self.projector_metadata = self._clip_metadata(order, held.labels)
+        self.log.write_embedding(held.video, self.projector_metadata, self.step)
         self.log.write_pictures(pictures, self.step)
         return result
 

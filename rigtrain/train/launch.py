@@ -199,9 +199,10 @@ def train(
 def _say_split(run_dir: Path, clips: int, data_dir: Path, split, holdout: float) -> None:
     from rigtrain.data.split import lopsided_split_note  # numpy: only once there is data
 
+    videos = len(split.heldout_videos)
     _say(
         f"run {run_dir}: {clips} clips from {data_dir}; {len(split.heldout)} of them, from "
-        f"{len(split.heldout_videos)} videos, held out for evaluation and never trained on"
+        f"{videos} video{'' if videos == 1 else 's'}, held out for evaluation and never trained on"
     )
     if note := lopsided_split_note(split, holdout):
         _say(f"note: {note}")
