@@ -80,6 +80,33 @@ def test_two_3090s_one_on_x4_with_an_850w_psu():
     assert plan.zero_stage == 1 and "same communication" in plan.reasons["zero_stage"]
 
 
+def test_an_idle_cards_pcie_generation_is_not_the_one_it_trains_at():
+    """Probed before training, a card is idle and has dropped its link to a low generation
+    to save power (a 3090 idles at Gen1 x16); under load it runs at NVML's max, which counts
+    the slot. The plan's host link and the narrow-link warning use that; a busy card's
+    generation below the max is what it runs at, and is a warning of its own."""
+    from rigtrain.rig.speed import facts_for
+    from rigtrain.rig.warnings import hardware_warnings, pcie_gb_s
+
+    raw = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    raw["gpus"][0]["pcie"].update(gen=1, width=16, max_gen=4, max_width=16)
+    raw["gpus"][1]["pcie"].update(gen=1, width=4, max_gen=4, max_width=16)
+    idle = rig_from_dict(raw)
+    assert [g.link_under_load for g in idle.gpus] == [(4, 16), (4, 4)]
+    assert facts_for(idle, (0,), 10**6, 1e9, "bf16").host_link_bytes_s == pcie_gb_s(4, 16) * 1e9  # not Gen1's
+    narrow = next(w for w in hardware_warnings(idle, (0, 1)) if w.code == "pcie_narrow")
+    assert "runs on PCIe Gen4 x4 under load (Gen1 now, idle): about 6 GB/s against 24 at x16" in narrow.message
+    assert not any(w.code == "pcie_downtrained" and "under load" in w.message for w in hardware_warnings(idle, (0, 1)))
+
+    raw["gpus"][0]["pcie"]["gen"] = 3
+    raw["gpus"][0]["utilization_pct"] = 97.0
+    busy = rig_from_dict(raw)
+    assert busy.gpus[0].link_under_load == (3, 16)
+    assert any(
+        w.code == "pcie_downtrained" and "Gen3 of Gen4 under load" in w.message for w in hardware_warnings(busy, (0, 1))
+    )
+
+
 def test_four_4090s_without_p2p():
     plan = plan_for("four_4090_no_p2p.json")
     assert plan.world_size == 4 and plan.env["NCCL_P2P_DISABLE"] == "1"

@@ -61,6 +61,25 @@ class Gpu:
     def free_gib(self) -> float:
         return self.memory_free_gib if self.memory_free_gib is not None else self.memory_gib
 
+    @property
+    def busy(self) -> bool:
+        """Working when it was probed (half its power limit, or half utilised)."""
+        power = self.power
+        return (self.utilization_pct or 0) >= 50 or bool(
+            power and power.draw_w and power.limit_w and power.draw_w >= 0.5 * power.limit_w
+        )
+
+    @property
+    def link_under_load(self) -> tuple[int, int] | None:
+        """(PCIe generation, width) the card runs at while it trains. An idle card drops its
+        link to a lower generation to save power (a 3090 idles at Gen1) and goes back to the
+        highest the card and the board allow under load: NVML's max, which counts the slot.
+        A busy card's generation is the one it runs at (below the max: the BIOS, a riser)."""
+        if self.pcie is None:
+            return None
+        gen = self.pcie.gen if self.busy or not self.pcie.max_gen else max(self.pcie.gen, self.pcie.max_gen)
+        return gen, self.pcie.width
+
 
 @dataclass(frozen=True)
 class Cpu:

@@ -78,7 +78,8 @@ def facts_for(rig: Rig, gpus: tuple[int, ...], parameters: int, flops_per_clip: 
     peaks = [peak_tflops(g.name) for g in chosen]
     # a card missing from the peak table: a modest card's figure, so the terms keep their scale
     peak = min((p for p in peaks if p), default=30.0)
-    host = min((pcie_gb_s(g.pcie.gen, g.pcie.width) * 1e9 for g in chosen if g.pcie), default=pcie_gb_s(4, 16) * 1e9)
+    # at the generation the link trains at, not the one an idle card dropped to when probed
+    host = min((pcie_gb_s(*g.link_under_load) * 1e9 for g in chosen if g.pcie), default=pcie_gb_s(4, 16) * 1e9)
     link = None
     if len(chosen) > 1:
         if all(g.nvlink and any(g.nvlink) for g in chosen):

@@ -140,14 +140,15 @@ def _card_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
     out: list[RigWarning] = []
     pcie = gpu.pcie
     if pcie:
-        if pcie.width <= 4:
+        gen, width = gpu.link_under_load
+        if width <= 4:
+            idle = f" (Gen{pcie.gen} now, idle)" if gen != pcie.gen else ""
             out.append(
                 RigWarning(
                     "pcie_narrow",
                     i,
-                    f"GPU {i} ({gpu.name}) runs on PCIe Gen{pcie.gen} x{pcie.width}: about "
-                    f"{pcie_gb_s(pcie.gen, pcie.width):.0f} GB/s against {pcie_gb_s(pcie.max_gen or pcie.gen, 16):.0f} "
-                    "at x16; move it to a x16/x8 "
+                    f"GPU {i} ({gpu.name}) runs on PCIe Gen{gen} x{width} under load{idle}: about "
+                    f"{pcie_gb_s(gen, width):.0f} GB/s against {pcie_gb_s(gen, 16):.0f} at x16; move it to a x16/x8 "
                     "slot (often the chipset slot is x4), or keep ZeRO at 0/1 with accumulation (planned)",
                 )
             )
@@ -161,10 +162,7 @@ def _card_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
                     "other cards) and the riser",
                 )
             )
-        loaded = (gpu.utilization_pct or 0) >= 50 or (
-            gpu.power and gpu.power.draw_w and gpu.power.limit_w and gpu.power.draw_w >= 0.5 * gpu.power.limit_w
-        )
-        if pcie.max_gen and pcie.gen < pcie.max_gen and loaded:
+        if pcie.max_gen and pcie.gen < pcie.max_gen and gpu.busy:
             out.append(
                 RigWarning(
                     "pcie_downtrained",
