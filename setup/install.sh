@@ -8,7 +8,9 @@
 # CPU-only machine with the CPU wheel at hand that wheel, on a GPU machine PyPI's CUDA
 # build. Installing the project afterwards leaves that torch alone. Safe to run again: it
 # skips whatever is already installed.
-# Environment: RIGTRAIN_VENV (default: .venv in the repository), PYTHON (default: python3).
+# Environment: RIGTRAIN_VENV (default: .venv in the repository), PYTHON (default: python3),
+# TORCH_INDEX_URL: PyTorch's index of one build, for a driver older than PyPI's torch
+# needs (https://download.pytorch.org/whl/cu126 for CUDA 12.6; rigtrain says which).
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
@@ -32,8 +34,15 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 
-if "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
-  echo "[setup] torch $TORCH_VERSION already installed"
+index=${TORCH_INDEX_URL:-}
+build=""  # the local version tag the index's wheels carry: cu126, cpu, rocm6.4
+if [ -n "$index" ]; then build=$(basename "${index%/}"); fi
+if "$py" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.split('+')[0] == '$TORCH_VERSION' and v.endswith('$build') else 1)" 2>/dev/null; then
+  echo "[setup] torch $TORCH_VERSION${build:++$build} already installed"
+elif [ -n "$index" ]; then
+  echo "[setup] installing torch==$TORCH_VERSION from $index"
+  "$py" -m pip uninstall --disable-pip-version-check -q -y torch 2>/dev/null || true
+  "$py" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION" --index-url "$index"
 else
   echo "[setup] installing torch==$TORCH_VERSION"
   "$py" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION"

@@ -732,25 +732,72 @@ def test_gpus_that_this_torch_cannot_use_are_one_line_that_says_what_to_install(
 
 
 @pytest.mark.parametrize(
-    "cuda, hip, reason",
+    "cuda, hip, driver_cuda, reason, remedy",
     [
-        ("13.0", None, "is built for CUDA 13.0, which the driver here cannot start (a driver older than"),
-        (None, "6.4", "(ROCm 6.4) cannot start HIP here"),
+        (
+            "13.0",
+            None,
+            "12.6",
+            "is built for CUDA 13.0, which the driver here cannot start (a driver older than",
+            "update the NVIDIA driver (it runs CUDA 12.6), or install torch's build for CUDA 12.x up to 12.6: "
+            "`TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 bash setup/install.sh`",
+        ),
+        ("13.0", None, None, "is built for CUDA 13.0", "nvidia-smi's 'CUDA Version'"),
+        (None, "6.4", "12.6", "(ROCm 6.4) cannot start HIP here", "install torch's CUDA build"),
     ],
 )
-def test_a_gpu_build_of_torch_that_cannot_start_its_driver_says_so(monkeypatch, cuda, hip, reason):
+def test_a_gpu_build_of_torch_that_cannot_start_its_driver_says_so(monkeypatch, cuda, hip, driver_cuda, reason, remedy):
     """The other reason torch sees no GPU NVML sees: a CUDA build newer than the driver (a
     home rig's driver lags a fresh wheel), or a container started without the GPUs. The
-    line names the build and the cause, not "CPU-only"."""
+    line names the build and the cause, not "CPU-only", and the build of torch that the
+    driver NVML reports can run (setup/install.sh takes PyTorch's index for it)."""
     from rigtrain.train.planning import check_torch_trains_here
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", cuda)
     monkeypatch.setattr(torch.version, "hip", hip)
+    rig = read_rig_file(RIGS / "two_3090_one_on_x4_850w.json")
+    rig = dataclasses.replace(rig, software={**(rig.software or {}), "driver_cuda": driver_cuda} if driver_cuda else {})
     with pytest.raises(UserError) as err:
-        check_torch_trains_here(read_rig_file(RIGS / "two_3090_one_on_x4_850w.json"), None)
+        check_torch_trains_here(rig, None)
     message = str(err.value)
-    assert reason in message and "CPU-only" not in message and "\n" not in message, message
+    assert reason in message and remedy in message and "CPU-only" not in message and "\n" not in message, message
+
+
+def test_the_installer_takes_torch_from_the_index_it_is_given(tmp_path):
+    """TORCH_INDEX_URL (what the line above tells a user with an older driver) replaces a
+    torch of another build, and leaves one of that build alone."""
+    fake_bin = tmp_path / "venv" / "bin"
+    fake_bin.mkdir(parents=True)
+    (tmp_path / "fake" / "torch").mkdir(parents=True)
+    calls = tmp_path / "calls"
+    # the venv's python: its questions (-c) answered by a python that imports a fake torch,
+    # its pip commands recorded
+    (fake_bin / "python").write_text(
+        f'#!/bin/bash\nif [ "$1" = "-c" ]; then PYTHONPATH={tmp_path / "fake"} exec python3 "$@"; fi\n'
+        f'echo "$@" >> {calls}\n'
+    )
+    (fake_bin / "python").chmod(0o755)
+
+    def installed(version: str) -> None:
+        (tmp_path / "fake" / "torch" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "RIGTRAIN_VENV": str(tmp_path / "venv"), "HOME": str(tmp_path)}
+    installed("2.13.0")
+    run = lambda **extra: subprocess.run(  # noqa: E731
+        ["bash", str(repo / "setup" / "install.sh")], env={**env, **extra}, capture_output=True, text=True
+    )
+    first = run(TORCH_INDEX_URL="https://download.pytorch.org/whl/cu126")
+    assert first.returncode == 0, first.stderr
+    pip = calls.read_text().splitlines()
+    assert pip[0].startswith("-m pip uninstall") and "torch" in pip[0]
+    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in pip[1]
+    calls.unlink()
+    installed("2.13.0+cu126")
+    again = run(TORCH_INDEX_URL="https://download.pytorch.org/whl/cu126/")
+    assert "torch 2.13.0+cu126 already installed" in again.stdout
+    assert not calls.exists() or "torch" not in calls.read_text()
 
 
 # -- the memory model against a real card ------------------------------------------------------

@@ -76,10 +76,32 @@ def check_torch_trains_here(rig: Rig, rig_file: str | None) -> None:
         names = ", ".join(sorted({rig.gpus[i].name for i in visible_indices(rig)}))
         raise UserError(
             f"this machine has {described} GPU(s) ({names}) but torch cannot use them"
-            f"{_why_torch_sees_none(torch)}; install torch's CUDA build (`.venv/bin/pip uninstall -y torch` "
-            "then `bash setup/install.sh`: PyPI's torch for Linux is one), or train on the CPU with "
-            "`CUDA_VISIBLE_DEVICES= rigtrain train ...`"
+            f"{_why_torch_sees_none(torch)}; {_torch_that_can(torch, (rig.software or {}).get('driver_cuda'))}, "
+            "or train on the CPU with `CUDA_VISIBLE_DEVICES= rigtrain train ...`"
         )
+
+
+def _torch_that_can(torch, driver_cuda: str | None) -> str:
+    """What to install. A CPU-only torch: PyPI's torch for Linux is a CUDA build. A CUDA
+    build the driver cannot start: a newer driver, or torch's build for the CUDA the driver
+    runs (NVML's figure, nvidia-smi's "CUDA Version"), from PyTorch's own index."""
+    if not torch.version.cuda:
+        return (
+            "install torch's CUDA build (`.venv/bin/pip uninstall -y torch` then `bash setup/install.sh`: "
+            "PyPI's torch for Linux is one)"
+        )
+    index = "https://download.pytorch.org/whl/cu"
+    if not driver_cuda or "." not in driver_cuda:
+        return (
+            "update the NVIDIA driver, or install torch's build for the CUDA the driver runs (nvidia-smi's "
+            f"'CUDA Version'): `TORCH_INDEX_URL={index}XYZ bash setup/install.sh` (cu126 for 12.6)"
+        )
+    major, minor = driver_cuda.split(".")[:2]
+    return (
+        f"update the NVIDIA driver (it runs CUDA {driver_cuda}), or install torch's build for CUDA {major}.x up to "
+        f"{driver_cuda}: `TORCH_INDEX_URL={index}{major}{minor} bash setup/install.sh` (pytorch.org lists the "
+        "CUDA builds of each torch)"
+    )
 
 
 def _why_torch_sees_none(torch) -> str:
