@@ -696,6 +696,21 @@ def test_the_plan_warns_of_a_cpu_only_torch_on_a_machine_with_gpus():
     assert "torch_cpu_build" not in codes(plan_run(load_config("demo"), rig_from_dict(rig), user_keys=set()))
 
 
+def test_the_plan_warns_of_a_torch_built_for_a_newer_cuda_than_the_driver_runs():
+    """A home rig's driver lags: torch built for CUDA 13 cannot start on a driver of CUDA 12.6
+    (NVML's figure), while any 12.x build runs on it (CUDA's minor-version compatibility)."""
+    rig = json.loads((RIGS / "h200.json").read_text())
+    rig["software"].update(torch="2.13.0", torch_cuda="13.0", driver_cuda="12.6")
+    plan = plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())
+    (warning,) = [w for w in plan.warnings if w.code == "torch_newer_than_driver"]
+    assert "torch 2.13.0 is built for CUDA 13.0, but the driver runs CUDA 12.6" in warning.message
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 bash setup/install.sh" in warning.message
+    for torch_cuda, driver_cuda in (("12.8", "12.6"), ("13.0", "13.0"), ("12.8", None), ("12.8", "garbled")):
+        rig["software"].update(torch_cuda=torch_cuda, driver_cuda=driver_cuda)
+        plan = plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())
+        assert "torch_newer_than_driver" not in codes(plan), (torch_cuda, driver_cuda)
+
+
 def test_a_docker_sized_dev_shm_is_a_warning_when_gpus_talk_through_it():
     rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
     rig["shm_gib"] = 0.0625  # Docker's default 64 MiB
@@ -738,9 +753,16 @@ def test_gpus_that_this_torch_cannot_use_are_one_line_that_says_what_to_install(
             "13.0",
             None,
             "12.6",
-            "is built for CUDA 13.0, which the driver here cannot start (a driver older than",
-            "update the NVIDIA driver (it runs CUDA 12.6), or install torch's build for CUDA 12.x up to 12.6: "
+            "is built for CUDA 13.0, the driver runs 12.6",
+            "update the NVIDIA driver, or install torch's build for CUDA 12.x, which this driver runs: "
             "`TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 bash setup/install.sh`",
+        ),
+        (
+            "12.8",  # a build the driver runs, and still no GPU: a container without them
+            None,
+            "12.6",
+            "is built for CUDA 12.8, which the driver here cannot start (a driver older than",
+            "check that this shell reaches the GPUs (`nvidia-smi`; a container needs `--gpus all`)",
         ),
         ("13.0", None, None, "is built for CUDA 13.0", "nvidia-smi's 'CUDA Version'"),
         (None, "6.4", "12.6", "(ROCm 6.4) cannot start HIP here", "install torch's CUDA build"),

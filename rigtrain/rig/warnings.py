@@ -98,12 +98,49 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     return out
 
 
+PYTORCH_INDEX = "https://download.pytorch.org/whl/"
+
+
+def driver_runs(driver_cuda: str | None, build_cuda: str | None) -> bool | None:
+    """Whether a driver that runs CUDA `driver_cuda` (NVML's figure, nvidia-smi's "CUDA
+    Version") starts a build for `build_cuda`. CUDA's minor-version compatibility lets a
+    12.x driver run any 12.x build; a newer major needs a newer driver. None: not known."""
+    try:
+        return int(str(driver_cuda).split(".")[0]) >= int(str(build_cuda).split(".")[0])
+    except ValueError:
+        return None
+
+
+def torch_for_driver(driver_cuda: str, torch_version: str) -> str:
+    """What to do about a torch built for a newer CUDA than the driver runs."""
+    major, minor = driver_cuda.split(".")[:2]
+    return (
+        f"update the NVIDIA driver, or install torch's build for CUDA {major}.x, which this driver runs: "
+        f"`TORCH_INDEX_URL={PYTORCH_INDEX}cu{major}{minor} bash setup/install.sh` (or another cu{major}x "
+        f"build pytorch.org lists for torch {torch_version.split('+')[0]})"
+    )
+
+
 def _torch_build_warnings(rig: Rig) -> list[RigWarning]:
     """torch's CPU-only wheel on a machine with GPUs (the probe reads the build from torch's
-    files): the usual slip when pip picks the wheel, and `rigtrain train` refuses to start."""
+    files): the usual slip when pip picks the wheel, and `rigtrain train` refuses to start.
+    Or a CUDA build newer than the driver runs: a home rig's driver lags a fresh wheel."""
     software = rig.software or {}
-    if "torch" not in software or software.get("torch_cuda") or software.get("torch_hip"):
+    if "torch" not in software or software.get("torch_hip"):
         return []
+    if software.get("torch_cuda"):
+        driver, build = software.get("driver_cuda"), software["torch_cuda"]
+        if driver_runs(driver, build) is not False:
+            return []
+        return [
+            RigWarning(
+                "torch_newer_than_driver",
+                None,
+                f"torch {software['torch']} is built for CUDA {build}, but the driver runs CUDA {driver}: torch "
+                "cannot use these GPUs and `rigtrain train` will not start on them; "
+                + torch_for_driver(driver, software["torch"]),
+            )
+        ]
     return [
         RigWarning(
             "torch_cpu_build",

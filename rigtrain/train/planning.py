@@ -14,6 +14,7 @@ from rigtrain.errors import UserError
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
 from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted, visible_indices
+from rigtrain.rig.warnings import PYTORCH_INDEX, driver_runs, torch_for_driver
 from rigtrain.train.memory_record import recalled, run_kind
 from rigtrain.train.step_peaks import measured, step_shapes
 
@@ -73,41 +74,44 @@ def check_torch_trains_here(rig: Rig, rig_file: str | None) -> None:
             "`rigtrain rig --rig FILE`"
         )
     if described and here == 0:
+        driver = (rig.software or {}).get("driver_cuda")
         names = ", ".join(sorted({rig.gpus[i].name for i in visible_indices(rig)}))
         raise UserError(
             f"this machine has {described} GPU(s) ({names}) but torch cannot use them"
-            f"{_why_torch_sees_none(torch)}; {_torch_that_can(torch, (rig.software or {}).get('driver_cuda'))}, "
+            f"{_why_torch_sees_none(torch, driver)}; {_torch_that_can(torch, driver)}, "
             "or train on the CPU with `CUDA_VISIBLE_DEVICES= rigtrain train ...`"
         )
 
 
 def _torch_that_can(torch, driver_cuda: str | None) -> str:
-    """What to install. A CPU-only torch: PyPI's torch for Linux is a CUDA build. A CUDA
-    build the driver cannot start: a newer driver, or torch's build for the CUDA the driver
-    runs (NVML's figure, nvidia-smi's "CUDA Version"), from PyTorch's own index."""
+    """What to do. A CPU-only (or ROCm) torch: PyPI's torch for Linux is a CUDA build. A
+    CUDA build newer than the driver runs (NVML's figure): a newer driver, or PyTorch's
+    build for the driver's CUDA. A build the driver does run: the GPUs are not reachable."""
     if not torch.version.cuda:
         return (
             "install torch's CUDA build (`.venv/bin/pip uninstall -y torch` then `bash setup/install.sh`: "
             "PyPI's torch for Linux is one)"
         )
-    index = "https://download.pytorch.org/whl/cu"
-    if not driver_cuda or "." not in driver_cuda:
+    runs = driver_runs(driver_cuda, torch.version.cuda)
+    if runs is None:
         return (
             "update the NVIDIA driver, or install torch's build for the CUDA the driver runs (nvidia-smi's "
-            f"'CUDA Version'): `TORCH_INDEX_URL={index}XYZ bash setup/install.sh` (cu126 for 12.6)"
+            f"'CUDA Version'): `TORCH_INDEX_URL={PYTORCH_INDEX}cuXY bash setup/install.sh` (cu126 for 12.6)"
         )
-    major, minor = driver_cuda.split(".")[:2]
+    if not runs:
+        return torch_for_driver(driver_cuda, torch.__version__)
     return (
-        f"update the NVIDIA driver (it runs CUDA {driver_cuda}), or install torch's build for CUDA {major}.x up to "
-        f"{driver_cuda}: `TORCH_INDEX_URL={index}{major}{minor} bash setup/install.sh` (pytorch.org lists the "
-        "CUDA builds of each torch)"
+        "check that this shell reaches the GPUs (`nvidia-smi`; a container needs `--gpus all`); "
+        "`.venv/bin/python -c 'import torch; torch.cuda.init()'` says why torch cannot"
     )
 
 
-def _why_torch_sees_none(torch) -> str:
+def _why_torch_sees_none(torch, driver_cuda: str | None = None) -> str:
     if torch.version.cuda is None and torch.version.hip is None:
         return f": torch {torch.__version__} is a CPU-only build"
     if torch.version.cuda:
+        if driver_runs(driver_cuda, torch.version.cuda) is False:
+            return f": torch {torch.__version__} is built for CUDA {torch.version.cuda}, the driver runs {driver_cuda}"
         return (
             f": torch {torch.__version__} is built for CUDA {torch.version.cuda}, which the driver here cannot "
             "start (a driver older than that CUDA needs, or a container started without the GPUs)"
