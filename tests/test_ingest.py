@@ -858,7 +858,7 @@ def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
     after = _shard_bytes(tmp_path / "prep")
     assert all(after[k] == v for k, v in before.items())  # earlier shards are reused as they are
     assert len(ShardDataset(tmp_path / "prep", data)) == index["clips"]
-    assert first["decoding"] == index["decoding"] == 2
+    assert first["decoding"] == index["decoding"] == 3
 
 
 def test_adding_to_a_folder_an_earlier_rigtrain_prepared_says_they_differ(tmp_path):
@@ -1325,3 +1325,137 @@ def test_a_drones_flight_log_beside_its_video_is_not_narration(tmp_path, telemet
         "2\n00:00:02,000 --> 00:00:03,000\nthen take off\n"
     )
     assert len(read_narration(tmp_path / "talk.srt").segments) == 2
+
+
+SUBTITLE_CUES = [(0.5, 2.0, "hello there"), (2.5, 4.0, "a red bike goes by")]
+ASS_HEADER = (
+    "[Script Info]\nScriptType: v4.00+\n\n[V4+ Styles]\nFormat: Name, Fontname, Fontsize, PrimaryColour, "
+    "SecondaryColour, OutlineColour, BackColour, Bold, Italic, Underline, StrikeOut, ScaleX, ScaleY, Spacing, "
+    "Angle, BorderStyle, Outline, Shadow, Alignment, MarginL, MarginR, MarginV, Encoding\n"
+    "Style: Default,Arial,16,&Hffffff,&Hffffff,&H0,&H0,0,0,0,0,100,100,0,0,1,1,0,2,10,10,10,0\n\n"
+)
+
+
+def _ass_time(seconds: float) -> str:
+    return f"{int(seconds // 3600)}:{int(seconds // 60 % 60):02d}:{seconds % 60:05.2f}"
+
+
+def write_video_with_subtitles(path: Path, kind: str, cues=SUBTITLE_CUES, seconds: int = 5) -> None:
+    """A video with a text subtitle track of `cues`, as yt-dlp --embed-subs or a media library
+    writes them: SubRip or ASS in Matroska, WebVTT in WebM, mov_text in MP4. PyAV cannot
+    encode subtitles, so the SubRip, ASS and WebVTT packets come from a sidecar read as a
+    container, and mov_text's (a length and the text) are written by hand."""
+    import struct
+
+    import av
+
+    sidecar = None
+    if kind in ("srt", "ass", "vtt"):
+        sidecar = path.with_name(f"cues-{path.stem}.{kind}")
+        if kind == "ass":
+            events = "".join(
+                f"Dialogue: 0,{_ass_time(a)},{_ass_time(b)},Default,,0,0,0,,{{\\i1}}{t}{{\\i0}}\n" for a, b, t in cues
+            )
+            events = events.replace("hello there", "hello\\Nthere")
+            sidecar.write_text(ASS_HEADER + "[Events]\nFormat: Layer, Start, End, Style, Name, MarginL, MarginR, "
+                               "MarginV, Effect, Text\n" + events)  # fmt: skip
+        else:
+            stamp = (lambda s: _srt_stamp(s)) if kind == "srt" else (lambda s: _srt_stamp(s).replace(",", "."))
+            body = "".join(f"{i + 1}\n{stamp(a)} --> {stamp(b)}\n{t}\n\n" for i, (a, b, t) in enumerate(cues))
+            sidecar.write_text(("WEBVTT\n\n" if kind == "vtt" else "") + body)
+    muxer = {"srt": "matroska", "ass": "matroska", "vtt": "webm", "mov_text": "mp4"}[kind]
+    with av.open(str(path), "w", format=muxer) as container:
+        video = container.add_stream("libvpx-vp9" if muxer == "webm" else "libx264", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        if sidecar is not None:
+            source = av.open(str(sidecar))
+            track = container.add_stream_from_template(source.streams.subtitles[0])
+        else:
+            track = container.add_stream("mov_text")
+            track.codec_context.subtitle_header = ASS_HEADER.encode()
+        for i in range(10 * seconds):
+            picture = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+            for packet in video.encode(picture):
+                container.mux(packet)
+        if sidecar is not None:
+            for packet in source.demux(source.streams.subtitles[0]):
+                if packet.size:
+                    packet.stream = track
+                    container.mux(packet)
+            source.close()
+            sidecar.unlink()
+        else:
+            for a, b, text in cues:
+                packet = av.Packet(struct.pack(">H", len(text.encode())) + text.encode())
+                packet.stream, packet.time_base = track, Fraction(1, 1000)
+                packet.pts = packet.dts = round(a * 1000)
+                packet.duration = round((b - a) * 1000)
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+
+
+def _srt_stamp(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [("talk.mkv", "srt"), ("anime.mkv", "ass"), ("lecture.webm", "vtt"), ("download.mp4", "mov_text")],
+)
+def test_a_videos_own_subtitle_track_narrates_it(tmp_path, name, kind):
+    """yt-dlp's --embed-subs and media libraries put the subtitles inside the video: with no
+    sidecar beside it, the track is the narration, in data check, prepare and the on-demand
+    reader alike, with ASS styling ({\\i1}) dropped and its line breaks read as spaces."""
+    from rigtrain.data.check import check_folder, format_report
+    from rigtrain.data.dataset import ShardDataset
+    from rigtrain.data.ondemand import DecodedClips
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    write_video_with_subtitles(src / name, kind)
+    data = load_config("demo").data
+    report = check_folder(src, data)
+    entry = report["videos"][0]
+    assert entry["narration"]["from"] == "container" and entry["narration"]["segments"] == 2, entry
+    assert "subtitle track (" in entry["narration"]["file"]
+    assert f"{entry['narration']['file']} (2 segments)" in format_report(report)
+    index = prepare(src, tmp_path / "prep", data)
+    (source,) = index["sources"]
+    assert source["narration"] == "container" and source["narration_segments"] == 2
+    shards = ShardDataset(tmp_path / "prep", data)
+    texts = [bytes(shards[i]["text"][: int(shards[i]["text_len"])].numpy()).decode() for i in range(len(shards))]
+    assert texts == ["hello there", "hello there", "a red bike goes by", "a red bike goes by", ""], texts
+    for decoded in (DecodedClips.from_index(tmp_path / "prep", index, data), DecodedClips.from_folder(src, data)):
+        assert decoded.narrations(range(len(decoded))) == texts
+
+
+def test_a_sidecar_wins_over_the_track_and_a_drones_telemetry_track_is_left_out(tmp_path):
+    """The user's own narration file beside the video is taken over the track inside it; a
+    DJI drone writes its flight log into the MP4 as a subtitle track too, and that is no
+    narration."""
+    from rigtrain.data.check import check_folder
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    write_video_with_subtitles(src / "talk.mkv", "srt")
+    (src / "talk.srt").write_text("1\n00:00:00,000 --> 00:00:04,000\nmy own words\n")
+    telemetry = [
+        (k * 0.5, k * 0.5 + 0.5, f"F/2.8, SS 1000, ISO 100, EV 0, GPS (8.1, 47.3, 19) , D {k}m, H 3.2m")
+        for k in range(8)
+    ]
+    write_video_with_subtitles(src / "DJI_0042.MP4", "mov_text", cues=telemetry)
+    data = load_config("demo").data
+    videos = {v["file"]: v for v in check_folder(src, data)["videos"]}
+    assert videos["talk.mkv"]["narration"]["file"] == "talk.srt"
+    assert videos["DJI_0042.MP4"]["narration"] is None
+    assert any(
+        n.startswith("its subtitle track will be skipped: a drone's flight log")
+        for n in videos["DJI_0042.MP4"]["notes"]
+    )
+    index = prepare(src, tmp_path / "prep", data)
+    sources = {s["video"]: s for s in index["sources"]}
+    assert sources["talk.mkv"]["narration"] == "talk.srt" and sources["DJI_0042.MP4"]["narration"] is None
+    (skip,) = sources["DJI_0042.MP4"]["skipped"]
+    assert skip["file"] == "DJI_0042.MP4 subtitle track" and skip["reason"].endswith("is used without narration")

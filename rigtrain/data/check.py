@@ -14,6 +14,7 @@ from rigtrain.config import DataConfig
 from rigtrain.data import media, sound
 from rigtrain.data.narration import read_narration
 from rigtrain.data.sources import Source, audio_mismatch, sources_in
+from rigtrain.data.subtitles import CONTAINER, read_container_subtitles, subtitle_track
 from rigtrain.data.timestamps import SAME_INSTANT_S, shown_until
 
 # A header's frame count past this (46 hours at 60 fps) is garbage, not a video (a streamed
@@ -125,6 +126,35 @@ def _probe_sidecar_audio(path: Path) -> dict:
 MOST_NOTES_PRINTED = 40
 
 
+def _probe_narration(source: Source, notes: list[str]) -> dict | None:
+    """The narration prepare will take: the sidecar, else the video's own subtitle track
+    (its "from" is "container"), each read whole as prepare reads it; a note for each that
+    will be skipped."""
+    if source.narration is not None:
+        try:
+            narration = read_narration(source.narration)
+            return {
+                "file": source.named(source.narration),
+                "segments": len(narration.segments),
+                "problems": narration.problems,
+            }
+        except media.MediaError as err:
+            notes.append(f"{source.named(source.narration)} will be skipped: {err}")
+    try:
+        narration = read_container_subtitles(source.video)
+    except media.MediaError as err:
+        notes.append(f"its subtitle track will be skipped: {err}")
+        return None
+    if narration is None:
+        return None
+    return {
+        "file": f"subtitle track ({subtitle_track(source.video)})",
+        "from": CONTAINER,
+        "segments": len(narration.segments),
+        "problems": narration.problems,
+    }
+
+
 def frames_after_resampling(duration_s: float, fps: float) -> int:
     """How many frames read_video gives for a video that shows for duration_s: one every
     1/fps seconds while a source frame shows."""
@@ -161,17 +191,7 @@ def check_source(source: Source, data: DataConfig) -> dict:
             entry["notes"] += [note] if note else []
         except media.MediaError as err:
             entry["notes"].append(f"audio track left out: {err}")
-    entry["narration"] = None
-    if source.narration is not None:
-        try:
-            narration = read_narration(source.narration)
-            entry["narration"] = {
-                "file": source.named(source.narration),
-                "segments": len(narration.segments),
-                "problems": narration.problems,
-            }
-        except media.MediaError as err:
-            entry["notes"].append(f"{source.named(source.narration)} will be skipped: {err}")
+    entry["narration"] = _probe_narration(source, entry["notes"])
     low, high = video["fps_range"] or (0, 0)
     if low and high > 1.1 * low:
         entry["notes"].append(f"variable frame rate ({low:g}-{high:g} fps): frames are placed by their timestamps")

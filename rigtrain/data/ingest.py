@@ -19,6 +19,7 @@ from rigtrain.data import media, sound
 from rigtrain.data.narration import clip_text, read_narration
 from rigtrain.data.shards import ARRAYS, CLIP_DTYPE, LABEL_KEYS
 from rigtrain.data.sources import Source, audio_mismatch, fingerprint
+from rigtrain.data.subtitles import CONTAINER, read_container_subtitles
 from rigtrain.data.timestamps import output_frames, timed_frames
 
 # The most bytes of clips a worker holds before writing them out as a part.
@@ -146,13 +147,13 @@ def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: in
     skipped: list[dict] = []
     problems: list[str] = []
     audio, audio_from = _sound_of(source, data, duration, skipped, problems)
-    segments = _narration_of(source, skipped, problems)
+    segments, narration_from = _narration_of(source, skipped, problems)
     clips = _sound_text_and_labels(data, starts, audio, segments, (labels or {}), source.video.stem)
     n, T = len(starts), data.clip_frames
     whole = {
         "video": source.name,
         "audio": audio_from,
-        "narration": source.named(source.narration) if source.narration and segments else None,
+        "narration": narration_from,
         "duration_s": round(duration, 3),
         "source_fps": round(info.fps, 3),
         "source_size": [info.height, info.width],
@@ -231,19 +232,29 @@ def _sound_of(source: Source, data: DataConfig, duration: float, skipped: list, 
     return audio, audio_from
 
 
-def _narration_of(source: Source, skipped: list, problems: list) -> list:
-    """The narration sidecar's segments, or none (a bad sidecar is added to `skipped`)."""
-    if source.narration is None:
-        return []
+def _narration_of(source: Source, skipped: list, problems: list) -> tuple[list, str | None]:
+    """The narration's segments and where they came from (index.json's "narration"): the
+    sidecar, else the video's own subtitle track (data/subtitles.py), else none. One that
+    does not read is added to `skipped`, and gives way to the next."""
+    failed: list[tuple[str, str]] = []  # (what, why) for each one that did not read
+    if source.narration is not None:
+        try:
+            narration = read_narration(source.narration)
+            problems += [f"{source.named(source.narration)} {p}" for p in narration.problems]
+            return narration.segments, source.named(source.narration)
+        except media.MediaError as err:
+            failed.append((source.named(source.narration), str(err)))
+    segments, narration_from = [], None
     try:
-        narration = read_narration(source.narration)
+        narration = read_container_subtitles(source.video)
+        if narration is not None:
+            problems += [f"{source.name} subtitle track {p}" for p in narration.problems]
+            segments, narration_from = narration.segments, CONTAINER
     except media.MediaError as err:
-        skipped.append(
-            {"file": source.named(source.narration), "reason": f"{err}; {source.name} is used without narration"}
-        )
-        return []
-    problems += [f"{source.named(source.narration)} {p}" for p in narration.problems]
-    return narration.segments
+        failed.append((f"{source.name} subtitle track", str(err)))
+    then = "narrated by its subtitle track" if segments else "used without narration"
+    skipped += [{"file": what, "reason": f"{why}; {source.name} is {then}"} for what, why in failed]
+    return segments, narration_from
 
 
 def ingest_or_reason(job: tuple) -> Ingested | str:

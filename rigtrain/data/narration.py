@@ -37,12 +37,15 @@ def read_narration(path: Path) -> Narration:
     if suffix == ".json":
         return Narration(read_whisper_json(path))
     narration = parse_subtitles(read_subtitle_text(Path(path)), webvtt=suffix == ".vtt")
-    if _is_flight_log(narration.segments):
-        raise MediaError(
-            "a drone's flight log (DJI writes one beside each video: GPS, ISO, shutter per frame), "
-            "not narration; left out"
-        )
+    if is_flight_log(narration.segments):
+        raise flight_log_error("beside each video")
     return narration
+
+
+def flight_log_error(where: str) -> MediaError:
+    return MediaError(
+        f"a drone's flight log (DJI writes one {where}: GPS, ISO, shutter per frame), not narration; left out"
+    )
 
 
 # What a drone's subtitle track holds in every cue instead of speech: DJI's per-frame
@@ -51,7 +54,7 @@ def read_narration(path: Path) -> Narration:
 FLIGHT_LOG = re.compile(r"FrameCnt|DiffTime|\[iso\s*:|\[latitude\s*:|\bGPS\s*\(|\bHOME\s*\(|BAROMETER", re.IGNORECASE)
 
 
-def _is_flight_log(segments: list[Segment]) -> bool:
+def is_flight_log(segments: list[Segment]) -> bool:
     """Most cues (of the first 200) read as flight telemetry, not words."""
     sample = segments[:200]
     return bool(sample) and sum(bool(FLIGHT_LOG.search(s.text)) for s in sample) >= 0.8 * len(sample)

@@ -17,6 +17,7 @@ from rigtrain.data import media, sound
 from rigtrain.data.check import check_source, frames_after_resampling
 from rigtrain.data.narration import Segment, clip_text, read_narration
 from rigtrain.data.sources import find_sources
+from rigtrain.data.subtitles import CONTAINER, read_container_subtitles
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,25 @@ class ClipRef:
     start_frame: int
     audio: Path | None = None  # a sidecar file
     container_audio: bool = False
-    narration: Path | None = None
+    narration: Path | None = None  # a sidecar file
+    container_narration: bool = False  # the video's own subtitle track (data/subtitles.py)
     name: str = ""  # the video's path in its folder, as the index names it (the held-out split's key)
 
 
 @lru_cache(maxsize=64)
-def _segments(path: Path) -> tuple[Segment, ...]:
+def _segments(path: Path, from_container: bool = False) -> tuple[Segment, ...]:
+    if from_container:
+        narration = read_container_subtitles(path)
+        return tuple(narration.segments) if narration else ()
     return tuple(read_narration(path).segments)
+
+
+def _narration_of(ref: ClipRef) -> list[Segment] | None:
+    if ref.narration is not None:
+        return list(_segments(ref.narration))
+    if ref.container_narration:
+        return list(_segments(ref.video, True))
+    return None
 
 
 class DecodedClips(Dataset):
@@ -50,14 +63,15 @@ class DecodedClips(Dataset):
         for shard in index["shards"]:
             for clip in np.load(Path(data_dir) / shard["dir"] / "clips.npy"):
                 source = index["sources"][int(clip["source"])]
-                audio = source["audio"]
+                audio, narration = source["audio"], source["narration"]
                 refs.append(
                     ClipRef(
                         video=source_dir / source["video"],
                         start_frame=round(float(clip["start_s"]) * data.fps),
                         audio=source_dir / audio if audio not in (None, "container") else None,
                         container_audio=audio == "container",
-                        narration=source_dir / source["narration"] if source["narration"] else None,
+                        narration=source_dir / narration if narration not in (None, CONTAINER) else None,
+                        container_narration=narration == CONTAINER,
                         name=source["video"],
                     )
                 )
@@ -75,7 +89,7 @@ class DecodedClips(Dataset):
             if not entry["ok"] or entry["clips"] == 0:
                 continue
             frames = frames_after_resampling(entry["duration_s"], data.fps)
-            audio = entry["audio"]
+            audio, narration = entry["audio"], entry["narration"]
             for start in media.clip_starts(frames, data.clip_frames, data.stride_frames):
                 refs.append(
                     ClipRef(
@@ -83,7 +97,8 @@ class DecodedClips(Dataset):
                         start_frame=start,
                         audio=source.audio if audio and audio["from"] != "container" else None,
                         container_audio=bool(audio) and audio["from"] == "container",
-                        narration=source.narration if entry["narration"] else None,
+                        narration=source.narration if narration and "from" not in narration else None,
+                        container_narration=bool(narration) and narration.get("from") == CONTAINER,
                         name=source.name,
                     )
                 )
@@ -107,10 +122,9 @@ class DecodedClips(Dataset):
         length = 0
         segment_offset = np.zeros(d.segments_per_clip, np.int64)
         segment_len = np.zeros(d.segments_per_clip, np.int64)
-        if ref.narration is not None:
-            words, placed = clip_text(
-                list(_segments(ref.narration)), start_s, start_s + d.clip_seconds, d.max_text_bytes
-            )
+        segments = _narration_of(ref)
+        if segments is not None:
+            words, placed = clip_text(segments, start_s, start_s + d.clip_seconds, d.max_text_bytes)
             text[: len(words)] = np.frombuffer(words, np.uint8)
             length = len(words)
             placed = [(off, n) for _, off, n in placed if n > 0][: d.segments_per_clip]
@@ -134,11 +148,9 @@ class DecodedClips(Dataset):
         for i in indices:
             ref = self.clips[int(i)]
             start_s = ref.start_frame / d.fps
-            words = b""
-            if ref.narration is not None:
-                words, _ = clip_text(
-                    list(_segments(ref.narration)), start_s, start_s + d.clip_seconds, d.max_text_bytes
-                )
+            words, segments = b"", _narration_of(ref)
+            if segments is not None:
+                words, _ = clip_text(segments, start_s, start_s + d.clip_seconds, d.max_text_bytes)
             out.append(words.decode("utf-8", "replace"))
         return out
 

@@ -110,8 +110,9 @@ STATE_FILE = ".prepare-state.json"
 # How sound and pictures are decoded; a folder prepared before a change keeps the number it
 # was made with (1 where it has none). 2 (2026-12-03): a track's channels averaged to mono
 # (FFmpeg's downmix had made stereo 3 dB louder and clipped 5.1), and non-square pixels
-# fitted as shown.
-DECODING = 2
+# fitted as shown. 3 (2026-12-03, afternoon): a video without a narration sidecar is
+# narrated by its own text subtitle track (data/subtitles.py).
+DECODING = 3
 PARTS_DIR = ".parts"
 
 
@@ -187,8 +188,8 @@ def _say_continuing(log, out: Path, interrupted: bool, finished: list, partial, 
     )
     if state.get("decoding", 1) != DECODING:
         log(
-            f"note: {out} was prepared by an earlier rigtrain, which decoded sound and pictures differently "
-            '(docs/data.md, "Decoders"); the videos added now are decoded as today, those in it stay as they '
+            f"note: {out} was prepared by an earlier rigtrain, which decoded sound, pictures or subtitles "
+            'differently (docs/data.md, "Decoders"); the videos added now are decoded as today, those in it stay as they '
             "are: prepare into a new folder to have every video alike"
         )
 
