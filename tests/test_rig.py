@@ -85,6 +85,7 @@ def test_an_idle_cards_pcie_generation_is_not_the_one_it_trains_at():
     to save power (a 3090 idles at Gen1 x16); under load it runs at NVML's max, which counts
     the slot. The plan's host link and the narrow-link warning use that; a busy card's
     generation below the max is what it runs at, and is a warning of its own."""
+    from rigtrain.rig.report import format_rig
     from rigtrain.rig.speed import facts_for
     from rigtrain.rig.warnings import hardware_warnings, pcie_gb_s
 
@@ -97,6 +98,7 @@ def test_an_idle_cards_pcie_generation_is_not_the_one_it_trains_at():
     narrow = next(w for w in hardware_warnings(idle, (0, 1)) if w.code == "pcie_narrow")
     assert "runs on PCIe Gen4 x4 under load (Gen1 now, idle): about 6 GB/s against 24 at x16" in narrow.message
     assert not any(w.code == "pcie_downtrained" and "under load" in w.message for w in hardware_warnings(idle, (0, 1)))
+    assert "Gen1 (idle) x16 / Gen4 x16" in "\n".join(format_rig(idle))
 
     raw["gpus"][0]["pcie"]["gen"] = 3
     raw["gpus"][0]["utilization_pct"] = 97.0

@@ -189,8 +189,8 @@ def _say_continuing(log, out: Path, interrupted: bool, finished: list, partial, 
     if state.get("decoding", 1) != DECODING:
         log(
             f"note: {out} was prepared by an earlier rigtrain, which decoded sound, pictures or subtitles "
-            'differently (docs/data.md, "Decoders"); the videos added now are decoded as today, those in it stay as they '
-            "are: prepare into a new folder to have every video alike"
+            'differently (docs/data.md, "Decoders"); the videos added now are decoded as today, those in it '
+            "stay as they are: prepare into a new folder to have every video alike"
         )
 
 
