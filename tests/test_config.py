@@ -134,3 +134,25 @@ def test_config_round_trips_through_json():
     config = load_config("small", overrides=["rig.gpus=1"])
     again = build_config(json.loads(json.dumps(config.to_dict())))
     assert again == config
+
+
+def test_python_3_10_reads_toml_through_tomli(tmp_path):
+    """Python 3.10 (Ubuntu 22.04's python3) has no tomllib: every command once died on its
+    import. There rigtrain reads TOML with tomli, the package 3.11 took in as tomllib;
+    here 3.10 is played by hiding tomllib and handing its code over as tomli."""
+    import subprocess
+    import sys
+
+    (tmp_path / "run.toml").write_text("[train]\nsteps = 7\n")
+    script = f"""
+import sys, tomllib
+sys.modules["tomli"], sys.modules["tomllib"] = tomllib, None
+from rigtrain.config import load_config
+from rigtrain.train import curriculum
+from rigtrain.sweep import spec
+assert load_config("demo", config_file={str(tmp_path / "run.toml")!r}).train.steps == 7
+assert spec.tomllib is curriculum.tomllib is sys.modules["tomli"]
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

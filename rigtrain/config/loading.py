@@ -12,7 +12,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (Ubuntu 22.04's): tomli is what 3.11 took in as tomllib
+    import tomli as tomllib
 
 from rigtrain.config.schema import SECTIONS, ConfigError, RunConfig
 

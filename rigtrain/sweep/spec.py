@@ -22,7 +22,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (Ubuntu 22.04's): tomli is what 3.11 took in as tomllib
+    import tomli as tomllib
 
 from rigtrain.config import load_config
 from rigtrain.config.schema import ConfigError

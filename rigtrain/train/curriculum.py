@@ -21,7 +21,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (Ubuntu 22.04's): tomli is what 3.11 took in as tomllib
+    import tomli as tomllib
 
 from rigtrain.config import load_config
 from rigtrain.config.schema import ConfigError
