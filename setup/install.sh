@@ -28,9 +28,23 @@ if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)
   echo "setup/install.sh: rigtrain needs Python 3.10 or newer; set PYTHON=/path/to/python3.11" >&2
   exit 2
 fi
-if [ ! -x "$venv/bin/python" ]; then
+# A venv without pip is what Debian and Ubuntu leave when python3-venv is missing: made
+# again (once that package is in), rather than failing later at the first pip install.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+  if [ -e "$venv" ] && [ ! -f "$venv/pyvenv.cfg" ]; then
+    echo "setup/install.sh: $venv exists and is not a virtual environment; set RIGTRAIN_VENV to another folder" >&2
+    exit 2
+  fi
   echo "[setup] creating $venv"
-  "$python" -m venv "$venv"
+  if ! why=$("$python" -m venv --clear "$venv" 2>&1); then
+    if grep -q ensurepip <<<"$why"; then
+      minor=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+      echo "setup/install.sh: $python makes no virtual environment with pip here; on Debian or Ubuntu: sudo apt install python$minor-venv, then run this again" >&2
+    else
+      echo "setup/install.sh: $python -m venv $venv failed: $(tail -n 1 <<<"$why")" >&2
+    fi
+    exit 2
+  fi
 fi
 py="$venv/bin/python"
 

@@ -814,7 +814,7 @@ def test_the_installer_takes_torch_from_the_index_it_is_given(tmp_path):
     )
     first = run(TORCH_INDEX_URL="https://download.pytorch.org/whl/cu126")
     assert first.returncode == 0, first.stderr
-    pip = calls.read_text().splitlines()
+    pip = [line for line in calls.read_text().splitlines() if line != "-m pip --version"]
     assert pip[0].startswith("-m pip uninstall") and "torch" in pip[0]
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in pip[1]
     calls.unlink()
@@ -1077,3 +1077,33 @@ def test_the_shipped_step_peaks_are_current_and_are_what_a_measurement_gives(mon
         planning.train_step_builder(config.model, config.data, micro_batch=48, checkpointing=False, precision="fp32")
     )
     assert shipped == fresh
+
+
+def test_the_installer_says_what_debian_lacks_when_it_cannot_make_a_venv(tmp_path):
+    """Debian and Ubuntu ship python3 without ensurepip (the python3-venv package): `python3
+    -m venv` fails, leaving a venv without pip that a second run used to take as made. The
+    installer says which package to install, in one line, and a folder that is no venv is
+    never cleared."""
+    repo = Path(__file__).resolve().parents[1]
+    python = tmp_path / "python3"
+    python.write_text(
+        "#!/bin/bash\n"
+        'if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then\n'
+        '  echo "The virtual environment was not created successfully because ensurepip is not available." >&2\n'
+        "  exit 1\nfi\n"
+        'exec python3 "$@"\n'
+    )
+    python.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(python), "RIGTRAIN_VENV": str(tmp_path / "venv")}
+    result = subprocess.run(["bash", str(repo / "setup" / "install.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert f"sudo apt install python{minor}-venv, then run this again" in line, line
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    env["RIGTRAIN_VENV"] = str(tmp_path / "mine")
+    result = subprocess.run(["bash", str(repo / "setup" / "install.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "is not a virtual environment" in result.stderr
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
