@@ -48,6 +48,15 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/nu
 fi
 py="$venv/bin/python"
 
+no_torch() {
+  # pip has said why above; what a user can do about it, in one line
+  local version
+  version=$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+  echo "setup/install.sh: pip could not install torch $TORCH_VERSION for Python $version (its words are above):" \
+    "no network, or no torch wheel for this Python or machine; for the second, a newer Python:" \
+    "rm -rf $venv; PYTHON=python3.12 bash $root/setup/install.sh (Ubuntu 22.04: sudo apt install python3.11-venv, PYTHON=python3.11)" >&2
+  exit 2
+}
 index=${TORCH_INDEX_URL:-}
 build=""  # the local version tag the index's wheels carry: cu126, cpu, rocm6.4
 if [ -n "$index" ]; then build=$(basename "${index%/}"); fi
@@ -56,10 +65,10 @@ if "$py" -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.split('+'
 elif [ -n "$index" ]; then
   echo "[setup] installing torch==$TORCH_VERSION from $index"
   "$py" -m pip uninstall --disable-pip-version-check -q -y torch 2>/dev/null || true
-  "$py" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION" --index-url "$index"
+  "$py" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION" --index-url "$index" || no_torch
 else
   echo "[setup] installing torch==$TORCH_VERSION"
-  "$py" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION"
+  "$py" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION" || no_torch
 fi
 
 # The project, again only when pyproject.toml or the extras changed since the last install.

@@ -1107,3 +1107,25 @@ def test_the_installer_says_what_debian_lacks_when_it_cannot_make_a_venv(tmp_pat
     result = subprocess.run(["bash", str(repo / "setup" / "install.sh")], env=env, capture_output=True, text=True)
     assert result.returncode == 2 and "is not a virtual environment" in result.stderr
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+
+
+def test_the_installer_says_what_to_do_when_pip_finds_no_torch(tmp_path):
+    """A Python that torch's release has no wheel for (or no network): pip's own words, then
+    one line of rigtrain's naming the Python and what to run instead."""
+    repo = Path(__file__).resolve().parents[1]
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (bin_dir / "python").write_text(
+        "#!/bin/bash\n"
+        'if [ "$1" = "-c" ]; then exec python3 "$@"; fi\n'
+        'if [ "$3" = "--version" ]; then echo "pip 24.0"; exit 0; fi\n'
+        'echo "ERROR: No matching distribution found for torch==2.13.0" >&2; exit 1\n'
+    )
+    (bin_dir / "python").chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "RIGTRAIN_VENV": str(tmp_path / "venv"), "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(["bash", str(repo / "setup" / "install.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    pips, ours = result.stderr.strip().splitlines()
+    assert pips.startswith("ERROR: No matching distribution")
+    assert ours.startswith("setup/install.sh: pip could not install torch 2.13.0 for Python 3.") and "PYTHON=" in ours
