@@ -346,6 +346,84 @@ def test_a_variable_frame_rate_video_is_resampled_by_its_timestamps(tmp_path, mo
         assert np.array_equal(read_video_clip(video, start, 8, fps, (32, 32)), frames[start : start + 8]), start
 
 
+class _CountingCapture:
+    """An OpenCV capture that counts the pictures converted (read, or retrieve after grab)."""
+
+    converted = 0
+
+    def __init__(self, cap):
+        self.cap = cap
+
+    def __getattr__(self, name):
+        return getattr(self.cap, name)
+
+    def read(self):
+        ok, picture = self.cap.read()
+        _CountingCapture.converted += ok
+        return ok, picture
+
+    def retrieve(self):
+        ok, picture = self.cap.retrieve()
+        _CountingCapture.converted += ok
+        return ok, picture
+
+
+def _count_conversions(monkeypatch):
+    from rigtrain.data import media
+
+    opened = media.open_video
+    monkeypatch.setattr(_CountingCapture, "converted", 0)
+    monkeypatch.setattr(media, "open_video", lambda path: (lambda c, i: (_CountingCapture(c), i))(*opened(path)))
+
+
+def test_only_the_pictures_that_show_are_converted(tmp_path, monkeypatch):
+    """Converting a picture (YUV to RGB, for HDR video the tone mapping: 5x the decoding at
+    4K) is done for the frames that show at an output instant, not for all: 60 fps to 8
+    converts about one in four. The frames are those of a read that converts every one."""
+    from rigtrain.data import timestamps
+
+    video = tmp_path / "phone60.mp4"
+    write_variable_rate_h264(video, [round(1000 * i / 60) for i in range(84)])  # 1.4 s at 60 fps
+    _count_conversions(monkeypatch)
+    frames, _ = read_video(video, 8.0, (32, 32))
+    assert len(frames) == 12 and _CountingCapture.converted <= 0.35 * 84, _CountingCapture.converted
+    monkeypatch.setattr(timestamps, "MOST_PASSED_OVER", 0)  # every picture converted
+    monkeypatch.setattr(_CountingCapture, "converted", 0)
+    every, _ = read_video(video, 8.0, (32, 32))
+    assert _CountingCapture.converted == 84 and np.array_equal(frames, every)
+
+
+def test_a_picture_passed_over_that_shows_after_a_gap_is_read_again(tmp_path, monkeypatch):
+    """A phone's rate drops: no frame for almost a second after the one at 1.04 s, which was
+    passed over (the next output instant, 1.125 s, is more than two gaps of 40 ms away) and
+    shows for seven output frames after all. The read is made again from there, converting
+    it, and gives the frames of a read that converts every picture: whole, on demand, and
+    cut into clips by prepare."""
+    from rigtrain.data import timestamps
+
+    times = [40 * i for i in range(27)] + [2000 + 40 * i for i in range(26)]
+    video = tmp_path / "dusk.mp4"
+    write_variable_rate_h264(video, times)
+    passed_over = []
+    original = timestamps.NeedEveryFrame.__init__
+
+    def spy(self, at_s):
+        passed_over.append(at_s)
+        original(self, at_s)
+
+    monkeypatch.setattr(timestamps.NeedEveryFrame, "__init__", spy)
+    frames, _ = read_video(video, 8.0, (32, 32))
+    assert passed_over and abs(passed_over[0] - 1.04) < 1e-3, passed_over
+    shown = [max(i for i, t in enumerate(times) if t <= 125 * k + 0.1) for k in range(len(frames))]
+    assert np.abs(frames[:, 16, 16, 0].astype(int) - 3 * np.array(shown)).max() <= 3, frames[:, 16, 16, 0]
+    clips = [read_video_clip(video, start, 8, 8.0, (32, 32)) for start in (4, 9, 16)]
+    monkeypatch.setattr(timestamps, "MOST_PASSED_OVER", 0)
+    every, _ = read_video(video, 8.0, (32, 32))
+    assert np.array_equal(frames, every)
+    for start, clip in zip((4, 9, 16), clips):
+        assert np.array_equal(clip, every[start : start + 8]), start
+
+
 def test_data_check_and_the_on_demand_reader_agree_with_prepare_without_a_frame_count(tmp_path):
     """A recorder's .webm has no frame count in its header (OpenCV reported -2.8e17 frames,
     and check called a 2.6 s video negative and "shorter than one clip") or an estimate of
@@ -737,7 +815,7 @@ def test_clips_cut_as_frames_come_in_are_the_clips_of_the_whole(tmp_path, monkey
 
     def cut(frames: int, T: int, stride: float, skip: int) -> np.ndarray:
         video = [np.full((1, 1, 3), i % 251, np.uint8) for i in range(frames)]
-        monkeypatch.setattr(ingest, "output_frames", lambda *args: iter(video))
+        monkeypatch.setattr(media, "output_frames_of", lambda *args: (info, (frame for frame in video)))
         parts = ingest._Parts(tmp_path / "part", (T, 1, 1, 3), skip)
         data = SimpleNamespace(clip_frames=T, stride_frames=stride, frame_size=(1, 1), resize="crop", fps=8.0)
         made, starts, _ = ingest._cut_clips(Source(tmp_path / "v.mp4"), data, parts)
@@ -747,10 +825,7 @@ def test_clips_cut_as_frames_come_in_are_the_clips_of_the_whole(tmp_path, monkey
             path.unlink()
         return np.concatenate(out) if out else np.zeros((0, T, 1, 1, 3), np.uint8)
 
-    opened = (SimpleNamespace(release=lambda: None), media.VideoInfo(fps=25.0, frames=0, width=1, height=1))
-    monkeypatch.setattr(media, "open_video", lambda path: opened)
-    monkeypatch.setattr(media, "frame_fitter", lambda size, mode, pixel_aspect: None)
-    monkeypatch.setattr(ingest, "timed_frames", lambda cap, fps: None)
+    info = media.VideoInfo(fps=25.0, frames=0, width=1, height=1)
     for frames, T, stride in itertools.product([1, 7, 8, 17, 41], [1, 8], [0.5, 2.5, 8, 8.5, 20]):
         starts = media.clip_starts(frames, T, stride)
         for skip, part_bytes in itertools.product({0, 1, len(starts) // 2}, (3 * T, 10**9)):

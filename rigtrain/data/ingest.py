@@ -20,7 +20,6 @@ from rigtrain.data.narration import clip_text, read_narration
 from rigtrain.data.shards import ARRAYS, CLIP_DTYPE, LABEL_KEYS
 from rigtrain.data.sources import Source, audio_mismatch, fingerprint
 from rigtrain.data.subtitles import CONTAINER, read_container_subtitles
-from rigtrain.data.timestamps import output_frames, timed_frames
 
 # The most bytes of clips a worker holds before writing them out as a part.
 PART_BYTES = 64 * 2**20
@@ -105,12 +104,11 @@ def _cut_clips(source: Source, data: DataConfig, parts: _Parts) -> tuple[int, li
     the end from the frames kept for it. Returns the output frame count, the clip starts
     and the video's info."""
     T, stride = data.clip_frames, data.stride_frames
-    cap, info = media.open_video(source.video)
-    fit = media.frame_fitter(tuple(data.frame_size), data.resize, info.pixel_aspect)
+    info, output = media.output_frames_of(source.video, data.fps, tuple(data.frame_size), data.resize)
     kept: list[np.ndarray] = []  # frames kept_from, kept_from + 1, ...
     kept_from, frames, regular = 0, 0, 0
     try:
-        for frame in output_frames(timed_frames(cap, info.fps), info.fps, data.fps, 0, None, fit, False):
+        for frame in output:
             kept.append(frame)
             frames += 1
             while (start := round(regular * stride)) + T <= frames:
@@ -122,7 +120,7 @@ def _cut_clips(source: Source, data: DataConfig, parts: _Parts) -> tuple[int, li
                 del kept[:drop]
                 kept_from += drop
     finally:
-        cap.release()
+        output.close()  # the capture is released even when a part cannot be written
     if frames == 0:
         raise media.MediaError("no frame could be decoded (truncated or corrupt)")
     starts = media.clip_starts(frames, T, stride)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rigtrain.data.timestamps import SAME_INSTANT_S, SeekedTooFar, frames_at_output_times, timed_frames
+from rigtrain.data.timestamps import SAME_INSTANT_S, NeedEveryFrame, SeekedTooFar, frames_from_capture
 
 # OpenCV's FFmpeg backend prints its own errors ("moov atom not found") to stderr; rigtrain
 # reports every unreadable file itself, with its name, so FFmpeg is asked to stay quiet
@@ -127,16 +127,37 @@ def frame_fitter(size: tuple[int, int], mode: str, pixel_aspect: float = 1.0):
     return lambda frame: fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode, pixel_aspect)
 
 
+def output_frames_of(path: Path, fps: float, size: tuple[int, int], mode: str = "crop"):
+    """The video's info, and its frames resampled in time to `fps` and fitted to size, one
+    at a time (read_video's frames, without holding them all). Only the pictures that show
+    are converted (timestamps.LOOK_AHEAD_GAPS); where that guess was wrong the video is
+    read again with every picture, from the first output frame not yet given."""
+    cap, info = open_video(path)
+    fit = frame_fitter(size, mode, info.pixel_aspect)
+
+    def frames():
+        nonlocal cap
+        made, must = 0, []
+        while True:
+            try:
+                for frame in frames_from_capture(cap, info.fps, fps, made, None, fit, False, must):
+                    made += 1
+                    yield frame
+                return
+            except NeedEveryFrame as passed_over:
+                must.append(passed_over.at_s)
+            finally:
+                cap.release()
+            cap, _ = open_video(path)
+
+    return info, frames()
+
+
 def read_video(path: Path, fps: float, size: tuple[int, int], mode: str = "crop") -> tuple[np.ndarray, VideoInfo]:
     """All frames resampled in time to `fps` (the source frame showing at each output time,
     by the frames' own timestamps) and fitted to size=(H, W): uint8 RGB (T, H, W, 3)."""
-    cap, info = open_video(path)
-    try:
-        frames = frames_at_output_times(
-            timed_frames(cap, info.fps), info.fps, fps, 0, None, frame_fitter(size, mode, info.pixel_aspect), False
-        )
-    finally:
-        cap.release()
+    info, output = output_frames_of(path, fps, size, mode)
+    frames = list(output)
     if not frames:
         raise MediaError("no frame could be decoded (truncated or corrupt)")
     return np.stack(frames), info
@@ -151,23 +172,27 @@ def read_video_clip(
     This is what a loader without shards has to do for every clip."""
     import cv2  # OpenCV: only where frames are decoded or written
 
-    for back_s in (None, SEEK_BACK_FAR_S, float("inf")):
+    backs, must = [None, SEEK_BACK_FAR_S, float("inf")], []
+    while backs:
         cap, info = open_video(path)
         fit = frame_fitter(size, mode, info.pixel_aspect)
         try:
-            seek_s = start_frame / fps - (SEEK_BACK_PERIODS / info.fps if back_s is None else back_s)
+            seek_s = start_frame / fps - (SEEK_BACK_PERIODS / info.fps if backs[0] is None else backs[0])
             if seek_s > 0:
                 cap.set(cv2.CAP_PROP_POS_MSEC, seek_s * 1000.0)
             try:
-                frames = frames_at_output_times(
-                    timed_frames(cap, info.fps), info.fps, fps, start_frame, count, fit, seek_s > 0
-                )
+                frames = list(frames_from_capture(cap, info.fps, fps, start_frame, count, fit, seek_s > 0, must))
+            except NeedEveryFrame as passed_over:  # it showed after all: this read again, converting it
+                must.append(passed_over.at_s)
+                continue
             except SeekedTooFar:
+                backs.pop(0)
                 continue
             if len(frames) == count or seek_s <= 0:
                 break
             # short after a seek: OpenCV's seek trusts the header's frame count, which a
             # .webm lacks or estimates, and can land at the end or nowhere; read from further back
+            backs.pop(0)
         finally:
             cap.release()
     if len(frames) < count:
