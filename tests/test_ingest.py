@@ -641,6 +641,22 @@ def test_clip_decoded_on_demand_equals_the_full_decode(shared_data):
     assert np.array_equal(clip, full[37:45])
 
 
+def test_clips_read_on_demand_seek_one_open_capture(shared_data, tmp_path, monkeypatch):
+    """The on-demand reader keeps a video open between its clips (a new capture pays for its
+    first picture again: 1.1 s for a phone's HDR clip): clips in any order are the clips of
+    the whole read, and the video is opened once (a read from the very start, a fresh one)."""
+    from rigtrain.data import media
+
+    path = tmp_path / "bikes.mp4"
+    shutil.copy(shared_data / "videos" / "bikes.mp4", path)
+    full, _ = read_video(path, 8.0, (64, 64))
+    opened, open_video = [], media.open_video
+    monkeypatch.setattr(media, "open_video", lambda p: opened.append(p) or open_video(p))
+    for start in (37, 5, 60, 20, 0, 44):
+        assert np.array_equal(read_video_clip(path, start, 8, 8.0, (64, 64)), full[start : start + 8]), start
+    assert len(opened) == 2, opened  # the held capture, and a fresh one for the clip at 0
+
+
 def test_prepare_a_users_folder(user_folder, tmp_path):
     config = load_config("demo", overrides=["data.shard_clips=7"])
     index = prepare(user_folder, tmp_path / "prep", config.data, workers=2)
