@@ -68,17 +68,11 @@ class SeekedTooFar(Exception):
     """The first frame after a seek comes after the instant asked for."""
 
 
-def output_frames(timed, average_fps: float, fps: float, first: int, count: int | None, fit, seeked: bool):
-    """Output frames first, first+1, ... (count of them, or to the end), one at a time: output
-    frame k shows at k / fps the last source frame whose time has come, and the last source
-    frame shows for as long as the one before it did. `timed` may leave out the pictures
-    that `picture_needed` (given to timed_frames) says no output instant needs."""
-    return _Resampler(average_fps, fps, first, count, fit, seeked).run(timed)
-
-
 class _Resampler:
-    """output_frames' state, with the question timed_frames asks it before converting a
-    picture: `picture_needed(t)`."""
+    """Output frames first, first+1, ... (count of them, or to the end), one at a time
+    (`run`): output frame k shows at k / fps the last source frame whose time has come, and
+    the last source frame shows for as long as the one before it did. timed_frames asks it
+    before converting a picture whether any output instant may show it (`picture_needed`)."""
 
     def __init__(self, average_fps: float, fps: float, first: int, count: int | None, fit, seeked: bool, must=()):
         self.fps, self.first, self.count, self.fit, self.seeked = fps, first, count, fit, seeked
@@ -132,7 +126,7 @@ MOST_PASSED_OVER = 3
 
 
 def frames_from_capture(cap, average_fps: float, fps: float, first: int, count: int | None, fit, seeked: bool, must=()):
-    """output_frames of an OpenCV capture from its position on, converting only the pictures
+    """The output frames of an OpenCV capture from its position on, converting only the pictures
     that may show and those at the times in `must`; every picture once `must` holds
     MOST_PASSED_OVER. NeedEveryFrame when a picture passed over was needed: read again with
     its time added to `must`."""
