@@ -12,9 +12,8 @@ from pathlib import Path
 
 from rigtrain.config import DataConfig
 from rigtrain.data import media, sound
-from rigtrain.data.narration import read_narration
 from rigtrain.data.sources import Source, audio_mismatch, sources_in
-from rigtrain.data.subtitles import CONTAINER, read_container_subtitles, subtitle_track
+from rigtrain.data.subtitles import CONTAINER, narration_of, subtitle_track
 from rigtrain.data.timestamps import SAME_INSTANT_S, shown_until
 
 # A header's frame count past this (46 hours at 60 fps) is garbage, not a video (a streamed
@@ -127,32 +126,17 @@ MOST_NOTES_PRINTED = 40
 
 
 def _probe_narration(source: Source, notes: list[str]) -> dict | None:
-    """The narration prepare will take: the sidecar, else the video's own subtitle track
-    (its "from" is "container"), each read whole as prepare reads it; a note for each that
+    """The narration prepare will take (subtitles.narration_of), read whole as prepare reads
+    it, with "from": "container" for the video's own subtitle track; a note for each that
     will be skipped."""
-    if source.narration is not None:
-        try:
-            narration = read_narration(source.narration)
-            return {
-                "file": source.named(source.narration),
-                "segments": len(narration.segments),
-                "problems": narration.problems,
-            }
-        except media.MediaError as err:
-            notes.append(f"{source.named(source.narration)} will be skipped: {err}")
-    try:
-        narration = read_container_subtitles(source.video)
-    except media.MediaError as err:
-        notes.append(f"its subtitle track will be skipped: {err}")
-        return None
+    narration, narration_from, failed = narration_of(source)
+    notes += [f"{file or 'its subtitle track'} will be skipped: {why}" for file, why in failed]
     if narration is None:
         return None
-    return {
-        "file": f"subtitle track ({subtitle_track(source.video)})",
-        "from": CONTAINER,
-        "segments": len(narration.segments),
-        "problems": narration.problems,
-    }
+    entry = {"file": narration_from, "segments": len(narration.segments), "problems": narration.problems}
+    if narration_from == CONTAINER:
+        entry["file"], entry["from"] = f"subtitle track ({subtitle_track(source.video)})", CONTAINER
+    return entry
 
 
 def frames_after_resampling(duration_s: float, fps: float) -> int:

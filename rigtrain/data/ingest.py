@@ -16,10 +16,10 @@ import numpy as np
 
 from rigtrain.config import DataConfig
 from rigtrain.data import media, sound
-from rigtrain.data.narration import clip_text, read_narration
+from rigtrain.data.narration import clip_text
 from rigtrain.data.shards import ARRAYS, CLIP_DTYPE, LABEL_KEYS
 from rigtrain.data.sources import Source, audio_mismatch, fingerprint
-from rigtrain.data.subtitles import CONTAINER, read_container_subtitles
+from rigtrain.data.subtitles import CONTAINER, narration_of
 
 # The most bytes of clips a worker holds before writing them out as a part.
 PART_BYTES = 64 * 2**20
@@ -231,28 +231,16 @@ def _sound_of(source: Source, data: DataConfig, duration: float, skipped: list, 
 
 
 def _narration_of(source: Source, skipped: list, problems: list) -> tuple[list, str | None]:
-    """The narration's segments and where they came from (index.json's "narration"): the
-    sidecar, else the video's own subtitle track (data/subtitles.py), else none. One that
-    does not read is added to `skipped`, and gives way to the next."""
-    failed: list[tuple[str, str]] = []  # (what, why) for each one that did not read
-    if source.narration is not None:
-        try:
-            narration = read_narration(source.narration)
-            problems += [f"{source.named(source.narration)} {p}" for p in narration.problems]
-            return narration.segments, source.named(source.narration)
-        except media.MediaError as err:
-            failed.append((source.named(source.narration), str(err)))
-    segments, narration_from = [], None
-    try:
-        narration = read_container_subtitles(source.video)
-        if narration is not None:
-            problems += [f"{source.name} subtitle track {p}" for p in narration.problems]
-            segments, narration_from = narration.segments, CONTAINER
-    except media.MediaError as err:
-        failed.append((f"{source.name} subtitle track", str(err)))
-    then = "narrated by its subtitle track" if segments else "used without narration"
-    skipped += [{"file": what, "reason": f"{why}; {source.name} is {then}"} for what, why in failed]
-    return segments, narration_from
+    """The narration's segments and where they came from (index.json's "narration"; see
+    subtitles.narration_of); each one that does not read is added to `skipped`."""
+    narration, narration_from, failed = narration_of(source)
+    track = f"{source.name} subtitle track"
+    if narration:
+        where = track if narration_from == CONTAINER else narration_from
+        problems += [f"{where} {p}" for p in narration.problems]
+    then = "narrated by its subtitle track" if narration_from == CONTAINER else "used without narration"
+    skipped += [{"file": file or track, "reason": f"{why}; {source.name} is {then}"} for file, why in failed]
+    return (narration.segments if narration else []), narration_from
 
 
 def ingest_or_reason(job: tuple) -> Ingested | str:

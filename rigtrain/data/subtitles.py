@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 
 from rigtrain.data.media import MediaError, open_container
-from rigtrain.data.narration import Narration, flight_log_error, is_flight_log, parse_subtitles
+from rigtrain.data.narration import Narration, flight_log_error, is_flight_log, parse_subtitles, read_narration
 from rigtrain.data.sound import video_start_s
+from rigtrain.data.sources import Source
 
 # Subtitle codecs that FFmpeg decodes to text; DVD and Blu-ray subtitles (dvd_subtitle,
 # hdmv_pgs_subtitle) are pictures of text, with nothing to read.
@@ -87,3 +88,22 @@ def read_container_subtitles(path: Path) -> Narration | None:
     if is_flight_log(narration.segments):
         raise flight_log_error("into the video too")
     return narration
+
+
+def narration_of(source: Source) -> tuple[Narration | None, str | None, list[tuple[str | None, str]]]:
+    """The narration prepare takes for a video, and where from: the sidecar's name, else
+    CONTAINER for the video's own text subtitle track, else None; and (file, why) for each
+    of the two that did not read, file None for the track (a broken sidecar gives way to
+    the track)."""
+    failed: list[tuple[str | None, str]] = []
+    if source.narration is not None:
+        try:
+            return read_narration(source.narration), source.named(source.narration), failed
+        except MediaError as err:
+            failed.append((source.named(source.narration), str(err)))
+    try:
+        narration = read_container_subtitles(source.video)
+    except MediaError as err:
+        failed.append((None, str(err)))
+        return None, None, failed
+    return narration, (CONTAINER if narration else None), failed
