@@ -38,9 +38,10 @@ def format_rig(rig: Rig) -> list[str]:
     rows = [("GPU", "name", "memory GiB", "cc", "PCIe now/max", "power W", "temp", "throttle")]
     for i, g in enumerate(rig.gpus):
         pcie = g.pcie
-        link = f"Gen{pcie.gen} x{pcie.width} / Gen{_opt(pcie.max_gen)} x{_opt(pcie.max_width)}" if pcie else "?"
-        if pcie and g.link_under_load[0] != pcie.gen:  # an idle card's power saving, not its link
-            link = f"Gen{pcie.gen} (idle) x{pcie.width} / Gen{_opt(pcie.max_gen)} x{_opt(pcie.max_width)}"
+        link = "?"
+        if pcie:
+            idle = " (idle)" if g.link_under_load[0] != pcie.gen else ""  # an idle card's power saving
+            link = f"Gen{pcie.gen}{idle} x{pcie.width} / Gen{_opt(pcie.max_gen)} x{_opt(pcie.max_width)}"
         power = g.power
         watts = f"{_opt(power.draw_w, '{:.0f}')} of {_opt(power.limit_w, '{:.0f}')}" if power else "?"
         rows.append(
