@@ -18,7 +18,7 @@ from conftest import run_cli
 from rigtrain.config import load_config
 from rigtrain.data.media import MediaError, fit_frame, read_video, read_video_clip
 from rigtrain.data.narration import parse_subtitles, read_narration
-from rigtrain.data.prepare import STATE_FILE, prepare
+from rigtrain.data.prepare import DECODING, STATE_FILE, prepare
 from rigtrain.data.sound import read_audio_window, read_container_audio
 from rigtrain.data.synth import synthesize
 
@@ -588,6 +588,95 @@ def test_a_widescreen_dvd_stored_at_720x480_keeps_its_shape(tmp_path, mode):
         assert "720x480 shown 853x480" in format_report(report)
 
 
+def write_interlaced(path: Path, codec: str, fmt: str, options: dict, frames: int = 25) -> None:
+    """320x240 at 25 fps whose two fields show a bar in different places: the top field's
+    (even rows) at x = 40, the bottom field's (odd rows) at x = 200, 1/50 s apart as a
+    camcorder records something that moves."""
+    import av
+
+    picture = np.zeros((240, 320, 3), np.uint8)
+    picture[0::2, 40:80] = 255
+    picture[1::2, 200:240] = 255
+    with av.open(str(path), "w", format=fmt) as container:
+        video = container.add_stream(codec, rate=25)
+        video.width, video.height, video.pix_fmt, video.options = 320, 240, "yuv420p", options
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize(
+    "name, codec, fmt, options, field, bar",
+    [
+        # 1080i AVCHD and HDV record interlaced H.264 top field first; a DVD's MPEG-2 as
+        # FFmpeg writes it here is bottom field first
+        ("camcorder.mp4", "libx264", "mp4", {"x264-params": "interlaced=1:tff=1", "crf": "12"}, "top", (40, 80)),
+        ("tape.mpg", "mpeg2video", "mpeg", {"flags": "+ilme+ildct", "b": "4M"}, "bottom", (200, 240)),
+    ],
+)
+def test_an_interlaced_video_is_read_one_field_at_a_time(tmp_path, name, codec, fmt, options, field, bar):
+    """An interlaced picture weaves two moments: shrunk whole, everything that moves would
+    show twice at half strength. Prepare, the on-demand clip and data check keep the field
+    shown first, so the bar shows once, whole, where that field has it."""
+    from rigtrain.data.check import check_folder, format_report
+
+    write_interlaced(tmp_path / name, codec, fmt, options)
+    scale = 64 / 320  # pad: 320x240 (4:3) into 48x64 rows x columns
+    for frames in (
+        read_video(tmp_path / name, 5.0, (48, 64), "pad")[0][:4],
+        read_video_clip(tmp_path / name, 0, 4, 5.0, (48, 64), "pad"),
+    ):
+        columns = frames[2, 8:40, :, 1].mean(axis=0)
+        lit = np.flatnonzero(columns > 128)
+        assert columns.max() > 200, columns.max()  # whole, not half of a woven pair
+        assert lit.min() == pytest.approx(bar[0] * scale, abs=1) and lit.max() == pytest.approx(
+            bar[1] * scale - 1, abs=1
+        )
+        assert frames.shape == (4, 48, 64, 3)  # the field's rows are twice as high: still 4:3
+    report = check_folder(tmp_path, load_config("demo").data)
+    assert report["videos"][0]["interlaced"] == f"{field} field first"
+    assert f"interlaced ({field} field first): prepare keeps the {field} field" in format_report(report)
+
+
+def test_a_progressive_video_keeps_every_row(tmp_path):
+    """The same picture recorded progressive is one moment: both bars are real and kept
+    (the rows of each are averaged with the black rows between them)."""
+    from rigtrain.data.check import check_folder
+    from rigtrain.data.media import field_order
+
+    write_interlaced(tmp_path / "phone.mp4", "libx264", "mp4", {"crf": "12"})
+    assert field_order(tmp_path / "phone.mp4") is None
+    columns = read_video(tmp_path / "phone.mp4", 5.0, (48, 64), "pad")[0][2, 8:40, :, 1].mean(axis=0)
+    assert 60 < columns[8:16].mean() < 200 and 60 < columns[40:48].mean() < 200
+    assert check_folder(tmp_path, load_config("demo").data)["videos"][0]["interlaced"] is None
+
+
+def test_a_dv_tape_says_it_is_interlaced_only_in_its_pictures(tmp_path):
+    """A DV tape's .avi leaves the field order unset in the stream; its pictures carry the
+    interlaced flag, and the top field is kept."""
+    import av
+
+    from rigtrain.data.check import check_folder, format_report
+    from rigtrain.data.media import ORDER_UNSET, field_order
+
+    with av.open(str(tmp_path / "tape.avi"), "w") as container:
+        video = container.add_stream("dvvideo", rate=25)
+        video.width, video.height, video.pix_fmt = 720, 576, "yuv420p"
+        for packet in video.encode(av.VideoFrame.from_ndarray(np.zeros((576, 720, 3), np.uint8), format="rgb24")):
+            container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+    with av.open(str(tmp_path / "tape.avi")) as container:
+        assert container.streams.video[0].codec_context.field_order == 0  # unknown: the case tested
+    assert field_order(tmp_path / "tape.avi") == ORDER_UNSET
+    report = format_report(check_folder(tmp_path, load_config("demo").data))
+    assert "tape.avi: interlaced (field order unset): prepare keeps the top field" in report
+
+
 def test_a_phone_video_recorded_upright_is_read_upright(tmp_path):
     """A phone stores a portrait video as landscape pictures plus a display rotation: every
     reader (prepare, the on-demand clip, data check's size) turns the picture as a player
@@ -949,7 +1038,7 @@ def test_new_videos_are_added_to_a_prepared_folder(tmp_path):
     after = _shard_bytes(tmp_path / "prep")
     assert all(after[k] == v for k, v in before.items())  # earlier shards are reused as they are
     assert len(ShardDataset(tmp_path / "prep", data)) == index["clips"]
-    assert first["decoding"] == index["decoding"] == 3
+    assert first["decoding"] == index["decoding"] == DECODING
 
 
 def test_adding_to_a_folder_an_earlier_rigtrain_prepared_says_they_differ(tmp_path):

@@ -53,6 +53,7 @@ def _probe_video(path: Path) -> dict:
         "duration_s": round(duration, 6),  # to the microsecond: the clip count depends on it
         "end_decodes": end_decodes,
         "hdr": media.hdr_transfer(path),
+        "interlaced": media.field_order_of(path),
     }
 
 
@@ -155,6 +156,12 @@ def check_source(source: Source, data: DataConfig) -> dict:
     if video["hdr"]:
         entry["notes"].append(
             f"HDR ({video['hdr']}): read as a screen without HDR shows it; highlights above reference white clip"
+        )
+    if video["interlaced"]:
+        kept = "top" if media.kept_field(video["interlaced"]) == 0 else "bottom"
+        entry["notes"].append(
+            f"interlaced ({video['interlaced']}): prepare keeps the {kept} field of each frame, half its rows, "
+            "so what moves is not shown twice"
         )
     if not video["end_decodes"]:
         entry["notes"].append("the last frames do not decode (truncated?); prepare keeps the frames that do")

@@ -3,6 +3,7 @@ sound is in data/sound.py."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -39,6 +40,9 @@ class VideoInfo:
     # a pixel's width over its height (the stream's sample aspect ratio): 32/27 on a
     # widescreen DVD or DV tape stored at 720x480, 4/3 on HDV stored at 1440x1080
     pixel_aspect: float = 1.0
+    # an interlaced video's field that is kept, as its rows (0: the even rows, the top
+    # field; 1: the odd rows); None for progressive video (kept_field)
+    field: int | None = None
 
 
 def open_video(path: Path):
@@ -57,6 +61,9 @@ def open_video(path: Path):
         pixel_aspect=_pixel_aspect(
             cap.get(cv2.CAP_PROP_SAR_NUM), cap.get(cv2.CAP_PROP_SAR_DEN), cap.get(cv2.CAP_PROP_ORIENTATION_META)
         ),
+        # a camcorder's 90-degree display rotation never comes with interlacing: its fields
+        # would be columns after OpenCV turns the picture upright
+        field=None if round(cap.get(cv2.CAP_PROP_ORIENTATION_META)) % 180 == 90 else kept_field(field_order_of(path)),
     )
     if info.fps <= 0 or info.width <= 0 or info.height <= 0:
         cap.release()
@@ -146,10 +153,17 @@ def _capture_to_seek(path: Path):
     return held[key]
 
 
-def frame_fitter(size: tuple[int, int], mode: str, pixel_aspect: float = 1.0):
+def frame_fitter(size: tuple[int, int], mode: str, info: VideoInfo):
+    """The function that turns one decoded picture (OpenCV's BGR) into an output frame: RGB,
+    fitted to size=(H, W). Of an interlaced picture (two fields woven, 1/50 or 1/60 s apart)
+    only info.field's rows are kept, their pixels twice as high: shrunk whole, the woven
+    picture would show everything that moves twice, one copy on every other row."""
     import cv2  # OpenCV: only where frames are decoded or written
 
-    return lambda frame: fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode, pixel_aspect)
+    if info.field is None:
+        return lambda frame: fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), *size, mode, info.pixel_aspect)
+    rows, aspect = slice(info.field, None, 2), info.pixel_aspect / 2
+    return lambda frame: fit_frame(cv2.cvtColor(frame[rows], cv2.COLOR_BGR2RGB), *size, mode, aspect)
 
 
 def output_frames_of(path: Path, fps: float, size: tuple[int, int], mode: str = "crop"):
@@ -158,7 +172,7 @@ def output_frames_of(path: Path, fps: float, size: tuple[int, int], mode: str = 
     are converted (timestamps.LOOK_AHEAD_GAPS); where that guess was wrong the video is
     read again with every picture, from the first output frame not yet given."""
     cap, info = open_video(path)
-    fit = frame_fitter(size, mode, info.pixel_aspect)
+    fit = frame_fitter(size, mode, info)
 
     def frames():
         nonlocal cap
@@ -200,7 +214,7 @@ def read_video_clip(
     backs, must = [None, SEEK_BACK_FAR_S, float("inf")], []
     while backs:
         cap, info = _capture_to_seek(path)
-        fit = frame_fitter(size, mode, info.pixel_aspect)
+        fit = frame_fitter(size, mode, info)
         seek_s = start_frame / fps - (SEEK_BACK_PERIODS / info.fps if backs[0] is None else backs[0])
         from_start = seek_s <= 0
         if from_start:
@@ -268,6 +282,54 @@ def hdr_transfer(path: Path) -> str | None:
         if not container.streams.video:
             return None
         return HDR_TRANSFERS.get(int(container.streams.video[0].codec_context.color_trc or 0))
+
+
+# FFmpeg's field orders (AVFieldOrder, in the stream's codec parameters) by the field shown
+# first: TB is coded top first and shown bottom first, BT the other way round. 0 is unset,
+# 1 progressive.
+FIELD_ORDERS = {2: "top field first", 3: "bottom field first", 4: "bottom field first", 5: "top field first"}
+ORDER_UNSET = "field order unset"
+
+
+def field_order(path: Path) -> str | None:
+    """How an interlaced video's fields are shown (FIELD_ORDERS, or ORDER_UNSET where the
+    stream does not say but its first picture is flagged interlaced, as a DV tape's .avi
+    does), None for progressive video. Interlaced: a camcorder's 1080i AVCHD or HDV, a DVD,
+    a digitised tape."""
+    import av  # PyAV: only where a container is read
+
+    try:
+        with open_container(path) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            order = int(stream.codec_context.field_order or 0)
+            if order != 0:
+                return FIELD_ORDERS.get(order)
+            for frame in container.decode(stream):
+                return ORDER_UNSET if frame.interlaced_frame else None
+    except (MediaError, av.error.FFmpegError):
+        return None  # OpenCV may still read it; progressive is what it would show
+    return None
+
+
+def kept_field(order: str | None) -> int | None:
+    """The rows (0 even, 1 odd) of the field rigtrain keeps: the one shown first, the top
+    where the order is unset (the choice moves the picture by half a frame in time, and
+    changes nothing else)."""
+    return None if order is None else 1 if order == "bottom field first" else 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _field_order_cached(path: str, size: int, mtime_ns: int) -> str | None:
+    return field_order(Path(path))
+
+
+def field_order_of(path: Path) -> str | None:
+    """field_order, asked once per file (an on-demand loader opens the same video for every
+    clip); a file replaced in place is asked again."""
+    stat = Path(path).stat()
+    return _field_order_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def last_decodable_s(path: Path, last_s: float) -> float | None:

@@ -111,8 +111,9 @@ STATE_FILE = ".prepare-state.json"
 # was made with (1 where it has none). 2 (2026-12-03): a track's channels averaged to mono
 # (FFmpeg's downmix had made stereo 3 dB louder and clipped 5.1), and non-square pixels
 # fitted as shown. 3 (2026-12-03, afternoon): a video without a narration sidecar is
-# narrated by its own text subtitle track (data/subtitles.py).
-DECODING = 3
+# narrated by its own text subtitle track (data/subtitles.py). 4 (2026-12-03, evening): an
+# interlaced video's frames are its first field, not both fields woven (data/media.py).
+DECODING = 4
 PARTS_DIR = ".parts"
 
 
