@@ -251,6 +251,54 @@ def test_container_aac_track_is_decoded_and_resampled(user_folder):
     assert read_container_audio(user_folder / "bikes.mp4", 16000) is None
 
 
+def test_of_several_sound_tracks_the_one_a_player_plays_is_taken(tmp_path):
+    """A film or DVD rip can carry an audio description (for the visually impaired) or a
+    commentary before its main track: prepare, the on-demand window and data check take the
+    track a player plays (marked default), not the first."""
+    import av
+    from av.stream import Disposition
+
+    from rigtrain.data.check import check_folder, format_report
+
+    with av.open(str(tmp_path / "film.mkv"), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        tracks = []
+        for tone, disposition, title in (
+            (440, Disposition.visual_impaired, "Audio description"),
+            (880, Disposition.default, "Main"),
+        ):
+            track = container.add_stream("aac", rate=48000)
+            track.layout, track.disposition = "mono", disposition
+            track.metadata["title"], track.metadata["language"] = title, "eng"
+            tracks.append((track, tone))
+        for _ in range(50):
+            for packet in video.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")):
+                container.mux(packet)
+        for track, tone in tracks:
+            for k in range(2 * 48000 // 1024):
+                t = (k * 1024 + np.arange(1024)) / 48000
+                frame = av.AudioFrame.from_ndarray(
+                    np.sin(2 * np.pi * tone * t).astype(np.float32)[None], format="fltp", layout="mono"
+                )
+                frame.sample_rate, frame.pts = 48000, k * 1024
+                for packet in track.encode(frame):
+                    container.mux(packet)
+            for packet in track.encode():
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+
+    def tone_of(audio):  # one second at 8 kHz: the spectrum's bins are 1 Hz apart
+        return np.argmax(np.abs(np.fft.rfft(audio[:8000])))
+
+    assert tone_of(read_container_audio(tmp_path / "film.mkv", 8000)) == pytest.approx(880, abs=4)
+    assert tone_of(read_audio_window(tmp_path / "film.mkv", None, 0.5, 1.0, 8000)) == pytest.approx(880, abs=4)
+    report = check_folder(tmp_path, load_config("demo").data)
+    assert report["videos"][0]["audio"]["track"] == '2 (eng, "Main", default)'
+    assert 'film.mkv: 2 sound tracks: prepare takes track 2 (eng, "Main", default)' in format_report(report)
+
+
 @pytest.mark.parametrize("audio_pts_s", [0.0, 0.5])
 def test_a_window_at_the_start_of_a_track_is_whole(tmp_path, audio_pts_s):
     """The first clip's audio, decoded on demand, is the same second prepare reads: also

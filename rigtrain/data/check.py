@@ -79,9 +79,9 @@ def _fps_range(times: list[float]) -> list[float] | None:
 
 def _probe_container_audio(path: Path) -> dict | None:
     with media.open_container(path) as container:
-        if not container.streams.audio:
+        stream = sound.sound_track(container)
+        if stream is None:
             return None
-        stream = container.streams.audio[0]
         seconds = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
         starts_s = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         return {
@@ -92,7 +92,20 @@ def _probe_container_audio(path: Path) -> dict | None:
             "duration_s": round(seconds, 3),
             # when the track starts, from the first video frame: prepare keeps them in sync
             "offset_s": round(starts_s - sound.video_start_s(container), 3),
+            "tracks": len(container.streams.audio),
+            "track": _track_name(container, stream),
         }
+
+
+def _track_name(container, stream) -> str:
+    """'track 2 (eng, "Main", default)': which of a container's sound tracks it is, in the
+    words a player's menu uses."""
+    number = [s.index for s in container.streams.audio].index(stream.index) + 1
+    language, title = stream.metadata.get("language"), stream.metadata.get("title")
+    words = [language] if language and language != "und" else []
+    words += [f'"{title}"'] if title else []
+    words += ["default"] if stream.disposition & type(stream.disposition).default else []
+    return f"{number} ({', '.join(words)})" if words else str(number)
 
 
 def _offset_note(offset_s: float) -> str | None:
@@ -180,6 +193,11 @@ def check_source(source: Source, data: DataConfig) -> dict:
             entry["audio"] = _probe_container_audio(source.video)
             note = _offset_note(entry["audio"]["offset_s"]) if entry["audio"] else None
             entry["notes"] += [note] if note else []
+            if entry["audio"] and entry["audio"]["tracks"] > 1:
+                entry["notes"].append(
+                    f"{entry['audio']['tracks']} sound tracks: prepare takes track {entry['audio']['track']}, "
+                    "the one a player plays; the others are left out"
+                )
         except media.MediaError as err:
             entry["notes"].append(f"audio track left out: {err}")
     entry["narration"] = _probe_narration(source, entry["notes"])

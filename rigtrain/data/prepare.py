@@ -112,7 +112,8 @@ STATE_FILE = ".prepare-state.json"
 # (FFmpeg's downmix had made stereo 3 dB louder and clipped 5.1), and non-square pixels
 # fitted as shown. 3 (2026-12-03, afternoon): a video without a narration sidecar is
 # narrated by its own text subtitle track (data/subtitles.py). 4 (2026-12-03, evening): an
-# interlaced video's frames are its first field, not both fields woven (data/media.py).
+# interlaced video's frames are its first field, not both fields woven (data/media.py);
+# of several sound tracks, the one a player plays, not the first (data/sound.py).
 DECODING = 4
 PARTS_DIR = ".parts"
 

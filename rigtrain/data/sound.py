@@ -97,6 +97,14 @@ def video_start_s(container) -> float:
     return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
 
 
+def sound_track(container):
+    """The audio track a player plays, None when there is none: FFmpeg's own choice
+    (av_find_best_stream), which takes the track marked default over the others and leaves
+    an audio description (a DVD's or a film's track for the visually impaired) to last, as
+    a player does; a camcorder's or a phone's only track either way."""
+    return container.streams.best("audio") if container.streams.audio else None
+
+
 def _longest_lead_s(container) -> float:
     """The most silence a track that starts late may be given: the container's length (a
     damaged file's start time can be anything; silence past the video is never used)."""
@@ -111,14 +119,15 @@ def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
     import av  # PyAV: only where a container's audio is read
 
     with open_container(path) as container:
-        if not container.streams.audio:
+        stream = sound_track(container)
+        if stream is None:
             return None
         zero_s = video_start_s(container)
         chunks, offset_s, resample, pending, pending_samples = [], None, None, [], 0
         try:
             # After the first frame, samples are counted, not timed: the timestamps of
             # damaged files can jump.
-            for frame in container.decode(audio=0):
+            for frame in container.decode(stream):
                 if offset_s is None and frame.pts is not None:
                     offset_s = float(frame.pts * frame.time_base) - zero_s
                     offset_s = min(offset_s, _longest_lead_s(container))
@@ -165,9 +174,9 @@ def read_audio_window(
     import av  # PyAV: only where a container's audio is read
 
     with open_container(video) as container:
-        if not container.streams.audio:
+        stream = sound_track(container)
+        if stream is None:
             return None
-        stream = container.streams.audio[0]
         # Decode at the source rate from a little before start_s (AAC frames overlap their
         # neighbours, so the first frame after a seek is not exact), cut the window with a
         # margin, resample it in one piece, then drop the margin: the samples then match a
