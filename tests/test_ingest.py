@@ -1495,6 +1495,58 @@ def test_a_track_is_as_loud_prepared_on_demand_and_as_a_sidecar(tmp_path, name, 
         assert np.abs(sound_read).max() == pytest.approx(0.5, abs=0.03)
 
 
+def write_sound(path: Path, sound: np.ndarray, rate: int) -> None:
+    """A sidecar as a recorder or a phone writes it: libsndfile's formats with soundfile,
+    AAC (.m4a, raw .aac) with PyAV."""
+    import av
+    import soundfile as sf
+
+    if path.suffix not in (".m4a", ".aac"):
+        sf.write(path, sound, rate, **({"subtype": "OPUS", "format": "OGG"} if path.suffix == ".opus" else {}))
+        return
+    with av.open(str(path), "w", format="ipod" if path.suffix == ".m4a" else "adts") as container:
+        track = container.add_stream("aac", rate=rate, layout="mono")
+        for k in range(0, len(sound), 1024):
+            block = np.pad(sound[k : k + 1024], (0, max(0, k + 1024 - len(sound))))
+            frame = av.AudioFrame.from_ndarray(block[None].astype(np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = rate, k, Fraction(1, rate)
+            for packet in track.encode(frame):
+                container.mux(packet)
+        for packet in track.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("suffix", [".mp3", ".opus", ".aiff", ".m4a", ".aac"])
+def test_a_sidecar_from_a_phone_or_a_recorder_is_the_videos_sound(tmp_path, suffix):
+    """A screen recording's voice taken on a phone (.m4a), a recorder's MP3 or AAC, a Mac's
+    AIFF, an Opus export: the silent video's sound, in step with it (a tone from 1.0 s),
+    read whole for prepare and a window on demand alike, and named by data check."""
+    from rigtrain.data.check import check_folder
+    from rigtrain.data.sound import read_audio_file
+
+    rate = 48000
+    t = np.arange(3 * rate) / rate
+    write_h264_with_aac(tmp_path / "talk.mp4", audio=False)
+    write_sound(tmp_path / f"talk{suffix}", (0.5 * np.sin(2 * np.pi * 440 * t) * (t >= 1.0)).astype(np.float32), rate)
+
+    def onset_s(sound):  # where the tone's loudness over 10 ms first passes half of it
+        loudness = np.sqrt(np.convolve(sound**2, np.ones(160) / 160, "same"))
+        return np.argmax(loudness > 0.5 * 0.354) / 16000
+
+    whole = read_audio_file(tmp_path / f"talk{suffix}", 16000)
+    assert len(whole) / 16000 == pytest.approx(3.0, abs=0.06)
+    # raw ADTS has no record of the encoder's 1024 samples of delay: 21 ms late, as in players
+    assert onset_s(whole) == pytest.approx(1.0, abs=0.025 if suffix == ".aac" else 0.005)
+    window = read_audio_window(tmp_path / "talk.mp4", tmp_path / f"talk{suffix}", 0.5, 1.0, 16000)
+    np.testing.assert_allclose(window, whole[8000:24000], atol=0.02)
+    report = check_folder(tmp_path, load_config("demo").data)
+    assert report["videos"][0]["audio"]["from"] == f"talk{suffix}"
+    assert report["videos"][0]["audio"]["duration_s"] == pytest.approx(3.0, abs=0.06)
+    if suffix == ".m4a":  # and prepare takes it
+        index = prepare(tmp_path, tmp_path / "prep", load_config("demo").data)
+        assert index["sources"][0]["audio"] == "talk.m4a" and not index["skipped"]
+
+
 @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-8-sig", "utf-8", "cp1252"])
 def test_a_subtitle_in_unicode_from_a_windows_tool_is_read(tmp_path, encoding):
     """Windows tools save "Unicode" SRT as UTF-16 with a BOM: read. A BOM-less legacy code

@@ -121,6 +121,14 @@ def _offset_note(offset_s: float) -> str | None:
 
 
 def _probe_sidecar_audio(path: Path) -> dict:
+    if sound.read_by_ffmpeg(path):
+        track = _probe_container_audio(path)
+        if track is None:
+            raise media.MediaError("holds no sound track")
+        # from its packets: a raw .aac has no header, and FFmpeg's guess from the first
+        # packets' bit rate was 14 s for a 3 s file that starts quiet
+        track["duration_s"] = round(sound.packets_seconds(path), 3)
+        return {"from": path.name, **{key: track[key] for key in ("codec", "rate", "channels", "duration_s")}}
     import soundfile as sf  # only where audio files are read or written
 
     try:

@@ -24,7 +24,10 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 VIDEO_SUFFIXES = (
     ".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".3gp", ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".mpg", ".mpeg",
 )  # fmt: skip
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+# Sidecar sound: what libsndfile reads (a recorder's WAV or BWF, FLAC, Ogg Vorbis or Opus,
+# MP3, a Mac's AIFF), and AAC (a phone's voice memo .m4a, a recorder's .aac), which FFmpeg
+# decodes (data/sound.py).
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aif", ".aiff", ".m4a", ".aac")
 
 
 class MediaError(Exception):

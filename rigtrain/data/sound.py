@@ -69,11 +69,43 @@ def resample_audio(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarr
 
 
 SIDECAR_BLOCK_S = 10  # a sidecar is read this many seconds at a time
+# Sidecars libsndfile cannot open (AAC): decoded by FFmpeg as a video's own track is, the
+# file's first sample at the video's first frame.
+FFMPEG_SIDECARS = (".m4a", ".aac")
+
+
+def read_by_ffmpeg(sidecar: Path) -> bool:
+    return sidecar.suffix.lower() in FFMPEG_SIDECARS
+
+
+def packets_seconds(path: Path) -> float:
+    """How long the sound track lasts, from its first packet to the end of its last, read
+    without decoding."""
+    import av  # PyAV: only where a container's audio is read
+
+    with open_container(path) as container:
+        stream = sound_track(container)
+        if stream is None:
+            return 0.0
+        first = end = None
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.size:
+                    first = packet.pts if first is None else min(first, packet.pts)
+                    end = max(end or packet.pts, packet.pts + (packet.duration or 0))
+        except av.error.FFmpegError:
+            pass  # damaged: what came before is what a decoder gets too
+        return float((end - first) * stream.time_base) if first is not None else 0.0
 
 
 def read_audio_file(path: Path, target_rate: int) -> np.ndarray:
-    """A sidecar .wav/.flac/.ogg -> mono float32 at target_rate, read SIDECAR_BLOCK_S at a
-    time (an hour of 48 kHz stereo is 1.4 GB as float32; its mono 16 kHz, 230 MB)."""
+    """A sidecar (media.AUDIO_SUFFIXES) -> mono float32 at target_rate, read SIDECAR_BLOCK_S
+    at a time (an hour of 48 kHz stereo is 1.4 GB as float32; its mono 16 kHz, 230 MB)."""
+    if read_by_ffmpeg(path):
+        audio = read_container_audio(path, target_rate)
+        if audio is None:
+            raise MediaError("holds no sound track")
+        return audio
     import soundfile as sf  # only where audio files are read or written
 
     try:
@@ -160,6 +192,11 @@ def read_audio_window(
     a sidecar is read from that sample on; a container track is seeked to the packet
     before start_s (or read from its start, for a window near it) and decoded forward,
     with silence where the track has not begun. None when there is no audio."""
+    if sidecar is not None and read_by_ffmpeg(sidecar):
+        window = read_audio_window(sidecar, None, start_s, seconds, target_rate)
+        if window is None:
+            raise MediaError("holds no sound track")
+        return window
     if sidecar is not None:
         import soundfile as sf  # only where audio files are read or written
 
