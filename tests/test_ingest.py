@@ -17,7 +17,7 @@ from conftest import run_cli
 
 from rigtrain.config import load_config
 from rigtrain.data.media import MediaError, fit_frame, read_video, read_video_clip
-from rigtrain.data.narration import parse_subtitles, read_narration
+from rigtrain.data.narration import Segment, parse_subtitles, read_narration
 from rigtrain.data.prepare import DECODING, STATE_FILE, prepare
 from rigtrain.data.sound import read_audio_window, read_container_audio
 from rigtrain.data.synth import synthesize
@@ -159,6 +159,39 @@ to another video
 to another video
 today<00:00:05.100><c> we</c><c> build</c>
 """.replace("·", " ")
+
+
+ASS_SUBTITLES = """[Script Info]
+ScriptType: v4.00+
+
+[Events]
+Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text
+Dialogue: 0,0:00:00.50,0:00:01.20,Default,,0,0,0,,{\\i1}hello{\\i0} there
+Dialogue: 0,0:00:01.50,0:00:02.80,Default,,0,0,0,,a red bike\\Ngoes by
+"""
+
+
+@pytest.mark.parametrize("suffix, bom", [(".ass", ""), (".ssa", "\ufeff")])
+def test_an_advanced_substation_sidecar_is_narration(tmp_path, suffix, bom):
+    """Aegisub's and fansubs' .ass (and the older .ssa) beside a video: its dialogue, without
+    the styling in braces, is the narration; one that does not read is named and skipped."""
+    from rigtrain.data.check import check_folder, format_report
+
+    write_h264_with_aac(tmp_path / "ride.mp4", audio=False)
+    (tmp_path / f"ride{suffix}").write_text(bom + ASS_SUBTITLES, encoding="utf-8")
+    assert read_narration(tmp_path / f"ride{suffix}").segments == [
+        Segment(0.5, 1.2, "hello there"),
+        Segment(1.5, 2.8, "a red bike goes by"),
+    ]
+    write_h264_with_aac(tmp_path / "broken.mp4", audio=False)
+    (tmp_path / f"broken{suffix}").write_text("not a subtitle file\n")
+    index = prepare(tmp_path, tmp_path / "prep", load_config("demo").data)
+    narrated = {v["video"]: v["narration"] for v in index["sources"]}
+    assert narrated == {"ride.mp4": f"ride{suffix}", "broken.mp4": None}
+    assert any(s["file"] == f"broken{suffix}" for s in index["skipped"])
+    assert f"broken.mp4: broken{suffix} will be skipped: cannot be opened by FFmpeg" in format_report(
+        check_folder(tmp_path, load_config("demo").data)
+    )
 
 
 def test_youtube_automatic_captions_are_read_once_each():

@@ -13,9 +13,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rigtrain.data.media import MediaError
+from rigtrain.data.media import MediaError, open_container
+from rigtrain.data.sound import video_start_s
 
-NARRATION_SUFFIXES = (".json", ".srt", ".vtt")
+# Whisper's JSON, SubRip, WebVTT; and Advanced SubStation (an Aegisub or fansub file),
+# read by FFmpeg as a video's own ASS track is (data/subtitles.py)
+NARRATION_SUFFIXES = (".json", ".srt", ".vtt", ".ass", ".ssa")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,12 @@ def read_narration(path: Path) -> Narration:
     suffix = Path(path).suffix.lower()
     if suffix == ".json":
         return Narration(read_whisper_json(path))
-    narration = parse_subtitles(read_subtitle_text(Path(path)), webvtt=suffix == ".vtt")
+    if suffix in (".ass", ".ssa"):
+        narration = read_subtitle_stream(Path(path))
+        if narration is None:
+            raise MediaError("holds no dialogue FFmpeg can read as text")
+    else:
+        narration = parse_subtitles(read_subtitle_text(Path(path)), webvtt=suffix == ".vtt")
     if is_flight_log(narration.segments):
         raise flight_log_error("beside each video")
     return narration
@@ -221,3 +229,62 @@ def clip_text(
         out = (out + b" " if out else b"") + piece
         placed.append((seg, offset, len(piece)))
     return out, placed
+
+
+# Subtitle codecs that FFmpeg decodes to text; DVD and Blu-ray subtitles (dvd_subtitle,
+# hdmv_pgs_subtitle) are pictures of text, with nothing to read.
+TEXT_SUBTITLE_CODECS = ("subrip", "srt", "ass", "ssa", "mov_text", "webvtt", "text")
+_ASS_OVERRIDE = re.compile(r"\{[^}]*\}")  # {\i1}, {\an8}, {\pos(10,20)}: styling, not words
+
+
+def text_subtitle_stream(container):
+    """The subtitle stream to read: the default one, else the first that is not "forced"
+    (a forced track holds only the foreign-language lines), else the first; text only."""
+    tracks = [s for s in container.streams.subtitles if s.codec_context.name in TEXT_SUBTITLE_CODECS]
+    if not tracks:
+        return None
+
+    def flags(stream) -> tuple[bool, bool]:
+        disposition = int(getattr(stream, "disposition", 0) or 0)
+        return bool(disposition & 0x1), bool(disposition & 0x40)  # AV_DISPOSITION_DEFAULT, _FORCED
+
+    return next(
+        (s for s in tracks if flags(s) == (True, False)),
+        next((s for s in tracks if not flags(s)[1]), tracks[0]),
+    )
+
+
+def _srt_time(seconds: float) -> str:
+    ms = round(max(0.0, seconds) * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
+
+
+def read_subtitle_stream(path: Path) -> Narration | None:
+    """A file's text subtitle stream as narration, read with PyAV: a video's own track, or
+    an .ass/.ssa sidecar (FFmpeg reads it as a file of one stream). Times are from the first
+    video frame (the clips' zero, as for the sound; 0 in a file without video); None when
+    there is no text stream. MediaError when it cannot be read or no cue reads."""
+    import av  # PyAV: only where a container is read
+
+    with open_container(path) as container:
+        track = text_subtitle_stream(container)
+        if track is None:
+            return None
+        zero = video_start_s(container)
+        cues = []
+        try:
+            for packet in container.demux(track):
+                if packet.pts is None or not packet.size:
+                    continue
+                start = float(packet.pts * packet.time_base) - zero
+                end = start + float((packet.duration or 0) * packet.time_base)
+                for subtitle in packet.decode():
+                    raw = getattr(subtitle, "dialogue", None) or getattr(subtitle, "text", b"") or b""
+                    text = _ASS_OVERRIDE.sub("", raw.decode("utf-8", "replace")).replace("\\N", "\n").strip()
+                    if text:
+                        cues.append(f"{len(cues) + 1}\n{_srt_time(start)} --> {_srt_time(end)}\n{text}\n")
+        except av.error.FFmpegError as err:
+            raise MediaError(f"the subtitles cannot be read: {getattr(err, 'strerror', None) or err}") from None
+    if not cues:
+        raise MediaError("the subtitles hold no text cue")
+    return parse_subtitles("\n".join(cues), webvtt=False)
