@@ -713,6 +713,30 @@ def test_the_plan_warns_of_a_torch_built_for_a_newer_cuda_than_the_driver_runs()
         assert "torch_newer_than_driver" not in codes(plan), (torch_cuda, driver_cuda)
 
 
+@pytest.mark.parametrize(
+    "driver_cuda, advice",
+    [
+        # Ubuntu 22.04's 535 driver: torch has no cu122 build; its cu126 runs on any 12.x driver
+        (
+            "12.2",
+            "build for CUDA 12.x, which this driver runs: "
+            "`TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 bash setup/install.sh`",
+        ),
+        ("11.8", "update the NVIDIA driver: torch 2.13.0 has no build for CUDA 11.x"),
+    ],
+)
+def test_the_build_advised_for_an_older_driver_is_one_pytorch_ships(driver_cuda, advice):
+    rig = json.loads((RIGS / "h200.json").read_text())
+    rig["software"].update(torch="2.13.0", torch_cuda="13.0", driver_cuda=driver_cuda)
+    (warning,) = [
+        w
+        for w in plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()).warnings
+        if w.code == "torch_newer_than_driver"
+    ]
+    assert advice in warning.message
+    assert f"cu{driver_cuda.replace('.', '')}" not in warning.message
+
+
 def test_a_docker_sized_dev_shm_is_a_warning_when_gpus_talk_through_it():
     rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
     rig["shm_gib"] = 0.0625  # Docker's default 64 MiB

@@ -111,13 +111,25 @@ def driver_runs(driver_cuda: str | None, build_cuda: str | None) -> bool | None:
         return None
 
 
+# The oldest build pytorch.org keeps for each CUDA major, which any driver of that major
+# runs: torch 2.10, 2.11 and 2.12 all ship cu126 (beside cu128/cu129, cu130, cu132; none for
+# CUDA 11 since 2.8), per pytorch.org's wheel index as replicate/cog's torch matrix lists it.
+# The driver's own minor (cu122 for a 12.2 driver) has no build for a current torch.
+OLDEST_BUILD_FOR_CUDA = {12: "cu126", 13: "cu130"}
+
+
 def torch_for_driver(driver_cuda: str, torch_version: str) -> str:
     """What to do about a torch built for a newer CUDA than the driver runs."""
-    major, minor = driver_cuda.split(".")[:2]
+    major = int(driver_cuda.split(".")[0])
+    build = OLDEST_BUILD_FOR_CUDA.get(major)
+    if build is None:
+        return (
+            f"update the NVIDIA driver: torch {torch_version.split('+')[0]} has no build for CUDA {major}.x "
+            "(a driver of the 525 series or later runs CUDA 12)"
+        )
     return (
         f"update the NVIDIA driver, or install torch's build for CUDA {major}.x, which this driver runs: "
-        f"`TORCH_INDEX_URL={PYTORCH_INDEX}cu{major}{minor} bash setup/install.sh` (or another cu{major}x "
-        f"build pytorch.org lists for torch {torch_version.split('+')[0]})"
+        f"`TORCH_INDEX_URL={PYTORCH_INDEX}{build} bash setup/install.sh`"
     )
 
 
