@@ -284,22 +284,19 @@ def test_container_aac_track_is_decoded_and_resampled(user_folder):
     assert read_container_audio(user_folder / "bikes.mp4", 16000) is None
 
 
-def test_of_several_sound_tracks_the_one_a_player_plays_is_taken(tmp_path):
-    """A film or DVD rip can carry an audio description (for the visually impaired) or a
-    commentary before its main track: prepare, the on-demand window and data check take the
-    track a player plays (marked default), not the first."""
+def write_film(path: Path, main_title: str = "Main") -> None:
+    """One second of black with two sound tracks: an audio description (440 Hz) first, then
+    the main track (880 Hz, marked default, titled main_title)."""
     import av
     from av.stream import Disposition
 
-    from rigtrain.data.check import check_folder, format_report
-
-    with av.open(str(tmp_path / "film.mkv"), "w") as container:
+    with av.open(str(path), "w") as container:
         video = container.add_stream("libx264", rate=25)
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
         tracks = []
         for tone, disposition, title in (
             (440, Disposition.visual_impaired, "Audio description"),
-            (880, Disposition.default, "Main"),
+            (880, Disposition.default, main_title),
         ):
             track = container.add_stream("aac", rate=48000)
             track.layout, track.disposition = "mono", disposition
@@ -322,14 +319,41 @@ def test_of_several_sound_tracks_the_one_a_player_plays_is_taken(tmp_path):
         for packet in video.encode():
             container.mux(packet)
 
-    def tone_of(audio):  # one second at 8 kHz: the spectrum's bins are 1 Hz apart
-        return np.argmax(np.abs(np.fft.rfft(audio[:8000])))
 
+def tone_of(audio):  # one second at 8 kHz: the spectrum's bins are 1 Hz apart
+    return np.argmax(np.abs(np.fft.rfft(audio[:8000])))
+
+
+def test_of_several_sound_tracks_the_one_a_player_plays_is_taken(tmp_path):
+    """A film or DVD rip can carry an audio description (for the visually impaired) or a
+    commentary before its main track: prepare, the on-demand window and data check take the
+    track a player plays (marked default), not the first."""
+    from rigtrain.data.check import check_folder, format_report
+
+    write_film(tmp_path / "film.mkv")
     assert tone_of(read_container_audio(tmp_path / "film.mkv", 8000)) == pytest.approx(880, abs=4)
     assert tone_of(read_audio_window(tmp_path / "film.mkv", None, 0.5, 1.0, 8000)) == pytest.approx(880, abs=4)
     report = check_folder(tmp_path, load_config("demo").data)
     assert report["videos"][0]["audio"]["track"] == '2 (eng, "Main", default)'
     assert 'film.mkv: 2 sound tracks: prepare takes track 2 (eng, "Main", default)' in format_report(report)
+
+
+def test_tags_that_are_not_utf8_are_read_not_refused(tmp_path):
+    """An old camcorder or a Windows tool writes its tags in Latin-1: PyAV 18 refused to open
+    such a file at all (a traceback from data check), PyAV 19 keeps the bytes as surrogates,
+    which no terminal prints. The file is used, and the tag shown with U+FFFD for the byte."""
+    from rigtrain.data.check import check_folder, format_report
+
+    write_film(tmp_path / "film.mkv", main_title="Musique")
+    data = (tmp_path / "film.mkv").read_bytes()
+    (tmp_path / "film.mkv").write_bytes(data.replace(b"Musique", b"Musiqu\xe9"))  # same length: the sizes hold
+    assert tone_of(read_container_audio(tmp_path / "film.mkv", 8000)) == pytest.approx(880, abs=4)
+    report = check_folder(tmp_path, load_config("demo").data)
+    assert report["videos"][0]["ok"] and report["videos"][0]["audio"]["track"] == '2 (eng, "Musiqu\ufffd", default)'
+    format_report(report).encode("utf-8")  # prints: no lone surrogate left
+    json.dumps(report, ensure_ascii=False).encode("utf-8")
+    index = prepare(tmp_path, tmp_path / "prep", load_config("demo").data)
+    assert index["sources"][0]["audio"] == "container" and not index["skipped"]
 
 
 @pytest.mark.parametrize("audio_pts_s", [0.0, 0.5])
@@ -618,7 +642,7 @@ def test_a_header_count_that_is_garbage_is_not_believed(tmp_path, monkeypatch):
         return cap, dataclasses.replace(info, frames=277_000_000_000_000_000)
 
     monkeypatch.setattr(media, "open_video", garbage_count)
-    monkeypatch.setattr(media, "frame_times", lambda path: [])
+    monkeypatch.setattr(check, "frame_times", lambda path: [])
     probed = check._probe_video(video)
     assert probed["frames"] == 1 and probed["end_decodes"]
 
@@ -727,7 +751,7 @@ def test_a_progressive_video_keeps_every_row(tmp_path):
     """The same picture recorded progressive is one moment: both bars are real and kept
     (the rows of each are averaged with the black rows between them)."""
     from rigtrain.data.check import check_folder
-    from rigtrain.data.media import field_order
+    from rigtrain.data.container import field_order
 
     write_interlaced(tmp_path / "phone.mp4", "libx264", "mp4", {"crf": "12"})
     assert field_order(tmp_path / "phone.mp4") is None
@@ -742,7 +766,7 @@ def test_a_dv_tape_says_it_is_interlaced_only_in_its_pictures(tmp_path):
     import av
 
     from rigtrain.data.check import check_folder, format_report
-    from rigtrain.data.media import ORDER_UNSET, field_order
+    from rigtrain.data.container import ORDER_UNSET, field_order
 
     with av.open(str(tmp_path / "tape.avi"), "w") as container:
         video = container.add_stream("dvvideo", rate=25)

@@ -12,6 +12,15 @@ from pathlib import Path
 
 from rigtrain.config import DataConfig
 from rigtrain.data import media, sound
+from rigtrain.data.container import (
+    field_order_of,
+    frame_times,
+    hdr_transfer,
+    kept_field,
+    last_decodable_s,
+    open_container,
+    tag,
+)
 from rigtrain.data.sources import Source, audio_mismatch, sources_in
 from rigtrain.data.subtitles import CONTAINER, narration_of, subtitle_track
 from rigtrain.data.timestamps import SAME_INSTANT_S, shown_until
@@ -30,13 +39,13 @@ def _probe_video(path: Path) -> dict:
         ok, _ = cap.read()
         if not ok:
             raise media.MediaError("no frame could be decoded (truncated or corrupt)")
-        times = media.frame_times(path)
+        times = frame_times(path)
         if len(times) < 2:  # no timestamps in the packets: the header's word for it, if sane
             header_frames = info.frames if 0 < info.frames <= MOST_FRAMES_A_HEADER_IS_BELIEVED else 1
             times = [i / info.fps for i in range(header_frames)]
         end_decodes = True
         if len(times) > 1:
-            last_ok = media.last_decodable_s(path, times[-1])
+            last_ok = last_decodable_s(path, times[-1])
             end_decodes = last_ok is not None and last_ok >= times[-1] - SAME_INSTANT_S
             if last_ok is not None and not end_decodes:  # truncated: prepare gets what decodes
                 times = [t for t in times if t <= last_ok + SAME_INSTANT_S]
@@ -52,8 +61,8 @@ def _probe_video(path: Path) -> dict:
         "pixel_aspect": round(info.pixel_aspect, 4),
         "duration_s": round(duration, 6),  # to the microsecond: the clip count depends on it
         "end_decodes": end_decodes,
-        "hdr": media.hdr_transfer(path),
-        "interlaced": media.field_order_of(path),
+        "hdr": hdr_transfer(path),
+        "interlaced": field_order_of(path),
     }
 
 
@@ -78,7 +87,7 @@ def _fps_range(times: list[float]) -> list[float] | None:
 
 
 def _probe_container_audio(path: Path) -> dict | None:
-    with media.open_container(path) as container:
+    with open_container(path) as container:
         stream = sound.sound_track(container)
         if stream is None:
             return None
@@ -101,7 +110,7 @@ def _track_name(container, stream) -> str:
     """'track 2 (eng, "Main", default)': which of a container's sound tracks it is, in the
     words a player's menu uses."""
     number = [s.index for s in container.streams.audio].index(stream.index) + 1
-    language, title = stream.metadata.get("language"), stream.metadata.get("title")
+    language, title = tag(stream, "language"), tag(stream, "title")
     words = [language] if language and language != "und" else []
     words += [f'"{title}"'] if title else []
     words += ["default"] if stream.disposition & type(stream.disposition).default else []
@@ -179,7 +188,7 @@ def check_source(source: Source, data: DataConfig) -> dict:
             f"HDR ({video['hdr']}): read as a screen without HDR shows it; highlights above reference white clip"
         )
     if video["interlaced"]:
-        kept = "top" if media.kept_field(video["interlaced"]) == 0 else "bottom"
+        kept = "top" if kept_field(video["interlaced"]) == 0 else "bottom"
         entry["notes"].append(
             f"interlaced ({video['interlaced']}): prepare keeps the {kept} field of each frame, half its rows, "
             "so what moves is not shown twice"

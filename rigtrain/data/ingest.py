@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rigtrain.config import DataConfig
-from rigtrain.data import media, sound
+from rigtrain.data import container, media, sound
 from rigtrain.data.narration import clip_text
 from rigtrain.data.shards import ARRAYS, CLIP_DTYPE, LABEL_KEYS
 from rigtrain.data.sources import Source, audio_mismatch, fingerprint
@@ -155,7 +155,7 @@ def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: in
         "duration_s": round(duration, 3),
         "source_fps": round(info.fps, 3),
         "source_size": [info.height, info.width],
-        "interlaced": media.field_order_of(source.video),
+        "interlaced": container.field_order_of(source.video),
         "clips": n,
         "end_aligned_clip": n > 0 and starts[-1] != round((n - 1) * data.stride_frames),
         "unused_tail_s": round((frames - starts[-1] - T) / data.fps, 3) if n else round(duration, 3),

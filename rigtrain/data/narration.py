@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rigtrain.data.media import MediaError, open_container
+from rigtrain.data.container import MediaError, open_container
 from rigtrain.data.sound import video_start_s
 
 # Whisper's JSON, SubRip, WebVTT; and Advanced SubStation (an Aegisub or fansub file),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rigtrain.data.media import MediaError, open_container
+from rigtrain.data.container import MediaError, open_container
 
 
 def unreadable_audio(err: Exception) -> MediaError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rigtrain.data.media import MediaError, open_container
+from rigtrain.data.container import MediaError, open_container, tag
 from rigtrain.data.narration import (
     Narration,
     flight_log_error,
@@ -31,7 +31,7 @@ def subtitle_track(path: Path) -> str | None:
         track = text_subtitle_stream(container)
         if track is None:
             return None
-        language = (track.metadata or {}).get("language") or getattr(track, "language", None)
+        language = tag(track, "language") or getattr(track, "language", None)
         return track.codec_context.name + (f", {language}" if language and language != "und" else "")
 
 
