@@ -101,6 +101,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         args.out_dir,
         data,
         workers=workers,
+        isolate=True,  # one worker too: a decoder crashing on a damaged file takes only that file
         progress=progress,
         log=lambda line: print(f"[rigtrain] {line}", flush=True),
     )

@@ -258,3 +258,25 @@ def test_batches_carry_narration_segments_and_labels(demo_data, demo_config):
     names = index["labels"]
     first = bytes(batch["text"][0, : batch["text_len"][0]].tolist()).decode()
     assert names["colour"][labels[0, 1]] in first and names["direction"][labels[0, 2]] in first
+
+
+def crash_on_three(job: int) -> int:
+    """A decoder that dies on one damaged file: the process ends by SIGSEGV, as FFmpeg's did."""
+    import os
+    import signal
+
+    if job == 3:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return job * 10
+
+
+@pytest.mark.parametrize("workers, isolate", [(2, False), (1, True)])
+def test_a_video_that_crashes_its_decoder_is_left_out_and_the_rest_go_on(workers, isolate):
+    """A segfault in FFmpeg on one damaged file ended the whole prepare, and the same
+    command again ended the same way. The job that kills its process is run again alone
+    (a worker killed for memory beside others may well finish alone), and when it dies
+    alone too, that file gets its reason and every other job its result, in order."""
+    from rigtrain.data.processes import in_order
+
+    results = list(in_order(crash_on_three, list(range(8)), workers, lambda job: f"crashed {job}", isolate))
+    assert results == [0, 10, 20, "crashed 3", 40, 50, 60, 70]

@@ -912,7 +912,8 @@ def test_a_worker_that_dies_is_one_sentence_that_says_what_to_do(tmp_path):
     result = subprocess.run(
         [sys.executable, str(script), str(src), str(tmp_path / "prep")], capture_output=True, text=True, timeout=300
     )
-    assert "UserError: a data preparation worker process died before it finished" in result.stdout, result.stderr
+    says = "UserError: data preparation worker processes die before they finish a single video, even one alone"
+    assert says in result.stdout, result.stderr
     assert 'if __name__ == "__main__":' in result.stdout and "Traceback" not in result.stdout
 
 
@@ -1796,3 +1797,99 @@ def test_a_sidecar_wins_over_the_track_and_a_drones_telemetry_track_is_left_out(
     assert sources["talk.mkv"]["narration"] == "talk.srt" and sources["DJI_0042.MP4"]["narration"] is None
     (skip,) = sources["DJI_0042.MP4"]["skipped"]
     assert skip["file"] == "DJI_0042.MP4 subtitle track" and skip["reason"].endswith("is used without narration")
+
+
+def test_a_clip_that_cannot_be_decoded_mid_run_gives_way_to_the_next(tmp_path, capsys, monkeypatch):
+    """Training straight from a folder, a clip can fail at its read long after data check
+    passed the file: a damaged stretch in the middle, a sound track that breaks, a video
+    deleted or a drive unplugged. The clip is replaced by the first clip of the next video
+    that decodes (a missing sound is left out of that clip instead), the file named once;
+    when the folder itself is gone, the run stops with one line, not a traceback."""
+    from rigtrain.data import media, ondemand, sound
+    from rigtrain.data.ondemand import DecodedClips
+    from rigtrain.errors import UserError
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        write_h264_with_aac(src / name, seconds=3.0, size=(64, 64))
+    data = load_config("demo").data
+    decoded = DecodedClips.from_folder(src, data)
+    first = {name: next(i for i, ref in enumerate(decoded.clips) if ref.name == name) for name in ("b.mp4", "c.mp4")}
+    whole = decoded[first["b.mp4"]]
+
+    (src / "a.mp4").unlink()  # gone while the run reads it
+    for i in range(first["b.mp4"]):
+        assert int(decoded[i]["index"]) == first["b.mp4"]  # the first clip of the next video
+    torch.testing.assert_close(decoded[0]["video"], whole["video"])
+    warned = capsys.readouterr().err
+    assert warned.count("a.mp4: the clip at") == 1 and "the next video that decodes takes the place" in warned
+
+    read_clip = media.read_video_clip
+
+    def damaged_after_its_first_second(path, start_frame, *args):
+        if path.name == "b.mp4" and start_frame > 0:
+            raise MediaError(f"only 0 of 8 frames from frame {start_frame} could be decoded")
+        return read_clip(path, start_frame, *args)
+
+    monkeypatch.setattr(media, "read_video_clip", damaged_after_its_first_second)
+    assert int(decoded[first["b.mp4"] + 1]["index"]) == first["c.mp4"]  # not b's next clip, damaged too
+    assert "b.mp4: the clip at 1.0 s cannot be decoded (only 0 of 8 frames" in capsys.readouterr().err
+
+    def broken_sound(*args):
+        raise MediaError("audio track cannot be decoded: Invalid data found when processing input")
+
+    monkeypatch.setattr(sound, "read_audio_window", broken_sound)
+    clip = decoded[first["c.mp4"] + 1]
+    assert int(clip["index"]) == first["c.mp4"] + 1 and not clip["has_audio"] and int(clip["audio"].abs().max()) == 0
+    assert "c.mp4: sound left out where it cannot be decoded" in capsys.readouterr().err
+
+    for name in ("b.mp4", "c.mp4"):
+        (src / name).unlink()  # the whole folder gone: the drive unplugged
+    # (first clips: they are read from a new capture, where the loader's open ones would
+    # still read a deleted file, as an unplugged drive's would not)
+    with pytest.raises(UserError, match=r"^data: 3 video\(s\) in a row cannot be decoded, the last .*check that "):
+        decoded[first["c.mp4"]]
+    monkeypatch.setattr(ondemand, "MOST_FAILED_IN_A_ROW", 2)
+    with pytest.raises(UserError, match=r"^data: 2 video\(s\) in a row cannot be decoded"):
+        decoded[first["b.mp4"]]
+
+
+@pytest.mark.parametrize("rate", [1, 2**31 - 1])
+def test_a_damaged_sample_rate_is_a_reason_not_a_crash(rate):
+    """A damaged header's rate: 1 Hz would have come out 16,000 times longer at 16 kHz, and
+    FFmpeg cannot allocate for 2**31 - 1 Hz ("Cannot allocate memory"); each is one reason."""
+    from rigtrain.data.sound import resample_audio
+
+    with pytest.raises(MediaError, match=f"^(a sample rate of {rate} Hz|sound at {rate} Hz)"):
+        resample_audio(np.zeros(1024, np.float32), rate, 16000)
+
+
+def test_damaged_frames_and_streams_are_passed_over_not_read():
+    """What damaged files hand PyAV: an AAC frame whose header claims 23 channels over
+    fewer planes (to_ndarray reads past them and the process dies: a segfault in a prepare
+    worker), and streams with no decoder (no codec context). The frame is silence for its
+    length, without touching its data; the streams are not chosen."""
+    from types import SimpleNamespace as Fake
+
+    from rigtrain.data.narration import text_subtitle_stream
+    from rigtrain.data.sound import frame_samples, sound_track
+
+    def untouchable():
+        raise AssertionError("a damaged frame's data was read")
+
+    damaged = Fake(
+        samples=1024,
+        layout=Fake(channels=[0] * 23),
+        planes=[0] * 29,
+        format=Fake(is_planar=True, name="fltp"),
+        to_ndarray=untouchable,
+    )
+    assert frame_samples(damaged).shape == (1024, 1) and not frame_samples(damaged).any()
+    assert frame_samples(Fake(**{**vars(damaged), "samples": 0})).shape == (0, 1)
+    no_decoder = Fake(codec_context=None, index=1)
+    aac = Fake(codec_context=Fake(name="aac"), index=2)
+    container = Fake(streams=Fake(audio=[no_decoder, aac], subtitles=[no_decoder], best=lambda kind: no_decoder))
+    assert sound_track(container) is aac
+    assert text_subtitle_stream(container) is None
+    assert sound_track(Fake(streams=Fake(audio=[no_decoder], best=lambda kind: no_decoder))) is None

@@ -52,7 +52,8 @@ def hdr_transfer(path: Path) -> str | None:
     with open_container(path) as container:
         if not container.streams.video:
             return None
-        return HDR_TRANSFERS.get(int(container.streams.video[0].codec_context.color_trc or 0))
+        codec = container.streams.video[0].codec_context  # None where FFmpeg has no decoder for it
+        return HDR_TRANSFERS.get(int(getattr(codec, "color_trc", 0) or 0))
 
 
 # FFmpeg's field orders (AVFieldOrder, in the stream's codec parameters) by the field shown
@@ -74,7 +75,7 @@ def field_order(path: Path) -> str | None:
             if not container.streams.video:
                 return None
             stream = container.streams.video[0]
-            order = int(stream.codec_context.field_order or 0)
+            order = int(getattr(stream.codec_context, "field_order", 0) or 0)  # no context: no decoder
             if order != 0:
                 return FIELD_ORDERS.get(order)
             for frame in container.decode(stream):
@@ -144,8 +145,13 @@ def open_container(path: Path):
         except TypeError:
             return av.open(str(path))
     except av.error.FFmpegError as err:
-        # strerror: FFmpeg's own words, without the errno and the path the line already names
-        raise MediaError(f"cannot be opened by FFmpeg: {getattr(err, 'strerror', None) or err}") from None
+        raise MediaError(f"cannot be opened by FFmpeg: {ffmpeg_says(err)}") from None
+
+
+def ffmpeg_says(err: Exception) -> str:
+    """FFmpeg's own words for an error (its strerror), without the errno, the function and
+    the path that PyAV adds: "Invalid data found when processing input"."""
+    return getattr(err, "strerror", None) or str(err)
 
 
 def tag(stream, key: str) -> str | None:

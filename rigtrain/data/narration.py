@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rigtrain.data.container import MediaError, open_container
+from rigtrain.data.container import MediaError, ffmpeg_says, open_container
 from rigtrain.data.sound import video_start_s
 
 # Whisper's JSON, SubRip, WebVTT; and Advanced SubStation (an Aegisub or fansub file),
@@ -240,7 +240,8 @@ _ASS_OVERRIDE = re.compile(r"\{[^}]*\}")  # {\i1}, {\an8}, {\pos(10,20)}: stylin
 def text_subtitle_stream(container):
     """The subtitle stream to read: the default one, else the first that is not "forced"
     (a forced track holds only the foreign-language lines), else the first; text only."""
-    tracks = [s for s in container.streams.subtitles if s.codec_context.name in TEXT_SUBTITLE_CODECS]
+    # a stream FFmpeg has no decoder for (a damaged one's codec id) has no codec context
+    tracks = [s for s in container.streams.subtitles if getattr(s.codec_context, "name", None) in TEXT_SUBTITLE_CODECS]
     if not tracks:
         return None
 
@@ -284,7 +285,7 @@ def read_subtitle_stream(path: Path) -> Narration | None:
                     if text:
                         cues.append(f"{len(cues) + 1}\n{_srt_time(start)} --> {_srt_time(end)}\n{text}\n")
         except av.error.FFmpegError as err:
-            raise MediaError(f"the subtitles cannot be read: {getattr(err, 'strerror', None) or err}") from None
+            raise MediaError(f"the subtitles cannot be read: {ffmpeg_says(err)}") from None
     if not cues:
         raise MediaError("the subtitles hold no text cue")
     return parse_subtitles("\n".join(cues), webvtt=False)

@@ -4,6 +4,7 @@ was never prepared can still be read."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,16 @@ from rigtrain.data.check import check_source, frames_after_resampling
 from rigtrain.data.narration import Segment, clip_text, read_narration
 from rigtrain.data.sources import find_sources
 from rigtrain.data.subtitles import CONTAINER, read_container_subtitles
+from rigtrain.errors import UserError
+
+# A clip that cannot be decoded at a read (a damaged stretch inside a video, which data
+# check's look at its first and last frames does not reach; a file deleted or a drive
+# unplugged while a run reads it) is replaced by the first clip of the next video that
+# decodes (the clips after a damaged one are often damaged too), and its file is named
+# once; a sound or narration that cannot be read is left out of that clip, as for a video
+# without it. This many videos failing in a row mean the folder itself is gone, and the run
+# stops with one line.
+MOST_FAILED_IN_A_ROW = 16
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,8 @@ class DecodedClips(Dataset):
 
     def __init__(self, clips: list[ClipRef], data: DataConfig):
         self.clips, self.data = clips, data
+        self._said: set[tuple[str, str]] = set()  # (file, what): each problem named once
+        self._broken: dict[int, str] = {}  # clips that failed, and why: not decoded again
 
     @classmethod
     def from_index(cls, data_dir: Path, index: dict, data: DataConfig) -> DecodedClips:
@@ -108,13 +121,54 @@ class DecodedClips(Dataset):
         return len(self.clips)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Clip i, or where it cannot be decoded the first clip of the next video that can
+        (MOST_FAILED_IN_A_ROW)."""
+        j, tried = i, set()
+        while len(tried) < MOST_FAILED_IN_A_ROW and self.clips[j].video not in tried:
+            ref = self.clips[j]
+            tried.add(ref.video)
+            if j not in self._broken:
+                try:
+                    return self._decode(j)
+                except (media.MediaError, OSError) as err:
+                    why = str(err) if isinstance(err, media.MediaError) else f"{type(err).__name__}: {err}"
+                    self._broken[j] = why
+                    at_s = ref.start_frame / self.data.fps
+                    self._say(ref, "video", f"the clip at {at_s:.1f} s cannot be decoded ({why}); the first clip "
+                              "of the next video that decodes takes the place of each that fails")  # fmt: skip
+            last, j = j, self._next_video(j)
+        ref = self.clips[last]
+        raise UserError(
+            f"data: {len(tried)} video(s) in a row cannot be decoded, the last {ref.name or ref.video} "
+            f"({self._broken[last]}); check that {ref.video.parent} is still there, or run `rigtrain data prepare` "
+            "on it, which names every video it cannot read"
+        )
+
+    def _next_video(self, j: int) -> int:
+        """The first clip after clip j (wrapping around) that is from another video."""
+        video = self.clips[j].video
+        for k in range(1, len(self.clips) + 1):
+            if self.clips[(j + k) % len(self.clips)].video != video:
+                return (j + k) % len(self.clips)
+        return j
+
+    def _say(self, ref: ClipRef, what: str, message: str) -> None:
+        if (str(ref.video), what) not in self._said:
+            self._said.add((str(ref.video), what))
+            print(f"[rigtrain] warning: {ref.name or ref.video}: {message}", file=sys.stderr, flush=True)
+
+    def _decode(self, i: int) -> dict[str, torch.Tensor]:
         d, ref = self.data, self.clips[i]
         video = media.read_video_clip(ref.video, ref.start_frame, d.clip_frames, d.fps, tuple(d.frame_size), d.resize)
         start_s = ref.start_frame / d.fps
         audio = np.zeros(d.clip_samples, np.int16)
         has_audio = False
         if ref.audio is not None or ref.container_audio:
-            piece = sound.read_audio_window(ref.video, ref.audio, start_s, d.clip_seconds, d.sample_rate)
+            try:
+                piece = sound.read_audio_window(ref.video, ref.audio, start_s, d.clip_seconds, d.sample_rate)
+            except (media.MediaError, OSError) as err:
+                self._say(ref, "sound", f"sound left out where it cannot be decoded ({err}), from {start_s:.1f} s")
+                piece = None
             if piece is not None:
                 audio[: len(piece)] = sound.to_pcm16(piece[: d.clip_samples])
                 has_audio = len(piece) >= 0.9 * d.clip_samples
@@ -122,7 +176,11 @@ class DecodedClips(Dataset):
         length = 0
         segment_offset = np.zeros(d.segments_per_clip, np.int64)
         segment_len = np.zeros(d.segments_per_clip, np.int64)
-        segments = _narration_of(ref)
+        try:
+            segments = _narration_of(ref)
+        except (media.MediaError, OSError) as err:
+            self._say(ref, "narration", f"narration left out: it cannot be read now ({err})")
+            segments = None
         if segments is not None:
             words, placed = clip_text(segments, start_s, start_s + d.clip_seconds, d.max_text_bytes)
             text[: len(words)] = np.frombuffer(words, np.uint8)

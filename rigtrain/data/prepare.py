@@ -196,6 +196,12 @@ def _say_continuing(log, out: Path, interrupted: bool, finished: list, partial, 
         )
 
 
+def _decoder_crashed(job: tuple) -> str:
+    """The reason for a video whose decoding killed its process, even alone: FFmpeg or
+    OpenCV crashing on a damaged file."""
+    return "decoding it crashed its worker process, also alone (a damaged file?); left out"
+
+
 def _hand_over(source: Source, result, writer: ShardWriter, added: list, skipped: list, data: DataConfig) -> None:
     """One video's result to the writer, a piece at a time, or to `skipped` with its reason."""
     if isinstance(result, str):
@@ -216,9 +222,18 @@ def _too_short(source: Source, info: dict, data: DataConfig) -> dict:
 
 
 def prepare(
-    src_dir: str | Path, out_dir: str | Path, data: DataConfig, *, workers: int = 1, progress=None, log=None
+    src_dir: str | Path,
+    out_dir: str | Path,
+    data: DataConfig,
+    *,
+    workers: int = 1,
+    isolate: bool = False,
+    progress=None,
+    log=None,
 ) -> dict:
-    """Prepare every video in src_dir into shards in out_dir; returns the index.
+    """Prepare every video in src_dir into shards in out_dir; returns the index. The videos
+    are decoded in `workers` processes (here, for one, unless isolate: a decoder that
+    crashes on a damaged file then takes only that file with it).
 
     Running it again on the same folders continues: an interrupted prepare resumes after
     its last complete shard, and a complete one only adds the videos that are new."""
@@ -266,12 +281,18 @@ def prepare(
     ]
     if log and todo:  # an hour of video decodes for minutes before its line
         log(f"decoding {len(todo)} video(s) with {workers} worker(s); each is listed when done")
-    for done, (source, result) in enumerate(zip(todo, in_order(ingest_or_reason, jobs, workers)), 1):
+    results = in_order(ingest_or_reason, jobs, workers, _decoder_crashed, isolate)
+    for done, (source, result) in enumerate(zip(todo, results), 1):
         _hand_over(source, result, writer, added, skipped, data)
         if progress:
             progress(done, len(todo), source.name, writer.total + sum(len(c) for _, c in writer.pending))
     writer.close()
     shutil.rmtree(parts, ignore_errors=True)
+    return _write_index(src, out, data, state, labels, writer, added, skipped, started)
+
+
+def _write_index(src: Path, out: Path, data: DataConfig, state, labels, writer, added, skipped, started) -> dict:
+    """index.json for what was written (the journal removed): a prepare's last act."""
     if writer.total == 0:
         raise UserError(
             f"data prepare: no clip could be made from {src}: "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rigtrain.data.container import MediaError, open_container
+from rigtrain.data.container import MediaError, ffmpeg_says, open_container
 
 
 def unreadable_audio(err: Exception) -> MediaError:
@@ -20,6 +20,10 @@ def unreadable_audio(err: Exception) -> MediaError:
     return MediaError(f"unreadable audio: {reason.strip().rstrip('.')}")
 
 
+# Sample rates from a telephone's 8 kHz down to 1 kHz, up to a studio's 768 kHz
+SANE_RATES = (1000, 768_000)
+
+
 def _mono_resampler(rate: int, target_rate: int):
     """A function from (S, channels) float32 blocks at `rate` to mono float32 at target_rate,
     and None for the end. The channels are averaged here, for every source alike: FFmpeg's
@@ -29,16 +33,21 @@ def _mono_resampler(rate: int, target_rate: int):
     blocks: the blocks' output joined is the whole's."""
     import av  # PyAV: only where a container's audio is read
 
+    if not SANE_RATES[0] <= rate <= SANE_RATES[1]:  # a damaged header: 1 Hz would come out 16,000 times longer
+        raise MediaError(f"a sample rate of {rate} Hz, which no recording has (damaged?)")
     resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
 
     def resample(block: np.ndarray | None) -> list[np.ndarray]:
-        if block is None:
-            return [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-        block = np.asarray(block, dtype=np.float32)
-        mono = block.mean(axis=1) if block.ndim == 2 else block
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono[None, :]), format="fltp", layout="mono")
-        frame.sample_rate = rate
-        return [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+        frame = None
+        if block is not None:
+            block = np.asarray(block, dtype=np.float32)
+            mono = block.mean(axis=1) if block.ndim == 2 else block
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono[None, :]), format="fltp", layout="mono")
+            frame.sample_rate = rate
+        try:
+            return [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+        except av.error.FFmpegError as err:  # a damaged track's rate (FFmpeg: "Cannot allocate memory")
+            raise MediaError(f"sound at {rate} Hz cannot be resampled: {ffmpeg_says(err)}") from None
 
     return resample
 
@@ -47,9 +56,21 @@ def _mono_resampler(rate: int, target_rate: int):
 _FULL_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2.0**31, "s64": 2.0**63}
 
 
+# More samples than any codec puts in one frame (FLAC's largest block is 65,535)
+MOST_SAMPLES_PER_FRAME = 1 << 20
+
+
 def frame_samples(frame) -> np.ndarray:
     """A decoded PyAV AudioFrame as (samples, channels) float32 in [-1, 1], whatever its
-    sample format: PCM in a .mov or FLAC in a .mkv decode to integers, AAC and Opus to floats."""
+    sample format: PCM in a .mov or FLAC in a .mkv decode to integers, AAC and Opus to floats.
+    A damaged frame is silence for its length: FFmpeg's AAC decoder can return one whose
+    channel count (23, read from a corrupt header) disagrees with its planes, and PyAV's
+    to_ndarray then reads past them and crashes the process."""
+    channels = len(frame.layout.channels)
+    if not 0 < frame.samples <= MOST_SAMPLES_PER_FRAME:
+        return np.zeros((0, 1), np.float32)
+    if len(frame.planes) != (channels if frame.format.is_planar else 1):
+        return np.zeros((frame.samples, 1), np.float32)
     array = frame.to_ndarray()
     samples = array.T if frame.format.is_planar else array.reshape(-1, len(frame.layout.channels))
     kind = frame.format.name.removesuffix("p")
@@ -134,7 +155,11 @@ def sound_track(container):
     (av_find_best_stream), which takes the track marked default over the others and leaves
     an audio description (a DVD's or a film's track for the visually impaired) to last, as
     a player does; a camcorder's or a phone's only track either way."""
-    return container.streams.best("audio") if container.streams.audio else None
+    tracks = [s for s in container.streams.audio if s.codec_context is not None]  # None: no decoder for it
+    if not tracks:
+        return None
+    best = container.streams.best("audio")
+    return best if any(best is s for s in tracks) else tracks[0]
 
 
 def _longest_lead_s(container) -> float:
@@ -172,7 +197,7 @@ def read_container_audio(path: Path, target_rate: int) -> np.ndarray | None:
                     chunks += resample(np.concatenate(pending))
                     pending, pending_samples = [], 0
         except av.error.FFmpegError as err:
-            raise MediaError(f"audio track cannot be decoded: {err}") from None
+            raise MediaError(f"audio track cannot be decoded: {ffmpeg_says(err)}") from None
         if resample is not None:
             chunks += resample(np.concatenate(pending)) if pending else []
             chunks += resample(None)
@@ -232,11 +257,11 @@ def read_audio_window(
                 t = float(frame.pts * stream.time_base) - zero_s
                 first = t if first is None else first
                 rate = frame.sample_rate
-                pieces.append(frame_samples(frame))
+                pieces.append(frame_samples(frame).mean(axis=1, keepdims=True))  # a track may change its channels
                 if t + frame.samples / rate >= start_s + seconds + margin:
                     break
         except av.error.FFmpegError as err:
-            raise MediaError(f"audio track cannot be decoded: {err}") from None
+            raise MediaError(f"audio track cannot be decoded: {ffmpeg_says(err)}") from None
     if not pieces:
         return np.zeros(0, np.float32)
     if first >= start_s + seconds:  # the track begins after the window: all of it is silence
