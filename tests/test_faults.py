@@ -444,6 +444,13 @@ def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
     (tmp / "unknown.toml").write_text("[train]\nlearning_rate = 1\n")
     (tmp / "a_file").write_text("")
     (tmp / "notes.txt").write_text("x")
+    card = '"name": "RTX 3090", "memory_gib": 24, "compute_capability": [8, 6]'
+    # Python's JSON reads Infinity and NaN: a rig file that says so is no rig
+    (tmp / "infinite.rig.json").write_text(f'{{"gpus": [{{{card}, "memory_free_gib": Infinity}}]}}')
+    (tmp / "nan.rig.json").write_text(f'{{"gpus": [{{{card}, "memory_free_gib": NaN}}]}}')
+    (tmp / "software.rig.json").write_text(
+        f'{{"gpus": [{{{card}}}], "software": {{"torch": 2, "torch_cuda": "13.0"}}}}'
+    )
     truncated = tmp / "truncated"
     shutil.copytree(demo_data, truncated)
     video = sorted(truncated.glob("*/video.npy"))[0]
@@ -488,6 +495,9 @@ def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
         ["rig", "--psu-watts", "nan"],
         ["rig", "--psu-watts", "0"],
         ["rig", "--rig", str(tmp / "notes.txt")],
+        ["rig", "--rig", str(tmp / "infinite.rig.json")],
+        ["rig", "--rig", str(tmp / "nan.rig.json")],
+        ["rig", "--rig", str(tmp / "software.rig.json")],
         ["data", "bench", str(truncated)],
         ["eval", str(tmp / "missing")],
         ["eval", ""],

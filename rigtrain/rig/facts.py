@@ -7,6 +7,7 @@ RigFileError that names the field (exit code 2)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -152,6 +153,8 @@ def _number(
 ):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
         raise _fail(where, name, f"must be {'a whole number' if integer else 'a number'}, not {json.dumps(value)}")
+    if not math.isfinite(value):  # JSON's 1e999, or Python's json reading Infinity and NaN
+        raise _fail(where, name, f"must be a finite number, not {value}")
     if minimum is not None and value < minimum:
         raise _fail(where, name, f"must be at least {minimum:g}, not {value}")
     if above is not None and value <= above:
@@ -294,6 +297,11 @@ def rig_from_dict(data, where: str = "rig") -> Rig:
     if "software" in data:
         if not isinstance(data["software"], dict):
             raise _fail(where, "software", "must be an object")
+        for key, version in data["software"].items():  # as the probe writes them: "2.13.0+cu130", "13.0"
+            if version is not None and not isinstance(version, str):
+                raise _fail(
+                    where, f"software.{key}", f'must be a version as text, e.g. "13.0", not {json.dumps(version)}'
+                )
         out["software"] = data["software"]
     return Rig(**out)
 
