@@ -150,7 +150,8 @@ class DataConfig:
     "seed of the embedded Shapes-world dataset"
 
     def __post_init__(self) -> None:
-        _require(self.fps > 0, "data.fps", "must be positive")
+        # a clip of 1e-320 fps lasts forever: an overflow, not a clip
+        _require(0.01 <= self.fps <= 1000, "data.fps", "must be 0.01 to 1000 frames per second")
         _require(
             len(self.frame_size) == 2 and min(self.frame_size) >= 1,
             "data.frame_size",
