@@ -280,3 +280,26 @@ def test_a_video_that_crashes_its_decoder_is_left_out_and_the_rest_go_on(workers
 
     results = list(in_order(crash_on_three, list(range(8)), workers, lambda job: f"crashed {job}", isolate))
     assert results == [0, 10, 20, "crashed 3", 40, 50, 60, 70]
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"videos": {"a": 1}}', '{"videos": [{"file": "a.mp4"}]}', '{"shapes": [], "videos": {}}']
+)
+def test_a_labels_json_that_is_not_shapes_world_labels_is_named_not_a_crash(tmp_path, content):
+    """labels.json is Shapes world's (data synth); a user's folder can hold another file of
+    that name, a labelling tool's export or a broken one. It crashed prepare (a JSON error,
+    a KeyError in a worker); it is left out, named with the reason, and labels nothing."""
+    from rigtrain.data.prepare import prepare
+    from rigtrain.data.synth import synthesize
+
+    synthesize(tmp_path / "world", videos=2, seed=1)
+    src = tmp_path / "mine"
+    src.mkdir()
+    shutil.copy(next((tmp_path / "world").glob("*.mp4")), src / "a.mp4")
+    (src / "labels.json").write_text(content)
+    index = prepare(src, tmp_path / "prep", load_config("demo").data)
+    assert index["labels"] is None and index["clips"] > 0
+    assert {"file": "labels.json", "reason": "not Shapes-world labels (as `data synth` writes them)"} in index[
+        "skipped"
+    ]
+    assert prepare(tmp_path / "world", tmp_path / "world-prep", load_config("demo").data)["labels"] is not None

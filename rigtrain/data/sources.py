@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rigtrain.data import media
 from rigtrain.data.narration import NARRATION_SUFFIXES, read_narration
+from rigtrain.data.shards import LABEL_KEYS
 from rigtrain.errors import UserError
 
 
@@ -133,7 +134,13 @@ def find_sources(src_dir: Path, skip: Path | None = None) -> tuple[list[Source],
     ]
     used = {p for s in sources for p in (s.audio, s.narration) if p}
     for p in files:
-        if p.suffix.lower() in media.VIDEO_SUFFIXES or p in used or rel(p) == "labels.json":
+        if p.suffix.lower() in media.VIDEO_SUFFIXES or p in used:
+            continue
+        if rel(p) == "labels.json" and "labels.json" not in {rel(s.video.with_suffix(".json")) for s in sources}:
+            if read_labels(src_dir) is None:
+                unused.append(
+                    {"file": "labels.json", "reason": "not Shapes-world labels (as `data synth` writes them)"}
+                )
             continue
         key = _sidecar_key(p, stems)
         first = by_kind.get(key) if key else None
@@ -165,12 +172,38 @@ def sources_in(src: Path, command: str, skip: Path | None = None) -> tuple[list[
 
 
 def read_labels(src_dir: Path) -> dict | None:
-    """Shapes-world labels.json, when the folder has one (evaluation only)."""
+    """Shapes-world labels.json, when the folder has one (evaluation only); None for any
+    other file of that name (a labelling tool's export, a broken file): it labels nothing."""
     path = src_dir / "labels.json"
-    if not path.is_file():
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) and "videos" in data else None
+    return data if _shapes_world_labels(data) else None
+
+
+def _shapes_world_labels(data) -> bool:
+    """{"shapes": [...], "colours": [...], "directions": [...], "videos": {name: [event]}},
+    each event's start and end numbers and its shape, colour and direction in the lists."""
+    if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
+        return False
+    names = {key: data.get(key + "s") for key in LABEL_KEYS}
+    if not all(isinstance(v, list) for v in names.values()):
+        return False
+    for events in data["videos"].values():
+        if not isinstance(events, list):
+            return False
+        for event in events:
+            if not (
+                isinstance(event, dict)
+                and all(
+                    isinstance(event.get(k), (int, float)) and not isinstance(event.get(k), bool)
+                    for k in ("start", "end")
+                )
+                and all(event.get(key) in names[key] for key in LABEL_KEYS)
+            ):
+                return False
+    return True
 
 
 def audio_mismatch(audio_s: float, video_s: float) -> str | None:
