@@ -21,7 +21,7 @@ from rigtrain.cli_data import (
     cmd_data_synth,
 )
 from rigtrain.cli_search import add_sweep_command, add_tune_command, cmd_sweep, cmd_tune
-from rigtrain.errors import UserError
+from rigtrain.errors import UserError, one_line
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except UserError as err:
-        print(f"rigtrain: error: {err}", file=sys.stderr)
+        print(f"rigtrain: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rigtrain: interrupted", file=sys.stderr)

@@ -14,3 +14,9 @@ class TrainingFault(Exception):
     """A fault a run cannot go past that is not a bug: a full disk, weights that are no
     longer finite. The message is one line with what happened, what is saved and what to
     do; the process exits 1 without a traceback."""
+
+
+def one_line(message: object) -> str:
+    """The message as the one line the contract promises, whatever the user's input put in
+    it (a key with a newline in it, quoted back): line breaks shown as \\n."""
+    return str(message).strip().replace("\r", "\\r").replace("\n", "\\n")

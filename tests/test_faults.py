@@ -484,6 +484,7 @@ def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
         ["train", "--out", out, "--set", "train.lr=nan"],
         ["train", "--out", out, "--set", "train.lr=-1"],
         ["train", "--out", out, "--set", "data.fps=1e-320"],  # a clip that never ends
+        ["train", "--out", out, "--set", "train.st\neps=3"],  # quoted back: still one line
         ["train", "--out", out, "--set", "train.steps=0"],
         ["train", "--out", out, "--set", "train.steps=2.5"],
         ["train", "--out", out, "--set", "train.divergence_factor=0.5"],

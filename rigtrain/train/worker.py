@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from rigtrain.errors import TrainingFault, UserError
+from rigtrain.errors import TrainingFault, UserError, one_line
 
 # A worker writes it into RUN_DIR when the first steps run out of GPU memory; the launcher
 # reads it, backs off one micro-batch size and starts again.
@@ -42,10 +42,10 @@ def run(run_dir: str | Path) -> int:
     except StopRequested as stopped:
         return stopped.code
     except UserError as err:
-        print(f"rigtrain: error: {err}", file=sys.stderr, flush=True)
+        print(f"rigtrain: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     except (FloatingPointError, TrainingFault) as err:
-        print(f"rigtrain: {err}", file=sys.stderr, flush=True)
+        print(f"rigtrain: {one_line(err)}", file=sys.stderr, flush=True)
         return 1
     except Exception as err:
         if not out_of_memory(err):
