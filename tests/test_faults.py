@@ -451,6 +451,12 @@ def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
     (tmp / "software.rig.json").write_text(
         f'{{"gpus": [{{{card}}}], "software": {{"torch": 2, "torch_cuda": "13.0"}}}}'
     )
+    # run folders whose config.json was edited into shapes `rigtrain train` never writes
+    edited = {"plan": '"plan": true', "split": '"plan": {}, "split": [1]', "data_dir": '"plan": {}, "data_dir": 5'}
+    for name, fields in edited.items():
+        (tmp / f"edited-{name}").mkdir()
+        extra = "" if name == "data_dir" else ', "data_dir": "/nowhere"'
+        (tmp / f"edited-{name}" / "config.json").write_text(f'{{"config": {{"preset": "demo"}}, {fields}{extra}}}')
     truncated = tmp / "truncated"
     shutil.copytree(demo_data, truncated)
     video = sorted(truncated.glob("*/video.npy"))[0]
@@ -502,6 +508,8 @@ def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
         ["rig", "--rig", str(tmp / "software.rig.json")],
         ["data", "bench", str(truncated)],
         ["eval", str(tmp / "missing")],
+        *[["eval", str(tmp / f"edited-{name}")] for name in edited],
+        *[["train", "--out", str(tmp / f"edited-{name}"), "--resume"] for name in edited],
         ["eval", ""],
     ]
 

@@ -27,16 +27,7 @@ from rigtrain.files import write_json
 from rigtrain.model import build_model
 from rigtrain.terminal import counter
 from rigtrain.train import checkpoints
-
-
-def read_run(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise UserError(f"eval: {run_dir} is not a run (no config.json); give the --out of `rigtrain train`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"eval: {path} is corrupt ({err})") from None
+from rigtrain.train.run_record import read_run_record
 
 
 def load_weights(run_dir: Path, config: RunConfig, tag: str | None = None) -> tuple[dict[str, torch.Tensor], str, int]:
@@ -72,19 +63,23 @@ def load_weights(run_dir: Path, config: RunConfig, tag: str | None = None) -> tu
 def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
 
     run_dir = Path(run_dir)
-    saved = read_run(run_dir)
+    saved = read_run_record(run_dir, "eval")
     config = build_config(saved["config"], source=str(run_dir / "config.json"))
     state, tag, step = load_weights(run_dir, config)
+    if not data and "data_dir" not in saved:
+        raise UserError(f"eval: {run_dir / 'config.json'} names no data folder; give the data to score on with --data")
     data_dir = Path(data).resolve() if data else Path(saved["data_dir"])
     if not data_dir.is_dir():
         raise UserError(f"eval: --data {data_dir}: no such folder; give prepared shards or a folder of videos")
     dataset = open_dataset(data_dir, config.data)
     videos = dataset.clip_videos()
-    own_data = data_dir == Path(saved["data_dir"])
+    own_data = "data_dir" in saved and data_dir == Path(saved["data_dir"])
     # The run's own data: its recorded split. Other data: the same rule (a hash of each
     # video's name), since the run never saw that data anyway.
     heldout = (
-        saved.get("split", {}).get("heldout_videos", []) if own_data else heldout_videos(videos, config.eval.holdout)
+        (saved.get("split") or {}).get("heldout_videos", [])
+        if own_data
+        else heldout_videos(videos, config.eval.holdout)
     )
     split = split_clips(videos, heldout)
     if len(split.heldout) == 0:

@@ -24,6 +24,7 @@ from rigtrain.files import write_json
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, start_processes
 from rigtrain.train.resuming import check_checkpoint_layout, check_same_processes, resume_changes
+from rigtrain.train.run_record import read_run_record
 from rigtrain.train.worker import OOM_MARKER
 
 
@@ -50,15 +51,8 @@ def resolve_config(
             raise UserError("--resume needs --out RUN_DIR: the run to continue")
         run_dir = Path(out)
         saved = run_dir / "config.json"
-        if not saved.is_file():
-            raise UserError(f"--resume: {saved} does not exist; give the --out of a run that was started")
-        try:
-            record = json.loads(saved.read_text())
-            base = record["config"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(
-                f"--resume: {saved} is damaged (not the config JSON a run writes); the run cannot be resumed without it"
-            ) from None
+        record = read_run_record(run_dir, "--resume")
+        base = record["config"]
         if preset and preset != base.get("preset"):
             raise UserError(
                 f"--resume: the run in {run_dir} was made with --preset {base.get('preset')}, not "
@@ -298,8 +292,8 @@ def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[d
         raise UserError("--init-from starts a new run from another's weights; drop it to --resume this one")
     if not resume:
         return (check_source(init_from) if init_from else None), None, {}
-    saved = json.loads((run_dir / "config.json").read_text())
-    return saved.get("init_from"), saved.get("split", {}).get("heldout_videos", []), saved.get("plan") or {}
+    saved = read_run_record(run_dir, "--resume")
+    return saved.get("init_from"), (saved.get("split") or {}).get("heldout_videos", []), saved.get("plan") or {}
 
 
 def _memory(plan) -> str:
