@@ -1,0 +1,242 @@
+"""Fuzzing what users hand rigtrain: each kind of input, mutated many times, must come back
+as a result or a one-line UserError (or, for a video, a reason it is skipped), never a
+traceback. The fixed-seed, CI-sized version of the video part is
+tests/test_ingest.py::test_damaged_copies_of_every_kind_of_file_cost_only_themselves; this
+runs more of everything, and found the bugs listed in docs/testing.md ("Fuzzing").
+
+    python bench/fuzz_inputs.py [--seed S] [--rounds N] [--json]
+
+Inputs: rig files (tests/rigs) through the planner; every config key through --set
+values; sweep specs and curricula (examples/, a two-stage curriculum); Whisper JSON,
+SRT, VTT and ASS narration; a folder of damaged videos and sidecars through `rigtrain
+data check`, `data prepare` and on-demand reading, each in its own process (a crash there
+is a finding, not the end of the fuzz). Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIRD = [None, -1, 0, 1e308, float("nan"), float("inf"), "", "x", [], {}, True, 10**30, "12.6", [1, 2], 1e-300]
+
+
+def mutate(obj, rng: random.Random) -> None:
+    """One change somewhere in a JSON-like value: a key dropped, a value replaced, an item doubled."""
+    if isinstance(obj, dict) and obj:
+        key = rng.choice(list(obj))
+        roll = rng.random()
+        if roll < 0.15:
+            del obj[key]
+        elif roll < 0.6 and isinstance(obj[key], (dict, list)) and obj[key]:
+            mutate(obj[key], rng)
+        else:
+            obj[key] = copy.deepcopy(rng.choice(WEIRD))  # a list of its own: JSON has no shared values
+    elif isinstance(obj, list) and obj:
+        i = rng.randrange(len(obj))
+        roll = rng.random()
+        if roll < 0.2:
+            del obj[i]
+        elif roll < 0.3:
+            obj.append(copy.deepcopy(obj[i]))
+        elif isinstance(obj[i], (dict, list)) and obj[i]:
+            mutate(obj[i], rng)
+        else:
+            obj[i] = copy.deepcopy(rng.choice(WEIRD))
+
+
+def mutate_text(text: str, rng: random.Random, tokens: list[str]) -> str:
+    chars = list(text)
+    for _ in range(rng.randint(1, 6)):
+        at, roll = rng.randrange(len(chars) + 1), rng.random()
+        if roll < 0.4:
+            chars[at:at] = list(rng.choice(tokens))
+        elif roll < 0.7:
+            del chars[at : at + rng.randint(1, 12)]
+        elif chars:
+            chars[min(at, len(chars) - 1)] = rng.choice(tokens)
+    return "".join(chars)
+
+
+def run_cases(name: str, cases, check) -> dict:
+    """check(case) for each; what is neither a result nor a one-line UserError is a finding."""
+    from rigtrain.errors import UserError
+
+    findings: dict[str, str] = {}
+    count = 0
+    for case in cases:
+        count += 1
+        try:
+            check(case)
+        except UserError as err:
+            if "\n" in str(err).strip():
+                findings.setdefault("UserError over several lines", str(err)[:200])
+        except Exception as err:  # what the fuzz is for: everything else is a finding
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            where = f"{type(err).__name__} at {Path(frame.filename).name}:{frame.lineno}"
+            findings.setdefault(where, str(err)[:200])
+    return {"input": name, "cases": count, "findings": findings}
+
+
+def rig_files(rng: random.Random, rounds: int) -> dict:
+    from rigtrain.config import load_config
+    from rigtrain.rig.facts import rig_from_dict
+    from rigtrain.rig.report import format_report
+    from rigtrain.train.planning import plan_run
+
+    bases = [json.loads(p.read_text()) for p in sorted((ROOT / "tests" / "rigs").glob("*.json"))]
+    configs = {name: load_config(name) for name in ("demo", "small", "base")}
+
+    def cases():
+        for _ in range(rounds):
+            rig = copy.deepcopy(rng.choice(bases))
+            for _ in range(rng.randint(1, 4)):
+                mutate(rig, rng)
+            yield rig
+
+    def check(data):
+        rig = rig_from_dict(data)
+        plan = plan_run(configs[rng.choice(list(configs))], rig, user_keys=set())
+        format_report(rig, plan)
+
+    return run_cases("rig files -> plan", cases(), check)
+
+
+def config_values(rng: random.Random, rounds: int) -> dict:
+    import dataclasses
+
+    from rigtrain.config import load_config
+
+    config = load_config("demo")
+    keys = [
+        f"{part.name}.{f.name}"
+        for part in dataclasses.fields(config)
+        if dataclasses.is_dataclass(getattr(config, part.name))
+        for f in dataclasses.fields(getattr(config, part.name))
+    ]
+    values = ["", "0", "-1", "1e400", "nan", "inf", "true", "x", "1,2", "1,2,3,4", "2.5", "1e-320", "none", "🙂", "3"]
+
+    def check(overrides):
+        data = load_config(rng.choice(["demo", "small", "base"]), overrides=overrides).data
+        # the sizes a run derives: an overflow here was a finding (data.fps=1e-320)
+        assert min(data.clip_samples, data.stride_frames, data.window_step_samples, data.present_samples) >= 0
+
+    cases = ([f"{rng.choice(keys)}={rng.choice(values)}" for _ in range(rng.randint(1, 3))] for _ in range(rounds))
+    return run_cases("--set KEY=VALUE", cases, check)
+
+
+CURRICULUM = """preset = "demo"
+
+[[stage]]
+name = "short"
+steps = 50
+set = ["data.recurrent_windows=1"]
+
+[[stage]]
+name = "long"
+steps = 100
+set = ["data.recurrent_windows=2", "train.lr=1e-4"]
+"""
+TOML_TOKENS = ['"', "[", "]", "{", "}", "=", ",", "\n", "0", "-1", "1e400", "nan", "inf", "true", '"x"', "[]", "#"]
+
+
+def specs(rng: random.Random, rounds: int, folder: Path) -> dict:
+    from rigtrain.sweep.spec import read_spec
+    from rigtrain.train.curriculum import read_curriculum
+
+    sweep = (ROOT / "examples" / "sweep-demo.toml").read_text()
+    path = folder / "spec.toml"
+
+    def check(case):
+        is_sweep, text = case
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        read_spec(path) if is_sweep else read_curriculum(path)
+
+    cases = (
+        (is_sweep, mutate_text(sweep if is_sweep else CURRICULUM, rng, TOML_TOKENS))
+        for is_sweep in (rng.random() < 0.5 for _ in range(rounds))
+    )
+    return run_cases("sweep specs and curricula", cases, check)
+
+
+NARRATION = {
+    ".json": '{"segments": [{"start": 0.0, "end": 2.0, "text": " hello"}, {"start": 2, "end": 4, "text": "bike"}]}',
+    ".srt": "1\n00:00:00,500 --> 00:00:02,000\nhello there\n\n2\n00:00:02,500 --> 00:00:04,000\na red bike\n",
+    ".vtt": "WEBVTT\n\n00:00:00.500 --> 00:00:02.000\nhello <b>there</b>\n\n00:02.500 --> 00:04.000\na bike\n",
+    ".ass": "[Script Info]\nScriptType: v4.00+\n\n[Events]\nFormat: Layer, Start, End, Style, Name, MarginL, MarginR, "
+    "MarginV, Effect, Text\nDialogue: 0,0:00:00.50,0:00:02.00,Default,,0,0,0,,{\\i1}hello{\\i0} there\n",
+}
+
+
+def narration(rng: random.Random, rounds: int, folder: Path) -> dict:
+    from rigtrain.data.container import MediaError
+    from rigtrain.data.narration import read_narration
+
+    tokens = ["{", "}", "[", "]", '"', ":", ",", "-->", "\n", "0", "-1", "1e999", "NaN", ".", "\\N", "{\\b1}", "\x00"]
+
+    def check(case):
+        suffix, text = case
+        path = folder / f"narration{suffix}"
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        try:
+            read_narration(path)
+        except MediaError:
+            pass  # the reason prepare gives when it skips the file
+
+    suffixes = list(NARRATION)
+    cases = ((s, mutate_text(NARRATION[s], rng, tokens)) for s in (rng.choice(suffixes) for _ in range(rounds)))
+    return run_cases("narration files", cases, check)
+
+
+def video_folder(seed: int, folder: Path) -> dict:
+    """The test's folder of damaged videos and sidecars, damaged from `seed`, through data
+    check, prepare and the on-demand reader, in a pytest process of its own (a decoder's
+    crash there is a finding, not the end of the fuzz)."""
+    import os  # the seed reaches the test through its environment
+
+    test = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(folder / "pytest"),
+         f"{ROOT / 'tests' / 'test_ingest.py'}::test_damaged_copies_of_every_kind_of_file_cost_only_themselves"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RIGTRAIN_FUZZ_SEED": str(seed)},
+    )  # fmt: skip
+    findings = {} if test.returncode == 0 else {"the damaged-folder test failed": test.stdout[-400:]}
+    return {"input": "damaged videos and sidecars (check, prepare, on demand)", "cases": 18, "findings": findings}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1500, help="cases per input (the rig files are slower)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        results = [
+            rig_files(rng, args.rounds),
+            config_values(rng, args.rounds),
+            specs(rng, args.rounds, folder),
+            narration(rng, args.rounds, folder),
+            video_folder(args.seed, folder),
+        ]
+    if not args.json:
+        width = max(len(r["input"]) for r in results)
+        print(f"{'input':<{width}}  cases  findings")
+        for r in results:
+            print(f"{r['input']:<{width}}  {r['cases']:>5}  {len(r['findings'])}")
+            for where, message in r["findings"].items():
+                print(f"{'':<{width}}         {where}: {message}")
+    print(json.dumps({"seed": args.seed, "results": results}))
+    return 1 if any(r["findings"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
