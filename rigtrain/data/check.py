@@ -134,9 +134,11 @@ def _probe_sidecar_audio(path: Path) -> dict:
         track = _probe_container_audio(path)
         if track is None:
             raise media.MediaError("holds no sound track")
-        # from its packets: a raw .aac has no header, and FFmpeg's guess from the first
-        # packets' bit rate was 14 s for a 3 s file that starts quiet
-        track["duration_s"] = round(sound.packets_seconds(path), 3)
+        if path.suffix.lower() == ".aac":
+            # from its packets: a raw .aac has no header, and FFmpeg's guess from the first
+            # packets' bit rate was 14 s for a 3 s file that starts quiet (an .m4a's header
+            # is exact, where its packets count the encoder's priming too)
+            track["duration_s"] = round(sound.packets_seconds(path), 3)
         return {"from": path.name, **{key: track[key] for key in ("codec", "rate", "channels", "duration_s")}}
     import soundfile as sf  # only where audio files are read or written
 
