@@ -10,6 +10,16 @@ class UserError(Exception):
     names the file or field and says what to do."""
 
 
+class DataGone(UserError):
+    """The training data cannot be read any more (a folder of videos deleted, a drive
+    unplugged: data/ondemand.py); between_steps when it surfaced before a step's first
+    micro-batch, so the weights are a whole step's and can be saved."""
+
+    def __init__(self, message: str, between_steps: bool = False):
+        super().__init__(message)
+        self.between_steps = between_steps
+
+
 class TrainingFault(Exception):
     """A fault a run cannot go past that is not a bug: a full disk, weights that are no
     longer finite. The message is one line with what happened, what is saved and what to

@@ -431,6 +431,30 @@ def test_shards_checked_when_opened_and_when_they_shrink_under_a_run(tmp_path, d
     assert "became shorter while training" in err and "Traceback" not in err
 
 
+def test_videos_gone_mid_run_save_the_last_whole_step_and_say_so(tmp_path):
+    """Training straight from a folder of videos on a drive that is unplugged (here: the
+    folder deleted) mid-run: every video then fails, and the run stops with one line, exit
+    2, after saving the last step it finished, resumable when the videos are back."""
+    from test_ingest import write_h264_with_aac
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    for i in range(6):
+        write_h264_with_aac(src / f"v{i}.mp4", seconds=3.0, size=(64, 48))
+    run = tmp_path / "run"
+    settings = [*TINY, "train.log_every=1", "train.ckpt_every=1000", "data.workers=1", "eval.during_training=false"]
+    process = start("train", "--data", str(src), "--out", str(run), "--steps", "400", "--set", *settings)
+    wait_for_step(run, 3, process)
+    shutil.rmtree(src)
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("rigtrain: error")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert "video(s) in a row cannot be decoded" in errors[0] and "is saved: continue with" in errors[0]
+    saved = complete_steps(run)
+    assert saved and saved[-1] >= 3 and f"step {saved[-1]} is saved" in errors[0]
+
+
 # -- bad invocations ------------------------------------------------------------------------
 
 

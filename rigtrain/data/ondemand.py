@@ -19,7 +19,7 @@ from rigtrain.data.check import check_source, frames_after_resampling
 from rigtrain.data.narration import Segment, clip_text, read_narration
 from rigtrain.data.sources import find_sources
 from rigtrain.data.subtitles import CONTAINER, read_container_subtitles
-from rigtrain.errors import UserError
+from rigtrain.errors import DataGone
 
 # A clip that cannot be decoded at a read (a damaged stretch inside a video, which data
 # check's look at its first and last frames does not reach; a file deleted or a drive
@@ -138,7 +138,7 @@ class DecodedClips(Dataset):
                               "of the next video that decodes takes the place of each that fails")  # fmt: skip
             last, j = j, self._next_video(j)
         ref = self.clips[last]
-        raise UserError(
+        raise DataGone(
             f"data: {len(tried)} video(s) in a row cannot be decoded, the last {ref.name or ref.video} "
             f"({self._broken[last]}); check that {ref.video.parent} is still there, or run `rigtrain data prepare` "
             "on it, which names every video it cannot read"

@@ -26,6 +26,7 @@ import torch
 from rigtrain.config import RunConfig, build_config
 from rigtrain.data.dataset import ShardDataset, make_loader, open_dataset
 from rigtrain.data.split import split_clips
+from rigtrain.errors import DataGone, UserError
 from rigtrain.evaluate import flat_metrics
 from rigtrain.model import build_model, count_parameters
 from rigtrain.profile.recorder import LoaderTimeline, span
@@ -211,7 +212,10 @@ class Trainer(
         accum = self.config.train.grad_accum_steps
         histograms, logged = self._histogram_step(self.step + 1), self._logs(self.step + 1)
         for micro in range(accum):
-            batch, waited = self._next_batch()
+            try:
+                batch, waited = self._next_batch()
+            except DataGone as gone:  # between two steps only before the first micro-batch
+                raise DataGone(str(gone), between_steps=micro == 0) from None
             self.data_wait_since_log += waited
             last = micro == accum - 1
             if last and histograms:
@@ -281,7 +285,10 @@ class Trainer(
             signum = self._stop_signal()
             if signum:
                 self._stop(signum)
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except DataGone as gone:
+                raise UserError(self._after_data_gone(gone)) from None
             if self.profiler:
                 self.profiler.step()
                 if self.step >= self.config.profile.last_step:
@@ -323,6 +330,16 @@ class Trainer(
                 f"done: steps {first_step + 1}-{self.step} in {time.perf_counter() - started:.1f} s"
                 f"{change}; run in {self.run_dir}"
             )
+
+    def _after_data_gone(self, gone: DataGone) -> str:
+        """What a run whose data vanished keeps: one process between two steps saves the
+        step it finished (ranks that might be inside a collective cannot all save)."""
+        if gone.between_steps and self.world == 1 and self.step > self.saved_step and self.save_checkpoint():
+            return (
+                f"{gone}; step {self.step} is saved: continue with `rigtrain train --out {self.run_dir} --resume` "
+                "once the videos are back"
+            )
+        return f"{gone}; {self._last_good()}"
 
     def _stop_signal(self) -> int:
         """The stop signal any rank has received (0 if none), the same on every rank."""
