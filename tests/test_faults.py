@@ -429,6 +429,8 @@ def test_shards_checked_when_opened_and_when_they_shrink_under_a_run(tmp_path, d
     out, err = process.communicate(timeout=120)
     assert process.returncode == 2, err[-2000:]
     assert "became shorter while training" in err and "Traceback" not in err
+    saved = complete_steps(run)  # the step it finished before the read failed, not lost
+    assert saved and saved[-1] >= 2 and f"step {saved[-1]} is saved" in err
 
 
 def test_videos_gone_mid_run_save_the_last_whole_step_and_say_so(tmp_path):
@@ -450,7 +452,7 @@ def test_videos_gone_mid_run_save_the_last_whole_step_and_say_so(tmp_path):
     assert process.returncode == 2, err[-2000:]
     errors = [line for line in err.splitlines() if line.startswith("rigtrain: error")]
     assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
-    assert "video(s) in a row cannot be decoded" in errors[0] and "is saved: continue with" in errors[0]
+    assert "video(s) in a row cannot be decoded" in errors[0] and "is saved (`rigtrain train --out" in errors[0]
     saved = complete_steps(run)
     assert saved and saved[-1] >= 3 and f"step {saved[-1]} is saved" in errors[0]
 

@@ -17,7 +17,7 @@ from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from rigtrain.config import DataConfig
 from rigtrain.data.shards import INDEX_FORMAT, LEGACY_PARAMS, PER_CLIP, WHOLE, preparation_params
-from rigtrain.errors import UserError
+from rigtrain.errors import DataGone, UserError
 
 
 def read_index(data_dir: Path) -> dict:
@@ -102,9 +102,12 @@ class _PerClipFile:
 
     def read_row(self, j: int, into: np.ndarray) -> None:
         view = memoryview(into).cast("B")
-        got = os.preadv(self.fd, [view], self.start + j * self.row_bytes)
+        try:
+            got = os.preadv(self.fd, [view], self.start + j * self.row_bytes)
+        except OSError as err:  # EIO: the drive went away under the run
+            raise DataGone(f"{self.path}: clip {j} cannot be read ({err.strerror}); check the drive") from None
         if got != self.row_bytes:
-            raise UserError(
+            raise DataGone(
                 f"{self.path}: clip {j} cannot be read ({got} of {self.row_bytes} bytes): the file became "
                 "shorter while training; prepare the data again, then --resume"
             )

@@ -336,8 +336,8 @@ class Trainer(
         step it finished (ranks that might be inside a collective cannot all save)."""
         if gone.between_steps and self.world == 1 and self.step > self.saved_step and self.save_checkpoint():
             return (
-                f"{gone}; step {self.step} is saved: continue with `rigtrain train --out {self.run_dir} --resume` "
-                "once the videos are back"
+                f"{gone}; step {self.step} is saved (`rigtrain train --out {self.run_dir} --resume` continues "
+                "from it once the data reads again)"
             )
         return f"{gone}; {self._last_good()}"
 
