@@ -300,7 +300,10 @@ class Trainer(
             if self.step == first_step + 1:
                 self._rehearse_later_needs()
             if self.step in self.eval_steps:
-                result = self.evaluate_held_out()
+                try:
+                    result = self.evaluate_held_out()
+                except DataGone as gone:  # after a whole step: it can be saved
+                    raise UserError(self._after_data_gone(DataGone(str(gone), between_steps=True))) from None
                 if result is not None:
                     metrics.update(flat_metrics(result))
                 self._restart_step_clock()
