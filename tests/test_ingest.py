@@ -1954,3 +1954,24 @@ def test_damaged_copies_of_every_kind_of_file_cost_only_themselves(tmp_path):
             assert decoded[i]["video"].shape == (data.clip_frames, *data.frame_size, 3)
         except UserError as err:
             assert "\n" not in str(err)
+
+
+def test_a_held_out_clip_is_stood_in_for_by_a_held_out_one(tmp_path):
+    """In an evaluation, a held-out clip that fails is replaced from another held-out video,
+    never by a clip the run trains on (and a training clip by a training one); only where
+    its side has no other video does the other side stand in."""
+    from rigtrain.data.ondemand import DecodedClips
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name in ("a.mp4", "b.mp4", "c.mp4", "d.mp4"):
+        write_h264_with_aac(src / name, seconds=2.0, size=(64, 48))
+    decoded = DecodedClips.from_folder(src, load_config("demo").data)
+    first = {name: decoded.clip_videos().index(name) for name in ("a.mp4", "b.mp4", "c.mp4", "d.mp4")}
+    decoded.keep_apart(["a.mp4", "c.mp4"])  # held out: a and c; trained on: b and d
+    (src / "a.mp4").unlink()
+    assert int(decoded[first["a.mp4"]]["index"]) == first["c.mp4"]  # not b, the next video
+    (src / "b.mp4").unlink()
+    assert int(decoded[first["b.mp4"]]["index"]) == first["d.mp4"]  # not c
+    (src / "d.mp4").unlink()
+    assert int(decoded[first["d.mp4"]]["index"]) == first["c.mp4"]  # no training video left: the other side

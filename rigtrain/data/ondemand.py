@@ -67,6 +67,8 @@ class DecodedClips(Dataset):
         self.clips, self.data = clips, data
         self._said: set[tuple[str, str]] = set()  # (file, what): each problem named once
         self._broken: dict[int, str] = {}  # clips that failed, and why: not decoded again
+        self._heldout: list[bool] | None = None  # each clip's side of the held-out split (keep_apart)
+        self._first_clips: list[int] | None = None  # each video's first clip (_stand_ins)
 
     @classmethod
     def from_index(cls, data_dir: Path, index: dict, data: DataConfig) -> DecodedClips:
@@ -122,11 +124,13 @@ class DecodedClips(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """Clip i, or where it cannot be decoded the first clip of the next video that can
-        (MOST_FAILED_IN_A_ROW)."""
-        j, tried = i, set()
-        while len(tried) < MOST_FAILED_IN_A_ROW and self.clips[j].video not in tried:
+        (_stand_ins, MOST_FAILED_IN_A_ROW)."""
+        tried = []
+        for j in self._stand_ins(i):
+            if len(tried) == MOST_FAILED_IN_A_ROW:
+                break
             ref = self.clips[j]
-            tried.add(ref.video)
+            tried.append(j)
             if j not in self._broken:
                 try:
                     return self._decode(j)
@@ -136,21 +140,31 @@ class DecodedClips(Dataset):
                     at_s = ref.start_frame / self.data.fps
                     self._say(ref, "video", f"the clip at {at_s:.1f} s cannot be decoded ({why}); the first clip "
                               "of the next video that decodes takes the place of each that fails")  # fmt: skip
-            last, j = j, self._next_video(j)
-        ref = self.clips[last]
+        ref = self.clips[tried[-1]]
         raise DataGone(
             f"data: {len(tried)} video(s) in a row cannot be decoded, the last {ref.name or ref.video} "
-            f"({self._broken[last]}); check that {ref.video.parent} is still there, or run `rigtrain data prepare` "
-            "on it, which names every video it cannot read"
+            f"({self._broken[tried[-1]]}); check that {ref.video.parent} is still there, or run `rigtrain data "
+            "prepare` on it, which names every video it cannot read"
         )
 
-    def _next_video(self, j: int) -> int:
-        """The first clip after clip j (wrapping around) that is from another video."""
-        video = self.clips[j].video
-        for k in range(1, len(self.clips) + 1):
-            if self.clips[(j + k) % len(self.clips)].video != video:
-                return (j + k) % len(self.clips)
-        return j
+    def keep_apart(self, heldout_videos) -> None:
+        """Take stand-ins from the failed clip's own side of the held-out split first: a clip
+        the run trains on stands in for a held-out one in an evaluation (or the reverse) only
+        when no other video of that side decodes."""
+        held = set(heldout_videos)
+        self._heldout = [name in held for name in self.clip_videos()]
+
+    def _stand_ins(self, i: int):
+        """Clip i, then the first clip of every other video, in order after i (wrapping
+        around): those on i's side of the split first (keep_apart), then the others."""
+        yield i
+        if self._first_clips is None:
+            self._first_clips = list({ref.video: c for c, ref in reversed(list(enumerate(self.clips)))}.values())
+        n, video = len(self.clips), self.clips[i].video
+        others = sorted((c for c in self._first_clips if self.clips[c].video != video), key=lambda c: (c - i) % n)
+        if self._heldout is not None:
+            others.sort(key=lambda c: self._heldout[c] != self._heldout[i])  # stable: the order after i stays
+        yield from others
 
     def _say(self, ref: ClipRef, what: str, message: str) -> None:
         if (str(ref.video), what) not in self._said:

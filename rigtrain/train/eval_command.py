@@ -82,6 +82,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
         else heldout_videos(videos, config.eval.holdout)
     )
     split = split_clips(videos, heldout)
+    if hasattr(dataset, "keep_apart"):  # videos decoded on demand stand in for one another
+        dataset.keep_apart(heldout)
     if len(split.heldout) == 0:
         raise UserError(
             f"eval: {data_dir} has no held-out clips (eval.holdout={config.eval.holdout} of "

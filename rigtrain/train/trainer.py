@@ -151,7 +151,10 @@ class Trainer(
         t = self.config.train
         self.dataset = open_dataset(saved["data_dir"], self.config.data)
         self.raw_videos = not isinstance(self.dataset, ShardDataset)
-        self.split = split_clips(self.dataset.clip_videos(), saved.get("split", {}).get("heldout_videos", []))
+        heldout = (saved.get("split") or {}).get("heldout_videos", [])
+        self.split = split_clips(self.dataset.clip_videos(), heldout)
+        if hasattr(self.dataset, "keep_apart"):  # videos decoded on demand stand in for one another
+            self.dataset.keep_apart(heldout)
         self.eval_steps = (
             set(self.config.eval.steps(t.steps))
             if self.config.eval.during_training and len(self.split.heldout)
