@@ -1,7 +1,10 @@
 """What checksumming a checkpoint costs against saving it: for each preset, state dicts the
 size of its checkpoint (the weights in bf16 and the optimizer's fp32 master weights and two
 moments, as DeepSpeed saves them) are written with torch.save, then listed with their sizes
-and xxh3 checksums as complete.json does (rigtrain.train.checkpoints.describe_files).
+and xxh3 checksums as complete.json does (rigtrain.train.checkpoints.describe_files), and
+flushed to the disk as `mark_complete` does before it marks a checkpoint complete
+(rigtrain.files.sync_tree: what surviving a power cut costs; it depends on the disk and on
+how much of the save the kernel has written back already).
 
     python bench/checkpoint_hash.py [--presets demo small base] [--json]
 
@@ -22,6 +25,7 @@ def measure(preset: str, folder: Path) -> dict:
     import torch
 
     from rigtrain.config import load_config
+    from rigtrain.files import sync_tree
     from rigtrain.train.checkpoints import describe_files
     from rigtrain.train.measured_step import parameter_count
 
@@ -36,6 +40,9 @@ def measure(preset: str, folder: Path) -> dict:
     torch.save(optimizer, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     save_s = time.perf_counter() - started
     started = time.perf_counter()
+    sync_tree(tag)
+    sync_s = time.perf_counter() - started
+    started = time.perf_counter()
     files = describe_files(tag)
     hash_s = time.perf_counter() - started
     size = sum(f["bytes"] for f in files.values())
@@ -46,6 +53,8 @@ def measure(preset: str, folder: Path) -> dict:
         "save_s": round(save_s, 3),
         "hash_s": round(hash_s, 3),
         "hash_vs_save": round(hash_s / save_s, 4),
+        "sync_s": round(sync_s, 3),
+        "sync_vs_save": round(sync_s / save_s, 4),
         "hash_gb_s": round(size / hash_s / 1e9, 2),
     }
 
@@ -62,12 +71,13 @@ def main() -> int:
         return 0
     print(
         f"{'preset':<8}{'parameters':>12}{'checkpoint MB':>15}{'save s':>9}{'hash s':>9}"
-        f"{'hash/save':>11}{'hash GB/s':>11}"
+        f"{'hash/save':>11}{'hash GB/s':>11}{'fsync s':>9}{'fsync/save':>12}"
     )
     for r in rows:
         print(
             f"{r['preset']:<8}{r['parameters']:>12,}{r['bytes'] / 1e6:>15.1f}{r['save_s']:>9.3f}{r['hash_s']:>9.3f}"
             f"{r['hash_vs_save']:>11.1%}{r['hash_gb_s']:>11.2f}"
+            f"{r['sync_s']:>9.3f}{r['sync_vs_save']:>12.1%}"
         )
     print(json.dumps(rows))
     return 0

@@ -9,14 +9,50 @@ import os
 from pathlib import Path
 
 
-def write_json(path: Path, value, *, indent: int | None = 1) -> None:
+def write_json(path: Path, value, *, indent: int | None = 1, durable: bool = False) -> None:
     """`value` as JSON into `path`, through a temporary file beside it and a rename (atomic
     on POSIX within one filesystem). The temporary name carries the process id, so two
-    processes writing the same file never mix their halves."""
+    processes writing the same file never mix their halves. `durable`: the file's bytes and
+    then its name are on the disk when this returns, so a power cut cannot leave the name
+    without the bytes (a rename may reach the disk before the data it points at)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(value, indent=indent))
+        with tmp.open("w") as f:
+            f.write(json.dumps(value, indent=indent))
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sync_folder(folder: Path) -> None:
+    """The folder's entries (names created, renamed or deleted in it) onto the disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """Every file under `folder`, the folders' entries, and the folder's own entry in its
+    parent onto the disk: what was written there survives a power cut. Linux flushes a
+    file's dirty pages whoever wrote them, so one process can do it for files other
+    processes wrote."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        sync_folder(sub)
+    sync_folder(folder)
+    sync_folder(folder.parent)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import xxhash
 
-from rigtrain.files import write_json
+from rigtrain.files import sync_tree, write_json
 
 COMPLETE = "complete.json"
 HASH_CHUNK = 8 << 20
@@ -152,9 +152,13 @@ def load_rank_state(tag_dir: Path, rank: int) -> None:
 
 def mark_complete(tag_dir: Path, step: int) -> int:
     """List the tag's files with their sizes and checksums in complete.json, written whole or
-    not at all; returns the bytes the checkpoint holds."""
+    not at all; returns the bytes the checkpoint holds. The files are on the disk before
+    complete.json names them, and complete.json is before this returns (so before `prune`
+    deletes an older checkpoint): after a power cut the newest checkpoint is whole or not
+    marked complete, and the one before it is still there."""
+    sync_tree(tag_dir)
     files = describe_files(tag_dir)
-    write_json(tag_dir / COMPLETE, {"step": step, "files": files})
+    write_json(tag_dir / COMPLETE, {"step": step, "files": files}, durable=True)
     return sum(f["bytes"] for f in files.values())
 
 
@@ -183,6 +187,9 @@ def prune(ckpt_dir: Path, keep: int) -> list[str]:
             continue
         is_complete = (path / COMPLETE).is_file()
         if is_complete or int(path.name[4:]) < newest:
+            # complete.json first: a prune cut short leaves an incomplete tag (removed by the
+            # next prune), never a "complete" one with files missing, called damaged on resume
+            (path / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed
