@@ -9,6 +9,7 @@ import argparse
 import errno
 import gc
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from rigtrain.cli_data import (
     cmd_data_synth,
 )
 from rigtrain.cli_search import add_sweep_command, add_tune_command, cmd_sweep, cmd_tune
-from rigtrain.errors import UserError, one_line
+from rigtrain.errors import StoppedBySignal, UserError, one_line
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -299,9 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"rigtrain: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rigtrain: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        by = f"stopped by {signal.Signals(stop.signum).name}" if isinstance(stop, StoppedBySignal) else "interrupted"
+        again = (
+            "; the same command again goes on after its last complete shard"
+            if getattr(args, "data_command", None) == "prepare"
+            else ""
+        )
+        print(f"rigtrain: {by}{again}", file=sys.stderr)
+        return 128 + getattr(stop, "signum", signal.SIGINT)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

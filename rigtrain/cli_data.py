@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 
 from rigtrain.cli_args import Parser, add_set_option, nonempty
-from rigtrain.errors import UserError
+from rigtrain.errors import StoppedBySignal, UserError
 from rigtrain.terminal import counter
 
 
@@ -90,6 +91,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         raise UserError("--workers must be at least 1")
 
     started = time.perf_counter()
+    signal.signal(signal.SIGTERM, StoppedBySignal.raise_it)  # `kill PID` stops it as a Ctrl-C does
 
     def progress(done: int, total: int, name: str, clips: int) -> None:
         elapsed = time.perf_counter() - started

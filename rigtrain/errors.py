@@ -26,6 +26,20 @@ class TrainingFault(Exception):
     do; the process exits 1 without a traceback."""
 
 
+class StoppedBySignal(KeyboardInterrupt):
+    """A command that has nothing to save on a stop signal (`data prepare`: its journal is
+    always up to date) stops on SIGTERM as on a Ctrl-C: one line, exit 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @classmethod
+    def raise_it(cls, signum, frame) -> None:
+        """A signal handler."""
+        raise cls(signum)
+
+
 def one_line(message: object) -> str:
     """The message as the one line the contract promises, whatever the user's input put in
     it (a key with a newline in it, quoted back): line breaks shown as \\n."""

@@ -10,22 +10,25 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from rigtrain.config import DataConfig
 from rigtrain.data.ingest import SourceClips, ingest_or_reason
-from rigtrain.data.processes import in_order
+from rigtrain.data.processes import in_order, not_in_a_starting_worker
 from rigtrain.data.shards import INDEX_FORMAT, LABEL_KEYS, LEGACY_PARAMS, SEGMENT_DTYPE, preparation_params
 from rigtrain.data.sources import Source, fingerprint, read_labels, sources_in
 from rigtrain.errors import UserError
-from rigtrain.files import write_json
+from rigtrain.files import sync_tree, write_json
 
 
-def require_empty_dir(path: Path, command: str) -> None:
-    """Output goes only into a new or empty folder: nothing of the user's is overwritten."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+def require_empty_dir(path: Path, command: str, ignore=lambda name: False) -> None:
+    """Output goes only into a new or empty folder: nothing of the user's is overwritten.
+    `ignore(name)`: a file of the command's own that does not count."""
+    if path.exists() and (not path.is_dir() or any(not ignore(p.name) for p in path.iterdir())):
         raise UserError(f"{command}: {path} is not an empty folder; choose an empty or new one (nothing was written)")
     path.mkdir(parents=True, exist_ok=True)
 
@@ -87,6 +90,7 @@ class ShardWriter:
         for key in SourceClips.ARRAYS:
             _save_joined(tmp / f"{key}.npy", [getattr(part, key) for part in taken])
         np.save(tmp / "segments.npy", np.array(segments, dtype=SEGMENT_DTYPE))
+        sync_tree(tmp)  # on the disk before its name and the journal say it is there (a power cut)
         os.replace(tmp, self.out_dir / name)
         self.shards.append({"dir": name, "clips": count})
         self.total += count
@@ -107,6 +111,41 @@ def _save_joined(path: Path, pieces: list[np.ndarray]) -> None:
 
 
 STATE_FILE = ".prepare-state.json"
+LOCK_FILE = ".prepare.lock"
+
+
+def _own_file(name: str) -> bool:
+    """The lock, and what a prepare killed while writing its journal or index leaves
+    (write_json's NAME.tmpPID, never renamed): no data, and under the lock no living
+    process's."""
+    return name == LOCK_FILE or name.startswith((f"{STATE_FILE}.tmp", "index.json.tmp"))
+
+
+@contextmanager
+def _one_prepare_at_a_time(out: Path):
+    """An exclusive lock on OUT/.prepare.lock (flock, through filelock) while a prepare
+    writes into OUT: two at once would each append shards to the journal. The kernel drops
+    it when its process ends, however it ends. Taken only in a folder that is new, empty or
+    a prepare's, so a folder of the user's gets nothing written into it."""
+    if not (out.is_dir() and ((out / STATE_FILE).exists() or (out / "index.json").exists())):
+        require_empty_dir(out, "data prepare", ignore=_own_file)
+    lock = FileLock(str(out / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(
+            f"data prepare: another `rigtrain data prepare` is writing into {out} now; wait for it to end "
+            "(the same command run again after it continues or adds to what it wrote)"
+        ) from None
+    try:
+        for path in out.iterdir():
+            if path.name != LOCK_FILE and _own_file(path.name):
+                path.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
+
+
 # How sound and pictures are decoded; a folder prepared before a change keeps the number it
 # was made with (1 where it has none). 2 (2026-12-03): a track's channels averaged to mono
 # (FFmpeg's downmix had made stereo 3 dB louder and clipped 5.1), and non-square pixels
@@ -168,7 +207,7 @@ def _start_or_continue(src: Path, out: Path, data: DataConfig) -> dict:
             ):
                 shutil.rmtree(path)
         return state
-    require_empty_dir(out, "data prepare")
+    require_empty_dir(out, "data prepare", ignore=_own_file)
     state = {
         "format": INDEX_FORMAT,
         "params": preparation_params(data),
@@ -236,9 +275,16 @@ def prepare(
     crashes on a damaged file then takes only that file with it).
 
     Running it again on the same folders continues: an interrupted prepare resumes after
-    its last complete shard, and a complete one only adds the videos that are new."""
+    its last complete shard, and a complete one only adds the videos that are new. One
+    prepare at a time writes into a folder."""
+    not_in_a_starting_worker()
     src, out = Path(src_dir), Path(out_dir)
     sources, unused = sources_in(src, "data prepare", skip=out)
+    with _one_prepare_at_a_time(out):
+        return _prepare(src, out, data, sources, unused, workers, isolate, progress, log)
+
+
+def _prepare(src: Path, out: Path, data: DataConfig, sources, unused, workers, isolate, progress, log) -> dict:
     state = _start_or_continue(src, out, data)
     labels = read_labels(src)
     started = time.perf_counter()
@@ -269,7 +315,7 @@ def prepare(
         if first_unwritten is not None and state["partial"]["written"] == 0:
             state["sources"].pop()
             state["partial"] = None
-        write_json(out / STATE_FILE, state)
+        write_json(out / STATE_FILE, state, durable=True)
 
     writer = ShardWriter(out, data.shard_clips, state["shards"], journal)
     skipped = list(unused)
@@ -311,6 +357,6 @@ def _write_index(src: Path, out: Path, data: DataConfig, state, labels, writer, 
         "labels": {k: labels[k + "s"] for k in LABEL_KEYS} if labels else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_json(out / "index.json", index)
+    write_json(out / "index.json", index, durable=True)
     (out / STATE_FILE).unlink(missing_ok=True)
     return index

@@ -4,6 +4,11 @@ part files, data/ingest.py), results come back in order."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import select
+import signal
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,15 +43,21 @@ def in_order(function, jobs: list, workers: int, crashed, isolate: bool = False)
     remaining, pending, finished, crashes = deque(jobs), deque(), 0, 0
     while remaining:
         try:
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                while remaining or pending:
-                    while remaining and len(pending) < 2 * workers:
-                        future = pool.submit(function, remaining[0])  # a broken pool refuses: the job stays
-                        pending.append((remaining.popleft(), future))
-                    result = pending[0][1].result()
-                    pending.popleft()
-                    finished += 1
-                    yield result
+            with ProcessPoolExecutor(workers, mp_context=context, **_dying_with_this_process()) as pool:
+                try:
+                    while remaining or pending:
+                        while remaining and len(pending) < 2 * workers:
+                            future = pool.submit(function, remaining[0])  # a broken pool refuses: the job stays
+                            pending.append((remaining.popleft(), future))
+                        result = pending[0][1].result()
+                        pending.popleft()
+                        finished += 1
+                        yield result
+                except BrokenProcessPool:
+                    raise
+                except BaseException:
+                    _stop_workers(pool)
+                    raise
         except BrokenProcessPool:
             while pending:  # which of them killed its process: each alone
                 job = pending.popleft()[0]
@@ -64,7 +75,73 @@ def in_order(function, jobs: list, workers: int, crashed, isolate: bool = False)
 def _alone(function, job, context):
     """function(job) in a process of its own; _CRASHED when that process dies."""
     try:
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
+        with ProcessPoolExecutor(1, mp_context=context, **_dying_with_this_process()) as pool:
             return pool.submit(function, job).result()
     except BrokenProcessPool:
         return _CRASHED
+
+
+def not_in_a_starting_worker() -> None:
+    """A worker process that is starting imports the calling script (a fork server's or
+    spawn's worker does), and a script without `if __name__ == "__main__":` calls prepare()
+    again there. Fail at once in that worker, as multiprocessing itself does when such a
+    worker starts a pool of its own: the workers die, and the calling process says what to
+    do (NONE_FINISH). Without this the worker's prepare met the caller's lock first, said
+    "another prepare is writing", and the script carried on."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError("prepare() was called by a worker process importing the calling script: " + NONE_FINISH)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's workers now: this process is stopping (a SIGTERM, a Ctrl-C, an error
+    in what takes the results, or the caller dropping them), and the pool's own exit would
+    wait for every video in flight to finish decoding first, minutes for a long one.
+    `_processes` is the executor's own table of its workers (no public way to them)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+
+
+def _dying_with_this_process() -> dict:
+    """ProcessPoolExecutor arguments that end its workers when this process ends, however it
+    ends. Without them a `kill -9` (or the OOM killer, or a SIGTERM, whose default action
+    is to end the process at once) of `rigtrain data prepare` left its workers, the
+    forkserver and the resource tracker sleeping for ever, children of init: a worker holds
+    both ends of the pipe it waits on, so it never reads an end of file, and they kept the
+    command's stdout open, so a `| tee` after it never ended either."""
+    return {"initializer": _die_with, "initargs": (os.getpid(),)}
+
+
+def _die_with(parent: int) -> None:
+    """In a worker: exit the moment `parent` has exited. A pidfd (Linux 5.3 and later) turns
+    readable then, with no polling and no risk of a reused process id; elsewhere the
+    process id is looked at once a second. And a Ctrl-C (SIGINT, sent to the whole process
+    group) ends the worker at once and quietly, as the kernel ends a process by default:
+    Python's KeyboardInterrupt printed a traceback from each worker it caught mid-job
+    beside the command's one line, "interrupted"."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        handle = os.pidfd_open(parent)
+    except ProcessLookupError:
+        os._exit(1)  # gone already
+    except (AttributeError, OSError):
+        handle = None
+    threading.Thread(target=_watch, args=(parent, handle), name="rigtrain-parent-watch", daemon=True).start()
+
+
+def _watch(parent: int, handle: int | None) -> None:
+    if handle is not None:
+        select.select([handle], [], [])
+    else:
+        while _alive(parent):
+            time.sleep(1.0)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
