@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import subprocess
@@ -77,21 +76,34 @@ def losses(run: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
-def run_processes(run: Path) -> list[int]:
-    """Every live process whose command line names the run's folder (launcher and ranks)."""
-    found, me = [], os.getpid()
-    needle = str(run.resolve()).encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmdline and state != "Z":
-            found.append(int(pid))
-    return found
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def sigkill(process: subprocess.Popen) -> int:
+    """SIGKILL the process alone, as `kill -9 PID` does; how many of the processes it had
+    started (its workers, a forkserver, DeepSpeed's) are still alive 5 s later (then
+    killed, so the next life starts clean)."""
+    import psutil
+
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline, alive = time.monotonic() + 5, family
+    while alive and time.monotonic() < deadline:  # psutil.wait_procs notices late: it backs off
+        alive = [p for p in alive if _running(p)]
+        time.sleep(0.02)
+    for orphan in alive:
+        orphan.kill()
+    return len(alive)
 
 
 def saved_state(run: Path) -> tuple[int | None, list[str]]:
@@ -163,9 +175,8 @@ def one_life(run: Path, args, rng: random.Random, resume: bool, kill: bool) -> d
             while process.poll() is None and max(logged_steps(run), default=0) <= last:
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, args.window_s))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        else:
+        left = sigkill(process) if process.poll() is None else 0
+        if process.returncode != -signal.SIGKILL:
             moment = "finished"
     out, err = process.communicate(timeout=600)
     row = {"moment": moment, "returncode": process.returncode, "seconds": round(time.monotonic() - started, 2)}
@@ -181,10 +192,7 @@ def one_life(run: Path, args, rng: random.Random, resume: bool, kill: bool) -> d
     row["damaged_warning"] = "damaged and skipped" in out + err
     row["last_logged"] = max(logged_steps(run), default=0)
     if moment != "finished":
-        deadline = time.monotonic() + 5
-        while run_processes(run) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        row["left_running"] = len(run_processes(run))
+        row["left_running"] = left
     row["good"], row["partial"] = saved_state(run)
     if process.returncode not in (0, -signal.SIGKILL):
         row["stderr"] = err[-1500:]
@@ -246,6 +254,111 @@ def chaos(args, folder: Path) -> dict:
     }
 
 
+# -- data prepare ------------------------------------------------------------------------------
+
+
+def prepare_command(world: Path, out: Path) -> list[str]:
+    """Frames larger than the Shapes world's own: decoding takes long enough to be killed in."""
+    settings = ["data.shard_clips=16", "data.frame_size=160,160", "data.fps=16"]
+    return [
+        sys.executable,
+        "-m",
+        "rigtrain",
+        "data",
+        "prepare",
+        str(world),
+        str(out),
+        "--workers",
+        "2",
+        "--set",
+        *settings,
+    ]
+
+
+def prepared_files(out: Path) -> dict[str, str]:
+    """Every file a prepare leaves (but the lock and the index's timing), with its checksum."""
+    import xxhash
+
+    found = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_file() and path.name not in (".prepare.lock", "index.json"):
+            found[path.relative_to(out).as_posix()] = xxhash.xxh3_64(path.read_bytes()).hexdigest()
+    if (out / "index.json").is_file():
+        index = json.loads((out / "index.json").read_text())
+        index.pop("seconds", None)
+        found["index.json"] = json.dumps(index, sort_keys=True)
+    return found
+
+
+def prepare_life(world: Path, out: Path, window: float | None, rng: random.Random) -> dict:
+    """One `data prepare` into `out`, SIGKILLed within `window` seconds unless it is None."""
+    started = time.monotonic()
+    process = subprocess.Popen(prepare_command(world, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    left = 0
+    if window is not None:
+        time.sleep(rng.uniform(0.05, window))
+        left = sigkill(process) if process.poll() is None else 0
+    stdout, stderr = process.communicate(timeout=600)
+    said = stdout.strip().splitlines() if process.returncode in (0, -signal.SIGKILL) else stderr.strip().splitlines()
+    return {
+        "returncode": process.returncode,
+        "seconds": round(time.monotonic() - started, 2),
+        "said": (said or [""])[-1][:90],
+        "left_running": left,
+        "traceback": "Traceback" in stdout + stderr,
+    }
+
+
+def chaos_prepare(args, folder: Path) -> dict:
+    """`rigtrain data prepare` killed at random moments and run again until it finishes: it
+    ends with the files of a prepare never killed, and no process of it outlives a kill."""
+    rng = random.Random(args.seed)
+    world = folder / "world"
+    made = subprocess.run(
+        [sys.executable, "-m", "rigtrain", "data", "synth", "--videos", str(args.videos), str(world)],
+        capture_output=True,
+        text=True,
+    )
+    started = time.monotonic()
+    straight = subprocess.run(prepare_command(world, folder / "straight"), capture_output=True, text=True)
+    window = (time.monotonic() - started) * 0.9  # kills land while it works, however fast the machine
+    if made.returncode or straight.returncode:
+        raise SystemExit(
+            f"making the videos or the straight prepare failed:\n{made.stderr[-2000:]}{straight.stderr[-2000:]}"
+        )
+    want = prepared_files(folder / "straight")
+    lives, problems, kills, round_ = [], [], 0, 0
+    while kills < args.kills:  # rounds, each a fresh folder prepared to the end through its kills
+        out, round_ = folder / f"killed-{round_}", round_ + 1
+        for life in range(args.kills + 1):
+            row = prepare_life(world, out, window if life < args.kills else None, rng)
+            row.update({"round": round_, "life": life})
+            lives.append(row)
+            kills += row["returncode"] == -signal.SIGKILL
+            where = f"round {round_}, life {life}"
+            if row["left_running"]:
+                problems.append(f"{where}: {row['left_running']} process(es) of the prepare outlived the kill")
+            if row["traceback"] or row["returncode"] not in (0, -signal.SIGKILL):
+                problems.append(f"{where}: exit {row['returncode']}: {row['said']}")
+            if (out / "index.json").is_file() and prepared_files(out) != want:
+                problems.append(f"{where}: index.json is there but the shards are not a finished prepare's")
+            if row["returncode"] == 0:
+                break
+        got = prepared_files(out)
+        if lives[-1]["returncode"] != 0:
+            problems.append(f"round {round_}: the killed prepare never finished")
+        elif got != want:
+            differing = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+            problems.append(f"round {round_}: the prepared files differ from a prepare never killed: {differing[:5]}")
+    return {
+        "videos": args.videos,
+        "rounds": round_,
+        "kills": kills,
+        "lives": lives,
+        "problems": problems,
+    }
+
+
 def print_table(result: dict) -> None:
     print(f"{'life':>4} {'killed':<13}{'exit':>5}{'s':>7}{'resumed from':>14}{'last logged':>13}{'saved':>7}", end="")
     print("  half-written")
@@ -263,6 +376,16 @@ def print_table(result: dict) -> None:
     )
 
 
+def print_prepare_table(result: dict) -> None:
+    print(f"\n{'round':>5}{'life':>5}{'exit':>6}{'s':>7}  last line")
+    for r in result["lives"]:
+        print(f"{r['round']:>5}{r['life']:>5}{r['returncode']:>6}{r['seconds']:>7.1f}  {r['said']}")
+    verdict = "; ".join(result["problems"]) or "the same shards and index as a prepare never killed"
+    print(
+        f"data prepare: {result['kills']} kills in {result['rounds']} prepares of {result['videos']} videos; {verdict}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
@@ -272,14 +395,24 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=1, help="training processes (ranks) on the CPU")
     parser.add_argument("--zero-stage", type=int, default=1)
     parser.add_argument("--window-s", type=float, default=0.6, help="a kill lands this long after a new step, at most")
+    parser.add_argument("--videos", type=int, default=48, help="Shapes-world videos for the prepare part")
+    parser.add_argument("--what", nargs="+", choices=["train", "prepare"], default=["train", "prepare"])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    report = {}
     with tempfile.TemporaryDirectory(prefix="rigtrain-kill-") as tmp:
-        result = chaos(args, Path(tmp))
-    if not args.json:
-        print_table(result)
-    print(json.dumps({k: v for k, v in result.items() if k != "lives"}))
-    return 1 if result["problems"] else 0
+        if "train" in args.what:
+            (Path(tmp) / "train").mkdir()
+            report["train"] = chaos(args, Path(tmp) / "train")
+            if not args.json:
+                print_table(report["train"])
+        if "prepare" in args.what:
+            (Path(tmp) / "prepare").mkdir()
+            report["prepare"] = chaos_prepare(args, Path(tmp) / "prepare")
+            if not args.json:
+                print_prepare_table(report["prepare"])
+    print(json.dumps({part: {k: v for k, v in r.items() if k != "lives"} for part, r in report.items()}))
+    return 1 if any(r["problems"] for r in report.values()) else 0
 
 
 if __name__ == "__main__":

@@ -1,23 +1,29 @@
 """kill -9 and power cuts: a run killed at random moments and resumed each time ends with an
-unbroken run's losses and weights (bench/kill_anywhere.py, short and with a fixed seed),
-and a checkpoint is on the disk before it is marked complete and before an older one is
-deleted (the order a power cut needs, which no kill shows: the page cache outlives a
-process)."""
+unbroken run's losses and weights, and a `data prepare` killed and run again with a
+prepare's files (bench/kill_anywhere.py, short and with a fixed seed); a checkpoint is on
+the disk before it is marked complete and before an older one is deleted (the order a
+power cut needs, which no kill shows: the page cache outlives a process); the workers of
+a killed prepare die with it; one prepare writes into a folder at a time."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from rigtrain import files
 from rigtrain.train import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from kill_anywhere import prepared_files  # noqa: E402  (a benchmark's helper, not a package's)
 
 
 @pytest.mark.slow
@@ -34,6 +40,8 @@ def test_killed_at_random_moments_a_run_ends_as_if_never_killed(demo_data):
             "40",
             "--ckpt-every",
             "2",
+            "--videos",
+            "64",
             "--json",
         ],
         capture_output=True,
@@ -42,8 +50,10 @@ def test_killed_at_random_moments_a_run_ends_as_if_never_killed(demo_data):
         cwd=ROOT,
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["problems"] == [] and result.returncode == 0, (report, result.stderr[-2000:])
-    assert report["kills"] >= 3  # a kill that comes after the run finished is not one
+    assert report["train"]["problems"] == [] and report["prepare"]["problems"] == [], report
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert report["train"]["kills"] >= 3  # a kill that comes after the run finished is not one
+    assert report["prepare"]["kills"] >= 5
 
 
 def _tag(ckpt: Path, step: int) -> Path:
@@ -93,3 +103,142 @@ def test_a_checkpoint_is_on_disk_before_it_is_marked_complete_and_older_ones_go(
     assert any(kind == "fsync" and ".tmp" in name for kind, name in events[:marked])  # complete.json's bytes
     assert when("delete", old) > last("fsync", new) > marked  # the rename itself on disk, then the prune
     assert checkpoints.newest_good(ckpt) == (20, new.name)
+
+
+ORPHANS = """
+import sys, time
+from rigtrain.data.processes import in_order
+
+def slow(job):
+    time.sleep(60)
+
+if __name__ == "__main__":
+    for _ in in_order(slow, list(range(4)), 2, crashed=lambda job: None):
+        pass
+"""
+
+
+def test_the_workers_of_a_killed_prepare_die_with_it(tmp_path):
+    """They waited for ever, children of init, before: each holds both ends of the pipe it
+    reads its jobs from, so it never sees an end of file (and they held the command's stdout,
+    so a pipeline after it never ended)."""
+    import psutil
+
+    script = tmp_path / "decode.py"
+    script.write_text(ORPHANS)
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+
+    def command_line(process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:  # gone, or a zombie
+            return ""
+
+    def forkserver_family() -> list:
+        return [p for p in psutil.Process(parent.pid).children(recursive=True) if "forkserver" in command_line(p)]
+
+    while len(forkserver_family()) < 3:  # the forkserver and two workers
+        assert time.monotonic() < deadline and parent.poll() is None, "the workers never started"
+        time.sleep(0.1)
+    time.sleep(0.5)  # the workers have taken their jobs
+    family = psutil.Process(parent.pid).children(recursive=True)
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    alive = [p for p in alive if command_line(p)]  # a zombie has ended, only not been reaped yet
+    left = [command_line(p)[:80] for p in alive]
+    for orphan in alive:
+        orphan.kill()
+    assert not alive, left
+    assert parent.stdout.read() == b""  # the pipe's end of file came: no one holds it
+
+
+def test_one_prepare_at_a_time_and_a_users_folder_untouched(tmp_path):
+    from filelock import FileLock
+
+    from rigtrain.config import load_config
+    from rigtrain.data.prepare import LOCK_FILE, STATE_FILE, prepare
+    from rigtrain.data.synth import synthesize
+    from rigtrain.errors import UserError
+
+    src = tmp_path / "world"
+    synthesize(src, videos=2, seed=1)
+    data = load_config("demo").data
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / f"{STATE_FILE}.tmp4242").write_text("{")  # a prepare killed while writing its first journal
+    with FileLock(str(out / LOCK_FILE), timeout=0):  # another prepare at work
+        with pytest.raises(UserError, match="another `rigtrain data prepare` is writing into"):
+            prepare(src, out, data)
+    index = prepare(src, out, data)  # the leftover is not the user's: the folder counts as empty
+    assert index["clips"] > 0 and not list(out.glob("*.tmp*"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not an empty folder"):
+        prepare(src, mine, data)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # not even a lock file
+
+
+SLOW_JOBS = """
+import signal, sys, time
+from rigtrain.data.processes import in_order
+from rigtrain.errors import StoppedBySignal
+
+def slow(job):
+    time.sleep(120)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, StoppedBySignal.raise_it)  # as `rigtrain data prepare` does
+    print("started", flush=True)
+    try:
+        for _ in in_order(slow, list(range(4)), 2, crashed=lambda job: None):
+            pass
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+"""
+
+
+def test_a_stop_signal_does_not_wait_for_the_videos_in_flight(tmp_path):
+    """The pool's own exit waits for every job in flight (an hour of video decodes for
+    minutes); a stopping prepare ends its workers instead."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_JOBS)
+    process = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "started"
+    time.sleep(3)  # the workers have their jobs
+    stopped = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=100)
+    assert out.strip() == "stopped" and time.monotonic() - stopped < 20
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_stopped_prepare_is_one_line_and_the_same_command_finishes_it(tmp_path, how):
+    from rigtrain.data.synth import synthesize
+
+    src = tmp_path / "world"
+    synthesize(src, videos=48, seed=2)
+    settings = ["--set", "data.shard_clips=16", "data.frame_size=160,160", "data.fps=16"]
+    straight = run_cli("data", "prepare", str(src), str(tmp_path / "straight"), *settings)
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "stopped"
+    command = [sys.executable, "-m", "rigtrain", "data", "prepare", str(src), str(out), "--workers", "2", *settings]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    while "4/48 videos" not in process.stdout.readline():  # three shards are written
+        assert process.poll() is None
+    if how == "ctrl-c":
+        os.killpg(process.pid, signal.SIGINT)  # a terminal sends it to the whole process group
+    else:
+        process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip() and "[WARNING]" not in line]
+    stopped = "interrupted" if how == "ctrl-c" else "stopped by SIGTERM"
+    assert process.returncode == (130 if how == "ctrl-c" else 143), err
+    assert lines == [f"rigtrain: {stopped}; the same command again goes on after its last complete shard"], err
+    again = run_cli("data", "prepare", str(src), str(out), *settings)
+    assert again.returncode == 0 and "continuing an interrupted prepare" in again.stdout, again.stderr
+    assert prepared_files(out) == prepared_files(tmp_path / "straight")
