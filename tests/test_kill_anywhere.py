@@ -218,27 +218,31 @@ def test_a_stop_signal_does_not_wait_for_the_videos_in_flight(tmp_path):
 def test_a_stopped_prepare_is_one_line_and_the_same_command_finishes_it(tmp_path, how):
     from rigtrain.data.synth import synthesize
 
-    src = tmp_path / "world"
-    synthesize(src, videos=48, seed=2)
     settings = ["--set", "data.shard_clips=16", "data.frame_size=160,160", "data.fps=16"]
-    straight = run_cli("data", "prepare", str(src), str(tmp_path / "straight"), *settings)
-    assert straight.returncode == 0, straight.stderr
-    out = tmp_path / "stopped"
-    command = [sys.executable, "-m", "rigtrain", "data", "prepare", str(src), str(out), "--workers", "2", *settings]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    while "4/48 videos" not in process.stdout.readline():  # three shards are written
-        assert process.poll() is None
-    if how == "ctrl-c":
-        os.killpg(process.pid, signal.SIGINT)  # a terminal sends it to the whole process group
+    for videos in (48, 96, 192):  # more when a busy machine let the prepare finish before the signal
+        src, out = tmp_path / f"world-{videos}", tmp_path / f"stopped-{videos}"
+        synthesize(src, videos=videos, seed=2)
+        command = [sys.executable, "-m", "rigtrain", "data", "prepare", str(src), str(out), "--workers", "2", *settings]
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        while f"4/{videos} videos" not in process.stdout.readline():  # three shards are written
+            assert process.poll() is None
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)  # a terminal sends it to the whole process group
+        else:
+            process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+        if process.returncode != 0:
+            break
     else:
-        process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+        pytest.fail("every prepare finished before the signal came")
     lines = [line for line in err.splitlines() if line.strip() and "[WARNING]" not in line]
     stopped = "interrupted" if how == "ctrl-c" else "stopped by SIGTERM"
     assert process.returncode == (130 if how == "ctrl-c" else 143), err
     assert lines == [f"rigtrain: {stopped}; the same command again goes on after its last complete shard"], err
     again = run_cli("data", "prepare", str(src), str(out), *settings)
     assert again.returncode == 0 and "continuing an interrupted prepare" in again.stdout, again.stderr
+    straight = run_cli("data", "prepare", str(src), str(tmp_path / "straight"), *settings)
+    assert straight.returncode == 0, straight.stderr
     assert prepared_files(out) == prepared_files(tmp_path / "straight")

@@ -122,7 +122,7 @@ def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan
         "command": sys.argv,
         **(extra or {}),
     }
-    write_json(run_dir / "config.json", record)
+    write_json(run_dir / "config.json", record, durable=True)  # the run cannot be resumed without it
 
 
 def prepare_run_dir(run_dir: Path) -> None:
