@@ -246,3 +246,41 @@ def test_a_stopped_prepare_is_one_line_and_the_same_command_finishes_it(tmp_path
     straight = run_cli("data", "prepare", str(src), str(tmp_path / "straight"), *settings)
     assert straight.returncode == 0, straight.stderr
     assert prepared_files(out) == prepared_files(tmp_path / "straight")
+
+
+BIG_RESULTS = """
+from rigtrain.data.processes import in_order
+
+def big(job):
+    return bytes(32 << 20)  # a result that takes a while to go through a pipe
+
+if __name__ == "__main__":
+    print("started", flush=True)
+    try:
+        for _ in in_order(big, list(range(1000)), 2, crashed=lambda job: None):
+            pass
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def test_a_ctrl_c_while_a_worker_sends_its_result_does_not_hang(tmp_path):
+    """A Ctrl-C reaches every process of the group; a worker it ended half-way through
+    sending a result left the pool's reading thread waiting for the rest for ever (8 of 10
+    such Ctrl-Cs hung before results went through files)."""
+    script = tmp_path / "big.py"
+    script.write_text(BIG_RESULTS)
+    for delay in (0.5, 0.8, 1.1, 1.4):
+        process = subprocess.Popen(
+            [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        assert process.stdout.readline().strip() == "started"
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            out, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise AssertionError(f"a Ctrl-C {delay} s in hung the pool") from None
+        assert out.strip() == "interrupted"

@@ -327,7 +327,8 @@ def _prepare(src: Path, out: Path, data: DataConfig, sources, unused, workers, i
     ]
     if log and todo:  # an hour of video decodes for minutes before its line
         log(f"decoding {len(todo)} video(s) with {workers} worker(s); each is listed when done")
-    results = in_order(ingest_or_reason, jobs, workers, _decoder_crashed, isolate)
+    # results through .parts too: what a killed prepare leaves there, the next one removes
+    results = in_order(ingest_or_reason, jobs, workers, _decoder_crashed, isolate, scratch=parts)
     for done, (source, result) in enumerate(zip(todo, results), 1):
         _hand_over(source, result, writer, added, skipped, data)
         if progress:

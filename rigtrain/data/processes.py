@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import select
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections import deque
@@ -25,13 +28,14 @@ NONE_FINISH = (
 _CRASHED = object()
 
 
-def in_order(function, jobs: list, workers: int, crashed, isolate: bool = False):
+def in_order(function, jobs: list, workers: int, crashed, isolate: bool = False, scratch=None):
     """function(job) for every job, results in order, at most 2 x workers of them waiting
     (pool.map would decode every video ahead, and fill the disk with their parts). In
     worker processes when workers > 1 or isolate, else here. A job whose process dies (a
     decoder's segfault on a damaged file, the kernel's OOM killer) is run again alone with
     the others in flight then; one that dies alone too has crashed(job) for its result,
-    and the jobs after it go on."""
+    and the jobs after it go on. Results come back through files in a folder made in
+    `scratch` (the system's temporary folder if None), removed at the end."""
     if workers <= 1 and not isolate:
         yield from map(function, jobs)
         return
@@ -41,44 +45,75 @@ def in_order(function, jobs: list, workers: int, crashed, isolate: bool = False)
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     remaining, pending, finished, crashes = deque(jobs), deque(), 0, 0
-    while remaining:
-        try:
-            with ProcessPoolExecutor(workers, mp_context=context, **_dying_with_this_process()) as pool:
-                try:
-                    while remaining or pending:
-                        while remaining and len(pending) < 2 * workers:
-                            future = pool.submit(function, remaining[0])  # a broken pool refuses: the job stays
-                            pending.append((remaining.popleft(), future))
-                        result = pending[0][1].result()
-                        pending.popleft()
+    results = tempfile.mkdtemp(prefix="rigtrain-results-", dir=scratch)
+    try:
+        while remaining:
+            try:
+                with ProcessPoolExecutor(workers, mp_context=context, **_dying_with_this_process()) as pool:
+                    try:
+                        while remaining or pending:
+                            while remaining and len(pending) < 2 * workers:
+                                # a broken pool refuses: the job stays
+                                future = pool.submit(_result_in_file, function, remaining[0], results)
+                                pending.append((remaining.popleft(), future))
+                            result = _read_result(pending[0][1].result())
+                            pending.popleft()
+                            finished += 1
+                            yield result
+                    except BrokenProcessPool:
+                        raise
+                    except BaseException:
+                        _stop_workers(pool)
+                        raise
+            except BrokenProcessPool:
+                while pending:  # which of them killed its process: each alone
+                    job = pending.popleft()[0]
+                    result = _alone(function, job, context, results)
+                    if result is _CRASHED:
+                        crashes += 1
+                        if crashes >= 2 and not finished:
+                            raise UserError(NONE_FINISH) from None
+                        result = crashed(job)
+                    else:
                         finished += 1
-                        yield result
-                except BrokenProcessPool:
-                    raise
-                except BaseException:
-                    _stop_workers(pool)
-                    raise
-        except BrokenProcessPool:
-            while pending:  # which of them killed its process: each alone
-                job = pending.popleft()[0]
-                result = _alone(function, job, context)
-                if result is _CRASHED:
-                    crashes += 1
-                    if crashes >= 2 and not finished:
-                        raise UserError(NONE_FINISH) from None
-                    result = crashed(job)
-                else:
-                    finished += 1
-                yield result
+                    yield result
+    finally:
+        shutil.rmtree(results, ignore_errors=True)
 
 
-def _alone(function, job, context):
+def _alone(function, job, context, results: str):
     """function(job) in a process of its own; _CRASHED when that process dies."""
     try:
         with ProcessPoolExecutor(1, mp_context=context, **_dying_with_this_process()) as pool:
-            return pool.submit(function, job).result()
+            try:
+                return _read_result(pool.submit(_result_in_file, function, job, results).result())
+            except BrokenProcessPool:
+                raise
+            except BaseException:
+                _stop_workers(pool)
+                raise
     except BrokenProcessPool:
         return _CRASHED
+
+
+def _result_in_file(function, job, folder: str) -> str:
+    """In a worker: function(job), its result pickled into a file in `folder`, whose name is
+    all that goes back through the pool's pipe. A worker killed while it sent a larger
+    result (a Ctrl-C reaches every process of the group) left part of a message in the
+    pipe, and the pool's thread reading it waited for the rest for ever, and the stopping
+    command with it (seen once in 12 Ctrl-Cs); a name of a few hundred bytes goes through a
+    pipe whole or not at all (PIPE_BUF)."""
+    handle, path = tempfile.mkstemp(dir=folder, suffix=".pickle")
+    with os.fdopen(handle, "wb") as f:
+        pickle.dump(function(job), f, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def _read_result(path: str):
+    with open(path, "rb") as f:
+        result = pickle.load(f)
+    os.unlink(path)
+    return result
 
 
 def not_in_a_starting_worker() -> None:
