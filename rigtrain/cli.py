@@ -23,6 +23,7 @@ from rigtrain.cli_data import (
 )
 from rigtrain.cli_search import add_sweep_command, add_tune_command, cmd_sweep, cmd_tune
 from rigtrain.errors import StoppedBySignal, UserError, one_line
+from rigtrain.terminal import outlive_the_terminal
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -287,6 +288,7 @@ def run() -> int:
     them one by one, 1.1 s after `import torch` alone and 1.9 s after a tune, on a 2-core
     CPU, with the work done and its files closed. Frozen (gc.freeze), they are skipped;
     atexit handlers still run and the streams are still flushed."""
+    outlive_the_terminal()
     code = main()
     gc.freeze()
     return code

@@ -1,4 +1,5 @@
-"""A counter line ("wrote 40/120 videos") that reads well on a terminal and in a log.
+"""A counter line ("wrote 40/120 videos") that reads well on a terminal and in a log, and
+output that outlives its terminal.
 
 On a terminal the line is rewritten in place with a carriage return. Piped into a file or
 a CI log, carriage returns pile every update onto one unreadable line, so there the counter
@@ -7,6 +8,8 @@ imports nothing from rigtrain."""
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Callable
 from typing import TextIO
@@ -34,3 +37,55 @@ def counter(describe: Callable[[int, int], str], stream: TextIO | None = None) -
             print(describe(done, total), file=out, flush=True)
 
     return show
+
+
+GONE = (errno.EIO, errno.EPIPE, errno.ENXIO)  # a terminal hung up, a pipe's reader gone
+
+
+class OutlivesItsReader:
+    """A text stream (stdout, stderr) whose writes stop failing once no one reads them: a
+    closed terminal or a dropped ssh session (EIO), a pipe whose reader has exited (EPIPE,
+    `rigtrain train | head`). The first such failure sends the stream to the null device,
+    and the program goes on: a run still finishes its step and saves it (the record is in
+    the run folder, not in what it printed), where the failing print would have ended it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            return self._lost(err, len(text))
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            self._lost(err, 0)
+
+    def _lost(self, err: OSError, written: int) -> int:
+        if err.errno not in GONE:
+            raise err
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(nowhere, self._stream.fileno())  # for C code and child processes writing there too
+        except (OSError, ValueError, AttributeError):
+            pass
+        finally:
+            os.close(nowhere)
+        # The old stream still holds the text it could not write; kept open (not collected),
+        # since closing it would close the descriptor others write to
+        self._gone, self._stream = self._stream, open(os.devnull, "w")
+        return written
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def outlive_the_terminal() -> None:
+    """stdout and stderr as OutlivesItsReader, once per process."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, OutlivesItsReader):
+            setattr(sys, name, OutlivesItsReader(stream))

@@ -1,5 +1,6 @@
 """Bad input is exit code 2 with one line that names the file or field; no traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -185,3 +186,20 @@ def test_counter_rewrites_in_place_on_a_terminal_and_prints_tenths_into_a_log():
     for done in range(1, 4):
         show(done, 3)
     assert screen.getvalue() == "\r1/3\r2/3\r3/3\n"
+
+
+def test_output_outlives_a_reader_that_is_gone():
+    """`rigtrain train | head`, or a terminal that hung up: the first failing write sends the
+    stream to the null device and the program goes on, where the print's BrokenPipeError
+    (or EIO) would have ended it."""
+    import io
+
+    from rigtrain.terminal import OutlivesItsReader
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has exited
+    stream = OutlivesItsReader(io.TextIOWrapper(io.FileIO(write_end, "w"), write_through=True))
+    print("a line no one reads", file=stream, flush=True)
+    print("and another", file=stream, flush=True)
+    assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull)  # for child processes too
+    stream.close()

@@ -153,6 +153,61 @@ def test_no_worker_outlives_a_killed_launcher(tmp_path, demo_data):
     assert workers_of(run) == []
 
 
+def start_on_a_terminal(run: Path, steps: int, *settings: str, nohup: bool = False):
+    """`rigtrain train` in a terminal of its own (a pseudo-terminal it has as its controlling
+    terminal, as a shell in an ssh session gives it), under `nohup` (SIGHUP ignored) if
+    asked; returns the process and the terminal's other end, whose closing is the session
+    dropping: the kernel sends SIGHUP, and writes to the terminal fail from then on."""
+    import fcntl
+    import pty
+    import termios
+    import threading
+
+    terminal, its_end = pty.openpty()
+
+    def take_the_terminal():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if nohup:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    command = [sys.executable, "-m", "rigtrain", "train", "--out", str(run), "--steps", str(steps), "--set", *settings]
+    process = subprocess.Popen(
+        command, stdin=its_end, stdout=its_end, stderr=its_end, start_new_session=True, preexec_fn=take_the_terminal
+    )
+    os.close(its_end)
+
+    def read_it():  # as a terminal does: what the run prints never fills the pipe
+        try:
+            while os.read(terminal, 4096):
+                pass
+        except OSError:
+            return
+
+    threading.Thread(target=read_it, daemon=True).start()
+    return process, terminal
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["hangup", "nohup"])
+def test_a_closed_terminal_saves_the_step_in_flight_and_nohup_trains_on(tmp_path, demo_data, nohup):
+    """A dropped ssh session killed the run (the steps since the last checkpoint lost); now
+    it stops as on SIGTERM, exit 129. Under nohup the run goes on to its end through a
+    terminal that is gone (every print there failed with EIO, which ended the run)."""
+    run = tmp_path / "run"
+    settings = [*TINY, "train.log_every=1", "train.ckpt_every=1000", "train.nproc=2"]
+    process, terminal = start_on_a_terminal(run, 40, *settings, nohup=nohup)
+    wait_for_step(run, 6, process)
+    os.close(terminal)  # the session drops
+    assert process.wait(timeout=120) == (0 if nohup else 129)
+    saved = complete_steps(run)[-1]
+    if nohup:
+        assert saved == 40 == max(losses(run))
+        return
+    assert saved - max(losses(run)) <= 1  # the steps it logged are saved, or the one after
+    resumed = rigtrain("train", "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming at step {saved}/40" in resumed.stdout and sorted(losses(run)) == list(range(1, 41))
+
+
 def test_a_first_step_out_of_memory_backs_off_and_finishes(tmp_path, demo_data):
     # The demo's micro-batch (48) "runs out of memory" above 44, as on a card with less free
     # memory than the plan was told: 48 -> 42 (an eighth less), then it trains.

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, start_processes
 from rigtrain.train.resuming import check_checkpoint_layout, check_same_processes, resume_changes
 from rigtrain.train.run_record import read_run_record
+from rigtrain.train.stopping import STOP_EXIT_CODES
 from rigtrain.train.worker import OOM_MARKER
 
 
@@ -346,7 +346,7 @@ def _finish(run_dir: Path, code: int) -> int:
     if code == 0:
         print(f"\nrun: {run_dir}\nopen TensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
         return 0
-    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+    if code in STOP_EXIT_CODES:
         return code  # stopped on request: the worker said where, and how to continue
     if code not in (1, 2):  # 1 and 2: the worker has said why, in one line
         how = f"killed by signal {-code}" if code < 0 else f"ended with exit code {code}"

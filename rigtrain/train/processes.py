@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.train.stopping import LAUNCHER_PID, PR_SET_PDEATHSIG, STOP_SIGNALS
+from rigtrain.train.stopping import LAUNCHER_PID, PR_SET_PDEATHSIG, quiet_if_hung_up, stop_signals
 
 WORKER_MODULE = "rigtrain.train.worker"
 
@@ -150,12 +150,13 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
     received: list[int] = []
 
     def forward(signum, frame) -> None:
+        quiet_if_hung_up(signum)
         received.append(signum)
         for process in ranks:
             if process.poll() is None:
                 process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
 
-    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, forward) for s in stop_signals()}
     failed_at = None
     try:
         while any(p.poll() is None for p in ranks):
@@ -203,7 +204,12 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     SIGTERM (its kill path) if this process dies without a word."""
     runner = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=terminate_with_parent)
     received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+
+    def remember(signum, frame) -> None:
+        quiet_if_hung_up(signum)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, remember) for s in stop_signals()}
     forwarded = 0
     try:
         while runner.poll() is None:

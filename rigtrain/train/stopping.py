@@ -1,8 +1,9 @@
 """Stopping a run on request, and never leaving a worker behind.
 
-- The first SIGINT or SIGTERM only asks: the step in flight finishes, every rank agrees on
-  the step to stop after, a complete checkpoint is written and the process exits with
-  128 + the signal (130 for Ctrl-C, 143 for SIGTERM). A second signal exits at once: the
+- The first SIGINT or SIGTERM (or SIGHUP, a closed terminal, unless `nohup` ignores it)
+  only asks: the step in flight finishes, every rank agrees on the step to stop after, a
+  complete checkpoint is written and the process exits with 128 + the signal (130 for
+  Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). A second signal exits at once: the
   complete checkpoints on disk are untouched, and a save it cuts short never counts
   (checkpoints.py only ever resumes complete ones).
 - A worker dies with its launcher: it asks the kernel for SIGKILL when its parent exits
@@ -18,6 +19,38 @@ import signal
 import sys
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HANGUP = getattr(signal, "SIGHUP", None)  # none on Windows
+STOP_EXIT_CODES = {128 + s for s in (*STOP_SIGNALS, HANGUP) if s is not None}  # 130, 143, 129
+
+
+def stop_signals() -> tuple:
+    """SIGINT and SIGTERM, and SIGHUP unless it is ignored (`nohup` ignores it, and a user
+    who asked for that wants the run to go on): a closed terminal or a dropped ssh session
+    then stops a run as SIGTERM does, the step in flight finished and saved, where the
+    kernel's default for SIGHUP killed it and lost the steps since the last checkpoint."""
+    if HANGUP is not None and signal.getsignal(HANGUP) == signal.SIG_DFL:
+        return (*STOP_SIGNALS, HANGUP)
+    return STOP_SIGNALS
+
+
+def quiet_if_hung_up(signum: int) -> None:
+    """After SIGHUP the terminal is gone, and every write to it fails (EIO): what this
+    process would print there goes nowhere instead, so that saving and stopping go on
+    undisturbed. Output that goes to a file or a pipe is left as it is."""
+    if signum != HANGUP:
+        return
+    nowhere = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                if os.isatty(fd):
+                    os.dup2(nowhere, fd)
+            except OSError:
+                continue
+    finally:
+        os.close(nowhere)
+
+
 LAUNCHER_PID = "RIGTRAIN_LAUNCHER_PID"  # set by the launcher for the workers it starts
 PR_SET_PDEATHSIG = 1
 
@@ -36,9 +69,10 @@ class GracefulStop:
 
     def __init__(self):
         self.signum = 0
-        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        self._previous = {s: signal.signal(s, self._handle) for s in stop_signals()}
 
     def _handle(self, signum, frame) -> None:
+        quiet_if_hung_up(signum)
         if self.signum:
             os.write(
                 2,
