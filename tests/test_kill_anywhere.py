@@ -181,6 +181,16 @@ def test_one_prepare_at_a_time_and_a_users_folder_untouched(tmp_path):
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]  # not even a lock file
 
 
+def _hear_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# A process group of its own, to send it a Ctrl-C as a terminal does, and SIGINT's default
+# action restored: a shell starts a background job (`bash setup/test.sh &`) with SIGINT
+# ignored, its children inherit that, and Python then never raises KeyboardInterrupt
+AS_IN_A_TERMINAL = {"start_new_session": True, "preexec_fn": _hear_ctrl_c}
+
+
 SLOW_JOBS = """
 import signal, sys, time
 from rigtrain.data.processes import in_order
@@ -224,7 +234,7 @@ def test_a_stopped_prepare_is_one_line_and_the_same_command_finishes_it(tmp_path
         synthesize(src, videos=videos, seed=2)
         command = [sys.executable, "-m", "rigtrain", "data", "prepare", str(src), str(out), "--workers", "2", *settings]
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **AS_IN_A_TERMINAL
         )
         while f"4/{videos} videos" not in process.stdout.readline():  # three shards are written
             assert process.poll() is None
@@ -272,7 +282,7 @@ def test_a_ctrl_c_while_a_worker_sends_its_result_does_not_hang(tmp_path):
     script.write_text(BIG_RESULTS)
     for delay in (0.5, 0.8, 1.1, 1.4):
         process = subprocess.Popen(
-            [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
+            [sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True, **AS_IN_A_TERMINAL
         )
         assert process.stdout.readline().strip() == "started"
         time.sleep(delay)
