@@ -4,6 +4,7 @@ the new one. At the bottom of the house: imports nothing from rigtrain."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ def write_json(path: Path, value, *, indent: int | None = 1, durable: bool = Fal
             f.write(json.dumps(value, indent=indent))
             if durable:
                 f.flush()
-                os.fsync(f.fileno())
+                _flush(f.fileno())
         os.replace(tmp, path)
         if durable:
             sync_folder(path.parent)
@@ -32,9 +33,9 @@ def write_json(path: Path, value, *, indent: int | None = 1, durable: bool = Fal
 
 def sync_folder(folder: Path) -> None:
     """The folder's entries (names created, renamed or deleted in it) onto the disk."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        os.fsync(fd)
+        _flush(fd)
     finally:
         os.close(fd)
 
@@ -49,10 +50,24 @@ def sync_tree(folder: Path) -> None:
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                _flush(fd)
             finally:
                 os.close(fd)
     for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
         sync_folder(sub)
     sync_folder(folder)
     sync_folder(folder.parent)
+
+
+# What a filesystem that cannot flush says (a Windows drive under WSL2, some FUSE and network
+# filesystems refuse fsync on a folder): there is nothing more to do there, and a save must
+# not fail for it. A disk that is full or failing (ENOSPC, EIO) is an error like any other.
+CANNOT_FLUSH = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM, errno.EACCES}
+
+
+def _flush(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in CANNOT_FLUSH:
+            raise

@@ -294,3 +294,29 @@ def test_a_ctrl_c_while_a_worker_sends_its_result_does_not_hang(tmp_path):
             process.communicate()
             raise AssertionError(f"a Ctrl-C {delay} s in hung the pool") from None
         assert out.strip() == "interrupted"
+
+
+def test_a_filesystem_that_cannot_flush_folders_still_saves(tmp_path, monkeypatch):
+    """A Windows drive under WSL2 and some FUSE and network filesystems refuse fsync on a
+    folder (EINVAL): the checkpoint is still written and marked complete. A disk that is
+    full when flushing is still an error (the save's own full-disk line reports it)."""
+    import errno
+
+    real_fsync = os.fsync
+
+    def refuses_folders(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", refuses_folders)
+    tag = _tag(tmp_path / "checkpoints", 5)
+    checkpoints.mark_complete(tag, 5)
+    assert checkpoints.newest_good(tmp_path / "checkpoints") == (5, tag.name)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        checkpoints.mark_complete(_tag(tmp_path / "checkpoints", 6), 6)
