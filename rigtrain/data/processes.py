@@ -15,6 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 
 from rigtrain.errors import UserError
 
@@ -49,22 +50,16 @@ def in_order(function, jobs: list, workers: int, crashed, isolate: bool = False,
     try:
         while remaining:
             try:
-                with ProcessPoolExecutor(workers, mp_context=context, **_dying_with_this_process()) as pool:
-                    try:
-                        while remaining or pending:
-                            while remaining and len(pending) < 2 * workers:
-                                # a broken pool refuses: the job stays
-                                future = pool.submit(_result_in_file, function, remaining[0], results)
-                                pending.append((remaining.popleft(), future))
-                            result = _read_result(pending[0][1].result())
-                            pending.popleft()
-                            finished += 1
-                            yield result
-                    except BrokenProcessPool:
-                        raise
-                    except BaseException:
-                        _stop_workers(pool)
-                        raise
+                with _pool(workers, context) as pool:
+                    while remaining or pending:
+                        while remaining and len(pending) < 2 * workers:
+                            # a broken pool refuses: the job stays
+                            future = pool.submit(_result_in_file, function, remaining[0], results)
+                            pending.append((remaining.popleft(), future))
+                        result = _read_result(pending[0][1].result())
+                        pending.popleft()
+                        finished += 1
+                        yield result
             except BrokenProcessPool:
                 while pending:  # which of them killed its process: each alone
                     job = pending.popleft()[0]
@@ -84,14 +79,8 @@ def in_order(function, jobs: list, workers: int, crashed, isolate: bool = False,
 def _alone(function, job, context, results: str):
     """function(job) in a process of its own; _CRASHED when that process dies."""
     try:
-        with ProcessPoolExecutor(1, mp_context=context, **_dying_with_this_process()) as pool:
-            try:
-                return _read_result(pool.submit(_result_in_file, function, job, results).result())
-            except BrokenProcessPool:
-                raise
-            except BaseException:
-                _stop_workers(pool)
-                raise
+        with _pool(1, context) as pool:
+            return _read_result(pool.submit(_result_in_file, function, job, results).result())
     except BrokenProcessPool:
         return _CRASHED
 
@@ -125,6 +114,20 @@ def not_in_a_starting_worker() -> None:
     "another prepare is writing", and the script carried on."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise RuntimeError("prepare() was called by a worker process importing the calling script: " + NONE_FINISH)
+
+
+@contextmanager
+def _pool(workers: int, context):
+    """A ProcessPoolExecutor whose workers end with this process, and end at once when the
+    block is left by anything but a broken pool (see _stop_workers)."""
+    with ProcessPoolExecutor(workers, mp_context=context, **_dying_with_this_process()) as pool:
+        try:
+            yield pool
+        except BrokenProcessPool:
+            raise
+        except BaseException:
+            _stop_workers(pool)
+            raise
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
