@@ -74,11 +74,14 @@ class GracefulStop:
     def _handle(self, signum, frame) -> None:
         quiet_if_hung_up(signum)
         if self.signum:
-            os.write(
-                2,
-                f"rigtrain: second {signal.Signals(signum).name}: stopping now; the complete checkpoints "
-                "are as they were\n".encode(),
-            )
+            try:
+                os.write(
+                    2,
+                    f"rigtrain: second {signal.Signals(signum).name}: stopping now; the complete checkpoints "
+                    "are as they were\n".encode(),
+                )
+            except OSError:  # no one to read it (a terminal gone): stop all the same
+                pass
             os._exit(128 + self.signum)
         self.signum = signum
 
