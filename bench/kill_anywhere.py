@@ -209,7 +209,9 @@ def chaos(args, folder: Path) -> dict:
     lives, problems = [], []
     good_at_kill = None
     for life in range(args.kills + 1):
-        row = one_life(run, args, rng, resume=life > 0, kill=life < args.kills)
+        # killed before it wrote config.json, it is not a run yet: the same command again, as a user would
+        resume = (run / "config.json").is_file()
+        row = one_life(run, args, rng, resume=resume, kill=life < args.kills)
         row["life"] = life
         resumed = row["resumed_from"]  # None: killed before it said where it starts
         if life > 0 and resumed is not None and resumed != (good_at_kill or 0):
