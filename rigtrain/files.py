@@ -46,15 +46,15 @@ def sync_tree(folder: Path) -> None:
     file's dirty pages whoever wrote them, so one process can do it for files other
     processes wrote."""
     folder = Path(folder)
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                _flush(fd)
-            finally:
-                os.close(fd)
-    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        sync_folder(sub)
+    for path in sorted(folder.rglob("*"), reverse=True):  # a folder's files before the folder
+        if path.is_dir():
+            sync_folder(path)
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _flush(fd)
+        finally:
+            os.close(fd)
     sync_folder(folder)
     sync_folder(folder.parent)
 

@@ -177,9 +177,9 @@ def _watch(parent: int, handle: int | None) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's (not ours, but alive)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True

@@ -24,7 +24,7 @@ from filelock import FileLock, Timeout
 
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.train.stopping import LAUNCHER_PID, PR_SET_PDEATHSIG, quiet_if_hung_up, stop_signals
+from rigtrain.train.stopping import LAUNCHER_PID, PR_SET_PDEATHSIG, stop_signals
 
 WORKER_MODULE = "rigtrain.train.worker"
 
@@ -150,7 +150,6 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
     received: list[int] = []
 
     def forward(signum, frame) -> None:
-        quiet_if_hung_up(signum)
         received.append(signum)
         for process in ranks:
             if process.poll() is None:
@@ -205,11 +204,7 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     runner = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=terminate_with_parent)
     received: list[int] = []
 
-    def remember(signum, frame) -> None:
-        quiet_if_hung_up(signum)
-        received.append(signum)
-
-    previous = {s: signal.signal(s, remember) for s in stop_signals()}
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in stop_signals()}
     forwarded = 0
     try:
         while runner.poll() is None:

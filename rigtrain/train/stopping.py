@@ -27,28 +27,12 @@ def stop_signals() -> tuple:
     """SIGINT and SIGTERM, and SIGHUP unless it is ignored (`nohup` ignores it, and a user
     who asked for that wants the run to go on): a closed terminal or a dropped ssh session
     then stops a run as SIGTERM does, the step in flight finished and saved, where the
-    kernel's default for SIGHUP killed it and lost the steps since the last checkpoint."""
+    kernel's default for SIGHUP killed it and lost the steps since the last checkpoint.
+    What the run prints to the terminal that is gone goes to the null device from the first
+    write that fails (terminal.OutlivesItsReader), and the run saves undisturbed."""
     if HANGUP is not None and signal.getsignal(HANGUP) == signal.SIG_DFL:
         return (*STOP_SIGNALS, HANGUP)
     return STOP_SIGNALS
-
-
-def quiet_if_hung_up(signum: int) -> None:
-    """After SIGHUP the terminal is gone, and every write to it fails (EIO): what this
-    process would print there goes nowhere instead, so that saving and stopping go on
-    undisturbed. Output that goes to a file or a pipe is left as it is."""
-    if signum != HANGUP:
-        return
-    nowhere = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            try:
-                if os.isatty(fd):
-                    os.dup2(nowhere, fd)
-            except OSError:
-                continue
-    finally:
-        os.close(nowhere)
 
 
 LAUNCHER_PID = "RIGTRAIN_LAUNCHER_PID"  # set by the launcher for the workers it starts
@@ -72,7 +56,6 @@ class GracefulStop:
         self._previous = {s: signal.signal(s, self._handle) for s in stop_signals()}
 
     def _handle(self, signum, frame) -> None:
-        quiet_if_hung_up(signum)
         if self.signum:
             try:
                 os.write(
