@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -211,27 +212,124 @@ def video_folder(seed: int, folder: Path) -> dict:
     return {"input": "damaged videos and sidecars (check, prepare, on demand)", "cases": 18, "findings": findings}
 
 
+def _damage(run: Path, rng: random.Random) -> str:
+    """One thing wrong with a run folder, as a disk, a careless hand or an editor leaves it:
+    a JSON file with a value changed, a text file edited, a file cut short, bytes flipped,
+    a file or folder gone. Returns what was done, for the finding."""
+    files = sorted(p for p in run.rglob("*") if p.is_file() and p.name != ".lock")
+    records = [p for p in files if p.suffix in (".json", ".jsonl") or p.name == "latest"]
+    # half the cases edit the records: their values are read and trusted, where a
+    # damaged .pt is caught whole by its checksum
+    path = rng.choice(records if rng.random() < 0.5 else files)
+    name = path.relative_to(run).as_posix()
+    roll = rng.random()
+    if path.suffix == ".json" and roll < 0.5:
+        data = json.loads(path.read_text())
+        for _ in range(rng.randint(1, 3)):
+            mutate(data, rng)
+        path.write_text(json.dumps(data))
+        return f"{name}: values changed"
+    if path.suffix in (".json", ".jsonl", "") and roll < 0.7:
+        text = path.read_text(errors="surrogateescape")
+        path.write_bytes(
+            mutate_text(text, rng, ['"', "{", "}", ",", "\n", "0", "-1", "nan", "\x00"]).encode(
+                "utf-8", "surrogateescape"
+            )
+        )
+        return f"{name}: text edited"
+    if roll < 0.8:
+        size = path.stat().st_size
+        with path.open("r+b") as f:
+            f.truncate(rng.randrange(size) if size else 0)
+        return f"{name}: cut short"
+    if roll < 0.9:
+        data = bytearray(path.read_bytes())
+        for _ in range(rng.randint(1, 8)):
+            if data:
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(data))
+        return f"{name}: bits flipped"
+    victim = path if rng.random() < 0.7 else path.parent
+    shutil.rmtree(victim) if victim.is_dir() else victim.unlink()
+    return f"{victim.relative_to(run).as_posix() or '.'}: removed"
+
+
+def _tag_bytes(run: Path) -> dict[str, bytes]:
+    return {p.relative_to(run).as_posix(): p.read_bytes() for p in (run / "checkpoints").glob("step*/*") if p.is_file()}
+
+
+def run_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
+    """A 4-step demo run with checkpoints at steps 2 and 4, damaged one way at a time, then
+    `train --resume` one step further and `eval`, each in its own process: each ends with
+    its result or a one-line error (exit 2), never a traceback; and a resume that fails
+    leaves every checkpoint file as it found it."""
+    import os  # the runs' environment: one thread each, this machine's CPU
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tool = [sys.executable, "-m", "rigtrain"]
+    good = folder / "run-good"
+    first = subprocess.run(
+        [*tool, "train", "--preset", "demo", "--steps", "4", "--out", str(good), "--set", "train.ckpt_every=2",
+         "eval.first_step=4"],
+        capture_output=True, text=True, env=env, cwd=folder,
+    )  # fmt: skip
+    if first.returncode != 0:
+        return {
+            "input": "damaged run folders (resume, eval)",
+            "cases": 0,
+            "findings": {"the first run failed": first.stderr[-400:]},
+        }
+    findings: dict[str, str] = {}
+    outcomes: dict[str, int] = {}  # how often each command went on and how often it refused: both must occur
+    for case in range(rounds):
+        run = folder / f"run-{case}"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(good, run)
+        what = _damage(run, rng)
+        before = _tag_bytes(run)
+        for command in (["train", "--resume", "--out", str(run), "--steps", "5"], ["eval", str(run)]):
+            done = subprocess.run([*tool, *command], capture_output=True, text=True, env=env, cwd=folder, timeout=600)
+            outcome = f"{command[0]} exit {done.returncode}"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            said = done.stdout + done.stderr
+            errors = [line for line in said.splitlines() if line.startswith("rigtrain: error")]
+            if "Traceback" in said or done.returncode not in (0, 2) or (done.returncode == 2 and not errors):
+                findings.setdefault(f"{command[0]} after {what}", f"exit {done.returncode}: {said[-300:]}")
+            if command[0] == "train" and done.returncode != 0:
+                lost = [n for n, b in before.items() if not (run / n).is_file() or (run / n).read_bytes() != b]
+                if lost:
+                    findings.setdefault(f"train lost checkpoint files after {what}", ", ".join(lost[:3]))
+        shutil.rmtree(run, ignore_errors=True)
+    return {"input": "damaged run folders (resume, eval)", "cases": rounds, "findings": findings, "outcomes": outcomes}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1500, help="cases per input (the rig files are slower)")
+    parser.add_argument("--only", nargs="+", choices=["rigs", "sets", "specs", "narration", "videos", "runs"])
+    parser.add_argument("--run-rounds", type=int, default=12, help="damaged run folders (two processes each, ~30 s)")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        results = [
-            rig_files(rng, args.rounds),
-            config_values(rng, args.rounds),
-            specs(rng, args.rounds, folder),
-            narration(rng, args.rounds, folder),
-            video_folder(args.seed, folder),
-        ]
+        parts = {
+            "rigs": lambda: rig_files(rng, args.rounds),
+            "sets": lambda: config_values(rng, args.rounds),
+            "specs": lambda: specs(rng, args.rounds, folder),
+            "narration": lambda: narration(rng, args.rounds, folder),
+            "videos": lambda: video_folder(args.seed, folder),
+            "runs": lambda: run_folders(rng, args.run_rounds, folder),
+        }
+        results = [run() for name, run in parts.items() if not args.only or name in args.only]
     if not args.json:
         width = max(len(r["input"]) for r in results)
         print(f"{'input':<{width}}  cases  findings")
         for r in results:
             print(f"{r['input']:<{width}}  {r['cases']:>5}  {len(r['findings'])}")
+            if r.get("outcomes"):
+                print(f"{'':<{width}}         " + ", ".join(f"{k}: {v}" for k, v in sorted(r["outcomes"].items())))
             for where, message in r["findings"].items():
                 print(f"{'':<{width}}         {where}: {message}")
     print(json.dumps({"seed": args.seed, "results": results}))

@@ -57,3 +57,29 @@ def test_no_good_checkpoint_left_is_exit_2(tmp_path, three_checkpoints):
     result = rigtrain("train", "--out", str(run), "--resume")
     assert result.returncode == 2 and "every checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert rigtrain("eval", str(run)).returncode == 2
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"step": 15, "files": [1, 2]},
+        {"step": 15, "files": {"trainer.json": 5}},
+        {"step": 15, "files": {"trainer.json": {"bytes": "12", "xxh3": "ab"}}},
+        {"step": "15", "files": {}},
+        {"step": True},
+        [15],
+    ],
+)
+def test_a_hand_edited_completion_record_is_damage_not_a_traceback(tmp_path, record):
+    """complete.json's values are trusted once read: a record out of the shape the save
+    writes is a damaged checkpoint, skipped with its reason, like one that is not JSON."""
+    from rigtrain.train.checkpoints import complete_tags, newest_good, verify
+
+    tag = tmp_path / "checkpoints" / "step00000015"
+    tag.mkdir(parents=True)
+    (tag / "trainer.json").write_text("{}")
+    (tag / "complete.json").write_text(json.dumps(record))
+    assert "cannot be read" in verify(tag)
+    assert complete_tags(tmp_path / "checkpoints") == []
+    said = []
+    assert newest_good(tmp_path / "checkpoints", warn=said.append) is None and "step00000015 is damaged" in said[0]

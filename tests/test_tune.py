@@ -685,3 +685,34 @@ def test_a_tune_stopped_by_sigterm_keeps_what_it_measured_and_leaves_no_worker(t
     assert "not reached before SIGTERM" in stdout
     left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
     assert not left, [p.info["cmdline"] for p in left]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda r: r.update(best=7),  # no trial 7
+        lambda r: r.update(best="0"),
+        lambda r: r.update(trials=[[0]]),
+        lambda r: r["trials"][0].update(values=[1]),
+        lambda r: r.update(preset=None),
+        lambda r: r.pop("machine"),
+        lambda r: r.update(fixed_by_user=[]),
+        lambda r: r.update(speedup_vs_plan="fast"),
+    ],
+)
+def test_a_hand_edited_tune_json_is_one_line_for_tuned(tmp_path, edit):
+    from rigtrain.errors import UserError
+    from rigtrain.tune.applying import tuned_overrides
+
+    record = {
+        "preset": "demo",
+        "machine": "demo | no GPU | 2 threads",
+        "best": 0,
+        "speedup_vs_plan": 1.2,
+        "fixed_by_user": {},
+        "trials": [{"index": 0, "values": {"train.micro_batch_size": 24}, "clips_per_s": 100.0}],
+    }
+    edit(record)
+    (tmp_path / "tune.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="damaged"):
+        tuned_overrides(str(tmp_path), None, None, [], None, print)

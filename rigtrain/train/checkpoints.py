@@ -58,8 +58,24 @@ class Tag:
 
 
 def _read_complete(tag_dir: Path) -> Tag:
+    """The tag's record; ValueError when it is out of the shape `mark_complete` writes (an
+    edited or damaged file counts as not complete, never as a traceback)."""
     record = json.loads((tag_dir / COMPLETE).read_text())
-    return Tag(step=int(record["step"]), name=tag_dir.name, files=record.get("files"))
+    step, files = record["step"], record.get("files")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError("its step is not a whole number")
+    if files is not None and not (
+        isinstance(files, dict)
+        and all(
+            isinstance(want, dict)
+            and isinstance(want.get("bytes"), int)
+            and not isinstance(want.get("bytes"), bool)
+            and isinstance(want.get("xxh3"), str)
+            for want in files.values()
+        )
+    ):
+        raise ValueError("its list of files is out of shape")
+    return Tag(step=step, name=tag_dir.name, files=files)
 
 
 def complete_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
@@ -82,7 +98,7 @@ def verify(tag_dir: Path) -> str | None:
     try:
         tag = _read_complete(tag_dir)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{tag_dir / COMPLETE} cannot be read ({type(err).__name__})"
+        return f"{tag_dir / COMPLETE} cannot be read ({err if isinstance(err, ValueError) else type(err).__name__})"
     for name, want in (tag.files or {}).items():
         path = tag_dir / name
         if not path.is_file():

@@ -35,9 +35,11 @@ def tuned_overrides(
         record = json.loads(path.read_text())
         best = record["best"]
         trials = {t["index"]: t for t in record["trials"]}
+        if not _in_shape(record, trials):
+            raise ValueError("out of shape")
     except OSError:
         raise UserError(f"--tuned {tune_dir}: no tune.json there; give the --out of a `rigtrain tune`") from None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"--tuned {path}: damaged (not the JSON `rigtrain tune` writes); tune again") from None
     if best is None:
         raise UserError(f"--tuned {tune_dir}: that tune measured no configuration; tune again with a larger --budget-s")
@@ -61,3 +63,17 @@ def tuned_overrides(
         + f"): {shown}"
     )
     return preset, [f"{k}={as_set_value(v)}" for k, v in kept.items()] + list(overrides)
+
+
+def _in_shape(record: dict, trials: dict) -> bool:
+    """Whether the parts of tune.json that --tuned reads are what `rigtrain tune` writes (a
+    hand-edited or damaged file is refused in one line, not met with a traceback)."""
+    best = record["best"]
+    return (
+        isinstance(record["preset"], str)
+        and isinstance(record["machine"], str)
+        and isinstance(record.get("fixed_by_user", {}), dict)
+        and (best is None or (isinstance(best, int) and isinstance(trials.get(best), dict)))
+        and (best is None or isinstance(trials[best].get("values"), dict))
+        and isinstance(record.get("speedup_vs_plan") or 0, (int, float))
+    )

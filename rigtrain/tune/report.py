@@ -37,7 +37,7 @@ def newest_tune(preset: str, rig) -> Path | None:
     try:
         record = json.loads(_index_path(machine_key(preset, rig)).read_text())
         return Path(record["tune_dir"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged cache entry: as if there were none
         return None
 
 
