@@ -303,12 +303,56 @@ def run_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
     return {"input": "damaged run folders (resume, eval)", "cases": rounds, "findings": findings, "outcomes": outcomes}
 
 
+def data_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
+    """The demo's prepared shards, damaged one way at a time (index.json edited, a shard file
+    cut short, bits flipped, a file gone), then `data bench` and two steps of `train` with an
+    evaluation, each in its own process: each ends with its result or a one-line error (exit
+    2), never a traceback."""
+    import os  # the runs' environment: one thread each
+
+    from rigtrain.config import load_config
+    from rigtrain.data.embedded import embedded_dataset
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tool = [sys.executable, "-m", "rigtrain"]
+    good = embedded_dataset(load_config("demo").data, log=lambda line: None)
+    findings: dict[str, str] = {}
+    outcomes: dict[str, int] = {}
+    for case in range(rounds):
+        data = folder / f"data-{case}"
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.copytree(good, data, ignore=shutil.ignore_patterns("*.lock"))
+        what = _damage(data, rng)
+        for command in (
+            ["data", "bench", str(data), "--seconds", "1", "--workers", "0"],
+            ["train", "--data", str(data), "--out", str(folder / f"run-{case}"), "--steps", "2",
+             "--set", "eval.first_step=2", "data.workers=0"],
+        ):  # fmt: skip
+            done = subprocess.run([*tool, *command], capture_output=True, text=True, env=env, cwd=folder, timeout=600)
+            outcome = f"{' '.join(command[:2]) if command[0] == 'data' else command[0]} exit {done.returncode}"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            said = done.stdout + done.stderr
+            errors = [line for line in said.splitlines() if line.startswith("rigtrain: error")]
+            if "Traceback" in said or done.returncode not in (0, 2) or (done.returncode == 2 and not errors):
+                findings.setdefault(f"{' '.join(command[:2])} after {what}", f"exit {done.returncode}: {said[-300:]}")
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(folder / f"run-{case}", ignore_errors=True)
+    return {
+        "input": "damaged prepared data (bench, train)",
+        "cases": rounds,
+        "findings": findings,
+        "outcomes": outcomes,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1500, help="cases per input (the rig files are slower)")
-    parser.add_argument("--only", nargs="+", choices=["rigs", "sets", "specs", "narration", "videos", "runs"])
-    parser.add_argument("--run-rounds", type=int, default=12, help="damaged run folders (two processes each, ~30 s)")
+    parser.add_argument("--only", nargs="+", choices=["rigs", "sets", "specs", "narration", "videos", "runs", "data"])
+    parser.add_argument(
+        "--run-rounds", type=int, default=12, help="damaged run folders and prepared data (two processes each, ~30 s)"
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -321,6 +365,7 @@ def main() -> int:
             "narration": lambda: narration(rng, args.rounds, folder),
             "videos": lambda: video_folder(args.seed, folder),
             "runs": lambda: run_folders(rng, args.run_rounds, folder),
+            "data": lambda: data_folders(rng, args.run_rounds, folder),
         }
         results = [run() for name, run in parts.items() if not args.only or name in args.only]
     if not args.json:

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import numpy as np
@@ -303,3 +304,58 @@ def test_a_labels_json_that_is_not_shapes_world_labels_is_named_not_a_crash(tmp_
         "skipped"
     ]
     assert prepare(tmp_path / "world", tmp_path / "world-prep", load_config("demo").data)["labels"] is not None
+
+
+def _edit_index(edit):
+    def apply(folder):
+        index = json.loads((folder / "index.json").read_text())
+        edit(index)
+        (folder / "index.json").write_text(json.dumps(index))
+
+    return apply
+
+
+def _edit_array(name, edit):
+    def apply(folder):
+        path = folder / "shard-00000" / f"{name}.npy"
+        array = np.load(path)
+        edit(array)
+        np.save(path, array)
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda f: (f / "index.json").write_bytes(b'{"format": 1, "x": "\xb1"}'), "corrupt"),
+        (_edit_index(lambda i: i.update(params=[])), "params are missing"),
+        (_edit_index(lambda i: i["params"].update(fps="8")), "params.fps"),
+        (_edit_index(lambda i: i["shards"][0].update(dir="../elsewhere")), "list of shards"),
+        (_edit_index(lambda i: i["shards"][0].update(clips=-1)), "list of shards"),
+        (_edit_index(lambda i: i["sources"].append(3)), "source videos"),
+        (_edit_index(lambda i: i["labels"].pop("shape")), "label names"),
+        (_edit_array("clips", lambda a: a["source"].__setitem__(0, 10**6)), "names a source video"),
+        (_edit_array("text_len", lambda a: a.__setitem__(0, 10**4)), "text_len.npy"),
+        (_edit_array("segments", lambda a: a["offset"].__setitem__(0, 10**6)), "segments.npy row 0"),
+        (_edit_array("labels", lambda a: a.__setitem__((0, 1), 9)), "labels.npy"),
+    ],
+)
+def test_shards_edited_after_prepare_are_one_line_naming_the_file(demo_data, tmp_path, damage, says):
+    """index.json and the shards' small arrays index each other and have no checksums: a
+    value out of range (a disk, an editor, a half-copied folder) is found when the data is
+    opened and named, not met later as an IndexError in the loader or the evaluation."""
+    folder = tmp_path / "data"
+    # the small files copied, the large ones linked: this edits only the small ones
+    shutil.copytree(
+        demo_data,
+        folder,
+        ignore=shutil.ignore_patterns("*.lock"),
+        copy_function=lambda src, dst: (
+            os.symlink(src, dst) if src.endswith(("video.npy", "audio.npy")) else shutil.copy2(src, dst)
+        ),
+    )
+    damage(folder)
+    with pytest.raises(UserError, match=says) as caught:
+        ShardDataset(folder, load_config("demo").data)
+    assert "\n" not in str(caught.value) and str(folder) in str(caught.value)

@@ -16,7 +16,16 @@ import torch
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from rigtrain.config import DataConfig
-from rigtrain.data.shards import INDEX_FORMAT, LEGACY_PARAMS, PER_CLIP, WHOLE, preparation_params
+from rigtrain.data.shards import (
+    INDEX_FORMAT,
+    LEGACY_PARAMS,
+    PER_CLIP,
+    WHOLE,
+    index_problem,
+    preparation_params,
+    segments_problem,
+    shard_values_problem,
+)
 from rigtrain.errors import DataGone, UserError
 
 
@@ -28,10 +37,14 @@ def read_index(data_dir: Path) -> dict:
         raise UserError(
             f"--data {data_dir}: no index.json; prepare videos first with `rigtrain data prepare SRC_DIR {data_dir}`"
         ) from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: corrupt ({err}); prepare the data again") from None
-    if index.get("format") != INDEX_FORMAT:
-        raise UserError(f"{path}: format {index.get('format')} is not {INDEX_FORMAT}; prepare the data again")
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        got = index.get("format") if isinstance(index, dict) else None
+        raise UserError(f"{path}: format {got} is not {INDEX_FORMAT}; prepare the data again")
+    problem = index_problem(index)
+    if problem:
+        raise UserError(f"{path}: {problem}; it changed after `rigtrain data prepare`: prepare the data again")
     if str(index["params"].get("resize", "")).startswith("centre crop"):
         # Shards from before data.resize existed describe the crop in words; it is "crop".
         index["params"]["resize"] = "crop"
@@ -151,6 +164,14 @@ class ShardDataset(Dataset):
                         f"{folder / 'segments.npy'}: cannot be read ({err}); the shards changed after "
                         "`rigtrain data prepare`; run it again"
                     ) from None
+                text_bytes = a["text"].shape[1] if len(a["text"].shape) == 2 else -1
+                problem = shard_values_problem(a, self.index, text_bytes) or segments_problem(
+                    segments, clips, text_bytes
+                )
+                if problem:
+                    raise UserError(
+                        f"{folder}: {problem}; the shards changed after `rigtrain data prepare`; run it again"
+                    )
                 a["segment_offset"], a["segment_len"] = segment_table(segments, clips, self.segments_per_clip)
                 arrays.append(a)
             self._arrays = arrays

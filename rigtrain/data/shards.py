@@ -51,3 +51,102 @@ def preparation_params(data: DataConfig) -> dict:
         "recurrent_windows": data.recurrent_windows,
         "window_step_frames": data.window_step if data.recurrent_windows > 1 else 0,
     }
+
+
+# index.json's parameters and the JSON types the readers rely on (the values themselves
+# are compared with the config's by the dataset)
+_PARAM_KINDS = {
+    "fps": (int, float),
+    "frame_size": list,
+    "present_frames": int,
+    "future_frames": int,
+    "sample_rate": int,
+    "clip_stride_s": (int, float),
+    "max_text_bytes": int,
+    "resize": str,
+    "recurrent_windows": int,
+    "window_step_frames": int,
+}
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def index_problem(index) -> str | None:
+    """What is out of shape in an index.json that `data prepare` wrote and something (a disk,
+    an editor) changed since, or None: checked once when shards are opened, so every reader
+    after that can trust the fields it reads."""
+    if not isinstance(index, dict):
+        return "it is not the JSON object `rigtrain data prepare` writes"
+    params = index.get("params")
+    if not isinstance(params, dict):
+        return "its params are missing"
+    for key, kinds in _PARAM_KINDS.items():
+        value = params.get(key, LEGACY_PARAMS.get(key))
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            return f"params.{key} is missing or of the wrong kind"
+    if not (isinstance(params["frame_size"], list) and len(params["frame_size"]) == 2):
+        return "params.frame_size is not [height, width]"
+    shards, sources = index.get("shards"), index.get("sources")
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("dir"), str)
+        and s["dir"].startswith("shard-")
+        and "/" not in s["dir"]
+        and _whole(s.get("clips"))
+        for s in shards
+    ):
+        return "its list of shards is out of shape (each is {dir: shard-NNNNN, clips: N})"
+    if not isinstance(sources, list) or not all(
+        isinstance(s, dict)
+        and isinstance(s.get("video"), str)
+        and all(isinstance(s.get(k), (str, type(None))) for k in ("audio", "narration"))
+        for s in sources
+    ):
+        return "its list of source videos is out of shape"
+    if not isinstance(index.get("source_dir"), str):
+        return "its source_dir is missing"
+    labels = index.get("labels")
+    if labels is not None and not (
+        isinstance(labels, dict)
+        and set(labels) == set(LABEL_KEYS)
+        and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in labels.values())
+    ):
+        return "its label names are out of shape"
+    return None
+
+
+def shard_values_problem(arrays: dict, index: dict, text_bytes: int) -> str | None:
+    """What in a shard's small arrays points outside the shard (a source video that is not in
+    the index, narration longer than its row, a segment outside its clip's text), or None.
+    The arrays have no checksums; these are the values that index others."""
+    try:
+        source = arrays["clips"]["source"]
+    except (ValueError, KeyError, IndexError):
+        return "clips.npy does not hold clip records"
+    if source.size and (source.min() < 0 or source.max() >= len(index["sources"])):
+        return "clips.npy names a source video index.json does not list"
+    text_len = arrays["text_len"]
+    if text_len.size and (text_len.min() < 0 or text_len.max() > text_bytes):
+        return f"text_len.npy has a length outside 0..{text_bytes}"
+    labels, names = arrays["labels"], index.get("labels")
+    if names and labels.size:  # -1 is "none"; anything else names a class of index.json
+        counts = np.array([len(names[key]) for key in LABEL_KEYS])
+        if labels.ndim != 2 or labels.shape[1] != len(LABEL_KEYS) or (labels < -1).any() or (labels >= counts).any():
+            return "labels.npy has a label index.json does not name"
+    return None
+
+
+def segments_problem(segments: np.ndarray, clips: int, text_bytes: int) -> str | None:
+    """A narration segment row that points outside the shard's clips or its clip's text."""
+    try:
+        clip, offset, length = segments["clip"], segments["offset"], segments["length"]
+    except (ValueError, KeyError, IndexError):
+        return "segments.npy does not hold narration segments"
+    if segments.ndim != 1:
+        return "segments.npy does not hold narration segments"
+    bad = (clip < 0) | (clip >= clips) | (offset < 0) | (length < 0) | (offset.astype(np.int64) + length > text_bytes)
+    if bad.any():
+        return f"segments.npy row {int(np.argmax(bad))} points outside its clip or its text"
+    return None
