@@ -4,13 +4,16 @@ traceback. The fixed-seed, CI-sized version of the video part is
 tests/test_ingest.py::test_damaged_copies_of_every_kind_of_file_cost_only_themselves; this
 runs more of everything, and found the bugs listed in docs/testing.md ("Fuzzing").
 
-    python bench/fuzz_inputs.py [--seed S] [--rounds N] [--json]
+    python bench/fuzz_inputs.py [--seed S] [--rounds N] [--run-rounds N] [--only PART ...] [--json]
 
 Inputs: rig files (tests/rigs) through the planner; every config key through --set
 values; sweep specs and curricula (examples/, a two-stage curriculum); Whisper JSON,
-SRT, VTT and ASS narration; a folder of damaged videos and sidecars through `rigtrain
-data check`, `data prepare` and on-demand reading, each in its own process (a crash there
-is a finding, not the end of the fuzz). Prints a table and, last, one JSON line.
+SRT, VTT and ASS narration; --config files and hostfiles; a folder of damaged videos and
+sidecars through `rigtrain data check`, `data prepare` and on-demand reading, each in its
+own process (a crash there is a finding, not the end of the fuzz); and what rigtrain wrote
+itself, damaged: run folders through `train --resume` and `eval`, prepared shards through
+`data bench` and `train` (--run-rounds cases each, two processes a case). --only picks
+parts. Prints a table and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -166,6 +169,46 @@ def specs(rng: random.Random, rounds: int, folder: Path) -> dict:
         for is_sweep in (rng.random() < 0.5 for _ in range(rounds))
     )
     return run_cases("sweep specs and curricula", cases, check)
+
+
+def config_files(rng: random.Random, rounds: int, folder: Path) -> dict:
+    """--config files (a preset's own TOML, and the same as YAML and JSON) with their text
+    mutated, through load_config; and hostfiles through read_hostfile (DeepSpeed's parser)."""
+    import yaml  # the YAML form of the preset
+
+    from rigtrain.config import load_config
+    from rigtrain.config.loading import read_preset
+    from rigtrain.train.hosts import read_hostfile
+
+    preset = read_preset("demo")
+    forms = {
+        ".toml": (ROOT / "rigtrain" / "config" / "presets" / "demo.toml").read_text(),
+        ".yaml": yaml.safe_dump(preset),
+        ".json": json.dumps(preset, indent=1),
+        "hostfile": "# two machines\nnode-a slots=2\nnode-b slots=2\n",
+    }
+    tokens = [
+        *TOML_TOKENS,
+        ":",
+        "- ",
+        "  ",
+        "slots=",
+        "slots=-1",
+        "\t",
+        "\x00",
+        "&a",
+        "*a",
+        "!!python/object:os.system",
+    ]
+
+    def check(case):
+        suffix, text = case
+        path = folder / (f"config{suffix}" if suffix != "hostfile" else "hostfile")
+        path.write_bytes(text.encode("utf-8", "surrogatepass"))
+        read_hostfile(str(path)) if suffix == "hostfile" else load_config("demo", str(path))
+
+    cases = ((s, mutate_text(forms[s], rng, tokens)) for s in (rng.choice(list(forms)) for _ in range(rounds)))
+    return run_cases("--config files and hostfiles", cases, check)
 
 
 NARRATION = {
@@ -349,7 +392,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1500, help="cases per input (the rig files are slower)")
-    parser.add_argument("--only", nargs="+", choices=["rigs", "sets", "specs", "narration", "videos", "runs", "data"])
+    parser.add_argument(
+        "--only", nargs="+", choices=["rigs", "sets", "specs", "narration", "configs", "videos", "runs", "data"]
+    )
     parser.add_argument(
         "--run-rounds", type=int, default=12, help="damaged run folders and prepared data (two processes each, ~30 s)"
     )
@@ -363,6 +408,7 @@ def main() -> int:
             "sets": lambda: config_values(rng, args.rounds),
             "specs": lambda: specs(rng, args.rounds, folder),
             "narration": lambda: narration(rng, args.rounds, folder),
+            "configs": lambda: config_files(rng, args.rounds, folder),
             "videos": lambda: video_folder(args.seed, folder),
             "runs": lambda: run_folders(rng, args.run_rounds, folder),
             "data": lambda: data_folders(rng, args.run_rounds, folder),

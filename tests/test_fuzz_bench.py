@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_a_short_fuzz_of_every_input_finds_nothing():
     result = subprocess.run(
+        # every part but runs and data (two processes a case: bench/fuzz_inputs.py --only runs data)
         [
             sys.executable,
             str(ROOT / "bench" / "fuzz_inputs.py"),
@@ -24,8 +25,9 @@ def test_a_short_fuzz_of_every_input_finds_nothing():
             "sets",
             "specs",
             "narration",
+            "configs",
             "videos",
-        ],  # runs and data: two processes a case
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
@@ -37,6 +39,7 @@ def test_a_short_fuzz_of_every_input_finds_nothing():
         "--set KEY=VALUE",
         "sweep specs and curricula",
         "narration files",
+        "--config files and hostfiles",
         "damaged videos and sidecars (check, prepare, on demand)",
     ]
     assert all(r["cases"] > 0 and not r["findings"] for r in report["results"]), report
