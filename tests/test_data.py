@@ -359,3 +359,26 @@ def test_shards_edited_after_prepare_are_one_line_naming_the_file(demo_data, tmp
     with pytest.raises(UserError, match=says) as caught:
         ShardDataset(folder, load_config("demo").data)
     assert "\n" not in str(caught.value) and str(folder) in str(caught.value)
+
+
+def test_a_damaged_cache_of_the_embedded_dataset_is_built_again(tmp_path, monkeypatch):
+    """The Shapes-world cache is rigtrain's own: a damaged one is rebuilt (and said), never
+    an error telling the user to run a `data prepare` they never ran."""
+    from rigtrain.data.embedded import embedded_dataset
+
+    monkeypatch.setenv("RIGTRAIN_CACHE", str(tmp_path))
+    data = load_config("demo", overrides=["data.synth_videos=6"]).data
+    said = []
+    first = embedded_dataset(data, log=said.append)
+    clips = len(ShardDataset(first, data))
+    assert embedded_dataset(data, log=said.append) == first and not any("is damaged" in s for s in said)
+    video = first / "shard-00000" / "video.npy"
+    with video.open("r+b") as f:
+        f.truncate(video.stat().st_size // 2)
+    again = embedded_dataset(data, log=said.append)
+    assert again == first and len(ShardDataset(again, data)) == clips
+    assert [s for s in said if "is damaged" in s] == [
+        f"the cached Shapes-world dataset is damaged ({video}: {video.stat().st_size // 2:,} bytes where its "
+        f"header promises {video.stat().st_size:,}); building it again"
+    ]
+    assert not [p.name for p in tmp_path.iterdir() if ".damaged" in p.name]  # nothing left beside it

@@ -15,6 +15,7 @@ from rigtrain.config import DataConfig
 from rigtrain.data.prepare import prepare
 from rigtrain.data.shards import preparation_params
 from rigtrain.data.synth import synthesize
+from rigtrain.errors import UserError
 
 SYNTH_VERSION = 3  # bump when the generator changes what it draws
 
@@ -31,7 +32,7 @@ def embedded_dataset(data: DataConfig, log=print) -> Path:
     raw = cache_root() / f"shapes-world-v{SYNTH_VERSION}-n{data.synth_videos}-seed{data.synth_seed}"
     key = hashlib.sha1(json.dumps(preparation_params(data), sort_keys=True).encode()).hexdigest()[:10]
     prepared = raw.with_name(raw.name + f"-prepared-{key}")
-    if (prepared / "index.json").is_file():
+    if (prepared / "index.json").is_file() and _damage(prepared, data) is None:
         return prepared
 
     prepared.parent.mkdir(parents=True, exist_ok=True)
@@ -39,9 +40,29 @@ def embedded_dataset(data: DataConfig, log=print) -> Path:
         return _build(raw, prepared, data, log)
 
 
+def _damage(prepared: Path, data: DataConfig) -> str | None:
+    """What is wrong with the cached shards (the checks training makes when it opens them),
+    or None."""
+    from rigtrain.data.dataset import ShardDataset  # torch: only once a dataset is wanted
+
+    try:
+        ShardDataset(prepared, data)
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def _build(raw: Path, prepared: Path, data: DataConfig, log) -> Path:
     if (prepared / "index.json").is_file():  # built by the process that held the lock before us
-        return prepared
+        problem = _damage(prepared, data)
+        if problem is None:
+            return prepared
+        # The cache is rigtrain's own, made from nothing the user gave: built again, not a
+        # "prepare it again" the user never ran. The videos go too (a damaged one would be
+        # skipped, and the dataset would quietly be smaller); both are deterministic.
+        log(f"the cached Shapes-world dataset is damaged ({problem.split('; ')[0]}); building it again")
+        _remove(prepared)
+        _remove(raw)
     if not (raw / "labels.json").is_file():
         log(f"generating the Shapes-world dataset ({data.synth_videos} videos) into {raw}")
         tmp = raw.with_name(raw.name + f".tmp{os.getpid()}")
@@ -61,3 +82,12 @@ def _publish(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
     except OSError:  # another process published it first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(folder: Path) -> None:
+    """Out of the way by a rename first (atomic: a process that looks meanwhile finds no
+    index.json and waits on the lock), then deleted."""
+    if folder.exists():
+        gone = folder.with_name(folder.name + f".damaged{os.getpid()}")
+        os.rename(folder, gone)
+        shutil.rmtree(gone, ignore_errors=True)
