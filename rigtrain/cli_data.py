@@ -14,6 +14,7 @@ from pathlib import Path
 from rigtrain.cli_args import Parser, add_set_option, nonempty
 from rigtrain.errors import StoppedBySignal, UserError
 from rigtrain.terminal import counter
+from rigtrain.train.stopping import stop_signals
 
 
 def add_data_commands(commands) -> None:
@@ -91,7 +92,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         raise UserError("--workers must be at least 1")
 
     started = time.perf_counter()
-    signal.signal(signal.SIGTERM, StoppedBySignal.raise_it)  # `kill PID` stops it as a Ctrl-C does
+    for stop in stop_signals():  # `kill PID` and a closed terminal stop it as a Ctrl-C does
+        if stop != signal.SIGINT:
+            signal.signal(stop, StoppedBySignal.raise_it)
 
     def progress(done: int, total: int, name: str, clips: int) -> None:
         elapsed = time.perf_counter() - started

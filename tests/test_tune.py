@@ -641,10 +641,11 @@ def test_the_first_round_moves_to_a_phases_winner_and_skips_what_is_never_one_se
 
 
 @pytest.mark.slow
-def test_a_tune_stopped_by_sigterm_keeps_what_it_measured_and_leaves_no_worker(tmp_path):
-    """SIGTERM (a scheduler, `kill`) in the middle of the trials: the workers are stopped,
-    what was measured is written and chosen from, the exit code says which signal, and no
-    traceback stands in for the sentence."""
+def test_a_tune_stopped_by_a_closed_terminal_keeps_what_it_measured_and_leaves_no_worker(tmp_path):
+    """SIGHUP (a closed terminal, a dropped ssh session) in the middle of the trials: the
+    workers are stopped, what was measured is written and chosen from, the exit code says
+    which signal, and no traceback stands in for the sentence. SIGTERM (a scheduler, `kill`)
+    and Ctrl-C take the same handler (train.stopping.stop_signals)."""
     import os
     import signal
     import subprocess
@@ -661,28 +662,29 @@ def test_a_tune_stopped_by_sigterm_keeps_what_it_measured_and_leaves_no_worker(t
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # heard even if the suite runs under nohup
     )
     try:
         deadline = time.monotonic() + 90
         while len(list(out.glob("trials/*/started.json"))) < 2:  # the plan's own, then one more
             assert tune.poll() is None and time.monotonic() < deadline, "the tune never reached its second trial"
             time.sleep(0.05)
-        tune.send_signal(signal.SIGTERM)
+        tune.send_signal(signal.SIGHUP)  # the worker groups are sessions of their own
         stdout, stderr = tune.communicate(timeout=60)
     finally:
         tune.kill()
-    assert tune.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    assert tune.returncode == 128 + signal.SIGHUP, stdout[-2000:] + stderr[-2000:]
     assert "Traceback" not in stderr
     record = json.loads((out / "tune.json").read_text())
-    assert record["stopped_by"] == "SIGTERM" and "stopped by SIGTERM" in stdout
+    assert record["stopped_by"] == "SIGHUP" and "stopped by SIGHUP" in stdout
     status = {t["index"]: t["status"] for t in record["trials"]}
     assert status[0] == "ok" and record["best"] is not None and (out / "tuned.toml").exists()
     cut = [t for t in record["trials"] if t["status"] == "cut off"]  # the second trial, a second long
-    assert [t["error"] for t in cut] == ["stopped by SIGTERM during it"], status
+    assert [t["error"] for t in cut] == ["stopped by SIGHUP during it"], status
     for t in record["trials"]:
         if t["status"] == "not run":
-            assert t["error"] == "the tune was stopped by SIGTERM before it", t
-    assert "not reached before SIGTERM" in stdout
+            assert t["error"] == "the tune was stopped by SIGHUP before it", t
+    assert "not reached before SIGHUP" in stdout
     left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
     assert not left, [p.info["cmdline"] for p in left]
 
@@ -716,3 +718,14 @@ def test_a_hand_edited_tune_json_is_one_line_for_tuned(tmp_path, edit):
     (tmp_path / "tune.json").write_text(json.dumps(record))
     with pytest.raises(UserError, match="damaged"):
         tuned_overrides(str(tmp_path), None, None, [], None, print)
+
+
+def test_a_tune_that_did_not_finish_is_not_continued_with_its_old_results(tmp_path):
+    """A killed tune leaves trials/NNN/result.json measured for the candidates of then; a
+    new tune into the same --out would take them as its own (the workers skip a trial that
+    has a result), so it is refused in one line."""
+    out = tmp_path / "tune"
+    (out / "trials" / "000").mkdir(parents=True)
+    (out / "trials" / "000" / "result.json").write_text('{"status": "ok"}')
+    result = run_cli("tune", "--out", str(out), "--budget-s", "30")
+    assert result.returncode == 2 and "did not finish" in result.stderr and "Traceback" not in result.stderr

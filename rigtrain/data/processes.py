@@ -45,6 +45,7 @@ def in_order(function, jobs: list, workers: int, crashed, isolate: bool = False,
     # most likely what killed a worker in the suite under Python 3.12 ("terminated abruptly").
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    _start_helpers_deaf_to_a_hangup(context)
     remaining, pending, finished, crashes = deque(jobs), deque(), 0, 0
     results = tempfile.mkdtemp(prefix="rigtrain-results-", dir=scratch)
     try:
@@ -137,6 +138,28 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     `_processes` is the executor's own table of its workers (no public way to them)."""
     for process in list((getattr(pool, "_processes", None) or {}).values()):
         process.kill()
+
+
+def _start_helpers_deaf_to_a_hangup(context) -> None:
+    """Start multiprocessing's resource tracker and forkserver with SIGHUP ignored, which
+    they inherit (and the workers the forkserver makes). A closed terminal sends SIGHUP to
+    the whole process group: the tracker and the forkserver ignore SIGINT and SIGTERM but
+    died of SIGHUP, and the prepare, stopping in order, then met a dead tracker: "process
+    died unexpectedly, relaunching" and KeyError tracebacks under its one line. Both end on
+    their own when this process does (their pipe from it closes), and the workers with it
+    (_die_with) or when it stops them (_stop_workers)."""
+    from multiprocessing import forkserver, resource_tracker  # the helpers themselves
+
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None or threading.current_thread() is not threading.main_thread():
+        return  # no SIGHUP here (Windows), or a handler can only be set in the main thread
+    previous = signal.signal(hangup, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+        if context.get_start_method() == "forkserver":
+            forkserver.ensure_running()
+    finally:
+        signal.signal(hangup, previous)
 
 
 def _dying_with_this_process() -> dict:

@@ -26,6 +26,7 @@ from rigtrain.errors import UserError
 from rigtrain.sweep.placement import trial_slots
 from rigtrain.sweep.spec import SweepSpec, read_spec
 from rigtrain.train.processes import last_line, terminate_with_parent
+from rigtrain.train.stopping import stop_signals
 
 STUDY = "rigtrain-sweep"
 POLL_S = 0.5
@@ -275,7 +276,7 @@ def sweep(spec_path: str, *, out: str | None, trials: int | None, budget_s: floa
     def interrupted(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, interrupted) for s in stop_signals()}  # a closed terminal too
     try:
         runner.run()
     except KeyboardInterrupt as why:

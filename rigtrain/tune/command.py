@@ -13,6 +13,7 @@ from pathlib import Path
 from rigtrain.config import load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
+from rigtrain.train.stopping import stop_signals
 from rigtrain.tune.groups import kill, start_group
 from rigtrain.tune.records import Timing, trial_dir
 from rigtrain.tune.search import TRIAL_SETTINGS, Search, say_progress
@@ -68,7 +69,7 @@ def tune(
     timing = Timing(trial_timeout_s or (300.0 if device == "cuda" else 120.0), timed_s=trial_s)
     finishing_s = 5.0  # the results, the TOML and TensorBoard's hparams, after the last trial
     search = Search(tune_dir, candidates, timing, began + budget_s - finishing_s, say, first_group.adoptable())
-    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _interrupt) for s in stop_signals()}  # a closed terminal too
     stopped = None
     try:
         search.run()
@@ -138,6 +139,12 @@ def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, 
     tune_dir = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-tune"
     if (tune_dir / "tune.json").exists() or (tune_dir / "config.json").exists():
         raise UserError(f"--out {tune_dir} already holds a tune or a run; choose another --out")
+    if (tune_dir / "trials").exists():
+        # Its trials' results would be taken as measured for whatever the candidates are now.
+        raise UserError(
+            f"--out {tune_dir} holds a tune that did not finish (trials, no tune.json); a tune is "
+            "measured in one go: choose another --out, or delete that folder to tune there again"
+        )
     prepare_run_dir(tune_dir)
     log = (lambda line: None) if quiet else (lambda line: print(f"[rigtrain] {line}", flush=True))
     data_dir = resolve_data(config, log=log)
