@@ -118,14 +118,19 @@ if __name__ == "__main__":
 """
 
 
-def test_the_workers_of_a_killed_prepare_die_with_it(tmp_path):
+@pytest.mark.parametrize("watch", ["pidfd", "polling"])
+def test_the_workers_of_a_killed_prepare_die_with_it(tmp_path, watch):
     """They waited for ever, children of init, before: each holds both ends of the pipe it
     reads its jobs from, so it never sees an end of file (and they held the command's stdout,
-    so a pipeline after it never ended)."""
+    so a pipeline after it never ended). A worker watches its parent through a pidfd, or,
+    where there is none (Linux before 5.3, other systems), looks at its process id once a
+    second."""
     import psutil
 
     script = tmp_path / "decode.py"
-    script.write_text(ORPHANS)
+    # the script is imported again in each worker (as __mp_main__): a system without pidfds
+    no_pidfd = "import os\nif hasattr(os, 'pidfd_open'):\n    del os.pidfd_open\n"
+    script.write_text((no_pidfd if watch == "polling" else "") + ORPHANS)
     parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE)
     deadline = time.monotonic() + 60
 
