@@ -170,3 +170,15 @@ def test_a_sweep_prunes_is_killed_resumes_and_picks_a_best_trial(tmp_path):
     assert config.train.lr == pytest.approx(best["params"]["train.lr"]) and config.train.steps == 24
     assert (out / "sweep.png").is_file() and (out / "tb").is_dir()
     assert all((out / f"trial-{n:04d}" / "tb").is_dir() for n in range(4))  # tensorboard --logdir SWEEP_DIR
+
+
+def test_a_damaged_study_database_is_one_line_saying_what_to_do(tmp_path):
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(GOOD)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "study.db").write_bytes(bytes(range(256)) * 8)  # not SQLite: a disk's damage, a stray file
+    result = run_cli("sweep", str(spec), "--out", str(out))
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "study.db" in lines[0] and "not a database" in lines[0] and "moved aside" in lines[0]

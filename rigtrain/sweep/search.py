@@ -73,7 +73,10 @@ class Sweep:
             ) from None
         except Exception as err:
             if type(err).__module__.startswith("sqlalchemy"):  # the database refused
-                raise UserError(f"sweep spec {spec.path}: storage {storage!r}: {str(err).splitlines()[0]}") from None
+                raise UserError(
+                    f"sweep spec {spec.path}: storage {storage!r}: {str(err).splitlines()[0]}; a damaged "
+                    "database file moved aside starts the study afresh"
+                ) from None
             raise
         from rigtrain.train.planning import machine_rig  # NVML and torch: once the spec is read
 
