@@ -12,7 +12,8 @@ SRT, VTT and ASS narration; --config files and hostfiles; a folder of damaged vi
 sidecars through `rigtrain data check`, `data prepare` and on-demand reading, each in its
 own process (a crash there is a finding, not the end of the fuzz); and what rigtrain wrote
 itself, damaged: run folders through `train --resume` and `eval`, prepared shards through
-`data bench` and `train` (--run-rounds cases each, two processes a case). --only picks
+`data bench` and `train`, profile runs through `profile analyze` (--run-rounds cases
+each, one or two processes a case). --only picks
 parts. Prints a table and, last, one JSON line.
 """
 
@@ -346,6 +347,45 @@ def run_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
     return {"input": "damaged run folders (resume, eval)", "cases": rounds, "findings": findings, "outcomes": outcomes}
 
 
+def profile_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
+    """A 6-step `rigtrain profile` run (its checkpoints left out: analyze never reads them),
+    damaged one way at a time, through `profile analyze`: its verdict or a one-line error
+    (exit 2), never a traceback."""
+    import os  # the runs' environment: one thread each
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tool = [sys.executable, "-m", "rigtrain"]
+    good = folder / "profile-good"
+    first = subprocess.run(
+        [*tool, "profile", "--preset", "demo", "--steps", "6", "--out", str(good)],
+        capture_output=True, text=True, env=env, cwd=folder,
+    )  # fmt: skip
+    if first.returncode != 0:
+        return {
+            "input": "damaged profile runs (analyze)",
+            "cases": 0,
+            "findings": {"the profile failed": first.stderr[-400:]},
+        }
+    shutil.rmtree(good / "checkpoints")
+    findings: dict[str, str] = {}
+    outcomes: dict[str, int] = {}
+    for case in range(rounds):
+        run = folder / f"profile-{case}"
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(good, run)
+        what = _damage(run, rng)
+        done = subprocess.run([*tool, "profile", "analyze", str(run), "--json"], capture_output=True, text=True,
+                              env=env, cwd=folder, timeout=600)  # fmt: skip
+        outcome = f"analyze exit {done.returncode}"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        said = done.stdout + done.stderr
+        errors = [line for line in said.splitlines() if line.startswith("rigtrain: error")]
+        if "Traceback" in said or done.returncode not in (0, 2) or (done.returncode == 2 and not errors):
+            findings.setdefault(f"analyze after {what}", f"exit {done.returncode}: {said[-300:]}")
+        shutil.rmtree(run, ignore_errors=True)
+    return {"input": "damaged profile runs (analyze)", "cases": rounds, "findings": findings, "outcomes": outcomes}
+
+
 def data_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
     """The demo's prepared shards, damaged one way at a time (index.json edited, a shard file
     cut short, bits flipped, a file gone), then `data bench` and two steps of `train` with an
@@ -393,10 +433,15 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1500, help="cases per input (the rig files are slower)")
     parser.add_argument(
-        "--only", nargs="+", choices=["rigs", "sets", "specs", "narration", "configs", "videos", "runs", "data"]
+        "--only",
+        nargs="+",
+        choices=["rigs", "sets", "specs", "narration", "configs", "videos", "runs", "data", "profiles"],
     )
     parser.add_argument(
-        "--run-rounds", type=int, default=12, help="damaged run folders and prepared data (two processes each, ~30 s)"
+        "--run-rounds",
+        type=int,
+        default=12,
+        help="damaged run folders, prepared data and profile runs (one or two processes each)",
     )
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
@@ -412,6 +457,7 @@ def main() -> int:
             "videos": lambda: video_folder(args.seed, folder),
             "runs": lambda: run_folders(rng, args.run_rounds, folder),
             "data": lambda: data_folders(rng, args.run_rounds, folder),
+            "profiles": lambda: profile_folders(rng, args.run_rounds, folder),
         }
         results = [run() for name, run in parts.items() if not args.only or name in args.only]
     if not args.json:

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_a_short_fuzz_of_every_input_finds_nothing():
     result = subprocess.run(
-        # every part but runs and data (two processes a case: bench/fuzz_inputs.py --only runs data)
+        # every part but runs, data and profiles (whole commands a case: fuzz_inputs.py --only runs data profiles)
         [
             sys.executable,
             str(ROOT / "bench" / "fuzz_inputs.py"),
