@@ -172,6 +172,38 @@ def test_a_sweep_prunes_is_killed_resumes_and_picks_a_best_trial(tmp_path):
     assert all((out / f"trial-{n:04d}" / "tb").is_dir() for n in range(4))  # tensorboard --logdir SWEEP_DIR
 
 
+@pytest.mark.slow
+def test_a_closed_terminal_stops_a_sweep_politely_and_it_says_how_to_continue(tmp_path):
+    """SIGHUP (or Ctrl-C, SIGTERM: the same handler) while a trial trains: the trial's run is
+    sent SIGTERM and saves, the study keeps it running for the same command to resume, and
+    the sweep writes its results and says how to go on, exit 129."""
+    base = [*TINY_MODEL, "data.workers=0", "eval.during_training=false", "train.steps=400", "train.log_every=1"]
+    base += ["train.ckpt_every=1000", "log.histograms_every=0"]
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(SWEEP.format(base=json.dumps(base)))
+    out = tmp_path / "sweep"
+    driver = subprocess.Popen(
+        _sweep_command(spec, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # heard even if the suite runs under nohup
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        metrics = out / "trial-0000" / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # the trial trains
+            assert driver.poll() is None and time.monotonic() < deadline, "the first trial never trained"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGHUP)
+        stdout, stderr = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 128 + signal.SIGHUP, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and "stopped by SIGHUP; continue with the same command" in stdout
+    assert "stopped by SIGTERM after step" in (out / "trial-0000" / "sweep-trial.log").read_text()
+    assert list((out / "trial-0000" / "checkpoints").glob("*/complete.json"))  # saved on the way out
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["trials"][0]["state"] == "running"  # for the same command to resume
+
+
 def test_a_damaged_study_database_is_one_line_saying_what_to_do(tmp_path):
     spec = tmp_path / "sweep.toml"
     spec.write_text(GOOD)
