@@ -291,6 +291,34 @@ def test_divergence_stops_before_a_bad_checkpoint(tmp_path, demo_data, lr, says)
 # -- resume ------------------------------------------------------------------------------------
 
 
+def test_a_run_whose_data_moved_resumes_from_the_new_place_and_other_data_is_refused(tmp_path, demo_data):
+    """A new disk, another mount point: the same prepared shards in another folder are the
+    run's data (the same clips of the same videos, compared by checksum); other data is a
+    new run's, from these weights."""
+    data = tmp_path / "shards"
+    shutil.copytree(demo_data, data, ignore=shutil.ignore_patterns("*.lock"), copy_function=os.symlink)
+    run = tmp_path / "run"
+    first = rigtrain("train", "--out", str(run), "--data", str(data), "--steps", "2", "--set", *TINY,
+                     "eval.during_training=false")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    moved = data.rename(tmp_path / "new-disk")
+    gone = rigtrain("train", "--out", str(run), "--resume", "--steps", "3")
+    assert gone.returncode == 2 and "their new place with --data if they moved" in gone.stderr
+    resumed = rigtrain("train", "--out", str(run), "--resume", "--steps", "3", "--data", str(moved))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"the run's data moved from {data} to {moved}" in resumed.stdout and "resuming at step 2/3" in resumed.stdout
+    scored = rigtrain("eval", str(run), "--json")
+    assert scored.returncode == 0 and json.loads(scored.stdout)["split"]["from"] == "the run"
+    other = tmp_path / "other"
+    shutil.copytree(moved, other, symlinks=True)
+    index = json.loads((other / "index.json").read_text())
+    index["shards"] = index["shards"][:-1]  # another prepare: fewer videos
+    (other / "index.json").write_text(json.dumps(index))
+    refused = rigtrain("train", "--out", str(run), "--resume", "--steps", "4", "--data", str(other))
+    assert refused.returncode == 2 and "not the data this run trained on" in refused.stderr
+    assert f"--init-from {run} --out NEW_DIR --data {other}" in refused.stderr
+
+
 def test_resume_applies_what_the_user_sets_and_refuses_what_it_cannot(tmp_path, demo_data):
     run = tmp_path / "run"
     assert (

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 
 
 def name_hash(name: str) -> float:
@@ -60,19 +61,48 @@ class Split:
     train: np.ndarray  # clip indices trained on
     heldout: np.ndarray  # clip indices of held-out videos
     heldout_videos: tuple[str, ...]
+    clips_digest: str = ""  # each clip's video, in order (clips_digest): what the data position indexes
 
     def to_dict(self) -> dict:
         return {
             "heldout_videos": list(self.heldout_videos),
             "train_clips": len(self.train),
             "heldout_clips": len(self.heldout),
+            "clips_xxh3": self.clips_digest,
         }
+
+    def same_data_as(self, recorded: dict) -> bool:
+        """Whether `recorded` (a run's config.json "split") describes this data: the same
+        clips of the same videos in the same order (runs from before the digest: the same
+        held-out videos and clip counts)."""
+        if recorded.get("clips_xxh3"):
+            return recorded["clips_xxh3"] == self.clips_digest
+        return (
+            sorted(recorded.get("heldout_videos", [])) == list(self.heldout_videos)
+            and recorded.get("train_clips") == len(self.train)
+            and recorded.get("heldout_clips") == len(self.heldout)
+        )
+
+
+def clips_digest(clip_videos: list[str]) -> str:
+    """A checksum of each clip's source video name, in clip order: the same for a dataset
+    moved to another folder or disk, different for other data or another prepare of more
+    or fewer videos."""
+    digest = xxhash.xxh3_64()
+    for name in clip_videos:
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
 
 
 def split_clips(clip_videos: list[str], heldout: list[str] | tuple[str, ...]) -> Split:
     """Clip indices on each side of the split, given each clip's source video name."""
     out = np.isin(np.asarray(clip_videos, dtype=object), list(heldout)) if heldout else np.zeros(len(clip_videos), bool)
-    return Split(train=np.nonzero(~out)[0], heldout=np.nonzero(out)[0], heldout_videos=tuple(sorted(heldout)))
+    return Split(
+        train=np.nonzero(~out)[0],
+        heldout=np.nonzero(out)[0],
+        heldout_videos=tuple(sorted(heldout)),
+        clips_digest=clips_digest(clip_videos),
+    )
 
 
 def lopsided_split_note(split: Split, fraction: float) -> str | None:

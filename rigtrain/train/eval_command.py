@@ -18,7 +18,7 @@ import torch
 
 from rigtrain.config import RunConfig, build_config
 from rigtrain.data.dataset import ShardDataset, open_dataset
-from rigtrain.data.split import heldout_videos, split_clips
+from rigtrain.data.split import clips_digest, heldout_videos, split_clips
 from rigtrain.errors import UserError
 from rigtrain.evaluate import evaluate, extract_features
 from rigtrain.evaluate.evaluation import needs_bank, spread
@@ -70,10 +70,17 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
         raise UserError(f"eval: {run_dir / 'config.json'} names no data folder; give the data to score on with --data")
     data_dir = Path(data).resolve() if data else Path(saved["data_dir"])
     if not data_dir.is_dir():
-        raise UserError(f"eval: --data {data_dir}: no such folder; give prepared shards or a folder of videos")
+        raise UserError(
+            f"eval: --data {data_dir}: no such folder; give prepared shards or a folder of videos (the run's own "
+            "data's new place with --data, if it moved)"
+        )
     dataset = open_dataset(data_dir, config.data)
     videos = dataset.clip_videos()
-    own_data = "data_dir" in saved and data_dir == Path(saved["data_dir"])
+    recorded = saved.get("split") or {}
+    # the run's own data where it was, or moved elsewhere (the same clips)
+    own_data = "data_dir" in saved and (
+        data_dir == Path(saved["data_dir"]) or recorded.get("clips_xxh3") == clips_digest(videos)
+    )
     # The run's own data: its recorded split. Other data: the same rule (a hash of each
     # video's name), since the run never saw that data anyway.
     heldout = (

@@ -80,7 +80,10 @@ def resolve_data(config: RunConfig, log=print) -> Path:
         return embedded_dataset(config.data, log=log)
     path = Path(config.data.dir)
     if not path.is_dir():
-        raise UserError(f"--data {path}: no such folder; give prepared shards (from `rigtrain data prepare`)")
+        raise UserError(
+            f"--data {path}: no such folder; give prepared shards (from `rigtrain data prepare`), or their new "
+            "place with --data if they moved"
+        )
     if not (path / "index.json").is_file():
         from rigtrain.data.sources import find_sources  # the media readers: only for a folder of videos
 
@@ -96,17 +99,45 @@ def resolve_data(config: RunConfig, log=print) -> Path:
     return path.resolve()
 
 
-def check_data(data_dir: Path, config: RunConfig, world_size: int, heldout: list[str] | None = None):
-    """The dataset's size and its held-out split (`heldout`: the videos a resumed run held
-    out; None = split by eval.holdout). Raises when there is not one batch per rank."""
+def check_data(data_dir: Path, config: RunConfig, world_size: int, trained_on: dict | None = None):
+    """The dataset's size and its held-out split: by eval.holdout, or for a resumed run
+    (`trained_on`, _carried_over) the videos it held out (a run from before the split held
+    none out), on the data it trained on. Raises when there is not one batch per rank."""
     from rigtrain.data.dataset import ResumableSampler, open_dataset  # torch, numpy: only once there is data to check
     from rigtrain.data.split import heldout_videos, split_clips  # torch, numpy: only once there is data to check
 
     dataset = open_dataset(data_dir, config.data)
     videos = dataset.clip_videos()
-    split = split_clips(videos, heldout_videos(videos, config.eval.holdout) if heldout is None else heldout)
+    if trained_on is None:
+        split = split_clips(videos, heldout_videos(videos, config.eval.holdout))
+    else:
+        split = split_clips(videos, trained_on["split"].get("heldout_videos", []))
+        _check_resumed_data(trained_on, data_dir, split)
     ResumableSampler(split.train, rank=0, world=world_size, micro_batch=config.train.micro_batch_size, seed=0)
     return len(dataset), split
+
+
+def _check_resumed_data(trained_on: dict, data_dir: Path, split) -> None:
+    """A resumed run's data may have moved (another disk, another mount point) if it is the
+    same data; other data in another folder is a new run's (--init-from). Data changed in
+    its own folder (videos added and prepared again) is trained on as it is now, said."""
+    recorded, before = trained_on["split"], trained_on["data_dir"]
+    if "train_clips" not in recorded or split.same_data_as(recorded):
+        if before and str(data_dir) != before:
+            _say(f"--resume: the run's data moved from {before} to {data_dir} (the same clips); training goes on")
+        return
+    now = f"{len(split.train) + len(split.heldout)} clips"
+    then = f"{recorded['train_clips'] + recorded.get('heldout_clips', 0)}"
+    if before and str(data_dir) != before:
+        raise UserError(
+            f"--resume --data {data_dir}: not the data this run trained on ({now} where it had {then}, or other "
+            f"videos); give its own data (it was at {before}), or train on this in a new run from these weights: "
+            f"rigtrain train --init-from {trained_on['run_dir']} --out NEW_DIR --data {data_dir}"
+        )
+    _say(
+        f"--resume: the data in {data_dir} changed since the run last started ({now} where there were {then}); "
+        "training goes on over it as it is now, with the same held-out videos"
+    )
 
 
 def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan, extra: dict | None = None) -> None:
@@ -227,7 +258,7 @@ def _train_locked(
         with_user_environment,
     )  # torch: after the checks a user can fail
 
-    initial, heldout, trained_with = _carried_over(run_dir, resume, init_from)  # --init-from: before the data
+    initial, trained_on, trained_with = _carried_over(run_dir, resume, init_from)  # --init-from: before the data
     if profile and steps is None and not resume and "train.steps" not in user_keys(config_file, overrides):
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))
     machines: dict[str, int] = {}
@@ -248,7 +279,7 @@ def _train_locked(
         plan = with_user_environment(plan)
         check_same_processes(trained_with, plan.world_size, run_dir)  # a resumed run's checkpoint fits
         config = apply_plan(config, plan)
-        clips, split = check_data(data_dir, config, plan.world_size, heldout)
+        clips, split = check_data(data_dir, config, plan.world_size, trained_on)
         extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}}
         if initial:
             extra["init_from"] = initial
@@ -283,9 +314,9 @@ def _train_locked(
     return _finish(run_dir, code)
 
 
-def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[dict | None, list | None, dict]:
-    """(the --init-from record, the held-out videos, the plan it was trained with): a resumed
-    run keeps the first two as it started (a run from before the split held none out), and
+def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[dict | None, dict | None, dict]:
+    """(the --init-from record, the data it trained on, the plan it was trained with): a
+    resumed run keeps the first two as it started (its held-out videos: check_data), and
     its plan says how many processes its checkpoint is for; a new run's --init-from is
     checked now, before anything starts, and the trainer uses it until it has a checkpoint."""
     if init_from and resume:
@@ -293,7 +324,8 @@ def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[d
     if not resume:
         return (check_source(init_from) if init_from else None), None, {}
     saved = read_run_record(run_dir, "--resume")
-    return saved.get("init_from"), (saved.get("split") or {}).get("heldout_videos", []), saved.get("plan") or {}
+    trained_on = {"run_dir": run_dir, "data_dir": saved.get("data_dir"), "split": saved.get("split") or {}}
+    return saved.get("init_from"), trained_on, saved.get("plan") or {}
 
 
 def _memory(plan) -> str:

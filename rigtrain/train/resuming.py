@@ -3,7 +3,8 @@ effect, and the run says what changed against the config the checkpoint was trai
 What the checkpoint itself fixes cannot change: the model's shape (the weights would not
 load), the clip shape the data was prepared for, and how DeepSpeed laid out the optimizer
 (ZeRO stage, optimizer, precision, offload, number of processes). Those are exit 2, naming
-the key and what to do instead."""
+the key and what to do instead. data.dir may change to where the same data moved
+(launch.check_data compares the clips), not to other data."""
 
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ FIXED_BY_CHECKPOINT = {
     **{
         f"data.{k}": "the checkpoint's model and data position are for this clip shape"
         for k in (
-            "dir",
             "fps",
             "frame_size",
             "resize",
