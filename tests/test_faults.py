@@ -295,8 +295,13 @@ def test_a_run_whose_data_moved_resumes_from_the_new_place_and_other_data_is_ref
     """A new disk, another mount point: the same prepared shards in another folder are the
     run's data (the same clips of the same videos, compared by checksum); other data is a
     new run's, from these weights."""
+    shared = (demo_data / "index.json").read_bytes()  # the session's dataset, which other tests read
     data = tmp_path / "shards"
-    shutil.copytree(demo_data, data, ignore=shutil.ignore_patterns("*.lock"), copy_function=os.symlink)
+
+    def link_arrays(src: str, dst: str) -> None:  # index.json copied: it is edited below, never the shared one
+        os.symlink(src, dst) if src.endswith(".npy") else shutil.copy2(src, dst)
+
+    shutil.copytree(demo_data, data, ignore=shutil.ignore_patterns("*.lock"), copy_function=link_arrays)
     run = tmp_path / "run"
     first = rigtrain("train", "--out", str(run), "--data", str(data), "--steps", "2", "--set", *TINY,
                      "eval.during_training=false")  # fmt: skip
@@ -311,12 +316,14 @@ def test_a_run_whose_data_moved_resumes_from_the_new_place_and_other_data_is_ref
     assert scored.returncode == 0 and json.loads(scored.stdout)["split"]["from"] == "the run"
     other = tmp_path / "other"
     shutil.copytree(moved, other, symlinks=True)
+    assert not (other / "index.json").is_symlink()
     index = json.loads((other / "index.json").read_text())
     index["shards"] = index["shards"][:-1]  # another prepare: fewer videos
     (other / "index.json").write_text(json.dumps(index))
     refused = rigtrain("train", "--out", str(run), "--resume", "--steps", "4", "--data", str(other))
     assert refused.returncode == 2 and "not the data this run trained on" in refused.stderr
     assert f"--init-from {run} --out NEW_DIR --data {other}" in refused.stderr
+    assert (demo_data / "index.json").read_bytes() == shared
 
 
 def test_resume_applies_what_the_user_sets_and_refuses_what_it_cannot(tmp_path, demo_data):
