@@ -298,6 +298,33 @@ def _damage(run: Path, rng: random.Random) -> str:
     return f"{victim.relative_to(run).as_posix() or '.'}: removed"
 
 
+class Judge:
+    """Runs rigtrain commands on damaged folders: each must end with its result (exit 0) or a
+    one-line error (exit 2), never a traceback. Counts the outcomes (both must occur, or the
+    damage missed) and keeps the first finding of each kind."""
+
+    def __init__(self, folder: Path):
+        import os  # the commands' environment: one thread each
+
+        self.folder, self.env = folder, {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.findings: dict[str, str] = {}
+        self.outcomes: dict[str, int] = {}
+
+    def run(self, command: list[str], what: str, name: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "rigtrain", *command], capture_output=True, text=True,
+                              env=self.env, cwd=self.folder, timeout=600)  # fmt: skip
+        outcome = f"{name} exit {done.returncode}"
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        said = done.stdout + done.stderr
+        errors = [line for line in said.splitlines() if line.startswith("rigtrain: error")]
+        if "Traceback" in said or done.returncode not in (0, 2) or (done.returncode == 2 and not errors):
+            self.findings.setdefault(f"{name} after {what}", f"exit {done.returncode}: {said[-300:]}")
+        return done
+
+    def result(self, input_name: str, cases: int) -> dict:
+        return {"input": input_name, "cases": cases, "findings": self.findings, "outcomes": self.outcomes}
+
+
 def _tag_bytes(run: Path) -> dict[str, bytes]:
     return {p.relative_to(run).as_posix(): p.read_bytes() for p in (run / "checkpoints").glob("step*/*") if p.is_file()}
 
@@ -307,24 +334,10 @@ def run_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
     `train --resume` one step further and `eval`, each in its own process: each ends with
     its result or a one-line error (exit 2), never a traceback; and a resume that fails
     leaves every checkpoint file as it found it."""
-    import os  # the runs' environment: one thread each, this machine's CPU
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    tool = [sys.executable, "-m", "rigtrain"]
-    good = folder / "run-good"
-    first = subprocess.run(
-        [*tool, "train", "--preset", "demo", "--steps", "4", "--out", str(good), "--set", "train.ckpt_every=2",
-         "eval.first_step=4"],
-        capture_output=True, text=True, env=env, cwd=folder,
-    )  # fmt: skip
-    if first.returncode != 0:
-        return {
-            "input": "damaged run folders (resume, eval)",
-            "cases": 0,
-            "findings": {"the first run failed": first.stderr[-400:]},
-        }
-    findings: dict[str, str] = {}
-    outcomes: dict[str, int] = {}  # how often each command went on and how often it refused: both must occur
+    judge, name, good = Judge(folder), "damaged run folders (resume, eval)", folder / "run-good"
+    command = ["train", "--preset", "demo", "--steps", "4", "--out", str(good), "--set", "train.ckpt_every=2"]
+    if judge.run([*command, "eval.first_step=4"], "nothing", "the first run").returncode != 0:
+        return judge.result(name, 0)
     for case in range(rounds):
         run = folder / f"run-{case}"
         shutil.rmtree(run, ignore_errors=True)
@@ -332,58 +345,32 @@ def run_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
         what = _damage(run, rng)
         before = _tag_bytes(run)
         for command in (["train", "--resume", "--out", str(run), "--steps", "5"], ["eval", str(run)]):
-            done = subprocess.run([*tool, *command], capture_output=True, text=True, env=env, cwd=folder, timeout=600)
-            outcome = f"{command[0]} exit {done.returncode}"
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            said = done.stdout + done.stderr
-            errors = [line for line in said.splitlines() if line.startswith("rigtrain: error")]
-            if "Traceback" in said or done.returncode not in (0, 2) or (done.returncode == 2 and not errors):
-                findings.setdefault(f"{command[0]} after {what}", f"exit {done.returncode}: {said[-300:]}")
+            done = judge.run(command, what, command[0])
             if command[0] == "train" and done.returncode != 0:
                 lost = [n for n, b in before.items() if not (run / n).is_file() or (run / n).read_bytes() != b]
                 if lost:
-                    findings.setdefault(f"train lost checkpoint files after {what}", ", ".join(lost[:3]))
+                    judge.findings.setdefault(f"train lost checkpoint files after {what}", ", ".join(lost[:3]))
         shutil.rmtree(run, ignore_errors=True)
-    return {"input": "damaged run folders (resume, eval)", "cases": rounds, "findings": findings, "outcomes": outcomes}
+    return judge.result(name, rounds)
 
 
 def profile_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
     """A 6-step `rigtrain profile` run (its checkpoints left out: analyze never reads them),
     damaged one way at a time, through `profile analyze`: its verdict or a one-line error
     (exit 2), never a traceback."""
-    import os  # the runs' environment: one thread each
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    tool = [sys.executable, "-m", "rigtrain"]
-    good = folder / "profile-good"
-    first = subprocess.run(
-        [*tool, "profile", "--preset", "demo", "--steps", "6", "--out", str(good)],
-        capture_output=True, text=True, env=env, cwd=folder,
-    )  # fmt: skip
-    if first.returncode != 0:
-        return {
-            "input": "damaged profile runs (analyze)",
-            "cases": 0,
-            "findings": {"the profile failed": first.stderr[-400:]},
-        }
+    judge, name, good = Judge(folder), "damaged profile runs (analyze)", folder / "profile-good"
+    if judge.run(
+        ["profile", "--preset", "demo", "--steps", "6", "--out", str(good)], "nothing", "the profile"
+    ).returncode:
+        return judge.result(name, 0)
     shutil.rmtree(good / "checkpoints")
-    findings: dict[str, str] = {}
-    outcomes: dict[str, int] = {}
     for case in range(rounds):
         run = folder / f"profile-{case}"
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(good, run)
-        what = _damage(run, rng)
-        done = subprocess.run([*tool, "profile", "analyze", str(run), "--json"], capture_output=True, text=True,
-                              env=env, cwd=folder, timeout=600)  # fmt: skip
-        outcome = f"analyze exit {done.returncode}"
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        said = done.stdout + done.stderr
-        errors = [line for line in said.splitlines() if line.startswith("rigtrain: error")]
-        if "Traceback" in said or done.returncode not in (0, 2) or (done.returncode == 2 and not errors):
-            findings.setdefault(f"analyze after {what}", f"exit {done.returncode}: {said[-300:]}")
+        judge.run(["profile", "analyze", str(run), "--json"], _damage(run, rng), "analyze")
         shutil.rmtree(run, ignore_errors=True)
-    return {"input": "damaged profile runs (analyze)", "cases": rounds, "findings": findings, "outcomes": outcomes}
+    return judge.result(name, rounds)
 
 
 def data_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
@@ -391,41 +378,22 @@ def data_folders(rng: random.Random, rounds: int, folder: Path) -> dict:
     cut short, bits flipped, a file gone), then `data bench` and two steps of `train` with an
     evaluation, each in its own process: each ends with its result or a one-line error (exit
     2), never a traceback."""
-    import os  # the runs' environment: one thread each
-
     from rigtrain.config import load_config
     from rigtrain.data.embedded import embedded_dataset
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    tool = [sys.executable, "-m", "rigtrain"]
+    judge = Judge(folder)
     good = embedded_dataset(load_config("demo").data, log=lambda line: None)
-    findings: dict[str, str] = {}
-    outcomes: dict[str, int] = {}
     for case in range(rounds):
-        data = folder / f"data-{case}"
+        data, run = folder / f"data-{case}", folder / f"run-{case}"
         shutil.rmtree(data, ignore_errors=True)
         shutil.copytree(good, data, ignore=shutil.ignore_patterns("*.lock"))
         what = _damage(data, rng)
-        for command in (
-            ["data", "bench", str(data), "--seconds", "1", "--workers", "0"],
-            ["train", "--data", str(data), "--out", str(folder / f"run-{case}"), "--steps", "2",
-             "--set", "eval.first_step=2", "data.workers=0"],
-        ):  # fmt: skip
-            done = subprocess.run([*tool, *command], capture_output=True, text=True, env=env, cwd=folder, timeout=600)
-            outcome = f"{' '.join(command[:2]) if command[0] == 'data' else command[0]} exit {done.returncode}"
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            said = done.stdout + done.stderr
-            errors = [line for line in said.splitlines() if line.startswith("rigtrain: error")]
-            if "Traceback" in said or done.returncode not in (0, 2) or (done.returncode == 2 and not errors):
-                findings.setdefault(f"{' '.join(command[:2])} after {what}", f"exit {done.returncode}: {said[-300:]}")
+        judge.run(["data", "bench", str(data), "--seconds", "1", "--workers", "0"], what, "data bench")
+        judge.run(["train", "--data", str(data), "--out", str(run), "--steps", "2",
+                   "--set", "eval.first_step=2", "data.workers=0"], what, "train")  # fmt: skip
         shutil.rmtree(data, ignore_errors=True)
-        shutil.rmtree(folder / f"run-{case}", ignore_errors=True)
-    return {
-        "input": "damaged prepared data (bench, train)",
-        "cases": rounds,
-        "findings": findings,
-        "outcomes": outcomes,
-    }
+        shutil.rmtree(run, ignore_errors=True)
+    return judge.result("damaged prepared data (bench, train)", rounds)
 
 
 def main() -> int:
