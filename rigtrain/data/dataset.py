@@ -113,6 +113,13 @@ class _PerClipFile:
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         self.fd = os.open(path, os.O_RDONLY)
 
+    def __del__(self) -> None:
+        # a dataset opened only to check it (data/embedded.py) gives its descriptors back
+        try:
+            os.close(self.fd)
+        except (AttributeError, OSError):  # never opened (the file failed its check), or closed
+            pass
+
     def read_row(self, j: int, into: np.ndarray) -> None:
         view = memoryview(into).cast("B")
         try:

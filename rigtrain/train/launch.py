@@ -122,12 +122,13 @@ def _check_resumed_data(trained_on: dict, data_dir: Path, split) -> None:
     same data; other data in another folder is a new run's (--init-from). Data changed in
     its own folder (videos added and prepared again) is trained on as it is now, said."""
     recorded, before = trained_on["split"], trained_on["data_dir"]
-    if "train_clips" not in recorded or split.same_data_as(recorded):
+    counts = [recorded.get(key) for key in ("train_clips", "heldout_clips")]
+    if not all(isinstance(n, int) for n in counts) or split.same_data_as(recorded):  # none: a run from before them
         if before and str(data_dir) != before:
             _say(f"--resume: the run's data moved from {before} to {data_dir} (the same clips); training goes on")
         return
     now = f"{len(split.train) + len(split.heldout)} clips"
-    then = f"{recorded['train_clips'] + recorded.get('heldout_clips', 0)}"
+    then = f"{sum(counts)}"
     if before and str(data_dir) != before:
         raise UserError(
             f"--resume --data {data_dir}: not the data this run trained on ({now} where it had {then}, or other "
