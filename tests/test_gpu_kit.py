@@ -59,6 +59,17 @@ def test_the_kit_runs_every_step_on_the_cpu(tmp_path, demo_data):
         assert 0 <= run["telemetry"]["sampler_cost"] < 1
         assert report["targets"][f"{preset}: telemetry sampler < 1% of wall time"]["met"] in (True, False)
         assert (out / "logs" / f"{preset}-train.log").is_file()
+    # the main job as a user first runs it, in the plan's bf16 and in fp32, judged by what it learned
+    for key, precision in (("main_job", "bf16"), ("main_job_fp32", "fp32")):
+        job = report[key]
+        assert job["exit_code"] == 0 and job["plan"]["precision"] == precision, job
+        assert job["steps"] == 8 and 0 < job["train_seconds"] < job["seconds"]
+        assert job["loss_end_mean"] > 0 and 0 <= job["eval"]["t2v_r5"] <= 1 and job["eval"]["knn_colour_top1"] > 0
+    assert (
+        report["targets"]["demo main job: bf16 ends within 5% of fp32's loss"]["met"] is None
+    )  # 8 toy steps judge nothing
+    assert isinstance(report["targets"]["demo main job: bf16 ends within 5% of fp32's loss"]["value"], float)
+    assert "main_job_fp32: fp32 ZeRO-1 mb 4, 8 steps in" in result.stdout
     backoff = report["oom_backoff"]
     assert backoff["ok"] and backoff["tried_micro_batches"] == [48] and backoff["finished_at_micro_batch"] == 42
     assert backoff["steps_logged"] == [1, 2, 3]
@@ -80,9 +91,10 @@ def test_a_kit_past_its_deadline_reports_what_it_skipped(tmp_path):
     result = run_kit("--cpu", str(out), "--deadline-s", "0")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["skipped"] == ["gpu_tests", "demo", "small", "base", "oom_backoff"] and report["failures"] == []
+    skipped = ["gpu_tests", "demo", "small", "base", "main_job", "oom_backoff", "main_job_fp32"]
+    assert report["skipped"] == skipped and report["failures"] == []
     assert all(target["met"] is None for target in report["targets"].values())  # nothing judged that never ran
-    assert "INCOMPLETE: gpu_tests, demo, small, base, oom_backoff skipped at the deadline" in result.stdout
+    assert f"INCOMPLETE: {', '.join(skipped)} skipped at the deadline" in result.stdout
     assert (out / "results.tar.gz").is_file()
 
 

@@ -13,7 +13,10 @@ Steps, each recorded in OUT_DIR/report.json whether it worked or not:
 3. the first-step out-of-memory back-off for real: on a GPU another process takes all but
    90% of what `small` used and the run is told (by a rig file) the card is free as before;
    on the CPU the out-of-memory is injected (RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH);
-4. the targets, each with its figure and whether it was met (null on the CPU).
+4. the main job, the demo as a user first runs it (600 steps with its evaluations, bf16
+   where the card has it), timed, with what it learned; after step 3, the same in fp32, to
+   show that bf16 learns as well (mainjob.py);
+5. the targets, each with its figure and whether it was met (null on the CPU).
 GPU-only figures are null on the CPU; the report's shape is the same.
 
 report.json is written again after every step, and with --deadline-s SECONDS (a machine lent
@@ -34,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from backoff import oom_backoff  # the kit's modules, beside this file
+from mainjob import main_job
 from report import pack_results, print_table, targets
 from steps import PRESETS, ROOT, Deadline, environment, gpu_tests, preset_run
 
@@ -74,12 +78,17 @@ def main() -> int:
         run = lambda preset=preset: preset_run(out, preset, gpu, deadline)  # noqa: E731  (bound per preset)
         steps.append((f"{preset}: a planned, profiled bf16 run", preset, run))
     steps.append(
+        ("demo, the main job: 600 steps with its evaluations", "main_job", lambda: main_job(out, gpu, deadline))
+    )
+    steps.append(
         (
             "the first-step out-of-memory back-off",
             "oom_backoff",
             lambda: oom_backoff(out, gpu, report["presets"].get("small"), deadline),
         )
     )
+    fp32 = lambda: main_job(out, gpu, deadline, precision="fp32")  # noqa: E731
+    steps.append(("demo, the main job in fp32 (bf16 must learn as well)", "main_job_fp32", fp32))
     for title, key, step in steps:
         if deadline.allows_a_step():
             print(f"[kit] {title}", flush=True)
@@ -121,6 +130,9 @@ def _save(out: Path, report: dict, began: float, gpu: bool) -> None:
     tests, backoff = report.get("gpu_tests") or {}, report.get("oom_backoff") or {}
     failures += [] if tests.get("ok", True) or "skipped" in tests else ["the gpu tests failed"]
     failures += [] if backoff.get("ok", True) or "skipped" in backoff else ["the out-of-memory back-off did not finish"]
+    for key in ("main_job", "main_job_fp32"):
+        job = report.get(key) or {}
+        failures += [f"{key}: exit {job['exit_code']}"] if job.get("exit_code") not in (None, 0) else []
     report["failures"] = failures
     (out / "report.json").write_text(json.dumps(report, indent=1))
 

@@ -45,6 +45,17 @@ def targets(report: dict, gpu: bool) -> dict:
             "value": missing,
             "met": None if missing is None else not missing,
         }
+    job, fp32 = report.get("main_job") or {}, report.get("main_job_fp32") or {}
+    seconds = job.get("train_seconds")
+    out["demo main job: 600 steps in under 15 s"] = {
+        "value": seconds,
+        "met": None if seconds is None or not gpu else job.get("steps") == 600 and seconds < 15,
+    }
+    gap = _ratio_error(job.get("loss_end_mean"), fp32.get("loss_end_mean"))
+    out[f"demo main job: {(job.get('plan') or {}).get('precision')} ends within 5% of fp32's loss"] = {
+        "value": gap,
+        "met": None if gap is None or not gpu else gap <= 0.05,
+    }
     backoff = report.get("oom_backoff") or {"skipped": "not run yet"}
     out["first-step out-of-memory: backs off and finishes"] = {
         "value": backoff.get("tried_micro_batches"),
@@ -98,6 +109,8 @@ def print_table(report: dict) -> None:
             f"{_fmt(throughput.get('mfu'), '.1%')} | {profile.get('verdict') or '-'} | "
             f"{_fmt(profile.get('data_wait_share'), '.1%')} | {_fmt(plan.get('dataloader_workers'))} |"
         )
+    for key in ("main_job", "main_job_fp32"):
+        print(_main_job_line(key, report.get(key) or {"skipped": "not run"}))
     backoff = report["oom_backoff"]
     if "skipped" in backoff:
         print(f"out-of-memory back-off: not run ({backoff['skipped']})")
@@ -116,6 +129,19 @@ def print_table(report: dict) -> None:
     if report["skipped"]:
         skipped = ", ".join(report["skipped"])
         print(f"INCOMPLETE: {skipped} skipped at the deadline (--deadline-s {report['deadline_s']:.0f})")
+
+
+def _main_job_line(key: str, job: dict) -> str:
+    if "skipped" in job:
+        return f"{key}: not run ({job['skipped']})"
+    plan, figures = job.get("plan") or {}, job.get("eval") or {}
+    shown = ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in figures.items())
+    return (
+        f"{key}: {plan.get('precision')} ZeRO-{plan.get('zero_stage')} mb {plan.get('micro_batch_size')}, "
+        f"{job.get('steps')} steps in {_fmt(job.get('train_seconds'), '.1f')} s (exit {job.get('exit_code')}), "
+        f"loss {_fmt(job.get('loss_first'))} -> {_fmt(job.get('loss_end_mean'))} (mean of the last 20); {shown}"
+        + (f" ({job['error']})" if job.get("error") else "")
+    )
 
 
 def pack_results(out: Path) -> Path:
