@@ -82,6 +82,10 @@ def _intersect(a_list, b_list) -> float:
 
 
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+# On a GPU, Kineto draws each ProfilerStep#N again on the GPU's timeline (category
+# gpu_user_annotation, from its first kernel to its last). A step is the host's range: counting
+# both made an H200 trace's 3 steps 6 and halved every figure per step.
+GPU_STEP_RANGE = "gpu_user_annotation"
 
 
 def timeline_events(events: list[dict]) -> list[dict]:
@@ -94,6 +98,8 @@ def timeline_events(events: list[dict]) -> list[dict]:
         if e.get("ph") != "X" or "ts" not in e or "dur" not in e:
             continue
         name, category = str(e.get("name", "")), e.get("cat")
+        if category == GPU_STEP_RANGE:
+            continue
         if (
             name.startswith(("ProfilerStep#", "rigtrain/"))
             or category in GPU_WORK

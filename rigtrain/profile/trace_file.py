@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from rigtrain.errors import UserError
-from rigtrain.profile.analysis import COMM, _merge, breakdown, gpu_idle_line, verdict
+from rigtrain.profile.analysis import COMM, GPU_STEP_RANGE, _merge, breakdown, gpu_idle_line, verdict
 
 CHUNK = 1 << 20
 DATALOADER = re.compile(r"enumerate\(DataLoader\)#.*__next__")
@@ -46,6 +46,8 @@ def _wanted(event: dict) -> bool:
     if event.get("ph") != "X" or "ts" not in event or "dur" not in event:
         return False
     name, cat = str(event.get("name", "")), event.get("cat")
+    if cat == GPU_STEP_RANGE:  # a step's copy on the GPU's timeline: the host's range is the step
+        return False
     return (
         cat in GPU_CATEGORIES
         or name.startswith(("ProfilerStep#", "rigtrain/"))
