@@ -26,7 +26,7 @@ def test_demo_trains_on_the_gpu(tmp_path, demo_data):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["gpu_mem_peak_gib"] > 0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    check = record["memory_check"]  # the plan's prediction against the first step's real peak
+    check = record["memory_check"]  # the plan's prediction against the first steps' real peak
     assert check["measured_peak_gib"] > 0 and check["predicted_peak_gib"] > 0
     assert 0.75 <= check["predicted_peak_gib"] / check["measured_peak_gib"] <= 1.25, check
     # never OOM-unsafe: the plan's figure for the whole card is not below what the card used

@@ -126,7 +126,7 @@ def outside_allocator_gib(
     *, world: int, profiling: bool = False, lazy_loading: bool = True, measured: float | None = None
 ) -> dict:
     """The named room the plan leaves outside torch's allocator, per GPU. measured: what an
-    earlier run's first step found there on this card, for this kind of run (NVML's used
+    earlier run's first steps found there on this card, for this kind of run (NVML's used
     less torch's reserved: train/memory_record.py), which replaces the figures above."""
     if measured is not None:
         return {"measured_outside_gib": measured}

@@ -130,7 +130,7 @@ OUTSIDE_TERMS = (
     ("cuda_context_gib", "CUDA context and libraries (outside torch's allocator)"),
     ("nccl_gib", "NCCL buffers (outside torch's allocator)"),
     ("profiler_gib", "profiler buffers (outside torch's allocator)"),
-    ("measured_outside_gib", "measured on this card by an earlier run's first step: context, libraries, NCCL"),
+    ("measured_outside_gib", "measured on this card by an earlier run's first steps: context, libraries, NCCL"),
 )
 
 

@@ -297,17 +297,17 @@ def _train_locked(
         oom = run_dir / OOM_MARKER
         if code == 0 or not oom.is_file():
             break
-        # The first step ran out of memory: one size down, planned again, and said so.
+        # The first steps ran out of memory: one size down, planned again, and said so.
         failed = plan.micro_batch_size
         if resume or failed <= 1 or "train.micro_batch_size" in user_keys(config_file, overrides):
             _say(
-                f"out of {_memory(plan)} on the first step at micro-batch {failed}, which the plan may not change "
+                f"out of {_memory(plan)} in the first steps at micro-batch {failed}, which the plan may not change "
                 "(set by you, a resumed run, or already 1): lower train.micro_batch_size or use a smaller preset"
             )
             break
         smaller = max(1, failed - max(1, failed // 8))
         backed_off.append(failed)
-        _say(f"out of {_memory(plan)} on the first step at micro-batch {failed}: backing off to {smaller}")
+        _say(f"out of {_memory(plan)} in the first steps at micro-batch {failed}: backing off to {smaller}")
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, micro_batch_size=smaller))
         fixed = fixed | {"train.micro_batch_size"}
         for path in (run_dir / "metrics.jsonl", run_dir / "tb"):

@@ -45,7 +45,7 @@ def _path(kind: dict) -> Path:
 
 
 def remember(kind: dict, outside_gib: float, run_dir: Path) -> None:
-    """Keep a first step's measured residual for this kind of run (best effort: a cache that
+    """Keep the first steps' measured residual for this kind of run (best effort: a cache that
     cannot be written costs the next plan its measurement, nothing more)."""
     record = {
         "kind": kind,

@@ -245,7 +245,7 @@ def plan_run(
 def _measured_outside(
     rig: Rig, wanted: tuple[int, ...], hosts: tuple[int, ...], profiling: bool, lazy: bool
 ) -> float | None:
-    """What an earlier run's first step measured beside the allocator on the card this plan
+    """What an earlier run's first steps measured beside the allocator on the card this plan
     is for (the one with the least free memory), for the same kind of run; None if none did."""
     if not rig.gpus:
         return None

@@ -302,6 +302,8 @@ class Trainer(
                 metrics.update(self.telemetry.snapshot())
             if self.step == first_step + 1:
                 self._rehearse_later_needs()
+            if not self.settled and (self.step >= first_step + 2 or self.step == t.steps):
+                self._settle()
             if self.step in self.eval_steps:
                 try:
                     result = self.evaluate_held_out()

@@ -50,8 +50,8 @@ def run(run_dir: str | Path) -> int:
     except Exception as err:
         if not out_of_memory(err):
             raise
-        # In the first steps (the first step, then one evaluation batch and the collectives a
-        # save uses) the plan's micro-batch was too large: tell the launcher, which backs off
+        # In the first steps (the first two steps, one evaluation batch and the collectives a
+        # save uses: rehearsal.py) the plan's micro-batch was too large: tell the launcher, which backs off
         # one size and starts again. Later, it is a failure the user has to act on.
         first = trainer is not None and not trainer.settled
         if first:
