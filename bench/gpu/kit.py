@@ -13,10 +13,14 @@ Steps, each recorded in OUT_DIR/report.json whether it worked or not:
 3. the first-step out-of-memory back-off for real: on a GPU another process takes all but
    90% of what `small` used and the run is told (by a rig file) the card is free as before;
    on the CPU the out-of-memory is injected (RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH);
-4. the main job, the demo as a user first runs it (600 steps with its evaluations, bf16
+4. the main job, the demo as a user first runs it (900 steps with its evaluations, bf16
    where the card has it), timed, with what it learned; after step 3, the same in fp32, to
    show that bf16 learns as well (mainjob.py);
-5. the targets, each with its figure and whether it was met (null on the CPU).
+5. on a GPU, small once more with train.compile=true (on the CPU only with --only
+   small-compiled: compiling takes minutes there);
+6. the targets, each with its figure and whether it was met (null on the CPU).
+
+--only KEY... runs some steps alone (a second try on a lent machine, say).
 GPU-only figures are null on the CPU; the report's shape is the same.
 
 report.json is written again after every step, and with --deadline-s SECONDS (a machine lent
@@ -39,7 +43,9 @@ from pathlib import Path
 from backoff import oom_backoff  # the kit's modules, beside this file
 from mainjob import main_job
 from report import pack_results, print_table, targets
-from steps import PRESETS, ROOT, Deadline, environment, gpu_tests, preset_run
+from steps import COMPILED, PRESETS, ROOT, Deadline, environment, gpu_tests, preset_run
+
+STEP_KEYS = ("gpu_tests", *PRESETS, "main_job", "oom_backoff", "main_job_fp32", COMPILED)
 
 
 def main() -> int:
@@ -47,6 +53,9 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--cpu", action="store_true", help="every step on the CPU, at toy sizes")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument(
+        "--only", nargs="+", choices=STEP_KEYS, help="run these steps alone (oom_backoff on a GPU needs small's)"
+    )
     parser.add_argument(
         "--deadline-s", type=float, default=None, help="finish within this many seconds, skipping what does not fit"
     )
@@ -59,7 +68,8 @@ def main() -> int:
         return 2
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    # --dirty: a copied working tree (a lent GPU box) can carry an older .git than its files
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     report = {
         "kit": 1,
         "mode": "gpu" if gpu else "cpu",
@@ -78,7 +88,7 @@ def main() -> int:
         run = lambda preset=preset: preset_run(out, preset, gpu, deadline)  # noqa: E731  (bound per preset)
         steps.append((f"{preset}: a planned, profiled bf16 run", preset, run))
     steps.append(
-        ("demo, the main job: 600 steps with its evaluations", "main_job", lambda: main_job(out, gpu, deadline))
+        ("demo, the main job: 900 steps with its evaluations", "main_job", lambda: main_job(out, gpu, deadline))
     )
     steps.append(
         (
@@ -89,6 +99,11 @@ def main() -> int:
     )
     fp32 = lambda: main_job(out, gpu, deadline, precision="fp32")  # noqa: E731
     steps.append(("demo, the main job in fp32 (bf16 must learn as well)", "main_job_fp32", fp32))
+    compiled = lambda: preset_run(out, "small", gpu, deadline, name=COMPILED, extra=("train.compile=true",))  # noqa: E731
+    if gpu or (args.only and COMPILED in args.only):
+        steps.append(("small with train.compile=true", COMPILED, compiled))
+    if args.only:
+        steps = [step for step in steps if step[1] in args.only]
     for title, key, step in steps:
         if deadline.allows_a_step():
             print(f"[kit] {title}", flush=True)
@@ -97,7 +112,7 @@ def main() -> int:
             print(f"[kit] {title}: skipped, {deadline.left():.0f} s left before the deadline", flush=True)
             result = {"skipped": f"the kit's deadline ({args.deadline_s:.0f} s) came first"}
             report["skipped"].append(key)
-        (report["presets"] if key in args.presets else report)[key] = result
+        (report["presets"] if key in (*args.presets, COMPILED) else report)[key] = result
         _save(out, report, began, gpu)
     report["complete"] = True
     _save(out, report, began, gpu)

@@ -1,5 +1,5 @@
 """The kit's main-job step: the demo as a user first runs it (`rigtrain train --preset demo`:
-600 steps with its evaluations, on the plan's precision), timed and judged by what it
+900 steps with its evaluations, on the plan's precision), timed and judged by what it
 learned, and the same run in fp32, so bf16 is seen to learn as well as fp32 on this card.
 
 On the CPU both run 8 steps at the kit's toy sizes: the step proves itself, its figures say

@@ -46,13 +46,15 @@ def targets(report: dict, gpu: bool) -> dict:
             "met": None if missing is None else not missing,
         }
     job, fp32 = report.get("main_job") or {}, report.get("main_job_fp32") or {}
-    seconds = job.get("train_seconds")
-    out["demo main job: 600 steps in under 15 s"] = {
-        "value": seconds,
-        "met": None if seconds is None or not gpu else job.get("steps") == 600 and seconds < 15,
+    seconds, steps = job.get("train_seconds"), job.get("steps")
+    per_step = round(seconds / steps, 4) if seconds and steps else None
+    # issue 18's "600 steps in under 15 s", per step: the demo has had 900 steps since
+    out["demo main job: under 25 ms a step, evaluations included"] = {
+        "value": per_step,
+        "met": None if per_step is None or not gpu else per_step < 0.025,
     }
     gap = _ratio_error(job.get("loss_end_mean"), fp32.get("loss_end_mean"))
-    out[f"demo main job: {(job.get('plan') or {}).get('precision')} ends within 5% of fp32's loss"] = {
+    out["demo main job: bf16 ends within 5% of fp32's loss"] = {
         "value": gap,
         "met": None if gap is None or not gpu else gap <= 0.05,
     }
@@ -79,7 +81,7 @@ def print_table(report: dict) -> None:
         f"rigtrain GPU kit, {report['mode']} mode, {report['date']}, commit {report['commit']}: "
         f"{', '.join(env['gpus']) or 'no GPU'}, driver {env['driver']}, torch {env['torch']} (CUDA {env['cuda']})"
     )
-    tests = report["gpu_tests"]
+    tests = report.get("gpu_tests") or {"skipped": "not asked for (--only)"}
     if "passed" in tests:
         print(f"tests marked gpu: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped")
     else:
@@ -110,8 +112,8 @@ def print_table(report: dict) -> None:
             f"{_fmt(profile.get('data_wait_share'), '.1%')} | {_fmt(plan.get('dataloader_workers'))} |"
         )
     for key in ("main_job", "main_job_fp32"):
-        print(_main_job_line(key, report.get(key) or {"skipped": "not run"}))
-    backoff = report["oom_backoff"]
+        print(_main_job_line(key, report.get(key) or {"skipped": "not asked for (--only)"}))
+    backoff = report.get("oom_backoff") or {"skipped": "not asked for (--only)"}
     if "skipped" in backoff:
         print(f"out-of-memory back-off: not run ({backoff['skipped']})")
     else:
@@ -147,12 +149,12 @@ def _main_job_line(key: str, job: dict) -> str:
 def pack_results(out: Path) -> Path:
     """OUT/results.tar.gz: the report, logs, rig file and run folders (metrics, configs,
     TensorBoard events, profiler traces, charts), not the checkpoints, the kit's own Python
-    environment or the runs' lock files: what a maintainer needs from someone else's card."""
+    packages or the runs' lock files: what a maintainer needs from someone else's card."""
     archive = out / "results.tar.gz"
 
     def wanted(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
         parts = Path(member.name).parts[1:]  # below kit-results/
-        if parts[:1] == ("venv",) or "checkpoints" in parts or parts[-1:] in ((".lock",), (archive.name,)):
+        if parts[:1] in (("venv",), ("site",)) or "checkpoints" in parts or parts[-1:] in ((".lock",), (archive.name,)):
             return None
         return member
 

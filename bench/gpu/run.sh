@@ -9,8 +9,10 @@
 # - $PYTHON, when set;
 # - the repository's environment (setup/install.sh; $RIGTRAIN_VENV), when it has DeepSpeed;
 # - an offline GPU box: the wheels in bench/gpu/wheels/ (made by build_wheels.sh on a
-#   connected machine) go into OUT_DIR/venv, which also sees the system's own torch,
-#   tensorboard, nvidia-ml-py, numpy, ... (--system-site-packages); nothing is downloaded;
+#   connected machine) go into OUT_DIR/site, put on PYTHONPATH for python3 as it is, with
+#   its own torch, tensorboard, nvidia-ml-py, numpy, ...; nothing is downloaded. Not a venv:
+#   where python3 is itself a venv's (as on the H200 image, /opt/torch/.venv), a venv made
+#   from it with --system-site-packages sees the base Python's packages, not that torch;
 # - else python3 as it is.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -31,12 +33,15 @@ if [ -n "${PYTHON:-}" ]; then
 elif [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("deepspeed") is None)' 2>/dev/null; then
   py=$venv/bin/python
 elif [ -d "$wheels" ]; then
-  if [ ! -x "$out/venv/bin/python" ]; then
-    echo "[kit] installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $out/venv (offline)"
-    python3 -m venv --system-site-packages "$out/venv"
-    "$out/venv/bin/python" -m pip install -q --no-index --no-deps --disable-pip-version-check "$wheels"/*.whl
+  if [ ! -f "$out/site/.installed" ]; then
+    echo "[kit] installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $out/site (offline)"
+    python3 -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \
+      --target "$out/site" "$wheels"/*.whl
+    touch "$out/site/.installed"
   fi
-  py=$out/venv/bin/python
+  export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
+  export PATH="$out/site/bin:$PATH"  # the wheels' own commands (ninja for DeepSpeed's JIT ops)
+  py=python3
 else
   py=python3
 fi

@@ -19,6 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = ("demo", "small", "base")
 GPU_STEPS = {"demo": 30, "small": 24, "base": 14}  # the profile window ends at step 6
+# small once more with train.compile=true: torch.compile's fused kernels against the eager
+# run's launches (the first GPU runs were host-bound); on a GPU only unless asked for with
+# --only, since compiling the model takes minutes on a small CPU
+COMPILED = "small-compiled"
 CPU_STEPS = 8
 # The CPU mode's toy sizes: every part of the model, each preset's data, steps of a second.
 CPU_SETTINGS = ["model.d_model=32", "model.heads=2", "model.num_latents=8", "model.va_dim=32", "model.vt_dim=32"]
@@ -43,7 +47,7 @@ NVML_FIELDS = (
 )
 GIB = 2**30
 # The issue's goals on one H100 in bf16 (MFU counted with FlopCounterMode, rigtrain/train/flops.py)
-MFU_GOALS = {"small": 0.35, "base": 0.45}
+MFU_GOALS = {"small": 0.35, "base": 0.45, "small-compiled": 0.35}
 
 
 @dataclass
@@ -213,16 +217,20 @@ def median_of(rows: list[dict], key: str) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
-def preset_run(out: Path, preset: str, gpu: bool, deadline: Deadline = NO_DEADLINE) -> dict:
+def preset_run(
+    out: Path, preset: str, gpu: bool, deadline: Deadline = NO_DEADLINE, name: str | None = None, extra: tuple = ()
+) -> dict:
     """One profiled training run, as `rigtrain profile` plans and runs it: the plan with its
-    memory terms (config.json), memory, throughput, verdict, telemetry."""
-    settings = [] if gpu else CPU_SETTINGS
+    memory terms (config.json), memory, throughput, verdict, telemetry. NAME (default the
+    preset's) names its run folder and log; EXTRA are further `--set` settings."""
+    settings = ([] if gpu else CPU_SETTINGS) + list(extra)
     steps = GPU_STEPS[preset] if gpu else CPU_STEPS
-    run = out / "runs" / preset
+    name = name or preset
+    run = out / "runs" / name
     started = time.perf_counter()
     trained = rigtrain(
         out,
-        f"{preset}-train",
+        f"{name}-train",
         "profile",
         "--preset",
         preset,
