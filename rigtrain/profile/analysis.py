@@ -48,6 +48,7 @@ class RunFacts:
     micro_batch_size: int
     grad_accum_steps: int = 1
     compiled: bool = False
+    largest_micro_batch: int | None = None  # what the plan found to fit (plan_types.Plan)
     flops_per_clip: float | None = None
     peak_tflops: float | None = None
     gpu_name: str | None = None
@@ -286,9 +287,15 @@ def _larger_micro_batch(facts: RunFacts, why: str) -> str:
     """What the config allows: with accumulation, a larger micro-batch and fewer micro-steps keep
     the experiment; without, the micro-batch already is the per-GPU share of the global batch,
     and growing it changes the experiment, not only its speed."""
-    mb, accum = facts.micro_batch_size, facts.grad_accum_steps
+    mb, accum, largest = facts.micro_batch_size, facts.grad_accum_steps, facts.largest_micro_batch
     if accum > 1:
         bigger = next((mb * k for k in range(2, accum + 1) if accum % k == 0), mb * accum)
+        if largest is not None and bigger > largest:
+            # an H200's base run was told to double a micro-batch the plan had found too large
+            return (
+                f"a larger micro-batch, but none that keeps the global batch fits: {bigger} is the next that "
+                f"splits it evenly, and the plan found {largest} the largest that fits this card"
+            )
         return (
             f"a larger micro-batch {why}: train.micro_batch_size={bigger} "
             f"train.grad_accum_steps={accum * mb // bigger} keeps the global batch of {facts.clips_per_step}"
