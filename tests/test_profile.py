@@ -350,6 +350,24 @@ def test_host_bound_advice_stays_within_the_experiment():
     assert not any("train.compile" in s for s in split["suggestions"])
 
 
+def test_compute_bound_advice_offers_only_a_micro_batch_the_plan_found_to_fit():
+    """base on an H200 (micro-batch 128 x 2, the plan's largest 206) was told to try
+    train.micro_batch_size=256, which the plan had already found too large for the card."""
+    from dataclasses import replace
+
+    from rigtrain.profile.analysis import suggestions
+
+    fractions = {"data_wait": 0.0, "host": 0.08, "compute": 0.87, "communication": 0.0, "optimizer": 0.05}
+    base = replace(FACTS, device="cuda", micro_batch_size=128, grad_accum_steps=2, clips_per_step=256)
+    advice = " ".join(suggestions("compute-bound", fractions, {"step_ms": 940}, replace(base, largest_micro_batch=206)))
+    assert "train.micro_batch_size=256" not in advice
+    assert "none that keeps the global batch fits" in advice and "206" in advice
+    roomy = " ".join(suggestions("compute-bound", fractions, {"step_ms": 940}, replace(base, largest_micro_batch=300)))
+    assert "train.micro_batch_size=256 train.grad_accum_steps=1 keeps the global batch of 256" in roomy
+    unknown = " ".join(suggestions("compute-bound", fractions, {"step_ms": 940}, base))  # a plan that did not search
+    assert "train.micro_batch_size=256" in unknown
+
+
 def test_the_loader_timeline_goes_into_the_trace_then_stops_recording(tmp_path, capfd):
     """The loader thread's batches inside the recorded steps become rows of the saved
     trace; once it is saved the timeline keeps nothing more (a long run profiled at its

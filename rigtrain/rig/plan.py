@@ -67,6 +67,8 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         )
     setting = _eight_bit_when_states_dominate(cards, setting, fits, fixed, reasons)
     largest_fitting = micro_batch
+    searched = fits and "train.micro_batch_size" not in fixed
+    larger_fits = cards.search.peak(largest_fitting + 1, setting[1]) <= cards.step_budget(setting)
     accum, micro_batch = _accumulation(cards, micro_batch, fixed, fits)
     total = cards.memory(micro_batch, setting)
     memory = _memory_breakdown(cards, total, request.clip_bytes * micro_batch)
@@ -110,6 +112,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         from_user=sorted(fixed),
         warnings=warnings,
         memory={k: round(v, 3) for k, v in memory.items()},
+        largest_micro_batch=largest_fitting if searched and not larger_fits else None,
     )
 
 

@@ -48,6 +48,9 @@ class Plan:
     from_user: list[str]
     warnings: list[RigWarning]
     memory: dict = field(default_factory=dict)  # the breakdown behind predicted_peak_gib
+    # the largest micro-batch the plan found to fit in its setting, where it searched up to
+    # one that does not (None: set by the user, the CPU, or a search stopped at a useful size)
+    largest_micro_batch: int | None = None
 
     def to_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "warnings"}

@@ -65,6 +65,7 @@ class StepProfiling:
             micro_batch_size=t.micro_batch_size,
             grad_accum_steps=t.grad_accum_steps,
             compiled=t.compile,
+            largest_micro_batch=self.plan.get("largest_micro_batch"),
             flops_per_clip=train_flops_per_clip(self.config.model, self.config.data),
             peak_tflops=peak_tflops(gpu) if gpu else None,
             gpu_name=gpu,
