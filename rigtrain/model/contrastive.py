@@ -54,12 +54,17 @@ class Float32LayerNorm(nn.LayerNorm):
             return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
 
 
+# Asked once, here: torch 2.11's torch.compile cannot trace torch.amp.is_autocast_available
+# (a C builtin), and broke the compiled graph at every float32 island (seen on an H200).
+AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
+
+
 def without_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """torch.autocast switched off for x's device: what runs inside computes in the dtypes
     it is given (the float32 islands of bf16 training, docs/training.md "Precision").
     Nothing to switch off on devices autocast does not know (meta, where the planner and
     the FLOP count build the model)."""
-    if not torch.amp.is_autocast_available(x.device.type):
+    if x.device.type not in AUTOCAST_DEVICES:
         return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
