@@ -6,7 +6,9 @@ the next step and print one JSON line:
 - syncs: the ops in that step that make the host wait for the device (`.item()`,
   `nonzero`, ...), split into those inside DeepSpeed's optimizer step and the rest;
 - the dtypes the optimizer keeps: its master weights and where gradients accumulate;
-- the output dtypes of the step's matmuls (bf16 under autocast) and of a contrastive head.
+- the output dtypes of the step's matmuls (bf16 under autocast) and of a contrastive head;
+- then one logged step: the ops its gradient statistics dispatch, against the parts and
+  parameters they cover.
 
     python tests/step_probe.py RUN_DIR
 """
@@ -60,6 +62,16 @@ MATMUL_OPS = (
 )
 
 
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view  # a view (detach, reshape) launches no kernel
+        return func(*args, **(kwargs or {}))
+
+
 class MatmulDtypes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -108,6 +120,17 @@ def main(run: Path) -> None:
         with counter, matmuls:
             trainer.train_step()
         hook.remove()
+        # a logged step: the ops its gradient statistics dispatch that launch kernels (between
+        # backward and the optimizer, where the host's time delays the step)
+        statistics = OpCounter()
+        take_gradients = trainer._take_gradients
+
+        def counted_statistics(*args, **kwargs):
+            with statistics:
+                return take_gradients(*args, **kwargs)
+
+        trainer._take_gradients, trainer._logs = counted_statistics, lambda step: True
+        trainer.train_step()
         optimizer = trainer.engine.optimizer
         masters = (
             getattr(optimizer, "fp32_partitioned_groups_flat", None)
@@ -131,6 +154,9 @@ def main(run: Path) -> None:
             "head_output_dtype": head_dtypes[0],
             # ZeRO-3 may have replaced torch's linear for the whole process
             "functional_linear": torch.nn.functional.linear.__name__,
+            "statistics_ops": statistics.ops,
+            "statistics_parts": len(trainer.stat_parts),
+            "parameters": sum(len(p) for p in trainer.stat_parts.values()),
         }
         print("PROBE " + json.dumps(out), flush=True)
     finally:
