@@ -4,7 +4,9 @@ loads Google Charts from a CDN and never renders offline).
 
 - breakdown.png: one stacked bar per recorded step, split into the verdict's categories;
 - timeline.png: the recorded steps on one time axis, a row each for data wait, forward,
-  backward, optimizer and communication, and one per loader thread (each batch it read).
+  backward, optimizer and communication, on a GPU one for the GPU's work (any kernel, copy
+  or memset running: the gaps are the GPU waiting, which a host-bound run shows at a
+  glance), and one per loader thread (each batch it read).
 
 matplotlib is imported only here: without it (the GPU kit's offline box) the profile loses
 these images and says so in one line, nothing else."""
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rigtrain.profile.analysis import CATEGORIES, COMM, breakdown, timeline_events
+from rigtrain.profile.analysis import CATEGORIES, COMM, GPU_WORK, _merge, breakdown, timeline_events
 
 COLOURS = {
     "data_wait": "#d62728",
@@ -24,6 +26,7 @@ COLOURS = {
     "other": "#c7c7c7",
     "forward": "#2ca02c",
     "backward": "#1f77b4",
+    "GPU work": "#17becf",
 }
 
 
@@ -55,6 +58,9 @@ def _rows(events: list[dict], device: str) -> dict[str, list[tuple[float, float]
         phase: spans(lambda e, p=phase: e.get("name") == f"rigtrain/{p}")
         for phase in ("data_wait", "forward", "backward", "optimizer")
     }
+    if device == "cuda":  # thousands of kernels a step: drawn as the time any of them runs
+        busy = _merge([(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in GPU_WORK])
+        rows["GPU work"] = [((a - origin) / 1000, (b - a) / 1000) for a, b in busy if b > origin and a < end]
     comm_cat = ("kernel",) if device == "cuda" else ("cpu_op",)
     rows["communication"] = spans(lambda e: e.get("cat") in comm_cat and bool(COMM.search(str(e.get("name", "")))))
     loader_threads = sorted({e["tid"] for e in events if str(e.get("name", "")).startswith("rigtrain/loader_")})
@@ -95,7 +101,11 @@ def write_charts(events: list[dict], device: str, out_dir: Path, writer=None) ->
         axes.broken_barh(spans, (y - 0.4, 0.8), facecolors=colour)
     axes.set_yticks(range(len(rows)), list(reversed(list(rows))))
     axes.set_xlabel("ms from the first recorded step")
-    axes.set_title("the recorded steps: train loop phases and loader threads")
+    axes.set_title(
+        "the recorded steps: train loop phases"
+        + (", the GPU's work" if device == "cuda" else "")
+        + " and loader threads"
+    )
     figure.tight_layout()
     written.append(_save(figure, out_dir / "timeline.png", writer, "profile/timeline"))
     return written
