@@ -271,3 +271,19 @@ def test_a_real_h200_trace_agrees_with_holistic_trace_analysis():
 
     theirs = trace_vs_hta.hta_temporal_breakdown(H200_TRACE)
     assert numbers["gpu_idle_share"] == pytest.approx(theirs["idle_share"], abs=0.03)
+
+
+def test_the_timeline_of_a_real_gpu_trace_shows_the_gpus_work(tmp_path):
+    """The H200 step drawn: a row of the GPU's work whose gaps are the host-bound step's."""
+    pytest.importorskip("matplotlib")
+    from rigtrain.profile.analysis import timeline_events
+    from rigtrain.profile.charts import _rows, write_charts
+    from rigtrain.profile.trace_file import as_rigtrain_spans, read_events
+
+    events, device, _ = as_rigtrain_spans(read_events(H200_TRACE))
+    rows = _rows(timeline_events(events), device)
+    busy = rows["GPU work"]
+    assert device == "cuda" and len(busy) > 50  # thousands of kernels, merged where they touch
+    assert sum(length for _, length in busy) == pytest.approx(33.1, abs=1)  # ms, as the breakdown's
+    written = write_charts(events, device, tmp_path)
+    assert [p.name for p in written] == ["breakdown.png", "timeline.png"] and all(p.stat().st_size for p in written)
