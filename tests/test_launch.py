@@ -174,3 +174,43 @@ def test_a_process_that_dies_after_the_last_checkpoint_leaves_a_complete_run(tmp
     said = capsys.readouterr()
     assert "killed by signal 6 after the run had finished and saved its last checkpoint (step 4)" in said.err
     assert "--resume" not in said.err and f"run: {run}" in said.out
+
+
+def test_a_multi_node_stop_signals_the_workers_and_not_deepspeeds_launchers(tmp_path):
+    """The first Ctrl-C of a --hostfile run is sent by pkill to each machine's workers, which
+    save. DeepSpeed's runner and per-node launchers name the worker module too, and run on the
+    machine a run starts from: a signal to the runner sets off its own handler, which killed
+    the workers while they saved (and printed a traceback). Real processes with those command
+    lines, matched by pgrep, pkill's own matcher."""
+    import subprocess
+    import sys
+
+    from rigtrain.train.processes import worker_pattern
+
+    run = (tmp_path / "run").resolve()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    lines = {
+        "worker": ["-u", "-m", WORKER_MODULE, "--local_rank=0", "--run-dir", str(run)],
+        "runner": [
+            "-m",
+            "deepspeed.launcher.runner",
+            "--hostfile",
+            "h",
+            "--module",
+            WORKER_MODULE,
+            "--run-dir",
+            str(run),
+        ],
+        "node launcher": ["-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=", "--node_rank=0", "--module"]
+        + ["--enable_each_rank_log=None", WORKER_MODULE, "--run-dir", str(run)],
+        "another run's worker": ["-u", "-m", WORKER_MODULE, "--local_rank=0", "--run-dir", f"{run}-2"],
+    }
+    processes = {name: subprocess.Popen(sleeper + args) for name, args in lines.items()}
+    try:
+        found = subprocess.run(["pgrep", "-f", worker_pattern(run)], capture_output=True, text=True)
+        pids = {int(pid) for pid in found.stdout.split()}
+        assert pids == {processes["worker"].pid}, {name: p.pid for name, p in processes.items()}
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()

@@ -212,10 +212,8 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
                 signum = received[forwarded]
                 forwarded += 1
                 if forwarded == 1:
-                    # [r] keeps pkill's own shell, whose command line holds the pattern, alive
-                    pattern = f"[r]igtrain.train.worker.*--run-dir {run_dir.resolve()}"
                     subprocess.run(
-                        ["pdsh", "-S", "-w", ",".join(hosts), f"pkill -{signum} -f '{pattern}'"],
+                        ["pdsh", "-S", "-w", ",".join(hosts), f"pkill -{signum} -f '{worker_pattern(run_dir)}'"],
                         env={**env, "PDSH_RCMD_TYPE": "ssh"},
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
@@ -229,6 +227,17 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     if received:
         return 128 + received[0]
     return runner.returncode
+
+
+def worker_pattern(run_dir: Path) -> str:
+    """pkill's pattern for this run's workers (`python -u -m rigtrain.train.worker
+    --local_rank=N --run-dir RUN`, as DeepSpeed's per-node launcher starts them) and nothing
+    else: not DeepSpeed's launchers, which name the module after `--module`, nor the ssh
+    clients that carry their command lines, all on the machine a run starts from (in the
+    two-node test, both). A SIGTERM to DeepSpeed's runner sets off its own handler, which kills
+    the workers while they save. [r] keeps pkill's own shell, whose command line holds the
+    pattern, alive."""
+    return f" -m [r]igtrain[.]train[.]worker .*--run-dir {run_dir.resolve()}$"
 
 
 def start_processes(run_dir: Path, plan, hostfile: str | None, hosts: list[str] = (), in_process: bool = True) -> int:
