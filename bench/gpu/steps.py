@@ -224,6 +224,8 @@ def preset_run(
     memory terms (config.json), memory, throughput, verdict, telemetry. NAME (default the
     preset's) names its run folder and log; EXTRA are further `--set` settings."""
     settings = ([] if gpu else CPU_SETTINGS) + list(extra)
+    if not gpu and preset == "base":  # its 192 embedded videos feed a GPU's 256-clip steps, not 4
+        settings.append("data.synth_videos=48")
     steps = GPU_STEPS[preset] if gpu else CPU_STEPS
     name = name or preset
     run = out / "runs" / name
