@@ -8,17 +8,17 @@ Steps, each recorded in OUT_DIR/report.json whether it worked or not:
 1. the tests marked `gpu` (skipped on the CPU, and counted as such);
 2. for demo, small and base: `rigtrain profile` for a few more steps than its window (it
    plans first, bf16 where the card has it; the same run gives the plan and its memory
-   terms, the memory check after the first step, the profile verdict and the throughput),
+   terms, the memory check after the first two steps, the profile verdict and the throughput),
    while this script samples what NVML says the run's processes use;
-3. the first-step out-of-memory back-off for real: on a GPU another process takes all but
+3. on a GPU, small once more with train.compile=true, right after the eager runs (on the
+   CPU only with --only small-compiled: compiling takes minutes there);
+4. the main job, the demo as a user first runs it (900 steps with its evaluations, bf16
+   where the card has it), timed, with what it learned (mainjob.py);
+5. the first-step out-of-memory back-off for real: on a GPU another process takes all but
    90% of what `small` used and the run is told (by a rig file) the card is free as before;
    on the CPU the out-of-memory is injected (RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH);
-4. the main job, the demo as a user first runs it (900 steps with its evaluations, bf16
-   where the card has it), timed, with what it learned; after step 3, the same in fp32, to
-   show that bf16 learns as well (mainjob.py);
-5. on a GPU, small once more with train.compile=true (on the CPU only with --only
-   small-compiled: compiling takes minutes there);
-6. the targets, each with its figure and whether it was met (null on the CPU).
+6. the main job again in fp32, to show that bf16 learns as well;
+7. the targets, each with its figure and whether it was met (null on the CPU).
 
 --only KEY... runs some steps alone (a second try on a lent machine, say).
 GPU-only figures are null on the CPU; the report's shape is the same.
@@ -45,7 +45,7 @@ from mainjob import main_job
 from report import pack_results, print_table, targets
 from steps import COMPILED, PRESETS, ROOT, Deadline, environment, gpu_tests, preset_run
 
-STEP_KEYS = ("gpu_tests", *PRESETS, "main_job", "oom_backoff", "main_job_fp32", COMPILED)
+STEP_KEYS = ("gpu_tests", *PRESETS, COMPILED, "main_job", "oom_backoff", "main_job_fp32")
 
 
 def main() -> int:
@@ -87,6 +87,12 @@ def main() -> int:
     for preset in args.presets:
         run = lambda preset=preset: preset_run(out, preset, gpu, deadline)  # noqa: E731  (bound per preset)
         steps.append((f"{preset}: a planned, profiled bf16 run", preset, run))
+    # compiled right after the eager runs: the candidate fix for the host-bound presets, the
+    # figure a lent machine's minutes are best spent on (on 2026-12-04 it came last and the
+    # deadline stopped it while it compiled)
+    compiled = lambda: preset_run(out, "small", gpu, deadline, name=COMPILED, extra=("train.compile=true",))  # noqa: E731
+    if gpu or (args.only and COMPILED in args.only):
+        steps.append(("small with train.compile=true", COMPILED, compiled))
     steps.append(
         ("demo, the main job: 900 steps with its evaluations", "main_job", lambda: main_job(out, gpu, deadline))
     )
@@ -99,9 +105,6 @@ def main() -> int:
     )
     fp32 = lambda: main_job(out, gpu, deadline, precision="fp32")  # noqa: E731
     steps.append(("demo, the main job in fp32 (bf16 must learn as well)", "main_job_fp32", fp32))
-    compiled = lambda: preset_run(out, "small", gpu, deadline, name=COMPILED, extra=("train.compile=true",))  # noqa: E731
-    if gpu or (args.only and COMPILED in args.only):
-        steps.append(("small with train.compile=true", COMPILED, compiled))
     if args.only:
         steps = [step for step in steps if step[1] in args.only]
     for title, key, step in steps:
