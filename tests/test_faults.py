@@ -226,6 +226,7 @@ def test_a_first_step_out_of_memory_backs_off_and_finishes(tmp_path, demo_data):
             "--set",
             *TINY_MODEL,
             "train.log_every=1",
+            "train.ckpt_every=1",  # the failed attempt saved step 1 before it ran out
         ],
         capture_output=True,
         text=True,
@@ -239,7 +240,7 @@ def test_a_first_step_out_of_memory_backs_off_and_finishes(tmp_path, demo_data):
     # after the second step, the first to hold the optimizer's states beside its activations
     assert "out of memory at step 3 on rank 0" in result.stderr and "GPU" not in result.stderr
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]  # the failed attempts left no rows behind
+    assert steps == [1, 2, 3]  # the failed attempts left no rows behind, nor a checkpoint to start from
 
 
 def test_the_8bit_optimizer_without_bitsandbytes_is_one_line(tmp_path, demo_data):

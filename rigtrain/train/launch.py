@@ -310,7 +310,7 @@ def _train_locked(
         _say(f"out of {_memory(plan)} in the first steps at micro-batch {failed}: backing off to {smaller}")
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, micro_batch_size=smaller))
         fixed = fixed | {"train.micro_batch_size"}
-        for path in (run_dir / "metrics.jsonl", run_dir / "tb"):
+        for path in (run_dir / "metrics.jsonl", run_dir / "tb", run_dir / "checkpoints"):  # the failed try's
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return _finish(run_dir, code)
 
