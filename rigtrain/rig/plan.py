@@ -67,8 +67,10 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         )
     setting = _eight_bit_when_states_dominate(cards, setting, fits, fixed, reasons)
     largest_fitting = micro_batch
-    searched = fits and "train.micro_batch_size" not in fixed
-    larger_fits = cards.search.peak(largest_fitting + 1, setting[1]) <= cards.step_budget(setting)
+    # below the per-GPU share the search bracketed it, so peak(largest + 1) is already known;
+    # at the share nothing larger keeps the experiment, and no step is measured to find out
+    searched = fits and "train.micro_batch_size" not in fixed and largest_fitting < cards.share
+    larger_fits = searched and cards.search.peak(largest_fitting + 1, setting[1]) <= cards.step_budget(setting)
     accum, micro_batch = _accumulation(cards, micro_batch, fixed, fits)
     total = cards.memory(micro_batch, setting)
     memory = _memory_breakdown(cards, total, request.clip_bytes * micro_batch)

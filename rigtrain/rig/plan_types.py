@@ -49,7 +49,8 @@ class Plan:
     warnings: list[RigWarning]
     memory: dict = field(default_factory=dict)  # the breakdown behind predicted_peak_gib
     # the largest micro-batch the plan found to fit in its setting, where it searched up to
-    # one that does not (None: set by the user, the CPU, or a search stopped at a useful size)
+    # one that does not (None: set by the user, the CPU, the whole per-GPU share fitting, or a
+    # search stopped at a useful size)
     largest_micro_batch: int | None = None
 
     def to_dict(self) -> dict:
