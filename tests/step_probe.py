@@ -7,6 +7,8 @@ the next step and print one JSON line:
   `nonzero`, ...), split into those inside DeepSpeed's optimizer step and the rest;
 - the dtypes the optimizer keeps: its master weights and where gradients accumulate;
 - the output dtypes of the step's matmuls (bf16 under autocast) and of a contrastive head;
+- the ops that step dispatches besides the model's forward and autograd's backward (the
+  trainer's bookkeeping, gradient reduction, clipping, the optimizer), with the parameters;
 - then one logged step: the ops its gradient statistics dispatch, against the parts and
   parameters they cover.
 
@@ -72,6 +74,30 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class OutsideModelCounter(OpCounter):
+    """Ops outside the model's forward and autograd's backward: what the host adds per step
+    around the model (on a GPU nearly each one a kernel launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.inside:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def around(self, function):
+        def counted(*args, **kwargs):
+            self.inside += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.inside -= 1
+
+        return counted
+
+
 class MatmulDtypes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -117,8 +143,12 @@ def main(run: Path) -> None:
         matmuls = MatmulDtypes()
         head_dtypes = []
         hook = trainer.engine.module.video_to_va.register_forward_hook(lambda m, i, o: head_dtypes.append(str(o.dtype)))
-        with counter, matmuls:
+        outside = OutsideModelCounter()
+        forward, autograd_backward = trainer.engine.forward, torch.autograd.backward
+        trainer.engine.forward, torch.autograd.backward = outside.around(forward), outside.around(autograd_backward)
+        with counter, matmuls, outside:
             trainer.train_step()
+        trainer.engine.forward, torch.autograd.backward = forward, autograd_backward
         hook.remove()
         # a logged step: the ops its gradient statistics dispatch that launch kernels (between
         # backward and the optimizer, where the host's time delays the step)
@@ -154,6 +184,7 @@ def main(run: Path) -> None:
             "head_output_dtype": head_dtypes[0],
             # ZeRO-3 may have replaced torch's linear for the whole process
             "functional_linear": torch.nn.functional.linear.__name__,
+            "outside_model_ops": outside.ops,
             "statistics_ops": statistics.ops,
             "statistics_parts": len(trainer.stat_parts),
             "parameters": sum(len(p) for p in trainer.stat_parts.values()),

@@ -88,6 +88,38 @@ def test_the_model_step_makes_no_host_sync(demo_data):
     assert counter.counts == {}
 
 
+@pytest.mark.slow  # tracing and AOT autograd: 20 s on a 2-core CPU
+def test_the_training_objective_compiles_as_one_graph_and_evaluation_stays_eager(demo_data):
+    """train.compile's path, without a compiler: torch.compile traces the objective under bf16
+    autocast into one graph with its backward (fullgraph: a graph break fails), the next batch
+    reuses it, and evaluation's tasks compile nothing (compiling forward whole recompiled it
+    for every task and evaluation batch size). aot_eager runs what inductor would be given."""
+    from torch._dynamo.utils import counters
+
+    from rigtrain.train.engine import compile_objective
+
+    config = load_config("demo", overrides=[*TINY_MODEL, "data.segments_per_clip=2"])
+    torch.manual_seed(0)
+    model = build_model(config.model, config.data)
+    torch._dynamo.reset()
+    counters.clear()
+    objective = torch.compile(model.objective, backend="aot_eager", fullgraph=True, dynamic=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for batch in two_different_batches(demo_data, config):
+            objective(batch)["loss"].backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["recompiles"] and not counters["graph_break"]
+    compile_objective(model)  # what the trainer does: only the objective is wrapped
+    model.eval()
+    batch = two_different_batches(demo_data, config)[0]
+    small = {k: v[:3] for k, v in batch.items()}  # an evaluation's last, smaller batch
+    for task_batch in (batch, small):
+        model(task_batch, task="embed")
+        model(task_batch, task="predict")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 def probe(run: Path) -> dict:
     result = run_script(PROBE, str(run))
     lines = [line for line in result.stdout.splitlines() if line.startswith("PROBE ")]
@@ -124,6 +156,10 @@ def check_step_syncs_and_precision(run: Path, precision: str, stage: int) -> Non
     # parameter's full gradient is DeepSpeed's to assemble (safe_get_full_grad), op by op.
     if stage == 0:
         assert found["parameters"] > 40 and found["statistics_ops"] <= 12 * found["statistics_parts"], found
+        # and around the model, a step dispatches a few dozen ops, none per parameter: DeepSpeed's
+        # all-reduce of one process with itself (a copy per parameter) is left out, and the
+        # clipping is multi-tensor (DeepSpeed's: a norm and a multiply per parameter)
+        assert found["outside_model_ops"] <= 40, found
     assert found["master_dtypes"] == ["torch.float32"] and found["grad_accumulation_dtype"] == "torch.float32"
     assert found["running_mean_dtype"] == "torch.float32"
     # one process: no gradient is rounded to bf16 on its way to the optimizer (ZeRO-3's
@@ -168,6 +204,35 @@ def test_deepspeed_config_per_precision():
         assert deepspeed_config(config, "bf16", 2)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
         assert bf16["zero_optimization"].get("memory_efficient_linear", True) is (stage != 3)
     assert "torch_autocast" not in deepspeed_config(config, "fp32", 1)
+
+
+def test_zero0_clips_in_the_trainer_and_skips_the_all_reduce_of_one_process():
+    """At ZeRO-0 the trainer clips (multi-tensor kernels) and DeepSpeed does not; fp16 and
+    ZeRO-1 to 3 clip in DeepSpeed's optimizers. One process at ZeRO-0 all-reduces nothing."""
+    from types import SimpleNamespace
+
+    from rigtrain.train.engine import deepspeed_config, one_process_epilogue
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    module[1].bias.requires_grad_(False)
+    for precision, stage, world, deepspeed_clips, all_reduces in [
+        ("bf16", 0, 1, False, False),
+        ("fp32", 0, 1, False, False),
+        ("bf16", 0, 2, False, True),  # two processes: their gradients are averaged
+        ("fp16", 0, 1, True, False),
+        ("bf16", 1, 1, True, True),
+        ("bf16", 3, 2, True, True),
+    ]:
+        config = load_config("demo", overrides=[f"train.zero_stage={stage}", "train.grad_clip=0.5"])
+        assert deepspeed_config(config, precision, world)["gradient_clipping"] == (0.5 if deepspeed_clips else 0.0)
+        engine = SimpleNamespace(enable_backward_allreduce=True, module=module)
+        clipped = one_process_epilogue(engine, config, precision, world)
+        assert engine.enable_backward_allreduce is all_reduces, (precision, stage, world)
+        assert len(clipped) == (0 if deepspeed_clips else 3), (precision, stage)  # the parameters with gradients
+    no_clip = load_config("demo", overrides=["train.zero_stage=0", "train.grad_clip=0"])
+    assert (
+        one_process_epilogue(SimpleNamespace(enable_backward_allreduce=True, module=module), no_clip, "bf16", 1) == []
+    )
 
 
 def test_float32_islands_hold_under_autocast():

@@ -1153,3 +1153,18 @@ def test_the_installer_says_what_to_do_when_pip_finds_no_torch(tmp_path):
     pips, ours = result.stderr.strip().splitlines()
     assert pips.startswith("ERROR: No matching distribution")
     assert ours.startswith("setup/install.sh: pip could not install torch 2.13.0 for Python 3.") and "PYTHON=" in ours
+
+
+def test_compile_is_turned_off_at_zero3_with_a_warning_and_kept_below():
+    """DeepSpeed's ZeRO-3 gathers parameters in per-layer hooks that break torch.compile's graph
+    at every layer: the plan says so and the run trains uncompiled; ZeRO-0 to 2 compile."""
+    from rigtrain.train.planning import apply_plan
+
+    for stage in (0, 1, 2, 3):
+        overrides = [f"train.zero_stage={stage}", "train.compile=true"]
+        plan = plan_for("two_3090_one_on_x4_850w.json", preset="small", overrides=overrides)
+        assert plan.zero_stage == stage
+        assert ("compile_zero3" in codes(plan)) is (stage == 3)
+        assert apply_plan(load_config("small", overrides=overrides), plan).train.compile is (stage != 3)
+    uncompiled = plan_for("two_3090_one_on_x4_850w.json", preset="small", overrides=["train.zero_stage=3"])
+    assert "compile_zero3" not in codes(uncompiled)

@@ -90,8 +90,8 @@ class TrainConfig:
     "stop when a logged loss is above this many times the median of the last 10 logged; 0 = off"
     compile: bool = False
     (
-        "torch.compile the model (through DeepSpeed's engine.compile): fewer, fused kernels, after the first "
-        "steps spent compiling"
+        "torch.compile the training objective (the model's loss; evaluation runs uncompiled): fewer, fused "
+        "kernels, after the first step spends minutes compiling; off at ZeRO-3"
     )
 
     def __post_init__(self) -> None:

@@ -246,6 +246,14 @@ class PredictiveCodingPerceiver(ContrastiveEncodings, nn.Module):
             return self.embed(batch)
         if task == "predict":
             return self.predict(batch)
+        return self.objective(batch, generator)
+
+    def objective(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The training loss and its terms. train.compile compiles this alone: one graph for
+        the training step, while evaluation's tasks run as written (compiling forward whole
+        recompiled it for each task and each evaluation batch size)."""
         terms = self._predictive_coding(batch, generator)
         c = self.config
         total = c.weight_pc * terms["loss_pc"]

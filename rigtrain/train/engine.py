@@ -63,7 +63,8 @@ def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
-        "gradient_clipping": t.grad_clip,
+        # at ZeRO-0 the trainer clips, in multi-tensor kernels (see one_process_epilogue)
+        "gradient_clipping": 0.0 if clips_gradients_itself(config, precision) else t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": False},
         # loss_scale 0 = dynamic loss scaling, which fp16 needs to avoid underflow.
@@ -75,6 +76,40 @@ def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def clips_gradients_itself(config: RunConfig, precision: str) -> bool:
+    """Whether the trainer clips the gradients rather than DeepSpeed: at ZeRO-0, outside fp16.
+    DeepSpeed's clipping there (runtime/utils.py, clip_grad_norm_) takes a norm and a
+    multiply per parameter, and all-reduces the norm even in one process: on a GPU three
+    launches a parameter every step (`small` has 169), each a few microseconds of work
+    behind its host time. torch's clip_grad_norm_ does the same sum in a few multi-tensor
+    kernels. ZeRO-1 to 3 clip their flat partitions, and fp16's optimizer clips after
+    unscaling: both stay DeepSpeed's."""
+    t = config.train
+    return t.zero_stage == 0 and precision != "fp16" and t.grad_clip > 0
+
+
+def one_process_epilogue(engine, config: RunConfig, precision: str, world: int) -> list[torch.nn.Parameter]:
+    """Leave out DeepSpeed's work after the backward that does nothing for this run, and return
+    the parameters the trainer clips itself (none where DeepSpeed clips). At ZeRO-0 in one
+    process (the plan's choice for one GPU) DeepSpeed would still flatten every gradient into
+    a bucket, all-reduce it with itself and copy each gradient back: a copy kernel per
+    parameter every step, on a step the first H200 run found host-bound."""
+    if world == 1 and config.train.zero_stage == 0:
+        engine.enable_backward_allreduce = False
+    if not clips_gradients_itself(config, precision):
+        return []
+    return [p for p in engine.module.parameters() if p.requires_grad]
+
+
+def compile_objective(model: torch.nn.Module) -> None:
+    """train.compile: torch.compile the model's training objective (fused kernels, and far
+    fewer launches for the host to issue), not DeepSpeed's engine.compile of the whole
+    forward, which recompiled for every evaluation task and batch size (and evaluation
+    would stop compiling at torch's limit of 8 versions, without a word). Shapes are fixed
+    from step to step, so nothing is compiled for dynamic ones."""
+    model.objective = torch.compile(model.objective, dynamic=False)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

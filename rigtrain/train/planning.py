@@ -14,7 +14,7 @@ from rigtrain.errors import UserError
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
 from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted, visible_indices
-from rigtrain.rig.warnings import PYTORCH_INDEX, driver_runs, torch_for_driver
+from rigtrain.rig.warnings import PYTORCH_INDEX, RigWarning, driver_runs, torch_for_driver
 from rigtrain.train.memory_record import recalled, run_kind
 from rigtrain.train.step_peaks import measured, step_shapes
 
@@ -239,7 +239,19 @@ def plan_run(
         hosts=hosts,
         measured_outside_gib=_measured_outside(rig, tuple(config.rig.gpus), hosts, profiling, lazy),
     )
-    return make_plan(rig, request, step_peak_function(config))
+    plan = make_plan(rig, request, step_peak_function(config))
+    if t.compile and plan.zero_stage == 3:
+        plan.warnings.append(RigWarning("compile_zero3", None, COMPILE_AT_ZERO3))
+    return plan
+
+
+# What apply_plan does with train.compile at ZeRO-3, and why (seen on the CPU: a graph break
+# at every layer, 2 minutes of compiling for a step slower than uncompiled).
+COMPILE_AT_ZERO3 = (
+    "train.compile is off at ZeRO-3: DeepSpeed gathers each layer's parameters in hooks that "
+    "torch.compile cannot trace, so the graph would break at every layer (minutes of compiling for "
+    "no gain); ZeRO-0 to 2 compile"
+)
 
 
 def _measured_outside(
@@ -293,5 +305,6 @@ def apply_plan(config: RunConfig, plan: Plan) -> RunConfig:
         zero_stage=plan.zero_stage,
         offload_optimizer=plan.offload_optimizer,
         optimizer=plan.optimizer,
+        compile=config.train.compile and plan.zero_stage != 3,  # COMPILE_AT_ZERO3
     )
     return dataclasses.replace(config, model=model, train=train)

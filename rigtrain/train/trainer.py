@@ -35,9 +35,11 @@ from rigtrain.train import checkpoints
 from rigtrain.train.divergence import DivergenceRules, recent_losses
 from rigtrain.train.engine import (
     build_optimizer,
+    compile_objective,
     deepspeed_config,
     init_distributed,
     lr_lambda,
+    one_process_epilogue,
     seed_everything,
 )
 from rigtrain.train.evaluating import HeldOutEvaluation
@@ -128,8 +130,9 @@ class Trainer(
             lr_scheduler=scheduler,
             config=deepspeed_config(self.config, self.plan["precision"], self.world),
         )
+        self.clipped = one_process_epilogue(self.engine, self.config, self.plan["precision"], self.world)
         if t.compile:
-            self.engine.compile()
+            compile_objective(self.model)
         self._setup_statistics()
         self._warm_up_collectives()
         self.control_group = self._make_control_group()
@@ -211,7 +214,7 @@ class Trainer(
         work while the GPU runs this one. Logging steps read the metrics (one wait), and
         the time per step is measured over the steps since the last one."""
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses; the schedule moves on after it
-        totals: dict[str, torch.Tensor] = {}
+        summed: torch.Tensor | None = None  # the loss terms, stacked in sorted order
         accum = self.config.train.grad_accum_steps
         histograms, logged = self._histogram_step(self.step + 1), self._logs(self.step + 1)
         for micro in range(accum):
@@ -230,15 +233,19 @@ class Trainer(
             if last and logged:
                 self._take_gradients(histograms)
             with span("optimizer"):
+                if last and self.clipped:
+                    torch.nn.utils.clip_grad_norm_(self.clipped, self.config.train.grad_clip, foreach=True)
                 self.engine.step()
-            for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + value.detach().float() / accum
+            # two kernels a micro-batch, not two per loss term
+            stacked = torch.stack([terms[k].detach().float() for k in sorted(terms)])
+            summed = stacked if summed is None else summed + stacked
         # DeepSpeed skips an update whose gradient norm is inf/NaN (fp16 overflow, or worse);
         # it decided that on the host already, so reading its count costs nothing.
         skipped = self.engine.skipped_steps
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped > self.skipped_seen else 0
         self.skipped_seen = skipped
         self.step += 1
+        totals = dict(zip(sorted(terms), (summed / accum if accum > 1 else summed).unbind()))
         finite = torch.isfinite(totals["loss"])
         self.nonfinite_in_a_row = torch.where(finite, 0, self.nonfinite_in_a_row + 1)
         self.nonfinite_total += (~finite).long()

@@ -180,6 +180,8 @@ def _options(base: dict, plan, rig: Rig, fixed: set[str], clips_per_step: int) -
                 stage = 2  # DeepSpeed's offload path on one GPU, as the planner takes it
             if offload == "cpu" and stage == 0:
                 continue  # DeepSpeed offloads from ZeRO-1 up
+            if compile_ and stage == 3:
+                continue  # not compiled at ZeRO-3 (train/planning.py, COMPILE_AT_ZERO3)
             out.append(
                 {
                     "train.nproc": world if not gpu else base["train.nproc"],
