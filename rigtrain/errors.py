@@ -12,8 +12,9 @@ class UserError(Exception):
 
 class DataGone(UserError):
     """The training data cannot be read any more (a folder of videos deleted, a drive
-    unplugged: data/ondemand.py); between_steps when it surfaced before a step's first
-    micro-batch, so the weights are a whole step's and can be saved."""
+    unplugged: data/ondemand.py); between_steps when the trainer knows the weights are a
+    whole step's and the data position that step's end (mid-accumulation too: only the
+    gradients had moved), so they can be saved."""
 
     def __init__(self, message: str, between_steps: bool = False):
         super().__init__(message)

@@ -549,6 +549,26 @@ def test_videos_gone_mid_run_save_the_last_whole_step_and_say_so(tmp_path):
     assert saved and saved[-1] >= 3 and f"step {saved[-1]} is saved" in errors[0]
 
 
+def test_data_gone_mid_accumulation_saves_the_last_whole_step(tmp_path):
+    """The data vanishes after the first of a step's three micro-batches: only gradients had
+    moved, so one process saves the step before, at the data position where that step
+    ended (a resume reads the interrupted step's micro-batches again), and says so."""
+    from conftest import run_script
+
+    run = tmp_path / "run"
+    settings = [*TINY_MODEL, "train.micro_batch_size=2", "train.grad_accum_steps=3", "eval.during_training=false"]
+    made = rigtrain("train", "--out", str(run), "--steps", "1", "--set", *settings)
+    assert made.returncode == 0, made.stderr[-2000:]
+    probed = run_script(Path(__file__).parent / "data_gone_probe.py", str(run))
+    lines = [line for line in probed.stdout.splitlines() if line.startswith("PROBE ")]
+    assert probed.returncode == 0 and lines, probed.stdout[-2000:] + probed.stderr[-3000:]
+    found = json.loads(lines[0][len("PROBE ") :])
+    assert "the data folder is gone" in found["error"] and "step 2 is saved" in found["error"], found
+    assert complete_steps(run) == [1, 2]
+    meta = json.loads((run / "checkpoints" / "step00000002" / "trainer.json").read_text())
+    assert meta["step"] == 2 and meta["micro_batches"] == found["step_end_position"] == 6, (meta, found)
+
+
 # -- bad invocations ------------------------------------------------------------------------
 
 

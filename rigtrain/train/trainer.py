@@ -220,8 +220,9 @@ class Trainer(
         for micro in range(accum):
             try:
                 batch, waited = self._next_batch()
-            except DataGone as gone:  # between two steps only before the first micro-batch
-                raise DataGone(str(gone), between_steps=micro == 0) from None
+            except DataGone as gone:  # mid-accumulation only .grad moved: the weights are the last step's
+                self.micro_batches -= micro  # which a resume reads again, with this step's other micro-batches
+                raise DataGone(str(gone), between_steps=True) from None
             self.data_wait_since_log += waited
             last = micro == accum - 1
             if last and histograms:
