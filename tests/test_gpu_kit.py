@@ -64,12 +64,15 @@ def test_the_kit_runs_every_step_on_the_cpu(tmp_path, demo_data):
         job = report[key]
         assert job["exit_code"] == 0 and job["plan"]["precision"] == precision, job
         assert job["steps"] == 8 and 0 < job["train_seconds"] < job["seconds"]
+        assert 0 < job["median_step_s"] < job["train_seconds"] / 4  # steps 4, 6 and 8, past the start
         assert job["loss_end_mean"] > 0 and 0 <= job["eval"]["t2v_r5"] <= 1 and job["eval"]["knn_colour_top1"] > 0
     assert (
         report["targets"]["demo main job: bf16 ends within 5% of fp32's loss"]["met"] is None
     )  # 8 toy steps judge nothing
     assert isinstance(report["targets"]["demo main job: bf16 ends within 5% of fp32's loss"]["value"], float)
     assert "main_job_fp32: fp32 ZeRO-1 mb 4, 8 steps in" in result.stdout
+    fast = report["targets"]["demo main job: a step's median under 25 ms"]
+    assert fast["value"] == report["main_job"]["median_step_s"] and fast["met"] is None  # a CPU judges nothing
     backoff = report["oom_backoff"]
     assert backoff["ok"] and backoff["tried_micro_batches"] == [48] and backoff["finished_at_micro_batch"] == 42
     assert backoff["steps_logged"] == [1, 2, 3]

@@ -19,13 +19,19 @@ DONE = re.compile(r"done: steps (\d+)-(\d+) in ([0-9.]+) s")  # rigtrain/train/t
 EVAL_FIGURES = ("knn_shape_top1", "knn_colour_top1", "knn_direction_top1", "t2v_r5", "v2t_r5")
 
 
-def main_job(out: Path, gpu: bool, deadline: Deadline = NO_DEADLINE, precision: str | None = None) -> dict:
-    """PRECISION None: the plan's (bf16 on a card that has it); else train.precision=PRECISION."""
-    name = "main-job" if precision is None else f"main-job-{precision}"
+def main_job(
+    out: Path, gpu: bool, deadline: Deadline = NO_DEADLINE, precision: str | None = None, compiled: bool = False
+) -> dict:
+    """PRECISION None: the plan's (bf16 on a card that has it); else train.precision=PRECISION.
+    compiled: with train.compile=true (its first steps compile)."""
+    name = "main-job" + (f"-{precision}" if precision else "") + ("-compiled" if compiled else "")
     run = out / "runs" / name
     settings = [] if gpu else [s for s in CPU_SETTINGS if not s.startswith("profile.")]  # bf16, as on a GPU
+    settings += [] if gpu else ["train.log_every=2"]  # a few step times past the first, of the 8 steps
     if precision is not None:
         settings = [s for s in settings if not s.startswith("train.precision=")] + [f"train.precision={precision}"]
+    if compiled:
+        settings.append("train.compile=true")
     steps = [] if gpu else ["--steps", str(CPU_STEPS)]
     started = time.perf_counter()
     args = ["train", "--preset", "demo", "--out", str(run), *steps]
@@ -41,6 +47,10 @@ def main_job(out: Path, gpu: bool, deadline: Deadline = NO_DEADLINE, precision: 
     rows = rows_of(run)
     losses = [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
     record["steps"] = rows[-1]["step"] if rows else 0
+    # a step's own time, past the first logged stretch (which holds the start, and compiling):
+    # the median of the logged step times, evaluations and saves excluded
+    times = sorted(r["step_time_s"] for r in rows[1:] if isinstance(r.get("step_time_s"), (int, float)))
+    record["median_step_s"] = round(times[len(times) // 2], 5) if times else None
     record["loss_first"], record["loss_last"] = (losses[0], losses[-1]) if losses else (None, None)
     # the end of the run, not one noisy step: the mean of the last 20 logged losses
     record["loss_end_mean"] = round(sum(losses[-20:]) / len(losses[-20:]), 4) if losses else None
