@@ -221,9 +221,11 @@ def _trials(tune_dir: Path) -> list[dict]:
 def test_tune_keeps_its_budget_and_never_runs_a_pruned_candidate(tmp_path):
     """One process: the plan's own choice and the next measure, the third hangs until the
     budget ends it, the rest are not reached; candidates predicted not to fit in the rig
-    file's RAM never get a trial folder."""
+    file's RAM never get a trial folder. In a folder where a tune was killed before: the
+    same command starts again, that tune's trials set aside."""
     rig = _ram_that_prunes(tmp_path)
     out = tmp_path / "tune"
+    _unfinished_tune(out)  # killed there before: set aside, and measured afresh
     budget = 45  # room for two trials before the hang beside the rest of the suite (about 20 s)
     started = time.monotonic()
     result = run_cli(
@@ -236,7 +238,9 @@ def test_tune_keeps_its_budget_and_never_runs_a_pruned_candidate(tmp_path):
     assert elapsed < budget + 10, f"a {budget} s budget took {elapsed:.0f} s"
     trials = _trials(out)
     status = {t["index"]: t["status"] for t in trials}
-    assert status[0] == "ok"
+    assert status[0] == "ok" and trials[0]["clips_per_s"] < 1e9  # measured now, not the killed tune's
+    (aside,) = out.glob("unfinished-*")
+    assert (aside / "trials" / "000" / "result.json").exists() and "did not finish" in result.stdout
     hung = [t for t in trials if t["values"]["train.micro_batch_size"] == 24 and t["status"] != "pruned"]
     assert hung[0]["status"] == "cut off", status
     assert "not run" in status.values()
@@ -720,12 +724,48 @@ def test_a_hand_edited_tune_json_is_one_line_for_tuned(tmp_path, edit):
         tuned_overrides(str(tmp_path), None, None, [], None, print)
 
 
-def test_a_tune_that_did_not_finish_is_not_continued_with_its_old_results(tmp_path):
-    """A killed tune leaves trials/NNN/result.json measured for the candidates of then; a
-    new tune into the same --out would take them as its own (the workers skip a trial that
-    has a result), so it is refused in one line."""
-    out = tmp_path / "tune"
+def _unfinished_tune(out: Path) -> None:
+    """What a tune killed with SIGKILL leaves: trials/NNN/result.json measured for the
+    candidates of then, its groups' queues and logs, no tune.json, and lock.json naming a
+    process that is gone."""
     (out / "trials" / "000").mkdir(parents=True)
-    (out / "trials" / "000" / "result.json").write_text('{"status": "ok"}')
-    result = run_cli("tune", "--out", str(out), "--budget-s", "30")
-    assert result.returncode == 2 and "did not finish" in result.stderr and "Traceback" not in result.stderr
+    (out / "trials" / "000" / "result.json").write_text('{"status": "ok", "clips_per_s": 1e9}')
+    (out / "logs").mkdir()
+    (out / "group-1.json").write_text("[]")
+    (out / "lock.json").write_text('{"pid": 999999999, "host": "gone"}')
+
+
+def test_a_tune_folder_in_use_is_refused_and_an_unfinished_tune_is_set_aside_never_continued(tmp_path):
+    """While a tune holds its folder (the lock `rigtrain train` holds on a run's), a second
+    tune there is refused in one line naming the holder. Once nothing holds it, a folder
+    whose tune did not finish is moved aside, never deleted and never continued: the
+    workers would take its results as measured for whatever the candidates are now.
+    (test_tune_keeps_its_budget_... runs a whole tune in such a folder.)"""
+    import subprocess
+    import sys
+
+    from rigtrain.tune.command import _set_aside_an_unfinished_tune
+
+    out = tmp_path / "tune"
+    _unfinished_tune(out)
+    hold = "import sys, time; from pathlib import Path; from rigtrain.train.processes import RunLock\n"
+    hold += "with RunLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "left by process 999999999, which is gone; taking it over" in holder.stdout.readline()
+        assert holder.stdout.readline().strip() == "held"
+        result = run_cli("tune", "--out", str(out), "--budget-s", "30")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "a tune or a run is already running there" in result.stderr
+        assert f"process {holder.pid} on" in result.stderr
+        assert (out / "trials" / "000" / "result.json").exists()  # nothing of it moved while it was held
+    finally:
+        holder.kill()
+        holder.wait()
+    said = []
+    _set_aside_an_unfinished_tune(out, said.append)
+    (aside,) = out.glob("unfinished-*")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "lock.json", aside.name]
+    assert sorted(p.name for p in aside.iterdir()) == ["group-1.json", "logs", "trials"]
+    assert json.loads((aside / "trials" / "000" / "result.json").read_text())["clips_per_s"] == 1e9
+    assert len(said) == 1 and str(aside) in said[0] and "starts again" in said[0]

@@ -34,13 +34,19 @@ def _say(line: str) -> None:
 
 
 class RunLock:
-    """One run per folder: `rigtrain train` holds an exclusive lock on RUN_DIR/.lock (flock,
-    through filelock) for as long as it runs, with who holds it in RUN_DIR/lock.json. A
-    second train or --resume on a live run is refused, naming the process; the kernel
-    drops the lock of a process that died, however it died, and the next run takes it."""
+    """One run per folder: `rigtrain train` (and `rigtrain tune`, in its folder) holds an
+    exclusive lock on RUN_DIR/.lock (flock, through filelock) for as long as it runs, with
+    who holds it in RUN_DIR/lock.json. A second command on a live folder is refused, naming
+    the process; the kernel drops the lock of a process that died, however it died, and
+    the next command takes it. busy: what the refusal tells the second command to do."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    TRAIN_BUSY = (
+        "a run is already training there ({who}); wait for it to end, or "
+        "stop it (`kill {pid}` saves a checkpoint first) and add --resume"
+    )
+
+    def __init__(self, run_dir: Path, busy: str = TRAIN_BUSY):
+        self.run_dir, self.busy = run_dir, busy
         self.info = run_dir / "lock.json"
 
     def __enter__(self) -> RunLock:
@@ -55,13 +61,11 @@ class RunLock:
                 if holder
                 else "another process"
             )
-            raise UserError(
-                f"--out {self.run_dir}: a run is already training there ({who}); wait for it to end, or "
-                f"stop it (`kill {holder.get('pid', 'PID')}` saves a checkpoint first) and add --resume"
-            ) from None
+            busy = self.busy.format(who=who, pid=holder.get("pid", "PID"))
+            raise UserError(f"--out {self.run_dir}: {busy}") from None
         previous = self._holder()
         if previous and previous.get("pid") != os.getpid():
-            _say(f"the run's lock was left by process {previous.get('pid')}, which is gone; taking it over")
+            _say(f"the lock in {self.run_dir} was left by process {previous.get('pid')}, which is gone; taking it over")
 
         write_json(
             self.info,

@@ -4,6 +4,7 @@ trial folders written, the search run under the budget (search.py), the results 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -50,52 +51,63 @@ def tune(
         )
     say = (lambda line: None) if as_json else say_progress
     preset = preset or "demo"
-    first_group = FirstGroup()
-    try:
-        config, fixed, tune_dir, rig, candidates = _plan_trials(
-            preset, config_file, overrides, data, out, rig_file, psu_w, quiet=as_json, first_group=first_group
+    # The tune's folder is locked from the moment it is made until the results are written.
+    with contextlib.ExitStack() as held:
+        first_group = FirstGroup()
+        try:
+            config, fixed, tune_dir, rig, candidates = _plan_trials(
+                preset,
+                config_file,
+                overrides,
+                data,
+                out,
+                rig_file,
+                psu_w,
+                quiet=as_json,
+                first_group=first_group,
+                hold=held,
+            )
+        except BaseException:
+            kill(first_group.processes)
+            raise
+        device = candidates[0].plan.device if candidates[0].plan else "cpu"
+        runnable = sum(c.pruned is None for c in candidates)
+        say(
+            f"{len(candidates)} configurations of preset {preset} planned in {time.time() - began:.0f} s: "
+            f"{runnable} to measure, {len(candidates) - runnable} pruned; budget {budget_s:.0f} s, "
+            f"trials of {trial_s:g} s after {Timing.warmup_steps} warm-up step "
+            f"({Timing.compiled_warmup_steps} compiled) (in {tune_dir})"
         )
-    except BaseException:
-        kill(first_group.processes)
-        raise
-    device = candidates[0].plan.device if candidates[0].plan else "cpu"
-    runnable = sum(c.pruned is None for c in candidates)
-    say(
-        f"{len(candidates)} configurations of preset {preset} planned in {time.time() - began:.0f} s: "
-        f"{runnable} to measure, {len(candidates) - runnable} pruned; budget {budget_s:.0f} s, "
-        f"trials of {trial_s:g} s after {Timing.warmup_steps} warm-up step "
-        f"({Timing.compiled_warmup_steps} compiled) (in {tune_dir})"
-    )
-    timing = Timing(trial_timeout_s or (300.0 if device == "cuda" else 120.0), timed_s=trial_s)
-    finishing_s = 5.0  # the results, the TOML and TensorBoard's hparams, after the last trial
-    search = Search(tune_dir, candidates, timing, began + budget_s - finishing_s, say, first_group.adoptable())
-    previous = {s: signal.signal(s, _interrupt) for s in stop_signals()}  # a closed terminal too
-    stopped = None
-    try:
-        search.run()
-    except Interrupted as why:
-        stopped = str(why)
-        kill(search.processes)
-        search.mark_stopped(stopped)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    code = write_results(
-        tune_dir,
-        candidates,
-        {c.index: search.result(c.index) for c in candidates if c.pruned is None},
-        search.confirmation_results(),
-        one_round=search.one_round,
-        plan_again=search.result(search.plan_again) if search.plan_again is not None else None,
-        preset=preset,
-        fixed={k: _value(config, k) for k in sorted(fixed)},
-        rig=rig,
-        budget_s=budget_s,
-        elapsed_s=time.time() - began,
-        stopped=stopped,
-        as_json=as_json,
-    )
-    return 128 + getattr(signal, stopped).value if stopped else code
+        timing = Timing(trial_timeout_s or (300.0 if device == "cuda" else 120.0), timed_s=trial_s)
+        finishing_s = 5.0  # the results, the TOML and TensorBoard's hparams, after the last trial
+        search = Search(tune_dir, candidates, timing, began + budget_s - finishing_s, say, first_group.adoptable())
+        previous = {s: signal.signal(s, _interrupt) for s in stop_signals()}  # a closed terminal too
+        stopped = None
+        try:
+            search.run()
+        except Interrupted as why:
+            stopped = str(why)
+            kill(search.processes)
+            search.mark_stopped(stopped)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        code = write_results(
+            tune_dir,
+            candidates,
+            {c.index: search.result(c.index) for c in candidates if c.pruned is None},
+            search.confirmation_results(),
+            one_round=search.one_round,
+            plan_again=search.result(search.plan_again) if search.plan_again is not None else None,
+            preset=preset,
+            fixed={k: _value(config, k) for k in sorted(fixed)},
+            rig=rig,
+            budget_s=budget_s,
+            elapsed_s=time.time() - began,
+            stopped=stopped,
+            as_json=as_json,
+        )
+        return 128 + getattr(signal, stopped).value if stopped else code
 
 
 class FirstGroup:
@@ -118,9 +130,12 @@ class FirstGroup:
         return (self.world, self.processes) if self.processes else None
 
 
-def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, quiet: bool, first_group=None):
-    """The config, the keys the user set, the tune folder, the rig, and the candidates, each
-    one to run with its trial folder written (a run's config.json, as `train` writes it)."""
+def _plan_trials(
+    preset, config_file, overrides, data, out, rig_file, psu_w, *, quiet: bool, first_group=None, hold=None
+):
+    """The config, the keys the user set, the tune folder (locked for as long as `hold`, an
+    ExitStack, lasts), the rig, and the candidates, each one to run with its trial folder
+    written (a run's config.json, as `train` writes it)."""
     # torch, through the planner and the data checks: after the arguments are checked
     from rigtrain.train.launch import (
         check_data,
@@ -129,6 +144,7 @@ def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, 
         write_run_config,
     )
     from rigtrain.train.planning import check_torch_trains_here, machine_rig  # torch: after the arguments are checked
+    from rigtrain.train.processes import RunLock  # with launch's, after the arguments are checked
     from rigtrain.tune.candidates import make_candidates, with_values  # the planner (torch)
 
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # before anything starts CUDA, as train does
@@ -139,14 +155,11 @@ def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, 
     tune_dir = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-tune"
     if (tune_dir / "tune.json").exists() or (tune_dir / "config.json").exists():
         raise UserError(f"--out {tune_dir} already holds a tune or a run; choose another --out")
-    if (tune_dir / "trials").exists():
-        # Its trials' results would be taken as measured for whatever the candidates are now.
-        raise UserError(
-            f"--out {tune_dir} holds a tune that did not finish (trials, no tune.json); a tune is "
-            "measured in one go: choose another --out, or delete that folder to tune there again"
-        )
     prepare_run_dir(tune_dir)
     log = (lambda line: None) if quiet else (lambda line: print(f"[rigtrain] {line}", flush=True))
+    if hold is not None:
+        hold.enter_context(RunLock(tune_dir, busy=TUNE_BUSY))
+    _set_aside_an_unfinished_tune(tune_dir, log)
     data_dir = resolve_data(config, log=log)
     rig = machine_rig([data_dir, tune_dir], rig_file)
     check_torch_trains_here(rig, rig_file)
@@ -170,3 +183,25 @@ def _plan_trials(preset, config_file, overrides, data, out, rig_file, psu_w, *, 
 def _value(config, key: str):
     section, name = key.split(".")
     return getattr(getattr(config, section), name)
+
+
+TUNE_BUSY = "a tune or a run is already running there ({who}); wait for it to end, or choose another --out"
+
+
+def _set_aside_an_unfinished_tune(tune_dir: Path, log) -> None:
+    """A tune killed where it could not write its results (SIGKILL, a power cut, the machine
+    gone) leaves trials/ without tune.json. The same command starts it again: its trials
+    were measured in another session, perhaps for other candidates (the workers would take
+    a trial with a result as measured), and a tune compares trials within one go. They are
+    moved aside into unfinished-TIME/, never deleted."""
+    if not (tune_dir / "trials").exists():
+        return
+    aside = tune_dir / f"unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for item in sorted(tune_dir.iterdir()):
+        if item.name not in (".lock", "lock.json") and not item.name.startswith("unfinished-"):
+            item.rename(aside / item.name)
+    log(
+        f"--out {tune_dir} held a tune that did not finish (no tune.json); its trials are kept in {aside}, "
+        "and the tune starts again (trials are compared within one go)"
+    )
