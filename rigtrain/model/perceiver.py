@@ -155,39 +155,63 @@ class PredictiveCodingPerceiver(ContrastiveEncodings, nn.Module):
         inputs: (tokens (B, n, D), key mask (B, n) or None, DropToken applies). Re-exposure:
         `exposures` rounds of cross-attention + self-attention, each on a fresh DropToken draw
         (or the first draw again with same_droptoken_draw)."""
-        B, device = start.shape[0], start.device
+        return self.encode_each([(start, inputs)], generator)[0]
+
+    def encode_each(
+        self,
+        jobs: list[tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None, bool]]]],
+        generator: torch.Generator | None = None,
+    ) -> list[torch.Tensor]:
+        """Several encodings that do not depend on each other (the contrastive side encodes
+        video, sound and narration each alone): each job's latents read its own tokens in
+        the cross-attention block (their token counts differ), then the latents of every job
+        go through the self-attention blocks as one batch. Those blocks treat each sample
+        alone, so the result is `encode` of each job; a GPU launches their kernels once
+        instead of once a job (the training step was host-bound on the first GPU runs)."""
         keep = self.config.droptoken_keep if self.training else 1.0
-        latent, draws = start, None
+        latents = [start for start, _ in jobs]
+        draws: list[list | None] = [None] * len(jobs)
         for _ in range(self.config.exposures):
-            if draws is None or not self.config.same_droptoken_draw:
-                draws = [
-                    drop_tokens(tokens.shape[1], keep, B, device, generator) if drop and keep < 1.0 else None
-                    for tokens, _, drop in inputs
-                ]
-            parts, masks = [], []
-            for (tokens, mask, _), draw in zip(inputs, draws):
-                if draw is not None:
-                    tokens = gather_tokens(tokens, draw)
-                    mask = None if mask is None else torch.gather(mask, 1, draw)
-                parts.append(tokens)
-                masks.append(mask)
-            # No mask at all when no input has one: attention without a mask can use the
-            # Flash kernel on a GPU.
-            mask = (
-                None
-                if all(m is None for m in masks)
-                else torch.cat(
-                    [
-                        torch.ones(t.shape[:2], dtype=torch.bool, device=device) if m is None else m
-                        for t, m in zip(parts, masks)
-                    ],
-                    dim=1,
-                )
-            )
-            latent = self._block(self.encoder_cross, latent, torch.cat(parts, dim=1), mask)
+            for j, (start, inputs) in enumerate(jobs):
+                if draws[j] is None or not self.config.same_droptoken_draw:
+                    B, device = start.shape[0], start.device
+                    draws[j] = [
+                        drop_tokens(tokens.shape[1], keep, B, device, generator) if drop and keep < 1.0 else None
+                        for tokens, _, drop in inputs
+                    ]
+                latents[j] = self._block(self.encoder_cross, latents[j], *self._context(inputs, draws[j]))
+            sizes = [latent.shape[0] for latent in latents]
+            latent = torch.cat(latents) if len(latents) > 1 else latents[0]
+            latents.clear()  # the stacked copy is what the blocks read: the parts go now, not after them
             for block in self.encoder_self:
                 latent = self._block(block, latent)
-        return latent
+            latents = list(latent.split(sizes)) if len(sizes) > 1 else [latent]
+        return latents
+
+    @staticmethod
+    def _context(
+        inputs: list[tuple[torch.Tensor, torch.Tensor | None, bool]], draws: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tokens (B, n, D) the latents read, DropToken's draw applied, and their key mask
+        (B, n), or None when no input has one: attention without a mask can use the Flash
+        kernel on a GPU."""
+        parts, masks = [], []
+        for (tokens, mask, _), draw in zip(inputs, draws):
+            if draw is not None:
+                tokens = gather_tokens(tokens, draw)
+                mask = None if mask is None else torch.gather(mask, 1, draw)
+            parts.append(tokens)
+            masks.append(mask)
+        if all(m is None for m in masks):
+            return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0], None
+        mask = torch.cat(
+            [
+                torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) if m is None else m
+                for t, m in zip(parts, masks)
+            ],
+            dim=1,
+        )
+        return torch.cat(parts, dim=1), mask
 
     def _start(self, batch_size: int) -> torch.Tensor:
         return self.latents.expand(batch_size, -1, -1)
