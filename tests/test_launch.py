@@ -214,3 +214,33 @@ def test_a_multi_node_stop_signals_the_workers_and_not_deepspeeds_launchers(tmp_
         for process in processes.values():
             process.kill()
             process.wait()
+
+
+def test_commands_started_in_the_same_second_get_run_folders_of_their_own(tmp_path, monkeypatch):
+    """Without --out a run goes to runs/DATE-TIME-PRESET. Two commands started in the same
+    second (a script starting several; the test suite's workers did) took the same folder,
+    and the second was refused as a second run in a live folder. Making the folder is the
+    claim now: eight processes at once get eight folders."""
+    import subprocess
+    import sys
+
+    from rigtrain.train.processes import new_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20261205-120000")
+    assert [new_run_dir("demo").as_posix() for _ in range(3)] == [
+        "runs/20261205-120000-demo",
+        "runs/20261205-120000-demo-2",
+        "runs/20261205-120000-demo-3",
+    ]
+    claim = "import time; time.strftime = lambda *a: 'X'; from rigtrain.train.processes import new_run_dir; "
+    claim += "print(new_run_dir('many'))"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", claim], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+        for _ in range(8)
+    ]
+    made = [p.communicate(timeout=60)[0].strip() for p in processes]
+    assert len(set(made)) == 8 and all(Path(tmp_path, m).is_dir() for m in made), made
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot make a run folder in .*file.*; give one with --out"):
+        new_run_dir("demo", parent=tmp_path / "file")

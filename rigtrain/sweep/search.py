@@ -25,7 +25,7 @@ from rigtrain.config.loading import as_set_value
 from rigtrain.errors import UserError
 from rigtrain.sweep.placement import trial_slots
 from rigtrain.sweep.spec import SweepSpec, read_spec
-from rigtrain.train.processes import last_line, terminate_with_parent
+from rigtrain.train.processes import last_line, new_run_dir, terminate_with_parent
 from rigtrain.train.stopping import stop_signals
 
 STUDY = "rigtrain-sweep"
@@ -264,7 +264,7 @@ def sweep(spec_path: str, *, out: str | None, trials: int | None, budget_s: floa
     from rigtrain.sweep.report import write_sweep_results  # matplotlib, TensorBoard: once the trials are done
 
     spec = read_spec(spec_path)
-    sweep_dir = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-sweep-{spec.path.stem}"
+    sweep_dir = Path(out) if out else new_run_dir(f"sweep-{spec.path.stem}")
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise UserError(f"--out {sweep_dir}: a file of that name exists; give a folder for the sweep")
     sweep_dir.mkdir(parents=True, exist_ok=True)

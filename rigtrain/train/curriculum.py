@@ -97,11 +97,11 @@ def finished(folder: Path, steps: int) -> bool:
 
 def run_curriculum(file: str, *, out: str | None, preset: str | None, resume: bool, train, **options) -> int:
     """Every stage through `train` (launch.train), in order; the first failure ends it."""
-    from rigtrain.train.launch import default_run_dir  # the run folders' naming
+    from rigtrain.train.processes import new_run_dir  # the run folders' naming
 
     file_preset, stages = read_curriculum(file)
     preset = preset or file_preset or "demo"
-    root = Path(out) if out else Path(str(default_run_dir(preset)) + "-curriculum")
+    root = Path(out) if out else new_run_dir(f"{preset}-curriculum")
     plan = root / PLAN_FILE
     if plan.exists() and not resume:
         raise UserError(f"--out {root} already holds a curriculum; add --resume to continue it or choose another --out")

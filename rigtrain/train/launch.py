@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from rigtrain.config import RunConfig, build_config, load_config
@@ -21,15 +20,11 @@ from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.train.initializing import check_source
-from rigtrain.train.processes import RunLock, start_processes
+from rigtrain.train.processes import RunLock, new_run_dir, start_processes
 from rigtrain.train.resuming import check_checkpoint_layout, check_same_processes, resume_changes
 from rigtrain.train.run_record import read_run_record
 from rigtrain.train.stopping import STOP_EXIT_CODES
 from rigtrain.train.worker import OOM_MARKER
-
-
-def default_run_dir(preset: str) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}"
 
 
 def resolve_config(
@@ -66,10 +61,11 @@ def resolve_config(
             _say(f"resuming with changes against the checkpoint's config: {'; '.join(changes)}")
         return config, run_dir
     preset = preset or "demo"
-    run_dir = Path(out) if out else default_run_dir(preset)
+    config = load_config(preset, config_file, overrides)  # a wrong key is said before any folder is made
+    run_dir = Path(out) if out else new_run_dir(preset)
     if (run_dir / "config.json").exists():
         raise UserError(f"--out {run_dir} already holds a run; add --resume to continue it or choose another --out")
-    return load_config(preset, config_file, overrides), run_dir
+    return config, run_dir
 
 
 def resolve_data(config: RunConfig, log=print) -> Path:
@@ -199,7 +195,7 @@ def train(
         if not resume and "eval.during_training" not in user_keys(config_file, overrides):
             overrides.append("eval.during_training=false")  # a profile measures speed: no evaluation unless asked
         if out is None and not resume:
-            out = str(default_run_dir(preset or "demo")) + "-profile"
+            out = str(new_run_dir(f"{preset or 'demo'}-profile"))
     config, run_dir = resolve_config(
         out=out, preset=preset, config_file=config_file, overrides=overrides, steps=steps, data=data, resume=resume
     )

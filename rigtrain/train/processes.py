@@ -11,6 +11,7 @@ folder (docs/training.md, "From `rigtrain train` to the first step"):
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import signal
@@ -31,6 +32,29 @@ WORKER_MODULE = "rigtrain.train.worker"
 
 def _say(line: str) -> None:
     print(f"[rigtrain] {line}", flush=True)
+
+
+def new_run_dir(name: str, parent: Path = Path("runs")) -> Path:
+    """parent/DATE-TIME-NAME, made now, where no --out was given. Two commands started in the
+    same second (a script that starts several, a test suite) each get a folder of their
+    own, the later ones -2, -3, ...: making the folder is the claim, and only one process
+    can make it. Before, both took the same name and the second was refused as a second
+    run in a live folder."""
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count(1):
+            folder = parent / (stamp if n == 1 else f"{stamp}-{n}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise UserError(
+            f"cannot make a run folder in {parent.resolve()} ({err.strerror or err}); give one with --out"
+        ) from None
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 class RunLock:

@@ -144,7 +144,7 @@ def _plan_trials(
         write_run_config,
     )
     from rigtrain.train.planning import check_torch_trains_here, machine_rig  # torch: after the arguments are checked
-    from rigtrain.train.processes import RunLock  # with launch's, after the arguments are checked
+    from rigtrain.train.processes import RunLock, new_run_dir  # with launch's, after the arguments are checked
     from rigtrain.tune.candidates import make_candidates, with_values  # the planner (torch)
 
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # before anything starts CUDA, as train does
@@ -152,7 +152,7 @@ def _plan_trials(
         overrides = [*overrides, f"data.dir={Path(data).resolve()}"]
     config = load_config(preset, config_file, overrides)
     fixed = user_keys(config_file, overrides)
-    tune_dir = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-tune"
+    tune_dir = Path(out) if out else new_run_dir(f"{preset}-tune")
     if (tune_dir / "tune.json").exists() or (tune_dir / "config.json").exists():
         raise UserError(f"--out {tune_dir} already holds a tune or a run; choose another --out")
     prepare_run_dir(tune_dir)
