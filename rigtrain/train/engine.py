@@ -10,6 +10,7 @@ import math
 import random
 import sys
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -168,6 +169,7 @@ def init_distributed(plan: dict, local_rank: int) -> torch.device:
     the plan: TF32, attention kernels, and torch's allocator capped at the plan's share of
     the card."""
     without_deepspeed_muon()
+    without_deprecation_lines_from_deepspeed()
     import deepspeed  # heavy: only the processes that train import it
 
     if plan["device"] == "cuda":
@@ -231,6 +233,17 @@ def without_deepspeed_muon() -> None:
         stand_in = types.ModuleType(f"{DEEPSPEED_MUON}.{name}", "rigtrain's stand-in: train/engine.py")
         setattr(stand_in, attribute.__name__, attribute)
         sys.modules[stand_in.__name__] = stand_in
+
+
+# torch 2.13 deprecated two collectives that DeepSpeed 0.19's ZeRO-3 calls at every gather
+# and gradient reduction (all_gather_into_tensor, reduce_scatter_tensor). Python's once-per-
+# place rule did not hold them back: a 30-step ZeRO-3 run on one CPU rank printed 35 such
+# lines, four steps on two ranks 18, between the run's own. Nothing the user can change.
+DEEPSPEED_DEPRECATED_CALLS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+
+
+def without_deprecation_lines_from_deepspeed() -> None:
+    warnings.filterwarnings("ignore", message=DEEPSPEED_DEPRECATED_CALLS, category=FutureWarning)
 
 
 def without_deepspeed_shm_kernel() -> None:
