@@ -21,7 +21,7 @@ from rigtrain.data.dataset import ShardDataset, open_dataset
 from rigtrain.data.split import clips_digest, heldout_videos, split_clips
 from rigtrain.errors import UserError
 from rigtrain.evaluate import evaluate, extract_features
-from rigtrain.evaluate.evaluation import needs_bank, spread
+from rigtrain.evaluate.evaluation import EVAL_MIN_BATCH, needs_bank, spread
 from rigtrain.evaluate.pictures import geometry_of, picture_clips, prediction_pictures, save_pictures
 from rigtrain.files import write_json
 from rigtrain.model import build_model
@@ -117,7 +117,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
         return lambda done, _: embedded(offset + done, total)
 
     embed = lambda batch: model(batch, task="embed")  # noqa: E731
-    size = max(config.train.micro_batch_size, 16)
+    size = max(config.train.micro_batch_size, EVAL_MIN_BATCH)  # the model alone: room for more
     bank = None
     if len(bank_clips):
         bank = extract_features(embed, dataset, bank_clips, batch_size=size, device=device, progress=progress(0))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from rigtrain.evaluate import Features, evaluate, extract_features, format_result
-from rigtrain.evaluate.evaluation import needs_bank, spread
+from rigtrain.evaluate.evaluation import eval_batch_size, needs_bank, spread
 from rigtrain.evaluate.pictures import geometry_of, picture_clips, prediction_pictures
 from rigtrain.files import write_json
 
@@ -94,7 +94,7 @@ class HeldOutEvaluation:
             lambda batch: self.engine.module(batch, task="embed"),
             self.dataset,
             padded,
-            batch_size=self.config.train.micro_batch_size,
+            batch_size=eval_batch_size(self.config.train.micro_batch_size, self.device),
             device=self.device,
         )
         return features.select(np.arange(len(share)))

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from rigtrain.evaluate.evaluation import eval_batch_size
 from rigtrain.files import write_json
 from rigtrain.train.memory_record import remember, run_kind
 
@@ -42,7 +43,8 @@ class FirstStepRehearsal:
             module = self.engine.module
             module.eval()
             try:
-                self._embed_share(self.split.heldout[: self.config.train.micro_batch_size * self.world])
+                batch = eval_batch_size(self.config.train.micro_batch_size, self.device)
+                self._embed_share(self.split.heldout[: batch * self.world])  # one batch a rank
             finally:
                 module.train()
         torch.distributed.barrier()
