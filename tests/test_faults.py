@@ -167,8 +167,8 @@ def start_on_a_terminal(run: Path, steps: int, *settings: str, nohup: bool = Fal
 
     def take_the_terminal():
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        if nohup:
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Set either way: a suite run under nohup hands its tests SIGHUP ignored.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
 
     command = [sys.executable, "-m", "rigtrain", "train", "--out", str(run), "--steps", str(steps), "--set", *settings]
     process = subprocess.Popen(
