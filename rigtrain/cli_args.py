@@ -32,9 +32,28 @@ def watts(text: str) -> float:
 class Parser(argparse.ArgumentParser):
     """argparse, with usage errors as one line and exit code 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+    def error(self, message: str, prog: str | None = None) -> None:  # type: ignore[override]
+        prog = prog or self.prog
+        print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+    # argparse reports a word no parser took from the top parser, whose --help does not list
+    # the subcommand's options: `rigtrain data prepare SRC OUT --out X` said "see rigtrain
+    # --help". The deepest parser left with extra words is remembered, and named instead.
+    _LEFT_OVER = "_parser_left_with_extra_words"
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and not hasattr(namespace, self._LEFT_OVER):
+            setattr(namespace, self._LEFT_OVER, self.prog)  # a subcommand's parser finishes first
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = self.parse_known_args(args, namespace)
+        prog = namespace.__dict__.pop(self._LEFT_OVER, None)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}", prog)
+        return namespace
 
 
 def add_set_option(parser: argparse.ArgumentParser, description: str) -> None:

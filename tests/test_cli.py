@@ -203,3 +203,19 @@ def test_output_outlives_a_reader_that_is_gone():
     print("and another", file=stream, flush=True)
     assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull)  # for child processes too
     stream.close()
+
+
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        (["data", "prepare", "videos", "shards", "--out", "runs/x"], "rigtrain data prepare"),
+        (["train", "--stpes", "100"], "rigtrain train"),
+        (["profile", "analyze", "a.json", "b.json"], "rigtrain profile analyze"),
+        (["rig", "--json", "extra"], "rigtrain rig"),
+    ],
+)
+def test_a_word_no_option_takes_points_to_the_help_of_the_command_it_was_given_to(argv, command):
+    """`rigtrain data prepare SRC OUT --out X` said "see rigtrain --help", whose help lists no
+    option of `data prepare`."""
+    result = run_cli(*argv)
+    assert_user_error(result, f"{command}: error: unrecognized arguments:", f"(see {command} --help)")
