@@ -660,3 +660,19 @@ def test_every_bad_invocation_is_exit_2_with_one_line(tmp_path, demo_data):
         if result.returncode != 2 or len(lines) != 1 or "Traceback" in result.stderr:
             failures.append((args, result.returncode, result.stderr[-600:]))
     assert not failures, "\n".join(map(repr, failures))
+
+
+def test_a_command_that_fails_before_its_run_writes_anything_leaves_no_folder(tmp_path, demo_data):
+    """A mistake found after the run folder was made (here: a micro-batch larger than the
+    data) left an empty runs/DATE-TIME-PRESET behind at every try. Folders the command made
+    go again; a folder the user made stays, and so does one with anything written in it."""
+    too_big = ["--data", str(demo_data), "--set", "train.micro_batch_size=5000"]
+    for command in (["train"], ["tune", "--budget-s", "60"], ["profile"]):
+        result = run_cli(*command, *too_big, cwd=tmp_path)
+        assert result.returncode == 2 and "fewer than one batch" in result.stderr, result.stderr[-2000:]
+        assert list((tmp_path / "runs").iterdir()) == [], command
+    result = run_cli("train", *too_big, "--out", str(tmp_path / "new" / "run"))
+    assert result.returncode == 2 and not (tmp_path / "new" / "run").exists()
+    (tmp_path / "mine").mkdir()
+    result = run_cli("train", *too_big, "--out", str(tmp_path / "mine"))
+    assert result.returncode == 2 and (tmp_path / "mine").is_dir()

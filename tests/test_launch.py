@@ -244,3 +244,19 @@ def test_commands_started_in_the_same_second_get_run_folders_of_their_own(tmp_pa
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot make a run folder in .*file.*; give one with --out"):
         new_run_dir("demo", parent=tmp_path / "file")
+
+
+@pytest.mark.parametrize("content, kept", [(b"", False), (b"x", True)])
+def test_only_a_folder_with_nothing_written_in_it_is_removed(tmp_path, content, kept):
+    from rigtrain.train.processes import RunLock
+
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    with pytest.raises(UserError), RunLock(run, made_here=True):
+        (run / "logs" / "rank-0.log").write_bytes(content)
+        raise UserError("the data is too small")
+    assert run.is_dir() == kept
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError), RunLock(tmp_path / "mine"):  # not made by this command: kept, even empty
+        raise UserError("the data is too small")
+    assert (tmp_path / "mine").is_dir()

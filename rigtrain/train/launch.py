@@ -190,6 +190,7 @@ def train(
 ) -> int:
     # Before anything starts CUDA: number GPUs by PCI bus, as nvidia-smi and NVML do.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    made_here = not resume and (out is None or not Path(out).exists())  # removed again if nothing runs
     if profile:  # `rigtrain profile`: the same run with the profiler on, by default just long enough
         overrides = [*overrides, "profile.enabled=true"]
         if not resume and "eval.during_training" not in user_keys(config_file, overrides):
@@ -200,7 +201,7 @@ def train(
         out=out, preset=preset, config_file=config_file, overrides=overrides, steps=steps, data=data, resume=resume
     )
     prepare_run_dir(run_dir)
-    with RunLock(run_dir):
+    with RunLock(run_dir, made_here=made_here):
         return _train_locked(
             config,
             run_dir,

@@ -69,8 +69,8 @@ class RunLock:
         "stop it (`kill {pid}` saves a checkpoint first) and add --resume"
     )
 
-    def __init__(self, run_dir: Path, busy: str = TRAIN_BUSY):
-        self.run_dir, self.busy = run_dir, busy
+    def __init__(self, run_dir: Path, busy: str = TRAIN_BUSY, made_here: bool = False):
+        self.run_dir, self.busy, self.made_here = run_dir, busy, made_here
         self.info = run_dir / "lock.json"
 
     def __enter__(self) -> RunLock:
@@ -108,9 +108,27 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         self.info.unlink(missing_ok=True)
+        if exc_type is not None and self.made_here:
+            self._remove_if_unused()
         self.lock.release()
+
+    def _remove_if_unused(self) -> None:
+        """A folder this command made, and left with nothing written in it because the command
+        failed first (too few clips, a rig file that does not fit): removed, still under the
+        lock, so that mending a mistake and trying again does not leave runs/ full of empty
+        folders. Its lock, empty folders and empty files (the log a tune's first worker
+        group opened) are nothing; a single byte anywhere else, and it stays."""
+        import shutil
+
+        try:
+            for path in self.run_dir.rglob("*"):
+                if path.is_symlink() or (not path.is_dir() and path.stat().st_size > 0):
+                    return
+            shutil.rmtree(self.run_dir)
+        except OSError:
+            pass  # a file came and went meanwhile, or the folder cannot be changed: it stays
 
 
 def free_port() -> int:

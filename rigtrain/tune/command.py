@@ -152,13 +152,14 @@ def _plan_trials(
         overrides = [*overrides, f"data.dir={Path(data).resolve()}"]
     config = load_config(preset, config_file, overrides)
     fixed = user_keys(config_file, overrides)
+    made_here = out is None or not Path(out).exists()  # removed again if the tune fails before it measures
     tune_dir = Path(out) if out else new_run_dir(f"{preset}-tune")
     if (tune_dir / "tune.json").exists() or (tune_dir / "config.json").exists():
         raise UserError(f"--out {tune_dir} already holds a tune or a run; choose another --out")
     prepare_run_dir(tune_dir)
     log = (lambda line: None) if quiet else (lambda line: print(f"[rigtrain] {line}", flush=True))
     if hold is not None:
-        hold.enter_context(RunLock(tune_dir, busy=TUNE_BUSY))
+        hold.enter_context(RunLock(tune_dir, busy=TUNE_BUSY, made_here=made_here))
     _set_aside_an_unfinished_tune(tune_dir, log)
     data_dir = resolve_data(config, log=log)
     rig = machine_rig([data_dir, tune_dir], rig_file)
