@@ -14,6 +14,7 @@ import ctypes
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,8 +121,6 @@ class RunLock:
         lock, so that mending a mistake and trying again does not leave runs/ full of empty
         folders. Its lock, empty folders and empty files (the log a tune's first worker
         group opened) are nothing; a single byte anywhere else, and it stays."""
-        import shutil
-
         try:
             for path in self.run_dir.rglob("*"):
                 if path.is_symlink() or (not path.is_dir() and path.stat().st_size > 0):
