@@ -199,6 +199,7 @@ def test_a_plan_that_cannot_run_stops_the_tune_with_one_line_and_leaves_no_worke
     rig = tmp_path / "small-ram.json"
     rig.write_text(json.dumps({"gpus": [], "cpu": {"cores": 2, "threads": 2}, "ram_gib": 0.3}))
     out = tmp_path / "tune"
+    out.mkdir()  # the user's: kept after the failure (a folder the tune made, nothing written in it, would go)
     result = run_cli("tune", "--out", str(out), "--rig", str(rig), "--budget-s", "60")
     assert result.returncode == 2 and "cannot run here" in result.stderr and "RAM" in result.stderr
     assert "Traceback" not in result.stderr
