@@ -2,6 +2,8 @@
 precision, environment and loader threads, as the planner makes them for train."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,55 @@ def test_the_users_thread_count_and_p2p_setting_win_over_the_plans():
     assert kept.env["NCCL_P2P_DISABLE"] == "0" and "set in your environment" in kept.reasons["env.NCCL_P2P_DISABLE"]
     assert kept.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # the selection is machine_rig's (rig/visible.py)
     assert with_user_environment(plan(CPU_BOX), {}).env["OMP_NUM_THREADS"] == "2"  # nothing set: the plan's
+
+
+MALLOC_STEP = """
+import os, resource, sys
+import numpy as np
+from rigtrain.train.worker import apply_malloc_settings
+os.environ.update(json.loads(sys.argv[1]))
+apply_malloc_settings()
+def faults_of_a_step():  # a 64 MiB activation made and freed, as each step does
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = np.ones(16 << 20, dtype=np.float32)
+    del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_step()
+print(max(faults_of_a_step() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_on_the_cpu_freed_tensors_stay_in_the_heap_for_the_next_step():
+    """No caching allocator on the CPU: glibc gave every large freed tensor back to the
+    kernel, and the next step faulted the same pages in again (5x the page faults of a demo
+    step). The CPU plan sets malloc's thresholds; the worker applies them in its own process,
+    which started before the plan; a user's own values win."""
+    import subprocess
+
+    from rigtrain.train.planning import with_user_environment
+
+    planned = plan(CPU_BOX)
+    settings = {k: planned.env[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    assert settings == {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+    assert "heap" in planned.reasons["env.MALLOC_MMAP_THRESHOLD_"]
+    mine = with_user_environment(plan(CPU_BOX), {"MALLOC_TRIM_THRESHOLD_": "0"})
+    assert (
+        mine.env["MALLOC_TRIM_THRESHOLD_"] == "0"
+        and "set in your environment" in mine.reasons["env.MALLOC_TRIM_THRESHOLD_"]
+    )
+    gpu_plan = plan(gpus((8, 6)))
+    assert not any(k.startswith("MALLOC_") for k in gpu_plan.env)  # torch's CUDA allocator caches already
+
+    def faults(env: dict) -> int:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        code = "import json\n" + MALLOC_STEP
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(env)], capture_output=True, text=True, env=clean)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout)
+
+    as_it_was, planned_faults = faults({}), faults(settings)
+    assert as_it_was >= 16 and planned_faults <= as_it_was // 10, (as_it_was, planned_faults)
 
 
 def test_a_run_trained_with_deepspeeds_bf16_weights_is_not_resumed_but_can_seed_a_new_one(tmp_path):

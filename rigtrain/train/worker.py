@@ -28,8 +28,30 @@ def apply_plan_env(run_dir: Path) -> None:
             os.environ.setdefault(key, value)
 
 
+# glibc's names for what MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set (malloc.h)
+MALLOPT_OF = {"MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_THRESHOLD_": -1}
+
+
+def apply_malloc_settings() -> None:
+    """The plan's malloc thresholds (rig/cpu_plan.py) in this process too: glibc reads them
+    from the environment only at start-up, and a single CPU process trains in the process
+    that planned it. Nothing where the C library is not glibc."""
+    settings = {MALLOPT_OF[k]: os.environ[k] for k in MALLOPT_OF if os.environ.get(k, "").isdigit()}
+    if not settings or not sys.platform.startswith("linux"):
+        return
+    import ctypes  # only on Linux, and only for a CPU plan
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # musl and others: their own allocator, left as it is
+    for parameter, value in settings.items():
+        mallopt(parameter, int(value))
+
+
 def run(run_dir: str | Path) -> int:
     apply_plan_env(Path(run_dir))  # before torch is imported: OMP_NUM_THREADS, NCCL settings
+    apply_malloc_settings()
     from rigtrain.train.stopping import GracefulStop, StopRequested  # with the Trainer, after the plan's environment
     from rigtrain.train.trainer import Trainer  # after apply_plan_env: OMP_NUM_THREADS must be set before torch loads
 
