@@ -244,7 +244,7 @@ def cmd_rig(args: argparse.Namespace) -> int:
     from rigtrain.rig.report import format_report
     from rigtrain.train.planning import machine_rig, plan_run, with_user_environment
 
-    rig = machine_rig(["."], args.rig)
+    rig = machine_rig(["."], args.rig, fresh_p2p_check=True)  # asked for the machine as it is now
     preset = args.preset or ("small" if rig.gpus else "demo")
     config = load_config(preset, args.config, args.overrides)
     plan = plan_run(config, rig, user_keys=user_keys(args.config, args.overrides), psu_w=args.psu_watts)

@@ -45,3 +45,17 @@ def test_probe_reads_every_gpu_through_nvml():
     first = report["rig"]["gpus"][0]
     assert first["memory_gib"] > 0 and first["pcie"]["width"] >= 1 and "power" in first
     assert report["plan"]["device"] == "cuda" and report["plan"]["predicted_peak_gib"] > 0
+
+
+def test_the_p2p_check_copies_on_the_gpu():
+    """rig/p2p_check.py's CUDA path: on one card, its copies to itself and through pinned host
+    memory (the pattern made on the card, the syncs, the timing); with two or more, the
+    child process checks GPUs 0 and 1 as `rigtrain rig` would."""
+    from rigtrain.rig import p2p_check
+
+    rates = p2p_check._one_way(torch, 0, 0, lambda: torch.cuda.synchronize(0), cpu=False)
+    assert not isinstance(rates, p2p_check.PairCheck), rates  # the data arrived
+    assert rates[0] > 0 and rates[1] > 0
+    if torch.cuda.device_count() >= 2:
+        check = p2p_check.run_checks([(0, 1)], ["0", "1"])[(0, 1)]
+        assert check.result in ("ok", "slow", "unavailable"), check

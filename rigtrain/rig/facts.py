@@ -56,6 +56,9 @@ class Gpu:
     throttle_reasons: tuple[str, ...] = ()
     p2p: tuple[bool, ...] | None = None  # this GPU's row of the P2P matrix
     nvlink: tuple[bool, ...] | None = None
+    # P2P as a copy between the cards found it (rig/p2p_check.py): per other GPU, null or
+    # {"result": "ok" | "slow" | "wrong_data" | "hung" | "unavailable" | "failed", "gb_s", "host_gb_s"}
+    p2p_check: tuple[dict | None, ...] | None = None
     uuid: str | None = None  # "GPU-...", as nvidia-smi -L prints it and CUDA_VISIBLE_DEVICES accepts
 
     @property
@@ -253,7 +256,39 @@ def _gpu(where: str, index: int, value, count: int) -> Gpu:
             if not isinstance(row, list) or len(row) != count or not all(isinstance(b, bool) for b in row):
                 raise _fail(where, f"{name}.{key}", f"must be a row of {count} true/false values, one per GPU")
             out[key] = tuple(row)
+    if "p2p_check" in value:
+        out["p2p_check"] = _p2p_check_row(where, f"{name}.p2p_check", value["p2p_check"], count)
     return Gpu(**out)
+
+
+P2P_CHECK_RESULTS = ("ok", "slow", "wrong_data", "hung", "unavailable", "failed")  # rig/p2p_check.py's
+P2P_BROKEN = ("slow", "wrong_data", "hung")  # offered, but unsafe or harmful: NCCL is kept off it
+
+
+def _p2p_check_row(where: str, name: str, row, count: int) -> tuple:
+    if not isinstance(row, list) or len(row) != count:
+        raise _fail(where, name, f"must be a row of {count} entries, one per GPU (null where not checked)")
+    out = []
+    for j, entry in enumerate(row):
+        if entry is None:
+            out.append(None)
+            continue
+        if not isinstance(entry, dict) or entry.get("result") not in P2P_CHECK_RESULTS:
+            raise _fail(
+                where, f"{name}[{j}]", f'must be null or {{"result": one of {", ".join(P2P_CHECK_RESULTS)}, ...}}'
+            )
+        for key in entry:
+            if key not in ("result", "gb_s", "host_gb_s"):
+                raise _fail(
+                    where, f"{name}[{j}].{key}", "is not a rig field; known fields here: gb_s, host_gb_s, result"
+                )
+        rates = {
+            k: _number(where, f"{name}[{j}].{k}", v, minimum=0)
+            for k, v in entry.items()
+            if k != "result" and v is not None
+        }
+        out.append({"result": entry["result"], **rates})
+    return tuple(out)
 
 
 @dataclass(frozen=True)

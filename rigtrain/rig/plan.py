@@ -81,10 +81,11 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     ).items():
         reasons.setdefault(key, reason)  # the 8-bit optimizer may have its reason already
     workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, cards.world)
-    if cards.world > 1 and any(w.code in ("no_p2p", "p2p_unreliable") for w in warnings):
+    if cards.world > 1 and any(w.code in ("no_p2p", "p2p_unreliable", "p2p_broken") for w in warnings):
         env["NCCL_P2P_DISABLE"] = "1"
         reasons["env.NCCL_P2P_DISABLE"] = (
-            "P2P between these GPUs is absent or unreliable: NCCL goes through host memory instead of risking hangs"
+            "P2P between these GPUs is absent, unreliable or failed its check: NCCL goes through host "
+            "memory instead of risking hangs"
         )
     ram = [
         offload_ram_warning(rig, optimizer_state_bytes(request.parameters, cards.precision, optimizer))

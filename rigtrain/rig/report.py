@@ -60,7 +60,10 @@ def format_rig(rig: Rig) -> list[str]:
     if rig.visible is not None:
         lines.append(f"  CUDA_VISIBLE_DEVICES leaves GPU(s) {', '.join(map(str, rig.visible))} visible to the run")
     if len(rig.gpus) > 1 and any(g.p2p is not None for g in rig.gpus):
-        lines.append("  P2P (NVLink marked N):")
+        checked = any(g.p2p_check for g in rig.gpus)
+        lines.append(
+            "  P2P (NVLink marked N" + ("; after it, what a copy between the cards found" if checked else "") + "):"
+        )
         header = ("", *[str(i) for i in range(len(rig.gpus))])
         matrix = [header]
         for i, g in enumerate(rig.gpus):
@@ -68,15 +71,28 @@ def format_rig(rig: Rig) -> list[str]:
             for j in range(len(rig.gpus)):
                 if i == j:
                     cells.append("-")
-                elif g.nvlink and g.nvlink[j]:
-                    cells.append("N")
+                    continue
+                if g.nvlink and g.nvlink[j]:
+                    cell = "N"
                 elif g.p2p is None:
-                    cells.append("?")
+                    cell = "?"
                 else:
-                    cells.append("yes" if g.p2p[j] else "no")
+                    cell = "yes" if g.p2p[j] else "no"
+                entry = g.p2p_check[j] if g.p2p_check else None
+                cells.append(f"{cell} {_p2p_check_cell(entry)}" if entry else cell)
             matrix.append((str(i), *cells))
         lines += ["    " + line for line in _table(matrix)]
     return lines
+
+
+def _p2p_check_cell(entry: dict) -> str:
+    """A checked pair: "ok 24.1 GB/s", "SLOW 3.1 GB/s (host 11.8)", "WRONG DATA", "HUNG"."""
+    result = entry["result"]
+    if result == "ok":
+        return f"ok {entry.get('gb_s', 0):.1f} GB/s"
+    if result == "slow":
+        return f"SLOW {entry.get('gb_s', 0):.1f} GB/s (host {entry.get('host_gb_s', 0):.1f})"
+    return {"wrong_data": "WRONG DATA", "hung": "HUNG", "unavailable": "refused by CUDA"}.get(result, "not checked")
 
 
 def _plural(unit: str, count: int) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rigtrain.rig.facts import Rig
+from rigtrain.rig.facts import P2P_BROKEN, Rig
 from rigtrain.rig.peaks import peak_tflops
 from rigtrain.rig.warnings import pcie_gb_s
 
@@ -74,7 +74,8 @@ class Way:
 def facts_for(rig: Rig, gpus: tuple[int, ...], parameters: int, flops_per_clip: float, precision: str) -> SpeedFacts:
     if not rig.gpus:
         return SpeedFacts("cpu", parameters, flops_per_clip, precision, rig.threads)
-    chosen = [rig.gpus[i] for i in (gpus or range(len(rig.gpus)))]
+    indices = tuple(gpus or range(len(rig.gpus)))
+    chosen = [rig.gpus[i] for i in indices]
     peaks = [peak_tflops(g.name) for g in chosen]
     # a card missing from the peak table: a modest card's figure, so the terms keep their scale
     peak = min((p for p in peaks if p), default=30.0)
@@ -82,13 +83,24 @@ def facts_for(rig: Rig, gpus: tuple[int, ...], parameters: int, flops_per_clip: 
     host = min((pcie_gb_s(*g.link_under_load) * 1e9 for g in chosen if g.pcie), default=pcie_gb_s(4, 16) * 1e9)
     link = None
     if len(chosen) > 1:
-        if all(g.nvlink and any(g.nvlink) for g in chosen):
+        if _p2p_check_failed(rig, indices):  # NCCL_P2P_DISABLE=1: through host memory
+            link = min(host, HOST_BOUNCE_BYTES_S)
+        elif all(rig.gpus[a].nvlink and rig.gpus[a].nvlink[b] for a in indices for b in indices if a != b):
             link = NVLINK_BYTES_S
-        elif all(g.p2p is None or all(g.p2p) for g in chosen):
+        elif all(rig.gpus[a].p2p is None or rig.gpus[a].p2p[b] for a in indices for b in indices):  # the run's pairs
             link = host
         else:
             link = min(host, HOST_BOUNCE_BYTES_S)
     return SpeedFacts("cuda", parameters, flops_per_clip, precision, rig.threads, peak, link, host)
+
+
+def _p2p_check_failed(rig: Rig, indices: tuple[int, ...]) -> bool:
+    """A pair of these GPUs offered P2P and failed its check (rig/p2p_check.py)."""
+    for a in indices:
+        row = rig.gpus[a].p2p_check
+        if row and any(row[b] and row[b]["result"] in (*P2P_BROKEN, "unavailable") for b in indices if b != a):
+            return True
+    return False
 
 
 def step_seconds(facts: SpeedFacts, way: Way) -> dict[str, float]:

@@ -267,7 +267,9 @@ def _between_cards_warnings(gpus: list[tuple[int, Gpu]]) -> list[RigWarning]:
     """Several cards: P2P between them, and cards that differ."""
     out: list[RigWarning] = []
     indices = [i for i, _ in gpus]
+    checked = {(a, b): ga.p2p_check[b] for a, ga in gpus for b in indices if b > a and ga.p2p_check and ga.p2p_check[b]}
     missing = [(a, b) for a, ga in gpus for b in indices if b != a and ga.p2p is not None and not ga.p2p[b]]
+    missing += [pair for pair, entry in checked.items() if entry["result"] == "unavailable"]  # CUDA refused it
     if missing:
         pairs = sorted({tuple(sorted(p)) for p in missing})
         out.append(
@@ -280,6 +282,7 @@ def _between_cards_warnings(gpus: list[tuple[int, Gpu]]) -> list[RigWarning]:
                 "with accumulation, which communicates least",
             )
         )
+    out += _broken_p2p_warnings(checked)
     consumer_ada = [i for i, g in gpus if any(k in g.name.lower() for k in ("rtx 40", "rtx 50"))]
     if consumer_ada:
         out.append(
@@ -305,6 +308,30 @@ def _between_cards_warnings(gpus: list[tuple[int, Gpu]]) -> list[RigWarning]:
                 "(choose cards with --set rig.gpus=...)",
             )
         )
+    return out
+
+
+def _broken_p2p_warnings(checked: dict) -> list[RigWarning]:
+    """Pairs that offer P2P but failed its check (rig/p2p_check.py), with what was seen."""
+    out = []
+    for (a, b), entry in sorted(checked.items()):
+        seen = {
+            "slow": f"ran at {entry.get('gb_s', 0):.1f} GB/s, slower than through host memory "
+            f"({entry.get('host_gb_s', 0):.1f} GB/s)",
+            "wrong_data": "delivered wrong data",
+            "hung": "never finished",
+        }.get(entry["result"])
+        if seen:
+            out.append(
+                RigWarning(
+                    "p2p_broken",
+                    None,
+                    f"GPUs {a}-{b} offer P2P, but a copy between them {seen}: NCCL_P2P_DISABLE=1 is set "
+                    "(NCCL goes through host memory). The usual cause is PCIe ACS or an IOMMU in the path "
+                    "(a PCIe switch, a virtual machine): turn ACS off in the BIOS or boot with iommu=pt, "
+                    "then run `rigtrain rig` to check again",
+                )
+            )
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from rigtrain.config import RunConfig
@@ -34,24 +35,37 @@ def config_value(config: RunConfig, key: str):
     return getattr(getattr(config, section), name)
 
 
-def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None) -> Rig:
+def machine_rig(paths: list[str | Path] = (), rig_file: str | None = None, *, fresh_p2p_check: bool = False) -> Rig:
     """A rig file when given; otherwise the probe (NVML), completed from torch when NVML
     cannot be read but CUDA works (a container without the NVML library). Either way with
-    the GPUs the user's CUDA_VISIBLE_DEVICES leaves visible (rig/visible.py)."""
+    the GPUs the user's CUDA_VISIBLE_DEVICES leaves visible (rig/visible.py). A probed rig
+    has P2P checked between the visible GPUs that offer it (rig/p2p_check.py): measured
+    again when `fresh_p2p_check`, else the last check of these cards where there is one."""
     if rig_file:
-        rig = read_rig_file(rig_file)
-    else:
-        from rigtrain.rig.probe import probe  # NVML and psutil: only without a rig file
+        return restricted(read_rig_file(rig_file), os.environ.get(VARIABLE), os.environ.get("CUDA_DEVICE_ORDER"))
+    from rigtrain.rig.probe import probe  # NVML and psutil: only without a rig file
 
-        rig = probe(paths)
-        software = rig.software or {}
-        # a CPU build of torch sees no GPU either, nor a CUDA build without the driver's
-        # library: nothing to ask it then (importing it takes 2-3 s)
-        if not rig.gpus and (software.get("torch_hip") or software.get("torch_cuda") and _cuda_driver_loads()):
-            cuda = _gpus_from_cuda()
-            if cuda:  # CUDA applied CUDA_VISIBLE_DEVICES itself, and numbered what it left
-                return dataclasses.replace(rig, gpus=cuda, numbered_by_cuda=True)
-    return restricted(rig, os.environ.get(VARIABLE), os.environ.get("CUDA_DEVICE_ORDER"))
+    rig = probe(paths)
+    software = rig.software or {}
+    # a CPU build of torch sees no GPU either, nor a CUDA build without the driver's
+    # library: nothing to ask it then (importing it takes 2-3 s)
+    if not rig.gpus and (software.get("torch_hip") or software.get("torch_cuda") and _cuda_driver_loads()):
+        cuda = _gpus_from_cuda()
+        if cuda:  # CUDA applied CUDA_VISIBLE_DEVICES itself, and numbered what it left
+            return dataclasses.replace(rig, gpus=cuda, numbered_by_cuda=True)
+    rig = restricted(rig, os.environ.get(VARIABLE), os.environ.get("CUDA_DEVICE_ORDER"))
+    if len(visible_indices(rig)) > 1:
+        from rigtrain.data.embedded import cache_root  # the cache folder the datasets and step peaks use
+        from rigtrain.rig.p2p_check import checked  # only with GPUs to check between
+
+        cache = cache_root() / "p2p"
+        rig = checked(rig, visible_indices(rig), cache_dir=cache, fresh=fresh_p2p_check, log=_say_on_stderr)
+    return rig
+
+
+def _say_on_stderr(line: str) -> None:
+    """A line before the run has its log (stdout may carry --json)."""
+    print(f"[rigtrain] {line}", file=sys.stderr, flush=True)
 
 
 def check_torch_trains_here(rig: Rig, rig_file: str | None) -> None:
