@@ -6,6 +6,7 @@ ends, a link slower than host memory); the planner's side runs from rig files.""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -75,6 +76,13 @@ def test_a_check_that_cannot_start_concludes_nothing(monkeypatch):
     assert results[(0, 1)].result == "failed" and results[(0, 1)].detail
 
 
+def measured(pairs):
+    """What the child answers (its own tests are above), by the fault the test sets."""
+    if os.environ.get(FAULT) == "slow":
+        return {pair: PairCheck("slow", 1.2, 16.3) for pair in pairs}
+    return {pair: PairCheck("ok", 17.3, 17.7) for pair in pairs}
+
+
 def test_checked_rows_are_cached_per_pair_and_rigtrain_rig_measures_again(monkeypatch, tmp_path):
     cache = tmp_path / "cache" / "p2p"
     monkeypatch.setenv(FAULT, "slow")
@@ -83,7 +91,7 @@ def test_checked_rows_are_cached_per_pair_and_rigtrain_rig_measures_again(monkey
     def on_the_cpu(pairs, devices, **kwargs):
         calls.append(pairs)
         assert devices == [f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd" for i in range(3)]  # by UUID
-        return run_checks(pairs, ["0", "1", "2"], cpu=True, **kwargs)
+        return measured(pairs)
 
     monkeypatch.setattr(p2p_check, "run_checks", on_the_cpu)
     rig = rig_from_dict(workstation())
@@ -193,7 +201,7 @@ def test_a_probed_rig_is_checked_between_the_visible_gpus_and_a_rig_file_never(m
 
     def on_the_cpu(pairs, devices, **kwargs):
         asked.append(pairs)
-        return run_checks(pairs, ["0", "1", "2"], cpu=True, **kwargs)
+        return measured(pairs)
 
     monkeypatch.setattr(p2p_check, "run_checks", on_the_cpu)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2")
@@ -207,3 +215,21 @@ def test_a_probed_rig_is_checked_between_the_visible_gpus_and_a_rig_file_never(m
     path.write_text(json.dumps(workstation()))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert machine_rig([], str(path)).gpus[0].p2p_check is None and len(asked) == 1
+
+
+def test_a_stopped_command_takes_its_check_with_it(monkeypatch):
+    """Ctrl-C while the child copies: the child is in its own session (the terminal's signal
+    reaches only the command), so the command kills it on the way out."""
+    monkeypatch.setenv(FAULT, "hang")
+    children = []
+
+    def interrupted(child, events, *deadlines):
+        children.append(child)
+        while not events:  # the child is copying
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(p2p_check, "_wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_checks([(0, 1)], ["0", "1"], cpu=True)
+    assert children[0].wait(timeout=10) == -9

@@ -189,9 +189,13 @@ def run_checks(
     events: list[dict] = []
     reader = threading.Thread(target=_read_events, args=(child.stdout, events), daemon=True)
     reader.start()
-    timed_out = _wait(child, events, start_deadline_s, pair_deadline_s)
+    timed_out = "stopped"
+    try:
+        timed_out = _wait(child, events, start_deadline_s, pair_deadline_s)
+    finally:  # a deadline, or the command stopped (Ctrl-C): the child goes with it
+        if timed_out:
+            child.kill()
     if timed_out:
-        child.kill()
         try:  # a process stuck inside the driver may not die at once: not waited for long
             child.wait(timeout=5)
         except subprocess.TimeoutExpired:
