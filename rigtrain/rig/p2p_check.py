@@ -123,7 +123,7 @@ def _one_way(torch, a, b, sync, *, cpu: bool):
     if not torch.equal(received, expected):
         wrong = int((received != expected).sum())
         return PairCheck("wrong_data", detail=f"{wrong} of {count} words differ after a copy")
-    p2p = _rate(torch, lambda: received.copy_(sent), nbytes, sync, 0.05 if fault == "slow" else 0.0)
+    p2p = _rate(torch, lambda: received.copy_(sent), nbytes, sync, 0.2 if fault == "slow" else 0.0)
     host = torch.empty(count, dtype=torch.int32, pin_memory=not cpu)
     to_host = _rate(torch, lambda: host.copy_(sent), nbytes, sync)
     from_host = _rate(torch, lambda: received.copy_(host), nbytes, sync)
