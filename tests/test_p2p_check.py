@@ -235,3 +235,43 @@ def test_a_stopped_command_takes_its_check_with_it(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_checks([(0, 1)], ["0", "1"], cpu=True)
     assert children[0].wait(timeout=10) == -9
+
+
+def test_a_killed_command_leaves_no_check_behind(tmp_path):
+    """`kill -9` of the command while its check hangs: the child (in its own session, which
+    no terminal signal reaches) is killed with it."""
+    import signal
+    import subprocess
+    import sys
+
+    pids = tmp_path / "child"
+    script = (
+        "import os, subprocess\n"
+        "from rigtrain.rig import p2p_check\n"
+        "popen = subprocess.Popen\n"
+        "def recorded(*args, **kwargs):\n"
+        "    child = popen(*args, **kwargs)\n"
+        f"    open({str(pids)!r}, 'w').write(str(child.pid))\n"
+        "    return child\n"
+        "p2p_check.subprocess.Popen = recorded\n"
+        "p2p_check.run_checks([(0, 1)], ['0', '1'], cpu=True)\n"
+    )
+    command = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, FAULT: "hang"})
+    deadline = time.monotonic() + 60
+    while not pids.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pids.read_text())
+    time.sleep(3)  # the child is past its start, in its hung copy
+    command.send_signal(signal.SIGKILL)
+    command.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break  # gone (reaped by init)
+        if state == "Z":
+            break  # dead, waiting to be reaped
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the check's child {child} outlived the killed command")

@@ -25,16 +25,19 @@ between CPU buffers, the CPU stand-in its tests use."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from rigtrain.files import write_json
 from rigtrain.rig.facts import P2P_CHECK_RESULTS as RESULTS
 from rigtrain.rig.facts import Rig
 
@@ -47,6 +50,7 @@ SLOW_AGAINST_HOST = 0.8
 # driver without persistence mode), then each pair's copies (well under a second when sound)
 START_DEADLINE_S = 60.0
 PAIR_DEADLINE_S = 10.0
+PARENT = "RIGTRAIN_P2P_CHECK_PARENT"  # the command's pid, which the child must not outlive
 FAULT = "RIGTRAIN_FAULT_P2P"  # tests: "wrong_data", "hang" or "slow" in the child's copies
 
 
@@ -131,7 +135,23 @@ def _one_way(torch, a, b, sync, *, cpu: bool):
     return p2p, min(to_host, from_host)
 
 
+def _die_with_parent() -> None:
+    """Be killed when the command that started this check goes, even by `kill -9` (the child
+    is in its own session, so the terminal's signals do not reach it); if it is gone already,
+    exit now."""
+    parent = os.environ.get(PARENT)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        os._exit(1)
+
+
 def _child(argv: list[str]) -> int:
+    _die_with_parent()
     cpu = "--cpu" in argv
     pairs = [tuple(int(i) for i in arg.split("-")) for arg in argv if arg != "--cpu"]
 
@@ -175,7 +195,12 @@ def run_checks(
     names for the rig's GPUs (UUIDs, or bus-order numbers); the child sees only the pairs'."""
     used = sorted({i for pair in pairs for i in pair})
     ordinal = {gpu: n for n, gpu in enumerate(used)}
-    env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(devices[i] for i in used)}
+    env = {
+        **os.environ,
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(devices[i] for i in used),
+        PARENT: str(os.getpid()),
+    }
     args = [f"{ordinal[a]}-{ordinal[b]}" for a, b in pairs] + (["--cpu"] if cpu else [])
     child = subprocess.Popen(
         [sys.executable, "-m", "rigtrain.rig.p2p_check", *args],
@@ -332,7 +357,7 @@ def checked(rig: Rig, indices: tuple[int, ...], *, cache_dir: Path, fresh: bool,
             if path and check.result != "failed":
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(dataclasses.asdict(check)))
+                    write_json(path, dataclasses.asdict(check))
                 except OSError:
                     pass  # the next command checks again
     return with_checks(rig, checks)
