@@ -1,5 +1,5 @@
-"""A counter line ("wrote 40/120 videos") that reads well on a terminal and in a log, and
-output that outlives its terminal.
+"""A counter line ("wrote 40/120 videos") that reads well on a terminal and in a log,
+output that outlives its terminal, and a child process that does not outlive its parent.
 
 On a terminal the line is rewritten in place with a carriage return. Piped into a file or
 a CI log, carriage returns pile every update onto one unreadable line, so there the counter
@@ -8,8 +8,10 @@ imports nothing from rigtrain."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import TextIO
@@ -89,3 +91,21 @@ def outlive_the_terminal() -> None:
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, OutlivesItsReader):
             setattr(sys, name, OutlivesItsReader(stream))
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+
+
+def die_with_parent(expected_parent: str | None) -> None:
+    """In a child that must not outlive the process that started it (its pid in
+    `expected_parent`): be killed when that process goes, however it goes, `kill -9`
+    included; if it is already gone (it died before this line ran), exit now. Linux only;
+    elsewhere, and without an expected parent, nothing."""
+    if not expected_parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(expected_parent):
+        os._exit(1)

@@ -25,12 +25,10 @@ between CPU buffers, the CPU stand-in its tests use."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -40,6 +38,7 @@ from pathlib import Path
 from rigtrain.files import write_json
 from rigtrain.rig.facts import P2P_CHECK_RESULTS as RESULTS
 from rigtrain.rig.facts import Rig
+from rigtrain.terminal import die_with_parent
 
 COPY_MIB = 64  # large enough to time at tens of GB/s (a few ms a copy), small enough for a full card
 REPEATS = 5
@@ -135,23 +134,8 @@ def _one_way(torch, a, b, sync, *, cpu: bool):
     return p2p, min(to_host, from_host)
 
 
-def _die_with_parent() -> None:
-    """Be killed when the command that started this check goes, even by `kill -9` (the child
-    is in its own session, so the terminal's signals do not reach it); if it is gone already,
-    exit now."""
-    parent = os.environ.get(PARENT)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):
-        os._exit(1)
-
-
 def _child(argv: list[str]) -> int:
-    _die_with_parent()
+    die_with_parent(os.environ.get(PARENT))  # even `kill -9` of the command takes this check with it
     cpu = "--cpu" in argv
     pairs = [tuple(int(i) for i in arg.split("-")) for arg in argv if arg != "--cpu"]
 

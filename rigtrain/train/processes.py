@@ -26,7 +26,8 @@ from filelock import FileLock, Timeout
 
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.train.stopping import LAUNCHER_PID, PR_SET_PDEATHSIG, stop_signals
+from rigtrain.terminal import PR_SET_PDEATHSIG
+from rigtrain.train.stopping import LAUNCHER_PID, stop_signals
 
 WORKER_MODULE = "rigtrain.train.worker"
 

@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
+
+from rigtrain.terminal import die_with_parent
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HANGUP = getattr(signal, "SIGHUP", None)  # none on Windows
@@ -36,7 +37,6 @@ def stop_signals() -> tuple:
 
 
 LAUNCHER_PID = "RIGTRAIN_LAUNCHER_PID"  # set by the launcher for the workers it starts
-PR_SET_PDEATHSIG = 1
 
 
 class StopRequested(Exception):
@@ -76,15 +76,7 @@ class GracefulStop:
 def die_with_launcher() -> None:
     """In a worker the launcher started: be killed when the launcher goes, however it goes.
     If it is already gone (it died before this line ran), exit now."""
-    expected = os.environ.get(LAUNCHER_PID)
-    if not expected or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(expected):
-        os._exit(1)
+    die_with_parent(os.environ.get(LAUNCHER_PID))
 
 
 def exit_without_teardown(code: int) -> None:
