@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_script
 
 
 def assert_user_error(result, *fragments):
@@ -203,6 +203,24 @@ def test_output_outlives_a_reader_that_is_gone():
     print("and another", file=stream, flush=True)
     assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull)  # for child processes too
     stream.close()
+
+
+def test_a_forked_command_starts_with_the_signal_handling_of_a_fresh_interpreter(tmp_path):
+    """The suite's commands are forked from a preloaded process (tests/preloaded_cli.py);
+    what happens on a signal, or on a write to a closed pipe, must be what a user's
+    `rigtrain` gets from a new interpreter, or a test proves the wrong thing."""
+    script = tmp_path / "dispositions.py"
+    script.write_text(
+        "import signal\n"
+        "for name in ('SIGPIPE', 'SIGTERM', 'SIGHUP', 'SIGINT', 'SIGUSR1', 'SIGCHLD'):\n"
+        "    handler = signal.getsignal(getattr(signal, name))\n"
+        "    print(name, {signal.SIG_IGN: 'ignored', signal.SIG_DFL: 'default'}.get(handler, handler))\n"
+    )
+    fresh = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    forked = run_script(script, timeout=60)
+    assert fresh.returncode == forked.returncode == 0, fresh.stderr + forked.stderr
+    assert "SIGPIPE ignored" in fresh.stdout  # the premise: Python ignores it
+    assert forked.stdout == fresh.stdout
 
 
 @pytest.mark.parametrize(
