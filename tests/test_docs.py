@@ -1,7 +1,9 @@
 """Figures in the README that come from the code are regenerated from it, never typed by hand:
-this fails when they no longer match."""
+this fails when they no longer match. And every pointer to a section of the README or of
+docs/ leads to one that exists."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,3 +21,35 @@ def test_readme_flops_table_is_what_the_code_counts():
     current = flops.current_readme_block((ROOT / "README.md").read_text())
     assert current is not None, "README.md lost its flops-table markers"
     assert current == flops.readme_block(flops.measure()), "run `python bench/flops.py --readme`"
+
+
+def _headings(doc: Path) -> list[str]:
+    return [line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")]
+
+
+def test_every_pointer_to_a_section_names_one_that_exists():
+    """`docs/planner.md, "The memory model"`, `README, "Tuning"` or `see "Planning"` in the
+    README, docs/, the code, the benches and the tests: a reader following one finds that
+    heading (its first words are enough: "The decisions" finds "The decisions, in order")."""
+    readme = ROOT / "README.md"
+    sources = [readme, *sorted((ROOT / "docs").glob("*.md"))]
+    sources += [*sorted((ROOT / "rigtrain").rglob("*.py")), *sorted((ROOT / "bench").rglob("*.py"))]
+    sources += sorted((ROOT / "tests").glob("*.py"))
+    to_docs = re.compile(r"(docs/[a-z-]+\.md),? \(?\"([^\"]+)\"")
+    to_readme = re.compile(r"README(?:'s|,)? \(?\"([^\"]+)\"")
+    to_own_section = re.compile(r"[Ss]ee \"([^\"]+)\"")
+    pointers, broken = 0, []
+    for source in sources:
+        if source == Path(__file__):
+            continue  # the examples above
+        text = re.sub(r"\s*\n\s*(?:#\s*)?", " ", source.read_text())  # a pointer may wrap, in a comment too
+        found = [(ROOT / doc, title) for doc, title in to_docs.findall(text)]
+        found += [(readme, title) for title in to_readme.findall(text)]
+        if source == readme:
+            found += [(readme, title) for title in to_own_section.findall(text)]
+        for doc, title in found:
+            pointers += 1
+            if not doc.exists() or not any(heading.startswith(title) for heading in _headings(doc)):
+                broken.append(f'{source.relative_to(ROOT)}: {doc.relative_to(ROOT)}, "{title}"')
+    assert pointers >= 30  # the patterns still find the pointers
+    assert not broken, broken
