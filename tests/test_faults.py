@@ -153,6 +153,40 @@ def test_no_worker_outlives_a_killed_launcher(tmp_path, demo_data):
     assert workers_of(run) == []
 
 
+def rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=")[1])
+
+
+def test_a_rank_killed_mid_run_is_named_in_one_line_and_the_run_resumes(tmp_path, demo_data):
+    """The kernel's out-of-memory killer takes one rank (SIGKILL; a crash in a driver,
+    SIGSEGV, is worded in test_launch.py): the other's broken collective is one line, not a
+    traceback, and the launcher names the rank, the signal and what sends it, the last
+    complete checkpoint and --resume, which continues from it."""
+    signum = signal.SIGKILL
+    run = tmp_path / "run"
+    settings = [*TINY, "train.nproc=2", "train.log_every=1", "train.ckpt_every=2"]
+    process = start("train", "--out", str(run), "--steps", "400", "--set", *settings)
+    wait_for_step(run, 5, process)
+    victim = next(pid for pid in workers_of(run) if rank_of(pid) == 1)
+    os.kill(victim, signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("rigtrain:")]
+    assert "rank 0 stopped in step" in said[0] and "the connection to another training process broke" in said[0]
+    name = signal.Signals(signum).name
+    saved = complete_steps(run)[-1]
+    assert said[-1].startswith(f"rigtrain: training process rank 1 was killed by {name} (")
+    assert said[-1].endswith(
+        f"the last complete checkpoint is step {saved}; continue with: rigtrain train --out {run} --resume"
+    )
+    assert workers_of(run) == []
+    resumed = rigtrain("train", "--out", str(run), "--resume", "--steps", str(saved + 1))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {saved}/{saved + 1}" in resumed.stdout
+
+
 def start_on_a_terminal(run: Path, steps: int, *settings: str, nohup: bool = False):
     """`rigtrain train` in a terminal of its own (a pseudo-terminal it has as its controlling
     terminal, as a shell in an ssh session gives it), under `nohup` (SIGHUP ignored) if

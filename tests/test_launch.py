@@ -218,13 +218,52 @@ def test_a_process_that_dies_after_the_last_checkpoint_leaves_a_complete_run(tmp
         (tag / "complete.json").write_text(json.dumps({"step": step, "files": {}}))
 
     saved(2)
-    assert _finish(run, -6) == 1
-    assert f"killed by signal 6; continue with: rigtrain train --out {run} --resume" in capsys.readouterr().err
+    assert _finish(run, -6, 1) == 1
+    said = capsys.readouterr().err
+    assert said.startswith("rigtrain: training process rank 1 was killed by SIGABRT (a library gave up: NCCL's")
+    assert said.endswith(
+        f"the last complete checkpoint is step 2; continue with: rigtrain train --out {run} --resume\n"
+    )
     saved(4)
     assert _finish(run, -6) == 0
     said = capsys.readouterr()
-    assert "killed by signal 6 after the run had finished and saved its last checkpoint (step 4)" in said.err
+    assert "a training process was killed by SIGABRT" in said.err
+    assert "after the run had finished and saved its last checkpoint (step 4)" in said.err
     assert "--resume" not in said.err and f"run: {run}" in said.out
+
+
+def test_the_rank_that_brought_a_run_down_is_the_one_named():
+    """The survivors of a dead rank exit with 1 when their collective breaks, so a rank
+    killed by a signal is the cause before one that exited, whatever their order."""
+    from rigtrain.train.processes import how_it_ended, the_first_to_fail
+
+    assert the_first_to_fail([1, -9]) == 1
+    assert the_first_to_fail([None, -11, 1]) == 1
+    assert the_first_to_fail([1, None, 1]) == 0  # exits alone: the lowest rank
+    assert the_first_to_fail([None, 0, None]) is None
+    assert how_it_ended(-9, 3).startswith("training process rank 3 was killed by SIGKILL (on Linux most often the")
+    assert (
+        how_it_ended(-11)
+        == "a training process was killed by SIGSEGV (a crash in native code: a driver or a library's kernel)"
+    )
+    assert how_it_ended(-64) in (
+        "a training process was killed by SIGRTMAX",
+        "a training process was killed by signal 64",
+    )
+    assert how_it_ended(3, 0) == "training process rank 0 ended with exit code 3"
+
+
+def test_a_collective_broken_by_a_dead_peer_is_recognised_only_with_peers(monkeypatch):
+    from rigtrain.train.worker import lost_peer
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:2949: Connection reset by peer.")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert lost_peer(gloo) == "connection reset by peer"
+    assert lost_peer(RuntimeError("NCCL error: remote process exited or there was a network error")) is not None
+    assert lost_peer(RuntimeError("mat1 and mat2 must have the same dtype")) is None  # a bug keeps its traceback
+    assert lost_peer(ValueError("connection reset by peer")) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert lost_peer(gloo) is None
 
 
 def test_a_multi_node_stop_signals_the_workers_and_not_deepspeeds_launchers(tmp_path):

@@ -20,7 +20,7 @@ from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.train.initializing import check_source
-from rigtrain.train.processes import RunLock, new_run_dir, start_processes
+from rigtrain.train.processes import RunLock, how_it_ended, new_run_dir, start_processes
 from rigtrain.train.resuming import check_checkpoint_layout, check_same_processes, resume_changes
 from rigtrain.train.run_record import read_run_record
 from rigtrain.train.stopping import STOP_EXIT_CODES
@@ -290,7 +290,7 @@ def _train_locked(
         # a second run in this process (a retry, a curriculum's next stage) gets a fresh one:
         # the process group and DeepSpeed's state of the first cannot be built again here
         in_process = not backed_off and not fresh_process
-        code = start_processes(run_dir, plan, hostfile, list(machines), in_process=in_process)
+        code, failed_rank = start_processes(run_dir, plan, hostfile, list(machines), in_process=in_process)
         oom = run_dir / OOM_MARKER
         if code == 0 or not oom.is_file():
             break
@@ -309,7 +309,7 @@ def _train_locked(
         fixed = fixed | {"train.micro_batch_size"}
         for path in (run_dir / "metrics.jsonl", run_dir / "tb", run_dir / "checkpoints"):  # the failed try's
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    return _finish(run_dir, code)
+    return _finish(run_dir, code, failed_rank)
 
 
 def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[dict | None, dict | None, dict]:
@@ -370,28 +370,29 @@ def _saved_at_the_end(run_dir: Path) -> int | None:
     return steps if tags and tags[-1][0] == steps else None
 
 
-def _finish(run_dir: Path, code: int) -> int:
+def _finish(run_dir: Path, code: int, rank: int | None = None) -> int:
     """The training processes' exit code as the command's: 0 with where to look, a stop on
-    request as it was, 1 or 2 with the worker's own line, anything else said here."""
+    request as it was, 1 or 2 with the worker's own line, anything else (a rank killed by a
+    signal: `rank`) said here."""
     if code == 0:
         print(f"\nrun: {run_dir}\nopen TensorBoard: tensorboard --logdir {run_dir / 'tb'}", flush=True)
         return 0
     if code in STOP_EXIT_CODES:
         return code  # stopped on request: the worker said where, and how to continue
     if code not in (1, 2):  # 1 and 2: the worker has said why, in one line
-        how = f"killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
-        last = _saved_at_the_end(run_dir)
+        how, last = how_it_ended(code, rank), _saved_at_the_end(run_dir)
         if last is not None:
             # A process that dies after the run's last checkpoint is complete (shutting down
             # the process group, say) cost nothing: there is nothing to resume.
             print(
-                f"rigtrain: warning: a training process {how} after the run had finished and saved its last "
+                f"rigtrain: warning: {how} after the run had finished and saved its last "
                 f"checkpoint (step {last}); the run is complete",
                 file=sys.stderr,
             )
             return _finish(run_dir, 0)
-        print(
-            f"rigtrain: a training process {how}; continue with: rigtrain train --out {run_dir} --resume",
-            file=sys.stderr,
-        )
+        from rigtrain.train.checkpoints import complete_tags  # torch: only when a process failed
+
+        tags = complete_tags(run_dir / "checkpoints")
+        saved = f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was complete yet"
+        print(f"rigtrain: {how}; {saved}; continue with: rigtrain train --out {run_dir} --resume", file=sys.stderr)
     return 2 if code == 2 else 1

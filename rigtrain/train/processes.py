@@ -167,8 +167,38 @@ def launch_command(run_dir: Path, plan, hostfile: str | None, in_process: bool =
 # complete: they get SIGTERM, and SIGKILL if they are still there this many seconds later.
 FAILED_RANK_GRACE_S = 10.0
 
+# What usually sends each signal to a training process that no one asked to stop.
+SIGNAL_CAUSES = {
+    signal.SIGKILL: "on Linux most often the kernel's out-of-memory killer, when the machine runs out of RAM: "
+    "`dmesg | grep -i 'killed process'` names it, and fewer data.workers need less; or a kill -9",
+    signal.SIGSEGV: "a crash in native code: a driver or a library's kernel",
+    signal.SIGBUS: "a file it had mapped shrank, or its disk failed",
+    signal.SIGABRT: "a library gave up: NCCL's watchdog after a collective timed out, or a failed CUDA assertion",
+}
 
-def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
+
+def how_it_ended(code: int, rank: int | None = None) -> str:
+    """A training process's end in words: which rank, the signal by name, what sends it."""
+    who = "a training process" if rank is None else f"training process rank {rank}"
+    if code >= 0:
+        return f"{who} ended with exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    cause = SIGNAL_CAUSES.get(-code)
+    return f"{who} was killed by {name}" + (f" ({cause})" if cause else "")
+
+
+def the_first_to_fail(codes: list[int | None]) -> int | None:
+    """The rank whose end brought the run down, among those found ended with a failure at
+    one look: one killed by a signal before one that exited (the survivors of a dead rank
+    exit with 1 when their collective breaks), then the lowest rank."""
+    failed = [(code >= 0, rank) for rank, code in enumerate(codes) if code not in (None, 0)]
+    return min(failed)[1] if failed else None
+
+
+def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tuple[int, int | None]:
     """One worker process per rank on this machine, watched until all have exited.
 
     Ours rather than torchrun's, for what happens when something goes wrong: the workers
@@ -176,8 +206,8 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
     passes that one signal to every rank (they finish the step, agree, save and exit) and
     SIGKILL on a second; under torchrun each rank got the terminal's signal and torchrun's. Each worker also
     dies with this process however it ends (stopping.die_with_launcher), and a rank that
-    fails takes the others down. Returns 128 + the signal when stopped by one, else the
-    first failing rank's exit code, else 0."""
+    fails takes the others down. Returns (128 + the signal, None) when stopped by one, else
+    (the exit code of the rank that failed first, that rank), else (0, None)."""
 
     port = str(free_port())
     shared = {
@@ -202,12 +232,12 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
                 process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
 
     previous = {s: signal.signal(s, forward) for s in stop_signals()}
-    failed_at = None
+    failed_at, first = None, None
     try:
         while any(p.poll() is None for p in ranks):
             codes = [p.returncode for p in ranks]
-            if failed_at is None and not received and any(c not in (None, 0) for c in codes):
-                failed_at = time.monotonic()
+            if failed_at is None and not received and the_first_to_fail(codes) is not None:
+                failed_at, first = time.monotonic(), the_first_to_fail(codes)
                 for p in ranks:
                     if p.poll() is None:
                         p.send_signal(signal.SIGTERM)
@@ -220,8 +250,10 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if received:
-        return 128 + received[0]
-    return next((c for c in (p.returncode for p in ranks) if c != 0), 0)
+        return 128 + received[0], None
+    if first is None:  # every rank had ended before a look found one failed
+        first = the_first_to_fail([p.returncode for p in ranks])
+    return (0, None) if first is None else (ranks[first].returncode, first)
 
 
 def terminate_with_parent() -> None:
@@ -286,7 +318,11 @@ def worker_pattern(run_dir: Path) -> str:
     return f" -m [r]igtrain[.]train[.]worker .*--run-dir {run_dir.resolve()}$"
 
 
-def start_processes(run_dir: Path, plan, hostfile: str | None, hosts: list[str] = (), in_process: bool = True) -> int:
+def start_processes(
+    run_dir: Path, plan, hostfile: str | None, hosts: list[str] = (), in_process: bool = True
+) -> tuple[int, int | None]:
+    """Train, and wait: (the exit code, the rank whose failure ended the run where one did
+    and this process could tell which)."""
     command = launch_command(run_dir, plan, hostfile, in_process)
     if command is None:
         os.environ.update(plan.env)
@@ -300,9 +336,9 @@ def start_processes(run_dir: Path, plan, hostfile: str | None, hosts: list[str] 
             os.environ[key] = value
         from rigtrain.train.worker import run  # the Trainer (torch, DeepSpeed): only when this process trains
 
-        return run(run_dir)
+        return run(run_dir), None
     env = {**os.environ, **plan.env}
     if hostfile:
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        return run_on_machines(command, run_dir, list(hosts), env)
+        return run_on_machines(command, run_dir, list(hosts), env), None
     return run_local_ranks(command, plan.world_size, env)

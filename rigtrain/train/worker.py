@@ -71,7 +71,16 @@ def run(run_dir: str | Path) -> int:
         return 1
     except Exception as err:
         if not out_of_memory(err):
-            raise
+            lost = lost_peer(err)
+            if lost is None:
+                raise
+            # Another rank's process is gone (killed, crashed) and this one's collective broke:
+            # the launcher names that process; a traceback here would only bury its line.
+            at = f"in step {trainer.step + 1}" if trainer is not None else "while starting"
+            rank = os.environ.get("RANK", "?")
+            said = f"rigtrain: rank {rank} stopped {at}: the connection to another training process broke ({lost})"
+            print(said, file=sys.stderr, flush=True)
+            return 1
         # In the first steps (the first two steps, one evaluation batch and the collectives a
         # save uses: rehearsal.py) the plan's micro-batch was too large: tell the launcher, which backs off
         # one size and starts again. Later, it is a failure the user has to act on.
@@ -98,6 +107,27 @@ def out_of_memory(err: BaseException) -> bool:
         k in text
         for k in ("out of memory", "failed to cuda calloc", "cudaerrormemoryallocation", "cublas_status_alloc_failed")
     )
+
+
+# How a collective says that the process at its other end is gone: gloo's TCP pairs, NCCL,
+# torch's TCP store (the run's rendezvous), a socket written after the peer closed it.
+LOST_PEER_WORDS = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "broken pipe",
+    "remote process exited",
+    "socket closed",
+    "nccl communicator was aborted",
+)
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """How the error said that another rank's process is gone, when a collective or the
+    rendezvous failed for that in a run of several processes; else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not isinstance(err, RuntimeError):
+        return None  # one process alone has no peer to lose
+    text = str(err).lower()
+    return next((words for words in LOST_PEER_WORDS if words in text), None)
 
 
 def oom_message(run_dir, trainer, err: BaseException, first: bool) -> str:
