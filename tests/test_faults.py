@@ -187,6 +187,30 @@ def test_a_rank_killed_mid_run_is_named_in_one_line_and_the_run_resumes(tmp_path
     assert f"resuming at step {saved}/{saved + 1}" in resumed.stdout
 
 
+def test_a_hung_rank_stops_the_run_after_the_collective_timeout_with_one_line(tmp_path, demo_data):
+    """A rank that hangs (stopped here with SIGSTOP: a GPU stuck in its driver, a P2P link
+    that hangs NCCL) does not keep the others waiting for ever: after
+    train.collective_timeout_min the waiting rank says so in one line, with the checkpoint
+    to resume from, and the launcher ends the hung one."""
+    run = tmp_path / "run"
+    settings = [*TINY, "train.nproc=2", "train.log_every=1", "train.ckpt_every=2", "train.collective_timeout_min=0.25"]
+    process = start("train", "--out", str(run), "--steps", "400", "--set", *settings)
+    wait_for_step(run, 5, process)
+    os.kill(next(pid for pid in workers_of(run) if rank_of(pid) == 1), signal.SIGSTOP)
+    started = time.monotonic()
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert time.monotonic() - started < 60  # 15 s of timeout, 10 s of grace for the hung rank, and the exits
+    said = [line for line in err.splitlines() if line.startswith("rigtrain:")]
+    assert len(said) == 1 and said[0].startswith("rigtrain: rank 0 stopped in step"), err[-3000:]
+    assert "waited longer than train.collective_timeout_min (0.25 min) for another training process" in said[0]
+    saved = complete_steps(run)[-1]
+    assert said[0].endswith(
+        f"the last complete checkpoint is step {saved}; continue with: rigtrain train --out {run} --resume"
+    )
+    assert workers_of(run) == []
+
+
 def start_on_a_terminal(run: Path, steps: int, *settings: str, nohup: bool = False):
     """`rigtrain train` in a terminal of its own (a pseudo-terminal it has as its controlling
     terminal, as a shell in an ssh session gives it), under `nohup` (SIGHUP ignored) if
@@ -666,6 +690,7 @@ def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
         ["train", "--out", out, "--set", "train.steps=0"],
         ["train", "--out", out, "--set", "train.steps=2.5"],
         ["train", "--out", out, "--set", "train.divergence_factor=0.5"],
+        ["train", "--out", out, "--set", "train.collective_timeout_min=0"],
         ["train", "--out", out, "--set", "model.d_model"],
         ["train", "--out", out, "--set", "nosuch.key=1"],
         ["train", "--out", out, "--psu-watts", "-5"],

@@ -266,6 +266,23 @@ def test_a_collective_broken_by_a_dead_peer_is_recognised_only_with_peers(monkey
     assert lost_peer(gloo) is None
 
 
+def test_a_collective_that_waited_too_long_is_one_line_with_the_checkpoint(monkeypatch, tmp_path):
+    from rigtrain.train.worker import peer_trouble
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    waited = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 1800000ms for recv operation")
+    said = peer_trouble(tmp_path, None, waited)
+    assert said.startswith("rank 1 stopped while starting: it waited longer than train.collective_timeout_min for")
+    assert said.endswith(f"no checkpoint was complete yet; continue with: rigtrain train --out {tmp_path} --resume")
+    gone = peer_trouble(tmp_path, None, RuntimeError("Connection closed by peer [127.0.0.1]:4242"))
+    assert (
+        gone
+        == "rank 1 stopped while starting: the connection to another training process broke (connection closed by peer)"
+    )
+    assert peer_trouble(tmp_path, None, RuntimeError("mat1 and mat2 must have the same dtype")) is None
+
+
 def test_a_multi_node_stop_signals_the_workers_and_not_deepspeeds_launchers(tmp_path):
     """The first Ctrl-C of a --hostfile run is sent by pkill to each machine's workers, which
     save. DeepSpeed's runner and per-node launchers name the worker module too, and run on the

@@ -88,6 +88,11 @@ class TrainConfig:
     "stop when DeepSpeed skips the update (inf/NaN gradients, fp16 overflow) this many steps in a row"
     divergence_factor: float = 10.0
     "stop when a logged loss is above this many times the median of the last 10 logged; 0 = off"
+    collective_timeout_min: float = 30.0
+    (
+        "stop when a rank has waited this many minutes for the others in one collective (a hung GPU, P2P link "
+        "or disk on another rank); the first step, an evaluation and a checkpoint save must fit in it"
+    )
     compile: bool = False
     (
         "torch.compile the training objective (the model's loss; evaluation runs uncompiled): fewer, fused "
@@ -105,6 +110,7 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip", "must be 0 or more")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1")
         _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", "must be at least 1")
+        _require(self.collective_timeout_min > 0, "train.collective_timeout_min", "must be more than 0 minutes")
         _require(
             self.divergence_factor == 0 or self.divergence_factor > 1,
             "train.divergence_factor",

@@ -6,6 +6,7 @@ DeepSpeed setup")."""
 
 from __future__ import annotations
 
+import datetime
 import math
 import random
 import sys
@@ -164,10 +165,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_distributed(plan: dict, local_rank: int) -> torch.device:
+def init_distributed(plan: dict, local_rank: int, timeout_min: float = 30.0) -> torch.device:
     """The process group (NCCL on GPUs, gloo on the CPU) and this rank's device, set up for
     the plan: TF32, attention kernels, and torch's allocator capped at the plan's share of
-    the card."""
+    the card. A collective that waits longer than timeout_min for another rank fails (gloo
+    raises; NCCL's watchdog aborts the process) instead of waiting for ever."""
     without_deepspeed_muon()
     without_deprecation_lines_from_deepspeed()
     import deepspeed  # heavy: only the processes that train import it
@@ -194,7 +196,15 @@ def init_distributed(plan: dict, local_rank: int) -> torch.device:
         device = torch.device("cpu")
         backend = "gloo"
         without_deepspeed_shm_kernel()
-    deepspeed.init_distributed(dist_backend=backend)
+    timeout = datetime.timedelta(minutes=timeout_min)
+    # The groups DeepSpeed makes after the world's (its data-parallel group, a clone of the
+    # world) are made without a timeout and took torch's default, 30 minutes: a gradient
+    # all-reduce waited that long for a rank stopped with SIGSTOP while the world's
+    # collectives gave up in time. Torch reads this default when a group is made.
+    from torch.distributed import distributed_c10d  # where torch keeps that default, as a global
+
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return device
 
 

@@ -69,7 +69,7 @@ class Trainer(
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.is_main = self.rank == 0
         self.log: MetricsLog | None = None
-        self.device = init_distributed(self.plan, self.local_rank)
+        self.device = init_distributed(self.plan, self.local_rank, self.config.train.collective_timeout_min)
         self.ckpt_dir = self.run_dir / "checkpoints"
         resume_tag = self._resume_tag()
         self._set_up_engine(None if resume_tag else saved.get("init_from"))  # until it has a checkpoint of its own

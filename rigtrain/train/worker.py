@@ -71,15 +71,10 @@ def run(run_dir: str | Path) -> int:
         return 1
     except Exception as err:
         if not out_of_memory(err):
-            lost = lost_peer(err)
-            if lost is None:
+            said = peer_trouble(run_dir, trainer, err)
+            if said is None:
                 raise
-            # Another rank's process is gone (killed, crashed) and this one's collective broke:
-            # the launcher names that process; a traceback here would only bury its line.
-            at = f"in step {trainer.step + 1}" if trainer is not None else "while starting"
-            rank = os.environ.get("RANK", "?")
-            said = f"rigtrain: rank {rank} stopped {at}: the connection to another training process broke ({lost})"
-            print(said, file=sys.stderr, flush=True)
+            print(f"rigtrain: {said}", file=sys.stderr, flush=True)
             return 1
         # In the first steps (the first two steps, one evaluation batch and the collectives a
         # save uses: rehearsal.py) the plan's micro-batch was too large: tell the launcher, which backs off
@@ -119,6 +114,38 @@ LOST_PEER_WORDS = (
     "socket closed",
     "nccl communicator was aborted",
 )
+
+
+# How a collective says that it waited too long for another rank: gloo's, NCCL's watchdog
+# (when it raises rather than aborts), the rendezvous's store.
+PEER_TIMEOUT_WORDS = ("timed out", "collective operation timeout")
+
+
+def peer_trouble(run_dir, trainer, err: BaseException) -> str | None:
+    """One line for a collective that failed because of another rank, in place of this
+    one's traceback; None for any other error. A rank that is gone (killed, crashed) is
+    named by the launcher, with the checkpoint to resume from; one that hangs is not gone,
+    so a rank that waited for it too long says all of it here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not isinstance(err, RuntimeError):
+        return None  # one process alone has no peer
+    at = f"stopped in step {trainer.step + 1}" if trainer is not None else "stopped while starting"
+    rank = os.environ.get("RANK", "?")
+    lost = lost_peer(err)
+    if lost is not None:
+        return f"rank {rank} {at}: the connection to another training process broke ({lost})"
+    text = str(err).lower()
+    if not any(words in text for words in PEER_TIMEOUT_WORDS):
+        return None
+    from rigtrain.train.checkpoints import complete_tags  # torch: only to word a failure
+
+    tags = complete_tags(Path(run_dir) / "checkpoints")
+    saved = f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was complete yet"
+    limit = f" ({trainer.config.train.collective_timeout_min:g} min)" if trainer is not None else ""
+    return (
+        f"rank {rank} {at}: it waited longer than train.collective_timeout_min{limit} for another training "
+        f"process that did not answer (a hung GPU, a P2P link that hangs: try NCCL_P2P_DISABLE=1, a stalled "
+        f"disk); {saved}; continue with: rigtrain train --out {run_dir} --resume"
+    )
 
 
 def lost_peer(err: BaseException) -> str | None:
