@@ -187,6 +187,53 @@ def test_a_rank_killed_mid_run_is_named_in_one_line_and_the_run_resumes(tmp_path
     assert f"resuming at step {saved}/{saved + 1}" in resumed.stdout
 
 
+def test_a_run_folder_deleted_under_a_run_is_one_line_and_never_made_again(tmp_path, demo_data):
+    """`rm -rf` of the run folder (or its disk unmounted) while the run trains: the next
+    write or save stops it with one line naming the folder, not a traceback from the
+    training thread or from TensorBoard's writer thread, and the run does not make the
+    folder again around the checkpoints DeepSpeed would write."""
+    run = tmp_path / "run"
+    process = start("train", "--out", str(run), "--steps", "400", "--set", *TINY, "train.ckpt_every=3")
+    wait_for_step(run, 4, process)
+    shutil.rmtree(run, ignore_errors=True)  # the run may write in it meanwhile: whatever is left stays
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
+    said = [line for line in err.splitlines() if line.strip()]
+    # "is gone" once config.json is; while rmtree is still at work, a write may meet a folder it removed
+    assert len(said) == 1 and ("the run folder" in said[0] or "a folder of the run" in said[0]), err
+    assert any(words in said[0] for words in (f"{run} is gone (deleted, or its disk unmounted)", "disappeared while"))
+    assert not (run / "config.json").exists() and complete_steps(run) == []
+
+
+def test_a_disk_that_refuses_writes_is_said_in_words(tmp_path):
+    import errno
+
+    from rigtrain.train.saving import storage_failure
+
+    (tmp_path / "config.json").write_text("{}")
+    refused = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "metrics.jsonl"))
+    assert (
+        storage_failure(refused, tmp_path)
+        == f"the disk refused a write ({tmp_path / 'metrics.jsonl'}): Read-only file system"
+    )
+    try:
+        try:
+            raise OSError(errno.EIO, "Input/output error")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0") from None
+    except RuntimeError as wrapped:  # torch.save's writer over a failing disk: the OSError is its context
+        assert storage_failure(wrapped, tmp_path) == "the disk refused a write: Input/output error"
+    torch_writer = RuntimeError(f"Parent directory {tmp_path}/checkpoints/step00000004 does not exist.")
+    assert storage_failure(torch_writer, tmp_path).startswith("a folder of the run disappeared while it was written")
+    assert storage_failure(RuntimeError("mat1 and mat2 must have the same dtype"), tmp_path) is None  # a bug
+    (tmp_path / "config.json").unlink()
+    assert (
+        storage_failure(RuntimeError("anything"), tmp_path)
+        == f"the run folder {tmp_path} is gone (deleted, or its disk unmounted)"
+    )
+    assert storage_failure(KeyError("x"), tmp_path) is None
+
+
 def test_a_hung_rank_stops_the_run_after_the_collective_timeout_with_one_line(tmp_path, demo_data):
     """A rank that hangs (stopped here with SIGSTOP: a GPU stuck in its driver, a P2P link
     that hangs NCCL) does not keep the others waiting for ever: after

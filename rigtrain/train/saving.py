@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,51 @@ def _disk_full(err: BaseException, folder: Path) -> bool:
     return False
 
 
+# What a disk says when it turned read-only (ext4 after an error), failed, went away (a USB
+# drive, an NFS server) or lost its permissions, or when the run's folder was deleted.
+STORAGE_ERRNOS = (
+    errno.EROFS,
+    errno.EIO,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.ESTALE,
+    errno.ENODEV,
+    errno.ENXIO,
+)
+
+
+def folder_gone(run_dir: Path) -> str | None:
+    """In words, when the run folder is no longer there: its config.json, which every run
+    folder holds from its start, is gone (DeepSpeed's save would make the folders again)."""
+    if not (Path(run_dir) / "config.json").is_file():
+        return f"the run folder {run_dir} is gone (deleted, or its disk unmounted)"
+    return None
+
+
+def storage_failure(err: BaseException, run_dir: Path) -> str | None:
+    """What went wrong with the run folder's storage, in words, when `err` came from it;
+    None for any other error (a bug keeps its traceback)."""
+    if not isinstance(err, (OSError, RuntimeError)):
+        return None
+    gone = folder_gone(run_dir)
+    if gone is not None:
+        return gone
+    chain, seen = err, 0
+    while chain is not None and seen < 10:
+        if isinstance(chain, OSError) and chain.errno in STORAGE_ERRNOS:
+            where = f" ({chain.filename})" if chain.filename else ""
+            if chain.errno in (errno.ENOENT, errno.ENOTDIR):  # deleted under the run
+                return f"a folder of the run disappeared while it was written{where}"
+            return f"the disk refused a write{where}: {os.strerror(chain.errno)}"
+        chain, seen = chain.__context__ or chain.__cause__, seen + 1
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if "does not exist" in text and "directory" in text.lower():  # torch.save's zip writer: no errno
+        return f"a folder of the run disappeared while it was written ({text[:200]})"
+    return None
+
+
 class Checkpointing:
     def save_checkpoint(self) -> bool:
         """Save this step; False (nothing written) when the weights or optimizer states are
@@ -53,6 +99,9 @@ class Checkpointing:
             return False
         tag = checkpoints.tag_for(self.step)
         tag_dir = self.ckpt_dir / tag
+        gone = folder_gone(self.run_dir)
+        if gone is not None:
+            raise TrainingFault(f"saving step {self.step} failed: {gone}; its checkpoints went with it")
         self._check_disk_space(tag_dir)
         if self.is_main:  # a tag saved again (a resumed run) is incomplete until its new list is written
             (tag_dir / checkpoints.COMPLETE).unlink(missing_ok=True)
@@ -70,7 +119,15 @@ class Checkpointing:
                 self.log.say(f"checkpoint {tag_dir}" + (f" (removed {', '.join(removed)})" if removed else ""))
         except (OSError, RuntimeError) as err:
             if not _disk_full(err, self.ckpt_dir):
-                raise
+                trouble = storage_failure(err, self.run_dir)
+                if trouble is None:
+                    raise
+                shutil.rmtree(tag_dir, ignore_errors=True)  # incomplete: never resumed
+                kept = "its checkpoints went with it" if folder_gone(self.run_dir) else self._last_good()
+                raise TrainingFault(
+                    f"saving step {self.step} failed: {trouble}; {kept}; once the disk and the "
+                    f"folder are back, resume with `rigtrain train --out {self.run_dir} --resume`"
+                ) from None
             shutil.rmtree(tag_dir, ignore_errors=True)  # incomplete: never resumed, and it holds space
             free = shutil.disk_usage(self.ckpt_dir).free
             raise TrainingFault(

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 from rigtrain.errors import TrainingFault, UserError, one_line
@@ -55,39 +56,71 @@ def run(run_dir: str | Path) -> int:
     from rigtrain.train.stopping import GracefulStop, StopRequested  # with the Trainer, after the plan's environment
     from rigtrain.train.trainer import Trainer  # after apply_plan_env: OMP_NUM_THREADS must be set before torch loads
 
-    trainer = None
+    trainer, code = None, 1
     stop = GracefulStop()
+    quiet_storage_failures_in_threads(Path(run_dir))
     try:
         trainer = Trainer(run_dir, stop=stop)
         trainer.fit()
-        return 0
+        code = 0
     except StopRequested as stopped:
-        return stopped.code
+        code = stopped.code
     except UserError as err:
         print(f"rigtrain: error: {one_line(err)}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
     except (FloatingPointError, TrainingFault) as err:
         print(f"rigtrain: {one_line(err)}", file=sys.stderr, flush=True)
-        return 1
     except Exception as err:
         if not out_of_memory(err):
-            said = peer_trouble(run_dir, trainer, err)
+            said = peer_trouble(run_dir, trainer, err) or storage_trouble(run_dir, trainer, err)
             if said is None:
                 raise
             print(f"rigtrain: {said}", file=sys.stderr, flush=True)
-            return 1
-        # In the first steps (the first two steps, one evaluation batch and the collectives a
-        # save uses: rehearsal.py) the plan's micro-batch was too large: tell the launcher, which backs off
-        # one size and starts again. Later, it is a failure the user has to act on.
-        first = trainer is not None and not trainer.settled
-        if first:
-            (Path(run_dir) / OOM_MARKER).write_text(json.dumps({"rank": trainer.rank, "error": str(err)[:500]}))
-        print(f"rigtrain: {oom_message(run_dir, trainer, err, first)}", file=sys.stderr, flush=True)
-        return 1
+        else:
+            # In the first steps (the first two steps, one evaluation batch and the collectives a
+            # save uses: rehearsal.py) the plan's micro-batch was too large: tell the launcher, which backs off
+            # one size and starts again. Later, it is a failure the user has to act on.
+            first = trainer is not None and not trainer.settled
+            if first:
+                (Path(run_dir) / OOM_MARKER).write_text(json.dumps({"rank": trainer.rank, "error": str(err)[:500]}))
+            print(f"rigtrain: {oom_message(run_dir, trainer, err, first)}", file=sys.stderr, flush=True)
     finally:
-        if trainer is not None:
-            trainer.close()
+        code = close_trainer(trainer, run_dir, code)
         stop.restore()
+    return code
+
+
+def close_trainer(trainer, run_dir, code: int) -> int:
+    """trainer.close(), and the exit code after it: a write the run folder's disk refuses
+    while closing (the last metrics, TensorBoard's last events) is one line, and a failure
+    if the run had none; after another failure it was said already."""
+    if trainer is None:
+        return code
+    try:
+        trainer.close()
+    except Exception as err:
+        said = storage_trouble(run_dir, trainer, err)
+        if said is None:
+            raise
+        if code == 0:
+            print(f"rigtrain: {said}", file=sys.stderr, flush=True)
+            return 1
+    return code
+
+
+def quiet_storage_failures_in_threads(run_dir: Path) -> None:
+    """A thread that meets a vanished or refused run folder (TensorBoard's event writer)
+    ends without its traceback: the training thread says it in one line, at its next
+    write or when it closes the writer, which raises the thread's error again."""
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        from rigtrain.train.saving import storage_failure  # torch: loaded by now, in a training process
+
+        if storage_failure(args.exc_value, run_dir) is None:
+            default(args)
+
+    threading.excepthook = hook
 
 
 def out_of_memory(err: BaseException) -> bool:
@@ -145,6 +178,21 @@ def peer_trouble(run_dir, trainer, err: BaseException) -> str | None:
         f"rank {rank} {at}: it waited longer than train.collective_timeout_min{limit} for another training "
         f"process that did not answer (a hung GPU, a P2P link that hangs: try NCCL_P2P_DISABLE=1, a stalled "
         f"disk); {saved}; continue with: rigtrain train --out {run_dir} --resume"
+    )
+
+
+def storage_trouble(run_dir, trainer, err: BaseException) -> str | None:
+    """One line for a write the run folder's disk refused outside a save (metrics, logs),
+    or for any failure once the folder is gone; None for other errors."""
+    from rigtrain.train.saving import storage_failure  # torch: only to word a failure
+
+    trouble = storage_failure(err, Path(run_dir))
+    if trouble is None:
+        return None
+    at = f"in step {trainer.step + 1}" if trainer is not None else "while starting"
+    return (
+        f"the run stopped {at}: {trouble}; once the disk and the folder are back, resume with "
+        f"`rigtrain train --out {run_dir} --resume`"
     )
 
 
