@@ -109,6 +109,10 @@ class Checkpointing:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
             checkpoints.save_rank_state(tag_dir, self.rank)
             torch.distributed.barrier()  # every rank's part is on disk before the tag counts
+            gone = folder_gone(self.run_dir)  # again: it may have gone while DeepSpeed wrote
+            if gone is not None:
+                shutil.rmtree(tag_dir, ignore_errors=True)  # never a complete checkpoint of a vanished run
+                raise TrainingFault(f"saving step {self.step} failed: {gone}; its checkpoints went with it")
             if self.is_main:
                 write_json(
                     tag_dir / "trainer.json",

@@ -73,9 +73,7 @@ def run(run_dir: str | Path) -> int:
     except Exception as err:
         if not out_of_memory(err):
             said = peer_trouble(run_dir, trainer, err) or storage_trouble(run_dir, trainer, err)
-            if said is None:
-                raise
-            print(f"rigtrain: {said}", file=sys.stderr, flush=True)
+            print(f"rigtrain: {said or crash_report(run_dir, trainer, err)}", file=sys.stderr, flush=True)
         else:
             # In the first steps (the first two steps, one evaluation batch and the collectives a
             # save uses: rehearsal.py) the plan's micro-batch was too large: tell the launcher, which backs off
@@ -88,6 +86,35 @@ def run(run_dir: str | Path) -> int:
         code = close_trainer(trainer, run_dir, code)
         stop.restore()
     return code
+
+
+def crash_report(run_dir, trainer, err: BaseException) -> str:
+    """One line for an error nothing else explains (a bug, a driver's or GPU's fault), its
+    whole traceback kept in the run folder for a bug report rather than printed over the
+    run's output; printed after all where it cannot be kept."""
+    import traceback  # only for a crash
+
+    from rigtrain.train.checkpoints import complete_tags  # torch: only to word a failure
+
+    rank = os.environ.get("RANK", "0")
+    report = Path(run_dir) / f"crash-rank{rank}.txt"
+    try:
+        report.write_text("".join(traceback.format_exception(err)))
+        kept = f"its traceback is in {report}, for a bug report"
+    except OSError:
+        traceback.print_exception(err)
+        kept = "its traceback is above"
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    hint = ""
+    if "cuda" in first.lower() or "cublas" in first.lower() or "cudnn" in first.lower():
+        hint = " (whether the GPU or its driver failed: `nvidia-smi -q`, and Xid lines in `sudo dmesg`)"
+    at = f"in step {trainer.step + 1}" if trainer is not None else "while starting"
+    tags = complete_tags(Path(run_dir) / "checkpoints")
+    saved = f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was complete yet"
+    return (
+        f"rank {rank} failed {at} with {type(err).__name__}: {first}{hint}; {kept}; {saved}; once the cause "
+        f"is gone, continue with: rigtrain train --out {run_dir} --resume"
+    )
 
 
 def close_trainer(trainer, run_dir, code: int) -> int:
