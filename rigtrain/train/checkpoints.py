@@ -78,6 +78,12 @@ def _read_complete(tag_dir: Path) -> Tag:
     return Tag(step=step, name=tag_dir.name, files=files)
 
 
+def last_complete_in_words(ckpt_dir: Path) -> str:
+    """For a line about a failure: which checkpoint a --resume would start from."""
+    tags = complete_tags(ckpt_dir)
+    return f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was complete yet"
+
+
 def complete_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
     """(step, tag) of checkpoints marked complete, oldest first (not yet verified: see
     `newest_good`). A complete.json that cannot be read counts as not complete."""

@@ -390,9 +390,8 @@ def _finish(run_dir: Path, code: int, rank: int | None = None) -> int:
                 file=sys.stderr,
             )
             return _finish(run_dir, 0)
-        from rigtrain.train.checkpoints import complete_tags  # torch: only when a process failed
+        from rigtrain.train.checkpoints import last_complete_in_words  # torch: only when a process failed
 
-        tags = complete_tags(run_dir / "checkpoints")
-        saved = f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was complete yet"
+        saved = last_complete_in_words(run_dir / "checkpoints")
         print(f"rigtrain: {how}; {saved}; continue with: rigtrain train --out {run_dir} --resume", file=sys.stderr)
     return 2 if code == 2 else 1

@@ -94,7 +94,7 @@ def crash_report(run_dir, trainer, err: BaseException) -> str:
     run's output; printed after all where it cannot be kept."""
     import traceback  # only for a crash
 
-    from rigtrain.train.checkpoints import complete_tags  # torch: only to word a failure
+    from rigtrain.train.checkpoints import last_complete_in_words  # torch: only to word a failure
 
     rank = os.environ.get("RANK", "0")
     report = Path(run_dir) / f"crash-rank{rank}.txt"
@@ -108,13 +108,15 @@ def crash_report(run_dir, trainer, err: BaseException) -> str:
     hint = ""
     if "cuda" in first.lower() or "cublas" in first.lower() or "cudnn" in first.lower():
         hint = " (whether the GPU or its driver failed: `nvidia-smi -q`, and Xid lines in `sudo dmesg`)"
-    at = f"in step {trainer.step + 1}" if trainer is not None else "while starting"
-    tags = complete_tags(Path(run_dir) / "checkpoints")
-    saved = f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was complete yet"
+    saved = last_complete_in_words(Path(run_dir) / "checkpoints")
     return (
-        f"rank {rank} failed {at} with {type(err).__name__}: {first}{hint}; {kept}; {saved}; once the cause "
-        f"is gone, continue with: rigtrain train --out {run_dir} --resume"
+        f"rank {rank} failed {_when(trainer)} with {type(err).__name__}: {first}{hint}; {kept}; {saved}; once "
+        f"the cause is gone, continue with: rigtrain train --out {run_dir} --resume"
     )
+
+
+def _when(trainer) -> str:
+    return f"in step {trainer.step + 1}" if trainer is not None else "while starting"
 
 
 def close_trainer(trainer, run_dir, code: int) -> int:
@@ -188,7 +190,7 @@ def peer_trouble(run_dir, trainer, err: BaseException) -> str | None:
     so a rank that waited for it too long says all of it here."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not isinstance(err, RuntimeError):
         return None  # one process alone has no peer
-    at = f"stopped in step {trainer.step + 1}" if trainer is not None else "stopped while starting"
+    at = f"stopped {_when(trainer)}"
     rank = os.environ.get("RANK", "?")
     lost = lost_peer(err)
     if lost is not None:
@@ -196,10 +198,9 @@ def peer_trouble(run_dir, trainer, err: BaseException) -> str | None:
     text = str(err).lower()
     if not any(words in text for words in PEER_TIMEOUT_WORDS):
         return None
-    from rigtrain.train.checkpoints import complete_tags  # torch: only to word a failure
+    from rigtrain.train.checkpoints import last_complete_in_words  # torch: only to word a failure
 
-    tags = complete_tags(Path(run_dir) / "checkpoints")
-    saved = f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was complete yet"
+    saved = last_complete_in_words(Path(run_dir) / "checkpoints")
     limit = f" ({trainer.config.train.collective_timeout_min:g} min)" if trainer is not None else ""
     return (
         f"rank {rank} {at}: it waited longer than train.collective_timeout_min{limit} for another training "
@@ -216,9 +217,8 @@ def storage_trouble(run_dir, trainer, err: BaseException) -> str | None:
     trouble = storage_failure(err, Path(run_dir))
     if trouble is None:
         return None
-    at = f"in step {trainer.step + 1}" if trainer is not None else "while starting"
     return (
-        f"the run stopped {at}: {trouble}; once the disk and the folder are back, resume with "
+        f"the run stopped {_when(trainer)}: {trouble}; once the disk and the folder are back, resume with "
         f"`rigtrain train --out {run_dir} --resume`"
     )
 
@@ -234,14 +234,13 @@ def lost_peer(err: BaseException) -> str | None:
 
 def oom_message(run_dir, trainer, err: BaseException, first: bool) -> str:
     """One line: where it happened, what is saved, what to change."""
-    from rigtrain.train.checkpoints import complete_tags  # torch: only to word an out-of-memory message
+    from rigtrain.train.checkpoints import last_complete_in_words  # torch: only to word an out-of-memory message
 
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     if trainer is None:
         return f"out of GPU memory while starting ({first_line}); lower train.micro_batch_size"
     step = trainer.step + 1
-    tags = complete_tags(Path(run_dir) / "checkpoints")
-    saved = f"the last complete checkpoint is step {tags[-1][0]}" if tags else "no checkpoint was written yet"
+    saved = last_complete_in_words(Path(run_dir) / "checkpoints")
     micro = trainer.config.train.micro_batch_size
     advice = (
         f"lower train.micro_batch_size (now {micro}) or set model.activation_checkpointing=true"
