@@ -235,9 +235,9 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
     failed_at, first = None, None
     try:
         while any(p.poll() is None for p in ranks):
-            codes = [p.returncode for p in ranks]
-            if failed_at is None and not received and the_first_to_fail(codes) is not None:
-                failed_at, first = time.monotonic(), the_first_to_fail(codes)
+            failing = the_first_to_fail([p.returncode for p in ranks])
+            if failed_at is None and not received and failing is not None:
+                failed_at, first = time.monotonic(), failing
                 for p in ranks:
                     if p.poll() is None:
                         p.send_signal(signal.SIGTERM)
