@@ -53,3 +53,35 @@ def test_every_pointer_to_a_section_names_one_that_exists():
                 broken.append(f'{source.relative_to(ROOT)}: {doc.relative_to(ROOT)}, "{title}"')
     assert pointers >= 30  # the patterns still find the pointers
     assert not broken, broken
+
+
+def _readme_examples(command_prefix: str) -> list[tuple[list[str], list[str]]]:
+    """Each README code block that starts with `$ COMMAND ...`: (its arguments, the lines
+    shown under it)."""
+    examples, block = [], None
+    for line in (ROOT / "README.md").read_text().split("\n"):
+        if line.startswith("```"):
+            if block and block[0].startswith(f"$ {command_prefix}"):
+                examples.append((block[0].split()[2:], block[1:]))
+            block = [] if block is None else None
+        elif block is not None:
+            block.append(line)
+    return examples
+
+
+def test_the_readme_plans_are_what_rigtrain_rig_prints_today():
+    """The README's `rigtrain rig --rig FILE` examples are its output for that rig file, word
+    for word and every whole number (micro-batch, accumulation, watts, warnings); the GiB
+    figures (two decimals) may move with torch's version, which measures the step."""
+    from conftest import run_cli
+
+    examples = _readme_examples("rigtrain rig --rig")
+    assert examples, "the README lost its `$ rigtrain rig --rig` example"
+    figures = re.compile(r"\d+\.\d\d\b")
+    for arguments, shown in examples:
+        printed = run_cli(*arguments, cwd=ROOT, timeout=300)
+        assert printed.returncode == 0, printed.stderr
+        today = [figures.sub("#.##", line) for line in printed.stdout.rstrip("\n").split("\n")]
+        assert [figures.sub("#.##", line) for line in shown] == today, (
+            f"README's `rigtrain {' '.join(arguments)}` is out of date: paste its output again"
+        )

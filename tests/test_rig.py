@@ -119,6 +119,12 @@ def test_four_4090s_without_p2p():
     per_step = plan.micro_batch_size * plan.grad_accum_steps * 4
     assert 256 <= per_step < 256 + 4 * plan.grad_accum_steps
     assert f"= {per_step} per step" in plan.reasons["grad_accum_steps"]
+    # the reason says what the overshoot is and which micro-batch makes the batch exact
+    assert "264 per step: 8 over the global batch of 256 (3.1%)" in plan.reasons["grad_accum_steps"]
+    assert "--set train.micro_batch_size=16 makes it exactly 256" in plan.reasons["grad_accum_steps"]
+    exact = plan_for("four_4090_no_p2p.json", overrides=["train.micro_batch_size=16"])
+    assert (exact.micro_batch_size, exact.grad_accum_steps) == (16, 4)
+    assert exact.reasons["grad_accum_steps"].endswith("= 256 per step, the global batch of 256")
 
 
 def synthetic_step(act_gib: float, ckpt_act_gib: float, parameters: float):
@@ -227,6 +233,13 @@ def test_a_hostfile_shares_the_global_batch_over_every_machine():
     two = plan_for("a100_80gb.json", hosts=(1, 1))
     assert (two.world_size, two.micro_batch_size, two.grad_accum_steps) == (2, 64, 2)
     assert "2 machine(s), 2 process(es)" in two.reasons["world_size"]
+    # the step counts every machine's processes, not this machine's GPU alone
+    assert two.reasons["grad_accum_steps"] == "2 x 64 clips x 2 GPU(s) = 256 per step, the global batch of 256"
+    three = plan_for("a100_80gb.json", hosts=(1, 1, 1))  # 256 cannot be shared by 3 equally
+    assert three.micro_batch_size * three.grad_accum_steps == 86
+    assert three.reasons["grad_accum_steps"].endswith(
+        "2 over the global batch of 256 (0.8%), which does not divide over 3 GPUs"
+    )
     # on CPUs the slots say how many processes each machine runs (not train.nproc), and a
     # machine's cores are shared by its own processes only
     cpus = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=4"], hosts=(2, 2, 2))

@@ -21,7 +21,6 @@ def explain(
     """A sentence per choice of a GPU plan, in the order `rigtrain rig` prints them."""
     fixed = request.fixed
     stage, checkpointing, optimizer, offload = setting
-    world = cards.world
     reasons = {
         "micro_batch_size": micro_batch_reason(
             cards, request, setting, micro_batch, largest_fitting, accum, fits, total["total_gib"]
@@ -29,8 +28,7 @@ def explain(
         "grad_accum_steps": (
             "set by the user"
             if "train.grad_accum_steps" in fixed
-            else f"{accum} x {micro_batch} clips x {world} GPU(s) = {accum * micro_batch * world} "
-            f"per step, reaching the global batch of {request.global_batch}"
+            else accumulation_reason(cards, request, micro_batch, accum)
         ),
     }
     if "model.activation_checkpointing" in fixed:
@@ -104,11 +102,31 @@ def micro_batch_reason(
             f"the smallest card ({cards.smallest.name}); {micro_batch + 1} would not fit"
         )
     over = accum * micro_batch - cards.share
-    how = "evenly" if over == 0 else f"with {over} over (an exact split would take smaller micro-batches)"
+    how = "evenly" if over == 0 else f"with {over} over (grad_accum_steps says what that costs)"
     return (
         f"up to {largest_fitting} fits on the smallest card ({cards.smallest.name}); {accum} micro-batches of "
         f"{micro_batch} cover the per-GPU share of {cards.share} {how} (predicted {total_gib:.2f} of "
         f"{usable:.2f} usable GiB)"
+    )
+
+
+def accumulation_reason(cards: CardBudget, request, micro_batch: int, accum: int) -> str:
+    """How the step reaches the global batch; where equal micro-batches overshoot it, by how
+    much, and the micro-batch that would make it exact (a run compared with one on another
+    rig may want exactly the same batch)."""
+    processes = sum(request.hosts) or cards.world  # every process on every machine
+    wanted = request.global_batch
+    per_step = accum * micro_batch * processes
+    said = f"{accum} x {micro_batch} clips x {processes} GPU(s) = {per_step} per step"
+    if per_step <= wanted:
+        return f"{said}, the global batch of {wanted}"
+    over = f"{said}: {per_step - wanted} over the global batch of {wanted} ({(per_step - wanted) / wanted:.1%})"
+    if cards.share * processes != wanted:
+        return f"{over}, which does not divide over {processes} GPUs"
+    exact = max(d for d in range(1, micro_batch + 1) if cards.share % d == 0)
+    return (
+        f"{over}, since equal micro-batches of {micro_batch} cannot make {cards.share} per GPU; "
+        f"--set train.micro_batch_size={exact} makes it exactly {wanted}"
     )
 
 
