@@ -253,6 +253,31 @@ def test_the_rank_that_brought_a_run_down_is_the_one_named():
     assert how_it_ended(3, 0) == "training process rank 0 ended with exit code 3"
 
 
+FAILING_RANK = """
+import os, sys
+from rigtrain.train.worker import say_failure
+say_failure(f"the disk is full (rank {os.environ['RANK']})")
+sys.exit(1)
+"""
+
+
+def test_ranks_that_meet_the_same_fault_say_it_once(capfd, tmp_path, monkeypatch):
+    """A full disk, data gone, a loss no longer finite: every rank meets it, and the user
+    reads one line, the first rank's, not one per rank."""
+    from rigtrain.train.processes import run_local_ranks
+    from rigtrain.train.worker import FAULT_SAID, say_failure
+
+    code, rank = run_local_ranks([sys.executable, "-c", FAILING_RANK], 3, dict(os.environ))
+    said = [line for line in capfd.readouterr().err.splitlines() if line.startswith("rigtrain:")]
+    assert (code, len(said)) == (1, 1), said  # (the rank named: whichever exit the launcher saw first)
+    assert said[0].startswith("rigtrain: the disk is full (rank ")
+    # a rank on another machine has no launcher's folder here: it says its line
+    monkeypatch.setenv(FAULT_SAID, str(tmp_path / "not-here" / "fault-said"))
+    say_failure("one")
+    say_failure("two")
+    assert capfd.readouterr().err == "rigtrain: one\nrigtrain: two\n"
+
+
 def test_a_collective_broken_by_a_dead_peer_is_recognised_only_with_peers(monkeypatch):
     from rigtrain.train.worker import lost_peer
 

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.terminal import PR_SET_PDEATHSIG
 from rigtrain.train.stopping import LAUNCHER_PID, stop_signals
+from rigtrain.train.worker import FAULT_SAID
 
 WORKER_MODULE = "rigtrain.train.worker"
 
@@ -210,7 +212,9 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
     (the exit code of the rank that failed first, that rank), else (0, None)."""
 
     port = str(free_port())
+    said = Path(tempfile.mkdtemp(prefix="rigtrain-ranks-"))  # worker.say_failure: one rank's line, not each's
     shared = {
+        FAULT_SAID: str(said / "fault-said"),
         **env,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": port,
@@ -249,6 +253,7 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        shutil.rmtree(said, ignore_errors=True)
     if received:
         return 128 + received[0], None
     if first is None:  # every rank had ended before a look found one failed

@@ -16,6 +16,24 @@ from rigtrain.errors import TrainingFault, UserError, one_line
 # reads it, backs off one micro-batch size and starts again.
 OOM_MARKER = "oom.json"
 
+# Set by the launcher for the ranks it starts on this machine: a file that only the first
+# rank to say why the run failed creates, so ranks that meet the same fault (a full disk,
+# data gone, a loss that is no longer finite) print one line between them, not one each.
+FAULT_SAID = "RIGTRAIN_FAULT_SAID"
+
+
+def say_failure(line: str) -> None:
+    """`rigtrain: LINE` on stderr, unless another rank of this machine has said why already."""
+    mark = os.environ.get(FAULT_SAID)
+    if mark:
+        try:
+            os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        except OSError:
+            pass  # the launcher's folder is not on this machine (another node's rank): say it
+    print(f"rigtrain: {line}", file=sys.stderr, flush=True)
+
 
 def apply_plan_env(run_dir: Path) -> None:
     """The plan's environment (NCCL settings, device order, CPU threads), set here as well
@@ -66,14 +84,14 @@ def run(run_dir: str | Path) -> int:
     except StopRequested as stopped:
         code = stopped.code
     except UserError as err:
-        print(f"rigtrain: error: {one_line(err)}", file=sys.stderr, flush=True)
+        say_failure(f"error: {one_line(err)}")
         code = 2
     except (FloatingPointError, TrainingFault) as err:
-        print(f"rigtrain: {one_line(err)}", file=sys.stderr, flush=True)
+        say_failure(one_line(err))
     except Exception as err:
         if not out_of_memory(err):
             said = peer_trouble(run_dir, trainer, err) or storage_trouble(run_dir, trainer, err)
-            print(f"rigtrain: {said or crash_report(run_dir, trainer, err)}", file=sys.stderr, flush=True)
+            say_failure(said or crash_report(run_dir, trainer, err))
         else:
             # In the first steps (the first two steps, one evaluation batch and the collectives a
             # save uses: rehearsal.py) the plan's micro-batch was too large: tell the launcher, which backs off
@@ -81,7 +99,7 @@ def run(run_dir: str | Path) -> int:
             first = trainer is not None and not trainer.settled
             if first:
                 (Path(run_dir) / OOM_MARKER).write_text(json.dumps({"rank": trainer.rank, "error": str(err)[:500]}))
-            print(f"rigtrain: {oom_message(run_dir, trainer, err, first)}", file=sys.stderr, flush=True)
+            say_failure(oom_message(run_dir, trainer, err, first))
     finally:
         code = close_trainer(trainer, run_dir, code)
         stop.restore()
@@ -132,7 +150,7 @@ def close_trainer(trainer, run_dir, code: int) -> int:
         if said is None:
             raise
         if code == 0:
-            print(f"rigtrain: {said}", file=sys.stderr, flush=True)
+            say_failure(said)
             return 1
     return code
 
