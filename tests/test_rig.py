@@ -389,6 +389,9 @@ def test_psu_watts_from_the_command_line():
         (lambda r: r.update(ram=64), "ram"),
         (lambda r: r["gpus"][0].update(compute_capability="8.6"), "gpus[0].compute_capability"),
         (lambda r: r["gpus"][0].update(p2p=[True]), "gpus[0].p2p"),
+        (lambda r: r.update(ram_gib=0), "ram_gib must be more than 0"),
+        (lambda r: r.update(ram_gib=16, ram_free_gib=60), "ram_free_gib (60) is more than ram_gib (16)"),
+        (lambda r: r["cpu"].update(cores=16, threads=8), "cpu.threads (8) is fewer than cpu.cores (16)"),
     ],
 )
 def test_invalid_rig_files_name_the_field(tmp_path, change, field):
@@ -396,7 +399,7 @@ def test_invalid_rig_files_name_the_field(tmp_path, change, field):
     change(rig)
     path = tmp_path / "rig.json"
     path.write_text(json.dumps(rig))
-    with pytest.raises(UserError, match=field.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(UserError, match=re.escape(field)):
         read_rig_file(path)
     result = run_cli("rig", "--rig", str(path))
     assert result.returncode == 2 and field in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -315,9 +315,14 @@ def rig_from_dict(data, where: str = "rig") -> Rig:
             },
             **({"tdp_w": _number(where, "cpu.tdp_w", cpu["tdp_w"], minimum=0)} if "tdp_w" in cpu else {}),
         )
+        if "cores" in cpu and "threads" in cpu and out["cpu"].threads < out["cpu"].cores:
+            raise _fail(where, "cpu.threads", f"({cpu['threads']}) is fewer than cpu.cores ({cpu['cores']})")
     for key in ("ram_gib", "ram_free_gib", "swap_gib", "shm_gib"):
         if key in data:
-            out[key] = _number(where, key, data[key], minimum=0)
+            # a machine with no RAM at all cannot have run the probe
+            out[key] = _number(where, key, data[key], **({"above": 0} if key == "ram_gib" else {"minimum": 0}))
+    if out.get("ram_free_gib", 0) > out.get("ram_gib", math.inf):
+        raise _fail(where, "ram_free_gib", f"({out['ram_free_gib']:g}) is more than ram_gib ({out['ram_gib']:g})")
     if "psu_w" in data:
         out["psu_w"] = _number(where, "psu_w", data["psu_w"], above=0)
     if "disk" in data:
