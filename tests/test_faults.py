@@ -434,6 +434,9 @@ def test_divergence_stops_before_a_bad_checkpoint(tmp_path, demo_data, lr, says)
     lines = [line for line in result.stderr.splitlines() if line.startswith("rigtrain:")]
     assert len(lines) == 1 and says in lines[0] and "train.lr" in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    # with nothing saved, the advice says --resume starts again rather than continuing
+    assert ("starts again at step 0" in lines[0]) == (not complete_steps(run)), lines[0]
+    print(lines[0])
     for step in complete_steps(run):  # whatever was saved is finite
         state = torch.load(run / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
         assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())

@@ -52,7 +52,10 @@ class DivergenceRules:
         if math.isfinite(loss):
             self.recent_losses.append(loss)
         if why:
+            last_good = self._last_good()
+            # with nothing saved, --resume keeps the run folder and its record and starts at step 0
+            restart = " (it starts again at step 0)" if "no checkpoint" in last_good else ""
             self.diverged = (
-                f"{why}; {self._last_good()}; lower train.lr (now {t.lr:g}) or raise "
-                f"train.warmup_steps, then `rigtrain train --out {self.run_dir} --resume --set train.lr=...`"
+                f"{why}; {last_good}; lower train.lr (now {t.lr:g}) or raise "
+                f"train.warmup_steps, then `rigtrain train --out {self.run_dir} --resume --set train.lr=...`{restart}"
             )
