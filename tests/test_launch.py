@@ -3,6 +3,7 @@ precision, environment and loader threads, as the planner makes them for train."
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -276,6 +277,32 @@ def test_ranks_that_meet_the_same_fault_say_it_once(capfd, tmp_path, monkeypatch
     say_failure("one")
     say_failure("two")
     assert capfd.readouterr().err == "rigtrain: one\nrigtrain: two\n"
+
+
+# DeepSpeed's per-machine launch process, as it starts its ranks on one node of a
+# multi-node run: CROSS_RANK set, our launcher's FAULT_SAID not (the runner does not
+# forward it to other machines)
+NODE_LAUNCHER = """
+import os, subprocess, sys
+env = {k: v for k, v in os.environ.items() if k != "RIGTRAIN_FAULT_SAID"}
+ranks = [subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**env, "CROSS_RANK": "1", "RANK": str(r)})
+         for r in range(3)]
+sys.exit(max(p.wait() for p in ranks))
+"""
+
+
+def test_ranks_deepspeeds_launcher_started_on_one_machine_say_a_fault_once(tmp_path):
+    """A multi-node run: one line per machine, not one per rank, and a later launch on the
+    same machine (a new parent) says its own."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the machine's mark is left
+    for launch in range(1, 3):
+        node = subprocess.run(
+            [sys.executable, "-c", NODE_LAUNCHER, FAILING_RANK], capture_output=True, text=True, env=env
+        )
+        said = [line for line in node.stderr.splitlines() if line.startswith("rigtrain:")]
+        assert node.returncode == 1 and len(said) == 1, node.stderr[-2000:]
+        assert said[0].startswith("rigtrain: the disk is full (rank ")
+        assert len(list(tmp_path.glob("rigtrain-fault-said-*"))) == launch
 
 
 def test_a_collective_broken_by_a_dead_peer_is_recognised_only_with_peers(monkeypatch):

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -22,9 +23,26 @@ OOM_MARKER = "oom.json"
 FAULT_SAID = "RIGTRAIN_FAULT_SAID"
 
 
+def deepspeed_node_mark() -> str | None:
+    """FAULT_SAID's file for the ranks DeepSpeed's launcher started on this machine (a
+    multi-node run), which our launcher's variable does not reach: named after their common
+    parent, DeepSpeed's per-machine launch process, and its start time, so that a later
+    launcher given the same process id never finds it made. It stays in /tmp after a fault
+    (empty). None outside DeepSpeed's launcher, or where /proc cannot say."""
+    if "CROSS_RANK" not in os.environ:  # set by deepspeed.launcher.launch for each rank it starts
+        return None
+    parent = os.getppid()
+    try:
+        # field 22 of /proc/PID/stat, the start time; the name (field 2) may hold spaces
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return str(Path(tempfile.gettempdir()) / f"rigtrain-fault-said-{parent}-{started}")
+
+
 def say_failure(line: str) -> None:
     """`rigtrain: LINE` on stderr, unless another rank of this machine has said why already."""
-    mark = os.environ.get(FAULT_SAID)
+    mark = os.environ.get(FAULT_SAID) or deepspeed_node_mark()
     if mark:
         try:
             os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
