@@ -58,7 +58,7 @@ def resolve_config(
         check_checkpoint_layout(record.get("plan") or {}, run_dir)
         changes = resume_changes(build_config(base, source=str(saved)), config, run_dir)
         if changes:
-            _say(f"resuming with changes against the checkpoint's config: {'; '.join(changes)}")
+            _say(f"resuming with changes to the run's config: {'; '.join(changes)}")
         return config, run_dir
     preset = preset or "demo"
     config = load_config(preset, config_file, overrides)  # a wrong key is said before any folder is made
