@@ -756,6 +756,8 @@ def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
     shutil.copytree(demo_data, zeroed)
     with sorted(zeroed.glob("*/audio.npy"))[0].open("r+b") as f:
         f.write(b"\0" * 64)
+    (tmp / "videos").mkdir()
+    (tmp / "videos" / "clip.mp4").write_text("a video's name is enough: the output folder is made first")
     out = str(tmp / "run")
     return [
         ["train", "--out", out, "--config", str(tmp / "binary.toml")],
@@ -802,6 +804,9 @@ def _bad_invocations(tmp: Path, demo_data: Path) -> list[list[str]]:
         *[["eval", str(tmp / f"edited-{name}")] for name in edited],
         *[["train", "--out", str(tmp / f"edited-{name}"), "--resume"] for name in edited],
         ["eval", ""],
+        ["data", "synth", "/proc/rigtrain-data"],  # folders that cannot be made
+        ["data", "prepare", str(tmp / "videos"), "/proc/rigtrain-data"],
+        ["sweep", str(Path(__file__).parents[1] / "examples" / "sweep-demo.toml"), "--out", "/proc/rigtrain-sweep"],
     ]
 
 

@@ -30,7 +30,12 @@ def require_empty_dir(path: Path, command: str, ignore=lambda name: False) -> No
     `ignore(name)`: a file of the command's own that does not count."""
     if path.exists() and (not path.is_dir() or any(not ignore(p.name) for p in path.iterdir())):
         raise UserError(f"{command}: {path} is not an empty folder; choose an empty or new one (nothing was written)")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a read-only disk, another user's folder, /proc
+        raise UserError(
+            f"{command}: cannot make {path} ({err.strerror or err}); choose a folder you can write to"
+        ) from None
 
 
 class ShardWriter:

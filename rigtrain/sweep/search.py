@@ -25,6 +25,7 @@ from rigtrain.config.loading import as_set_value
 from rigtrain.errors import UserError
 from rigtrain.sweep.placement import trial_slots
 from rigtrain.sweep.spec import SweepSpec, read_spec
+from rigtrain.train.launch import prepare_run_dir
 from rigtrain.train.processes import last_line, new_run_dir, terminate_with_parent
 from rigtrain.train.stopping import stop_signals
 
@@ -267,7 +268,7 @@ def sweep(spec_path: str, *, out: str | None, trials: int | None, budget_s: floa
     sweep_dir = Path(out) if out else new_run_dir(f"sweep-{spec.path.stem}")
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise UserError(f"--out {sweep_dir}: a file of that name exists; give a folder for the sweep")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(sweep_dir)  # made and writable, or one line
     say = (lambda line: print(f"[sweep] {line}", file=sys.stderr, flush=True)) if as_json else _say
     runner = Sweep(spec, sweep_dir, _trial_count(spec, trials), budget_s, say)
     say(
