@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from rigtrain.config import load_config
-from rigtrain.data.dataset import ResumableSampler, ShardDataset
+from rigtrain.data.dataset import ShardDataset
 from rigtrain.data.media import MediaError, clip_starts, fit_frame, read_video
 from rigtrain.data.narration import clip_text, read_whisper_json
+from rigtrain.data.order import ResumableSampler, resume_batch
 from rigtrain.data.prepare import prepare
 from rigtrain.data.synth import synthesize
 from rigtrain.errors import UserError
@@ -213,6 +214,34 @@ def test_sampler_is_deterministic_disjoint_and_resumable():
     assert take(resumed, 80 - 36) == full[36:]
     with pytest.raises(UserError, match="fewer than one batch"):
         ResumableSampler(7, rank=0, world=2, micro_batch=4, seed=0)
+
+
+@pytest.mark.parametrize("before, now", [((1, 4), (1, 2)), ((1, 3), (1, 8)), ((2, 4), (1, 3)), ((1, 5), (3, 2))])
+def test_a_resume_with_another_micro_batch_or_rank_count_reads_on_where_the_epoch_was(before, now):
+    """(ranks, micro-batch size) before and after the resume: the rest of the epoch is read,
+    none of it skipped, and fewer clips than one new step read twice."""
+    clips, epoch = 50, 1
+
+    def read(sizes, start: int, count: int) -> list[int]:  # every rank's next `count` micro-batches
+        ranks, size = sizes
+        out = []
+        for rank in range(ranks):
+            it = iter(ResumableSampler(clips, rank=rank, world=ranks, micro_batch=size, seed=3, start_batch=start))
+            out += [next(it) for _ in range(count * size)]
+        return out
+
+    order = ResumableSampler(clips, rank=0, world=1, micro_batch=1, seed=3).epoch_order(epoch)  # the permutation
+    batches = clips // before[0] // before[1]
+    for done in range(batches):  # a checkpoint after every micro-batch of the epoch
+        position = epoch * batches + done
+        start = resume_batch(position, clips, before=before, now=now)
+        assert resume_batch(position, clips, before=before, now=before) == position
+        already = set(order[: done * before[0] * before[1]])
+        rest = clips // now[0] // now[1] - (start - epoch * (clips // now[0] // now[1]))
+        after = read(now, start, rest)
+        usable = set(order[: (clips // now[0] // now[1]) * now[0] * now[1]])  # the new sizes' drop_last epoch
+        assert usable - already <= set(after), (done, sorted(usable - already - set(after)))  # none skipped
+        assert len(set(after) & already) < now[0] * now[1]  # read again: less than one new step
 
 
 def test_shards_from_before_data_resize_still_load(demo_data, tmp_path):

@@ -137,6 +137,12 @@ def test_resume_continues_exactly(tmp_path, demo_data):
         assert x["loss"] == y["loss"], (x["step"], x["loss"], y["loss"])
         assert x["lr"] == y["lr"]
     assert (crashed / "checkpoints" / "step00000010" / "complete.json").is_file()
+    # a smaller micro-batch on --resume (after running out of memory, say) starts at the same
+    # point of the epoch, counted in its own micro-batches
+    smaller = train(crashed, "--resume", "--steps", "11", "--set", "train.micro_batch_size=4")
+    assert "data position: 10 micro-batch(es) of 8 on 1 process(es) read, now 20 of 4" in smaller.stdout
+    meta = json.loads((crashed / "checkpoints" / "step00000011" / "trainer.json").read_text())
+    assert (meta["micro_batches"], meta["counted_in"]) == (21, [1, 4])
 
 
 def test_incomplete_checkpoints_are_never_resumed(tmp_path):

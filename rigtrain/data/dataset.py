@@ -1,5 +1,5 @@
 """Reading prepared shards for training: a Dataset that checks the shard files and reads
-clips from them, a deterministic and resumable sampler, and the loader around them."""
+clips from them, and the loader around it and the resumable sampler (data/order.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, Dataset, Sampler
+from torch.utils.data import BatchSampler, Dataset
 
 from rigtrain.config import DataConfig
+from rigtrain.data.order import ResumableSampler
 from rigtrain.data.shards import (
     INDEX_FORMAT,
     LEGACY_PARAMS,
@@ -250,42 +251,6 @@ class ShardDataset(Dataset):
     def __getstate__(self) -> dict:
         # A pickled copy (a worker process) opens the files itself.
         return {**self.__dict__, "_arrays": None}
-
-
-class ResumableSampler(Sampler[int]):
-    """An endless stream of clip indices for one rank: each epoch is a permutation seeded by
-    (seed, epoch), cut into equal parts per rank so every rank runs the same number of full
-    micro-batches. Starting at micro-batch `start_batch` resumes exactly where a run stopped;
-    the trainer only has to count micro-batches."""
-
-    def __init__(
-        self, clips: int | np.ndarray, *, rank: int, world: int, micro_batch: int, seed: int, start_batch: int = 0
-    ):
-        # `clips`: a count (all clips) or the clip indices to draw from (the training side
-        # of the held-out split).
-        self.clips = np.arange(clips) if isinstance(clips, int) else np.asarray(clips, np.int64)
-        self.size, self.rank, self.world, self.micro_batch = len(self.clips), rank, world, micro_batch
-        self.seed, self.start_batch = seed, start_batch
-        self.batches_per_epoch = self.size // world // micro_batch
-        if self.batches_per_epoch == 0:
-            raise UserError(
-                f"data: {self.size} training clips are fewer than one batch on every process "
-                f"({world} process(es) x train.micro_batch_size={micro_batch}); "
-                "lower train.micro_batch_size or add videos"
-            )
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.size, generator=generator)
-        per_rank = self.batches_per_epoch * self.micro_batch
-        return self.clips[order[self.rank : per_rank * self.world : self.world].numpy()].tolist()
-
-    def __iter__(self):
-        epoch, batch = divmod(self.start_batch, self.batches_per_epoch)
-        while True:
-            order = self.epoch_order(epoch)
-            yield from order[batch * self.micro_batch :]
-            epoch, batch = epoch + 1, 0
 
 
 class ShardLoader:

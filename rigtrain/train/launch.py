@@ -99,7 +99,8 @@ def check_data(data_dir: Path, config: RunConfig, world_size: int, trained_on: d
     """The dataset's size and its held-out split: by eval.holdout, or for a resumed run
     (`trained_on`, _carried_over) the videos it held out (a run from before the split held
     none out), on the data it trained on. Raises when there is not one batch per rank."""
-    from rigtrain.data.dataset import ResumableSampler, open_dataset  # torch, numpy: only once there is data to check
+    from rigtrain.data.dataset import open_dataset  # torch, numpy: only once there is data to check
+    from rigtrain.data.order import ResumableSampler  # torch, numpy: only once there is data to check
     from rigtrain.data.split import heldout_videos, split_clips  # torch, numpy: only once there is data to check
 
     dataset = open_dataset(data_dir, config.data)

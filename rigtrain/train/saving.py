@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from rigtrain.data.order import resume_batch
 from rigtrain.errors import TrainingFault, UserError
 from rigtrain.files import write_json
 from rigtrain.train import checkpoints
@@ -116,7 +117,12 @@ class Checkpointing:
             if self.is_main:
                 write_json(
                     tag_dir / "trainer.json",
-                    {"step": self.step, "micro_batches": self.micro_batches, "config": self.config.to_dict()},
+                    {
+                        "step": self.step,
+                        "micro_batches": self.micro_batches,  # each rank's, the data position
+                        "counted_in": [self.world, self.config.train.micro_batch_size],  # (ranks, clips each)
+                        "config": self.config.to_dict(),
+                    },
                 )
                 checkpoints.mark_complete(tag_dir, self.step)
                 removed = checkpoints.prune(self.ckpt_dir, self.config.train.keep_ckpts)
@@ -209,7 +215,31 @@ class Checkpointing:
 
     def _load_meta(self, tag: str) -> tuple[int, int]:
         meta = json.loads((self.ckpt_dir / tag / "trainer.json").read_text())
+        counted = meta.get("counted_in")
+        if not (isinstance(counted, list) and len(counted) == 2 and all(type(v) is int and v > 0 for v in counted)):
+            # written before "counted_in": the checkpoint's own micro-batch size, and these
+            # ranks (a change in their number is refused)
+            counted = (self.world, meta["config"]["train"]["micro_batch_size"])
+        self.position_counted_in = tuple(counted)
         return meta["step"], meta["micro_batches"]
+
+    def _data_position(self, clips: int) -> int:
+        """The micro-batch this rank's loader starts at: the checkpoint's data position,
+        converted when train.micro_batch_size changed on --resume (data/dataset.py,
+        resume_batch), where its count of micro-batches would start elsewhere in the epoch."""
+        before = getattr(self, "position_counted_in", None)
+        now = (self.world, self.config.train.micro_batch_size)
+        if before is None or before == now:
+            return self.micro_batches
+        converted = resume_batch(self.micro_batches, clips, before=before, now=now)
+        if self.is_main:
+            print(
+                f"[rigtrain] data position: {self.micro_batches} micro-batch(es) of {before[1]} on {before[0]} "
+                f"process(es) read, now {converted} of {now[1]} on {now[0]}: the same point of the same epoch",
+                flush=True,
+            )
+        self.micro_batches = converted
+        return converted
 
     def _load_checkpoint(self, tag: str) -> None:
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)

@@ -171,7 +171,7 @@ class Trainer(
             world=self.world,
             micro_batch=t.micro_batch_size,
             seed=t.seed,
-            start_batch=self.micro_batches,
+            start_batch=self._data_position(len(self.split.train)),
             workers=self.plan.get("dataloader_workers", max(0, self.config.data.workers)),
             pin_memory=self.device.type == "cuda",
             on_batch=self.timeline.record if self.timeline else None,
