@@ -8,6 +8,7 @@ in test_train.py, with resuming)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_MODEL, run_cli
+
+from rigtrain.errors import UserError
 
 pytestmark = pytest.mark.slow
 # A small model with every part of the real one: steps of a few tens of milliseconds.
@@ -533,6 +536,68 @@ def test_resume_applies_what_the_user_sets_and_refuses_what_it_cannot(tmp_path, 
     assert "was trained on 2 GPU(s), and this machine now gives it 1" in fewer.stderr
     assert f"rigtrain train --init-from {run} --out NEW_DIR" in fewer.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints_before
+
+
+def test_a_zero0_run_resumes_on_more_processes_and_back_with_its_global_batch(tmp_path, demo_data):
+    """One GPU's plan is ZeRO-0, whose checkpoint every process reads whole: a second card
+    added (here a second CPU process), then taken out again, and the run goes on each time
+    with the same global batch, from the same point of the epoch."""
+    run = tmp_path / "run"
+    first = rigtrain("train", "--out", str(run), "--steps", "4", "--set", *TINY, "train.zero_stage=0",
+                     "train.ckpt_every=2", "train.log_every=1", "eval.during_training=false")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    more = rigtrain("train", "--out", str(run), "--resume", "--steps", "6", "--set", "train.nproc=2")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert (
+        "resuming on 2 process(es) instead of 1 (at ZeRO-0 each reads the whole optimizer): 1 x 4 clips" in more.stdout
+    )
+    assert "data position: 4 micro-batch(es) of 8 on 1 process(es) read, now 4 of 4 on 2" in more.stdout
+    fewer = rigtrain("train", "--out", str(run), "--resume", "--steps", "8", "--set", "train.nproc=1",
+                     "train.micro_batch_size=8")  # fmt: skip
+    assert fewer.returncode == 0, fewer.stderr[-2000:]
+    assert (
+        "resuming on 1 process(es) instead of 2 (at ZeRO-0 each reads the whole optimizer): 1 x 8 clips" in fewer.stdout
+    )
+    assert "now 6 of 8 on 1" in fewer.stdout  # 6 x 4 x 2 = 48 clips of the epoch read
+    assert sorted(losses(run)) == list(range(1, 9)) and all(map(math.isfinite, losses(run).values()))
+    plan = json.loads((run / "config.json").read_text())["plan"]
+    assert (plan["world_size"], plan["micro_batch_size"], plan["grad_accum_steps"]) == (1, 8, 1)
+
+
+def test_a_new_process_of_a_resumed_run_draws_its_own_random_stream(tmp_path):
+    import torch
+
+    from rigtrain.train import checkpoints
+
+    (tmp_path / "trainer.json").write_text(json.dumps({"step": 7}))
+    torch.manual_seed(0)
+    checkpoints.save_rank_state(tmp_path, 0)
+    draws = {}
+    for rank in (0, 1, 2, 1):
+        saved = checkpoints.load_rank_state(tmp_path, rank, seed=3)
+        draws.setdefault(rank, []).append(torch.rand(4).tolist())
+        assert saved == (rank == 0)
+    assert draws[1][0] == draws[1][1]  # the same stream for the same rank and step
+    assert len({tuple(d[0]) for d in draws.values()}) == 3  # and each rank its own
+
+
+def test_fit_to_processes_keeps_the_global_batch_or_says_why_not():
+    from rigtrain.config import load_config
+    from rigtrain.train.resuming import fit_to_processes
+
+    said = []
+    config = load_config("demo", overrides=["train.micro_batch_size=12", "train.grad_accum_steps=2"])
+    zero0 = {"world_size": 2, "zero_stage": 0, "device": "cuda", "micro_batch_size": 12, "grad_accum_steps": 2}
+    assert fit_to_processes(zero0, config, 2, "RUN", said.append) is config  # the same processes: unchanged
+    one = fit_to_processes(zero0, config, 1, "RUN", said.append).train
+    assert (one.micro_batch_size, one.grad_accum_steps) == (12, 4)  # 48 clips, never a larger micro-batch
+    three = fit_to_processes(zero0, config, 3, "RUN", said.append).train
+    assert (three.micro_batch_size, three.grad_accum_steps) == (8, 2)
+    assert said[-1].endswith("2 x 8 clips each, the global batch of 48 as before")
+    with pytest.raises(UserError, match="its global batch of 48 clips cannot be shared equally by 5"):
+        fit_to_processes(zero0, config, 5, "RUN", said.append)
+    with pytest.raises(UserError, match="at ZeRO-1 its checkpoint holds one part of the optimizer per process"):
+        fit_to_processes({**zero0, "zero_stage": 1}, config, 1, "RUN", said.append)
 
 
 # -- disk, files, folders -------------------------------------------------------------------

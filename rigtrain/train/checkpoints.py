@@ -162,14 +162,26 @@ def save_rank_state(tag_dir: Path, rank: int) -> None:
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
 
 
-def load_rank_state(tag_dir: Path, rank: int) -> None:
+def saved_ranks(tag_dir: Path) -> int:
+    """How many processes wrote the checkpoint: each saved its RNG state."""
+    return len(list(Path(tag_dir).glob("rng_rank*.pt")))
+
+
+def load_rank_state(tag_dir: Path, rank: int, seed: int) -> bool:
+    """This rank's RNG state as it was saved, or, for a rank the run did not have (a ZeRO-0
+    run resumed on more processes; complete.json's checksums vouch that no file of the
+    checkpoint is missing), a stream of its own from the run's seed, the step and the rank.
+    Returns whether the state was saved."""
     path = tag_dir / f"rng_rank{rank}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: this checkpoint was written by a run with fewer processes; "
-            "resume with the same number of processes"
-        )
-    set_rng_state(torch.load(path, weights_only=False))
+    if path.is_file():
+        set_rng_state(torch.load(path, weights_only=False))
+        return True
+    step = json.loads((tag_dir / "trainer.json").read_text())["step"]
+    fresh = (seed * 1_000_003 + step * 1_009 + rank) % 2**32
+    torch.manual_seed(fresh)  # every device's generator too
+    np.random.seed(fresh)
+    random.seed(fresh)
+    return False
 
 
 def mark_complete(tag_dir: Path, step: int) -> int:

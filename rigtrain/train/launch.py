@@ -21,7 +21,7 @@ from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, how_it_ended, new_run_dir, start_processes
-from rigtrain.train.resuming import check_checkpoint_layout, check_same_processes, resume_changes
+from rigtrain.train.resuming import check_checkpoint_layout, fit_to_processes, resume_changes
 from rigtrain.train.run_record import read_run_record
 from rigtrain.train.stopping import STOP_EXIT_CODES
 from rigtrain.train.worker import OOM_MARKER
@@ -275,8 +275,9 @@ def _train_locked(
     backed_off: list[int] = []
     while True:
         plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
+        if (fitted := fit_to_processes(trained_with, config, plan.world_size, run_dir, _say)) is not config:
+            config, plan = fitted, plan_run(fitted, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
         plan = with_user_environment(plan)
-        check_same_processes(trained_with, plan.world_size, run_dir)  # a resumed run's checkpoint fits
         config = apply_plan(config, plan)
         clips, split = check_data(data_dir, config, plan.world_size, trained_on)
         extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}}

@@ -2,11 +2,13 @@
 effect, and the run says what changed against the config the checkpoint was trained with.
 What the checkpoint itself fixes cannot change: the model's shape (the weights would not
 load), the clip shape the data was prepared for, and how DeepSpeed laid out the optimizer
-(ZeRO stage, optimizer, precision, offload, number of processes). Those are exit 2, naming
+(ZeRO stage, optimizer, precision, offload, and at ZeRO-1 to 3 the number of processes). Those are exit 2, naming
 the key and what to do instead. data.dir may change to where the same data moved
 (launch.check_data compares the clips), not to other data."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from rigtrain.config import RunConfig
 from rigtrain.errors import UserError
@@ -53,9 +55,9 @@ FIXED_BY_CHECKPOINT = {
     "train.optimizer": "the optimizer's states in the checkpoint are this optimizer's",
     "train.offload_optimizer": "DeepSpeed's checkpoint is laid out for this offload setting",
     "train.precision": "the checkpoint holds this precision's optimizer states",
-    "train.nproc": "the checkpoint holds one part of the optimizer and one RNG state per process",
+    "train.nproc": "at ZeRO-1 to 3 the checkpoint holds one part of the optimizer per process",
     "train.seed": "the data order of the run so far follows this seed",
-    "rig.gpus": "the checkpoint holds one part of the optimizer and one RNG state per GPU",
+    "rig.gpus": "at ZeRO-1 to 3 the checkpoint holds one part of the optimizer per GPU",
     "eval.holdout": "the run keeps the held-out videos it started with",
 }
 
@@ -79,7 +81,9 @@ def resume_changes(before: RunConfig, after: RunConfig, run_dir="RUN_DIR") -> li
     for key in sorted(old):
         if key == "preset" or old[key] == new.get(key):
             continue
-        if key in FIXED_BY_CHECKPOINT:
+        # ZeRO-0 keeps the whole optimizer in one file, whatever the processes (fit_to_processes)
+        processes_free = key in ("train.nproc", "rig.gpus") and old.get("train.zero_stage") == 0
+        if key in FIXED_BY_CHECKPOINT and not processes_free:
             raise UserError(
                 f"--resume: {key} cannot change from {old[key]!r} to {new[key]!r}: "
                 f"{FIXED_BY_CHECKPOINT[key]}; to change it, start a new run from these weights: "
@@ -106,18 +110,42 @@ def check_checkpoint_layout(saved_plan: dict, run_dir) -> None:
         )
 
 
-def check_same_processes(saved_plan: dict, world_size: int, run_dir) -> None:
-    """The plan for this machine now has as many processes as the run was trained with:
-    ZeRO splits the optimizer's states between them, one file each, and each keeps its own
-    RNG state. A GPU taken out (or hidden by CUDA_VISIBLE_DEVICES) since would otherwise
-    fail inside DeepSpeed's load."""
+def fit_to_processes(saved_plan: dict, config: RunConfig, world_size: int, run_dir, say) -> RunConfig:
+    """The resumed run's config for the processes the plan for this machine now has. The
+    same number as it trained with: unchanged. Another (a GPU taken out, hidden by
+    CUDA_VISIBLE_DEVICES, or added): at ZeRO-1 to 3 the checkpoint holds one part of the
+    optimizer per process, which DeepSpeed loads only into as many, so it is refused before
+    anything starts. At ZeRO-0, the plan for one GPU, every process reads the whole
+    optimizer from one file: the run goes on, its global batch kept (each process's share
+    in micro-batches no larger than the run's, accumulation for the rest), its data
+    position converted (data/order.py) and each new process given a random stream of its
+    own (train/checkpoints.py)."""
     before = saved_plan.get("world_size")  # none for a new run ({})
     if before is None or before == world_size:
-        return
+        return config
     where = "GPU(s)" if saved_plan.get("device") == "cuda" else "process(es)"
-    raise UserError(
-        f"--resume: {run_dir} was trained on {before} {where}, and this machine now gives it {world_size}: "
-        f"its checkpoint holds one part of the optimizer per process; make the same {before} {where} available "
-        f"(CUDA_VISIBLE_DEVICES, --set rig.gpus=...) to resume, or continue from its weights in a new run: "
-        f"rigtrain train --init-from {run_dir} --out NEW_DIR"
+    t = config.train
+    # the run's global batch as it trained (a micro-batch size given now is only a limit)
+    global_batch = saved_plan.get("micro_batch_size", t.micro_batch_size) * before
+    global_batch *= saved_plan.get("grad_accum_steps", t.grad_accum_steps)
+    if saved_plan.get("zero_stage", t.zero_stage) != 0 or global_batch % world_size:
+        why = (
+            f"its global batch of {global_batch} clips cannot be shared equally by {world_size}"
+            if saved_plan.get("zero_stage", t.zero_stage) == 0
+            else f"at ZeRO-{saved_plan.get('zero_stage', t.zero_stage)} its checkpoint holds one part of the "
+            "optimizer per process"
+        )
+        raise UserError(
+            f"--resume: {run_dir} was trained on {before} {where}, and this machine now gives it {world_size}: "
+            f"{why}; make the same {before} {where} available (CUDA_VISIBLE_DEVICES, --set rig.gpus=...) to "
+            f"resume, or continue from its weights in a new run: rigtrain train --init-from {run_dir} --out NEW_DIR"
+        )
+    share = global_batch // world_size
+    size = max(d for d in range(1, min(share, t.micro_batch_size) + 1) if share % d == 0)
+    say(
+        f"resuming on {world_size} {where} instead of {before} (at ZeRO-0 each reads the whole optimizer): "
+        f"{share // size} x {size} clips each, the global batch of {global_batch} as before"
+    )
+    return dataclasses.replace(
+        config, train=dataclasses.replace(t, micro_batch_size=size, grad_accum_steps=share // size)
     )

@@ -217,9 +217,9 @@ class Checkpointing:
         meta = json.loads((self.ckpt_dir / tag / "trainer.json").read_text())
         counted = meta.get("counted_in")
         if not (isinstance(counted, list) and len(counted) == 2 and all(type(v) is int and v > 0 for v in counted)):
-            # written before "counted_in": the checkpoint's own micro-batch size, and these
-            # ranks (a change in their number is refused)
-            counted = (self.world, meta["config"]["train"]["micro_batch_size"])
+            # written before "counted_in": the checkpoint's own micro-batch size, and the
+            # processes that saved it
+            counted = (checkpoints.saved_ranks(self.ckpt_dir / tag), meta["config"]["train"]["micro_batch_size"])
         self.position_counted_in = tuple(counted)
         return meta["step"], meta["micro_batches"]
 
@@ -245,5 +245,5 @@ class Checkpointing:
         load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
-        checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank)
+        checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank, self.config.train.seed)
         apply_optimizer_config(self.config, self.scheduler)
