@@ -526,15 +526,24 @@ def test_resume_applies_what_the_user_sets_and_refuses_what_it_cannot(tmp_path, 
     assert shape.returncode == 2 and "model.d_model" in shape.stderr
     assert f"--init-from {run} --out NEW_DIR --set model.d_model=64" in shape.stderr  # the way to change it
 
-    # Trained on two GPUs, one since taken out: the checkpoint holds two optimizer parts.
+    # Trained on two GPUs, one since taken out, by a rigtrain from before DeepSpeed's
+    # converter could take its checkpoints: refused, before anything is touched.
+    from rigtrain.train import checkpoints
+
     record = json.loads((run / "config.json").read_text())
     record["plan"].update(world_size=2, device="cuda")
     (run / "config.json").write_text(json.dumps(record))
+    for tag in (run / "checkpoints").glob("step*"):  # not DeepSpeed's `latest` file
+        meta = json.loads((tag / "trainer.json").read_text())
+        del meta["universal_checkpoint_info"]
+        (tag / "trainer.json").write_text(json.dumps(meta))
+        checkpoints.mark_complete(tag, meta["step"])
     checkpoints_before = sorted(p.name for p in (run / "checkpoints").iterdir())
     fewer = rigtrain("train", "--out", str(run), "--resume")
     assert fewer.returncode == 2 and len(fewer.stderr.strip().splitlines()) == 1, fewer.stderr
     assert "was trained on 2 GPU(s), and this machine now gives it 1" in fewer.stderr
     assert f"rigtrain train --init-from {run} --out NEW_DIR" in fewer.stderr
+    assert "resume once on the same count" in fewer.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints_before
 
 
@@ -564,6 +573,27 @@ def test_a_zero0_run_resumes_on_more_processes_and_back_with_its_global_batch(tm
     assert (plan["world_size"], plan["micro_batch_size"], plan["grad_accum_steps"]) == (1, 8, 1)
 
 
+def test_a_zero1_run_resumes_on_fewer_processes_through_a_universal_checkpoint(tmp_path, demo_data):
+    """Two GPUs at ZeRO-1, one taken out: each saved its own part of the optimizer, which
+    DeepSpeed's converter merges into a universal checkpoint that one process loads; the
+    conversion goes once the run has saved at its new count."""
+    run = tmp_path / "run"
+    first = rigtrain("train", "--out", str(run), "--steps", "4", "--set", *TINY, "train.nproc=2", "train.zero_stage=1",
+                     "train.ckpt_every=2", "train.log_every=1", "eval.during_training=false")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    fewer = rigtrain("train", "--out", str(run), "--resume", "--steps", "6", "--set", "train.nproc=1")
+    assert fewer.returncode == 0, fewer.stderr[-2000:]
+    assert "resuming on 1 process(es) instead of 2 (at ZeRO-1 the optimizer's parts merged and cut again): 2 x 8" in (
+        fewer.stdout
+    )
+    assert "converting checkpoint step00000004 into DeepSpeed's universal layout" in fewer.stdout
+    assert "data position: 4 micro-batch(es) of 8 on 2 process(es) read, now 8 of 8 on 1" in fewer.stdout
+    assert sorted(losses(run)) == list(range(1, 7)) and all(map(math.isfinite, losses(run).values()))
+    assert not (run / "universal").exists()
+    meta = json.loads((run / "checkpoints" / "step00000006" / "trainer.json").read_text())
+    assert meta["counted_in"] == [1, 8] and meta["universal_checkpoint_info"]
+
+
 def test_a_new_process_of_a_resumed_run_draws_its_own_random_stream(tmp_path):
     import torch
 
@@ -581,8 +611,11 @@ def test_a_new_process_of_a_resumed_run_draws_its_own_random_stream(tmp_path):
     assert len({tuple(d[0]) for d in draws.values()}) == 3  # and each rank its own
 
 
-def test_fit_to_processes_keeps_the_global_batch_or_says_why_not():
+def test_fit_to_processes_keeps_the_global_batch_or_says_why_not(tmp_path):
+    import dataclasses
+
     from rigtrain.config import load_config
+    from rigtrain.train import checkpoints
     from rigtrain.train.resuming import fit_to_processes
 
     said = []
@@ -596,8 +629,20 @@ def test_fit_to_processes_keeps_the_global_batch_or_says_why_not():
     assert said[-1].endswith("2 x 8 clips each, the global batch of 48 as before")
     with pytest.raises(UserError, match="its global batch of 48 clips cannot be shared equally by 5"):
         fit_to_processes(zero0, config, 5, "RUN", said.append)
-    with pytest.raises(UserError, match="at ZeRO-1 its checkpoint holds one part of the optimizer per process"):
-        fit_to_processes({**zero0, "zero_stage": 1}, config, 1, "RUN", said.append)
+    # at ZeRO-1 to 3 the newest checkpoint is converted, where it can be
+    zero1 = {**zero0, "zero_stage": 1}
+    tag = tmp_path / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / "trainer.json").write_text(json.dumps({"step": 4, "micro_batches": 4}))  # saved before 2026-12-06
+    checkpoints.mark_complete(tag, 4)
+    with pytest.raises(UserError, match="saved by a rigtrain from before 2026-12-06.*resume once on the same count"):
+        fit_to_processes(zero1, config, 1, tmp_path, said.append)
+    (tag / "trainer.json").write_text(json.dumps({"step": 4, "micro_batches": 4, "universal_checkpoint_info": True}))
+    checkpoints.mark_complete(tag, 4)
+    eight_bit = dataclasses.replace(config, train=dataclasses.replace(config.train, optimizer="adamw8bit"))
+    with pytest.raises(UserError, match="its optimizer is adamw8bit"):
+        fit_to_processes(zero1, eight_bit, 1, tmp_path, said.append)
+    assert not (tmp_path / "universal").exists()  # refused before converting anything
 
 
 # -- disk, files, folders -------------------------------------------------------------------

@@ -2,16 +2,19 @@
 effect, and the run says what changed against the config the checkpoint was trained with.
 What the checkpoint itself fixes cannot change: the model's shape (the weights would not
 load), the clip shape the data was prepared for, and how DeepSpeed laid out the optimizer
-(ZeRO stage, optimizer, precision, offload, and at ZeRO-1 to 3 the number of processes). Those are exit 2, naming
-the key and what to do instead. data.dir may change to where the same data moved
+(ZeRO stage, optimizer, precision, offload). Those are exit 2, naming the key and what
+to do instead. The number of processes may change (fit_to_processes). data.dir may change to where the same data moved
 (launch.check_data compares the clips), not to other data."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from rigtrain.config import RunConfig
 from rigtrain.errors import UserError
+from rigtrain.train.reshaping import convert_for_processes, reshape_problem
 
 # key -> why it cannot change on resume
 FIXED_BY_CHECKPOINT = {
@@ -55,9 +58,7 @@ FIXED_BY_CHECKPOINT = {
     "train.optimizer": "the optimizer's states in the checkpoint are this optimizer's",
     "train.offload_optimizer": "DeepSpeed's checkpoint is laid out for this offload setting",
     "train.precision": "the checkpoint holds this precision's optimizer states",
-    "train.nproc": "at ZeRO-1 to 3 the checkpoint holds one part of the optimizer per process",
     "train.seed": "the data order of the run so far follows this seed",
-    "rig.gpus": "at ZeRO-1 to 3 the checkpoint holds one part of the optimizer per GPU",
     "eval.holdout": "the run keeps the held-out videos it started with",
 }
 
@@ -81,9 +82,7 @@ def resume_changes(before: RunConfig, after: RunConfig, run_dir="RUN_DIR") -> li
     for key in sorted(old):
         if key == "preset" or old[key] == new.get(key):
             continue
-        # ZeRO-0 keeps the whole optimizer in one file, whatever the processes (fit_to_processes)
-        processes_free = key in ("train.nproc", "rig.gpus") and old.get("train.zero_stage") == 0
-        if key in FIXED_BY_CHECKPOINT and not processes_free:
+        if key in FIXED_BY_CHECKPOINT:
             raise UserError(
                 f"--resume: {key} cannot change from {old[key]!r} to {new[key]!r}: "
                 f"{FIXED_BY_CHECKPOINT[key]}; to change it, start a new run from these weights: "
@@ -113,13 +112,13 @@ def check_checkpoint_layout(saved_plan: dict, run_dir) -> None:
 def fit_to_processes(saved_plan: dict, config: RunConfig, world_size: int, run_dir, say) -> RunConfig:
     """The resumed run's config for the processes the plan for this machine now has. The
     same number as it trained with: unchanged. Another (a GPU taken out, hidden by
-    CUDA_VISIBLE_DEVICES, or added): at ZeRO-1 to 3 the checkpoint holds one part of the
-    optimizer per process, which DeepSpeed loads only into as many, so it is refused before
-    anything starts. At ZeRO-0, the plan for one GPU, every process reads the whole
-    optimizer from one file: the run goes on, its global batch kept (each process's share
-    in micro-batches no larger than the run's, accumulation for the rest), its data
-    position converted (data/order.py) and each new process given a random stream of its
-    own (train/checkpoints.py)."""
+    CUDA_VISIBLE_DEVICES, or added): the global batch is kept (each process's share in
+    micro-batches no larger than the run's, accumulation for the rest), the data position
+    is converted (data/order.py) and each new process gets a random stream of its own
+    (train/checkpoints.py). At ZeRO-0 every process reads the whole optimizer from one
+    file; at ZeRO-1 to 3 each saved its own part, and the checkpoint is converted into
+    DeepSpeed's universal layout first (reshaping.py). What cannot be is refused before
+    anything starts, saying why."""
     before = saved_plan.get("world_size")  # none for a new run ({})
     if before is None or before == world_size:
         return config
@@ -128,24 +127,32 @@ def fit_to_processes(saved_plan: dict, config: RunConfig, world_size: int, run_d
     # the run's global batch as it trained (a micro-batch size given now is only a limit)
     global_batch = saved_plan.get("micro_batch_size", t.micro_batch_size) * before
     global_batch *= saved_plan.get("grad_accum_steps", t.grad_accum_steps)
-    if saved_plan.get("zero_stage", t.zero_stage) != 0 or global_batch % world_size:
-        why = (
-            f"its global batch of {global_batch} clips cannot be shared equally by {world_size}"
-            if saved_plan.get("zero_stage", t.zero_stage) == 0
-            else f"at ZeRO-{saved_plan.get('zero_stage', t.zero_stage)} its checkpoint holds one part of the "
-            "optimizer per process"
-        )
+    stage = saved_plan.get("zero_stage", t.zero_stage)
+    problem, newest = None, None
+    if global_batch % world_size:
+        problem = f"its global batch of {global_batch} clips cannot be shared equally by {world_size}"
+    elif stage > 0:
+        from rigtrain.train import checkpoints  # torch: only for a resume on another number of processes
+
+        newest = checkpoints.newest_good(Path(run_dir) / "checkpoints", warn=lambda line: None)
+        if newest is not None:
+            meta = json.loads((Path(run_dir) / "checkpoints" / newest[1] / "trainer.json").read_text())
+            problem = reshape_problem(dataclasses.asdict(t), meta)
+    if problem:
         raise UserError(
             f"--resume: {run_dir} was trained on {before} {where}, and this machine now gives it {world_size}: "
-            f"{why}; make the same {before} {where} available (CUDA_VISIBLE_DEVICES, --set rig.gpus=...) to "
+            f"{problem}; make the same {before} {where} available (CUDA_VISIBLE_DEVICES, --set rig.gpus=...) to "
             f"resume, or continue from its weights in a new run: rigtrain train --init-from {run_dir} --out NEW_DIR"
         )
     share = global_batch // world_size
     size = max(d for d in range(1, min(share, t.micro_batch_size) + 1) if share % d == 0)
+    how = "each reads the whole optimizer" if stage == 0 else "the optimizer's parts merged and cut again"
     say(
-        f"resuming on {world_size} {where} instead of {before} (at ZeRO-0 each reads the whole optimizer): "
+        f"resuming on {world_size} {where} instead of {before} (at ZeRO-{stage} {how}): "
         f"{share // size} x {size} clips each, the global batch of {global_batch} as before"
     )
+    if newest is not None:
+        convert_for_processes(Path(run_dir), newest[1], say)
     return dataclasses.replace(
         config, train=dataclasses.replace(t, micro_batch_size=size, grad_accum_steps=share // size)
     )

@@ -18,7 +18,8 @@ from rigtrain.data.order import resume_batch
 from rigtrain.errors import TrainingFault, UserError
 from rigtrain.files import write_json
 from rigtrain.train import checkpoints
-from rigtrain.train.engine import apply_optimizer_config
+from rigtrain.train.engine import apply_optimizer_config, deepspeed_config
+from rigtrain.train.reshaping import UNIVERSAL_INFO, remove_conversions, universal_dir
 
 
 def _disk_full(err: BaseException, folder: Path) -> bool:
@@ -107,7 +108,9 @@ class Checkpointing:
         if self.is_main:  # a tag saved again (a resumed run) is incomplete until its new list is written
             (tag_dir / checkpoints.COMPLETE).unlink(missing_ok=True)
         try:
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
+            # an empty universal_checkpoint_info: what DeepSpeed's converter asks of a checkpoint
+            # before it can be resumed on another number of processes (reshaping.py)
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={UNIVERSAL_INFO: {}})
             checkpoints.save_rank_state(tag_dir, self.rank)
             torch.distributed.barrier()  # every rank's part is on disk before the tag counts
             gone = folder_gone(self.run_dir)  # again: it may have gone while DeepSpeed wrote
@@ -121,10 +124,14 @@ class Checkpointing:
                         "step": self.step,
                         "micro_batches": self.micro_batches,  # each rank's, the data position
                         "counted_in": [self.world, self.config.train.micro_batch_size],  # (ranks, clips each)
+                        UNIVERSAL_INFO: True,  # DeepSpeed's converter can take it (reshaping.py)
                         "config": self.config.to_dict(),
                     },
                 )
                 checkpoints.mark_complete(tag_dir, self.step)
+                if self.universal_from is not None:  # a checkpoint at this number of processes now
+                    remove_conversions(self.run_dir)
+                    self.universal_from = None
                 removed = checkpoints.prune(self.ckpt_dir, self.config.train.keep_ckpts)
                 self.log.say(f"checkpoint {tag_dir}" + (f" (removed {', '.join(removed)})" if removed else ""))
         except (OSError, RuntimeError) as err:
@@ -197,7 +204,7 @@ class Checkpointing:
     def _resume_tag(self) -> str | None:
         """The newest complete checkpoint whose files match their checksums, chosen by rank 0
         (which says which damaged ones it skipped) for every rank."""
-        choice = [None]
+        choice, self.universal_from = [None], None
         if self.is_main:
             found = checkpoints.newest_good(self.ckpt_dir, warn=lambda line: print(f"[rigtrain] {line}", flush=True))
             if found is None and checkpoints.damaged_only(self.ckpt_dir):
@@ -211,7 +218,29 @@ class Checkpointing:
                 f"--resume: every checkpoint in {self.ckpt_dir} is damaged (see above); restore the files "
                 "or start a new run with another --out"
             )
+        if choice[0] is not None and self.config.train.zero_stage > 0:
+            self._find_universal(choice[0])
         return choice[0]
+
+    def _find_universal(self, tag: str) -> None:
+        """At ZeRO-1 to 3, a checkpoint saved by another number of processes loads only from
+        the universal checkpoint the launcher made of it (reshaping.py)."""
+        self._load_meta(tag)
+        if self.position_counted_in[0] != self.world:
+            self.universal_from = universal_dir(self.run_dir, tag)
+            if not (self.universal_from / "done.json").is_file():
+                raise UserError(
+                    f"--resume: checkpoint {tag} was saved by {self.position_counted_in[0]} process(es), this run "
+                    f"has {self.world}, and {self.universal_from} (DeepSpeed's universal checkpoint of it) is not "
+                    f"there; start it with `rigtrain train --out {self.run_dir} --resume`, which converts it"
+                )
+
+    def _engine_config(self) -> dict:
+        """DeepSpeed's config for this run, loading the universal checkpoint where one is needed."""
+        config = deepspeed_config(self.config, self.plan["precision"], self.world)
+        if self.universal_from is not None:
+            config["checkpoint"] = {"load_universal": True}
+        return config
 
     def _load_meta(self, tag: str) -> tuple[int, int]:
         meta = json.loads((self.ckpt_dir / tag / "trainer.json").read_text())
@@ -242,7 +271,8 @@ class Checkpointing:
         return converted
 
     def _load_checkpoint(self, tag: str) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        load_from = self.ckpt_dir if self.universal_from is None else self.universal_from.parent
+        load_path, _ = self.engine.load_checkpoint(str(load_from), tag=tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
         checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank, self.config.train.seed)

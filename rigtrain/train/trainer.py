@@ -36,7 +36,6 @@ from rigtrain.train.divergence import DivergenceRules, recent_losses
 from rigtrain.train.engine import (
     build_optimizer,
     compile_objective,
-    deepspeed_config,
     init_distributed,
     lr_lambda,
     one_process_epilogue,
@@ -128,7 +127,7 @@ class Trainer(
             model=self.model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(self.config, self.plan["precision"], self.world),
+            config=self._engine_config(),  # saving.py: loading a universal checkpoint where it must
         )
         self.clipped = one_process_epilogue(self.engine, self.config, self.plan["precision"], self.world)
         if t.compile:

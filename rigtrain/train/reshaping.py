@@ -1,0 +1,93 @@
+"""A resumed run on another number of processes than its checkpoint was saved by (a GPU
+taken out of the rig, or one added) at ZeRO-1 to 3, where each process saved its own part
+of the optimizer and DeepSpeed loads the parts only into as many. DeepSpeed's way across
+is its "universal" checkpoint: `deepspeed.checkpoint.ds_to_universal` merges the parts
+into one folder per parameter (fp32 weights, Adam's moments, the step), which any number
+of processes loads (`checkpoint.load_universal`). The launcher converts the checkpoint the
+run resumes from into RUN_DIR/universal/TAG before any process starts; the processes load
+from there; the run's first save at the new count makes it needless, and it is removed.
+ZeRO-0 keeps the whole optimizer in one file every process reads and needs none of this
+(resuming.fit_to_processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rigtrain.errors import UserError
+
+UNIVERSAL = "universal"  # RUN_DIR/universal/TAG: the converted checkpoint
+# What ds_to_universal requires in a checkpoint's client state; Megatron-DeepSpeed puts its
+# tensor-parallel layout there, and a model without tensor parallelism has none to give.
+UNIVERSAL_INFO = "universal_checkpoint_info"
+
+
+def universal_dir(run_dir: Path, tag: str) -> Path:
+    return Path(run_dir) / UNIVERSAL / tag
+
+
+def reshape_problem(train: dict, meta: dict) -> str | None:
+    """Why a checkpoint (its trainer.json, `meta`) of a run with these train.* settings cannot
+    be loaded by another number of processes, or None."""
+    if train.get("optimizer", "adamw") != "adamw":
+        return (
+            f"its optimizer is {train['optimizer']}, whose 8-bit states DeepSpeed's universal checkpoint does not carry"
+        )
+    if train.get("offload_optimizer", "none") != "none":
+        return "its optimizer states were offloaded to the CPU, which DeepSpeed's universal checkpoint does not take"
+    if not meta.get(UNIVERSAL_INFO):
+        return (
+            "its newest checkpoint was saved by a rigtrain from before 2026-12-06, which DeepSpeed cannot "
+            "convert; resume once on the same count, and the checkpoints saved from then on can move"
+        )
+    return None
+
+
+def convert_for_processes(run_dir: Path, tag: str, say) -> Path:
+    """RUN_DIR/universal/TAG made from RUN_DIR/checkpoints/TAG (kept if already made): written
+    under a temporary name and renamed when whole, so an interrupted conversion is made
+    again, never loaded half-made. DeepSpeed's converter runs in a process of its own, its
+    output kept in RUN_DIR/universal/convert.log."""
+    out = universal_dir(Path(run_dir).resolve(), tag)  # absolute: the converter runs in another folder
+    if (out / "done.json").is_file():
+        return out
+    source = Path(run_dir).resolve() / "checkpoints" / tag
+    need = sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if free < need * 1.1:
+        raise UserError(
+            f"--resume: converting checkpoint {tag} for another number of processes needs about {need:,} bytes "
+            f"in {out.parent}, and {free:,} are free; free some space and run the same command again"
+        )
+    partial = out.with_name(f"{tag}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    log = out.parent / "convert.log"
+    say(f"converting checkpoint {tag} into DeepSpeed's universal layout ({out}), which any number of processes loads")
+    started = time.monotonic()
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source)]
+    command += ["--output_folder", str(partial), "--num_extract_workers", workers, "--num_merge_workers", workers]
+    with log.open("w") as output:
+        done = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, cwd=out.parent)
+    if done.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(
+            f"--resume: DeepSpeed could not convert checkpoint {tag} for another number of processes (its output "
+            f"is in {log}); resume on the number it was saved by, or start a new run from its weights: "
+            f"rigtrain train --init-from {run_dir} --out NEW_DIR"
+        )
+    (partial / "done.json").write_text(json.dumps({"from": str(source), "seconds": time.monotonic() - started}))
+    partial.rename(out)
+    say(f"converted in {time.monotonic() - started:.1f} s")
+    return out
+
+
+def remove_conversions(run_dir: Path) -> None:
+    """After a save at the new number of processes, the conversion is needless."""
+    shutil.rmtree(Path(run_dir) / UNIVERSAL, ignore_errors=True)
