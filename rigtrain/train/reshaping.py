@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from rigtrain.errors import UserError
+from rigtrain.train.processes import terminate_with_parent
 
 UNIVERSAL = "universal"  # RUN_DIR/universal/TAG: the converted checkpoint
 # What ds_to_universal requires in a checkpoint's client state; Megatron-DeepSpeed puts its
@@ -65,8 +66,10 @@ def convert_for_processes(run_dir: Path, tag: str, say) -> Path:
             f"--resume: converting checkpoint {tag} for another number of processes needs about {need:,} bytes "
             f"in {out.parent}, and {free:,} are free; free some space and run the same command again"
         )
-    partial = out.with_name(f"{tag}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    for stale in out.parent.glob(f"{tag}.partial-*"):  # a conversion interrupted before
+        shutil.rmtree(stale, ignore_errors=True)
+    # a name of its own: a converter left over from a killed launcher never writes into it
+    partial = out.with_name(f"{tag}.partial-{os.getpid()}")
     log = out.parent / "convert.log"
     say(f"converting checkpoint {tag} into DeepSpeed's universal layout ({out}), which any number of processes loads")
     started = time.monotonic()
@@ -74,7 +77,10 @@ def convert_for_processes(run_dir: Path, tag: str, say) -> Path:
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source)]
     command += ["--output_folder", str(partial), "--num_extract_workers", workers, "--num_merge_workers", workers]
     with log.open("w") as output:
-        done = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, cwd=out.parent)
+        # it ends with the launcher, however the launcher ends
+        done = subprocess.run(
+            command, stdout=output, stderr=subprocess.STDOUT, cwd=out.parent, preexec_fn=terminate_with_parent
+        )
     if done.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
         raise UserError(
