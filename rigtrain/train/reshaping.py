@@ -95,5 +95,8 @@ def convert_for_processes(run_dir: Path, tag: str, say) -> Path:
 
 
 def remove_conversions(run_dir: Path) -> None:
-    """After a save at the new number of processes, the conversion is needless."""
-    shutil.rmtree(Path(run_dir) / UNIVERSAL, ignore_errors=True)
+    """After a save, any conversion is needless: the run resumes from that save (and one
+    made for a resume that then failed, or was not needed after all, goes too)."""
+    folder = Path(run_dir) / UNIVERSAL
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)

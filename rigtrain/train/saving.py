@@ -129,9 +129,7 @@ class Checkpointing:
                     },
                 )
                 checkpoints.mark_complete(tag_dir, self.step)
-                if self.universal_from is not None:  # a checkpoint at this number of processes now
-                    remove_conversions(self.run_dir)
-                    self.universal_from = None
+                remove_conversions(self.run_dir)  # a checkpoint at this number of processes now
                 removed = checkpoints.prune(self.ckpt_dir, self.config.train.keep_ckpts)
                 self.log.say(f"checkpoint {tag_dir}" + (f" (removed {', '.join(removed)})" if removed else ""))
         except (OSError, RuntimeError) as err:
