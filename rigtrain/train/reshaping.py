@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from rigtrain.errors import UserError
+from rigtrain.files import sync_folder, sync_tree, write_json
 from rigtrain.train.processes import terminate_with_parent
 
 UNIVERSAL = "universal"  # RUN_DIR/universal/TAG: the converted checkpoint
@@ -55,9 +56,14 @@ def convert_for_processes(run_dir: Path, tag: str, say) -> Path:
     again, never loaded half-made. DeepSpeed's converter runs in a process of its own, its
     output kept in RUN_DIR/universal/convert.log."""
     out = universal_dir(Path(run_dir).resolve(), tag)  # absolute: the converter runs in another folder
-    if (out / "done.json").is_file():
-        return out
     source = Path(run_dir).resolve() / "checkpoints" / tag
+    made_from = (source / "complete.json").read_text()  # the checkpoint's files and checksums
+    try:
+        if json.loads((out / "done.json").read_text())["complete"] == made_from:
+            return out
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not made, or made from another save of this step: made again
+    shutil.rmtree(out, ignore_errors=True)
     need = sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
@@ -88,9 +94,12 @@ def convert_for_processes(run_dir: Path, tag: str, say) -> Path:
             f"is in {log}); resume on the number it was saved by, or start a new run from its weights: "
             f"rigtrain train --init-from {run_dir} --out NEW_DIR"
         )
-    (partial / "done.json").write_text(json.dumps({"from": str(source), "seconds": time.monotonic() - started}))
+    sync_tree(partial)  # on the disk before it is named whole: a power cut leaves it partial
+    seconds = time.monotonic() - started
+    write_json(partial / "done.json", {"from": str(source), "complete": made_from, "seconds": seconds}, durable=True)
     partial.rename(out)
-    say(f"converted in {time.monotonic() - started:.1f} s")
+    sync_folder(out.parent)
+    say(f"converted in {seconds:.1f} s")
     return out
 
 
