@@ -21,6 +21,7 @@ import pytest
 from conftest import TINY_MODEL, run_cli
 
 from rigtrain.errors import UserError
+from rigtrain.train import stopping
 
 pytestmark = pytest.mark.slow
 # A small model with every part of the real one: steps of a few tens of milliseconds.
@@ -130,6 +131,7 @@ def test_two_ranks_stop_together_on_ctrl_c_and_a_second_signal_stops_at_once(tmp
     wait_for_step(again, 4, process)
     before = complete_steps(again)
     process.send_signal(signal.SIGTERM)
+    time.sleep(stopping.SAME_REQUEST_S + 0.1)  # sooner, it is the same request (below)
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=60)
     assert process.returncode == 143
@@ -141,6 +143,30 @@ def test_two_ranks_stop_together_on_ctrl_c_and_a_second_signal_stops_at_once(tmp
     assert newest_good(again / "checkpoints")[0] == after[-1]
     time.sleep(1)
     assert workers_of(again) == []
+
+    # coreutils' `timeout` sends its SIGTERM to the command and to its process group: twice
+    # at once is one request, and the run saves the step in flight
+    twice = tmp_path / "twice"
+    process = start(
+        "train", "--out", str(twice), "--steps", "400", "--set", *TINY, "train.nproc=2", "train.log_every=1"
+    )
+    wait_for_step(twice, 3, process)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "stopping now" not in err, err[-2000:]
+    assert "stopped by SIGTERM" in out and "is complete" in out
+
+
+def test_the_same_stop_signal_at_once_is_one_request(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
+    requests = stopping.StopRequests()
+    assert requests.add(signal.SIGTERM) and not requests.add(signal.SIGTERM)  # `timeout`'s two
+    clock[0] += stopping.SAME_REQUEST_S / 2
+    assert not requests.add(signal.SIGINT)
+    clock[0] += stopping.SAME_REQUEST_S
+    assert requests.add(signal.SIGINT) and requests.signals == [signal.SIGTERM, signal.SIGINT]
 
 
 def test_no_worker_outlives_a_killed_launcher(tmp_path, demo_data):

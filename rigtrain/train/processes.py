@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.terminal import PR_SET_PDEATHSIG
-from rigtrain.train.stopping import LAUNCHER_PID, stop_signals
+from rigtrain.train.stopping import LAUNCHER_PID, StopRequests, stop_signals
 from rigtrain.train.worker import FAULT_SAID
 
 WORKER_MODULE = "rigtrain.train.worker"
@@ -227,10 +227,12 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
         subprocess.Popen(command, env={**shared, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
         for r in range(world)
     ]
-    received: list[int] = []
+    requests = StopRequests()
+    received = requests.signals
 
     def forward(signum, frame) -> None:
-        received.append(signum)
+        if not requests.add(signum):
+            return  # the first one again (stopping.SAME_REQUEST_S)
         for process in ranks:
             if process.poll() is None:
                 process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
@@ -285,9 +287,9 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     its own session, so a Ctrl-C in the terminal reaches only this process, and it gets
     SIGTERM (its kill path) if this process dies without a word."""
     runner = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=terminate_with_parent)
-    received: list[int] = []
-
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in stop_signals()}
+    requests = StopRequests()  # a repeat of the first within stopping.SAME_REQUEST_S is the same request
+    received = requests.signals
+    previous = {s: signal.signal(s, lambda signum, frame: requests.add(signum)) for s in stop_signals()}
     forwarded = 0
     try:
         while runner.poll() is None:

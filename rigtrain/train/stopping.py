@@ -3,7 +3,8 @@
 - The first SIGINT or SIGTERM (or SIGHUP, a closed terminal, unless `nohup` ignores it)
   only asks: the step in flight finishes, every rank agrees on the step to stop after, a
   complete checkpoint is written and the process exits with 128 + the signal (130 for
-  Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). A second signal exits at once: the
+  Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). A second signal (half a second or more after
+  the first: the same signal sooner is the same request) exits at once: the
   complete checkpoints on disk are untouched, and a save it cuts short never counts
   (checkpoints.py only ever resumes complete ones).
 - A worker dies with its launcher: it asks the kernel for SIGKILL when its parent exits
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from rigtrain.terminal import die_with_parent
 
@@ -38,6 +40,31 @@ def stop_signals() -> tuple:
 
 LAUNCHER_PID = "RIGTRAIN_LAUNCHER_PID"  # set by the launcher for the workers it starts
 
+# A stop signal this soon after the first is the same request, not a second one: coreutils'
+# `timeout` sends its signal to the command and then to the command's process group, so
+# the command can get it twice within microseconds, and a process manager that signals
+# every process of a job reaches a worker both directly and through its launcher. A
+# second Ctrl-C that means "now" comes later than this.
+SAME_REQUEST_S = 0.5
+
+
+class StopRequests:
+    """The stop signals a process has received, a repeat within SAME_REQUEST_S of the first
+    counted once. Safe in a signal handler: it only appends and compares."""
+
+    def __init__(self):
+        self.signals: list[int] = []
+        self._first_at: float | None = None
+
+    def add(self, signum: int) -> bool:
+        """Whether this signal counts (the first, or one after SAME_REQUEST_S)."""
+        now = time.monotonic()
+        if self._first_at is not None and now - self._first_at < SAME_REQUEST_S:
+            return False
+        self._first_at = self._first_at or now
+        self.signals.append(signum)
+        return True
+
 
 class StopRequested(Exception):
     """Raised by the trainer once the run has stopped on a signal and saved; carries the exit code."""
@@ -53,9 +80,12 @@ class GracefulStop:
 
     def __init__(self):
         self.signum = 0
+        self._requests = StopRequests()
         self._previous = {s: signal.signal(s, self._handle) for s in stop_signals()}
 
     def _handle(self, signum, frame) -> None:
+        if not self._requests.add(signum):
+            return  # the first one again (SAME_REQUEST_S)
         if self.signum:
             try:
                 os.write(
