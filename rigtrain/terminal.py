@@ -96,6 +96,12 @@ def outlive_the_terminal() -> None:
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
 
+def terminate_with_parent() -> None:
+    """preexec_fn of a child that must get SIGTERM (and save, if it trains) when this process dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def die_with_parent(expected_parent: str | None) -> None:
     """In a child that must not outlive the process that started it (its pid in
     `expected_parent`): be killed when that process goes, however it goes, `kill -9`

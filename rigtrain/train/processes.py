@@ -10,7 +10,6 @@ folder (docs/training.md, "From `rigtrain train` to the first step"):
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
 import os
@@ -27,7 +26,7 @@ from filelock import FileLock, Timeout
 
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.terminal import PR_SET_PDEATHSIG
+from rigtrain.terminal import terminate_with_parent
 from rigtrain.train.stopping import LAUNCHER_PID, StopRequests, stop_signals
 from rigtrain.train.worker import FAULT_SAID
 
@@ -261,12 +260,6 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
     if first is None:  # every rank had ended before a look found one failed
         first = the_first_to_fail([p.returncode for p in ranks])
     return (0, None) if first is None else (ranks[first].returncode, first)
-
-
-def terminate_with_parent() -> None:
-    """preexec_fn of a child that must get SIGTERM (and save, if it trains) when this process dies."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def last_line(log: Path) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rigtrain.errors import UserError
 from rigtrain.files import sync_folder, sync_tree, write_json
-from rigtrain.train.processes import terminate_with_parent
+from rigtrain.terminal import terminate_with_parent
 
 UNIVERSAL = "universal"  # RUN_DIR/universal/TAG: the converted checkpoint
 # What ds_to_universal requires in a checkpoint's client state; Megatron-DeepSpeed puts its
