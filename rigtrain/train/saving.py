@@ -252,8 +252,8 @@ class Checkpointing:
 
     def _data_position(self, clips: int) -> int:
         """The micro-batch this rank's loader starts at: the checkpoint's data position,
-        converted when train.micro_batch_size changed on --resume (data/dataset.py,
-        resume_batch), where its count of micro-batches would start elsewhere in the epoch."""
+        converted when train.micro_batch_size or the number of processes changed on --resume
+        (data/order.py, resume_batch), where its count would start elsewhere in the epoch."""
         before = getattr(self, "position_counted_in", None)
         now = (self.world, self.config.train.micro_batch_size)
         if before is None or before == now:
