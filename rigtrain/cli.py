@@ -45,7 +45,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     add_set_option(p, "override config keys, e.g. --set train.zero_stage=2 data.workers=4 (see --help-config)")
     p.add_argument("--steps", type=int, help="optimizer steps in total (train.steps)")
-    p.add_argument("--resume", action="store_true", help="continue --out RUN_DIR from its newest complete checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --out RUN_DIR from its newest complete checkpoint, on the GPUs there are now (a card taken "
+        "out or added: the same global batch)",
+    )
     p.add_argument("--hostfile", metavar="FILE", type=nonempty, help="several machines: passed to DeepSpeed's launcher")
     p.add_argument(
         "--rig",
