@@ -168,8 +168,8 @@ def saved_ranks(tag_dir: Path) -> int:
 
 
 def load_rank_state(tag_dir: Path, rank: int, seed: int) -> bool:
-    """This rank's RNG state as it was saved, or, for a rank the run did not have (a ZeRO-0
-    run resumed on more processes; complete.json's checksums vouch that no file of the
+    """This rank's RNG state as it was saved, or, for a rank the run did not have (a run
+    resumed on more processes; complete.json's checksums vouch that no file of the
     checkpoint is missing), a stream of its own from the run's seed, the step and the rank.
     Returns whether the state was saved."""
     path = tag_dir / f"rng_rank{rank}.pt"

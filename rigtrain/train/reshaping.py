@@ -33,14 +33,12 @@ def universal_dir(run_dir: Path, tag: str) -> Path:
     return Path(run_dir) / UNIVERSAL / tag
 
 
-def reshape_problem(train: dict, meta: dict) -> str | None:
-    """Why a checkpoint (its trainer.json, `meta`) of a run with these train.* settings cannot
-    be loaded by another number of processes, or None."""
-    if train.get("optimizer", "adamw") != "adamw":
-        return (
-            f"its optimizer is {train['optimizer']}, whose 8-bit states DeepSpeed's universal checkpoint does not carry"
-        )
-    if train.get("offload_optimizer", "none") != "none":
+def reshape_problem(train, meta: dict) -> str | None:
+    """Why a checkpoint (its trainer.json, `meta`) of a run with these train.* settings (a
+    TrainConfig) cannot be loaded by another number of processes, or None."""
+    if train.optimizer != "adamw":
+        return f"its optimizer is {train.optimizer}, whose 8-bit states DeepSpeed's universal checkpoint does not carry"
+    if train.offload_optimizer != "none":
         return "its optimizer states were offloaded to the CPU, which DeepSpeed's universal checkpoint does not take"
     if not meta.get(UNIVERSAL_INFO):
         return (

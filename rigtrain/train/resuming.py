@@ -3,8 +3,9 @@ effect, and the run says what changed against the config the checkpoint was trai
 What the checkpoint itself fixes cannot change: the model's shape (the weights would not
 load), the clip shape the data was prepared for, and how DeepSpeed laid out the optimizer
 (ZeRO stage, optimizer, precision, offload). Those are exit 2, naming the key and what
-to do instead. The number of processes may change (fit_to_processes). data.dir may change to where the same data moved
-(launch.check_data compares the clips), not to other data."""
+to do instead. The number of processes may change (fit_to_processes). data.dir may
+change to where the same data moved (launch.check_data compares the clips), not to other
+data."""
 
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def fit_to_processes(saved_plan: dict, config: RunConfig, world_size: int, run_d
         newest = checkpoints.newest_good(Path(run_dir) / "checkpoints", warn=lambda line: None)
         if newest is not None:
             meta = json.loads((Path(run_dir) / "checkpoints" / newest[1] / "trainer.json").read_text())
-            problem = reshape_problem(dataclasses.asdict(t), meta)
+            problem = reshape_problem(t, meta)
     if problem:
         raise UserError(
             f"--resume: {run_dir} was trained on {before} {where}, and this machine now gives it {world_size}: "
