@@ -419,3 +419,50 @@ def test_only_a_folder_with_nothing_written_in_it_is_removed(tmp_path, content, 
     with pytest.raises(UserError), RunLock(tmp_path / "mine"):  # not made by this command: kept, even empty
         raise UserError("the data is too small")
     assert (tmp_path / "mine").is_dir()
+
+
+MEET_AND_SUM = """
+import os, torch, torch.distributed as dist
+from rigtrain.train.engine import init_distributed
+init_distributed({"device": "cpu"}, int(os.environ["LOCAL_RANK"]), timeout_min=1.0)
+total = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(total)
+print(f"rank {dist.get_rank()} of {dist.get_world_size()}: {total.item():g}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_ranks_meet_on_a_port_of_their_own_even_where_master_port_is_taken(tmp_path, world):
+    """Rank 0's store binds a port the kernel gives it and tells the others through the
+    launcher's folder (rendezvous.py): a port chosen ahead and taken meanwhile by another
+    process (EADDRINUSE at start-up, seen when several runs started at once) cannot stop it."""
+    import socket  # a listener of another program's, on the port the environment names
+
+    from rigtrain.train.rendezvous import port_file_env
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **os.environ,
+            **port_file_env(tmp_path),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(taken.getsockname()[1]),
+            "WORLD_SIZE": str(world),
+            "DS_ACCELERATOR": "cpu",
+        }
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, "-c", MEET_AND_SUM],
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for r in range(world)
+        ]
+        outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    expected = sum(range(1, world + 1))
+    for rank, (process, output) in enumerate(zip(ranks, outputs)):
+        assert process.returncode == 0, output
+        assert f"rank {rank} of {world}: {expected}" in output

@@ -333,8 +333,7 @@ def test_a_cpu_run_needs_no_cpp_compiler_and_keeps_the_users_thread_count(tmp_pa
 
 DEEPSPEED_WITHOUT_MUON = """
 import json, os, sys
-from rigtrain.train.processes import free_port
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 os.environ["DS_ACCELERATOR"] = "cpu"
 from rigtrain.train.engine import init_distributed  # as a training process starts (the stand-ins: first)
 init_distributed({"device": "cpu"}, 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import random
 import sys
 import types
@@ -19,6 +20,7 @@ import torch
 from rigtrain.config import RunConfig
 from rigtrain.errors import UserError
 from rigtrain.rig.budget import BUCKET_ELEMENTS
+from rigtrain.train.rendezvous import store_for_this_rank
 
 
 def deepspeed_config(config: RunConfig, precision: str, world_size: int) -> dict:
@@ -204,6 +206,11 @@ def init_distributed(plan: dict, local_rank: int, timeout_min: float = 30.0) -> 
     from torch.distributed import distributed_c10d  # where torch keeps that default, as a global
 
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    # Once per process: a tune worker's trials each build a Trainer in the group it made.
+    store = None if torch.distributed.is_initialized() else store_for_this_rank(timeout)
+    if store is not None:  # DeepSpeed then takes the process group as it is
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return device
 

@@ -27,6 +27,7 @@ from filelock import FileLock, Timeout
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.terminal import terminate_with_parent
+from rigtrain.train.rendezvous import port_file_env
 from rigtrain.train.stopping import LAUNCHER_PID, StopRequests, stop_signals
 from rigtrain.train.worker import FAULT_SAID
 
@@ -132,12 +133,6 @@ class RunLock:
             pass  # a file came and went meanwhile, or the folder cannot be changed: it stays
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_command(run_dir: Path, plan, hostfile: str | None, in_process: bool = True) -> list[str] | None:
     """The command that starts the workers, or None to run in this process. Only a single
     CPU process runs in-process: this process has already initialised CUDA (to read the
@@ -210,13 +205,14 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
     fails takes the others down. Returns (128 + the signal, None) when stopped by one, else
     (the exit code of the rank that failed first, that rank), else (0, None)."""
 
-    port = str(free_port())
-    said = Path(tempfile.mkdtemp(prefix="rigtrain-ranks-"))  # worker.say_failure: one rank's line, not each's
+    # For this start only: worker.say_failure's one line (not each rank's), and where rank
+    # 0 tells the others its store's port (rendezvous.py).
+    said = Path(tempfile.mkdtemp(prefix="rigtrain-ranks-"))
     shared = {
         FAULT_SAID: str(said / "fault-said"),
         **env,
+        **port_file_env(said),
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": port,
         "WORLD_SIZE": str(world),
         "LOCAL_WORLD_SIZE": str(world),
         "GROUP_RANK": "0",
@@ -330,8 +326,7 @@ def start_processes(
             "RANK": "0",
             "LOCAL_RANK": "0",
             "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
+            "MASTER_ADDR": "127.0.0.1",  # one rank: its store takes a free port (rendezvous.py)
         }.items():
             os.environ[key] = value
         from rigtrain.train.worker import run  # the Trainer (torch, DeepSpeed): only when this process trains

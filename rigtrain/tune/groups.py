@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import time
 from pathlib import Path
 
 from rigtrain.files import write_json
-from rigtrain.train.processes import free_port, last_line
+from rigtrain.train.processes import last_line
+from rigtrain.train.rendezvous import port_file_env
 from rigtrain.train.stopping import LAUNCHER_PID
 from rigtrain.tune.records import LEAKED_EXIT, rank_failures
 
@@ -26,11 +28,14 @@ def start_group(tune_dir: Path, queue_file: Path, world: int, plan_env: dict, na
     """One worker per rank, each in its own session (so a kill reaches its loader workers
     too) and dying with this process, as the training launcher starts them."""
     (tune_dir / "logs").mkdir(exist_ok=True)
+    meeting = tune_dir / "logs" / f"{name}-store"  # where rank 0 tells the others its port
+    shutil.rmtree(meeting, ignore_errors=True)  # a port from an earlier group of this name is no one's now
+    meeting.mkdir()
     shared = {
         **os.environ,
         **plan_env,
+        **port_file_env(meeting),
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(world),
         "LOCAL_WORLD_SIZE": str(world),
         LAUNCHER_PID: str(os.getpid()),
