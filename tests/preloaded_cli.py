@@ -24,12 +24,15 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+INHERITED = ("SIGINT", "SIGTERM", "SIGHUP")  # the stop signals: ignored ones stay ignored across exec
 
 
 class PreloadedCli:
@@ -61,6 +64,11 @@ class PreloadedCli:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             server = self._start()
             request = {"args": args, "env": env, "cwd": str(cwd or os.getcwd()), "out": str(out), "err": str(err)}
+            # A new interpreter started from here would inherit these ignored (a suite run as
+            # `bash setup/test.sh &` ignores SIGINT, under nohup SIGHUP), so the child does too.
+            request["ignored"] = [
+                name for name in INHERITED if signal.getsignal(getattr(signal, name)) == signal.SIG_IGN
+            ]
             if script is not None:
                 request["script"] = str(script)
             server.stdin.write(json.dumps(request) + "\n")
@@ -118,14 +126,14 @@ def _child(request: dict) -> None:
 
     code = 1
     try:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
+        for name in INHERITED:  # what exec leaves: an ignored signal ignored, the rest their default
+            default = signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL
+            signal.signal(getattr(signal, name), signal.SIG_IGN if name in request["ignored"] else default)
         # Python ignores SIGPIPE from its start, so a write to a closed pipe is an exception
         # a command can handle (terminal.OutlivesItsReader, a pool's broken-worker path); with
         # the kernel's default here instead, a `data prepare` in the suite died of SIGPIPE
         # (exit -13, once in a few hundred runs under load), where a user's would not have.
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         for fd, path in ((1, request["out"]), (2, request["err"])):

@@ -37,6 +37,14 @@ def losses(run: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+def _hear_stop_signals() -> None:
+    """As a command typed at a terminal hears them: a suite run in the background (`bash
+    setup/test.sh &` ignores SIGINT) or under nohup (SIGHUP) would otherwise pass the
+    ignore on, and rigtrain rightly leaves an ignored signal ignored (stopping.stop_signals)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "rigtrain", *args],
@@ -44,6 +52,7 @@ def start(*args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ.copy(),
+        preexec_fn=_hear_stop_signals,
     )
 
 
@@ -202,6 +211,32 @@ def test_the_same_stop_signal_at_once_is_one_request(monkeypatch):
     assert not requests.add(signal.SIGINT)
     clock[0] += stopping.SAME_REQUEST_S
     assert requests.add(signal.SIGINT) and requests.signals == [signal.SIGTERM, signal.SIGINT]
+
+
+def test_a_run_started_with_ctrl_c_ignored_trains_on_through_it_and_stops_on_sigterm(tmp_path, demo_data):
+    """`rigtrain train &` in a shell script ignores SIGINT in the run, so that a Ctrl-C meant
+    for the script (which reaches its whole process group) leaves the run alone, as Python
+    leaves it alone; a stop signal the run still hears (SIGTERM) stops it as ever."""
+    run = tmp_path / "run"
+
+    def as_a_scripts_background_job():
+        _hear_stop_signals()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.setpgid(0, 0)  # a group of its own, to send it a Ctrl-C as a terminal does
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rigtrain", "train", "--out", str(run), "--steps", "400", "--set", *TINY,
+         "train.log_every=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_a_scripts_background_job,
+    )  # fmt: skip
+    wait_for_step(run, 2, process)
+    os.killpg(process.pid, signal.SIGINT)
+    heard_at = max(losses(run))
+    wait_for_step(run, heard_at + 3, process)  # trains on
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in out and "SIGINT" not in out + err
 
 
 def test_no_worker_outlives_a_killed_launcher(tmp_path, demo_data):

@@ -1,9 +1,10 @@
 """Stopping a run on request, and never leaving a worker behind.
 
-- The first SIGINT or SIGTERM (or SIGHUP, a closed terminal, unless `nohup` ignores it)
-  only asks: the step in flight finishes, every rank agrees on the step to stop after, a
-  complete checkpoint is written and the process exits with 128 + the signal (130 for
-  Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). A second signal (half a second or more after
+- The first SIGINT or SIGTERM (or SIGHUP, a closed terminal), each unless the process
+  was started with it ignored (`nohup`, a script's `&`), only asks: the step in flight
+  finishes, every rank agrees on the step to stop after, a complete checkpoint is written
+  and the process exits with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM, 129 for
+  SIGHUP). A second signal (half a second or more after
   the first: the same signal sooner is the same request) exits at once: the
   complete checkpoints on disk are untouched, and a save it cuts short never counts
   (checkpoints.py only ever resumes complete ones).
@@ -27,15 +28,21 @@ STOP_EXIT_CODES = {128 + s for s in (*STOP_SIGNALS, HANGUP) if s is not None}  #
 
 
 def stop_signals() -> tuple:
-    """SIGINT and SIGTERM, and SIGHUP unless it is ignored (`nohup` ignores it, and a user
-    who asked for that wants the run to go on): a closed terminal or a dropped ssh session
-    then stops a run as SIGTERM does, the step in flight finished and saved, where the
-    kernel's default for SIGHUP killed it and lost the steps since the last checkpoint.
-    What the run prints to the terminal that is gone goes to the null device from the first
-    write that fails (terminal.OutlivesItsReader), and the run saves undisturbed."""
-    if HANGUP is not None and signal.getsignal(HANGUP) == signal.SIG_DFL:
-        return (*STOP_SIGNALS, HANGUP)
-    return STOP_SIGNALS
+    """SIGINT, SIGTERM and SIGHUP, each unless this process was started with it ignored.
+
+    A closed terminal or a dropped ssh session (SIGHUP) then stops a run as SIGTERM does, the
+    step in flight finished and saved, where the kernel's default for SIGHUP killed it and
+    lost the steps since the last checkpoint. What the run prints to the terminal that is
+    gone goes to the null device from the first write that fails
+    (terminal.OutlivesItsReader), and the run saves undisturbed.
+
+    An ignored signal is what whoever started the process asked for, and stays ignored:
+    `nohup` ignores SIGHUP (the run goes on when the terminal closes), and a shell script
+    that starts `rigtrain train &` ignores SIGINT in it (a Ctrl-C meant for the script,
+    which reaches its whole process group, leaves the run alone), as Python itself leaves
+    an ignored SIGINT ignored."""
+    wanted = (*STOP_SIGNALS, HANGUP) if HANGUP is not None else STOP_SIGNALS
+    return tuple(s for s in wanted if signal.getsignal(s) != signal.SIG_IGN)
 
 
 LAUNCHER_PID = "RIGTRAIN_LAUNCHER_PID"  # set by the launcher for the workers it starts
