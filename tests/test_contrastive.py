@@ -2,8 +2,6 @@
 masking of missing modalities, and the all-gather of negatives across ranks."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -110,12 +108,6 @@ def test_a_missing_modality_changes_nothing_for_the_others():
     assert without["loss_va_nce"].item() == pytest.approx(first["loss_va_nce"].item(), rel=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _contrastive_grads(model, batch):
     out = model(batch)
     loss = out["loss_va_nce"] + out["loss_vt_milnce"]
@@ -124,9 +116,9 @@ def _contrastive_grads(model, batch):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _rank(rank: int, world: int, port: int, result_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _rank(rank: int, world: int, store_path: str, result_path: str) -> None:
+    # A file store: a port chosen ahead could be taken by another test's process meanwhile
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         config = load_config("demo", overrides=["model.droptoken_keep=1.0"])
         torch.manual_seed(0)
@@ -156,7 +148,7 @@ def test_two_ranks_with_gathered_negatives_equal_one_rank_with_the_whole_batch(t
     whole, grads = _contrastive_grads(model, batch)
 
     result = tmp_path / "rank0.pt"
-    mp.spawn(_rank, args=(2, _free_port(), str(result)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tmp_path / "store"), str(result)), nprocs=2, join=True)
     two = torch.load(result)
     assert two["va"] == pytest.approx(whole["loss_va_nce"].item(), rel=1e-5)
     assert two["vt"] == pytest.approx(whole["loss_vt_milnce"].item(), rel=1e-5)
