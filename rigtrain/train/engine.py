@@ -210,7 +210,12 @@ def init_distributed(plan: dict, local_rank: int, timeout_min: float = 30.0) -> 
     store = None if torch.distributed.is_initialized() else store_for_this_rank(timeout)
     if store is not None:  # DeepSpeed then takes the process group as it is
         world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        # The GPU bound to the group where there are peers, as DeepSpeed's own init does
+        # (comm/torch.py: NCCL then knows each rank's device, and splits later groups from it).
+        bound = {"device_id": device} if device.type == "cuda" and world > 1 else {}
+        torch.distributed.init_process_group(
+            backend, store=store, rank=rank, world_size=world, timeout=timeout, **bound
+        )
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return device
 
