@@ -50,7 +50,7 @@ def store_for_this_rank(timeout: datetime.timedelta) -> dist.Store | None:
         return None
     if rank == 0:
         store = dist.TCPStore(HOST, 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
-        if port_file:
+        if world > 1:  # someone to tell
             write_json(Path(port_file), store.port)  # renamed into place whole
     else:
         port = _wait_for_port(Path(port_file), timeout)

@@ -4,10 +4,9 @@
   was started with it ignored (`nohup`, a script's `&`), only asks: the step in flight
   finishes, every rank agrees on the step to stop after, a complete checkpoint is written
   and the process exits with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM, 129 for
-  SIGHUP). A second signal (half a second or more after
-  the first: the same signal sooner is the same request) exits at once: the
-  complete checkpoints on disk are untouched, and a save it cuts short never counts
-  (checkpoints.py only ever resumes complete ones).
+  SIGHUP). A second signal (half a second or more after the first: the same signal sooner
+  is the same request) exits at once: the complete checkpoints on disk are untouched, and
+  a save it cuts short never counts (checkpoints.py only ever resumes complete ones).
 - A worker dies with its launcher: it asks the kernel for SIGKILL when its parent exits
   (prctl PR_SET_PDEATHSIG), so `kill -9` of `rigtrain train` leaves no rank training on,
   holding GPUs and writing checkpoints.
