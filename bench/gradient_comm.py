@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rigtrain.train.processes import free_port
+from rigtrain.train.rendezvous import port_file_env
 
 COMMS = ("bf16", "fp32")  # how the bf16 runs average Linear layers' gradients
 
@@ -52,11 +52,12 @@ def run_folder(root: Path, precision: str, stage: int, nproc: int, init_from: Pa
 
 def gradients(run: Path, comm: str, nproc: int, out: Path) -> dict:
     """One step's averaged gradient on nproc processes (this script with --rank), saved by rank 0."""
-    port = str(free_port())
+    meeting = Path(tempfile.mkdtemp(prefix="gradient-comm-"))  # rank 0 leaves its store's port here (rendezvous.py)
+    shared = {**os.environ, **port_file_env(meeting), "WORLD_SIZE": str(nproc)}
     ranks = [
         subprocess.Popen(
             [sys.executable, __file__, "--rank", str(r), "--run", str(run), "--comm", comm, "--save", str(out)],
-            env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc), "MASTER_PORT": port},
+            env={**shared, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -64,6 +65,7 @@ def gradients(run: Path, comm: str, nproc: int, out: Path) -> dict:
         for r in range(nproc)
     ]
     outputs = [p.communicate() for p in ranks]
+    shutil.rmtree(meeting, ignore_errors=True)
     for p, (_, err) in zip(ranks, outputs):
         if p.returncode != 0:
             raise SystemExit(f"a rank of {run} ({comm} averaging) failed:\n{err[-2000:]}")
@@ -78,9 +80,10 @@ def rank_main(run: Path, comm: str, save: Path) -> None:
     import torch  # after the plan's environment (threads)
     from deepspeed.utils import safe_get_full_grad
 
+    import rigtrain.train.saving as saving  # where the Trainer's engine set-up reads deepspeed_config
     import rigtrain.train.trainer as trainer
 
-    planned = trainer.deepspeed_config
+    planned = saving.deepspeed_config
 
     def with_averaging(*args, **kwargs):
         config = planned(*args, **kwargs)
@@ -91,7 +94,7 @@ def rank_main(run: Path, comm: str, save: Path) -> None:
                 config["torch_autocast"]["lower_precision_safe_modules"] = []
         return config
 
-    trainer.deepspeed_config = with_averaging
+    saving.deepspeed_config = with_averaging
     t = trainer.Trainer(run)
     batch, _ = t._next_batch()
     terms = t.engine(batch)

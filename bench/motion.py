@@ -147,9 +147,10 @@ def probe_uncached(run_dir: Path) -> dict:
     from rigtrain.data.dataset import open_dataset
     from rigtrain.data.split import split_clips
     from rigtrain.model import build_model
-    from rigtrain.train.eval_command import load_weights, read_run
+    from rigtrain.train.eval_command import load_weights
+    from rigtrain.train.run_record import read_run_record
 
-    saved = read_run(run_dir)
+    saved = read_run_record(run_dir, "bench/motion.py")
     config = build_config(saved["config"], source=str(run_dir / "config.json"))
     state, _, step = load_weights(run_dir, config)
     model = build_model(config.model, config.data)
