@@ -204,6 +204,7 @@ def test_a_plan_that_cannot_run_stops_the_tune_with_one_line_and_leaves_no_worke
     assert result.returncode == 2 and "cannot run here" in result.stderr and "RAM" in result.stderr
     assert "Traceback" not in result.stderr
     assert (out / "logs" / "group-1-rank-0.log").exists()  # the early group was started
+    assert not (out / "logs" / "group-1-store").exists()  # where its ranks would have met
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
@@ -289,6 +290,7 @@ def test_tune_survives_out_of_memory_on_one_rank_and_a_hang_and_its_result_train
     planned = [f"{t['index']:03d}" for t in record["trials"] if t["status"] != "pruned"]
     assert sorted(p.name for p in (out / "trials").iterdir()) == planned
     assert "trial" in result.stdout and "fastest" in result.stdout
+    assert not list((out / "logs").glob("*-store"))  # where its groups' ranks met: gone with them
     # TensorBoard's hparams view: one run per trial that ran or failed
     runs = sorted(p.name for p in (out / "tb").iterdir() if p.is_dir())
     assert runs == [
@@ -692,6 +694,7 @@ def test_a_tune_stopped_by_a_closed_terminal_keeps_what_it_measured_and_leaves_n
     assert "not reached before SIGHUP" in stdout
     left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
     assert not left, [p.info["cmdline"] for p in left]
+    assert not list((out / "logs").glob("*-store"))  # nor where its ranks met
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from rigtrain.config import load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.train.stopping import stop_signals
-from rigtrain.tune.groups import kill, start_group
+from rigtrain.tune.groups import kill, meeting_place, start_group
 from rigtrain.tune.records import Timing, trial_dir
 from rigtrain.tune.search import TRIAL_SETTINGS, Search, say_progress
 
@@ -68,7 +69,7 @@ def tune(
                 hold=held,
             )
         except BaseException:
-            kill(first_group.processes)
+            first_group.stop()
             raise
         device = candidates[0].plan.device if candidates[0].plan else "cpu"
         runnable = sum(c.pruned is None for c in candidates)
@@ -87,7 +88,7 @@ def tune(
             search.run()
         except Interrupted as why:
             stopped = str(why)
-            kill(search.processes)
+            search.close_group()  # its workers, and where they met
             search.mark_stopped(stopped)
         finally:
             for s, handler in previous.items():
@@ -117,14 +118,20 @@ class FirstGroup:
     then wait for their queue (search.py)."""
 
     def __init__(self):
-        self.world, self.processes = 0, []
+        self.world, self.processes, self.tune_dir = 0, [], None
 
     def start(self, tune_dir: Path, plan) -> None:
         from rigtrain.train.planning import with_user_environment  # torch: the planner has it by now
 
         env = with_user_environment(copy.deepcopy(plan)).env
-        self.world = plan.world_size
+        self.world, self.tune_dir = plan.world_size, tune_dir
         self.processes = start_group(tune_dir, tune_dir / "group-1.json", self.world, env, "group-1")
+
+    def stop(self) -> None:
+        """The planning failed or was stopped: the group goes, and where its ranks met."""
+        kill(self.processes)
+        if self.tune_dir is not None:
+            shutil.rmtree(meeting_place(self.tune_dir, "group-1"), ignore_errors=True)
 
     def adoptable(self) -> tuple[int, list] | None:
         return (self.world, self.processes) if self.processes else None

@@ -28,7 +28,7 @@ def start_group(tune_dir: Path, queue_file: Path, world: int, plan_env: dict, na
     """One worker per rank, each in its own session (so a kill reaches its loader workers
     too) and dying with this process, as the training launcher starts them."""
     (tune_dir / "logs").mkdir(exist_ok=True)
-    meeting = tune_dir / "logs" / f"{name}-store"  # where rank 0 tells the others its port
+    meeting = meeting_place(tune_dir, name)
     shutil.rmtree(meeting, ignore_errors=True)  # a port from an earlier group of this name is no one's now
     meeting.mkdir()
     shared = {
@@ -54,6 +54,12 @@ def start_group(tune_dir: Path, queue_file: Path, world: int, plan_env: dict, na
                 )
             )
     return processes
+
+
+def meeting_place(tune_dir: Path, name: str) -> Path:
+    """Where rank 0 of group NAME tells the others its store's port (a group of one has no
+    need of it); removed with the group."""
+    return tune_dir / "logs" / f"{name}-store"
 
 
 def kill(processes: list[subprocess.Popen]) -> None:
@@ -145,6 +151,8 @@ class WorkerGroups:
         """Stop the group that is up, if any (between trials it is only waiting for work)."""
         if self.live:
             kill(self.live.processes)
+            # the port it named is no one's now (group-N.json: group-N)
+            shutil.rmtree(meeting_place(self.tune_dir, self.live.queue_file.stem), ignore_errors=True)
             self.live, self.processes = None, []
 
     def _watch(self, remaining: list[int], deadline: float, logs: list[Path], open_ended: bool) -> str:
