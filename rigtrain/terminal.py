@@ -1,5 +1,6 @@
 """A counter line ("wrote 40/120 videos") that reads well on a terminal and in a log,
-output that outlives its terminal, and a child process that does not outlive its parent.
+output that outlives its terminal and is kept in a file beside it, and a child process
+that does not outlive its parent.
 
 On a terminal the line is rewritten in place with a carriage return. Piped into a file or
 a CI log, carriage returns pile every update onto one unreadable line, so there the counter
@@ -8,12 +9,15 @@ imports nothing from rigtrain."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TextIO
 
 STEPS_WHEN_LOGGED = 10  # lines a counter prints when its stream is not a terminal
@@ -53,8 +57,16 @@ class OutlivesItsReader:
 
     def __init__(self, stream):
         self._stream = stream
+        self._copy: LineCopy | None = None  # copy_output_to: where whole lines also go
+        self._pending = ""  # the start of a line not yet ended, for the copy
 
     def write(self, text: str) -> int:
+        if self._copy is not None:
+            with self._copy.lock:  # threads print too (telemetry's warnings)
+                self._pending += text
+                if "\n" in self._pending:
+                    lines, self._pending = self._pending.rsplit("\n", 1)
+                    self._copy.append(lines)
         try:
             return self._stream.write(text)
         except OSError as err:
@@ -91,6 +103,66 @@ def outlive_the_terminal() -> None:
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, OutlivesItsReader):
             setattr(sys, name, OutlivesItsReader(stream))
+
+
+class LineCopy:
+    """Lines appended to a file as a terminal shows them: a counter rewritten in place with
+    carriage returns leaves its last state only. Each write is whole lines through one
+    O_APPEND write(2), so the lines of several processes copying to one file (a launcher
+    and its ranks) do not cut into each other. The copy must never stop what it copies: the
+    first failure to write (a full disk, a folder gone) ends the copy, not the program."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock = path, threading.Lock()
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, lines: str) -> None:
+        if self.fd is None:
+            return
+        shown = [next((part for part in reversed(line.split("\r")) if part), "") for line in lines.split("\n")]
+        try:
+            os.write(self.fd, ("\n".join(shown) + "\n").encode("utf-8", "replace"))
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@contextlib.contextmanager
+def copy_output_to(path: Path, header: str | None = None) -> Iterator[LineCopy | None]:
+    """Within it, every line this process writes to stdout and stderr (its own, Python's
+    warnings and tracebacks; not what C libraries write to the descriptors) is also
+    appended to path, after header if given: where they are OutlivesItsReader, as the
+    program's entry points make them (outlive_the_terminal). Where this process already
+    copies to path (a rank run inside the launcher's process), nothing more. Yields the
+    copy, or None where path cannot be opened (then nothing is copied, and nothing fails)."""
+    path = Path(path).absolute()
+    streams = [s for s in (sys.stdout, sys.stderr) if isinstance(s, OutlivesItsReader)]
+    if any(s._copy is not None and s._copy.path == path for s in streams):
+        yield None
+        return
+    try:
+        copy = LineCopy(path)
+    except OSError:
+        yield None
+        return
+    if header:
+        copy.append(header)
+    before = [(s, s._copy, s._pending) for s in streams]
+    for stream in streams:
+        stream.flush()
+        stream._copy, stream._pending = copy, ""
+    try:
+        yield copy
+    finally:
+        for stream, earlier, pending in before:
+            if stream._pending:  # a line left unended: kept as it stands
+                copy.append(stream._pending)
+            stream._copy, stream._pending = earlier, pending
+        copy.close()
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_cli, run_script
@@ -203,6 +204,39 @@ def test_output_outlives_a_reader_that_is_gone():
     print("and another", file=stream, flush=True)
     assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull)  # for child processes too
     stream.close()
+
+
+def test_output_is_copied_to_a_file_as_the_terminal_shows_it(tmp_path, monkeypatch):
+    """RUN_DIR/train.log's copy: whole lines from stdout and stderr, a counter's carriage
+    returns resolved to what a terminal shows last, a copy to the same file entered again
+    adding nothing, and a file that cannot be written (a full disk: /dev/full) costing the
+    copy, never the program."""
+    import io
+
+    from rigtrain.terminal import OutlivesItsReader, copy_output_to
+
+    screen, errors = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", OutlivesItsReader(screen))
+    monkeypatch.setattr(sys, "stderr", OutlivesItsReader(errors))
+    log = tmp_path / "train.log"
+    with copy_output_to(log, "=== header") as copy:
+        assert copy is not None
+        print("one")
+        print("two", file=sys.stderr)
+        sys.stdout.write("a line in ")
+        sys.stdout.write("pieces\n\rcounting 1/2\rcounting 2/2\n")
+        with copy_output_to(tmp_path / "." / "train.log") as again:  # a rank in the launcher's process
+            assert again is None
+            print("once")
+        sys.stdout.write("unended")
+    print("after")
+    assert log.read_text() == "=== header\none\ntwo\na line in pieces\ncounting 2/2\nonce\nunended\n"
+    assert screen.getvalue() == "one\na line in pieces\n\rcounting 1/2\rcounting 2/2\nonce\nunendedafter\n"
+    with copy_output_to(Path("/dev/full")) as full:
+        print("the disk is full")
+        print("and the program goes on")
+    assert full is not None and full.fd is None  # the copy ended at its first failed write
+    assert screen.getvalue().endswith("the disk is full\nand the program goes on\n")
 
 
 def test_a_forked_command_starts_with_the_signal_handling_of_a_fresh_interpreter(tmp_path):

@@ -281,9 +281,15 @@ def test_a_rank_killed_mid_run_is_named_in_one_line_and_the_run_resumes(tmp_path
         f"the last complete checkpoint is step {saved}; continue with: rigtrain train --out {run} --resume"
     )
     assert workers_of(run) == []
+    log = (run / "train.log").read_text()  # what the run said, kept beside it
+    assert said[0] in log and said[-1] in log and log.startswith("=== ") and f"--out {run} --steps 400" in log
     resumed = rigtrain("train", "--out", str(run), "--resume", "--steps", str(saved + 1))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {saved}/{saved + 1}" in resumed.stdout
+    log = (run / "train.log").read_text()  # appended to, one header a command
+    headers = [line for line in log.splitlines() if line.startswith("=== ")]
+    assert len(headers) == 2 and headers[1].endswith(")") and "--resume" in headers[1]
+    assert f"resuming at step {saved}/{saved + 1}" in log.split(headers[1])[1]
 
 
 def test_a_run_folder_deleted_under_a_run_is_one_line_and_never_made_again(tmp_path, demo_data):
@@ -447,10 +453,14 @@ def test_a_closed_terminal_saves_the_step_in_flight_and_nohup_trains_on(tmp_path
     os.close(terminal)  # the session drops
     assert process.wait(timeout=120) == (0 if nohup else 129)
     saved = complete_steps(run)[-1]
+    # what it said after the terminal went is in the run folder (train.log), never lost
+    said = (run / "train.log").read_text()
     if nohup:
         assert saved == 40 == max(losses(run))
+        assert "step    40  loss" in said and "done: steps 1-40" in said
         return
     assert saved - max(losses(run)) <= 1  # the steps it logged are saved, or the one after
+    assert f"stopped by SIGHUP after step {saved}; checkpoint " in said and f"--out {run} --resume" in said
     resumed = rigtrain("train", "--out", str(run), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming at step {saved}/40" in resumed.stdout and sorted(losses(run)) == list(range(1, 41))

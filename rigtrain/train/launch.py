@@ -8,6 +8,7 @@ launcher with the user's `--hostfile`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,10 +20,11 @@ from rigtrain.config import RunConfig, build_config, load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
+from rigtrain.terminal import copy_output_to
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, how_it_ended, new_run_dir, start_processes
 from rigtrain.train.resuming import check_checkpoint_layout, fit_to_processes, resume_changes
-from rigtrain.train.run_record import read_run_record
+from rigtrain.train.run_record import RUN_LOG, read_run_record, run_log_header
 from rigtrain.train.stopping import STOP_EXIT_CODES
 from rigtrain.train.worker import OOM_MARKER
 
@@ -202,10 +204,11 @@ def train(
         out=out, preset=preset, config_file=config_file, overrides=overrides, steps=steps, data=data, resume=resume
     )
     prepare_run_dir(run_dir)
-    with RunLock(run_dir, made_here=made_here):
+    with RunLock(run_dir, made_here=made_here), contextlib.ExitStack() as output:
         return _train_locked(
             config,
             run_dir,
+            output=output,
             preset=preset,
             config_file=config_file,
             overrides=overrides,
@@ -236,6 +239,7 @@ def _train_locked(
     config: RunConfig,
     run_dir: Path,
     *,
+    output: contextlib.ExitStack,
     preset,
     config_file,
     overrides,
@@ -280,12 +284,11 @@ def _train_locked(
         plan = with_user_environment(plan)
         config = apply_plan(config, plan)
         clips, split = check_data(data_dir, config, plan.world_size, trained_on)
-        extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}}
-        if initial:
-            extra["init_from"] = initial
-        if backed_off:
-            extra["backed_off_from"] = backed_off
+        extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}, "init_from": initial}
+        extra = {key: value for key, value in {**extra, "backed_off_from": backed_off}.items() if value}
         write_run_config(run_dir, config, data_dir, rig, plan, extra)
+        if not backed_off:  # the folder is a run from here: what is said about it is kept in it too
+            output.enter_context(copy_output_to(run_dir / RUN_LOG, run_log_header()))
         _say_split(run_dir, clips, data_dir, split, config.eval.holdout)
         _say_plan(plan)
         (run_dir / OOM_MARKER).unlink(missing_ok=True)
@@ -336,17 +339,8 @@ def _say_plan(plan) -> None:
     """Each choice with its reason (or, without a GPU, the config's values in one line), the
     predicted memory and the warnings."""
     kept = []
-    for key in (
-        "world_size",
-        "precision",
-        "micro_batch_size",
-        "grad_accum_steps",
-        "activation_checkpointing",
-        "zero_stage",
-        "optimizer",
-        "offload_optimizer",
-        "dataloader_workers",
-    ):
+    for key in ("world_size", "precision", "micro_batch_size", "grad_accum_steps", "activation_checkpointing",
+                "zero_stage", "optimizer", "offload_optimizer", "dataloader_workers"):  # fmt: skip
         value = getattr(plan, key, None)
         if plan.reasons.get(key, "").startswith("no GPU to plan for"):
             kept.append(f"{key} = {value}")

@@ -6,6 +6,11 @@ never writes is one sentence naming the field, not a traceback further on."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import socket
+import sys
+import time
 from pathlib import Path
 
 from rigtrain.errors import UserError
@@ -21,6 +26,9 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "warnings": (list,),
     "command": (list,),
 }
+# Every line the run's processes print (the launcher's and each rank's), appended by each
+# command that trains in the folder, so that what a run said outlives a closed terminal
+RUN_LOG = "train.log"
 # (a record with only its config is still read: --resume checks it against the command)
 REQUIRED = ("config",)
 JSON_NAMES = {dict: "an object", list: "a list", str: "text", type(None): "null", bool: "true/false", int: "a number"}
@@ -76,3 +84,9 @@ def _json_name(value) -> str:
     if isinstance(value, (int, float)):
         return f"the number {value}"
     return JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def run_log_header() -> str:
+    """The line that starts each command's part of RUN_DIR/train.log: when, what and where."""
+    command = shlex.join(["rigtrain", *sys.argv[1:]])
+    return f"=== {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {command} (process {os.getpid()} on {socket.gethostname()})"

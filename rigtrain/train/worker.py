@@ -297,12 +297,17 @@ def main() -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; LOCAL_RANK wins")
     args = parser.parse_args()
-    from rigtrain.terminal import outlive_the_terminal  # before torch, like the rest of this entry point
+    from rigtrain.terminal import (
+        copy_output_to,
+        outlive_the_terminal,
+    )  # before torch, like the rest of this entry point
+    from rigtrain.train.run_record import RUN_LOG  # before torch, like the rest of this entry point
     from rigtrain.train.stopping import die_with_launcher  # before torch, like the rest of this entry point
 
     die_with_launcher()
     outlive_the_terminal()
-    return run(args.run_dir)
+    with copy_output_to(Path(args.run_dir) / RUN_LOG):  # beside the launcher's lines
+        return run(args.run_dir)
 
 
 if __name__ == "__main__":
