@@ -45,6 +45,7 @@ def counter(describe: Callable[[int, int], str], stream: TextIO | None = None) -
     return show
 
 
+PENDING_MAX = 1 << 16  # characters of an unended line held for the copy before they are written anyway
 GONE = (errno.EIO, errno.EPIPE, errno.ENXIO)  # a terminal hung up, a pipe's reader gone
 
 
@@ -67,6 +68,11 @@ class OutlivesItsReader:
                 if "\n" in self._pending:
                     lines, self._pending = self._pending.rsplit("\n", 1)
                     self._copy.append(lines)
+                if "\r" in self._pending:  # a counter rewritten in place: only its last state shows
+                    self._pending = self._pending[self._pending.rfind("\r") :]
+                if len(self._pending) > PENDING_MAX:  # a line that never ends is kept in pieces
+                    self._copy.append(self._pending)
+                    self._pending = ""
         try:
             return self._stream.write(text)
         except OSError as err:

@@ -228,10 +228,17 @@ def test_output_is_copied_to_a_file_as_the_terminal_shows_it(tmp_path, monkeypat
         with copy_output_to(tmp_path / "." / "train.log") as again:  # a rank in the launcher's process
             assert again is None
             print("once")
+        for done in range(100_000):  # a counter of hours on a terminal: held as it shows, not whole
+            sys.stdout.write(f"\rcounting {done}")
+        assert len(sys.stdout._pending) < 100
+        sys.stdout.write("\n" + "x" * 70_000)  # a line that never ends is kept in pieces
         sys.stdout.write("unended")
     print("after")
-    assert log.read_text() == "=== header\none\ntwo\na line in pieces\ncounting 2/2\nonce\nunended\n"
-    assert screen.getvalue() == "one\na line in pieces\n\rcounting 1/2\rcounting 2/2\nonce\nunendedafter\n"
+    assert log.read_text() == (
+        "=== header\none\ntwo\na line in pieces\ncounting 2/2\nonce\ncounting 99999\n" + "x" * 70_000 + "\nunended\n"
+    )
+    assert screen.getvalue().startswith("one\na line in pieces\n\rcounting 1/2\rcounting 2/2\nonce\n\rcounting 0")
+    assert screen.getvalue().endswith("x" * 70_000 + "unendedafter\n")
     with copy_output_to(Path("/dev/full")) as full:
         print("the disk is full")
         print("and the program goes on")
