@@ -13,9 +13,12 @@ import contextlib
 import ctypes
 import errno
 import os
+import shlex
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -135,6 +138,13 @@ class LineCopy:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def command_header() -> str:
+    """The line that starts a command's part of a log it appends to (RUN_DIR/train.log,
+    tune.log, sweep.log): when, what and where."""
+    command = shlex.join(["rigtrain", *sys.argv[1:]])
+    return f"=== {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {command} (process {os.getpid()} on {socket.gethostname()})"
 
 
 @contextlib.contextmanager

@@ -199,6 +199,8 @@ def test_a_closed_terminal_stops_a_sweep_politely_and_it_says_how_to_continue(tm
     assert driver.returncode == 128 + signal.SIGHUP, stdout[-2000:] + stderr[-2000:]
     assert "Traceback" not in stderr and "stopped by SIGHUP; continue with the same command" in stdout
     assert "stopped by SIGTERM after step" in (out / "trial-0000" / "sweep-trial.log").read_text()
+    said = (out / "sweep.log").read_text()  # what it said, kept beside the study
+    assert said.startswith("=== ") and "stopped by SIGHUP; continue with the same command" in said
     assert list((out / "trial-0000" / "checkpoints").glob("*/complete.json"))  # saved on the way out
     record = json.loads((out / "sweep.json").read_text())
     assert record["trials"][0]["state"] == "running"  # for the same command to resume

@@ -684,6 +684,8 @@ def test_a_tune_stopped_by_a_closed_terminal_keeps_what_it_measured_and_leaves_n
     assert "Traceback" not in stderr
     record = json.loads((out / "tune.json").read_text())
     assert record["stopped_by"] == "SIGHUP" and "stopped by SIGHUP" in stdout
+    said = (out / "tune.log").read_text()  # kept beside the results, past the terminal
+    assert said.startswith("=== ") and "stopped by SIGHUP" in said and "not reached before SIGHUP" in said
     status = {t["index"]: t["status"] for t in record["trials"]}
     assert status[0] == "ok" and record["best"] is not None and (out / "tuned.toml").exists()
     cut = [t for t in record["trials"] if t["status"] == "cut off"]  # the second trial, a second long

@@ -25,11 +25,13 @@ from rigtrain.config.loading import as_set_value
 from rigtrain.errors import UserError
 from rigtrain.sweep.placement import trial_slots
 from rigtrain.sweep.spec import SweepSpec, read_spec
+from rigtrain.terminal import command_header, copy_output_to
 from rigtrain.train.launch import prepare_run_dir
 from rigtrain.train.processes import last_line, new_run_dir, terminate_with_parent
 from rigtrain.train.stopping import stop_signals
 
 STUDY = "rigtrain-sweep"
+SWEEP_LOG = "sweep.log"  # every line the sweep prints, appended by each command run on the folder
 POLL_S = 0.5
 
 
@@ -262,14 +264,19 @@ def _pruner(optuna, spec: SweepSpec):
 
 
 def sweep(spec_path: str, *, out: str | None, trials: int | None, budget_s: float | None, as_json: bool) -> int:
-    from rigtrain.sweep.report import write_sweep_results  # matplotlib, TensorBoard: once the trials are done
-
     spec = read_spec(spec_path)
     sweep_dir = Path(out) if out else new_run_dir(f"sweep-{spec.path.stem}")
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise UserError(f"--out {sweep_dir}: a file of that name exists; give a folder for the sweep")
     prepare_run_dir(sweep_dir)  # made and writable, or one line
     say = (lambda line: print(f"[sweep] {line}", file=sys.stderr, flush=True)) if as_json else _say
+    with copy_output_to(sweep_dir / SWEEP_LOG, command_header()):  # what it says outlives the terminal
+        return _sweep(spec, sweep_dir, trials, budget_s, as_json, say)
+
+
+def _sweep(spec, sweep_dir: Path, trials: int | None, budget_s: float | None, as_json: bool, say) -> int:
+    from rigtrain.sweep.report import write_sweep_results  # matplotlib, TensorBoard: once the trials are done
+
     runner = Sweep(spec, sweep_dir, _trial_count(spec, trials), budget_s, say)
     say(
         f"sweep {spec.path.name} into {sweep_dir}: {runner.total} trials of preset {spec.preset}, "

@@ -20,11 +20,11 @@ from rigtrain.config import RunConfig, build_config, load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.terminal import copy_output_to
+from rigtrain.terminal import command_header, copy_output_to
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, how_it_ended, new_run_dir, start_processes
 from rigtrain.train.resuming import check_checkpoint_layout, fit_to_processes, resume_changes
-from rigtrain.train.run_record import RUN_LOG, read_run_record, run_log_header
+from rigtrain.train.run_record import RUN_LOG, read_run_record
 from rigtrain.train.stopping import STOP_EXIT_CODES
 from rigtrain.train.worker import OOM_MARKER
 
@@ -288,7 +288,7 @@ def _train_locked(
         extra = {key: value for key, value in {**extra, "backed_off_from": backed_off}.items() if value}
         write_run_config(run_dir, config, data_dir, rig, plan, extra)
         if not backed_off:  # the folder is a run from here: what is said about it is kept in it too
-            output.enter_context(copy_output_to(run_dir / RUN_LOG, run_log_header()))
+            output.enter_context(copy_output_to(run_dir / RUN_LOG, command_header()))
         _say_split(run_dir, clips, data_dir, split, config.eval.holdout)
         _say_plan(plan)
         (run_dir / OOM_MARKER).unlink(missing_ok=True)

@@ -6,11 +6,6 @@ never writes is one sentence naming the field, not a traceback further on."""
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import socket
-import sys
-import time
 from pathlib import Path
 
 from rigtrain.errors import UserError
@@ -84,9 +79,3 @@ def _json_name(value) -> str:
     if isinstance(value, (int, float)):
         return f"the number {value}"
     return JSON_NAMES.get(type(value), type(value).__name__)
-
-
-def run_log_header() -> str:
-    """The line that starts each command's part of RUN_DIR/train.log: when, what and where."""
-    command = shlex.join(["rigtrain", *sys.argv[1:]])
-    return f"=== {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {command} (process {os.getpid()} on {socket.gethostname()})"

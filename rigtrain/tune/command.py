@@ -15,10 +15,13 @@ from pathlib import Path
 from rigtrain.config import load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
+from rigtrain.terminal import command_header, copy_output_to
 from rigtrain.train.stopping import stop_signals
 from rigtrain.tune.groups import kill, meeting_place, start_group
 from rigtrain.tune.records import Timing, trial_dir
 from rigtrain.tune.search import TRIAL_SETTINGS, Search, say_progress
+
+TUNE_LOG = "tune.log"  # every line a tune prints once it has planned, appended by each tune in the folder
 
 
 class Interrupted(Exception):
@@ -57,20 +60,13 @@ def tune(
         first_group = FirstGroup()
         try:
             config, fixed, tune_dir, rig, candidates = _plan_trials(
-                preset,
-                config_file,
-                overrides,
-                data,
-                out,
-                rig_file,
-                psu_w,
-                quiet=as_json,
-                first_group=first_group,
-                hold=held,
-            )
+                preset, config_file, overrides, data, out, rig_file, psu_w,
+                quiet=as_json, first_group=first_group, hold=held,
+            )  # fmt: skip
         except BaseException:
             first_group.stop()
             raise
+        held.enter_context(copy_output_to(tune_dir / TUNE_LOG, command_header()))  # what it says from here on, kept
         device = candidates[0].plan.device if candidates[0].plan else "cpu"
         runnable = sum(c.pruned is None for c in candidates)
         say(
