@@ -65,16 +65,17 @@ class OutlivesItsReader:
         self._pending = ""  # the start of a line not yet ended, for the copy
 
     def write(self, text: str) -> int:
-        if self._copy is not None:
-            with self._copy.lock:  # threads print too (telemetry's warnings)
+        copy = self._copy  # once: another thread may end the copy meanwhile
+        if copy is not None:
+            with copy.lock:  # threads print too (telemetry's warnings)
                 self._pending += text
                 if "\n" in self._pending:
                     lines, self._pending = self._pending.rsplit("\n", 1)
-                    self._copy.append(lines)
+                    copy.append(lines)
                 if "\r" in self._pending:  # a counter rewritten in place: only its last state shows
                     self._pending = self._pending[self._pending.rfind("\r") :]
                 if len(self._pending) > PENDING_MAX:  # a line that never ends is kept in pieces
-                    self._copy.append(self._pending)
+                    copy.append(self._pending)
                     self._pending = ""
         try:
             return self._stream.write(text)
@@ -174,11 +175,12 @@ def copy_output_to(path: Path, header: str | None = None) -> Iterator[LineCopy |
     try:
         yield copy
     finally:
-        for stream, earlier, pending in before:
-            if stream._pending:  # a line left unended: kept as it stands
-                copy.append(stream._pending)
-            stream._copy, stream._pending = earlier, pending
-        copy.close()
+        with copy.lock:  # no thread is mid-line in the copy while it ends
+            for stream, earlier, pending in before:
+                if stream._pending:  # a line left unended: kept as it stands
+                    copy.append(stream._pending)
+                stream._copy, stream._pending = earlier, pending
+            copy.close()
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies

@@ -246,6 +246,39 @@ def test_output_is_copied_to_a_file_as_the_terminal_shows_it(tmp_path, monkeypat
     assert screen.getvalue().endswith("the disk is full\nand the program goes on\n")
 
 
+def test_threads_printing_while_the_copy_begins_and_ends_never_fail(tmp_path, monkeypatch):
+    """A thread's warning (telemetry, TensorBoard's writer) printed just as a run's copy ends
+    must not raise in that thread: the copy it started with is ended, not gone."""
+    import io
+    import threading
+
+    from rigtrain.terminal import OutlivesItsReader, copy_output_to
+
+    monkeypatch.setattr(sys, "stdout", OutlivesItsReader(io.StringIO()))
+    failures, done = [], threading.Event()
+
+    def chatter():
+        try:
+            while not done.is_set():
+                print("a warning from a thread")
+        except Exception as err:  # what the test looks for
+            failures.append(repr(err))
+
+    threads = [threading.Thread(target=chatter) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(200):
+            with copy_output_to(tmp_path / "train.log"):
+                print("the run's line", i)
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert (tmp_path / "train.log").read_text().count("the run's line") == 200
+
+
 def test_a_forked_command_starts_with_the_signal_handling_of_a_fresh_interpreter(tmp_path):
     """The suite's commands are forked from a preloaded process (tests/preloaded_cli.py);
     what happens on a signal, or on a write to a closed pipe, must be what a user's
