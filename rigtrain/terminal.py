@@ -123,7 +123,7 @@ class LineCopy:
     first failure to write (a full disk, a folder gone) ends the copy, not the program."""
 
     def __init__(self, path: Path):
-        self.path, self.lock = path, threading.Lock()
+        self.path, self.lock = path, threading.RLock()  # reentrant: a signal handler that prints mid-write
         self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def append(self, lines: str) -> None:
