@@ -68,19 +68,23 @@ class OutlivesItsReader:
         copy = self._copy  # once: another thread may end the copy meanwhile
         if copy is not None:
             with copy.lock:  # threads print too (telemetry's warnings)
-                self._pending += text
-                if "\n" in self._pending:
-                    lines, self._pending = self._pending.rsplit("\n", 1)
-                    copy.append(lines)
-                if "\r" in self._pending:  # a counter rewritten in place: only its last state shows
-                    self._pending = self._pending[self._pending.rfind("\r") :]
-                if len(self._pending) > PENDING_MAX:  # a line that never ends is kept in pieces
-                    copy.append(self._pending)
-                    self._pending = ""
+                if self._copy is copy:  # not ended while this thread waited for the lock
+                    self._copy_lines(copy, text)
         try:
             return self._stream.write(text)
         except OSError as err:
             return self._lost(err, len(text))
+
+    def _copy_lines(self, copy: LineCopy, text: str) -> None:
+        self._pending += text
+        if "\n" in self._pending:
+            lines, self._pending = self._pending.rsplit("\n", 1)
+            copy.append(lines)
+        if "\r" in self._pending:  # a counter rewritten in place: only its last state shows
+            self._pending = self._pending[self._pending.rfind("\r") :]
+        if len(self._pending) > PENDING_MAX:  # a line that never ends is kept in pieces
+            copy.append(self._pending)
+            self._pending = ""
 
     def flush(self) -> None:
         try:

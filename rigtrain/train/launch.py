@@ -284,9 +284,9 @@ def _train_locked(
         plan = with_user_environment(plan)
         config = apply_plan(config, plan)
         clips, split = check_data(data_dir, config, plan.world_size, trained_on)
-        extra = {"split": {"holdout": config.eval.holdout, **split.to_dict()}, "init_from": initial}
-        extra = {key: value for key, value in {**extra, "backed_off_from": backed_off}.items() if value}
-        write_run_config(run_dir, config, data_dir, rig, plan, extra)
+        held_out = {"holdout": config.eval.holdout, **split.to_dict()}
+        extra = {"split": held_out, "init_from": initial, "backed_off_from": backed_off}
+        write_run_config(run_dir, config, data_dir, rig, plan, {k: v for k, v in extra.items() if v})  # what there is
         if not backed_off:  # the folder is a run from here: what is said about it is kept in it too
             output.enter_context(copy_output_to(run_dir / RUN_LOG, command_header()))
         _say_split(run_dir, clips, data_dir, split, config.eval.holdout)
