@@ -278,12 +278,13 @@ def prepare_command(world: Path, out: Path) -> list[str]:
 
 
 def prepared_files(out: Path) -> dict[str, str]:
-    """Every file a prepare leaves (but the lock and the index's timing), with its checksum."""
+    """Every file a prepare leaves (but the lock, the log of what each said and the index's
+    timing), with its checksum."""
     import xxhash
 
     found = {}
     for path in sorted(out.rglob("*")):
-        if path.is_file() and path.name not in (".prepare.lock", "index.json"):
+        if path.is_file() and path.name not in (".prepare.lock", "prepare.log", "index.json"):
             found[path.relative_to(out).as_posix()] = xxhash.xxh3_64(path.read_bytes()).hexdigest()
     if (out / "index.json").is_file():
         index = json.loads((out / "index.json").read_text())

@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one line naming the file or field), 1 intern
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import json
@@ -302,6 +303,14 @@ def run() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = COMMANDS[(args.command, getattr(args, "data_command", None) or getattr(args, "profile_command", None))]
+    # A command that keeps what it says in its output folder (data prepare's prepare.log)
+    # enters the copy here, so that it also keeps the last line below: why it stopped.
+    with contextlib.ExitStack() as args.kept_output:
+        return _run_command(handler, args)
+
+
+def _run_command(handler, args: argparse.Namespace) -> int:
+    """The command's exit code; a bad input, a stop and a full disk each said in one line."""
     try:
         return handler(args)
     except UserError as err:

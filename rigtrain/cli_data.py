@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rigtrain.cli_args import Parser, add_set_option, nonempty
 from rigtrain.errors import StoppedBySignal, UserError
-from rigtrain.terminal import counter
+from rigtrain.terminal import command_header, copy_output_to, counter
 from rigtrain.train.stopping import stop_signals
 
 
@@ -84,7 +84,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     import os
 
-    from rigtrain.data.prepare import prepare
+    from rigtrain.data.prepare import PREPARE_LOG, prepare
 
     data = _data_config(args)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
@@ -109,6 +109,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         isolate=True,  # one worker too: a decoder crashing on a damaged file takes only that file
         progress=progress,
         log=lambda line: print(f"[rigtrain] {line}", flush=True),
+        # from the moment the folder is this prepare's, what it says (its last line too:
+        # main) is also appended to OUT_DIR/prepare.log, for a prepare left alone for hours
+        on_start=lambda out: args.kept_output.enter_context(copy_output_to(out / PREPARE_LOG, command_header())),
     )
     print(
         f"prepared {index['clips']} clips from {len(index['sources'])} video(s) into "

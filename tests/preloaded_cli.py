@@ -145,14 +145,14 @@ def _child(request: dict) -> None:
         os.environ.update(request["env"])
         script = request.get("script")
         sys.argv = [script or "rigtrain", *request["args"]]
-        from rigtrain.cli import main
+        from rigtrain.cli import run  # the entry point's own: its streams, then main
 
         try:
             if script:  # a test's own script, as `python SCRIPT ARGS` runs it
                 runpy.run_path(script, run_name="__main__")
                 code = 0
             else:
-                code = main(request["args"])
+                code = run()  # sys.argv is the command's
         except SystemExit as stop:  # argparse's errors and --help, as `python -m rigtrain` exits
             if isinstance(stop.code, str):
                 print(stop.code, file=sys.stderr)

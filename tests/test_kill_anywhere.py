@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from conftest import run_cli
 
 from rigtrain import files
+from rigtrain.data.prepare import PREPARE_LOG
 from rigtrain.train import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,8 +260,14 @@ def test_a_stopped_prepare_is_one_line_and_the_same_command_finishes_it(tmp_path
     stopped = "interrupted" if how == "ctrl-c" else "stopped by SIGHUP"
     assert process.returncode == (130 if how == "ctrl-c" else 129), err
     assert lines == [f"rigtrain: {stopped}; the same command again goes on after its last complete shard"], err
+    log = (out / PREPARE_LOG).read_text().splitlines()  # what it said, for one left alone
+    assert log[0].startswith("=== ") and f": {shlex.join(['rigtrain', *command[3:]])} (process " in log[0]
+    assert f"4/{videos} videos" in "\n".join(log) and log[-1] == lines[0]
     again = run_cli("data", "prepare", str(src), str(out), *settings)
     assert again.returncode == 0 and "continuing an interrupted prepare" in again.stdout, again.stderr
+    log = (out / PREPARE_LOG).read_text().splitlines()[len(log) :]  # the next one's appended
+    assert log[0].startswith("=== ") and "continuing an interrupted prepare" in log[1]
+    assert log[-1] == again.stdout.splitlines()[-1] and log[-1].startswith("prepared ")
     straight = run_cli("data", "prepare", str(src), str(tmp_path / "straight"), *settings)
     assert straight.returncode == 0, straight.stderr
     assert prepared_files(out) == prepared_files(tmp_path / "straight")

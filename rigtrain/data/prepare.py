@@ -117,6 +117,9 @@ def _save_joined(path: Path, pieces: list[np.ndarray]) -> None:
 
 STATE_FILE = ".prepare-state.json"
 LOCK_FILE = ".prepare.lock"
+# What each `rigtrain data prepare` into the folder said, appended (cli_data.py): the journal
+# and index.json say what was prepared, this what happened, and it outlives the terminal.
+PREPARE_LOG = "prepare.log"
 
 
 def _own_file(name: str) -> bool:
@@ -274,6 +277,7 @@ def prepare(
     isolate: bool = False,
     progress=None,
     log=None,
+    on_start=None,
 ) -> dict:
     """Prepare every video in src_dir into shards in out_dir; returns the index. The videos
     are decoded in `workers` processes (here, for one, unless isolate: a decoder that
@@ -281,16 +285,19 @@ def prepare(
 
     Running it again on the same folders continues: an interrupted prepare resumes after
     its last complete shard, and a complete one only adds the videos that are new. One
-    prepare at a time writes into a folder."""
+    prepare at a time writes into a folder. on_start(out), if given, is called once the
+    folder is this prepare's (locked, its journal written), before anything is decoded."""
     not_in_a_starting_worker()
     src, out = Path(src_dir), Path(out_dir)
     sources, unused = sources_in(src, "data prepare", skip=out)
     with _one_prepare_at_a_time(out):
-        return _prepare(src, out, data, sources, unused, workers, isolate, progress, log)
+        state = _start_or_continue(src, out, data)
+        if on_start:
+            on_start(out)
+        return _prepare(src, out, data, state, sources, unused, workers, isolate, progress, log)
 
 
-def _prepare(src: Path, out: Path, data: DataConfig, sources, unused, workers, isolate, progress, log) -> dict:
-    state = _start_or_continue(src, out, data)
+def _prepare(src: Path, out: Path, data: DataConfig, state, sources, unused, workers, isolate, progress, log) -> dict:
     labels = read_labels(src)
     started = time.perf_counter()
     partial = state["partial"]
