@@ -111,6 +111,22 @@ class OutlivesItsReader:
         return getattr(self._stream, name)
 
 
+def say_from_a_signal_handler(line: str) -> None:
+    """line on stderr and in its copy (copy_output_to), from a signal handler: straight to
+    the descriptor, since the handler may have interrupted this thread mid-write in the
+    buffered stream, which cannot be entered twice (the copy's lock can). Never fails: a
+    terminal gone costs the line, not the stop."""
+    try:
+        os.write(2, f"{line}\n".encode())
+    except OSError:
+        pass
+    stream = sys.stderr
+    copy = stream._copy if isinstance(stream, OutlivesItsReader) else None
+    if copy is not None:
+        with copy.lock:
+            copy.append(line)
+
+
 def outlive_the_terminal() -> None:
     """stdout and stderr as OutlivesItsReader, once per process."""
     for name in ("stdout", "stderr"):

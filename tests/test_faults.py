@@ -182,9 +182,9 @@ open(os.path.join(sys.argv[1], os.environ["RANK"]), "w").write(str(len(got)))
 
 
 @pytest.mark.parametrize("gap_s, ranks_get", [(0.0, 1), (0.7, "killed")])
-def test_the_launcher_passes_one_request_on_and_kills_on_a_second(tmp_path, gap_s, ranks_get):
+def test_the_launcher_passes_one_request_on_and_kills_on_a_second(tmp_path, capsys, gap_s, ranks_get):
     """Two SIGTERMs at once (coreutils' `timeout`) reach the ranks as one; a second one
-    later kills them (SIGKILL, so they write nothing)."""
+    later kills them (SIGKILL, so they write nothing), and the launcher says so for them."""
     import threading
 
     from rigtrain.train.processes import run_local_ranks
@@ -196,10 +196,59 @@ def test_the_launcher_passes_one_request_on_and_kills_on_a_second(tmp_path, gap_
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=signal_twice, daemon=True).start()
-    command = [sys.executable, "-c", COUNTING_RANK, str(tmp_path)]
-    assert run_local_ranks(command, 2, dict(os.environ)) == (143, None)
-    written = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    written_to, run = tmp_path / "written", tmp_path / "run"
+    written_to.mkdir()
+    (run / "checkpoints").mkdir(parents=True)
+    command = [sys.executable, "-c", COUNTING_RANK, str(written_to)]
+    assert run_local_ranks(command, 2, dict(os.environ), run) == (143, None)
+    written = {p.name: p.read_text() for p in written_to.iterdir()}
     assert written == ({"0": "1", "1": "1"} if ranks_get == 1 else {}), written
+    said = capsys.readouterr().err.splitlines()
+    assert said == (
+        []
+        if ranks_get == 1
+        else [
+            "rigtrain: stopped at once by a second SIGTERM (the complete checkpoints are as they were); "
+            f"no checkpoint was complete yet; continue with: rigtrain train --out {run} --resume"
+        ]
+    )
+
+
+# One training process (the launcher's own, or a rank under DeepSpeed's launcher) whose
+# step never ends: a first SIGTERM waits for it, a second stops it at once
+STOPPED_TWICE = """
+import os, signal, sys, time
+from pathlib import Path
+from rigtrain.terminal import copy_output_to, outlive_the_terminal
+from rigtrain.train.stopping import GracefulStop
+
+outlive_the_terminal()
+run = Path(sys.argv[1])
+with copy_output_to(run / "train.log"):
+    stop = GracefulStop(run)
+    print("training", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.7)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+"""
+
+
+def test_a_second_signal_to_one_process_stops_it_at_once_and_says_where_to_go_on(tmp_path):
+    """Said on stderr, not through the buffered stream the handler may have interrupted,
+    and kept in train.log beside the run's other lines."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step00000004" / "complete.json").write_text(json.dumps({"step": 4}))
+    script = tmp_path / "twice.py"
+    script.write_text(STOPPED_TWICE)
+    done = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, timeout=60)
+    line = (
+        "rigtrain: stopped at once by a second SIGTERM (the complete checkpoints are as they were); "
+        f"the last complete checkpoint is step 4; continue with: rigtrain train --out {run} --resume"
+    )
+    assert done.returncode == 143 and done.stderr.splitlines()[-1:] == [line], done.stderr
+    assert (run / "train.log").read_text().splitlines() == ["training", line]
 
 
 def test_the_same_stop_signal_at_once_is_one_request(monkeypatch):

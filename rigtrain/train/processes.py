@@ -28,7 +28,7 @@ from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.terminal import terminate_with_parent
 from rigtrain.train.rendezvous import port_file_env
-from rigtrain.train.stopping import LAUNCHER_PID, StopRequests, stop_signals
+from rigtrain.train.stopping import LAUNCHER_PID, StopRequests, stop_signals, stopped_at_once
 from rigtrain.train.worker import FAULT_SAID
 
 WORKER_MODULE = "rigtrain.train.worker"
@@ -194,7 +194,9 @@ def the_first_to_fail(codes: list[int | None]) -> int | None:
     return min(failed)[1] if failed else None
 
 
-def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tuple[int, int | None]:
+def run_local_ranks(
+    command: list[str], world: int, env: dict[str, str], run_dir: Path | None = None
+) -> tuple[int, int | None]:
     """One worker process per rank on this machine, watched until all have exited.
 
     Ours rather than torchrun's, for what happens when something goes wrong: the workers
@@ -203,7 +205,9 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
     SIGKILL on a second; under torchrun each rank got the terminal's signal and torchrun's. Each worker also
     dies with this process however it ends (stopping.die_with_launcher), and a rank that
     fails takes the others down. Returns (128 + the signal, None) when stopped by one, else
-    (the exit code of the rank that failed first, that rank), else (0, None)."""
+    (the exit code of the rank that failed first, that rank), else (0, None). Ranks killed
+    by a second signal say nothing: this process says it, with run_dir's newest complete
+    checkpoint."""
 
     # For this start only: worker.say_failure's one line (not each rank's), and where rank
     # 0 tells the others its store's port (rendezvous.py).
@@ -223,7 +227,7 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
         for r in range(world)
     ]
     requests = StopRequests()
-    received = requests.signals
+    received, killed = requests.signals, []
 
     def forward(signum, frame) -> None:
         if not requests.add(signum):
@@ -231,6 +235,7 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
         for process in ranks:
             if process.poll() is None:
                 process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
+                killed.extend([] if len(received) == 1 else [process])
 
     previous = {s: signal.signal(s, forward) for s in stop_signals()}
     failed_at, first = None, None
@@ -252,6 +257,8 @@ def run_local_ranks(command: list[str], world: int, env: dict[str, str]) -> tupl
             signal.signal(s, handler)
         shutil.rmtree(said, ignore_errors=True)
     if received:
+        if any(p.returncode == -signal.SIGKILL for p in killed):
+            print(stopped_at_once(received[-1], run_dir), file=sys.stderr, flush=True)
         return 128 + received[0], None
     if first is None:  # every rank had ended before a look found one failed
         first = the_first_to_fail([p.returncode for p in ranks])
@@ -336,4 +343,4 @@ def start_processes(
     if hostfile:
         env.pop("CUDA_VISIBLE_DEVICES", None)
         return run_on_machines(command, run_dir, list(hosts), env), None
-    return run_local_ranks(command, plan.world_size, env)
+    return run_local_ranks(command, plan.world_size, env, run_dir)

@@ -18,8 +18,9 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
-from rigtrain.terminal import die_with_parent
+from rigtrain.terminal import die_with_parent, say_from_a_signal_handler
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HANGUP = getattr(signal, "SIGHUP", None)  # none on Windows
@@ -80,11 +81,24 @@ class StopRequested(Exception):
         self.code = code
 
 
+def stopped_at_once(signum: int, run_dir: Path | None) -> str:
+    """The line for a run a second signal ended without saving: what is kept, how to go on."""
+    name = signal.Signals(signum).name
+    line = f"rigtrain: stopped at once by a second {name} (the complete checkpoints are as they were)"
+    if run_dir is None:
+        return line
+    from rigtrain.train.checkpoints import last_complete_in_words  # torch: only after such a stop
+
+    saved = last_complete_in_words(run_dir / "checkpoints")
+    return f"{line}; {saved}; continue with: rigtrain train --out {run_dir} --resume"
+
+
 class GracefulStop:
     """Signal handlers for one training process: the first stop signal is remembered
-    (`signum`), the second ends the process at once."""
+    (`signum`), the second ends the process at once, saying so (run_dir: where to go on)."""
 
-    def __init__(self):
+    def __init__(self, run_dir: Path | None = None):
+        self.run_dir = run_dir
         self.signum = 0
         self._requests = StopRequests()
         self._previous = {s: signal.signal(s, self._handle) for s in stop_signals()}
@@ -93,14 +107,7 @@ class GracefulStop:
         if not self._requests.add(signum):
             return  # the first one again (SAME_REQUEST_S)
         if self.signum:
-            try:
-                os.write(
-                    2,
-                    f"rigtrain: second {signal.Signals(signum).name}: stopping now; the complete checkpoints "
-                    "are as they were\n".encode(),
-                )
-            except OSError:  # no one to read it (a terminal gone): stop all the same
-                pass
+            say_from_a_signal_handler(stopped_at_once(signum, self.run_dir))
             os._exit(128 + self.signum)
         self.signum = signum
 

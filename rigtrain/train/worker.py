@@ -93,7 +93,7 @@ def run(run_dir: str | Path) -> int:
     from rigtrain.train.trainer import Trainer  # after apply_plan_env: OMP_NUM_THREADS must be set before torch loads
 
     trainer, code = None, 1
-    stop = GracefulStop()
+    stop = GracefulStop(Path(run_dir))
     quiet_storage_failures_in_threads(Path(run_dir))
     try:
         trainer = Trainer(run_dir, stop=stop)
