@@ -161,6 +161,25 @@ def test_prepare_refuses_to_overwrite(small_world, tmp_path):
         prepare(tmp_path / "out", tmp_path / "out2", load_config("demo").data)
 
 
+def test_shards_of_a_prepare_still_writing_are_refused_saying_so(small_world, tmp_path):
+    """Not "no index.json; prepare videos first": a prepare has them in hand."""
+    from rigtrain.data.dataset import read_index
+
+    said = []
+
+    def while_it_writes(out):
+        with pytest.raises(UserError) as refused:
+            read_index(out)
+        said.append(str(refused.value))
+
+    prepare(small_world, tmp_path / "out", load_config("demo").data, on_start=while_it_writes)
+    assert said == [
+        f"--data {tmp_path / 'out'}: a `rigtrain data prepare` is writing into {tmp_path / 'out'} now; "
+        "train on it once it has finished"
+    ]
+    assert read_index(tmp_path / "out")["clips"] > 0  # and once it has
+
+
 def test_shards_must_match_the_clip_shape(demo_data):
     with pytest.raises(UserError, match="data.fps"):
         ShardDataset(demo_data, load_config("demo", overrides=["data.fps=4"]).data)

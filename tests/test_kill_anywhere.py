@@ -263,6 +263,11 @@ def test_a_stopped_prepare_is_one_line_and_the_same_command_finishes_it(tmp_path
     log = (out / PREPARE_LOG).read_text().splitlines()  # what it said, for one left alone
     assert log[0].startswith("=== ") and f": {shlex.join(['rigtrain', *command[3:]])} (process " in log[0]
     assert f"4/{videos} videos" in "\n".join(log) and log[-1] == lines[0]
+    early = run_cli("train", "--data", str(out), "--steps", "1")  # before it was finished
+    assert early.returncode == 2 and early.stderr.splitlines()[-1] == (
+        f"rigtrain: error: --data {out}: {out} is a `rigtrain data prepare` that was stopped before it finished; "
+        f"run it again to finish it: rigtrain data prepare {src.resolve()} {out} (with the same --preset and --set)"
+    ), early.stderr
     again = run_cli("data", "prepare", str(src), str(out), *settings)
     assert again.returncode == 0 and "continuing an interrupted prepare" in again.stdout, again.stderr
     log = (out / PREPARE_LOG).read_text().splitlines()[len(log) :]  # the next one's appended

@@ -26,6 +26,7 @@ from rigtrain.data.shards import (
     preparation_params,
     segments_problem,
     shard_values_problem,
+    unfinished_prepare,
 )
 from rigtrain.errors import DataGone, UserError
 
@@ -36,7 +37,11 @@ def read_index(data_dir: Path) -> dict:
         index = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(
-            f"--data {data_dir}: no index.json; prepare videos first with `rigtrain data prepare SRC_DIR {data_dir}`"
+            f"--data {data_dir}: "
+            + (
+                unfinished_prepare(Path(data_dir))
+                or f"no index.json; prepare videos first with `rigtrain data prepare SRC_DIR {data_dir}`"
+            )
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: corrupt ({err}); prepare the data again") from None

@@ -19,7 +19,15 @@ from filelock import FileLock, Timeout
 from rigtrain.config import DataConfig
 from rigtrain.data.ingest import SourceClips, ingest_or_reason
 from rigtrain.data.processes import in_order, not_in_a_starting_worker
-from rigtrain.data.shards import INDEX_FORMAT, LABEL_KEYS, LEGACY_PARAMS, SEGMENT_DTYPE, preparation_params
+from rigtrain.data.shards import (
+    INDEX_FORMAT,
+    LABEL_KEYS,
+    LEGACY_PARAMS,
+    PREPARE_JOURNAL,
+    PREPARE_LOCK,
+    SEGMENT_DTYPE,
+    preparation_params,
+)
 from rigtrain.data.sources import Source, fingerprint, read_labels, sources_in
 from rigtrain.errors import UserError
 from rigtrain.files import sync_tree, write_json
@@ -115,8 +123,7 @@ def _save_joined(path: Path, pieces: list[np.ndarray]) -> None:
             file.write(np.ascontiguousarray(piece, dtype=first.dtype).data)
 
 
-STATE_FILE = ".prepare-state.json"
-LOCK_FILE = ".prepare.lock"
+STATE_FILE, LOCK_FILE = PREPARE_JOURNAL, PREPARE_LOCK
 # What each `rigtrain data prepare` into the folder said, appended (cli_data.py): the journal
 # and index.json say what was prepared, this what happened, and it outlives the terminal.
 PREPARE_LOG = "prepare.log"

@@ -16,6 +16,11 @@ disagree, and none of them imports another for the format.
 
 from __future__ import annotations
 
+import fcntl
+import json
+import shlex
+from pathlib import Path
+
 import numpy as np
 
 from rigtrain.config import DataConfig
@@ -35,6 +40,33 @@ WHOLE = ("text_len", "clips", "labels")
 
 # What shards prepared before a parameter existed were made with.
 LEGACY_PARAMS = {"recurrent_windows": 1, "window_step_frames": 0}
+# A prepare in progress (or stopped) keeps its journal beside the shards, and holds the lock
+# while it writes; index.json appears only when it has finished (data/prepare.py).
+PREPARE_JOURNAL = ".prepare-state.json"
+PREPARE_LOCK = ".prepare.lock"
+
+
+def unfinished_prepare(data_dir: Path) -> str | None:
+    """Why data_dir, which has no index.json, cannot be trained on yet, where it is a
+    prepare's output: one writing into it now, or one stopped before it finished (the same
+    command again finishes it). None where it is not."""
+    if not (data_dir / PREPARE_JOURNAL).is_file():
+        return None
+    try:
+        source = json.loads((data_dir / PREPARE_JOURNAL).read_text())["source_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = "SRC_DIR"
+    try:
+        with open(data_dir / PREPARE_LOCK, "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only a prepare holds it: not one now
+    except BlockingIOError:
+        return f"a `rigtrain data prepare` is writing into {data_dir} now; train on it once it has finished"
+    except OSError:
+        pass  # no lock file: no prepare has it
+    return (
+        f"{data_dir} is a `rigtrain data prepare` that was stopped before it finished; run it again to "
+        f"finish it: rigtrain data prepare {shlex.join([source, str(data_dir)])} (with the same --preset and --set)"
+    )
 
 
 def preparation_params(data: DataConfig) -> dict:

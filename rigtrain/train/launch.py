@@ -83,8 +83,11 @@ def resolve_data(config: RunConfig, log=print) -> Path:
             "place with --data if they moved"
         )
     if not (path / "index.json").is_file():
+        from rigtrain.data.shards import unfinished_prepare  # the format's module: only for a folder without one
         from rigtrain.data.sources import find_sources  # the media readers: only for a folder of videos
 
+        if unfinished := unfinished_prepare(path):
+            raise UserError(f"--data {path}: {unfinished}")
         if not find_sources(path)[0]:  # videos in it or in folders under it
             raise UserError(
                 f"--data {path}: neither prepared shards (no index.json) nor videos; give a folder "
