@@ -291,6 +291,33 @@ sys.exit(max(p.wait() for p in ranks))
 """
 
 
+def test_what_a_launcher_killed_with_sigkill_left_in_tmp_goes_at_the_next_launch(tmp_path, monkeypatch):
+    """Its ranks' folder (a port file, the fault mark) and a multi-node fault mark, where the
+    process that made them is gone; a live launcher's, and names of other kinds, stay."""
+    import tempfile
+
+    from rigtrain.train.processes import run_local_ranks
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its id is free now
+    left = {
+        f"rigtrain-ranks-{gone.pid}-x1y2": False,
+        f"rigtrain-fault-said-{gone.pid}-4242": False,
+        f"rigtrain-ranks-{os.getpid()}-x1y2": True,  # alive (this process)
+        f"rigtrain-fault-said-{os.getpid()}-4242": True,
+        "rigtrain-ranks-x1y2": True,  # no process id in its name: not ours to judge
+    }
+    for name in left:
+        if "ranks" in name:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "port").write_text("29500")
+        else:
+            (tmp_path / name).touch()
+    assert run_local_ranks([sys.executable, "-c", "pass"], 1, dict(os.environ)) == (0, None)
+    assert {p.name for p in tmp_path.iterdir()} == {name for name, stays in left.items() if stays}
+
+
 def test_ranks_deepspeeds_launcher_started_on_one_machine_say_a_fault_once(tmp_path):
     """A multi-node run: one line per machine, not one per rank, and a later launch on the
     same machine (a new parent) says its own."""

@@ -194,6 +194,24 @@ def the_first_to_fail(codes: list[int | None]) -> int | None:
     return min(failed)[1] if failed else None
 
 
+def remove_what_dead_launchers_left() -> None:
+    """The temporary folders of launchers that are gone (rigtrain-ranks-PID-*), and the
+    fault marks of DeepSpeed's per-machine launchers that are gone (worker.deepspeed_node_mark,
+    rigtrain-fault-said-PID-START): each launcher removes its own as it ends, but not one
+    killed with SIGKILL. Only where no process has that id now; another user's are left."""
+    for path in Path(tempfile.gettempdir()).glob("rigtrain-*-*"):
+        parts = path.name.split("-")
+        pid = parts[2] if parts[1] == "ranks" else parts[3] if parts[1:3] == ["fault", "said"] else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 def run_local_ranks(
     command: list[str], world: int, env: dict[str, str], run_dir: Path | None = None
 ) -> tuple[int, int | None]:
@@ -211,7 +229,8 @@ def run_local_ranks(
 
     # For this start only: worker.say_failure's one line (not each rank's), and where rank
     # 0 tells the others its store's port (rendezvous.py).
-    said = Path(tempfile.mkdtemp(prefix="rigtrain-ranks-"))
+    remove_what_dead_launchers_left()
+    said = Path(tempfile.mkdtemp(prefix=f"rigtrain-ranks-{os.getpid()}-"))
     shared = {
         FAULT_SAID: str(said / "fault-said"),
         **env,
@@ -282,6 +301,7 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     handler alone would take the workers down before they could save. The launcher runs in
     its own session, so a Ctrl-C in the terminal reaches only this process, and it gets
     SIGTERM (its kill path) if this process dies without a word."""
+    remove_what_dead_launchers_left()  # on this machine
     runner = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=terminate_with_parent)
     requests = StopRequests()  # a repeat of the first within stopping.SAME_REQUEST_S is the same request
     received = requests.signals
