@@ -296,15 +296,17 @@ def test_what_a_launcher_killed_with_sigkill_left_in_tmp_goes_at_the_next_launch
     process that made them is gone; a live launcher's, and names of other kinds, stay."""
     import tempfile
 
-    from rigtrain.train.processes import run_local_ranks
+    from rigtrain.train.processes import LAUNCHER_LOCK, run_local_ranks
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.Popen(["true"])
     gone.wait()  # its id is free now
     left = {
-        f"rigtrain-ranks-{gone.pid}-x1y2": False,
-        f"rigtrain-fault-said-{gone.pid}-4242": False,
+        f"rigtrain-ranks-{gone.pid}-x1y2": False,  # before launchers took a lock: its process is gone
         f"rigtrain-ranks-{os.getpid()}-x1y2": True,  # alive (this process)
+        f"rigtrain-ranks-{os.getpid()}-free": False,  # its lock free: gone, whatever its id says
+        f"rigtrain-ranks-{gone.pid}-held": True,  # its lock held (another PID namespace's launcher)
+        f"rigtrain-fault-said-{gone.pid}-4242": False,
         f"rigtrain-fault-said-{os.getpid()}-4242": True,
         "rigtrain-ranks-x1y2": True,  # no process id in its name: not ours to judge
     }
@@ -314,7 +316,16 @@ def test_what_a_launcher_killed_with_sigkill_left_in_tmp_goes_at_the_next_launch
             (tmp_path / name / "port").write_text("29500")
         else:
             (tmp_path / name).touch()
-    assert run_local_ranks([sys.executable, "-c", "pass"], 1, dict(os.environ)) == (0, None)
+    (tmp_path / f"rigtrain-ranks-{os.getpid()}-free" / LAUNCHER_LOCK).touch()
+    hold = "import fcntl, sys, time; f = open(sys.argv[1], 'wb'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"  # noqa: E501
+    held_lock = tmp_path / f"rigtrain-ranks-{gone.pid}-held" / LAUNCHER_LOCK
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(held_lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_local_ranks([sys.executable, "-c", "pass"], 1, dict(os.environ)) == (0, None)
+    finally:
+        holder.kill()
+        holder.wait()
     assert {p.name for p in tmp_path.iterdir()} == {name for name, stays in left.items() if stays}
 
 

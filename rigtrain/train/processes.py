@@ -10,6 +10,7 @@ folder (docs/training.md, "From `rigtrain train` to the first step"):
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -194,22 +195,49 @@ def the_first_to_fail(codes: list[int | None]) -> int | None:
     return min(failed)[1] if failed else None
 
 
+# Held by a launcher (flock) while its ranks run, in the folder where they meet: the kernel
+# drops it however the launcher ends, and unlike a process id it means the same in every
+# PID namespace that shares /tmp (containers).
+LAUNCHER_LOCK = "launcher.lock"
+
+
 def remove_what_dead_launchers_left() -> None:
-    """The temporary folders of launchers that are gone (rigtrain-ranks-PID-*), and the
-    fault marks of DeepSpeed's per-machine launchers that are gone (worker.deepspeed_node_mark,
-    rigtrain-fault-said-PID-START): each launcher removes its own as it ends, but not one
-    killed with SIGKILL. Only where no process has that id now; another user's are left."""
+    """The temporary folders of launchers that are gone (rigtrain-ranks-PID-*: their lock is
+    free), and the fault marks of DeepSpeed's per-machine launchers that are gone
+    (worker.deepspeed_node_mark, rigtrain-fault-said-PID-START: no process has that id).
+    Each launcher removes its own as it ends, but not one killed with SIGKILL. Another
+    user's are left."""
     for path in Path(tempfile.gettempdir()).glob("rigtrain-*-*"):
         parts = path.name.split("-")
-        pid = parts[2] if parts[1] == "ranks" else parts[3] if parts[1:3] == ["fault", "said"] else ""
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        except OSError:  # alive, another user's
-            pass
+        if parts[1] == "ranks" and parts[2].isdigit() and path.is_dir():
+            if _launcher_gone(path, int(parts[2])):
+                shutil.rmtree(path, ignore_errors=True)
+        elif parts[1:3] == ["fault", "said"] and len(parts) > 3 and parts[3].isdigit():
+            if _no_process(int(parts[3])):
+                path.unlink(missing_ok=True)
+
+
+def _launcher_gone(folder: Path, pid: int) -> bool:
+    try:
+        with open(folder / LAUNCHER_LOCK, "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: no launcher holds it
+        return True
+    except BlockingIOError:
+        return False
+    except FileNotFoundError:  # made a moment ago, its lock not yet taken (or by an older version)
+        return _no_process(pid)
+    except OSError:  # another user's
+        return False
+
+
+def _no_process(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
 
 
 def run_local_ranks(
@@ -231,6 +259,8 @@ def run_local_ranks(
     # 0 tells the others its store's port (rendezvous.py).
     remove_what_dead_launchers_left()
     said = Path(tempfile.mkdtemp(prefix=f"rigtrain-ranks-{os.getpid()}-"))
+    held = open(said / LAUNCHER_LOCK, "wb")  # noqa: SIM115  (held until the ranks have ended)
+    fcntl.flock(held, fcntl.LOCK_EX)
     shared = {
         FAULT_SAID: str(said / "fault-said"),
         **env,
@@ -275,6 +305,7 @@ def run_local_ranks(
         for s, handler in previous.items():
             signal.signal(s, handler)
         shutil.rmtree(said, ignore_errors=True)
+        held.close()
     if received:
         if any(p.returncode == -signal.SIGKILL for p in killed):
             print(stopped_at_once(received[-1], run_dir), file=sys.stderr, flush=True)
