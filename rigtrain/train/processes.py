@@ -259,8 +259,9 @@ def run_local_ranks(
     # 0 tells the others its store's port (rendezvous.py).
     remove_what_dead_launchers_left()
     said = Path(tempfile.mkdtemp(prefix=f"rigtrain-ranks-{os.getpid()}-"))
-    held = open(said / LAUNCHER_LOCK, "wb")  # noqa: SIM115  (held until the ranks have ended)
+    held = open(said / f"{LAUNCHER_LOCK}.new", "wb")  # noqa: SIM115  (held until the ranks have ended)
     fcntl.flock(held, fcntl.LOCK_EX)
+    os.rename(said / f"{LAUNCHER_LOCK}.new", said / LAUNCHER_LOCK)  # never seen unlocked by another launcher
     shared = {
         FAULT_SAID: str(said / "fault-said"),
         **env,
