@@ -208,7 +208,7 @@ def test_the_launcher_passes_one_request_on_and_kills_on_a_second(tmp_path, caps
         []
         if ranks_get == 1
         else [
-            "rigtrain: stopped at once by a second SIGTERM (the complete checkpoints are as they were); "
+            "rigtrain: second SIGTERM: stopping now; the complete checkpoints are as they were; "
             f"no checkpoint was complete yet; continue with: rigtrain train --out {run} --resume"
         ]
     )
@@ -244,7 +244,7 @@ def test_a_second_signal_to_one_process_stops_it_at_once_and_says_where_to_go_on
     script.write_text(STOPPED_TWICE)
     done = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, timeout=60)
     line = (
-        "rigtrain: stopped at once by a second SIGTERM (the complete checkpoints are as they were); "
+        "rigtrain: second SIGTERM: stopping now; the complete checkpoints are as they were; "
         f"the last complete checkpoint is step 4; continue with: rigtrain train --out {run} --resume"
     )
     assert done.returncode == 143 and done.stderr.splitlines()[-1:] == [line], done.stderr

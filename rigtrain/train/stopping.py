@@ -84,7 +84,7 @@ class StopRequested(Exception):
 def stopped_at_once(signum: int, run_dir: Path | None) -> str:
     """The line for a run a second signal ended without saving: what is kept, how to go on."""
     name = signal.Signals(signum).name
-    line = f"rigtrain: stopped at once by a second {name} (the complete checkpoints are as they were)"
+    line = f"rigtrain: second {name}: stopping now; the complete checkpoints are as they were"
     if run_dir is None:
         return line
     from rigtrain.train.checkpoints import last_complete_in_words  # torch: only after such a stop
