@@ -214,6 +214,43 @@ def test_the_launcher_passes_one_request_on_and_kills_on_a_second(tmp_path, caps
     )
 
 
+# DeepSpeed's multi-node launcher as run_on_machines sees it: it ends on a second signal
+# (its own handler kills the workers); the first goes to the workers through pdsh
+DEEPSPEED_RUNNER = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+time.sleep(30)
+"""
+
+
+def test_a_second_signal_to_a_multi_node_run_is_said_for_the_workers_it_kills(tmp_path, capsys, monkeypatch):
+    import threading
+
+    from rigtrain.train.processes import run_on_machines
+
+    pdsh = tmp_path / "bin" / "pdsh"  # reaches no machine here: the first signal goes nowhere
+    pdsh.parent.mkdir()
+    pdsh.write_text("#!/bin/sh\nexit 0\n")
+    pdsh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{pdsh.parent}:{os.environ['PATH']}")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+
+    def signal_twice() -> None:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.7)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_twice, daemon=True).start()
+    code = run_on_machines([sys.executable, "-c", DEEPSPEED_RUNNER], run, ["node1", "node2"], dict(os.environ))
+    assert code == 143
+    assert capsys.readouterr().err.splitlines() == [
+        "rigtrain: second SIGTERM: stopping now; the complete checkpoints are as they were; "
+        f"no checkpoint was complete yet; continue with: rigtrain train --out {run} --resume"
+    ]
+
+
 # One training process (the launcher's own, or a rank under DeepSpeed's launcher) whose
 # step never ends: a first SIGTERM waits for it, a second stops it at once
 STOPPED_TWICE = """

@@ -330,9 +330,10 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     to every worker on every machine (through pdsh, as the launcher reached them), so they
     finish the step, agree, save and exit, and the launcher ends with them; a second one
     goes to DeepSpeed's launcher, whose own handler kills the workers at once. DeepSpeed's
-    handler alone would take the workers down before they could save. The launcher runs in
-    its own session, so a Ctrl-C in the terminal reaches only this process, and it gets
-    SIGTERM (its kill path) if this process dies without a word."""
+    handler alone would take the workers down before they could save (and this process says
+    where the run stands for them). The launcher runs in its own session, so a Ctrl-C in the
+    terminal reaches only this process, and it gets SIGTERM (its kill path) if this process
+    dies without a word."""
     remove_what_dead_launchers_left()  # on this machine
     runner = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=terminate_with_parent)
     requests = StopRequests()  # a repeat of the first within stopping.SAME_REQUEST_S is the same request
@@ -357,6 +358,8 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if forwarded > 1:  # DeepSpeed's launcher killed the workers: they could say nothing
+        print(stopped_at_once(received[1], run_dir), file=sys.stderr, flush=True)
     if received:
         return 128 + received[0]
     return runner.returncode
