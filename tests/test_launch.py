@@ -291,6 +291,28 @@ sys.exit(max(p.wait() for p in ranks))
 """
 
 
+@pytest.mark.parametrize(
+    "command, said",
+    [
+        (["rigtrain", "train", "--hostfile", "hosts.txt", "--out", "RUN"], " --hostfile hosts.txt"),
+        (["rigtrain", "train", "--hostfile=my hosts", "--resume"], " --hostfile 'my hosts'"),
+        (["rigtrain", "train", "--preset", "small"], ""),
+        (None, ""),  # no config.json (or one that cannot be read)
+    ],
+)
+def test_the_resume_command_a_run_is_told_keeps_its_machines(tmp_path, command, said):
+    """Every line that says how to go on: a run of several machines resumed without its
+    hostfile would be planned for this machine alone."""
+    from rigtrain.train.run_record import resume_command
+
+    run = tmp_path / "a run"
+    run.mkdir()
+    if command is not None:
+        (run / "config.json").write_text(json.dumps({"config": {}, "command": command}))
+    assert resume_command(run) == f"rigtrain train --out '{run}' --resume{said}"
+    assert resume_command(run, "--set", "train.lr=...").endswith(f"--resume{said} --set train.lr=...")
+
+
 def test_what_a_launcher_killed_with_sigkill_left_in_tmp_goes_at_the_next_launch(tmp_path, monkeypatch):
     """Its ranks' folder (a port file, the fault mark) and a multi-node fault mark, where the
     process that made them is gone; a live launcher's, and names of other kinds, stay."""

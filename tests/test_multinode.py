@@ -57,6 +57,8 @@ def test_two_nodes_train_stop_resume_and_match_one_machine(tmp_path, demo_data, 
     out, err = process.communicate(timeout=180)
     assert process.returncode == 143, out[-2000:] + err[-2000:]
     assert "Traceback" not in err, err[-3000:]
+    # how to go on, as this run needs it: on its machines
+    assert f"Continue with: rigtrain train --out {run} --resume --hostfile {hostfile}" in out + err, out[-2000:]
     stopped_at = complete_steps(run)[-1]
     assert 3 <= stopped_at < STEPS
     assert (run / "checkpoints" / f"step{stopped_at:08d}" / "rng_rank1.pt").is_file()  # the second node saved too

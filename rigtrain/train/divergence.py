@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
+from rigtrain.train.run_record import resume_command
+
 
 def recent_losses() -> deque[float]:
     """The last 10 logged losses, whose median the explosion rule compares with (a long
@@ -57,5 +59,5 @@ class DivergenceRules:
             restart = " (it starts again at step 0)" if "no checkpoint" in last_good else ""
             self.diverged = (
                 f"{why}; {last_good}; lower train.lr (now {t.lr:g}) or raise "
-                f"train.warmup_steps, then `rigtrain train --out {self.run_dir} --resume --set train.lr=...`{restart}"
+                f"train.warmup_steps, then `{resume_command(self.run_dir, '--set', 'train.lr=...')}`{restart}"
             )

@@ -195,9 +195,8 @@ def the_first_to_fail(codes: list[int | None]) -> int | None:
     return min(failed)[1] if failed else None
 
 
-# Held by a launcher (flock) while its ranks run, in the folder where they meet: the kernel
-# drops it however the launcher ends, and unlike a process id it means the same in every
-# PID namespace that shares /tmp (containers).
+# Held (flock) by a launcher while its ranks run, in the folder where they meet: dropped
+# however it ends, and unlike a process id the same in every PID namespace sharing /tmp.
 LAUNCHER_LOCK = "launcher.lock"
 
 

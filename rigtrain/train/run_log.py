@@ -15,6 +15,7 @@ import psutil
 import torch
 
 from rigtrain.errors import TrainingFault
+from rigtrain.train.run_record import resume_command
 
 
 def telemetry(process: psutil.Process) -> dict[str, float]:
@@ -128,7 +129,7 @@ class MetricsLog:
             raise TrainingFault(
                 f"the disk is full: writing the metrics of step {step} into {self.run_dir} failed "
                 f"({shutil.disk_usage(self.run_dir).free:,} bytes free); free some space and resume "
-                f"with `rigtrain train --out {self.run_dir} --resume`"
+                f"with `{resume_command(self.run_dir)}`"
             ) from None
         terms = " ".join(
             f"{k.removeprefix('pc_').removeprefix('loss_')} {metrics[k]:.3f}"

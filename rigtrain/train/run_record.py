@@ -6,6 +6,7 @@ never writes is one sentence naming the field, not a traceback further on."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from rigtrain.errors import UserError
@@ -79,3 +80,20 @@ def _json_name(value) -> str:
     if isinstance(value, (int, float)):
         return f"the number {value}"
     return JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def resume_command(run_dir: Path, *extra: str) -> str:
+    """`rigtrain train --out RUN --resume` as this run needs it, for the lines that say how
+    to go on: with the --hostfile it was last started with (without it, a run of several
+    machines would be planned for this one alone). extra: more words (`--set ...`)."""
+    try:
+        command = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))["command"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        command = []
+    hostfile = []
+    for i, word in enumerate(command if isinstance(command, list) else []):
+        if word == "--hostfile" and i + 1 < len(command):
+            hostfile = ["--hostfile", str(command[i + 1])]
+        elif isinstance(word, str) and word.startswith("--hostfile="):
+            hostfile = ["--hostfile", word.split("=", 1)[1]]
+    return shlex.join(["rigtrain", "train", "--out", str(run_dir), "--resume", *hostfile, *extra])

@@ -20,6 +20,7 @@ from rigtrain.files import write_json
 from rigtrain.train import checkpoints
 from rigtrain.train.engine import apply_optimizer_config, deepspeed_config
 from rigtrain.train.reshaping import UNIVERSAL_INFO, remove_conversions, universal_dir
+from rigtrain.train.run_record import resume_command
 
 
 def _disk_full(err: BaseException, folder: Path) -> bool:
@@ -96,7 +97,7 @@ class Checkpointing:
             self.diverged = (
                 f"the weights or optimizer states are not finite at step {self.step}, so no checkpoint "
                 f"was written; {last}; lower train.lr (now {self.config.train.lr:g}) and resume with "
-                f"`rigtrain train --out {self.run_dir} --resume --set train.lr=...`"
+                f"`{resume_command(self.run_dir, '--set', 'train.lr=...')}`"
             )
             return False
         tag = checkpoints.tag_for(self.step)
@@ -141,14 +142,14 @@ class Checkpointing:
                 kept = "its checkpoints went with it" if folder_gone(self.run_dir) else self._last_good()
                 raise TrainingFault(
                     f"saving step {self.step} failed: {trouble}; {kept}; once the disk and the "
-                    f"folder are back, resume with `rigtrain train --out {self.run_dir} --resume`"
+                    f"folder are back, resume with `{resume_command(self.run_dir)}`"
                 ) from None
             shutil.rmtree(tag_dir, ignore_errors=True)  # incomplete: never resumed, and it holds space
             free = shutil.disk_usage(self.ckpt_dir).free
             raise TrainingFault(
                 f"the disk is full: saving step {self.step} into {tag_dir} failed with {free:,} bytes "
                 f"free; {self._last_good()}; free some space and resume with "
-                f"`rigtrain train --out {self.run_dir} --resume`"
+                f"`{resume_command(self.run_dir)}`"
             ) from None
         torch.distributed.barrier()
         self.saved_step = self.step
@@ -195,7 +196,7 @@ class Checkpointing:
             raise TrainingFault(
                 f"not enough disk space to save step {self.step} into {tag_dir}: about {need:,} bytes "
                 f"needed, {free:,} free; {self._last_good()}; free some space (or lower "
-                f"train.keep_ckpts) and resume with `rigtrain train --out {self.run_dir} --resume`"
+                f"train.keep_ckpts) and resume with `{resume_command(self.run_dir)}`"
             )
 
     # -- resuming ---------------------------------------------------------------------------
@@ -230,7 +231,7 @@ class Checkpointing:
                 raise UserError(
                     f"--resume: checkpoint {tag} was saved by {self.position_counted_in[0]} process(es), this run "
                     f"has {self.world}, and {self.universal_from} (DeepSpeed's universal checkpoint of it) is not "
-                    f"there; start it with `rigtrain train --out {self.run_dir} --resume`, which converts it"
+                    f"there; start it with `{resume_command(self.run_dir)}`, which converts it"
                 )
 
     def _engine_config(self) -> dict:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from rigtrain.terminal import die_with_parent, say_from_a_signal_handler
+from rigtrain.train.run_record import resume_command
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 HANGUP = getattr(signal, "SIGHUP", None)  # none on Windows
@@ -90,7 +91,7 @@ def stopped_at_once(signum: int, run_dir: Path | None) -> str:
     from rigtrain.train.checkpoints import last_complete_in_words  # torch: only after such a stop
 
     saved = last_complete_in_words(run_dir / "checkpoints")
-    return f"{line}; {saved}; continue with: rigtrain train --out {run_dir} --resume"
+    return f"{line}; {saved}; continue with: {resume_command(run_dir)}"
 
 
 class GracefulStop:

@@ -46,6 +46,7 @@ from rigtrain.train.initializing import initialize_from
 from rigtrain.train.profiling import StepProfiling
 from rigtrain.train.rehearsal import FirstStepRehearsal
 from rigtrain.train.run_log import MetricsLog
+from rigtrain.train.run_record import resume_command
 from rigtrain.train.saving import Checkpointing
 from rigtrain.train.stopping import StopRequested
 from rigtrain.train.tensor_stats import TensorStatisticsLogging
@@ -351,7 +352,7 @@ class Trainer(
         step it finished (ranks that might be inside a collective cannot all save)."""
         if gone.between_steps and self.world == 1 and self.step > self.saved_step and self.save_checkpoint():
             return (
-                f"{gone}; step {self.step} is saved (`rigtrain train --out {self.run_dir} --resume` continues "
+                f"{gone}; step {self.step} is saved (`{resume_command(self.run_dir)}` continues "
                 "from it once the data reads again)"
             )
         return f"{gone}; {self._last_good()}"
@@ -378,7 +379,7 @@ class Trainer(
             else "before its first step; nothing was trained"
         )
         message = (
-            f"stopped by {name} {where}. Continue with: rigtrain train --out {self.run_dir} --resume"
+            f"stopped by {name} {where}. Continue with: {resume_command(self.run_dir)}"
             if self.step > 0
             else f"stopped by {name} {where}"
         )

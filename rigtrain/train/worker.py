@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from rigtrain.errors import TrainingFault, UserError, one_line
+from rigtrain.train.run_record import resume_command
 
 # A worker writes it into RUN_DIR when the first steps run out of GPU memory; the launcher
 # reads it, backs off one micro-batch size and starts again.
@@ -147,7 +148,7 @@ def crash_report(run_dir, trainer, err: BaseException) -> str:
     saved = last_complete_in_words(Path(run_dir) / "checkpoints")
     return (
         f"rank {rank} failed {_when(trainer)} with {type(err).__name__}: {first}{hint}; {kept}; {saved}; once "
-        f"the cause is gone, continue with: rigtrain train --out {run_dir} --resume"
+        f"the cause is gone, continue with: {resume_command(run_dir)}"
     )
 
 
@@ -241,7 +242,7 @@ def peer_trouble(run_dir, trainer, err: BaseException) -> str | None:
     return (
         f"rank {rank} {at}: it waited longer than train.collective_timeout_min{limit} for another training "
         f"process that did not answer (a hung GPU, a P2P link that hangs: try NCCL_P2P_DISABLE=1, a stalled "
-        f"disk); {saved}; continue with: rigtrain train --out {run_dir} --resume"
+        f"disk); {saved}; continue with: {resume_command(run_dir)}"
     )
 
 
@@ -255,7 +256,7 @@ def storage_trouble(run_dir, trainer, err: BaseException) -> str | None:
         return None
     return (
         f"the run stopped {_when(trainer)}: {trouble}; once the disk and the folder are back, resume with "
-        f"`rigtrain train --out {run_dir} --resume`"
+        f"`{resume_command(run_dir)}`"
     )
 
 
@@ -286,7 +287,7 @@ def oom_message(run_dir, trainer, err: BaseException, first: bool) -> str:
     then = (
         "the launcher backs off"
         if first
-        else f"then continue with `rigtrain train --out {run_dir} --resume --set train.micro_batch_size=N`"
+        else f"then continue with `{resume_command(run_dir, '--set', 'train.micro_batch_size=N')}`"
     )
     memory = "GPU memory" if trainer.device.type == "cuda" else "memory"
     return f"out of {memory} at step {step} on rank {trainer.rank} ({first_line}); {saved}; {advice}; {then}"
