@@ -180,6 +180,31 @@ def test_shards_of_a_prepare_still_writing_are_refused_saying_so(small_world, tm
     assert read_index(tmp_path / "out")["clips"] > 0  # and once it has
 
 
+def test_a_prepare_says_early_when_the_rest_will_not_fit_on_the_disk(small_world, tmp_path, monkeypatch):
+    """After a few videos (3 of these 8), the clips per video so far times the videos left,
+    at a clip's size in shards, against the disk's free space: said once, as a warning."""
+    import collections
+
+    from rigtrain.data import prepare as preparing
+    from rigtrain.data.shards import clip_bytes
+
+    data = load_config("demo").data
+    per_video = 6 * clip_bytes(data)  # Shapes world: 6-second videos, 1-second clips (the demo preset)
+    usage = collections.namedtuple("usage", "total used free")
+    for free, warned in ((4 * per_video, True), (6 * per_video, False)):  # the 5 left need about 5 videos' worth
+        monkeypatch.setattr(preparing.shutil, "disk_usage", lambda path, free=free: usage(0, 0, free))
+        said = []
+        out = tmp_path / f"free-{free}"
+        prepare(small_world, out, data, log=said.append)
+        warnings = [line for line in said if line.startswith("warning:")]
+        assert len(warnings) == int(warned), said
+        if warned:
+            assert warnings[0].startswith(
+                "warning: at the clips per video so far, the 5 video(s) still to do make about"
+            )
+            assert f"the disk of {out} has" in warnings[0] and "the same command then goes on" in warnings[0]
+
+
 def test_shards_must_match_the_clip_shape(demo_data):
     with pytest.raises(UserError, match="data.fps"):
         ShardDataset(demo_data, load_config("demo", overrides=["data.fps=4"]).data)

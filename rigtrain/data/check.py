@@ -21,6 +21,7 @@ from rigtrain.data.container import (
     open_container,
     tag,
 )
+from rigtrain.data.shards import clip_bytes
 from rigtrain.data.sources import Source, audio_mismatch, sources_in
 from rigtrain.data.subtitles import CONTAINER, narration_of, subtitle_track
 from rigtrain.data.timestamps import SAME_INSTANT_S, shown_until
@@ -262,13 +263,6 @@ def check_folder(src_dir: str | Path, data: DataConfig, progress=None) -> dict:
             "shard_bytes": sum(v["clips"] for v in usable) * clip_bytes(data),
         },
     }
-
-
-def clip_bytes(data) -> int:
-    """What one clip takes in shards: its frames, its sound, its text and its row of the
-    small arrays (within a few bytes)."""
-    h, w = data.frame_size
-    return data.clip_frames * h * w * 3 + data.clip_samples * 2 + data.max_text_bytes + 40
 
 
 def _size(n: int) -> str:

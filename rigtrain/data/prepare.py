@@ -26,6 +26,7 @@ from rigtrain.data.shards import (
     PREPARE_JOURNAL,
     PREPARE_LOCK,
     SEGMENT_DTYPE,
+    clip_bytes,
     preparation_params,
 )
 from rigtrain.data.sources import Source, fingerprint, read_labels, sources_in
@@ -124,9 +125,7 @@ def _save_joined(path: Path, pieces: list[np.ndarray]) -> None:
 
 
 STATE_FILE, LOCK_FILE = PREPARE_JOURNAL, PREPARE_LOCK
-# What each `rigtrain data prepare` into the folder said, appended (cli_data.py): the journal
-# and index.json say what was prepared, this what happened, and it outlives the terminal.
-PREPARE_LOG = "prepare.log"
+PREPARE_LOG = "prepare.log"  # what each prepare into the folder said (cli_data.py), appended
 
 
 def _own_file(name: str) -> bool:
@@ -348,13 +347,32 @@ def _prepare(src: Path, out: Path, data: DataConfig, state, sources, unused, wor
         log(f"decoding {len(todo)} video(s) with {workers} worker(s); each is listed when done")
     # results through .parts too: what a killed prepare leaves there, the next one removes
     results = in_order(ingest_or_reason, jobs, workers, _decoder_crashed, isolate, scratch=parts)
+    before = made = writer.total + sum(len(c) for _, c in writer.pending)
+    judge_at = max(3, len(todo) // 20) if log else 0  # videos done before the rest's size is judged
     for done, (source, result) in enumerate(zip(todo, results), 1):
         _hand_over(source, result, writer, added, skipped, data)
+        made = writer.total + sum(len(c) for _, c in writer.pending)
         if progress:
-            progress(done, len(todo), source.name, writer.total + sum(len(c) for _, c in writer.pending))
+            progress(done, len(todo), source.name, made)
+        if done == judge_at < len(todo):
+            _say_if_the_disk_will_fill(out, data, (made - before) / done * (len(todo) - done), len(todo) - done, log)
     writer.close()
     shutil.rmtree(parts, ignore_errors=True)
     return _write_index(src, out, data, state, labels, writer, added, skipped, started)
+
+
+def _say_if_the_disk_will_fill(out: Path, data: DataConfig, clips_to_come: float, videos: int, log) -> None:
+    """Said once, early: the rest, at the clips per video so far, needs more room than the disk
+    has (decoded clips take far more than the compressed videos; a full disk after hours of
+    decoding stops the prepare cleanly, but is better known at its start)."""
+    need, free = int(clips_to_come * clip_bytes(data)), shutil.disk_usage(out).free
+    if need > free:
+        log(
+            f"warning: at the clips per video so far, the {videos} video(s) still to do make about "
+            f"{need / 2**30:.1f} GiB of shards, and the disk of {out} has {free / 2**30:.1f} GiB free: the "
+            "prepare will stop when it is full; free some space (the same command then goes on after its "
+            "last complete shard), or prepare into a folder on a larger disk"
+        )
 
 
 def _write_index(src: Path, out: Path, data: DataConfig, state, labels, writer, added, skipped, started) -> dict:

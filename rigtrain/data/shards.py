@@ -69,6 +69,13 @@ def unfinished_prepare(data_dir: Path) -> str | None:
     )
 
 
+def clip_bytes(data: DataConfig) -> int:
+    """What one clip takes in shards: its frames, its sound, its text and its row of the
+    small arrays (within a few bytes)."""
+    h, w = data.frame_size
+    return data.clip_frames * h * w * 3 + data.clip_samples * 2 + data.max_text_bytes + 40
+
+
 def preparation_params(data: DataConfig) -> dict:
     """What a shard depends on; training refuses shards made with other values."""
     return {
