@@ -84,7 +84,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     import os
 
-    from rigtrain.data.prepare import PREPARE_LOG, prepare
+    from rigtrain.data.prepare import prepare
+    from rigtrain.data.shards import PREPARE_LOG
 
     data = _data_config(args)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))

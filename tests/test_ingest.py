@@ -19,7 +19,8 @@ from conftest import run_cli
 from rigtrain.config import load_config
 from rigtrain.data.media import MediaError, fit_frame, read_video, read_video_clip
 from rigtrain.data.narration import Segment, parse_subtitles, read_narration
-from rigtrain.data.prepare import DECODING, STATE_FILE, prepare
+from rigtrain.data.prepare import DECODING, prepare
+from rigtrain.data.shards import PREPARE_JOURNAL
 from rigtrain.data.sound import read_audio_window, read_container_audio
 from rigtrain.data.synth import synthesize
 
@@ -958,7 +959,7 @@ def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch, o
         else:
             prepare(src, out, data, progress=stop_after(3))
     monkeypatch.undo()
-    state = json.loads((out / STATE_FILE).read_text())
+    state = json.loads((out / PREPARE_JOURNAL).read_text())
     assert not (out / "index.json").exists()  # an interrupted prepare never looks complete
     assert state["partial"] is not None  # it stopped inside a source that spans two shards
     if one_clip_parts:
@@ -972,7 +973,7 @@ def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch, o
     assert len(seen) == 6 - len(state["sources"]) + 1  # finished videos are not decoded again
     assert _shard_bytes(out) == _shard_bytes(tmp_path / "straight")
     assert {k: v for k, v in index.items() if k != "seconds"} == {k: v for k, v in straight.items() if k != "seconds"}
-    assert not (out / STATE_FILE).exists() and not (out / ".shard-00099.tmp").exists()
+    assert not (out / PREPARE_JOURNAL).exists() and not (out / ".shard-00099.tmp").exists()
     assert not (out / ".parts").exists()
 
 

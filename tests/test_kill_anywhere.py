@@ -20,7 +20,7 @@ import pytest
 from conftest import run_cli
 
 from rigtrain import files
-from rigtrain.data.prepare import PREPARE_LOG
+from rigtrain.data.shards import PREPARE_LOG
 from rigtrain.train import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,7 +165,8 @@ def test_one_prepare_at_a_time_and_a_users_folder_untouched(tmp_path):
     from filelock import FileLock
 
     from rigtrain.config import load_config
-    from rigtrain.data.prepare import LOCK_FILE, STATE_FILE, prepare
+    from rigtrain.data.prepare import prepare
+    from rigtrain.data.shards import PREPARE_JOURNAL, PREPARE_LOCK
     from rigtrain.data.synth import synthesize
     from rigtrain.errors import UserError
 
@@ -174,8 +175,8 @@ def test_one_prepare_at_a_time_and_a_users_folder_untouched(tmp_path):
     data = load_config("demo").data
     out = tmp_path / "shards"
     out.mkdir()
-    (out / f"{STATE_FILE}.tmp4242").write_text("{")  # a prepare killed while writing its first journal
-    with FileLock(str(out / LOCK_FILE), timeout=0):  # another prepare at work
+    (out / f"{PREPARE_JOURNAL}.tmp4242").write_text("{")  # a prepare killed while writing its first journal
+    with FileLock(str(out / PREPARE_LOCK), timeout=0):  # another prepare at work
         with pytest.raises(UserError, match="another `rigtrain data prepare` is writing into"):
             prepare(src, out, data)
     index = prepare(src, out, data)  # the leftover is not the user's: the folder counts as empty

@@ -69,6 +69,10 @@ class ShardWriter:
         while sum(len(c) for _, c in self.pending) >= self.shard_clips:
             self._write_shard()
 
+    @property
+    def clips(self) -> int:  # handed to it so far: in shards, and waiting for the next
+        return self.total + sum(len(c) for _, c in self.pending)
+
     def unwritten(self) -> tuple[int | None, int]:
         """The first source not completely in a shard, and how many of its clips are not."""
         first = self.pending[0][0] if self.pending else self.to_come[0] if self.to_come[1] else None
@@ -124,15 +128,11 @@ def _save_joined(path: Path, pieces: list[np.ndarray]) -> None:
             file.write(np.ascontiguousarray(piece, dtype=first.dtype).data)
 
 
-STATE_FILE, LOCK_FILE = PREPARE_JOURNAL, PREPARE_LOCK
-PREPARE_LOG = "prepare.log"  # what each prepare into the folder said (cli_data.py), appended
-
-
 def _own_file(name: str) -> bool:
     """The lock, and what a prepare killed while writing its journal or index leaves
     (write_json's NAME.tmpPID, never renamed): no data, and under the lock no living
     process's."""
-    return name == LOCK_FILE or name.startswith((f"{STATE_FILE}.tmp", "index.json.tmp"))
+    return name == PREPARE_LOCK or name.startswith((f"{PREPARE_JOURNAL}.tmp", "index.json.tmp"))
 
 
 @contextmanager
@@ -141,9 +141,9 @@ def _one_prepare_at_a_time(out: Path):
     writes into OUT: two at once would each append shards to the journal. The kernel drops
     it when its process ends, however it ends. Taken only in a folder that is new, empty or
     a prepare's, so a folder of the user's gets nothing written into it."""
-    if not (out.is_dir() and ((out / STATE_FILE).exists() or (out / "index.json").exists())):
+    if not (out.is_dir() and ((out / PREPARE_JOURNAL).exists() or (out / "index.json").exists())):
         require_empty_dir(out, "data prepare", ignore=_own_file)
-    lock = FileLock(str(out / LOCK_FILE), timeout=0)
+    lock = FileLock(str(out / PREPARE_LOCK), timeout=0)
     try:
         lock.acquire()
     except Timeout:
@@ -153,7 +153,7 @@ def _one_prepare_at_a_time(out: Path):
         ) from None
     try:
         for path in out.iterdir():
-            if path.name != LOCK_FILE and _own_file(path.name):
+            if path.name != PREPARE_LOCK and _own_file(path.name):
                 path.unlink(missing_ok=True)
         yield
     finally:
@@ -174,7 +174,7 @@ PARTS_DIR = ".parts"
 def _load_state(src: Path, out: Path, data: DataConfig) -> dict | None:
     """What an earlier prepare into `out` finished: the journal of an interrupted one, or the
     index of a complete one. None for a new (or empty) folder."""
-    for name in (STATE_FILE, "index.json"):
+    for name in (PREPARE_JOURNAL, "index.json"):
         path = out / name
         if path.is_file():
             try:
@@ -231,7 +231,7 @@ def _start_or_continue(src: Path, out: Path, data: DataConfig) -> dict:
         "sources": [],
         "partial": None,
     }
-    write_json(out / STATE_FILE, state)
+    write_json(out / PREPARE_JOURNAL, state)
     return state
 
 
@@ -313,7 +313,7 @@ def _prepare(src: Path, out: Path, data: DataConfig, state, sources, unused, wor
     if partial:
         todo.insert(0, next(s for s in sources if s.name == partial["video"]))
     added: list[dict] = list(finished)  # source id -> info, for everything handed to the writer
-    interrupted = (out / STATE_FILE).is_file() and bool(state["sources"])
+    interrupted = (out / PREPARE_JOURNAL).is_file() and bool(state["sources"])
     if not todo and not interrupted and (out / "index.json").is_file():
         if log:
             log(f"all {len(sources)} video(s) of {src} are already prepared in {out}; nothing to do")
@@ -333,7 +333,7 @@ def _prepare(src: Path, out: Path, data: DataConfig, state, sources, unused, wor
         if first_unwritten is not None and state["partial"]["written"] == 0:
             state["sources"].pop()
             state["partial"] = None
-        write_json(out / STATE_FILE, state, durable=True)
+        write_json(out / PREPARE_JOURNAL, state, durable=True)
 
     writer = ShardWriter(out, data.shard_clips, state["shards"], journal)
     skipped = list(unused)
@@ -347,24 +347,23 @@ def _prepare(src: Path, out: Path, data: DataConfig, state, sources, unused, wor
         log(f"decoding {len(todo)} video(s) with {workers} worker(s); each is listed when done")
     # results through .parts too: what a killed prepare leaves there, the next one removes
     results = in_order(ingest_or_reason, jobs, workers, _decoder_crashed, isolate, scratch=parts)
-    before = made = writer.total + sum(len(c) for _, c in writer.pending)
+    before = writer.clips
     judge_at = max(3, len(todo) // 20) if log else 0  # videos done before the rest's size is judged
     for done, (source, result) in enumerate(zip(todo, results), 1):
         _hand_over(source, result, writer, added, skipped, data)
-        made = writer.total + sum(len(c) for _, c in writer.pending)
         if progress:
-            progress(done, len(todo), source.name, made)
+            progress(done, len(todo), source.name, writer.clips)
         if done == judge_at < len(todo):
-            _say_if_the_disk_will_fill(out, data, (made - before) / done * (len(todo) - done), len(todo) - done, log)
+            rest = (writer.clips - before) / done * (len(todo) - done)
+            _say_if_the_disk_will_fill(out, data, rest, len(todo) - done, log)
     writer.close()
     shutil.rmtree(parts, ignore_errors=True)
     return _write_index(src, out, data, state, labels, writer, added, skipped, started)
 
 
 def _say_if_the_disk_will_fill(out: Path, data: DataConfig, clips_to_come: float, videos: int, log) -> None:
-    """Said once, early: the rest, at the clips per video so far, needs more room than the disk
-    has (decoded clips take far more than the compressed videos; a full disk after hours of
-    decoding stops the prepare cleanly, but is better known at its start)."""
+    """Said once, early: the rest needs more room than the disk has (decoded clips take far
+    more than the videos; a full disk after hours stops cleanly, but is better known now)."""
     need, free = int(clips_to_come * clip_bytes(data)), shutil.disk_usage(out).free
     if need > free:
         log(
@@ -396,5 +395,5 @@ def _write_index(src: Path, out: Path, data: DataConfig, state, labels, writer, 
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json(out / "index.json", index, durable=True)
-    (out / STATE_FILE).unlink(missing_ok=True)
+    (out / PREPARE_JOURNAL).unlink(missing_ok=True)
     return index

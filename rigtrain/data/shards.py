@@ -44,6 +44,7 @@ LEGACY_PARAMS = {"recurrent_windows": 1, "window_step_frames": 0}
 # while it writes; index.json appears only when it has finished (data/prepare.py).
 PREPARE_JOURNAL = ".prepare-state.json"
 PREPARE_LOCK = ".prepare.lock"
+PREPARE_LOG = "prepare.log"  # what each `rigtrain data prepare` into the folder said (cli_data.py)
 
 
 def unfinished_prepare(data_dir: Path) -> str | None:

@@ -281,10 +281,10 @@ def run_local_ranks(
     def forward(signum, frame) -> None:
         if not requests.add(signum):
             return  # the first one again (stopping.SAME_REQUEST_S)
-        for process in ranks:
-            if process.poll() is None:
-                process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
-                killed.extend([] if len(received) == 1 else [process])
+        alive = [p for p in ranks if p.poll() is None]
+        for process in alive:
+            process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
+        killed.extend(alive if len(received) > 1 else [])
 
     previous = {s: signal.signal(s, forward) for s in stop_signals()}
     failed_at, first = None, None

@@ -108,8 +108,10 @@ class GracefulStop:
         if not self._requests.add(signum):
             return  # the first one again (SAME_REQUEST_S)
         if self.signum:
-            say_from_a_signal_handler(stopped_at_once(signum, self.run_dir))
-            os._exit(128 + self.signum)
+            try:
+                say_from_a_signal_handler(stopped_at_once(signum, self.run_dir))
+            finally:  # whatever the line's files hold, the second signal stops the process
+                os._exit(128 + self.signum)
         self.signum = signum
 
     def restore(self) -> None:
