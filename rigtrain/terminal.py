@@ -225,3 +225,49 @@ def die_with_parent(expected_parent: str | None) -> None:
         return
     if os.getppid() != int(expected_parent):
         os._exit(1)
+
+
+@contextlib.contextmanager
+def pausing_together(line: Callable[[int], str], on_continue: Callable[[float], None] | None = None) -> Iterator[None]:
+    """Ctrl-Z (SIGTSTP) pauses this process and every process under it, and `fg` or `bg`
+    (SIGCONT) continues them all.
+
+    Training ranks, sweep trials and their loader processes each run in a session of their
+    own, so that a fault or a signal meant for one is handled by the process that watches
+    them; the terminal's Ctrl-Z therefore reaches only this process, and without this the
+    ranks trained on, holding their GPUs, behind a shell that said "Stopped". Here each
+    process under this one gets SIGSTOP (uncatchable: a rank in the middle of a step stops
+    where it is), then this one stops itself with SIGSTOP too: SIGTSTP's default, the polite
+    stop, is discarded by the kernel in a process group with no parent in its session (a
+    sweep's trial), so it would not always stop. `line(n)` is said when n processes were
+    paused; `on_continue(seconds paused)` runs once they go on. In the main thread only (a
+    signal handler's home), and not where SIGTSTP was started ignored."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTSTP) == signal.SIG_IGN:
+        yield
+        return
+
+    def pause(signum, frame) -> None:
+        import psutil  # only on a Ctrl-Z
+
+        stopped = []
+        for _ in range(2):  # again, for a child started while the first ones were being stopped
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in {p.pid for p in stopped}:
+                    with contextlib.suppress(psutil.Error):
+                        child.send_signal(signal.SIGSTOP)  # psutil checks the pid is still that process
+                        stopped.append(child)
+        say_from_a_signal_handler(line(len(stopped)))
+        paused_at = time.monotonic()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        # Here once continued: `fg`, `bg` or `kill -CONT`.
+        for child in stopped:
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signal.SIGCONT)
+        if on_continue is not None:
+            on_continue(time.monotonic() - paused_at)
+
+    previous = signal.signal(signal.SIGTSTP, pause)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTSTP, previous)

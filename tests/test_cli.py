@@ -1,8 +1,10 @@
 """Bad input is exit code 2 with one line that names the file or field; no traceback."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -311,3 +313,56 @@ def test_a_word_no_option_takes_points_to_the_help_of_the_command_it_was_given_t
     option of `data prepare`."""
     result = run_cli(*argv)
     assert_user_error(result, f"{command}: error: unrecognized arguments:", f"(see {command} --help)")
+
+
+# A process with two children in sessions of their own (as training ranks and sweep trials
+# are), each with a child of its own in yet another session (a trial's ranks), that waits in
+# terminal.pausing_together until it has been paused and continued.
+PAUSING = r"""
+import subprocess, sys, time
+import psutil
+from rigtrain.terminal import pausing_together
+looping = "import time\nwhile True: time.sleep(0.01)"
+child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {looping!r}], start_new_session=True)"
+child += "; time.sleep(60)"
+kids = [subprocess.Popen([sys.executable, "-c", child], start_new_session=True) for _ in range(2)]
+while len(psutil.Process().children(recursive=True)) < 4:
+    time.sleep(0.01)
+paused = []
+with pausing_together(lambda n: f"paused with {n}", on_continue=paused.append):
+    print("ready", flush=True)
+    while not paused:
+        time.sleep(0.01)
+below = psutil.Process().children(recursive=True)
+print(f"continued after {paused[0]:.2f} s;", sorted(p.status() for p in below), flush=True)
+for p in below:
+    p.kill()
+"""
+
+
+def test_ctrl_z_pauses_every_process_below_and_fg_continues_them(tmp_path):
+    """Ctrl-Z reaches only the process in the terminal's foreground; the ranks and trials it
+    started in their own sessions must stop with it, and go on with it."""
+    import psutil
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSING], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        below = psutil.Process(process.pid).children(recursive=True)
+        assert len(below) == 4
+        process.send_signal(signal.SIGTSTP)
+        deadline = time.monotonic() + 30
+        while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [p.status() for p in below] == [psutil.STATUS_STOPPED] * 4
+        time.sleep(0.5)
+        process.send_signal(signal.SIGCONT)  # what `fg` sends
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert "paused with 4" in err, err
+    said, statuses = out.strip().split(";")
+    assert float(said.split()[-2]) >= 0.5  # how long they were paused (a sweep's budget grows by it)
+    assert "stopped" not in statuses, statuses

@@ -41,7 +41,7 @@ def _hear_stop_signals() -> None:
     """As a command typed at a terminal hears them: a suite run in the background (`bash
     setup/test.sh &` ignores SIGINT) or under nohup (SIGHUP) would otherwise pass the
     ignore on, and rigtrain rightly leaves an ignored signal ignored (stopping.stop_signals)."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP):
         signal.signal(signum, signal.SIG_DFL)
 
 
@@ -65,6 +65,11 @@ def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: floa
             return
         time.sleep(0.1)
     raise AssertionError(f"step {step} never came")
+
+
+def process_state(pid: int) -> str:
+    """R, S, T (stopped), Z..., from /proc/PID/stat."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def workers_of(run: Path) -> list[int]:
@@ -115,9 +120,23 @@ def test_two_ranks_stop_together_on_ctrl_c_and_a_second_signal_stops_at_once(tmp
     run = tmp_path / "run"
     process = start("train", "--out", str(run), "--steps", "400", "--set", *TINY, "train.nproc=2", "train.log_every=1")
     wait_for_step(run, 3, process)
+    # Ctrl-Z first: the ranks, in sessions of their own, pause with the launcher, and `fg` goes on
+    ranks = workers_of(run)
+    process.send_signal(signal.SIGTSTP)
+    deadline = time.monotonic() + 30
+    while process_state(process.pid) != "T" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [process_state(pid) for pid in ranks] == ["T", "T"]
+    paused_at = len(losses(run))
+    time.sleep(1.0)
+    assert len(losses(run)) == paused_at  # no step while paused
+    process.send_signal(signal.SIGCONT)  # what `fg` sends
+    wait_for_step(run, max(losses(run)) + 2, process)
     process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the launcher
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
+    assert "paused (Ctrl-Z) with the run's 2 other process(es)" in err and f"--out {run} --resume" in err
+    assert "paused (Ctrl-Z)" in (run / "train.log").read_text()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "stopped by SIGINT" in out
     step = complete_steps(run)[-1]

@@ -318,7 +318,8 @@ def test_what_a_launcher_killed_with_sigkill_left_in_tmp_goes_at_the_next_launch
     process that made them is gone; a live launcher's, and names of other kinds, stay."""
     import tempfile
 
-    from rigtrain.train.processes import LAUNCHER_LOCK, run_local_ranks
+    from rigtrain.train.processes import run_local_ranks
+    from rigtrain.train.rendezvous import LAUNCHER_LOCK
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.Popen(["true"])

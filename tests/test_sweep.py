@@ -173,10 +173,16 @@ def test_a_sweep_prunes_is_killed_resumes_and_picks_a_best_trial(tmp_path):
 
 
 @pytest.mark.slow
+def _hear_hangup_and_ctrl_z() -> None:
+    for signum in (signal.SIGHUP, signal.SIGTSTP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def test_a_closed_terminal_stops_a_sweep_politely_and_it_says_how_to_continue(tmp_path):
     """SIGHUP (or Ctrl-C, SIGTERM: the same handler) while a trial trains: the trial's run is
     sent SIGTERM and saves, the study keeps it running for the same command to resume, and
-    the sweep writes its results and says how to go on, exit 129."""
+    the sweep writes its results and says how to go on, exit 129. Before that, Ctrl-Z pauses
+    the trial with the sweep, and SIGCONT (`fg`) continues it."""
     base = [*TINY_MODEL, "data.workers=0", "eval.during_training=false", "train.steps=400", "train.log_every=1"]
     base += ["train.ckpt_every=1000", "log.histograms_every=0"]
     spec = tmp_path / "sweep.toml"
@@ -184,7 +190,7 @@ def test_a_closed_terminal_stops_a_sweep_politely_and_it_says_how_to_continue(tm
     out = tmp_path / "sweep"
     driver = subprocess.Popen(
         _sweep_command(spec, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # heard even if the suite runs under nohup
+        preexec_fn=_hear_hangup_and_ctrl_z,  # even if the suite runs under nohup
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
@@ -192,11 +198,27 @@ def test_a_closed_terminal_stops_a_sweep_politely_and_it_says_how_to_continue(tm
         while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # the trial trains
             assert driver.poll() is None and time.monotonic() < deadline, "the first trial never trained"
             time.sleep(0.1)
+        # Ctrl-Z and `fg` first: the trial, in a session of its own, pauses with the sweep
+        import psutil
+
+        trial = psutil.Process(driver.pid).children()
+        driver.send_signal(signal.SIGTSTP)
+        while psutil.Process(driver.pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p.status() for p in trial] == [psutil.STATUS_STOPPED]
+        steps = metrics.read_text().count("\n")
+        time.sleep(1.0)
+        assert metrics.read_text().count("\n") == steps  # no step while paused
+        driver.send_signal(signal.SIGCONT)
+        while metrics.read_text().count("\n") < steps + 2:
+            assert driver.poll() is None and time.monotonic() < deadline, "the trial never went on"
+            time.sleep(0.1)
         driver.send_signal(signal.SIGHUP)
         stdout, stderr = driver.communicate(timeout=120)
     finally:
         driver.kill()
     assert driver.returncode == 128 + signal.SIGHUP, stdout[-2000:] + stderr[-2000:]
+    assert "[sweep] paused (Ctrl-Z) with its 1 trial process(es)" in stderr
     assert "Traceback" not in stderr and "stopped by SIGHUP; continue with the same command" in stdout
     assert "stopped by SIGTERM after step" in (out / "trial-0000" / "sweep-trial.log").read_text()
     said = (out / "sweep.log").read_text()  # what it said, kept beside the study

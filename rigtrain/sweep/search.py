@@ -25,7 +25,7 @@ from rigtrain.config.loading import as_set_value
 from rigtrain.errors import UserError
 from rigtrain.sweep.placement import trial_slots
 from rigtrain.sweep.spec import SweepSpec, read_spec
-from rigtrain.terminal import command_header, copy_output_to
+from rigtrain.terminal import command_header, copy_output_to, pausing_together
 from rigtrain.train.launch import prepare_run_dir
 from rigtrain.train.processes import last_line, new_run_dir, terminate_with_parent
 from rigtrain.train.stopping import stop_signals
@@ -287,9 +287,17 @@ def _sweep(spec, sweep_dir: Path, trials: int | None, budget_s: float | None, as
     def interrupted(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    def paused(count: int) -> str:
+        return f"[sweep] paused (Ctrl-Z) with its {count} trial process(es); `fg` or `bg` continues them all"
+
+    def pause_is_not_budget(seconds: float) -> None:
+        if runner.deadline is not None:
+            runner.deadline += seconds  # --budget-s is time the sweep had to run trials
+
     previous = {s: signal.signal(s, interrupted) for s in stop_signals()}  # a closed terminal too
     try:
-        runner.run()
+        with pausing_together(paused, on_continue=pause_is_not_budget):  # the trials pause with it
+            runner.run()
     except KeyboardInterrupt as why:
         runner.stop(str(why) or "SIGINT")
     finally:

@@ -10,7 +10,7 @@ folder (docs/training.md, "From `rigtrain train` to the first step"):
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import itertools
 import json
 import os
@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +26,9 @@ from filelock import FileLock, Timeout
 
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.terminal import terminate_with_parent
-from rigtrain.train.rendezvous import port_file_env
-from rigtrain.train.stopping import LAUNCHER_PID, StopRequests, stop_signals, stopped_at_once
+from rigtrain.terminal import pausing_together, terminate_with_parent
+from rigtrain.train.rendezvous import meeting_folder, port_file_env, remove_what_dead_launchers_left
+from rigtrain.train.stopping import LAUNCHER_PID, StopRequests, paused_line, stop_signals, stopped_at_once
 from rigtrain.train.worker import FAULT_SAID
 
 WORKER_MODULE = "rigtrain.train.worker"
@@ -195,50 +194,6 @@ def the_first_to_fail(codes: list[int | None]) -> int | None:
     return min(failed)[1] if failed else None
 
 
-# Held (flock) by a launcher while its ranks run, in the folder where they meet: dropped
-# however it ends, and unlike a process id the same in every PID namespace sharing /tmp.
-LAUNCHER_LOCK = "launcher.lock"
-
-
-def remove_what_dead_launchers_left() -> None:
-    """The temporary folders of launchers that are gone (rigtrain-ranks-PID-*: their lock is
-    free), and the fault marks of DeepSpeed's per-machine launchers that are gone
-    (worker.deepspeed_node_mark, rigtrain-fault-said-PID-START: no process has that id).
-    Each launcher removes its own as it ends, but not one killed with SIGKILL. Another
-    user's are left."""
-    for path in Path(tempfile.gettempdir()).glob("rigtrain-*-*"):
-        parts = path.name.split("-")
-        if parts[1] == "ranks" and parts[2].isdigit() and path.is_dir():
-            if _launcher_gone(path, int(parts[2])):
-                shutil.rmtree(path, ignore_errors=True)
-        elif parts[1:3] == ["fault", "said"] and len(parts) > 3 and parts[3].isdigit():
-            if _no_process(int(parts[3])):
-                path.unlink(missing_ok=True)
-
-
-def _launcher_gone(folder: Path, pid: int) -> bool:
-    try:
-        with open(folder / LAUNCHER_LOCK, "rb") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: no launcher holds it
-        return True
-    except BlockingIOError:
-        return False
-    except FileNotFoundError:  # made a moment ago, its lock not yet taken (or by an older version)
-        return _no_process(pid)
-    except OSError:  # another user's
-        return False
-
-
-def _no_process(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        pass
-    return False
-
-
 def run_local_ranks(
     command: list[str], world: int, env: dict[str, str], run_dir: Path | None = None
 ) -> tuple[int, int | None]:
@@ -256,11 +211,8 @@ def run_local_ranks(
 
     # For this start only: worker.say_failure's one line (not each rank's), and where rank
     # 0 tells the others its store's port (rendezvous.py).
-    remove_what_dead_launchers_left()
-    said = Path(tempfile.mkdtemp(prefix=f"rigtrain-ranks-{os.getpid()}-"))
-    held = open(said / f"{LAUNCHER_LOCK}.new", "wb")  # noqa: SIM115  (held until the ranks have ended)
-    fcntl.flock(held, fcntl.LOCK_EX)
-    os.rename(said / f"{LAUNCHER_LOCK}.new", said / LAUNCHER_LOCK)  # never seen unlocked by another launcher
+    meeting = contextlib.ExitStack()
+    said = meeting.enter_context(meeting_folder())
     shared = {
         FAULT_SAID: str(said / "fault-said"),
         **env,
@@ -289,6 +241,7 @@ def run_local_ranks(
     previous = {s: signal.signal(s, forward) for s in stop_signals()}
     failed_at, first = None, None
     try:
+        meeting.enter_context(pausing_together(paused_line(run_dir)))  # Ctrl-Z: the ranks too
         while any(p.poll() is None for p in ranks):
             failing = the_first_to_fail([p.returncode for p in ranks])
             if failed_at is None and not received and failing is not None:
@@ -304,8 +257,7 @@ def run_local_ranks(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        shutil.rmtree(said, ignore_errors=True)
-        held.close()
+        meeting.close()
     if received:
         if any(p.returncode == -signal.SIGKILL for p in killed):
             print(stopped_at_once(received[-1], run_dir), file=sys.stderr, flush=True)

@@ -15,9 +15,14 @@ file and meet as they were told (env://, MASTER_ADDR and MASTER_PORT).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +34,67 @@ if TYPE_CHECKING:
 PORT_FILE = "RIGTRAIN_STORE_PORT_FILE"  # the file rank 0 writes its store's port to
 HOST = "127.0.0.1"  # ranks that meet this way are on one machine
 POLL_S = 0.05
+
+
+# Held (flock) by a launcher while its ranks run, in the folder where they meet: dropped
+# however it ends, and unlike a process id the same in every PID namespace sharing /tmp.
+LAUNCHER_LOCK = "launcher.lock"
+
+
+def remove_what_dead_launchers_left() -> None:
+    """The temporary folders of launchers that are gone (rigtrain-ranks-PID-*: their lock is
+    free), and the fault marks of DeepSpeed's per-machine launchers that are gone
+    (worker.deepspeed_node_mark, rigtrain-fault-said-PID-START: no process has that id).
+    Each launcher removes its own as it ends, but not one killed with SIGKILL. Another
+    user's are left."""
+    for path in Path(tempfile.gettempdir()).glob("rigtrain-*-*"):
+        parts = path.name.split("-")
+        if parts[1] == "ranks" and parts[2].isdigit() and path.is_dir():
+            if _launcher_gone(path, int(parts[2])):
+                shutil.rmtree(path, ignore_errors=True)
+        elif parts[1:3] == ["fault", "said"] and len(parts) > 3 and parts[3].isdigit():
+            if _no_process(int(parts[3])):
+                path.unlink(missing_ok=True)
+
+
+def _launcher_gone(folder: Path, pid: int) -> bool:
+    try:
+        with open(folder / LAUNCHER_LOCK, "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: no launcher holds it
+        return True
+    except BlockingIOError:
+        return False
+    except FileNotFoundError:  # made a moment ago, its lock not yet taken (or by an older version)
+        return _no_process(pid)
+    except OSError:  # another user's
+        return False
+
+
+def _no_process(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
+
+
+@contextlib.contextmanager
+def meeting_folder() -> Iterator[Path]:
+    """A launcher's folder for one start of its ranks (rigtrain-ranks-PID-* in /tmp: the
+    port file, worker.say_failure's mark), locked while they run and removed afterwards; the
+    folders of launchers that died without removing theirs go first."""
+    remove_what_dead_launchers_left()
+    folder = Path(tempfile.mkdtemp(prefix=f"rigtrain-ranks-{os.getpid()}-"))
+    held = open(folder / f"{LAUNCHER_LOCK}.new", "wb")  # noqa: SIM115  (held until the ranks have ended)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        os.rename(folder / f"{LAUNCHER_LOCK}.new", folder / LAUNCHER_LOCK)  # never seen unlocked by another launcher
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # then the lock: no other launcher removes it first
+        held.close()
 
 
 def port_file_env(folder: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rigtrain.terminal import die_with_parent, say_from_a_signal_handler
@@ -92,6 +93,20 @@ def stopped_at_once(signum: int, run_dir: Path | None) -> str:
 
     saved = last_complete_in_words(run_dir / "checkpoints")
     return f"{line}; {saved}; continue with: {resume_command(run_dir)}"
+
+
+def paused_line(run_dir: Path | None) -> Callable[[int], str]:
+    """What a launcher says as Ctrl-Z pauses it with its ranks (terminal.pausing_together)."""
+
+    def line(paused: int) -> str:
+        later = resume_command(run_dir) if run_dir is not None else "the same command with --resume"
+        return (
+            f"rigtrain: paused (Ctrl-Z) with the run's {paused} other process(es); `fg` or `bg` continues them all. "
+            "A pause longer than train.collective_timeout_min ends the run when it continues (its checkpoints are "
+            f"kept); to stop for longer, Ctrl-C saves the step in flight, and later: {later}"
+        )
+
+    return line
 
 
 class GracefulStop:
