@@ -399,3 +399,30 @@ def test_a_wait_reads_as_a_person_says_it():
         "3 h 07 min",
         "2 d 4 h",
     ]
+
+
+def test_the_eta_after_a_pause_is_at_the_pace_since_it_continued(tmp_path, monkeypatch):
+    """Ctrl-Z and `fg` (SIGCONT): the time paused is not a step's; the pace starts again."""
+    import os
+    import signal
+    import time
+
+    from rigtrain.train import run_log
+
+    clock = [0.0]
+    monkeypatch.setattr(run_log.time, "perf_counter", lambda: clock[0])
+    log = run_log.MetricsLog(tmp_path, resume_step=0, total_steps=100)
+    try:
+        for step in (1, 11):  # 1 s a step
+            eta = log._eta(step)
+            clock[0] += 10.0
+        assert eta == "  ETA 1 min 29 s"  # 89 steps left
+        clock[0] += 3600.0  # paused for an hour
+        os.kill(os.getpid(), signal.SIGCONT)  # what `fg` sends
+        time.sleep(0.05)  # the handler runs at the next bytecode of the main thread
+        assert log._eta(21) == ""  # the pace starts here
+        clock[0] += 10.0
+        assert log._eta(31) == "  ETA 1 min 9 s"  # not hours
+    finally:
+        log.close()
+    assert signal.getsignal(signal.SIGCONT) in (signal.SIG_DFL, None)

@@ -7,7 +7,9 @@ import errno
 import json
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +49,11 @@ class MetricsLog:
         self.started = time.perf_counter()
         self.total_steps = total_steps
         self._first_logged: tuple[int, float] | None = None  # (step, time): where the ETA's rate starts
+        self._on_continue_before: list = []  # the SIGCONT handler this replaced, if it did
+        if threading.current_thread() is threading.main_thread():
+            # After Ctrl-Z and `fg` (terminal.pausing_together) the pace since the first step
+            # would count the pause: the ETA's pace starts again at the next logged step.
+            self._on_continue_before.append(signal.signal(signal.SIGCONT, self._pace_from_here))
         self._layout_written = self.layout_has_eval = False
         for note in self.notes:
             self.say(note)
@@ -142,9 +149,13 @@ class MetricsLog:
             f"{self._eta(step)}"
         )
 
+    def _pace_from_here(self, signum=None, frame=None) -> None:
+        self._first_logged = None
+
     def _eta(self, step: int) -> str:
         """How long the rest of the run takes at the pace since the first step this process
-        logged, evaluations and checkpoints included (they are part of the time to wait)."""
+        logged, evaluations and checkpoints included (they are part of the time to wait), or
+        since the first one logged after a pause (Ctrl-Z, then `fg`)."""
         now = time.perf_counter()
         if self._first_logged is None:
             self._first_logged = (step, now)
@@ -195,6 +206,8 @@ class MetricsLog:
         print(f"[rigtrain {time.perf_counter() - self.started:7.1f}s] {line}", file=sys.stdout, flush=True)
 
     def close(self) -> None:
+        for handler in self._on_continue_before:
+            signal.signal(signal.SIGCONT, handler if handler is not None else signal.SIG_DFL)
         self.file.close()
         self.train_writer.close()
 
