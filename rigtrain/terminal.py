@@ -228,7 +228,9 @@ def die_with_parent(expected_parent: str | None) -> None:
 
 
 @contextlib.contextmanager
-def pausing_together(line: Callable[[int], str], on_continue: Callable[[float], None] | None = None) -> Iterator[None]:
+def pausing_together(
+    line: Callable[[int], str], on_continue: Callable[[float], None] | None = None, children: bool = True
+) -> Iterator[None]:
     """Ctrl-Z (SIGTSTP) pauses this process and every process under it, and `fg` or `bg`
     (SIGCONT) continues them all.
 
@@ -240,8 +242,10 @@ def pausing_together(line: Callable[[int], str], on_continue: Callable[[float], 
     where it is), then this one stops itself with SIGSTOP too: SIGTSTP's default, the polite
     stop, is discarded by the kernel in a process group with no parent in its session (a
     sweep's trial), so it would not always stop. `line(n)` is said when n processes were
-    paused; `on_continue(seconds paused)` runs once they go on. In the main thread only (a
-    signal handler's home), and not where SIGTSTP was started ignored."""
+    paused; `on_continue(seconds paused)` runs once they go on. With children=False only this
+    process stops (line(n) then names the n processes that go on: a tune's workers, whose
+    measurements would count a pause as slowness). In the main thread only (a signal
+    handler's home), and not where SIGTSTP was started ignored."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTSTP) == signal.SIG_IGN:
         yield
         return
@@ -250,13 +254,13 @@ def pausing_together(line: Callable[[int], str], on_continue: Callable[[float], 
         import psutil  # only on a Ctrl-Z
 
         stopped = []
-        for _ in range(2):  # again, for a child started while the first ones were being stopped
+        for _ in range(2 if children else 0):  # again, for a child started while the first ones stopped
             for child in psutil.Process().children(recursive=True):
                 if child.pid not in {p.pid for p in stopped}:
                     with contextlib.suppress(psutil.Error):
                         child.send_signal(signal.SIGSTOP)  # psutil checks the pid is still that process
                         stopped.append(child)
-        say_from_a_signal_handler(line(len(stopped)))
+        say_from_a_signal_handler(line(len(stopped) if children else len(psutil.Process().children(recursive=True))))
         paused_at = time.monotonic()
         os.kill(os.getpid(), signal.SIGSTOP)
         # Here once continued: `fg`, `bg` or `kill -CONT`.

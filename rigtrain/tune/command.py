@@ -15,7 +15,7 @@ from pathlib import Path
 from rigtrain.config import load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
-from rigtrain.terminal import command_header, copy_output_to
+from rigtrain.terminal import command_header, copy_output_to, pausing_together
 from rigtrain.train.stopping import stop_signals
 from rigtrain.tune.groups import kill, meeting_place, start_group
 from rigtrain.tune.records import Timing, trial_dir
@@ -30,6 +30,14 @@ class Interrupted(Exception):
 
 def _interrupt(signum, frame) -> None:
     raise Interrupted(signal.Signals(signum).name)
+
+
+def _paused(going_on: int) -> str:
+    return (
+        f"rigtrain tune: paused (Ctrl-Z); its {going_on} worker process(es) finish what they are measuring (a pause "
+        "in the middle of a measurement would count as slowness) and wait; `fg` continues, Ctrl-C stops the tune "
+        "and keeps what was measured"
+    )
 
 
 def tune(
@@ -81,7 +89,8 @@ def tune(
         previous = {s: signal.signal(s, _interrupt) for s in stop_signals()}  # a closed terminal too
         stopped = None
         try:
-            search.run()
+            with pausing_together(_paused, children=False):
+                search.run()
         except Interrupted as why:
             stopped = str(why)
             search.close_group()  # its workers, and where they met
