@@ -10,7 +10,6 @@ folder (docs/training.md, "From `rigtrain train` to the first step"):
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -211,53 +210,51 @@ def run_local_ranks(
 
     # For this start only: worker.say_failure's one line (not each rank's), and where rank
     # 0 tells the others its store's port (rendezvous.py).
-    meeting = contextlib.ExitStack()
-    said = meeting.enter_context(meeting_folder())
-    shared = {
-        FAULT_SAID: str(said / "fault-said"),
-        **env,
-        **port_file_env(said),
-        "MASTER_ADDR": "127.0.0.1",
-        "WORLD_SIZE": str(world),
-        "LOCAL_WORLD_SIZE": str(world),
-        "GROUP_RANK": "0",
-        LAUNCHER_PID: str(os.getpid()),
-    }
-    ranks = [
-        subprocess.Popen(command, env={**shared, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
-        for r in range(world)
-    ]
-    requests = StopRequests()
-    received, killed = requests.signals, []
+    # Ctrl-Z pauses the ranks too (terminal.pausing_together).
+    with meeting_folder() as said, pausing_together(paused_line(run_dir)):
+        shared = {
+            FAULT_SAID: str(said / "fault-said"),
+            **env,
+            **port_file_env(said),
+            "MASTER_ADDR": "127.0.0.1",
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "GROUP_RANK": "0",
+            LAUNCHER_PID: str(os.getpid()),
+        }
+        ranks = [
+            subprocess.Popen(command, env={**shared, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
+            for r in range(world)
+        ]
+        requests = StopRequests()
+        received, killed = requests.signals, []
 
-    def forward(signum, frame) -> None:
-        if not requests.add(signum):
-            return  # the first one again (stopping.SAME_REQUEST_S)
-        alive = [p for p in ranks if p.poll() is None]
-        for process in alive:
-            process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
-        killed.extend(alive if len(received) > 1 else [])
+        def forward(signum, frame) -> None:
+            if not requests.add(signum):
+                return  # the first one again (stopping.SAME_REQUEST_S)
+            alive = [p for p in ranks if p.poll() is None]
+            for process in alive:
+                process.send_signal(signum if len(received) == 1 else signal.SIGKILL)
+            killed.extend(alive if len(received) > 1 else [])
 
-    previous = {s: signal.signal(s, forward) for s in stop_signals()}
-    failed_at, first = None, None
-    try:
-        meeting.enter_context(pausing_together(paused_line(run_dir)))  # Ctrl-Z: the ranks too
-        while any(p.poll() is None for p in ranks):
-            failing = the_first_to_fail([p.returncode for p in ranks])
-            if failed_at is None and not received and failing is not None:
-                failed_at, first = time.monotonic(), failing
-                for p in ranks:
-                    if p.poll() is None:
-                        p.send_signal(signal.SIGTERM)
-            if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
-                for p in ranks:
-                    if p.poll() is None:
-                        p.kill()
-            time.sleep(0.1)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        meeting.close()
+        previous = {s: signal.signal(s, forward) for s in stop_signals()}
+        failed_at, first = None, None
+        try:
+            while any(p.poll() is None for p in ranks):
+                failing = the_first_to_fail([p.returncode for p in ranks])
+                if failed_at is None and not received and failing is not None:
+                    failed_at, first = time.monotonic(), failing
+                    for p in ranks:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGTERM)
+                if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+                    for p in ranks:
+                        if p.poll() is None:
+                            p.kill()
+                time.sleep(0.1)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     if received:
         if any(p.returncode == -signal.SIGKILL for p in killed):
             print(stopped_at_once(received[-1], run_dir), file=sys.stderr, flush=True)
