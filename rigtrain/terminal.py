@@ -254,13 +254,16 @@ def pausing_together(
         import psutil  # only on a Ctrl-Z
 
         stopped = []
-        for _ in range(2 if children else 0):  # again, for a child started while the first ones stopped
-            for child in psutil.Process().children(recursive=True):
-                if child.pid not in {p.pid for p in stopped}:
-                    with contextlib.suppress(psutil.Error):
-                        child.send_signal(signal.SIGSTOP)  # psutil checks the pid is still that process
-                        stopped.append(child)
-        say_from_a_signal_handler(line(len(stopped) if children else len(psutil.Process().children(recursive=True))))
+        try:  # whatever fails here (a /proc that cannot be read), the pause is not a traceback
+            for _ in range(2 if children else 0):  # again, for a child started while the first ones stopped
+                for child in psutil.Process().children(recursive=True):
+                    if child.pid not in {p.pid for p in stopped}:
+                        with contextlib.suppress(psutil.Error):
+                            child.send_signal(signal.SIGSTOP)  # psutil checks the pid is still that process
+                            stopped.append(child)
+            say_from_a_signal_handler(line(len(stopped) if children else len(psutil.Process().children(True))))
+        except Exception:  # noqa: BLE001  (see above)
+            pass
         paused_at = time.monotonic()
         os.kill(os.getpid(), signal.SIGSTOP)
         # Here once continued: `fg`, `bg` or `kill -CONT`.
