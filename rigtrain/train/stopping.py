@@ -102,8 +102,9 @@ def paused_line(run_dir: Path | None) -> Callable[[int], str]:
         later = resume_command(run_dir) if run_dir is not None else "the same command with --resume"
         return (
             f"rigtrain: paused (Ctrl-Z) with the run's {paused} other process(es); `fg` or `bg` continues them all. "
-            "A pause longer than train.collective_timeout_min ends the run when it continues (its checkpoints are "
-            f"kept); to stop for longer, Ctrl-C saves the step in flight, and later: {later}"
+            "On GPUs a pause longer than train.collective_timeout_min may end the run when it continues (NCCL's "
+            "watchdog counts it; the checkpoints are kept); to stop for longer, Ctrl-C saves the step in flight, and "
+            f"later: {later}"
         )
 
     return line
