@@ -172,12 +172,12 @@ def test_a_sweep_prunes_is_killed_resumes_and_picks_a_best_trial(tmp_path):
     assert all((out / f"trial-{n:04d}" / "tb").is_dir() for n in range(4))  # tensorboard --logdir SWEEP_DIR
 
 
-@pytest.mark.slow
 def _hear_hangup_and_ctrl_z() -> None:
     for signum in (signal.SIGHUP, signal.SIGTSTP):
         signal.signal(signum, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_a_closed_terminal_stops_a_sweep_politely_and_it_says_how_to_continue(tmp_path):
     """SIGHUP (or Ctrl-C, SIGTERM: the same handler) while a trial trains: the trial's run is
     sent SIGTERM and saves, the study keeps it running for the same command to resume, and

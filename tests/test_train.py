@@ -406,11 +406,12 @@ def test_the_eta_after_a_pause_is_at_the_pace_since_it_continued(tmp_path, monke
     import os
     import signal
     import time
+    import types
 
     from rigtrain.train import run_log
 
     clock = [0.0]
-    monkeypatch.setattr(run_log.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(run_log, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # run_log's clock
     log = run_log.MetricsLog(tmp_path, resume_step=0, total_steps=100)
     try:
         for step in (1, 11):  # 1 s a step
