@@ -253,23 +253,28 @@ def pausing_together(
     def pause(signum, frame) -> None:
         import psutil  # only on a Ctrl-Z
 
-        stopped = []
+        stopped: dict[int, psutil.Process] = {}
         try:  # whatever fails here (a /proc that cannot be read), the pause is not a traceback
             for _ in range(2 if children else 0):  # again, for a child started while the first ones stopped
                 for child in psutil.Process().children(recursive=True):
-                    if child.pid not in {p.pid for p in stopped}:
+                    if child.pid not in stopped:
                         with contextlib.suppress(psutil.Error):
                             child.send_signal(signal.SIGSTOP)  # psutil checks the pid is still that process
-                            stopped.append(child)
-            say_from_a_signal_handler(line(len(stopped) if children else len(psutil.Process().children(True))))
+                            stopped[child.pid] = child
+            below = len(stopped) if children else len(psutil.Process().children(recursive=True))
+            say_from_a_signal_handler(line(below))
         except Exception:  # noqa: BLE001  (see above)
             pass
         paused_at = time.monotonic()
-        os.kill(os.getpid(), signal.SIGSTOP)
-        # Here once continued: `fg`, `bg` or `kill -CONT`.
-        for child in stopped:
-            with contextlib.suppress(psutil.Error):
-                child.send_signal(signal.SIGCONT)
+        try:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        finally:
+            # Here once continued (`fg`, `bg`, `kill -CONT`), and also where a stop signal that
+            # came with the continue raises in its handler (a terminal closed under a stopped
+            # job gets SIGHUP, then SIGCONT): the processes below must go on to hear it.
+            for child in stopped.values():
+                with contextlib.suppress(psutil.Error):
+                    child.send_signal(signal.SIGCONT)
         if on_continue is not None:
             on_continue(time.monotonic() - paused_at)
 

@@ -67,11 +67,6 @@ def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: floa
     raise AssertionError(f"step {step} never came")
 
 
-def process_state(pid: int) -> str:
-    """R, S, T (stopped), Z..., from /proc/PID/stat."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 def workers_of(run: Path) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):
@@ -121,12 +116,14 @@ def test_two_ranks_stop_together_on_ctrl_c_and_a_second_signal_stops_at_once(tmp
     process = start("train", "--out", str(run), "--steps", "400", "--set", *TINY, "train.nproc=2", "train.log_every=1")
     wait_for_step(run, 3, process)
     # Ctrl-Z first: the ranks, in sessions of their own, pause with the launcher, and `fg` goes on
-    ranks = workers_of(run)
+    import psutil
+
+    ranks = [psutil.Process(pid) for pid in workers_of(run)]
     process.send_signal(signal.SIGTSTP)
     deadline = time.monotonic() + 30
-    while process_state(process.pid) != "T" and time.monotonic() < deadline:
+    while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert [process_state(pid) for pid in ranks] == ["T", "T"]
+    assert [rank.status() for rank in ranks] == [psutil.STATUS_STOPPED] * 2
     paused_at = len(losses(run))
     time.sleep(1.0)
     assert len(losses(run)) == paused_at  # no step while paused
