@@ -48,11 +48,15 @@ class PreloadedCli:
                 [sys.executable, __file__],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                text=True,
+                # Unbuffered bytes: a buffered reader could take the {"code"} line into its
+                # buffer with the {"pid"} line when a command ends at once, and select() on the
+                # pipe would then wait the whole timeout for a line already read (a `train
+                # --config missing.toml` "hung" 120 s, once in several suite runs).
+                bufsize=0,
                 env=os.environ.copy(),
             )
             ready = self._server.stdout.readline()
-            if ready.strip() != "ready":
+            if ready.strip() != b"ready":
                 raise RuntimeError(f"tests/preloaded_cli.py did not start: {ready!r}")
         return self._server
 
@@ -71,16 +75,25 @@ class PreloadedCli:
             ]
             if script is not None:
                 request["script"] = str(script)
-            server.stdin.write(json.dumps(request) + "\n")
-            server.stdin.flush()
+            self._send(server, request)
             pid = json.loads(server.stdout.readline())["pid"]
             deadline = time.monotonic() + timeout
-            while not select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                os.kill(pid, 9)  # the timeout: as subprocess.run kills its child
-                server.stdout.readline()
-                raise subprocess.TimeoutExpired(["rigtrain", *args], timeout, out.read_text(), err.read_text())
+            if not select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                try:
+                    os.kill(pid, 9)  # the timeout: as subprocess.run kills its child
+                except ProcessLookupError:
+                    pass  # it ended as the time ran out: its answer is on the way
+                else:
+                    server.stdout.readline()
+                    raise subprocess.TimeoutExpired(["rigtrain", *args], timeout, out.read_text(), err.read_text())
             code = json.loads(server.stdout.readline())["code"]
             return subprocess.CompletedProcess(["rigtrain", *args], code, out.read_text(), err.read_text())
+
+    @staticmethod
+    def _send(server: subprocess.Popen, request: dict) -> None:
+        line = (json.dumps(request) + "\n").encode()
+        while line:  # a raw write may take part of a request larger than the pipe's buffer
+            line = line[server.stdin.write(line) :]
 
     def close(self) -> None:
         if self._server is not None and self._server.poll() is None:
