@@ -653,6 +653,86 @@ def test_divergence_stops_before_a_bad_checkpoint(tmp_path, demo_data, lr, says)
         assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())
 
 
+def _nan_gradients_hook(tmp_path: Path, steps: set[int]) -> dict:
+    """A sitecustomize that makes one parameter's gradient NaN in the backward of the given
+    steps (1 = the first), in the training process, with the loss itself finite: what an
+    overflow in one layer's backward does."""
+    hook = tmp_path / "nan-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f"""
+import importlib.abc, importlib.machinery, sys
+
+class _Wrap(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "rigtrain.train.trainer":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            build, step = module.build_model, [0]
+            def build_model(*args, **kwargs):
+                model = build(*args, **kwargs)
+                poisoned = lambda grad: grad * float("nan") if step[0] in {sorted(steps)} else grad
+                next(model.parameters()).register_hook(poisoned)
+                return model
+            train_step = module.Trainer.train_step
+            def counted(self, *args, **kwargs):
+                step[0] = self.step + 1
+                return train_step(self, *args, **kwargs)
+            module.build_model, module.Trainer.train_step = build_model, counted
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _Wrap())
+""")
+    return {**os.environ, "PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}"}
+
+
+def _train_with_nan_gradients(
+    tmp_path: Path, steps: set[int], *settings: str
+) -> tuple[Path, subprocess.CompletedProcess]:
+    run = tmp_path / "run"
+    command = ["train", "--out", str(run), "--steps", "12", "--set", *TINY, "train.log_every=1", *settings]
+    result = subprocess.run(
+        [sys.executable, "-m", "rigtrain", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_nan_gradients_hook(tmp_path, steps),
+    )
+    return run, result
+
+
+@pytest.mark.parametrize("stage", ["0", "1"])
+def test_an_update_with_nan_gradients_is_skipped_and_the_run_trains_on(tmp_path, demo_data, stage):
+    """From ZeRO-1 up DeepSpeed skips an update whose gradients are not finite. At ZeRO-0
+    (one GPU's or one process's plan) it applied it, every weight turned NaN, and the run
+    stopped at its next check, losing the steps since its last checkpoint. Now the fused
+    optimizer skips it there too, decided on the device. A step whose update was skipped
+    is not saved."""
+    import torch
+
+    run, result = _train_with_nan_gradients(tmp_path, {4, 7}, f"train.zero_stage={stage}", "train.ckpt_every=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: step 4 is not saved: its update was skipped (inf or NaN gradients)" in result.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = {row["step"]: row.get("skipped_steps", 0) for row in rows if "loss" in row}
+    assert [skipped[s] for s in (3, 4, 6, 7, 12)] == [0, 1, 1, 2, 2], skipped
+    assert all(math.isfinite(row["loss"]) for row in rows if "loss" in row)
+    assert complete_steps(run) == [8, 12]
+    state = torch.load(run / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())
+
+
+def test_updates_skipped_too_often_in_a_row_stop_the_run_with_one_line(tmp_path, demo_data):
+    run, result = _train_with_nan_gradients(tmp_path, {2, 3, 4}, "train.max_skipped_steps=3", "train.ckpt_every=10")
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("rigtrain:")]
+    assert len(lines) == 1 and "the last 3 updates up to step 4 were skipped" in lines[0], result.stderr[-3000:]
+    assert "(it starts again at step 0)" in lines[0] and "Traceback" not in result.stderr
+
+
 # -- resume ------------------------------------------------------------------------------------
 
 

@@ -20,8 +20,8 @@ class DivergenceRules:
     def _check_divergence(self, in_a_row: int, total: int, metrics: dict[str, float]) -> None:
         """At each logging step (every checkpoint step is one), the rules that stop a run
         which can no longer learn, before it saves: the loss not finite for
-        train.max_nonfinite_steps steps in a row; DeepSpeed skipping the update (an inf/NaN
-        gradient) for train.max_skipped_steps steps in a row; the loss above
+        train.max_nonfinite_steps steps in a row; the update skipped (an inf/NaN gradient;
+        skipping.py) for train.max_skipped_steps steps in a row; the loss above
         train.divergence_factor times the median of the last 10 logged losses. Every rank
         sees the same figures, so all stop after the same step."""
         t = self.config.train
@@ -33,18 +33,19 @@ class DivergenceRules:
                     f"that is not finite ({in_a_row} in a row now, {total} in all)"
                 )
             self.nonfinite_reported = total
-        if self.skipped_seen:
-            metrics["skipped_steps"] = self.skipped_seen
+        skipped_in_a_row, skipped = self.skipped.read()
+        if skipped:
+            metrics["skipped_steps"] = skipped
         loss = metrics.get("loss", 0.0)
         recent = sorted(self.recent_losses)
         median = recent[len(recent) // 2] if recent else None
         why = None
         if in_a_row >= t.max_nonfinite_steps:
             why = f"the loss was not finite for {in_a_row} steps in a row up to step {self.step}"
-        elif self.skipped_in_a_row >= t.max_skipped_steps:
+        elif skipped_in_a_row >= t.max_skipped_steps:
             why = (
-                f"DeepSpeed skipped the last {self.skipped_in_a_row} updates up to step {self.step} (their gradients "
-                "were inf or NaN)"
+                f"the last {skipped_in_a_row} updates up to step {self.step} were skipped (their gradients were inf "
+                "or NaN)"
             )
         elif t.divergence_factor and median and math.isfinite(loss) and loss > t.divergence_factor * median:
             why = (

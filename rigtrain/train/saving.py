@@ -94,10 +94,11 @@ class Checkpointing:
         says it will not fit, and during it otherwise; the previous checkpoint stays whole."""
         if not self._states_finite():
             last = self._last_good()
+            restart = " (it starts again at step 0)" if "no checkpoint" in last else ""
             self.diverged = (
                 f"the weights or optimizer states are not finite at step {self.step}, so no checkpoint "
                 f"was written; {last}; lower train.lr (now {self.config.train.lr:g}) and resume with "
-                f"`{resume_command(self.run_dir, '--set', 'train.lr=...')}`"
+                f"`{resume_command(self.run_dir, '--set', 'train.lr=...')}`{restart}"
             )
             return False
         tag = checkpoints.tag_for(self.step)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils import clip_grad_norm_
 
 from rigtrain.config import RunConfig, build_config
 from rigtrain.data.dataset import ShardDataset, make_loader, open_dataset
@@ -48,6 +49,7 @@ from rigtrain.train.rehearsal import FirstStepRehearsal
 from rigtrain.train.run_log import MetricsLog
 from rigtrain.train.run_record import resume_command
 from rigtrain.train.saving import Checkpointing
+from rigtrain.train.skipping import SkippedUpdates
 from rigtrain.train.stopping import StopRequested
 from rigtrain.train.tensor_stats import TensorStatisticsLogging
 
@@ -90,7 +92,6 @@ class Trainer(
         self.nonfinite_in_a_row = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_reported = 0
-        self.skipped_seen, self.skipped_in_a_row = 0, 0  # optimizer steps DeepSpeed skipped
         self.first_step = self.step
         self.recent_losses = recent_losses()  # the explosion rule's
         self.diverged: str | None = None  # why the run must stop, once its metrics are written
@@ -131,6 +132,7 @@ class Trainer(
             config=self._engine_config(),  # saving.py: loading a universal checkpoint where it must
         )
         self.clipped = one_process_epilogue(self.engine, self.config, self.plan["precision"], self.world)
+        self.skipped = SkippedUpdates(self.engine, optimizer if self.clipped else None, self.device)
         if t.compile:
             compile_objective(self.model)
         self._setup_statistics()
@@ -235,16 +237,12 @@ class Trainer(
                 self._take_gradients(histograms)
             with span("optimizer"):
                 if last and self.clipped:
-                    torch.nn.utils.clip_grad_norm_(self.clipped, self.config.train.grad_clip, foreach=True)
+                    self.skipped.guard(clip_grad_norm_(self.clipped, self.config.train.grad_clip, foreach=True))
                 self.engine.step()
             # two kernels a micro-batch, not two per loss term
             stacked = torch.stack([terms[k].detach().float() for k in sorted(terms)])
             summed = stacked if summed is None else summed + stacked
-        # DeepSpeed skips an update whose gradient norm is inf/NaN (fp16 overflow, or worse);
-        # it decided that on the host already, so reading its count costs nothing.
-        skipped = self.engine.skipped_steps
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped > self.skipped_seen else 0
-        self.skipped_seen = skipped
+        self.skipped.count()  # an update whose gradient norm was inf/NaN was skipped (skipping.py)
         self.step += 1
         totals = dict(zip(sorted(terms), (summed / accum if accum > 1 else summed).unbind()))
         finite = torch.isfinite(totals["loss"])
@@ -326,11 +324,11 @@ class Trainer(
             if self.diverged:
                 raise FloatingPointError(self.diverged)
             if self.step % t.ckpt_every == 0 or self.step == t.steps:
-                if self.skipped_in_a_row:
+                if self.skipped.read()[0]:
                     if self.log:
                         self.log.say(
-                            f"warning: step {self.step} is not saved: DeepSpeed skipped its update (inf or "
-                            f"NaN gradients); {self._last_good()}"
+                            f"warning: step {self.step} is not saved: its update was skipped (inf or NaN "
+                            f"gradients); {self._last_good()}"
                         )
                 elif not self.save_checkpoint():
                     raise FloatingPointError(self.diverged)
