@@ -209,7 +209,12 @@ def test_mixed_cards_plan_for_the_smallest_and_rig_gpus_chooses():
 def test_cpu_only_box_keeps_the_config_and_shares_its_global_batch():
     config = load_config("demo")
     one = plan_for("cpu_only.json", preset="demo")
-    assert (one.micro_batch_size, one.zero_stage) == (config.train.micro_batch_size, config.train.zero_stage)
+    assert one.micro_batch_size == config.train.micro_batch_size
+    # the preset's ZeRO-1 has nothing to shard in one process (as on one GPU); a stage the
+    # user sets, or the optimizer's offload (ZeRO-1 and up), is kept
+    assert (config.train.zero_stage, one.zero_stage) == (1, 0) and "nothing to shard" in one.reasons["zero_stage"]
+    for overrides, stage in ((["train.zero_stage=1"], 1), (["train.offload_optimizer=cpu"], 1)):
+        assert plan_for("cpu_only.json", preset="demo", overrides=overrides).zero_stage == stage, overrides
     plan = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=2", "data.workers=-1"])
     assert (plan.device, plan.world_size, plan.precision) == ("cpu", 2, "fp32")
     # two processes train the same global batch in halves, as two GPUs would (not twice the batch)
