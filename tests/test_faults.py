@@ -704,8 +704,8 @@ def _train_with_nan_gradients(
     return run, result
 
 
-@pytest.mark.parametrize("stage", ["0", "1"])
-def test_an_update_with_nan_gradients_is_skipped_and_the_run_trains_on(tmp_path, demo_data, stage):
+@pytest.mark.parametrize("stage, precision", [("0", "fp32"), ("1", "fp32"), ("0", "bf16")])  # bf16 at 0: one GPU's
+def test_an_update_with_nan_gradients_is_skipped_and_the_run_trains_on(tmp_path, demo_data, stage, precision):
     """From ZeRO-1 up DeepSpeed skips an update whose gradients are not finite. At ZeRO-0
     (one GPU's or one process's plan) it applied it, every weight turned NaN, and the run
     stopped at its next check, losing the steps since its last checkpoint. Now the fused
@@ -713,7 +713,8 @@ def test_an_update_with_nan_gradients_is_skipped_and_the_run_trains_on(tmp_path,
     is not saved."""
     import torch
 
-    run, result = _train_with_nan_gradients(tmp_path, {4, 7}, f"train.zero_stage={stage}", "train.ckpt_every=4")
+    settings = [f"train.zero_stage={stage}", f"train.precision={precision}", "train.ckpt_every=4"]
+    run, result = _train_with_nan_gradients(tmp_path, {4, 7}, *settings)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: step 4 is not saved: its update was skipped (inf or NaN gradients)" in result.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
