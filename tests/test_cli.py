@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, run_script
+from conftest import PRELOADED, run_cli, run_script
 from preloaded_cli import PreloadedCli
 
 
@@ -300,25 +300,23 @@ def test_a_forked_command_starts_with_the_signal_handling_of_a_fresh_interpreter
     assert forked.stdout == fresh.stdout
 
 
-def test_a_forked_command_that_ends_before_its_start_is_read_answers_at_once():
+def test_a_forked_command_that_ends_before_its_start_is_read_answers_at_once(monkeypatch):
     """The server answers each command with two lines, its process id and its exit code. A
     buffered reader took both into its buffer when the command ended before the first was
     read, and select() on the pipe then waited out the whole timeout for a line already in
     hand (a `train --config missing.toml` "hung" 120 s in one suite run)."""
 
-    class SlowToRead(PreloadedCli):
-        def _send(self, server, request):
-            super()._send(server, request)
-            time.sleep(1.0)  # the command ends meanwhile: both lines wait in the pipe
+    send = PreloadedCli._send
 
-    cli = SlowToRead()
-    try:
-        started = time.monotonic()
-        result = cli.run(["--version"], env=dict(os.environ), cwd=None, timeout=20)
-        assert result.returncode == 0 and result.stdout.startswith("rigtrain "), result
-        assert time.monotonic() - started < 10
-    finally:
-        cli.close()
+    def slow_to_read(server, request):
+        send(server, request)
+        time.sleep(1.0)  # the command ends meanwhile: both lines wait in the pipe
+
+    monkeypatch.setattr(PRELOADED, "_send", slow_to_read)  # this worker's server, already started
+    started = time.monotonic()
+    result = run_cli("--version", timeout=20)
+    assert result.returncode == 0 and result.stdout.startswith("rigtrain "), result
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize(
