@@ -229,7 +229,10 @@ def die_with_parent(expected_parent: str | None) -> None:
 
 @contextlib.contextmanager
 def pausing_together(
-    line: Callable[[int], str], on_continue: Callable[[float], None] | None = None, children: bool = True
+    line: Callable[[int], str],
+    on_continue: Callable[[float], None] | None = None,
+    children: bool = True,
+    elsewhere: tuple[Callable[[], None], Callable[[], None]] | None = None,
 ) -> Iterator[None]:
     """Ctrl-Z (SIGTSTP) pauses this process and every process under it, and `fg` or `bg`
     (SIGCONT) continues them all.
@@ -244,8 +247,10 @@ def pausing_together(
     sweep's trial), so it would not always stop. `line(n)` is said when n processes were
     paused; `on_continue(seconds paused)` runs once they go on. With children=False only this
     process stops (line(n) then names the n processes that go on: a tune's workers, whose
-    measurements would count a pause as slowness). In the main thread only (a signal
-    handler's home), and not where SIGTSTP was started ignored."""
+    measurements would count a pause as slowness). `elsewhere`, (pause, go on): what
+    pauses and continues processes that are not under this one (a multi-node run's workers,
+    reached through pdsh), run before this process stops and after it continues. In the
+    main thread only (a signal handler's home), and not where SIGTSTP was started ignored."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTSTP) == signal.SIG_IGN:
         yield
         return
@@ -255,6 +260,8 @@ def pausing_together(
 
         stopped: dict[int, psutil.Process] = {}
         try:  # whatever fails here (a /proc that cannot be read), the pause is not a traceback
+            if elsewhere is not None:
+                elsewhere[0]()
             for _ in range(2 if children else 0):  # again, for a child started while the first ones stopped
                 for child in psutil.Process().children(recursive=True):
                     if child.pid not in stopped:
@@ -275,6 +282,9 @@ def pausing_together(
             for child in stopped.values():
                 with contextlib.suppress(psutil.Error):
                     child.send_signal(signal.SIGCONT)
+            if elsewhere is not None:
+                with contextlib.suppress(Exception):
+                    elsewhere[1]()
         if on_continue is not None:
             on_continue(time.monotonic() - paused_at)
 

@@ -2,8 +2,9 @@
 CPU/gloo process on each of two "nodes", 127.0.0.1 and 127.0.0.2, reached through an sshd
 that tests/multinode/loopback_nodes.sh starts on the loopback (installing Debian's
 openssh-server and pdsh when they are missing and it may). The run trains, checkpoints,
-is stopped with SIGTERM, resumes, and its losses equal a one-machine two-rank run's, bit
-for bit. Without sshd and pdsh, and no way to install them, the test is skipped saying so."""
+is paused with Ctrl-Z and continued, is stopped with SIGTERM, resumes, and its losses equal
+a one-machine two-rank run's, bit for bit. Without sshd and pdsh, and no way to install
+them, the test is skipped saying so."""
 
 from __future__ import annotations
 
@@ -53,10 +54,29 @@ def test_two_nodes_train_stop_resume_and_match_one_machine(tmp_path, demo_data, 
     wait_for_step(run, 4, process, timeout=240)
     plan = json.loads((run / "config.json").read_text())["plan"]
     assert plan["world_size"] == 2 and "2 machine(s)" in plan["reasons"]["world_size"]
+    # Ctrl-Z: the workers on both machines, reached by ssh, pause with the launcher; `fg` goes on
+    import psutil
+
+    from rigtrain.train.processes import worker_pattern
+
+    found = subprocess.run(["pgrep", "-f", worker_pattern(run)], capture_output=True, text=True).stdout.split()
+    workers = [psutil.Process(int(pid)) for pid in found]  # not DeepSpeed's launchers, nor ssh's clients
+    assert len(workers) == 2, found
+    process.send_signal(signal.SIGTSTP)
+    deadline = time.monotonic() + 30
+    while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [w.status() for w in workers] == [psutil.STATUS_STOPPED] * 2
+    paused_at = len(losses(run))
+    time.sleep(1.0)
+    assert len(losses(run)) == paused_at  # no step while paused
+    process.send_signal(signal.SIGCONT)  # what `fg` sends
+    wait_for_step(run, max(losses(run)) + 2, process, timeout=120)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=180)
     assert process.returncode == 143, out[-2000:] + err[-2000:]
     assert "Traceback" not in err, err[-3000:]
+    assert "paused (Ctrl-Z) with the run's workers on 2 machine(s)" in err, err[-3000:]
     # how to go on, as this run needs it: on its machines
     assert f"Continue with: rigtrain train --out {run} --resume --hostfile {hostfile}" in out + err, out[-2000:]
     stopped_at = complete_steps(run)[-1]

@@ -281,28 +281,36 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     handler alone would take the workers down before they could save (and this process says
     where the run stands for them). The launcher runs in its own session, so a Ctrl-C in the
     terminal reaches only this process, and it gets SIGTERM (its kill path) if this process
-    dies without a word."""
+    dies without a word. A Ctrl-Z pauses the workers on every machine with this process."""
     remove_what_dead_launchers_left()  # on this machine
     runner = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=terminate_with_parent)
     requests = StopRequests()  # a repeat of the first within stopping.SAME_REQUEST_S is the same request
     received = requests.signals
+
+    def signal_workers(signum: int) -> None:  # on every machine, as the launcher reached them
+        subprocess.run(
+            ["pdsh", "-S", "-w", ",".join(hosts), f"pkill -{int(signum)} -f '{worker_pattern(run_dir)}'"],
+            env={**env, "PDSH_RCMD_TYPE": "ssh"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    # Ctrl-Z: the workers on every machine stop (SIGSTOP) and go on with this process;
+    # DeepSpeed's launcher and its ssh clients wait for them as they are.
+    paused = (lambda: signal_workers(signal.SIGSTOP), lambda: signal_workers(signal.SIGCONT))
     previous = {s: signal.signal(s, lambda signum, frame: requests.add(signum)) for s in stop_signals()}
     forwarded = 0
     try:
-        while runner.poll() is None:
-            if len(received) > forwarded:
-                signum = received[forwarded]
-                forwarded += 1
-                if forwarded == 1:
-                    subprocess.run(
-                        ["pdsh", "-S", "-w", ",".join(hosts), f"pkill -{signum} -f '{worker_pattern(run_dir)}'"],
-                        env={**env, "PDSH_RCMD_TYPE": "ssh"},
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                else:
-                    runner.send_signal(signum)
-            time.sleep(0.1)
+        with pausing_together(paused_line(run_dir, machines=len(hosts)), children=False, elsewhere=paused):
+            while runner.poll() is None:
+                if len(received) > forwarded:
+                    signum = received[forwarded]
+                    forwarded += 1
+                    if forwarded == 1:
+                        signal_workers(signum)
+                    else:
+                        runner.send_signal(signum)
+                time.sleep(0.1)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -95,13 +95,15 @@ def stopped_at_once(signum: int, run_dir: Path | None) -> str:
     return f"{line}; {saved}; continue with: {resume_command(run_dir)}"
 
 
-def paused_line(run_dir: Path | None) -> Callable[[int], str]:
-    """What a launcher says as Ctrl-Z pauses it with its ranks (terminal.pausing_together)."""
+def paused_line(run_dir: Path | None, machines: int = 0) -> Callable[[int], str]:
+    """What a launcher says as Ctrl-Z pauses it with its ranks (terminal.pausing_together);
+    machines: a multi-node run's, whose workers pdsh paused (not processes under this one)."""
 
     def line(paused: int) -> str:
         later = resume_command(run_dir) if run_dir is not None else "the same command with --resume"
+        what = f"the run's workers on {machines} machine(s)" if machines else f"the run's {paused} other process(es)"
         return (
-            f"rigtrain: paused (Ctrl-Z) with the run's {paused} other process(es); `fg` or `bg` continues them all. "
+            f"rigtrain: paused (Ctrl-Z) with {what}; `fg` or `bg` continues them all. "
             "On GPUs a pause longer than train.collective_timeout_min may end the run when it continues (NCCL's "
             "watchdog counts it; the checkpoints are kept); to stop for longer, Ctrl-C saves the step in flight, and "
             f"later: {later}"
