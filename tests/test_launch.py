@@ -396,6 +396,37 @@ def test_a_collective_that_waited_too_long_is_one_line_with_the_checkpoint(monke
     assert peer_trouble(tmp_path, None, RuntimeError("mat1 and mat2 must have the same dtype")) is None
 
 
+def test_a_machine_that_does_not_answer_never_hangs_a_multi_node_stop(tmp_path):
+    """The first Ctrl-C of a --hostfile run goes to every machine through pdsh; a machine
+    that stopped answering left pdsh waiting, and the launcher with it, for ever. Here pdsh
+    never returns: the launcher gives up on it after PDSH_TIMEOUT_S, waits for DeepSpeed's
+    launcher as before, and exits 130 without a traceback."""
+    from conftest import run_script
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "pdsh").write_text("#!/bin/sh\nexec sleep 600\n")
+    (fake / "pdsh").chmod(0o755)
+    script = tmp_path / "stop.py"
+    script.write_text(f"""
+import os, signal, sys, threading, time
+from pathlib import Path
+from rigtrain.train import processes
+
+processes.PDSH_TIMEOUT_S = 1.0
+os.environ["PATH"] = "{fake}:" + os.environ["PATH"]
+runner = [sys.executable, "-c", "import time; time.sleep(4)"]  # DeepSpeed's launcher, ending on its own
+threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+started = time.monotonic()
+code = processes.run_on_machines(runner, Path("{tmp_path / "run"}"), ["node1", "node2"], dict(os.environ))
+print("CODE", code, round(time.monotonic() - started, 1))
+""")
+    result = run_script(script, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    code, seconds = result.stdout.split("CODE ")[1].split()
+    assert int(code) == 130 and float(seconds) < 30, result.stdout
+
+
 def test_a_multi_node_stop_signals_the_workers_and_not_deepspeeds_launchers(tmp_path):
     """The first Ctrl-C of a --hostfile run is sent by pkill to each machine's workers, which
     save. DeepSpeed's runner and per-node launchers name the worker module too, and run on the

@@ -10,6 +10,7 @@ folder (docs/training.md, "From `rigtrain train` to the first step"):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -31,6 +32,9 @@ from rigtrain.train.stopping import LAUNCHER_PID, StopRequests, paused_line, sto
 from rigtrain.train.worker import FAULT_SAID
 
 WORKER_MODULE = "rigtrain.train.worker"
+# How long a signal to a multi-node run's workers may take (pdsh: an ssh connection and a
+# pkill per machine, done in parallel)
+PDSH_TIMEOUT_S = 60.0
 
 
 def _say(line: str) -> None:
@@ -288,12 +292,16 @@ def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: di
     received = requests.signals
 
     def signal_workers(signum: int) -> None:  # on every machine, as the launcher reached them
-        subprocess.run(
-            ["pdsh", "-S", "-w", ",".join(hosts), f"pkill -{int(signum)} -f '{worker_pattern(run_dir)}'"],
-            env={**env, "PDSH_RCMD_TYPE": "ssh"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        # a machine that stopped answering must not hang a Ctrl-C or a Ctrl-Z here: its
+        # workers then meet the collective timeout, which ends the run in one line
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(
+                ["pdsh", "-S", "-w", ",".join(hosts), f"pkill -{int(signum)} -f '{worker_pattern(run_dir)}'"],
+                env={**env, "PDSH_RCMD_TYPE": "ssh"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=PDSH_TIMEOUT_S,
+            )
 
     # Ctrl-Z: the workers on every machine stop (SIGSTOP) and go on with this process;
     # DeepSpeed's launcher and its ssh clients wait for them as they are.
