@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -80,6 +81,24 @@ def workers_of(run: Path) -> list[int]:
     return found
 
 
+def pause_and_continue(process: subprocess.Popen, run: Path, workers: list[int], timeout: float = 120) -> None:
+    """Ctrl-Z (SIGTSTP) to a launcher: it and the workers stop and no step is logged while
+    they are; then `fg` (SIGCONT) and the steps go on."""
+    import psutil
+
+    ranks = [psutil.Process(pid) for pid in workers]
+    process.send_signal(signal.SIGTSTP)
+    deadline = time.monotonic() + 30
+    while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [rank.status() for rank in ranks] == [psutil.STATUS_STOPPED] * len(ranks)
+    paused_at = len(losses(run))
+    time.sleep(1.0)
+    assert len(losses(run)) == paused_at  # no step while paused
+    process.send_signal(signal.SIGCONT)  # what `fg` sends
+    wait_for_step(run, max(losses(run)) + 2, process, timeout=timeout)
+
+
 def complete_steps(run: Path) -> list[int]:
     from rigtrain.train import checkpoints
 
@@ -116,19 +135,7 @@ def test_two_ranks_stop_together_on_ctrl_c_and_a_second_signal_stops_at_once(tmp
     process = start("train", "--out", str(run), "--steps", "400", "--set", *TINY, "train.nproc=2", "train.log_every=1")
     wait_for_step(run, 3, process)
     # Ctrl-Z first: the ranks, in sessions of their own, pause with the launcher, and `fg` goes on
-    import psutil
-
-    ranks = [psutil.Process(pid) for pid in workers_of(run)]
-    process.send_signal(signal.SIGTSTP)
-    deadline = time.monotonic() + 30
-    while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [rank.status() for rank in ranks] == [psutil.STATUS_STOPPED] * 2
-    paused_at = len(losses(run))
-    time.sleep(1.0)
-    assert len(losses(run)) == paused_at  # no step while paused
-    process.send_signal(signal.SIGCONT)  # what `fg` sends
-    wait_for_step(run, max(losses(run)) + 2, process)
+    pause_and_continue(process, run, workers_of(run))
     process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the launcher
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
@@ -657,36 +664,20 @@ def _nan_gradients_hook(tmp_path: Path, steps: set[int]) -> dict:
     """A sitecustomize that makes one parameter's gradient NaN in the backward of the given
     steps (1 = the first), in the training process, with the loss itself finite: what an
     overflow in one layer's backward does."""
-    hook = tmp_path / "nan-hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(f"""
-import importlib.abc, importlib.machinery, sys
-
-class _Wrap(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "rigtrain.train.trainer":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-        def exec_module(module):
-            run(module)
-            build, step = module.build_model, [0]
-            def build_model(*args, **kwargs):
-                model = build(*args, **kwargs)
-                poisoned = lambda grad: grad * float("nan") if step[0] in {sorted(steps)} else grad
-                next(model.parameters()).register_hook(poisoned)
-                return model
-            train_step = module.Trainer.train_step
-            def counted(self, *args, **kwargs):
-                step[0] = self.step + 1
-                return train_step(self, *args, **kwargs)
-            module.build_model, module.Trainer.train_step = build_model, counted
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, _Wrap())
-""")
-    return {**os.environ, "PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}"}
+    patch = f"""
+        build, step = module.build_model, [0]
+        def build_model(*args, **kwargs):
+            model = build(*args, **kwargs)
+            poisoned = lambda grad: grad * float("nan") if step[0] in {sorted(steps)} else grad
+            next(model.parameters()).register_hook(poisoned)
+            return model
+        train_step = module.Trainer.train_step
+        def counted(self, *args, **kwargs):
+            step[0] = self.step + 1
+            return train_step(self, *args, **kwargs)
+        module.build_model, module.Trainer.train_step = build_model, counted
+    """
+    return _after_import(tmp_path / "nan-hook", "rigtrain.train.trainer", patch)
 
 
 def _train_with_nan_gradients(
@@ -948,38 +939,48 @@ def _small_filesystem(tmp_path: Path, megabytes: int):
     return mount if made.returncode == 0 else None
 
 
-def _enospc_hook(tmp_path: Path, saves: int) -> dict:
-    """Else: a sitecustomize that lets the first `saves` calls of torch.save into a
-    checkpoints folder through and makes the later ones fail with ENOSPC, as a full disk
-    does, in every process the run starts. torch.save writes through its own C++ writer, so
-    the hook wraps torch.save itself when torch.serialization is first imported."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(f"""
-import errno, importlib.abc, importlib.machinery, sys
+def _after_import(folder: Path, module_name: str, patch: str) -> dict:
+    """An environment whose sitecustomize runs `patch` (Python source, with the module as
+    `module`) right after `module_name` is first imported, in every process a command starts."""
+    folder.mkdir()
+    body = textwrap.indent(textwrap.dedent(patch).strip(), " " * 12)
+    (folder / "sitecustomize.py").write_text(f"""
+import importlib.abc, importlib.machinery, sys
 
 class _Wrap(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != "torch.serialization":
+        if name != "{module_name}":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         run = spec.loader.exec_module
         def exec_module(module):
             run(module)
-            save, calls = module.save, [0]
-            def full_save(obj, f, *args, **kwargs):
-                if "checkpoints" in str(f):
-                    calls[0] += 1
-                    if calls[0] > {saves}:
-                        raise OSError(errno.ENOSPC, "No space left on device", str(f))
-                return save(obj, f, *args, **kwargs)
-            module.save = full_save
+{body}
         spec.loader.exec_module = exec_module
         return spec
 
 sys.meta_path.insert(0, _Wrap())
 """)
-    return {**os.environ, "PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}"}
+    return {**os.environ, "PYTHONPATH": f"{folder}:{os.environ.get('PYTHONPATH', '')}"}
+
+
+def _enospc_hook(tmp_path: Path, saves: int) -> dict:
+    """Else: a sitecustomize that lets the first `saves` calls of torch.save into a
+    checkpoints folder through and makes the later ones fail with ENOSPC, as a full disk
+    does, in every process the run starts. torch.save writes through its own C++ writer, so
+    the hook wraps torch.save itself when torch.serialization is first imported."""
+    patch = f"""
+        import errno
+        save, calls = module.save, [0]
+        def full_save(obj, f, *args, **kwargs):
+            if "checkpoints" in str(f):
+                calls[0] += 1
+                if calls[0] > {saves}:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(f))
+            return save(obj, f, *args, **kwargs)
+        module.save = full_save
+    """
+    return _after_import(tmp_path / "hook", "torch.serialization", patch)
 
 
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(tmp_path, demo_data):

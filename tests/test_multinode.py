@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_MODEL, run_cli
-from test_faults import complete_steps, losses, wait_for_step, workers_of
+from test_faults import complete_steps, losses, pause_and_continue, wait_for_step, workers_of
 
 pytestmark = pytest.mark.slow
 NODES_SCRIPT = Path(__file__).parent / "multinode" / "loopback_nodes.sh"
@@ -55,23 +55,11 @@ def test_two_nodes_train_stop_resume_and_match_one_machine(tmp_path, demo_data, 
     plan = json.loads((run / "config.json").read_text())["plan"]
     assert plan["world_size"] == 2 and "2 machine(s)" in plan["reasons"]["world_size"]
     # Ctrl-Z: the workers on both machines, reached by ssh, pause with the launcher; `fg` goes on
-    import psutil
-
     from rigtrain.train.processes import worker_pattern
 
     found = subprocess.run(["pgrep", "-f", worker_pattern(run)], capture_output=True, text=True).stdout.split()
-    workers = [psutil.Process(int(pid)) for pid in found]  # not DeepSpeed's launchers, nor ssh's clients
-    assert len(workers) == 2, found
-    process.send_signal(signal.SIGTSTP)
-    deadline = time.monotonic() + 30
-    while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [w.status() for w in workers] == [psutil.STATUS_STOPPED] * 2
-    paused_at = len(losses(run))
-    time.sleep(1.0)
-    assert len(losses(run)) == paused_at  # no step while paused
-    process.send_signal(signal.SIGCONT)  # what `fg` sends
-    wait_for_step(run, max(losses(run)) + 2, process, timeout=120)
+    assert len(found) == 2, found  # the workers, not DeepSpeed's launchers nor ssh's clients
+    pause_and_continue(process, run, [int(pid) for pid in found])
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=180)
     assert process.returncode == 143, out[-2000:] + err[-2000:]

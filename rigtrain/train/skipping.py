@@ -37,7 +37,7 @@ class SkippedUpdates:
         if that is not finite. norm - norm is 0 for a finite norm and NaN for inf or NaN: two
         small ops a step (the step's ops around the model are counted by a test)."""
         if self.optimizer is not None:
-            self.found = torch.nan_to_num(gradient_norm.float() - gradient_norm.float(), nan=1.0)
+            self.found = torch.nan_to_num(gradient_norm - gradient_norm, nan=1.0)
             self.optimizer.found_inf = self.found
 
     def count(self) -> None:
