@@ -520,6 +520,11 @@ init_distributed({"device": "cpu"}, int(os.environ["LOCAL_RANK"]), timeout_min=1
 total = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(total)
 print(f"rank {dist.get_rank()} of {dist.get_world_size()}: {total.item():g}", flush=True)
+dist.destroy_process_group()
+# as a training worker ends: the interpreter's teardown of gloo's threads now and then aborts
+# after all is done ("terminate called without an active exception", seen here in CI)
+from rigtrain.train.stopping import exit_without_teardown
+exit_without_teardown(0)
 """
 
 
