@@ -215,6 +215,12 @@ def test_cpu_only_box_keeps_the_config_and_shares_its_global_batch():
     assert (config.train.zero_stage, one.zero_stage) == (1, 0) and "nothing to shard" in one.reasons["zero_stage"]
     for overrides, stage in ((["train.zero_stage=1"], 1), (["train.offload_optimizer=cpu"], 1)):
         assert plan_for("cpu_only.json", preset="demo", overrides=overrides).zero_stage == stage, overrides
+    # a choice the user made is said to be theirs, as the GPU plan says it; the rest is the config's
+    mine = plan_for(
+        "cpu_only.json", preset="demo", overrides=["train.zero_stage=1", "model.activation_checkpointing=true"]
+    )
+    assert mine.reasons["zero_stage"] == mine.reasons["activation_checkpointing"] == "set by the user"
+    assert mine.reasons["optimizer"] == "no GPU to plan for: the config's value"
     plan = plan_for("cpu_only.json", preset="demo", overrides=["train.nproc=2", "data.workers=-1"])
     assert (plan.device, plan.world_size, plan.precision) == ("cpu", 2, "fp32")
     # two processes train the same global batch in halves, as two GPUs would (not twice the batch)

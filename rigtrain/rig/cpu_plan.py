@@ -54,6 +54,17 @@ def _one_process_stage(request: PlanRequest, world: int, stage: int, offload: st
     return 0, "one process: ZeRO has nothing to shard (as on one GPU)"
 
 
+def _config_choices(fixed: dict) -> dict[str, str]:
+    """Why each choice a GPU plan would make is what it is without a GPU: the user's (--set,
+    a config file), in the GPU plan's words, or else the preset's."""
+    chosen = ("train.micro_batch_size", "train.grad_accum_steps", "train.zero_stage", "train.optimizer",
+              "train.offload_optimizer", "model.activation_checkpointing")  # fmt: skip
+    return {
+        dotted.split(".")[1]: "set by the user" if dotted in fixed else "no GPU to plan for: the config's value"
+        for dotted in chosen
+    }
+
+
 def cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, reasons, env) -> Plan:
     """No GPU: the config's choices, on `train.nproc` gloo processes sharing the global batch;
     memory is RAM."""
@@ -96,13 +107,11 @@ def cpu_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak, warnings, reas
         optimizer=optimizer,
         offload=offload,
     )
-    for key in ("micro_batch_size", "grad_accum_steps", "zero_stage", "optimizer", "offload_optimizer"):
-        reasons[key] = "no GPU to plan for: the config's value"
+    reasons.update(_config_choices(fixed))
     if shared:
         reasons["micro_batch_size"] = shared
     if stage_reason:
         reasons["zero_stage"] = stage_reason
-    reasons["activation_checkpointing"] = "no GPU to plan for: the config's value"
     workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, here)
     low_ram = ram_warning(
         rig,
