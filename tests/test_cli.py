@@ -249,6 +249,63 @@ def test_output_is_copied_to_a_file_as_the_terminal_shows_it(tmp_path, monkeypat
     assert screen.getvalue().endswith("the disk is full\nand the program goes on\n")
 
 
+def test_children_s_output_is_passed_on_in_whole_lines_and_copied(tmp_path, monkeypatch):
+    """OutputRelay (a launcher's ranks): what two children write, in Python or straight to
+    their descriptors, reaches this process's streams and their copy in whole lines, never
+    cut into by the other child; a last line without its end and bytes that are not UTF-8
+    are passed on too, and a stream of this process that fails costs the lines, not the
+    children."""
+    import io
+
+    from rigtrain.terminal import OUTPUT_RELAYED, OutlivesItsReader, OutputRelay, copy_output_to
+
+    screen, errors = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", OutlivesItsReader(screen))
+    monkeypatch.setattr(sys, "stderr", OutlivesItsReader(errors))
+    halves = """
+import os, sys, time
+assert os.environ["{relayed}"] == "1" and os.environ["PYTHONUNBUFFERED"] == "1"
+os.write(1, b"first half of {name}'s line, ")
+time.sleep(0.3)
+os.write(1, b"second half\\n")
+print("{name} in Python")
+os.write(2, b"{name} on stderr, not UTF-8: \\xff\\n{name}'s last words, unended")
+"""
+    relay = OutputRelay()
+    with copy_output_to(tmp_path / "train.log") as copy:
+        assert copy is not None
+        children = []
+        for name in ("a", "b"):
+            code = halves.format(name=name, relayed=OUTPUT_RELAYED)
+            command = [sys.executable, "-c", code]
+            child = subprocess.Popen(
+                command,
+                env=relay.child_env(dict(os.environ)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+            )
+            relay.watch(child)
+            children.append(child)
+        assert [c.wait(timeout=60) for c in children] == [0, 0]
+        relay.drain()
+        print("the parent's line after them")
+    out, err = screen.getvalue().splitlines(), errors.getvalue().splitlines()
+    for name in ("a", "b"):
+        assert f"first half of {name}'s line, second half" in out and f"{name} in Python" in out
+        assert f"{name} on stderr, not UTF-8: \ufffd" in err and f"{name}'s last words, unended" in err
+    assert out[-1] == "the parent's line after them"
+    assert sorted((tmp_path / "train.log").read_text().splitlines()) == sorted(out + err)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    sys.stdout.close()  # a stream that fails (ValueError on a closed file)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "print('x')"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+    )
+    relay.watch(child)
+    assert child.wait(timeout=60) == 0
+    relay.drain()
+
+
 def test_threads_printing_while_the_copy_begins_and_ends_never_fail(tmp_path, monkeypatch):
     """A thread's warning (telemetry, TensorBoard's writer) printed just as a run's copy ends
     must not raise in that thread: the copy it started with is ended, not gone."""

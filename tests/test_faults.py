@@ -401,6 +401,48 @@ def test_a_rank_killed_mid_run_is_named_in_one_line_and_the_run_resumes(tmp_path
     assert f"resuming at step {saved}/{saved + 1}" in log.split(headers[1])[1]
 
 
+def test_a_native_crash_leaves_its_stacks_and_what_c_libraries_said_in_train_log(tmp_path, demo_data):
+    """What a rank's C libraries write to its descriptors (NCCL's warnings; here os.write,
+    past Python's streams, as C code writes) reaches the terminal and train.log, once: the
+    launcher passes the ranks' output on. A crash in native code (a real SIGSEGV, on rank 1
+    at step 5) leaves every thread's Python stack in train.log, and on the terminal only the
+    launcher's line, which says where the stacks are."""
+    patch = """
+        import ctypes
+        train_step = module.Trainer.train_step
+        def crashing(self, *args, **kwargs):
+            if self.step + 1 == 3:
+                os.write(2, f"NCCL WARN from rank {self.rank}, past Python\\n".encode())
+            if self.step + 1 == 5 and self.rank == 1:
+                ctypes.string_at(0)  # reads address 0: SIGSEGV
+            return train_step(self, *args, **kwargs)
+        module.Trainer.train_step = crashing
+    """
+    env = _after_import(tmp_path / "crash-hook", "rigtrain.train.trainer", "import os\n" + textwrap.dedent(patch))
+    run = tmp_path / "run"
+    settings = [*TINY, "train.nproc=2", "train.log_every=1", "train.ckpt_every=2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "rigtrain", "train", "--out", str(run), "--steps", "40", "--set", *settings],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    err = result.stderr
+    assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("rigtrain:")][-1]
+    assert said.startswith("rigtrain: training process rank 1 was killed by SIGSEGV (a crash in native code"), said
+    assert f"its Python stacks are in {run / 'train.log'}; the last complete checkpoint is step 4;" in said
+    log = (run / "train.log").read_text()
+    for rank in (0, 1):
+        assert f"NCCL WARN from rank {rank}, past Python" in err
+        assert log.count(f"NCCL WARN from rank {rank}, past Python") == 1, log[-3000:]
+    stacks = log.split("Fatal Python error: Segmentation fault", 1)[1]
+    assert "in crashing" in stacks and "(most recent call first)" in stacks, log[-3000:]
+    assert said in log and log.count("step     4  loss") == 1  # each rank-0 line once, the launcher's too
+
+
 def test_a_run_folder_deleted_under_a_run_is_one_line_and_never_made_again(tmp_path, demo_data):
     """`rm -rf` of the run folder (or its disk unmounted) while the run trains: the next
     write or save stops it with one line naming the folder, not a traceback from the

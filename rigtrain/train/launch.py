@@ -25,7 +25,7 @@ from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, how_it_ended, new_run_dir, start_processes
 from rigtrain.train.resuming import check_checkpoint_layout, fit_to_processes, resume_changes
 from rigtrain.train.run_record import RUN_LOG, read_run_record, resume_command
-from rigtrain.train.stopping import STOP_EXIT_CODES
+from rigtrain.train.stopping import NATIVE_CRASHES, STOP_EXIT_CODES
 from rigtrain.train.worker import OOM_MARKER
 
 
@@ -392,5 +392,7 @@ def _finish(run_dir: Path, code: int, rank: int | None = None) -> int:
         from rigtrain.train.checkpoints import last_complete_in_words  # torch: only when a process failed
 
         saved = last_complete_in_words(run_dir / "checkpoints")
+        if -code in NATIVE_CRASHES:  # the rank wrote where it crashed into the run's log
+            how += f"; its Python stacks are in {run_dir / RUN_LOG}"
         print(f"rigtrain: {how}; {saved}; continue with: {resume_command(run_dir)}", file=sys.stderr)
     return 2 if code == 2 else 1

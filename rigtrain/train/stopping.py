@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -141,6 +142,25 @@ def die_with_launcher() -> None:
     """In a worker the launcher started: be killed when the launcher goes, however it goes.
     If it is already gone (it died before this line ran), exit now."""
     die_with_parent(os.environ.get(LAUNCHER_PID))
+
+
+# Signals whose handler faulthandler adds (keep_native_crash_stacks): a crash in native code
+NATIVE_CRASHES = (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT)
+_crash_log = None  # the file faulthandler writes to: open for the life of the process
+
+
+def keep_native_crash_stacks(log: Path) -> None:
+    """Where a training process dies of a crash in native code (NATIVE_CRASHES: a driver,
+    NCCL, a library's kernel), every thread's Python stack goes into the run's log first
+    (faulthandler), then the process dies of its signal as before: where it crashed, for a
+    bug report, kept with the run. Not on the terminal, where the launcher says in one line
+    which rank died of what. Where the log cannot be opened, nothing."""
+    global _crash_log
+    try:
+        _crash_log = open(log, "a")  # noqa: SIM115  (held open: faulthandler writes to its descriptor when it crashes)
+    except OSError:
+        return
+    faulthandler.enable(file=_crash_log, all_threads=True)
 
 
 def exit_without_teardown(code: int) -> None:

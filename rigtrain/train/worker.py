@@ -4,6 +4,7 @@ as torchrun or DeepSpeed's launcher start it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -298,13 +299,16 @@ def main() -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; LOCAL_RANK wins")
     args = parser.parse_args()
-    from rigtrain.terminal import copy_output_to, outlive_the_terminal  # before torch, like the rest here
+    from rigtrain.terminal import OUTPUT_RELAYED, copy_output_to, outlive_the_terminal  # before torch, as below
     from rigtrain.train.run_record import RUN_LOG  # before torch, like the rest of this entry point
-    from rigtrain.train.stopping import die_with_launcher  # before torch, like the rest of this entry point
+    from rigtrain.train.stopping import die_with_launcher, keep_native_crash_stacks  # before torch, too
 
     die_with_launcher()
     outlive_the_terminal()
-    with copy_output_to(Path(args.run_dir) / RUN_LOG):  # beside the launcher's lines
+    # beside the launcher's lines; where the launcher passes on this process's output it copies it too
+    log = Path(args.run_dir) / RUN_LOG
+    keep_native_crash_stacks(log)
+    with contextlib.nullcontext() if os.environ.get(OUTPUT_RELAYED) else copy_output_to(log):
         return run(args.run_dir)
 
 
