@@ -406,14 +406,15 @@ def test_a_native_crash_leaves_its_stacks_and_what_c_libraries_said_in_train_log
     past Python's streams, as C code writes) reaches the terminal and train.log, once: the
     launcher passes the ranks' output on. A crash in native code (a real SIGSEGV, on rank 1
     at step 5) leaves every thread's Python stack in train.log, and on the terminal only the
-    launcher's line, which says where the stacks are."""
+    launcher's line, which says where the stacks are; so does one CPU process, which trains
+    in the command's own process."""
     patch = """
         import ctypes
         train_step = module.Trainer.train_step
         def crashing(self, *args, **kwargs):
             if self.step + 1 == 3:
                 os.write(2, f"NCCL WARN from rank {self.rank}, past Python\\n".encode())
-            if self.step + 1 == 5 and self.rank == 1:
+            if self.step + 1 == 5 and self.rank == int(os.environ["WORLD_SIZE"]) - 1:
                 ctypes.string_at(0)  # reads address 0: SIGSEGV
             return train_step(self, *args, **kwargs)
         module.Trainer.train_step = crashing
@@ -441,6 +442,17 @@ def test_a_native_crash_leaves_its_stacks_and_what_c_libraries_said_in_train_log
     stacks = log.split("Fatal Python error: Segmentation fault", 1)[1]
     assert "in crashing" in stacks and "(most recent call first)" in stacks, log[-3000:]
     assert said in log and log.count("step     4  loss") == 1  # each rank-0 line once, the launcher's too
+    # one CPU process trains inside the command's own process: its stacks are kept the same way
+    alone = tmp_path / "alone"
+    result = subprocess.run(
+        [sys.executable, "-m", "rigtrain", "train", "--out", str(alone), "--steps", "40", "--set", *TINY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == -signal.SIGSEGV and "Fatal Python error" not in result.stderr, result.stderr[-3000:]
+    assert "in crashing" in (alone / "train.log").read_text().split("Fatal Python error: Segmentation fault", 1)[1]
 
 
 def test_a_run_folder_deleted_under_a_run_is_one_line_and_never_made_again(tmp_path, demo_data):

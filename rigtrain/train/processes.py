@@ -28,7 +28,15 @@ from rigtrain.errors import UserError
 from rigtrain.files import write_json
 from rigtrain.terminal import OutputRelay, pausing_together, terminate_with_parent
 from rigtrain.train.rendezvous import meeting_folder, port_file_env, remove_what_dead_launchers_left
-from rigtrain.train.stopping import LAUNCHER_PID, StopRequests, paused_line, stop_signals, stopped_at_once
+from rigtrain.train.run_record import RUN_LOG
+from rigtrain.train.stopping import (
+    LAUNCHER_PID,
+    StopRequests,
+    keep_native_crash_stacks,
+    paused_line,
+    stop_signals,
+    stopped_at_once,
+)
 from rigtrain.train.worker import FAULT_SAID
 
 WORKER_MODULE = "rigtrain.train.worker"
@@ -371,6 +379,7 @@ def start_processes(
             os.environ[key] = value
         from rigtrain.train.worker import run  # the Trainer (torch, DeepSpeed): only when this process trains
 
+        keep_native_crash_stacks(run_dir / RUN_LOG)  # as a training process started apart does
         return run(run_dir), None
     env = {**os.environ, **plan.env}
     if hostfile:
