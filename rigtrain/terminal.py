@@ -214,10 +214,11 @@ class OutputRelay:
     reach its terminal and its copy (copy_output_to) together with its own lines. Through
     the pipes also comes what a child's C libraries write to the descriptors (NCCL's
     warnings, a C++ abort's line, a JIT build's compiler), which a copy made in the child's
-    Python never sees. A line is passed on once it ends, so that several children's lines do
-    not cut into each other; an unended line is passed on when its pipe closes, or in pieces
-    of PENDING_MAX. The children's own Python output reaches the pipe at once only when they
-    are unbuffered (PYTHONUNBUFFERED=1 in `child_env`)."""
+    Python never sees. A line is passed on once it ends (or a counter's state, at its carriage
+    return), so that several children's lines do not cut into each other; an unended line is
+    passed on when its pipe closes, or in pieces of PENDING_MAX. The children's own Python
+    output reaches the pipe at once only when they are unbuffered (PYTHONUNBUFFERED=1 in
+    `child_env`)."""
 
     def __init__(self):
         self._threads: list[threading.Thread] = []
@@ -240,7 +241,9 @@ class OutputRelay:
         try:
             while chunk := os.read(pipe.fileno(), 1 << 16):  # b"" once every writer has closed it
                 pending += decoder.decode(chunk)
-                whole = pending.rfind("\n") + 1 or (len(pending) if len(pending) > PENDING_MAX else 0)
+                # a line's end, or a counter's carriage return (its state shows as it changes)
+                whole = max(pending.rfind("\n"), pending.rfind("\r")) + 1
+                whole = whole or (len(pending) if len(pending) > PENDING_MAX else 0)
                 if whole:
                     self._write(name, pending[:whole])
                     pending = pending[whole:]

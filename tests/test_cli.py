@@ -296,6 +296,27 @@ os.write(2, b"{name} on stderr, not UTF-8: \\xff\\n{name}'s last words, unended"
         assert f"{name} on stderr, not UTF-8: \ufffd" in err and f"{name}'s last words, unended" in err
     assert out[-1] == "the parent's line after them"
     assert sorted((tmp_path / "train.log").read_text().splitlines()) == sorted(out + err)
+    # a counter rewritten in place (tqdm, a compiler's progress) shows as it changes, not at its line's end
+    go_on = tmp_path / "go-on"
+    counting = (
+        f"import os, time\nos.write(1, b'counting 1/2\\r')\n"
+        f"while not os.path.exists({str(go_on)!r}): time.sleep(0.05)\nos.write(1, b'counting 2/2\\n')"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", counting], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+    )
+    relay.watch(child)
+    try:
+        deadline = time.monotonic() + 30
+        while not screen.getvalue().endswith("counting 1/2\r") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shown_before_its_end = screen.getvalue().endswith("counting 1/2\r")
+    finally:
+        go_on.touch()  # the child ends, whatever was seen
+    assert shown_before_its_end
+    assert child.wait(timeout=60) == 0
+    relay.drain()
+    assert screen.getvalue().endswith("counting 1/2\rcounting 2/2\n")
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     sys.stdout.close()  # a stream that fails (ValueError on a closed file)
     child = subprocess.Popen(
