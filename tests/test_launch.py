@@ -105,6 +105,8 @@ def test_the_users_thread_count_and_p2p_setting_win_over_the_plans():
     assert no_p2p.env["NCCL_P2P_DISABLE"] == "1"
     kept = with_user_environment(no_p2p, {"NCCL_P2P_DISABLE": "0", "CUDA_VISIBLE_DEVICES": "1"})
     assert kept.env["NCCL_P2P_DISABLE"] == "0" and "set in your environment" in kept.reasons["env.NCCL_P2P_DISABLE"]
+    louder = with_user_environment(no_p2p, {"NCCL_DEBUG": "INFO"})
+    assert louder.env["NCCL_DEBUG"] == "INFO" and "the plan would set WARN" in louder.reasons["env.NCCL_DEBUG"]
     assert kept.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"  # the selection is machine_rig's (rig/visible.py)
     assert with_user_environment(plan(CPU_BOX), {}).env["OMP_NUM_THREADS"] == "2"  # nothing set: the plan's
 

@@ -78,6 +78,10 @@ def test_two_3090s_one_on_x4_with_an_850w_psu():
     assert "56% of the default 350 W" in psu.message and "a 3090 kept" in psu.message
     assert plan.env["NCCL_P2P_DISABLE"] == "1"
     assert plan.zero_stage == 1 and "same communication" in plan.reasons["zero_stage"]
+    # NCCL's warnings are printed (and kept in train.log) where it carries the gradients
+    assert plan.env["NCCL_DEBUG"] == "WARN" and "train.log" in plan.reasons["env.NCCL_DEBUG"]
+    for one in (plan_for("two_3090_one_on_x4_850w.json", overrides=["rig.gpus=0"]), plan_for("cpu_only.json")):
+        assert "NCCL_DEBUG" not in one.env  # one GPU, or gloo: no NCCL
 
 
 def test_an_idle_cards_pcie_generation_is_not_the_one_it_trains_at():
@@ -244,6 +248,8 @@ def test_a_hostfile_shares_the_global_batch_over_every_machine():
     two = plan_for("a100_80gb.json", hosts=(1, 1))
     assert (two.world_size, two.micro_batch_size, two.grad_accum_steps) == (2, 64, 2)
     assert "2 machine(s), 2 process(es)" in two.reasons["world_size"]
+    # NCCL between the machines says what goes wrong, through pdsh (no relay into this train.log)
+    assert two.env["NCCL_DEBUG"] == "WARN" and "train.log" not in two.reasons["env.NCCL_DEBUG"]
     # the step counts every machine's processes, not this machine's GPU alone
     assert two.reasons["grad_accum_steps"] == "2 x 64 clips x 2 GPU(s) = 256 per step, the global batch of 256"
     three = plan_for("a100_80gb.json", hosts=(1, 1, 1))  # 256 cannot be shared by 3 equally

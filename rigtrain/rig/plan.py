@@ -81,6 +81,13 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     ).items():
         reasons.setdefault(key, reason)  # the 8-bit optimizer may have its reason already
     workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, cards.world)
+    if cards.world > 1 or request.hosts:  # NCCL carries the gradients
+        env["NCCL_DEBUG"] = "WARN"
+        kept = "" if request.hosts else "; kept in RUN_DIR/train.log"  # the launcher relays its own ranks'
+        reasons["env.NCCL_DEBUG"] = (
+            "NCCL says what goes wrong (a P2P link or transport it gives up on, a CUDA error inside a "
+            f"collective) rather than only failing{kept} (NCCL_DEBUG=INFO shows more)"
+        )
     if cards.world > 1 and any(w.code in ("no_p2p", "p2p_unreliable", "p2p_broken") for w in warnings):
         env["NCCL_P2P_DISABLE"] = "1"
         reasons["env.NCCL_P2P_DISABLE"] = (

@@ -293,7 +293,13 @@ def _measured_outside(
 # the user's value wins, and the plan says so beside its own. The GPU selection is not one
 # of them: the plan already follows the user's CUDA_VISIBLE_DEVICES (rig/visible.py) and
 # hands it on in the bus order it sets.
-USER_ENVIRONMENT_WINS = ("OMP_NUM_THREADS", "NCCL_P2P_DISABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+USER_ENVIRONMENT_WINS = (
+    "OMP_NUM_THREADS",
+    "NCCL_P2P_DISABLE",
+    "NCCL_DEBUG",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+)
 
 
 def with_user_environment(plan: Plan, environ=None) -> Plan:
