@@ -42,6 +42,23 @@ GOOD_MICRO_BATCH = 8  # below this a GPU idles between small kernels; worth chec
 SETTING_KEYS = ("train.zero_stage", "model.activation_checkpointing", "train.optimizer", "train.offload_optimizer")
 
 
+def _nccl_settings(world: int, hosts: tuple[int, ...], warnings, env: dict, reasons: dict) -> None:
+    """NCCL's environment where it carries the gradients (several GPUs, or machines)."""
+    if world > 1 or hosts:  # NCCL carries the gradients
+        env["NCCL_DEBUG"] = "WARN"
+        kept = "" if hosts else "; kept in RUN_DIR/train.log"  # the launcher relays its own ranks'
+        reasons["env.NCCL_DEBUG"] = (
+            "NCCL says what goes wrong (a P2P link or transport it gives up on, a CUDA error inside a "
+            f"collective) rather than only failing{kept} (NCCL_DEBUG=INFO shows more)"
+        )
+    if world > 1 and any(w.code in ("no_p2p", "p2p_unreliable", "p2p_broken") for w in warnings):
+        env["NCCL_P2P_DISABLE"] = "1"
+        reasons["env.NCCL_P2P_DISABLE"] = (
+            "P2P between these GPUs is absent, unreliable or failed its check: NCCL goes through host "
+            "memory instead of risking hangs"
+        )
+
+
 def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     reasons = {"env.CUDA_DEVICE_ORDER": "GPU indices follow the PCI bus, as nvidia-smi numbers them"}
@@ -81,19 +98,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     ).items():
         reasons.setdefault(key, reason)  # the 8-bit optimizer may have its reason already
     workers, reasons["dataloader_workers"] = loader_workers(request.loader_workers, rig.threads, cards.world)
-    if cards.world > 1 or request.hosts:  # NCCL carries the gradients
-        env["NCCL_DEBUG"] = "WARN"
-        kept = "" if request.hosts else "; kept in RUN_DIR/train.log"  # the launcher relays its own ranks'
-        reasons["env.NCCL_DEBUG"] = (
-            "NCCL says what goes wrong (a P2P link or transport it gives up on, a CUDA error inside a "
-            f"collective) rather than only failing{kept} (NCCL_DEBUG=INFO shows more)"
-        )
-    if cards.world > 1 and any(w.code in ("no_p2p", "p2p_unreliable", "p2p_broken") for w in warnings):
-        env["NCCL_P2P_DISABLE"] = "1"
-        reasons["env.NCCL_P2P_DISABLE"] = (
-            "P2P between these GPUs is absent, unreliable or failed its check: NCCL goes through host "
-            "memory instead of risking hangs"
-        )
+    _nccl_settings(cards.world, request.hosts, warnings, env, reasons)
     ram = [
         offload_ram_warning(rig, optimizer_state_bytes(request.parameters, cards.precision, optimizer))
         if offload == "cpu"
