@@ -128,6 +128,16 @@ def say_from_a_signal_handler(line: str) -> None:
             copy.append(line)
 
 
+def keep_in_the_copy(line: str) -> None:
+    """line in this process's copy of its output (copy_output_to) only, not on the terminal:
+    a detail for the log that would only crowd the screen. Nothing where there is no copy."""
+    stream = sys.stderr
+    copy = stream._copy if isinstance(stream, OutlivesItsReader) else None
+    if copy is not None:
+        with copy.lock:
+            copy.append(line)
+
+
 def outlive_the_terminal() -> None:
     """stdout and stderr as OutlivesItsReader, once per process."""
     for name in ("stdout", "stderr"):

@@ -547,27 +547,47 @@ def test_a_disk_that_refuses_writes_is_said_in_words(tmp_path):
 
 
 def test_a_hung_rank_stops_the_run_after_the_collective_timeout_with_one_line(tmp_path, demo_data):
-    """A rank that hangs (stopped here with SIGSTOP: a GPU stuck in its driver, a P2P link
-    that hangs NCCL) does not keep the others waiting for ever: after
+    """A rank that hangs inside a C call (here libc's pause(): a GPU stuck in its driver, a
+    P2P link that hangs NCCL) does not keep the others waiting for ever: after
     train.collective_timeout_min the waiting rank says so in one line, with the checkpoint
-    to resume from, and the launcher ends the hung one."""
+    to resume from, and the launcher ends the hung one, which the SIGTERM did not reach.
+    Before it kills it, it has the hung rank write where it was into train.log (its Python
+    stacks: faulthandler on SIGUSR1 answers inside a C call), not onto the terminal."""
+    patch = """
+        import ctypes
+        train_step = module.Trainer.train_step
+        def hanging(self, *args, **kwargs):
+            while self.step + 1 == 5 and self.rank == 1:
+                ctypes.CDLL(None).pause()  # a signal ends one pause; the loop waits again
+            return train_step(self, *args, **kwargs)
+        module.Trainer.train_step = hanging
+    """
+    env = _after_import(tmp_path / "hang-hook", "rigtrain.train.trainer", patch)
     run = tmp_path / "run"
     settings = [*TINY, "train.nproc=2", "train.log_every=1", "train.ckpt_every=2", "train.collective_timeout_min=0.25"]
-    process = start("train", "--out", str(run), "--steps", "400", "--set", *settings)
-    wait_for_step(run, 5, process)
-    os.kill(next(pid for pid in workers_of(run) if rank_of(pid) == 1), signal.SIGSTOP)
     started = time.monotonic()
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 1 and "Traceback" not in err, err[-3000:]
-    assert time.monotonic() - started < 60  # 15 s of timeout, 10 s of grace for the hung rank, and the exits
+    result = subprocess.run(
+        [sys.executable, "-m", "rigtrain", "train", "--out", str(run), "--steps", "400", "--set", *settings],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    err = result.stderr
+    assert result.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert time.monotonic() - started < 90  # 15 s of timeout, 10 s of grace for the hung rank, and the exits
     said = [line for line in err.splitlines() if line.startswith("rigtrain:")]
-    assert len(said) == 1 and said[0].startswith("rigtrain: rank 0 stopped in step"), err[-3000:]
+    assert len(said) == 1 and said[0].startswith("rigtrain: rank 0 stopped in step 5"), err[-3000:]
     assert "waited longer than train.collective_timeout_min (0.25 min) for another training process" in said[0]
     saved = complete_steps(run)[-1]
-    assert said[0].endswith(
+    assert saved == 4 and said[0].endswith(
         f"the last complete checkpoint is step {saved}; continue with: rigtrain train --out {run} --resume"
     )
     assert workers_of(run) == []
+    log = (run / "train.log").read_text()
+    where = log.split("[rigtrain] rank 1 did not end within 10 s of the run's failure; where it was", 1)
+    assert len(where) == 2 and "in hanging" in where[1] and "(most recent call first)" in where[1], log[-3000:]
+    assert "did not end" not in err and "most recent call first" not in err  # the terminal: the one line
 
 
 def start_on_a_terminal(run: Path, steps: int, *settings: str, nohup: bool = False):

@@ -33,6 +33,7 @@ from rigtrain.train.stopping import (
     LAUNCHER_PID,
     StopRequests,
     keep_native_crash_stacks,
+    kill_with_their_stacks,
     paused_line,
     stop_signals,
     stopped_at_once,
@@ -273,9 +274,9 @@ def run_local_ranks(
                         if p.poll() is None:
                             p.send_signal(signal.SIGTERM)
                 if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
-                    for p in ranks:
-                        if p.poll() is None:
-                            p.kill()
+                    kill_with_their_stacks(
+                        [(r, p) for r, p in enumerate(ranks) if p.poll() is None], FAILED_RANK_GRACE_S
+                    )
                 time.sleep(0.1)
         finally:
             relay.drain()  # their last lines before anything this process says of them

@@ -14,15 +14,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rigtrain.terminal import die_with_parent, say_from_a_signal_handler
+from rigtrain.terminal import die_with_parent, keep_in_the_copy, say_from_a_signal_handler
 from rigtrain.train.run_record import resume_command
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -146,6 +148,8 @@ def die_with_launcher() -> None:
 
 # Signals whose handler faulthandler adds (keep_native_crash_stacks): a crash in native code
 NATIVE_CRASHES = (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT)
+# `kill -USR1 PID` of a training process: its Python stacks now, into the run's log, and it goes on
+SHOW_STACKS = signal.SIGUSR1
 _crash_log = None  # the file faulthandler writes to: open for the life of the process
 
 
@@ -154,13 +158,40 @@ def keep_native_crash_stacks(log: Path) -> None:
     NCCL, a library's kernel), every thread's Python stack goes into the run's log first
     (faulthandler), then the process dies of its signal as before: where it crashed, for a
     bug report, kept with the run. Not on the terminal, where the launcher says in one line
-    which rank died of what. Where the log cannot be opened, nothing."""
+    which rank died of what. SHOW_STACKS writes them there too, and the process goes on:
+    faulthandler's handler is C, so it answers even in a process stuck inside a C call (a
+    collective that never completes), where a Python handler would never run; the launcher
+    sends it to a rank that does not end when the run has failed, before killing it. Where
+    the log cannot be opened, nothing."""
     global _crash_log
     try:
         _crash_log = open(log, "a")  # noqa: SIM115  (held open: faulthandler writes to its descriptor when it crashes)
     except OSError:
         return
     faulthandler.enable(file=_crash_log, all_threads=True)
+    faulthandler.register(SHOW_STACKS, file=_crash_log, all_threads=True)
+
+
+# How long a rank that was sent SHOW_STACKS has to write them before it is killed
+STACKS_S = 1.0
+
+
+def kill_with_their_stacks(stuck: list[tuple[int, subprocess.Popen]], grace_s: float) -> None:
+    """The ranks still there grace_s after the run failed: most often stuck in
+    a collective or a driver call (a hang the SIGTERM could not reach). First their Python
+    stacks go into train.log (SHOW_STACKS: faulthandler answers even inside a C call),
+    after a line there saying whose they are, then SIGKILL."""
+    for rank, process in stuck:
+        keep_in_the_copy(
+            f"[rigtrain] rank {rank} did not end within {grace_s:.0f} s of the run's failure; "
+            "where it was (its Python stacks, then it is killed):"
+        )
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(SHOW_STACKS)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(STACKS_S)  # a rank that ends meanwhile needs no SIGKILL
+        if process.poll() is None:
+            process.kill()
 
 
 def exit_without_teardown(code: int) -> None:
