@@ -91,6 +91,9 @@ def pause_and_continue(process: subprocess.Popen, run: Path, workers: list[int],
     deadline = time.monotonic() + 30
     while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
         time.sleep(0.05)
+    # SIGSTOP takes effect when a process is next scheduled: a rank may stop a moment after its launcher
+    while any(rank.status() != psutil.STATUS_STOPPED for rank in ranks) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [rank.status() for rank in ranks] == [psutil.STATUS_STOPPED] * len(ranks)
     paused_at = len(losses(run))
     time.sleep(1.0)
