@@ -121,11 +121,7 @@ def say_from_a_signal_handler(line: str) -> None:
         os.write(2, f"{line}\n".encode())
     except OSError:
         pass
-    stream = sys.stderr
-    copy = stream._copy if isinstance(stream, OutlivesItsReader) else None
-    if copy is not None:
-        with copy.lock:
-            copy.append(line)
+    keep_in_the_copy(line)
 
 
 def keep_in_the_copy(line: str) -> None:

@@ -425,7 +425,17 @@ looping = "import time\nwhile True: time.sleep(0.01)"
 child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {looping!r}], start_new_session=True)"
 child += "; time.sleep(60)"
 kids = [subprocess.Popen([sys.executable, "-c", child], start_new_session=True) for _ in range(2)]
-while len(psutil.Process().children(recursive=True)) < 4:
+# ready once both grandchildren run their loop: one caught between its fork and its exec
+# holds its parent in vfork's wait (state D), where a SIGSTOP cannot stop it until it goes on
+def looping_grandchildren():
+    found = 0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            found += "while True" in " ".join(p.cmdline())
+        except psutil.Error:
+            pass
+    return found
+while len(psutil.Process().children(recursive=True)) < 4 or looping_grandchildren() < 2:
     time.sleep(0.01)
 def hang_up(signum, frame):  # as the sweep's handler does
     raise KeyboardInterrupt("SIGHUP")
@@ -469,7 +479,7 @@ def test_ctrl_z_pauses_every_process_below_and_fg_continues_them(tmp_path, child
         while psutil.Process(process.pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
             time.sleep(0.02)
         # SIGSTOP takes effect when a process is next scheduled: on a loaded machine a child
-        # may show as stopped a moment after the parent (seen in CI)
+        # may show as stopped a moment after the parent
         want = [children != "alone"] * 4
         stopped = [p.status() == psutil.STATUS_STOPPED for p in below]
         while stopped != want and time.monotonic() < deadline:

@@ -412,7 +412,7 @@ def test_a_native_crash_leaves_its_stacks_and_what_c_libraries_said_in_train_log
     launcher's line, which says where the stacks are; so does one CPU process, which trains
     in the command's own process."""
     patch = """
-        import ctypes
+        import ctypes, os
         train_step = module.Trainer.train_step
         def crashing(self, *args, **kwargs):
             if self.step + 1 == 3:
@@ -422,16 +422,10 @@ def test_a_native_crash_leaves_its_stacks_and_what_c_libraries_said_in_train_log
             return train_step(self, *args, **kwargs)
         module.Trainer.train_step = crashing
     """
-    env = _after_import(tmp_path / "crash-hook", "rigtrain.train.trainer", "import os\n" + textwrap.dedent(patch))
+    env = _after_import(tmp_path / "crash-hook", "rigtrain.train.trainer", patch)
     run = tmp_path / "run"
     settings = [*TINY, "train.nproc=2", "train.log_every=1", "train.ckpt_every=2"]
-    result = subprocess.run(
-        [sys.executable, "-m", "rigtrain", "train", "--out", str(run), "--steps", "40", "--set", *settings],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_cli("train", "--out", str(run), "--steps", "40", "--set", *settings, fresh=True, env_extra=env)
     assert result.returncode == 1, result.stderr[-3000:]
     err = result.stderr
     assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
@@ -447,13 +441,7 @@ def test_a_native_crash_leaves_its_stacks_and_what_c_libraries_said_in_train_log
     assert said in log and log.count("step     4  loss") == 1  # each rank-0 line once, the launcher's too
     # one CPU process trains inside the command's own process: its stacks are kept the same way
     alone = tmp_path / "alone"
-    result = subprocess.run(
-        [sys.executable, "-m", "rigtrain", "train", "--out", str(alone), "--steps", "40", "--set", *TINY],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_cli("train", "--out", str(alone), "--steps", "40", "--set", *TINY, fresh=True, env_extra=env)
     assert result.returncode == -signal.SIGSEGV and "Fatal Python error" not in result.stderr, result.stderr[-3000:]
     assert "in crashing" in (alone / "train.log").read_text().split("Fatal Python error: Segmentation fault", 1)[1]
 
@@ -569,13 +557,7 @@ def test_a_hung_rank_stops_the_run_after_the_collective_timeout_with_one_line(tm
     run = tmp_path / "run"
     settings = [*TINY, "train.nproc=2", "train.log_every=1", "train.ckpt_every=2", "train.collective_timeout_min=0.25"]
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "rigtrain", "train", "--out", str(run), "--steps", "400", "--set", *settings],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-    )
+    result = run_cli("train", "--out", str(run), "--steps", "400", "--set", *settings, fresh=True, env_extra=env)
     err = result.stderr
     assert result.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert time.monotonic() - started < 90  # 15 s of timeout, 10 s of grace for the hung rank, and the exits
@@ -762,13 +744,7 @@ def _train_with_nan_gradients(
 ) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path / "run"
     command = ["train", "--out", str(run), "--steps", "12", "--set", *TINY, "train.log_every=1", *settings]
-    result = subprocess.run(
-        [sys.executable, "-m", "rigtrain", *command],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=_nan_gradients_hook(tmp_path, steps),
-    )
+    result = run_cli(*command, fresh=True, env_extra=_nan_gradients_hook(tmp_path, steps))
     return run, result
 
 
