@@ -748,26 +748,37 @@ def _train_with_nan_gradients(
     return run, result
 
 
-@pytest.mark.parametrize("stage, precision", [("0", "fp32"), ("1", "fp32"), ("0", "bf16")])  # bf16 at 0: one GPU's
-def test_an_update_with_nan_gradients_is_skipped_and_the_run_trains_on(tmp_path, demo_data, stage, precision):
+@pytest.mark.parametrize(
+    "stage, precision, optimizer",
+    [("0", "fp32", "adamw"), ("1", "fp32", "adamw"), ("0", "bf16", "adamw"), ("0", "bf16", "adamw8bit")],
+)  # ZeRO-0: one GPU's plan; the 8-bit optimizer: one GPU's whose optimizer states crowd it
+def test_an_update_with_nan_gradients_is_skipped_and_the_run_trains_on(
+    tmp_path, demo_data, stage, precision, optimizer
+):
     """From ZeRO-1 up DeepSpeed skips an update whose gradients are not finite. At ZeRO-0
     (one GPU's or one process's plan) it applied it, every weight turned NaN, and the run
     stopped at its next check, losing the steps since its last checkpoint. Now the fused
-    optimizer skips it there too, decided on the device. A step whose update was skipped
-    is not saved."""
+    optimizer skips it there too, decided on the device, and the 8-bit one on the host. A
+    step whose update was skipped is not saved; a resumed run counts on from the
+    checkpoint's total, and does not take that total for a new skip."""
     import torch
 
-    settings = [f"train.zero_stage={stage}", f"train.precision={precision}", "train.ckpt_every=4"]
-    run, result = _train_with_nan_gradients(tmp_path, {4, 7}, *settings)
+    settings = [f"train.zero_stage={stage}", f"train.precision={precision}", f"train.optimizer={optimizer}"]
+    run, result = _train_with_nan_gradients(tmp_path, {4, 7}, *settings, "train.ckpt_every=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: step 4 is not saved: its update was skipped (inf or NaN gradients)" in result.stdout
+    assert complete_steps(run) == [8, 12]
+    resumed = rigtrain("train", "--out", str(run), "--resume", "--steps", "13")  # step 13 is saved: the last
+    assert resumed.returncode == 0 and "not saved" not in resumed.stdout, resumed.stdout + resumed.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     skipped = {row["step"]: row.get("skipped_steps", 0) for row in rows if "loss" in row}
-    assert [skipped[s] for s in (3, 4, 6, 7, 12)] == [0, 1, 1, 2, 2], skipped
+    assert [skipped[s] for s in (3, 4, 6, 7, 12, 13)] == [0, 1, 1, 2, 2, 2], skipped
     assert all(math.isfinite(row["loss"]) for row in rows if "loss" in row)
-    assert complete_steps(run) == [8, 12]
-    state = torch.load(run / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert complete_steps(run)[-1] == 13
+    state = torch.load(run / "checkpoints" / "step00000013" / "mp_rank_00_model_states.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["module"].values() if v.is_floating_point())
+    if optimizer == "adamw8bit":  # the skipped updates held the schedule, as DeepSpeed's own skips do
+        assert state["lr_scheduler"]["last_epoch"] == 13 - 2, state["lr_scheduler"]
 
 
 def test_updates_skipped_too_often_in_a_row_stop_the_run_with_one_line(tmp_path, demo_data):

@@ -276,4 +276,5 @@ class Checkpointing:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}")
         checkpoints.load_rank_state(self.ckpt_dir / tag, self.rank, self.config.train.seed)
+        self.skipped.resumed()  # the run's count of skipped updates goes on from the checkpoint's
         apply_optimizer_config(self.config, self.scheduler)
