@@ -749,21 +749,28 @@ def _train_with_nan_gradients(
 
 
 @pytest.mark.parametrize(
-    "stage, precision, optimizer",
-    [("0", "fp32", "adamw"), ("1", "fp32", "adamw"), ("0", "bf16", "adamw"), ("0", "bf16", "adamw8bit")],
+    "stage, precision, optimizer, grad_clip",
+    [
+        ("0", "fp32", "adamw", "0"),
+        ("1", "fp32", "adamw", "1"),
+        ("0", "bf16", "adamw", "1"),
+        ("0", "bf16", "adamw8bit", "1"),
+    ],
 )  # ZeRO-0: one GPU's plan; the 8-bit optimizer: one GPU's whose optimizer states crowd it
 def test_an_update_with_nan_gradients_is_skipped_and_the_run_trains_on(
-    tmp_path, demo_data, stage, precision, optimizer
+    tmp_path, demo_data, stage, precision, optimizer, grad_clip
 ):
     """From ZeRO-1 up DeepSpeed skips an update whose gradients are not finite. At ZeRO-0
     (one GPU's or one process's plan) it applied it, every weight turned NaN, and the run
     stopped at its next check, losing the steps since its last checkpoint. Now the fused
-    optimizer skips it there too, decided on the device, and the 8-bit one on the host. A
-    step whose update was skipped is not saved; a resumed run counts on from the
-    checkpoint's total, and does not take that total for a new skip."""
+    optimizer skips it there too, decided on the device, and the 8-bit one on the host,
+    also without clipping (train.grad_clip=0: the norm is taken all the same). A step
+    whose update was skipped is not saved; a resumed run counts on from the checkpoint's
+    total, and does not take that total for a new skip."""
     import torch
 
     settings = [f"train.zero_stage={stage}", f"train.precision={precision}", f"train.optimizer={optimizer}"]
+    settings += [f"train.grad_clip={grad_clip}"]
     run, result = _train_with_nan_gradients(tmp_path, {4, 7}, *settings, "train.ckpt_every=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: step 4 is not saved: its update was skipped (inf or NaN gradients)" in result.stdout

@@ -16,6 +16,7 @@ syncs. These do, without a GPU:
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def test_zero0_clips_in_the_trainer_and_skips_the_all_reduce_of_one_process():
     ZeRO-1 to 3 clip in DeepSpeed's optimizers. One process at ZeRO-0 all-reduces nothing."""
     from types import SimpleNamespace
 
-    from rigtrain.train.engine import deepspeed_config, one_process_epilogue
+    from rigtrain.train.engine import deepspeed_config, max_gradient_norm, one_process_epilogue
 
     module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     module[1].bias.requires_grad_(False)
@@ -230,10 +231,12 @@ def test_zero0_clips_in_the_trainer_and_skips_the_all_reduce_of_one_process():
         clipped = one_process_epilogue(engine, config, precision, world)
         assert engine.enable_backward_allreduce is all_reduces, (precision, stage, world)
         assert len(clipped) == (0 if deepspeed_clips else 3), (precision, stage)  # the parameters with gradients
+    # without clipping the trainer still takes the norm, which skips an inf/NaN update, and
+    # leaves the gradients as they are
     no_clip = load_config("demo", overrides=["train.zero_stage=0", "train.grad_clip=0"])
-    assert (
-        one_process_epilogue(SimpleNamespace(enable_backward_allreduce=True, module=module), no_clip, "bf16", 1) == []
-    )
+    engine = SimpleNamespace(enable_backward_allreduce=True, module=module)
+    assert len(one_process_epilogue(engine, no_clip, "bf16", 1)) == 3
+    assert max_gradient_norm(no_clip) == math.inf and max_gradient_norm(config) == 0.5
 
 
 def test_float32_islands_hold_under_autocast():

@@ -89,9 +89,16 @@ def clips_gradients_itself(config: RunConfig, precision: str) -> bool:
     launches a parameter every step (`small` has 169), each a few microseconds of work
     behind its host time. torch's clip_grad_norm_ does the same sum in a few multi-tensor
     kernels. ZeRO-1 to 3 clip their flat partitions, and fp16's optimizer clips after
-    unscaling: both stay DeepSpeed's."""
-    t = config.train
-    return t.zero_stage == 0 and precision != "fp16" and t.grad_clip > 0
+    unscaling: both stay DeepSpeed's. With train.grad_clip = 0 (no clipping) the trainer
+    still takes the norm (max_gradient_norm): it is what decides that an update with
+    inf/NaN gradients is skipped (skipping.py), which nothing else does at ZeRO-0."""
+    return config.train.zero_stage == 0 and precision != "fp16"
+
+
+def max_gradient_norm(config: RunConfig) -> float:
+    """The trainer's clip: train.grad_clip, or no limit (the norm taken, the gradients left
+    as they are) where it is 0."""
+    return config.train.grad_clip or math.inf
 
 
 def one_process_epilogue(engine, config: RunConfig, precision: str, world: int) -> list[torch.nn.Parameter]:

@@ -39,6 +39,7 @@ from rigtrain.train.engine import (
     compile_objective,
     init_distributed,
     lr_lambda,
+    max_gradient_norm,
     one_process_epilogue,
     seed_everything,
 )
@@ -237,7 +238,7 @@ class Trainer(
                 self._take_gradients(histograms)
             with span("optimizer"):
                 if last and self.clipped:
-                    self.skipped.guard(clip_grad_norm_(self.clipped, self.config.train.grad_clip, foreach=True))
+                    self.skipped.guard(clip_grad_norm_(self.clipped, max_gradient_norm(self.config), foreach=True))
                 self.engine.step()
             # two kernels a micro-batch, not two per loss term
             stacked = torch.stack([terms[k].detach().float() for k in sorted(terms)])
