@@ -9,7 +9,6 @@ imports nothing from rigtrain."""
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import ctypes
 import errno
@@ -208,75 +207,6 @@ def copy_output_to(path: Path, header: str | None = None) -> Iterator[LineCopy |
                     copy.append(stream._pending)
                 stream._copy, stream._pending = earlier, pending
             copy.close()
-
-
-# Set for a child process whose output its parent passes on and copies (OutputRelay): the
-# child makes no copy of its own, which would keep each of its lines twice.
-OUTPUT_RELAYED = "RIGTRAIN_OUTPUT_RELAYED"
-
-
-class OutputRelay:
-    """Child processes' stdout and stderr (pipes), passed on as this process's own, so they
-    reach its terminal and its copy (copy_output_to) together with its own lines. Through
-    the pipes also comes what a child's C libraries write to the descriptors (NCCL's
-    warnings, a C++ abort's line, a JIT build's compiler), which a copy made in the child's
-    Python never sees. A line is passed on once it ends (or a counter's state, at its carriage
-    return), so that several children's lines do not cut into each other; an unended line is
-    passed on when its pipe closes, or in pieces of PENDING_MAX. The children's own Python
-    output reaches the pipe at once only when they are unbuffered (PYTHONUNBUFFERED=1 in
-    `child_env`)."""
-
-    def __init__(self):
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()  # one whole line at a time on this process's streams
-
-    @staticmethod
-    def child_env(env: dict[str, str]) -> dict[str, str]:
-        return {**env, OUTPUT_RELAYED: "1", "PYTHONUNBUFFERED": "1"}
-
-    def watch(self, process) -> None:
-        """process: a Popen started with stdout and stderr PIPE and bufsize=0."""
-        for pipe, name in ((process.stdout, "stdout"), (process.stderr, "stderr")):
-            thread = threading.Thread(target=self._pass_on, args=(pipe, name), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _pass_on(self, pipe, name: str) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        pending = ""
-        try:
-            while chunk := os.read(pipe.fileno(), 1 << 16):  # b"" once every writer has closed it
-                pending += decoder.decode(chunk)
-                # a line's end, or a counter's carriage return (its state shows as it changes)
-                whole = max(pending.rfind("\n"), pending.rfind("\r")) + 1
-                whole = whole or (len(pending) if len(pending) > PENDING_MAX else 0)
-                if whole:
-                    self._write(name, pending[:whole])
-                    pending = pending[whole:]
-        except OSError:
-            pass  # the pipe broke: what it held is lost, not the run
-        finally:
-            pipe.close()
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            self._write(name, pending + "\n")
-
-    def _write(self, name: str, text: str) -> None:
-        stream = getattr(sys, name)
-        with self._lock:
-            try:
-                stream.write(text)
-                stream.flush()
-            except (OSError, ValueError):
-                pass  # this process's stream is gone (closed, or not an OutlivesItsReader)
-
-    def drain(self, timeout_s: float = 5.0) -> None:
-        """Wait until the children's pipes are read to their end: after the children have
-        exited, so that their last lines come before what this process says next. A pipe
-        that a grandchild still holds open is waited for at most timeout_s in all."""
-        deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies

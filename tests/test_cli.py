@@ -255,10 +255,13 @@ def test_children_s_output_is_passed_on_in_whole_lines_and_copied(tmp_path, monk
     their descriptors, reaches this process's streams and their copy in whole lines, never
     cut into by the other child; a last line without its end and bytes that are not UTF-8
     are passed on too, and a stream of this process that fails costs the lines, not the
-    children."""
+    children. What they write to their third pipe (a rank's faulthandler dump) goes into
+    the copy only, each dump whole under a line with the child's name, though the two
+    children write theirs in pieces at the same time."""
     import io
 
-    from rigtrain.terminal import OUTPUT_RELAYED, OutlivesItsReader, OutputRelay, copy_output_to
+    from rigtrain.output_relay import OUTPUT_RELAYED, STACKS_FD, OutputRelay
+    from rigtrain.terminal import OutlivesItsReader, copy_output_to
 
     screen, errors = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stdout", OutlivesItsReader(screen))
@@ -271,23 +274,17 @@ time.sleep(0.3)
 os.write(1, b"second half\\n")
 print("{name} in Python")
 os.write(2, b"{name} on stderr, not UTF-8: \\xff\\n{name}'s last words, unended")
+for piece in range(3):  # a dump, in pieces: the other child's come in between
+    os.write(int(os.environ["{stacks}"]), b"{name}'s stack, piece %d\\n" % piece)
+    time.sleep(0.03)
 """
     relay = OutputRelay()
     with copy_output_to(tmp_path / "train.log") as copy:
         assert copy is not None
         children = []
         for name in ("a", "b"):
-            code = halves.format(name=name, relayed=OUTPUT_RELAYED)
-            command = [sys.executable, "-c", code]
-            child = subprocess.Popen(
-                command,
-                env=relay.child_env(dict(os.environ)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                bufsize=0,
-            )
-            relay.watch(child)
-            children.append(child)
+            code = halves.format(name=name, relayed=OUTPUT_RELAYED, stacks=STACKS_FD)
+            children.append(relay.start([sys.executable, "-c", code], dict(os.environ), f"child {name}"))
         assert [c.wait(timeout=60) for c in children] == [0, 0]
         relay.drain()
         print("the parent's line after them")
@@ -296,7 +293,12 @@ os.write(2, b"{name} on stderr, not UTF-8: \\xff\\n{name}'s last words, unended"
         assert f"first half of {name}'s line, second half" in out and f"{name} in Python" in out
         assert f"{name} on stderr, not UTF-8: \ufffd" in err and f"{name}'s last words, unended" in err
     assert out[-1] == "the parent's line after them"
-    assert sorted((tmp_path / "train.log").read_text().splitlines()) == sorted(out + err)
+    copied = (tmp_path / "train.log").read_text()
+    for name in ("a", "b"):
+        stack = "".join(f"{name}'s stack, piece {piece}\n" for piece in range(3))
+        assert f"[rigtrain] child {name}'s Python stacks (faulthandler):\n{stack}" in copied, copied
+        copied = copied.replace(f"[rigtrain] child {name}'s Python stacks (faulthandler):\n{stack}", "")
+    assert sorted(copied.splitlines()) == sorted(out + err)  # the stacks in the copy only
     # a counter rewritten in place (tqdm, a compiler's progress) shows as it changes, not at its line's end
     go_on = tmp_path / "go-on"
     counting = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -407,17 +408,18 @@ def test_a_rank_killed_mid_run_is_named_in_one_line_and_the_run_resumes(tmp_path
 def test_a_native_crash_leaves_its_stacks_and_what_c_libraries_said_in_train_log(tmp_path, demo_data):
     """What a rank's C libraries write to its descriptors (NCCL's warnings; here os.write,
     past Python's streams, as C code writes) reaches the terminal and train.log, once: the
-    launcher passes the ranks' output on. A crash in native code (a real SIGSEGV, on rank 1
-    at step 5) leaves every thread's Python stack in train.log, and on the terminal only the
-    launcher's line, which says where the stacks are; so does one CPU process, which trains
-    in the command's own process."""
+    launcher passes the ranks' output on. A crash in native code (a real SIGSEGV, on both
+    ranks at step 5, as an NCCL watchdog's abort comes to every rank) leaves every thread's
+    Python stack in train.log, each rank's dump whole under a line naming the rank, and on
+    the terminal only the launcher's line, which says where the stacks are; so does one CPU
+    process, which trains in the command's own process."""
     patch = """
         import ctypes, os
         train_step = module.Trainer.train_step
         def crashing(self, *args, **kwargs):
             if self.step + 1 == 3:
                 os.write(2, f"NCCL WARN from rank {self.rank}, past Python\\n".encode())
-            if self.step + 1 == 5 and self.rank == int(os.environ["WORLD_SIZE"]) - 1:
+            if self.step + 1 == 5:
                 ctypes.string_at(0)  # reads address 0: SIGSEGV
             return train_step(self, *args, **kwargs)
         module.Trainer.train_step = crashing
@@ -430,14 +432,21 @@ def test_a_native_crash_leaves_its_stacks_and_what_c_libraries_said_in_train_log
     err = result.stderr
     assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
     said = [line for line in err.splitlines() if line.startswith("rigtrain:")][-1]
-    assert said.startswith("rigtrain: training process rank 1 was killed by SIGSEGV (a crash in native code"), said
+    assert re.match(r"rigtrain: training process rank [01] was killed by SIGSEGV \(a crash in native code", said), said
     assert f"its Python stacks are in {run / 'train.log'}; the last complete checkpoint is step 4;" in said
     log = (run / "train.log").read_text()
     for rank in (0, 1):
         assert f"NCCL WARN from rank {rank}, past Python" in err
         assert log.count(f"NCCL WARN from rank {rank}, past Python") == 1, log[-3000:]
-    stacks = log.split("Fatal Python error: Segmentation fault", 1)[1]
-    assert "in crashing" in stacks and "(most recent call first)" in stacks, log[-3000:]
+    # each dump whole, after the line that names its rank: the first rank's, and the other's
+    # where it crashed before the launcher stopped it
+    parts = re.split(r"^\[rigtrain\] rank (\d)'s Python stacks \(faulthandler\):\n", log, flags=re.M)
+    dumps = dict(zip(parts[1::2], parts[2::2]))  # rank: its dump, up to the next one
+    assert len(dumps) == len(parts[1::2]) == log.count("Fatal Python error") >= 1, log[-4000:]
+    assert said.split()[4] in dumps, (said, list(dumps))
+    for dump in dumps.values():
+        assert dump.startswith("Fatal Python error: Segmentation fault"), dump
+        assert dump.count("Fatal Python error") == 1 and "in crashing" in dump and "most recent call first" in dump
     assert said in log and log.count("step     4  loss") == 1  # each rank-0 line once, the launcher's too
     # one CPU process trains inside the command's own process: its stacks are kept the same way
     alone = tmp_path / "alone"
@@ -572,6 +581,7 @@ def test_a_hung_rank_stops_the_run_after_the_collective_timeout_with_one_line(tm
     log = (run / "train.log").read_text()
     where = log.split("[rigtrain] rank 1 did not end within 10 s of the run's failure; where it was", 1)
     assert len(where) == 2 and "in hanging" in where[1] and "(most recent call first)" in where[1], log[-3000:]
+    assert where[1].index("[rigtrain] rank 1's Python stacks (faulthandler):") < where[1].index("in hanging")
     assert "did not end" not in err and "most recent call first" not in err  # the terminal: the one line
 
 

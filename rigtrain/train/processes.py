@@ -26,7 +26,8 @@ from filelock import FileLock, Timeout
 
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
-from rigtrain.terminal import OutputRelay, pausing_together, terminate_with_parent
+from rigtrain.output_relay import OutputRelay
+from rigtrain.terminal import pausing_together, terminate_with_parent
 from rigtrain.train.rendezvous import meeting_folder, port_file_env, remove_what_dead_launchers_left
 from rigtrain.train.run_record import RUN_LOG
 from rigtrain.train.stopping import (
@@ -206,21 +207,6 @@ def the_first_to_fail(codes: list[int | None]) -> int | None:
     return min(failed)[1] if failed else None
 
 
-def _start_rank(command: list[str], env: dict[str, str], relay: OutputRelay) -> subprocess.Popen:
-    """One rank, in a session of its own; its output passes through this process (relay), so
-    that train.log has what its C libraries write too: NCCL's warnings, a C++ abort's line."""
-    process = subprocess.Popen(
-        command,
-        env=relay.child_env(env),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-    )
-    relay.watch(process)
-    return process
-
-
 def run_local_ranks(
     command: list[str], world: int, env: dict[str, str], run_dir: Path | None = None
 ) -> tuple[int, int | None]:
@@ -251,7 +237,11 @@ def run_local_ranks(
             LAUNCHER_PID: str(os.getpid()),
         }
         relay = OutputRelay()
-        ranks = [_start_rank(command, {**shared, "RANK": str(r), "LOCAL_RANK": str(r)}, relay) for r in range(world)]
+        # each in a session of its own; its output passes through this process (relay), so that
+        # train.log has what its C libraries write too: NCCL's warnings, a C++ abort's line
+        ranks = [
+            relay.start(command, {**shared, "RANK": str(r), "LOCAL_RANK": str(r)}, f"rank {r}") for r in range(world)
+        ]
         requests = StopRequests()
         received, killed = requests.signals, []
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rigtrain.output_relay import STACKS_FD
 from rigtrain.terminal import die_with_parent, keep_in_the_copy, say_from_a_signal_handler
 from rigtrain.train.run_record import resume_command
 
@@ -161,13 +162,19 @@ def keep_native_crash_stacks(log: Path) -> None:
     which rank died of what. SHOW_STACKS writes them there too, and the process goes on:
     faulthandler's handler is C, so it answers even in a process stuck inside a C call (a
     collective that never completes), where a Python handler would never run; the launcher
-    sends it to a rank that does not end when the run has failed, before killing it. Where
+    sends it to a rank that does not end when the run has failed, before killing it. A rank
+    our launcher started writes them into a pipe of the launcher's instead (STACKS_FD), which
+    keeps each dump whole in the log under a line naming the rank (OutputRelay.start). Where
     the log cannot be opened, nothing."""
     global _crash_log
-    try:
-        _crash_log = open(log, "a")  # noqa: SIM115  (held open: faulthandler writes to its descriptor when it crashes)
-    except OSError:
-        return
+    relayed = os.environ.pop(STACKS_FD, "")  # this process's descriptor: not for its children
+    try:  # held open: faulthandler writes to its descriptor when it crashes
+        _crash_log = os.fdopen(int(relayed), "w")
+    except (ValueError, OSError):
+        try:
+            _crash_log = open(log, "a")  # noqa: SIM115
+        except OSError:
+            return
     faulthandler.enable(file=_crash_log, all_threads=True)
     faulthandler.register(SHOW_STACKS, file=_crash_log, all_threads=True)
 

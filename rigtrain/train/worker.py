@@ -299,7 +299,8 @@ def main() -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; LOCAL_RANK wins")
     args = parser.parse_args()
-    from rigtrain.terminal import OUTPUT_RELAYED, copy_output_to, outlive_the_terminal  # before torch, as below
+    from rigtrain.output_relay import OUTPUT_RELAYED  # before torch, as below
+    from rigtrain.terminal import copy_output_to, outlive_the_terminal  # before torch, as below
     from rigtrain.train.run_record import RUN_LOG  # before torch, like the rest of this entry point
     from rigtrain.train.stopping import die_with_launcher, keep_native_crash_stacks  # before torch, too
 
