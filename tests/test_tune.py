@@ -280,6 +280,12 @@ def test_tune_survives_out_of_memory_on_one_rank_and_a_hang_and_its_result_train
     by_micro = {t["values"]["train.micro_batch_size"]: t for t in record["trials"]}
     assert by_micro[24]["status"] == "oom" and by_micro[24]["ranks"] == [1]  # the plan's own: 24 a process
     assert by_micro[12]["status"] == "timeout"
+    # before the hung group was killed, each rank wrote where it was into its log: rank 1 in
+    # the injected hang, rank 0 waiting for it
+    stacks = Path(by_micro[12]["error"].rsplit("its Python stacks: ", 1)[1].rstrip(")"))
+    logs = {p.name[-5]: p.read_text() for p in stacks.parent.glob(stacks.name)}
+    assert sorted(logs) == ["0", "1"] and all("(most recent call first)" in text for text in logs.values()), logs
+    assert "in _inject_faults" in logs["1"] and "in _inject_faults" not in logs["0"]
     assert by_micro[3]["status"] == "pruned"  # 3 x 8: predicted over 2x slower per clip
     ran = [t for t in record["trials"] if t["status"] == "ok"]
     assert [(t["values"]["train.micro_batch_size"], t["values"]["train.grad_accum_steps"]) for t in ran] == [(6, 4)]
@@ -775,3 +781,28 @@ def test_a_tune_folder_in_use_is_refused_and_an_unfinished_tune_is_set_aside_nev
     assert sorted(p.name for p in aside.iterdir()) == ["group-1.json", "logs", "trials"]
     assert json.loads((aside / "trials" / "000" / "result.json").read_text())["clips_per_s"] == 1e9
     assert len(said) == 1 and str(aside) in said[0] and "starts again" in said[0]
+
+
+def test_a_worker_that_crashes_in_native_code_is_reported_by_the_line_before_its_stacks(tmp_path):
+    """A tune worker keeps its Python stacks in its log when it crashes in native code; the
+    line that reports it is the last one the worker said, not the end of the dump."""
+    import subprocess
+    import sys
+
+    from rigtrain.train.processes import last_line
+
+    log = tmp_path / "group-1-rank-0.log"
+    crash = (
+        "import ctypes\n"
+        "from rigtrain.train.stopping import keep_native_crash_stacks_in_stderr\n"
+        "keep_native_crash_stacks_in_stderr()\n"
+        "print('trial 3: building the model', flush=True)\n"
+        "def build(): ctypes.string_at(0)\n"
+        "build()\n"
+    )
+    with open(log, "w") as out:
+        code = subprocess.run([sys.executable, "-c", crash], stdout=out, stderr=subprocess.STDOUT, timeout=60)
+    assert code.returncode == -11
+    text = log.read_text()
+    assert "Fatal Python error: Segmentation fault" in text and "in build" in text, text
+    assert last_line(log) == f"trial 3: building the model (log, with its Python stacks: {log})"

@@ -282,12 +282,16 @@ def run_local_ranks(
 
 
 def last_line(log: Path) -> str:
-    """What a process that died last said in its log, for the one line that reports it."""
+    """What a process that died last said in its log, for the one line that reports it: the
+    line before its Python stacks, where a crash in native code left them (faulthandler)."""
     try:
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "no log"
-    return (lines[-1][:300] if lines else "no output") + f" (log: {log})"
+    crashed = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error:")]
+    where = f"log, with its Python stacks: {log}" if crashed else f"log: {log}"
+    lines = lines[: crashed[-1]] if crashed else lines
+    return (lines[-1][:300] if lines else "no output") + f" ({where})"
 
 
 def run_on_machines(command: list[str], run_dir: Path, hosts: list[str], env: dict[str, str]) -> int:

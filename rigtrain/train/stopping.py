@@ -179,8 +179,27 @@ def keep_native_crash_stacks(log: Path) -> None:
     faulthandler.register(SHOW_STACKS, file=_crash_log, all_threads=True)
 
 
+def keep_native_crash_stacks_in_stderr() -> None:
+    """keep_native_crash_stacks for a process whose stderr is its own log file (a tune
+    worker): the stacks go there, through the same descriptor, so that lines written after
+    a SHOW_STACKS dump follow it rather than overwrite it."""
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    faulthandler.register(SHOW_STACKS, file=sys.stderr, all_threads=True)
+
+
 # How long a rank that was sent SHOW_STACKS has to write them before it is killed
 STACKS_S = 1.0
+
+
+def show_their_stacks(processes: list[subprocess.Popen]) -> None:
+    """SHOW_STACKS to each of processes still there (each keeps its stacks in its log), and
+    STACKS_S for them to write, before they are killed."""
+    alive = [p for p in processes if p.poll() is None]
+    for process in alive:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(SHOW_STACKS)
+    if alive:
+        time.sleep(STACKS_S)
 
 
 def kill_with_their_stacks(stuck: list[tuple[int, subprocess.Popen]], grace_s: float) -> None:

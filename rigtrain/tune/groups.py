@@ -18,7 +18,7 @@ from pathlib import Path
 from rigtrain.files import write_json
 from rigtrain.train.processes import last_line
 from rigtrain.train.rendezvous import port_file_env
-from rigtrain.train.stopping import LAUNCHER_PID
+from rigtrain.train.stopping import LAUNCHER_PID, show_their_stacks
 from rigtrain.tune.records import LEAKED_EXIT, rank_failures
 
 WORKER_MODULE = "rigtrain.tune.worker"
@@ -194,12 +194,14 @@ class WorkerGroups:
                     self._record(current, record)
                     return "restart"
                 if now - self.started(current) > self.timing.trial_timeout_s:
+                    show_their_stacks(self.live.processes)  # where each rank waited, in its log
                     self._record(
                         current,
                         {
                             "status": "timeout",
                             "error": f"no result after {self.timing.trial_timeout_s:.0f} s "
-                            "(--trial-timeout-s); the workers were restarted",
+                            f"(--trial-timeout-s); the workers were restarted (where each rank was, its Python "
+                            f"stacks: {logs[0].with_name(logs[0].name.replace('-rank-0', '-rank-*'))})",
                         },
                     )
                     return "restart"
