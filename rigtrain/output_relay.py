@@ -21,7 +21,9 @@ OUTPUT_RELAYED = "RIGTRAIN_OUTPUT_RELAYED"
 
 # Set for a child started by OutputRelay.start: the descriptor its faulthandler writes to
 STACKS_FD = "RIGTRAIN_STACKS_FD"
-STACKS_QUIET_S = 0.2  # a faulthandler dump ends when its pipe is quiet this long
+# A faulthandler dump ends when its pipe is quiet this long: long beside the few milliseconds
+# a dump takes, so that a rank held off a busy CPU in the middle of one is not cut in two.
+STACKS_QUIET_S = 0.5
 
 
 class OutputRelay:
