@@ -582,6 +582,7 @@ def test_a_hung_rank_stops_the_run_after_the_collective_timeout_with_one_line(tm
     where = log.split("[rigtrain] rank 1 did not end within 10 s of the run's failure; where it was", 1)
     assert len(where) == 2 and "in hanging" in where[1] and "(most recent call first)" in where[1], log[-3000:]
     assert where[1].index("[rigtrain] rank 1's Python stacks (faulthandler):") < where[1].index("in hanging")
+    assert log.count("did not end within") == 1 and log.count("rank 1's Python stacks") == 1, log[-3000:]
     assert "did not end" not in err and "most recent call first" not in err  # the terminal: the one line
 
 

@@ -794,8 +794,8 @@ def test_a_worker_that_crashes_in_native_code_is_reported_by_the_line_before_its
     log = tmp_path / "group-1-rank-0.log"
     crash = (
         "import ctypes\n"
-        "from rigtrain.train.stopping import keep_native_crash_stacks_in_stderr\n"
-        "keep_native_crash_stacks_in_stderr()\n"
+        "from rigtrain.train.stopping import keep_native_crash_stacks\n"
+        "keep_native_crash_stacks(None)\n"
         "print('trial 3: building the model', flush=True)\n"
         "def build(): ctypes.string_at(0)\n"
         "build()\n"

@@ -254,7 +254,7 @@ def run_local_ranks(
             killed.extend(alive if len(received) > 1 else [])
 
         previous = {s: signal.signal(s, forward) for s in stop_signals()}
-        failed_at, first = None, None
+        failed_at, first, stacks_taken = None, None, False
         try:
             while any(p.poll() is None for p in ranks):
                 failing = the_first_to_fail([p.returncode for p in ranks])
@@ -263,7 +263,9 @@ def run_local_ranks(
                     for p in ranks:
                         if p.poll() is None:
                             p.send_signal(signal.SIGTERM)
-                if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+                if failed_at is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S and not stacks_taken:
+                    # once: a rank stuck in the driver (state D) outlives its SIGKILL a while
+                    stacks_taken = True
                     kill_with_their_stacks(
                         [(r, p) for r, p in enumerate(ranks) if p.poll() is None], FAILED_RANK_GRACE_S
                     )

@@ -154,7 +154,7 @@ SHOW_STACKS = signal.SIGUSR1
 _crash_log = None  # the file faulthandler writes to: open for the life of the process
 
 
-def keep_native_crash_stacks(log: Path) -> None:
+def keep_native_crash_stacks(log: Path | None) -> None:
     """Where a training process dies of a crash in native code (NATIVE_CRASHES: a driver,
     NCCL, a library's kernel), every thread's Python stack goes into the run's log first
     (faulthandler), then the process dies of its signal as before: where it crashed, for a
@@ -164,27 +164,21 @@ def keep_native_crash_stacks(log: Path) -> None:
     collective that never completes), where a Python handler would never run; the launcher
     sends it to a rank that does not end when the run has failed, before killing it. A rank
     our launcher started writes them into a pipe of the launcher's instead (STACKS_FD), which
-    keeps each dump whole in the log under a line naming the rank (OutputRelay.start). Where
-    the log cannot be opened, nothing."""
+    keeps each dump whole in the log under a line naming the rank (OutputRelay.start). log
+    None: this process's stderr, which is its own log file (a tune worker), written through
+    the same descriptor, so that lines after a SHOW_STACKS dump follow it rather than
+    overwrite it. Where the log cannot be opened, nothing."""
     global _crash_log
     relayed = os.environ.pop(STACKS_FD, "")  # this process's descriptor: not for its children
     try:  # held open: faulthandler writes to its descriptor when it crashes
         _crash_log = os.fdopen(int(relayed), "w")
     except (ValueError, OSError):
         try:
-            _crash_log = open(log, "a")  # noqa: SIM115
+            _crash_log = sys.stderr if log is None else open(log, "a")  # noqa: SIM115
         except OSError:
             return
     faulthandler.enable(file=_crash_log, all_threads=True)
     faulthandler.register(SHOW_STACKS, file=_crash_log, all_threads=True)
-
-
-def keep_native_crash_stacks_in_stderr() -> None:
-    """keep_native_crash_stacks for a process whose stderr is its own log file (a tune
-    worker): the stacks go there, through the same descriptor, so that lines written after
-    a SHOW_STACKS dump follow it rather than overwrite it."""
-    faulthandler.enable(file=sys.stderr, all_threads=True)
-    faulthandler.register(SHOW_STACKS, file=sys.stderr, all_threads=True)
 
 
 # How long a rank that was sent SHOW_STACKS has to write them before it is killed
@@ -203,19 +197,17 @@ def show_their_stacks(processes: list[subprocess.Popen]) -> None:
 
 
 def kill_with_their_stacks(stuck: list[tuple[int, subprocess.Popen]], grace_s: float) -> None:
-    """The ranks still there grace_s after the run failed: most often stuck in
-    a collective or a driver call (a hang the SIGTERM could not reach). First their Python
-    stacks go into train.log (SHOW_STACKS: faulthandler answers even inside a C call),
-    after a line there saying whose they are, then SIGKILL."""
-    for rank, process in stuck:
-        keep_in_the_copy(
-            f"[rigtrain] rank {rank} did not end within {grace_s:.0f} s of the run's failure; "
-            "where it was (its Python stacks, then it is killed):"
-        )
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(SHOW_STACKS)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(STACKS_S)  # a rank that ends meanwhile needs no SIGKILL
+    """The ranks still there grace_s after the run failed: most often stuck in a collective or
+    a driver call (a hang the SIGTERM could not reach). First their Python stacks go into
+    train.log (SHOW_STACKS: faulthandler answers even inside a C call; the launcher's relay
+    puts each under its rank's name), after a line there saying why, then SIGKILL."""
+    if not stuck:
+        return
+    who = f"rank {stuck[0][0]}" if len(stuck) == 1 else "ranks " + ", ".join(str(r) for r, _ in stuck)
+    were = "it was (its Python stacks, then it is killed)" if len(stuck) == 1 else "they were (then they are killed)"
+    keep_in_the_copy(f"[rigtrain] {who} did not end within {grace_s:.0f} s of the run's failure; where {were}:")
+    show_their_stacks([process for _, process in stuck])
+    for _, process in stuck:
         if process.poll() is None:
             process.kill()
 

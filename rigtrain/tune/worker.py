@@ -24,7 +24,7 @@ import torch
 from rigtrain.files import write_json
 from rigtrain.train.engine import init_distributed
 from rigtrain.train.rehearsal import FAULT_OOM_ABOVE
-from rigtrain.train.stopping import die_with_launcher, exit_without_teardown, keep_native_crash_stacks_in_stderr
+from rigtrain.train.stopping import die_with_launcher, exit_without_teardown, keep_native_crash_stacks
 from rigtrain.train.trainer import Trainer
 from rigtrain.train.worker import out_of_memory
 from rigtrain.tune.records import (
@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--queue", required=True)
     args = parser.parse_args()
     die_with_launcher()
-    keep_native_crash_stacks_in_stderr()  # a crash's stacks, or a hung trial's, in this rank's log
+    keep_native_crash_stacks(None)  # a crash's stacks, or a hung trial's, in this rank's log (its stderr)
     tune_dir, queue = Path(args.tune_dir), wait_for_queue(Path(args.queue))
     # The plan's environment (OMP_NUM_THREADS, NCCL settings) came from the driver, which
     # set it before this process imported torch.
