@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import SHARED, run_cli
 
 from rigtrain.config import load_config
 from rigtrain.data.media import MediaError, fit_frame, read_video, read_video_clip
@@ -1242,6 +1242,58 @@ def test_a_narration_file_that_does_not_read_gives_way_to_one_that_does(tmp_path
     assert reasons["lecture.srt"].startswith("not UTF-8") and "instead" not in reasons["lecture.srt"]
     checked = {v["file"]: v for v in check_folder(src, data)["videos"]}
     assert checked["talk.mp4"]["narration"]["file"] == "talk.srt" and checked["lecture.mp4"]["narration"] is None
+
+
+def test_a_transcript_of_another_video_is_named_where_it_is_checked_and_prepared(tmp_path):
+    """A real Whisper transcript (25 minutes of a talk) beside a real 10-second video, as when
+    a transcript is saved under the wrong name: `data check` and `data prepare` both say it
+    runs past the video and how much of it is left out; the speech of the first 10 s still
+    narrates the clips (a video cut short at its end keeps its transcript's start). A
+    transcript whose last words end just after the picture, as Whisper's do, says nothing."""
+    from rigtrain.data.check import check_folder, format_report
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    shutil.copy(SHARED / "data" / "videos" / "bikes.mp4", src / "bikes.mp4")
+    shutil.copy(SHARED / "data" / "transcripts" / "vision_transformer.json", src / "bikes.json")
+    write_variable_rate_h264(src / "talk.mp4", [100 * i for i in range(21)])  # 2.1 s
+    (src / "talk.json").write_text(
+        json.dumps([{"start": 0.2, "end": 1.5, "text": "a"}, {"start": 1.6, "end": 2.6, "text": "b"}])
+    )
+    data = load_config("demo").data
+    said = "bikes.json runs to 1508.0 s but the video lasts 10.0 s (458 of 463 segments start after its end"
+    report = check_folder(src, data)
+    assert said in format_report(report), format_report(report)
+    assert [v["narration"]["problems"] for v in report["videos"] if v["file"] == "talk.mp4"] == [[]]
+    index = prepare(src, tmp_path / "prep", data)
+    problems = {s["video"]: s["problems"] for s in index["sources"]}
+    assert problems["talk.mp4"] == [] and len(problems["bikes.mp4"]) == 1 and said in problems["bikes.mp4"][0]
+    bikes = next(s for s in index["sources"] if s["video"] == "bikes.mp4")
+    assert bikes["narration"] == "bikes.json" and bikes["narration_segments"] == 463
+
+
+def test_a_run_from_a_folder_of_videos_says_what_data_check_would(tmp_path, capsys):
+    """Training straight from videos (no prepare) names a video it leaves out and a
+    transcript that runs past its video, once, in the run's log; a folder with many notes
+    gets ten lines, the last saying where the rest are."""
+    from rigtrain.data.ondemand import MOST_NOTES_SAID, DecodedClips
+    from rigtrain.train.launch import check_data
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    shutil.copy(SHARED / "data" / "videos" / "bikes.mp4", src / "bikes.mp4")
+    shutil.copy(SHARED / "data" / "transcripts" / "vision_transformer.json", src / "bikes.json")
+    (src / "broken.mp4").write_bytes((src / "bikes.mp4").read_bytes()[:100_000])  # a download cut short
+    config = load_config("demo", overrides=["eval.holdout=0", "train.micro_batch_size=2"])
+    clips, _ = check_data(src, config, 1, say=lambda line: print(f"[said] {line}"))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[said]")]
+    assert clips == 10 and len(said) == 2, said
+    assert said[0].startswith("[said] bikes.mp4: bikes.json runs to 1508.0 s but the video lasts 10.0 s")
+    assert said[1].startswith("[said] broken.mp4 left out: cannot be opened as a video"), said
+    for k in range(12):
+        (src / f"cut{k}.mp4").write_bytes(b"")
+    lines = DecodedClips.from_folder(src, config.data).said_of_the_folder
+    assert len(lines) == MOST_NOTES_SAID and lines[-1] == f"... and 5 more: `rigtrain data check {src}` lists every one"
 
 
 def test_subtitles_named_with_a_language_as_yt_dlp_writes_them(tmp_path):

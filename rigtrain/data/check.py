@@ -21,6 +21,7 @@ from rigtrain.data.container import (
     open_container,
     tag,
 )
+from rigtrain.data.narration import runs_past_the_video
 from rigtrain.data.shards import clip_bytes
 from rigtrain.data.sources import Source, audio_mismatch, sources_in
 from rigtrain.data.subtitles import CONTAINER, narration_of, subtitle_track
@@ -159,15 +160,17 @@ def _probe_sidecar_audio(path: Path) -> dict:
 MOST_NOTES_PRINTED = 40
 
 
-def _probe_narration(source: Source, notes: list[str]) -> dict | None:
+def _probe_narration(source: Source, video_s: float, notes: list[str]) -> dict | None:
     """The narration prepare will take (subtitles.narration_of), read whole as prepare reads
-    it, with "from": "container" for the video's own subtitle track; a note for each that
-    will be skipped."""
+    it, with "from": "container" for the video's own subtitle track, and the problems
+    prepare will report; a note for each that will be skipped."""
     narration, narration_from, failed = narration_of(source)
     notes += [f"{file or 'its subtitle track'} will be skipped: {why}" for file, why in failed]
     if narration is None:
         return None
-    entry = {"file": narration_from, "segments": len(narration.segments), "problems": narration.problems}
+    past_the_end = runs_past_the_video(narration.segments, video_s)
+    problems = narration.problems + ([past_the_end] if past_the_end else [])
+    entry = {"file": narration_from, "segments": len(narration.segments), "problems": problems}
     if narration_from == CONTAINER:
         entry["file"], entry["from"] = f"subtitle track ({subtitle_track(source.video)})", CONTAINER
     return entry
@@ -220,7 +223,7 @@ def check_source(source: Source, data: DataConfig) -> dict:
                 )
         except media.MediaError as err:
             entry["notes"].append(f"audio track left out: {err}")
-    entry["narration"] = _probe_narration(source, entry["notes"])
+    entry["narration"] = _probe_narration(source, video["duration_s"], entry["notes"])
     low, high = video["fps_range"] or (0, 0)
     if low and high > 1.1 * low:
         entry["notes"].append(f"variable frame rate ({low:g}-{high:g} fps): frames are placed by their timestamps")

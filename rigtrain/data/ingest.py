@@ -16,7 +16,7 @@ import numpy as np
 
 from rigtrain.config import DataConfig
 from rigtrain.data import container, media, sound
-from rigtrain.data.narration import clip_text
+from rigtrain.data.narration import clip_text, runs_past_the_video
 from rigtrain.data.shards import ARRAYS, CLIP_DTYPE, LABEL_KEYS
 from rigtrain.data.sources import Source, audio_mismatch, fingerprint
 from rigtrain.data.subtitles import CONTAINER, narration_of
@@ -145,7 +145,7 @@ def ingest(source: Source, data: DataConfig, labels: dict | None, skip_clips: in
     skipped: list[dict] = []
     problems: list[str] = []
     audio, audio_from = _sound_of(source, data, duration, skipped, problems)
-    segments, narration_from = _narration_of(source, skipped, problems)
+    segments, narration_from = _narration_of(source, duration, skipped, problems)
     clips = _sound_text_and_labels(data, starts, audio, segments, (labels or {}), source.video.stem)
     n, T = len(starts), data.clip_frames
     whole = {
@@ -231,14 +231,16 @@ def _sound_of(source: Source, data: DataConfig, duration: float, skipped: list, 
     return audio, audio_from
 
 
-def _narration_of(source: Source, skipped: list, problems: list) -> tuple[list, str | None]:
+def _narration_of(source: Source, duration: float, skipped: list, problems: list) -> tuple[list, str | None]:
     """The narration's segments and where they came from (index.json's "narration"; see
-    subtitles.narration_of); each one that does not read is added to `skipped`."""
+    subtitles.narration_of); each one that does not read is added to `skipped`, and what is
+    wrong with the one used (broken cues, speech after the video's end) to `problems`."""
     narration, narration_from, failed = narration_of(source)
     track = f"{source.name} subtitle track"
     if narration:
         where = track if narration_from == CONTAINER else narration_from
-        problems += [f"{where} {p}" for p in narration.problems]
+        past_the_end = runs_past_the_video(narration.segments, duration)
+        problems += [f"{where} {p}" for p in narration.problems + ([past_the_end] if past_the_end else [])]
     then = "narrated by its subtitle track" if narration_from == CONTAINER else "used without narration"
     skipped += [{"file": file or track, "reason": f"{why}; {source.name} is {then}"} for file, why in failed]
     return (narration.segments if narration else []), narration_from

@@ -209,6 +209,23 @@ def parse_subtitles(text: str, *, webvtt: bool) -> Narration:
     return Narration(segments, problems)
 
 
+def runs_past_the_video(segments: list[Segment], video_s: float) -> str | None:
+    """Why narration does not fit its video's length, or None. Speech that starts after the
+    last frame is of another video, or of this one before it was cut: its text is not of
+    these pictures (a clip has the words spoken while it shows). Whisper's last segment may
+    end a little after the picture, so only a start past the end counts, with the same
+    slack as a sound sidecar's length (sources.audio_mismatch). The narration is still used
+    (its start may be right: a video cut short at its end); the note says what to check."""
+    after = [s for s in segments if s.start > video_s + max(0.5, 0.05 * video_s)]
+    if not after:
+        return None
+    return (
+        f"runs to {max(s.end for s in segments):.1f} s but the video lasts {video_s:.1f} s "
+        f"({len(after)} of {len(segments)} segments start after its end, and are left out): "
+        "if it is another video's narration, rename or remove it"
+    )
+
+
 def clip_text(
     segments: list[Segment], start: float, end: float, max_bytes: int
 ) -> tuple[bytes, list[tuple[Segment, int, int]]]:

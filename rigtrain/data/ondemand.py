@@ -30,6 +30,11 @@ from rigtrain.errors import DataGone
 # stops with one line.
 MOST_FAILED_IN_A_ROW = 16
 
+# A run from a folder of videos names what `data check` would note (a video left out, a
+# sidecar skipped, narration past its video's end), up to this many lines; a folder of
+# phone videos, each of variable frame rate, would otherwise fill the run's log.
+MOST_NOTES_SAID = 10
+
 
 @dataclass(frozen=True)
 class ClipRef:
@@ -40,6 +45,12 @@ class ClipRef:
     narration: Path | None = None  # a sidecar file
     container_narration: bool = False  # the video's own subtitle track (data/subtitles.py)
     name: str = ""  # the video's path in its folder, as the index names it (the held-out split's key)
+
+
+def _at_most(count: int, lines: list[str], where_the_rest_are: str) -> list[str]:
+    if len(lines) <= count:
+        return lines
+    return lines[: count - 1] + [f"... and {len(lines) - count + 1} more: {where_the_rest_are}"]
 
 
 @lru_cache(maxsize=64)
@@ -69,6 +80,9 @@ class DecodedClips(Dataset):
         self._broken: dict[int, str] = {}  # clips that failed, and why: not decoded again
         self._heldout: list[bool] | None = None  # each clip's side of the held-out split (keep_apart)
         self._first_clips: list[int] | None = None  # each video's first clip (_stand_ins)
+        # what `data check` would say of the folder (videos left out, sidecars skipped,
+        # narration past a video's end): a run from a folder says it once (train.launch)
+        self.said_of_the_folder: list[str] = []
 
     @classmethod
     def from_index(cls, data_dir: Path, index: dict, data: DataConfig) -> DecodedClips:
@@ -98,9 +112,14 @@ class DecodedClips(Dataset):
         (for training straight from videos: slow, but it works). Videos that cannot be
         used are left out, as prepare leaves them out."""
 
-        refs = []
+        refs, said = [], []
         for source in find_sources(Path(folder))[0]:
             entry = check_source(source, data)
+            if not entry["ok"]:
+                said.append(f"{source.name} left out: {entry['reason']}")
+            narration = entry.get("narration") or {}
+            problems = [f"{narration['file']} {problem}" for problem in narration.get("problems", [])]
+            said += [f"{source.name}: {note}" for note in entry.get("notes", []) + problems]
             if not entry["ok"] or entry["clips"] == 0:
                 continue
             frames = frames_after_resampling(entry["duration_s"], data.fps)
@@ -117,7 +136,9 @@ class DecodedClips(Dataset):
                         name=source.name,
                     )
                 )
-        return cls(refs, data)
+        clips = cls(refs, data)
+        clips.said_of_the_folder = _at_most(MOST_NOTES_SAID, said, f"`rigtrain data check {folder}` lists every one")
+        return clips
 
     def __len__(self) -> int:
         return len(self.clips)

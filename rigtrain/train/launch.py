@@ -55,7 +55,6 @@ def resolve_config(
                 f"--resume: the run in {run_dir} was made with --preset {base.get('preset')}, not "
                 f"--preset {preset}; drop --preset (or give {base.get('preset')}) to continue it"
             )
-
         config = load_config(base=base, config_file=config_file, overrides=overrides)
         check_checkpoint_layout(record.get("plan") or {}, run_dir)
         changes = resume_changes(build_config(base, source=str(saved)), config, run_dir)
@@ -100,15 +99,18 @@ def resolve_data(config: RunConfig, log=print) -> Path:
     return path.resolve()
 
 
-def check_data(data_dir: Path, config: RunConfig, world_size: int, trained_on: dict | None = None):
+def check_data(data_dir: Path, config: RunConfig, world_size: int, trained_on: dict | None = None, say=None):
     """The dataset's size and its held-out split: by eval.holdout, or for a resumed run
     (`trained_on`, _carried_over) the videos it held out (a run from before the split held
-    none out), on the data it trained on. Raises when there is not one batch per rank."""
+    none out), on the data it trained on. Raises when there is not one batch per rank. For
+    a folder of videos, `say` (a run's log) gets what data check would note of it."""
     from rigtrain.data.dataset import open_dataset  # torch, numpy: only once there is data to check
     from rigtrain.data.order import ResumableSampler  # torch, numpy: only once there is data to check
     from rigtrain.data.split import heldout_videos, split_clips  # torch, numpy: only once there is data to check
 
     dataset = open_dataset(data_dir, config.data)
+    for line in getattr(dataset, "said_of_the_folder", []) if say else []:
+        say(line)
     videos = dataset.clip_videos()
     if trained_on is None:
         split = split_clips(videos, heldout_videos(videos, config.eval.holdout))
@@ -286,7 +288,7 @@ def _train_locked(
             config, plan = fitted, plan_run(fitted, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
         plan = with_user_environment(plan)
         config = apply_plan(config, plan)
-        clips, split = check_data(data_dir, config, plan.world_size, trained_on)
+        clips, split = check_data(data_dir, config, plan.world_size, trained_on, say=_say)
         held_out = {"holdout": config.eval.holdout, **split.to_dict()}
         extra = {"split": held_out, "init_from": initial, "backed_off_from": backed_off}
         write_run_config(run_dir, config, data_dir, rig, plan, {k: v for k, v in extra.items() if v})  # what there is

@@ -186,7 +186,7 @@ def _plan_trials(
     for c in candidates:
         if c.pruned is None:
             trial_config = with_values(c.config, TRIAL_SETTINGS)
-            _, split = check_data(data_dir, trial_config, c.world)
+            _, split = check_data(data_dir, trial_config, c.world, say=log if c is candidates[0] else None)
             write_run_config(
                 trial_dir(tune_dir, c.index), trial_config, data_dir, rig, c.plan, {"split": split.to_dict()}
             )
