@@ -168,7 +168,8 @@ def _probe_narration(source: Source, video_s: float, notes: list[str]) -> dict |
     notes += [f"{file or 'its subtitle track'} will be skipped: {why}" for file, why in failed]
     if narration is None:
         return None
-    past_the_end = runs_past_the_video(narration.segments, video_s)
+    # a sidecar only: a video's own subtitle track was cut with it
+    past_the_end = narration_from != CONTAINER and runs_past_the_video(narration.segments, video_s)
     problems = narration.problems + ([past_the_end] if past_the_end else [])
     entry = {"file": narration_from, "segments": len(narration.segments), "problems": problems}
     if narration_from == CONTAINER:

@@ -239,7 +239,7 @@ def _narration_of(source: Source, duration: float, skipped: list, problems: list
     track = f"{source.name} subtitle track"
     if narration:
         where = track if narration_from == CONTAINER else narration_from
-        past_the_end = runs_past_the_video(narration.segments, duration)
+        past_the_end = narration_from != CONTAINER and runs_past_the_video(narration.segments, duration)
         problems += [f"{where} {p}" for p in narration.problems + ([past_the_end] if past_the_end else [])]
     then = "narrated by its subtitle track" if narration_from == CONTAINER else "used without narration"
     skipped += [{"file": file or track, "reason": f"{why}; {source.name} is {then}"} for file, why in failed]

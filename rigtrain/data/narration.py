@@ -210,7 +210,7 @@ def parse_subtitles(text: str, *, webvtt: bool) -> Narration:
 
 
 def runs_past_the_video(segments: list[Segment], video_s: float) -> str | None:
-    """Why narration does not fit its video's length, or None. Speech that starts after the
+    """Why a narration file does not fit its video's length, or None. Speech that starts after the
     last frame is of another video, or of this one before it was cut: its text is not of
     these pictures (a clip has the words spoken while it shows). Whisper's last segment may
     end a little after the picture, so only a start past the end counts, with the same
