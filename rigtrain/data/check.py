@@ -160,12 +160,13 @@ def _probe_sidecar_audio(path: Path) -> dict:
 MOST_NOTES_PRINTED = 40
 
 
-def _probe_narration(source: Source, video_s: float, notes: list[str]) -> dict | None:
+def _probe_narration(source: Source, video_s: float, notes: list[str], skipped: list[str]) -> dict | None:
     """The narration prepare will take (subtitles.narration_of), read whole as prepare reads
     it, with "from": "container" for the video's own subtitle track, and the problems
     prepare will report; a note for each that will be skipped."""
     narration, narration_from, failed = narration_of(source)
-    notes += [f"{file or 'its subtitle track'} will be skipped: {why}" for file, why in failed]
+    skipped += [f"{file or 'its subtitle track'} will be skipped: {why}" for file, why in failed]
+    notes += skipped[len(skipped) - len(failed) :]
     if narration is None:
         return None
     # a sidecar only: a video's own subtitle track was cut with it
@@ -189,7 +190,7 @@ def check_source(source: Source, data: DataConfig) -> dict:
         video = _probe_video(source.video)
     except media.MediaError as err:
         return {**entry, "reason": str(err)}
-    entry.update(ok=True, **video, notes=[])
+    entry.update(ok=True, **video, notes=[], skipped=[])  # skipped: the sidecars left out, also in notes
     if video["hdr"]:
         entry["notes"].append(
             f"HDR ({video['hdr']}): read as a screen without HDR shows it; highlights above reference white clip"
@@ -211,7 +212,8 @@ def check_source(source: Source, data: DataConfig) -> dict:
                 raise media.MediaError(mismatch)
             entry["audio"] = audio
         except media.MediaError as err:
-            entry["notes"].append(f"{source.named(source.audio)} will be skipped: {err}")
+            entry["skipped"].append(f"{source.named(source.audio)} will be skipped: {err}")
+            entry["notes"].append(entry["skipped"][-1])
     if entry["audio"] is None:
         try:
             entry["audio"] = _probe_container_audio(source.video)
@@ -224,7 +226,7 @@ def check_source(source: Source, data: DataConfig) -> dict:
                 )
         except media.MediaError as err:
             entry["notes"].append(f"audio track left out: {err}")
-    entry["narration"] = _probe_narration(source, video["duration_s"], entry["notes"])
+    entry["narration"] = _probe_narration(source, video["duration_s"], entry["notes"], entry["skipped"])
     low, high = video["fps_range"] or (0, 0)
     if low and high > 1.1 * low:
         entry["notes"].append(f"variable frame rate ({low:g}-{high:g} fps): frames are placed by their timestamps")

@@ -115,13 +115,16 @@ class DecodedClips(Dataset):
         refs, said = [], []
         for source in find_sources(Path(folder))[0]:
             entry = check_source(source, data)
-            if not entry["ok"]:
-                said.append(f"{source.name} left out: {entry['reason']}")
-            narration = entry.get("narration") or {}
-            problems = [f"{narration['file']} {problem}" for problem in narration.get("problems", [])]
-            said += [f"{source.name}: {note}" for note in entry.get("notes", []) + problems]
             if not entry["ok"] or entry["clips"] == 0:
+                said.append(
+                    f"{source.name} left out: {entry.get('reason') or f'shorter than one clip ({data.clip_seconds} s)'}"
+                )
                 continue
+            # what prepare would report (sidecars skipped, problems in the files used), not
+            # check's notes on how a video is read (variable frame rate, HDR, interlacing)
+            narration = entry["narration"] or {}
+            problems = [f"{narration['file']} {problem}" for problem in narration.get("problems", [])]
+            said += [f"{source.name}: {note}" for note in entry["skipped"] + problems]
             frames = frames_after_resampling(entry["duration_s"], data.fps)
             audio, narration = entry["audio"], entry["narration"]
             for start in media.clip_starts(frames, data.clip_frames, data.stride_frames):
