@@ -78,6 +78,7 @@ def test_train_on_a_folder_of_raw_videos_decodes_on_the_fly_and_says_to_prepare(
     videos.mkdir()
     shutil.copy(shared_data / "videos" / "bikes.mp4", videos)
     shutil.copy(shared_data / "videos" / "carphone_pristine.mp4", videos)
+    (videos / "cut.mp4").write_bytes((videos / "bikes.mp4").read_bytes()[:100_000])  # a download cut short
     result = run_cli(
         "train",
         "--data",
@@ -93,12 +94,14 @@ def test_train_on_a_folder_of_raw_videos_decodes_on_the_fly_and_says_to_prepare(
     assert result.returncode == 0, result.stderr[-2000:]
     assert "decoded on the fly" in result.stdout and "rigtrain data prepare" in result.stdout
     assert "14 clips from" in result.stdout  # 10 s of bikes.mp4 and 4 of carphone at 1-second clips
+    assert result.stdout.count("[rigtrain] cut.mp4 left out: cannot be opened as a video") == 1  # said once
     record = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert record["clips"]["bank"] == 0 and record["clips"]["heldout"] in (4, 10), record["clips"]
     assert any("no labels" in note for note in record["notes"])
     again = run_cli("eval", str(tmp_path / "run"), "--json", timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads(again.stdout)["clips"] == record["clips"]
+    assert json.loads(again.stdout)["clips"] == record["clips"]  # --json: nothing else on stdout
+    assert "rigtrain: cut.mp4 left out: cannot be opened as a video" in again.stderr
     (tmp_path / "empty").mkdir()
     assert_user_error(run_cli("train", "--data", str(tmp_path / "empty")), "neither prepared shards")
 

@@ -61,7 +61,6 @@ def load_weights(run_dir: Path, config: RunConfig, tag: str | None = None) -> tu
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
-
     run_dir = Path(run_dir)
     saved = read_run_record(run_dir, "eval")
     config = build_config(saved["config"], source=str(run_dir / "config.json"))
@@ -75,6 +74,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
             "data's new place with --data, if it moved)"
         )
     dataset = open_dataset(data_dir, config.data)
+    for line in getattr(dataset, "said_of_the_folder", []):  # a folder of videos: what prepare would report
+        print(f"rigtrain: {line}", file=sys.stderr)
     videos = dataset.clip_videos()
     recorded = saved.get("split") or {}
     # the run's own data where it was, or moved elsewhere (the same clips)
