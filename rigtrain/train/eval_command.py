@@ -84,11 +84,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
     )
     # The run's own data: its recorded split. Other data: the same rule (a hash of each
     # video's name), since the run never saw that data anyway.
-    heldout = (
-        (saved.get("split") or {}).get("heldout_videos", [])
-        if own_data
-        else heldout_videos(videos, config.eval.holdout)
-    )
+    heldout = recorded.get("heldout_videos", []) if own_data else heldout_videos(videos, config.eval.holdout)
     split = split_clips(videos, heldout)
     if hasattr(dataset, "keep_apart"):  # videos decoded on demand stand in for one another
         dataset.keep_apart(heldout)
