@@ -1272,12 +1272,12 @@ def test_a_transcript_of_another_video_is_named_where_it_is_checked_and_prepared
     assert bikes["narration"] == "bikes.json" and bikes["narration_segments"] == 463
 
 
-def test_a_run_from_a_folder_of_videos_says_what_data_check_would(tmp_path, capsys):
+def test_a_run_from_a_folder_of_videos_says_what_prepare_would(tmp_path, capsys):
     """Training straight from videos (no prepare) names, once, in the run's log, what
     prepare would report: a video it leaves out (damaged, or shorter than a clip), a
-    sidecar it skips, a transcript that runs past its video; not how a video is read (a
-    variable frame rate). A folder with many of them gets ten lines, the last saying where
-    the rest are."""
+    sidecar it skips, a transcript that runs past its video, a file it does not use (a
+    transcript named unlike its video); not how a video is read (a variable frame rate).
+    A folder with many of them gets ten lines, the last saying where the rest are."""
     from rigtrain.data.ondemand import MOST_NOTES_SAID, DecodedClips
     from rigtrain.train.launch import check_data
 
@@ -1289,19 +1289,21 @@ def test_a_run_from_a_folder_of_videos_says_what_data_check_would(tmp_path, caps
     write_variable_rate_h264(src / "phone.mp4", [0, 100, 150, 300, 350, 500, 550, 700, 750, 900, 950, 1100])
     (src / "phone.wav").write_bytes(b"RIFF not a wav")
     write_variable_rate_h264(src / "short.mp4", [0, 100, 200, 300])
+    (src / "short_transcript.srt").write_text("1\n00:00:00,000 --> 00:00:00,300\nhello\n")
     config = load_config("demo", overrides=["eval.holdout=0", "train.micro_batch_size=2"])
     clips, _ = check_data(src, config, 1, say=lambda line: print(f"[said] {line}"))
     said = [line[len("[said] ") :] for line in capsys.readouterr().out.splitlines() if line.startswith("[said]")]
-    assert clips == 11 and len(said) == 4, said
+    assert clips == 11 and len(said) == 5, said
     assert said[0].startswith("bikes.mp4: bikes.json runs to 1508.0 s but the video lasts 10.0 s")
     assert said[1].startswith("broken.mp4 left out: cannot be opened as a video"), said
     assert said[2].startswith("phone.mp4: phone.wav will be skipped: "), said
     assert said[3] == "short.mp4 left out: shorter than one clip (1.0 s)", said
+    assert said[4] == "short_transcript.srt: not used: no video with this name", said
     assert not any("variable frame rate" in line for line in said)
     for k in range(10):
         (src / f"cut{k}.mp4").write_bytes(b"")
     lines = DecodedClips.from_folder(src, config.data).said_of_the_folder
-    assert len(lines) == MOST_NOTES_SAID and lines[-1] == f"... and 5 more: `rigtrain data check {src}` lists every one"
+    assert len(lines) == MOST_NOTES_SAID and lines[-1] == f"... and 6 more: `rigtrain data check {src}` lists every one"
 
 
 def test_subtitles_named_with_a_language_as_yt_dlp_writes_them(tmp_path):

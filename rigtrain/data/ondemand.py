@@ -113,7 +113,8 @@ class DecodedClips(Dataset):
         used are left out, as prepare leaves them out."""
 
         refs, said = [], []
-        for source in find_sources(Path(folder))[0]:
+        sources, unused = find_sources(Path(folder))
+        for source in sources:
             entry = check_source(source, data)
             if not entry["ok"] or entry["clips"] == 0:
                 said.append(
@@ -139,6 +140,7 @@ class DecodedClips(Dataset):
                         name=source.name,
                     )
                 )
+        said += [f"{u['file']}: not used: {u['reason']}" for u in unused]  # a transcript named unlike its video
         clips = cls(refs, data)
         clips.said_of_the_folder = _at_most(MOST_NOTES_SAID, said, f"`rigtrain data check {folder}` lists every one")
         return clips
