@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, run_cli
+from conftest import run_cli
 
 from rigtrain.config import load_config
 from rigtrain.data.media import MediaError, fit_frame, read_video, read_video_clip
@@ -1244,7 +1244,7 @@ def test_a_narration_file_that_does_not_read_gives_way_to_one_that_does(tmp_path
     assert checked["talk.mp4"]["narration"]["file"] == "talk.srt" and checked["lecture.mp4"]["narration"] is None
 
 
-def test_a_transcript_of_another_video_is_named_where_it_is_checked_and_prepared(tmp_path):
+def test_a_transcript_of_another_video_is_named_where_it_is_checked_and_prepared(tmp_path, shared_data):
     """A real Whisper transcript (25 minutes of a talk) beside a real 10-second video, as when
     a transcript is saved under the wrong name: `data check` and `data prepare` both say it
     runs past the video and how much of it is left out; the speech of the first 10 s still
@@ -1254,8 +1254,8 @@ def test_a_transcript_of_another_video_is_named_where_it_is_checked_and_prepared
 
     src = tmp_path / "videos"
     src.mkdir()
-    shutil.copy(SHARED / "data" / "videos" / "bikes.mp4", src / "bikes.mp4")
-    shutil.copy(SHARED / "data" / "transcripts" / "vision_transformer.json", src / "bikes.json")
+    shutil.copy(shared_data / "videos" / "bikes.mp4", src / "bikes.mp4")
+    shutil.copy(shared_data / "transcripts" / "vision_transformer.json", src / "bikes.json")
     write_variable_rate_h264(src / "talk.mp4", [100 * i for i in range(21)])  # 2.1 s
     (src / "talk.json").write_text(
         json.dumps([{"start": 0.2, "end": 1.5, "text": "a"}, {"start": 1.6, "end": 2.6, "text": "b"}])
@@ -1272,7 +1272,7 @@ def test_a_transcript_of_another_video_is_named_where_it_is_checked_and_prepared
     assert bikes["narration"] == "bikes.json" and bikes["narration_segments"] == 463
 
 
-def test_a_run_from_a_folder_of_videos_says_what_prepare_would(tmp_path, capsys):
+def test_a_run_from_a_folder_of_videos_says_what_prepare_would(tmp_path, capsys, shared_data):
     """Training straight from videos (no prepare) names, once, in the run's log, what
     prepare would report: a video it leaves out (damaged, or shorter than a clip), a
     sidecar it skips, a transcript that runs past its video, a file it does not use (a
@@ -1283,8 +1283,8 @@ def test_a_run_from_a_folder_of_videos_says_what_prepare_would(tmp_path, capsys)
 
     src = tmp_path / "videos"
     src.mkdir()
-    shutil.copy(SHARED / "data" / "videos" / "bikes.mp4", src / "bikes.mp4")
-    shutil.copy(SHARED / "data" / "transcripts" / "vision_transformer.json", src / "bikes.json")
+    shutil.copy(shared_data / "videos" / "bikes.mp4", src / "bikes.mp4")
+    shutil.copy(shared_data / "transcripts" / "vision_transformer.json", src / "bikes.json")
     (src / "broken.mp4").write_bytes((src / "bikes.mp4").read_bytes()[:100_000])  # a download cut short
     write_variable_rate_h264(src / "phone.mp4", [0, 100, 150, 300, 350, 500, 550, 700, 750, 900, 950, 1100])
     (src / "phone.wav").write_bytes(b"RIFF not a wav")
