@@ -201,6 +201,7 @@ COUNTING_RANK = """
 import os, signal, sys, time
 got = []
 signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+open(os.path.join(sys.argv[1], "ready-" + os.environ["RANK"]), "w").close()
 end = time.monotonic() + 3
 while time.monotonic() < end and len(got) < 2:
     time.sleep(0.01)
@@ -216,19 +217,28 @@ def test_the_launcher_passes_one_request_on_and_kills_on_a_second(tmp_path, caps
 
     from rigtrain.train.processes import run_local_ranks
 
+    written_to, run = tmp_path / "written", tmp_path / "run"
+    written_to.mkdir()
+    before = signal.getsignal(signal.SIGTERM)
+
     def signal_twice() -> None:
-        time.sleep(1.0)  # the ranks have started and set their handler
+        # once the launcher and both ranks have their handlers (a fixed second was not
+        # always enough on a busy machine, and a SIGTERM before would end this process)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            signal.getsignal(signal.SIGTERM) in (before, signal.SIG_DFL, signal.SIG_IGN)
+            or len(list(written_to.glob("ready-*"))) < 2
+        ):
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(gap_s)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=signal_twice, daemon=True).start()
-    written_to, run = tmp_path / "written", tmp_path / "run"
-    written_to.mkdir()
     (run / "checkpoints").mkdir(parents=True)
     command = [sys.executable, "-c", COUNTING_RANK, str(written_to)]
     assert run_local_ranks(command, 2, dict(os.environ), run) == (143, None)
-    written = {p.name: p.read_text() for p in written_to.iterdir()}
+    written = {p.name: p.read_text() for p in written_to.iterdir() if not p.name.startswith("ready-")}
     assert written == ({"0": "1", "1": "1"} if ranks_get == 1 else {}), written
     said = capsys.readouterr().err.splitlines()
     assert said == (
@@ -263,8 +273,13 @@ def test_a_second_signal_to_a_multi_node_run_is_said_for_the_workers_it_kills(tm
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
 
+    before = signal.getsignal(signal.SIGTERM)
+
     def signal_twice() -> None:
-        time.sleep(1.0)
+        # once run_on_machines has its handler: a SIGTERM before it (a busy machine slow to
+        # start the runner) would end this test's own process
+        while signal.getsignal(signal.SIGTERM) in (before, signal.SIG_DFL, signal.SIG_IGN):
+            time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.7)
         os.kill(os.getpid(), signal.SIGTERM)
