@@ -95,6 +95,9 @@ def test_train_on_a_folder_of_raw_videos_decodes_on_the_fly_and_says_to_prepare(
     assert "decoded on the fly" in result.stdout and "rigtrain data prepare" in result.stdout
     assert "14 clips from" in result.stdout  # 10 s of bikes.mp4 and 4 of carphone at 1-second clips
     assert result.stdout.count("[rigtrain] cut.mp4 left out: cannot be opened as a video") == 1  # said once
+    # and kept in the run's log, though said before the folder was the run's
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "cut.mp4 left out" in log.split("\n", 2)[2] and "holds videos, not shards" in log.splitlines()[1], log
     record = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert record["clips"]["bank"] == 0 and record["clips"]["heldout"] in (4, 10), record["clips"]
     assert any("no labels" in note for note in record["notes"])

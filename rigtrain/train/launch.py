@@ -23,7 +23,7 @@ from rigtrain.files import write_json
 from rigtrain.terminal import command_header, copy_output_to
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, how_it_ended, new_run_dir, start_processes
-from rigtrain.train.resuming import check_checkpoint_layout, fit_to_processes, resume_changes
+from rigtrain.train.resuming import check_checkpoint_layout, check_resumed_data, fit_to_processes, resume_changes
 from rigtrain.train.run_record import RUN_LOG, read_run_record, resume_command
 from rigtrain.train.stopping import NATIVE_CRASHES, STOP_EXIT_CODES
 from rigtrain.train.worker import OOM_MARKER
@@ -116,33 +116,9 @@ def check_data(data_dir: Path, config: RunConfig, world_size: int, trained_on: d
         split = split_clips(videos, heldout_videos(videos, config.eval.holdout))
     else:
         split = split_clips(videos, trained_on["split"].get("heldout_videos", []))
-        _check_resumed_data(trained_on, data_dir, split)
+        check_resumed_data(trained_on, data_dir, split, say or _say)
     ResumableSampler(split.train, rank=0, world=world_size, micro_batch=config.train.micro_batch_size, seed=0)
     return len(dataset), split
-
-
-def _check_resumed_data(trained_on: dict, data_dir: Path, split) -> None:
-    """A resumed run's data may have moved (another disk, another mount point) if it is the
-    same data; other data in another folder is a new run's (--init-from). Data changed in
-    its own folder (videos added and prepared again) is trained on as it is now, said."""
-    recorded, before = trained_on["split"], trained_on["data_dir"]
-    counts = [recorded.get(key) for key in ("train_clips", "heldout_clips")]
-    if not all(isinstance(n, int) for n in counts) or split.same_data_as(recorded):  # none: a run from before them
-        if before and str(data_dir) != before:
-            _say(f"--resume: the run's data moved from {before} to {data_dir} (the same clips); training goes on")
-        return
-    now = f"{len(split.train) + len(split.heldout)} clips"
-    then = f"{sum(counts)}"
-    if before and str(data_dir) != before:
-        raise UserError(
-            f"--resume --data {data_dir}: not the data this run trained on ({now} where it had {then}, or other "
-            f"videos); give its own data (it was at {before}), or train on this in a new run from these weights: "
-            f"rigtrain train --init-from {trained_on['run_dir']} --out NEW_DIR --data {data_dir}"
-        )
-    _say(
-        f"--resume: the data in {data_dir} changed since the run last started ({now} where there were {then}); "
-        "training goes on over it as it is now, with the same held-out videos"
-    )
 
 
 def write_run_config(run_dir: Path, config: RunConfig, data_dir: Path, rig, plan, extra: dict | None = None) -> None:
@@ -178,6 +154,15 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 def _say(line: str) -> None:
     print(f"[rigtrain] {line}", flush=True)
+
+
+class _SaidBeforeTheLog(list):
+    """_say that also keeps the line, for RUN_DIR/train.log once the folder is this run's
+    (what is said of the data comes before it is: a bad input leaves no folder)."""
+
+    def __call__(self, line: str) -> None:
+        _say(line)
+        self.append(f"[rigtrain] {line}")
 
 
 def train(
@@ -267,6 +252,7 @@ def _train_locked(
     )  # torch: after the checks a user can fail
 
     initial, trained_on, trained_with = _carried_over(run_dir, resume, init_from)  # --init-from: before the data
+    say_early = _SaidBeforeTheLog()
     if profile and steps is None and not resume and "train.steps" not in user_keys(config_file, overrides):
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))
     machines: dict[str, int] = {}
@@ -275,25 +261,24 @@ def _train_locked(
 
         machines = read_hostfile(hostfile)
         check_hosts(hostfile, machines)
-    data_dir = resolve_data(config, log=_say)
+    data_dir = resolve_data(config, log=say_early)
     rig = machine_rig([data_dir, run_dir], rig_file)
     check_torch_trains_here(rig, rig_file)
-    # A resumed run keeps the plan it started with; otherwise what the user set is kept
-    # and the rest is planned.
+    # a resumed run keeps the plan it started with; otherwise what the user set is kept, the rest planned
     fixed = set(PLANNED) if resume else user_keys(config_file, overrides)
     backed_off: list[int] = []
     while True:
         plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
-        if (fitted := fit_to_processes(trained_with, config, plan.world_size, run_dir, _say)) is not config:
+        if (fitted := fit_to_processes(trained_with, config, plan.world_size, run_dir, say_early)) is not config:
             config, plan = fitted, plan_run(fitted, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
         plan = with_user_environment(plan)
         config = apply_plan(config, plan)
-        clips, split = check_data(data_dir, config, plan.world_size, trained_on, say=_say)
+        clips, split = check_data(data_dir, config, plan.world_size, trained_on, say=say_early)
         held_out = {"holdout": config.eval.holdout, **split.to_dict()}
         extra = {"split": held_out, "init_from": initial, "backed_off_from": backed_off}
         write_run_config(run_dir, config, data_dir, rig, plan, {k: v for k, v in extra.items() if v})  # what there is
         if not backed_off:  # the folder is a run from here: what is said about it is kept in it too
-            output.enter_context(copy_output_to(run_dir / RUN_LOG, command_header()))
+            output.enter_context(copy_output_to(run_dir / RUN_LOG, "\n".join([command_header(), *say_early])))
         _say_split(run_dir, clips, data_dir, split, config.eval.holdout)
         _say_plan(plan)
         (run_dir / OOM_MARKER).unlink(missing_ok=True)

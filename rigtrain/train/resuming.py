@@ -4,7 +4,7 @@ What the checkpoint itself fixes cannot change: the model's shape (the weights w
 load), the clip shape the data was prepared for, and how DeepSpeed laid out the optimizer
 (ZeRO stage, optimizer, precision, offload). Those are exit 2, naming the key and what
 to do instead. The number of processes may change (fit_to_processes). data.dir may
-change to where the same data moved (launch.check_data compares the clips), not to other
+change to where the same data moved (check_resumed_data compares the clips), not to other
 data."""
 
 from __future__ import annotations
@@ -156,4 +156,28 @@ def fit_to_processes(saved_plan: dict, config: RunConfig, world_size: int, run_d
         convert_for_processes(Path(run_dir), newest[1], say)
     return dataclasses.replace(
         config, train=dataclasses.replace(t, micro_batch_size=size, grad_accum_steps=share // size)
+    )
+
+
+def check_resumed_data(trained_on: dict, data_dir: Path, split, say) -> None:
+    """A resumed run's data may have moved (another disk, another mount point) if it is the
+    same data; other data in another folder is a new run's (--init-from). Data changed in
+    its own folder (videos added and prepared again) is trained on as it is now, said."""
+    recorded, before = trained_on["split"], trained_on["data_dir"]
+    counts = [recorded.get(key) for key in ("train_clips", "heldout_clips")]
+    if not all(isinstance(n, int) for n in counts) or split.same_data_as(recorded):  # none: a run from before them
+        if before and str(data_dir) != before:
+            say(f"--resume: the run's data moved from {before} to {data_dir} (the same clips); training goes on")
+        return
+    now = f"{len(split.train) + len(split.heldout)} clips"
+    then = f"{sum(counts)}"
+    if before and str(data_dir) != before:
+        raise UserError(
+            f"--resume --data {data_dir}: not the data this run trained on ({now} where it had {then}, or other "
+            f"videos); give its own data (it was at {before}), or train on this in a new run from these weights: "
+            f"rigtrain train --init-from {trained_on['run_dir']} --out NEW_DIR --data {data_dir}"
+        )
+    say(
+        f"--resume: the data in {data_dir} changed since the run last started ({now} where there were {then}); "
+        "training goes on over it as it is now, with the same held-out videos"
     )
