@@ -30,9 +30,9 @@ from rigtrain.errors import DataGone
 # stops with one line.
 MOST_FAILED_IN_A_ROW = 16
 
-# A run from a folder of videos names what `data check` would note (a video left out, a
-# sidecar skipped, narration past its video's end), up to this many lines; a folder of
-# phone videos, each of variable frame rate, would otherwise fill the run's log.
+# A run from a folder of videos names what prepare would report (a video left out, a
+# sidecar skipped, narration past its video's end, a file not used), up to this many
+# lines: `rigtrain data check` lists every one.
 MOST_NOTES_SAID = 10
 
 
@@ -80,8 +80,8 @@ class DecodedClips(Dataset):
         self._broken: dict[int, str] = {}  # clips that failed, and why: not decoded again
         self._heldout: list[bool] | None = None  # each clip's side of the held-out split (keep_apart)
         self._first_clips: list[int] | None = None  # each video's first clip (_stand_ins)
-        # what `data check` would say of the folder (videos left out, sidecars skipped,
-        # narration past a video's end): a run from a folder says it once (train.launch)
+        # what prepare would report of the folder (videos left out, sidecars skipped,
+        # narration past a video's end, files not used): a run says it once (train.launch)
         self.said_of_the_folder: list[str] = []
 
     @classmethod

@@ -103,7 +103,7 @@ def check_data(data_dir: Path, config: RunConfig, world_size: int, trained_on: d
     """The dataset's size and its held-out split: by eval.holdout, or for a resumed run
     (`trained_on`, _carried_over) the videos it held out (a run from before the split held
     none out), on the data it trained on. Raises when there is not one batch per rank. For
-    a folder of videos, `say` (a run's log) gets what data check would note of it."""
+    a folder of videos, `say` (a run's log) gets what prepare would report of it."""
     from rigtrain.data.dataset import open_dataset  # torch, numpy: only once there is data to check
     from rigtrain.data.order import ResumableSampler  # torch, numpy: only once there is data to check
     from rigtrain.data.split import heldout_videos, split_clips  # torch, numpy: only once there is data to check
@@ -273,7 +273,7 @@ def _train_locked(
             config, plan = fitted, plan_run(fitted, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
         plan = with_user_environment(plan)
         config = apply_plan(config, plan)
-        clips, split = check_data(data_dir, config, plan.world_size, trained_on, say=say_early)
+        clips, split = check_data(data_dir, config, plan.world_size, trained_on, say=None if backed_off else say_early)
         held_out = {"holdout": config.eval.holdout, **split.to_dict()}
         extra = {"split": held_out, "init_from": initial, "backed_off_from": backed_off}
         write_run_config(run_dir, config, data_dir, rig, plan, {k: v for k, v in extra.items() if v})  # what there is
