@@ -806,3 +806,32 @@ def test_a_worker_that_crashes_in_native_code_is_reported_by_the_line_before_its
     text = log.read_text()
     assert "Fatal Python error: Segmentation fault" in text and "in build" in text, text
     assert last_line(log) == f"trial 3: building the model (log, with its Python stacks: {log})"
+
+
+def test_a_tune_on_a_folder_of_videos_opens_it_once(tmp_path, shared_data, monkeypatch, capsys):
+    """Every candidate's data check opened the folder again, probing each video (about 0.1 s
+    a video here: for a thousand videos, minutes per candidate before the first trial, out
+    of the tune's budget); now the folder is opened once, and what it leaves out said once."""
+    import shutil
+
+    from rigtrain.data.ondemand import DecodedClips
+    from rigtrain.tune.command import _plan_trials
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("bikes.mp4", "carphone_pristine.mp4"):
+        shutil.copy(shared_data / "videos" / name, videos)
+    (videos / "cut.mp4").write_bytes((videos / "bikes.mp4").read_bytes()[:100_000])
+    opened = []
+    from_folder = DecodedClips.from_folder.__func__
+
+    def counted(cls, folder, data):
+        opened.append(folder)
+        return from_folder(cls, folder, data)
+
+    monkeypatch.setattr(DecodedClips, "from_folder", classmethod(counted))
+    settings = [*TINY_MODEL, "train.micro_batch_size=2", "train.global_batch_size=4", "eval.holdout=0"]
+    planned = _plan_trials("demo", None, settings, str(videos), str(tmp_path / "tune"), None, None, quiet=False)
+    candidates = [c for c in planned[-1] if c.pruned is None]
+    assert len(candidates) > 1 and len(opened) == 1, (len(candidates), opened)
+    assert capsys.readouterr().out.count("[rigtrain] cut.mp4 left out: cannot be opened as a video") == 1

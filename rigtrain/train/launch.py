@@ -99,16 +99,20 @@ def resolve_data(config: RunConfig, log=print) -> Path:
     return path.resolve()
 
 
-def check_data(data_dir: Path, config: RunConfig, world_size: int, trained_on: dict | None = None, say=None):
+def check_data(
+    data_dir: Path, config: RunConfig, world_size: int, trained_on: dict | None = None, say=None, dataset=None
+):
     """The dataset's size and its held-out split: by eval.holdout, or for a resumed run
     (`trained_on`, _carried_over) the videos it held out (a run from before the split held
     none out), on the data it trained on. Raises when there is not one batch per rank. For
-    a folder of videos, `say` (a run's log) gets what prepare would report of it."""
+    a folder of videos, `say` (a run's log) gets what prepare would report of it. `dataset`:
+    data_dir already opened (a tune checks it for each candidate; a folder of videos is
+    probed video by video when opened)."""
     from rigtrain.data.dataset import open_dataset  # torch, numpy: only once there is data to check
     from rigtrain.data.order import ResumableSampler  # torch, numpy: only once there is data to check
     from rigtrain.data.split import heldout_videos, split_clips  # torch, numpy: only once there is data to check
 
-    dataset = open_dataset(data_dir, config.data)
+    dataset = open_dataset(data_dir, config.data) if dataset is None else dataset
     for line in getattr(dataset, "said_of_the_folder", []) if say else []:
         say(line)
     videos = dataset.clip_videos()

@@ -148,6 +148,8 @@ def _plan_trials(
     """The config, the keys the user set, the tune folder (locked for as long as `hold`, an
     ExitStack, lasts), the rig, and the candidates, each one to run with its trial folder
     written (a run's config.json, as `train` writes it)."""
+    from rigtrain.data.dataset import open_dataset  # torch, numpy: after the arguments are checked
+
     # torch, through the planner and the data checks: after the arguments are checked
     from rigtrain.train.launch import (
         check_data,
@@ -183,10 +185,12 @@ def _plan_trials(
             f"the plan's own configuration cannot run here ({candidates[0].pruned}); "
             "`rigtrain rig` says why; choose a smaller preset or fix the keys it names"
         )
+    dataset = open_dataset(data_dir, config.data)  # once: the candidates differ in how they read it, not in what
     for c in candidates:
         if c.pruned is None:
             trial_config = with_values(c.config, TRIAL_SETTINGS)
-            _, split = check_data(data_dir, trial_config, c.world, say=log if c is candidates[0] else None)
+            say = log if c is candidates[0] else None
+            _, split = check_data(data_dir, trial_config, c.world, say=say, dataset=dataset)
             write_run_config(
                 trial_dir(tune_dir, c.index), trial_config, data_dir, rig, c.plan, {"split": split.to_dict()}
             )
