@@ -21,7 +21,6 @@ from rigtrain.data.container import (
     open_container,
     tag,
 )
-from rigtrain.data.narration import runs_past_the_video
 from rigtrain.data.shards import clip_bytes
 from rigtrain.data.sources import Source, audio_mismatch, sources_in
 from rigtrain.data.subtitles import CONTAINER, narration_of, subtitle_track
@@ -164,15 +163,13 @@ def _probe_narration(source: Source, video_s: float, notes: list[str], skipped: 
     """The narration prepare will take (subtitles.narration_of), read whole as prepare reads
     it, with "from": "container" for the video's own subtitle track, and the problems
     prepare will report; a note for each that will be skipped."""
-    narration, narration_from, failed = narration_of(source)
-    skipped += [f"{file or 'its subtitle track'} will be skipped: {why}" for file, why in failed]
-    notes += skipped[len(skipped) - len(failed) :]
+    narration, narration_from, failed = narration_of(source, video_s)
+    left_out = [f"{file or 'its subtitle track'} will be skipped: {why}" for file, why in failed]
+    skipped += left_out
+    notes += left_out
     if narration is None:
         return None
-    # a sidecar only: a video's own subtitle track was cut with it
-    past_the_end = narration_from != CONTAINER and runs_past_the_video(narration.segments, video_s)
-    problems = narration.problems + ([past_the_end] if past_the_end else [])
-    entry = {"file": narration_from, "segments": len(narration.segments), "problems": problems}
+    entry = {"file": narration_from, "segments": len(narration.segments), "problems": narration.problems}
     if narration_from == CONTAINER:
         entry["file"], entry["from"] = f"subtitle track ({subtitle_track(source.video)})", CONTAINER
     return entry

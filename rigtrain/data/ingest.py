@@ -16,7 +16,7 @@ import numpy as np
 
 from rigtrain.config import DataConfig
 from rigtrain.data import container, media, sound
-from rigtrain.data.narration import clip_text, runs_past_the_video
+from rigtrain.data.narration import clip_text
 from rigtrain.data.shards import ARRAYS, CLIP_DTYPE, LABEL_KEYS
 from rigtrain.data.sources import Source, audio_mismatch, fingerprint
 from rigtrain.data.subtitles import CONTAINER, narration_of
@@ -235,12 +235,11 @@ def _narration_of(source: Source, duration: float, skipped: list, problems: list
     """The narration's segments and where they came from (index.json's "narration"; see
     subtitles.narration_of); each one that does not read is added to `skipped`, and what is
     wrong with the one used (broken cues, speech after the video's end) to `problems`."""
-    narration, narration_from, failed = narration_of(source)
+    narration, narration_from, failed = narration_of(source, duration)
     track = f"{source.name} subtitle track"
     if narration:
         where = track if narration_from == CONTAINER else narration_from
-        past_the_end = narration_from != CONTAINER and runs_past_the_video(narration.segments, duration)
-        problems += [f"{where} {p}" for p in narration.problems + ([past_the_end] if past_the_end else [])]
+        problems += [f"{where} {p}" for p in narration.problems]
     then = "narrated by its subtitle track" if narration_from == CONTAINER else "used without narration"
     skipped += [{"file": file or track, "reason": f"{why}; {source.name} is {then}"} for file, why in failed]
     return (narration.segments if narration else []), narration_from

@@ -123,8 +123,8 @@ class DecodedClips(Dataset):
                 continue
             # what prepare would report (sidecars skipped, problems in the files used), not
             # check's notes on how a video is read (variable frame rate, HDR, interlacing)
-            narration = entry["narration"] or {}
-            problems = [f"{narration['file']} {problem}" for problem in narration.get("problems", [])]
+            used = entry["narration"] or {}
+            problems = [f"{used['file']} {problem}" for problem in used.get("problems", [])]
             said += [f"{source.name}: {note}" for note in entry["skipped"] + problems]
             frames = frames_after_resampling(entry["duration_s"], data.fps)
             audio, narration = entry["audio"], entry["narration"]

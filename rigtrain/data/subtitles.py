@@ -16,6 +16,7 @@ from rigtrain.data.narration import (
     is_flight_log,
     read_narration,
     read_subtitle_stream,
+    runs_past_the_video,
     text_subtitle_stream,
 )
 from rigtrain.data.sources import Source
@@ -45,15 +46,19 @@ def read_container_subtitles(path: Path) -> Narration | None:
     return narration
 
 
-def narration_of(source: Source) -> tuple[Narration | None, str | None, list[tuple[str | None, str]]]:
-    """The narration prepare takes for a video, and where from: the sidecar's name, else
-    CONTAINER for the video's own text subtitle track, else None; and (file, why) for each
-    of the two that did not read, file None for the track (a broken sidecar gives way to
-    the track)."""
+def narration_of(source: Source, video_s: float) -> tuple[Narration | None, str | None, list[tuple[str | None, str]]]:
+    """The narration prepare takes for a video that shows for video_s, and where from: the
+    sidecar's name, else CONTAINER for the video's own text subtitle track, else None; and
+    (file, why) for each of the two that did not read, file None for the track (a broken
+    sidecar gives way to the track). A sidecar that runs past the video has that among its
+    problems (narration.runs_past_the_video; a track was cut with its video)."""
     failed: list[tuple[str | None, str]] = []
     if source.narration is not None:
         try:
-            return read_narration(source.narration), source.named(source.narration), failed
+            narration = read_narration(source.narration)
+            if past_the_end := runs_past_the_video(narration.segments, video_s):
+                narration.problems.append(past_the_end)
+            return narration, source.named(source.narration), failed
         except MediaError as err:
             failed.append((source.named(source.narration), str(err)))
     try:
