@@ -770,6 +770,124 @@ def test_the_build_advised_for_an_older_driver_is_one_pytorch_ships(driver_cuda,
     assert f"cu{driver_cuda.replace('.', '')}" not in warning.message
 
 
+# torch.cuda.get_arch_list() of torch 2.13's Linux builds (pytorch.org's RELEASE.md matrix)
+ARCHS_CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+ARCHS_CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+
+
+@pytest.mark.parametrize(
+    "arch_list, capability, runs",
+    [
+        (ARCHS_CU130, (8, 9), True),  # an RTX 4090 runs sm_86's machine code
+        (ARCHS_CU130, (12, 1), True),  # sm_120's, and compute_120's PTX
+        (ARCHS_CU130, (6, 1), False),  # GTX 1080 Ti, Tesla P40
+        (ARCHS_CU130, (7, 0), False),  # V100, Titan V
+        (ARCHS_CU126, (6, 1), True),  # sm_60's machine code runs on 6.1
+        (ARCHS_CU126, (12, 0), False),  # RTX 5090: no sm_120, no PTX
+        (["sm_86"], (8, 0), False),  # machine code of a higher minor does not run
+        (["compute_90"], (12, 0), True),  # PTX compiles for any later card
+        (["sm_90a", "garbled", "sm_"], (9, 0), False),  # names it cannot read count for nothing
+    ],
+)
+def test_which_cards_a_torch_build_has_kernels_for(arch_list, capability, runs):
+    from rigtrain.rig.torch_builds import kernels_in
+
+    assert kernels_in(arch_list, capability) is runs
+
+
+def pascal_beside_a_3090(torch_version="2.13.0+cu130", torch_cuda="13.0", driver_cuda="13.0") -> dict:
+    """Two cards of a home rig, the second a GTX 1080 Ti, with PyPI's torch as `software`."""
+    rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    rig["gpus"][1].update(name="NVIDIA GeForce GTX 1080 Ti", compute_capability=[6, 1], memory_gib=11.0)
+    rig["gpus"][1]["memory_free_gib"] = 11.0
+    rig["software"] = {"torch": torch_version, "torch_cuda": torch_cuda, "driver_cuda": driver_cuda}
+    return rig
+
+
+def test_the_plan_warns_of_a_card_that_the_installed_torch_has_no_kernels_for():
+    """PyPI's torch is a CUDA 13 build since 2.11, and CUDA 13 compiles nothing for Pascal or
+    Volta: on a GTX 1080 Ti it would fail at the first kernel. The warning names the card and
+    the build that has its kernels, and the cards it can train on meanwhile."""
+    rig = pascal_beside_a_3090()
+    plan = plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())
+    (warning,) = [w for w in plan.warnings if w.code == "torch_lacks_kernels"]
+    assert warning.gpu == 1
+    assert warning.message.startswith(
+        "GPU 1 (NVIDIA GeForce GTX 1080 Ti, compute capability 6.1): torch 2.13.0+cu130, built for CUDA 13.0, "
+        "has no kernels for it"
+    )
+    assert "`TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 bash setup/install.sh`" in warning.message
+    assert warning.message.endswith("or train on the others: `--set rig.gpus=0`")
+    one = plan_run(load_config("small", overrides=["rig.gpus=0"]), rig_from_dict(rig), user_keys={"rig.gpus"})
+    assert "torch_lacks_kernels" not in codes(one)  # the 3090 alone
+    rig["software"].update(torch="2.13.0+cu126", torch_cuda="12.6")
+    assert "torch_lacks_kernels" not in codes(plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()))
+
+    # an RTX 5090 under the cu126 build on a CUDA 12.8 driver: that build lacks Blackwell,
+    # and the one that has it needs a newer driver first
+    rig = json.loads((RIGS / "h200.json").read_text())
+    rig["gpus"][0].update(name="NVIDIA GeForce RTX 5090", compute_capability=[12, 0])
+    rig["software"].update(torch="2.13.0+cu126", torch_cuda="12.6", driver_cuda="12.8")
+    (warning,) = [
+        w
+        for w in plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()).warnings
+        if w.code == "torch_lacks_kernels"
+    ]
+    assert "update the NVIDIA driver (it runs CUDA 12.8) to the 580 series or later, then install" in warning.message
+    assert "whl/cu130 bash setup/install.sh`" in warning.message and "--set rig.gpus" not in warning.message
+
+
+def test_no_torch_build_advised_for_an_old_driver_lacks_the_cards_kernels():
+    """torch's only build for a CUDA 12 driver is cu126, which has nothing for Blackwell: an
+    RTX 5090 on a 12.8 driver under PyPI's CUDA 13 torch needs a newer driver, not cu126."""
+    rig = json.loads((RIGS / "h200.json").read_text())
+    rig["gpus"][0].update(name="NVIDIA GeForce RTX 5090", compute_capability=[12, 0])
+    rig["software"].update(torch="2.13.0+cu130", torch_cuda="13.0", driver_cuda="12.8")
+    (warning,) = [
+        w
+        for w in plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()).warnings
+        if w.code == "torch_newer_than_driver"
+    ]
+    assert (
+        "update the NVIDIA driver to the 580 series or later: torch's build for CUDA 12.x (cu126) has no kernels"
+        in warning.message
+    )
+    assert "TORCH_INDEX_URL" not in warning.message
+
+
+@pytest.mark.parametrize(
+    "arch_list, wanted, expected",
+    [
+        (
+            ARCHS_CU130,
+            (),
+            "GPU 1 (NVIDIA GeForce GTX 1080 Ti) has compute capability 6.1, and torch 2.13.0+cu130 has no kernels for "
+            "it (built for sm_75 sm_80 sm_86 sm_90 sm_100 sm_120 compute_120); install torch's build for CUDA 12.6",
+        ),
+        (ARCHS_CU130, (0,), None),  # the 3090 alone, as the line says
+        (ARCHS_CU126, (), None),
+        (["sm_90"], (0,), "install a build of torch 2.13.0 with kernels for compute capability 8.6"),
+    ],
+)
+def test_train_refuses_a_card_that_the_installed_torch_has_no_kernels_for(monkeypatch, arch_list, wanted, expected):
+    """What torch itself says it was built for decides, before any process starts: a rank
+    would otherwise die at its first kernel with "no kernel image is available"."""
+    from rigtrain.train.planning import check_torch_trains_here
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch_list)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cu130")
+    rig = rig_from_dict(pascal_beside_a_3090())
+    if expected is None:
+        check_torch_trains_here(rig, None, wanted)
+        return
+    with pytest.raises(UserError) as err:
+        check_torch_trains_here(rig, None, wanted)
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def test_a_docker_sized_dev_shm_is_a_warning_when_gpus_talk_through_it():
     rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
     rig["shm_gib"] = 0.0625  # Docker's default 64 MiB

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from rigtrain.rig.budget import GIB
 from rigtrain.rig.facts import Gpu, Rig
+from rigtrain.rig.torch_builds import build_for_cards, build_has_kernels, driver_runs, torch_for_driver
 
 RAM_PER_WORKER_GIB = 0.25  # a loader thread's batches in flight (small-preset clips) and its stack
 
@@ -86,7 +87,7 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     (`psu_w` overrides the rig's figure)."""
     chosen = chosen or tuple(range(len(rig.gpus)))
     gpus = [(i, rig.gpus[i]) for i in chosen if i < len(rig.gpus)]
-    out: list[RigWarning] = _torch_build_warnings(rig) if gpus else []
+    out: list[RigWarning] = _torch_build_warnings(rig, gpus) if gpus else []
     for i, gpu in gpus:
         out += _card_warnings(i, gpu)
     if len(gpus) > 1:
@@ -98,59 +99,25 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     return out
 
 
-PYTORCH_INDEX = "https://download.pytorch.org/whl/"
-
-
-def driver_runs(driver_cuda: str | None, build_cuda: str | None) -> bool | None:
-    """Whether a driver that runs CUDA `driver_cuda` (NVML's figure, nvidia-smi's "CUDA
-    Version") starts a build for `build_cuda`. CUDA's minor-version compatibility lets a
-    12.x driver run any 12.x build; a newer major needs a newer driver. None: not known."""
-    try:
-        return int(str(driver_cuda).split(".")[0]) >= int(str(build_cuda).split(".")[0])
-    except ValueError:
-        return None
-
-
-# The oldest build pytorch.org keeps for each CUDA major, which any driver of that major
-# runs: torch 2.10, 2.11 and 2.12 all ship cu126 (beside cu128/cu129, cu130, cu132; none for
-# CUDA 11 since 2.8), per pytorch.org's wheel index as replicate/cog's torch matrix lists it.
-# The driver's own minor (cu122 for a 12.2 driver) has no build for a current torch.
-OLDEST_BUILD_FOR_CUDA = {12: "cu126", 13: "cu130"}
-
-
-def torch_for_driver(driver_cuda: str, torch_version: str) -> str:
-    """What to do about a torch built for a newer CUDA than the driver runs."""
-    major = int(driver_cuda.split(".")[0])
-    build = OLDEST_BUILD_FOR_CUDA.get(major)
-    if build is None:
-        return (
-            f"update the NVIDIA driver: torch {torch_version.split('+')[0]} has no build for CUDA {major}.x "
-            "(a driver of the 525 series or later runs CUDA 12)"
-        )
-    return (
-        f"update the NVIDIA driver, or install torch's build for CUDA {major}.x, which this driver runs: "
-        f"`TORCH_INDEX_URL={PYTORCH_INDEX}{build} bash setup/install.sh`"
-    )
-
-
-def _torch_build_warnings(rig: Rig) -> list[RigWarning]:
+def _torch_build_warnings(rig: Rig, gpus: list[tuple[int, Gpu]]) -> list[RigWarning]:
     """torch's CPU-only wheel on a machine with GPUs (the probe reads the build from torch's
     files): the usual slip when pip picks the wheel, and `rigtrain train` refuses to start.
-    Or a CUDA build newer than the driver runs: a home rig's driver lags a fresh wheel."""
+    Or a CUDA build newer than the driver runs: a home rig's driver lags a fresh wheel. Or
+    a build with no kernels for a card: PyPI's CUDA 13 torch on a Pascal or Volta card."""
     software = rig.software or {}
     if "torch" not in software or software.get("torch_hip"):
         return []
     if software.get("torch_cuda"):
         driver, build = software.get("driver_cuda"), software["torch_cuda"]
         if driver_runs(driver, build) is not False:
-            return []
+            return _no_kernels_warnings(software, gpus)
         return [
             RigWarning(
                 "torch_newer_than_driver",
                 None,
                 f"torch {software['torch']} is built for CUDA {build}, but the driver runs CUDA {driver}: torch "
                 "cannot use these GPUs and `rigtrain train` will not start on them; "
-                + torch_for_driver(driver, software["torch"]),
+                + torch_for_driver(driver, software["torch"], tuple(gpu.compute_capability for _, gpu in gpus)),
             )
         ]
     return [
@@ -161,6 +128,26 @@ def _torch_build_warnings(rig: Rig) -> list[RigWarning]:
             "will not start on them; `.venv/bin/pip uninstall -y torch`, then `bash setup/install.sh` "
             "(PyPI's torch for Linux is a CUDA build)",
         )
+    ]
+
+
+def _no_kernels_warnings(software: dict, gpus: list[tuple[int, Gpu]]) -> list[RigWarning]:
+    """The cards the installed torch's CUDA cannot have kernels for (rig/torch_builds.py):
+    each would fail at its first kernel ("no kernel image is available")."""
+    cards = [(i, gpu.name, gpu.compute_capability) for i, gpu in gpus]
+    lacking = [c for c in cards if not build_has_kernels(software["torch_cuda"], c[2])]
+    if not lacking:
+        return []
+    others = [c for c in cards if c not in lacking]
+    advice = build_for_cards(lacking, others, software.get("driver_cuda"), software["torch"])
+    return [
+        RigWarning(
+            "torch_lacks_kernels",
+            i,
+            f"GPU {i} ({name}, compute capability {cc[0]}.{cc[1]}): torch {software['torch']}, built for CUDA "
+            f"{software['torch_cuda']}, has no kernels for it, and `rigtrain train` will not start on it; {advice}",
+        )
+        for i, name, cc in lacking
     ]
 
 

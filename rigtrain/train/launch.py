@@ -267,7 +267,7 @@ def _train_locked(
         check_hosts(hostfile, machines)
     data_dir = resolve_data(config, log=say_early)
     rig = machine_rig([data_dir, run_dir], rig_file)
-    check_torch_trains_here(rig, rig_file)
+    check_torch_trains_here(rig, rig_file, config.rig.gpus)
     # a resumed run keeps the plan it started with; otherwise what the user set is kept, the rest planned
     fixed = set(PLANNED) if resume else user_keys(config_file, overrides)
     backed_off: list[int] = []

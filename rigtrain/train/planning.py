@@ -14,8 +14,9 @@ from rigtrain.config import RunConfig
 from rigtrain.errors import UserError
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
+from rigtrain.rig.torch_builds import PYTORCH_INDEX, build_for_cards, driver_runs, kernels_in, torch_for_driver
 from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted, visible_indices
-from rigtrain.rig.warnings import PYTORCH_INDEX, RigWarning, driver_runs, torch_for_driver
+from rigtrain.rig.warnings import RigWarning
 from rigtrain.train.memory_record import recalled, run_kind
 from rigtrain.train.step_peaks import measured, step_shapes
 
@@ -68,13 +69,15 @@ def _say_on_stderr(line: str) -> None:
     print(f"[rigtrain] {line}", file=sys.stderr, flush=True)
 
 
-def check_torch_trains_here(rig: Rig, rig_file: str | None) -> None:
+def check_torch_trains_here(rig: Rig, rig_file: str | None, wanted: tuple[int, ...] = ()) -> None:
     """A run trains on this machine, on the GPUs the rig holds: a rig file (which may add
     what no probe reads, like the PSU) must have this machine's GPU count, and GPUs that
     NVML sees must be usable by the torch installed here. A CPU-only torch on a GPU machine
     is the usual slip (pip chose a CPU wheel, or the venv was made on another machine);
-    it would otherwise fail inside every rank. Without a rig file or a GPU, torch is not
-    imported: there is nothing to ask it."""
+    it would otherwise fail inside every rank. So is a torch with no kernels for the run's
+    cards (`wanted`: rig.gpus; all when empty): PyPI's CUDA 13 build on a Pascal card fails
+    at its first kernel. Without a rig file or a GPU, torch is not imported: there is
+    nothing to ask it."""
     described = len(visible_indices(rig))
     if not rig_file and not described:
         return
@@ -90,14 +93,30 @@ def check_torch_trains_here(rig: Rig, rig_file: str | None) -> None:
     if described and here == 0:
         driver = (rig.software or {}).get("driver_cuda")
         names = ", ".join(sorted({rig.gpus[i].name for i in visible_indices(rig)}))
+        capabilities = tuple(rig.gpus[i].compute_capability for i in visible_indices(rig))
         raise UserError(
             f"this machine has {described} GPU(s) ({names}) but torch cannot use them"
-            f"{_why_torch_sees_none(torch, driver)}; {_torch_that_can(torch, driver)}, "
+            f"{_why_torch_sees_none(torch, driver)}; {_torch_that_can(torch, driver, capabilities)}, "
             "or train on the CPU with `CUDA_VISIBLE_DEVICES= rigtrain train ...`"
+        )
+    if here and torch.version.cuda and (arch_list := torch.cuda.get_arch_list()):  # [] for a build that names none
+        _check_kernels_for(rig, chosen_gpus(rig, wanted)[0], arch_list, torch.__version__)
+
+
+def _check_kernels_for(rig: Rig, chosen: tuple[int, ...], arch_list: list[str], torch_version: str) -> None:
+    cards = [(i, rig.gpus[i].name, rig.gpus[i].compute_capability) for i in chosen]
+    lacking = [c for c in cards if not kernels_in(arch_list, c[2])]
+    if lacking:
+        others = [c for c in cards if c not in lacking]
+        i, name, (major, minor) = lacking[0]
+        advice = build_for_cards(lacking, others, (rig.software or {}).get("driver_cuda"), torch_version)
+        raise UserError(
+            f"GPU {i} ({name}) has compute capability {major}.{minor}, and torch {torch_version} has no kernels "
+            f"for it (built for {' '.join(arch_list)}); {advice}"
         )
 
 
-def _torch_that_can(torch, driver_cuda: str | None) -> str:
+def _torch_that_can(torch, driver_cuda: str | None, capabilities: tuple[tuple[int, int], ...]) -> str:
     """What to do. A CPU-only (or ROCm) torch: PyPI's torch for Linux is a CUDA build. A
     CUDA build newer than the driver runs (NVML's figure): a newer driver, or PyTorch's
     build for the driver's CUDA. A build the driver does run: the GPUs are not reachable."""
@@ -113,7 +132,7 @@ def _torch_that_can(torch, driver_cuda: str | None) -> str:
             f"'CUDA Version'): `TORCH_INDEX_URL={PYTORCH_INDEX}cuXY bash setup/install.sh` (cu126 for 12.6)"
         )
     if not runs:
-        return torch_for_driver(driver_cuda, torch.__version__)
+        return torch_for_driver(driver_cuda, torch.__version__, capabilities)
     return (
         "check that this shell reaches the GPUs (`nvidia-smi`; a container needs `--gpus all`); "
         "`.venv/bin/python -c 'import torch; torch.cuda.init()'` says why torch cannot"

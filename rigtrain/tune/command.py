@@ -177,7 +177,7 @@ def _plan_trials(
     _set_aside_an_unfinished_tune(tune_dir, log)
     data_dir = resolve_data(config, log=log)
     rig = machine_rig([data_dir, tune_dir], rig_file)
-    check_torch_trains_here(rig, rig_file)
+    check_torch_trains_here(rig, rig_file, config.rig.gpus)
     start = (lambda plan: first_group.start(tune_dir, plan)) if first_group is not None else None
     candidates = make_candidates(config, rig, fixed, psu_w=psu_w, on_baseline=start)
     if candidates[0].pruned:
