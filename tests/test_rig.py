@@ -190,6 +190,22 @@ def test_rtx2080ti_trains_fp16_and_gtx1080ti_fp32():
     assert pascal.micro_batch_size < turing.micro_batch_size
 
 
+@pytest.mark.parametrize(
+    "capability, precision, why",
+    [
+        ((8, 9), "bf16", "has native bf16"),
+        ((7, 0), "fp16", "fp16 tensor cores but no bf16"),
+        ((6, 1), "fp32", "fp16 runs at a small fraction of fp32 speed"),  # GTX 10 series, P40
+        ((6, 0), "fp32", "no tensor cores: fp16 matmuls, which torch accumulates in fp32, run at fp32's rate"),  # P100
+    ],
+)
+def test_the_precision_and_its_reason_fit_the_card(capability, precision, why):
+    from rigtrain.rig.choices import choose_precision
+
+    chosen, reason = choose_precision(capability)
+    assert chosen == precision and why in reason, reason
+
+
 def test_a100_takes_the_global_batch_in_even_micro_batches():
     # base's 256 clips: over 86 but not 128 fit in bf16 (fp32 weights and residual stream
     # under autocast), so three even micro-batches: 3 x 86 = 258

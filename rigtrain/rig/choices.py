@@ -8,7 +8,8 @@ from __future__ import annotations
 def choose_precision(capability: tuple[int, int]) -> tuple[str, str]:
     """bf16 needs compute capability 8.0 (Ampere); torch.cuda.is_bf16_supported() says yes
     on older cards through emulation that is slower than fp32. 7.x has fp16 tensor cores
-    that need dynamic loss scaling; Pascal's consumer fp16 is crippled, so fp32 there."""
+    that need dynamic loss scaling; Pascal's consumer fp16 is crippled (1/64 of fp32), and
+    the P100's gains nothing in matmuls without tensor cores, so fp32 there."""
     major, minor = capability
     if capability >= (8, 0):
         return "bf16", f"compute capability {major}.{minor} >= 8.0 has native bf16"
@@ -17,9 +18,15 @@ def choose_precision(capability: tuple[int, int]) -> tuple[str, str]:
             "fp16",
             f"compute capability {major}.{minor} has fp16 tensor cores but no bf16: fp16 with dynamic loss scaling",
         )
+    if capability == (6, 0):  # P100: fast fp16 arithmetic, but torch's fp16 matmuls accumulate in fp32
+        return (
+            "fp32",
+            "compute capability 6.0 has no tensor cores: fp16 matmuls, which torch accumulates in fp32, run at "
+            "fp32's rate, so fp32, with no loss scale to watch",
+        )
     return (
         "fp32",
-        f"compute capability {major}.{minor} < 7.0: fp16 runs at a fraction of fp32 speed on this card, so fp32",
+        f"compute capability {major}.{minor} < 7.0: fp16 runs at a small fraction of fp32 speed on this card, so fp32",
     )
 
 

@@ -218,7 +218,7 @@ def _card_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
                 + (
                     "fp16 with loss scaling is planned; watch for overflow skips in the log"
                     if gpu.compute_capability >= (7, 0)
-                    else "fp32 is planned (fp16 is slow here)"
+                    else "fp32 is planned (fp16 is no faster here)"
                 ),
             )
         )
