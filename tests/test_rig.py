@@ -838,6 +838,8 @@ def test_the_plan_warns_of_a_card_that_the_installed_torch_has_no_kernels_for():
     assert "torch_lacks_kernels" not in codes(one)  # the 3090 alone
     rig["software"].update(torch="2.13.0+cu126", torch_cuda="12.6")
     assert "torch_lacks_kernels" not in codes(plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()))
+    rig["software"]["torch"] = None  # a rig file that leaves it unknown: nothing to judge
+    assert not {c for c in codes(plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())) if "torch" in c}
 
     # an RTX 5090 under the cu126 build on a CUDA 12.8 driver: that build lacks Blackwell,
     # and the one that has it needs a newer driver first

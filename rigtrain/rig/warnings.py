@@ -105,7 +105,7 @@ def _torch_build_warnings(rig: Rig, gpus: list[tuple[int, Gpu]]) -> list[RigWarn
     Or a CUDA build newer than the driver runs: a home rig's driver lags a fresh wheel. Or
     a build with no kernels for a card: PyPI's CUDA 13 torch on a Pascal or Volta card."""
     software = rig.software or {}
-    if "torch" not in software or software.get("torch_hip"):
+    if not software.get("torch") or software.get("torch_hip"):  # none read, or left null in a rig file
         return []
     if software.get("torch_cuda"):
         driver, build = software.get("driver_cuda"), software["torch_cuda"]
