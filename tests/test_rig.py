@@ -906,6 +906,38 @@ def test_train_refuses_a_card_that_the_installed_torch_has_no_kernels_for(monkey
     assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+def test_train_on_a_card_without_kernels_stops_before_any_process_starts(tmp_path):
+    """The whole command, on a machine whose CUDA torch (a CUDA 13 build, faked in by a
+    sitecustomize: this machine has no GPU) sees the two cards of the rig file: one line,
+    exit 2, and no run folder, where a rank would have died at its first kernel."""
+    rig_file = tmp_path / "pascal_beside_a_3090.json"
+    rig_file.write_text(json.dumps(pascal_beside_a_3090()))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class _AfterTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'rigtrain.train.planning' and 'torch' not in sys.modules:\n"
+        "            import torch\n"
+        "            torch.cuda.is_available = lambda: True\n"
+        "            torch.cuda.device_count = lambda: 2\n"
+        f"            torch.cuda.get_arch_list = lambda: {ARCHS_CU130!r}\n"
+        "            torch.version.cuda = '13.0'\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _AfterTorch())\n"
+    )
+    result = run_cli(
+        "train", "--rig", str(rig_file), "--steps", "1", "--out", str(tmp_path / "run"),
+        fresh=True, env_extra={"PYTHONPATH": str(site)},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert "GPU 1 (NVIDIA GeForce GTX 1080 Ti) has compute capability 6.1" in line
+    assert "whl/cu126 bash setup/install.sh`, or train on the others: `--set rig.gpus=0`" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_docker_sized_dev_shm_is_a_warning_when_gpus_talk_through_it():
     rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
     rig["shm_gib"] = 0.0625  # Docker's default 64 MiB
