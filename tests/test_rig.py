@@ -906,6 +906,25 @@ def test_train_refuses_a_card_that_the_installed_torch_has_no_kernels_for(monkey
     assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("capability, device", [((6, 1), "cpu"), ((8, 6), "cuda")])
+def test_eval_uses_the_gpu_only_where_torch_has_kernels_for_it(monkeypatch, capsys, capability, device):
+    from rigtrain.train.eval_command import evaluation_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ARCHS_CU130)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA GeForce GTX 1080 Ti")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert evaluation_device().type == device
+    said = capsys.readouterr().err
+    if device == "cpu":
+        assert (
+            "no kernels for GPU 0 (NVIDIA GeForce GTX 1080 Ti, compute capability 6.1); evaluating on the CPU" in said
+        )
+    else:
+        assert said == ""
+
+
 def test_train_on_a_card_without_kernels_stops_before_any_process_starts(tmp_path):
     """The whole command, on a machine whose CUDA torch (a CUDA 13 build, faked in by a
     sitecustomize: this machine has no GPU) sees the two cards of the rig file: one line,

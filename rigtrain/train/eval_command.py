@@ -25,6 +25,7 @@ from rigtrain.evaluate.evaluation import EVAL_MIN_BATCH, needs_bank, spread
 from rigtrain.evaluate.pictures import geometry_of, picture_clips, prediction_pictures, save_pictures
 from rigtrain.files import write_json
 from rigtrain.model import build_model
+from rigtrain.rig.torch_builds import kernels_in
 from rigtrain.terminal import counter
 from rigtrain.train import checkpoints
 from rigtrain.train.run_record import read_run_record
@@ -99,7 +100,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
 
     model = build_model(config.model, config.data)
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = evaluation_device()
     model.to(device).eval()
 
     started = time.perf_counter()
@@ -137,3 +138,21 @@ def evaluate_run(run_dir: str | Path, data: str | None = None) -> dict:
     record["pictures"] = [str(p.relative_to(run_dir)) for p in save_pictures(pictures, run_dir / "eval")]
     write_json(run_dir / "eval.json", record)
     return record
+
+
+def evaluation_device() -> torch.device:
+    """The first GPU where torch has kernels for it (PyPI's CUDA 13 torch has none for a
+    Pascal or Volta card: the first kernel would fail), else the CPU, saying why."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    arch_list, capability = torch.cuda.get_arch_list(), torch.cuda.get_device_capability(0)
+    if not arch_list or not torch.version.cuda or kernels_in(arch_list, capability):
+        return torch.device("cuda", 0)
+    print(
+        f"[rigtrain] eval: torch {torch.__version__} has no kernels for GPU 0 ({torch.cuda.get_device_name(0)}, "
+        f"compute capability {capability[0]}.{capability[1]}); evaluating on the CPU (`rigtrain rig` says which "
+        "build of torch has them)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return torch.device("cpu")
