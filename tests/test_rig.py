@@ -957,6 +957,28 @@ def test_train_on_a_card_without_kernels_stops_before_any_process_starts(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warning_that_several_gpus_share_is_said_once_and_kept_for_each_in_json():
+    """Four cards on x4 risers: one line for each kind of warning, naming the other cards,
+    instead of each line four times; --json keeps one warning per GPU."""
+    from rigtrain.rig.report import format_report
+
+    rig = json.loads((RIGS / "four_4090_no_p2p.json").read_text())
+    for gpu in rig["gpus"]:
+        gpu["pcie"]["width"] = 4
+    rig["gpus"][3]["pcie"]["width"] = 8  # another width: another message, said apart
+    plan = plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())
+    narrow = [w for w in plan.warnings if w.code == "pcie_narrow"]
+    assert [w.gpu for w in narrow] == [0, 1, 2]
+    report = format_report(rig_from_dict(rig), plan)
+    (line,) = [line for line in report.splitlines() if "[pcie_narrow]" in line]
+    assert line.startswith("  [pcie_narrow] GPU 0 (") and line.endswith("; the same for GPUs 1 and 2")
+    downtrained = [line for line in report.splitlines() if "[pcie_downtrained]" in line]
+    assert len(downtrained) == 2 and downtrained[0].endswith("; the same for GPUs 1 and 2")
+    assert "x8 of x16" in downtrained[1] and "the same for" not in downtrained[1]
+    shown = [line for line in report.splitlines() if line.startswith("  [")]
+    assert f"{len(shown)} warning(s) ({len(plan.warnings)} in --json, one per GPU):" in report
+
+
 def test_a_docker_sized_dev_shm_is_a_warning_when_gpus_talk_through_it():
     rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
     rig["shm_gib"] = 0.0625  # Docker's default 64 MiB

@@ -184,11 +184,34 @@ def format_memory(plan: Plan) -> list[str]:
 def format_report(rig: Rig, plan: Plan) -> str:
     lines = format_rig(rig) + [""] + format_plan(plan)
     if plan.warnings:
-        lines += ["", f"{len(plan.warnings)} warning(s):"]
-        lines += [f"  [{w.code}] {w.message}" for w in plan.warnings]
+        said = warnings_said_once(plan.warnings)
+        each = f" ({len(plan.warnings)} in --json, one per GPU)" if len(said) < len(plan.warnings) else ""
+        lines += ["", f"{len(said)} warning(s){each}:"]
+        lines += [f"  [{code}] {message}" for code, message in said]
     else:
         lines += ["", "no warnings"]
     return "\n".join(lines)
+
+
+def warnings_said_once(warnings) -> list[tuple[str, str]]:
+    """(code, message) of each warning, where several GPUs have the same one said once, for
+    the first, naming the others ("; the same for GPUs 2 and 3"): a rig of four cards on
+    risers would repeat each line four times. --json keeps one warning per GPU."""
+    groups: dict[tuple[str, str], list] = {}
+    for w in warnings:
+        prefix = f"GPU {w.gpu} "
+        alike = w.message[len(prefix) :] if w.gpu is not None and w.message.startswith(prefix) else id(w)
+        groups.setdefault((w.code, alike), []).append(w)
+    said = []
+    for first, *others in groups.values():
+        names = [str(w.gpu) for w in others]
+        alike = f"; the same for GPU{'s' if len(names) > 1 else ''} {_listed(names)}" if names else ""
+        said.append((first.code, first.message + alike))
+    return said
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _shm_words(gib: float) -> str:

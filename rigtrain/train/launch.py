@@ -20,6 +20,7 @@ from rigtrain.config import RunConfig, build_config, load_config
 from rigtrain.config.loading import user_keys
 from rigtrain.errors import UserError
 from rigtrain.files import write_json
+from rigtrain.rig.report import warnings_said_once
 from rigtrain.terminal import command_header, copy_output_to
 from rigtrain.train.initializing import check_source
 from rigtrain.train.processes import RunLock, how_it_ended, new_run_dir, start_processes
@@ -344,8 +345,8 @@ def _say_plan(plan) -> None:
         _say(f"  no GPU to plan for, the config's values: {', '.join(kept)}")
     if plan.device == "cuda" and plan.predicted_peak_gib is not None:
         _say(f"  predicted peak memory {plan.predicted_peak_gib:.2f} GiB per GPU of {plan.usable_gib:.2f} usable")
-    for warning in plan.warnings:
-        _say(f"  warning [{warning.code}] {warning.message}")
+    for code, message in warnings_said_once(plan.warnings):
+        _say(f"  warning [{code}] {message}")
 
 
 def _saved_at_the_end(run_dir: Path) -> int | None:
