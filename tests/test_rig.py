@@ -671,6 +671,7 @@ def fake_nvml(gpus: int = 2):
     nvml.nvmlDeviceGetPowerManagementDefaultLimit = lambda h: 350_000
     nvml.nvmlDeviceGetPowerManagementLimitConstraints = lambda h: (100_000, 400_000)
     nvml.nvmlDeviceGetPowerUsage = lambda h: 31_500
+    nvml.nvmlDeviceGetDisplayActive = lambda h: 1 if h[1] == 0 else 0  # the desktop on GPU 0
 
     def unsupported(*args):
         raise NVMLError("Not Supported")
@@ -709,11 +710,13 @@ def test_probe_reads_nvml(monkeypatch):
         "GPU-1c9a4e2f-71b3-4d2a-9e0f-5b6c7d8e9f01",
     )
     assert rig.software["driver"] == "560.35.03" and "driver_cuda" not in rig.software  # unsupported: left out
+    assert (first.display_active, second.display_active) == (True, False)
     plan = plan_run(load_config("small"), rig, user_keys=set())
-    assert {"pcie_narrow", "pcie_downtrained", "throttling"} <= codes(plan)
+    assert {"pcie_narrow", "pcie_downtrained", "throttling", "display_gpu"} <= codes(plan)
     # and the probe's rig is a valid rig file
     again = rig_from_dict(json.loads(json.dumps(rig.to_dict())))
     assert again.gpus[1].pcie.width == 4 and again.gpus[1].uuid == second.uuid
+    assert (again.gpus[0].display_active, again.gpus[1].display_active) == (True, False)
 
     # a virtual GPU's link that no slot has (a sentinel width, generation 0) is left unknown,
     # so the probe's rig file still reads back
@@ -977,6 +980,36 @@ def test_a_warning_that_several_gpus_share_is_said_once_and_kept_for_each_in_jso
     assert "x8 of x16" in downtrained[1] and "the same for" not in downtrained[1]
     shown = [line for line in report.splitlines() if line.startswith("  [")]
     assert f"{len(shown)} warning(s) ({len(plan.warnings)} in --json, one per GPU):" in report
+
+
+def test_a_card_that_draws_the_desktop_keeps_room_for_it():
+    """A desktop's memory grows as windows open, and torch's allocator, capped at the plan's
+    share, cannot give way: the plan keeps a GiB free on a display card, plans for the card
+    with the least room once that is kept, and says so. A headless card keeps nothing."""
+    from rigtrain.rig.budget import DISPLAY_KEPT_GIB
+    from rigtrain.rig.report import format_report
+
+    rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    rig["gpus"][0]["memory_free_gib"] = 22.0  # the desktop holds 2 GiB of GPU 0
+    rig["gpus"][1]["memory_free_gib"] = 21.5  # another job 2.5 of GPU 1
+    headless = plan_run(load_config("base"), rig_from_dict(rig), user_keys=set())
+    assert "display_gpu" not in codes(headless) and headless.memory["display_kept_gib"] == 0
+    rig["gpus"][0]["display_active"] = True
+    shown = plan_run(load_config("base"), rig_from_dict(rig), user_keys=set())
+    # GPU 0 now has the least room (22.0 - 1.0 < 21.5): the plan is made for it
+    assert shown.usable_gib == pytest.approx(headless.usable_gib - 0.5 / 1.1, abs=0.01)
+    assert shown.memory["allocator_cap_gib"] == pytest.approx(headless.memory["allocator_cap_gib"] - 0.5, abs=0.01)
+    assert shown.memory["display_kept_gib"] == DISPLAY_KEPT_GIB
+    assert "1.00 kept for the desktop it draws" in shown.reasons["usable_memory"]
+    (warning,) = [w for w in shown.warnings if w.code == "display_gpu"]
+    assert warning.gpu == 0 and "draws a desktop, which holds 2.0 GiB of it now" in warning.message
+    report = format_report(rig_from_dict(rig), shown)
+    assert "NVIDIA GeForce RTX 3090 (display)" in report and "kept free beside it for the desktop" in report
+    one = plan_run(load_config("base", overrides=["rig.gpus=1"]), rig_from_dict(rig), user_keys={"rig.gpus"})
+    assert "display_gpu" not in codes(one) and one.memory["display_kept_gib"] == 0
+    rig["gpus"][0]["display_active"] = "yes"
+    with pytest.raises(UserError, match=r"gpus\[0\]\.display_active must be true or false"):
+        rig_from_dict(rig)
 
 
 def test_a_docker_sized_dev_shm_is_a_warning_when_gpus_talk_through_it():

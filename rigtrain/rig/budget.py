@@ -120,6 +120,20 @@ NCCL_GIB = 0.6
 FRAGMENTATION = 0.10
 # torch.profiler's CUPTI activity buffers, outside the allocator, while a profile records.
 PROFILER_GIB = 0.5
+# Kept free on a card a desktop draws on (X or Wayland: NVML's display-active state), for
+# what the desktop takes while the run trains: its use grows with what it shows (a browser
+# drawing with the GPU, a video), and torch's allocator, capped at the rest, cannot give
+# way. A judgement, not a measurement of rigtrain's; the warning `display_gpu` says it.
+DISPLAY_KEPT_GIB = 1.0
+
+
+def kept_for_display(gpu: Gpu) -> float:
+    return DISPLAY_KEPT_GIB if gpu.display_active else 0.0
+
+
+def room_for_the_run(gpu: Gpu) -> float:
+    """The card's free memory less what is kept for its desktop: what the run may plan on."""
+    return gpu.free_gib - kept_for_display(gpu)
 
 
 def outside_allocator_gib(
@@ -155,14 +169,15 @@ def usable_gib(gpu: Gpu, outside: dict) -> tuple[float, float, str]:
     the room outside the allocator is the allocator's cap; the peak may take all of it but
     the fragmentation share. A card with less free than that room leaves nothing (0, not a
     negative cap that torch's allocator would refuse: the plan then says nothing fits)."""
-    cap = max(0.0, gpu.free_gib - sum(outside.values()))
+    cap = max(0.0, room_for_the_run(gpu) - sum(outside.values()))
     usable = cap / (1 + FRAGMENTATION)
     named = named_outside(outside)
+    desktop = f"{kept_for_display(gpu):.2f} kept for the desktop it draws, " if gpu.display_active else ""
     return (
         usable,
         cap,
         (
-            f"{gpu.free_gib:.1f} GiB free on the smallest card, less {named} leaves {cap:.2f} GiB for "
+            f"{gpu.free_gib:.1f} GiB free on the smallest card, less {desktop}{named} leaves {cap:.2f} GiB for "
             f"torch's allocator; its peak may use {usable:.2f} of it, "
             f"{FRAGMENTATION:.0%} being kept for fragmentation"
         ),

@@ -60,6 +60,7 @@ class Gpu:
     # {"result": "ok" | "slow" | "wrong_data" | "hung" | "unavailable" | "failed", "gb_s", "host_gb_s"}
     p2p_check: tuple[dict | None, ...] | None = None
     uuid: str | None = None  # "GPU-...", as nvidia-smi -L prints it and CUDA_VISIBLE_DEVICES accepts
+    display_active: bool | None = None  # a desktop (X, Wayland) draws on it: NVML's display-active state
 
     @property
     def free_gib(self) -> float:
@@ -250,6 +251,10 @@ def _gpu(where: str, index: int, value, count: int) -> Gpu:
         if not isinstance(value["uuid"], str) or not value["uuid"].startswith("GPU-"):
             raise _fail(where, f"{name}.uuid", 'must be the GPU\'s UUID as nvidia-smi -L prints it, "GPU-..."')
         out["uuid"] = value["uuid"]
+    if "display_active" in value:
+        if not isinstance(value["display_active"], bool):
+            raise _fail(where, f"{name}.display_active", "must be true or false: whether a desktop draws on this GPU")
+        out["display_active"] = value["display_active"]
     for key in ("p2p", "nvlink"):
         if key in value:
             row = value[key]

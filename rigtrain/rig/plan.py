@@ -20,9 +20,11 @@ from rigtrain.rig.budget import (
     MicroBatchSearch,
     Setting,
     StepPeak,
+    kept_for_display,
     named_outside,
     optimizer_state_bytes,
     outside_allocator_gib,
+    room_for_the_run,
     usable_gib,
 )
 from rigtrain.rig.choices import choose_precision, loader_workers, machines_reason
@@ -80,7 +82,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         setting = min(candidates, key=lambda s: cards.search.peak(micro_batch, s[1]) - cards.step_budget(s))
         warnings.append(
             # the card the plan is made for: the one with least free memory (as _cards picks it)
-            _does_not_fit(cards, min(chosen, key=lambda g: rig.gpus[g].free_gib), micro_batch, setting)
+            _does_not_fit(cards, min(chosen, key=lambda g: room_for_the_run(rig.gpus[g])), micro_batch, setting)
         )
     setting = _eight_bit_when_states_dominate(cards, setting, fits, fixed, reasons)
     largest_fitting = micro_batch
@@ -146,10 +148,15 @@ def _does_not_fit(cards: CardBudget, fullest: int, micro_batch: int, setting: Se
         "does_not_fit",
         fullest,
         f"GPU {fullest} ({cards.smallest.name}) has {cards.smallest.free_gib:.1f} GiB free, no more than the "
-        f"room kept beside torch's allocator ({named_outside(cards.outside, 1)}): nothing is left to train in; "
+        f"room kept beside torch's allocator ({named_outside(cards.outside, 1)}{_desktop(cards.smallest)}): nothing "
+        "is left to train in; "
         "free the card (nvidia-smi lists what holds it), pick other GPUs with --set rig.gpus=N, or train on the CPU "
         "(`CUDA_VISIBLE_DEVICES= rigtrain train ...`)",
     )
+
+
+def _desktop(gpu: Gpu) -> str:
+    return f", {kept_for_display(gpu):.1f} for the desktop it draws" if gpu.display_active else ""
 
 
 def _memory_breakdown(cards: CardBudget, total: dict, batch_bytes: int) -> dict:
@@ -160,6 +167,7 @@ def _memory_breakdown(cards: CardBudget, total: dict, batch_bytes: int) -> dict:
         "fragmentation_gib": total["total_gib"] * FRAGMENTATION,
         **cards.outside,
         "allocator_cap_gib": cards.allocator_cap,
+        "display_kept_gib": kept_for_display(cards.smallest),  # beside the run's total: the desktop's
     }
     memory["card_total_gib"] = total["total_gib"] + memory["fragmentation_gib"] + sum(cards.outside.values())
     return memory
@@ -174,7 +182,7 @@ def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: 
         precision, reasons["precision"] = choose_precision(capability)
     if capability >= (8, 0):
         reasons["tf32"] = "on for the fp32 matmuls that remain (Ampere and newer; the trainer enables it in torch)"
-    smallest = min(gpus, key=lambda g: g.free_gib)
+    smallest = min(gpus, key=room_for_the_run)
     outside = outside_allocator_gib(
         world=len(gpus),
         profiling=request.profiling,

@@ -36,6 +36,12 @@ def _ask(call, *args, default=None):
         return default
 
 
+def _flag(nvml, query: str, handle) -> bool | None:
+    """An NVML on/off state (NVML_FEATURE_ENABLED is 1); None where it cannot be read."""
+    value = _ask(getattr(nvml, query, None), handle)
+    return None if value is None else bool(value)
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -117,6 +123,7 @@ def probe_gpu(nvml, handle, index: int, handles: list) -> Gpu:
         p2p=p2p,
         nvlink=nvlink,
         uuid=_text(uuid) if (uuid := _ask(getattr(nvml, "nvmlDeviceGetUUID", None), handle)) else None,
+        display_active=_flag(nvml, "nvmlDeviceGetDisplayActive", handle),  # a desktop set up its screen there
     )
 
 

@@ -47,7 +47,7 @@ def format_rig(rig: Rig) -> list[str]:
         rows.append(
             (
                 str(i),
-                g.name,
+                g.name + (" (display)" if g.display_active else ""),
                 f"{g.free_gib:.1f} free of {g.memory_gib:.1f}",
                 f"{g.compute_capability[0]}.{g.compute_capability[1]}",
                 link,
@@ -178,6 +178,8 @@ def format_memory(plan: Plan) -> list[str]:
         lines.append(
             f"    = {m['card_total_gib']:8.2f}  on the card (what nvidia-smi would show); torch's allocator is {capped}"
         )
+    if m.get("display_kept_gib"):
+        lines.append(f"      {m['display_kept_gib']:8.2f}  kept free beside it for the desktop the card draws")
     return lines
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rigtrain.rig.budget import GIB
+from rigtrain.rig.budget import DISPLAY_KEPT_GIB, GIB
 from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.torch_builds import build_for_cards, build_has_kernels, driver_runs, torch_for_driver
 
@@ -89,7 +89,7 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     gpus = [(i, rig.gpus[i]) for i in chosen if i < len(rig.gpus)]
     out: list[RigWarning] = _torch_build_warnings(rig, gpus) if gpus else []
     for i, gpu in gpus:
-        out += _card_warnings(i, gpu)
+        out += _card_warnings(i, gpu) + _display_warnings(i, gpu)
     if len(gpus) > 1:
         out += _between_cards_warnings(gpus)
         out += _shared_memory_warnings(rig)
@@ -167,6 +167,22 @@ def _shared_memory_warnings(rig: Rig) -> list[RigWarning]:
             f"/dev/shm holds {rig.shm_gib * 1024:.0f} MiB (a Docker container's default is 64): NCCL passes "
             "data between the GPUs through it and fails when it cannot grow a segment; start the container "
             "with --ipc=host (or --shm-size=1g)",
+        )
+    ]
+
+
+def _display_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
+    """A card that draws the desktop: the plan keeps room for it (rig/budget.py)."""
+    if not gpu.display_active:
+        return []
+    return [
+        RigWarning(
+            "display_gpu",
+            i,
+            f"GPU {i} ({gpu.name}) draws a desktop, which holds {gpu.memory_gib - gpu.free_gib:.1f} GiB of it now "
+            f"and takes more as windows open: the plan keeps {DISPLAY_KEPT_GIB:.1f} GiB free for it; for the "
+            "whole card, draw the desktop on another GPU or the CPU's graphics, or train on other cards with "
+            "--set rig.gpus=...",
         )
     ]
 
