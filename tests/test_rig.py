@@ -1007,6 +1007,14 @@ def test_a_card_that_draws_the_desktop_keeps_room_for_it():
     assert "NVIDIA GeForce RTX 3090 (display)" in report and "kept free beside it for the desktop" in report
     one = plan_run(load_config("base", overrides=["rig.gpus=1"]), rig_from_dict(rig), user_keys={"rig.gpus"})
     assert "display_gpu" not in codes(one) and one.memory["display_kept_gib"] == 0
+    small = json.loads((RIGS / "rtx4060_8gb.json").read_text())
+    small["gpus"][0].update(name="NVIDIA GeForce GTX 1650", memory_gib=4.0, memory_free_gib=3.6, display_active=True)
+    (warning,) = [
+        w
+        for w in plan_run(load_config("small"), rig_from_dict(small), user_keys=set()).warnings
+        if w.code == "display_gpu"
+    ]
+    assert "the plan keeps 0.4 GiB free for it" in warning.message  # a tenth of a 4 GB card, not a quarter
     rig["gpus"][0]["display_active"] = "yes"
     with pytest.raises(UserError, match=r"gpus\[0\]\.display_active must be true or false"):
         rig_from_dict(rig)

@@ -123,12 +123,15 @@ PROFILER_GIB = 0.5
 # Kept free on a card a desktop draws on (X or Wayland: NVML's display-active state), for
 # what the desktop takes while the run trains: its use grows with what it shows (a browser
 # drawing with the GPU, a video), and torch's allocator, capped at the rest, cannot give
-# way. A judgement, not a measurement of rigtrain's; the warning `display_gpu` says it.
+# way. A judgement, not a measurement of rigtrain's; the warning `display_gpu` says it. At
+# most a tenth of the card: on a 4 GB card a whole GiB would be a quarter of it, and the
+# plan would offload the optimizer for room the desktop rarely takes.
 DISPLAY_KEPT_GIB = 1.0
+DISPLAY_KEPT_SHARE = 0.10
 
 
 def kept_for_display(gpu: Gpu) -> float:
-    return DISPLAY_KEPT_GIB if gpu.display_active else 0.0
+    return min(DISPLAY_KEPT_GIB, DISPLAY_KEPT_SHARE * gpu.memory_gib) if gpu.display_active else 0.0
 
 
 def room_for_the_run(gpu: Gpu) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rigtrain.rig.budget import DISPLAY_KEPT_GIB, GIB
+from rigtrain.rig.budget import GIB, kept_for_display
 from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.torch_builds import build_for_cards, build_has_kernels, driver_runs, torch_for_driver
 
@@ -180,7 +180,7 @@ def _display_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
             "display_gpu",
             i,
             f"GPU {i} ({gpu.name}) draws a desktop, which holds {gpu.memory_gib - gpu.free_gib:.1f} GiB of it now "
-            f"and takes more as windows open: the plan keeps {DISPLAY_KEPT_GIB:.1f} GiB free for it; for the "
+            f"and takes more as windows open: the plan keeps {kept_for_display(gpu):.1f} GiB free for it; for the "
             "whole card, draw the desktop on another GPU or the CPU's graphics, or train on other cards with "
             "--set rig.gpus=...",
         )
