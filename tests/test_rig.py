@@ -1001,6 +1001,9 @@ def test_a_card_that_draws_the_desktop_keeps_room_for_it():
     assert shown.memory["allocator_cap_gib"] == pytest.approx(headless.memory["allocator_cap_gib"] - 0.5, abs=0.01)
     assert shown.memory["display_kept_gib"] == DISPLAY_KEPT_GIB
     assert "1.00 kept for the desktop it draws" in shown.reasons["usable_memory"]
+    # the micro-batch's reason names the card it was sized for, by its index: both are 3090s
+    assert "the smallest card, GPU 1 (NVIDIA GeForce RTX 3090)" in headless.reasons["micro_batch_size"]
+    assert "the smallest card, GPU 0 (NVIDIA GeForce RTX 3090)" in shown.reasons["micro_batch_size"]
     (warning,) = [w for w in shown.warnings if w.code == "display_gpu"]
     assert warning.gpu == 0 and "draws a desktop, which holds 2.0 GiB of it now" in warning.message
     report = format_report(rig_from_dict(rig), shown)

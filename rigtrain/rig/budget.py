@@ -243,6 +243,11 @@ class CardBudget:
     parameters: int
     search: MicroBatchSearch
     bitsandbytes: bool = True  # installed (or, in a rig file that does not say, assumed)
+    smallest_index: int = 0  # the rig's index of `smallest`
+
+    @property
+    def smallest_named(self) -> str:
+        return f"GPU {self.smallest_index} ({self.smallest.name})"
 
     @property
     def world(self) -> int:

@@ -72,7 +72,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
     reasons["world_size"] = f"one process per GPU: {len(chosen)} GPU(s) {chosen_how}"
     if request.hosts:
         reasons["world_size"] = machines_reason(request.hosts, f"{len(chosen)} GPU(s)")
-    cards = _cards(request, [rig.gpus[g] for g in chosen], step_peak, reasons, rig.software or {})
+    cards = _cards(request, {g: rig.gpus[g] for g in chosen}, step_peak, reasons, rig.software or {})
     fixed = request.fixed
     candidates = _candidates(cards, fixed)
     setting, micro_batch, tried = _first_that_fits(cards, candidates, fixed)
@@ -82,7 +82,7 @@ def make_plan(rig: Rig, request: PlanRequest, step_peak: StepPeak) -> Plan:
         setting = min(candidates, key=lambda s: cards.search.peak(micro_batch, s[1]) - cards.step_budget(s))
         warnings.append(
             # the card the plan is made for: the one with least free memory (as _cards picks it)
-            _does_not_fit(cards, min(chosen, key=lambda g: room_for_the_run(rig.gpus[g])), micro_batch, setting)
+            _does_not_fit(cards, cards.smallest_index, micro_batch, setting)
         )
     setting = _eight_bit_when_states_dominate(cards, setting, fits, fixed, reasons)
     largest_fitting = micro_batch
@@ -173,8 +173,12 @@ def _memory_breakdown(cards: CardBudget, total: dict, batch_bytes: int) -> dict:
     return memory
 
 
-def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: dict, software: dict) -> CardBudget:
-    """The precision (the oldest card decides) and the memory (the fullest card decides)."""
+def _cards(
+    request: PlanRequest, by_index: dict[int, Gpu], step_peak: StepPeak, reasons: dict, software: dict
+) -> CardBudget:
+    """The precision (the oldest card decides) and the memory (the card with the least room
+    decides). by_index: the run's cards by their index in the rig."""
+    gpus = list(by_index.values())
     capability = min(g.compute_capability for g in gpus)
     if request.precision != "auto":
         precision, reasons["precision"] = request.precision, f"set by the user (train.precision={request.precision})"
@@ -182,7 +186,8 @@ def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: 
         precision, reasons["precision"] = choose_precision(capability)
     if capability >= (8, 0):
         reasons["tf32"] = "on for the fp32 matmuls that remain (Ampere and newer; the trainer enables it in torch)"
-    smallest = min(gpus, key=room_for_the_run)
+    smallest_index = min(by_index, key=lambda g: room_for_the_run(by_index[g]))
+    smallest = by_index[smallest_index]
     outside = outside_allocator_gib(
         world=len(gpus),
         profiling=request.profiling,
@@ -195,6 +200,7 @@ def _cards(request: PlanRequest, gpus: list[Gpu], step_peak: StepPeak, reasons: 
         precision=precision,
         capability=capability,
         smallest=smallest,
+        smallest_index=smallest_index,
         outside=outside,
         usable=usable,
         allocator_cap=allocator_cap,

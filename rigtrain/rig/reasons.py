@@ -99,12 +99,12 @@ def micro_batch_reason(
     if micro_batch == largest_fitting:
         return (
             f"the largest that fits: {micro_batch} is predicted at {total_gib:.2f} of {usable:.2f} usable GiB on "
-            f"the smallest card ({cards.smallest.name}); {micro_batch + 1} would not fit"
+            f"the smallest card, {cards.smallest_named}; {micro_batch + 1} would not fit"
         )
     over = accum * micro_batch - cards.share
     how = "evenly" if over == 0 else f"with {over} over (grad_accum_steps says what that costs)"
     return (
-        f"up to {largest_fitting} fits on the smallest card ({cards.smallest.name}); {accum} micro-batches of "
+        f"up to {largest_fitting} fits on the smallest card, {cards.smallest_named}; {accum} micro-batches of "
         f"{micro_batch} cover the per-GPU share of {cards.share} {how} (predicted {total_gib:.2f} of "
         f"{usable:.2f} usable GiB)"
     )
