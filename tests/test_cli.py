@@ -434,12 +434,14 @@ child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 
 child += "; time.sleep(60)"
 kids = [subprocess.Popen([sys.executable, "-c", child], start_new_session=True) for _ in range(2)]
 # ready once both grandchildren run their loop: one caught between its fork and its exec
-# holds its parent in vfork's wait (state D), where a SIGSTOP cannot stop it until it goes on
+# holds its parent in vfork's wait (state D), where a SIGSTOP cannot stop it until it goes on.
+# The loop's program as a grandchild's whole last argument: a child's own -c program holds
+# the loop's text too, and so does a grandchild's before its exec (a copy of its parent).
 def looping_grandchildren():
     found = 0
     for p in psutil.Process().children(recursive=True):
         try:
-            found += "while True" in " ".join(p.cmdline())
+            found += p.cmdline()[-1:] == [looping]
         except psutil.Error:
             pass
     return found
