@@ -823,6 +823,14 @@ def pascal_beside_a_3090(torch_version="2.13.0+cu130", torch_cuda="13.0", driver
     return rig
 
 
+def rtx5090_warnings(code: str, **software: str) -> list:
+    """The plan's warnings of `code` for one RTX 5090 (Blackwell, 12.0) with `software`."""
+    rig = json.loads((RIGS / "h200.json").read_text())
+    rig["gpus"][0].update(name="NVIDIA GeForce RTX 5090", compute_capability=[12, 0])
+    rig["software"].update(software)
+    return [w for w in plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()).warnings if w.code == code]
+
+
 def test_the_plan_warns_of_a_card_that_the_installed_torch_has_no_kernels_for():
     """PyPI's torch is a CUDA 13 build since 2.11, and CUDA 13 compiles nothing for Pascal or
     Volta: on a GTX 1080 Ti it would fail at the first kernel. The warning names the card and
@@ -846,14 +854,7 @@ def test_the_plan_warns_of_a_card_that_the_installed_torch_has_no_kernels_for():
 
     # an RTX 5090 under the cu126 build on a CUDA 12.8 driver: that build lacks Blackwell,
     # and the one that has it needs a newer driver first
-    rig = json.loads((RIGS / "h200.json").read_text())
-    rig["gpus"][0].update(name="NVIDIA GeForce RTX 5090", compute_capability=[12, 0])
-    rig["software"].update(torch="2.13.0+cu126", torch_cuda="12.6", driver_cuda="12.8")
-    (warning,) = [
-        w
-        for w in plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()).warnings
-        if w.code == "torch_lacks_kernels"
-    ]
+    (warning,) = rtx5090_warnings("torch_lacks_kernels", torch="2.13.0+cu126", torch_cuda="12.6", driver_cuda="12.8")
     assert "update the NVIDIA driver (it runs CUDA 12.8) to the 580 series or later, then install" in warning.message
     assert "whl/cu130 bash setup/install.sh`" in warning.message and "--set rig.gpus" not in warning.message
 
@@ -861,14 +862,9 @@ def test_the_plan_warns_of_a_card_that_the_installed_torch_has_no_kernels_for():
 def test_no_torch_build_advised_for_an_old_driver_lacks_the_cards_kernels():
     """torch's only build for a CUDA 12 driver is cu126, which has nothing for Blackwell: an
     RTX 5090 on a 12.8 driver under PyPI's CUDA 13 torch needs a newer driver, not cu126."""
-    rig = json.loads((RIGS / "h200.json").read_text())
-    rig["gpus"][0].update(name="NVIDIA GeForce RTX 5090", compute_capability=[12, 0])
-    rig["software"].update(torch="2.13.0+cu130", torch_cuda="13.0", driver_cuda="12.8")
-    (warning,) = [
-        w
-        for w in plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()).warnings
-        if w.code == "torch_newer_than_driver"
-    ]
+    (warning,) = rtx5090_warnings(
+        "torch_newer_than_driver", torch="2.13.0+cu130", torch_cuda="13.0", driver_cuda="12.8"
+    )
     assert (
         "update the NVIDIA driver to the 580 series or later: torch's build for CUDA 12.x (cu126) has no kernels"
         in warning.message
