@@ -84,14 +84,43 @@ def test_two_3090s_one_on_x4_with_an_850w_psu():
         assert "NCCL_DEBUG" not in one.env  # one GPU, or gloo: no NCCL
 
 
+def test_two_cards_at_x8_of_x16_are_the_boards_lane_split_not_a_bad_seat():
+    """Most desktop boards give two cards x8 each from the CPU's 16 lanes, and NVML's maximum
+    width is the card's x16: both cards at x8 are the board's design, said once with the cost
+    and what the plan does about it. One card alone at x8 of x16 still says to reseat it."""
+    raw = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    for gpu in raw["gpus"]:
+        gpu["pcie"] = {"gen": 1, "width": 8, "max_gen": 4, "max_width": 16}  # idle: Gen1
+    raw["psu_w"] = 1600
+    plan_for_rig = lambda rig: plan_run(load_config("base"), rig, user_keys=set())  # noqa: E731
+    plan = plan_for_rig(rig_from_dict(raw))
+    (split,) = [w for w in plan.warnings if w.code.startswith("pcie")]
+    assert split.code == "pcie_split" and split.gpu is None
+    assert split.message.startswith("GPUs 0 and 1 run at x8 of x16 lanes each") and "by design" in split.message
+    assert "about 12 GB/s each way against 24 at x16" in split.message  # Gen4, as under load
+    assert plan.zero_stage == 1 and "reseat" not in split.message
+
+    raw["gpus"][0]["pcie"]["width"] = 16  # x16 + x8: the second card's link is the odd one
+    (alone,) = [w for w in plan_for_rig(rig_from_dict(raw)).warnings if w.code.startswith("pcie")]
+    assert alone.code == "pcie_downtrained" and alone.gpu == 1 and "reseat the card" in alone.message
+
+    raw["gpus"] += [json.loads(json.dumps(raw["gpus"][1])) for _ in range(2)]  # four cards: x16/x8/x8/x8
+    for gpu in raw["gpus"]:
+        gpu["p2p"], gpu["nvlink"] = [True] * 4, [False] * 4
+    raw["psu_w"] = 3000
+    (split,) = [w for w in plan_for_rig(rig_from_dict(raw)).warnings if w.code.startswith("pcie")]
+    assert split.message.startswith("GPUs 1, 2 and 3 run at x8 of x16 lanes each")
+
+
 def test_an_idle_cards_pcie_generation_is_not_the_one_it_trains_at():
     """Probed before training, a card is idle and has dropped its link to a low generation
     to save power (a 3090 idles at Gen1 x16); under load it runs at NVML's max, which counts
     the slot. The plan's host link and the narrow-link warning use that; a busy card's
     generation below the max is what it runs at, and is a warning of its own."""
+    from rigtrain.rig.links import pcie_gb_s
     from rigtrain.rig.report import format_rig
     from rigtrain.rig.speed import facts_for
-    from rigtrain.rig.warnings import hardware_warnings, pcie_gb_s
+    from rigtrain.rig.warnings import hardware_warnings
 
     raw = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
     raw["gpus"][0]["pcie"].update(gen=1, width=16, max_gen=4, max_width=16)

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rigtrain.rig.warnings import RigWarning
+
+@dataclass
+class RigWarning:
+    """What the machine puts at risk (rig/warnings.py): a code, the GPU it concerns (None: the
+    whole rig) and a message that says what to do."""
+
+    code: str
+    gpu: int | None
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "gpu": self.gpu, "message": self.message}
 
 
 @dataclass(frozen=True)

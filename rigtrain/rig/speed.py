@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 
 from rigtrain.rig.facts import P2P_BROKEN, Rig
+from rigtrain.rig.links import pcie_gb_s
 from rigtrain.rig.peaks import peak_tflops
-from rigtrain.rig.warnings import pcie_gb_s
 
 # The share of the card's dense peak this model's kernels reach at a large micro-batch
 # (attention and small matmuls: the first H200 run measured MFU in the tens of percent).

@@ -6,23 +6,14 @@ plan or its request, so the planner imports this module and nothing here imports
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from rigtrain.rig.budget import GIB, kept_for_display
 from rigtrain.rig.facts import Gpu, Rig
+from rigtrain.rig.links import link_warnings
+from rigtrain.rig.plan_types import RigWarning
 from rigtrain.rig.torch_builds import build_for_cards, build_has_kernels, driver_runs, torch_for_driver
 
 RAM_PER_WORKER_GIB = 0.25  # a loader thread's batches in flight (small-preset clips) and its stack
-
-
-@dataclass
-class RigWarning:
-    code: str
-    gpu: int | None
-    message: str
-
-    def to_dict(self) -> dict:
-        return {"code": self.code, "gpu": self.gpu, "message": self.message}
 
 
 def ram_warning(
@@ -88,6 +79,7 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     chosen = chosen or tuple(range(len(rig.gpus)))
     gpus = [(i, rig.gpus[i]) for i in chosen if i < len(rig.gpus)]
     out: list[RigWarning] = _torch_build_warnings(rig, gpus) if gpus else []
+    out += link_warnings(gpus)
     for i, gpu in gpus:
         out += _card_warnings(i, gpu) + _display_warnings(i, gpu)
     if len(gpus) > 1:
@@ -188,42 +180,8 @@ def _display_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
 
 
 def _card_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
-    """One card's link, precision and clocks."""
+    """One card's precision and clocks."""
     out: list[RigWarning] = []
-    pcie = gpu.pcie
-    if pcie:
-        gen, width = gpu.link_under_load
-        if width <= 4:
-            idle = f" (Gen{pcie.gen} now, idle)" if gen != pcie.gen else ""
-            out.append(
-                RigWarning(
-                    "pcie_narrow",
-                    i,
-                    f"GPU {i} ({gpu.name}) runs on PCIe Gen{gen} x{width} under load{idle}: about "
-                    f"{pcie_gb_s(gen, width):.0f} GB/s against {pcie_gb_s(gen, 16):.0f} at x16; move it to a x16/x8 "
-                    "slot (often the chipset slot is x4), or keep ZeRO at 0/1 with accumulation (planned)",
-                )
-            )
-        if pcie.max_width and pcie.width < pcie.max_width:
-            out.append(
-                RigWarning(
-                    "pcie_downtrained",
-                    i,
-                    f"GPU {i} ({gpu.name}) link trained at x{pcie.width} of "
-                    f"x{pcie.max_width}: reseat the card, check the slot's lane sharing (M.2, "
-                    "other cards) and the riser",
-                )
-            )
-        if pcie.max_gen and pcie.gen < pcie.max_gen and gpu.busy:
-            out.append(
-                RigWarning(
-                    "pcie_downtrained",
-                    i,
-                    f"GPU {i} ({gpu.name}) runs PCIe Gen{pcie.gen} of "
-                    f"Gen{pcie.max_gen} under load: check the BIOS PCIe setting and the riser "
-                    "(idle cards drop the generation by design; this one is busy)",
-                )
-            )
     if gpu.compute_capability < (8, 0):
         out.append(
             RigWarning(
@@ -377,9 +335,3 @@ def _cap_context(limit: float, gpus: list[tuple[int, Gpu]]) -> str:
     if all("rtx 3090" in g.name.lower() for _, g in gpus):
         return f"{share}; a 3090 kept >95% of its throughput at 280 W, 80% of its default"
     return f"{share}; compare clips/s in `rigtrain train` before and after"
-
-
-def pcie_gb_s(gen: int, width: int) -> float:
-    """Usable bandwidth per direction, as NCCL models it: Gen4 x16 about 24 GB/s."""
-    per_lane = {1: 0.2, 2: 0.4, 3: 0.75, 4: 1.5, 5: 3.0, 6: 6.0, 7: 12.0}.get(gen, 1.5)
-    return per_lane * width

@@ -14,9 +14,9 @@ from rigtrain.config import RunConfig
 from rigtrain.errors import UserError
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
+from rigtrain.rig.plan_types import RigWarning
 from rigtrain.rig.torch_builds import PYTORCH_INDEX, build_for_cards, driver_runs, kernels_in, torch_for_driver
 from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted, visible_indices
-from rigtrain.rig.warnings import RigWarning
 from rigtrain.train.memory_record import recalled, run_kind
 from rigtrain.train.step_peaks import measured, step_shapes
 
