@@ -24,10 +24,12 @@ def link_warnings(gpus: list[tuple[int, Gpu]]) -> list[RigWarning]:
 
 
 def _split_lanes(gpus: list[tuple[int, Gpu]]) -> list[tuple[int, Gpu]]:
-    """Cards at x8 or more but below their maximum, where there are two or more of them. NVML's
-    maximum width is the card's, and a desktop board's 16 CPU lanes go x8/x8 once its second
-    long slot holds a card (x8/x4/x4 or x8/x8/x8/x8 on others): two such cards at half width
-    are the board's design, where one alone is a link that trained narrower than it should."""
+    """Cards at x8 or more but below their maximum, where there are two or more of them. NVML
+    documents its maximum width as what the card and the system allow, but where that is read
+    from the card's own link capability it says x16 in a slot wired x8; and a desktop board's
+    16 CPU lanes go x8/x8 once its second long slot holds a card (x8/x4/x4 or x8/x8/x8/x8 on
+    others): two such cards at half width are the board's design, where one alone is a link
+    that trained narrower than it should."""
     below = [(i, g) for i, g in gpus if g.pcie and g.pcie.max_width and 8 <= g.pcie.width < g.pcie.max_width]
     return below if len(below) >= 2 else []
 
