@@ -86,12 +86,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     from rigtrain.data.prepare import prepare
     from rigtrain.data.shards import PREPARE_LOG
+    from rigtrain.rig.facts import Rig
+    from rigtrain.rig.probe import disks
+    from rigtrain.rig.warnings import filesystem_warnings
 
     data = _data_config(args)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
     if workers < 1:
         raise UserError("--workers must be at least 1")
 
+    for warning in filesystem_warnings(Rig(disk=disks([args.out_dir]), software={"kernel": os.uname().release})):
+        print(f"[rigtrain] note: {warning.message}", flush=True)  # before hours of decoding into it
     started = time.perf_counter()
     for stop in stop_signals():  # `kill PID` and a closed terminal stop it as a Ctrl-C does
         if stop != signal.SIGINT:

@@ -3,6 +3,7 @@ against real execution, and the NVML probe against a stand-in NVML."""
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1492,3 +1493,87 @@ def test_compile_is_turned_off_at_zero3_with_a_warning_and_kept_below():
         assert apply_plan(load_config("small", overrides=overrides), plan).train.compile is (stage != 3)
     uncompiled = plan_for("two_3090_one_on_x4_850w.json", preset="small", overrides=["train.zero_stage=3"])
     assert "compile_zero3" not in codes(uncompiled)
+
+
+def test_data_and_runs_on_a_windows_drive_or_the_network_are_named_with_where_to_keep_them(tmp_path):
+    """Under WSL2 a Windows drive (/mnt/c) is a 9p share, many times slower than WSL's own
+    disk: shards or a run there are named, with where to put them. A network filesystem
+    says to compare with `data bench`; a VM's 9p share without WSL says so; ext4 says
+    nothing. The mount type travels in the rig file, and under WSL2 too little RAM names
+    .wslconfig, where Linux gets half of Windows' RAM by default."""
+    raw = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    raw["disk"] = [
+        {"path": "/mnt/d/shards", "free_gib": 900, "filesystem": "9p"},
+        {"path": "/nas/runs", "free_gib": 900, "filesystem": "nfs4"},
+        {"path": "/home/me/runs", "free_gib": 900, "filesystem": "ext4"},
+    ]
+    raw["software"] = {"kernel": "6.6.87.2-microsoft-standard-WSL2"}
+    raw["ram_gib"], raw["ram_free_gib"] = 4.0, 3.0
+    wsl = plan_run(load_config("small"), rig_from_dict(raw), user_keys=set())
+    slow = [w for w in wsl.warnings if w.code == "slow_filesystem"]
+    assert [w.message.split(" is on ")[0] for w in slow] == ["/mnt/d/shards", "/nas/runs"]
+    assert "a Windows drive (9p: WSL2 reads it through a file share" in slow[0].message and "under ~" in slow[0].message
+    assert "network filesystem (nfs4)" in slow[1].message and "`rigtrain data bench`" in slow[1].message
+    (low_ram,) = [w for w in wsl.warnings if w.code == "low_ram"]
+    assert ".wslconfig" in low_ram.message and "wsl --shutdown" in low_ram.message
+
+    raw["software"] = {"kernel": "6.8.0-49-generic"}  # the same mounts in a plain Linux VM
+    linux = plan_run(load_config("small"), rig_from_dict(raw), user_keys=set())
+    slow = [w for w in linux.warnings if w.code == "slow_filesystem"]
+    assert "a 9p share (a virtual machine's shared folder" in slow[0].message and "WSL" not in slow[0].message
+    assert not any(".wslconfig" in w.message for w in linux.warnings)
+
+    saved = tmp_path / "rig.json"
+    saved.write_text(json.dumps(raw))
+    shown = run_cli("rig", "--rig", str(saved), "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [d["filesystem"] for d in json.loads(shown.stdout)["rig"]["disk"]] == ["9p", "nfs4", "ext4"]
+    assert "disk /mnt/d/shards: 900 GiB free (9p)" in run_cli("rig", "--rig", str(saved)).stdout
+    raw["disk"][0]["filesystem"] = 9
+    saved.write_text(json.dumps(raw))
+    bad = run_cli("rig", "--rig", str(saved))
+    assert bad.returncode == 2 and "disk.filesystem must be a mount type as text" in bad.stderr
+
+
+def test_the_probe_reads_the_mount_each_path_lies_on(tmp_path, monkeypatch):
+    """The deepest mount point holding the path (or the folder it would be made in), and
+    where two mounts share a point, the one mounted last (it hides the other)."""
+    import psutil
+
+    from rigtrain.rig.probe import disks
+
+    Mount = types.SimpleNamespace
+    mounts = [
+        Mount(mountpoint="/", fstype="ext4"),
+        Mount(mountpoint=str(tmp_path), fstype="tmpfs"),
+        Mount(mountpoint=str(tmp_path / "c"), fstype="drvfs"),
+        Mount(mountpoint=str(tmp_path / "c"), fstype="9p"),
+        Mount(mountpoint=str(tmp_path / "cc"), fstype="nfs4"),
+    ]
+    monkeypatch.setattr(psutil, "disk_partitions", lambda **_: mounts)
+    (tmp_path / "c" / "videos").mkdir(parents=True)
+    (tmp_path / "cc").mkdir()
+    found = disks([tmp_path / "c" / "videos" / "shards-to-be", tmp_path / "cc", tmp_path / "other", "/"])
+    assert [d.filesystem for d in found] == ["9p", "nfs4", "tmpfs", "ext4"]
+
+
+def test_prepare_into_a_windows_drive_says_so_before_it_starts(tmp_path, monkeypatch, capsys):
+    import psutil
+
+    from rigtrain.cli import main
+    from rigtrain.data.synth import synthesize
+
+    synthesize(tmp_path / "src", videos=1, seed=0)
+    out = tmp_path / "mnt" / "c" / "shards"
+    out.parent.mkdir(parents=True)
+    monkeypatch.setattr(
+        psutil, "disk_partitions", lambda **_: [types.SimpleNamespace(mountpoint=str(out.parent), fstype="9p")]
+    )
+    wsl = {k: getattr(os.uname(), k) for k in ("sysname", "nodename", "version", "machine")}
+    wsl["release"] = "6.6.87.2-microsoft-standard-WSL2"  # WSL2's kernel
+    monkeypatch.setattr(os, "uname", lambda: types.SimpleNamespace(**wsl))
+    assert main(["data", "prepare", str(tmp_path / "src"), str(out), "--workers", "1"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    (note,) = [i for i, line in enumerate(said) if "is on a Windows drive" in line]
+    assert said[note].startswith(f"[rigtrain] note: {out} is on a Windows drive (9p")
+    assert note < min(i for i, line in enumerate(said) if line.startswith("prepared "))

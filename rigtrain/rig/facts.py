@@ -98,6 +98,7 @@ class Cpu:
 class Disk:
     path: str
     free_gib: float
+    filesystem: str | None = None  # the mount's type: "ext4", "9p" (a Windows drive under WSL2), "nfs4"...
 
 
 # Rig fields that describe where it was read, not the machine: never in a rig file
@@ -125,6 +126,11 @@ class Rig:
     @property
     def threads(self) -> int:
         return self.cpu.threads or self.cpu.cores or 1
+
+    @property
+    def wsl(self) -> bool:
+        """Linux under Windows (WSL2): its kernel's release names Microsoft's build."""
+        return "microsoft" in str((self.software or {}).get("kernel") or "").lower()
 
     def to_dict(self) -> dict:
         """The rig file's shape (what `rigtrain rig --json` prints as "rig", and a rig file holds)."""
@@ -337,7 +343,12 @@ def rig_from_dict(data, where: str = "rig") -> Rig:
             disk = _object(where, "disk", disk, Disk)
             if not isinstance(disk.get("path"), str) or "free_gib" not in disk:
                 raise _fail(where, "disk", "needs a path and free_gib")
-            parsed.append(Disk(disk["path"], _number(where, "disk.free_gib", disk["free_gib"], minimum=0)))
+            filesystem = disk.get("filesystem")
+            if filesystem is not None and not isinstance(filesystem, str):
+                raise _fail(
+                    where, "disk.filesystem", f'must be a mount type as text, e.g. "ext4", not {json.dumps(filesystem)}'
+                )
+            parsed.append(Disk(disk["path"], _number(where, "disk.free_gib", disk["free_gib"], minimum=0), filesystem))
         out["disk"] = tuple(parsed)
     if "software" in data:
         if not isinstance(data["software"], dict):

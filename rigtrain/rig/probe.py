@@ -175,6 +175,7 @@ def software(gpus_found: bool = True) -> dict:
         except metadata.PackageNotFoundError:
             info[package] = None
     info["deepspeed_ops"] = _deepspeed_prebuilt_ops()
+    info["kernel"] = os.uname().release  # "...-microsoft-standard-WSL2" under Windows
     return info
 
 
@@ -236,18 +237,37 @@ def _deepspeed_prebuilt_ops() -> str | None:
     return ", ".join(built) + " prebuilt" if built else "none prebuilt (JIT-compiled on first use)"
 
 
+def filesystem_of(path: Path, mounts: list) -> str | None:
+    """The type of the mount `path` lies on (psutil's partitions: the deepest mount point
+    that holds it, the last one mounted where two share a point)."""
+    best = None
+    for mount in mounts:
+        point = Path(mount.mountpoint)
+        if (path == point or point in path.parents) and (best is None or len(point.parts) >= len(best[0].parts)):
+            best = (point, mount.fstype)
+    return best[1] if best else None
+
+
+def disks(paths: list[str | Path]) -> tuple[Disk, ...]:
+    """The free space and the mount type where each path is (or would be created)."""
+    import psutil  # only when the host is read, as in probe()
+
+    mounts = psutil.disk_partitions(all=True) if paths else []
+    out = []
+    for path in paths:
+        existing = Path(path).resolve()
+        while not existing.exists():
+            existing = existing.parent
+        out.append(Disk(str(path), round(shutil.disk_usage(existing).free / 2**30, 1), filesystem_of(existing, mounts)))
+    return tuple(out)
+
+
 def probe(paths: list[str | Path] = ()) -> Rig:
     """The machine this runs on. `paths` (data, output) get their free disk space read."""
     import psutil  # only when the host is read
 
     gpus, driver = probe_gpus()
     memory, swap = psutil.virtual_memory(), psutil.swap_memory()
-    disks = []
-    for path in paths:
-        existing = Path(path).resolve()
-        while not existing.exists():
-            existing = existing.parent
-        disks.append(Disk(str(path), round(shutil.disk_usage(existing).free / 2**30, 1)))
     return Rig(
         gpus=gpus,
         cpu=Cpu(
@@ -259,7 +279,7 @@ def probe(paths: list[str | Path] = ()) -> Rig:
         ram_free_gib=round(memory.available / 2**30, 2),
         swap_gib=round(swap.total / 2**30, 2),
         shm_gib=round(shutil.disk_usage("/dev/shm").total / 2**30, 3) if Path("/dev/shm").is_dir() else None,
-        disk=tuple(disks),
+        disk=disks(paths),
         software={**driver, **software(gpus_found=bool(gpus))},
         source="probe",
     )

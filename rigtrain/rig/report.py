@@ -28,7 +28,9 @@ def format_rig(rig: Rig) -> list[str]:
         + (f"; PSU {rig.psu_w:.0f} W" if rig.psu_w else "")
     )
     for disk in rig.disk:
-        lines.append(f"  disk {disk.path}: {disk.free_gib:.0f} GiB free")
+        lines.append(
+            f"  disk {disk.path}: {disk.free_gib:.0f} GiB free" + (f" ({disk.filesystem})" if disk.filesystem else "")
+        )
     software = rig.software or {}
     if software:
         lines.append("  software: " + ", ".join(f"{k} {v}" for k, v in software.items() if v))

@@ -37,7 +37,17 @@ def ram_warning(
         None,
         f"{processes} process(es) with {workers} loader thread(s) each need about "
         f"{need:.1f} GiB of RAM but {have:.1f} GiB is available; lower data.workers or "
-        "train.micro_batch_size, or add RAM",
+        "train.micro_batch_size, or add RAM" + _wsl_ram(rig),
+    )
+
+
+def _wsl_ram(rig: Rig) -> str:
+    """WSL2 gives Linux half of Windows' RAM unless told otherwise."""
+    if not rig.wsl:
+        return ""
+    return (
+        " (under WSL2, Linux gets half of Windows' RAM by default: raise memory= under [wsl2] in "
+        "%UserProfile%\\.wslconfig, then `wsl --shutdown` from Windows)"
     )
 
 
@@ -50,8 +60,38 @@ def offload_ram_warning(rig: Rig, states_bytes: int) -> RigWarning | None:
         "low_ram",
         None,
         f"offloaded optimizer states need about {need:.1f} GiB of RAM of "
-        f"{rig.ram_gib:.0f}; add RAM or use a smaller model",
+        f"{rig.ram_gib:.0f}; add RAM or use a smaller model" + _wsl_ram(rig),
     )
+
+
+# Mounts whose every read crosses to another machine or OS. 9p is how WSL2 shows Windows'
+# drives (/mnt/c), many times slower than WSL's own ext4 disk (Microsoft's WSL docs: keep
+# project files in the Linux filesystem); network filesystems send each read over the wire.
+SHARED_MOUNTS = ("9p", "drvfs")
+NETWORK_MOUNTS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "fuse.rclone")
+
+
+def filesystem_warnings(rig: Rig) -> list[RigWarning]:
+    """The data or the run on a mount that reads through a share or the network."""
+    out = []
+    for disk in rig.disk:
+        kind = (disk.filesystem or "").lower()
+        if kind in SHARED_MOUNTS and rig.wsl:
+            where = f"a Windows drive ({kind}: WSL2 reads it through a file share, many times slower than its own disk)"
+            advice = (
+                "keep shards and runs in WSL's own filesystem, under ~ (`rigtrain data prepare "
+                "/mnt/c/videos ~/shards`, `--out ~/runs/NAME`)"
+            )
+        elif kind in SHARED_MOUNTS:
+            where = f"a {kind} share (a virtual machine's shared folder: every read crosses to the host)"
+            advice = "keep shards and runs on the machine's own disk"
+        elif kind in NETWORK_MOUNTS:
+            where = f"a network filesystem ({kind}): shards there are read over the network every epoch"
+            advice = "if `rigtrain data bench` shows the loader behind the step, copy them to a local disk"
+        else:
+            continue
+        out.append(RigWarning("slow_filesystem", None, f"{disk.path} is on {where}; {advice}"))
+    return out
 
 
 # Transient draw over the power limit, for a few milliseconds: what trips a PSU's
@@ -78,7 +118,7 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     (`psu_w` overrides the rig's figure)."""
     chosen = chosen or tuple(range(len(rig.gpus)))
     gpus = [(i, rig.gpus[i]) for i in chosen if i < len(rig.gpus)]
-    out: list[RigWarning] = _torch_build_warnings(rig, gpus) if gpus else []
+    out: list[RigWarning] = (_torch_build_warnings(rig, gpus) if gpus else []) + filesystem_warnings(rig)
     out += link_warnings(gpus)
     for i, gpu in gpus:
         out += _card_warnings(i, gpu) + _display_warnings(i, gpu)
