@@ -196,7 +196,8 @@ class Trainer(
             f"{len(self.split.train)} training clips ({len(self.split.heldout)} held out)"
         )
         if self.eval_steps:
-            self.log.say(f"evaluating after steps {', '.join(map(str, sorted(self.eval_steps)))}")
+            steps = ", ".join(map(str, sorted(self.eval_steps)))
+            self.log.say(f"evaluating after step{'s' * (',' in steps)} {steps}")
 
     # -- the loop ---------------------------------------------------------------------------
     def _next_batch(self) -> tuple[dict[str, torch.Tensor], float]:
