@@ -27,6 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rigtrain.config import load_config
 from rigtrain.model import build_model
+from rigtrain.rig.budget import checkpoint_bytes_per_parameter
+from rigtrain.train.measured_step import parameter_count
 
 PROBE = Path(__file__).parent / "step_probe.py"
 # A model small enough for several DeepSpeed runs in a minute, with every part of the real one.
@@ -356,4 +358,9 @@ def test_train_resume_eval_profile(tmp_path, demo_data, precision, stage):
     assert scored.returncode == 0, scored.stderr[-3000:]
     result = json.loads(scored.stdout)
     assert result["step"] == 4 and 0 <= result["knn"]["colour"]["top1"] <= 1
+    # the size the plan's disk check (low_disk) gives a checkpoint, against the one saved
+    config = load_config(overrides=[f"train.precision={precision}", *TINY])
+    predicted = parameter_count(config.model, config.data) * checkpoint_bytes_per_parameter(precision, "adamw", stage)
+    saved = sum(f.stat().st_size for f in (run / "checkpoints" / "step00000004").glob("*states.pt"))
+    assert abs(saved - predicted) < 0.02 * predicted + 100_000, (saved, predicted)  # + buffers, metadata
     check_step_syncs_and_precision(run, precision, stage)

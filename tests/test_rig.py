@@ -1577,3 +1577,33 @@ def test_prepare_into_a_windows_drive_says_so_before_it_starts(tmp_path, monkeyp
     (note,) = [i for i, line in enumerate(said) if "is on a Windows drive" in line]
     assert said[note].startswith(f"[rigtrain] note: {out} is on a Windows drive (9p")
     assert note < min(i for i, line in enumerate(said) if line.startswith("prepared "))
+
+
+def test_checkpoints_that_would_not_fit_on_the_runs_disk_are_said_before_the_run():
+    """A checkpoint is the weights, Adam's moments and the fp32 master copy (16 bytes a
+    parameter in bf16 at ZeRO-1, measured against saved checkpoints in test_gpu_path); a run
+    holds train.keep_ckpts of them and the one being saved, or fewer when it saves fewer.
+    Against the free space of the disk the run is written to (the rig's last), said once."""
+    from rigtrain.config.loading import user_keys
+    from rigtrain.train.planning import cached_parameter_count
+
+    raw = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    raw["disk"] = [{"path": "/data/videos", "free_gib": 5000}, {"path": "/home/me/runs", "free_gib": 5.0}]
+
+    def low_disk(*overrides):
+        config = load_config("base", overrides=list(overrides))
+        plan = plan_run(config, rig_from_dict(raw), user_keys=user_keys(None, list(overrides)))
+        found = [w for w in plan.warnings if w.code == "low_disk"]
+        return plan, cached_parameter_count(config), found[0].message if found else None
+
+    plan, parameters, said = low_disk()
+    assert (plan.precision, plan.zero_stage) == ("bf16", 1)
+    each = parameters * 16 / 2**30
+    assert f"about {each:.2f} GiB each, and up to 3 are on disk at once (train.keep_ckpts=2" in said
+    assert f"{3 * each:.1f} GiB, but /home/me/runs has 5.0 GiB free" in said and 3 * each > 5 > each
+    assert 2 * each < 5 and low_disk("train.keep_ckpts=1")[2] is None  # two held fit
+    assert low_disk("train.steps=40", "train.ckpt_every=50")[2] is None  # one save: the last step's
+    _, _, zero3 = low_disk("train.zero_stage=3", "train.keep_ckpts=4")  # no module weights at ZeRO-3
+    assert f"about {parameters * 12 / 2**30:.2f} GiB each, and up to 5" in zero3
+    raw["disk"][1]["free_gib"] = 500
+    assert low_disk()[2] is None

@@ -34,6 +34,18 @@ def optimizer_state_bytes(parameters: int, precision: str, optimizer: str) -> in
     return parameters * (moments + master)
 
 
+def checkpoint_bytes_per_parameter(precision: str, optimizer: str, stage: int) -> int:
+    """What a DeepSpeed checkpoint keeps per parameter: the module's weights (fp16's in fp16,
+    else fp32; none at ZeRO-3, whose ranks save only their partitions), Adam's moments and,
+    from ZeRO-1 up or in fp16, the fp32 master weights the optimizer steps. Measured on the
+    CPU with 1.60M parameters: fp32 ZeRO-0 19.3 MB (12 bytes a parameter), bf16 ZeRO-1
+    25.6 MB (16), bf16 ZeRO-3 19.2 MB (12)."""
+    module = 0 if stage == 3 else weight_bytes(precision)
+    moments = 2 if optimizer == "adamw8bit" else 8
+    master = 4 if stage >= 1 or precision == "fp16" else 0
+    return module + moments + master
+
+
 def fp32_copy_bytes(parameters: int, precision: str, world: int, stage: int, offload: str) -> int:
     """fp32 buffers DeepSpeed keeps beside fp32 weights: ZeRO-1/2 copy their partition of
     the weights into the flat fp32 groups the optimizer steps (the master copy an fp16 run

@@ -64,6 +64,26 @@ def offload_ram_warning(rig: Rig, states_bytes: int) -> RigWarning | None:
     )
 
 
+def checkpoint_disk_warning(rig: Rig, per_checkpoint: int, held: int, keep: int) -> RigWarning | None:
+    """The run's checkpoints against the free space where it is written: the last disk the
+    rig lists (the probe reads the data's, then the run folder's; `rigtrain rig` reads the
+    folder it runs in). `held`: how many are on disk at once, `keep` and the one being saved
+    (fewer in a short run). A save checks again, with the size of the last one."""
+    if not rig.disk or per_checkpoint <= 0:
+        return None
+    disk, need = rig.disk[-1], per_checkpoint * held / GIB
+    if need <= disk.free_gib:
+        return None
+    return RigWarning(
+        "low_disk",
+        None,
+        f"the run's checkpoints take about {per_checkpoint / GIB:.2f} GiB each, and up to {held} are on disk at "
+        f"once (train.keep_ckpts={keep}, and the one being saved): {need:.1f} GiB, but {disk.path} has "
+        f"{disk.free_gib:.1f} GiB free; free some space, lower train.keep_ckpts, or give --out a folder on a "
+        "larger disk (a save that finds no room stops the run, keeping the checkpoints before it)",
+    )
+
+
 # Mounts whose every read crosses to another machine or OS. 9p is how WSL2 shows Windows'
 # drives (/mnt/c), many times slower than WSL's own ext4 disk (Microsoft's WSL docs: keep
 # project files in the Linux filesystem); network filesystems send each read over the wire.

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from rigtrain.config import RunConfig
 from rigtrain.errors import UserError
+from rigtrain.rig.budget import checkpoint_bytes_per_parameter
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
 from rigtrain.rig.plan_types import RigWarning
 from rigtrain.rig.torch_builds import PYTORCH_INDEX, build_for_cards, driver_runs, kernels_in, torch_for_driver
 from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted, visible_indices
+from rigtrain.rig.warnings import checkpoint_disk_warning
 from rigtrain.train.memory_record import recalled, run_kind
 from rigtrain.train.step_peaks import measured, step_shapes
 
@@ -275,6 +277,12 @@ def plan_run(
     plan = make_plan(rig, request, step_peak_function(config))
     if t.compile and plan.zero_stage == 3:
         plan.warnings.append(RigWarning("compile_zero3", None, COMPILE_AT_ZERO3))
+    saves = t.steps // t.ckpt_every + (t.steps % t.ckpt_every > 0)  # and the last step's
+    per_checkpoint = request.parameters * checkpoint_bytes_per_parameter(
+        plan.precision, plan.optimizer, plan.zero_stage
+    )
+    if low_disk := checkpoint_disk_warning(rig, per_checkpoint, min(t.keep_ckpts + 1, saves), t.keep_ckpts):
+        plan.warnings.append(low_disk)
     return plan
 
 
