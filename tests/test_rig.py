@@ -99,7 +99,13 @@ def test_two_cards_at_x8_of_x16_are_the_boards_lane_split_not_a_bad_seat():
     assert split.code == "pcie_split" and split.gpu is None
     assert split.message.startswith("GPUs 0 and 1 run at x8 of x16 lanes each") and "by design" in split.message
     assert "about 12 GB/s each way against 24 at x16" in split.message  # Gen4, as under load
-    assert plan.zero_stage == 1 and "reseat" not in split.message
+    assert plan.zero_stage == 1 and "reseat" not in split.message and "prefers ZeRO-0/1" in split.message
+    for gpu in raw["gpus"]:
+        gpu["p2p"], gpu["nvlink"] = [True, True], [False, False]
+    raw["gpus"][0]["nvlink"][1] = raw["gpus"][1]["nvlink"][0] = True  # two 3090s and their bridge
+    (bridged,) = [w for w in plan_for_rig(rig_from_dict(raw)).warnings if w.code.startswith("pcie")]
+    assert "the gradients go over NVLink between these cards" in bridged.message
+    raw["gpus"][0]["nvlink"][1] = raw["gpus"][1]["nvlink"][0] = False
 
     raw["gpus"][0]["pcie"]["width"] = 16  # x16 + x8: the second card's link is the odd one
     (alone,) = [w for w in plan_for_rig(rig_from_dict(raw)).warnings if w.code.startswith("pcie")]

@@ -40,14 +40,20 @@ def _split_warning(split: list[tuple[int, Gpu]]) -> RigWarning:
     slowest = min(pcie_gb_s(gen, width) for gen, width in links)
     full = min(pcie_gb_s(gen, 16) for gen, _ in links)
     names = ", ".join(str(i) for i, _ in split[:-1]) + f" and {split[-1][0]}"
+    indices = [i for i, _ in split]
+    bridged = all(g.nvlink and g.nvlink[j] for i, g in split for j in indices if j != i)
+    cost = (
+        "but the gradients go over NVLink between these cards: the lanes carry only the batches in"
+        if bridged
+        else "which slows only the exchange of gradients: the plan prefers ZeRO-0/1 with accumulation, which "
+        "communicates least, and takes ZeRO-2/3 only where memory needs them"
+    )
     return RigWarning(
         "pcie_split",
         None,
         f"GPUs {names} run at {' and '.join(widths)} lanes each: a desktop board divides its CPU's PCIe "
         "lanes between its slots once several hold cards (x8/x8 for two), by design, not a fault (the "
-        f"board's manual lists it); about {slowest:.0f} GB/s each way against {full:.0f} at x16, which "
-        "slows only the exchange of gradients: the plan prefers ZeRO-0/1 with accumulation, which "
-        "communicates least, and takes ZeRO-2/3 only where memory needs them",
+        f"board's manual lists it); about {slowest:.0f} GB/s each way against {full:.0f} at x16, {cost}",
     )
 
 
