@@ -86,9 +86,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     from rigtrain.data.prepare import prepare
     from rigtrain.data.shards import PREPARE_LOG
+    from rigtrain.rig.disk_warnings import filesystem_warnings
     from rigtrain.rig.facts import Rig
     from rigtrain.rig.probe import disks
-    from rigtrain.rig.warnings import filesystem_warnings
 
     data = _data_config(args)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))

@@ -116,6 +116,7 @@ class Rig:
     psu_w: float | None = None
     disk: tuple[Disk, ...] = ()
     software: dict | None = None
+    unreachable_gpus: int | None = None  # NVIDIA cards on the PCI bus whose driver NVML could not reach
     source: str = "probe"  # "probe" or the rig file's path
     # Facts about the environment, not the machine (never in a rig file): the GPUs the
     # user's CUDA_VISIBLE_DEVICES leaves visible (rig/visible.py), and whether the GPUs'
@@ -336,6 +337,8 @@ def rig_from_dict(data, where: str = "rig") -> Rig:
         raise _fail(where, "ram_free_gib", f"({out['ram_free_gib']:g}) is more than ram_gib ({out['ram_gib']:g})")
     if "psu_w" in data:
         out["psu_w"] = _number(where, "psu_w", data["psu_w"], above=0)
+    if "unreachable_gpus" in data:
+        out["unreachable_gpus"] = _number(where, "unreachable_gpus", data["unreachable_gpus"], minimum=0, integer=True)
     if "disk" in data:
         disks = data["disk"] if isinstance(data["disk"], list) else [data["disk"]]
         parsed = []

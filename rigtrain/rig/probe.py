@@ -14,6 +14,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
+from rigtrain.rig.driver_state import DRIVER_STATE_ERRORS, nvidia_cards_on_bus
 from rigtrain.rig.facts import PCIE_GENERATIONS, PCIE_WIDTHS, Cpu, Disk, Gpu, Pcie, Power, Rig
 
 # NVML clock-event reasons that mean lost throughput (idle and application clocks do not)
@@ -127,15 +128,18 @@ def probe_gpu(nvml, handle, index: int, handles: list) -> Gpu:
     )
 
 
-def probe_gpus() -> tuple[tuple[Gpu, ...], dict]:
+def probe_gpus() -> tuple[tuple[Gpu, ...], dict, int | None]:
     """Every GPU NVML sees, in PCI bus order (as nvidia-smi and CUDA_DEVICE_ORDER=PCI_BUS_ID
-    number them), and the driver's versions. No NVML: no GPUs."""
+    number them), the driver's versions and, where NVML says the driver is in a bad state,
+    the NVIDIA cards on the PCI bus it leaves out of reach (rig/driver_state.py)."""
     try:
         import pynvml  # optional: absent or failing on machines without NVIDIA's driver
 
         pynvml.nvmlInit()
-    except Exception as err:  # no library, no driver, no device: a CPU machine
-        return (), {"nvml": f"not available ({type(err).__name__})"}
+    except Exception as err:  # no library, no driver, no device: a CPU machine, unless NVML says otherwise
+        said = type(err).__name__
+        unreachable = nvidia_cards_on_bus() if said in DRIVER_STATE_ERRORS else None
+        return (), {"nvml": f"not available ({said})"}, unreachable or None
     try:
         count = pynvml.nvmlDeviceGetCount()
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
@@ -144,7 +148,7 @@ def probe_gpus() -> tuple[tuple[Gpu, ...], dict]:
         cuda = _ask(pynvml.nvmlSystemGetCudaDriverVersion)
         if cuda:
             driver["driver_cuda"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
-        return gpus, driver
+        return gpus, driver, None
     finally:
         pynvml.nvmlShutdown()
 
@@ -266,7 +270,7 @@ def probe(paths: list[str | Path] = ()) -> Rig:
     """The machine this runs on. `paths` (data, output) get their free disk space read."""
     import psutil  # only when the host is read
 
-    gpus, driver = probe_gpus()
+    gpus, driver, unreachable = probe_gpus()
     memory, swap = psutil.virtual_memory(), psutil.swap_memory()
     return Rig(
         gpus=gpus,
@@ -281,5 +285,6 @@ def probe(paths: list[str | Path] = ()) -> Rig:
         shm_gib=round(shutil.disk_usage("/dev/shm").total / 2**30, 3) if Path("/dev/shm").is_dir() else None,
         disk=disks(paths),
         software={**driver, **software(gpus_found=bool(gpus))},
+        unreachable_gpus=unreachable,
         source="probe",
     )

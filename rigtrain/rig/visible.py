@@ -75,8 +75,8 @@ def restricted(rig: Rig, value: str | None, device_order: str | None) -> Rig:
     """The rig with the GPUs the environment leaves visible recorded in `visible`; with
     none visible (an empty CUDA_VISIBLE_DEVICES), a machine without GPUs, as CUDA sees it."""
     visible = visible_gpus(rig, value, device_order)
-    if visible == ():
-        return dataclasses.replace(rig, gpus=())
+    if visible == ():  # the CPU on purpose: cards the driver cannot reach do not matter either
+        return dataclasses.replace(rig, gpus=(), unreachable_gpus=None)
     return dataclasses.replace(rig, visible=visible)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 from rigtrain.rig.budget import GIB, kept_for_display
+from rigtrain.rig.disk_warnings import filesystem_warnings
+from rigtrain.rig.driver_state import driver_warning
 from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.links import link_warnings
 from rigtrain.rig.plan_types import RigWarning
@@ -64,56 +66,6 @@ def offload_ram_warning(rig: Rig, states_bytes: int) -> RigWarning | None:
     )
 
 
-def checkpoint_disk_warning(rig: Rig, per_checkpoint: int, held: int, keep: int) -> RigWarning | None:
-    """The run's checkpoints against the free space where it is written: the last disk the
-    rig lists (the probe reads the data's, then the run folder's; `rigtrain rig` reads the
-    folder it runs in). `held`: how many are on disk at once, `keep` and the one being saved
-    (fewer in a short run). A save checks again, with the size of the last one."""
-    if not rig.disk or per_checkpoint <= 0:
-        return None
-    disk, need = rig.disk[-1], per_checkpoint * held / GIB
-    if need <= disk.free_gib:
-        return None
-    return RigWarning(
-        "low_disk",
-        None,
-        f"the run's checkpoints take about {per_checkpoint / GIB:.2f} GiB each, and up to {held} are on disk at "
-        f"once (train.keep_ckpts={keep}, and the one being saved): {need:.1f} GiB, but {disk.path} has "
-        f"{disk.free_gib:.1f} GiB free; free some space, lower train.keep_ckpts, or give --out a folder on a "
-        "larger disk (a save that finds no room stops the run, keeping the checkpoints before it)",
-    )
-
-
-# Mounts whose every read crosses to another machine or OS. 9p is how WSL2 shows Windows'
-# drives (/mnt/c), many times slower than WSL's own ext4 disk (Microsoft's WSL docs: keep
-# project files in the Linux filesystem); network filesystems send each read over the wire.
-SHARED_MOUNTS = ("9p", "drvfs")
-NETWORK_MOUNTS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "fuse.rclone")
-
-
-def filesystem_warnings(rig: Rig) -> list[RigWarning]:
-    """The data or the run on a mount that reads through a share or the network."""
-    out = []
-    for disk in rig.disk:
-        kind = (disk.filesystem or "").lower()
-        if kind in SHARED_MOUNTS and rig.wsl:
-            where = f"a Windows drive ({kind}: WSL2 reads it through a file share, many times slower than its own disk)"
-            advice = (
-                "keep shards and runs in WSL's own filesystem, under ~ (`rigtrain data prepare "
-                "/mnt/c/videos ~/shards`, `--out ~/runs/NAME`)"
-            )
-        elif kind in SHARED_MOUNTS:
-            where = f"a {kind} share (a virtual machine's shared folder: every read crosses to the host)"
-            advice = "keep shards and runs on the machine's own disk"
-        elif kind in NETWORK_MOUNTS:
-            where = f"a network filesystem ({kind}): shards there are read over the network every epoch"
-            advice = "if `rigtrain data bench` shows the loader behind the step, copy them to a local disk"
-        else:
-            continue
-        out.append(RigWarning("slow_filesystem", None, f"{disk.path} is on {where}; {advice}"))
-    return out
-
-
 # Transient draw over the power limit, for a few milliseconds: what trips a PSU's
 # over-current protection. RTX 3090: ~600 W spikes at a 350 W limit (a builder's
 # measurement, "How to Build a Deep Learning Machine"); Ada and later consumer cards spike
@@ -138,7 +90,8 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     (`psu_w` overrides the rig's figure)."""
     chosen = chosen or tuple(range(len(rig.gpus)))
     gpus = [(i, rig.gpus[i]) for i in chosen if i < len(rig.gpus)]
-    out: list[RigWarning] = (_torch_build_warnings(rig, gpus) if gpus else []) + filesystem_warnings(rig)
+    out = _torch_build_warnings(rig, gpus) if gpus else driver_warning(rig)
+    out += filesystem_warnings(rig)
     out += link_warnings(gpus)
     for i, gpu in gpus:
         out += _card_warnings(i, gpu) + _display_warnings(i, gpu)

@@ -81,9 +81,11 @@ class Sweep:
                     "database file moved aside starts the study afresh"
                 ) from None
             raise
-        from rigtrain.train.planning import machine_rig  # NVML and torch: once the spec is read
+        from rigtrain.train.planning import check_torch_trains_here, machine_rig  # NVML, torch: once the spec is read
 
-        self.slots = trial_slots(machine_rig([sweep_dir]), spec.gpus_per_trial)
+        rig = machine_rig([sweep_dir])
+        check_torch_trains_here(rig, None)  # else every trial would stop on it, or train on the CPU
+        self.slots = trial_slots(rig, spec.gpus_per_trial)
         self.running: dict[int, RunningTrial] = {}  # slot -> its trial
         self.stopped: str | None = None
 

@@ -13,12 +13,13 @@ from pathlib import Path
 from rigtrain.config import RunConfig
 from rigtrain.errors import UserError
 from rigtrain.rig.budget import checkpoint_bytes_per_parameter
+from rigtrain.rig.disk_warnings import checkpoint_disk_warning
+from rigtrain.rig.driver_state import why_unreachable
 from rigtrain.rig.facts import Gpu, Rig, read_rig_file
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
 from rigtrain.rig.plan_types import RigWarning
 from rigtrain.rig.torch_builds import PYTORCH_INDEX, build_for_cards, driver_runs, kernels_in, torch_for_driver
 from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted, visible_indices
-from rigtrain.rig.warnings import checkpoint_disk_warning
 from rigtrain.train.memory_record import recalled, run_kind
 from rigtrain.train.step_peaks import measured, step_shapes
 
@@ -80,6 +81,11 @@ def check_torch_trains_here(rig: Rig, rig_file: str | None, wanted: tuple[int, .
     cards (`wanted`: rig.gpus; all when empty): PyPI's CUDA 13 build on a Pascal card fails
     at its first kernel. Without a rig file or a GPU, torch is not imported: there is
     nothing to ask it."""
+    if not rig_file and (why := why_unreachable(rig)):
+        raise UserError(
+            f"{why}. This run would train on the CPU instead, hundreds of times slower: fix that first, or train "
+            "on the CPU on purpose with `CUDA_VISIBLE_DEVICES= rigtrain train ...`"
+        )
     described = len(visible_indices(rig))
     if not rig_file and not described:
         return

@@ -1,0 +1,77 @@
+"""NVIDIA cards in the machine that the driver cannot reach. NVML failing to start usually
+means a machine without NVIDIA's driver, a CPU machine; but when the library is there and
+says the driver is in a bad state, and the PCI bus holds NVIDIA cards, the GPUs exist and a
+run would go to the CPU without them, hundreds of times slower, for as long as it is left.
+The usual causes on a home machine: the driver was upgraded (unattended upgrades) and the
+old one is still loaded until a restart; a new kernel without the driver's module built for
+it, or Secure Boot refusing an unsigned module; a user outside the group that owns
+/dev/nvidia*."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rigtrain.rig.facts import Rig
+from rigtrain.rig.plan_types import RigWarning
+
+# NVML's errors that say the driver, not the machine, is missing (pynvml's class names, as
+# the probe records them in software.nvml), and what fixes each
+DRIVER_STATE_ERRORS = {
+    "NVMLError_LibRmVersionMismatch": (
+        "the driver's library is newer than the driver still loaded (it was upgraded): restart the machine"
+    ),
+    "NVMLError_DriverNotLoaded": (
+        "the driver's kernel module is not loaded (a new kernel it was not built for, or Secure Boot refusing "
+        "it; `sudo dmesg | grep -i nvidia` says which): reinstall the driver for this kernel, or enroll its "
+        "signing key, and restart"
+    ),
+    "NVMLError_NoPermission": (
+        "this user may not open /dev/nvidia*: add it to the group that owns them (`ls -l /dev/nvidia*`) and log "
+        "in again"
+    ),
+    "NVMLError_GpuIsLost": (
+        "a GPU fell off the bus (power, a riser, heat; `sudo dmesg | grep -i xid` says which): power the machine "
+        "off and on"
+    ),
+}
+NVIDIA_VENDOR = "0x10de"
+DISPLAY_CLASSES = ("0x0300", "0x0302")  # VGA-compatible and 3D controllers (data-centre cards are 3D)
+
+
+def nvidia_cards_on_bus(devices: Path = Path("/sys/bus/pci/devices")) -> int:
+    """NVIDIA display and 3D controllers the PCI bus lists, whatever their driver's state."""
+    count = 0
+    try:
+        for device in devices.iterdir():
+            try:
+                vendor = (device / "vendor").read_text().strip()
+                kind = (device / "class").read_text().strip()[:6]
+            except OSError:
+                continue
+            count += vendor == NVIDIA_VENDOR and kind in DISPLAY_CLASSES
+    except OSError:  # no sysfs (WSL2 shows its GPUs another way; NVML works there)
+        return 0
+    return count
+
+
+def nvml_error(rig: Rig) -> str | None:
+    """The NVML error the probe recorded ("not available (NVMLError_...)"), if any."""
+    said = str((rig.software or {}).get("nvml") or "")
+    return said[said.find("(") + 1 : said.rfind(")")] if "(" in said else None
+
+
+def why_unreachable(rig: Rig) -> str | None:
+    """Why NVIDIA cards this machine holds are out of reach, with the fix; None if none are."""
+    error = nvml_error(rig)
+    if rig.gpus or not rig.unreachable_gpus or error not in DRIVER_STATE_ERRORS:
+        return None
+    name = error.removeprefix("NVMLError_")
+    return (
+        f"{rig.unreachable_gpus} NVIDIA GPU(s) are on the PCI bus but the driver cannot be reached "
+        f"(NVML: {name}): {DRIVER_STATE_ERRORS[error]}; then `nvidia-smi` lists them"
+    )
+
+
+def driver_warning(rig: Rig) -> list[RigWarning]:
+    why = why_unreachable(rig)
+    return [RigWarning("driver_unreachable", None, why + "; until then the plan is the CPU's")] if why else []

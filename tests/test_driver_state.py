@@ -1,0 +1,109 @@
+"""NVIDIA cards the driver cannot reach (rig/driver_state.py): after a driver upgrade without
+a restart, NVML fails with a version mismatch and CUDA sees nothing, and a run that took that
+for a CPU machine would train on the CPU for as long as it was left."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from rigtrain.errors import UserError
+from rigtrain.rig import probe as probe_module
+from rigtrain.rig.driver_state import nvidia_cards_on_bus, why_unreachable
+from rigtrain.rig.facts import rig_from_dict
+from rigtrain.rig.visible import restricted
+from rigtrain.train.planning import check_torch_trains_here
+
+BROKEN = {
+    "gpus": [],
+    "unreachable_gpus": 2,
+    "cpu": {"cores": 16, "threads": 32},
+    "ram_gib": 64.0,
+    "software": {"nvml": "not available (NVMLError_LibRmVersionMismatch)"},
+}
+
+
+def _device(root, name, vendor, kind):
+    folder = root / name
+    folder.mkdir()
+    (folder / "vendor").write_text(vendor + "\n")
+    (folder / "class").write_text(kind + "\n")
+
+
+def test_the_pci_bus_counts_nvidia_display_and_3d_controllers(tmp_path):
+    _device(tmp_path, "0000:01:00.0", "0x10de", "0x030000")  # a GeForce (VGA)
+    _device(tmp_path, "0000:01:00.1", "0x10de", "0x040300")  # its HDMI sound: not a GPU
+    _device(tmp_path, "0000:41:00.0", "0x10de", "0x030200")  # a data-centre card (3D controller)
+    _device(tmp_path, "0000:02:00.0", "0x1002", "0x030000")  # AMD's
+    (tmp_path / "0000:03:00.0").mkdir()  # a device whose files cannot be read
+    assert nvidia_cards_on_bus(tmp_path) == 2
+    assert nvidia_cards_on_bus(tmp_path / "no-sysfs") == 0
+
+
+@pytest.mark.parametrize(
+    "error, counted",
+    [("LibRmVersionMismatch", 2), ("DriverNotLoaded", 2), ("NoPermission", 2), ("LibraryNotFound", None)],
+)
+def test_the_probe_counts_the_cards_only_when_nvml_blames_the_driver(monkeypatch, error, counted):
+    """A missing NVML library is a machine without NVIDIA's driver (or a container run
+    without its GPUs, whose /sys still lists the host's cards): a CPU machine."""
+    import pynvml
+
+    codes = {
+        "LibRmVersionMismatch": pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH,
+        "DriverNotLoaded": pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
+        "NoPermission": pynvml.NVML_ERROR_NO_PERMISSION,
+        "LibraryNotFound": pynvml.NVML_ERROR_LIBRARY_NOT_FOUND,
+    }
+
+    def fails():
+        raise pynvml.NVMLError(codes[error])
+
+    monkeypatch.setattr(pynvml, "nvmlInit", fails)
+    monkeypatch.setattr(probe_module, "nvidia_cards_on_bus", lambda: 2)
+    gpus, driver, unreachable = probe_module.probe_gpus()
+    assert gpus == () and driver == {"nvml": f"not available (NVMLError_{error})"} and unreachable == counted
+
+
+def test_rig_says_why_and_how_to_fix_it_and_train_will_not_fall_back_to_the_cpu(tmp_path, monkeypatch):
+    path = tmp_path / "rig.json"
+    path.write_text(json.dumps(BROKEN))
+    shown = run_cli("rig", "--rig", str(path), "--json")
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    (warning,) = [w for w in report["warnings"] if w["code"] == "driver_unreachable"]
+    assert warning["message"].startswith("2 NVIDIA GPU(s) are on the PCI bus but the driver cannot be reached")
+    assert "(NVML: LibRmVersionMismatch)" in warning["message"] and "restart the machine" in warning["message"]
+    assert report["rig"]["unreachable_gpus"] == 2 and report["plan"]["device"] == "cpu"
+
+    rig = rig_from_dict(BROKEN)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(UserError) as refused:
+        check_torch_trains_here(restricted(rig, None, None), None)
+    said = str(refused.value)
+    assert "would train on the CPU instead" in said and "`CUDA_VISIBLE_DEVICES= rigtrain train ...`" in said
+    # the CPU on purpose: an empty CUDA_VISIBLE_DEVICES hides the cards, and the complaint
+    cpu = restricted(rig, "", None)
+    check_torch_trains_here(cpu, None)
+    assert why_unreachable(cpu) is None
+    # a machine without NVIDIA's library is a CPU machine, whatever its bus holds
+    library_missing = {**BROKEN, "software": {"nvml": "not available (NVMLError_LibraryNotFound)"}}
+    assert why_unreachable(rig_from_dict(library_missing)) is None
+    for advice, error in (("reinstall the driver for this kernel", "DriverNotLoaded"), ("group", "NoPermission")):
+        other = rig_from_dict({**BROKEN, "software": {"nvml": f"not available (NVMLError_{error})"}})
+        assert advice in why_unreachable(other)
+
+
+def test_train_stops_in_one_line_before_it_starts(tmp_path, monkeypatch, capsys, demo_data):
+    from rigtrain.cli import main
+
+    monkeypatch.setattr(
+        probe_module,
+        "probe_gpus",
+        lambda: ((), {"nvml": "not available (NVMLError_LibRmVersionMismatch)"}, 2),
+    )
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "run"), "--steps", "2"]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rigtrain:")]
+    assert len(said) == 1 and "restart the machine" in said[0] and "would train on the CPU" in said[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
