@@ -1596,9 +1596,9 @@ def test_checkpoints_that_would_not_fit_on_the_runs_disk_are_said_before_the_run
     raw = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
     raw["disk"] = [{"path": "/data/videos", "free_gib": 5000}, {"path": "/home/me/runs", "free_gib": 5.0}]
 
-    def low_disk(*overrides):
+    def low_disk(*overrides, saved=0):
         config = load_config("base", overrides=list(overrides))
-        plan = plan_run(config, rig_from_dict(raw), user_keys=user_keys(None, list(overrides)))
+        plan = plan_run(config, rig_from_dict(raw), user_keys=user_keys(None, list(overrides)), checkpoints_saved=saved)
         found = [w for w in plan.warnings if w.code == "low_disk"]
         return plan, cached_parameter_count(config), found[0].message if found else None
 
@@ -1606,10 +1606,38 @@ def test_checkpoints_that_would_not_fit_on_the_runs_disk_are_said_before_the_run
     assert (plan.precision, plan.zero_stage) == ("bf16", 1)
     each = parameters * 16 / 2**30
     assert f"about {each:.2f} GiB each, and up to 3 are on disk at once (train.keep_ckpts=2" in said
-    assert f"{3 * each:.1f} GiB, but /home/me/runs has 5.0 GiB free" in said and 3 * each > 5 > each
+    assert f"{3 * each:.2f} GiB, but /home/me/runs has 5.00 GiB free" in said and 3 * each > 5 > each
     assert 2 * each < 5 and low_disk("train.keep_ckpts=1")[2] is None  # two held fit
     assert low_disk("train.steps=40", "train.ckpt_every=50")[2] is None  # one save: the last step's
     _, _, zero3 = low_disk("train.zero_stage=3", "train.keep_ckpts=4")  # no module weights at ZeRO-3
     assert f"about {parameters * 12 / 2**30:.2f} GiB each, and up to 5" in zero3
+    # resumed with two saved, whose space is taken: one more is needed, then the oldest goes
+    raw["disk"][1]["free_gib"] = 1.0
+    assert f"2 of them there already: {each:.2f} GiB more, but /home/me/runs has 1.00 GiB free" in low_disk(saved=2)[2]
+    raw["disk"][1]["free_gib"] = 2.5
+    assert low_disk(saved=2)[2] is None and low_disk(saved=1)[2] is not None  # one to keep, one being saved
     raw["disk"][1]["free_gib"] = 500
     assert low_disk()[2] is None
+
+
+def test_a_run_and_its_resume_say_the_disk_is_short_before_they_train(tmp_path, demo_data):
+    """train hands the plan the run folder's disk (the rig's last) and, resumed, the
+    checkpoints it holds already; the warning is said with the plan, and the run goes on."""
+    from conftest import TINY_MODEL
+
+    rig = json.loads((RIGS / "cpu_only.json").read_text())
+    rig["cpu"] = {"cores": os.cpu_count(), "threads": os.cpu_count()}
+    rig["disk"] = {"path": str(tmp_path), "free_gib": 0.0001}  # about 100 KiB
+    rig_file = tmp_path / "rig.json"
+    rig_file.write_text(json.dumps(rig))
+    run = tmp_path / "run"
+    common = ["--data", str(demo_data), "--out", str(run), "--rig", str(rig_file)]
+    settings = ["--set", *TINY_MODEL, "train.micro_batch_size=2", "train.ckpt_every=1", "eval.during_training=false"]
+    first = run_cli("train", *common, "--steps", "3", *settings)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    (said,) = [line for line in first.stdout.splitlines() if "warning [low_disk]" in line]
+    assert "up to 3 are on disk at once (train.keep_ckpts=2, and the one being saved)" in said
+    again = run_cli("train", *common, "--steps", "4", "--resume")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    (said,) = [line for line in again.stdout.splitlines() if "warning [low_disk]" in line]
+    assert "2 of them there already" in said

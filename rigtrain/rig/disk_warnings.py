@@ -8,24 +8,32 @@ from rigtrain.rig.facts import Rig
 from rigtrain.rig.plan_types import RigWarning
 
 
-def checkpoint_disk_warning(rig: Rig, per_checkpoint: int, held: int, keep: int) -> RigWarning | None:
+def checkpoint_disk_warning(rig: Rig, per_checkpoint: int, held: int, keep: int, saved: int = 0) -> RigWarning | None:
     """The run's checkpoints against the free space where it is written: the last disk the
     rig lists (the probe reads the data's, then the run folder's; `rigtrain rig` reads the
     folder it runs in). `held`: how many are on disk at once, `keep` and the one being saved
-    (fewer in a short run). A save checks again, with the size of the last one."""
+    (fewer in a short run); `saved`: how many a resumed run has there already, whose space
+    is taken (a save needs room for one more at least). A save checks again, with the size
+    of the last one."""
     if not rig.disk or per_checkpoint <= 0:
         return None
-    disk, need = rig.disk[-1], per_checkpoint * held / GIB
+    disk, more = rig.disk[-1], max(1, held - saved) if saved else held
+    need = per_checkpoint * more / GIB
     if need <= disk.free_gib:
         return None
+    already = f", {saved} of them there already: {_size(need)} more" if saved else f": {_size(need)}"
     return RigWarning(
         "low_disk",
         None,
-        f"the run's checkpoints take about {per_checkpoint / GIB:.2f} GiB each, and up to {held} are on disk at "
-        f"once (train.keep_ckpts={keep}, and the one being saved): {need:.1f} GiB, but {disk.path} has "
-        f"{disk.free_gib:.1f} GiB free; free some space, lower train.keep_ckpts, or give --out a folder on a "
+        f"the run's checkpoints take about {_size(per_checkpoint / GIB)} each, and up to {held} are on disk at "
+        f"once (train.keep_ckpts={keep}, and the one being saved){already}, but {disk.path} has "
+        f"{_size(disk.free_gib)} free; free some space, lower train.keep_ckpts, or give --out a folder on a "
         "larger disk (a save that finds no room stops the run, keeping the checkpoints before it)",
     )
+
+
+def _size(gib: float) -> str:
+    return f"{gib:.2f} GiB" if gib >= 0.1 else f"{gib * 1024:.1f} MiB"
 
 
 # Mounts whose every read crosses to another machine or OS. 9p is how WSL2 shows Windows'

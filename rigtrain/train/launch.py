@@ -247,16 +247,9 @@ def _train_locked(
     init_from,
     fresh_process,
 ) -> int:
-    from rigtrain.train.planning import (
-        PLANNED,
-        apply_plan,
-        check_torch_trains_here,
-        machine_rig,
-        plan_run,
-        with_user_environment,
-    )  # torch: after the checks a user can fail
+    from rigtrain.train import planning  # torch: after the checks a user can fail
 
-    initial, trained_on, trained_with = _carried_over(run_dir, resume, init_from)  # --init-from: before the data
+    initial, trained_on, trained_with, saved = _carried_over(run_dir, resume, init_from)  # --init-from: before data
     say_early = _SaidBeforeTheLog()
     if profile and steps is None and not resume and "train.steps" not in user_keys(config_file, overrides):
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=config.profile.last_step))
@@ -267,17 +260,19 @@ def _train_locked(
         machines = read_hostfile(hostfile)
         check_hosts(hostfile, machines)
     data_dir = resolve_data(config, log=say_early)
-    rig = machine_rig([data_dir, run_dir], rig_file)
-    check_torch_trains_here(rig, rig_file, config.rig.gpus)
+    rig = planning.machine_rig([data_dir, run_dir], rig_file)
+    planning.check_torch_trains_here(rig, rig_file, config.rig.gpus)
     # a resumed run keeps the plan it started with; otherwise what the user set is kept, the rest planned
-    fixed = set(PLANNED) if resume else user_keys(config_file, overrides)
+    fixed = set(planning.PLANNED) if resume else user_keys(config_file, overrides)
     backed_off: list[int] = []
+    hosts = tuple(machines.values())
     while True:
-        plan = plan_run(config, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
+        plan = planning.plan_run(config, rig, user_keys=fixed, psu_w=psu_w, hosts=hosts, checkpoints_saved=saved)
         if (fitted := fit_to_processes(trained_with, config, plan.world_size, run_dir, say_early)) is not config:
-            config, plan = fitted, plan_run(fitted, rig, user_keys=fixed, psu_w=psu_w, hosts=tuple(machines.values()))
-        plan = with_user_environment(plan)
-        config = apply_plan(config, plan)
+            config = fitted
+            plan = planning.plan_run(config, rig, user_keys=fixed, psu_w=psu_w, hosts=hosts, checkpoints_saved=saved)
+        plan = planning.with_user_environment(plan)
+        config = planning.apply_plan(config, plan)
         clips, split = check_data(data_dir, config, plan.world_size, trained_on, say=None if backed_off else say_early)
         held_out = {"holdout": config.eval.holdout, **split.to_dict()}
         extra = {"split": held_out, "init_from": initial, "backed_off_from": backed_off}
@@ -312,18 +307,21 @@ def _train_locked(
     return _finish(run_dir, code, failed_rank)
 
 
-def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[dict | None, dict | None, dict]:
-    """(the --init-from record, the data it trained on, the plan it was trained with): a
-    resumed run keeps the first two as it started (its held-out videos: check_data), and
-    its plan says how many processes its checkpoint is for; a new run's --init-from is
+def _carried_over(run_dir: Path, resume: bool, init_from: str | None) -> tuple[dict | None, dict | None, dict, int]:
+    """(the --init-from record, the data it trained on, the plan it was trained with, its
+    complete checkpoints): a resumed run keeps the first two as it started (its held-out
+    videos: check_data), its plan says how many processes its checkpoint is for, and its
+    checkpoints take disk space already (the plan's low_disk); a new run's --init-from is
     checked now, before anything starts, and the trainer uses it until it has a checkpoint."""
     if init_from and resume:
         raise UserError("--init-from starts a new run from another's weights; drop it to --resume this one")
     if not resume:
-        return (check_source(init_from) if init_from else None), None, {}
+        return (check_source(init_from) if init_from else None), None, {}, 0
+    from rigtrain.train.checkpoints import complete_tags  # torch: a resumed run's processes import it anyway
+
     saved = read_run_record(run_dir, "--resume")
     trained_on = {"run_dir": run_dir, "data_dir": saved.get("data_dir"), "split": saved.get("split") or {}}
-    return saved.get("init_from"), trained_on, saved.get("plan") or {}
+    return saved.get("init_from"), trained_on, saved.get("plan") or {}, len(complete_tags(run_dir / "checkpoints"))
 
 
 def _memory(plan) -> str:

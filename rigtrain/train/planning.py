@@ -243,9 +243,16 @@ def cached_parameter_count(config: RunConfig) -> int:
 
 
 def plan_run(
-    config: RunConfig, rig: Rig, *, user_keys: set[str], psu_w: float | None = None, hosts: tuple[int, ...] = ()
+    config: RunConfig,
+    rig: Rig,
+    *,
+    user_keys: set[str],
+    psu_w: float | None = None,
+    hosts: tuple[int, ...] = (),
+    checkpoints_saved: int = 0,
 ) -> Plan:
-    """hosts: with --hostfile, the processes (slots) of each machine."""
+    """hosts: with --hostfile, the processes (slots) of each machine; checkpoints_saved: the
+    complete ones a resumed run has on its disk already (its free space is what is left)."""
     t = config.train
     fixed = {key: config_value(config, key) for key in PLANNED if key in user_keys}
     if "train.precision" in user_keys or t.precision != "auto":
@@ -287,7 +294,8 @@ def plan_run(
     per_checkpoint = request.parameters * checkpoint_bytes_per_parameter(
         plan.precision, plan.optimizer, plan.zero_stage
     )
-    if low_disk := checkpoint_disk_warning(rig, per_checkpoint, min(t.keep_ckpts + 1, saves), t.keep_ckpts):
+    held = min(t.keep_ckpts + 1, saves)
+    if low_disk := checkpoint_disk_warning(rig, per_checkpoint, held, t.keep_ckpts, checkpoints_saved):
         plan.warnings.append(low_disk)
     return plan
 
