@@ -107,6 +107,16 @@ def rig_files(rng: random.Random, rounds: int) -> dict:
             rig = copy.deepcopy(rng.choice(bases))
             if "software" not in rig and rng.random() < 0.5:  # so torch's build is judged against every card
                 rig["software"] = copy.deepcopy(software)
+            if rng.random() < 0.3:  # where the run reads and writes, WSL2 and a driver out of reach
+                mounts = ("ext4", "9p", "drvfs", "nfs4", "cifs", "fuse.sshfs", "zfs")
+                rig["disk"] = [
+                    {"path": f"/d{i}", "free_gib": rng.choice([0.001, 1.5, 40, 900]), "filesystem": rng.choice(mounts)}
+                    for i in range(rng.randint(1, 2))
+                ]
+                rig.setdefault("software", {})["kernel"] = rng.choice(["6.6.87.2-microsoft-standard-WSL2", "6.8.0"])
+                if not rig.get("gpus"):
+                    rig["unreachable_gpus"] = rng.randint(0, 4)
+                    rig["software"]["nvml"] = "not available (NVMLError_LibRmVersionMismatch)"
             for _ in range(rng.randint(1, 4)):
                 mutate(rig, rng)
             yield rig
