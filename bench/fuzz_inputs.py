@@ -93,8 +93,8 @@ def run_cases(name: str, cases, check) -> dict:
 
 def rig_files(rng: random.Random, rounds: int) -> dict:
     from rigtrain.config import load_config
-    from rigtrain.rig.facts import rig_from_dict
     from rigtrain.rig.report import format_report
+    from rigtrain.rig.rig_file import rig_from_dict
     from rigtrain.train.planning import plan_run
 
     bases = [json.loads(p.read_text()) for p in sorted((ROOT / "tests" / "rigs").glob("*.json"))]

@@ -10,7 +10,7 @@ from conftest import run_cli
 from rigtrain.errors import UserError
 from rigtrain.rig import probe as probe_module
 from rigtrain.rig.driver_state import nvidia_cards_on_bus, why_unreachable
-from rigtrain.rig.facts import rig_from_dict
+from rigtrain.rig.rig_file import rig_from_dict
 from rigtrain.rig.visible import restricted
 from rigtrain.train.planning import check_torch_trains_here
 

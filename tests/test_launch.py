@@ -94,7 +94,7 @@ def test_the_users_thread_count_and_p2p_setting_win_over_the_plans():
     """As with torchrun: OMP_NUM_THREADS or NCCL_P2P_DISABLE set in the user's environment is
     what the run gets, and the plan says so beside what it would have set (tests/test_train.py
     starts a run with it)."""
-    from rigtrain.rig.facts import read_rig_file
+    from rigtrain.rig.rig_file import read_rig_file
     from rigtrain.train.planning import with_user_environment
 
     two = plan(CPU_BOX, overrides=["train.nproc=2"])  # the plan: one thread per process

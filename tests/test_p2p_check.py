@@ -15,9 +15,9 @@ from conftest import run_cli
 
 from rigtrain.config import load_config
 from rigtrain.rig import p2p_check
-from rigtrain.rig.facts import RigFileError, rig_from_dict
 from rigtrain.rig.p2p_check import FAULT, PairCheck, checked, run_checks
 from rigtrain.rig.report import format_report
+from rigtrain.rig.rig_file import RigFileError, rig_from_dict
 from rigtrain.rig.speed import facts_for
 from rigtrain.train.planning import plan_run
 

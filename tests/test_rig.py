@@ -17,8 +17,9 @@ from conftest import run_cli
 from rigtrain.config import load_config
 from rigtrain.errors import UserError
 from rigtrain.rig.budget import weight_bytes
-from rigtrain.rig.facts import Gpu, Rig, read_rig_file, rig_from_dict
+from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.plan import PlanRequest, make_plan
+from rigtrain.rig.rig_file import read_rig_file, rig_from_dict
 from rigtrain.rig.step_memory import PeakBytes, fake_step_peak_bytes
 from rigtrain.train.measured_step import train_step_builder
 from rigtrain.train.planning import machine_rig, plan_run
@@ -708,6 +709,13 @@ def fake_nvml(gpus: int = 2):
     nvml.nvmlDeviceGetPowerManagementLimitConstraints = lambda h: (100_000, 400_000)
     nvml.nvmlDeviceGetPowerUsage = lambda h: 31_500
     nvml.nvmlDeviceGetDisplayActive = lambda h: 1 if h[1] == 0 else 0  # the desktop on GPU 0
+    running = types.SimpleNamespace  # GPU 1: this process (left out), a notebook and one NVML may not measure
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: (
+        [running(pid=os.getpid(), usedGpuMemory=2**30), running(pid=os.getppid(), usedGpuMemory=int(17.5 * 2**30))]
+        + [running(pid=2**22 + 7, usedGpuMemory=None)]
+        if h[1] == 1
+        else []
+    )
 
     def unsupported(*args):
         raise NVMLError("Not Supported")
@@ -747,12 +755,23 @@ def test_probe_reads_nvml(monkeypatch):
     )
     assert rig.software["driver"] == "560.35.03" and "driver_cuda" not in rig.software  # unsupported: left out
     assert (first.display_active, second.display_active) == (True, False)
+    assert first.processes == () and [(p.pid, p.used_gib) for p in second.processes] == [
+        (os.getppid(), 17.5),
+        (2**22 + 7, None),
+    ]
+    parent = " ".join(w.decode() for w in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if w)
+    assert second.processes[0].name == (parent[:77] + "..." if len(parent) > 80 else parent)  # its command line
+    assert second.processes[1].name is None  # a PID this machine does not show (another namespace)
     plan = plan_run(load_config("small"), rig, user_keys=set())
-    assert {"pcie_narrow", "pcie_downtrained", "throttling", "display_gpu"} <= codes(plan)
+    assert {"pcie_narrow", "pcie_downtrained", "throttling", "display_gpu", "gpu_in_use"} <= codes(plan)
+    (in_use,) = [w for w in plan.warnings if w.code == "gpu_in_use"]
+    assert in_use.gpu == 1 and in_use.message.startswith("GPU 1 (NVIDIA GeForce RTX 3090) is in use by 2 other")
+    assert f"PID {os.getppid()} (" in in_use.message and "holding 17.5 GiB; PID 4194311." in in_use.message
     # and the probe's rig is a valid rig file
     again = rig_from_dict(json.loads(json.dumps(rig.to_dict())))
     assert again.gpus[1].pcie.width == 4 and again.gpus[1].uuid == second.uuid
     assert (again.gpus[0].display_active, again.gpus[1].display_active) == (True, False)
+    assert again.gpus[1].processes == second.processes
 
     # a virtual GPU's link that no slot has (a sentinel width, generation 0) is left unknown,
     # so the probe's rig file still reads back
@@ -1641,3 +1660,36 @@ def test_a_run_and_its_resume_say_the_disk_is_short_before_they_train(tmp_path, 
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     (said,) = [line for line in again.stdout.splitlines() if "warning [low_disk]" in line]
     assert "2 of them there already" in said
+
+
+def test_other_programs_on_a_card_are_named_and_a_rig_file_lists_them_checked():
+    """A notebook holding 17.5 GiB of a 3090: the plan fits the 6.2 GiB left and says who
+    holds the rest; the most memory first, three at most. A rig file's process list is
+    checked like every other field."""
+    rig = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    rig["gpus"][1]["memory_free_gib"] = 6.2
+    rig["gpus"][1]["processes"] = [
+        {"pid": 11, "name": "nvtop"},
+        {"pid": 4242, "name": "python -m ipykernel_launcher", "used_gib": 17.5},
+        {"pid": 12, "used_gib": 0.1},
+        {"pid": 13, "used_gib": 0.2},
+    ]
+    plan = plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())
+    (in_use,) = [w for w in plan.warnings if w.code == "gpu_in_use"]
+    assert in_use.message.startswith(
+        "GPU 1 (NVIDIA GeForce RTX 3090) is in use by 4 other process(es): PID 4242 (python -m ipykernel_launcher) "
+        "holding 17.5 GiB; PID 13 holding 0.2 GiB; PID 12 holding 0.1 GiB and 1 more. The plan fits what is left "
+        "(6.2 of 24.0 GiB free)"
+    )
+    assert plan.usable_gib < 6.2  # sized for what is left on GPU 1
+    rig["gpus"][1]["processes"] = []  # NVML read, and nobody there
+    assert "gpu_in_use" not in codes(plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()))
+    for bad, says in (
+        ({"pid": "x"}, r"gpus\[1\]\.processes\[0\]\.pid must be a whole number"),
+        ({"name": "python"}, r"gpus\[1\]\.processes\[0\]\.pid is missing"),
+        ({"pid": 1, "used_gib": -1}, r"gpus\[1\]\.processes\[0\]\.used_gib must be at least 0"),
+        ({"pid": 1, "user": "me"}, r"gpus\[1\]\.processes\[0\]\.user is not a rig field"),
+    ):
+        rig["gpus"][1]["processes"] = [bad]
+        with pytest.raises(UserError, match=says):
+            rig_from_dict(rig)

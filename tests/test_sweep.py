@@ -17,7 +17,7 @@ from conftest import TINY_MODEL, run_cli
 
 from rigtrain.config import load_config
 from rigtrain.errors import UserError
-from rigtrain.rig.facts import read_rig_file
+from rigtrain.rig.rig_file import read_rig_file
 from rigtrain.sweep.placement import trial_slots
 from rigtrain.sweep.spec import read_spec
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_MODEL, run_cli
 
 from rigtrain.config import load_config
-from rigtrain.rig.facts import read_rig_file
+from rigtrain.rig.rig_file import read_rig_file
 from rigtrain.rig.speed import SpeedFacts, Way, accumulation_ladder, step_seconds
 from rigtrain.tune.candidates import TUNED_KEYS, make_candidates
 

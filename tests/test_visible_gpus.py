@@ -13,7 +13,7 @@ from conftest import run_cli
 
 from rigtrain.config import load_config
 from rigtrain.errors import UserError
-from rigtrain.rig.facts import read_rig_file, rig_from_dict
+from rigtrain.rig.rig_file import read_rig_file, rig_from_dict
 from rigtrain.rig.visible import cuda_device_list, visible_gpus
 from rigtrain.sweep.placement import trial_slots
 from rigtrain.train.planning import machine_rig, plan_run

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from rigtrain.rig.driver_state import DRIVER_STATE_ERRORS, nvidia_cards_on_bus
-from rigtrain.rig.facts import PCIE_GENERATIONS, PCIE_WIDTHS, Cpu, Disk, Gpu, Pcie, Power, Rig
+from rigtrain.rig.facts import PCIE_GENERATIONS, PCIE_WIDTHS, Cpu, Disk, Gpu, GpuProcess, Pcie, Power, Rig
 
 # NVML clock-event reasons that mean lost throughput (idle and application clocks do not)
 THROTTLE_REASONS = {
@@ -125,7 +125,36 @@ def probe_gpu(nvml, handle, index: int, handles: list) -> Gpu:
         nvlink=nvlink,
         uuid=_text(uuid) if (uuid := _ask(getattr(nvml, "nvmlDeviceGetUUID", None), handle)) else None,
         display_active=_flag(nvml, "nvmlDeviceGetDisplayActive", handle),  # a desktop set up its screen there
+        processes=_compute_processes(nvml, handle),
     )
+
+
+def _compute_processes(nvml, handle) -> tuple[GpuProcess, ...] | None:
+    """Other programs computing on the card (a notebook's kernel keeps its memory until it is
+    shut down; a run left behind): NVML's list, less this process. None where NVML cannot say."""
+    found = _ask(getattr(nvml, "nvmlDeviceGetComputeRunningProcesses", None), handle)
+    if found is None:
+        return None
+    out = []
+    for process in found:
+        if process.pid == os.getpid():
+            continue
+        used = getattr(process, "usedGpuMemory", None)  # None where NVML may not say
+        out.append(
+            GpuProcess(process.pid, _command_line(process.pid), None if used is None else round(used / 2**30, 2))
+        )
+    return tuple(out)
+
+
+def _command_line(pid: int) -> str | None:
+    """A process's command line, shortened; None where it cannot be read (another PID
+    namespace: a container sees the host's PIDs in NVML's list)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    line = " ".join(w.decode(errors="replace") for w in words if w)
+    return (line[:77] + "...") if len(line) > 80 else line or None
 
 
 def probe_gpus() -> tuple[tuple[Gpu, ...], dict, int | None]:

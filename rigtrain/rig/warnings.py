@@ -94,7 +94,7 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
     out += filesystem_warnings(rig)
     out += link_warnings(gpus)
     for i, gpu in gpus:
-        out += _card_warnings(i, gpu) + _display_warnings(i, gpu)
+        out += _card_warnings(i, gpu) + _display_warnings(i, gpu) + _others_on_the_card(i, gpu)
     if len(gpus) > 1:
         out += _between_cards_warnings(gpus)
         out += _shared_memory_warnings(rig)
@@ -188,6 +188,31 @@ def _display_warnings(i: int, gpu: Gpu) -> list[RigWarning]:
             f"and takes more as windows open: the plan keeps {kept_for_display(gpu):.1f} GiB free for it; for the "
             "whole card, draw the desktop on another GPU or the CPU's graphics, or train on other cards with "
             "--set rig.gpus=...",
+        )
+    ]
+
+
+def _others_on_the_card(i: int, gpu: Gpu) -> list[RigWarning]:
+    """Other programs computing on a card the run uses: their memory is not the run's (the
+    plan fits what is left) and they share its compute. Often forgotten: a notebook's kernel
+    keeps its GPU memory until it is shut down, and a run stopped badly can leave a process."""
+    if not gpu.processes:
+        return []
+    shown = [
+        f"PID {p.pid}"
+        + (f" ({p.name})" if p.name else "")
+        + (f" holding {p.used_gib:.1f} GiB" if p.used_gib is not None else "")
+        for p in sorted(gpu.processes, key=lambda p: -(p.used_gib or 0))[:3]
+    ]
+    more = f" and {len(gpu.processes) - 3} more" if len(gpu.processes) > 3 else ""
+    return [
+        RigWarning(
+            "gpu_in_use",
+            i,
+            f"GPU {i} ({gpu.name}) is in use by {len(gpu.processes)} other process(es): {'; '.join(shown)}{more}. "
+            f"The plan fits what is left ({gpu.free_gib:.1f} of {gpu.memory_gib:.1f} GiB free) and the card's "
+            "compute is shared; stop them for the whole card (`nvidia-smi` lists them; a notebook keeps its GPU "
+            "memory until its kernel is shut down), or train on other cards with --set rig.gpus=...",
         )
     ]
 

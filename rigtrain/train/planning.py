@@ -15,9 +15,10 @@ from rigtrain.errors import UserError
 from rigtrain.rig.budget import checkpoint_bytes_per_parameter
 from rigtrain.rig.disk_warnings import checkpoint_disk_warning
 from rigtrain.rig.driver_state import why_unreachable
-from rigtrain.rig.facts import Gpu, Rig, read_rig_file
+from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.plan import Plan, PlanRequest, make_plan
 from rigtrain.rig.plan_types import RigWarning
+from rigtrain.rig.rig_file import read_rig_file
 from rigtrain.rig.torch_builds import PYTORCH_INDEX, build_for_cards, driver_runs, kernels_in, torch_for_driver
 from rigtrain.rig.visible import VARIABLE, chosen_gpus, restricted, visible_indices
 from rigtrain.train.memory_record import recalled, run_kind
