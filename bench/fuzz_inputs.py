@@ -117,6 +117,11 @@ def rig_files(rng: random.Random, rounds: int) -> dict:
                 if not rig.get("gpus"):
                     rig["unreachable_gpus"] = rng.randint(0, 4)
                     rig["software"]["nvml"] = "not available (NVMLError_LibRmVersionMismatch)"
+                for gpu in rig.get("gpus", []):  # other programs on the cards
+                    gpu["processes"] = [
+                        {"pid": rng.randint(1, 99999), "name": "python", "used_gib": rng.choice([None, 0.3, 17.5])}
+                        for _ in range(rng.randint(0, 5))
+                    ]
             for _ in range(rng.randint(1, 4)):
                 mutate(rig, rng)
             yield rig
