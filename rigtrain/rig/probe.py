@@ -285,7 +285,10 @@ def disks(paths: list[str | Path]) -> tuple[Disk, ...]:
     """The free space and the mount type where each path is (or would be created)."""
     import psutil  # only when the host is read, as in probe()
 
-    mounts = psutil.disk_partitions(all=True) if paths else []
+    try:
+        mounts = psutil.disk_partitions(all=True) if paths else []
+    except OSError:  # no readable mount table (a locked-down container): types unknown
+        mounts = []
     out = []
     for path in paths:
         existing = Path(path).resolve()
