@@ -3,6 +3,7 @@ a restart, NVML fails with a version mismatch and CUDA sees nothing, and a run t
 for a CPU machine would train on the CPU for as long as it was left."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -14,6 +15,7 @@ from rigtrain.rig.rig_file import rig_from_dict
 from rigtrain.rig.visible import restricted
 from rigtrain.train.planning import check_torch_trains_here
 
+ROOT = Path(__file__).resolve().parents[1]
 BROKEN = {
     "gpus": [],
     "unreachable_gpus": 2,
@@ -107,3 +109,20 @@ def test_train_stops_in_one_line_before_it_starts(tmp_path, monkeypatch, capsys,
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rigtrain:")]
     assert len(said) == 1 and "restart the machine" in said[0] and "would train on the CPU" in said[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_sweep_stops_before_its_first_trial(tmp_path, monkeypatch, capsys):
+    """Every trial would stop on it (or, before, train on the CPU): the sweep says it once."""
+    from rigtrain.cli import main
+
+    monkeypatch.setattr(
+        probe_module,
+        "probe_gpus",
+        lambda: ((), {"nvml": "not available (NVMLError_DriverNotLoaded)"}, 1),
+    )
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(ROOT / "examples" / "sweep-demo.toml"), "--out", str(out), "--trials", "1"]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rigtrain:")]
+    assert len(said) == 1 and "1 NVIDIA GPU(s) are on the PCI bus" in said[0] and "kernel module" in said[0]
+    assert not list(out.glob("trial-*"))
