@@ -41,9 +41,8 @@ def checkpoint_bytes_per_parameter(precision: str, optimizer: str, stage: int) -
     CPU with 1.60M parameters: fp32 ZeRO-0 19.3 MB (12 bytes a parameter), bf16 ZeRO-1
     25.6 MB (16), bf16 ZeRO-3 19.2 MB (12)."""
     module = 0 if stage == 3 else weight_bytes(precision)
-    moments = 2 if optimizer == "adamw8bit" else 8
-    master = 4 if stage >= 1 or precision == "fp16" else 0
-    return module + moments + master
+    master = 4 if stage >= 1 and precision != "fp16" else 0  # fp16's is among its optimizer states
+    return module + optimizer_state_bytes(1, precision, optimizer) + master
 
 
 def fp32_copy_bytes(parameters: int, precision: str, world: int, stage: int, offload: str) -> int:

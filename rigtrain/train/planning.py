@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -291,7 +292,7 @@ def plan_run(
     plan = make_plan(rig, request, step_peak_function(config))
     if t.compile and plan.zero_stage == 3:
         plan.warnings.append(RigWarning("compile_zero3", None, COMPILE_AT_ZERO3))
-    saves = t.steps // t.ckpt_every + (t.steps % t.ckpt_every > 0)  # and the last step's
+    saves = math.ceil(t.steps / t.ckpt_every)  # every ckpt_every steps, and the last step
     per_checkpoint = request.parameters * checkpoint_bytes_per_parameter(
         plan.precision, plan.optimizer, plan.zero_stage
     )
