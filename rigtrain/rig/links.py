@@ -43,7 +43,8 @@ def _split_warning(split: list[tuple[int, Gpu]]) -> RigWarning:
     indices = [i for i, _ in split]
     bridged = all(g.nvlink and g.nvlink[j] for i, g in split for j in indices if j != i)
     cost = (
-        "but the gradients go over NVLink between these cards: the lanes carry only the batches in"
+        "but the gradients go over NVLink between these cards, and the lanes carry only each step's input "
+        "batch (a few MB): nothing to change"
         if bridged
         else "which slows only the exchange of gradients: the plan prefers ZeRO-0/1 with accumulation, which "
         "communicates least, and takes ZeRO-2/3 only where memory needs them"
