@@ -9,8 +9,9 @@ import pytest
 from conftest import run_cli
 
 from rigtrain.errors import UserError
+from rigtrain.rig import driver_state
 from rigtrain.rig import probe as probe_module
-from rigtrain.rig.driver_state import nvidia_cards_on_bus, why_unreachable
+from rigtrain.rig.driver_state import nvidia_cards_on_bus, why_unreachable, windows_driver_shared
 from rigtrain.rig.rig_file import rig_from_dict
 from rigtrain.rig.visible import restricted
 from rigtrain.train.planning import check_torch_trains_here
@@ -62,9 +63,48 @@ def test_the_probe_counts_the_cards_only_when_nvml_blames_the_driver(monkeypatch
         raise pynvml.NVMLError(codes[error])
 
     monkeypatch.setattr(pynvml, "nvmlInit", fails)
-    monkeypatch.setattr(probe_module, "nvidia_cards_on_bus", lambda: 2)
+    monkeypatch.setattr(driver_state, "nvidia_cards_on_bus", lambda: 2)
+    monkeypatch.setattr(driver_state, "windows_driver_shared", lambda: False)
     gpus, driver, unreachable = probe_module.probe_gpus()
     assert gpus == () and driver == {"nvml": f"not available (NVMLError_{error})"} and unreachable == counted
+    # under WSL2 no PCI bus lists the cards; Windows' driver sharing its libraries says they exist
+    monkeypatch.setattr(driver_state, "nvidia_cards_on_bus", lambda: 0)
+    monkeypatch.setattr(driver_state, "windows_driver_shared", lambda: True)
+    assert probe_module.probe_gpus()[2] == 1
+
+
+WSL_KERNEL = "5.15.167.4-microsoft-standard-WSL2"
+
+
+def test_wsl2_knows_its_gpus_by_the_windows_drivers_libraries(tmp_path):
+    assert not windows_driver_shared(WSL_KERNEL, tmp_path)  # WSL2 without an NVIDIA driver on Windows
+    (tmp_path / "libnvidia-ml.so.1").write_bytes(b"")
+    assert windows_driver_shared(WSL_KERNEL, tmp_path)
+    assert not windows_driver_shared("6.8.0-49-generic", tmp_path)  # Linux on the machine itself
+
+
+@pytest.mark.parametrize(
+    "error, advice",
+    [("LibraryNotFound", "`sudo ldconfig`"), ("DriverNotLoaded", "a Linux NVIDIA driver installed inside WSL")],
+)
+def test_under_wsl2_an_unreachable_gpu_gets_wsls_own_advice(monkeypatch, error, advice):
+    """Under WSL2 the GPUs are Windows': NVML failing there is the loader's path or a Linux
+    driver installed inside WSL over the Windows driver's libraries, not a kernel module or a
+    restart; a run would otherwise train on the CPU without a word."""
+    wsl = rig_from_dict(
+        {
+            **BROKEN,
+            "unreachable_gpus": 1,
+            "software": {"nvml": f"not available (NVMLError_{error})", "kernel": WSL_KERNEL},
+        }
+    )
+    why = why_unreachable(wsl)
+    assert why.startswith("Windows' NVIDIA driver shares its GPU(s) with WSL2") and f"({error})" in why
+    assert advice in why and "PCI bus" not in why and "restart the machine" not in why
+    assert [w.code for w in driver_state.driver_warning(wsl)] == ["driver_unreachable"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(UserError, match="would train on the CPU instead"):
+        check_torch_trains_here(restricted(wsl, None, None), None)
 
 
 def test_rig_says_why_and_how_to_fix_it_and_train_will_not_fall_back_to_the_cpu(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from rigtrain.rig.driver_state import DRIVER_STATE_ERRORS, nvidia_cards_on_bus
+from rigtrain.rig.driver_state import unreachable_cards
 from rigtrain.rig.facts import PCIE_GENERATIONS, PCIE_WIDTHS, Cpu, Disk, Gpu, GpuProcess, Pcie, Power, Rig
 
 # NVML clock-event reasons that mean lost throughput (idle and application clocks do not)
@@ -167,8 +167,7 @@ def probe_gpus() -> tuple[tuple[Gpu, ...], dict, int | None]:
         pynvml.nvmlInit()
     except Exception as err:  # no library, no driver, no device: a CPU machine, unless NVML says otherwise
         said = type(err).__name__
-        unreachable = nvidia_cards_on_bus() if said in DRIVER_STATE_ERRORS else None
-        return (), {"nvml": f"not available ({said})"}, unreachable or None
+        return (), {"nvml": f"not available ({said})"}, unreachable_cards(said)
     try:
         count = pynvml.nvmlDeviceGetCount()
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
