@@ -78,6 +78,12 @@ def test_two_3090s_one_on_x4_with_an_850w_psu():
     psu = next(w for w in plan.warnings if w.code == "psu_headroom")
     assert "850 W PSU" in psu.message and "-pl 195" in psu.message  # (850 - 105 - 75) / (2 x 1.7) rounded to 5 W
     assert "56% of the default 350 W" in psu.message and "a 3090 kept" in psu.message
+    assert "`sudo nvidia-smi -i N -pl 195`" in psu.message
+    wsl = dataclasses.replace(
+        read_rig_file(RIGS / "two_3090_one_on_x4_850w.json"), software={"kernel": "6.6.87.2-microsoft-standard-WSL2"}
+    )
+    (psu,) = [w for w in plan_run(load_config("base"), wsl, user_keys=set()).warnings if w.code == "psu_headroom"]
+    assert "`nvidia-smi -i N -pl 195` in an administrator PowerShell on Windows" in psu.message  # WSL's only reads
     assert plan.env["NCCL_P2P_DISABLE"] == "1"
     assert plan.zero_stage == 1 and "same communication" in plan.reasons["zero_stage"]
     # NCCL's warnings are printed (and kept in train.log) where it carries the gradients

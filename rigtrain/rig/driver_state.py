@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rigtrain.rig.facts import Rig
+from rigtrain.rig.facts import Rig, wsl_kernel
 from rigtrain.rig.plan_types import RigWarning
 
 # NVML's errors that say the driver, not the machine, is missing (pynvml's class names, as
@@ -75,7 +75,7 @@ def windows_driver_shared(release: str | None = None, libraries: Path | None = N
     """Linux under WSL2 (its kernel's release names Microsoft's build) with Windows' NVIDIA
     driver sharing its libraries: the machine has NVIDIA GPUs, whatever NVML says here."""
     release = os.uname().release if release is None else release
-    return "microsoft" in release.lower() and ((libraries or WSL_DRIVER_LIBRARIES) / "libnvidia-ml.so.1").exists()
+    return wsl_kernel(release) and ((libraries or WSL_DRIVER_LIBRARIES) / "libnvidia-ml.so.1").exists()
 
 
 def unreachable_cards(error: str) -> int | None:

@@ -12,6 +12,21 @@ P2P_CHECK_RESULTS = ("ok", "slow", "wrong_data", "hung", "unavailable", "failed"
 P2P_BROKEN = ("slow", "wrong_data", "hung")  # offered, but unsafe or harmful: NCCL is kept off it
 
 
+def wsl_kernel(release: str) -> bool:
+    """A kernel release of Linux under Windows (WSL2): "5.15.167.4-microsoft-standard-WSL2"."""
+    return "microsoft" in release.lower()
+
+
+def power_limit_command(gpu: int | str, watts: float | str, wsl: bool) -> str:
+    """The command that sets a card's power limit, for the user to run: rigtrain never
+    changes a card's settings. Under WSL2 the card belongs to Windows' driver, whose own
+    nvidia-smi sets it from an administrator shell; WSL's copy only reads."""
+    watts = f"{watts:.0f}" if isinstance(watts, float | int) else watts
+    if wsl:
+        return f"`nvidia-smi -i {gpu} -pl {watts}` in an administrator PowerShell on Windows"
+    return f"`sudo nvidia-smi -i {gpu} -pl {watts}`"
+
+
 @dataclass(frozen=True)
 class Pcie:
     gen: int
@@ -130,7 +145,7 @@ class Rig:
     @property
     def wsl(self) -> bool:
         """Linux under Windows (WSL2): its kernel's release names Microsoft's build."""
-        return "microsoft" in str((self.software or {}).get("kernel") or "").lower()
+        return wsl_kernel(str((self.software or {}).get("kernel") or ""))
 
     def to_dict(self) -> dict:
         """The rig file's shape (what `rigtrain rig --json` prints as "rig", and a rig file holds)."""

@@ -10,7 +10,7 @@ import math
 from rigtrain.rig.budget import GIB, kept_for_display
 from rigtrain.rig.disk_warnings import filesystem_warnings
 from rigtrain.rig.driver_state import driver_warning
-from rigtrain.rig.facts import Gpu, Rig
+from rigtrain.rig.facts import Gpu, Rig, power_limit_command
 from rigtrain.rig.links import link_warnings
 from rigtrain.rig.plan_types import RigWarning
 from rigtrain.rig.torch_builds import build_for_cards, build_has_kernels, driver_runs, torch_for_driver
@@ -348,7 +348,7 @@ def _psu_warnings(rig: Rig, gpus: list[tuple[int, Gpu]], psu: float) -> list[Rig
             limit = math.floor(room / sum(factors) / 5) * 5
             floor = max((g.power.min_limit_w or 0) for _, g in gpus if g.power)
             advice = (
-                f"cap each GPU at {limit:.0f} W (`sudo nvidia-smi -i N -pl {limit:.0f}`{_cap_context(limit, gpus)})"
+                f"cap each GPU at {limit:.0f} W ({power_limit_command('N', limit, rig.wsl)}{_cap_context(limit, gpus)})"
                 if limit >= floor and limit > 0
                 else "no power limit the cards allow fits: use a bigger PSU or fewer GPUs"
             )
