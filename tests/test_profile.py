@@ -310,6 +310,10 @@ def test_power_cap_under_load_is_one_report_with_its_figures_and_no_cooling_advi
 def test_power_cap_with_room_to_raise_says_how():
     r = _replay(_h200_power_cap_samples(), power_limit_w=350, max_power_limit_w=400, sm_clock_max_mhz=1980)[0]
     assert "sudo nvidia-smi -i 0 -pl 400" in r.message
+    # under WSL2 the card is Windows' driver's: its own nvidia-smi sets the limit, WSL's only reads
+    wsl = _replay(_h200_power_cap_samples(), power_limit_w=350, max_power_limit_w=400, wsl=True)[0]
+    assert "`nvidia-smi -i 0 -pl 400` in an administrator PowerShell on Windows" in wsl.message
+    assert "sudo" not in wsl.message
 
 
 def test_a_reason_seen_once_at_a_load_change_is_not_reported():
@@ -330,6 +334,98 @@ def test_thermal_throttle_advises_cooling():
     r = _replay(hot, **H200)
     assert [x.reason for x in r] == ["sw_thermal"]
     assert "heat" in r[0].message and "airflow" in r[0].message and "91 C" in r[0].message
+
+
+def test_without_utilisation_the_power_draw_says_when_the_card_is_busy():
+    """Under WSL2 NVML reports no utilisation: the H200's samples without it still give one
+    power-cap report, and the 143 W reading as the load begins (a fifth of the limit) stays out."""
+    from dataclasses import replace
+
+    samples = [replace(s, util_pct=None) for s in _h200_power_cap_samples()]
+    (report,) = _replay(samples, **H200)
+    assert report.reason == "sw_power_cap" and 560 <= report.power_w <= 616 and report.busy_samples == 5
+    assert _replay([replace(s, power_w=None) for s in samples], **H200) == []  # nothing says it is busy
+    # a card that reports no clock or temperature: the report says what it has
+    (bare,) = _replay([replace(s, sm_clock_mhz=None, temp_c=None) for s in samples], **H200)
+    assert "of its 700 W limit" in bare.message and "MHz" not in bare.message and bare.clock_lost is None
+
+
+class _NotSupported(Exception):
+    pass
+
+
+_NotSupported.__name__ = "NVMLError_NotSupported"  # as pynvml names the class it raises
+
+
+def _fake_nvml(unsupported: set, mask: int = 0x4):
+    """NVML for one busy, power-capped card, where the readings in `unsupported` are not."""
+
+    def reading(name, value):
+        def read(*args):
+            if name in unsupported:
+                raise _NotSupported()
+            return value
+
+        return read
+
+    return SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: "handle",
+        nvmlDeviceGetUtilizationRates=reading("util", SimpleNamespace(gpu=97, memory=40)),
+        nvmlDeviceGetMemoryInfo=reading("memory", SimpleNamespace(used=20 * 2**30, total=24 * 2**30)),
+        nvmlDeviceGetPowerUsage=reading("power", 340_000),
+        nvmlDeviceGetTemperature=reading("temp", 71),
+        nvmlDeviceGetClockInfo=reading("clock", 1695),
+        nvmlDeviceGetPcieThroughput=reading("pcie", 52_000),
+        nvmlDeviceGetCurrPcieLinkWidth=reading("width", 16),
+        nvmlDeviceGetCurrentClocksEventReasons=reading("reasons", mask),
+        nvmlDeviceGetEnforcedPowerLimit=reading("limit", 350_000),
+        nvmlDeviceGetPowerManagementLimitConstraints=reading("constraints", (100_000, 400_000)),
+        nvmlDeviceGetMaxClockInfo=reading("max clock", 2100),
+        nvmlDeviceGetTemperatureThreshold=reading("slowdown", 93),
+        NVML_TEMPERATURE_GPU=0,
+        NVML_CLOCK_SM=1,
+        NVML_PCIE_UTIL_RX_BYTES=1,
+        NVML_PCIE_UTIL_TX_BYTES=0,
+        NVML_TEMPERATURE_THRESHOLD_SLOWDOWN=1,
+    )
+
+
+@pytest.mark.parametrize(
+    "unsupported, missing, reports",
+    [
+        (set(), set(), 1),
+        ({"util", "pcie", "width"}, {"gpu_util_percent", "gpu_pcie_rx_mb_s", "gpu_pcie_tx_mb_s", "gpu_pcie_width"}, 1),
+        ({"power"}, {"gpu_power_w"}, 1),
+        ({"util", "power"}, {"gpu_util_percent", "gpu_power_w"}, 0),
+    ],
+)
+def test_a_reading_the_card_does_not_report_leaves_the_others(monkeypatch, unsupported, missing, reports):
+    """One NVML reading that a card or platform does not support (utilisation and PCIe under
+    WSL2, power on some laptop GPUs) used to throw the whole sample away, every time: no GPU
+    telemetry at all and no throttle report. Now it is left out, said once, and the rest is
+    recorded and judged."""
+    from rigtrain.profile.telemetry import TelemetrySampler
+
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(unsupported))
+    sampler = TelemetrySampler(0.001, gpu_index=0)  # its thread waits 1000 s: the test reads by hand
+    try:
+        samples = [sampler._read() for _ in range(6)]
+        everything = {"gpu_util_percent", "gpu_mem_used_gib", "gpu_power_w", "gpu_temp_c", "gpu_sm_clock_mhz"}
+        everything |= {"gpu_pcie_rx_mb_s", "gpu_pcie_tx_mb_s", "gpu_pcie_width", "gpu_throttled"}
+        assert all(set(s) - {"host_cpu_percent", "host_rss_gib"} == everything - missing for s in samples)
+        assert samples[-1]["gpu_temp_c"] == 71.0 and samples[-1]["gpu_throttled"] == 1.0
+        events = sampler.events()
+        said = [e for e in events if "does not report" in e]
+        assert len(said) == (1 if missing else 0)  # once, not every sample
+        if missing:
+            assert all(name in said[0] for name in missing) and said[0].startswith("GPU 0 does not report")
+        capped = [e for e in events if "power limit" in e]
+        # busy by utilisation, or (without it) by 340 of 350 W; without power either, nothing says so
+        assert len(capped) == reports, events
+    finally:
+        sampler.close()
 
 
 def test_host_bound_advice_stays_within_the_experiment():

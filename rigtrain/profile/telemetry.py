@@ -42,7 +42,24 @@ def card_limits(nvml, handle, gpu_index: int) -> CardLimits:
         max_power_limit_w=read(nvml.nvmlDeviceGetPowerManagementLimitConstraints, scale=1000),
         sm_clock_max_mhz=read(nvml.nvmlDeviceGetMaxClockInfo, nvml.NVML_CLOCK_SM),
         slowdown_temp_c=read(nvml.nvmlDeviceGetTemperatureThreshold, nvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN),
+        wsl="microsoft" in os.uname().release.lower(),  # WSL2's kernel: "...-microsoft-standard-WSL2"
     )
+
+
+def gpu_readers(n, h) -> dict:
+    """What the sampler reads of one GPU, by the name it has in metrics.jsonl (and the mask
+    of clock-event reasons, which the throttle judge reads)."""
+    return {
+        "gpu_util_percent": lambda: n.nvmlDeviceGetUtilizationRates(h).gpu,
+        "gpu_mem_used_gib": lambda: n.nvmlDeviceGetMemoryInfo(h).used / 2**30,
+        "gpu_power_w": lambda: n.nvmlDeviceGetPowerUsage(h) / 1000,
+        "gpu_temp_c": lambda: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU),
+        "gpu_sm_clock_mhz": lambda: n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM),
+        "gpu_pcie_rx_mb_s": lambda: n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_RX_BYTES) / 1000,
+        "gpu_pcie_tx_mb_s": lambda: n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_TX_BYTES) / 1000,
+        "gpu_pcie_width": lambda: n.nvmlDeviceGetCurrPcieLinkWidth(h),
+        "clock_event_reasons": lambda: n.nvmlDeviceGetCurrentClocksEventReasons(h),
+    }
 
 
 class TelemetrySampler:
@@ -58,8 +75,9 @@ class TelemetrySampler:
         self._started = time.perf_counter()
         self._stop = threading.Event()
         self._nvml = self._handle = None
-        self._first_width: int | None = None
+        self._first_width: float | None = None
         self._judge: ThrottleJudge | None = None
+        self._readers: dict = {}
         self.throttle_reports: list = []
         if gpu_index is not None:
             try:
@@ -69,6 +87,7 @@ class TelemetrySampler:
                 self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
                 self.gpu_index = gpu_index
                 self._judge = ThrottleJudge(card_limits(pynvml, self._handle, gpu_index))
+                self._readers = gpu_readers(pynvml, self._handle)
             except Exception:  # no NVML (a container without the library): host telemetry only
                 self._nvml = None
         import psutil  # only when the host is read
@@ -84,44 +103,57 @@ class TelemetrySampler:
         host = {"host_cpu_percent": psutil.cpu_percent(None), "host_rss_gib": self._process.memory_info().rss / 2**30}
         if self._nvml is None:
             return host
-        n, h = self._nvml, self._handle
-        util = n.nvmlDeviceGetUtilizationRates(h)
-        memory = n.nvmlDeviceGetMemoryInfo(h)
-        sample = {
-            **host,
-            "gpu_util_percent": float(util.gpu),
-            "gpu_mem_used_gib": memory.used / 2**30,
-            "gpu_power_w": n.nvmlDeviceGetPowerUsage(h) / 1000,
-            "gpu_temp_c": float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
-            "gpu_sm_clock_mhz": float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
-            "gpu_pcie_rx_mb_s": n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_RX_BYTES) / 1000,
-            "gpu_pcie_tx_mb_s": n.nvmlDeviceGetPcieThroughput(h, n.NVML_PCIE_UTIL_TX_BYTES) / 1000,
-        }
-        width = n.nvmlDeviceGetCurrPcieLinkWidth(h)
-        sample["gpu_pcie_width"] = float(width)
-        if self._first_width is None:
+        sample = {**host, **self._read_gpu()}
+        mask = sample.pop("clock_event_reasons", None)
+        reasons = reasons_from_mask(int(mask)) if mask is not None else frozenset()
+        if mask is not None:
+            sample["gpu_throttled"] = float(bool(reasons))
+        width = sample.get("gpu_pcie_width")
+        if width is not None and self._first_width is None:
             self._first_width = width
-        elif width < self._first_width:
+        elif width is not None and width < self._first_width:
             self._event(
-                f"GPU {self.gpu_index}: PCIe link dropped from x{self._first_width} to x{width} during "
+                f"GPU {self.gpu_index}: PCIe link dropped from x{self._first_width:.0f} to x{width:.0f} during "
                 "training (check the riser and the slot)"
             )
             self._first_width = width
-        reasons = reasons_from_mask(n.nvmlDeviceGetCurrentClocksEventReasons(h))
-        sample["gpu_throttled"] = float(bool(reasons))
+        if mask is None:  # no clock-event reasons on this card: nothing to judge
+            return sample
         for report in self._judge.add(
             Sample(
                 t=time.monotonic(),
-                util_pct=sample["gpu_util_percent"],
-                power_w=sample["gpu_power_w"],
-                sm_clock_mhz=sample["gpu_sm_clock_mhz"],
-                temp_c=sample["gpu_temp_c"],
+                util_pct=sample.get("gpu_util_percent"),
+                power_w=sample.get("gpu_power_w"),
+                sm_clock_mhz=sample.get("gpu_sm_clock_mhz"),
+                temp_c=sample.get("gpu_temp_c"),
                 reasons=reasons,
             )
         ):
             self.throttle_reports.append(report.to_dict())
             self._event(report.message)
         return sample
+
+    def _read_gpu(self) -> dict[str, float]:
+        """Each NVML reading on its own: a card or platform that does not report one (PCIe
+        counters or utilisation under WSL2, power on some laptop GPUs) keeps the others. A
+        reading NVML does not support is dropped for the rest of the run, said once; any
+        other error skips it for this sample only."""
+        out, dropped = {}, []
+        for name, read in list(self._readers.items()):
+            try:
+                out[name] = float(read())
+            except Exception as err:
+                if type(err).__name__ == "NVMLError_NotSupported" or isinstance(
+                    err, AttributeError
+                ):  # or too old a pynvml
+                    del self._readers[name]
+                    dropped.append(name)
+        if dropped:
+            self._event(
+                f"GPU {self.gpu_index} does not report {', '.join(dropped)} through NVML here (not supported); "
+                "the rest of its telemetry is recorded"
+            )
+        return out
 
     def _event(self, message: str) -> None:
         with self._lock:

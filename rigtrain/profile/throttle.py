@@ -7,8 +7,9 @@ of a sample. One sample says little: a card that starts a heavy kernel meets its
 limit for a few milliseconds before the clocks settle (the first real GPU run warned of a
 power cap "at 43 C, 143 W", a reading taken as the load began). So a reason is reported
 only when, over the last WINDOW_S seconds, at least MIN_BUSY_SAMPLES samples were taken
-while the GPU was busy (utilisation >= BUSY_UTIL_PCT) and the reason was present in at
-least SHARE of them. The figures in the report are medians over those busy samples, so a
+while the GPU was busy (utilisation >= BUSY_UTIL_PCT; where NVML does not report
+utilisation, as under WSL2, a power draw >= BUSY_POWER_SHARE of the limit) and the reason
+was present in at least SHARE of them. The figures in the report are medians over those busy samples, so a
 reading at a load change does not move them. Each reason is reported once per run.
 
 Reasons and advice:
@@ -34,6 +35,10 @@ REASON_BITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40
 
 WINDOW_S = 10.0  # seconds of samples a judgement rests on
 BUSY_UTIL_PCT = 50.0  # a sample counts when the GPU was busy at least this much of its period
+# Without utilisation: half the power limit is far above idle (a 3090 idles at 20-30 W of 350)
+# and below a card working flat out, and the first H200 reading of a starting load (143 of
+# 700 W) stays out.
+BUSY_POWER_SHARE = 0.5
 MIN_BUSY_SAMPLES = 5  # at the default 2 Hz: the reason held for at least 2.5 s of load
 SHARE = 0.5  # of the busy samples in the window that must show the reason
 
@@ -47,10 +52,10 @@ class Sample:
     """One telemetry reading of one GPU."""
 
     t: float  # seconds, monotonic
-    util_pct: float
-    power_w: float
-    sm_clock_mhz: float
-    temp_c: float
+    util_pct: float | None  # None: a reading this card or platform does not report
+    power_w: float | None
+    sm_clock_mhz: float | None
+    temp_c: float | None
     reasons: frozenset[str] = frozenset()
 
 
@@ -63,10 +68,13 @@ class CardLimits:
     max_power_limit_w: float | None = None
     sm_clock_max_mhz: float | None = None
     slowdown_temp_c: float | None = None
+    wsl: bool = False  # Linux under Windows: the power limit is set from Windows
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
+def _median(values: list[float | None]) -> float | None:
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
@@ -75,9 +83,9 @@ def _median(values: list[float]) -> float:
 class ThrottleReport:
     reason: str
     gpu: int
-    power_w: float
-    sm_clock_mhz: float
-    temp_c: float
+    power_w: float | None
+    sm_clock_mhz: float | None
+    temp_c: float | None
     clock_lost: float | None  # fraction of the maximum SM clock not reached
     busy_samples: int
     message: str = ""
@@ -97,7 +105,7 @@ class ThrottleJudge:
         self.samples.append(sample)
         while self.samples and self.samples[0].t < sample.t - WINDOW_S:
             self.samples.popleft()
-        busy = [s for s in self.samples if s.util_pct >= BUSY_UTIL_PCT]
+        busy = [s for s in self.samples if self._busy(s)]
         if len(busy) < MIN_BUSY_SAMPLES:
             return []
         out = []
@@ -107,10 +115,16 @@ class ThrottleJudge:
                 out.append(self._report(reason, busy))
         return out
 
+    def _busy(self, s: Sample) -> bool:
+        if s.util_pct is not None:
+            return s.util_pct >= BUSY_UTIL_PCT
+        limit = self.limits.power_limit_w
+        return s.power_w is not None and bool(limit) and s.power_w >= BUSY_POWER_SHARE * limit
+
     def _report(self, reason: str, busy: list[Sample]) -> ThrottleReport:
         lim = self.limits
         power, clock, temp = (_median([getattr(s, k) for s in busy]) for k in ("power_w", "sm_clock_mhz", "temp_c"))
-        lost = max(0.0, 1 - clock / lim.sm_clock_max_mhz) if lim.sm_clock_max_mhz else None
+        lost = max(0.0, 1 - clock / lim.sm_clock_max_mhz) if lim.sm_clock_max_mhz and clock is not None else None
         report = ThrottleReport(
             reason=reason,
             gpu=lim.gpu,
@@ -125,12 +139,29 @@ class ThrottleJudge:
 
 
 def _figures(r: ThrottleReport, lim: CardLimits) -> str:
-    power = f"{r.power_w:.0f} W" + (f" of its {lim.power_limit_w:.0f} W limit" if lim.power_limit_w else "")
-    clock = f"SM clock {r.sm_clock_mhz:.0f}" + (
-        f" of {lim.sm_clock_max_mhz:.0f} MHz" if lim.sm_clock_max_mhz else " MHz"
-    )
-    temp = f"{r.temp_c:.0f} C" + (f" (it slows down at {lim.slowdown_temp_c:.0f} C)" if lim.slowdown_temp_c else "")
-    return f"{power}, {clock}, {temp}"
+    """The readings the card reports, each against its limit where known."""
+    said = []
+    if r.power_w is not None:
+        said.append(f"{r.power_w:.0f} W" + (f" of its {lim.power_limit_w:.0f} W limit" if lim.power_limit_w else ""))
+    if r.sm_clock_mhz is not None:
+        said.append(
+            f"SM clock {r.sm_clock_mhz:.0f}"
+            + (f" of {lim.sm_clock_max_mhz:.0f} MHz" if lim.sm_clock_max_mhz else " MHz")
+        )
+    if r.temp_c is not None:
+        said.append(
+            f"{r.temp_c:.0f} C" + (f" (it slows down at {lim.slowdown_temp_c:.0f} C)" if lim.slowdown_temp_c else "")
+        )
+    return ", ".join(said) or "no power, clock or temperature reported"
+
+
+def power_limit_command(gpu: int | str, watts: float | str, wsl: bool) -> str:
+    """As rig/facts.py says it (profile/ stands apart from rig/): under WSL2 the card is
+    Windows' driver's, whose own nvidia-smi sets the limit; WSL's copy only reads."""
+    watts = f"{watts:.0f}" if isinstance(watts, float | int) else watts
+    if wsl:
+        return f"`nvidia-smi -i {gpu} -pl {watts}` in an administrator PowerShell on Windows"
+    return f"`sudo nvidia-smi -i {gpu} -pl {watts}`"
 
 
 def describe(r: ThrottleReport, lim: CardLimits) -> str:
@@ -141,7 +172,7 @@ def describe(r: ThrottleReport, lim: CardLimits) -> str:
         if lim.power_limit_w and lim.max_power_limit_w and lim.max_power_limit_w > lim.power_limit_w + 1:
             advice = (
                 f"if the power supply has headroom, the limit can go up to {lim.max_power_limit_w:.0f} W "
-                f"(`sudo nvidia-smi -i {r.gpu} -pl {lim.max_power_limit_w:.0f}`)"
+                f"({power_limit_command(r.gpu, lim.max_power_limit_w, lim.wsl)})"
             )
         else:
             advice = "the limit is already the card's maximum; nothing to change"
@@ -151,7 +182,7 @@ def describe(r: ThrottleReport, lim: CardLimits) -> str:
     if r.reason in ("sw_thermal", "hw_thermal"):
         return (
             head.format(what="is slowing down for heat") + ": improve the airflow (case fans, spacing between "
-            "cards, the fan curve) or lower its power limit (`sudo nvidia-smi -i N -pl W`)"
+            f"cards, the fan curve) or lower its power limit ({power_limit_command(r.gpu, 'W', lim.wsl)})"
         )
     if r.reason == "hw_power_brake":
         return (
