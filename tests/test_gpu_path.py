@@ -364,3 +364,40 @@ def test_train_resume_eval_profile(tmp_path, demo_data, precision, stage):
     saved = sum(f.stat().st_size for f in (run / "checkpoints" / "step00000004").glob("*states.pt"))
     assert abs(saved - predicted) < 0.02 * predicted + 100_000, (saved, predicted)  # + buffers, metadata
     check_step_syncs_and_precision(run, precision, stage)
+
+
+def test_the_residual_a_run_keeps_leaves_out_what_the_card_held_before_it(monkeypatch):
+    """What a GPU run keeps for the next plan (train/rehearsal.py): its own process's memory
+    as NVML lists it, less torch's reserved; where NVML lists no processes, the card's use
+    less what the card held when the run was planned. The plan starts from the free memory,
+    so a desktop's 1.5 GiB counted in the residual too would be taken away twice."""
+    import os
+    import sys
+    from types import SimpleNamespace
+
+    from rigtrain.train.rehearsal import in_use_before_run, own_use_gib
+
+    rig = {"gpus": [{"memory_gib": 24.0, "memory_free_gib": 22.5}, {"memory_gib": 24.0, "memory_free_gib": 23.7}]}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")  # local rank 0 trains on GPU 1
+    assert in_use_before_run(rig, 0) == pytest.approx(0.3) and in_use_before_run(rig, 1) == pytest.approx(1.5)
+    assert in_use_before_run({"gpus": [{"memory_gib": 24.0}]}, 1) == 0  # a rig file without free memory
+    assert in_use_before_run(None, 0) == 0 and in_use_before_run(rig | {"gpus": []}, 0) == 0
+
+    listed = []
+    fake = SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda index: index,
+        nvmlDeviceGetComputeRunningProcesses=lambda handle: listed,
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    listed[:] = [SimpleNamespace(pid=1, usedGpuMemory=2**30), SimpleNamespace(pid=os.getpid(), usedGpuMemory=7 * 2**30)]
+    assert own_use_gib(0) == pytest.approx(7.0)
+    listed[:] = [SimpleNamespace(pid=1, usedGpuMemory=2**30)]  # another PID namespace: not found
+    assert own_use_gib(0) is None
+
+    def fails():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    fake.nvmlInit = fails
+    assert own_use_gib(0) is None

@@ -52,7 +52,7 @@ def test_rtx4060_fits_small_without_help_base_with_checkpointing_and_a_big_model
         "adamw",
     )
     assert "nothing to shard" in small.reasons["zero_stage"]  # one GPU
-    # base: 8 GB less the CUDA context (2.3 GiB) and 10% for fragmentation leave 5.2 GiB, in
+    # base: 8 GB less the CUDA context (1.7 GiB) and 10% for fragmentation leave 5.7 GiB, in
     # which 8 clips of 32 frames at 224x224 (two narration rows each) fit only with recomputation
     plan = plan_for("rtx4060_8gb.json")
     assert (plan.precision, plan.zero_stage, plan.activation_checkpointing, plan.optimizer) == (
@@ -63,7 +63,7 @@ def test_rtx4060_fits_small_without_help_base_with_checkpointing_and_a_big_model
     )
     assert plan.predicted_peak_gib <= plan.usable_gib and plan.micro_batch_size >= 8
     assert plan.micro_batch_size * plan.grad_accum_steps >= 256  # reaches the global batch
-    big = plan_for("rtx4060_8gb.json", overrides=["model.d_model=1024", "model.enc_layers=16", "model.heads=16"])
+    big = plan_for("rtx4060_8gb.json", overrides=["model.d_model=1024", "model.enc_layers=18", "model.heads=16"])
     assert big.activation_checkpointing and big.optimizer == "adamw8bit" and big.offload_optimizer == "none"
     assert "fits" in big.reasons["activation_checkpointing"] and big.predicted_peak_gib <= big.usable_gib
     assert codes(plan) == set()  # a single card on its native x8 link is not "downtrained"
@@ -358,9 +358,9 @@ def test_a_micro_batch_stopped_at_a_useful_size_does_not_claim_the_next_would_no
     assert plan.activation_checkpointing and plan.micro_batch_size == 8
     reason = plan.reasons["micro_batch_size"]
     assert "would not fit" not in reason and "useful size" in reason and "activation checkpointing" in reason
-    # on a 4 GiB card nothing reaches 8 even with offload: there it is the largest that fits
+    # on a 3.5 GiB card nothing reaches 8 even with offload: there it is the largest that fits
     rig = json.loads((RIGS / "rtx4060_8gb.json").read_text())
-    rig["gpus"][0]["memory_gib"] = 4.0
+    rig["gpus"][0]["memory_gib"] = 3.5
     small_card = plan_run(load_config("base"), rig_from_dict(rig), user_keys=set())
     assert small_card.offload_optimizer == "cpu" and 1 < small_card.micro_batch_size < 8
     assert f"{small_card.micro_batch_size + 1} would not fit" in small_card.reasons["micro_batch_size"]
@@ -368,7 +368,7 @@ def test_a_micro_batch_stopped_at_a_useful_size_does_not_claim_the_next_would_no
 
 def test_a_card_with_less_free_than_the_room_beside_the_allocator_says_so_and_is_not_capped_below_zero():
     """Another process holds most of GPU 1 (1.5 GiB free of 24; 2.3 GiB are kept for the
-    CUDA context and NCCL's 0.6): nothing is left to train in. The plan says which card and
+    CUDA context's 1.7 and NCCL's 0.6): nothing is left to train in. The plan says which card and
     what to do, and keeps no negative cap (torch's allocator refuses a negative fraction)."""
     from rigtrain.rig.report import format_report
 
@@ -378,11 +378,11 @@ def test_a_card_with_less_free_than_the_room_beside_the_allocator_says_so_and_is
     assert plan.usable_gib == 0 and plan.memory["allocator_cap_gib"] == 0
     [warning] = [w for w in plan.warnings if w.code == "does_not_fit"]
     assert warning.gpu == 1 and warning.message.startswith("GPU 1 (NVIDIA GeForce RTX 3090) has 1.5 GiB free")
-    assert "2.3 for the CUDA context" in warning.message and "0.6 for NCCL" in warning.message
+    assert "1.7 for the CUDA context" in warning.message and "0.6 for NCCL" in warning.message
     assert "free the card" in warning.message and "CUDA_VISIBLE_DEVICES= rigtrain train" in warning.message
     assert "allocator is left uncapped" in format_report(rig_from_dict(rig), plan)
     # with room on the card, the other advice: a smaller model
-    rig["gpus"][1]["memory_free_gib"] = 3.3  # 0.4 GiB for the allocator: base needs more
+    rig["gpus"][1]["memory_free_gib"] = 2.7  # 0.4 GiB for the allocator: base needs more
     plan = plan_run(load_config("base"), rig_from_dict(rig), user_keys=set())
     [warning] = [w for w in plan.warnings if w.code == "does_not_fit"]
     assert plan.memory["allocator_cap_gib"] > 0 and "choose a smaller preset or model" in warning.message
@@ -1229,7 +1229,8 @@ def test_what_crashed_on_the_h200_is_no_longer_planned_as_safe():
     assert plan.micro_batch_size < 256 and plan.predicted_peak_gib <= plan.usable_gib
     for term in ("cuda_context_gib", "fragmentation_gib", "cublas_workspaces_gib", "input_batch_gib"):
         assert m[term] > 0, term
-    assert m["card_total_gib"] <= read_rig_file(RIGS / H200).gpus[0].free_gib
+    assert m["run_total_gib"] <= read_rig_file(RIGS / H200).gpus[0].free_gib
+    assert m["card_total_gib"] == pytest.approx(m["run_total_gib"] + 0.6)  # 140.4 GiB, 139.8 free when probed
     assert m["allocator_cap_gib"] + m["cuda_context_gib"] == pytest.approx(139.8, abs=0.01)
 
 
@@ -1317,13 +1318,13 @@ def test_a_measured_residual_replaces_the_published_figures_for_that_card(tmp_pa
 
     monkeypatch.setattr(memory_record, "records_dir", lambda: tmp_path)
     before = plan_for(H200, preset="demo")
-    assert "measured_outside_gib" not in before.memory and before.memory["cuda_context_gib"] == 2.3
+    assert "measured_outside_gib" not in before.memory and before.memory["cuda_context_gib"] == 1.7
     rig = read_rig_file(RIGS / H200)
     kind = dict(card=rig.gpus[0].name, software=rig.software, world=1, profiling=False, lazy_loading=True)
     memory_record.remember(memory_record.run_kind(**kind), 1.1, tmp_path / "run")
     after = plan_for(H200, preset="demo")
     assert after.memory["measured_outside_gib"] == 1.1 and "cuda_context_gib" not in after.memory
-    assert after.usable_gib == pytest.approx(before.usable_gib + 1.2 / 1.1, abs=0.02)  # 2.3 - 1.1, less 10%
+    assert after.usable_gib == pytest.approx(before.usable_gib + 0.6 / 1.1, abs=0.02)  # 1.7 - 1.1, less 10%
     assert "an earlier run measured" in after.reasons["usable_memory"]
     # another driver, or a profiled run (the profiler's buffers), is another kind: the figures again
     other = {**kind, "software": {**rig.software, "driver": "999.1"}}
@@ -1333,7 +1334,32 @@ def test_a_measured_residual_replaces_the_published_figures_for_that_card(tmp_pa
     assert "measured_outside_gib" not in profiled.memory and profiled.memory["profiler_gib"] == 0.5
     # a damaged record is not trusted: the published figures again
     memory_record._path(memory_record.run_kind(**kind)).write_text("{not json")
-    assert plan_for(H200, preset="demo").memory["cuda_context_gib"] == 2.3
+    assert plan_for(H200, preset="demo").memory["cuda_context_gib"] == 1.7
+    # a record from before 2026-12-08 held what the card had in use before its run (a
+    # desktop's memory, counted twice): it is another kind, and not used
+    old_kind = {k: v for k, v in memory_record.run_kind(**kind).items() if k != "measured"}
+    memory_record.remember(old_kind, 3.2, tmp_path / "run")
+    assert plan_for(H200, preset="demo").memory["cuda_context_gib"] == 1.7
+
+
+def test_the_card_total_holds_what_the_card_had_before_the_run_and_the_plan_does_not_count_it_twice():
+    """A 3090 that draws a desktop holding 1.5 GiB: the plan starts from the 22.5 GiB free
+    and plans the run's own memory there; nvidia-smi's figure for the card adds those 1.5."""
+    raw = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    raw["gpus"] = raw["gpus"][:1]
+    raw["gpus"][0].update(memory_free_gib=24.0, p2p=[False], nvlink=[False])
+    raw["psu_w"] = 1600
+    idle = plan_run(load_config("small"), rig_from_dict(raw), user_keys=set())
+    raw["gpus"][0]["memory_free_gib"] = 22.5
+    desktop = plan_run(load_config("small"), rig_from_dict(raw), user_keys=set())
+    assert idle.memory["in_use_before_gib"] == 0 and desktop.memory["in_use_before_gib"] == pytest.approx(1.5)
+    assert desktop.usable_gib == pytest.approx(idle.usable_gib - 1.5 / 1.1, abs=0.01)  # once, in the free memory
+    m = desktop.memory
+    assert m["run_total_gib"] == pytest.approx(idle.memory["run_total_gib"])
+    assert m["card_total_gib"] == pytest.approx(m["run_total_gib"] + 1.5)
+    from rigtrain.rig.report import format_report
+
+    assert "1.50  in use on the card before the run" in format_report(rig_from_dict(raw), desktop)
 
 
 @pytest.mark.parametrize(

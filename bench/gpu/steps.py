@@ -270,6 +270,7 @@ def preset_run(
             "card_used_after_first_step_gib": check.get("card_used_gib"),
             "nvml_process_max_gib": _round(trained.nvml_peak_gib),
             "predicted_card_total_gib": (used_plan.get("memory") or {}).get("card_total_gib"),
+            "predicted_run_total_gib": (used_plan.get("memory") or {}).get("run_total_gib"),
         },
         throughput={
             "clips_per_s": median_of(after_window, "samples_per_s"),

@@ -114,15 +114,22 @@ def peak_bytes(
 # is a named term of the plan's memory breakdown (`rigtrain rig` prints them).
 #
 # CUDA context and libraries: the context, the kernels of torch, cuBLAS, cuDNN and NCCL
-# that are loaded into it, and their handles. Measured on the first GPU run (H200, driver
-# 580, CUDA 13, torch 2.11, lazy module loading): NVML showed 2.5 GiB in use for the demo,
-# whose allocator peaked at 0.20 GiB, and 6.7 GiB for `small` at 4.24 GiB. Published
-# figures for the bare context are 0.3 GiB with lazy loading and 0.7 GiB without; the
-# libraries' kernels make the rest, so the measured figure is what is planned.
-CUDA_CONTEXT_GIB = 2.3
+# that are loaded into it, and their handles. Measured by the GPU kit on an H200 (driver
+# 580, CUDA 13, torch 2.11, lazy module loading, one process, its collectives warmed up
+# over NCCL; 2026-12-04, README): NVML's figure for the run's own process less torch's
+# reserved was 1.68 GiB for the demo (1.84 - 0.16), 1.67 for `small` (7.02 - 5.35) and 1.66
+# for `base` (81.49 - 79.83): the same whatever the model. Published figures for the bare
+# context are 0.3 GiB with lazy loading and 0.7 GiB without; the libraries' kernels make
+# the rest. The plan starts from the free memory, which already leaves out what the card
+# held before the run (0.6 GiB on the H200: its driver's own reservation), so that is not
+# counted here. Until 2026-12-08 this was 2.3, taken from the whole card's use on the
+# first GPU run, which held those 0.6 as well.
+CUDA_CONTEXT_GIB = 1.7
 CUDA_CONTEXT_EAGER_EXTRA_GIB = 0.4  # CUDA_MODULE_LOADING=EAGER loads every kernel up front
 # NCCL's buffers, allocated with cudaMalloc at a communicator's first use: 0.5-0.7 GB per
-# process group on A100s (published measurements); one group (data parallel) per run.
+# process group on A100s (published measurements); one group (data parallel) per run. A
+# run of one process has no peers to keep buffers for (its communicator is in the figure
+# above).
 NCCL_GIB = 0.6
 # Reserved beyond allocated: the caching allocator keeps freed blocks for reuse, and
 # blocks of one size cannot always serve another. Measured on the H200: 4% of the peak for
@@ -143,6 +150,12 @@ DISPLAY_KEPT_SHARE = 0.10
 
 def kept_for_display(gpu: Gpu) -> float:
     return min(DISPLAY_KEPT_GIB, DISPLAY_KEPT_SHARE * gpu.memory_gib) if gpu.display_active else 0.0
+
+
+def in_use_before_gib(gpu: Gpu) -> float:
+    """What the card held when it was probed (the driver's own reservation, a desktop, other
+    programs): outside the free memory the plan starts from, but on the card nvidia-smi shows."""
+    return max(0.0, gpu.memory_gib - gpu.memory_free_gib) if gpu.memory_free_gib is not None else 0.0
 
 
 def room_for_the_run(gpu: Gpu) -> float:

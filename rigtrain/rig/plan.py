@@ -20,6 +20,7 @@ from rigtrain.rig.budget import (
     MicroBatchSearch,
     Setting,
     StepPeak,
+    in_use_before_gib,
     kept_for_display,
     named_outside,
     optimizer_state_bytes,
@@ -169,7 +170,12 @@ def _memory_breakdown(cards: CardBudget, total: dict, batch_bytes: int) -> dict:
         "allocator_cap_gib": cards.allocator_cap,
         "display_kept_gib": kept_for_display(cards.smallest),  # beside the run's total: the desktop's
     }
-    memory["card_total_gib"] = total["total_gib"] + memory["fragmentation_gib"] + sum(cards.outside.values())
+    # this run's own (its processes' share of the card), and with what the card held before
+    # the run (the driver's reservation, a desktop, other programs: left out of the free
+    # memory the plan starts from), what nvidia-smi shows for the whole card
+    memory["run_total_gib"] = total["total_gib"] + memory["fragmentation_gib"] + sum(cards.outside.values())
+    memory["in_use_before_gib"] = in_use_before_gib(cards.smallest)
+    memory["card_total_gib"] = memory["run_total_gib"] + memory["in_use_before_gib"]
     return memory
 
 

@@ -173,6 +173,10 @@ def format_memory(plan: Plan) -> list[str]:
     for key, what in OUTSIDE_TERMS:
         if m.get(key):
             lines.append(f"    + {m[key]:8.2f}  {what}")
+    if m.get("in_use_before_gib"):
+        lines.append(
+            f"    + {m['in_use_before_gib']:8.2f}  in use on the card before the run (the driver's own, other programs)"
+        )
     if "card_total_gib" in m:
         cap = m["allocator_cap_gib"]
         # no room left: the trainer leaves torch's allocator as it is (train/engine.py)

@@ -30,6 +30,9 @@ def run_kind(*, card: str, software: dict | None, world: int, profiling: bool, l
         "nccl": world > 1,
         "profiling": profiling,
         "lazy_loading": lazy_loading,
+        # measured without what the card held before the run (since 2026-12-08): a record
+        # from before, which counted a desktop's memory too, is not used
+        "measured": "own",
     }
 
 

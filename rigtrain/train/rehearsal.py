@@ -24,6 +24,41 @@ from rigtrain.train.memory_record import remember, run_kind
 FAULT_OOM_ABOVE = "RIGTRAIN_FAULT_OOM_ABOVE_MICRO_BATCH"
 
 
+def own_use_gib(local_rank: int) -> float | None:
+    """This process's memory on its card as NVML counts it (its context, libraries, NCCL and
+    torch's allocator), or None where NVML cannot say (PIDs of another namespace in a
+    container; WSL2 lists no processes)."""
+    from rigtrain.profile.telemetry import physical_gpu_index  # CUDA's index -> NVML's, as the sampler reads it
+
+    try:
+        import pynvml  # optional: as for telemetry
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(physical_gpu_index(local_rank))
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid == os.getpid() and process.usedGpuMemory:
+                    return process.usedGpuMemory / 2**30
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML, or it cannot list processes here
+        return None
+    return None
+
+
+def in_use_before_run(rig: dict | None, local_rank: int) -> float:
+    """What this rank's card held when the run was planned (the rig in config.json, read by
+    the probe before any rank started: the driver's reservation, a desktop, other programs)."""
+    from rigtrain.profile.telemetry import physical_gpu_index  # CUDA's index -> NVML's, as the sampler reads it
+
+    gpus = (rig or {}).get("gpus") or []
+    index = physical_gpu_index(local_rank)
+    if index >= len(gpus):  # a rig of another machine (a node of a multi-node run): nothing known
+        return 0.0
+    total, free = gpus[index].get("memory_gib"), gpus[index].get("memory_free_gib")
+    return max(0.0, total - free) if total is not None and free is not None else 0.0
+
+
 class FirstStepRehearsal:
     def _warm_up_collectives(self) -> None:
         """Every collective the run uses later, once now: NCCL allocates its buffers outside
@@ -67,16 +102,25 @@ class FirstStepRehearsal:
         config.json and shown in TensorBoard's setup run: torch's allocated peak (what the
         plan predicts), what its allocator reserved, and what NVML sees for the card (the
         CUDA context, NCCL and library workspaces too). What the card holds beside the
-        allocator (used now less reserved now, the worst rank's) is also kept for the next
-        plan on this card (memory_record.py)."""
+        allocator (the worst rank's) is also kept for the next plan on this card
+        (memory_record.py): this process's use as NVML lists it, less torch's reserved; where
+        NVML lists no processes, the card's use less reserved and less what the card held
+        before the run. The plan starts from the free memory, which leaves that out already
+        (until 2026-12-08 it was kept in: a desktop's memory was counted twice)."""
         gib = 2**30
         free, total = torch.cuda.mem_get_info(self.device)
+        path = self.run_dir / "config.json"
+        record = json.loads(path.read_text())
+        reserved_now = torch.cuda.memory_reserved(self.device) / gib
+        own = own_use_gib(self.device.index or 0)
+        before = in_use_before_run(record.get("rig"), self.device.index or 0)
+        outside = own - reserved_now if own is not None else (total - free) / gib - reserved_now - before
         numbers = torch.tensor(
             [
                 torch.cuda.max_memory_allocated(self.device) / gib,
                 torch.cuda.max_memory_reserved(self.device) / gib,
                 (total - free) / gib,
-                (total - free - torch.cuda.memory_reserved(self.device)) / gib,
+                max(0.0, outside),
             ],
             device=self.device,
         )
@@ -96,8 +140,6 @@ class FirstStepRehearsal:
             f"{predicted if predicted is None else f'{predicted:.2f}'} GiB{error}"
             + (f" and {predicted_total:.2f} GiB on the card" if predicted_total else "")
         )
-        path = self.run_dir / "config.json"
-        record = json.loads(path.read_text())
         record["memory_check"] = {
             "predicted_peak_gib": predicted,
             "measured_peak_gib": round(allocated, 3),
@@ -105,6 +147,7 @@ class FirstStepRehearsal:
             "card_used_gib": round(used, 3),
             "predicted_card_total_gib": predicted_total,
             "outside_allocator_gib": round(outside, 3),
+            "in_use_before_gib": round(before, 3),
             "predicted_outside_allocator_gib": _planned_outside(self.plan.get("memory") or {}),
             "micro_batch_size": self.config.train.micro_batch_size,
         }
