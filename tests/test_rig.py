@@ -92,6 +92,35 @@ def test_two_3090s_one_on_x4_with_an_850w_psu():
         assert "NCCL_DEBUG" not in one.env  # one GPU, or gloo: no NCCL
 
 
+def test_a_power_limit_left_well_below_the_default_is_said_with_the_limit_to_go_back_to():
+    """3090s limited to 200 W (57% of 350), perhaps for another job and forgotten: each trains
+    at lower clocks. The warning gives the limit to go back to: the default where the PSU
+    allows it, what the PSU allows where it does not, and nothing where the PSU needs the
+    cap about where it is. 280 W (80%), the usual efficient cap, is not worth a word."""
+    raw = json.loads((RIGS / "two_3090_one_on_x4_850w.json").read_text())
+    for gpu in raw["gpus"]:
+        gpu["power"]["limit_w"] = 200
+
+    def low(psu_w, **changes):
+        rig = rig_from_dict({**raw, "psu_w": psu_w, **changes})
+        return [w for w in plan_run(load_config("small"), rig, user_keys=set()).warnings if w.code == "power_limit_low"]
+
+    generous = low(1600)
+    assert [w.gpu for w in generous] == [0, 1]
+    assert generous[0].message.startswith(
+        "GPU 0 (NVIDIA GeForce RTX 3090) is limited to 200 W, 57% of its default 350 W"
+    )
+    assert "`sudo nvidia-smi -i N -pl 350`" in generous[0].message and "PSU allows" not in generous[0].message
+    # (1200 - 105 - 75) / (2 x 1.7) = 300: the PSU's cap, not the default
+    assert "the 1200 W PSU allows 300 W for each card" in low(1200)[0].message
+    assert "-pl 300`" in low(1200)[0].message
+    assert low(850) == []  # 850 W needs 195 W: the cap is right where it is
+    one = low(1600, gpus=raw["gpus"][:1] + [dict(raw["gpus"][1], power={**raw["gpus"][1]["power"], "limit_w": 280})])
+    assert [w.gpu for w in one] == [0] and "`sudo nvidia-smi -i 0 -pl 350`" in one[0].message  # one card: its index
+    under_wsl = low(1600, software={"kernel": "6.6.87.2-microsoft-standard-WSL2"})[0]
+    assert "`nvidia-smi -i N -pl 350` in an administrator PowerShell on Windows" in under_wsl.message
+
+
 def test_two_cards_at_x8_of_x16_are_the_boards_lane_split_not_a_bad_seat():
     """Most desktop boards give two cards x8 each from the CPU's 16 lanes, and NVML's maximum
     width is the card's x16: both cards at x8 are the board's design, said once with the cost

@@ -5,14 +5,13 @@ plan or its request, so the planner imports this module and nothing here imports
 
 from __future__ import annotations
 
-import math
-
 from rigtrain.rig.budget import GIB, kept_for_display
 from rigtrain.rig.disk_warnings import filesystem_warnings
 from rigtrain.rig.driver_state import driver_warning
-from rigtrain.rig.facts import Gpu, Rig, power_limit_command
+from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.links import link_warnings
 from rigtrain.rig.plan_types import RigWarning
+from rigtrain.rig.power_warnings import power_limit_warnings, psu_warnings
 from rigtrain.rig.torch_builds import build_for_cards, build_has_kernels, driver_runs, torch_for_driver
 
 RAM_PER_WORKER_GIB = 0.25  # a loader thread's batches in flight (small-preset clips) and its stack
@@ -66,23 +65,6 @@ def offload_ram_warning(rig: Rig, states_bytes: int) -> RigWarning | None:
     )
 
 
-# Transient draw over the power limit, for a few milliseconds: what trips a PSU's
-# over-current protection. RTX 3090: ~600 W spikes at a 350 W limit (a builder's
-# measurement, "How to Build a Deep Learning Machine"); Ada and later consumer cards spike
-# less; data-centre cards hold their limit tightly.
-def transient_factor(name: str) -> float:
-    lower = name.lower()
-    if "rtx 30" in lower:
-        return 1.7
-    if any(k in lower for k in ("a100", "h100", "h200", "a6000", "l40")):
-        return 1.2
-    return 1.5
-
-
-REST_OF_SYSTEM_W = 75  # board, drives, fans, pumps
-DEFAULT_CPU_W = 150  # when the rig does not say the CPU's TDP
-
-
 def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = None) -> list[RigWarning]:
     """What the machine itself puts at risk, for the GPUs the run uses (`chosen`; all when
     empty): narrow or downtrained links, no bf16, heat or a power brake already at the
@@ -99,8 +81,9 @@ def hardware_warnings(rig: Rig, chosen: tuple[int, ...], psu_w: float | None = N
         out += _between_cards_warnings(gpus)
         out += _shared_memory_warnings(rig)
     psu = psu_w or rig.psu_w
+    out += power_limit_warnings(rig, gpus, psu)
     if psu and gpus:
-        out += _psu_warnings(rig, gpus, psu)
+        out += psu_warnings(rig, gpus, psu)
     return out
 
 
@@ -332,44 +315,3 @@ def _broken_p2p_warnings(checked: dict) -> list[RigWarning]:
                 )
             )
     return out
-
-
-def _psu_warnings(rig: Rig, gpus: list[tuple[int, Gpu]], psu: float) -> list[RigWarning]:
-    """The cards' transient peaks at their power limits, with the CPU and the rest, against the PSU."""
-    out: list[RigWarning] = []
-    cpu_w = rig.cpu.tdp_w or DEFAULT_CPU_W
-    limits = [(g.power.limit_w if g.power and g.power.limit_w else None) for _, g in gpus]
-    if all(limits):
-        spikes = sum(limit * transient_factor(g.name) for limit, (_, g) in zip(limits, gpus))
-        peak = spikes + cpu_w + REST_OF_SYSTEM_W
-        if peak > psu:
-            room = psu - cpu_w - REST_OF_SYSTEM_W
-            factors = [transient_factor(g.name) for _, g in gpus]
-            limit = math.floor(room / sum(factors) / 5) * 5
-            floor = max((g.power.min_limit_w or 0) for _, g in gpus if g.power)
-            advice = (
-                f"cap each GPU at {limit:.0f} W ({power_limit_command('N', limit, rig.wsl)}{_cap_context(limit, gpus)})"
-                if limit >= floor and limit > 0
-                else "no power limit the cards allow fits: use a bigger PSU or fewer GPUs"
-            )
-            out.append(
-                RigWarning(
-                    "psu_headroom",
-                    None,
-                    f"transient peaks of {len(gpus)} GPU(s) "
-                    f"(~{spikes:.0f} W at their limits) + CPU {cpu_w:.0f} W + {REST_OF_SYSTEM_W} W "
-                    f"for the rest reach ~{peak:.0f} W on a {psu:.0f} W PSU; {advice}",
-                )
-            )
-    return out
-
-
-# Measured by the builder cited above: an RTX 3090 capped at 280 W (80% of its 350 W)
-# kept more than 95% of its training throughput. No comparable figure for other cards, so
-# for them the cap is put against their own default and left for the user to measure.
-def _cap_context(limit: float, gpus: list[tuple[int, Gpu]]) -> str:
-    defaults = {g.power.default_limit_w for _, g in gpus if g.power and g.power.default_limit_w}
-    share = f", {limit / max(defaults):.0%} of the default {max(defaults):.0f} W" if defaults else ""
-    if all("rtx 3090" in g.name.lower() for _, g in gpus):
-        return f"{share}; a 3090 kept >95% of its throughput at 280 W, 80% of its default"
-    return f"{share}; compare clips/s in `rigtrain train` before and after"
