@@ -95,6 +95,7 @@ def rig_files(rng: random.Random, rounds: int) -> dict:
     from rigtrain.config import load_config
     from rigtrain.rig.report import format_report
     from rigtrain.rig.rig_file import rig_from_dict
+    from rigtrain.rig.visible import restricted
     from rigtrain.train.planning import plan_run
 
     bases = [json.loads(p.read_text()) for p in sorted((ROOT / "tests" / "rigs").glob("*.json"))]
@@ -122,12 +123,16 @@ def rig_files(rng: random.Random, rounds: int) -> dict:
                         {"pid": rng.randint(1, 99999), "name": "python", "used_gib": rng.choice([None, 0.3, 17.5])}
                         for _ in range(rng.randint(0, 5))
                     ]
+            if rng.random() < 0.3:  # a power supply for every kind of machine, the CPU-only one too
+                rig["psu_w"] = rng.choice([450, 850, 1600])
             for _ in range(rng.randint(1, 4)):
                 mutate(rig, rng)
             yield rig
 
     def check(data):
         rig = rig_from_dict(data)
+        if rng.random() < 0.2:  # the cards CUDA_VISIBLE_DEVICES leaves: none (a CPU run on a GPU rig), or some
+            rig = restricted(rig, rng.choice(["", "0", "1,0", "GPU-0"]), None)
         plan = plan_run(configs[rng.choice(list(configs))], rig, user_keys=set())
         format_report(rig, plan)
 

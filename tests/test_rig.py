@@ -117,6 +117,7 @@ def test_a_power_limit_left_well_below_the_default_is_said_with_the_limit_to_go_
     assert low(850) == []  # 850 W needs 195 W: the cap is right where it is
     one = low(1600, gpus=raw["gpus"][:1] + [dict(raw["gpus"][1], power={**raw["gpus"][1]["power"], "limit_w": 280})])
     assert [w.gpu for w in one] == [0] and "`sudo nvidia-smi -i 0 -pl 350`" in one[0].message  # one card: its index
+    assert low(1600, gpus=[]) == []  # a CPU machine with a PSU (a CUDA_VISIBLE_DEVICES= run): once a division by 0
     under_wsl = low(1600, software={"kernel": "6.6.87.2-microsoft-standard-WSL2"})[0]
     assert "`nvidia-smi -i N -pl 350` in an administrator PowerShell on Windows" in under_wsl.message
 

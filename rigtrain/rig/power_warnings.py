@@ -77,6 +77,8 @@ def power_limit_warnings(rig: Rig, gpus: list[tuple[int, Gpu]], psu: float | Non
     """Cards limited well below their default power, with the limit to go back to: the
     default, or less where the PSU needs a cap (psu_warnings' figure), and nothing said
     where that is no more than a tenth above today's limit."""
+    if not gpus:  # a CPU run: nothing to limit
+        return []
     out = []
     allowed = _allowed_limit(rig, gpus, psu) if psu else None
     low = [
