@@ -820,6 +820,16 @@ def test_probe_reads_nvml(monkeypatch):
     assert odd.gpus[1].pcie is None and odd.gpus[0].pcie.width == 16 and odd.gpus[0].pcie.max_gen is None
     assert rig_from_dict(json.loads(json.dumps(odd.to_dict()))).gpus[1].pcie is None
 
+    # under WSL2 NVML's process list holds Windows' programs (the desktop's), by Windows' PIDs
+    # that name other processes here, without their memory: not read, and no gpu_in_use
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml())
+    real_uname = os.uname()
+    wsl = type(real_uname)((*real_uname[:2], "6.6.87.2-microsoft-standard-WSL2", *real_uname[3:]))
+    monkeypatch.setattr(os, "uname", lambda: wsl)
+    under_wsl = probe(["."])
+    assert under_wsl.wsl and all(g.processes is None for g in under_wsl.gpus)
+    assert "gpu_in_use" not in codes(plan_run(load_config("small"), under_wsl, user_keys=set()))
+
 
 def test_train_with_a_rig_file_of_another_machine_is_refused(tmp_path):
     if torch.cuda.is_available() and torch.cuda.device_count() == 2:

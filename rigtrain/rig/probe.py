@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from rigtrain.rig.driver_state import unreachable_cards
-from rigtrain.rig.facts import PCIE_GENERATIONS, PCIE_WIDTHS, Cpu, Disk, Gpu, GpuProcess, Pcie, Power, Rig
+from rigtrain.rig.facts import PCIE_GENERATIONS, PCIE_WIDTHS, Cpu, Disk, Gpu, GpuProcess, Pcie, Power, Rig, wsl_kernel
 
 # NVML clock-event reasons that mean lost throughput (idle and application clocks do not)
 THROTTLE_REASONS = {
@@ -131,7 +131,11 @@ def probe_gpu(nvml, handle, index: int, handles: list) -> Gpu:
 
 def _compute_processes(nvml, handle) -> tuple[GpuProcess, ...] | None:
     """Other programs computing on the card (a notebook's kernel keeps its memory until it is
-    shut down; a run left behind): NVML's list, less this process. None where NVML cannot say."""
+    shut down; a run left behind): NVML's list, less this process. None where NVML cannot say,
+    and under WSL2, where the list holds Windows' programs (the desktop's, by Windows' PIDs,
+    which name other processes here) without their memory: nothing to warn about."""
+    if wsl_kernel(os.uname().release):
+        return None
     found = _ask(getattr(nvml, "nvmlDeviceGetComputeRunningProcesses", None), handle)
     if found is None:
         return None
