@@ -953,6 +953,13 @@ def test_the_plan_warns_of_a_card_that_the_installed_torch_has_no_kernels_for():
     assert "torch_lacks_kernels" not in codes(plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()))
     rig["software"]["torch"] = None  # a rig file that leaves it unknown: nothing to judge
     assert not {c for c in codes(plan_run(load_config("small"), rig_from_dict(rig), user_keys=set())) if "torch" in c}
+    # but a Kepler card (a Tesla K80, 3.7) is older than every build: said whatever is installed
+    rig["gpus"][1].update(name="Tesla K80", compute_capability=[3, 7])
+    (kepler,) = [
+        w for w in plan_run(load_config("small"), rig_from_dict(rig), user_keys=set()).warnings if "torch" in w.code
+    ]
+    assert kepler.code == "torch_lacks_kernels" and kepler.gpu == 1
+    assert kepler.message.startswith("GPU 1 (Tesla K80, compute capability 3.7): no build of torch has kernels for it")
 
     # an RTX 5090 under the cu126 build on a CUDA 12.8 driver: that build lacks Blackwell,
     # and the one that has it needs a newer driver first

@@ -93,8 +93,10 @@ def _torch_build_warnings(rig: Rig, gpus: list[tuple[int, Gpu]]) -> list[RigWarn
     Or a CUDA build newer than the driver runs: a home rig's driver lags a fresh wheel. Or
     a build with no kernels for a card: PyPI's CUDA 13 torch on a Pascal or Volta card."""
     software = rig.software or {}
-    if not software.get("torch") or software.get("torch_hip"):  # none read, or left null in a rig file
+    if software.get("torch_hip"):
         return []
+    if not software.get("torch"):  # none read (a rig file of another machine): what no build can run
+        return _beyond_every_build(gpus)
     if software.get("torch_cuda"):
         driver, build = software.get("driver_cuda"), software["torch_cuda"]
         if driver_runs(driver, build) is not False:
@@ -116,6 +118,23 @@ def _torch_build_warnings(rig: Rig, gpus: list[tuple[int, Gpu]]) -> list[RigWarn
             "will not start on them; `.venv/bin/pip uninstall -y torch`, then `bash setup/install.sh` "
             "(PyPI's torch for Linux is a CUDA build)",
         )
+    ]
+
+
+def _beyond_every_build(gpus: list[tuple[int, Gpu]]) -> list[RigWarning]:
+    """Cards older than every torch build: pytorch.org's oldest (cu126) starts at compute
+    capability 5.0 (Maxwell), so a Kepler card (a Tesla K80, 3.7) has none, whatever is
+    installed."""
+    return [
+        RigWarning(
+            "torch_lacks_kernels",
+            i,
+            f"GPU {i} ({gpu.name}, compute capability {gpu.compute_capability[0]}.{gpu.compute_capability[1]}): no "
+            "build of torch has kernels for it (the oldest, for CUDA 12.6, starts at 5.0), and `rigtrain train` "
+            "will not start on it: train on other cards with `--set rig.gpus=...`, or on the CPU",
+        )
+        for i, gpu in gpus
+        if (0, 0) < tuple(gpu.compute_capability) < (5, 0)
     ]
 
 
