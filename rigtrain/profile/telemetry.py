@@ -15,6 +15,7 @@ import threading
 import time
 
 from rigtrain.profile.throttle import CardLimits, Sample, ThrottleJudge, reasons_from_mask
+from rigtrain.wsl import wsl_kernel
 
 
 def physical_gpu_index(local_rank: int) -> int:
@@ -42,7 +43,7 @@ def card_limits(nvml, handle, gpu_index: int) -> CardLimits:
         max_power_limit_w=read(nvml.nvmlDeviceGetPowerManagementLimitConstraints, scale=1000),
         sm_clock_max_mhz=read(nvml.nvmlDeviceGetMaxClockInfo, nvml.NVML_CLOCK_SM),
         slowdown_temp_c=read(nvml.nvmlDeviceGetTemperatureThreshold, nvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN),
-        wsl="microsoft" in os.uname().release.lower(),  # WSL2's kernel: "...-microsoft-standard-WSL2"
+        wsl=wsl_kernel(),
     )
 
 
@@ -143,9 +144,8 @@ class TelemetrySampler:
             try:
                 out[name] = float(read())
             except Exception as err:
-                if type(err).__name__ == "NVMLError_NotSupported" or isinstance(
-                    err, AttributeError
-                ):  # or too old a pynvml
+                # never on this card (or a pynvml too old to ask): stop asking
+                if type(err).__name__ == "NVMLError_NotSupported" or isinstance(err, AttributeError):
                     del self._readers[name]
                     dropped.append(name)
         if dropped:

@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from rigtrain.wsl import power_limit_command
+
 # NVML clock-event reason bits (nvmlClocksEventReason*) we judge; idle and application
 # clock settings are not throttling.
 REASON_BITS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake"}
@@ -153,15 +155,6 @@ def _figures(r: ThrottleReport, lim: CardLimits) -> str:
             f"{r.temp_c:.0f} C" + (f" (it slows down at {lim.slowdown_temp_c:.0f} C)" if lim.slowdown_temp_c else "")
         )
     return ", ".join(said) or "no power, clock or temperature reported"
-
-
-def power_limit_command(gpu: int | str, watts: float | str, wsl: bool) -> str:
-    """As rig/facts.py says it (profile/ stands apart from rig/): under WSL2 the card is
-    Windows' driver's, whose own nvidia-smi sets the limit; WSL's copy only reads."""
-    watts = f"{watts:.0f}" if isinstance(watts, float | int) else watts
-    if wsl:
-        return f"`nvidia-smi -i {gpu} -pl {watts}` in an administrator PowerShell on Windows"
-    return f"`sudo nvidia-smi -i {gpu} -pl {watts}`"
 
 
 def describe(r: ThrottleReport, lim: CardLimits) -> str:

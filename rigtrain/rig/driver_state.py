@@ -10,11 +10,11 @@ in /usr/lib/wsl/lib, and the usual cause is a Linux driver installed inside WSL 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from rigtrain.rig.facts import Rig, wsl_kernel
+from rigtrain.rig.facts import Rig
 from rigtrain.rig.plan_types import RigWarning
+from rigtrain.wsl import wsl_kernel
 
 # NVML's errors that say the driver, not the machine, is missing (pynvml's class names, as
 # the probe records them in software.nvml), and what fixes each
@@ -74,7 +74,6 @@ def nvidia_cards_on_bus(devices: Path = Path("/sys/bus/pci/devices")) -> int:
 def windows_driver_shared(release: str | None = None, libraries: Path | None = None) -> bool:
     """Linux under WSL2 (its kernel's release names Microsoft's build) with Windows' NVIDIA
     driver sharing its libraries: the machine has NVIDIA GPUs, whatever NVML says here."""
-    release = os.uname().release if release is None else release
     return wsl_kernel(release) and ((libraries or WSL_DRIVER_LIBRARIES) / "libnvidia-ml.so.1").exists()
 
 

@@ -5,26 +5,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from rigtrain.wsl import wsl_kernel
+
 # What a PCIe link can train to (the spec's link widths; generations to 7.0, 2025)
 PCIE_GENERATIONS = (1, 2, 3, 4, 5, 6, 7)
 PCIE_WIDTHS = (1, 2, 4, 8, 12, 16, 32)
 P2P_CHECK_RESULTS = ("ok", "slow", "wrong_data", "hung", "unavailable", "failed")  # rig/p2p_check.py's
 P2P_BROKEN = ("slow", "wrong_data", "hung")  # offered, but unsafe or harmful: NCCL is kept off it
-
-
-def wsl_kernel(release: str) -> bool:
-    """A kernel release of Linux under Windows (WSL2): "5.15.167.4-microsoft-standard-WSL2"."""
-    return "microsoft" in release.lower()
-
-
-def power_limit_command(gpu: int | str, watts: float | str, wsl: bool) -> str:
-    """The command that sets a card's power limit, for the user to run: rigtrain never
-    changes a card's settings. Under WSL2 the card belongs to Windows' driver, whose own
-    nvidia-smi sets it from an administrator shell; WSL's copy only reads."""
-    watts = f"{watts:.0f}" if isinstance(watts, float | int) else watts
-    if wsl:
-        return f"`nvidia-smi -i {gpu} -pl {watts}` in an administrator PowerShell on Windows"
-    return f"`sudo nvidia-smi -i {gpu} -pl {watts}`"
 
 
 @dataclass(frozen=True)

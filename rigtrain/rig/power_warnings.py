@@ -1,13 +1,14 @@
 """Power: the cards' transient peaks against the power supply, and a power limit set well
 below a card's default and perhaps forgotten. rigtrain never changes a card's settings: it
-says the `nvidia-smi -pl` command for the user to run (rig/facts.py, power_limit_command)."""
+says the `nvidia-smi -pl` command for the user to run (rigtrain/wsl.py, power_limit_command)."""
 
 from __future__ import annotations
 
 import math
 
-from rigtrain.rig.facts import Gpu, Rig, power_limit_command
+from rigtrain.rig.facts import Gpu, Rig
 from rigtrain.rig.plan_types import RigWarning
+from rigtrain.wsl import power_limit_command
 
 
 # Transient draw over the power limit, for a few milliseconds: what trips a PSU's

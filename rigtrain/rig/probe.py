@@ -15,7 +15,8 @@ from importlib import metadata
 from pathlib import Path
 
 from rigtrain.rig.driver_state import unreachable_cards
-from rigtrain.rig.facts import PCIE_GENERATIONS, PCIE_WIDTHS, Cpu, Disk, Gpu, GpuProcess, Pcie, Power, Rig, wsl_kernel
+from rigtrain.rig.facts import PCIE_GENERATIONS, PCIE_WIDTHS, Cpu, Disk, Gpu, GpuProcess, Pcie, Power, Rig
+from rigtrain.wsl import wsl_kernel
 
 # NVML clock-event reasons that mean lost throughput (idle and application clocks do not)
 THROTTLE_REASONS = {
@@ -134,7 +135,7 @@ def _compute_processes(nvml, handle) -> tuple[GpuProcess, ...] | None:
     shut down; a run left behind): NVML's list, less this process. None where NVML cannot say,
     and under WSL2, where the list holds Windows' programs (the desktop's, by Windows' PIDs,
     which name other processes here) without their memory: nothing to warn about."""
-    if wsl_kernel(os.uname().release):
+    if wsl_kernel():
         return None
     found = _ask(getattr(nvml, "nvmlDeviceGetComputeRunningProcesses", None), handle)
     if found is None:

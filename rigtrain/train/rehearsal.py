@@ -16,6 +16,7 @@ import torch
 
 from rigtrain.evaluate.evaluation import eval_batch_size
 from rigtrain.files import write_json
+from rigtrain.profile.telemetry import physical_gpu_index  # CUDA's index -> NVML's
 from rigtrain.train.memory_record import remember, run_kind
 
 # Fault injection (the GPU kit's --cpu mode, the tests): the first steps "run out of memory"
@@ -28,8 +29,6 @@ def own_use_gib(local_rank: int) -> float | None:
     """This process's memory on its card as NVML counts it (its context, libraries, NCCL and
     torch's allocator), or None where NVML cannot say (PIDs of another namespace in a
     container; WSL2 lists no processes)."""
-    from rigtrain.profile.telemetry import physical_gpu_index  # CUDA's index -> NVML's, as the sampler reads it
-
     try:
         import pynvml  # optional: as for telemetry
 
@@ -49,8 +48,6 @@ def own_use_gib(local_rank: int) -> float | None:
 def in_use_before_run(rig: dict | None, local_rank: int) -> float:
     """What this rank's card held when the run was planned (the rig in config.json, read by
     the probe before any rank started: the driver's reservation, a desktop, other programs)."""
-    from rigtrain.profile.telemetry import physical_gpu_index  # CUDA's index -> NVML's, as the sampler reads it
-
     gpus = (rig or {}).get("gpus") or []
     index = physical_gpu_index(local_rank)
     if index >= len(gpus):  # a rig of another machine (a node of a multi-node run): nothing known
